@@ -1,0 +1,590 @@
+//! The one wait engine every primitive is built on.
+//!
+//! * **Enqueue** — one Txn puts the member key (`CreateRevision == 0`, under the session's
+//!   lease) and reads what blocks it. It runs in a short detached task, so a caller that drops
+//!   its future mid-request can never strand a key: the task finishes the request and hands
+//!   whatever landed to the session's clean-up. Transport failures are retried with the same
+//!   key, so a lost response never creates a second waiter.
+//! * **Wait** — watch only the one key that blocks us (no herd), starting at the read's
+//!   revision + 1 (never at the current revision: etcd serves such a watch from its "unsynced"
+//!   group on a 100 ms tick), together with our own key and the session's loss. After every
+//!   wake-up — deletion, compaction, stream failure — re-read our position from scratch.
+//! * **Hold** — [`Holding`] is the state behind every guard: fenced compare, fenced Txn,
+//!   `lost()`, fenced and retry-safe release, release on drop via the session's task.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use etcd_client::{
+    Compare, EventType, KeyValue, Txn, TxnOp, TxnResponse, WatchFilterType, WatchOptions,
+};
+use tokio::sync::oneshot;
+use tokio::time::{sleep, timeout};
+
+use crate::backoff::Backoff;
+use crate::keys::{self, Blocker, Queue};
+use crate::session::{Cleanup, Shared};
+use crate::{Error, LeasedSession};
+
+/// Sends `txn` with the session's request timeout.
+pub(crate) async fn send_txn(shared: &Shared, txn: Txn) -> Result<TxnResponse, Error> {
+    let mut kv = shared.client.kv_client();
+    match timeout(shared.request_timeout, kv.txn(txn)).await {
+        Err(_) => Err(Error::Timeout(shared.request_timeout)),
+        Ok(r) => Ok(r?),
+    }
+}
+
+/// Runs `fut` unless the session is (or becomes) Lost first.
+pub(crate) async fn unless_lost<F: Future<Output = Result<T, Error>>, T>(
+    shared: &Arc<Shared>,
+    fut: F,
+) -> Result<T, Error> {
+    shared.check()?;
+    tokio::select! {
+        out = fut => out,
+        reason = shared.lost() => Err(Error::lost(reason)),
+    }
+}
+
+/// Sleeps for the next backoff delay, or fails if the session is Lost first.
+async fn back_off(shared: &Arc<Shared>, backoff: &mut Backoff) -> Result<(), Error> {
+    let delay = backoff.next_delay();
+    unless_lost(shared, async {
+        sleep(delay).await;
+        Ok(())
+    })
+    .await
+}
+
+/// Where an acquisition stands after a read at `revision`.
+#[derive(Debug, Clone)]
+pub(crate) struct Position {
+    /// The revision the read saw.
+    pub(crate) revision: i64,
+    /// The key that must go before we are through; `None`: through.
+    pub(crate) blocker: Option<KeyValue>,
+}
+
+/// A member key that has been (or may have been) created: cleaned up by the session's task if
+/// dropped before it is disarmed into a [`Holding`].
+pub(crate) struct Ticket {
+    shared: Arc<Shared>,
+    key: String,
+    create_revision: i64,
+    armed: bool,
+}
+
+impl Ticket {
+    fn disarm(mut self) -> (String, i64) {
+        self.armed = false;
+        (std::mem::take(&mut self.key), self.create_revision)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.clean_up(Cleanup::Release {
+                key: std::mem::take(&mut self.key),
+                create_revision: self.create_revision,
+            });
+        }
+    }
+}
+
+/// Runs `work` — a request that may create `key` — in a detached task, so that dropping the
+/// caller cannot strand the key: if the caller is gone when `work` ends, whatever `created`
+/// says landed (or, on failure, whatever may have landed) is handed to the session's clean-up.
+/// On failure the caller's side hands the key to clean-up as well.
+async fn detached<T, W, C>(shared: &Arc<Shared>, key: &str, work: W, created: C) -> Result<T, Error>
+where
+    T: Send + 'static,
+    W: Future<Output = Result<T, Error>> + Send + 'static,
+    C: Fn(&T) -> Option<i64> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let task_shared = Arc::clone(shared);
+    let task_key = key.to_owned();
+    let pending = shared.pending_work();
+    tokio::spawn(async move {
+        let _pending = pending;
+        let outcome = work.await;
+        if let Err(outcome) = tx.send(outcome) {
+            let job = match outcome.as_ref().map(&created) {
+                Ok(Some(create_revision)) => Cleanup::Release {
+                    key: task_key,
+                    create_revision,
+                },
+                Ok(None) => return,
+                Err(_) => Cleanup::Abandoned { key: task_key },
+            };
+            task_shared.clean_up(job);
+        }
+    });
+    let outcome = unless_lost(shared, async {
+        rx.await
+            .map_err(|_| Error::Protocol("acquisition task ended without an answer".into()))?
+    })
+    .await;
+    if outcome.is_err() {
+        shared.clean_up(Cleanup::Abandoned {
+            key: key.to_owned(),
+        });
+    }
+    outcome
+}
+
+/// Sends `txn()` until it is answered, retrying transport failures with backoff while the
+/// session lives and someone still waits for the answer (`still_wanted`).
+async fn send_until_answered(
+    shared: &Arc<Shared>,
+    txn: impl Fn() -> Txn,
+    still_wanted: impl Fn() -> bool,
+) -> Result<TxnResponse, Error> {
+    let mut backoff = Backoff::for_requests();
+    loop {
+        match unless_lost(shared, send_txn(shared, txn())).await {
+            Err(e) if e.is_retryable() && still_wanted() => {
+                tracing::debug!(error = %e, "request failed; retrying it unchanged");
+                back_off(shared, &mut backoff).await?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Puts `key` at the end of `blocker.queue` and reads what blocks it. Returns the key's
+/// create revision, and its position when the Txn created it (a retry that found the key
+/// already there reads the position afresh).
+async fn enqueue(
+    shared: &Arc<Shared>,
+    key: &str,
+    value: Vec<u8>,
+    queue: &Queue,
+    nth: usize,
+) -> Result<(Ticket, Option<Position>), Error> {
+    let work = {
+        let shared = Arc::clone(shared);
+        let key = key.to_owned();
+        let queue = queue.clone();
+        async move {
+            let blocker = Blocker { queue: &queue, nth };
+            let resp = send_until_answered(
+                &shared,
+                || keys::enqueue_txn(&key, value.clone(), shared.lease_id, &blocker),
+                || true,
+            )
+            .await?;
+            let revision = keys::header_revision(&resp)?;
+            let gets = keys::txn_gets(&resp);
+            let first = gets
+                .first()
+                .ok_or_else(|| Error::Protocol("enqueue txn without a get".into()))?;
+            if resp.succeeded() {
+                let position = Position {
+                    revision,
+                    blocker: keys::nth_blocker(first, nth),
+                };
+                Ok((revision, Some(position)))
+            } else {
+                // A retry: the earlier, unanswered request created the key.
+                let kv = first.kvs().first().ok_or_else(|| {
+                    Error::Protocol("enqueue txn else-branch without the key".into())
+                })?;
+                if kv.lease() != shared.lease_id {
+                    return Err(Error::Protocol(format!(
+                        "member key {key} belongs to lease {:x}, not ours",
+                        kv.lease()
+                    )));
+                }
+                Ok((kv.create_revision(), None))
+            }
+        }
+    };
+    let (create_revision, position) = detached(shared, key, work, |(create_revision, _)| {
+        Some(*create_revision)
+    })
+    .await?;
+    let ticket = Ticket {
+        shared: Arc::clone(shared),
+        key: key.to_owned(),
+        create_revision,
+        armed: true,
+    };
+    Ok((ticket, position))
+}
+
+/// Reads our position afresh. [`Error::LockLost`] if our key is gone.
+async fn read_position(
+    shared: &Arc<Shared>,
+    ticket: &Ticket,
+    blocker: &Blocker<'_>,
+) -> Result<Position, Error> {
+    let resp = send_until_answered(
+        shared,
+        || keys::position_txn(&ticket.key, ticket.create_revision, blocker),
+        || true,
+    )
+    .await?;
+    if !resp.succeeded() {
+        return Err(Error::LockLost {
+            key: ticket.key.clone(),
+            create_revision: ticket.create_revision,
+        });
+    }
+    let revision = keys::header_revision(&resp)?;
+    let gets = keys::txn_gets(&resp);
+    let get = gets
+        .first()
+        .ok_or_else(|| Error::Protocol("position txn without a get".into()))?;
+    Ok(Position {
+        revision,
+        blocker: keys::nth_blocker(get, blocker.nth),
+    })
+}
+
+/// What a wait for a deletion ended with.
+enum Woken {
+    /// The watched key was deleted.
+    Deleted,
+    /// Compaction, a cancelled watch or a stream failure: re-read and decide again.
+    Recheck,
+}
+
+/// Waits until `target` is deleted at a revision after `after`. Also watches `own` (its
+/// deletion is [`Error::LockLost`]) and the session (its loss is [`Error::SessionLost`]).
+async fn wait_for_delete(
+    shared: &Arc<Shared>,
+    target: &[u8],
+    own: Option<(&str, i64)>,
+    after: i64,
+) -> Result<Woken, Error> {
+    let opts = WatchOptions::new()
+        .with_start_revision(after + 1)
+        .with_filters([WatchFilterType::NoPut]);
+    let mut backoff = Backoff::for_requests();
+    let mut watches = shared.client.watch_client();
+    let opened = unless_lost(shared, async {
+        let mut stream = match timeout(
+            shared.request_timeout,
+            watches.watch(target.to_vec(), Some(opts.clone())),
+        )
+        .await
+        {
+            Err(_) => return Err(Error::Timeout(shared.request_timeout)),
+            Ok(s) => s?,
+        };
+        if let Some((own_key, _)) = own {
+            stream.watch(own_key, Some(opts.clone())).await?;
+        }
+        Ok(stream)
+    })
+    .await;
+    let mut stream = match opened {
+        Ok(s) => s,
+        Err(e) if e.is_retryable() || matches!(e, Error::Etcd(_)) => {
+            tracing::debug!(error = %e, "opening a watch failed; re-reading");
+            back_off(shared, &mut backoff).await?;
+            return Ok(Woken::Recheck);
+        }
+        Err(e) => return Err(e),
+    };
+    loop {
+        let msg = unless_lost(shared, async { Ok(stream.message().await) }).await?;
+        match msg {
+            Ok(Some(resp)) => {
+                if resp.canceled() {
+                    tracing::debug!(
+                        compact_revision = resp.compact_revision(),
+                        reason = resp.cancel_reason(),
+                        "watch cancelled; re-reading"
+                    );
+                    return Ok(Woken::Recheck);
+                }
+                for event in resp.events() {
+                    if event.event_type() != EventType::Delete {
+                        continue;
+                    }
+                    let Some(kv) = event.kv() else { continue };
+                    if kv.key() == target {
+                        return Ok(Woken::Deleted);
+                    }
+                    if let Some((own_key, create_revision)) = own {
+                        if kv.key() == own_key.as_bytes() {
+                            return Err(Error::LockLost {
+                                key: own_key.to_owned(),
+                                create_revision,
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(None) | Err(_) => {
+                tracing::debug!("watch stream ended; re-reading");
+                back_off(shared, &mut backoff).await?;
+                return Ok(Woken::Recheck);
+            }
+        }
+    }
+}
+
+/// An acquisition that is through: the key, its create revision (the fencing token) and the
+/// revision at which ownership was confirmed.
+pub(crate) struct Acquired {
+    pub(crate) key: String,
+    pub(crate) create_revision: i64,
+    pub(crate) revision: i64,
+}
+
+/// Enqueues a new member of `queue` and waits until fewer than `nth` members created before
+/// it remain. Cancel-safe: dropping the future at any await leaves no key behind.
+pub(crate) async fn acquire(
+    session: &LeasedSession,
+    queue: &Queue,
+    nth: usize,
+    value: Vec<u8>,
+) -> Result<Acquired, Error> {
+    let shared = session.shared();
+    shared.check()?;
+    let key = queue.member_key(shared.lease_id, shared.next_seq());
+    let (ticket, mut position) = enqueue(shared, &key, value, queue, nth).await?;
+    let blocker = Blocker { queue, nth };
+    loop {
+        let pos = match position.take() {
+            Some(p) => p,
+            None => read_position(shared, &ticket, &blocker).await?,
+        };
+        let Some(blocking) = pos.blocker else {
+            shared.check()?;
+            let (key, create_revision) = ticket.disarm();
+            return Ok(Acquired {
+                key,
+                create_revision,
+                revision: pos.revision,
+            });
+        };
+        let own = Some((ticket.key.as_str(), ticket.create_revision));
+        match wait_for_delete(shared, blocking.key(), own, pos.revision).await? {
+            Woken::Deleted | Woken::Recheck => continue,
+        }
+    }
+}
+
+/// One round trip: becomes the owner of `queue` if it is empty, else leaves no key behind and
+/// returns `None`. Cancel-safe like [`acquire`].
+pub(crate) async fn try_acquire(
+    session: &LeasedSession,
+    queue: &Queue,
+    value: Vec<u8>,
+) -> Result<Option<Acquired>, Error> {
+    let shared = session.shared();
+    shared.check()?;
+    let key = queue.member_key(shared.lease_id, shared.next_seq());
+    let work = {
+        let shared = Arc::clone(shared);
+        let key = key.clone();
+        let queue = queue.clone();
+        async move {
+            let resp = send_until_answered(
+                &shared,
+                || keys::try_enqueue_txn(&queue, &key, value.clone(), shared.lease_id),
+                || true,
+            )
+            .await?;
+            let revision = keys::header_revision(&resp)?;
+            if resp.succeeded() {
+                return Ok(Some((revision, revision)));
+            }
+            let gets = keys::txn_gets(&resp);
+            let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
+                return Err(Error::Protocol("try-enqueue txn without its gets".into()));
+            };
+            match own.kvs().first() {
+                // Busy, and no earlier attempt of ours landed.
+                None => Ok(None),
+                // An earlier, unanswered attempt landed: it owns if it is the oldest.
+                Some(kv) => {
+                    let mine = kv.create_revision();
+                    if oldest.kvs().first().map(|o| o.create_revision()) == Some(mine) {
+                        Ok(Some((mine, revision)))
+                    } else {
+                        shared.clean_up(Cleanup::Release {
+                            key: key.clone(),
+                            create_revision: mine,
+                        });
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    };
+    let got = detached(shared, &key, work, |got| got.map(|(create, _)| create)).await?;
+    let Some((create_revision, revision)) = got else {
+        return Ok(None);
+    };
+    let ticket = Ticket {
+        shared: Arc::clone(shared),
+        key,
+        create_revision,
+        armed: true,
+    };
+    shared.check()?;
+    let (key, create_revision) = ticket.disarm();
+    Ok(Some(Acquired {
+        key,
+        create_revision,
+        revision,
+    }))
+}
+
+/// Completes when `key` (incarnation `create_revision`, known to exist at `after`) is gone or
+/// the session is Lost; returns the error that describes the loss. Survives compaction and
+/// stream failures by re-reading.
+pub(crate) fn watch_loss(
+    shared: Arc<Shared>,
+    key: String,
+    create_revision: i64,
+    after: i64,
+) -> impl Future<Output = Error> + Send + 'static {
+    async move {
+        let lost = || Error::LockLost {
+            key: key.clone(),
+            create_revision,
+        };
+        let mut after = after;
+        loop {
+            if let Err(e) = wait_for_delete(&shared, key.as_bytes(), None, after).await {
+                return e;
+            }
+            // Deleted or uncertain: confirm from a fresh read.
+            let check = Txn::new().when([keys::owner_compare(&key, create_revision)]);
+            match send_until_answered(&shared, || check.clone(), || true).await {
+                Ok(resp) if !resp.succeeded() => return lost(),
+                Ok(resp) => match keys::header_revision(&resp) {
+                    Ok(rev) => after = rev,
+                    Err(e) => return e,
+                },
+                Err(e) => return e,
+            }
+        }
+    }
+}
+
+/// The state behind every guard: the owner key and its create revision (the fencing token).
+/// Releases in the background when dropped unreleased.
+pub(crate) struct Holding {
+    session: LeasedSession,
+    key: String,
+    create_revision: i64,
+    revision: i64,
+    released: bool,
+}
+
+impl Holding {
+    pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
+        Holding {
+            session,
+            key: acquired.key,
+            create_revision: acquired.create_revision,
+            revision: acquired.revision,
+            released: false,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(crate) fn fencing_token(&self) -> i64 {
+        self.create_revision
+    }
+
+    pub(crate) fn session(&self) -> &LeasedSession {
+        &self.session
+    }
+
+    pub(crate) fn owner_compare(&self) -> Compare {
+        keys::owner_compare(&self.key, self.create_revision)
+    }
+
+    fn lock_lost(&self) -> Error {
+        Error::LockLost {
+            key: self.key.clone(),
+            create_revision: self.create_revision,
+        }
+    }
+
+    pub(crate) async fn txn_if_owner(&self, ops: Vec<TxnOp>) -> Result<TxnResponse, Error> {
+        let shared = self.session.shared();
+        shared.check()?;
+        let resp = send_txn(
+            shared,
+            Txn::new().when([self.owner_compare()]).and_then(ops),
+        )
+        .await?;
+        if resp.succeeded() {
+            Ok(resp)
+        } else {
+            Err(self.lock_lost())
+        }
+    }
+
+    pub(crate) fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
+        watch_loss(
+            Arc::clone(self.session.shared()),
+            self.key.clone(),
+            self.create_revision,
+            self.revision,
+        )
+    }
+
+    /// Deletes the owner key with a Txn fenced on its create revision. Retries transport
+    /// failures (a retry that finds the key gone after an unanswered attempt counts as done);
+    /// marks the holding released only once etcd confirmed. A holding dropped unreleased — also
+    /// after this fails — is released by the session's task.
+    pub(crate) async fn release(&mut self) -> Result<(), Error> {
+        const ATTEMPTS: u32 = 3;
+        let shared = Arc::clone(self.session.shared());
+        let mut backoff = Backoff::for_requests();
+        let mut maybe_landed = false;
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                sleep(backoff.next_delay()).await;
+            }
+            match send_txn(
+                &shared,
+                keys::fenced_delete(&self.key, self.create_revision),
+            )
+            .await
+            {
+                Ok(resp) => {
+                    self.released = true;
+                    return if resp.succeeded() || maybe_landed {
+                        Ok(())
+                    } else {
+                        Err(self.lock_lost())
+                    };
+                }
+                Err(e) if e.is_retryable() => {
+                    maybe_landed = true;
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Timeout(shared.request_timeout)))
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if !self.released {
+            self.session.shared().clean_up(Cleanup::Release {
+                key: std::mem::take(&mut self.key),
+                create_revision: self.create_revision,
+            });
+        }
+    }
+}

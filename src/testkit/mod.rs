@@ -1,0 +1,51 @@
+//! Test support for integration tests against real etcd (cargo feature `testkit`): what
+//! curator-test is to Curator.
+//!
+//! * [`EtcdCluster`] launches one etcd member or a cluster on free loopback ports with
+//!   temporary data directories, can kill (SIGKILL) and restart members, and kills everything
+//!   when dropped.
+//! * [`FaultProxy`] sits between a client and one etcd member and injects toxiproxy-style
+//!   faults into live connections: blackhole, dropped responses, latency with jitter, reset,
+//!   refusing new connections, a bandwidth limit.
+//! * [`TestEtcd`] is what a test usually wants: the cluster named by `ETCD_ENDPOINTS` if that
+//!   is set, else a fresh one it starts itself.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use etcd_coord::testkit::{EtcdCluster, FaultProxy};
+//!
+//! let etcd = EtcdCluster::start(1).await?;
+//! let proxy = FaultProxy::start(etcd.endpoint(0)).await?;
+//! let client = etcd_client::Client::connect(
+//!     [proxy.endpoint()],
+//!     Some(etcd_coord::recommended_connect_options()),
+//! )
+//! .await?;
+//! proxy.blackhole(); // the client's requests now go unanswered, without a closed connection
+//! proxy.heal();
+//! # drop(client); Ok(()) }
+//! ```
+
+mod etcd;
+mod proxy;
+
+pub use etcd::{find_etcd_binary, EtcdCluster, TestEtcd};
+pub use proxy::{FaultProxy, Faults};
+
+/// Errors of the test kit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TestkitError {
+    /// No etcd binary was found; the message says how to install one.
+    #[error("{0}")]
+    NoEtcd(String),
+    /// etcd did not start or did not become healthy.
+    #[error("etcd did not start: {0}")]
+    Start(String),
+    /// An I/O error (spawning a process, binding a socket, …).
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An etcd request failed.
+    #[error("etcd request failed: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}

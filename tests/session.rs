@@ -1,0 +1,246 @@
+//! `LeasedSession` against real etcd.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use etcd_client::PutOptions;
+use etcd_coord::testkit::FaultProxy;
+use etcd_coord::{Error, LeasedSession, LossReason, Mutex, SessionOptions, SessionState};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_keeps_its_lease_alive_well_past_the_ttl() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let s = session(&etcd, 2).await;
+    assert_eq!(s.ttl(), Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(s.state(), SessionState::Alive);
+    assert!(
+        lease_exists(&observer, s.lease_id()).await,
+        "lease expired despite refreshes"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_revokes_the_lease_and_its_keys_vanish() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("close");
+    let guard = Mutex::new(&s, &name).lock().await.unwrap();
+    let key = guard.key().to_owned();
+    assert_eq!(keys_under(&observer, &name).await, vec![key]);
+
+    s.close().await.unwrap();
+
+    assert_eq!(s.state(), SessionState::Lost);
+    assert_eq!(s.loss_reason(), Some(LossReason::Closed));
+    assert!(!lease_exists(&observer, s.lease_id()).await);
+    assert!(keys_under(&observer, &name).await.is_empty());
+    assert!(matches!(guard.lost().await, Error::SessionClosed));
+    // Closing again is harmless.
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_revokes_the_lease_in_the_background() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let s = session(&etcd, 60).await;
+    let id = s.lease_id();
+    let lost = s.lost();
+    let clone = s.clone();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        lease_exists(&observer, id).await,
+        "a remaining handle keeps the lease"
+    );
+    drop(clone);
+    assert_eq!(lost.await, LossReason::Closed);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !lease_exists(&observer, id).await
+        })
+        .await,
+        "lease not revoked after the last handle was dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_keeps_the_session_alive_after_the_handles_are_dropped() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let s = session(&etcd, 60).await;
+    let id = s.lease_id();
+    let guard = Mutex::new(&s, unique("guard-keeps")).lock().await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(lease_exists(&observer, id).await);
+    drop(guard);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !lease_exists(&observer, id).await
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_are_typed_errors_and_send_nothing() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let cases = [
+        SessionOptions::new().with_ttl(Duration::ZERO),
+        SessionOptions::new().with_ttl(Duration::from_secs(etcd_coord::MAX_LEASE_TTL_SECS + 1)),
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(10))
+            .with_safety_margin(Duration::from_secs(5)),
+        SessionOptions::new().with_keepalive_timeout(Duration::ZERO),
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(9))
+            .with_keepalive_timeout(Duration::from_secs(4)),
+        SessionOptions::new().with_request_timeout(Duration::ZERO),
+    ];
+    let before = c.clone().leases().await.unwrap().leases().len();
+    for options in cases {
+        let got = LeasedSession::new(c.clone(), options.clone()).await;
+        assert!(
+            matches!(got, Err(Error::InvalidArgument(_))),
+            "{options:?} gave {got:?}"
+        );
+    }
+    assert_eq!(
+        c.clone().leases().await.unwrap().leases().len(),
+        before,
+        "no lease granted"
+    );
+    assert_eq!(SessionOptions::default(), SessionOptions::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_on_a_closed_session_fail_with_session_closed() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let m = Mutex::new(&s, unique("closed"));
+    s.close().await.unwrap();
+    assert!(matches!(m.lock().await, Err(Error::SessionClosed)));
+    assert!(matches!(m.try_lock().await, Err(Error::SessionClosed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_revoked_by_someone_else_makes_the_session_lost() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let s = LeasedSession::new(
+        client(&etcd).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    admin.lease_revoke(s.lease_id()).await.unwrap();
+    let reason = tokio::time::timeout(s.ttl(), s.lost())
+        .await
+        .expect("loss noticed within the TTL");
+    assert_eq!(reason, LossReason::LeaseGone);
+    assert_eq!(s.state(), SessionState::Lost);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_blackhole_suspends_the_session_and_healing_makes_it_alive_again() {
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let s = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let mut states = s.subscribe();
+    proxy.blackhole();
+    tokio::time::timeout(
+        Duration::from_secs(8),
+        states.wait_for(|st| *st != SessionState::Alive),
+    )
+    .await
+    .expect("suspended before the deadline")
+    .unwrap();
+    assert_eq!(s.state(), SessionState::Suspended);
+    proxy.heal();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|st| *st != SessionState::Suspended),
+    )
+    .await
+    .expect("recovered")
+    .unwrap();
+    assert_eq!(s.state(), SessionState::Alive, "recovered, not lost");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_connection_is_reopened_and_the_same_lease_kept() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let s = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        proxy.reset_peer();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert_ne!(s.state(), SessionState::Lost);
+    assert!(lease_exists(&observer, s.lease_id()).await);
+    // Keys can still be written under the lease through the session's client.
+    let mut c = s.client().clone();
+    c.put(
+        unique("after-reset"),
+        "v",
+        Some(PutOptions::new().with_lease(s.lease_id())),
+    )
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_session_is_lost_before_the_server_expires_its_lease() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let s = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let id = s.lease_id();
+    let fault = std::time::Instant::now();
+    proxy.blackhole();
+    let reason = tokio::time::timeout(Duration::from_secs(10), s.lost())
+        .await
+        .expect("lost");
+    let lost_at = fault.elapsed();
+    assert_eq!(reason, LossReason::DeadlineExceeded);
+    assert!(
+        lost_at <= s.ttl(),
+        "lost {lost_at:?} after the fault, more than the TTL"
+    );
+    assert!(
+        lease_exists(&observer, id).await,
+        "the server had already expired the lease when the client declared it lost"
+    );
+}
