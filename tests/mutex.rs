@@ -1,0 +1,542 @@
+//! `Mutex` against real etcd.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{EventType, TxnOp, WatchOptions};
+use etcd_coord::testkit::FaultProxy;
+use etcd_coord::{Error, LeasedSession, Mutex, SessionOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_counter_under_the_lock_never_interleaves() {
+    const SESSIONS: usize = 5;
+    const ROUNDS: usize = 15;
+    let etcd = etcd().await;
+    let name = unique("counter");
+    let counter_key = format!("{name}-counter");
+    let inside = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..SESSIONS {
+        let s = session(&etcd, 10).await;
+        let (name, counter_key, inside) = (name.clone(), counter_key.clone(), Arc::clone(&inside));
+        tasks.push(tokio::spawn(async move {
+            let m = Mutex::new(&s, &name);
+            let mut kv = s.client().clone();
+            for _ in 0..ROUNDS {
+                let guard = m.lock().await.unwrap();
+                assert_eq!(
+                    inside.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two holders at once"
+                );
+                // A read-modify-write that loses updates if two holders interleave.
+                let current: u64 = kv
+                    .get(counter_key.as_str(), None)
+                    .await
+                    .unwrap()
+                    .kvs()
+                    .first()
+                    .map(|kv| kv.value_str().unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                tokio::task::yield_now().await;
+                guard
+                    .txn_if_owner([TxnOp::put(
+                        counter_key.as_str(),
+                        (current + 1).to_string(),
+                        None,
+                    )])
+                    .await
+                    .unwrap();
+                inside.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            }
+            s.close().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut kv = client(&etcd).await;
+    let total = kv.get(counter_key.as_str(), None).await.unwrap();
+    assert_eq!(
+        total.kvs()[0].value_str().unwrap(),
+        (SESSIONS * ROUNDS).to_string(),
+        "lost updates: holders interleaved"
+    );
+    assert!(keys_under(&kv, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_strictly_increase_across_holders() {
+    let etcd = etcd().await;
+    let name = unique("tokens");
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let s = session(&etcd, 10).await;
+        let (name, tokens) = (name.clone(), Arc::clone(&tokens));
+        tasks.push(tokio::spawn(async move {
+            let m = Mutex::new(&s, &name);
+            for _ in 0..10 {
+                let g = m.lock().await.unwrap();
+                tokens.lock().unwrap().push(g.fencing_token());
+                g.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let tokens = tokens.lock().unwrap();
+    assert_eq!(tokens.len(), 40);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens in acquisition order are not strictly increasing: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_lock_returns_none_while_held_and_leaves_no_key() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("try");
+    let a = session(&etcd, 10).await;
+    let b = session(&etcd, 10).await;
+    let held = Mutex::new(&a, &name)
+        .try_lock()
+        .await
+        .unwrap()
+        .expect("free mutex");
+    let mb = Mutex::new(&b, &name);
+    for _ in 0..3 {
+        assert!(mb.try_lock().await.unwrap().is_none());
+    }
+    b.settled().await;
+    assert_eq!(
+        keys_under(&observer, &name).await,
+        vec![held.key().to_owned()]
+    );
+    held.release().await.unwrap();
+    let got = mb.try_lock().await.unwrap().expect("free again");
+    assert!(got.key().contains(&format!("{:016x}", b.lease_id())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_acquisitions_through_one_session_do_not_alias() {
+    // etcd #11777: Go's Mutex keys are prefix/lease, so a second Mutex on the same session
+    // "acquires" the first one's key.
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let name = unique("alias");
+    let first = Mutex::new(&s, &name).lock().await.unwrap();
+    let second = Mutex::new(&s, &name);
+    assert!(
+        second.try_lock().await.unwrap().is_none(),
+        "aliased the held key"
+    );
+    let waiter = tokio::spawn(async move { second.lock().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "second acquisition got in while the first holds"
+    );
+    let first_key = first.key().to_owned();
+    let first_token = first.fencing_token();
+    first.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(got.key(), first_key);
+    assert!(got.fencing_token() > first_token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_guard_lets_the_next_waiter_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("handover");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let guard = Mutex::new(&a, &name).lock().await.unwrap();
+    let mb = Mutex::new(&b, &name);
+    let waiter = tokio::spawn(async move {
+        let g = mb.lock().await.unwrap();
+        (Instant::now(), g)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished());
+    let dropped = Instant::now();
+    drop(guard);
+    let (acquired, _g) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("waiter acquired")
+        .unwrap();
+    let waited = acquired - dropped;
+    // A release by TTL would take 30 s; the background release takes one round trip or two.
+    assert!(waited < Duration::from_secs(3), "hand-off took {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_lock_leaves_no_key_behind() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("cancel");
+    let holder = session(&etcd, 30).await;
+    let waiter = session(&etcd, 30).await;
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let m = Mutex::new(&waiter, &name);
+    // Cancel while waiting in the queue.
+    assert!(tokio::time::timeout(Duration::from_millis(300), m.lock())
+        .await
+        .is_err());
+    // Cancel at many points inside the acquisition, including with the enqueue in flight.
+    for micros in (0..3_000).step_by(150) {
+        let _ = tokio::time::timeout(Duration::from_micros(micros), m.lock()).await;
+    }
+    waiter.settled().await;
+    assert_eq!(
+        keys_under(&observer, &name).await,
+        vec![held.key().to_owned()],
+        "a cancelled lock() left its key"
+    );
+    held.release().await.unwrap();
+    // With the mutex free, cancellation may land after the lock was taken: still no key.
+    for micros in (0..3_000).step_by(150) {
+        let _ = tokio::time::timeout(Duration::from_micros(micros), m.lock()).await;
+    }
+    waiter.settled().await;
+    assert!(keys_under(&observer, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_key_is_deleted_stops_with_lock_lost() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("waiter-deleted");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let _held = Mutex::new(&a, &name).lock().await.unwrap();
+    let mb = Mutex::new(&b, &name);
+    let waiter = tokio::spawn(async move { mb.lock().await });
+    let observer = admin.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &name).await.len() == 2
+        })
+        .await
+    );
+    let waiter_key = keys_under(&admin, &name).await[1].clone();
+    admin.delete(waiter_key.as_str(), None).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("stopped")
+        .unwrap();
+    assert!(
+        matches!(got, Err(Error::LockLost { ref key, .. }) if *key == waiter_key),
+        "{got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_stops_when_its_session_is_closed() {
+    let etcd = etcd().await;
+    let name = unique("waiter-closed");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let _held = Mutex::new(&a, &name).lock().await.unwrap();
+    let mb = Mutex::new(&b, &name);
+    let waiter = tokio::spawn(async move { mb.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.close().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("stopped")
+        .unwrap();
+    assert!(matches!(got, Err(Error::SessionClosed)), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_names_are_typed_errors() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let s = session(&etcd, 10).await;
+    for bad in ["", "has#hash", "nul\0byte", "new\nline"] {
+        let m = Mutex::new(&s, bad);
+        assert!(
+            matches!(m.lock().await, Err(Error::InvalidArgument(_))),
+            "{bad:?}"
+        );
+        assert!(
+            matches!(m.try_lock().await, Err(Error::InvalidArgument(_))),
+            "{bad:?}"
+        );
+    }
+    let long = "x".repeat(etcd_coord::MAX_NAME_LEN + 1);
+    assert!(matches!(
+        Mutex::new(&s, long).lock().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    // Nothing was written under the session's lease.
+    let leases = observer
+        .clone()
+        .lease_time_to_live(
+            s.lease_id(),
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
+        .await
+        .unwrap();
+    assert!(leases.keys().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_names_are_independent_mutexes() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let name = unique("nest");
+    let _outer = Mutex::new(&s, &name).lock().await.unwrap();
+    let inner = Mutex::new(&s, format!("{name}/inner"))
+        .try_lock()
+        .await
+        .unwrap();
+    assert!(
+        inner.is_some(),
+        "a lock on a nested name was blocked by its parent's key"
+    );
+    let sibling = Mutex::new(&s, format!("{name}x")).try_lock().await.unwrap();
+    assert!(sibling.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_holder_knows_it_lost_the_lock_before_the_server_frees_it() {
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("blackhole");
+    let ttl = Duration::from_secs(5);
+    let a = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new().with_ttl(ttl),
+    )
+    .await
+    .unwrap();
+    let b = session(&etcd, 5).await;
+    let held = Mutex::new(&a, &name).lock().await.unwrap();
+    let held_key = held.key().to_owned();
+
+    // The server's view: when is A's key deleted?
+    let mut observer = client(&etcd).await;
+    let mut deletions = observer
+        .watch(held_key.as_str(), Some(WatchOptions::new()))
+        .await
+        .unwrap();
+    let deleted_at = tokio::spawn(async move {
+        while let Some(resp) = deletions.message().await.unwrap() {
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Delete)
+            {
+                return Instant::now();
+            }
+        }
+        panic!("watch ended");
+    });
+    let mb = Mutex::new(&b, &name);
+    let b_acquired = tokio::spawn(async move {
+        let g = mb.lock().await.unwrap();
+        (Instant::now(), g)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let fault = Instant::now();
+    proxy.blackhole();
+    let why = tokio::time::timeout(Duration::from_secs(15), held.lost())
+        .await
+        .expect("lost() completed");
+    let lost_at = Instant::now();
+    assert!(matches!(why, Error::SessionLost(_)), "{why:?}");
+    let deleted_at = tokio::time::timeout(Duration::from_secs(15), deleted_at)
+        .await
+        .unwrap()
+        .unwrap();
+    let (b_at, b_guard) = tokio::time::timeout(Duration::from_secs(15), b_acquired)
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert!(
+        lost_at - fault <= ttl,
+        "lost() took {:?}, more than the TTL",
+        lost_at - fault
+    );
+    assert!(
+        lost_at < deleted_at,
+        "the server deleted the key {:?} before lost() completed",
+        lost_at - deleted_at
+    );
+    assert!(
+        b_at > lost_at,
+        "B acquired while A still believed it held the lock"
+    );
+    assert!(b_guard.fencing_token() > held.fencing_token());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_response_is_lost_reports_an_error_yet_frees_the_lock() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("lost-release");
+    let a = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let b = session(&etcd, 30).await;
+    let ma = Mutex::new(&a, &name);
+    let first = ma.lock().await.unwrap();
+    let mb = Mutex::new(&b, &name);
+    let b_waits = tokio::spawn(async move { mb.lock().await.unwrap() });
+
+    proxy.drop_responses();
+    let released = first.release().await;
+    assert!(
+        released.is_err(),
+        "reported success without an answer: {released:?}"
+    );
+    // The delete did land: B gets the lock.
+    let b_guard = tokio::time::timeout(Duration::from_secs(5), b_waits)
+        .await
+        .unwrap()
+        .unwrap();
+    proxy.heal();
+    proxy.reset_peer();
+    b_guard.release().await.unwrap();
+
+    // The same session takes the lock again while its background clean-up of the first
+    // release is still retrying; none of those retries may touch the new key.
+    let second = tokio::time::timeout(Duration::from_secs(10), ma.lock())
+        .await
+        .unwrap()
+        .unwrap();
+    a.settled().await;
+    assert_eq!(
+        keys_under(&observer, &name).await,
+        vec![second.key().to_owned()]
+    );
+    second
+        .txn_if_owner([TxnOp::put(format!("{name}-still-owner"), "yes", None)])
+        .await
+        .expect("the re-acquired lock survived the stale releases");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_whose_response_is_lost_is_retried_without_a_second_waiter() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("lost-acquire");
+    let holder = session(&etcd, 30).await;
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let a = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let ma = Mutex::new(&a, &name);
+    proxy.drop_responses();
+    let waiter = tokio::spawn(async move { ma.lock().await });
+    // The enqueue lands; its answer does not.
+    let obs = observer.clone();
+    let n = name.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&obs, &n).await.len() == 2
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ours: Vec<String> = keys_under(&observer, &name)
+        .await
+        .into_iter()
+        .filter(|k| k.contains(&format!("{:016x}", a.lease_id())))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "retries created more than one waiter: {ours:?}"
+    );
+    held.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.key(), ours[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_survives_compaction_and_fires_when_the_owner_key_is_deleted() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("compact");
+    let held = Mutex::new(&s, &name).lock().await.unwrap();
+    // Move the store past the guard's revision and compact it away.
+    for i in 0..5 {
+        admin
+            .put(format!("{name}-filler"), i.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let rev = admin
+        .get(format!("{name}-filler"), None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    admin
+        .compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .unwrap();
+
+    let lost = tokio::spawn(held.lost());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !lost.is_finished(),
+        "lost() fired after a compaction although the lock is held"
+    );
+    admin.delete(held.key(), None).await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), lost)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(why, Error::LockLost { .. }), "{why:?}");
+    assert!(matches!(
+        held.txn_if_owner([]).await,
+        Err(Error::LockLost { .. })
+    ));
+    assert!(matches!(held.release().await, Err(Error::LockLost { .. })));
+}
