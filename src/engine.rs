@@ -135,17 +135,16 @@ where
     outcome
 }
 
-/// Sends `txn()` until it is answered, retrying transport failures with backoff while the
-/// session lives and someone still waits for the answer (`still_wanted`).
+/// Sends `txn()` until it is answered, retrying transport failures (with the same request, so
+/// a retry is idempotent) with backoff while the session lives.
 async fn send_until_answered(
     shared: &Arc<Shared>,
     txn: impl Fn() -> Txn,
-    still_wanted: impl Fn() -> bool,
 ) -> Result<TxnResponse, Error> {
     let mut backoff = Backoff::for_requests();
     loop {
         match unless_lost(shared, send_txn(shared, txn())).await {
-            Err(e) if e.is_retryable() && still_wanted() => {
+            Err(e) if e.is_retryable() => {
                 tracing::debug!(error = %e, "request failed; retrying it unchanged");
                 back_off(shared, &mut backoff).await?;
             }
@@ -170,11 +169,9 @@ async fn enqueue(
         let queue = queue.clone();
         async move {
             let blocker = Blocker { queue: &queue, nth };
-            let resp = send_until_answered(
-                &shared,
-                || keys::enqueue_txn(&key, value.clone(), shared.lease_id, &blocker),
-                || true,
-            )
+            let resp = send_until_answered(&shared, || {
+                keys::enqueue_txn(&key, value.clone(), shared.lease_id, &blocker)
+            })
             .await?;
             let revision = keys::header_revision(&resp)?;
             let gets = keys::txn_gets(&resp);
@@ -221,11 +218,9 @@ async fn read_position(
     ticket: &Ticket,
     blocker: &Blocker<'_>,
 ) -> Result<Position, Error> {
-    let resp = send_until_answered(
-        shared,
-        || keys::position_txn(&ticket.key, ticket.create_revision, blocker),
-        || true,
-    )
+    let resp = send_until_answered(shared, || {
+        keys::position_txn(&ticket.key, ticket.create_revision, blocker)
+    })
     .await?;
     if !resp.succeeded() {
         return Err(Error::LockLost {
@@ -386,11 +381,9 @@ pub(crate) async fn try_acquire(
         let key = key.clone();
         let queue = queue.clone();
         async move {
-            let resp = send_until_answered(
-                &shared,
-                || keys::try_enqueue_txn(&queue, &key, value.clone(), shared.lease_id),
-                || true,
-            )
+            let resp = send_until_answered(&shared, || {
+                keys::try_enqueue_txn(&queue, &key, value.clone(), shared.lease_id)
+            })
             .await?;
             let revision = keys::header_revision(&resp)?;
             if resp.succeeded() {
@@ -441,32 +434,29 @@ pub(crate) async fn try_acquire(
 /// Completes when `key` (incarnation `create_revision`, known to exist at `after`) is gone or
 /// the session is Lost; returns the error that describes the loss. Survives compaction and
 /// stream failures by re-reading.
-pub(crate) fn watch_loss(
+pub(crate) async fn watch_loss(
     shared: Arc<Shared>,
     key: String,
     create_revision: i64,
-    after: i64,
-) -> impl Future<Output = Error> + Send + 'static {
-    async move {
-        let lost = || Error::LockLost {
-            key: key.clone(),
-            create_revision,
-        };
-        let mut after = after;
-        loop {
-            if let Err(e) = wait_for_delete(&shared, key.as_bytes(), None, after).await {
-                return e;
-            }
-            // Deleted or uncertain: confirm from a fresh read.
-            let check = Txn::new().when([keys::owner_compare(&key, create_revision)]);
-            match send_until_answered(&shared, || check.clone(), || true).await {
-                Ok(resp) if !resp.succeeded() => return lost(),
-                Ok(resp) => match keys::header_revision(&resp) {
-                    Ok(rev) => after = rev,
-                    Err(e) => return e,
-                },
+    mut after: i64,
+) -> Error {
+    let lost = || Error::LockLost {
+        key: key.clone(),
+        create_revision,
+    };
+    loop {
+        if let Err(e) = wait_for_delete(&shared, key.as_bytes(), None, after).await {
+            return e;
+        }
+        // Deleted or uncertain: confirm from a fresh read.
+        let check = Txn::new().when([keys::owner_compare(&key, create_revision)]);
+        match send_until_answered(&shared, || check.clone()).await {
+            Ok(resp) if !resp.succeeded() => return lost(),
+            Ok(resp) => match keys::header_revision(&resp) {
+                Ok(rev) => after = rev,
                 Err(e) => return e,
-            }
+            },
+            Err(e) => return e,
         }
     }
 }

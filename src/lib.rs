@@ -64,3 +64,8 @@ pub fn recommended_connect_options() -> etcd_client::ConnectOptions {
         .with_connect_timeout(Duration::from_secs(5))
         .with_require_leader(true)
 }
+
+/// The README's example, compiled as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;

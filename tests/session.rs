@@ -244,3 +244,44 @@ async fn a_blackholed_session_is_lost_before_the_server_expires_its_lease() {
         "the server had already expired the lease when the client declared it lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_task_outlives_a_closed_or_dropped_session() {
+    let etcd = etcd().await;
+    let mut c = client(&etcd).await;
+    c.get("warm-up", None).await.unwrap(); // the client's own connection tasks exist from here
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+
+    let closed = LeasedSession::new(c.clone(), SessionOptions::new())
+        .await
+        .unwrap();
+    let dropped = LeasedSession::new(c.clone(), SessionOptions::new())
+        .await
+        .unwrap();
+    let name = unique("tasks");
+    let guard = Mutex::new(&closed, &name).lock().await.unwrap();
+    let _ = tokio::time::timeout(
+        Duration::from_millis(50),
+        Mutex::new(&dropped, &name).lock(),
+    )
+    .await;
+    drop(guard);
+    assert!(
+        metrics.num_alive_tasks() > baseline,
+        "each session runs a task"
+    );
+    closed.settled().await;
+    dropped.settled().await;
+    closed.close().await.unwrap();
+    drop(closed);
+    drop(dropped);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metrics.num_alive_tasks() == baseline
+        })
+        .await,
+        "{} tasks alive, {baseline} before the sessions",
+        metrics.num_alive_tasks()
+    );
+}

