@@ -38,7 +38,11 @@ etcd34_bin() {
   echo /usr/bin/etcd
 }
 
-# Kills every etcd the tests or the demo started (their data dirs carry these prefixes).
+# Kills etcd processes the tests started but could not stop themselves (a test process that was
+# killed leaves its etcd orphaned: re-parented to PID 1). Live test runs kill their own etcd on
+# drop, so etcds whose parent still runs belong to someone else and are left alone.
 kill_our_etcds() {
-  pkill -9 -f -- '--data-dir [^ ]*etcd-coord-(test|demo)-' 2>/dev/null || true
+  ps -eo pid=,ppid=,args= 2>/dev/null \
+    | awk '$2 == 1 && / --data-dir [^ ]*etcd-coord-test-/ { print $1 }' \
+    | xargs -r kill -9 2>/dev/null || true
 }

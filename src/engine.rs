@@ -107,7 +107,7 @@ where
     let task_shared = Arc::clone(shared);
     let task_key = key.to_owned();
     let pending = shared.pending_work();
-    tokio::spawn(async move {
+    shared.spawn(async move {
         let _pending = pending;
         let outcome = work.await;
         if let Err(outcome) = tx.send(outcome) {

@@ -48,7 +48,9 @@ use std::time::Duration;
 pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
 pub use mutex::{Mutex, MutexGuard};
-pub use session::{LeasedSession, SessionOptions, SessionState, MAX_LEASE_TTL_SECS};
+pub use session::{
+    BackgroundTasks, LeasedSession, SessionOptions, SessionState, MAX_LEASE_TTL_SECS,
+};
 
 /// Client settings under which a dead or blackholed connection is noticed within about two
 /// seconds: HTTP/2 keep-alive every second with a one-second timeout (also while idle), a 5 s

@@ -11,6 +11,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::liveness::Liveness;
@@ -195,9 +196,18 @@ pub(crate) struct Shared {
     seq: AtomicU64,
     stop: CancellationToken,
     closing: AtomicBool,
+    tasks: TaskTracker,
 }
 
 impl Shared {
+    /// Spawns a background task of this session (tracked by [`BackgroundTasks`]).
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
     /// The reason the session is Lost, if it is.
     pub(crate) fn loss(&self) -> Option<LossReason> {
         if *self.state.borrow() == SessionState::Lost {
@@ -404,9 +414,12 @@ impl LeasedSession {
             seq: AtomicU64::new(0),
             stop: stop.clone(),
             closing: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
         });
+        // Closed at once: `wait()` completes whenever no task runs (spawning stays possible).
+        shared.tasks.close();
         let live = Liveness::new(sent, ttl, margin);
-        tokio::spawn(drive(Arc::clone(&shared), live, jobs));
+        shared.spawn(drive(Arc::clone(&shared), live, jobs));
         Ok(LeasedSession {
             handle: Arc::new(Handle {
                 shared,
@@ -450,7 +463,8 @@ impl LeasedSession {
         self.handle.shared.loss()
     }
 
-    /// A receiver of every state change (the current state is marked seen-not).
+    /// A receiver of every state change; the state at subscription counts as already seen,
+    /// so `changed()` waits for the next transition.
     pub fn subscribe(&self) -> watch::Receiver<SessionState> {
         self.handle.shared.state.subscribe()
     }
@@ -460,6 +474,15 @@ impl LeasedSession {
     /// be used in `select!`.
     pub fn lost(&self) -> impl Future<Output = LossReason> + Send + 'static {
         self.handle.shared.lost()
+    }
+
+    /// A monitor of the session's background tasks (its keepalive/clean-up task and any
+    /// acquisition request still finishing after its caller went away). It does not keep the
+    /// session alive; use it to check that nothing outlives a session.
+    pub fn background_tasks(&self) -> BackgroundTasks {
+        BackgroundTasks {
+            tracker: self.handle.shared.tasks.clone(),
+        }
     }
 
     /// Completes when every background clean-up handed to the session so far (by dropped
@@ -489,6 +512,32 @@ impl LeasedSession {
         shared.mark_lost(LossReason::Closed);
         shared.stop.cancel();
         shared.revoke().await
+    }
+}
+
+/// The background tasks of one [`LeasedSession`], from
+/// [`background_tasks()`](LeasedSession::background_tasks). Holding it does not keep the session
+/// alive.
+#[derive(Debug, Clone)]
+pub struct BackgroundTasks {
+    tracker: TaskTracker,
+}
+
+impl BackgroundTasks {
+    /// How many of the session's tasks are running now.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// True when none is running: the session has ended (closed, dropped or Lost) and every
+    /// request it left behind has finished.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+
+    /// Completes when no task of the session runs any more.
+    pub async fn finished(&self) {
+        self.tracker.wait().await;
     }
 }
 
