@@ -243,85 +243,147 @@ async fn read_position(
 enum Woken {
     /// The watched key was deleted.
     Deleted,
-    /// Compaction, a cancelled watch or a stream failure: re-read and decide again.
+    /// A cancelled watch or a stream failure: re-read and decide again.
     Recheck,
 }
 
-/// Waits until `target` is deleted at a revision after `after`. Also watches `own` (its
-/// deletion is [`Error::LockLost`]) and the session (its loss is [`Error::SessionLost`]).
-async fn wait_for_delete(
-    shared: &Arc<Shared>,
-    target: &[u8],
-    own: Option<(&str, i64)>,
-    after: i64,
-) -> Result<Woken, Error> {
-    let opts = WatchOptions::new()
-        .with_start_revision(after + 1)
-        .with_filters([WatchFilterType::NoPut]);
-    let mut backoff = Backoff::for_requests();
-    let mut watches = shared.client.watch_client();
-    let opened = unless_lost(shared, async {
-        let mut stream = match timeout(
-            shared.request_timeout,
-            watches.watch(target.to_vec(), Some(opts.clone())),
-        )
-        .await
-        {
-            Err(_) => return Err(Error::Timeout(shared.request_timeout)),
-            Ok(s) => s?,
-        };
-        if let Some((own_key, _)) = own {
-            stream.watch(own_key, Some(opts.clone())).await?;
-        }
-        Ok(stream)
-    })
-    .await;
-    let mut stream = match opened {
-        Ok(s) => s,
-        Err(e) if e.is_retryable() || matches!(e, Error::Etcd(_)) => {
-            tracing::debug!(error = %e, "opening a watch failed; re-reading");
-            back_off(shared, &mut backoff).await?;
-            return Ok(Woken::Recheck);
-        }
-        Err(e) => return Err(e),
-    };
-    loop {
-        let msg = unless_lost(shared, async { Ok(stream.message().await) }).await?;
-        match msg {
-            Ok(Some(resp)) => {
-                if resp.canceled() {
-                    tracing::debug!(
-                        compact_revision = resp.compact_revision(),
-                        reason = resp.cancel_reason(),
-                        "watch cancelled; re-reading"
-                    );
-                    return Ok(Woken::Recheck);
+/// A watch for the deletion of one key (and, optionally, of our own key), registered *from
+/// now*.
+///
+/// etcd puts a watch whose start revision is at or below its current revision into the
+/// "unsynced" group, served on a 100 ms tick. A watch from `read revision + 1` lands there
+/// whenever anything was written between the read and the watch's creation — constantly under
+/// contention. A watch without a start revision is always registered in the synced group, at
+/// the revision its `created` response reports; if that is newer than the read that chose the
+/// key, the caller confirms with a fresh read while the watch is already in place: anything
+/// after the watch's revision is delivered, anything up to the fresh read's is seen by it.
+struct DeletionWatch {
+    stream: etcd_client::WatchStream,
+    target: Vec<u8>,
+    own: Option<(String, i64)>,
+    /// A deletion that arrived while the watch was still being created.
+    early: Option<Result<Woken, Error>>,
+}
+
+impl DeletionWatch {
+    /// Opens the watch and waits until etcd confirmed it. Returns it with the revision from
+    /// which every deletion is delivered (exclusive), or `None` after a transient failure (the
+    /// caller re-reads; a backoff delay has been served).
+    async fn open(
+        shared: &Arc<Shared>,
+        target: &[u8],
+        own: Option<(&str, i64)>,
+    ) -> Result<Option<(DeletionWatch, i64)>, Error> {
+        let opts = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+        let mut watches = shared.client.watch_client();
+        let opened = unless_lost(shared, async {
+            let created = async {
+                let mut stream = watches.watch(target.to_vec(), Some(opts.clone())).await?;
+                if let Some((own_key, _)) = own {
+                    stream.watch(own_key, Some(opts)).await?;
                 }
-                for event in resp.events() {
-                    if event.event_type() != EventType::Delete {
-                        continue;
-                    }
-                    let Some(kv) = event.kv() else { continue };
-                    if kv.key() == target {
-                        return Ok(Woken::Deleted);
-                    }
-                    if let Some((own_key, create_revision)) = own {
-                        if kv.key() == own_key.as_bytes() {
-                            return Err(Error::LockLost {
-                                key: own_key.to_owned(),
-                                create_revision,
-                            });
+                let mut watch = DeletionWatch {
+                    stream,
+                    target: target.to_vec(),
+                    own: own.map(|(k, r)| (k.to_owned(), r)),
+                    early: None,
+                };
+                let mut pending = 1 + usize::from(own.is_some());
+                let mut revision = 0;
+                while pending > 0 {
+                    let resp = watch.stream.message().await?.ok_or_else(|| {
+                        Error::Etcd(etcd_client::Error::WatchError("watch stream ended".into()))
+                    })?;
+                    if resp.created() {
+                        if resp.canceled() {
+                            return Err(Error::Protocol(format!(
+                                "etcd refused a watch: {}",
+                                resp.cancel_reason()
+                            )));
                         }
+                        pending -= 1;
+                        revision = revision.max(resp.header().map_or(0, |h| h.revision()));
                     }
+                    if watch.early.is_none() {
+                        watch.early = watch.classify(&resp);
+                    }
+                }
+                Ok((watch, revision))
+            };
+            match timeout(shared.request_timeout, created).await {
+                Err(_) => Err(Error::Timeout(shared.request_timeout)),
+                Ok(r) => r,
+            }
+        })
+        .await;
+        match opened {
+            Ok(opened) => Ok(Some(opened)),
+            Err(e @ (Error::Timeout(_) | Error::Etcd(_))) => {
+                tracing::debug!(error = %e, "opening a watch failed; re-reading");
+                back_off(shared, &mut Backoff::for_requests()).await?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a watch response means for this wait, if anything.
+    fn classify(&self, resp: &etcd_client::WatchResponse) -> Option<Result<Woken, Error>> {
+        if resp.canceled() && !resp.created() {
+            tracing::debug!(
+                compact_revision = resp.compact_revision(),
+                reason = resp.cancel_reason(),
+                "watch cancelled; re-reading"
+            );
+            return Some(Ok(Woken::Recheck));
+        }
+        for event in resp.events() {
+            if event.event_type() != EventType::Delete {
+                continue;
+            }
+            let Some(kv) = event.kv() else { continue };
+            if kv.key() == self.target.as_slice() {
+                return Some(Ok(Woken::Deleted));
+            }
+            if let Some((own_key, create_revision)) = &self.own {
+                if kv.key() == own_key.as_bytes() {
+                    return Some(Err(Error::LockLost {
+                        key: own_key.clone(),
+                        create_revision: *create_revision,
+                    }));
                 }
             }
-            Ok(None) | Err(_) => {
-                tracing::debug!("watch stream ended; re-reading");
-                back_off(shared, &mut backoff).await?;
-                return Ok(Woken::Recheck);
+        }
+        None
+    }
+
+    /// Waits for the deletion. Our own key's deletion is [`Error::LockLost`], the session's
+    /// loss [`Error::SessionLost`] / [`Error::SessionClosed`].
+    async fn wait(mut self, shared: &Arc<Shared>) -> Result<Woken, Error> {
+        if let Some(outcome) = self.early.take() {
+            return outcome;
+        }
+        loop {
+            let msg = unless_lost(shared, async { Ok(self.stream.message().await) }).await?;
+            match msg {
+                Ok(Some(resp)) => {
+                    if let Some(outcome) = self.classify(&resp) {
+                        return outcome;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!("watch stream ended; re-reading");
+                    back_off(shared, &mut Backoff::for_requests()).await?;
+                    return Ok(Woken::Recheck);
+                }
             }
         }
     }
+}
+
+/// True if both name the same incarnation of the same key.
+fn same_incarnation(a: Option<&KeyValue>, b: &KeyValue) -> bool {
+    a.is_some_and(|a| a.key() == b.key() && a.create_revision() == b.create_revision())
 }
 
 /// An acquisition that is through: the key, its create revision (the fencing token) and the
@@ -360,7 +422,19 @@ pub(crate) async fn acquire(
             });
         };
         let own = Some((ticket.key.as_str(), ticket.create_revision));
-        match wait_for_delete(shared, blocking.key(), own, pos.revision).await? {
+        let Some((watch, from)) = DeletionWatch::open(shared, blocking.key(), own).await? else {
+            continue;
+        };
+        if from > pos.revision {
+            // Writes landed between the read and the watch: confirm nothing we care about
+            // changed, with the watch already in place.
+            let fresh = read_position(shared, &ticket, &blocker).await?;
+            if !same_incarnation(fresh.blocker.as_ref(), &blocking) {
+                position = Some(fresh);
+                continue;
+            }
+        }
+        match watch.wait(shared).await? {
             Woken::Deleted | Woken::Recheck => continue,
         }
     }
@@ -431,31 +505,39 @@ pub(crate) async fn try_acquire(
     }))
 }
 
-/// Completes when `key` (incarnation `create_revision`, known to exist at `after`) is gone or
-/// the session is Lost; returns the error that describes the loss. Survives compaction and
-/// stream failures by re-reading.
+/// Completes when `key` (incarnation `create_revision`, known to exist at revision
+/// `seen_at`) is gone or the session is Lost; returns the error that describes the loss.
+/// Survives stream failures and compaction by re-reading.
 pub(crate) async fn watch_loss(
     shared: Arc<Shared>,
     key: String,
     create_revision: i64,
-    mut after: i64,
+    mut seen_at: i64,
 ) -> Error {
     let lost = || Error::LockLost {
         key: key.clone(),
         create_revision,
     };
+    let check = Txn::new().when([keys::owner_compare(&key, create_revision)]);
     loop {
-        if let Err(e) = wait_for_delete(&shared, key.as_bytes(), None, after).await {
-            return e;
-        }
-        // Deleted or uncertain: confirm from a fresh read.
-        let check = Txn::new().when([keys::owner_compare(&key, create_revision)]);
-        match send_until_answered(&shared, || check.clone()).await {
-            Ok(resp) if !resp.succeeded() => return lost(),
-            Ok(resp) => match keys::header_revision(&resp) {
-                Ok(rev) => after = rev,
+        let (watch, from) = match DeletionWatch::open(&shared, key.as_bytes(), None).await {
+            Err(e) => return e,
+            Ok(None) => {
+                seen_at = 0; // uncertain: confirm once the watch is in place
+                continue;
+            }
+            Ok(Some(opened)) => opened,
+        };
+        if from > seen_at {
+            match send_until_answered(&shared, || check.clone()).await {
+                Ok(resp) if !resp.succeeded() => return lost(),
+                Ok(_) => {}
                 Err(e) => return e,
-            },
+            }
+        }
+        match watch.wait(&shared).await {
+            Ok(Woken::Deleted) => return lost(),
+            Ok(Woken::Recheck) => seen_at = 0,
             Err(e) => return e,
         }
     }
