@@ -86,7 +86,17 @@ fn etcd_version(bin: &Path) -> Result<(u32, u32), TestkitError> {
     Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
 }
 
+/// A port that was free a moment ago, chosen at random below Linux's ephemeral range
+/// (32768+) so that outgoing connections, which take ephemeral ports, cannot grab it before
+/// etcd binds it. Parallel tests may still race for one; [`EtcdCluster::start`] detects that
+/// (the healthy server must be ours) and retries on other ports.
 fn free_port() -> Result<u16, TestkitError> {
+    for _ in 0..1_000 {
+        let port = rand::random_range(15_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -146,7 +156,7 @@ impl EtcdCluster {
         }
         let version = etcd_version(bin)?;
         let mut last = None;
-        for _ in 0..3 {
+        for _ in 0..5 {
             let dir = tempfile::Builder::new()
                 .prefix("etcd-coord-test-")
                 .tempdir()?;
@@ -238,6 +248,9 @@ impl EtcdCluster {
                 if self.member_serves(i).await {
                     break;
                 }
+                if !self.is_running(i) {
+                    continue; // reported with its log at the top of the loop
+                }
                 if start.elapsed() > limit {
                     return Err(TestkitError::Start(format!(
                         "member {} not healthy after {limit:?}: {}",
@@ -251,8 +264,10 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// True if member `i` answers a linearizable read (so it has a leader).
-    async fn member_serves(&self, i: usize) -> bool {
+    /// True if member `i` answers a linearizable read (so it has a leader) and is really ours:
+    /// its process runs and the server on its client port lists our peer URL (another test's
+    /// etcd may have taken the port first).
+    async fn member_serves(&mut self, i: usize) -> bool {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))
             .with_timeout(Duration::from_millis(500))
@@ -265,7 +280,7 @@ impl EtcdCluster {
         else {
             return false;
         };
-        matches!(
+        let serves = matches!(
             timeout(
                 Duration::from_secs(1),
                 client.get(
@@ -275,7 +290,19 @@ impl EtcdCluster {
             )
             .await,
             Ok(Ok(_))
-        )
+        );
+        if !serves {
+            return false;
+        }
+        let ours = format!("http://127.0.0.1:{}", self.members[i].peer_port);
+        let listed = match timeout(Duration::from_secs(1), client.member_list()).await {
+            Ok(Ok(list)) => list
+                .members()
+                .iter()
+                .any(|m| m.peer_urls().iter().any(|u| *u == ours)),
+            _ => false,
+        };
+        listed && self.is_running(i)
     }
 
     fn log_tail(&self, i: usize) -> String {

@@ -55,23 +55,28 @@ pub async fn session(etcd: &TestEtcd, ttl_secs: u64) -> LeasedSession {
     .expect("session")
 }
 
-/// Every key under `prefix`, in create order.
+/// Every key under `prefix`, in create order. The observer's read is retried on transport
+/// errors: it is not what the tests examine.
 pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
-    let mut c = client.clone();
-    let resp = c
-        .get(
-            prefix,
-            Some(GetOptions::new().with_prefix().with_keys_only().with_sort(
-                etcd_client::SortTarget::Create,
-                etcd_client::SortOrder::Ascend,
-            )),
-        )
-        .await
-        .expect("get");
-    resp.kvs()
-        .iter()
-        .map(|kv| kv.key_str().unwrap().to_owned())
-        .collect()
+    let opts = GetOptions::new().with_prefix().with_keys_only().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
+    let mut last = None;
+    for _ in 0..10 {
+        match client.clone().get(prefix, Some(opts.clone())).await {
+            Ok(resp) => {
+                return resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| kv.key_str().unwrap().to_owned())
+                    .collect()
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("observer read of {prefix} kept failing: {last:?}");
 }
 
 /// True if the lease still exists on the server (etcd reports TTL −1 for a missing lease and
