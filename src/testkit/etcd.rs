@@ -296,10 +296,7 @@ impl EtcdCluster {
         }
         let ours = format!("http://127.0.0.1:{}", self.members[i].peer_port);
         let listed = match timeout(Duration::from_secs(1), client.member_list()).await {
-            Ok(Ok(list)) => list
-                .members()
-                .iter()
-                .any(|m| m.peer_urls().iter().any(|u| *u == ours)),
+            Ok(Ok(list)) => list.members().iter().any(|m| m.peer_urls().contains(&ours)),
             _ => false,
         };
         listed && self.is_running(i)
