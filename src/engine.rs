@@ -543,40 +543,40 @@ pub(crate) async fn watch_loss(
     }
 }
 
-/// The state behind every guard: the owner key and its create revision (the fencing token).
-/// Releases in the background when dropped unreleased.
-pub(crate) struct Holding {
+/// The capability to act only while an acquisition still holds: the owner key, its create
+/// revision (the fencing token) and the session. Cheap to clone, so fenced writes can be made
+/// from other tasks than the guard's owner; it does not keep the lock (dropping it releases
+/// nothing), but it keeps the session alive.
+///
+/// Every guard can hand one out ([`MutexGuard::fence`](crate::MutexGuard::fence),
+/// [`Leadership::fence`](crate::Leadership::fence)).
+#[derive(Debug, Clone)]
+pub struct Fence {
     session: LeasedSession,
     key: String,
     create_revision: i64,
+    /// The revision at which the key was known to exist.
     revision: i64,
-    released: bool,
 }
 
-impl Holding {
-    pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
-        Holding {
-            session,
-            key: acquired.key,
-            create_revision: acquired.create_revision,
-            revision: acquired.revision,
-            released: false,
-        }
-    }
-
-    pub(crate) fn key(&self) -> &str {
+impl Fence {
+    /// The owner key in etcd.
+    pub fn key(&self) -> &str {
         &self.key
     }
 
-    pub(crate) fn fencing_token(&self) -> i64 {
+    /// The owner key's create revision: strictly increasing across successive holders.
+    pub fn fencing_token(&self) -> i64 {
         self.create_revision
     }
 
-    pub(crate) fn session(&self) -> &LeasedSession {
+    /// The session the acquisition was made through.
+    pub fn session(&self) -> &LeasedSession {
         &self.session
     }
 
-    pub(crate) fn owner_compare(&self) -> Compare {
+    /// A compare that holds exactly while the acquisition holds; add it to your own Txns.
+    pub fn owner_compare(&self) -> Compare {
         keys::owner_compare(&self.key, self.create_revision)
     }
 
@@ -587,14 +587,18 @@ impl Holding {
         }
     }
 
-    pub(crate) async fn txn_if_owner(&self, ops: Vec<TxnOp>) -> Result<TxnResponse, Error> {
+    /// Runs `ops` in one Txn only while the acquisition still holds.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if it no longer holds (nothing was applied);
+    /// [`Error::SessionLost`] / [`Error::SessionClosed`] if the session is Lost (nothing was
+    /// sent); request errors as [`Error::Etcd`] / [`Error::Timeout`] (the outcome is then
+    /// unknown).
+    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
         let shared = self.session.shared();
         shared.check()?;
-        let resp = send_txn(
-            shared,
-            Txn::new().when([self.owner_compare()]).and_then(ops),
-        )
-        .await?;
+        let txn = Txn::new().when([self.owner_compare()]).and_then(ops.into());
+        let resp = send_txn(shared, txn).await?;
         if resp.succeeded() {
             Ok(resp)
         } else {
@@ -602,7 +606,10 @@ impl Holding {
         }
     }
 
-    pub(crate) fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
+    /// Completes when the acquisition may no longer hold: the session is Lost or the owner key
+    /// is gone. Returns the error that describes it. `'static`: usable in `select!` or a task;
+    /// it does not keep the session alive.
+    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         watch_loss(
             Arc::clone(self.session.shared()),
             self.key.clone(),
@@ -610,16 +617,49 @@ impl Holding {
             self.revision,
         )
     }
+}
+
+/// The state behind every guard: its [`Fence`] and whether it was released. Releases in the
+/// background when dropped unreleased.
+pub(crate) struct Holding {
+    fence: Fence,
+    released: bool,
+    /// A release attempt went unanswered: it may have deleted the key. A later attempt that
+    /// finds the key gone is then the same release, not a loss.
+    release_maybe_landed: bool,
+}
+
+impl Holding {
+    pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
+        Holding {
+            fence: Fence {
+                session,
+                key: acquired.key,
+                create_revision: acquired.create_revision,
+                revision: acquired.revision,
+            },
+            released: false,
+            release_maybe_landed: false,
+        }
+    }
+
+    pub(crate) fn fence(&self) -> &Fence {
+        &self.fence
+    }
 
     /// Deletes the owner key with a Txn fenced on its create revision. Retries transport
     /// failures (a retry that finds the key gone after an unanswered attempt counts as done);
-    /// marks the holding released only once etcd confirmed. A holding dropped unreleased — also
-    /// after this fails — is released by the session's task.
+    /// marks the holding released only once etcd confirmed, and succeeds at once if it was.
+    /// A holding dropped unreleased — also after this fails — is released by the session's
+    /// task.
     pub(crate) async fn release(&mut self) -> Result<(), Error> {
         const ATTEMPTS: u32 = 3;
-        let shared = Arc::clone(self.session.shared());
+        if self.released {
+            return Ok(());
+        }
+        let fence = &self.fence;
+        let shared = Arc::clone(fence.session.shared());
         let mut backoff = Backoff::for_requests();
-        let mut maybe_landed = false;
         let mut last = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -627,20 +667,20 @@ impl Holding {
             }
             match send_txn(
                 &shared,
-                keys::fenced_delete(&self.key, self.create_revision),
+                keys::fenced_delete(&fence.key, fence.create_revision),
             )
             .await
             {
                 Ok(resp) => {
                     self.released = true;
-                    return if resp.succeeded() || maybe_landed {
+                    return if resp.succeeded() || self.release_maybe_landed {
                         Ok(())
                     } else {
-                        Err(self.lock_lost())
+                        Err(fence.lock_lost())
                     };
                 }
                 Err(e) if e.is_retryable() => {
-                    maybe_landed = true;
+                    self.release_maybe_landed = true;
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -650,13 +690,121 @@ impl Holding {
     }
 }
 
+impl std::fmt::Debug for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holding")
+            .field("key", &self.fence.key)
+            .field("fencing_token", &self.fence.create_revision)
+            .field("released", &self.released)
+            .finish()
+    }
+}
+
 impl Drop for Holding {
     fn drop(&mut self) {
         if !self.released {
-            self.session.shared().clean_up(Cleanup::Release {
-                key: std::mem::take(&mut self.key),
-                create_revision: self.create_revision,
+            self.fence.session.shared().clean_up(Cleanup::Release {
+                key: self.fence.key.clone(),
+                create_revision: self.fence.create_revision,
             });
+        }
+    }
+}
+
+/// What interrupts a [`PrefixEvents`] stream.
+pub(crate) enum Gap {
+    /// The history after the last revision was compacted away: re-read the state, then
+    /// [`PrefixEvents::resume_after`] the read's revision.
+    Compacted,
+    /// A failure retrying cannot fix (etcd refused the watch).
+    Fatal(Error),
+}
+
+/// Every event under a prefix, in revision order, across disconnects: after a stream failure
+/// it re-opens the watch from the last delivered revision + 1 (with backoff), so nothing is
+/// skipped. Independent of any session's lease.
+pub(crate) struct PrefixEvents {
+    client: etcd_client::Client,
+    prefix: String,
+    /// Every event at or below this revision has been delivered (or was covered by a read).
+    after: i64,
+    stream: Option<etcd_client::WatchStream>,
+    pending: std::collections::VecDeque<etcd_client::Event>,
+    backoff: Backoff,
+}
+
+impl PrefixEvents {
+    /// Events under `prefix` with revisions after `after`.
+    pub(crate) fn new(client: etcd_client::Client, prefix: &str, after: i64) -> PrefixEvents {
+        PrefixEvents {
+            client,
+            prefix: prefix.to_owned(),
+            after,
+            stream: None,
+            pending: Default::default(),
+            backoff: Backoff::for_requests(),
+        }
+    }
+
+    /// Continues after `revision` (a fresh read's), dropping anything buffered.
+    pub(crate) fn resume_after(&mut self, revision: i64) {
+        self.after = revision;
+        self.stream = None;
+        self.pending.clear();
+    }
+
+    /// The next event, with its revision (the event's mod revision).
+    pub(crate) async fn next(&mut self) -> Result<etcd_client::Event, Gap> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                let rev = event.kv().map_or(0, |kv| kv.mod_revision());
+                if rev <= self.after {
+                    continue; // already covered by a read
+                }
+                self.after = rev;
+                return Ok(event);
+            }
+            let stream = match self.stream.as_mut() {
+                Some(s) => s,
+                None => {
+                    let opts = WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(self.after + 1);
+                    match self.client.watch(self.prefix.as_str(), Some(opts)).await {
+                        Ok(s) => self.stream.insert(s),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "opening a prefix watch failed; retrying");
+                            sleep(self.backoff.next_delay()).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        self.stream = None;
+                        if resp.compact_revision() > 0 {
+                            return Err(Gap::Compacted);
+                        }
+                        if resp.created() {
+                            return Err(Gap::Fatal(Error::Protocol(format!(
+                                "etcd refused a watch: {}",
+                                resp.cancel_reason()
+                            ))));
+                        }
+                        sleep(self.backoff.next_delay()).await;
+                        continue;
+                    }
+                    self.backoff.reset();
+                    self.pending.extend(resp.events().iter().cloned());
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!(prefix = %self.prefix, "prefix watch ended; resuming");
+                    self.stream = None;
+                    sleep(self.backoff.next_delay()).await;
+                }
+            }
         }
     }
 }

@@ -34,20 +34,25 @@
 #![forbid(unsafe_code)]
 
 mod backoff;
+mod election;
 mod engine;
 mod error;
 mod keys;
 mod liveness;
 mod mutex;
+mod selector;
 mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 use std::time::Duration;
 
+pub use election::{Election, LeaderEvent, LeaderInfo, Leadership};
+pub use engine::Fence;
 pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
 pub use mutex::{Mutex, MutexGuard};
+pub use selector::{LeaderSelector, LeaderTerm};
 pub use session::{
     BackgroundTasks, LeasedSession, SessionOptions, SessionState, MAX_LEASE_TTL_SECS,
 };

@@ -4,7 +4,7 @@ use std::future::Future;
 
 use etcd_client::{Compare, TxnOp, TxnResponse};
 
-use crate::engine::{self, Holding};
+use crate::engine::{self, Fence, Holding};
 use crate::keys::Queue;
 use crate::{Error, LeasedSession};
 
@@ -124,35 +124,31 @@ pub struct MutexGuard {
     holding: Holding,
 }
 
-impl std::fmt::Debug for Holding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Holding")
-            .field("key", &self.key())
-            .field("fencing_token", &self.fencing_token())
-            .finish()
-    }
-}
-
 impl MutexGuard {
     /// The owner key in etcd.
     pub fn key(&self) -> &str {
-        self.holding.key()
+        self.holding.fence().key()
     }
 
     /// The owner key's create revision: strictly increasing across successive holders of this
     /// mutex.
     pub fn fencing_token(&self) -> i64 {
-        self.holding.fencing_token()
+        self.holding.fence().fencing_token()
     }
 
     /// The session the lock was taken through.
     pub fn session(&self) -> &LeasedSession {
-        self.holding.session()
+        self.holding.fence().session()
     }
 
     /// A compare that holds exactly while this guard owns the lock; add it to your own Txns.
     pub fn owner_compare(&self) -> Compare {
-        self.holding.owner_compare()
+        self.holding.fence().owner_compare()
+    }
+
+    /// A cloneable [`Fence`] for fenced writes from other tasks (it does not hold the lock).
+    pub fn fence(&self) -> Fence {
+        self.holding.fence().clone()
     }
 
     /// Runs `ops` in one Txn only if this guard still owns the lock.
@@ -162,13 +158,13 @@ impl MutexGuard {
     /// session is Lost (nothing was sent); request errors as [`Error::Etcd`] /
     /// [`Error::Timeout`] (the outcome is then unknown).
     pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
-        self.holding.txn_if_owner(ops.into()).await
+        self.holding.fence().txn_if_owner(ops).await
     }
 
     /// Completes when the lock may be lost: the session is Lost, or the owner key is deleted.
     /// Returns the error that describes it. `'static`: usable in `select!` or a spawned task.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
-        self.holding.lost()
+        self.holding.fence().lost()
     }
 
     /// Releases the lock: deletes the owner key with a Txn fenced on its create revision.

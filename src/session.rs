@@ -94,6 +94,11 @@ impl SessionOptions {
         self.ttl
     }
 
+    /// The request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The TTL in whole seconds, or why it is not acceptable.
     fn ttl_secs(&self) -> Result<i64, Error> {
         if self.ttl.is_zero() {

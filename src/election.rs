@@ -1,0 +1,432 @@
+//! [`Election`]: campaign, proclaim, resign and observe — leader election on the mutex's queue.
+
+use std::future::Future;
+
+use etcd_client::{
+    Compare, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, TxnOp, TxnResponse,
+};
+use futures::Stream;
+
+use crate::engine::{self, Fence, Gap, Holding, PrefixEvents};
+use crate::keys::Queue;
+use crate::{Error, LeasedSession};
+
+/// Leader election on etcd: candidates queue in FIFO order, the oldest key leads, and the
+/// leader's key carries its value (its address, its identity, …).
+///
+/// The queue and the wait are the [`Mutex`](crate::Mutex)'s: an uncontended
+/// [`campaign()`](Self::campaign) is one round trip, a waiting candidate watches only the
+/// candidate just ahead of it, and the leader key's create revision is a strictly increasing
+/// [fencing token](Leadership::fencing_token). Names follow the mutex's rules.
+///
+/// # Example
+/// ```no_run
+/// # async fn demo() -> Result<(), etcd_coord::Error> {
+/// use etcd_coord::{Election, LeasedSession, SessionOptions};
+///
+/// let client = etcd_client::Client::connect(["127.0.0.1:2379"], None).await?;
+/// let session = LeasedSession::new(client, SessionOptions::new()).await?;
+/// let election = Election::new(&session, "services/scheduler");
+/// let mut leadership = election.campaign("worker-7").await?;
+/// println!("leading with fencing token {}", leadership.fencing_token());
+/// leadership.proclaim("worker-7 (busy)").await?;
+/// leadership.resign().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Election {
+    session: LeasedSession,
+    name: String,
+    queue: Result<Queue, String>,
+}
+
+/// The leader of an election as etcd sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderInfo {
+    key: String,
+    value: Vec<u8>,
+    create_revision: i64,
+    mod_revision: i64,
+}
+
+impl LeaderInfo {
+    fn from_kv(kv: &KeyValue) -> LeaderInfo {
+        LeaderInfo {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+        }
+    }
+
+    /// The leader's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The leader's value (what it campaigned with or last proclaimed).
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// The value as UTF-8, if it is.
+    pub fn value_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.value).ok()
+    }
+
+    /// The leader key's create revision: the term's fencing token.
+    pub fn fencing_token(&self) -> i64 {
+        self.create_revision
+    }
+
+    /// The revision of the leader key's last change (its campaign or last proclaim).
+    pub fn mod_revision(&self) -> i64 {
+        self.mod_revision
+    }
+}
+
+/// A change of leadership reported by [`Election::observe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaderEvent {
+    /// A new leader, or the same leader proclaiming a new value.
+    Leader(LeaderInfo),
+    /// Nobody leads (no candidate is queued).
+    NoLeader,
+}
+
+impl Election {
+    /// A handle on the election `name`, campaigned through `session`. Does no I/O; an invalid
+    /// name is reported by the operations.
+    pub fn new(session: &LeasedSession, name: impl Into<String>) -> Election {
+        let name = name.into();
+        let queue = Queue::new(&name).map_err(|e| e.to_string());
+        Election {
+            session: session.clone(),
+            name,
+            queue,
+        }
+    }
+
+    /// The election's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn queue(&self) -> Result<&Queue, Error> {
+        self.queue.as_ref().map_err(|e| {
+            Error::InvalidArgument(e.trim_start_matches("invalid argument: ").to_owned())
+        })
+    }
+
+    /// Queues as a candidate with `value` and waits until this candidate leads.
+    ///
+    /// Leadership is returned only after a read that saw this candidate's own key as the
+    /// oldest (etcd #11051: Go's `Campaign` can return success after the key was deleted).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name; [`Error::SessionLost`] /
+    /// [`Error::SessionClosed`] if the session is or becomes Lost; [`Error::LockLost`] if the
+    /// candidate's key is deleted while it waits.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future at any point leaves no candidate key behind (the
+    /// session's background task deletes it, fenced).
+    pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
+        let queue = self.queue()?;
+        let acquired = engine::acquire(&self.session, queue, 1, value.into()).await?;
+        Ok(Leadership {
+            holding: Holding::new(self.session.clone(), acquired),
+        })
+    }
+
+    /// The current leader, if any: the oldest candidate (one round trip).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name; request errors.
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>, Error> {
+        let queue = self.queue()?;
+        Ok(read_leader(&self.session.clone_client_only(), queue, 0)
+            .await?
+            .0)
+    }
+
+    /// A stream of leadership changes: first the current state, then every change in order —
+    /// a new leader, the same leader proclaiming a new value, or nobody leading. It only ever
+    /// reports the oldest candidate (etcd #18163), resumes by itself after a disconnect (from
+    /// the last revision it reported, so nothing is skipped) or after compaction (re-reading
+    /// the current state), and never ends silently: it ends only when dropped, or after an
+    /// `Err` (a failure that retrying cannot fix, such as an invalid name or a refused watch).
+    ///
+    /// The stream uses the session's client but does not depend on its lease.
+    pub fn observe(&self) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
+        observe_with(
+            self.session.client().clone(),
+            self.session.shared().request_timeout,
+            &self.name,
+        )
+    }
+}
+
+/// [`Election::observe`] for election `name` through `client`, without a session.
+pub(crate) fn observe_with(
+    client: etcd_client::Client,
+    request_timeout: std::time::Duration,
+    name: &str,
+) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
+    let state = Observer {
+        session: ClientOnly {
+            client,
+            request_timeout,
+        },
+        queue: Queue::new(name),
+        leader: None,
+        events: None,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        let item = state.next_change().await;
+        state.done = item.is_err();
+        Some((item, state))
+    })
+}
+
+/// Reads the oldest member of `queue` at `revision` (0: now). Returns it and the revision
+/// the read saw.
+async fn read_leader(
+    session: &ClientOnly,
+    queue: &Queue,
+    revision: i64,
+) -> Result<(Option<LeaderInfo>, i64), Error> {
+    let mut opts = queue
+        .range()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1);
+    if revision > 0 {
+        opts = opts.with_revision(revision);
+    }
+    let resp = session.get(queue.prefix(), opts).await?;
+    let at = resp.header().map_or(revision, |h| h.revision());
+    Ok((resp.kvs().first().map(LeaderInfo::from_kv), at))
+}
+
+/// The part of a session `observe()` needs: its client and request timeout, not its lease.
+#[derive(Clone)]
+pub(crate) struct ClientOnly {
+    client: etcd_client::Client,
+    request_timeout: std::time::Duration,
+}
+
+impl ClientOnly {
+    async fn get(&self, key: &str, opts: GetOptions) -> Result<etcd_client::GetResponse, Error> {
+        let mut kv = self.client.kv_client();
+        match tokio::time::timeout(self.request_timeout, kv.get(key, Some(opts))).await {
+            Err(_) => Err(Error::Timeout(self.request_timeout)),
+            Ok(r) => Ok(r?),
+        }
+    }
+}
+
+impl LeasedSession {
+    fn clone_client_only(&self) -> ClientOnly {
+        ClientOnly {
+            client: self.client().clone(),
+            request_timeout: self.shared().request_timeout,
+        }
+    }
+}
+
+/// The state behind [`Election::observe`]: the leader last reported and the prefix events.
+struct Observer {
+    session: ClientOnly,
+    queue: Result<Queue, Error>,
+    /// `None` before the first report; `Some(None)` after reporting that nobody leads.
+    leader: Option<Option<LeaderInfo>>,
+    events: Option<PrefixEvents>,
+    done: bool,
+}
+
+impl Observer {
+    /// Reads the current leader until a read succeeds (transient failures are retried).
+    async fn read_now(&self, queue: &Queue) -> Result<(Option<LeaderInfo>, i64), Error> {
+        let mut backoff = crate::backoff::Backoff::for_requests();
+        loop {
+            match read_leader(&self.session, queue, 0).await {
+                Err(e) if e.is_retryable() => tokio::time::sleep(backoff.next_delay()).await,
+                other => return other,
+            }
+        }
+    }
+
+    /// Records `now` as the leader and returns the event to report, if it is a change.
+    fn report(&mut self, now: Option<LeaderInfo>) -> Option<LeaderEvent> {
+        if self.leader.as_ref() == Some(&now) {
+            return None;
+        }
+        self.leader = Some(now.clone());
+        Some(match now {
+            Some(info) => LeaderEvent::Leader(info),
+            None => LeaderEvent::NoLeader,
+        })
+    }
+
+    async fn next_change(&mut self) -> Result<LeaderEvent, Error> {
+        let queue = match &self.queue {
+            Ok(q) => q.clone(),
+            Err(Error::InvalidArgument(e)) => return Err(Error::InvalidArgument(e.clone())),
+            Err(e) => return Err(Error::Protocol(e.to_string())),
+        };
+        loop {
+            let Some(events) = self.events.as_mut() else {
+                // Start (or restart after compaction) from a fresh read.
+                let (now, at) = self.read_now(&queue).await?;
+                self.events = Some(PrefixEvents::new(
+                    self.session.client.clone(),
+                    queue.prefix(),
+                    at,
+                ));
+                match self.report(now) {
+                    Some(change) => return Ok(change),
+                    None => continue,
+                }
+            };
+            let event = match events.next().await {
+                Ok(event) => event,
+                Err(Gap::Compacted) => {
+                    self.events = None;
+                    continue;
+                }
+                Err(Gap::Fatal(e)) => return Err(e),
+            };
+            let Some(kv) = event.kv() else { continue };
+            let current = self.leader.clone().flatten();
+            let is_leader_key = current
+                .as_ref()
+                .is_some_and(|l| l.key.as_bytes() == kv.key());
+            let change = match event.event_type() {
+                // The leader proclaimed (or was re-put): same term, new value.
+                EventType::Put if is_leader_key => self.report(Some(LeaderInfo::from_kv(kv))),
+                // Nobody led, so the queue was empty: the new candidate is the oldest.
+                EventType::Put if current.is_none() => self.report(Some(LeaderInfo::from_kv(kv))),
+                // A candidate queued behind the leader.
+                EventType::Put => None,
+                // The leader left: the next oldest leads, as of that very revision.
+                EventType::Delete if is_leader_key => {
+                    let rev = kv.mod_revision();
+                    match read_leader(&self.session, &queue, rev).await {
+                        Ok((next, _)) => self.report(next),
+                        Err(_) => {
+                            // Compacted (or failed): re-read now and continue from there.
+                            let (next, at) = self.read_now(&queue).await?;
+                            if let Some(events) = self.events.as_mut() {
+                                events.resume_after(at);
+                            }
+                            self.report(next)
+                        }
+                    }
+                }
+                EventType::Delete => None,
+            };
+            if let Some(change) = change {
+                return Ok(change);
+            }
+        }
+    }
+}
+
+/// Proof of leading an [`Election`]. Resigns when dropped (in the background, through the
+/// session's task) or deterministically with [`resign()`](Self::resign).
+///
+/// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
+/// alive. As with [`MutexGuard`](crate::MutexGuard), leading does not by itself make writes
+/// elsewhere safe: fence them with [`owner_compare()`](Self::owner_compare) /
+/// [`txn_if_owner()`](Self::txn_if_owner) or pass [`fencing_token()`](Self::fencing_token).
+#[must_use = "dropping a Leadership resigns at once"]
+#[derive(Debug)]
+pub struct Leadership {
+    holding: Holding,
+}
+
+impl Leadership {
+    /// The leader key in etcd.
+    pub fn key(&self) -> &str {
+        self.holding.fence().key()
+    }
+
+    /// The leader key's create revision: strictly increasing across terms.
+    pub fn fencing_token(&self) -> i64 {
+        self.holding.fence().fencing_token()
+    }
+
+    /// The session the campaign ran through.
+    pub fn session(&self) -> &LeasedSession {
+        self.holding.fence().session()
+    }
+
+    /// A compare that holds exactly while this term lasts; add it to your own Txns.
+    pub fn owner_compare(&self) -> Compare {
+        self.holding.fence().owner_compare()
+    }
+
+    /// A cloneable [`Fence`] for fenced writes from other tasks (it does not hold leadership).
+    pub fn fence(&self) -> Fence {
+        self.holding.fence().clone()
+    }
+
+    /// Runs `ops` in one Txn only while this term lasts.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if it no longer leads (nothing was applied); [`Error::SessionLost`]
+    /// if the session is Lost (nothing was sent); request errors otherwise.
+    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
+        self.holding.fence().txn_if_owner(ops).await
+    }
+
+    /// Completes when leadership may be lost: the session is Lost, or the leader key is
+    /// deleted (or this leadership was resigned). `'static`: usable in `select!` or a task.
+    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
+        self.holding.fence().lost()
+    }
+
+    /// Replaces the leader's value, only while this term lasts (fenced on the leader key's
+    /// create revision; the key stays under the session's lease).
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if this candidate no longer leads (nothing was written), e.g. a
+    /// deposed leader; [`Error::SessionLost`] if the session is Lost.
+    pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let lease = self.session().lease_id();
+        self.holding
+            .fence()
+            .txn_if_owner(vec![TxnOp::put(
+                self.key(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .await
+            .map(|_| ())
+    }
+
+    /// Resigns: deletes the leader key with a Txn fenced on its create revision, so the next
+    /// candidate leads at once.
+    ///
+    /// Retry-safe (etcd #22123): if it fails, the leadership keeps its state and `resign()` can
+    /// be called again (a retry that finds the key gone after an unanswered attempt succeeds);
+    /// dropping it instead resigns in the background. A fenced resign can never delete a later
+    /// leader's key. After a successful resign the leadership is inert: dropping it does
+    /// nothing, `resign()` succeeds again, fenced operations report [`Error::LockLost`].
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the key was already gone before the first attempt (leadership had
+    /// been lost); request errors after retries.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the leadership as it was; dropping the leadership then
+    /// resigns in the background.
+    pub async fn resign(&mut self) -> Result<(), Error> {
+        self.holding.release().await
+    }
+}

@@ -1,0 +1,317 @@
+//! [`LeaderSelector`]: keeps a worker campaigning and runs leader-scoped work, for worker
+//! pools where "every worker campaigns; the leader runs the leader's job".
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, TxnOp, TxnResponse};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::{
+    Election, Error, Fence, LeaderEvent, LeaderInfo, LeasedSession, SessionOptions, SessionState,
+};
+
+/// Keeps one worker campaigning in an election and runs the caller's leader work while it
+/// leads — the loop every worker pool needs around [`Election::campaign`].
+///
+/// What [`run`](Self::run) does, over and over until shut down:
+/// 1. obtains a session (a new one after each loss, with jittered backoff) and campaigns;
+/// 2. when elected, calls the leader function with a [`LeaderTerm`] and runs the future it
+///    returns (like client-go's `OnStartedLeading(ctx)` or Curator's `takeLeadership`);
+/// 3. fires the term's cancellation the moment leadership may be lost — the session is Lost
+///    (which it declares a safety margin *before* the server can expire the lease), the leader
+///    key is deleted, the selector is shut down, or (with
+///    [`with_cancel_on_suspend`](Self::with_cancel_on_suspend)) the session is Suspended;
+/// 4. **waits for the leader future to finish** and only then resigns (fenced), so the next
+///    leader is not elected while this one's work still runs (client-go learned this the hard
+///    way: kubernetes#139991);
+/// 5. re-campaigns (like Curator's auto-requeue). A leader future that returns by itself ends
+///    the term the same way.
+///
+/// Followers (and the leader) see who leads through [`leaders()`](Self::leaders).
+///
+/// # What it guarantees, and what it cannot
+/// Within the process: the leader future is cancelled before the server can let another
+/// candidate lead, and a new term starts only after the previous future finished. It cannot
+/// stop a future that ignores its cancellation, nor a process that is paused (GC, SIGSTOP)
+/// past the safety margin: across processes, **fencing tokens are the real protection**. Make
+/// every write the leader does conditional on [`LeaderTerm::owner_compare`] (or use
+/// [`LeaderTerm::txn_if_owner`]), or pass [`LeaderTerm::fencing_token`] to resources that
+/// reject stale tokens. See `docs/safety.md`.
+///
+/// # Example
+/// ```no_run
+/// # async fn demo() -> Result<(), etcd_coord::Error> {
+/// use etcd_coord::LeaderSelector;
+///
+/// let client = etcd_client::Client::connect(["127.0.0.1:2379"], None).await?;
+/// let selector = LeaderSelector::new(client, "pools/reports", "worker-1");
+/// let mut leaders = selector.leaders();
+/// tokio::spawn(async move {
+///     while leaders.changed().await.is_ok() {
+///         println!("leader now: {:?}", leaders.borrow().as_ref().map(|l| l.key().to_owned()));
+///     }
+/// });
+/// selector
+///     .run(tokio::signal::ctrl_c(), |term| async move {
+///         // Leader's job: runs until the term is cancelled.
+///         term.cancelled().await;
+///     })
+///     .await
+/// # }
+/// ```
+pub struct LeaderSelector {
+    client: Client,
+    name: String,
+    value: Vec<u8>,
+    session_options: SessionOptions,
+    cancel_on_suspend: bool,
+    retry_min: Duration,
+    retry_max: Duration,
+    leaders: watch::Sender<Option<LeaderInfo>>,
+}
+
+impl std::fmt::Debug for LeaderSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderSelector")
+            .field("name", &self.name)
+            .field("session_options", &self.session_options)
+            .field("cancel_on_suspend", &self.cancel_on_suspend)
+            .finish()
+    }
+}
+
+/// One term of leadership, handed to the leader function of [`LeaderSelector::run`].
+#[derive(Debug, Clone)]
+pub struct LeaderTerm {
+    fence: Fence,
+    cancel: CancellationToken,
+}
+
+impl LeaderTerm {
+    /// Completes when the term ends: leadership may be lost, or the selector shuts down. The
+    /// leader future should stop promptly once it completes.
+    pub fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.cancel.cancelled()
+    }
+
+    /// True once the term is cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The leader key's create revision: strictly increasing across terms. Pass it with every
+    /// write the leader makes to a resource that can reject stale tokens.
+    pub fn fencing_token(&self) -> i64 {
+        self.fence.fencing_token()
+    }
+
+    /// The leader key.
+    pub fn key(&self) -> &str {
+        self.fence.key()
+    }
+
+    /// A compare that holds exactly while this term lasts.
+    pub fn owner_compare(&self) -> Compare {
+        self.fence.owner_compare()
+    }
+
+    /// Runs `ops` in one Txn only while this term lasts.
+    ///
+    /// # Errors
+    /// As [`Fence::txn_if_owner`].
+    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
+        self.fence.txn_if_owner(ops).await
+    }
+
+    /// The term's [`Fence`], to hand to other tasks.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+}
+
+impl LeaderSelector {
+    /// A selector for election `name`, campaigning with `value` through `client`.
+    pub fn new(client: Client, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        LeaderSelector {
+            client,
+            name: name.into(),
+            value: value.into(),
+            session_options: SessionOptions::new(),
+            cancel_on_suspend: false,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            leaders: watch::channel(None).0,
+        }
+    }
+
+    /// Options for each session it creates (TTL, safety margin, …).
+    pub fn with_session_options(mut self, options: SessionOptions) -> Self {
+        self.session_options = options;
+        self
+    }
+
+    /// Also cancel the term as soon as the session is Suspended (refreshes failing), not only
+    /// when it is Lost. The term then ends even if the session recovers; the worker resigns and
+    /// campaigns again. Default: off.
+    pub fn with_cancel_on_suspend(mut self, enabled: bool) -> Self {
+        self.cancel_on_suspend = enabled;
+        self
+    }
+
+    /// The backoff between attempts after a failure (new session, campaign): jittered,
+    /// doubling from `min` to `max`. Default 100 ms to 5 s.
+    pub fn with_retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_min = min;
+        self.retry_max = max;
+        self
+    }
+
+    /// Who leads, as observed while [`run`](Self::run) runs (`None`: nobody, or not known
+    /// yet). Every worker, leader or follower, can watch it.
+    pub fn leaders(&self) -> watch::Receiver<Option<LeaderInfo>> {
+        self.leaders.subscribe()
+    }
+
+    /// Campaigns, leads and re-campaigns until `shutdown` completes; then cancels the current
+    /// term, waits for the leader future, resigns, closes the session and returns.
+    ///
+    /// `lead` is called once per term and its future is awaited in place (it need not be
+    /// `'static`); it should return soon after [`LeaderTerm::cancelled`] completes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name or session options (at once, before
+    /// anything is sent). Every other failure is retried with backoff.
+    pub async fn run<S, L, F>(self, shutdown: S, mut lead: L) -> Result<(), Error>
+    where
+        S: Future,
+        L: FnMut(LeaderTerm) -> F,
+        F: Future<Output = ()>,
+    {
+        crate::keys::validate_name(&self.name)?;
+        let stop = CancellationToken::new();
+        let observe = self.observe_leaders(stop.clone());
+        let campaign = async {
+            let mut backoff = Backoff::new(self.retry_min, self.retry_max);
+            loop {
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                match self.one_session(&stop, &mut lead).await {
+                    Ok(()) => backoff.reset(),
+                    Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(election = %self.name, error = %e, "leader selector: retrying");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+        };
+        tokio::pin!(shutdown);
+        tokio::pin!(campaign);
+        tokio::pin!(observe);
+        loop {
+            tokio::select! {
+                result = &mut campaign => return result,
+                _ = &mut shutdown, if !stop.is_cancelled() => stop.cancel(),
+                _ = &mut observe => {}
+            }
+        }
+    }
+
+    /// One session's life: campaign and lead (possibly several terms) until the session is
+    /// Lost or the selector stops.
+    async fn one_session<L, F>(&self, stop: &CancellationToken, lead: &mut L) -> Result<(), Error>
+    where
+        L: FnMut(LeaderTerm) -> F,
+        F: Future<Output = ()>,
+    {
+        let session = tokio::select! {
+            s = LeasedSession::new(self.client.clone(), self.session_options.clone()) => s?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let election = Election::new(&session, self.name.clone());
+        let result = loop {
+            let mut leadership = tokio::select! {
+                r = election.campaign(self.value.clone()) => match r {
+                    Ok(l) => l,
+                    Err(e) => break Err(e),
+                },
+                _ = stop.cancelled() => break Ok(()),
+            };
+            let cancel = stop.child_token();
+            let term = LeaderTerm {
+                fence: leadership.fence(),
+                cancel: cancel.clone(),
+            };
+            tracing::info!(election = %self.name, token = term.fencing_token(), "leading");
+            let work = lead(term);
+            tokio::pin!(work);
+            let lost = leadership.lost();
+            tokio::pin!(lost);
+            let suspended = wait_suspended(&session, self.cancel_on_suspend);
+            tokio::pin!(suspended);
+            tokio::select! {
+                _ = &mut work => {}
+                _ = &mut lost => { cancel.cancel(); work.await; }
+                _ = &mut suspended => { cancel.cancel(); work.await; }
+                _ = cancel.cancelled() => { work.await; }
+            }
+            cancel.cancel();
+            tracing::info!(election = %self.name, "leader work finished; resigning");
+            if session.state() == SessionState::Lost {
+                // Its task already revoked what it could; a resign through a dead connection
+                // would only delay the next session.
+                drop(leadership);
+                break Ok(());
+            }
+            if let Err(e) = leadership.resign().await {
+                tracing::warn!(election = %self.name, error = %e, "resign failed; the session retries it in the background");
+            }
+            if stop.is_cancelled() {
+                break Ok(());
+            }
+        };
+        let _ = session.close().await;
+        result
+    }
+
+    /// Publishes every leadership change to [`leaders()`](Self::leaders) until `stop`.
+    async fn observe_leaders(&self, stop: CancellationToken) {
+        let mut events = Box::pin(crate::election::observe_with(
+            self.client.clone(),
+            self.session_options.request_timeout(),
+            &self.name,
+        ));
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(LeaderEvent::Leader(info))) => { self.leaders.send_replace(Some(info)); }
+                    Some(Ok(_)) => { self.leaders.send_replace(None); }
+                    Some(Err(e)) => {
+                        tracing::warn!(election = %self.name, error = %e, "observing leaders failed");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = stop.cancelled() => break,
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// Completes when `session` is Suspended or Lost, if `enabled`; never otherwise.
+async fn wait_suspended(session: &LeasedSession, enabled: bool) {
+    if !enabled {
+        return std::future::pending().await;
+    }
+    let mut states = session.subscribe();
+    let _ = states.wait_for(|s| *s != SessionState::Alive).await;
+}

@@ -1,0 +1,574 @@
+//! `Election` and `LeaderSelector` against real etcd.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_coord::testkit::FaultProxy;
+use etcd_coord::{Election, Error, LeaderEvent, LeaderSelector, LeasedSession, SessionOptions};
+use futures::{Stream, StreamExt};
+
+/// The next event of `events`, within 10 s.
+async fn next_event<S: Stream<Item = Result<LeaderEvent, Error>> + Unpin>(
+    events: &mut S,
+) -> LeaderEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream does not end")
+        .expect("no error")
+}
+
+fn leader_key(event: &LeaderEvent) -> Option<&str> {
+    match event {
+        LeaderEvent::Leader(info) => Some(info.key()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_with_increasing_tokens() {
+    let etcd = etcd().await;
+    let name = unique("one-leader");
+    let leading = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(StdMutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let s = session(&etcd, 10).await;
+        let (name, leading, tokens) = (name.clone(), Arc::clone(&leading), Arc::clone(&tokens));
+        tasks.push(tokio::spawn(async move {
+            let e = Election::new(&s, &name);
+            for _ in 0..8 {
+                let mut l = e.campaign(format!("candidate-{i}")).await.unwrap();
+                assert_eq!(
+                    leading.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two leaders at once"
+                );
+                tokens.lock().unwrap().push(l.fencing_token());
+                let current = e.leader().await.unwrap().expect("a leader");
+                assert_eq!(current.key(), l.key());
+                assert_eq!(current.value_str(), Some(format!("candidate-{i}").as_str()));
+                leading.fetch_sub(1, Ordering::SeqCst);
+                l.resign().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let tokens = tokens.lock().unwrap();
+    assert_eq!(tokens.len(), 32);
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resign_hands_over_to_the_next_candidate_in_fifo_order() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("fifo");
+    let sessions = [
+        session(&etcd, 10).await,
+        session(&etcd, 10).await,
+        session(&etcd, 10).await,
+    ];
+    let mut first = Election::new(&sessions[0], &name)
+        .campaign("a")
+        .await
+        .unwrap();
+    let mut waiting = Vec::new();
+    for (i, s) in sessions.iter().enumerate().skip(1) {
+        let e = Election::new(s, &name);
+        waiting.push(tokio::spawn(async move {
+            e.campaign(format!("{i}")).await.unwrap()
+        }));
+        let n = name.clone();
+        let obs = observer.clone();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                keys_under(&obs, &n).await.len() == i + 1
+            })
+            .await
+        );
+    }
+    let (second, third) = (waiting.remove(0), waiting.remove(0));
+    first.resign().await.unwrap();
+    let mut second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second
+        .key()
+        .contains(&format!("{:016x}", sessions[1].lease_id())));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !third.is_finished(),
+        "the third candidate led while the second did"
+    );
+    second.resign().await.unwrap();
+    let third = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(third
+        .key()
+        .contains(&format!("{:016x}", sessions[2].lease_id())));
+    assert!(third.fencing_token() > second.fencing_token());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proclaim_by_a_deposed_leader_fails_and_changes_nothing() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("deposed");
+    let a = session(&etcd, 10).await;
+    let b = session(&etcd, 10).await;
+    let ea = Election::new(&a, &name);
+    let leader = ea.campaign("a").await.unwrap();
+    leader.proclaim("a2").await.unwrap();
+    assert_eq!(ea.leader().await.unwrap().unwrap().value_str(), Some("a2"));
+    // Depose it behind its back; b takes over.
+    admin.delete(leader.key(), None).await.unwrap();
+    let b_leads = Election::new(&b, &name).campaign("b").await.unwrap();
+    assert!(matches!(
+        leader.proclaim("a3").await,
+        Err(Error::LockLost { .. })
+    ));
+    let now = ea.leader().await.unwrap().unwrap();
+    assert_eq!(now.key(), b_leads.key());
+    assert_eq!(now.value_str(), Some("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resigned_leadership_is_inert_and_resigning_again_succeeds() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let e = Election::new(&s, unique("inert"));
+    let mut l = e.campaign("x").await.unwrap();
+    l.resign().await.unwrap();
+    l.resign().await.unwrap();
+    assert!(matches!(l.proclaim("y").await, Err(Error::LockLost { .. })));
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), l.lost())
+            .await
+            .unwrap(),
+        Error::LockLost { .. }
+    ));
+    assert!(e.leader().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_campaign_leaves_no_key() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("cancel-campaign");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let leader = Election::new(&a, &name).campaign("a").await.unwrap();
+    let e = Election::new(&b, &name);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), e.campaign("b"))
+            .await
+            .is_err()
+    );
+    for micros in (0..3_000).step_by(200) {
+        let _ = tokio::time::timeout(Duration::from_micros(micros), e.campaign("b")).await;
+    }
+    b.settled().await;
+    assert_eq!(
+        keys_under(&observer, &name).await,
+        vec![leader.key().to_owned()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_resign_does_not_delete_the_next_leaders_key() {
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("stale-resign");
+    let a = LeasedSession::new(
+        client_via(&proxy).await,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let b = session(&etcd, 30).await;
+    let mut first = Election::new(&a, &name).campaign("a").await.unwrap();
+    let eb = Election::new(&b, &name);
+    let next = tokio::spawn(async move { eb.campaign("b").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.drop_responses();
+    assert!(
+        first.resign().await.is_err(),
+        "reported a resign nobody confirmed"
+    );
+    let next = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .unwrap()
+        .unwrap();
+    proxy.heal();
+    proxy.reset_peer();
+    // The caller retries the resign (etcd #22123: the state was kept). It lands after the next
+    // leader took over, and must neither fail nor delete the new leader's key.
+    tokio::time::timeout(Duration::from_secs(10), first.resign())
+        .await
+        .unwrap()
+        .expect("the retried resign completes the first one");
+    next.proclaim("b still leads")
+        .await
+        .expect("the next leader's key survived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_reports_every_transition_in_order() {
+    let etcd = etcd().await;
+    let name = unique("observe");
+    let watcher = session(&etcd, 10).await;
+    let mut events = Box::pin(Election::new(&watcher, &name).observe());
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+
+    let a = session(&etcd, 10).await;
+    let b = session(&etcd, 10).await;
+    let mut la = Election::new(&a, &name).campaign("a").await.unwrap();
+    let eb = Election::new(&b, &name);
+    let b_campaign = tokio::spawn(async move { eb.campaign("b").await.unwrap() });
+    let ev = next_event(&mut events).await;
+    assert_eq!(leader_key(&ev), Some(la.key()));
+    la.proclaim("a-busy").await.unwrap();
+    match next_event(&mut events).await {
+        LeaderEvent::Leader(info) => {
+            assert_eq!(info.key(), la.key());
+            assert_eq!(info.value_str(), Some("a-busy"));
+        }
+        other => panic!("expected the proclaimed value, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // b is queued behind a
+    la.resign().await.unwrap();
+    let mut lb = b_campaign.await.unwrap();
+    // b was queued: the next leader is b at once, never a gap and never a younger key.
+    let ev = next_event(&mut events).await;
+    assert_eq!(leader_key(&ev), Some(lb.key()));
+    lb.resign().await.unwrap();
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+    let lc = Election::new(&a, &name).campaign("c").await.unwrap();
+    assert_eq!(leader_key(&next_event(&mut events).await), Some(lc.key()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_resumes_across_a_connection_reset_without_missing_a_change() {
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("observe-reset");
+    let watcher = LeasedSession::new(client_via(&proxy).await, SessionOptions::new())
+        .await
+        .unwrap();
+    let mut events = Box::pin(Election::new(&watcher, &name).observe());
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+
+    let a = session(&etcd, 10).await;
+    proxy.blackhole();
+    let mut la = Election::new(&a, &name).campaign("a").await.unwrap();
+    let a_key = la.key().to_owned();
+    la.resign().await.unwrap();
+    let lb = Election::new(&a, &name).campaign("b").await.unwrap();
+    proxy.heal();
+    proxy.reset_peer();
+    // Every change made while the observer was cut off arrives, in order.
+    assert_eq!(
+        leader_key(&next_event(&mut events).await),
+        Some(a_key.as_str())
+    );
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+    assert_eq!(leader_key(&next_event(&mut events).await), Some(lb.key()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_recovers_from_compaction_with_the_current_leader() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("observe-compact");
+    let watcher = LeasedSession::new(client_via(&proxy).await, SessionOptions::new())
+        .await
+        .unwrap();
+    let mut events = Box::pin(Election::new(&watcher, &name).observe());
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+
+    let a = session(&etcd, 10).await;
+    proxy.blackhole();
+    let mut la = Election::new(&a, &name).campaign("a").await.unwrap();
+    la.resign().await.unwrap();
+    let lb = Election::new(&a, &name).campaign("b").await.unwrap();
+    // The history the observer missed is compacted away.
+    let rev = admin
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    admin
+        .compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .unwrap();
+    proxy.heal();
+    proxy.reset_peer();
+    // It cannot replay what is gone, but it reports the current leader and carries on.
+    assert_eq!(leader_key(&next_event(&mut events).await), Some(lb.key()));
+    lb.proclaim("b2").await.unwrap();
+    match next_event(&mut events).await {
+        LeaderEvent::Leader(info) => assert_eq!(info.value_str(), Some("b2")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_election_names_are_typed_errors() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let e = Election::new(&s, "bad#name");
+    assert!(matches!(
+        e.campaign("x").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(e.leader().await, Err(Error::InvalidArgument(_))));
+    let mut events = Box::pin(e.observe());
+    assert!(matches!(
+        events.next().await,
+        Some(Err(Error::InvalidArgument(_)))
+    ));
+    assert!(
+        events.next().await.is_none(),
+        "the stream ends after its error"
+    );
+}
+
+/// What a selector's leader function saw.
+#[derive(Debug, Clone, Copy)]
+struct Term {
+    token: i64,
+    started: Instant,
+    stopped: Instant,
+}
+
+fn recording_selector(
+    selector: LeaderSelector,
+    log: Arc<StdMutex<Vec<Term>>>,
+    linger: Duration,
+) -> impl std::future::Future<Output = Result<(), Error>> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::mem::forget(stop_tx); // runs until the test drops the future
+    selector.run(
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |term| {
+            let log = Arc::clone(&log);
+            async move {
+                let started = Instant::now();
+                term.cancelled().await;
+                tokio::time::sleep(linger).await; // the leader's work takes a while to wind down
+                log.lock().unwrap().push(Term {
+                    token: term.fencing_token(),
+                    started,
+                    stopped: Instant::now(),
+                });
+            }
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_leaders_work_is_cancelled_and_finished_before_the_next_leader_starts() {
+    let etcd = etcd().await;
+    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let name = unique("selector-blackhole");
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(5));
+    let a_log = Arc::new(StdMutex::new(Vec::new()));
+    let a = LeaderSelector::new(client_via(&proxy).await, &name, "a")
+        .with_session_options(options.clone());
+    let a_leaders = a.leaders();
+    let a_run = tokio::spawn(recording_selector(
+        a,
+        Arc::clone(&a_log),
+        Duration::from_millis(300),
+    ));
+    let mut a_leaders_seen = a_leaders.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        a_leaders_seen.wait_for(|l| l.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let b_started = Arc::new(StdMutex::new(None));
+    let b = LeaderSelector::new(client(&etcd).await, &name, "b").with_session_options(options);
+    let mut b_leaders = b.leaders();
+    let b_started2 = Arc::clone(&b_started);
+    let b_run = tokio::spawn(b.run(std::future::pending::<()>(), move |term| {
+        let b_started = Arc::clone(&b_started2);
+        async move {
+            *b_started.lock().unwrap() = Some((term.fencing_token(), Instant::now()));
+            term.cancelled().await;
+        }
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b_started.lock().unwrap().is_none(), "b leads while a does");
+    assert_eq!(
+        b_leaders
+            .borrow_and_update()
+            .as_ref()
+            .map(|l| l.value().to_vec()),
+        Some(b"a".to_vec()),
+        "followers see who leads"
+    );
+
+    proxy.blackhole();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            b_started.lock().unwrap().is_some()
+        })
+        .await,
+        "b never took over"
+    );
+    let (b_token, b_at) = b_started.lock().unwrap().unwrap();
+    let a_term = *a_log
+        .lock()
+        .unwrap()
+        .first()
+        .expect("a's leader work finished");
+    assert!(
+        a_term.stopped < b_at,
+        "a's work ran until {:?} after b started",
+        a_term.stopped - b_at
+    );
+    assert!(b_token > a_term.token);
+    assert!(a_term.started < a_term.stopped);
+    a_run.abort();
+    b_run.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_the_leader_work_before_resigning() {
+    let etcd = etcd().await;
+    let name = unique("selector-shutdown");
+    let a_log = Arc::new(StdMutex::new(Vec::new()));
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let a = LeaderSelector::new(client(&etcd).await, &name, "a");
+    let mut a_leaders = a.leaders();
+    let log = Arc::clone(&a_log);
+    let a_run = tokio::spawn(a.run(
+        async move {
+            let _ = stopped_a.await;
+        },
+        move |term| {
+            let log = Arc::clone(&log);
+            async move {
+                let started = Instant::now();
+                term.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                log.lock().unwrap().push(Term {
+                    token: term.fencing_token(),
+                    started,
+                    stopped: Instant::now(),
+                });
+            }
+        },
+    ));
+    tokio::time::timeout(Duration::from_secs(10), a_leaders.wait_for(|l| l.is_some()))
+        .await
+        .unwrap()
+        .unwrap();
+    let b_started = Arc::new(StdMutex::new(None));
+    let b_started2 = Arc::clone(&b_started);
+    let b = LeaderSelector::new(client(&etcd).await, &name, "b");
+    let b_run = tokio::spawn(b.run(std::future::pending::<()>(), move |term| {
+        let b_started = Arc::clone(&b_started2);
+        async move {
+            *b_started.lock().unwrap() = Some((term.fencing_token(), Instant::now()));
+            term.cancelled().await;
+        }
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_a.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), a_run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b_started.lock().unwrap().is_some()
+        })
+        .await
+    );
+    let (b_token, b_at) = b_started.lock().unwrap().unwrap();
+    let a_term = a_log.lock().unwrap()[0];
+    assert!(a_term.stopped < b_at, "b started before a's work finished");
+    assert!(b_token > a_term.token);
+    b_run.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_campaigns_again_with_a_new_session_after_losing_one() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("selector-again");
+    let terms = Arc::new(StdMutex::new(Vec::new()));
+    let a = LeaderSelector::new(client(&etcd).await, &name, "a")
+        .with_session_options(SessionOptions::new().with_ttl(Duration::from_secs(5)))
+        .with_retry_backoff(Duration::from_millis(50), Duration::from_millis(200));
+    let mut leaders = a.leaders();
+    let run = tokio::spawn(recording_selector(a, Arc::clone(&terms), Duration::ZERO));
+    tokio::time::timeout(Duration::from_secs(10), leaders.wait_for(|l| l.is_some()))
+        .await
+        .unwrap()
+        .unwrap();
+    let first = leaders.borrow().clone().unwrap();
+    // Revoke its lease behind its back: the session is Lost, the term ends.
+    admin.lease_revoke(lease_of(first.key())).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        leaders.wait_for(|l| l.as_ref().is_some_and(|l| l.key() != first.key())),
+    )
+    .await
+    .expect("leads again with a new session")
+    .unwrap();
+    let second = leaders.borrow().clone().unwrap();
+    assert!(second.fencing_token() > first.fencing_token());
+    assert_ne!(
+        lease_of(second.key()),
+        lease_of(first.key()),
+        "a new session"
+    );
+    assert_eq!(
+        terms.lock().unwrap().len(),
+        1,
+        "the first term's work ended"
+    );
+    run.abort();
+}
+
+/// The lease ID in a member key `<name>/#<lease, 16 hex>-<seq>`.
+fn lease_of(key: &str) -> i64 {
+    let hex = &key.rsplit_once("/#").expect("a member key").1[..16];
+    u64::from_str_radix(hex, 16).unwrap() as i64
+}
