@@ -1,11 +1,23 @@
 //! Compile-time properties of the public types.
 
-use etcd_coord::{Error, LeasedSession, Mutex, MutexGuard, SessionOptions};
+use etcd_coord::{
+    Election, Error, Fence, LeaderEvent, LeaderInfo, LeaderSelector, LeaderTerm, Leadership,
+    LeasedSession, Mutex, MutexGuard, SessionOptions,
+};
 use static_assertions::{assert_impl_all, assert_not_impl_any};
 
 // Guards are owned and can move into tasks; they are not Clone (one release per acquisition).
 assert_impl_all!(MutexGuard: Send, Sync, std::fmt::Debug);
 assert_not_impl_any!(MutexGuard: Clone);
+assert_impl_all!(Leadership: Send, Sync, std::fmt::Debug);
+assert_not_impl_any!(Leadership: Clone);
+// Fences and terms are capabilities to hand to other tasks; they release nothing on drop.
+assert_impl_all!(Fence: Clone, Send, Sync);
+assert_impl_all!(LeaderTerm: Clone, Send, Sync);
+assert_impl_all!(Election: Clone, Send, Sync);
+assert_impl_all!(LeaderInfo: Clone, Send, Sync, PartialEq);
+assert_impl_all!(LeaderEvent: Clone, Send, Sync, PartialEq);
+assert_impl_all!(LeaderSelector: Send, Sync);
 // Handles are cheap clones, shareable across tasks.
 assert_impl_all!(LeasedSession: Clone, Send, Sync, std::fmt::Debug);
 assert_impl_all!(Mutex: Clone, Send, Sync);
@@ -35,6 +47,19 @@ fn futures_are_send_and_lost_is_static(session: LeasedSession, mutex: Mutex, gua
     is_send(&guard_lost);
     is_send(&guard.txn_if_owner([]));
     is_send(&guard.release());
+}
+
+#[allow(dead_code, unused_must_use)]
+fn election_futures_are_send(election: Election, mut leadership: Leadership) {
+    is_send(&election.campaign("v"));
+    is_send(&election.leader());
+    let events = election.observe();
+    is_static(&events);
+    is_send(&events);
+    is_send(&leadership.proclaim("v"));
+    let lost = leadership.lost();
+    is_static(&lost);
+    is_send(&leadership.resign());
 }
 
 #[test]
