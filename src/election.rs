@@ -1,14 +1,10 @@
 //! [`Election`]: campaign, proclaim, resign and observe — leader election on the mutex's queue.
 
-use std::future::Future;
-
-use etcd_client::{
-    Compare, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, TxnOp, TxnResponse,
-};
+use etcd_client::{EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, TxnOp};
 use futures::Stream;
 
 use crate::engine::{self, Fence, Gap, Holding, PrefixEvents};
-use crate::keys::Queue;
+use crate::keys::{Named, Queue};
 use crate::{Error, LeasedSession};
 
 /// Leader election on etcd: candidates queue in FIFO order, the oldest key leads, and the
@@ -17,7 +13,7 @@ use crate::{Error, LeasedSession};
 /// The queue and the wait are the [`Mutex`](crate::Mutex)'s: an uncontended
 /// [`campaign()`](Self::campaign) is one round trip, a waiting candidate watches only the
 /// candidate just ahead of it, and the leader key's create revision is a strictly increasing
-/// [fencing token](Leadership::fencing_token). Names follow the mutex's rules.
+/// [fencing token](Fence::fencing_token). Names follow the mutex's rules.
 ///
 /// # Example
 /// ```no_run
@@ -36,8 +32,7 @@ use crate::{Error, LeasedSession};
 #[derive(Debug, Clone)]
 pub struct Election {
     session: LeasedSession,
-    name: String,
-    queue: Result<Queue, String>,
+    named: Named,
 }
 
 /// The leader of an election as etcd sees it.
@@ -99,24 +94,15 @@ impl Election {
     /// A handle on the election `name`, campaigned through `session`. Does no I/O; an invalid
     /// name is reported by the operations.
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Election {
-        let name = name.into();
-        let queue = Queue::new(&name).map_err(|e| e.to_string());
         Election {
             session: session.clone(),
-            name,
-            queue,
+            named: Named::new(name),
         }
     }
 
     /// The election's name.
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn queue(&self) -> Result<&Queue, Error> {
-        self.queue.as_ref().map_err(|e| {
-            Error::InvalidArgument(e.trim_start_matches("invalid argument: ").to_owned())
-        })
+        self.named.name()
     }
 
     /// Queues as a candidate with `value` and waits until this candidate leads.
@@ -133,7 +119,7 @@ impl Election {
     /// Cancel-safe: dropping the future at any point leaves no candidate key behind (the
     /// session's background task deletes it, fenced).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
-        let queue = self.queue()?;
+        let queue = self.named.queue()?;
         let acquired = engine::acquire(&self.session, queue, 1, value.into()).await?;
         Ok(Leadership {
             holding: Holding::new(self.session.clone(), acquired),
@@ -145,7 +131,7 @@ impl Election {
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid name; request errors.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, Error> {
-        let queue = self.queue()?;
+        let queue = self.named.queue()?;
         Ok(read_leader(&self.session.clone_client_only(), queue, 0)
             .await?
             .0)
@@ -163,7 +149,7 @@ impl Election {
         observe_with(
             self.session.client().clone(),
             self.session.shared().request_timeout,
-            &self.name,
+            self.named.name(),
         )
     }
 }
@@ -341,54 +327,33 @@ impl Observer {
 /// session's task) or deterministically with [`resign()`](Self::resign).
 ///
 /// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
-/// alive. As with [`MutexGuard`](crate::MutexGuard), leading does not by itself make writes
-/// elsewhere safe: fence them with [`owner_compare()`](Self::owner_compare) /
-/// [`txn_if_owner()`](Self::txn_if_owner) or pass [`fencing_token()`](Self::fencing_token).
+/// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
+/// [`fencing_token()`](Fence::fencing_token) (strictly increasing across terms),
+/// [`owner_compare()`](Fence::owner_compare), [`txn_if_owner()`](Fence::txn_if_owner),
+/// [`lost()`](Fence::lost) (the session is Lost, or the leader key deleted or resigned) and
+/// [`session()`](Fence::session). As with [`MutexGuard`](crate::MutexGuard), leading does not by
+/// itself make writes elsewhere safe: fence them, or pass the fencing token.
 #[must_use = "dropping a Leadership resigns at once"]
 #[derive(Debug)]
 pub struct Leadership {
     holding: Holding,
 }
 
+impl std::ops::Deref for Leadership {
+    type Target = Fence;
+
+    /// The term's [`Fence`]: `key()`, `fencing_token()`, `owner_compare()`,
+    /// `txn_if_owner(ops)`, `lost()`, `session()`.
+    fn deref(&self) -> &Fence {
+        self.holding.fence()
+    }
+}
+
 impl Leadership {
-    /// The leader key in etcd.
-    pub fn key(&self) -> &str {
-        self.holding.fence().key()
-    }
-
-    /// The leader key's create revision: strictly increasing across terms.
-    pub fn fencing_token(&self) -> i64 {
-        self.holding.fence().fencing_token()
-    }
-
-    /// The session the campaign ran through.
-    pub fn session(&self) -> &LeasedSession {
-        self.holding.fence().session()
-    }
-
-    /// A compare that holds exactly while this term lasts; add it to your own Txns.
-    pub fn owner_compare(&self) -> Compare {
-        self.holding.fence().owner_compare()
-    }
-
-    /// A cloneable [`Fence`] for fenced writes from other tasks (it does not hold leadership).
+    /// A cloneable copy of the term's [`Fence`], for fenced writes from other tasks (it does
+    /// not hold leadership).
     pub fn fence(&self) -> Fence {
         self.holding.fence().clone()
-    }
-
-    /// Runs `ops` in one Txn only while this term lasts.
-    ///
-    /// # Errors
-    /// [`Error::LockLost`] if it no longer leads (nothing was applied); [`Error::SessionLost`]
-    /// if the session is Lost (nothing was sent); request errors otherwise.
-    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
-        self.holding.fence().txn_if_owner(ops).await
-    }
-
-    /// Completes when leadership may be lost: the session is Lost, or the leader key is
-    /// deleted (or this leadership was resigned). `'static`: usable in `select!` or a task.
-    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
-        self.holding.fence().lost()
     }
 
     /// Replaces the leader's value, only while this term lasts (fenced on the leader key's
@@ -399,15 +364,13 @@ impl Leadership {
     /// deposed leader; [`Error::SessionLost`] if the session is Lost.
     pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
         let lease = self.session().lease_id();
-        self.holding
-            .fence()
-            .txn_if_owner(vec![TxnOp::put(
-                self.key(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .await
-            .map(|_| ())
+        self.txn_if_owner(vec![TxnOp::put(
+            self.key(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .await
+        .map(|_| ())
     }
 
     /// Resigns: deletes the leader key with a Txn fenced on its create revision, so the next

@@ -78,6 +78,36 @@ impl Queue {
     }
 }
 
+/// A primitive's name and its queue, or why the name is not acceptable. Primitives are built
+/// without I/O or errors; every operation then reports an invalid name.
+#[derive(Debug, Clone)]
+pub(crate) struct Named {
+    name: String,
+    queue: Result<Queue, String>,
+}
+
+impl Named {
+    pub(crate) fn new(name: impl Into<String>) -> Named {
+        let name = name.into();
+        let queue = Queue::new(&name).map_err(|e| match e {
+            Error::InvalidArgument(why) => why,
+            other => other.to_string(),
+        });
+        Named { name, queue }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queue, or [`Error::InvalidArgument`] for an invalid name.
+    pub(crate) fn queue(&self) -> Result<&Queue, Error> {
+        self.queue
+            .as_ref()
+            .map_err(|why| Error::InvalidArgument(why.clone()))
+    }
+}
+
 /// Holds exactly while `key` exists with create revision `create_revision`: the owner-only
 /// compare behind every fenced write and release.
 pub(crate) fn owner_compare(key: &str, create_revision: i64) -> Compare {

@@ -1,11 +1,7 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use std::future::Future;
-
-use etcd_client::{Compare, TxnOp, TxnResponse};
-
 use crate::engine::{self, Fence, Holding};
-use crate::keys::Queue;
+use crate::keys::Named;
 use crate::{Error, LeasedSession};
 
 /// A distributed mutual-exclusion lock on etcd, served in FIFO order.
@@ -13,7 +9,7 @@ use crate::{Error, LeasedSession};
 /// Each acquisition puts its own key `<name>/#<lease>-<seq>` under the session's lease; the
 /// key with the smallest create revision owns the lock. An uncontended [`lock()`](Self::lock)
 /// is one round trip. A waiter watches only the key just ahead of it, so a hand-off wakes one
-/// waiter. The owner key's create revision is the [fencing token](MutexGuard::fencing_token).
+/// waiter. The owner key's create revision is the [fencing token](Fence::fencing_token).
 ///
 /// A `Mutex` is a cheap handle (clone it freely); each `lock()` is a separate acquisition,
 /// even through the same session and the same handle.
@@ -39,32 +35,22 @@ use crate::{Error, LeasedSession};
 #[derive(Debug, Clone)]
 pub struct Mutex {
     session: LeasedSession,
-    name: String,
-    queue: Result<Queue, String>,
+    named: Named,
 }
 
 impl Mutex {
     /// A handle on the mutex `name`, acquired through `session`. Does no I/O; an invalid name
     /// is reported by the operations.
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Mutex {
-        let name = name.into();
-        let queue = Queue::new(&name).map_err(|e| e.to_string());
         Mutex {
             session: session.clone(),
-            name,
-            queue,
+            named: Named::new(name),
         }
     }
 
     /// The mutex's name.
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn queue(&self) -> Result<&Queue, Error> {
-        self.queue.as_ref().map_err(|e| {
-            Error::InvalidArgument(e.trim_start_matches("invalid argument: ").to_owned())
-        })
+        self.named.name()
     }
 
     /// Waits for the lock and returns its guard.
@@ -82,7 +68,7 @@ impl Mutex {
     /// request in flight is finished by a short detached task, and any key it created is
     /// deleted by the session's background task (fenced on the key's create revision).
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
-        let queue = self.queue()?;
+        let queue = self.named.queue()?;
         let acquired = engine::acquire(&self.session, queue, 1, Vec::new()).await?;
         Ok(MutexGuard {
             holding: Holding::new(self.session.clone(), acquired),
@@ -98,7 +84,7 @@ impl Mutex {
     /// # Cancel safety
     /// Cancel-safe, as [`lock()`](Self::lock).
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
-        let queue = self.queue()?;
+        let queue = self.named.queue()?;
         Ok(engine::try_acquire(&self.session, queue, Vec::new())
             .await?
             .map(|acquired| MutexGuard {
@@ -111,60 +97,39 @@ impl Mutex {
 /// the session's task) or deterministically with [`release()`](Self::release).
 ///
 /// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
-/// alive.
+/// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
+/// [`fencing_token()`](Fence::fencing_token) (strictly increasing across successive holders),
+/// [`owner_compare()`](Fence::owner_compare), [`txn_if_owner()`](Fence::txn_if_owner),
+/// [`lost()`](Fence::lost) (the session is Lost or the owner key deleted) and
+/// [`session()`](Fence::session).
 ///
 /// # Fencing
 /// Holding a guard does not make writes elsewhere safe by itself: a process can pause for
-/// longer than the lease. Make writes conditional on [`owner_compare()`](Self::owner_compare)
-/// (or use [`txn_if_owner()`](Self::txn_if_owner)) for etcd data, and pass
-/// [`fencing_token()`](Self::fencing_token) to any other resource that can reject stale tokens.
+/// longer than the lease. Make writes conditional on [`owner_compare()`](Fence::owner_compare)
+/// (or use [`txn_if_owner()`](Fence::txn_if_owner)) for etcd data, and pass
+/// [`fencing_token()`](Fence::fencing_token) to any other resource that can reject stale
+/// tokens.
 #[must_use = "dropping a MutexGuard releases the lock at once"]
 #[derive(Debug)]
 pub struct MutexGuard {
     holding: Holding,
 }
 
+impl std::ops::Deref for MutexGuard {
+    type Target = Fence;
+
+    /// The guard's [`Fence`]: `key()`, `fencing_token()`, `owner_compare()`,
+    /// `txn_if_owner(ops)`, `lost()`, `session()`.
+    fn deref(&self) -> &Fence {
+        self.holding.fence()
+    }
+}
+
 impl MutexGuard {
-    /// The owner key in etcd.
-    pub fn key(&self) -> &str {
-        self.holding.fence().key()
-    }
-
-    /// The owner key's create revision: strictly increasing across successive holders of this
-    /// mutex.
-    pub fn fencing_token(&self) -> i64 {
-        self.holding.fence().fencing_token()
-    }
-
-    /// The session the lock was taken through.
-    pub fn session(&self) -> &LeasedSession {
-        self.holding.fence().session()
-    }
-
-    /// A compare that holds exactly while this guard owns the lock; add it to your own Txns.
-    pub fn owner_compare(&self) -> Compare {
-        self.holding.fence().owner_compare()
-    }
-
-    /// A cloneable [`Fence`] for fenced writes from other tasks (it does not hold the lock).
+    /// A cloneable copy of the guard's [`Fence`], for fenced writes from other tasks (it does
+    /// not hold the lock).
     pub fn fence(&self) -> Fence {
         self.holding.fence().clone()
-    }
-
-    /// Runs `ops` in one Txn only if this guard still owns the lock.
-    ///
-    /// # Errors
-    /// [`Error::LockLost`] if it does not (nothing was applied); [`Error::SessionLost`] if the
-    /// session is Lost (nothing was sent); request errors as [`Error::Etcd`] /
-    /// [`Error::Timeout`] (the outcome is then unknown).
-    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
-        self.holding.fence().txn_if_owner(ops).await
-    }
-
-    /// Completes when the lock may be lost: the session is Lost, or the owner key is deleted.
-    /// Returns the error that describes it. `'static`: usable in `select!` or a spawned task.
-    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
-        self.holding.fence().lost()
     }
 
     /// Releases the lock: deletes the owner key with a Txn fenced on its create revision.

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, TxnOp, TxnResponse};
+use etcd_client::Client;
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -38,9 +38,9 @@ use crate::{
 /// candidate lead, and a new term starts only after the previous future finished. It cannot
 /// stop a future that ignores its cancellation, nor a process that is paused (GC, SIGSTOP)
 /// past the safety margin: across processes, **fencing tokens are the real protection**. Make
-/// every write the leader does conditional on [`LeaderTerm::owner_compare`] (or use
-/// [`LeaderTerm::txn_if_owner`]), or pass [`LeaderTerm::fencing_token`] to resources that
-/// reject stale tokens. See `docs/safety.md`.
+/// every write the leader does conditional on the term's [`Fence::owner_compare`] (or use
+/// [`Fence::txn_if_owner`]), or pass [`Fence::fencing_token`] to resources that reject stale
+/// tokens. See `docs/safety.md`.
 ///
 /// # Example
 /// ```no_run
@@ -84,7 +84,9 @@ impl std::fmt::Debug for LeaderSelector {
     }
 }
 
-/// One term of leadership, handed to the leader function of [`LeaderSelector::run`].
+/// One term of leadership, handed to the leader function of [`LeaderSelector::run`]. It
+/// dereferences to the term's [`Fence`] (fencing token, fenced Txns); cloning it hands both
+/// the fence and the cancellation to other tasks.
 #[derive(Debug, Clone)]
 pub struct LeaderTerm {
     fence: Fence,
@@ -102,33 +104,14 @@ impl LeaderTerm {
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
+}
 
-    /// The leader key's create revision: strictly increasing across terms. Pass it with every
-    /// write the leader makes to a resource that can reject stale tokens.
-    pub fn fencing_token(&self) -> i64 {
-        self.fence.fencing_token()
-    }
+impl std::ops::Deref for LeaderTerm {
+    type Target = Fence;
 
-    /// The leader key.
-    pub fn key(&self) -> &str {
-        self.fence.key()
-    }
-
-    /// A compare that holds exactly while this term lasts.
-    pub fn owner_compare(&self) -> Compare {
-        self.fence.owner_compare()
-    }
-
-    /// Runs `ops` in one Txn only while this term lasts.
-    ///
-    /// # Errors
-    /// As [`Fence::txn_if_owner`].
-    pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
-        self.fence.txn_if_owner(ops).await
-    }
-
-    /// The term's [`Fence`], to hand to other tasks.
-    pub fn fence(&self) -> &Fence {
+    /// The term's [`Fence`]: `fencing_token()` (pass it with every write to a resource that
+    /// can reject stale tokens), `key()`, `owner_compare()`, `txn_if_owner(ops)`, `lost()`.
+    fn deref(&self) -> &Fence {
         &self.fence
     }
 }

@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_coord::testkit::FaultProxy;
-use etcd_coord::{Election, Error, LeaderEvent, LeaderSelector, LeasedSession, SessionOptions};
+use etcd_coord::{Election, Error, LeaderEvent, LeaderSelector, SessionOptions};
 use futures::{Stream, StreamExt};
 
 /// The next event of `events`, within 10 s.
@@ -187,18 +186,15 @@ async fn a_cancelled_campaign_leaves_no_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_resign_does_not_delete_the_next_leaders_key() {
     let etcd = etcd().await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("stale-resign");
-    let a = LeasedSession::new(
-        client_via(&proxy).await,
+    let a = session_via(
+        &proxy,
         SessionOptions::new()
             .with_ttl(Duration::from_secs(30))
             .with_request_timeout(Duration::from_millis(500)),
     )
-    .await
-    .unwrap();
+    .await;
     let b = session(&etcd, 30).await;
     let mut first = Election::new(&a, &name).campaign("a").await.unwrap();
     let eb = Election::new(&b, &name);
@@ -265,13 +261,9 @@ async fn observe_reports_every_transition_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_resumes_across_a_connection_reset_without_missing_a_change() {
     let etcd = etcd().await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("observe-reset");
-    let watcher = LeasedSession::new(client_via(&proxy).await, SessionOptions::new())
-        .await
-        .unwrap();
+    let watcher = session_via(&proxy, SessionOptions::new()).await;
     let mut events = Box::pin(Election::new(&watcher, &name).observe());
     assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
 
@@ -296,13 +288,9 @@ async fn observe_resumes_across_a_connection_reset_without_missing_a_change() {
 async fn observe_recovers_from_compaction_with_the_current_leader() {
     let etcd = etcd().await;
     let mut admin = client(&etcd).await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("observe-compact");
-    let watcher = LeasedSession::new(client_via(&proxy).await, SessionOptions::new())
-        .await
-        .unwrap();
+    let watcher = session_via(&proxy, SessionOptions::new()).await;
     let mut events = Box::pin(Election::new(&watcher, &name).observe());
     assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
 
@@ -396,9 +384,7 @@ fn recording_selector(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_leaders_work_is_cancelled_and_finished_before_the_next_leader_starts() {
     let etcd = etcd().await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("selector-blackhole");
     let options = SessionOptions::new().with_ttl(Duration::from_secs(5));
     let a_log = Arc::new(StdMutex::new(Vec::new()));

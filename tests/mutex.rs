@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use etcd_client::{EventType, TxnOp, WatchOptions};
-use etcd_coord::testkit::FaultProxy;
-use etcd_coord::{Error, LeasedSession, Mutex, SessionOptions};
+use etcd_coord::{Error, Mutex, SessionOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_counter_under_the_lock_never_interleaves() {
@@ -313,17 +312,10 @@ async fn nested_names_are_independent_mutexes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_holder_knows_it_lost_the_lock_before_the_server_frees_it() {
     let etcd = etcd().await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("blackhole");
     let ttl = Duration::from_secs(5);
-    let a = LeasedSession::new(
-        client_via(&proxy).await,
-        SessionOptions::new().with_ttl(ttl),
-    )
-    .await
-    .unwrap();
+    let a = session_via(&proxy, SessionOptions::new().with_ttl(ttl)).await;
     let b = session(&etcd, 5).await;
     let held = Mutex::new(&a, &name).lock().await.unwrap();
     let held_key = held.key().to_owned();
@@ -390,18 +382,15 @@ async fn a_blackholed_holder_knows_it_lost_the_lock_before_the_server_frees_it()
 async fn a_release_whose_response_is_lost_reports_an_error_yet_frees_the_lock() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("lost-release");
-    let a = LeasedSession::new(
-        client_via(&proxy).await,
+    let a = session_via(
+        &proxy,
         SessionOptions::new()
             .with_ttl(Duration::from_secs(30))
             .with_request_timeout(Duration::from_millis(500)),
     )
-    .await
-    .unwrap();
+    .await;
     let b = session(&etcd, 30).await;
     let ma = Mutex::new(&a, &name);
     let first = ma.lock().await.unwrap();
@@ -444,20 +433,17 @@ async fn a_release_whose_response_is_lost_reports_an_error_yet_frees_the_lock() 
 async fn an_acquire_whose_response_is_lost_is_retried_without_a_second_waiter() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
+    let proxy = proxy(&etcd).await;
     let name = unique("lost-acquire");
     let holder = session(&etcd, 30).await;
     let held = Mutex::new(&holder, &name).lock().await.unwrap();
-    let a = LeasedSession::new(
-        client_via(&proxy).await,
+    let a = session_via(
+        &proxy,
         SessionOptions::new()
             .with_ttl(Duration::from_secs(30))
             .with_request_timeout(Duration::from_millis(500)),
     )
-    .await
-    .unwrap();
+    .await;
     let ma = Mutex::new(&a, &name);
     proxy.drop_responses();
     let waiter = tokio::spawn(async move { ma.lock().await });

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use common::*;
 use etcd_client::PutOptions;
-use etcd_coord::testkit::FaultProxy;
 use etcd_coord::{Error, LeasedSession, LossReason, Mutex, SessionOptions, SessionState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,15 +151,12 @@ async fn a_lease_revoked_by_someone_else_makes_the_session_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_blackhole_suspends_the_session_and_healing_makes_it_alive_again() {
     let etcd = etcd().await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
-    let s = LeasedSession::new(
-        client_via(&proxy).await,
+    let proxy = proxy(&etcd).await;
+    let s = session_via(
+        &proxy,
         SessionOptions::new().with_ttl(Duration::from_secs(10)),
     )
-    .await
-    .unwrap();
+    .await;
     let mut states = s.subscribe();
     proxy.blackhole();
     tokio::time::timeout(
@@ -187,15 +183,12 @@ async fn a_short_blackhole_suspends_the_session_and_healing_makes_it_alive_again
 async fn a_reset_connection_is_reopened_and_the_same_lease_kept() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
-    let s = LeasedSession::new(
-        client_via(&proxy).await,
+    let proxy = proxy(&etcd).await;
+    let s = session_via(
+        &proxy,
         SessionOptions::new().with_ttl(Duration::from_secs(3)),
     )
-    .await
-    .unwrap();
+    .await;
     for _ in 0..3 {
         proxy.reset_peer();
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -218,15 +211,12 @@ async fn a_reset_connection_is_reopened_and_the_same_lease_kept() {
 async fn a_blackholed_session_is_lost_before_the_server_expires_its_lease() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
-    let proxy = FaultProxy::start(etcd.endpoints()[0].clone())
-        .await
-        .unwrap();
-    let s = LeasedSession::new(
-        client_via(&proxy).await,
+    let proxy = proxy(&etcd).await;
+    let s = session_via(
+        &proxy,
         SessionOptions::new().with_ttl(Duration::from_secs(5)),
     )
-    .await
-    .unwrap();
+    .await;
     let id = s.lease_id();
     let fault = std::time::Instant::now();
     proxy.blackhole();

