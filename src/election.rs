@@ -120,7 +120,8 @@ impl Election {
     /// session's background task deletes it, fenced).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
         let queue = self.named.queue()?;
-        let acquired = engine::acquire(&self.session, queue, 1, value.into()).await?;
+        let acquired =
+            engine::acquire(&self.session, queue, "", queue.blocker("", 1), value.into()).await?;
         Ok(Leadership {
             holding: Holding::new(self.session.clone(), acquired),
         })

@@ -153,22 +153,20 @@ async fn send_until_answered(
     }
 }
 
-/// Puts `key` at the end of `blocker.queue` and reads what blocks it. Returns the key's
-/// create revision, and its position when the Txn created it (a retry that found the key
-/// already there reads the position afresh).
+/// Puts `key` at the end of its queue and reads what blocks it. Returns the key's create
+/// revision, and its position when the Txn created it (a retry that found the key already
+/// there reads the position afresh).
 async fn enqueue(
     shared: &Arc<Shared>,
     key: &str,
     value: Vec<u8>,
-    queue: &Queue,
-    nth: usize,
+    blocker: &Blocker,
 ) -> Result<(Ticket, Option<Position>), Error> {
     let work = {
         let shared = Arc::clone(shared);
         let key = key.to_owned();
-        let queue = queue.clone();
+        let blocker = blocker.clone();
         async move {
-            let blocker = Blocker { queue: &queue, nth };
             let resp = send_until_answered(&shared, || {
                 keys::enqueue_txn(&key, value.clone(), shared.lease_id, &blocker)
             })
@@ -181,7 +179,7 @@ async fn enqueue(
             if resp.succeeded() {
                 let position = Position {
                     revision,
-                    blocker: keys::nth_blocker(first, nth),
+                    blocker: keys::nth_blocker(first, blocker.nth),
                 };
                 Ok((revision, Some(position)))
             } else {
@@ -216,7 +214,7 @@ async fn enqueue(
 async fn read_position(
     shared: &Arc<Shared>,
     ticket: &Ticket,
-    blocker: &Blocker<'_>,
+    blocker: &Blocker,
 ) -> Result<Position, Error> {
     let resp = send_until_answered(shared, || {
         keys::position_txn(&ticket.key, ticket.create_revision, blocker)
@@ -239,56 +237,106 @@ async fn read_position(
     })
 }
 
-/// What a wait for a deletion ended with.
-enum Woken {
-    /// The watched key was deleted.
-    Deleted,
+/// What a wait for a change ended with.
+pub(crate) enum Woken {
+    /// One of the watched changes happened.
+    Changed,
     /// A cancelled watch or a stream failure: re-read and decide again.
     Recheck,
 }
 
-/// A watch for the deletion of one key (and, optionally, of our own key), registered *from
-/// now*.
+/// A change to wait for: a put or a delete of `key` (or of any key under it, with `prefix`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) key: &'a [u8],
+    pub(crate) prefix: bool,
+    pub(crate) kind: EventType,
+}
+
+impl Target<'_> {
+    /// The deletion of exactly `key`.
+    pub(crate) fn deleted(key: &[u8]) -> Target<'_> {
+        Target {
+            key,
+            prefix: false,
+            kind: EventType::Delete,
+        }
+    }
+
+    fn matches(&self, kind: EventType, key: &[u8]) -> bool {
+        kind == self.kind
+            && if self.prefix {
+                key.starts_with(self.key)
+            } else {
+                key == self.key
+            }
+    }
+}
+
+/// A watch for changes to a few keys or ranges (and, optionally, the deletion of our own key),
+/// registered *from now*: the one kind of wait every primitive uses.
 ///
 /// etcd puts a watch whose start revision is at or below its current revision into the
 /// "unsynced" group, served on a 100 ms tick. A watch from `read revision + 1` lands there
 /// whenever anything was written between the read and the watch's creation — constantly under
 /// contention. A watch without a start revision is always registered in the synced group, at
-/// the revision its `created` response reports; if that is newer than the read that chose the
-/// key, the caller confirms with a fresh read while the watch is already in place: anything
+/// the revision its `created` response reports; if that is newer than the read that decided to
+/// wait, the caller confirms with a fresh read while the watch is already in place: anything
 /// after the watch's revision is delivered, anything up to the fresh read's is seen by it.
-struct DeletionWatch {
+struct ChangeWatch {
     stream: etcd_client::WatchStream,
-    target: Vec<u8>,
+    targets: Vec<(Vec<u8>, bool, EventType)>,
     own: Option<(String, i64)>,
-    /// A deletion that arrived while the watch was still being created.
+    /// A change that arrived while the watch was still being created.
     early: Option<Result<Woken, Error>>,
 }
 
-impl DeletionWatch {
-    /// Opens the watch and waits until etcd confirmed it. Returns it with the revision from
-    /// which every deletion is delivered (exclusive), or `None` after a transient failure (the
-    /// caller re-reads; a backoff delay has been served).
+impl ChangeWatch {
+    /// Opens the watch and waits until etcd confirmed it. Returns it with the revision after
+    /// which every change is delivered, or `None` after a transient failure (the caller
+    /// re-reads; a backoff delay has been served).
     async fn open(
         shared: &Arc<Shared>,
-        target: &[u8],
+        targets: &[Target<'_>],
         own: Option<(&str, i64)>,
-    ) -> Result<Option<(DeletionWatch, i64)>, Error> {
-        let opts = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+    ) -> Result<Option<(ChangeWatch, i64)>, Error> {
+        let options = |t: &Target| {
+            let opts = WatchOptions::new().with_filters([match t.kind {
+                EventType::Delete => WatchFilterType::NoPut,
+                EventType::Put => WatchFilterType::NoDelete,
+            }]);
+            if t.prefix {
+                opts.with_prefix()
+            } else {
+                opts
+            }
+        };
         let mut watches = shared.client.watch_client();
         let opened = unless_lost(shared, async {
             let created = async {
-                let mut stream = watches.watch(target.to_vec(), Some(opts.clone())).await?;
-                if let Some((own_key, _)) = own {
-                    stream.watch(own_key, Some(opts)).await?;
+                let (first, rest) = targets
+                    .split_first()
+                    .ok_or_else(|| Error::Protocol("a watch without targets".into()))?;
+                let mut stream = watches
+                    .watch(first.key.to_vec(), Some(options(first)))
+                    .await?;
+                for t in rest {
+                    stream.watch(t.key.to_vec(), Some(options(t))).await?;
                 }
-                let mut watch = DeletionWatch {
+                if let Some((own_key, _)) = own {
+                    let own_opts = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+                    stream.watch(own_key, Some(own_opts)).await?;
+                }
+                let mut watch = ChangeWatch {
                     stream,
-                    target: target.to_vec(),
+                    targets: targets
+                        .iter()
+                        .map(|t| (t.key.to_vec(), t.prefix, t.kind))
+                        .collect(),
                     own: own.map(|(k, r)| (k.to_owned(), r)),
                     early: None,
                 };
-                let mut pending = 1 + usize::from(own.is_some());
+                let mut pending = targets.len() + usize::from(own.is_some());
                 let mut revision = 0;
                 while pending > 0 {
                     let resp = watch.stream.message().await?.ok_or_else(|| {
@@ -338,27 +386,33 @@ impl DeletionWatch {
             return Some(Ok(Woken::Recheck));
         }
         for event in resp.events() {
-            if event.event_type() != EventType::Delete {
-                continue;
-            }
             let Some(kv) = event.kv() else { continue };
-            if kv.key() == self.target.as_slice() {
-                return Some(Ok(Woken::Deleted));
-            }
+            let kind = event.event_type();
             if let Some((own_key, create_revision)) = &self.own {
-                if kv.key() == own_key.as_bytes() {
+                if kind == EventType::Delete && kv.key() == own_key.as_bytes() {
                     return Some(Err(Error::LockLost {
                         key: own_key.clone(),
                         create_revision: *create_revision,
                     }));
                 }
             }
+            let hit = self.targets.iter().any(|(key, prefix, k)| {
+                Target {
+                    key,
+                    prefix: *prefix,
+                    kind: *k,
+                }
+                .matches(kind, kv.key())
+            });
+            if hit {
+                return Some(Ok(Woken::Changed));
+            }
         }
         None
     }
 
-    /// Waits for the deletion. Our own key's deletion is [`Error::LockLost`], the session's
-    /// loss [`Error::SessionLost`] / [`Error::SessionClosed`].
+    /// Waits for a change. Our own key's deletion is [`Error::LockLost`], the session's loss
+    /// [`Error::SessionLost`] / [`Error::SessionClosed`].
     async fn wait(mut self, shared: &Arc<Shared>) -> Result<Woken, Error> {
         if let Some(outcome) = self.early.take() {
             return outcome;
@@ -381,6 +435,31 @@ impl DeletionWatch {
     }
 }
 
+/// Waits, with the watch from now, until one of `targets` changes (or our own key is deleted,
+/// or the session is Lost). `read_at` is the revision of the read that decided to wait;
+/// `reread` re-reads when writes landed since then and says whether to still wait.
+///
+/// This is the only wait loop step in the crate; every primitive goes through it.
+pub(crate) async fn wait_for_change<R, Fut>(
+    shared: &Arc<Shared>,
+    targets: &[Target<'_>],
+    own: Option<(&str, i64)>,
+    read_at: i64,
+    reread: R,
+) -> Result<Woken, Error>
+where
+    R: FnOnce() -> Fut,
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    let Some((watch, from)) = ChangeWatch::open(shared, targets, own).await? else {
+        return Ok(Woken::Recheck);
+    };
+    if from > read_at && !reread().await? {
+        return Ok(Woken::Changed);
+    }
+    watch.wait(shared).await
+}
+
 /// True if both name the same incarnation of the same key.
 fn same_incarnation(a: Option<&KeyValue>, b: &KeyValue) -> bool {
     a.is_some_and(|a| a.key() == b.key() && a.create_revision() == b.create_revision())
@@ -394,19 +473,20 @@ pub(crate) struct Acquired {
     pub(crate) revision: i64,
 }
 
-/// Enqueues a new member of `queue` and waits until fewer than `nth` members created before
-/// it remain. Cancel-safe: dropping the future at any await leaves no key behind.
+/// Enqueues a new member of kind `kind` in `queue` and waits until `blocker` finds fewer
+/// than `nth` keys created before it. Cancel-safe: dropping the future at any await leaves no
+/// key behind.
 pub(crate) async fn acquire(
     session: &LeasedSession,
     queue: &Queue,
-    nth: usize,
+    kind: &str,
+    blocker: Blocker,
     value: Vec<u8>,
 ) -> Result<Acquired, Error> {
     let shared = session.shared();
     shared.check()?;
-    let key = queue.member_key(shared.lease_id, shared.next_seq());
-    let (ticket, mut position) = enqueue(shared, &key, value, queue, nth).await?;
-    let blocker = Blocker { queue, nth };
+    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
+    let (ticket, mut position) = enqueue(shared, &key, value, &blocker).await?;
     loop {
         let pos = match position.take() {
             Some(p) => p,
@@ -422,41 +502,78 @@ pub(crate) async fn acquire(
             });
         };
         let own = Some((ticket.key.as_str(), ticket.create_revision));
-        let Some((watch, from)) = DeletionWatch::open(shared, blocking.key(), own).await? else {
-            continue;
-        };
-        if from > pos.revision {
-            // Writes landed between the read and the watch: confirm nothing we care about
-            // changed, with the watch already in place.
-            let fresh = read_position(shared, &ticket, &blocker).await?;
-            if !same_incarnation(fresh.blocker.as_ref(), &blocking) {
-                position = Some(fresh);
-                continue;
-            }
-        }
-        match watch.wait(shared).await? {
-            Woken::Deleted | Woken::Recheck => continue,
+        let mut fresh = None;
+        let woken = wait_for_change(
+            shared,
+            &[Target::deleted(blocking.key())],
+            own,
+            pos.revision,
+            || async {
+                // Writes landed between the read and the watch: wait only if the same key
+                // still blocks us.
+                let now = read_position(shared, &ticket, &blocker).await?;
+                let still = same_incarnation(now.blocker.as_ref(), &blocking);
+                if !still {
+                    fresh = Some(now); // current: no need to read again
+                }
+                Ok(still)
+            },
+        )
+        .await?;
+        match woken {
+            // After a wake-up, decide from a fresh read (unless the re-read just made one).
+            Woken::Changed | Woken::Recheck => position = fresh,
         }
     }
 }
 
-/// One round trip: becomes the owner of `queue` if it is empty, else leaves no key behind and
-/// returns `None`. Cancel-safe like [`acquire`].
+/// Takes a place in `queue` only if it is through at once; else leaves no key behind and
+/// returns `None`. With `nth == 1` it is one round trip that never creates a key when busy
+/// (the put is conditional on the blocker's range being empty); otherwise it enqueues and, if
+/// blocked, deletes its key again before returning. Cancel-safe like [`acquire`].
 pub(crate) async fn try_acquire(
     session: &LeasedSession,
     queue: &Queue,
+    kind: &str,
+    blocker: Blocker,
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
     let shared = session.shared();
     shared.check()?;
-    let key = queue.member_key(shared.lease_id, shared.next_seq());
+    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
+    if blocker.nth != 1 {
+        let (mut ticket, position) = enqueue(shared, &key, value, &blocker).await?;
+        let pos = match position {
+            Some(p) => p,
+            None => read_position(shared, &ticket, &blocker).await?,
+        };
+        if pos.blocker.is_some() {
+            // Busy: take the key back before answering, so none is left behind.
+            if send_txn(
+                shared,
+                keys::fenced_delete(&ticket.key, ticket.create_revision),
+            )
+            .await
+            .is_ok()
+            {
+                ticket.armed = false;
+            }
+            return Ok(None);
+        }
+        shared.check()?;
+        let (key, create_revision) = ticket.disarm();
+        return Ok(Some(Acquired {
+            key,
+            create_revision,
+            revision: pos.revision,
+        }));
+    }
     let work = {
         let shared = Arc::clone(shared);
         let key = key.clone();
-        let queue = queue.clone();
         async move {
             let resp = send_until_answered(&shared, || {
-                keys::try_enqueue_txn(&queue, &key, value.clone(), shared.lease_id)
+                keys::try_enqueue_txn(&blocker, &key, value.clone(), shared.lease_id)
             })
             .await?;
             let revision = keys::header_revision(&resp)?;
@@ -470,10 +587,12 @@ pub(crate) async fn try_acquire(
             match own.kvs().first() {
                 // Busy, and no earlier attempt of ours landed.
                 None => Ok(None),
-                // An earlier, unanswered attempt landed: it owns if it is the oldest.
+                // An earlier, unanswered attempt landed: it is through if nothing in the
+                // blocker's range is older.
                 Some(kv) => {
                     let mine = kv.create_revision();
-                    if oldest.kvs().first().map(|o| o.create_revision()) == Some(mine) {
+                    let oldest = oldest.kvs().first().map(|o| o.create_revision());
+                    if oldest.is_none_or(|o| o >= mine) {
                         Ok(Some((mine, revision)))
                     } else {
                         shared.clean_up(Cleanup::Release {
@@ -505,40 +624,35 @@ pub(crate) async fn try_acquire(
     }))
 }
 
-/// Completes when `key` (incarnation `create_revision`, known to exist at revision
-/// `seen_at`) is gone or the session is Lost; returns the error that describes the loss.
-/// Survives stream failures and compaction by re-reading.
-pub(crate) async fn watch_loss(
-    shared: Arc<Shared>,
-    key: String,
+/// Completes with `Ok` once `key` is no longer the incarnation `create_revision` (known to
+/// exist at revision `seen_at`): deleted, expired with its lease, or never there. `Err` if the
+/// session is Lost first. Survives stream failures and compaction by re-reading.
+pub(crate) async fn wait_gone(
+    shared: &Arc<Shared>,
+    key: &str,
     create_revision: i64,
     mut seen_at: i64,
-) -> Error {
-    let lost = || Error::LockLost {
-        key: key.clone(),
-        create_revision,
-    };
-    let check = Txn::new().when([keys::owner_compare(&key, create_revision)]);
+) -> Result<(), Error> {
+    let check = Txn::new().when([keys::owner_compare(key, create_revision)]);
     loop {
-        let (watch, from) = match DeletionWatch::open(&shared, key.as_bytes(), None).await {
-            Err(e) => return e,
-            Ok(None) => {
-                seen_at = 0; // uncertain: confirm once the watch is in place
-                continue;
-            }
-            Ok(Some(opened)) => opened,
+        let still_there = || async {
+            let resp = send_until_answered(shared, || check.clone()).await?;
+            Ok(resp.succeeded())
         };
-        if from > seen_at {
-            match send_until_answered(&shared, || check.clone()).await {
-                Ok(resp) if !resp.succeeded() => return lost(),
-                Ok(_) => {}
-                Err(e) => return e,
-            }
-        }
-        match watch.wait(&shared).await {
-            Ok(Woken::Deleted) => return lost(),
-            Ok(Woken::Recheck) => seen_at = 0,
-            Err(e) => return e,
+        match wait_for_change(
+            shared,
+            &[Target::deleted(key.as_bytes())],
+            None,
+            seen_at,
+            still_there,
+        )
+        .await?
+        {
+            // A delete event of the key (or a re-read that found it gone): that incarnation
+            // has ended — keys are never re-created with the same create revision.
+            Woken::Changed => return Ok(()),
+            // Uncertain: the next round confirms once its watch is in place.
+            Woken::Recheck => seen_at = 0,
         }
     }
 }
@@ -610,12 +724,18 @@ impl Fence {
     /// is gone. Returns the error that describes it. `'static`: usable in `select!` or a task;
     /// it does not keep the session alive.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
-        watch_loss(
-            Arc::clone(self.session.shared()),
-            self.key.clone(),
-            self.create_revision,
-            self.revision,
-        )
+        let shared = Arc::clone(self.session.shared());
+        let (key, create_revision, seen_at) =
+            (self.key.clone(), self.create_revision, self.revision);
+        async move {
+            match wait_gone(&shared, &key, create_revision, seen_at).await {
+                Ok(()) => Error::LockLost {
+                    key,
+                    create_revision,
+                },
+                Err(e) => e,
+            }
+        }
     }
 }
 

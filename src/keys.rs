@@ -67,9 +67,26 @@ impl Queue {
         &self.prefix
     }
 
-    /// The member key of acquisition number `seq` of the session with lease `lease_id`.
-    pub(crate) fn member_key(&self, lease_id: i64, seq: u64) -> String {
-        format!("{}{:016x}-{seq:x}", self.prefix, lease_id)
+    /// The member key of acquisition number `seq` of the session with lease `lease_id`, of
+    /// kind `kind` (`""` for plain queues; a letter for primitives with several kinds of
+    /// members, e.g. readers `r` and writers `w`). Kinds are letters outside the hex digits,
+    /// so a kind's keys form their own sub-range.
+    pub(crate) fn member_key(&self, kind: &str, lease_id: i64, seq: u64) -> String {
+        format!("{}{kind}{:016x}-{seq:x}", self.prefix, lease_id)
+    }
+
+    /// The prefix of the members of kind `kind` (`""`: every member).
+    pub(crate) fn sub(&self, kind: &str) -> String {
+        format!("{}{kind}", self.prefix)
+    }
+
+    /// A blocker over the members of kind `kind` (`""`: every member): the `nth` newest
+    /// created before ours.
+    pub(crate) fn blocker(&self, kind: &str, nth: usize) -> Blocker {
+        Blocker {
+            prefix: self.sub(kind),
+            nth,
+        }
     }
 
     /// All member keys of this queue, as a `Get` range.
@@ -130,29 +147,29 @@ pub(crate) fn lease_fenced_delete(key: &str, lease_id: i64) -> Txn {
         .and_then([TxnOp::delete(key, None)])
 }
 
-/// Which earlier member blocks an acquisition: among the keys in the queue created before
+/// Which earlier member blocks an acquisition: among the keys under `prefix` created before
 /// ours, the `nth` newest (1 = the key just ahead: a mutex; N = the N-th: a semaphore with N
-/// permits). Fewer than `nth` such keys means the acquisition is through.
+/// permits; over the writers' sub-range only: a reader). Fewer than `nth` such keys means the
+/// acquisition is through.
 #[derive(Debug, Clone)]
-pub(crate) struct Blocker<'a> {
-    pub(crate) queue: &'a Queue,
+pub(crate) struct Blocker {
+    pub(crate) prefix: String,
     pub(crate) nth: usize,
 }
 
-impl Blocker<'_> {
+impl Blocker {
     /// The `Get` of up to `nth` newest keys created at or before `max_create_revision`
     /// (0 = no bound), keys only.
     fn get(&self, max_create_revision: i64) -> TxnOp {
-        let mut opts = self
-            .queue
-            .range()
+        let mut opts = GetOptions::new()
+            .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_limit(self.nth as i64)
             .with_keys_only();
         if max_create_revision > 0 {
             opts = opts.with_max_create_revision(max_create_revision);
         }
-        TxnOp::get(self.queue.prefix(), Some(opts))
+        TxnOp::get(self.prefix.as_str(), Some(opts))
     }
 }
 
@@ -180,26 +197,25 @@ pub(crate) fn position_txn(key: &str, create_revision: i64, blocker: &Blocker) -
         .and_then([blocker.get(create_revision - 1)])
 }
 
-/// One round trip for a try-acquire that leaves no key behind when the queue is busy: puts
-/// `key` only if the queue is empty. Else-branch: `[Get(key), Get(oldest member)]`, which tells
-/// a retry of the same acquisition whether its earlier, unanswered put landed and owns.
-pub(crate) fn try_enqueue_txn(queue: &Queue, key: &str, value: Vec<u8>, lease_id: i64) -> Txn {
-    let oldest = queue
-        .range()
+/// One round trip for a try-acquire (`nth == 1` only) that leaves no key behind when busy:
+/// puts `key` only if nothing is under the blocker's range. Else-branch: `[Get(key), Get(oldest
+/// in the blocker's range)]`, which tells a retry of the same acquisition whether its earlier,
+/// unanswered put landed and is through (nothing in the range is older than it).
+pub(crate) fn try_enqueue_txn(blocker: &Blocker, key: &str, value: Vec<u8>, lease_id: i64) -> Txn {
+    let oldest = GetOptions::new()
+        .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1)
         .with_keys_only();
+    let prefix = blocker.prefix.as_str();
     Txn::new()
-        .when([Compare::create_revision(queue.prefix(), CompareOp::Equal, 0).with_prefix()])
+        .when([Compare::create_revision(prefix, CompareOp::Equal, 0).with_prefix()])
         .and_then([TxnOp::put(
             key,
             value,
             Some(PutOptions::new().with_lease(lease_id)),
         )])
-        .or_else([
-            TxnOp::get(key, None),
-            TxnOp::get(queue.prefix(), Some(oldest)),
-        ])
+        .or_else([TxnOp::get(key, None), TxnOp::get(prefix, Some(oldest))])
 }
 
 /// The revision of the store when etcd answered.
@@ -258,7 +274,16 @@ mod tests {
     fn member_key_layout_is_prefix_lease_and_sequence() {
         let q = Queue::new("locks/job").unwrap();
         assert_eq!(q.prefix(), "locks/job/#");
-        assert_eq!(q.member_key(0x694d, 10), "locks/job/#000000000000694d-a");
+        assert_eq!(
+            q.member_key("", 0x694d, 10),
+            "locks/job/#000000000000694d-a"
+        );
+        assert_eq!(
+            q.member_key("w", 0x694d, 10),
+            "locks/job/#w000000000000694d-a"
+        );
+        assert!(q.member_key("w", 1, 1).starts_with(&q.sub("w")));
+        assert!(!q.member_key("r", 1, 1).starts_with(&q.sub("w")));
     }
 
     fn name() -> impl Strategy<Value = String> {
@@ -270,7 +295,7 @@ mod tests {
         #[test]
         fn a_valid_name_yields_keys_inside_its_own_prefix(n in name(), lease in any::<i64>(), seq in any::<u64>()) {
             let q = Queue::new(&n).unwrap();
-            let key = q.member_key(lease, seq);
+            let key = q.member_key("", lease, seq);
             prop_assert!(key.starts_with(q.prefix()));
             prop_assert!(key.starts_with(&n));
         }
@@ -280,15 +305,15 @@ mod tests {
             prop_assume!(a != b);
             let qa = Queue::new(&a).unwrap();
             let qb = Queue::new(&b).unwrap();
-            prop_assert!(!qb.member_key(lease, seq).starts_with(qa.prefix()),
-                "{} falls in the range of {}", qb.member_key(lease, seq), qa.prefix());
+            prop_assert!(!qb.member_key("", lease, seq).starts_with(qa.prefix()),
+                "{} falls in the range of {}", qb.member_key("", lease, seq), qa.prefix());
         }
 
         #[test]
         fn distinct_acquisitions_get_distinct_keys(n in name(), l1 in any::<i64>(), s1 in any::<u64>(), l2 in any::<i64>(), s2 in any::<u64>()) {
             prop_assume!((l1, s1) != (l2, s2));
             let q = Queue::new(&n).unwrap();
-            prop_assert_ne!(q.member_key(l1, s1), q.member_key(l2, s2));
+            prop_assert_ne!(q.member_key("", l1, s1), q.member_key("", l2, s2));
         }
 
         #[test]

@@ -69,7 +69,8 @@ impl Mutex {
     /// deleted by the session's background task (fenced on the key's create revision).
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
         let queue = self.named.queue()?;
-        let acquired = engine::acquire(&self.session, queue, 1, Vec::new()).await?;
+        let acquired =
+            engine::acquire(&self.session, queue, "", queue.blocker("", 1), Vec::new()).await?;
         Ok(MutexGuard {
             holding: Holding::new(self.session.clone(), acquired),
         })
@@ -85,11 +86,13 @@ impl Mutex {
     /// Cancel-safe, as [`lock()`](Self::lock).
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
         let queue = self.named.queue()?;
-        Ok(engine::try_acquire(&self.session, queue, Vec::new())
-            .await?
-            .map(|acquired| MutexGuard {
-                holding: Holding::new(self.session.clone(), acquired),
-            }))
+        Ok(
+            engine::try_acquire(&self.session, queue, "", queue.blocker("", 1), Vec::new())
+                .await?
+                .map(|acquired| MutexGuard {
+                    holding: Holding::new(self.session.clone(), acquired),
+                }),
+        )
     }
 }
 
