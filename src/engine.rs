@@ -5,10 +5,11 @@
 //!   its future mid-request can never strand a key: the task finishes the request and hands
 //!   whatever landed to the session's clean-up. Transport failures are retried with the same
 //!   key, so a lost response never creates a second waiter.
-//! * **Wait** — watch only the one key that blocks us (no herd), starting at the read's
-//!   revision + 1 (never at the current revision: etcd serves such a watch from its "unsynced"
-//!   group on a 100 ms tick), together with our own key and the session's loss. After every
-//!   wake-up — deletion, compaction, stream failure — re-read our position from scratch.
+//! * **Wait** — one loop ([`wait_loop`]): read while our key exists → decide (through / act /
+//!   wait) → wait for the changes the decision names (a queue: only the one key that blocks
+//!   us, so no herd) with a watch registered from now ([`wait_for_change`]), together with our
+//!   own key and the session's loss → read again. After every wake-up — change, compaction,
+//!   stream failure — the decision is re-made from a fresh read.
 //! * **Hold** — [`Holding`] is the state behind every guard: fenced compare, fenced Txn,
 //!   `lost()`, fenced and retry-safe release, release on drop via the session's task.
 
@@ -16,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use etcd_client::{
-    Compare, EventType, KeyValue, Txn, TxnOp, TxnResponse, WatchFilterType, WatchOptions,
+    Compare, EventType, GetResponse, Txn, TxnOp, TxnResponse, WatchFilterType, WatchOptions,
 };
 use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout};
@@ -26,14 +27,83 @@ use crate::keys::{self, Blocker, Queue};
 use crate::session::{Cleanup, Shared};
 use crate::{Error, LeasedSession};
 
+/// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes),
+/// `Deref<Target = Fence>`, `fence()` and a consuming, fenced `release()`. Every guard that
+/// releases by consuming itself is made this way.
+macro_rules! holding_guard {
+    ($(#[$attr:meta])* pub struct $name:ident;) => {
+        $(#[$attr])*
+        #[derive(Debug)]
+        pub struct $name {
+            holding: $crate::engine::Holding,
+        }
+
+        impl ::std::ops::Deref for $name {
+            type Target = $crate::Fence;
+
+            /// The guard's [`Fence`](crate::Fence): `key()`, `fencing_token()`,
+            /// `owner_compare()`, `txn_if_owner(ops)`, `lost()`, `session()`.
+            fn deref(&self) -> &$crate::Fence {
+                self.holding.fence()
+            }
+        }
+
+        impl $name {
+            #[allow(dead_code)]
+            pub(crate) fn from_holding(holding: $crate::engine::Holding) -> $name {
+                $name { holding }
+            }
+
+            /// A cloneable copy of the guard's [`Fence`](crate::Fence), for fenced writes from
+            /// other tasks (it holds nothing itself).
+            pub fn fence(&self) -> $crate::Fence {
+                self.holding.fence().clone()
+            }
+
+            /// Releases deterministically, with a Txn fenced on the key's create revision.
+            ///
+            /// # Errors
+            /// [`Error::LockLost`](crate::Error::LockLost) if the key was already gone (it had
+            /// been lost before the release); request errors after retries, in which case the
+            /// session's task keeps retrying the same fenced release in the background (a
+            /// fenced retry can never touch a later holder's key).
+            ///
+            /// # Cancel safety
+            /// Dropping the future hands the release to the session's background task.
+            pub async fn release(mut self) -> Result<(), $crate::Error> {
+                self.holding.release().await
+            }
+        }
+    };
+}
+pub(crate) use holding_guard;
+
 /// Sends `txn` with the session's request timeout.
+///
+/// The request is never cancelled mid-flight: it runs in a short task of the session, and a
+/// caller that gives up (its future dropped, or the request timeout) only stops waiting. etcd
+/// before 3.5.5 passes the request's context into the applier of read-only Txns and panics
+/// — the whole server — when that context is cancelled while the Txn is applied (etcd #14110).
+/// The task itself gives up only after [`ABANDON_AFTER`] request timeouts.
 pub(crate) async fn send_txn(shared: &Shared, txn: Txn) -> Result<TxnResponse, Error> {
+    let (tx, rx) = oneshot::channel();
     let mut kv = shared.client.kv_client();
-    match timeout(shared.request_timeout, kv.txn(txn)).await {
+    let patience = shared.request_timeout * ABANDON_AFTER;
+    shared.spawn(async move {
+        if let Ok(answer) = timeout(patience, kv.txn(txn)).await {
+            let _ = tx.send(answer);
+        }
+    });
+    match timeout(shared.request_timeout, rx).await {
         Err(_) => Err(Error::Timeout(shared.request_timeout)),
-        Ok(r) => Ok(r?),
+        Ok(Err(_)) => Err(Error::Timeout(patience)),
+        Ok(Ok(answer)) => Ok(answer?),
     }
 }
+
+/// How many request timeouts a request in flight is left to finish after its caller stopped
+/// waiting, before it is cancelled after all (see [`send_txn`]).
+const ABANDON_AFTER: u32 = 10;
 
 /// Runs `fut` unless the session is (or becomes) Lost first.
 pub(crate) async fn unless_lost<F: Future<Output = Result<T, Error>>, T>(
@@ -57,13 +127,11 @@ async fn back_off(shared: &Arc<Shared>, backoff: &mut Backoff) -> Result<(), Err
     .await
 }
 
-/// Where an acquisition stands after a read at `revision`.
+/// What a read (run while our key still exists) saw: its revision and its `Get` results.
 #[derive(Debug, Clone)]
-pub(crate) struct Position {
-    /// The revision the read saw.
+pub(crate) struct Snapshot {
     pub(crate) revision: i64,
-    /// The key that must go before we are through; `None`: through.
-    pub(crate) blocker: Option<KeyValue>,
+    pub(crate) gets: Vec<GetResponse>,
 }
 
 /// A member key that has been (or may have been) created: cleaned up by the session's task if
@@ -93,44 +161,69 @@ impl Drop for Ticket {
     }
 }
 
+/// The outcome of a detached request on its way to the caller. It owns the clean-up of
+/// whatever the request created: if it is dropped unread — the task could not deliver it, or
+/// the caller was cancelled after it was delivered but before it was read — the clean-up is
+/// handed to the session's task. It also keeps the session's pending-work count up until
+/// then, so `settled()` cannot miss it.
+struct Delivery<T> {
+    outcome: Option<Result<T, Error>>,
+    cleanup: Option<Cleanup>,
+    shared: Arc<Shared>,
+    _pending: crate::session::PendingWork,
+}
+
+impl<T> Drop for Delivery<T> {
+    fn drop(&mut self) {
+        if let Some(job) = self.cleanup.take() {
+            self.shared.clean_up(job);
+        }
+    }
+}
+
 /// Runs `work` — a request that may create `key` — in a detached task, so that dropping the
-/// caller cannot strand the key: if the caller is gone when `work` ends, whatever `created`
-/// says landed (or, on failure, whatever may have landed) is handed to the session's clean-up.
-/// On failure the caller's side hands the key to clean-up as well.
+/// caller at any point cannot strand the key: unless the caller takes a successful outcome
+/// over, whatever `created` says landed (or, on failure, whatever may have landed) is handed
+/// to the session's clean-up. A caller that takes an `Ok` over must arm its own [`Ticket`]
+/// before its next await.
 async fn detached<T, W, C>(shared: &Arc<Shared>, key: &str, work: W, created: C) -> Result<T, Error>
 where
     T: Send + 'static,
     W: Future<Output = Result<T, Error>> + Send + 'static,
     C: Fn(&T) -> Option<i64> + Send + 'static,
 {
-    let (tx, rx) = oneshot::channel();
+    let (tx, rx) = oneshot::channel::<Delivery<T>>();
     let task_shared = Arc::clone(shared);
     let task_key = key.to_owned();
     let pending = shared.pending_work();
     shared.spawn(async move {
-        let _pending = pending;
         let outcome = work.await;
-        if let Err(outcome) = tx.send(outcome) {
-            let job = match outcome.as_ref().map(&created) {
-                Ok(Some(create_revision)) => Cleanup::Release {
-                    key: task_key,
-                    create_revision,
-                },
-                Ok(None) => return,
-                Err(_) => Cleanup::Abandoned { key: task_key },
-            };
-            task_shared.clean_up(job);
-        }
-    });
-    let outcome = unless_lost(shared, async {
-        rx.await
-            .map_err(|_| Error::Protocol("acquisition task ended without an answer".into()))?
-    })
-    .await;
-    if outcome.is_err() {
-        shared.clean_up(Cleanup::Abandoned {
-            key: key.to_owned(),
+        let cleanup = match &outcome {
+            Ok(value) => created(value).map(|create_revision| Cleanup::Release {
+                key: task_key,
+                create_revision,
+            }),
+            Err(_) => Some(Cleanup::Abandoned { key: task_key }),
+        };
+        // If the caller is gone, the returned delivery is dropped here and cleans up.
+        let _ = tx.send(Delivery {
+            outcome: Some(outcome),
+            cleanup,
+            shared: task_shared,
+            _pending: pending,
         });
+    });
+    let mut delivery = unless_lost(shared, async {
+        rx.await
+            .map_err(|_| Error::Protocol("acquisition task ended without an answer".into()))
+    })
+    .await?;
+    let outcome = delivery
+        .outcome
+        .take()
+        .unwrap_or_else(|| Err(Error::Protocol("empty delivery".into())));
+    if outcome.is_ok() {
+        delivery.cleanup = None; // the caller's ticket takes over
     }
     outcome
 }
@@ -153,51 +246,44 @@ async fn send_until_answered(
     }
 }
 
-/// Puts `key` at the end of its queue and reads what blocks it. Returns the key's create
-/// revision, and its position when the Txn created it (a retry that found the key already
-/// there reads the position afresh).
+/// Puts `key` (under the session's lease) unless it exists, running `reads` just before the
+/// put, in a detached task (see [`detached`]). Returns the armed ticket and, when this Txn
+/// created the key, the snapshot of the reads (a retry that found the key already there must
+/// read afresh).
 async fn enqueue(
     shared: &Arc<Shared>,
     key: &str,
     value: Vec<u8>,
-    blocker: &Blocker,
-) -> Result<(Ticket, Option<Position>), Error> {
+    reads: Vec<TxnOp>,
+) -> Result<(Ticket, Option<Snapshot>), Error> {
     let work = {
         let shared = Arc::clone(shared);
         let key = key.to_owned();
-        let blocker = blocker.clone();
         async move {
             let resp = send_until_answered(&shared, || {
-                keys::enqueue_txn(&key, value.clone(), shared.lease_id, &blocker)
+                keys::enqueue_txn(&key, value.clone(), shared.lease_id, reads.clone())
             })
             .await?;
             let revision = keys::header_revision(&resp)?;
             let gets = keys::txn_gets(&resp);
-            let first = gets
-                .first()
-                .ok_or_else(|| Error::Protocol("enqueue txn without a get".into()))?;
             if resp.succeeded() {
-                let position = Position {
-                    revision,
-                    blocker: keys::nth_blocker(first, blocker.nth),
-                };
-                Ok((revision, Some(position)))
-            } else {
-                // A retry: the earlier, unanswered request created the key.
-                let kv = first.kvs().first().ok_or_else(|| {
-                    Error::Protocol("enqueue txn else-branch without the key".into())
-                })?;
-                if kv.lease() != shared.lease_id {
-                    return Err(Error::Protocol(format!(
-                        "member key {key} belongs to lease {:x}, not ours",
-                        kv.lease()
-                    )));
-                }
-                Ok((kv.create_revision(), None))
+                return Ok((revision, Some(Snapshot { revision, gets })));
             }
+            // A retry: the earlier, unanswered request created the key.
+            let kv = gets
+                .first()
+                .and_then(|g| g.kvs().first())
+                .ok_or_else(|| Error::Protocol("enqueue txn else-branch without the key".into()))?;
+            if kv.lease() != shared.lease_id {
+                return Err(Error::Protocol(format!(
+                    "member key {key} belongs to lease {:x}, not ours",
+                    kv.lease()
+                )));
+            }
+            Ok((kv.create_revision(), None))
         }
     };
-    let (create_revision, position) = detached(shared, key, work, |(create_revision, _)| {
+    let (create_revision, snapshot) = detached(shared, key, work, |(create_revision, _)| {
         Some(*create_revision)
     })
     .await?;
@@ -207,17 +293,17 @@ async fn enqueue(
         create_revision,
         armed: true,
     };
-    Ok((ticket, position))
+    Ok((ticket, snapshot))
 }
 
-/// Reads our position afresh. [`Error::LockLost`] if our key is gone.
-async fn read_position(
+/// Runs `reads` while our key still exists. [`Error::LockLost`] once it is gone.
+async fn read_fenced(
     shared: &Arc<Shared>,
     ticket: &Ticket,
-    blocker: &Blocker,
-) -> Result<Position, Error> {
+    reads: &[TxnOp],
+) -> Result<Snapshot, Error> {
     let resp = send_until_answered(shared, || {
-        keys::position_txn(&ticket.key, ticket.create_revision, blocker)
+        keys::fenced_reads(&ticket.key, ticket.create_revision, reads.to_vec())
     })
     .await?;
     if !resp.succeeded() {
@@ -226,14 +312,9 @@ async fn read_position(
             create_revision: ticket.create_revision,
         });
     }
-    let revision = keys::header_revision(&resp)?;
-    let gets = keys::txn_gets(&resp);
-    let get = gets
-        .first()
-        .ok_or_else(|| Error::Protocol("position txn without a get".into()))?;
-    Ok(Position {
-        revision,
-        blocker: keys::nth_blocker(get, blocker.nth),
+    Ok(Snapshot {
+        revision: keys::header_revision(&resp)?,
+        gets: keys::txn_gets(&resp),
     })
 }
 
@@ -245,36 +326,66 @@ pub(crate) enum Woken {
     Recheck,
 }
 
-/// A change to wait for: a put or a delete of `key` (or of any key under it, with `prefix`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Target<'a> {
-    pub(crate) key: &'a [u8],
-    pub(crate) prefix: bool,
-    pub(crate) kind: EventType,
+/// A change to wait for: a put or a delete of `key`, or of any key under it with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Watched {
+    key: Vec<u8>,
+    prefix: bool,
+    kind: EventType,
 }
 
-impl Target<'_> {
+impl Watched {
     /// The deletion of exactly `key`.
-    pub(crate) fn deleted(key: &[u8]) -> Target<'_> {
-        Target {
-            key,
+    pub(crate) fn deleted(key: impl Into<Vec<u8>>) -> Watched {
+        Watched {
+            key: key.into(),
             prefix: false,
             kind: EventType::Delete,
+        }
+    }
+
+    /// A put of exactly `key`.
+    pub(crate) fn put(key: impl Into<Vec<u8>>) -> Watched {
+        Watched {
+            key: key.into(),
+            prefix: false,
+            kind: EventType::Put,
+        }
+    }
+
+    /// A put of any key under `prefix`.
+    pub(crate) fn put_under(prefix: impl Into<Vec<u8>>) -> Watched {
+        Watched {
+            key: prefix.into(),
+            prefix: true,
+            kind: EventType::Put,
         }
     }
 
     fn matches(&self, kind: EventType, key: &[u8]) -> bool {
         kind == self.kind
             && if self.prefix {
-                key.starts_with(self.key)
+                key.starts_with(&self.key)
             } else {
                 key == self.key
             }
     }
+
+    fn options(&self) -> WatchOptions {
+        let opts = WatchOptions::new().with_filters([match self.kind {
+            EventType::Delete => WatchFilterType::NoPut,
+            EventType::Put => WatchFilterType::NoDelete,
+        }]);
+        if self.prefix {
+            opts.with_prefix()
+        } else {
+            opts
+        }
+    }
 }
 
 /// A watch for changes to a few keys or ranges (and, optionally, the deletion of our own key),
-/// registered *from now*: the one kind of wait every primitive uses.
+/// registered *from now*.
 ///
 /// etcd puts a watch whose start revision is at or below its current revision into the
 /// "unsynced" group, served on a 100 ms tick. A watch from `read revision + 1` lands there
@@ -285,7 +396,7 @@ impl Target<'_> {
 /// after the watch's revision is delivered, anything up to the fresh read's is seen by it.
 struct ChangeWatch {
     stream: etcd_client::WatchStream,
-    targets: Vec<(Vec<u8>, bool, EventType)>,
+    targets: Vec<Watched>,
     own: Option<(String, i64)>,
     /// A change that arrived while the watch was still being created.
     early: Option<Result<Woken, Error>>,
@@ -297,20 +408,9 @@ impl ChangeWatch {
     /// re-reads; a backoff delay has been served).
     async fn open(
         shared: &Arc<Shared>,
-        targets: &[Target<'_>],
+        targets: &[Watched],
         own: Option<(&str, i64)>,
     ) -> Result<Option<(ChangeWatch, i64)>, Error> {
-        let options = |t: &Target| {
-            let opts = WatchOptions::new().with_filters([match t.kind {
-                EventType::Delete => WatchFilterType::NoPut,
-                EventType::Put => WatchFilterType::NoDelete,
-            }]);
-            if t.prefix {
-                opts.with_prefix()
-            } else {
-                opts
-            }
-        };
         let mut watches = shared.client.watch_client();
         let opened = unless_lost(shared, async {
             let created = async {
@@ -318,21 +418,19 @@ impl ChangeWatch {
                     .split_first()
                     .ok_or_else(|| Error::Protocol("a watch without targets".into()))?;
                 let mut stream = watches
-                    .watch(first.key.to_vec(), Some(options(first)))
+                    .watch(first.key.clone(), Some(first.options()))
                     .await?;
                 for t in rest {
-                    stream.watch(t.key.to_vec(), Some(options(t))).await?;
+                    stream.watch(t.key.clone(), Some(t.options())).await?;
                 }
                 if let Some((own_key, _)) = own {
-                    let own_opts = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
-                    stream.watch(own_key, Some(own_opts)).await?;
+                    stream
+                        .watch(own_key, Some(Watched::deleted(own_key).options()))
+                        .await?;
                 }
                 let mut watch = ChangeWatch {
                     stream,
-                    targets: targets
-                        .iter()
-                        .map(|t| (t.key.to_vec(), t.prefix, t.kind))
-                        .collect(),
+                    targets: targets.to_vec(),
                     own: own.map(|(k, r)| (k.to_owned(), r)),
                     early: None,
                 };
@@ -396,15 +494,7 @@ impl ChangeWatch {
                     }));
                 }
             }
-            let hit = self.targets.iter().any(|(key, prefix, k)| {
-                Target {
-                    key,
-                    prefix: *prefix,
-                    kind: *k,
-                }
-                .matches(kind, kv.key())
-            });
-            if hit {
+            if self.targets.iter().any(|t| t.matches(kind, kv.key())) {
                 return Some(Ok(Woken::Changed));
             }
         }
@@ -435,14 +525,13 @@ impl ChangeWatch {
     }
 }
 
-/// Waits, with the watch from now, until one of `targets` changes (or our own key is deleted,
-/// or the session is Lost). `read_at` is the revision of the read that decided to wait;
-/// `reread` re-reads when writes landed since then and says whether to still wait.
-///
-/// This is the only wait loop step in the crate; every primitive goes through it.
+/// The wait step every primitive goes through: with a watch registered from now on `targets`
+/// (and our own key's deletion, and the session's loss), waits for a change. `read_at` is the
+/// revision of the read that decided to wait; if writes landed since, `reread` runs once the
+/// watch is in place and says whether to still wait.
 pub(crate) async fn wait_for_change<R, Fut>(
     shared: &Arc<Shared>,
-    targets: &[Target<'_>],
+    targets: &[Watched],
     own: Option<(&str, i64)>,
     read_at: i64,
     reread: R,
@@ -460,17 +549,90 @@ where
     watch.wait(shared).await
 }
 
-/// True if both name the same incarnation of the same key.
-fn same_incarnation(a: Option<&KeyValue>, b: &KeyValue) -> bool {
-    a.is_some_and(|a| a.key() == b.key() && a.create_revision() == b.create_revision())
+/// What a primitive makes of a [`Snapshot`] taken while its key exists.
+pub(crate) enum Decision {
+    /// Done: the acquisition is through.
+    Through,
+    /// Send this Txn (e.g. put a "ready" key), then read again.
+    Act(Txn),
+    /// Wait for one of these changes, then read again.
+    Wait(Vec<Watched>),
+}
+
+/// The one wait loop: read (only while our key exists) → decide → through, act, or wait for a
+/// change → read again. Every wake-up re-decides from a fresh read, so a waiter never trusts
+/// a notification (etcd #16221). `first` is a snapshot the enqueue already took, if any.
+async fn wait_loop<D>(
+    shared: &Arc<Shared>,
+    ticket: Ticket,
+    mut first: Option<Snapshot>,
+    reads: Vec<TxnOp>,
+    mut decide: D,
+) -> Result<Acquired, Error>
+where
+    D: FnMut(&Snapshot) -> Decision,
+{
+    loop {
+        let snapshot = match first.take() {
+            Some(s) => s,
+            None => read_fenced(shared, &ticket, &reads).await?,
+        };
+        match decide(&snapshot) {
+            Decision::Through => {
+                shared.check()?;
+                let (key, create_revision) = ticket.disarm();
+                return Ok(Acquired {
+                    key,
+                    create_revision,
+                    revision: snapshot.revision,
+                });
+            }
+            Decision::Act(txn) => {
+                unless_lost(shared, send_txn(shared, txn)).await?;
+            }
+            Decision::Wait(targets) => {
+                let own = Some((ticket.key.as_str(), ticket.create_revision));
+                let mut fresh = None;
+                let decide = &mut decide;
+                let woken = wait_for_change(shared, &targets, own, snapshot.revision, || async {
+                    // Writes landed between the read and the watch: still waiting for the
+                    // same changes?
+                    let now = read_fenced(shared, &ticket, &reads).await?;
+                    let still = matches!(decide(&now), Decision::Wait(t) if t == targets);
+                    if !still {
+                        fresh = Some(now); // current: no need to read again
+                    }
+                    Ok(still)
+                })
+                .await?;
+                match woken {
+                    // After a wake-up, decide from a fresh read (unless the re-read made one).
+                    Woken::Changed | Woken::Recheck => first = fresh,
+                }
+            }
+        }
+    }
 }
 
 /// An acquisition that is through: the key, its create revision (the fencing token) and the
-/// revision at which ownership was confirmed.
+/// revision at which that was confirmed.
 pub(crate) struct Acquired {
     pub(crate) key: String,
     pub(crate) create_revision: i64,
     pub(crate) revision: i64,
+}
+
+/// The queue decision: through when `blocker` finds fewer than `nth` keys created before ours;
+/// else wait for the deletion of the one that blocks.
+fn queue_decision(blocker: &Blocker) -> impl FnMut(&Snapshot) -> Decision + '_ {
+    move |snapshot| match snapshot
+        .gets
+        .first()
+        .and_then(|g| keys::nth_blocker(g, blocker.nth))
+    {
+        None => Decision::Through,
+        Some(kv) => Decision::Wait(vec![Watched::deleted(kv.key())]),
+    }
 }
 
 /// Enqueues a new member of kind `kind` in `queue` and waits until `blocker` finds fewer
@@ -486,45 +648,73 @@ pub(crate) async fn acquire(
     let shared = session.shared();
     shared.check()?;
     let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
-    let (ticket, mut position) = enqueue(shared, &key, value, &blocker).await?;
-    loop {
-        let pos = match position.take() {
-            Some(p) => p,
-            None => read_position(shared, &ticket, &blocker).await?,
-        };
-        let Some(blocking) = pos.blocker else {
-            shared.check()?;
-            let (key, create_revision) = ticket.disarm();
-            return Ok(Acquired {
-                key,
-                create_revision,
-                revision: pos.revision,
-            });
-        };
-        let own = Some((ticket.key.as_str(), ticket.create_revision));
-        let mut fresh = None;
-        let woken = wait_for_change(
-            shared,
-            &[Target::deleted(blocking.key())],
-            own,
-            pos.revision,
-            || async {
-                // Writes landed between the read and the watch: wait only if the same key
-                // still blocks us.
-                let now = read_position(shared, &ticket, &blocker).await?;
-                let still = same_incarnation(now.blocker.as_ref(), &blocking);
-                if !still {
-                    fresh = Some(now); // current: no need to read again
-                }
-                Ok(still)
-            },
-        )
-        .await?;
-        match woken {
-            // After a wake-up, decide from a fresh read (unless the re-read just made one).
-            Woken::Changed | Woken::Recheck => position = fresh,
+    let (ticket, first) = enqueue(shared, &key, value, vec![blocker.get(0)]).await?;
+    let reads = vec![blocker.get(ticket.create_revision - 1)];
+    wait_loop(shared, ticket, first, reads, queue_decision(&blocker)).await
+}
+
+/// Joins `queue` with a member key of kind `kind` and waits, through the one wait loop, until
+/// `decide` says it is through — for primitives that wait for a condition rather than for
+/// their place in line (a double barrier's "enough participants"). `reads` run after the
+/// key exists, so they see it. Cancel-safe like [`acquire`].
+pub(crate) async fn join<D>(
+    session: &LeasedSession,
+    queue: &Queue,
+    kind: &str,
+    value: Vec<u8>,
+    reads: Vec<TxnOp>,
+    decide: D,
+) -> Result<Acquired, Error>
+where
+    D: FnMut(&Snapshot) -> Decision,
+{
+    let shared = session.shared();
+    shared.check()?;
+    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
+    let (ticket, _) = enqueue(shared, &key, value, Vec::new()).await?;
+    wait_loop(shared, ticket, None, reads, decide).await
+}
+
+/// Puts `key` with `value` under the session's lease if nobody holds it; `None` if it exists
+/// and is not ours. A retry after an unanswered attempt recognises its own put by `value`,
+/// which must be unique to this attempt. Cancel-safe: detached like [`acquire`]'s enqueue.
+pub(crate) async fn create_exclusive(
+    session: &LeasedSession,
+    key: &str,
+    value: String,
+) -> Result<Option<Acquired>, Error> {
+    let shared = session.shared();
+    shared.check()?;
+    let work = {
+        let shared = Arc::clone(shared);
+        let key = key.to_owned();
+        async move {
+            let resp = send_until_answered(&shared, || {
+                keys::enqueue_txn(
+                    &key,
+                    value.clone().into_bytes(),
+                    shared.lease_id,
+                    Vec::new(),
+                )
+            })
+            .await?;
+            let revision = keys::header_revision(&resp)?;
+            if resp.succeeded() {
+                return Ok(Some((revision, revision)));
+            }
+            let gets = keys::txn_gets(&resp);
+            let kv = gets.first().and_then(|g| g.kvs().first());
+            Ok(kv
+                .filter(|kv| kv.lease() == shared.lease_id && kv.value() == value.as_bytes())
+                .map(|kv| (kv.create_revision(), revision)))
         }
-    }
+    };
+    let got = detached(shared, key, work, |got| got.map(|(create, _)| create)).await?;
+    Ok(got.map(|(create_revision, revision)| Acquired {
+        key: key.to_owned(),
+        create_revision,
+        revision,
+    }))
 }
 
 /// Takes a place in `queue` only if it is through at once; else leaves no key behind and
@@ -542,12 +732,15 @@ pub(crate) async fn try_acquire(
     shared.check()?;
     let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
     if blocker.nth != 1 {
-        let (mut ticket, position) = enqueue(shared, &key, value, &blocker).await?;
-        let pos = match position {
-            Some(p) => p,
-            None => read_position(shared, &ticket, &blocker).await?,
+        let (mut ticket, first) = enqueue(shared, &key, value, vec![blocker.get(0)]).await?;
+        let snapshot = match first {
+            Some(s) => s,
+            None => {
+                let reads = [blocker.get(ticket.create_revision - 1)];
+                read_fenced(shared, &ticket, &reads).await?
+            }
         };
-        if pos.blocker.is_some() {
+        if let Decision::Wait(_) = queue_decision(&blocker)(&snapshot) {
             // Busy: take the key back before answering, so none is left behind.
             if send_txn(
                 shared,
@@ -565,7 +758,7 @@ pub(crate) async fn try_acquire(
         return Ok(Some(Acquired {
             key,
             create_revision,
-            revision: pos.revision,
+            revision: snapshot.revision,
         }));
     }
     let work = {
@@ -624,6 +817,15 @@ pub(crate) async fn try_acquire(
     }))
 }
 
+/// Runs `reads` (one round trip, retried on transport errors while the session lives).
+pub(crate) async fn read(shared: &Arc<Shared>, reads: Vec<TxnOp>) -> Result<Snapshot, Error> {
+    let resp = send_until_answered(shared, || Txn::new().and_then(reads.clone())).await?;
+    Ok(Snapshot {
+        revision: keys::header_revision(&resp)?,
+        gets: keys::txn_gets(&resp),
+    })
+}
+
 /// Completes with `Ok` once `key` is no longer the incarnation `create_revision` (known to
 /// exist at revision `seen_at`): deleted, expired with its lease, or never there. `Err` if the
 /// session is Lost first. Survives stream failures and compaction by re-reading.
@@ -639,15 +841,7 @@ pub(crate) async fn wait_gone(
             let resp = send_until_answered(shared, || check.clone()).await?;
             Ok(resp.succeeded())
         };
-        match wait_for_change(
-            shared,
-            &[Target::deleted(key.as_bytes())],
-            None,
-            seen_at,
-            still_there,
-        )
-        .await?
-        {
+        match wait_for_change(shared, &[Watched::deleted(key)], None, seen_at, still_there).await? {
             // A delete event of the key (or a re-read that found it gone): that incarnation
             // has ended — keys are never re-created with the same create revision.
             Woken::Changed => return Ok(()),
@@ -743,6 +937,8 @@ impl Fence {
 /// background when dropped unreleased.
 pub(crate) struct Holding {
     fence: Fence,
+    /// The fenced Txn that releases (by default: delete the key if it is still ours).
+    release_txn: Txn,
     released: bool,
     /// A release attempt went unanswered: it may have deleted the key. A later attempt that
     /// finds the key gone is then the same release, not a loss.
@@ -751,7 +947,19 @@ pub(crate) struct Holding {
 
 impl Holding {
     pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
+        let release_txn = keys::fenced_delete(&acquired.key, acquired.create_revision);
+        Holding::with_release(session, acquired, release_txn)
+    }
+
+    /// A holding released by `release_txn`, which must be fenced on the key's create revision
+    /// (it is repeated on retries and may run from the session's task).
+    pub(crate) fn with_release(
+        session: LeasedSession,
+        acquired: Acquired,
+        release_txn: Txn,
+    ) -> Holding {
         Holding {
+            release_txn,
             fence: Fence {
                 session,
                 key: acquired.key,
@@ -823,9 +1031,9 @@ impl std::fmt::Debug for Holding {
 impl Drop for Holding {
     fn drop(&mut self) {
         if !self.released {
-            self.fence.session.shared().clean_up(Cleanup::Release {
+            self.fence.session.shared().clean_up(Cleanup::Txn {
                 key: self.fence.key.clone(),
-                create_revision: self.fence.create_revision,
+                txn: self.release_txn.clone(),
             });
         }
     }

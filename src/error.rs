@@ -60,6 +60,14 @@ pub enum Error {
         create_revision: i64,
     },
 
+    /// The key is already held by someone else (e.g. a [`Barrier`](crate::Barrier) another
+    /// holder has put up). Nothing was changed.
+    #[error("already held: {key} exists and is not ours")]
+    AlreadyHeld {
+        /// The key that is held.
+        key: String,
+    },
+
     /// An etcd request failed (transport error, gRPC status, …). The etcd-client error is kept
     /// as the source.
     #[error("etcd request failed: {0}")]

@@ -160,7 +160,7 @@ pub(crate) struct Blocker {
 impl Blocker {
     /// The `Get` of up to `nth` newest keys created at or before `max_create_revision`
     /// (0 = no bound), keys only.
-    fn get(&self, max_create_revision: i64) -> TxnOp {
+    pub(crate) fn get(&self, max_create_revision: i64) -> TxnOp {
         let mut opts = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
@@ -173,28 +173,31 @@ impl Blocker {
     }
 }
 
-/// One round trip that puts `key` (under `lease_id`, value `value`) at the end of the queue
-/// unless it exists already, and reads what blocks it.
+/// One round trip that puts `key` (under `lease_id`, value `value`) unless it exists already,
+/// and runs `reads` just before the put (a queue reads what blocks it, which excludes our own
+/// key).
 ///
-/// Then-branch: `[Get(blockers before the put), Put]`; our create revision is the header
-/// revision. Else-branch (a retry of the same acquisition): `[Get(key)]`; what blocks it is
-/// read afterwards.
-pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, blocker: &Blocker) -> Txn {
+/// Then-branch: `[reads…, Put]`; our create revision is the header revision. Else-branch (a
+/// retry of the same acquisition): `[Get(key)]`; the caller reads afresh.
+pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<TxnOp>) -> Txn {
+    let mut then = reads;
+    then.push(TxnOp::put(
+        key,
+        value,
+        Some(PutOptions::new().with_lease(lease_id)),
+    ));
     Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([
-            blocker.get(0),
-            TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease_id))),
-        ])
+        .and_then(then)
         .or_else([TxnOp::get(key, None)])
 }
 
-/// One round trip that reads our position afresh: succeeds only while our key still exists
-/// as the incarnation `create_revision`, and then returns what blocks it.
-pub(crate) fn position_txn(key: &str, create_revision: i64, blocker: &Blocker) -> Txn {
+/// One round trip that runs `reads` only while `key` is still the incarnation
+/// `create_revision` (the compare fails once it is gone).
+pub(crate) fn fenced_reads(key: &str, create_revision: i64, reads: Vec<TxnOp>) -> Txn {
     Txn::new()
         .when([owner_compare(key, create_revision)])
-        .and_then([blocker.get(create_revision - 1)])
+        .and_then(reads)
 }
 
 /// One round trip for a try-acquire (`nth == 1` only) that leaves no key behind when busy:

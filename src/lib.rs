@@ -34,25 +34,31 @@
 #![forbid(unsafe_code)]
 
 mod backoff;
+mod barrier;
 mod election;
 mod engine;
 mod error;
 mod keys;
 mod liveness;
 mod mutex;
+mod rwlock;
 mod selector;
+mod semaphore;
 mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 use std::time::Duration;
 
+pub use barrier::{Barrier, BarrierHold, DoubleBarrier, DoubleBarrierGuard};
 pub use election::{Election, LeaderEvent, LeaderInfo, Leadership};
 pub use engine::Fence;
 pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
 pub use mutex::{Mutex, MutexGuard};
+pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use selector::{LeaderSelector, LeaderTerm};
+pub use semaphore::{Semaphore, SemaphorePermit};
 pub use session::{
     BackgroundTasks, LeasedSession, SessionOptions, SessionState, MAX_LEASE_TTL_SECS,
 };

@@ -1,7 +1,9 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{self, Fence, Holding};
+use crate::engine::{self, holding_guard, Holding};
 use crate::keys::Named;
+#[cfg(doc)]
+use crate::Fence;
 use crate::{Error, LeasedSession};
 
 /// A distributed mutual-exclusion lock on etcd, served in FIFO order.
@@ -96,56 +98,24 @@ impl Mutex {
     }
 }
 
-/// Proof of holding a [`Mutex`]. Releases the lock when dropped (in the background, through
-/// the session's task) or deterministically with [`release()`](Self::release).
-///
-/// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
-/// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
-/// [`fencing_token()`](Fence::fencing_token) (strictly increasing across successive holders),
-/// [`owner_compare()`](Fence::owner_compare), [`txn_if_owner()`](Fence::txn_if_owner),
-/// [`lost()`](Fence::lost) (the session is Lost or the owner key deleted) and
-/// [`session()`](Fence::session).
-///
-/// # Fencing
-/// Holding a guard does not make writes elsewhere safe by itself: a process can pause for
-/// longer than the lease. Make writes conditional on [`owner_compare()`](Fence::owner_compare)
-/// (or use [`txn_if_owner()`](Fence::txn_if_owner)) for etcd data, and pass
-/// [`fencing_token()`](Fence::fencing_token) to any other resource that can reject stale
-/// tokens.
-#[must_use = "dropping a MutexGuard releases the lock at once"]
-#[derive(Debug)]
-pub struct MutexGuard {
-    holding: Holding,
-}
-
-impl std::ops::Deref for MutexGuard {
-    type Target = Fence;
-
-    /// The guard's [`Fence`]: `key()`, `fencing_token()`, `owner_compare()`,
-    /// `txn_if_owner(ops)`, `lost()`, `session()`.
-    fn deref(&self) -> &Fence {
-        self.holding.fence()
-    }
-}
-
-impl MutexGuard {
-    /// A cloneable copy of the guard's [`Fence`], for fenced writes from other tasks (it does
-    /// not hold the lock).
-    pub fn fence(&self) -> Fence {
-        self.holding.fence().clone()
-    }
-
-    /// Releases the lock: deletes the owner key with a Txn fenced on its create revision.
+holding_guard! {
+    /// Proof of holding a [`Mutex`]. Releases the lock when dropped (in the background, through
+    /// the session's task) or deterministically with [`release()`](Self::release).
     ///
-    /// # Errors
-    /// [`Error::LockLost`] if the key was already gone (the lock had been lost before the
-    /// release); request errors after retries as [`Error::Etcd`] / [`Error::Timeout`], in which
-    /// case the session's task keeps retrying the fenced release in the background (a fenced
-    /// retry can never delete a later holder's key).
+    /// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
+    /// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
+    /// [`fencing_token()`](Fence::fencing_token) (strictly increasing across successive
+    /// holders), [`owner_compare()`](Fence::owner_compare),
+    /// [`txn_if_owner()`](Fence::txn_if_owner), [`lost()`](Fence::lost) (the session is Lost
+    /// or the owner key deleted) and [`session()`](Fence::session).
     ///
-    /// # Cancel safety
-    /// Dropping the future hands the release to the session's background task.
-    pub async fn release(mut self) -> Result<(), Error> {
-        self.holding.release().await
-    }
+    /// # Fencing
+    /// Holding a guard does not make writes elsewhere safe by itself: a process can pause for
+    /// longer than the lease. Make writes conditional on
+    /// [`owner_compare()`](Fence::owner_compare) (or use
+    /// [`txn_if_owner()`](Fence::txn_if_owner)) for etcd data, and pass
+    /// [`fencing_token()`](Fence::fencing_token) to any other resource that can reject stale
+    /// tokens.
+    #[must_use = "dropping a MutexGuard releases the lock at once"]
+    pub struct MutexGuard;
 }

@@ -162,6 +162,8 @@ pub(crate) enum Cleanup {
     /// Delete `key` if it is attached to this session's lease: the outcome of the request
     /// that may have created it is unknown.
     Abandoned { key: String },
+    /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat).
+    Txn { key: String, txn: etcd_client::Txn },
 }
 
 /// Counts one piece of background work (a queued clean-up, a detached request) while it lives.
@@ -697,7 +699,7 @@ const CLEANUP_ATTEMPTS: u32 = 8;
 async fn clean_up(shared: &Shared, job: Job) {
     let job = &job.cleanup;
     let (key, passes) = match job {
-        Cleanup::Release { key, .. } => (key.as_str(), 1),
+        Cleanup::Release { key, .. } | Cleanup::Txn { key, .. } => (key.as_str(), 1),
         Cleanup::Abandoned { key } => (key.as_str(), 2),
     };
     for pass in 0..passes {
@@ -712,6 +714,7 @@ async fn clean_up(shared: &Shared, job: Job) {
                     create_revision,
                 } => keys::fenced_delete(key, *create_revision),
                 Cleanup::Abandoned { key } => keys::lease_fenced_delete(key, shared.lease_id),
+                Cleanup::Txn { txn, .. } => txn.clone(),
             };
             let mut kv = shared.client.kv_client();
             match timeout(shared.request_timeout, kv.txn(txn)).await {

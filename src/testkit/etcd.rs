@@ -307,7 +307,7 @@ impl EtcdCluster {
         if let Ok(mut f) = std::fs::File::open(&self.members[i].log) {
             let _ = f.read_to_string(&mut text);
         }
-        let start = text.len().saturating_sub(2_000);
+        let start = text.len().saturating_sub(12_000);
         let start = (start..text.len())
             .find(|&s| text.is_char_boundary(s))
             .unwrap_or(text.len());
@@ -435,6 +435,15 @@ impl EtcdCluster {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
+            // A member that exited on its own (not through kill()) is worth a word: tests
+            // failing with "connection refused" are otherwise a mystery.
+            if let Some(Ok(Some(status))) = self.members[i].child.as_mut().map(|c| c.try_wait()) {
+                eprintln!(
+                    "etcd-coord testkit: etcd member {} exited on its own ({status}); end of its log:\n{}",
+                    self.members[i].name,
+                    self.log_tail(i)
+                );
+            }
             self.kill(i);
         }
     }

@@ -1,0 +1,111 @@
+//! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
+
+use crate::engine::{self, holding_guard, Holding};
+use crate::keys::{Named, Queue};
+#[cfg(doc)]
+use crate::Fence;
+use crate::{Error, LeasedSession};
+
+/// A distributed counting semaphore with `permits` permits, served in FIFO order.
+///
+/// Each acquisition puts its own key under the session's lease; it holds a permit while fewer
+/// than `permits` keys created before its own remain. A waiter watches only the `permits`-th
+/// key ahead of it (Curator's `children[ourIndex - maxLeases]`), so a release wakes exactly one
+/// waiter. It is the [`Mutex`](crate::Mutex)'s engine with that one difference; with one
+/// permit it is a mutex.
+///
+/// Every handle on the same name must use the same number of permits.
+///
+/// # Example
+/// ```no_run
+/// # async fn demo() -> Result<(), etcd_coord::Error> {
+/// use etcd_coord::{LeasedSession, Semaphore, SessionOptions};
+///
+/// let client = etcd_client::Client::connect(["127.0.0.1:2379"], None).await?;
+/// let session = LeasedSession::new(client, SessionOptions::new()).await?;
+/// let downloads = Semaphore::new(&session, "limits/downloads", 3);
+/// let permit = downloads.acquire().await?; // at most 3 holders across the fleet
+/// permit.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Semaphore {
+    session: LeasedSession,
+    named: Named,
+    permits: usize,
+}
+
+impl Semaphore {
+    /// A handle on the semaphore `name` with `permits` permits. Does no I/O; an invalid name or
+    /// zero permits is reported by the operations.
+    pub fn new(session: &LeasedSession, name: impl Into<String>, permits: usize) -> Semaphore {
+        Semaphore {
+            session: session.clone(),
+            named: Named::new(name),
+            permits,
+        }
+    }
+
+    /// The semaphore's name.
+    pub fn name(&self) -> &str {
+        self.named.name()
+    }
+
+    /// The number of permits.
+    pub fn permits(&self) -> usize {
+        self.permits
+    }
+
+    fn queue(&self) -> Result<&Queue, Error> {
+        if self.permits == 0 {
+            return Err(Error::InvalidArgument(
+                "a semaphore needs at least one permit".into(),
+            ));
+        }
+        self.named.queue()
+    }
+
+    /// Waits for a permit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name or zero permits;
+    /// [`Error::SessionLost`] / [`Error::SessionClosed`] if the session is or becomes Lost;
+    /// [`Error::LockLost`] if the waiter's key is deleted while it waits.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future at any point leaves no key behind.
+    pub async fn acquire(&self) -> Result<SemaphorePermit, Error> {
+        let queue = self.queue()?;
+        let blocker = queue.blocker("", self.permits);
+        let acquired = engine::acquire(&self.session, queue, "", blocker, Vec::new()).await?;
+        Ok(SemaphorePermit::from_holding(Holding::new(
+            self.session.clone(),
+            acquired,
+        )))
+    }
+
+    /// Takes a permit if one is free and nobody waits, else `None` (leaving no key behind).
+    ///
+    /// # Errors
+    /// As [`acquire()`](Self::acquire), but never waits.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`acquire()`](Self::acquire).
+    pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>, Error> {
+        let queue = self.queue()?;
+        let blocker = queue.blocker("", self.permits);
+        Ok(
+            engine::try_acquire(&self.session, queue, "", blocker, Vec::new())
+                .await?
+                .map(|a| SemaphorePermit::from_holding(Holding::new(self.session.clone(), a))),
+        )
+    }
+}
+
+holding_guard! {
+    /// One permit of a [`Semaphore`]. Releases when dropped (in the background, through the
+    /// session's task) or deterministically with [`release()`](Self::release). Dereferences to
+    /// its [`Fence`] ([`fencing_token()`](Fence::fencing_token), [`lost()`](Fence::lost), …).
+    #[must_use = "dropping a SemaphorePermit releases it at once"]
+    pub struct SemaphorePermit;
+}

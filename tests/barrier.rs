@@ -1,0 +1,263 @@
+//! `Barrier` and `DoubleBarrier` against real etcd.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_coord::{Barrier, DoubleBarrier, Error};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_block_while_the_barrier_is_up_and_all_return_promptly_when_it_comes_down() {
+    let etcd = etcd().await;
+    let name = unique("gate");
+    let holder = session(&etcd, 30).await;
+    let hold = Barrier::new(&holder, &name).hold().await.unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..5 {
+        let s = session(&etcd, 30).await;
+        let b = Barrier::new(&s, &name);
+        waiters.push(tokio::spawn(async move {
+            b.wait().await.unwrap();
+            drop(s);
+            Instant::now()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "a waiter passed a raised barrier"
+    );
+    let released = Instant::now();
+    hold.release().await.unwrap();
+    for w in waiters {
+        let passed = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            passed - released < Duration::from_secs(2),
+            "a waiter took {:?}",
+            passed - released
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_at_once_when_the_barrier_is_down() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        Barrier::new(&s, unique("down")).wait(),
+    )
+    .await
+    .expect("no barrier: no wait")
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lease_is_lost_releases_the_barrier() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("gate-lost");
+    let holder = session(&etcd, 30).await;
+    let _hold = Barrier::new(&holder, &name).hold().await.unwrap();
+    let s = session(&etcd, 30).await;
+    let b = Barrier::new(&s, &name);
+    let waiter = tokio::spawn(async move { b.wait().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished());
+    admin.lease_revoke(holder.lease_id()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the barrier came down with its holder's lease")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holding_a_barrier_that_is_up_is_a_typed_error() {
+    let etcd = etcd().await;
+    let name = unique("gate-twice");
+    let a = session(&etcd, 10).await;
+    let b = session(&etcd, 10).await;
+    let hold = Barrier::new(&a, &name).hold().await.unwrap();
+    assert!(matches!(
+        Barrier::new(&b, &name).hold().await,
+        Err(Error::AlreadyHeld { .. })
+    ));
+    assert!(matches!(
+        Barrier::new(&a, &name).hold().await,
+        Err(Error::AlreadyHeld { .. })
+    ));
+    // The failed attempts changed nothing: the first holder still holds.
+    hold.txn_if_owner([]).await.expect("still up, still ours");
+    hold.release().await.unwrap();
+    let _held = Barrier::new(&b, &name).hold().await.expect("free again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_hold_leaves_no_barrier_up() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("gate-cancel");
+    let s = session(&etcd, 30).await;
+    let b = Barrier::new(&s, &name);
+    for micros in (0..3_000).step_by(150) {
+        let _ = tokio::time::timeout(Duration::from_micros(micros), b.hold()).await;
+    }
+    s.settled().await;
+    assert!(keys_under(&observer, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_passes_enter_before_count_have_entered() {
+    let etcd = etcd().await;
+    let name = unique("double-enter");
+    let mut entering = Vec::new();
+    for _ in 0..2 {
+        let s = session(&etcd, 30).await;
+        let db = DoubleBarrier::new(&s, &name, 3);
+        entering.push(tokio::spawn(async move { db.enter().await.unwrap() }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        entering.iter().all(|e| !e.is_finished()),
+        "passed with 2 of 3"
+    );
+    let third = session(&etcd, 30).await;
+    let _inside = tokio::time::timeout(
+        Duration::from_secs(5),
+        DoubleBarrier::new(&third, &name, 3).enter(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for e in entering {
+        let _inside = tokio::time::timeout(Duration::from_secs(5), e)
+            .await
+            .expect("entered with 3 of 3")
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_passes_leave_before_all_have_left_and_the_barrier_is_reusable() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("double-leave");
+    let sessions = [
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+    ];
+    let mut inside = Vec::new();
+    for s in &sessions {
+        let db = DoubleBarrier::new(s, &name, 3);
+        inside.push(tokio::spawn(async move { db.enter().await.unwrap() }));
+    }
+    let mut guards = Vec::new();
+    for i in inside {
+        guards.push(
+            tokio::time::timeout(Duration::from_secs(5), i)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let last = guards.pop().unwrap();
+    let leaving: Vec<_> = guards
+        .into_iter()
+        .map(|g| tokio::spawn(g.leave()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        leaving.iter().all(|l| !l.is_finished()),
+        "left while one was still inside"
+    );
+    last.leave().await.unwrap();
+    for l in leaving {
+        tokio::time::timeout(Duration::from_secs(5), l)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        keys_under(&observer, &name).await.is_empty(),
+        "participants or the latch remain"
+    );
+    // A second round waits for its own three again.
+    let db = DoubleBarrier::new(&sessions[0], &name, 3);
+    assert!(tokio::time::timeout(Duration::from_millis(400), db.enter())
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_whose_lease_ends_counts_as_having_left() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("double-lost");
+    let sessions = [
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+    ];
+    let mut entering = Vec::new();
+    for s in &sessions {
+        let db = DoubleBarrier::new(s, &name, 3);
+        entering.push(tokio::spawn(async move { db.enter().await.unwrap() }));
+    }
+    let mut guards = Vec::new();
+    for e in entering {
+        guards.push(
+            tokio::time::timeout(Duration::from_secs(5), e)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let lost = guards.pop().unwrap();
+    let leaving: Vec<_> = guards
+        .into_iter()
+        .map(|g| tokio::spawn(g.leave()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(leaving.iter().all(|l| !l.is_finished()));
+    admin.lease_revoke(sessions[2].lease_id()).await.unwrap();
+    for l in leaving {
+        tokio::time::timeout(Duration::from_secs(5), l)
+            .await
+            .expect("the others left once the lost participant's key was gone")
+            .unwrap()
+            .unwrap();
+    }
+    assert!(matches!(
+        lost.leave().await,
+        Err(Error::LockLost { .. }) | Err(Error::SessionLost(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_barrier_for_zero_participants_is_a_typed_error() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    assert!(matches!(
+        DoubleBarrier::new(&s, unique("zero"), 0).enter().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        DoubleBarrier::new(&s, "", 2).enter().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        Barrier::new(&s, "a#b").hold().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        Barrier::new(&s, "").wait().await,
+        Err(Error::InvalidArgument(_))
+    ));
+}

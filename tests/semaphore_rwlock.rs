@@ -1,0 +1,279 @@
+//! `Semaphore` and `RwLock` against real etcd.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use common::*;
+use etcd_coord::{Error, RwLock, Semaphore};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_never_has_more_than_its_permits_holders() {
+    const PERMITS: usize = 3;
+    let etcd = etcd().await;
+    let name = unique("sem-limit");
+    let holding = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = session(&etcd, 10).await;
+        let (name, holding, most) = (name.clone(), Arc::clone(&holding), Arc::clone(&most));
+        tasks.push(tokio::spawn(async move {
+            let sem = Semaphore::new(&s, &name, PERMITS);
+            for _ in 0..5 {
+                let permit = sem.acquire().await.unwrap();
+                let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                assert!(now <= PERMITS, "{now} holders of {PERMITS} permits");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                holding.fetch_sub(1, Ordering::SeqCst);
+                permit.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        PERMITS,
+        "permits were never used in parallel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_waiters_are_served_in_fifo_order() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-fifo");
+    let holder = session(&etcd, 30).await;
+    let sem = Semaphore::new(&holder, &name, 2);
+    let first = sem.acquire().await.unwrap();
+    let second = sem.acquire().await.unwrap();
+    let order = Arc::new(StdMutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        let s = session(&etcd, 30).await;
+        let (waiter_name, order) = (name.clone(), Arc::clone(&order));
+        waiters.push(tokio::spawn(async move {
+            let permit = Semaphore::new(&s, &waiter_name, 2).acquire().await.unwrap();
+            order.lock().unwrap().push(i);
+            (s, permit)
+        }));
+        let n = name.clone();
+        let obs = observer.clone();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                keys_under(&obs, &n).await.len() == 3 + i
+            })
+            .await
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "a waiter got a permit while both were held"
+    );
+    first.release().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            order.lock().unwrap().len() == 1
+        })
+        .await
+    );
+    second.release().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            order.lock().unwrap().len() == 2
+        })
+        .await
+    );
+    let mut held = Vec::new();
+    for w in waiters.drain(..2) {
+        held.push(w.await.unwrap());
+    }
+    held.remove(0).1.release().await.unwrap();
+    let _third = waiters.remove(0).await.unwrap();
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_acquire_returns_none_when_all_permits_are_taken_and_leaves_no_key() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-try");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let sem_a = Semaphore::new(&a, &name, 2);
+    let p1 = sem_a.try_acquire().await.unwrap().expect("a free permit");
+    let _p2 = sem_a
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("a second free permit");
+    let sem_b = Semaphore::new(&b, &name, 2);
+    assert!(sem_b.try_acquire().await.unwrap().is_none());
+    b.settled().await;
+    assert_eq!(keys_under(&observer, &name).await.len(), 2);
+    p1.release().await.unwrap();
+    assert!(sem_b.try_acquire().await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_acquire_leaves_no_key() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-cancel");
+    let holder = session(&etcd, 30).await;
+    let _held = Semaphore::new(&holder, &name, 1).acquire().await.unwrap();
+    let s = session(&etcd, 30).await;
+    let sem = Semaphore::new(&s, &name, 1);
+    for micros in (0..3_000).step_by(150) {
+        let _ = tokio::time::timeout(Duration::from_micros(micros), sem.acquire()).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sem.acquire())
+            .await
+            .is_err()
+    );
+    s.settled().await;
+    assert_eq!(keys_under(&observer, &name).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_permits_and_bad_names_are_typed_errors() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    assert!(matches!(
+        Semaphore::new(&s, unique("zero"), 0).acquire().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        Semaphore::new(&s, unique("zero"), 0).try_acquire().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        RwLock::new(&s, "").read().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        RwLock::new(&s, "x#y").write().await,
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_overlap_and_writers_exclude_everyone() {
+    let etcd = etcd().await;
+    let name = unique("rw-basic");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let la = RwLock::new(&a, &name);
+    let lb = RwLock::new(&b, &name);
+    let r1 = tokio::time::timeout(Duration::from_secs(2), la.read())
+        .await
+        .unwrap()
+        .unwrap();
+    let r2 = tokio::time::timeout(Duration::from_secs(2), lb.read())
+        .await
+        .expect("readers overlap")
+        .unwrap();
+    assert!(
+        lb.try_write().await.unwrap().is_none(),
+        "a writer got in beside readers"
+    );
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    let w = la.write().await.unwrap();
+    assert!(
+        lb.try_read().await.unwrap().is_none(),
+        "a reader got in beside a writer"
+    );
+    assert!(lb.try_write().await.unwrap().is_none(), "two writers");
+    let token = w.fencing_token();
+    w.release().await.unwrap();
+    let w2 = lb.try_write().await.unwrap().expect("free");
+    assert!(w2.fencing_token() > token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_writer_is_not_starved_by_later_readers() {
+    let etcd = etcd().await;
+    let name = unique("rw-starve");
+    let r = session(&etcd, 30).await;
+    let w = session(&etcd, 30).await;
+    let first_reader = RwLock::new(&r, &name).read().await.unwrap();
+    let lw = RwLock::new(&w, &name);
+    let writer = tokio::spawn(async move { lw.write().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A stream of readers arriving after the writer queue behind it.
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        let s = session(&etcd, 30).await;
+        let l = RwLock::new(&s, &name);
+        later.push(tokio::spawn(async move { (l.read().await.unwrap(), s) }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        later.iter().all(|h| !h.is_finished()),
+        "a later reader overtook the waiting writer"
+    );
+    assert!(!writer.is_finished());
+    first_reader.release().await.unwrap();
+    let wg = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        later.iter().all(|h| !h.is_finished()),
+        "a reader got in beside the writer"
+    );
+    wg.release().await.unwrap();
+    for h in later {
+        let (_reading, _session) = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_waiting_readers_lease_never_lets_two_writers_in() {
+    // etcd #16221: W1 writes; R waits on W1; W2 waits on R. R's lease is revoked mid-wait, so
+    // W2's blocker vanishes while W1 still holds. W2 must re-check and keep waiting.
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("rw-16221");
+    let s1 = session(&etcd, 30).await;
+    let sr = session(&etcd, 30).await;
+    let s2 = session(&etcd, 30).await;
+    let w1 = RwLock::new(&s1, &name).write().await.unwrap();
+    let lr = RwLock::new(&sr, &name);
+    let reader = tokio::spawn(async move { lr.read().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let l2 = RwLock::new(&s2, &name);
+    let w2 = tokio::spawn(async move { l2.write().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin.lease_revoke(sr.lease_id()).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !w2.is_finished(),
+        "a second writer got in while the first still holds"
+    );
+    w1.txn_if_owner([])
+        .await
+        .expect("the first writer still owns");
+    w1.release().await.unwrap();
+    let _second = tokio::time::timeout(Duration::from_secs(5), w2)
+        .await
+        .expect("second writer after the first")
+        .unwrap();
+}
