@@ -1,8 +1,9 @@
 //! Compile-time properties of the public types.
 
 use etcd_coord::{
-    Election, Error, Fence, LeaderEvent, LeaderInfo, LeaderSelector, LeaderTerm, Leadership,
-    LeasedSession, Mutex, MutexGuard, SessionOptions,
+    Barrier, BarrierHold, DoubleBarrier, DoubleBarrierGuard, Election, Error, Fence, LeaderEvent,
+    LeaderInfo, LeaderSelector, LeaderTerm, Leadership, LeasedSession, Mutex, MutexGuard, RwLock,
+    RwLockReadGuard, RwLockWriteGuard, Semaphore, SemaphorePermit, SessionOptions,
 };
 use static_assertions::{assert_impl_all, assert_not_impl_any};
 
@@ -10,6 +11,20 @@ use static_assertions::{assert_impl_all, assert_not_impl_any};
 assert_impl_all!(MutexGuard: Send, Sync, std::fmt::Debug);
 assert_not_impl_any!(MutexGuard: Clone);
 assert_impl_all!(Leadership: Send, Sync, std::fmt::Debug);
+assert_impl_all!(SemaphorePermit: Send, Sync, std::fmt::Debug);
+assert_impl_all!(RwLockReadGuard: Send, Sync, std::fmt::Debug);
+assert_impl_all!(RwLockWriteGuard: Send, Sync, std::fmt::Debug);
+assert_impl_all!(BarrierHold: Send, Sync, std::fmt::Debug);
+assert_impl_all!(DoubleBarrierGuard: Send, Sync, std::fmt::Debug);
+assert_not_impl_any!(SemaphorePermit: Clone);
+assert_not_impl_any!(RwLockReadGuard: Clone);
+assert_not_impl_any!(RwLockWriteGuard: Clone);
+assert_not_impl_any!(BarrierHold: Clone);
+assert_not_impl_any!(DoubleBarrierGuard: Clone);
+assert_impl_all!(Semaphore: Clone, Send, Sync);
+assert_impl_all!(RwLock: Clone, Send, Sync);
+assert_impl_all!(Barrier: Clone, Send, Sync);
+assert_impl_all!(DoubleBarrier: Clone, Send, Sync);
 assert_not_impl_any!(Leadership: Clone);
 // Fences and terms are capabilities to hand to other tasks; they release nothing on drop.
 assert_impl_all!(Fence: Clone, Send, Sync);
@@ -60,6 +75,28 @@ fn election_futures_are_send(election: Election, mut leadership: Leadership) {
     let lost = leadership.lost();
     is_static(&lost);
     is_send(&leadership.resign());
+}
+
+#[allow(dead_code, unused_must_use)]
+fn other_primitives_futures_are_send(
+    sem: Semaphore,
+    rw: RwLock,
+    barrier: Barrier,
+    double: DoubleBarrier,
+    permit: SemaphorePermit,
+    inside: DoubleBarrierGuard,
+) {
+    is_send(&sem.acquire());
+    is_send(&sem.try_acquire());
+    is_send(&rw.read());
+    is_send(&rw.write());
+    is_send(&rw.try_read());
+    is_send(&rw.try_write());
+    is_send(&barrier.hold());
+    is_send(&barrier.wait());
+    is_send(&double.enter());
+    is_send(&permit.release());
+    is_send(&inside.leave());
 }
 
 #[test]
