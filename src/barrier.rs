@@ -309,7 +309,7 @@ impl DoubleBarrierGuard {
                     .with_prefix(),
             ])
             .and_then([TxnOp::delete(self.ready.as_str(), None)]);
-        engine::send_txn(&shared, clear).await?;
+        engine::send_txn(&shared, clear, engine::Kind::Write).await?;
         Ok(())
     }
 }

@@ -78,16 +78,37 @@ macro_rules! holding_guard {
 }
 pub(crate) use holding_guard;
 
+/// Whether a Txn contains a write (a put or a delete, in either branch).
+///
+/// etcd sends a Txn with any write through raft and applies it with a context of its own, so
+/// cancelling the request is harmless. A read-only Txn is applied with the request's context,
+/// and etcd before 3.5.5 panics — the whole server — if that context is cancelled while the Txn
+/// is applied (etcd #14110). Read-only Txns (and any whose content we do not control) are
+/// therefore never cancelled in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Contains a put or a delete: may be cancelled.
+    Write,
+    /// May be read-only: must not be cancelled in flight.
+    MaybeReadOnly,
+}
+
 /// Sends `txn` with the session's request timeout.
 ///
-/// The request is never cancelled mid-flight: it runs in a short task of the session, and a
-/// caller that gives up (its future dropped, or the request timeout) only stops waiting. etcd
-/// before 3.5.5 passes the request's context into the applier of read-only Txns and panics
-/// — the whole server — when that context is cancelled while the Txn is applied (etcd #14110).
-/// The task itself gives up only after [`ABANDON_AFTER`] request timeouts.
-pub(crate) async fn send_txn(shared: &Shared, txn: Txn) -> Result<TxnResponse, Error> {
-    let (tx, rx) = oneshot::channel();
+/// A [`Kind::MaybeReadOnly`] Txn is never cancelled mid-flight: it runs in a short task of the
+/// session, and a caller that gives up (its future dropped, or the request timeout) only stops
+/// waiting; the task gives up after [`ABANDON_AFTER`] request timeouts. A [`Kind::Write`] Txn
+/// is sent directly.
+pub(crate) async fn send_txn(shared: &Shared, txn: Txn, kind: Kind) -> Result<TxnResponse, Error> {
+    crate::session::Counters::add(&shared.counters.txns, 1);
     let mut kv = shared.client.kv_client();
+    if kind == Kind::Write {
+        return match timeout(shared.request_timeout, kv.txn(txn)).await {
+            Err(_) => Err(Error::Timeout(shared.request_timeout)),
+            Ok(answer) => Ok(answer?),
+        };
+    }
+    let (tx, rx) = oneshot::channel();
     let patience = shared.request_timeout * ABANDON_AFTER;
     shared.spawn(async move {
         if let Ok(answer) = timeout(patience, kv.txn(txn)).await {
@@ -233,10 +254,11 @@ where
 async fn send_until_answered(
     shared: &Arc<Shared>,
     txn: impl Fn() -> Txn,
+    kind: Kind,
 ) -> Result<TxnResponse, Error> {
     let mut backoff = Backoff::for_requests();
     loop {
-        match unless_lost(shared, send_txn(shared, txn())).await {
+        match unless_lost(shared, send_txn(shared, txn(), kind)).await {
             Err(e) if e.is_retryable() => {
                 tracing::debug!(error = %e, "request failed; retrying it unchanged");
                 back_off(shared, &mut backoff).await?;
@@ -260,9 +282,11 @@ async fn enqueue(
         let shared = Arc::clone(shared);
         let key = key.to_owned();
         async move {
-            let resp = send_until_answered(&shared, || {
-                keys::enqueue_txn(&key, value.clone(), shared.lease_id, reads.clone())
-            })
+            let resp = send_until_answered(
+                &shared,
+                || keys::enqueue_txn(&key, value.clone(), shared.lease_id, reads.clone()),
+                Kind::Write,
+            )
             .await?;
             let revision = keys::header_revision(&resp)?;
             let gets = keys::txn_gets(&resp);
@@ -302,9 +326,11 @@ async fn read_fenced(
     ticket: &Ticket,
     reads: &[TxnOp],
 ) -> Result<Snapshot, Error> {
-    let resp = send_until_answered(shared, || {
-        keys::fenced_reads(&ticket.key, ticket.create_revision, reads.to_vec())
-    })
+    let resp = send_until_answered(
+        shared,
+        || keys::fenced_reads(&ticket.key, ticket.create_revision, reads.to_vec()),
+        Kind::MaybeReadOnly,
+    )
     .await?;
     if !resp.succeeded() {
         return Err(Error::LockLost {
@@ -395,6 +421,7 @@ impl Watched {
 /// wait, the caller confirms with a fresh read while the watch is already in place: anything
 /// after the watch's revision is delivered, anything up to the fresh read's is seen by it.
 struct ChangeWatch {
+    shared: Arc<Shared>,
     stream: etcd_client::WatchStream,
     targets: Vec<Watched>,
     own: Option<(String, i64)>,
@@ -429,6 +456,7 @@ impl ChangeWatch {
                         .await?;
                 }
                 let mut watch = ChangeWatch {
+                    shared: Arc::clone(shared),
                     stream,
                     targets: targets.to_vec(),
                     own: own.map(|(k, r)| (k.to_owned(), r)),
@@ -475,6 +503,10 @@ impl ChangeWatch {
 
     /// What a watch response means for this wait, if anything.
     fn classify(&self, resp: &etcd_client::WatchResponse) -> Option<Result<Woken, Error>> {
+        crate::session::Counters::add(
+            &self.shared.counters.watch_events,
+            resp.events().len() as u64,
+        );
         if resp.canceled() && !resp.created() {
             tracing::debug!(
                 compact_revision = resp.compact_revision(),
@@ -588,7 +620,7 @@ where
                 });
             }
             Decision::Act(txn) => {
-                unless_lost(shared, send_txn(shared, txn)).await?;
+                unless_lost(shared, send_txn(shared, txn, Kind::Write)).await?;
             }
             Decision::Wait(targets) => {
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
@@ -689,14 +721,18 @@ pub(crate) async fn create_exclusive(
         let shared = Arc::clone(shared);
         let key = key.to_owned();
         async move {
-            let resp = send_until_answered(&shared, || {
-                keys::enqueue_txn(
-                    &key,
-                    value.clone().into_bytes(),
-                    shared.lease_id,
-                    Vec::new(),
-                )
-            })
+            let resp = send_until_answered(
+                &shared,
+                || {
+                    keys::enqueue_txn(
+                        &key,
+                        value.clone().into_bytes(),
+                        shared.lease_id,
+                        Vec::new(),
+                    )
+                },
+                Kind::Write,
+            )
             .await?;
             let revision = keys::header_revision(&resp)?;
             if resp.succeeded() {
@@ -745,6 +781,7 @@ pub(crate) async fn try_acquire(
             if send_txn(
                 shared,
                 keys::fenced_delete(&ticket.key, ticket.create_revision),
+                Kind::Write,
             )
             .await
             .is_ok()
@@ -765,9 +802,11 @@ pub(crate) async fn try_acquire(
         let shared = Arc::clone(shared);
         let key = key.clone();
         async move {
-            let resp = send_until_answered(&shared, || {
-                keys::try_enqueue_txn(&blocker, &key, value.clone(), shared.lease_id)
-            })
+            let resp = send_until_answered(
+                &shared,
+                || keys::try_enqueue_txn(&blocker, &key, value.clone(), shared.lease_id),
+                Kind::Write,
+            )
             .await?;
             let revision = keys::header_revision(&resp)?;
             if resp.succeeded() {
@@ -819,7 +858,12 @@ pub(crate) async fn try_acquire(
 
 /// Runs `reads` (one round trip, retried on transport errors while the session lives).
 pub(crate) async fn read(shared: &Arc<Shared>, reads: Vec<TxnOp>) -> Result<Snapshot, Error> {
-    let resp = send_until_answered(shared, || Txn::new().and_then(reads.clone())).await?;
+    let resp = send_until_answered(
+        shared,
+        || Txn::new().and_then(reads.clone()),
+        Kind::MaybeReadOnly,
+    )
+    .await?;
     Ok(Snapshot {
         revision: keys::header_revision(&resp)?,
         gets: keys::txn_gets(&resp),
@@ -838,7 +882,7 @@ pub(crate) async fn wait_gone(
     let check = Txn::new().when([keys::owner_compare(key, create_revision)]);
     loop {
         let still_there = || async {
-            let resp = send_until_answered(shared, || check.clone()).await?;
+            let resp = send_until_answered(shared, || check.clone(), Kind::MaybeReadOnly).await?;
             Ok(resp.succeeded())
         };
         match wait_for_change(shared, &[Watched::deleted(key)], None, seen_at, still_there).await? {
@@ -906,7 +950,7 @@ impl Fence {
         let shared = self.session.shared();
         shared.check()?;
         let txn = Txn::new().when([self.owner_compare()]).and_then(ops.into());
-        let resp = send_txn(shared, txn).await?;
+        let resp = send_txn(shared, txn, Kind::MaybeReadOnly).await?;
         if resp.succeeded() {
             Ok(resp)
         } else {
@@ -993,12 +1037,7 @@ impl Holding {
             if attempt > 0 {
                 sleep(backoff.next_delay()).await;
             }
-            match send_txn(
-                &shared,
-                keys::fenced_delete(&fence.key, fence.create_revision),
-            )
-            .await
-            {
+            match send_txn(&shared, self.release_txn.clone(), Kind::Write).await {
                 Ok(resp) => {
                     self.released = true;
                     return if resp.succeeded() || self.release_maybe_landed {

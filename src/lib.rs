@@ -60,7 +60,8 @@ pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use selector::{LeaderSelector, LeaderTerm};
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use session::{
-    BackgroundTasks, LeasedSession, SessionOptions, SessionState, MAX_LEASE_TTL_SECS,
+    BackgroundTasks, LeasedSession, SessionMetrics, SessionOptions, SessionState,
+    MAX_LEASE_TTL_SECS,
 };
 
 /// Client settings under which a dead or blackholed connection is noticed within about two

@@ -140,6 +140,32 @@ impl SessionOptions {
     }
 }
 
+/// Counters of what a session has sent and received, for diagnostics and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionMetrics {
+    /// Lease refresh requests sent (including the one that opens each keep-alive stream).
+    pub keepalive_requests: u64,
+    /// Txns sent by the session's primitives and background clean-ups.
+    pub txns: u64,
+    /// Watch events delivered to the session's waits (a hand-off that wakes one waiter
+    /// delivers one).
+    pub watch_events: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) keepalive_requests: AtomicU64,
+    pub(crate) txns: AtomicU64,
+    pub(crate) watch_events: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// Where a session stands. See [`LeasedSession`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SessionState {
@@ -204,6 +230,7 @@ pub(crate) struct Shared {
     stop: CancellationToken,
     closing: AtomicBool,
     tasks: TaskTracker,
+    pub(crate) counters: Counters,
 }
 
 impl Shared {
@@ -422,6 +449,7 @@ impl LeasedSession {
             stop: stop.clone(),
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
+            counters: Counters::default(),
         });
         // Closed at once: `wait()` completes whenever no task runs (spawning stays possible).
         shared.tasks.close();
@@ -489,6 +517,16 @@ impl LeasedSession {
     pub fn background_tasks(&self) -> BackgroundTasks {
         BackgroundTasks {
             tracker: self.handle.shared.tasks.clone(),
+        }
+    }
+
+    /// What the session has sent and received so far.
+    pub fn metrics(&self) -> SessionMetrics {
+        let c = &self.handle.shared.counters;
+        SessionMetrics {
+            keepalive_requests: c.keepalive_requests.load(Ordering::Relaxed),
+            txns: c.txns.load(Ordering::Relaxed),
+            watch_events: c.watch_events.load(Ordering::Relaxed),
         }
     }
 
@@ -600,6 +638,7 @@ async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReason {
     loop {
         // Opening the stream sends the first refresh and waits for its answer.
         let sent = Instant::now();
+        Counters::add(&shared.counters.keepalive_requests, 1);
         let opened = before(
             live.deadline(),
             timeout(shared.keepalive_timeout, leases.keep_alive(shared.lease_id)),
@@ -622,6 +661,7 @@ async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReason {
                         break;
                     }
                     let sent = Instant::now();
+                    Counters::add(&shared.counters.keepalive_requests, 1);
                     if keeper.keep_alive().await.is_err() {
                         live.on_failure(Instant::now());
                         break;
@@ -717,6 +757,7 @@ async fn clean_up(shared: &Shared, job: Job) {
                 Cleanup::Txn { txn, .. } => txn.clone(),
             };
             let mut kv = shared.client.kv_client();
+            Counters::add(&shared.counters.txns, 1);
             match timeout(shared.request_timeout, kv.txn(txn)).await {
                 Ok(Ok(resp)) => {
                     tracing::debug!(key, deleted = resp.succeeded(), "background clean-up done");

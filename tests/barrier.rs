@@ -261,3 +261,37 @@ async fn a_double_barrier_for_zero_participants_is_a_typed_error() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_participant_to_drop_its_guard_takes_the_latch_down() {
+    // Dropping a guard runs only the leave Txn (no waiting, no final clear): the latch must go
+    // with the last participant's key, in that one Txn (a nested Txn whose compare sees the
+    // state before the delete).
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("double-drop");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let da = DoubleBarrier::new(&a, &name, 2);
+    let db = DoubleBarrier::new(&b, &name, 2);
+    let (ga, gb) = tokio::join!(da.enter(), db.enter());
+    let (ga, gb) = (ga.unwrap(), gb.unwrap());
+    assert_eq!(
+        keys_under(&observer, &name).await.len(),
+        3,
+        "two participants and the latch"
+    );
+    drop(ga);
+    a.settled().await;
+    assert_eq!(
+        keys_under(&observer, &name).await.len(),
+        2,
+        "not the last: the latch stays"
+    );
+    drop(gb);
+    b.settled().await;
+    assert!(
+        keys_under(&observer, &name).await.is_empty(),
+        "the last one out took the latch"
+    );
+}
