@@ -470,6 +470,11 @@ async fn guards_scale(
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse_args()?;
+    // RUST_LOG=etcd_coord=trace prints the hand-off steps with timestamps (a profile).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -544,6 +544,10 @@ impl ChangeWatch {
             match msg {
                 Ok(Some(resp)) => {
                     if let Some(outcome) = self.classify(&resp) {
+                        tracing::trace!(
+                            revision = resp.header().map_or(0, |h| h.revision()),
+                            "woken"
+                        );
                         return outcome;
                     }
                 }
@@ -607,10 +611,15 @@ where
     loop {
         let snapshot = match first.take() {
             Some(s) => s,
-            None => read_fenced(shared, &ticket, &reads).await?,
+            None => {
+                let s = read_fenced(shared, &ticket, &reads).await?;
+                tracing::trace!(key = %ticket.key, revision = s.revision, "re-read");
+                s
+            }
         };
         match decide(&snapshot) {
             Decision::Through => {
+                tracing::trace!(key = %ticket.key, "through");
                 shared.check()?;
                 let (key, create_revision) = ticket.disarm();
                 return Ok(Acquired {
@@ -1037,8 +1046,10 @@ impl Holding {
             if attempt > 0 {
                 sleep(backoff.next_delay()).await;
             }
+            tracing::trace!(key = %fence.key, "release sent");
             match send_txn(&shared, self.release_txn.clone(), Kind::Write).await {
                 Ok(resp) => {
+                    tracing::trace!(key = %fence.key, "release answered");
                     self.released = true;
                     return if resp.succeeded() || self.release_maybe_landed {
                         Ok(())
