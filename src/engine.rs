@@ -666,13 +666,19 @@ pub(crate) struct Acquired {
 /// The queue decision: through when `blocker` finds fewer than `nth` keys created before ours;
 /// else wait for the deletion of the one that blocks.
 fn queue_decision(blocker: &Blocker) -> impl FnMut(&Snapshot) -> Decision + '_ {
-    move |snapshot| match snapshot
-        .gets
-        .first()
-        .and_then(|g| keys::nth_blocker(g, blocker.nth))
-    {
-        None => Decision::Through,
-        Some(kv) => Decision::Wait(vec![Watched::deleted(kv.key())]),
+    move |snapshot| {
+        #[cfg(feature = "testkit")]
+        if crate::testkit::broken_lock_enabled() {
+            return Decision::Through; // deliberately unsafe: see testkit::set_broken_lock
+        }
+        let blocking = snapshot
+            .gets
+            .first()
+            .and_then(|g| keys::nth_blocker(g, blocker.nth));
+        match blocking {
+            None => Decision::Through,
+            Some(kv) => Decision::Wait(vec![Watched::deleted(kv.key())]),
+        }
     }
 }
 

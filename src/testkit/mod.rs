@@ -7,6 +7,9 @@
 //! * [`FaultProxy`] sits between a client and one etcd member and injects toxiproxy-style
 //!   faults into live connections: blackhole, dropped responses, latency with jitter, reset,
 //!   refusing new connections, a bandwidth limit.
+//! * [`checker`] records what clients believed and did and verifies the history, after
+//!   Jepsen's lock checker (fencing tokens increase, no overlapping holders, stale writes
+//!   rejected, no acquisition after the lease was gone).
 //! * [`TestEtcd`] is what a test usually wants: the cluster named by `ETCD_ENDPOINTS` if that
 //!   is set, else a fresh one it starts itself.
 //!
@@ -26,11 +29,27 @@
 //! # drop(client); Ok(()) }
 //! ```
 
+pub mod checker;
 mod etcd;
 mod proxy;
 
 pub use etcd::{find_etcd_binary, EtcdCluster, TestEtcd};
 pub use proxy::{FaultProxy, Faults};
+
+static BROKEN_LOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// **Test-only, deliberately unsafe**: while enabled, every queue acquisition in this process
+/// (Mutex, Election, Semaphore, RwLock) stops waiting for its turn — a broken lock that lets
+/// several holders in at once. It exists to show that the [`checker`] catches violations; it is
+/// compiled only with the `testkit` feature and is off unless a test turns it on.
+#[doc(hidden)]
+pub fn set_broken_lock(enabled: bool) {
+    BROKEN_LOCK.store(enabled, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub(crate) fn broken_lock_enabled() -> bool {
+    BROKEN_LOCK.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Errors of the test kit.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,374 @@
+//! The chaos harness: cluster, proxies, contending clients, fault schedule, checker.
+#![allow(dead_code)] // shared by two test binaries, each using part of it
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, TxnOp};
+use etcd_coord::testkit::checker::{FencedRegister, History};
+use etcd_coord::testkit::{EtcdCluster, FaultProxy};
+use etcd_coord::{BackgroundTasks, Election, LeasedSession, Mutex, SessionOptions};
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+/// Contending clients (each through the proxy of member `i % members`).
+pub const CLIENTS: usize = 4;
+/// Session TTL: faults "longer than the TTL" last TTL + 2 s.
+const TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy)]
+pub enum Primitive {
+    Mutex,
+    Election,
+}
+
+/// One fault of a schedule.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Blackhole client `i`'s connection for longer than the TTL.
+    BlackholeClient(usize),
+    /// Reset client `i`'s connections.
+    ResetClient(usize),
+    /// 300 ms (± 100 ms) latency on client `i`'s path, keepalives included, for 2 s.
+    LatencySpike(usize),
+    /// SIGKILL the etcd leader; restart it 2 s later.
+    KillLeader,
+    /// Restart member `m`.
+    RestartMember(usize),
+    /// Compact the history while clients wait.
+    Compact,
+    /// Abort client `i`'s task mid-whatever (a crashed process); it restarts.
+    KillClient(usize),
+    /// Drop every response on client `i`'s path for 1 s (lost responses), then reset.
+    DropResponses(usize),
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    let client = 0..CLIENTS;
+    prop_oneof![
+        client.clone().prop_map(Fault::BlackholeClient),
+        client.clone().prop_map(Fault::ResetClient),
+        client.clone().prop_map(Fault::LatencySpike),
+        Just(Fault::KillLeader),
+        (0..3usize).prop_map(Fault::RestartMember),
+        Just(Fault::Compact),
+        client.clone().prop_map(Fault::KillClient),
+        client.prop_map(Fault::DropResponses),
+    ]
+}
+
+/// The schedule of `seed`: 3 to 5 faults, each after a pause of 0.3–1.5 s. Reproducible.
+pub fn schedule(seed: u64) -> Vec<(u64, Fault)> {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    proptest::collection::vec((300u64..1500, fault()), 3..6)
+        .new_tree(&mut runner)
+        .expect("a schedule")
+        .current()
+}
+
+/// What the clients share.
+struct Shared {
+    primitive: Primitive,
+    name: String,
+    history: History,
+    register: FencedRegister,
+    stop: AtomicBool,
+    stopped: tokio_util::sync::CancellationToken,
+    /// What each client is doing (printed if one does not stop).
+    phase: StdMutex<Vec<&'static str>>,
+    /// What each client holds now (to end its interval if its task is killed).
+    holding: StdMutex<Vec<Option<i64>>>,
+    /// Every lease ever used and every session's task monitor, for the leak checks.
+    leases: StdMutex<Vec<i64>>,
+    tasks: StdMutex<Vec<BackgroundTasks>>,
+}
+
+/// One client: sessions come and go; each acquisition is recorded, writes through the fenced
+/// etcd key and the in-memory register, and ends at release or at `lost()`.
+async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
+    let phase = |p: &'static str| sh.phase.lock().unwrap()[id] = p;
+    let options = SessionOptions::new()
+        .with_ttl(TTL)
+        .with_request_timeout(Duration::from_secs(2));
+    while !sh.stop.load(Ordering::SeqCst) {
+        phase("new session");
+        let Ok(session) = LeasedSession::new(client.clone(), options.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        sh.leases.lock().unwrap().push(session.lease_id());
+        sh.tasks.lock().unwrap().push(session.background_tasks());
+        let mutex = Mutex::new(&session, &sh.name);
+        let election = Election::new(&session, &sh.name);
+        while !sh.stop.load(Ordering::SeqCst) {
+            phase("acquire");
+            let acquire = async {
+                match sh.primitive {
+                    Primitive::Mutex => mutex.lock().await.map(Held::Mutex),
+                    Primitive::Election => election
+                        .campaign(format!("client-{id}"))
+                        .await
+                        .map(Held::Leader),
+                }
+            };
+            // Stopping drops a waiting acquisition: cancel-safe, it leaves no key.
+            let acquired = tokio::select! {
+                r = acquire => r,
+                _ = sh.stopped.cancelled() => break,
+            };
+            let held = match acquired {
+                Ok(h) => h,
+                Err(_) => break, // session lost or closed: start over with a new one
+            };
+            let fence = held.fence();
+            let token = fence.fencing_token();
+            sh.history.acquired(id, token, session.lease_id());
+            sh.holding.lock().unwrap()[id] = Some(token);
+            let lost = fence.lost();
+            tokio::pin!(lost);
+            let work = async {
+                // The protected resource: an etcd key written only while we own, and an
+                // in-memory register that rejects tokens lower than the highest seen.
+                let etcd_ok = fence
+                    .txn_if_owner([TxnOp::put(
+                        format!("{}-resource", sh.name),
+                        token.to_string(),
+                        None,
+                    )])
+                    .await
+                    .is_ok();
+                if etcd_ok {
+                    let accepted = sh.register.write(token);
+                    sh.history.write(id, token, accepted);
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            };
+            phase("work");
+            let lost_first = tokio::select! {
+                _ = work => false,
+                _ = &mut lost => true,
+            };
+            sh.history.ended(id, token);
+            sh.holding.lock().unwrap()[id] = None;
+            if lost_first {
+                drop(held); // fenced release in the background, if anything is left
+                break;
+            }
+            phase("release");
+            let _ = held.release().await;
+        }
+        phase("close");
+        let _ = session.close().await;
+        phase("closed");
+    }
+}
+
+enum Held {
+    Mutex(etcd_coord::MutexGuard),
+    Leader(etcd_coord::Leadership),
+}
+
+impl Held {
+    fn fence(&self) -> etcd_coord::Fence {
+        match self {
+            Held::Mutex(g) => g.fence(),
+            Held::Leader(l) => l.fence(),
+        }
+    }
+    async fn release(self) -> Result<(), etcd_coord::Error> {
+        match self {
+            Held::Mutex(g) => g.release().await,
+            Held::Leader(mut l) => l.resign().await,
+        }
+    }
+}
+
+/// Records leases the server no longer has (checker property d), every 200 ms.
+async fn lease_observer(admin: Client, sh: Arc<Shared>) {
+    let mut gone = std::collections::HashSet::new();
+    while !sh.stop.load(Ordering::SeqCst) {
+        let leases: Vec<i64> = sh.leases.lock().unwrap().clone();
+        for lease in leases {
+            if gone.contains(&lease) {
+                continue;
+            }
+            if let Ok(r) = admin.clone().lease_time_to_live(lease, None).await {
+                if r.ttl() == -1 {
+                    gone.insert(lease);
+                    sh.history.lease_gone(lease);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `plan` against `primitive` with CLIENTS clients; asserts that nothing leaked (keys,
+/// leases, tasks, panics) and returns what the safety checker found.
+pub async fn run_schedule(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+) -> Vec<etcd_coord::testkit::checker::Violation> {
+    crate::common::init_tracing();
+    let mut cluster = EtcdCluster::start(members).await.expect("an etcd cluster");
+    let mut proxies = Vec::new();
+    for m in 0..members {
+        proxies.push(FaultProxy::start(cluster.endpoint(m)).await.unwrap());
+    }
+    let admin = cluster.client().await.unwrap();
+    let sh = Arc::new(Shared {
+        primitive,
+        name: crate::common::unique(&format!("chaos-{seed}")),
+        history: History::new(),
+        register: FencedRegister::new(),
+        stop: AtomicBool::new(false),
+        stopped: tokio_util::sync::CancellationToken::new(),
+        holding: StdMutex::new(vec![None; CLIENTS]),
+        phase: StdMutex::new(vec!["start"; CLIENTS]),
+        leases: StdMutex::new(Vec::new()),
+        tasks: StdMutex::new(Vec::new()),
+    });
+    let client_for = |i: usize| crate::common::client_via(&proxies[i % members]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let c = client_for(i).await;
+        clients.push(tokio::spawn(client_loop(i, c, Arc::clone(&sh))));
+    }
+    let observer = tokio::spawn(lease_observer(admin.clone(), Arc::clone(&sh)));
+    let beat = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tracing::debug!("heartbeat");
+        }
+    });
+
+    for (pause, f) in plan {
+        tokio::time::sleep(Duration::from_millis(*pause)).await;
+        tracing::debug!(fault = ?f, "fault starts");
+        match f {
+            Fault::BlackholeClient(i) => {
+                proxies[i % members].blackhole();
+                tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+                proxies[i % members].heal();
+                proxies[i % members].reset_peer();
+            }
+            Fault::ResetClient(i) => proxies[i % members].reset_peer(),
+            Fault::LatencySpike(i) => {
+                proxies[i % members]
+                    .set_latency(Duration::from_millis(300), Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                proxies[i % members].heal();
+            }
+            Fault::KillLeader => {
+                if let Some(leader) = cluster.leader().await {
+                    cluster.kill(leader);
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    cluster.restart(leader).await.expect("member restarts");
+                }
+            }
+            Fault::RestartMember(m) => cluster.restart(m % members).await.expect("member restarts"),
+            Fault::Compact => {
+                let _ = cluster.compact().await;
+            }
+            Fault::KillClient(i) => {
+                clients[*i].abort();
+                let _ = (&mut clients[*i]).await;
+                // A killed process stops believing it holds the moment it dies.
+                if let Some(token) = sh.holding.lock().unwrap()[*i].take() {
+                    sh.history.ended(*i, token);
+                }
+                let c = client_for(*i).await;
+                clients[*i] = tokio::spawn(client_loop(*i, c, Arc::clone(&sh)));
+            }
+            Fault::DropResponses(i) => {
+                proxies[i % members].drop_responses();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                proxies[i % members].heal();
+                proxies[i % members].reset_peer();
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tracing::debug!("stopping the clients");
+    sh.stop.store(true, Ordering::SeqCst);
+    sh.stopped.cancel();
+    for p in &proxies {
+        p.heal();
+    }
+    for c in clients {
+        match tokio::time::timeout(TTL * 3, c).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => panic!("seed {seed}: a client panicked: {e}"),
+            Err(_) => panic!(
+                "seed {seed}: a client did not stop; phases: {:?}",
+                sh.phase.lock().unwrap()
+            ),
+        }
+    }
+    observer.await.unwrap();
+    beat.abort();
+
+    // Safety.
+    let violations = sh.history.check();
+    let acquisitions = sh
+        .history
+        .events()
+        .iter()
+        .filter(|e| matches!(e, etcd_coord::testkit::checker::Event::Acquired { .. }))
+        .count();
+    assert!(acquisitions > 0, "seed {seed}: nobody ever acquired");
+
+    // Leaks: no key, no lease, no task of the test remains (lost sessions' leases expire).
+    let prefix = format!("{}/", sh.name);
+    let leases: Vec<i64> = sh.leases.lock().unwrap().clone();
+    let clean = crate::common::eventually(TTL * 3, || {
+        let (admin, prefix, leases) = (admin.clone(), prefix.clone(), leases.clone());
+        async move {
+            let keys = admin
+                .clone()
+                .get(
+                    prefix.as_str(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .map(|r| r.count())
+                .unwrap_or(1);
+            let mut alive = 0;
+            for l in leases {
+                if admin
+                    .clone()
+                    .lease_time_to_live(l, None)
+                    .await
+                    .map_or(1, |r| r.ttl())
+                    >= 0
+                {
+                    alive += 1;
+                }
+            }
+            keys == 0 && alive == 0
+        }
+    })
+    .await;
+    assert!(clean, "seed {seed}: keys or leases of the test remain");
+    let monitors: Vec<BackgroundTasks> = sh.tasks.lock().unwrap().clone();
+    for tasks in monitors {
+        tokio::time::timeout(TTL * 3, tasks.finished())
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: a session's task is still running"));
+    }
+    eprintln!(
+        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions, {} violation(s), nothing left",
+        violations.len()
+    );
+    violations
+}
