@@ -156,7 +156,7 @@ pub(crate) struct Snapshot {
 }
 
 /// A member key that has been (or may have been) created: cleaned up by the session's task if
-/// dropped before it is disarmed into a [`Holding`].
+/// dropped before it is turned into an [`Acquired`] (and then a [`Holding`]).
 pub(crate) struct Ticket {
     shared: Arc<Shared>,
     key: String,
@@ -165,9 +165,26 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    fn disarm(mut self) -> (String, i64) {
+    /// A ticket for `key`, created at `create_revision`, armed.
+    fn new(shared: &Arc<Shared>, key: String, create_revision: i64) -> Ticket {
+        Ticket {
+            shared: Arc::clone(shared),
+            key,
+            create_revision,
+            armed: true,
+        }
+    }
+
+    /// The acquisition is through, confirmed at `revision`: hands it out, unless the session
+    /// is Lost by now — then the still-armed ticket cleans the key up as it is dropped.
+    fn into_acquired(mut self, revision: i64) -> Result<Acquired, Error> {
+        self.shared.check()?;
         self.armed = false;
-        (std::mem::take(&mut self.key), self.create_revision)
+        Ok(Acquired {
+            key: std::mem::take(&mut self.key),
+            create_revision: self.create_revision,
+            revision,
+        })
     }
 }
 
@@ -311,13 +328,10 @@ async fn enqueue(
         Some(*create_revision)
     })
     .await?;
-    let ticket = Ticket {
-        shared: Arc::clone(shared),
-        key: key.to_owned(),
-        create_revision,
-        armed: true,
-    };
-    Ok((ticket, snapshot))
+    Ok((
+        Ticket::new(shared, key.to_owned(), create_revision),
+        snapshot,
+    ))
 }
 
 /// Runs `reads` while our key still exists. [`Error::LockLost`] once it is gone.
@@ -620,13 +634,7 @@ where
         match decide(&snapshot) {
             Decision::Through => {
                 tracing::trace!(key = %ticket.key, "through");
-                shared.check()?;
-                let (key, create_revision) = ticket.disarm();
-                return Ok(Acquired {
-                    key,
-                    create_revision,
-                    revision: snapshot.revision,
-                });
+                return ticket.into_acquired(snapshot.revision);
             }
             Decision::Act(txn) => {
                 unless_lost(shared, send_txn(shared, txn, Kind::Write)).await?;
@@ -761,11 +769,10 @@ pub(crate) async fn create_exclusive(
         }
     };
     let got = detached(shared, key, work, |got| got.map(|(create, _)| create)).await?;
-    Ok(got.map(|(create_revision, revision)| Acquired {
-        key: key.to_owned(),
-        create_revision,
-        revision,
-    }))
+    got.map(|(create_revision, revision)| {
+        Ticket::new(shared, key.to_owned(), create_revision).into_acquired(revision)
+    })
+    .transpose()
 }
 
 /// Takes a place in `queue` only if it is through at once; else leaves no key behind and
@@ -805,13 +812,7 @@ pub(crate) async fn try_acquire(
             }
             return Ok(None);
         }
-        shared.check()?;
-        let (key, create_revision) = ticket.disarm();
-        return Ok(Some(Acquired {
-            key,
-            create_revision,
-            revision: snapshot.revision,
-        }));
+        return ticket.into_acquired(snapshot.revision).map(Some);
     }
     let work = {
         let shared = Arc::clone(shared);
@@ -856,19 +857,9 @@ pub(crate) async fn try_acquire(
     let Some((create_revision, revision)) = got else {
         return Ok(None);
     };
-    let ticket = Ticket {
-        shared: Arc::clone(shared),
-        key,
-        create_revision,
-        armed: true,
-    };
-    shared.check()?;
-    let (key, create_revision) = ticket.disarm();
-    Ok(Some(Acquired {
-        key,
-        create_revision,
-        revision,
-    }))
+    Ticket::new(shared, key, create_revision)
+        .into_acquired(revision)
+        .map(Some)
 }
 
 /// Runs `reads` (one round trip, retried on transport errors while the session lives).
