@@ -269,3 +269,20 @@ async fn no_task_outlives_a_closed_or_dropped_session() {
             .unwrap_or_else(|_| panic!("{} task(s) outlived the session", tasks.len()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testkit_members_can_be_stopped_killed_and_restarted() {
+    let mut cluster = etcd_coord::testkit::EtcdCluster::start(3).await.unwrap();
+    let leader = cluster.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    cluster.stop(follower).await.unwrap();
+    assert!(!cluster.is_running(follower));
+    cluster.restart(follower).await.unwrap();
+    cluster.kill(leader);
+    assert!(!cluster.is_running(leader));
+    cluster.restart(leader).await.unwrap();
+    assert!(cluster.is_running(leader) && cluster.is_running(follower));
+    let mut c = cluster.client().await.unwrap();
+    c.put("testkit-after-restart", "v", None).await.unwrap();
+    assert!(cluster.leader().await.is_some());
+}

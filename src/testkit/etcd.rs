@@ -356,6 +356,31 @@ impl EtcdCluster {
         }
     }
 
+    /// Stops member `i` gracefully (SIGTERM) and waits for it to exit, keeping its data
+    /// directory. etcd takes several seconds to stop this way (longer without quorum); after
+    /// 20 s it is killed. [`kill`](Self::kill) is instant.
+    ///
+    /// # Errors
+    /// If the signal cannot be sent.
+    pub async fn stop(&mut self, i: usize) -> Result<(), TestkitError> {
+        let Some(mut child) = self.members[i].child.take() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status.success() && Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Ok(());
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(())
+    }
+
     /// True while member `i`'s process runs.
     pub fn is_running(&mut self, i: usize) -> bool {
         self.members[i]
