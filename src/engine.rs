@@ -191,10 +191,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.armed {
-            self.shared.clean_up(Cleanup::Release {
-                key: std::mem::take(&mut self.key),
-                create_revision: self.create_revision,
-            });
+            let key = std::mem::take(&mut self.key);
+            self.shared
+                .clean_up(Cleanup::release(key, self.create_revision));
         }
     }
 }
@@ -237,10 +236,7 @@ where
     shared.spawn(async move {
         let outcome = work.await;
         let cleanup = match &outcome {
-            Ok(value) => created(value).map(|create_revision| Cleanup::Release {
-                key: task_key,
-                create_revision,
-            }),
+            Ok(value) => created(value).map(|rev| Cleanup::release(task_key, rev)),
             Err(_) => Some(Cleanup::Abandoned { key: task_key }),
         };
         // If the caller is gone, the returned delivery is dropped here and cleans up.
@@ -843,10 +839,7 @@ pub(crate) async fn try_acquire(
                     if oldest.is_none_or(|o| o >= mine) {
                         Ok(Some((mine, revision)))
                     } else {
-                        shared.clean_up(Cleanup::Release {
-                            key: key.clone(),
-                            create_revision: mine,
-                        });
+                        shared.clean_up(Cleanup::release(key.clone(), mine));
                         Ok(None)
                     }
                 }

@@ -183,13 +183,19 @@ pub enum SessionState {
 /// acquisition.
 #[derive(Debug)]
 pub(crate) enum Cleanup {
-    /// Delete `key` if it is still the incarnation created at `create_revision`.
-    Release { key: String, create_revision: i64 },
     /// Delete `key` if it is attached to this session's lease: the outcome of the request
     /// that may have created it is unknown.
     Abandoned { key: String },
     /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat).
     Txn { key: String, txn: etcd_client::Txn },
+}
+
+impl Cleanup {
+    /// Delete `key` if it is still the incarnation created at `create_revision`.
+    pub(crate) fn release(key: String, create_revision: i64) -> Cleanup {
+        let txn = keys::fenced_delete(&key, create_revision);
+        Cleanup::Txn { key, txn }
+    }
 }
 
 /// Counts one piece of background work (a queued clean-up, a detached request) while it lives.
@@ -739,7 +745,7 @@ const CLEANUP_ATTEMPTS: u32 = 8;
 async fn clean_up(shared: &Shared, job: Job) {
     let job = &job.cleanup;
     let (key, passes) = match job {
-        Cleanup::Release { key, .. } | Cleanup::Txn { key, .. } => (key.as_str(), 1),
+        Cleanup::Txn { key, .. } => (key.as_str(), 1),
         Cleanup::Abandoned { key } => (key.as_str(), 2),
     };
     for pass in 0..passes {
@@ -749,10 +755,6 @@ async fn clean_up(shared: &Shared, job: Job) {
         let mut backoff = Backoff::for_requests();
         for _ in 0..CLEANUP_ATTEMPTS {
             let txn = match job {
-                Cleanup::Release {
-                    key,
-                    create_revision,
-                } => keys::fenced_delete(key, *create_revision),
                 Cleanup::Abandoned { key } => keys::lease_fenced_delete(key, shared.lease_id),
                 Cleanup::Txn { txn, .. } => txn.clone(),
             };
