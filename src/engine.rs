@@ -726,6 +726,38 @@ where
     wait_loop(shared, ticket, None, reads, decide).await
 }
 
+/// Sends `txn()` — a put of `key` conditional on something — in a detached task (see
+/// [`detached`]) and turns the answer into an acquisition. When the put did not happen,
+/// `on_else` reads the else-branch `Get`s (at `revision`) and returns the `(create revision,
+/// revision)` of an earlier, unanswered attempt of ours that counts, or `None`.
+async fn create_detached<T, E>(
+    shared: &Arc<Shared>,
+    key: &str,
+    txn: T,
+    on_else: E,
+) -> Result<Option<Acquired>, Error>
+where
+    T: Fn() -> Txn + Send + 'static,
+    E: FnOnce(&Shared, &[GetResponse], i64) -> Result<Option<(i64, i64)>, Error> + Send + 'static,
+{
+    let work = {
+        let shared = Arc::clone(shared);
+        async move {
+            let resp = send_until_answered(&shared, txn, Kind::Write).await?;
+            let revision = keys::header_revision(&resp)?;
+            if resp.succeeded() {
+                return Ok(Some((revision, revision)));
+            }
+            on_else(&shared, &keys::txn_gets(&resp), revision)
+        }
+    };
+    let got = detached(shared, key, work, |got| got.map(|(create, _)| create)).await?;
+    got.map(|(create_revision, revision)| {
+        Ticket::new(shared, key.to_owned(), create_revision).into_acquired(revision)
+    })
+    .transpose()
+}
+
 /// Puts `key` with `value` under the session's lease if nobody holds it; `None` if it exists
 /// and is not ours. A retry after an unanswered attempt recognises its own put by `value`,
 /// which must be unique to this attempt. Cancel-safe: detached like [`acquire`]'s enqueue.
@@ -736,39 +768,15 @@ pub(crate) async fn create_exclusive(
 ) -> Result<Option<Acquired>, Error> {
     let shared = session.shared();
     shared.check()?;
-    let work = {
-        let shared = Arc::clone(shared);
-        let key = key.to_owned();
-        async move {
-            let resp = send_until_answered(
-                &shared,
-                || {
-                    keys::enqueue_txn(
-                        &key,
-                        value.clone().into_bytes(),
-                        shared.lease_id,
-                        Vec::new(),
-                    )
-                },
-                Kind::Write,
-            )
-            .await?;
-            let revision = keys::header_revision(&resp)?;
-            if resp.succeeded() {
-                return Ok(Some((revision, revision)));
-            }
-            let gets = keys::txn_gets(&resp);
-            let kv = gets.first().and_then(|g| g.kvs().first());
-            Ok(kv
-                .filter(|kv| kv.lease() == shared.lease_id && kv.value() == value.as_bytes())
-                .map(|kv| (kv.create_revision(), revision)))
-        }
-    };
-    let got = detached(shared, key, work, |got| got.map(|(create, _)| create)).await?;
-    got.map(|(create_revision, revision)| {
-        Ticket::new(shared, key.to_owned(), create_revision).into_acquired(revision)
+    let (put_key, put_value, lease) = (key.to_owned(), value.clone().into_bytes(), shared.lease_id);
+    let txn = move || keys::enqueue_txn(&put_key, put_value.clone(), lease, Vec::new());
+    create_detached(shared, key, txn, move |_, gets, revision| {
+        let existing = gets.first().and_then(|g| g.kvs().first());
+        Ok(existing
+            .filter(|kv| kv.lease() == lease && kv.value() == value.as_bytes())
+            .map(|kv| (kv.create_revision(), revision)))
     })
-    .transpose()
+    .await
 }
 
 /// Takes a place in `queue` only if it is through at once; else leaves no key behind and
@@ -810,49 +818,28 @@ pub(crate) async fn try_acquire(
         }
         return ticket.into_acquired(snapshot.revision).map(Some);
     }
-    let work = {
-        let shared = Arc::clone(shared);
-        let key = key.clone();
-        async move {
-            let resp = send_until_answered(
-                &shared,
-                || keys::try_enqueue_txn(&blocker, &key, value.clone(), shared.lease_id),
-                Kind::Write,
-            )
-            .await?;
-            let revision = keys::header_revision(&resp)?;
-            if resp.succeeded() {
-                return Ok(Some((revision, revision)));
-            }
-            let gets = keys::txn_gets(&resp);
-            let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
-                return Err(Error::Protocol("try-enqueue txn without its gets".into()));
-            };
-            match own.kvs().first() {
-                // Busy, and no earlier attempt of ours landed.
-                None => Ok(None),
-                // An earlier, unanswered attempt landed: it is through if nothing in the
-                // blocker's range is older.
-                Some(kv) => {
-                    let mine = kv.create_revision();
-                    let oldest = oldest.kvs().first().map(|o| o.create_revision());
-                    if oldest.is_none_or(|o| o >= mine) {
-                        Ok(Some((mine, revision)))
-                    } else {
-                        shared.clean_up(Cleanup::release(key.clone(), mine));
-                        Ok(None)
-                    }
-                }
-            }
+    let (put_key, lease) = (key.clone(), shared.lease_id);
+    let txn = move || keys::try_enqueue_txn(&blocker, &put_key, value.clone(), lease);
+    let own_key = key.clone();
+    create_detached(shared, &key, txn, move |shared, gets, revision| {
+        let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
+            return Err(Error::Protocol("try-enqueue txn without its gets".into()));
+        };
+        let Some(kv) = own.kvs().first() else {
+            return Ok(None); // busy, and no earlier attempt of ours landed
+        };
+        // An earlier, unanswered attempt landed: it is through if nothing in the blocker's
+        // range is older; else it is taken back.
+        let mine = kv.create_revision();
+        let oldest = oldest.kvs().first().map(|o| o.create_revision());
+        if oldest.is_none_or(|o| o >= mine) {
+            Ok(Some((mine, revision)))
+        } else {
+            shared.clean_up(Cleanup::release(own_key, mine));
+            Ok(None)
         }
-    };
-    let got = detached(shared, &key, work, |got| got.map(|(create, _)| create)).await?;
-    let Some((create_revision, revision)) = got else {
-        return Ok(None);
-    };
-    Ticket::new(shared, key, create_revision)
-        .into_acquired(revision)
-        .map(Some)
+    })
+    .await
 }
 
 /// Runs `reads` (one round trip, retried on transport errors while the session lives).
