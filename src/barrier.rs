@@ -96,6 +96,10 @@ impl Barrier {
     /// Cancel-safe: waiting creates nothing.
     pub async fn wait(&self) -> Result<(), Error> {
         let key = self.key()?;
+        #[cfg(feature = "testkit")]
+        if crate::testkit::broken_lock_enabled() {
+            return Ok(()); // deliberately unsafe: see testkit::set_broken_lock
+        }
         let shared = self.session.shared();
         let now = engine::read(shared, vec![TxnOp::get(key.as_str(), None)]).await?;
         match now.gets.first().and_then(|g| g.kvs().first()) {

@@ -2,26 +2,46 @@
 //! client believed and did, then verify the history.
 //!
 //! Record, from one process (one monotonic clock):
-//! - [`History::acquired`] when an acquisition returned, with its fencing token and lease;
+//! - [`History::acquired`] when an exclusive acquisition returned (a mutex, a leadership, a
+//!   semaphore permit, a write lock, a barrier held up), with its fencing token and lease;
+//!   [`History::acquired_shared`] for a shared one (a read lock);
 //! - [`History::ended`] when the client stopped believing it holds (its `lost()` fired, or it
 //!   released);
 //! - [`History::write`] for every write through the protected resource, and whether the
 //!   resource accepted it;
 //! - [`History::lease_gone`] when the server side observed a lease end (e.g. an observer saw its
-//!   keys deleted).
+//!   keys deleted);
+//! - [`History::passed`] when a wait for the resource to be free (a barrier's `wait()`)
+//!   returned, with the instant it was called.
 //!
-//! [`History::check`] then verifies:
-//! - (a) fencing tokens strictly increase across successive holders;
-//! - (b) no two "believes it holds" intervals overlap;
+//! [`History::check`] then verifies, for a lock ([`Rules::lock`]):
+//! - (a) fencing tokens strictly increase across successive exclusive holders, and a holder
+//!   that starts after another ended (one of them exclusive) has the greater token;
+//! - (b) no two "believes it holds" intervals overlap, except shared with shared;
 //! - (c) every write with a stale token (lower than one the resource already accepted) was
 //!   rejected;
-//! - (d) no acquisition succeeded after its session's lease was already gone.
+//! - (d) no acquisition succeeded after its session's lease was already gone;
+//! - (e) no wait passed although an exclusive holder believed it held for the whole call.
+//!
+//! [`History::check_with`] takes other [`Rules`]: with [`Rules::semaphore`]`(n)` up to `n`
+//! exclusive holders may overlap, and (a) only asks that tokens be unique (concurrent holders
+//! return in any order).
 //!
 //! [`FencedRegister`] is an in-memory protected resource that rejects tokens lower than the
 //! highest it has seen.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// How an acquisition holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Alone (a mutex, a leadership, a write lock, a barrier held up), or as one of at most
+    /// [`Rules::holders`] (a semaphore permit).
+    Exclusive,
+    /// Together with other shared holders, never with an exclusive one (a read lock).
+    Shared,
+}
 
 /// One recorded event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +54,8 @@ pub enum Event {
         token: i64,
         /// The session's lease.
         lease: i64,
+        /// Exclusive or shared.
+        mode: Mode,
         /// When (monotonic).
         at: Instant,
     },
@@ -64,12 +86,44 @@ pub enum Event {
         /// When it was observed.
         at: Instant,
     },
+    /// A wait for the resource to be free (e.g. [`Barrier::wait`](crate::Barrier::wait))
+    /// returned to `client`.
+    Passed {
+        /// Who.
+        client: usize,
+        /// When the wait was called.
+        called: Instant,
+        /// When it returned.
+        at: Instant,
+    },
+}
+
+/// What a history is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// How many exclusive holders may overlap: 1 for a lock, `n` for a semaphore of `n`
+    /// permits.
+    pub holders: usize,
+}
+
+impl Rules {
+    /// A lock (mutex, election, read-write lock, barrier): one exclusive holder at a time.
+    pub fn lock() -> Rules {
+        Rules { holders: 1 }
+    }
+
+    /// A semaphore of `permits` permits (at least 1).
+    pub fn semaphore(permits: usize) -> Rules {
+        Rules {
+            holders: permits.max(1),
+        }
+    }
 }
 
 /// A violation found by [`History::check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// Which property: `"a"`, `"b"`, `"c"` or `"d"` (see the module docs).
+    /// Which property: `"a"` to `"e"` (see the module docs).
     pub property: &'static str,
     /// What happened.
     pub detail: String,
@@ -94,12 +148,33 @@ impl History {
             .push(e);
     }
 
-    /// Records an acquisition that returned now.
+    /// Records an exclusive acquisition that returned now.
     pub fn acquired(&self, client: usize, token: i64, lease: i64) {
         self.push(Event::Acquired {
             client,
             token,
             lease,
+            mode: Mode::Exclusive,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records a shared acquisition (a read lock) that returned now.
+    pub fn acquired_shared(&self, client: usize, token: i64, lease: i64) {
+        self.push(Event::Acquired {
+            client,
+            token,
+            lease,
+            mode: Mode::Shared,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records that a wait for the resource to be free, called at `called`, returned now.
+    pub fn passed(&self, client: usize, called: Instant) {
+        self.push(Event::Passed {
+            client,
+            called,
             at: Instant::now(),
         });
     }
@@ -144,9 +219,15 @@ impl History {
             .clone()
     }
 
-    /// Checks properties (a)–(d); returns every violation found (empty: the history is safe).
+    /// Checks properties (a)–(e) for a lock; returns every violation found (empty: the
+    /// history is safe).
     pub fn check(&self) -> Vec<Violation> {
         check(&self.events())
+    }
+
+    /// Checks properties (a)–(e) under `rules`.
+    pub fn check_with(&self, rules: Rules) -> Vec<Violation> {
+        check_with(&self.events(), rules)
     }
 }
 
@@ -155,28 +236,63 @@ fn at(e: &Event) -> Instant {
         Event::Acquired { at, .. }
         | Event::Ended { at, .. }
         | Event::Write { at, .. }
-        | Event::LeaseGone { at, .. } => *at,
+        | Event::LeaseGone { at, .. }
+        | Event::Passed { at, .. } => *at,
     }
 }
 
-/// The "believes it holds" intervals: (client, token, lease, start, end or None if still held).
-fn intervals(events: &[Event]) -> Vec<(usize, i64, i64, Instant, Option<Instant>)> {
-    let mut out: Vec<(usize, i64, i64, Instant, Option<Instant>)> = Vec::new();
+/// One "believes it holds" interval.
+#[derive(Debug, Clone, Copy)]
+struct Interval {
+    client: usize,
+    token: i64,
+    lease: i64,
+    mode: Mode,
+    start: Instant,
+    /// `None` while still held at the end of the history.
+    end: Option<Instant>,
+}
+
+impl Interval {
+    fn ended_before(&self, t: Instant) -> bool {
+        self.end.is_some_and(|end| end <= t)
+    }
+
+    fn describe(&self) -> String {
+        let mode = match self.mode {
+            Mode::Exclusive => "",
+            Mode::Shared => ", shared",
+        };
+        format!("client {} (token {}{mode})", self.client, self.token)
+    }
+}
+
+/// The intervals of a history sorted by time, in acquisition order.
+fn intervals(events: &[Event]) -> Vec<Interval> {
+    let mut out: Vec<Interval> = Vec::new();
     for e in events {
         match e {
             Event::Acquired {
                 client,
                 token,
                 lease,
+                mode,
                 at,
-            } => out.push((*client, *token, *lease, *at, None)),
+            } => out.push(Interval {
+                client: *client,
+                token: *token,
+                lease: *lease,
+                mode: *mode,
+                start: *at,
+                end: None,
+            }),
             Event::Ended { client, token, at } => {
                 if let Some(iv) = out
                     .iter_mut()
                     .rev()
-                    .find(|iv| iv.0 == *client && iv.1 == *token && iv.4.is_none())
+                    .find(|iv| iv.client == *client && iv.token == *token && iv.end.is_none())
                 {
-                    iv.4 = Some(*at);
+                    iv.end = Some(*at);
                 }
             }
             _ => {}
@@ -185,43 +301,90 @@ fn intervals(events: &[Event]) -> Vec<(usize, i64, i64, Instant, Option<Instant>
     out
 }
 
-/// Checks a history (events in any order; they are sorted by time).
+/// Checks a lock's history (events in any order; they are sorted by time).
 pub fn check(events: &[Event]) -> Vec<Violation> {
+    check_with(events, Rules::lock())
+}
+
+/// Checks a history under `rules` (events in any order; they are sorted by time).
+pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
     let mut events = events.to_vec();
     events.sort_by_key(at);
     let mut violations = Vec::new();
     let mut v = |property, detail: String| violations.push(Violation { property, detail });
     let ivs = intervals(&events);
 
-    // (a) tokens strictly increase across successive holders.
-    for w in ivs.windows(2) {
-        if w[1].1 <= w[0].1 {
+    // (a) With one holder at a time, tokens strictly increase across successive exclusive
+    // holders, and whoever starts after another ended (either exclusive) has the greater
+    // token. With several permits, holders may return in any order: tokens are unique.
+    if rules.holders == 1 {
+        let exclusive: Vec<&Interval> = ivs.iter().filter(|i| i.mode == Mode::Exclusive).collect();
+        for w in exclusive.windows(2) {
+            if w[1].token <= w[0].token {
+                v(
+                    "a",
+                    format!(
+                        "{} acquired after {} had acquired",
+                        w[1].describe(),
+                        w[0].describe()
+                    ),
+                );
+            }
+        }
+        for (i, later) in ivs.iter().enumerate() {
+            for earlier in &ivs[..i] {
+                let mixed = earlier.mode != later.mode;
+                if mixed && earlier.ended_before(later.start) && later.token <= earlier.token {
+                    v(
+                        "a",
+                        format!(
+                            "{} acquired after {} had ended",
+                            later.describe(),
+                            earlier.describe()
+                        ),
+                    );
+                }
+            }
+        }
+    } else {
+        for (i, a) in ivs.iter().enumerate() {
+            if let Some(b) = ivs[i + 1..].iter().find(|b| b.token == a.token) {
+                v(
+                    "a",
+                    format!("{} and {} share a token", a.describe(), b.describe()),
+                );
+            }
+        }
+    }
+    // (b) At no instant more than `holders` exclusive holders, nor an exclusive and a shared
+    // one (an interval still open runs to the end of the history).
+    for (i, b) in ivs.iter().enumerate() {
+        let open: Vec<&Interval> = ivs[..i]
+            .iter()
+            .filter(|a| !a.ended_before(b.start) && a.start <= b.start)
+            .collect();
+        let exclusive = open.iter().filter(|a| a.mode == Mode::Exclusive).count();
+        let clash = match b.mode {
+            Mode::Exclusive => exclusive >= rules.holders || exclusive < open.len(),
+            Mode::Shared => exclusive > 0,
+        };
+        if clash {
+            let others: Vec<String> = open
+                .iter()
+                .filter(|a| a.mode == Mode::Exclusive || b.mode == Mode::Exclusive)
+                .map(|a| a.describe())
+                .collect();
             v(
-                "a",
+                "b",
                 format!(
-                    "client {} acquired token {} after client {} had acquired token {}",
-                    w[1].0, w[1].1, w[0].0, w[0].1
+                    "{} acquired while {} still believed they held",
+                    b.describe(),
+                    others.join(", ")
                 ),
             );
         }
     }
-    // (b) no two intervals overlap (an interval still open runs to the end of the history).
-    for (i, a) in ivs.iter().enumerate() {
-        for b in &ivs[i + 1..] {
-            let a_end = a.4;
-            let overlaps = match a_end {
-                None => true,
-                Some(end) => b.3 < end,
-            };
-            if overlaps {
-                v("b", format!(
-                    "client {} (token {}) acquired while client {} (token {}) still believed it held",
-                    b.0, b.1, a.0, a.1
-                ));
-            }
-        }
-    }
-    // (c) stale writes rejected; accepted writes within their holder's interval.
+    // (c) stale writes rejected.
     let mut highest: Option<i64> = None;
     for e in &events {
         if let Event::Write {
@@ -242,12 +405,34 @@ pub fn check(events: &[Event]) -> Vec<Violation> {
     // (d) no acquisition after the session's lease was observed gone.
     for e in &events {
         if let Event::LeaseGone { lease, at: gone } = e {
-            for iv in ivs.iter().filter(|iv| iv.2 == *lease && iv.3 > *gone) {
+            for iv in ivs
+                .iter()
+                .filter(|iv| iv.lease == *lease && iv.start > *gone)
+            {
                 v(
                     "d",
                     format!(
-                        "client {} acquired token {} after its lease {lease:x} was gone",
-                        iv.0, iv.1
+                        "{} acquired after its lease {lease:x} was gone",
+                        iv.describe()
+                    ),
+                );
+            }
+        }
+    }
+    // (e) no wait passed while an exclusive holder believed it held from before the call to
+    // after the return (the holder's key existed throughout: there was no moment to pass).
+    for e in &events {
+        if let Event::Passed { client, called, at } = e {
+            for iv in ivs.iter().filter(|iv| {
+                iv.mode == Mode::Exclusive
+                    && iv.start < *called
+                    && iv.end.is_none_or(|end| *at < end)
+            }) {
+                v(
+                    "e",
+                    format!(
+                        "client {client}'s wait passed while {} held throughout",
+                        iv.describe()
                     ),
                 );
             }
@@ -302,6 +487,7 @@ mod tests {
                 client: 1,
                 token: 10,
                 lease: 1,
+                mode: Mode::Exclusive,
                 at: ms(b, 0),
             },
             Event::Write {
@@ -319,6 +505,7 @@ mod tests {
                 client: 2,
                 token: 12,
                 lease: 2,
+                mode: Mode::Exclusive,
                 at: ms(b, 3),
             },
             Event::Write {
@@ -350,12 +537,14 @@ mod tests {
                 client: 1,
                 token: 10,
                 lease: 1,
+                mode: Mode::Exclusive,
                 at: ms(b, 0),
             },
             Event::Acquired {
                 client: 2,
                 token: 12,
                 lease: 2,
+                mode: Mode::Exclusive,
                 at: ms(b, 1),
             },
             Event::Ended {
@@ -376,6 +565,7 @@ mod tests {
                 client: 1,
                 token: 12,
                 lease: 1,
+                mode: Mode::Exclusive,
                 at: ms(b, 0),
             },
             Event::Ended {
@@ -387,6 +577,7 @@ mod tests {
                 client: 2,
                 token: 10,
                 lease: 2,
+                mode: Mode::Exclusive,
                 at: ms(b, 2),
             },
         ];
@@ -401,6 +592,7 @@ mod tests {
                 client: 1,
                 token: 10,
                 lease: 1,
+                mode: Mode::Exclusive,
                 at: ms(b, 0),
             },
             Event::Ended {
@@ -412,6 +604,7 @@ mod tests {
                 client: 2,
                 token: 12,
                 lease: 2,
+                mode: Mode::Exclusive,
                 at: ms(b, 2),
             },
             Event::Write {
@@ -443,10 +636,137 @@ mod tests {
                 client: 1,
                 token: 10,
                 lease: 7,
+                mode: Mode::Exclusive,
                 at: ms(b, 1),
             },
         ];
         assert!(check(&h).iter().any(|v| v.property == "d"));
+    }
+
+    fn acq(client: usize, token: i64, mode: Mode, at: Instant) -> Event {
+        Event::Acquired {
+            client,
+            token,
+            lease: client as i64,
+            mode,
+            at,
+        }
+    }
+
+    fn end(client: usize, token: i64, at: Instant) -> Event {
+        Event::Ended { client, token, at }
+    }
+
+    #[test]
+    fn a_semaphore_admits_up_to_its_permits_and_no_more() {
+        let b = t0();
+        let two = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            acq(2, 11, Mode::Exclusive, ms(b, 1)),
+            end(1, 10, ms(b, 2)),
+            acq(3, 12, Mode::Exclusive, ms(b, 3)),
+        ];
+        assert_eq!(check_with(&two, Rules::semaphore(2)), vec![]);
+        // The same history breaks a lock.
+        assert!(check(&two).iter().any(|v| v.property == "b"));
+        let three = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            acq(2, 11, Mode::Exclusive, ms(b, 1)),
+            acq(3, 12, Mode::Exclusive, ms(b, 2)),
+        ];
+        let found = check_with(&three, Rules::semaphore(2));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].property, "b");
+    }
+
+    #[test]
+    fn semaphore_holders_may_return_out_of_token_order_but_not_share_a_token() {
+        let b = t0();
+        let late = [
+            acq(2, 12, Mode::Exclusive, ms(b, 0)),
+            end(2, 12, ms(b, 1)),
+            acq(1, 11, Mode::Exclusive, ms(b, 2)),
+        ];
+        assert_eq!(check_with(&late, Rules::semaphore(2)), vec![]);
+        let shared_token = [
+            acq(1, 11, Mode::Exclusive, ms(b, 0)),
+            acq(2, 11, Mode::Exclusive, ms(b, 1)),
+        ];
+        assert!(check_with(&shared_token, Rules::semaphore(2))
+            .iter()
+            .any(|v| v.property == "a"));
+    }
+
+    #[test]
+    fn readers_share_but_never_with_a_writer() {
+        let b = t0();
+        let readers = [
+            acq(1, 10, Mode::Shared, ms(b, 0)),
+            acq(2, 11, Mode::Shared, ms(b, 1)),
+            end(1, 10, ms(b, 2)),
+            end(2, 11, ms(b, 3)),
+            acq(3, 12, Mode::Exclusive, ms(b, 4)),
+            end(3, 12, ms(b, 5)),
+            acq(1, 13, Mode::Shared, ms(b, 6)),
+        ];
+        assert_eq!(check(&readers), vec![]);
+        let writer_among_readers = [
+            acq(1, 10, Mode::Shared, ms(b, 0)),
+            acq(3, 12, Mode::Exclusive, ms(b, 1)),
+        ];
+        assert!(check(&writer_among_readers)
+            .iter()
+            .any(|v| v.property == "b"));
+        let reader_during_writer = [
+            acq(3, 12, Mode::Exclusive, ms(b, 0)),
+            acq(1, 13, Mode::Shared, ms(b, 1)),
+        ];
+        assert!(check(&reader_during_writer)
+            .iter()
+            .any(|v| v.property == "b"));
+    }
+
+    #[test]
+    fn a_reader_after_a_writer_with_a_lower_token_is_caught() {
+        let b = t0();
+        let h = [
+            acq(3, 12, Mode::Exclusive, ms(b, 0)),
+            end(3, 12, ms(b, 1)),
+            acq(1, 9, Mode::Shared, ms(b, 2)),
+        ];
+        assert!(check(&h).iter().any(|v| v.property == "a"));
+    }
+
+    #[test]
+    fn a_wait_that_passed_while_the_barrier_was_up_throughout_is_caught() {
+        let b = t0();
+        let ok = [
+            // Called before the hold began: it may have seen the barrier down.
+            acq(1, 10, Mode::Exclusive, ms(b, 5)),
+            Event::Passed {
+                client: 2,
+                called: ms(b, 0),
+                at: ms(b, 6),
+            },
+            // Returned after the hold ended.
+            Event::Passed {
+                client: 3,
+                called: ms(b, 7),
+                at: ms(b, 9),
+            },
+            end(1, 10, ms(b, 8)),
+        ];
+        assert_eq!(check(&ok), vec![]);
+        let bad = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            Event::Passed {
+                client: 2,
+                called: ms(b, 1),
+                at: ms(b, 2),
+            },
+            end(1, 10, ms(b, 3)),
+        ];
+        assert!(check(&bad).iter().any(|v| v.property == "e"));
     }
 
     #[test]

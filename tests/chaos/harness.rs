@@ -1,14 +1,17 @@
 //! The chaos harness: cluster, proxies, contending clients, fault schedule, checker.
 #![allow(dead_code)] // shared by two test binaries, each using part of it
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, Once};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, TxnOp};
-use etcd_coord::testkit::checker::{FencedRegister, History};
+use etcd_coord::testkit::checker::{Event, FencedRegister, History, Mode, Rules, Violation};
 use etcd_coord::testkit::{EtcdCluster, FaultProxy};
-use etcd_coord::{BackgroundTasks, Election, LeasedSession, Mutex, SessionOptions};
+use etcd_coord::{
+    BackgroundTasks, Barrier, Election, Error, LeasedSession, Mutex, RwLock, Semaphore,
+    SessionOptions,
+};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -18,10 +21,43 @@ pub const CLIENTS: usize = 4;
 /// Session TTL: faults "longer than the TTL" last TTL + 2 s.
 const TTL: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy)]
+/// Permits of the semaphore under test (fewer than CLIENTS, so clients contend).
+const PERMITS: usize = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Primitive {
     Mutex,
     Election,
+    /// A semaphore of PERMITS permits.
+    Semaphore,
+    /// Every third acquisition writes, the others read.
+    RwLock,
+    /// Clients try to hold the barrier up; those that find it up wait for it to come down.
+    Barrier,
+}
+
+impl Primitive {
+    fn rules(self) -> Rules {
+        match self {
+            Primitive::Semaphore => Rules::semaphore(PERMITS),
+            _ => Rules::lock(),
+        }
+    }
+}
+
+/// Panics anywhere in this process (a session's background task included), counted by a
+/// panic hook: a chaos run must log none.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
 }
 
 /// One fault of a schedule.
@@ -107,8 +143,13 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
         sh.tasks.lock().unwrap().push(session.background_tasks());
         let mutex = Mutex::new(&session, &sh.name);
         let election = Election::new(&session, &sh.name);
+        let semaphore = Semaphore::new(&session, &sh.name, PERMITS);
+        let rwlock = RwLock::new(&session, &sh.name);
+        let barrier = Barrier::new(&session, &sh.name);
+        let mut round = 0usize;
         while !sh.stop.load(Ordering::SeqCst) {
             phase("acquire");
+            round += 1;
             let acquire = async {
                 match sh.primitive {
                     Primitive::Mutex => mutex.lock().await.map(Held::Mutex),
@@ -116,6 +157,20 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                         .campaign(format!("client-{id}"))
                         .await
                         .map(Held::Leader),
+                    Primitive::Semaphore => semaphore.acquire().await.map(Held::Permit),
+                    Primitive::RwLock if (id + round).is_multiple_of(3) => {
+                        rwlock.write().await.map(Held::Write)
+                    }
+                    Primitive::RwLock => rwlock.read().await.map(Held::Read),
+                    Primitive::Barrier => match barrier.hold().await {
+                        Err(Error::AlreadyHeld { .. }) => {
+                            let called = Instant::now();
+                            barrier.wait().await?;
+                            sh.history.passed(id, called);
+                            Ok(Held::Passed)
+                        }
+                        held => held.map(Held::Hold),
+                    },
                 }
             };
             // Stopping drops a waiting acquisition: cancel-safe, it leaves no key.
@@ -124,16 +179,31 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                 _ = sh.stopped.cancelled() => break,
             };
             let held = match acquired {
+                Ok(Held::Passed) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 Ok(h) => h,
                 Err(_) => break, // session lost or closed: start over with a new one
             };
             let fence = held.fence();
             let token = fence.fencing_token();
-            sh.history.acquired(id, token, session.lease_id());
+            let mode = held.mode();
+            match mode {
+                Mode::Exclusive => sh.history.acquired(id, token, session.lease_id()),
+                Mode::Shared => sh.history.acquired_shared(id, token, session.lease_id()),
+            }
             sh.holding.lock().unwrap()[id] = Some(token);
             let lost = fence.lost();
             tokio::pin!(lost);
+            // Exclusive holders of a lock write; readers and semaphore permits (several at
+            // once, in any order) only hold.
+            let writes = mode == Mode::Exclusive && sh.primitive.rules().holders == 1;
             let work = async {
+                if !writes {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    return;
+                }
                 // The protected resource: an etcd key written only while we own, and an
                 // in-memory register that rejects tokens lower than the highest seen.
                 let etcd_ok = fence
@@ -148,7 +218,13 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                     let accepted = sh.register.write(token);
                     sh.history.write(id, token, accepted);
                 }
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                // A barrier stays up long enough for others to wait on it.
+                let hold = if sh.primitive == Primitive::Barrier {
+                    100
+                } else {
+                    30
+                };
+                tokio::time::sleep(Duration::from_millis(hold)).await;
             };
             phase("work");
             let lost_first = tokio::select! {
@@ -173,6 +249,12 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
 enum Held {
     Mutex(etcd_coord::MutexGuard),
     Leader(etcd_coord::Leadership),
+    Permit(etcd_coord::SemaphorePermit),
+    Read(etcd_coord::RwLockReadGuard),
+    Write(etcd_coord::RwLockWriteGuard),
+    Hold(etcd_coord::BarrierHold),
+    /// A barrier's wait() returned: nothing held.
+    Passed,
 }
 
 impl Held {
@@ -180,12 +262,28 @@ impl Held {
         match self {
             Held::Mutex(g) => g.fence(),
             Held::Leader(l) => l.fence(),
+            Held::Permit(g) => g.fence(),
+            Held::Read(g) => g.fence(),
+            Held::Write(g) => g.fence(),
+            Held::Hold(g) => g.fence(),
+            Held::Passed => unreachable!("a passed wait holds nothing"),
         }
     }
-    async fn release(self) -> Result<(), etcd_coord::Error> {
+    fn mode(&self) -> Mode {
+        match self {
+            Held::Read(_) => Mode::Shared,
+            _ => Mode::Exclusive,
+        }
+    }
+    async fn release(self) -> Result<(), Error> {
         match self {
             Held::Mutex(g) => g.release().await,
             Held::Leader(mut l) => l.resign().await,
+            Held::Permit(g) => g.release().await,
+            Held::Read(g) => g.release().await,
+            Held::Write(g) => g.release().await,
+            Held::Hold(g) => g.release().await,
+            Held::Passed => Ok(()),
         }
     }
 }
@@ -217,8 +315,9 @@ pub async fn run_schedule(
     members: usize,
     seed: u64,
     plan: &[(u64, Fault)],
-) -> Vec<etcd_coord::testkit::checker::Violation> {
+) -> Vec<Violation> {
     crate::common::init_tracing();
+    count_panics();
     let mut cluster = EtcdCluster::start(members).await.expect("an etcd cluster");
     let mut proxies = Vec::new();
     for m in 0..members {
@@ -319,14 +418,20 @@ pub async fn run_schedule(
     beat.abort();
 
     // Safety.
-    let violations = sh.history.check();
-    let acquisitions = sh
-        .history
-        .events()
+    let violations = sh.history.check_with(primitive.rules());
+    let events = sh.history.events();
+    let acquisitions = events
         .iter()
-        .filter(|e| matches!(e, etcd_coord::testkit::checker::Event::Acquired { .. }))
+        .filter(|e| matches!(e, Event::Acquired { .. }))
+        .count();
+    let passes = events
+        .iter()
+        .filter(|e| matches!(e, Event::Passed { .. }))
         .count();
     assert!(acquisitions > 0, "seed {seed}: nobody ever acquired");
+    if primitive == Primitive::Barrier {
+        assert!(passes > 0, "seed {seed}: no wait ever passed the barrier");
+    }
 
     // Leaks: no key, no lease, no task of the test remains (lost sessions' leases expire).
     let prefix = format!("{}/", sh.name);
@@ -366,8 +471,10 @@ pub async fn run_schedule(
             .await
             .unwrap_or_else(|_| panic!("seed {seed}: a session's task is still running"));
     }
+    let panics = PANICS.load(Ordering::SeqCst);
+    assert_eq!(panics, 0, "seed {seed}: {panics} panic(s) in this process");
     eprintln!(
-        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions, {} violation(s), nothing left",
+        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions, {passes} passed waits, {} violation(s), nothing left",
         violations.len()
     );
     violations

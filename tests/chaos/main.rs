@@ -20,41 +20,46 @@ fn seeds(default: &[u64]) -> Vec<u64> {
     default.to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutex_stays_safe_under_fault_schedules() {
-    for seed in seeds(&[1, 2, 7]) {
+/// Runs the seeds (the given ones by default) of `primitive` on `members` members and asserts
+/// that the checker found nothing.
+async fn stays_safe(primitive: Primitive, members: usize, default_seeds: &[u64]) {
+    for seed in seeds(default_seeds) {
         let plan = schedule(seed);
-        eprintln!("chaos: mutex, seed {seed}: {plan:?}");
-        let violations = run_schedule(Primitive::Mutex, 3, seed, &plan).await;
+        eprintln!("chaos: {primitive:?}, {members} member(s), seed {seed}: {plan:?}");
+        let violations = run_schedule(primitive, members, seed, &plan).await;
         assert!(
             violations.is_empty(),
-            "seed {seed}: {violations:#?}\nschedule: {plan:?}"
+            "{primitive:?}, seed {seed}: {violations:#?}\nschedule: {plan:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_stays_safe_under_fault_schedules() {
+    stays_safe(Primitive::Mutex, 3, &[1, 2, 7]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutex_on_a_single_member_stays_safe_under_fault_schedules() {
-    for seed in seeds(&[4, 5]) {
-        let plan = schedule(seed);
-        eprintln!("chaos: mutex, one member, seed {seed}: {plan:?}");
-        let violations = run_schedule(Primitive::Mutex, 1, seed, &plan).await;
-        assert!(
-            violations.is_empty(),
-            "seed {seed}: {violations:#?}\nschedule: {plan:?}"
-        );
-    }
+    stays_safe(Primitive::Mutex, 1, &[4, 5]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_stays_safe_under_fault_schedules() {
-    for seed in seeds(&[3]) {
-        let plan = schedule(seed);
-        eprintln!("chaos: election, seed {seed}: {plan:?}");
-        let violations = run_schedule(Primitive::Election, 3, seed, &plan).await;
-        assert!(
-            violations.is_empty(),
-            "seed {seed}: {violations:#?}\nschedule: {plan:?}"
-        );
-    }
+    stays_safe(Primitive::Election, 3, &[3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_never_admits_more_than_its_permits_under_fault_schedules() {
+    stays_safe(Primitive::Semaphore, 3, &[6]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rwlock_never_lets_a_writer_share_under_fault_schedules() {
+    stays_safe(Primitive::RwLock, 3, &[8]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
+    stays_safe(Primitive::Barrier, 3, &[9]).await;
 }

@@ -1,22 +1,31 @@
-//! The safety checker catches a deliberately broken lock (in its own test binary: the switch
-//! is process-wide).
+//! The safety checker catches deliberately broken primitives (in their own test binary: the
+//! switch is process-wide).
 
 #[path = "../common/mod.rs"]
 mod common;
 #[path = "../chaos/harness.rs"]
 mod harness;
 
-use harness::{run_schedule, Primitive};
+use harness::{run_schedule, Fault, Primitive};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_checker_catches_a_deliberately_broken_lock() {
+async fn the_checker_catches_deliberately_broken_primitives() {
     etcd_coord::testkit::set_broken_lock(true);
-    // No faults needed: the broken lock lets every contender in at once.
-    let violations =
-        run_schedule(Primitive::Mutex, 1, 0, &[(1_500, harness::Fault::Compact)]).await;
+    // No faults needed: the broken primitives let every contender in at once.
+    let mut missed = Vec::new();
+    for (primitive, property) in [
+        (Primitive::Mutex, "b"),
+        (Primitive::Semaphore, "b"),
+        (Primitive::RwLock, "b"),
+        (Primitive::Barrier, "e"),
+    ] {
+        let violations = run_schedule(primitive, 1, 0, &[(1_500, Fault::Compact)]).await;
+        let found = violations.iter().filter(|v| v.property == property).count();
+        eprintln!("broken {primitive:?}: {found} violation(s) of ({property})");
+        if found == 0 {
+            missed.push(format!("{primitive:?}: no ({property}) in {violations:?}"));
+        }
+    }
     etcd_coord::testkit::set_broken_lock(false);
-    assert!(
-        violations.iter().any(|v| v.property == "b"),
-        "overlapping holders were not reported: {violations:?}"
-    );
+    assert!(missed.is_empty(), "the checker missed: {missed:#?}");
 }
