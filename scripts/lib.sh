@@ -46,3 +46,31 @@ kill_our_etcds() {
     | awk '$2 == 1 && / --data-dir [^ ]*etcd-coord-test-/ { print $1 }' \
     | xargs -r kill -9 2>/dev/null || true
 }
+
+# Real-partition tests need `ip` and `nft` (and root); install them when we are root.
+ensure_partition_tools() {
+  [ "$(id -u)" = 0 ] || return 0
+  command -v ip >/dev/null || apt_install iproute2
+  command -v nft >/dev/null || apt_install nftables
+}
+
+# True if this process can make a network namespace (root with CAP_NET_ADMIN, `ip` present).
+can_make_namespaces() {
+  local ns="ecoord-probe-$$"
+  [ "$(id -u)" = 0 ] && command -v nft >/dev/null && ip netns add "$ns" 2>/dev/null \
+    && ip netns del "$ns"
+}
+
+# Removes network namespaces and bridges of the testkit's partitionable clusters that a killed
+# test process left behind (namespaces with no process inside, bridges with no port).
+remove_our_namespaces() {
+  command -v ip >/dev/null && [ "$(id -u)" = 0 ] || return 0
+  local ns br
+  for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^ecoord-/ { print $1 }'); do
+    [ -z "$(ip netns pids "$ns" 2>/dev/null)" ] && ip netns del "$ns" 2>/dev/null
+  done
+  for br in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '$2 ~ /^ecb/ { print $2 }'); do
+    [ -z "$(ip -o link show master "$br" 2>/dev/null)" ] && ip link del "$br" 2>/dev/null
+  done
+  return 0
+}

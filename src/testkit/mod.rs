@@ -7,6 +7,9 @@
 //! * [`FaultProxy`] sits between a client and one etcd member and injects toxiproxy-style
 //!   faults into live connections: blackhole, dropped responses, latency with jitter, reset,
 //!   refusing new connections, a bandwidth limit.
+//! * [`EtcdCluster::start_partitionable`] puts every member in its own network namespace
+//!   (Linux, root, `ip`, `nft`) so that a test can partition it for real with nftables drop
+//!   rules: from everyone, or from its peers only.
 //! * [`checker`] records what clients believed and did and verifies the history, after
 //!   Jepsen's lock checker (fencing tokens increase, no overlapping holders, stale writes
 //!   rejected, no acquisition after the lease was gone).
@@ -31,9 +34,11 @@
 
 pub mod checker;
 mod etcd;
+mod netns;
 mod proxy;
 
 pub use etcd::{find_etcd_binary, EtcdCluster, TestEtcd};
+pub use netns::partitions_unsupported;
 pub use proxy::{FaultProxy, Faults};
 
 static BROKEN_LOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -68,4 +73,8 @@ pub enum TestkitError {
     /// An etcd request failed.
     #[error("etcd request failed: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// What was asked cannot be done here (e.g. network namespaces without root); the message
+    /// says why.
+    #[error("not supported here: {0}")]
+    Unsupported(String),
 }

@@ -79,6 +79,18 @@ pub enum Fault {
     KillClient(usize),
     /// Drop every response on client `i`'s path for 1 s (lost responses), then reset.
     DropResponses(usize),
+    /// A real partition (nftables in the member's network namespace): cut member `m` from
+    /// its peers for longer than the TTL; its clients still reach it.
+    IsolateMember(usize),
+    /// A real partition: cut member `m` from everyone for longer than the TTL.
+    PartitionMember(usize),
+}
+
+impl Fault {
+    /// Whether the fault needs members in network namespaces.
+    fn needs_namespaces(&self) -> bool {
+        matches!(self, Fault::IsolateMember(_) | Fault::PartitionMember(_))
+    }
 }
 
 fn fault() -> impl Strategy<Value = Fault> {
@@ -95,15 +107,34 @@ fn fault() -> impl Strategy<Value = Fault> {
     ]
 }
 
+/// The faults of a schedule with real partitions: those of [`fault`] and the two partitions,
+/// which are drawn half the time.
+fn fault_or_partition() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        fault(),
+        (0..3usize).prop_map(Fault::IsolateMember),
+        (0..3usize).prop_map(Fault::PartitionMember),
+    ]
+}
+
 /// The schedule of `seed`: 3 to 5 faults, each after a pause of 0.3–1.5 s. Reproducible.
 pub fn schedule(seed: u64) -> Vec<(u64, Fault)> {
+    generate(seed, fault().boxed())
+}
+
+/// As [`schedule`], with real partitions too (the run needs network namespaces).
+pub fn schedule_with_partitions(seed: u64) -> Vec<(u64, Fault)> {
+    generate(seed, fault_or_partition().boxed())
+}
+
+fn generate(seed: u64, fault: BoxedStrategy<Fault>) -> Vec<(u64, Fault)> {
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let mut runner = TestRunner::new_with_rng(
         Config::default(),
         TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
     );
-    proptest::collection::vec((300u64..1500, fault()), 3..6)
+    proptest::collection::vec((300u64..1500, fault), 3..6)
         .new_tree(&mut runner)
         .expect("a schedule")
         .current()
@@ -318,7 +349,12 @@ pub async fn run_schedule(
 ) -> Vec<Violation> {
     crate::common::init_tracing();
     count_panics();
-    let mut cluster = EtcdCluster::start(members).await.expect("an etcd cluster");
+    let mut cluster = if plan.iter().any(|(_, f)| f.needs_namespaces()) {
+        EtcdCluster::start_partitionable(members).await
+    } else {
+        EtcdCluster::start(members).await
+    }
+    .expect("an etcd cluster");
     let mut proxies = Vec::new();
     for m in 0..members {
         proxies.push(FaultProxy::start(cluster.endpoint(m)).await.unwrap());
@@ -393,6 +429,16 @@ pub async fn run_schedule(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 proxies[i % members].heal();
                 proxies[i % members].reset_peer();
+            }
+            Fault::IsolateMember(m) | Fault::PartitionMember(m) => {
+                let m = m % members;
+                if matches!(f, Fault::IsolateMember(_)) {
+                    cluster.isolate_from_peers(m).expect("a partition");
+                } else {
+                    cluster.partition(m).expect("a partition");
+                }
+                tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+                cluster.heal(m).expect("healed");
             }
         }
     }

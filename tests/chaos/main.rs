@@ -8,7 +8,8 @@
 mod common;
 mod harness;
 
-use harness::{run_schedule, schedule, Primitive};
+use etcd_coord::testkit::partitions_unsupported;
+use harness::{run_schedule, schedule, schedule_with_partitions, Primitive};
 
 fn seeds(default: &[u64]) -> Vec<u64> {
     if let Ok(s) = std::env::var("CHAOS_SEED") {
@@ -23,6 +24,15 @@ fn seeds(default: &[u64]) -> Vec<u64> {
 /// Runs the seeds (the given ones by default) of `primitive` on `members` members and asserts
 /// that the checker found nothing.
 async fn stays_safe(primitive: Primitive, members: usize, default_seeds: &[u64]) {
+    stays_safe_under(schedule, primitive, members, default_seeds).await;
+}
+
+async fn stays_safe_under(
+    schedule: fn(u64) -> Vec<(u64, harness::Fault)>,
+    primitive: Primitive,
+    members: usize,
+    default_seeds: &[u64],
+) {
     for seed in seeds(default_seeds) {
         let plan = schedule(seed);
         eprintln!("chaos: {primitive:?}, {members} member(s), seed {seed}: {plan:?}");
@@ -62,4 +72,19 @@ async fn rwlock_never_lets_a_writer_share_under_fault_schedules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
     stays_safe(Primitive::Barrier, 3, &[9]).await;
+}
+
+/// Real partitions (network namespaces, nftables): skipped with a printed reason where they
+/// cannot be made, unless `ETCD_COORD_REQUIRE_PARTITIONS=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_stays_safe_under_real_partitions() {
+    if let Some(why) = partitions_unsupported() {
+        assert!(
+            std::env::var("ETCD_COORD_REQUIRE_PARTITIONS").as_deref() != Ok("1"),
+            "ETCD_COORD_REQUIRE_PARTITIONS=1 but partitions are unsupported: {why}"
+        );
+        eprintln!("skipped: real partitions are unsupported here: {why}");
+        return;
+    }
+    stays_safe_under(schedule_with_partitions, Primitive::Mutex, 3, &[10]).await;
 }
