@@ -282,7 +282,10 @@ impl DoubleBarrierGuard {
     /// Dropping the future before our key is removed leaves in the background; after that,
     /// it only stops waiting for the others.
     pub async fn leave(mut self) -> Result<(), Error> {
-        self.holding.release().await?;
+        // The participants of our round are the keys created before our own was deleted. Keys
+        // created after belong to the next round — a participant that already left may enter
+        // it at once — and waiting for them would wait for a round that waits for us.
+        let left_at = self.holding.release().await?;
         let shared = Arc::clone(self.holding.fence().session().shared());
         let oldest = || {
             TxnOp::get(
@@ -296,22 +299,29 @@ impl DoubleBarrierGuard {
                 ),
             )
         };
-        // Wait for the participants one by one, oldest first, until none is left.
+        // Wait for the participants of our round one by one, oldest first, until none is left.
         loop {
             let now = engine::read(&shared, vec![oldest()]).await?;
-            let Some(kv) = now.gets.first().and_then(|g| g.kvs().first()) else {
+            let Some(kv) = now
+                .gets
+                .first()
+                .and_then(|g| g.kvs().first())
+                .filter(|kv| kv.create_revision() <= left_at)
+            else {
                 break;
             };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             engine::wait_gone(&shared, &key, kv.create_revision(), now.revision).await?;
         }
-        // Everyone is out. If the last ones left by losing their leases, the latch is still
-        // up: take it down unless a new round has begun.
+        // Everyone of our round is out. If the last ones left by losing their leases, or while
+        // the next round's first participants were already entering, our round's latch is
+        // still up: take it down. A latch created after we left is the next round's: leave it.
         let clear = Txn::new()
-            .when([
-                Compare::create_revision(self.participants.as_str(), CompareOp::Equal, 0)
-                    .with_prefix(),
-            ])
+            .when([Compare::create_revision(
+                self.ready.as_str(),
+                CompareOp::Less,
+                left_at + 1,
+            )])
             .and_then([TxnOp::delete(self.ready.as_str(), None)]);
         engine::send_txn(&shared, clear, engine::Kind::Write).await?;
         Ok(())

@@ -391,6 +391,6 @@ impl Leadership {
     /// Dropping the future leaves the leadership as it was; dropping the leadership then
     /// resigns in the background.
     pub async fn resign(&mut self) -> Result<(), Error> {
-        self.holding.release().await
+        self.holding.release().await.map(|_| ())
     }
 }

@@ -71,7 +71,7 @@ macro_rules! holding_guard {
             /// # Cancel safety
             /// Dropping the future hands the release to the session's background task.
             pub async fn release(mut self) -> Result<(), $crate::Error> {
-                self.holding.release().await
+                self.holding.release().await.map(|_| ())
             }
         }
     };
@@ -969,7 +969,8 @@ pub(crate) struct Holding {
     fence: Fence,
     /// The fenced Txn that releases (by default: delete the key if it is still ours).
     release_txn: Txn,
-    released: bool,
+    /// The revision of the response that confirmed the release, once confirmed.
+    released_at: Option<i64>,
     /// A release attempt went unanswered: it may have deleted the key. A later attempt that
     /// finds the key gone is then the same release, not a loss.
     release_maybe_landed: bool,
@@ -996,7 +997,7 @@ impl Holding {
                 create_revision: acquired.create_revision,
                 revision: acquired.revision,
             },
-            released: false,
+            released_at: None,
             release_maybe_landed: false,
         }
     }
@@ -1010,10 +1011,13 @@ impl Holding {
     /// marks the holding released only once etcd confirmed, and succeeds at once if it was.
     /// A holding dropped unreleased — also after this fails — is released by the session's
     /// task.
-    pub(crate) async fn release(&mut self) -> Result<(), Error> {
+    ///
+    /// Returns the revision of the confirming response: the key was gone at that revision
+    /// (deleted at it, or earlier when a retry follows an unanswered attempt).
+    pub(crate) async fn release(&mut self) -> Result<i64, Error> {
         const ATTEMPTS: u32 = 3;
-        if self.released {
-            return Ok(());
+        if let Some(revision) = self.released_at {
+            return Ok(revision);
         }
         let fence = &self.fence;
         let shared = Arc::clone(fence.session.shared());
@@ -1027,9 +1031,10 @@ impl Holding {
             match send_txn(&shared, self.release_txn.clone(), Kind::Write).await {
                 Ok(resp) => {
                     tracing::trace!(key = %fence.key, "release answered");
-                    self.released = true;
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    self.released_at = Some(revision);
                     return if resp.succeeded() || self.release_maybe_landed {
-                        Ok(())
+                        Ok(revision)
                     } else {
                         Err(fence.lock_lost())
                     };
@@ -1050,14 +1055,14 @@ impl std::fmt::Debug for Holding {
         f.debug_struct("Holding")
             .field("key", &self.fence.key)
             .field("fencing_token", &self.fence.create_revision)
-            .field("released", &self.released)
+            .field("released", &self.released_at.is_some())
             .finish()
     }
 }
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        if !self.released {
+        if self.released_at.is_none() {
             self.fence.session.shared().clean_up(Cleanup::Txn {
                 key: self.fence.key.clone(),
                 txn: self.release_txn.clone(),

@@ -295,3 +295,28 @@ async fn the_last_participant_to_drop_its_guard_takes_the_latch_down() {
         "the last one out took the latch"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_barrier_runs_round_after_round_when_leavers_re_enter_at_once() {
+    // A participant that has left enters the next round at once; a slower one still leaving
+    // must not wait for that next round's key (it would wait for a round it is needed in).
+    let etcd = etcd().await;
+    let name = unique("double-rounds");
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let s = session(&etcd, 30).await;
+        let db = DoubleBarrier::new(&s, &name, 3);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                db.enter().await.unwrap().leave().await.unwrap();
+            }
+            s.close().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("20 rounds of 3 participants complete")
+            .unwrap();
+    }
+}
