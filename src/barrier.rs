@@ -199,6 +199,10 @@ impl DoubleBarrier {
             TxnOp::get(ready.as_str(), Some(GetOptions::new().with_keys_only())),
         ];
         let decide = |snapshot: &engine::Snapshot| {
+            #[cfg(feature = "testkit")]
+            if crate::testkit::broken_lock_enabled() {
+                return Decision::Through; // deliberately unsafe: see testkit::set_broken_lock
+            }
             let present = snapshot.gets.first().map_or(0, |g| g.count());
             let latched = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
             if latched {

@@ -27,6 +27,15 @@
 //! exclusive holders may overlap, and (a) only asks that tokens be unique (concurrent holders
 //! return in any order).
 //!
+//! A double barrier's history ([`History::entering`], [`History::entered`],
+//! [`History::leaving`], [`History::left`] and [`History::lease_gone`]) is checked by
+//! [`check_double_barrier`]:
+//! - (f) nobody passed `enter()` unless, at some instant between its call and its return,
+//!   `count` participants were in (from their `enter()` call until their `leave()` returned or
+//!   their lease was gone);
+//! - (g) nobody's `leave()` returned before every participant that had passed `enter()` before
+//!   that `leave()` was called had called `leave()` too, or lost its lease.
+//!
 //! [`FencedRegister`] is an in-memory protected resource that rejects tokens lower than the
 //! highest it has seen.
 
@@ -84,6 +93,42 @@ pub enum Event {
         /// The lease.
         lease: i64,
         /// When it was observed.
+        at: Instant,
+    },
+    /// A double-barrier participant (`client` on `lease`) called `enter()`.
+    Entering {
+        /// Who.
+        client: usize,
+        /// Its session's lease.
+        lease: i64,
+        /// When.
+        at: Instant,
+    },
+    /// Its `enter()` returned.
+    Entered {
+        /// Who.
+        client: usize,
+        /// Its session's lease.
+        lease: i64,
+        /// When.
+        at: Instant,
+    },
+    /// It called `leave()`.
+    Leaving {
+        /// Who.
+        client: usize,
+        /// Its session's lease.
+        lease: i64,
+        /// When.
+        at: Instant,
+    },
+    /// Its `leave()` returned.
+    Left {
+        /// Who.
+        client: usize,
+        /// Its session's lease.
+        lease: i64,
+        /// When.
         at: Instant,
     },
     /// A wait for the resource to be free (e.g. [`Barrier::wait`](crate::Barrier::wait))
@@ -170,6 +215,42 @@ impl History {
         });
     }
 
+    /// Records that double-barrier participant `client` (on `lease`) calls `enter()` now.
+    pub fn entering(&self, client: usize, lease: i64) {
+        self.push(Event::Entering {
+            client,
+            lease,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records that its `enter()` returned now.
+    pub fn entered(&self, client: usize, lease: i64) {
+        self.push(Event::Entered {
+            client,
+            lease,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records that it calls `leave()` now.
+    pub fn leaving(&self, client: usize, lease: i64) {
+        self.push(Event::Leaving {
+            client,
+            lease,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records that its `leave()` returned now.
+    pub fn left(&self, client: usize, lease: i64) {
+        self.push(Event::Left {
+            client,
+            lease,
+            at: Instant::now(),
+        });
+    }
+
     /// Records that a wait for the resource to be free, called at `called`, returned now.
     pub fn passed(&self, client: usize, called: Instant) {
         self.push(Event::Passed {
@@ -237,7 +318,11 @@ fn at(e: &Event) -> Instant {
         | Event::Ended { at, .. }
         | Event::Write { at, .. }
         | Event::LeaseGone { at, .. }
-        | Event::Passed { at, .. } => *at,
+        | Event::Passed { at, .. }
+        | Event::Entering { at, .. }
+        | Event::Entered { at, .. }
+        | Event::Leaving { at, .. }
+        | Event::Left { at, .. } => *at,
     }
 }
 
@@ -435,6 +520,124 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
                         iv.describe()
                     ),
                 );
+            }
+        }
+    }
+    violations
+}
+
+/// One `enter()` … `leave()` of a double-barrier participant.
+#[derive(Debug, Clone, Copy)]
+struct Participation {
+    client: usize,
+    lease: i64,
+    entering: Instant,
+    entered: Option<Instant>,
+    leaving: Option<Instant>,
+    left: Option<Instant>,
+}
+
+/// How late the lease observer may see a lease gone (it polls).
+const OBSERVER_LAG: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Checks a double barrier's history for `count` participants: properties (f) and (g) of the
+/// module docs (events in any order; they are sorted by time).
+pub fn check_double_barrier(events: &[Event], count: usize) -> Vec<Violation> {
+    let mut events = events.to_vec();
+    events.sort_by_key(at);
+    let mut ps: Vec<Participation> = Vec::new();
+    let mut gone: std::collections::HashMap<i64, Instant> = std::collections::HashMap::new();
+    for e in &events {
+        let (client, lease, t) = match e {
+            Event::Entering { client, lease, at } => {
+                ps.push(Participation {
+                    client: *client,
+                    lease: *lease,
+                    entering: *at,
+                    entered: None,
+                    leaving: None,
+                    left: None,
+                });
+                continue;
+            }
+            Event::LeaseGone { lease, at } => {
+                gone.entry(*lease).or_insert(*at);
+                continue;
+            }
+            Event::Entered { client, lease, at }
+            | Event::Leaving { client, lease, at }
+            | Event::Left { client, lease, at } => (*client, *lease, *at),
+            _ => continue,
+        };
+        if let Some(p) = ps
+            .iter_mut()
+            .rev()
+            .find(|p| p.client == client && p.lease == lease)
+        {
+            match e {
+                Event::Entered { .. } => p.entered = Some(t),
+                Event::Leaving { .. } => p.leaving = Some(t),
+                _ => p.left = Some(t),
+            }
+        }
+    }
+    // A participant's key exists at most from its enter() call until its leave() returned or
+    // its lease was seen gone.
+    let span = |p: &Participation| {
+        let end = [p.left, gone.get(&p.lease).copied()]
+            .into_iter()
+            .flatten()
+            .min();
+        (p.entering, end)
+    };
+    let mut violations = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        // (f)
+        if let Some(entered) = p.entered {
+            let inside_at = |t: Instant| {
+                ps.iter()
+                    .filter(|q| {
+                        let (start, end) = span(q);
+                        start <= t && end.is_none_or(|end| end > t)
+                    })
+                    .count()
+            };
+            let met = std::iter::once(p.entering)
+                .chain(
+                    ps.iter()
+                        .map(|q| q.entering)
+                        .filter(|&t| t >= p.entering && t <= entered),
+                )
+                .any(|t| inside_at(t) >= count);
+            if !met {
+                violations.push(Violation {
+                    property: "f",
+                    detail: format!(
+                        "client {} (lease {:x}) passed enter() while fewer than {count} were in",
+                        p.client, p.lease
+                    ),
+                });
+            }
+        }
+        // (g)
+        if let (Some(leaving), Some(left)) = (p.leaving, p.left) {
+            for (j, q) in ps.iter().enumerate() {
+                if i == j || q.entered.is_none_or(|e| e >= leaving) {
+                    continue;
+                }
+                let q_left = q.leaving.is_some_and(|l| l <= left);
+                let q_gone = gone
+                    .get(&q.lease)
+                    .is_some_and(|g| *g <= left + OBSERVER_LAG);
+                if !q_left && !q_gone {
+                    violations.push(Violation {
+                        property: "g",
+                        detail: format!(
+                            "client {}'s leave() returned while client {} (lease {:x}) was still in",
+                            p.client, q.client, q.lease
+                        ),
+                    });
+                }
             }
         }
     }
@@ -767,6 +970,60 @@ mod tests {
             end(1, 10, ms(b, 3)),
         ];
         assert!(check(&bad).iter().any(|v| v.property == "e"));
+    }
+
+    fn db(kind: &str, client: usize, at: Instant) -> Event {
+        let lease = client as i64;
+        match kind {
+            "entering" => Event::Entering { client, lease, at },
+            "entered" => Event::Entered { client, lease, at },
+            "leaving" => Event::Leaving { client, lease, at },
+            _ => Event::Left { client, lease, at },
+        }
+    }
+
+    #[test]
+    fn a_double_barrier_round_passes_and_early_passes_are_caught() {
+        let b = t0();
+        let round = [
+            db("entering", 1, ms(b, 0)),
+            db("entering", 2, ms(b, 1)),
+            db("entered", 1, ms(b, 2)),
+            db("entered", 2, ms(b, 2)),
+            db("leaving", 1, ms(b, 3)),
+            db("leaving", 2, ms(b, 4)),
+            db("left", 2, ms(b, 5)),
+            db("left", 1, ms(b, 5)),
+        ];
+        assert_eq!(check_double_barrier(&round, 2), vec![]);
+        // Client 1 passes enter alone …
+        let early_enter = [
+            db("entering", 1, ms(b, 0)),
+            db("entered", 1, ms(b, 1)),
+            db("entering", 2, ms(b, 2)),
+            db("entered", 2, ms(b, 3)),
+        ];
+        let found = check_double_barrier(&early_enter, 2);
+        assert!(found.iter().any(|v| v.property == "f"), "{found:?}");
+        // … or leaves while client 2 has not called leave().
+        let early_leave = [
+            db("entering", 1, ms(b, 0)),
+            db("entering", 2, ms(b, 1)),
+            db("entered", 1, ms(b, 2)),
+            db("entered", 2, ms(b, 2)),
+            db("leaving", 1, ms(b, 3)),
+            db("left", 1, ms(b, 4)),
+            db("leaving", 2, ms(b, 5)),
+        ];
+        let found = check_double_barrier(&early_leave, 2);
+        assert!(found.iter().any(|v| v.property == "g"), "{found:?}");
+        // A participant whose lease is gone counts as having left.
+        let mut lost = early_leave.to_vec();
+        lost.push(Event::LeaseGone {
+            lease: 2,
+            at: ms(b, 4),
+        });
+        assert_eq!(check_double_barrier(&lost, 2), vec![]);
     }
 
     #[test]

@@ -45,8 +45,8 @@ static BROKEN_LOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 
 /// **Test-only, deliberately unsafe**: while enabled, every queue acquisition in this process
 /// (Mutex, Election, Semaphore, RwLock) stops waiting for its turn — a broken lock that lets
-/// several holders in at once — and every [`Barrier::wait`](crate::Barrier::wait) returns at
-/// once, up or not. It exists to show that the [`checker`] catches violations; it is
+/// several holders in at once — and every [`Barrier::wait`](crate::Barrier::wait) and
+/// [`DoubleBarrier::enter`](crate::DoubleBarrier::enter) returns at once, whatever the others do. It exists to show that the [`checker`] catches violations; it is
 /// compiled only with the `testkit` feature and is off unless a test turns it on.
 #[doc(hidden)]
 pub fn set_broken_lock(enabled: bool) {

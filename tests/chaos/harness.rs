@@ -6,11 +6,13 @@ use std::sync::{Arc, Mutex as StdMutex, Once};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, TxnOp};
-use etcd_coord::testkit::checker::{Event, FencedRegister, History, Mode, Rules, Violation};
+use etcd_coord::testkit::checker::{
+    check_double_barrier, Event, FencedRegister, History, Mode, Rules, Violation,
+};
 use etcd_coord::testkit::{EtcdCluster, FaultProxy};
 use etcd_coord::{
-    BackgroundTasks, Barrier, Election, Error, LeasedSession, Mutex, RwLock, Semaphore,
-    SessionOptions,
+    BackgroundTasks, Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock,
+    Semaphore, SessionOptions,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -34,6 +36,8 @@ pub enum Primitive {
     RwLock,
     /// Clients try to hold the barrier up; those that find it up wait for it to come down.
     Barrier,
+    /// All CLIENTS clients enter and leave a double barrier for CLIENTS, round after round.
+    DoubleBarrier,
 }
 
 impl Primitive {
@@ -172,6 +176,13 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
         };
         sh.leases.lock().unwrap().push(session.lease_id());
         sh.tasks.lock().unwrap().push(session.background_tasks());
+        if sh.primitive == Primitive::DoubleBarrier {
+            phase("rounds");
+            double_barrier_rounds(id, &session, &sh).await;
+            phase("close");
+            let _ = session.close().await;
+            continue;
+        }
         let mutex = Mutex::new(&session, &sh.name);
         let election = Election::new(&session, &sh.name);
         let semaphore = Semaphore::new(&session, &sh.name, PERMITS);
@@ -202,6 +213,7 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                         }
                         held => held.map(Held::Hold),
                     },
+                    Primitive::DoubleBarrier => unreachable!("run by double_barrier_rounds"),
                 }
             };
             // Stopping drops a waiting acquisition: cancel-safe, it leaves no key.
@@ -274,6 +286,37 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
         phase("close");
         let _ = session.close().await;
         phase("closed");
+    }
+}
+
+/// Rounds of a double barrier for all CLIENTS clients, recorded for the checker, until the
+/// session fails or the run stops.
+async fn double_barrier_rounds(id: usize, session: &LeasedSession, sh: &Shared) {
+    let barrier = DoubleBarrier::new(session, &sh.name, CLIENTS);
+    let lease = session.lease_id();
+    let mut round = 0u64;
+    while !sh.stop.load(Ordering::SeqCst) {
+        // Clients arrive at different times, so that an early one must wait for the rest.
+        round += 1;
+        let arrival = (id as u64 * 37 + round * 11) % 100;
+        tokio::time::sleep(Duration::from_millis(arrival)).await;
+        sh.history.entering(id, lease);
+        let inside = tokio::select! {
+            r = barrier.enter() => r,
+            _ = sh.stopped.cancelled() => return,
+        };
+        let Ok(inside) = inside else { return };
+        sh.history.entered(id, lease);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        sh.history.leaving(id, lease);
+        let left = tokio::select! {
+            r = inside.leave() => r,
+            _ = sh.stopped.cancelled() => return,
+        };
+        if left.is_err() {
+            return;
+        }
+        sh.history.left(id, lease);
     }
 }
 
@@ -464,11 +507,15 @@ pub async fn run_schedule(
     beat.abort();
 
     // Safety.
-    let violations = sh.history.check_with(primitive.rules());
     let events = sh.history.events();
+    let violations = if primitive == Primitive::DoubleBarrier {
+        check_double_barrier(&events, CLIENTS)
+    } else {
+        sh.history.check_with(primitive.rules())
+    };
     let acquisitions = events
         .iter()
-        .filter(|e| matches!(e, Event::Acquired { .. }))
+        .filter(|e| matches!(e, Event::Acquired { .. } | Event::Entered { .. }))
         .count();
     let passes = events
         .iter()
@@ -477,6 +524,16 @@ pub async fn run_schedule(
     assert!(acquisitions > 0, "seed {seed}: nobody ever acquired");
     if primitive == Primitive::Barrier {
         assert!(passes > 0, "seed {seed}: no wait ever passed the barrier");
+    }
+    if primitive == Primitive::DoubleBarrier {
+        let rounds = events
+            .iter()
+            .filter(|e| matches!(e, Event::Left { .. }))
+            .count();
+        assert!(
+            rounds > 0,
+            "seed {seed}: nobody ever left the double barrier"
+        );
     }
 
     // Leaks: no key, no lease, no task of the test remains (lost sessions' leases expire).

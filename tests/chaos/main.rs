@@ -74,6 +74,11 @@ async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
     stays_safe(Primitive::Barrier, 3, &[9]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_barrier_rounds_stay_together_under_fault_schedules() {
+    stays_safe(Primitive::DoubleBarrier, 3, &[11]).await;
+}
+
 /// Real partitions (network namespaces, nftables): skipped with a printed reason where they
 /// cannot be made, unless `ETCD_COORD_REQUIRE_PARTITIONS=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

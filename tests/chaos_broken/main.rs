@@ -18,6 +18,7 @@ async fn the_checker_catches_deliberately_broken_primitives() {
         (Primitive::Semaphore, "b"),
         (Primitive::RwLock, "b"),
         (Primitive::Barrier, "e"),
+        (Primitive::DoubleBarrier, "f"),
     ] {
         let violations = run_schedule(primitive, 1, 0, &[(1_500, Fault::Compact)]).await;
         let found = violations.iter().filter(|v| v.property == property).count();
