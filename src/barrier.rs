@@ -289,6 +289,9 @@ impl DoubleBarrierGuard {
         // The participants of our round are the keys created before our own was deleted. Keys
         // created after belong to the next round — a participant that already left may enter
         // it at once — and waiting for them would wait for a round that waits for us.
+        // (After an unanswered delete, `left_at` is the retry's revision, later than the
+        // delete: a next-round key created in between is then waited for too, until its
+        // owner leaves or its lease ends. Erring late keeps leave() from returning early.)
         let left_at = self.holding.release().await?;
         let shared = Arc::clone(self.holding.fence().session().shared());
         let oldest = || {

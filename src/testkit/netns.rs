@@ -36,8 +36,9 @@ fn run(program: &str, args: &[&str]) -> Result<(), TestkitError> {
     }
 }
 
-/// Why real partitions cannot be made here, if they cannot: not Linux, not root, or `ip` or
-/// `nft` missing (Debian: `apt-get install iproute2 nftables`).
+/// Why real partitions cannot be made here, if they cannot: not Linux, not root, `ip` or `nft`
+/// missing (Debian: `apt-get install iproute2 nftables`), or no network namespace can be made
+/// (tried).
 pub fn partitions_unsupported() -> Option<String> {
     if !cfg!(target_os = "linux") {
         return Some("network namespaces need Linux".into());
@@ -63,6 +64,16 @@ pub fn partitions_unsupported() -> Option<String> {
             ));
         }
     }
+    // Root in a container may still lack CAP_NET_ADMIN: try.
+    let probe = format!(
+        "ecoord-probe-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    );
+    if let Err(e) = run("ip", &["netns", "add", &probe]) {
+        return Some(format!("cannot make a network namespace: {e}"));
+    }
+    let _ = run("ip", &["netns", "del", &probe]);
     None
 }
 

@@ -2,7 +2,7 @@
 //! proptest-generated fault schedule runs; then the safety checker and leak checks.
 //!
 //! `CHAOS_SEED=N` re-runs one seed; `CHAOS_SEEDS=K` runs seeds 1..=K (a soak). By default the
-//! fixed CI seeds run. A failing run prints its seed and schedule.
+//! fixed CI seeds run; `CHAOS_SMALL=1` runs only the first of each test's CI seeds. A failing run prints its seed and schedule.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -17,6 +17,9 @@ fn seeds(default: &[u64]) -> Vec<u64> {
     }
     if let Ok(k) = std::env::var("CHAOS_SEEDS") {
         return (1..=k.parse::<u64>().expect("CHAOS_SEEDS is a number")).collect();
+    }
+    if std::env::var("CHAOS_SMALL").as_deref() == Ok("1") {
+        return default[..1].to_vec();
     }
     default.to_vec()
 }
