@@ -192,29 +192,30 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
         while !sh.stop.load(Ordering::SeqCst) {
             phase("acquire");
             round += 1;
+            // Ok(None): a barrier's wait() passed; nothing is held.
             let acquire = async {
-                match sh.primitive {
-                    Primitive::Mutex => mutex.lock().await.map(Held::Mutex),
-                    Primitive::Election => election
-                        .campaign(format!("client-{id}"))
-                        .await
-                        .map(Held::Leader),
-                    Primitive::Semaphore => semaphore.acquire().await.map(Held::Permit),
-                    Primitive::RwLock if (id + round).is_multiple_of(3) => {
-                        rwlock.write().await.map(Held::Write)
+                let held = match sh.primitive {
+                    Primitive::Mutex => Held::Mutex(mutex.lock().await?),
+                    Primitive::Election => {
+                        Held::Leader(election.campaign(format!("client-{id}")).await?)
                     }
-                    Primitive::RwLock => rwlock.read().await.map(Held::Read),
+                    Primitive::Semaphore => Held::Permit(semaphore.acquire().await?),
+                    Primitive::RwLock if (id + round).is_multiple_of(3) => {
+                        Held::Write(rwlock.write().await?)
+                    }
+                    Primitive::RwLock => Held::Read(rwlock.read().await?),
                     Primitive::Barrier => match barrier.hold().await {
                         Err(Error::AlreadyHeld { .. }) => {
                             let called = Instant::now();
                             barrier.wait().await?;
                             sh.history.passed(id, called);
-                            Ok(Held::Passed)
+                            return Ok(None);
                         }
-                        held => held.map(Held::Hold),
+                        held => Held::Hold(held?),
                     },
                     Primitive::DoubleBarrier => unreachable!("run by double_barrier_rounds"),
-                }
+                };
+                Ok::<_, Error>(Some(held))
             };
             // Stopping drops a waiting acquisition: cancel-safe, it leaves no key.
             let acquired = tokio::select! {
@@ -222,11 +223,11 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                 _ = sh.stopped.cancelled() => break,
             };
             let held = match acquired {
-                Ok(Held::Passed) => {
+                Ok(None) => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
-                Ok(h) => h,
+                Ok(Some(h)) => h,
                 Err(_) => break, // session lost or closed: start over with a new one
             };
             let fence = held.fence();
@@ -327,8 +328,6 @@ enum Held {
     Read(etcd_coord::RwLockReadGuard),
     Write(etcd_coord::RwLockWriteGuard),
     Hold(etcd_coord::BarrierHold),
-    /// A barrier's wait() returned: nothing held.
-    Passed,
 }
 
 impl Held {
@@ -340,7 +339,6 @@ impl Held {
             Held::Read(g) => g.fence(),
             Held::Write(g) => g.fence(),
             Held::Hold(g) => g.fence(),
-            Held::Passed => unreachable!("a passed wait holds nothing"),
         }
     }
     fn mode(&self) -> Mode {
@@ -357,7 +355,6 @@ impl Held {
             Held::Read(g) => g.release().await,
             Held::Write(g) => g.release().await,
             Held::Hold(g) => g.release().await,
-            Held::Passed => Ok(()),
         }
     }
 }
