@@ -95,39 +95,14 @@ pub enum Event {
         /// When it was observed.
         at: Instant,
     },
-    /// A double-barrier participant (`client` on `lease`) called `enter()`.
-    Entering {
+    /// A double-barrier participant (`client` on `lease`) reached `step`.
+    Participant {
         /// Who.
         client: usize,
         /// Its session's lease.
         lease: i64,
-        /// When.
-        at: Instant,
-    },
-    /// Its `enter()` returned.
-    Entered {
-        /// Who.
-        client: usize,
-        /// Its session's lease.
-        lease: i64,
-        /// When.
-        at: Instant,
-    },
-    /// It called `leave()`.
-    Leaving {
-        /// Who.
-        client: usize,
-        /// Its session's lease.
-        lease: i64,
-        /// When.
-        at: Instant,
-    },
-    /// Its `leave()` returned.
-    Left {
-        /// Who.
-        client: usize,
-        /// Its session's lease.
-        lease: i64,
+        /// Which step.
+        step: Step,
         /// When.
         at: Instant,
     },
@@ -141,6 +116,19 @@ pub enum Event {
         /// When it returned.
         at: Instant,
     },
+}
+
+/// A double-barrier participant's steps, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// It called `enter()`.
+    Entering,
+    /// Its `enter()` returned.
+    Entered,
+    /// It called `leave()`.
+    Leaving,
+    /// Its `leave()` returned.
+    Left,
 }
 
 /// What a history is checked against.
@@ -215,40 +203,34 @@ impl History {
         });
     }
 
-    /// Records that double-barrier participant `client` (on `lease`) calls `enter()` now.
+    /// Records that double-barrier participant `client` (on `lease`) reaches `step` now.
+    pub fn participant(&self, client: usize, lease: i64, step: Step) {
+        self.push(Event::Participant {
+            client,
+            lease,
+            step,
+            at: Instant::now(),
+        });
+    }
+
+    /// [`participant`](Self::participant) at [`Step::Entering`]: it calls `enter()` now.
     pub fn entering(&self, client: usize, lease: i64) {
-        self.push(Event::Entering {
-            client,
-            lease,
-            at: Instant::now(),
-        });
+        self.participant(client, lease, Step::Entering);
     }
 
-    /// Records that its `enter()` returned now.
+    /// [`participant`](Self::participant) at [`Step::Entered`].
     pub fn entered(&self, client: usize, lease: i64) {
-        self.push(Event::Entered {
-            client,
-            lease,
-            at: Instant::now(),
-        });
+        self.participant(client, lease, Step::Entered);
     }
 
-    /// Records that it calls `leave()` now.
+    /// [`participant`](Self::participant) at [`Step::Leaving`].
     pub fn leaving(&self, client: usize, lease: i64) {
-        self.push(Event::Leaving {
-            client,
-            lease,
-            at: Instant::now(),
-        });
+        self.participant(client, lease, Step::Leaving);
     }
 
-    /// Records that its `leave()` returned now.
+    /// [`participant`](Self::participant) at [`Step::Left`].
     pub fn left(&self, client: usize, lease: i64) {
-        self.push(Event::Left {
-            client,
-            lease,
-            at: Instant::now(),
-        });
+        self.participant(client, lease, Step::Left);
     }
 
     /// Records that a wait for the resource to be free, called at `called`, returned now.
@@ -319,10 +301,7 @@ fn at(e: &Event) -> Instant {
         | Event::Write { at, .. }
         | Event::LeaseGone { at, .. }
         | Event::Passed { at, .. }
-        | Event::Entering { at, .. }
-        | Event::Entered { at, .. }
-        | Event::Leaving { at, .. }
-        | Event::Left { at, .. } => *at,
+        | Event::Participant { at, .. } => *at,
     }
 }
 
@@ -548,36 +527,40 @@ pub fn check_double_barrier(events: &[Event], count: usize) -> Vec<Violation> {
     let mut ps: Vec<Participation> = Vec::new();
     let mut gone: std::collections::HashMap<i64, Instant> = std::collections::HashMap::new();
     for e in &events {
-        let (client, lease, t) = match e {
-            Event::Entering { client, lease, at } => {
-                ps.push(Participation {
-                    client: *client,
-                    lease: *lease,
-                    entering: *at,
-                    entered: None,
-                    leaving: None,
-                    left: None,
-                });
-                continue;
-            }
+        let (client, lease, step, t) = match e {
             Event::LeaseGone { lease, at } => {
                 gone.entry(*lease).or_insert(*at);
                 continue;
             }
-            Event::Entered { client, lease, at }
-            | Event::Leaving { client, lease, at }
-            | Event::Left { client, lease, at } => (*client, *lease, *at),
+            Event::Participant {
+                client,
+                lease,
+                step,
+                at,
+            } => (*client, *lease, *step, *at),
             _ => continue,
         };
+        if step == Step::Entering {
+            ps.push(Participation {
+                client,
+                lease,
+                entering: t,
+                entered: None,
+                leaving: None,
+                left: None,
+            });
+            continue;
+        }
         if let Some(p) = ps
             .iter_mut()
             .rev()
             .find(|p| p.client == client && p.lease == lease)
         {
-            match e {
-                Event::Entered { .. } => p.entered = Some(t),
-                Event::Leaving { .. } => p.leaving = Some(t),
-                _ => p.left = Some(t),
+            match step {
+                Step::Entering => {}
+                Step::Entered => p.entered = Some(t),
+                Step::Leaving => p.leaving = Some(t),
+                Step::Left => p.left = Some(t),
             }
         }
     }
@@ -972,13 +955,12 @@ mod tests {
         assert!(check(&bad).iter().any(|v| v.property == "e"));
     }
 
-    fn db(kind: &str, client: usize, at: Instant) -> Event {
-        let lease = client as i64;
-        match kind {
-            "entering" => Event::Entering { client, lease, at },
-            "entered" => Event::Entered { client, lease, at },
-            "leaving" => Event::Leaving { client, lease, at },
-            _ => Event::Left { client, lease, at },
+    fn db(step: Step, client: usize, at: Instant) -> Event {
+        Event::Participant {
+            client,
+            lease: client as i64,
+            step,
+            at,
         }
     }
 
@@ -986,34 +968,34 @@ mod tests {
     fn a_double_barrier_round_passes_and_early_passes_are_caught() {
         let b = t0();
         let round = [
-            db("entering", 1, ms(b, 0)),
-            db("entering", 2, ms(b, 1)),
-            db("entered", 1, ms(b, 2)),
-            db("entered", 2, ms(b, 2)),
-            db("leaving", 1, ms(b, 3)),
-            db("leaving", 2, ms(b, 4)),
-            db("left", 2, ms(b, 5)),
-            db("left", 1, ms(b, 5)),
+            db(Step::Entering, 1, ms(b, 0)),
+            db(Step::Entering, 2, ms(b, 1)),
+            db(Step::Entered, 1, ms(b, 2)),
+            db(Step::Entered, 2, ms(b, 2)),
+            db(Step::Leaving, 1, ms(b, 3)),
+            db(Step::Leaving, 2, ms(b, 4)),
+            db(Step::Left, 2, ms(b, 5)),
+            db(Step::Left, 1, ms(b, 5)),
         ];
         assert_eq!(check_double_barrier(&round, 2), vec![]);
         // Client 1 passes enter alone …
         let early_enter = [
-            db("entering", 1, ms(b, 0)),
-            db("entered", 1, ms(b, 1)),
-            db("entering", 2, ms(b, 2)),
-            db("entered", 2, ms(b, 3)),
+            db(Step::Entering, 1, ms(b, 0)),
+            db(Step::Entered, 1, ms(b, 1)),
+            db(Step::Entering, 2, ms(b, 2)),
+            db(Step::Entered, 2, ms(b, 3)),
         ];
         let found = check_double_barrier(&early_enter, 2);
         assert!(found.iter().any(|v| v.property == "f"), "{found:?}");
         // … or leaves while client 2 has not called leave().
         let early_leave = [
-            db("entering", 1, ms(b, 0)),
-            db("entering", 2, ms(b, 1)),
-            db("entered", 1, ms(b, 2)),
-            db("entered", 2, ms(b, 2)),
-            db("leaving", 1, ms(b, 3)),
-            db("left", 1, ms(b, 4)),
-            db("leaving", 2, ms(b, 5)),
+            db(Step::Entering, 1, ms(b, 0)),
+            db(Step::Entering, 2, ms(b, 1)),
+            db(Step::Entered, 1, ms(b, 2)),
+            db(Step::Entered, 2, ms(b, 2)),
+            db(Step::Leaving, 1, ms(b, 3)),
+            db(Step::Left, 1, ms(b, 4)),
+            db(Step::Leaving, 2, ms(b, 5)),
         ];
         let found = check_double_barrier(&early_leave, 2);
         assert!(found.iter().any(|v| v.property == "g"), "{found:?}");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, TxnOp};
 use etcd_coord::testkit::checker::{
-    check_double_barrier, Event, FencedRegister, History, Mode, Rules, Violation,
+    check_double_barrier, Event, FencedRegister, History, Mode, Rules, Step, Violation,
 };
 use etcd_coord::testkit::{EtcdCluster, FaultProxy};
 use etcd_coord::{
@@ -512,7 +512,16 @@ pub async fn run_schedule(
     };
     let acquisitions = events
         .iter()
-        .filter(|e| matches!(e, Event::Acquired { .. } | Event::Entered { .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Acquired { .. }
+                    | Event::Participant {
+                        step: Step::Entered,
+                        ..
+                    }
+            )
+        })
         .count();
     let passes = events
         .iter()
@@ -525,7 +534,15 @@ pub async fn run_schedule(
     if primitive == Primitive::DoubleBarrier {
         let rounds = events
             .iter()
-            .filter(|e| matches!(e, Event::Left { .. }))
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::Participant {
+                        step: Step::Left,
+                        ..
+                    }
+                )
+            })
             .count();
         assert!(
             rounds > 0,
