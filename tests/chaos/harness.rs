@@ -83,6 +83,9 @@ pub enum Fault {
     KillClient(usize),
     /// Drop every response on client `i`'s path for 1 s (lost responses), then reset.
     DropResponses(usize),
+    /// Lose the response of client `i`'s next release (or leave): the request reaches etcd,
+    /// its answer is thrown away, and 0.5 s later the connection is reset.
+    LoseRelease(usize),
     /// A real partition (nftables in the member's network namespace): cut member `m` from
     /// its peers for longer than the TTL; its clients still reach it.
     IsolateMember(usize),
@@ -107,7 +110,8 @@ fn fault() -> impl Strategy<Value = Fault> {
         (0..3usize).prop_map(Fault::RestartMember),
         Just(Fault::Compact),
         client.clone().prop_map(Fault::KillClient),
-        client.prop_map(Fault::DropResponses),
+        client.clone().prop_map(Fault::DropResponses),
+        client.prop_map(Fault::LoseRelease),
     ]
 }
 
@@ -159,6 +163,30 @@ struct Shared {
     /// Every lease ever used and every session's task monitor, for the leak checks.
     leases: StdMutex<Vec<i64>>,
     tasks: StdMutex<Vec<BackgroundTasks>>,
+    /// The proxy of each member; client `i` goes through `proxies[i % len]`.
+    proxies: Vec<Arc<FaultProxy>>,
+    /// Clients whose next release is to lose its response (Fault::LoseRelease).
+    lose_release: StdMutex<Vec<bool>>,
+}
+
+impl Shared {
+    /// If a lost release response is armed for `client`, drops the responses on its path
+    /// now and restores them (with a reset) half a second later.
+    fn maybe_lose_release(&self, client: usize) {
+        if !std::mem::take(&mut self.lose_release.lock().unwrap()[client]) {
+            return;
+        }
+        tracing::debug!(client, "the response of this release will be lost");
+        let proxy = Arc::clone(&self.proxies[client % self.proxies.len()]);
+        proxy.drop_responses();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut faults = proxy.faults();
+            faults.drop_responses = false;
+            proxy.set_faults(faults);
+            proxy.reset_peer();
+        });
+    }
 }
 
 /// One client: sessions come and go; each acquisition is recorded, writes through the fenced
@@ -282,6 +310,7 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                 break;
             }
             phase("release");
+            sh.maybe_lose_release(id);
             let _ = held.release().await;
         }
         phase("close");
@@ -310,6 +339,7 @@ async fn double_barrier_rounds(id: usize, session: &LeasedSession, sh: &Shared) 
         sh.history.entered(id, lease);
         tokio::time::sleep(Duration::from_millis(30)).await;
         sh.history.leaving(id, lease);
+        sh.maybe_lose_release(id);
         let left = tokio::select! {
             r = inside.leave() => r,
             _ = sh.stopped.cancelled() => return,
@@ -397,7 +427,9 @@ pub async fn run_schedule(
     .expect("an etcd cluster");
     let mut proxies = Vec::new();
     for m in 0..members {
-        proxies.push(FaultProxy::start(cluster.endpoint(m)).await.unwrap());
+        proxies.push(Arc::new(
+            FaultProxy::start(cluster.endpoint(m)).await.unwrap(),
+        ));
     }
     let admin = cluster.client().await.unwrap();
     let sh = Arc::new(Shared {
@@ -411,6 +443,8 @@ pub async fn run_schedule(
         phase: StdMutex::new(vec!["start"; CLIENTS]),
         leases: StdMutex::new(Vec::new()),
         tasks: StdMutex::new(Vec::new()),
+        proxies: proxies.clone(),
+        lose_release: StdMutex::new(vec![false; CLIENTS]),
     });
     let client_for = |i: usize| crate::common::client_via(&proxies[i % members]);
     let mut clients = Vec::new();
@@ -470,6 +504,7 @@ pub async fn run_schedule(
                 proxies[i % members].heal();
                 proxies[i % members].reset_peer();
             }
+            Fault::LoseRelease(i) => sh.lose_release.lock().unwrap()[*i] = true,
             Fault::IsolateMember(m) | Fault::PartitionMember(m) => {
                 let m = m % members;
                 if matches!(f, Fault::IsolateMember(_)) {

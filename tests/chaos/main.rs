@@ -49,17 +49,17 @@ async fn stays_safe_under(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutex_stays_safe_under_fault_schedules() {
-    stays_safe(Primitive::Mutex, 3, &[1, 2, 7]).await;
+    stays_safe(Primitive::Mutex, 3, &[2, 7, 12]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutex_on_a_single_member_stays_safe_under_fault_schedules() {
-    stays_safe(Primitive::Mutex, 1, &[4, 5]).await;
+    stays_safe(Primitive::Mutex, 1, &[1, 4]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_stays_safe_under_fault_schedules() {
-    stays_safe(Primitive::Election, 3, &[3]).await;
+    stays_safe(Primitive::Election, 3, &[8]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,17 +69,17 @@ async fn semaphore_never_admits_more_than_its_permits_under_fault_schedules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rwlock_never_lets_a_writer_share_under_fault_schedules() {
-    stays_safe(Primitive::RwLock, 3, &[8]).await;
+    stays_safe(Primitive::RwLock, 3, &[9]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
-    stays_safe(Primitive::Barrier, 3, &[9]).await;
+    stays_safe(Primitive::Barrier, 3, &[11]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_barrier_rounds_stay_together_under_fault_schedules() {
-    stays_safe(Primitive::DoubleBarrier, 3, &[11]).await;
+    stays_safe(Primitive::DoubleBarrier, 3, &[3]).await;
 }
 
 /// Real partitions (network namespaces, nftables): skipped with a printed reason where they
@@ -95,4 +95,22 @@ async fn mutex_stays_safe_under_real_partitions() {
         return;
     }
     stays_safe_under(schedule_with_partitions, Primitive::Mutex, 3, &[10]).await;
+}
+
+/// The schedule of a seed is the same on every run (so a failing seed can be replayed).
+/// `-- --nocapture` prints the schedules of the CI seeds.
+#[test]
+fn a_seed_always_yields_the_same_schedule() {
+    for seed in 1..=12 {
+        assert_eq!(
+            format!("{:?}", schedule(seed)),
+            format!("{:?}", schedule(seed))
+        );
+        assert_eq!(
+            format!("{:?}", schedule_with_partitions(seed)),
+            format!("{:?}", schedule_with_partitions(seed))
+        );
+        eprintln!("seed {seed}: {:?}", schedule(seed));
+    }
+    eprintln!("with partitions, seed 10: {:?}", schedule_with_partitions(10));
 }
