@@ -112,5 +112,8 @@ fn a_seed_always_yields_the_same_schedule() {
         );
         eprintln!("seed {seed}: {:?}", schedule(seed));
     }
-    eprintln!("with partitions, seed 10: {:?}", schedule_with_partitions(10));
+    eprintln!(
+        "with partitions, seed 10: {:?}",
+        schedule_with_partitions(10)
+    );
 }
