@@ -287,7 +287,6 @@ async fn observe_resumes_across_a_connection_reset_without_missing_a_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_recovers_from_compaction_with_the_current_leader() {
     let etcd = etcd().await;
-    let mut admin = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("observe-compact");
     let watcher = session_via(&proxy, SessionOptions::new()).await;
@@ -300,20 +299,7 @@ async fn observe_recovers_from_compaction_with_the_current_leader() {
     la.resign().await.unwrap();
     let lb = Election::new(&a, &name).campaign("b").await.unwrap();
     // The history the observer missed is compacted away.
-    let rev = admin
-        .get("x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    admin
-        .compact(
-            rev,
-            Some(etcd_client::CompactionOptions::new().with_physical()),
-        )
-        .await
-        .unwrap();
+    etcd.compact().await.unwrap();
     proxy.heal();
     proxy.reset_peer();
     // It cannot replay what is gone, but it reports the current leader and carries on.

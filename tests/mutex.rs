@@ -493,20 +493,7 @@ async fn lost_survives_compaction_and_fires_when_the_owner_key_is_deleted() {
             .await
             .unwrap();
     }
-    let rev = admin
-        .get(format!("{name}-filler"), None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    admin
-        .compact(
-            rev,
-            Some(etcd_client::CompactionOptions::new().with_physical()),
-        )
-        .await
-        .unwrap();
+    etcd.compact().await.unwrap();
 
     let lost = tokio::spawn(held.lost());
     tokio::time::sleep(Duration::from_millis(500)).await;

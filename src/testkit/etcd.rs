@@ -542,21 +542,25 @@ impl EtcdCluster {
     /// # Errors
     /// If a request fails.
     pub async fn compact(&self) -> Result<i64, TestkitError> {
-        let mut client = self.client().await?;
-        let rev = client
-            .get("etcd-coord-testkit-compact", None)
-            .await?
-            .header()
-            .map(|h| h.revision())
-            .unwrap_or(0);
-        client
-            .compact(
-                rev,
-                Some(etcd_client::CompactionOptions::new().with_physical()),
-            )
-            .await?;
-        Ok(rev)
+        compact(self.client().await?).await
     }
+}
+
+/// Compacts (physically) the history up to the current revision; returns that revision.
+async fn compact(mut client: Client) -> Result<i64, TestkitError> {
+    let rev = client
+        .get("etcd-coord-testkit-compact", None)
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .unwrap_or(0);
+    client
+        .compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await?;
+    Ok(rev)
 }
 
 impl Drop for EtcdCluster {
@@ -622,5 +626,13 @@ impl TestEtcd {
     /// If the endpoints cannot be parsed.
     pub async fn client(&self) -> Result<Client, TestkitError> {
         Ok(Client::connect(&self.endpoints, Some(crate::recommended_connect_options())).await?)
+    }
+
+    /// Compacts the key-value history up to the current revision; returns that revision.
+    ///
+    /// # Errors
+    /// If a request fails.
+    pub async fn compact(&self) -> Result<i64, TestkitError> {
+        compact(self.client().await?).await
     }
 }
