@@ -665,170 +665,6 @@ mod tests {
         base + Duration::from_millis(n)
     }
 
-    #[test]
-    fn a_safe_history_passes() {
-        let b = t0();
-        let h = [
-            Event::Acquired {
-                client: 1,
-                token: 10,
-                lease: 1,
-                mode: Mode::Exclusive,
-                at: ms(b, 0),
-            },
-            Event::Write {
-                client: 1,
-                token: 10,
-                accepted: true,
-                at: ms(b, 1),
-            },
-            Event::Ended {
-                client: 1,
-                token: 10,
-                at: ms(b, 2),
-            },
-            Event::Acquired {
-                client: 2,
-                token: 12,
-                lease: 2,
-                mode: Mode::Exclusive,
-                at: ms(b, 3),
-            },
-            Event::Write {
-                client: 1,
-                token: 10,
-                accepted: false,
-                at: ms(b, 4),
-            },
-            Event::Write {
-                client: 2,
-                token: 12,
-                accepted: true,
-                at: ms(b, 5),
-            },
-            Event::Ended {
-                client: 2,
-                token: 12,
-                at: ms(b, 6),
-            },
-        ];
-        assert_eq!(check(&h), vec![]);
-    }
-
-    #[test]
-    fn overlapping_holders_are_caught() {
-        let b = t0();
-        let h = [
-            Event::Acquired {
-                client: 1,
-                token: 10,
-                lease: 1,
-                mode: Mode::Exclusive,
-                at: ms(b, 0),
-            },
-            Event::Acquired {
-                client: 2,
-                token: 12,
-                lease: 2,
-                mode: Mode::Exclusive,
-                at: ms(b, 1),
-            },
-            Event::Ended {
-                client: 1,
-                token: 10,
-                at: ms(b, 2),
-            },
-        ];
-        let found = check(&h);
-        assert!(found.iter().any(|v| v.property == "b"), "{found:?}");
-    }
-
-    #[test]
-    fn a_token_that_does_not_increase_is_caught() {
-        let b = t0();
-        let h = [
-            Event::Acquired {
-                client: 1,
-                token: 12,
-                lease: 1,
-                mode: Mode::Exclusive,
-                at: ms(b, 0),
-            },
-            Event::Ended {
-                client: 1,
-                token: 12,
-                at: ms(b, 1),
-            },
-            Event::Acquired {
-                client: 2,
-                token: 10,
-                lease: 2,
-                mode: Mode::Exclusive,
-                at: ms(b, 2),
-            },
-        ];
-        assert!(check(&h).iter().any(|v| v.property == "a"));
-    }
-
-    #[test]
-    fn an_accepted_stale_write_is_caught() {
-        let b = t0();
-        let h = [
-            Event::Acquired {
-                client: 1,
-                token: 10,
-                lease: 1,
-                mode: Mode::Exclusive,
-                at: ms(b, 0),
-            },
-            Event::Ended {
-                client: 1,
-                token: 10,
-                at: ms(b, 1),
-            },
-            Event::Acquired {
-                client: 2,
-                token: 12,
-                lease: 2,
-                mode: Mode::Exclusive,
-                at: ms(b, 2),
-            },
-            Event::Write {
-                client: 2,
-                token: 12,
-                accepted: true,
-                at: ms(b, 3),
-            },
-            Event::Write {
-                client: 1,
-                token: 10,
-                accepted: true,
-                at: ms(b, 4),
-            },
-        ];
-        let found = check(&h);
-        assert!(found.iter().any(|v| v.property == "c"), "{found:?}");
-    }
-
-    #[test]
-    fn an_acquisition_after_the_lease_was_gone_is_caught() {
-        let b = t0();
-        let h = [
-            Event::LeaseGone {
-                lease: 7,
-                at: ms(b, 0),
-            },
-            Event::Acquired {
-                client: 1,
-                token: 10,
-                lease: 7,
-                mode: Mode::Exclusive,
-                at: ms(b, 1),
-            },
-        ];
-        assert!(check(&h).iter().any(|v| v.property == "d"));
-    }
-
     fn acq(client: usize, token: i64, mode: Mode, at: Instant) -> Event {
         Event::Acquired {
             client,
@@ -841,6 +677,81 @@ mod tests {
 
     fn end(client: usize, token: i64, at: Instant) -> Event {
         Event::Ended { client, token, at }
+    }
+
+    fn write(client: usize, token: i64, accepted: bool, at: Instant) -> Event {
+        Event::Write {
+            client,
+            token,
+            accepted,
+            at,
+        }
+    }
+
+    #[test]
+    fn a_safe_history_passes() {
+        let b = t0();
+        let h = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            write(1, 10, true, ms(b, 1)),
+            end(1, 10, ms(b, 2)),
+            acq(2, 12, Mode::Exclusive, ms(b, 3)),
+            write(1, 10, false, ms(b, 4)),
+            write(2, 12, true, ms(b, 5)),
+            end(2, 12, ms(b, 6)),
+        ];
+        assert_eq!(check(&h), vec![]);
+    }
+
+    #[test]
+    fn overlapping_holders_are_caught() {
+        let b = t0();
+        let h = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            acq(2, 12, Mode::Exclusive, ms(b, 1)),
+            end(1, 10, ms(b, 2)),
+        ];
+        let found = check(&h);
+        assert!(found.iter().any(|v| v.property == "b"), "{found:?}");
+    }
+
+    #[test]
+    fn a_token_that_does_not_increase_is_caught() {
+        let b = t0();
+        let h = [
+            acq(1, 12, Mode::Exclusive, ms(b, 0)),
+            end(1, 12, ms(b, 1)),
+            acq(2, 10, Mode::Exclusive, ms(b, 2)),
+        ];
+        assert!(check(&h).iter().any(|v| v.property == "a"));
+    }
+
+    #[test]
+    fn an_accepted_stale_write_is_caught() {
+        let b = t0();
+        let h = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            end(1, 10, ms(b, 1)),
+            acq(2, 12, Mode::Exclusive, ms(b, 2)),
+            write(2, 12, true, ms(b, 3)),
+            write(1, 10, true, ms(b, 4)),
+        ];
+        let found = check(&h);
+        assert!(found.iter().any(|v| v.property == "c"), "{found:?}");
+    }
+
+    #[test]
+    fn an_acquisition_after_the_lease_was_gone_is_caught() {
+        let b = t0();
+        // acq() gives client 7 the lease 7.
+        let h = [
+            Event::LeaseGone {
+                lease: 7,
+                at: ms(b, 0),
+            },
+            acq(7, 10, Mode::Exclusive, ms(b, 1)),
+        ];
+        assert!(check(&h).iter().any(|v| v.property == "d"));
     }
 
     #[test]
