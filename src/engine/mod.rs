@@ -1,0 +1,22 @@
+//! The one wait engine every primitive is built on, in rooms of one concern each:
+//!
+//! * [`request`] — how requests travel: the session's request timeout, detached requests a
+//!   cancelled caller cannot strand, retries of transient failures, read-only Txns that are
+//!   never cancelled in flight.
+//! * [`watch`] — waiting for changes: watches registered from now (plus one confirming read),
+//!   `wait_gone`, and prefix event streams that survive disconnects and compaction.
+//! * [`queue`] — the queue algorithm: enqueue, the one wait loop (read while our key exists →
+//!   decide → through / act / wait → read again), and each primitive's decision.
+//! * [`guard`] — what a guard holds: [`Fence`] (fenced compare, fenced Txn, `lost()`) and
+//!   [`Holding`] (fenced, retry-safe release; release on drop through the session's task).
+
+pub(crate) mod guard;
+pub(crate) mod queue;
+pub(crate) mod request;
+pub(crate) mod watch;
+
+pub use guard::Fence;
+pub(crate) use guard::{holding_guard, Holding};
+pub(crate) use queue::{acquire, create_exclusive, join, read, try_acquire, Decision, Snapshot};
+pub(crate) use request::{send_txn, Kind};
+pub(crate) use watch::{wait_gone, Gap, PrefixEvents, Watched};

@@ -1,0 +1,378 @@
+//! Waiting for changes: watches from now, `wait_gone`, prefix event streams.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use etcd_client::{EventType, Txn, WatchFilterType, WatchOptions};
+use tokio::time::{sleep, timeout};
+
+use crate::backoff::Backoff;
+use crate::keys;
+use crate::session::Shared;
+use crate::Error;
+
+use super::request::{back_off, send_until_answered, unless_lost, Kind};
+
+/// What a wait for a change ended with.
+pub(crate) enum Woken {
+    /// One of the watched changes happened.
+    Changed,
+    /// A cancelled watch or a stream failure: re-read and decide again.
+    Recheck,
+}
+
+/// A change to wait for: a put or a delete of `key`, or of any key under it with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Watched {
+    key: Vec<u8>,
+    prefix: bool,
+    kind: EventType,
+}
+
+impl Watched {
+    /// The deletion of exactly `key`.
+    pub(crate) fn deleted(key: impl Into<Vec<u8>>) -> Watched {
+        Watched {
+            key: key.into(),
+            prefix: false,
+            kind: EventType::Delete,
+        }
+    }
+
+    /// A put of exactly `key`.
+    pub(crate) fn put(key: impl Into<Vec<u8>>) -> Watched {
+        Watched {
+            key: key.into(),
+            prefix: false,
+            kind: EventType::Put,
+        }
+    }
+
+    /// A put of any key under `prefix`.
+    pub(crate) fn put_under(prefix: impl Into<Vec<u8>>) -> Watched {
+        Watched {
+            key: prefix.into(),
+            prefix: true,
+            kind: EventType::Put,
+        }
+    }
+
+    fn matches(&self, kind: EventType, key: &[u8]) -> bool {
+        kind == self.kind
+            && if self.prefix {
+                key.starts_with(&self.key)
+            } else {
+                key == self.key
+            }
+    }
+
+    fn options(&self) -> WatchOptions {
+        let opts = WatchOptions::new().with_filters([match self.kind {
+            EventType::Delete => WatchFilterType::NoPut,
+            EventType::Put => WatchFilterType::NoDelete,
+        }]);
+        if self.prefix {
+            opts.with_prefix()
+        } else {
+            opts
+        }
+    }
+}
+
+/// A watch for changes to a few keys or ranges (and, optionally, the deletion of our own key),
+/// registered *from now*.
+///
+/// etcd puts a watch whose start revision is at or below its current revision into the
+/// "unsynced" group, served on a 100 ms tick. A watch from `read revision + 1` lands there
+/// whenever anything was written between the read and the watch's creation — constantly under
+/// contention. A watch without a start revision is always registered in the synced group, at
+/// the revision its `created` response reports; if that is newer than the read that decided to
+/// wait, the caller confirms with a fresh read while the watch is already in place: anything
+/// after the watch's revision is delivered, anything up to the fresh read's is seen by it.
+struct ChangeWatch {
+    shared: Arc<Shared>,
+    stream: etcd_client::WatchStream,
+    targets: Vec<Watched>,
+    own: Option<(String, i64)>,
+    /// A change that arrived while the watch was still being created.
+    early: Option<Result<Woken, Error>>,
+}
+
+impl ChangeWatch {
+    /// Opens the watch and waits until etcd confirmed it. Returns it with the revision after
+    /// which every change is delivered, or `None` after a transient failure (the caller
+    /// re-reads; a backoff delay has been served).
+    async fn open(
+        shared: &Arc<Shared>,
+        targets: &[Watched],
+        own: Option<(&str, i64)>,
+    ) -> Result<Option<(ChangeWatch, i64)>, Error> {
+        let mut watches = shared.client.watch_client();
+        let opened = unless_lost(shared, async {
+            let created = async {
+                let (first, rest) = targets
+                    .split_first()
+                    .ok_or_else(|| Error::Protocol("a watch without targets".into()))?;
+                let mut stream = watches
+                    .watch(first.key.clone(), Some(first.options()))
+                    .await?;
+                for t in rest {
+                    stream.watch(t.key.clone(), Some(t.options())).await?;
+                }
+                if let Some((own_key, _)) = own {
+                    stream
+                        .watch(own_key, Some(Watched::deleted(own_key).options()))
+                        .await?;
+                }
+                let mut watch = ChangeWatch {
+                    shared: Arc::clone(shared),
+                    stream,
+                    targets: targets.to_vec(),
+                    own: own.map(|(k, r)| (k.to_owned(), r)),
+                    early: None,
+                };
+                let mut pending = targets.len() + usize::from(own.is_some());
+                let mut revision = 0;
+                while pending > 0 {
+                    let resp = watch.stream.message().await?.ok_or_else(|| {
+                        Error::Etcd(etcd_client::Error::WatchError("watch stream ended".into()))
+                    })?;
+                    if resp.created() {
+                        if resp.canceled() {
+                            return Err(Error::Protocol(format!(
+                                "etcd refused a watch: {}",
+                                resp.cancel_reason()
+                            )));
+                        }
+                        pending -= 1;
+                        revision = revision.max(resp.header().map_or(0, |h| h.revision()));
+                    }
+                    if watch.early.is_none() {
+                        watch.early = watch.classify(&resp);
+                    }
+                }
+                Ok((watch, revision))
+            };
+            match timeout(shared.request_timeout, created).await {
+                Err(_) => Err(Error::Timeout(shared.request_timeout)),
+                Ok(r) => r,
+            }
+        })
+        .await;
+        match opened {
+            Ok(opened) => Ok(Some(opened)),
+            Err(e @ (Error::Timeout(_) | Error::Etcd(_))) => {
+                tracing::debug!(error = %e, "opening a watch failed; re-reading");
+                back_off(shared, &mut Backoff::for_requests()).await?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a watch response means for this wait, if anything.
+    fn classify(&self, resp: &etcd_client::WatchResponse) -> Option<Result<Woken, Error>> {
+        crate::session::Counters::add(
+            &self.shared.counters.watch_events,
+            resp.events().len() as u64,
+        );
+        if resp.canceled() && !resp.created() {
+            tracing::debug!(
+                compact_revision = resp.compact_revision(),
+                reason = resp.cancel_reason(),
+                "watch cancelled; re-reading"
+            );
+            return Some(Ok(Woken::Recheck));
+        }
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let kind = event.event_type();
+            if let Some((own_key, create_revision)) = &self.own {
+                if kind == EventType::Delete && kv.key() == own_key.as_bytes() {
+                    return Some(Err(Error::LockLost {
+                        key: own_key.clone(),
+                        create_revision: *create_revision,
+                    }));
+                }
+            }
+            if self.targets.iter().any(|t| t.matches(kind, kv.key())) {
+                return Some(Ok(Woken::Changed));
+            }
+        }
+        None
+    }
+
+    /// Waits for a change. Our own key's deletion is [`Error::LockLost`], the session's loss
+    /// [`Error::SessionLost`] / [`Error::SessionClosed`].
+    async fn wait(mut self, shared: &Arc<Shared>) -> Result<Woken, Error> {
+        if let Some(outcome) = self.early.take() {
+            return outcome;
+        }
+        loop {
+            let msg = unless_lost(shared, async { Ok(self.stream.message().await) }).await?;
+            match msg {
+                Ok(Some(resp)) => {
+                    if let Some(outcome) = self.classify(&resp) {
+                        tracing::trace!(
+                            revision = resp.header().map_or(0, |h| h.revision()),
+                            "woken"
+                        );
+                        return outcome;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!("watch stream ended; re-reading");
+                    back_off(shared, &mut Backoff::for_requests()).await?;
+                    return Ok(Woken::Recheck);
+                }
+            }
+        }
+    }
+}
+
+/// The wait step every primitive goes through: with a watch registered from now on `targets`
+/// (and our own key's deletion, and the session's loss), waits for a change. `read_at` is the
+/// revision of the read that decided to wait; if writes landed since, `reread` runs once the
+/// watch is in place and says whether to still wait.
+pub(crate) async fn wait_for_change<R, Fut>(
+    shared: &Arc<Shared>,
+    targets: &[Watched],
+    own: Option<(&str, i64)>,
+    read_at: i64,
+    reread: R,
+) -> Result<Woken, Error>
+where
+    R: FnOnce() -> Fut,
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    let Some((watch, from)) = ChangeWatch::open(shared, targets, own).await? else {
+        return Ok(Woken::Recheck);
+    };
+    if from > read_at && !reread().await? {
+        return Ok(Woken::Changed);
+    }
+    watch.wait(shared).await
+}
+
+/// Completes with `Ok` once `key` is no longer the incarnation `create_revision` (known to
+/// exist at revision `seen_at`): deleted, expired with its lease, or never there. `Err` if the
+/// session is Lost first. Survives stream failures and compaction by re-reading.
+pub(crate) async fn wait_gone(
+    shared: &Arc<Shared>,
+    key: &str,
+    create_revision: i64,
+    mut seen_at: i64,
+) -> Result<(), Error> {
+    let check = Txn::new().when([keys::owner_compare(key, create_revision)]);
+    loop {
+        let still_there = || async {
+            let resp = send_until_answered(shared, || check.clone(), Kind::MaybeReadOnly).await?;
+            Ok(resp.succeeded())
+        };
+        match wait_for_change(shared, &[Watched::deleted(key)], None, seen_at, still_there).await? {
+            // A delete event of the key (or a re-read that found it gone): that incarnation
+            // has ended — keys are never re-created with the same create revision.
+            Woken::Changed => return Ok(()),
+            // Uncertain: the next round confirms once its watch is in place.
+            Woken::Recheck => seen_at = 0,
+        }
+    }
+}
+
+/// What interrupts a [`PrefixEvents`] stream.
+pub(crate) enum Gap {
+    /// The history after the last revision was compacted away: re-read the state, then
+    /// [`PrefixEvents::resume_after`] the read's revision.
+    Compacted,
+    /// A failure retrying cannot fix (etcd refused the watch).
+    Fatal(Error),
+}
+
+/// Every event under a prefix, in revision order, across disconnects: after a stream failure
+/// it re-opens the watch from the last delivered revision + 1 (with backoff), so nothing is
+/// skipped. Independent of any session's lease.
+pub(crate) struct PrefixEvents {
+    client: etcd_client::Client,
+    prefix: String,
+    /// Every event at or below this revision has been delivered (or was covered by a read).
+    after: i64,
+    stream: Option<etcd_client::WatchStream>,
+    pending: std::collections::VecDeque<etcd_client::Event>,
+    backoff: Backoff,
+}
+
+impl PrefixEvents {
+    /// Events under `prefix` with revisions after `after`.
+    pub(crate) fn new(client: etcd_client::Client, prefix: &str, after: i64) -> PrefixEvents {
+        PrefixEvents {
+            client,
+            prefix: prefix.to_owned(),
+            after,
+            stream: None,
+            pending: Default::default(),
+            backoff: Backoff::for_requests(),
+        }
+    }
+
+    /// Continues after `revision` (a fresh read's), dropping anything buffered.
+    pub(crate) fn resume_after(&mut self, revision: i64) {
+        self.after = revision;
+        self.stream = None;
+        self.pending.clear();
+    }
+
+    /// The next event, with its revision (the event's mod revision).
+    pub(crate) async fn next(&mut self) -> Result<etcd_client::Event, Gap> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                let rev = event.kv().map_or(0, |kv| kv.mod_revision());
+                if rev <= self.after {
+                    continue; // already covered by a read
+                }
+                self.after = rev;
+                return Ok(event);
+            }
+            let stream = match self.stream.as_mut() {
+                Some(s) => s,
+                None => {
+                    let opts = WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(self.after + 1);
+                    match self.client.watch(self.prefix.as_str(), Some(opts)).await {
+                        Ok(s) => self.stream.insert(s),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "opening a prefix watch failed; retrying");
+                            sleep(self.backoff.next_delay()).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        self.stream = None;
+                        if resp.compact_revision() > 0 {
+                            return Err(Gap::Compacted);
+                        }
+                        if resp.created() {
+                            return Err(Gap::Fatal(Error::Protocol(format!(
+                                "etcd refused a watch: {}",
+                                resp.cancel_reason()
+                            ))));
+                        }
+                        sleep(self.backoff.next_delay()).await;
+                        continue;
+                    }
+                    self.backoff.reset();
+                    self.pending.extend(resp.events().iter().cloned());
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!(prefix = %self.prefix, "prefix watch ended; resuming");
+                    self.stream = None;
+                    sleep(self.backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}
