@@ -39,7 +39,6 @@ mod election;
 mod engine;
 mod error;
 mod keys;
-mod liveness;
 mod mutex;
 mod rwlock;
 mod selector;

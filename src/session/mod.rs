@@ -1,5 +1,11 @@
 //! [`LeasedSession`]: a lease that keeps itself alive and knows, on its own clock, when it may
-//! be gone.
+//! be gone. Its rooms: [`options`] (what a session asks for), [`liveness`] (the state machine,
+//! no I/O), [`keepalive`] (the refresh loop) and [`cleanup`] (background releases).
+
+mod cleanup;
+mod keepalive;
+mod liveness;
+mod options;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -7,138 +13,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use etcd_client::Client;
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::Backoff;
-use crate::liveness::Liveness;
-use crate::{keys, Error, LossReason};
-
-/// etcd's largest lease TTL (`MaxLeaseTTL`), in seconds.
-pub const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
-
-/// Options for [`LeasedSession::new`], as `with_*` builders. `Default` equals [`new()`](Self::new).
-///
-/// ```
-/// use std::time::Duration;
-/// use etcd_coord::SessionOptions;
-///
-/// let options = SessionOptions::new()
-///     .with_ttl(Duration::from_secs(5))
-///     .with_safety_margin(Duration::from_secs(1));
-/// assert_eq!(options.ttl(), Duration::from_secs(5));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionOptions {
-    ttl: Duration,
-    safety_margin: Option<Duration>,
-    keepalive_timeout: Option<Duration>,
-    request_timeout: Duration,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions::new()
-    }
-}
-
-impl SessionOptions {
-    /// TTL 10 s; safety margin and refresh timeout each a fifth of the granted TTL; request
-    /// timeout 5 s.
-    pub fn new() -> SessionOptions {
-        SessionOptions {
-            ttl: Duration::from_secs(10),
-            safety_margin: None,
-            keepalive_timeout: None,
-            request_timeout: Duration::from_secs(5),
-        }
-    }
-
-    /// The lease TTL to request (rounded up to whole seconds; etcd may grant more: its
-    /// minimum is about 2 s, and [`LeasedSession::ttl`] reports what was granted). Must be
-    /// more than zero and at most [`MAX_LEASE_TTL_SECS`].
-    pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// How long before the server could possibly expire the lease the session declares
-    /// itself [`Lost`](SessionState::Lost): the holder's time to stop acting on what it holds,
-    /// plus any difference between the client's and the server's clock rates. Default: a
-    /// fifth of the granted TTL. Must be less than half the TTL.
-    pub fn with_safety_margin(mut self, margin: Duration) -> Self {
-        self.safety_margin = Some(margin);
-        self
-    }
-
-    /// How long one lease refresh may go unanswered before the session counts it as failed
-    /// (and becomes [`Suspended`](SessionState::Suspended)). Default: a fifth of the granted
-    /// TTL. Must be more than zero and at most a third of the TTL (the refresh interval).
-    pub fn with_keepalive_timeout(mut self, timeout: Duration) -> Self {
-        self.keepalive_timeout = Some(timeout);
-        self
-    }
-
-    /// The deadline of each request the session and its primitives send (grant, revoke,
-    /// acquire, release, …). Default 5 s. Must be more than zero.
-    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// The requested TTL.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    /// The request timeout.
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
-    }
-
-    /// The TTL in whole seconds, or why it is not acceptable.
-    fn ttl_secs(&self) -> Result<i64, Error> {
-        if self.ttl.is_zero() {
-            return Err(Error::InvalidArgument("TTL must be more than zero".into()));
-        }
-        let secs = self.ttl.as_secs() + u64::from(self.ttl.subsec_nanos() > 0);
-        if secs > MAX_LEASE_TTL_SECS {
-            return Err(Error::InvalidArgument(format!(
-                "TTL of {secs} s exceeds etcd's maximum of {MAX_LEASE_TTL_SECS} s"
-            )));
-        }
-        Ok(secs as i64)
-    }
-
-    /// Checks everything that can be checked before the grant.
-    fn validate(&self) -> Result<i64, Error> {
-        let secs = self.ttl_secs()?;
-        let requested = Duration::from_secs(secs as u64);
-        if let Some(margin) = self.safety_margin {
-            if margin >= requested / 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "safety margin {margin:?} must be less than half the TTL ({requested:?})"
-                )));
-            }
-        }
-        if let Some(t) = self.keepalive_timeout {
-            if t.is_zero() || t > requested / 3 {
-                return Err(Error::InvalidArgument(format!(
-                    "keepalive timeout {t:?} must be more than zero and at most a third of the TTL ({requested:?})"
-                )));
-            }
-        }
-        if self.request_timeout.is_zero() {
-            return Err(Error::InvalidArgument(
-                "request timeout must be more than zero".into(),
-            ));
-        }
-        Ok(secs)
-    }
-}
+use crate::{Error, LossReason};
+use cleanup::{run_cleanups, Job};
+pub(crate) use cleanup::{Cleanup, PendingWork};
+use keepalive::{keep_alive, lease_not_found};
+use liveness::Liveness;
+pub use options::{SessionOptions, MAX_LEASE_TTL_SECS};
 
 /// Counters of what a session has sent and received, for diagnostics and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -179,48 +64,6 @@ pub enum SessionState {
     Lost,
 }
 
-/// A background clean-up the session's task carries out for a guard or an abandoned
-/// acquisition.
-#[derive(Debug)]
-pub(crate) enum Cleanup {
-    /// Delete `key` if it is attached to this session's lease: the outcome of the request
-    /// that may have created it is unknown.
-    Abandoned { key: String },
-    /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat).
-    Txn { key: String, txn: etcd_client::Txn },
-}
-
-impl Cleanup {
-    /// Delete `key` if it is still the incarnation created at `create_revision`.
-    pub(crate) fn release(key: String, create_revision: i64) -> Cleanup {
-        let txn = keys::fenced_delete(&key, create_revision);
-        Cleanup::Txn { key, txn }
-    }
-}
-
-/// Counts one piece of background work (a queued clean-up, a detached request) while it lives.
-pub(crate) struct PendingWork(Arc<watch::Sender<usize>>);
-
-impl PendingWork {
-    fn new(counter: &Arc<watch::Sender<usize>>) -> PendingWork {
-        counter.send_modify(|n| *n += 1);
-        PendingWork(Arc::clone(counter))
-    }
-}
-
-impl Drop for PendingWork {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
-    }
-}
-
-/// A clean-up in the queue, counted until it is done or dropped.
-struct Job {
-    cleanup: Cleanup,
-    _pending: PendingWork,
-}
-
-/// What the session's handles, guards and background task share.
 pub(crate) struct Shared {
     pub(crate) client: Client,
     pub(crate) lease_id: i64,
@@ -334,16 +177,6 @@ impl Shared {
             Ok(Err(e)) if lease_not_found(&e) => Ok(()),
             Ok(Err(e)) => Err(Error::Etcd(e)),
         }
-    }
-}
-
-fn lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        etcd_client::Error::GRpcStatus(s) => {
-            s.code() == tonic::Code::NotFound || s.message().contains("lease not found")
-        }
-        _ => false,
     }
 }
 
@@ -592,15 +425,6 @@ impl BackgroundTasks {
     }
 }
 
-/// Waits for `fut` until `deadline`; `None` if the deadline came first.
-async fn before<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        out = fut => Some(out),
-        _ = sleep_until(deadline) => None,
-    }
-}
-
 /// The session's one background task: keeps the lease alive and runs clean-ups until the
 /// session is Lost or its last handle is dropped.
 async fn drive(shared: Arc<Shared>, mut live: Liveness, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -629,148 +453,6 @@ async fn drive(shared: Arc<Shared>, mut live: Liveness, mut jobs: mpsc::Unbounde
                     tracing::warn!(lease = shared.lease_id, error = %e, "revoking the lease of a dropped session failed; it ends by its TTL");
                 }
             }
-        }
-    }
-}
-
-/// Refreshes the lease until the session is Lost; returns why.
-async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReason {
-    let interval = shared.ttl / 3;
-    let mut backoff = Backoff::new(
-        Duration::from_millis(50),
-        (interval / 2).min(Duration::from_secs(1)),
-    );
-    let mut leases = shared.client.lease_client();
-    loop {
-        // Opening the stream sends the first refresh and waits for its answer.
-        let sent = Instant::now();
-        Counters::add(&shared.counters.keepalive_requests, 1);
-        let opened = before(
-            live.deadline(),
-            timeout(shared.keepalive_timeout, leases.keep_alive(shared.lease_id)),
-        )
-        .await;
-        match opened {
-            None => live.on_tick(Instant::now()),
-            Some(Ok(Ok((mut keeper, mut stream)))) => {
-                live.on_ack(sent, shared.ttl, Instant::now());
-                shared.publish(live);
-                backoff.reset();
-                let mut last_sent = sent;
-                // Refresh on this stream until it fails or the session is Lost.
-                while live.reason().is_none() {
-                    if before(live.deadline(), sleep_until(last_sent + interval))
-                        .await
-                        .is_none()
-                    {
-                        live.on_tick(Instant::now());
-                        break;
-                    }
-                    let sent = Instant::now();
-                    Counters::add(&shared.counters.keepalive_requests, 1);
-                    if keeper.keep_alive().await.is_err() {
-                        live.on_failure(Instant::now());
-                        break;
-                    }
-                    let answer = before(
-                        live.deadline(),
-                        timeout(shared.keepalive_timeout, stream.message()),
-                    )
-                    .await;
-                    match answer {
-                        None => live.on_tick(Instant::now()),
-                        Some(Ok(Ok(Some(resp)))) => {
-                            let ttl = Duration::from_secs(resp.ttl().max(0) as u64);
-                            live.on_ack(sent, ttl, Instant::now());
-                            last_sent = sent;
-                        }
-                        Some(Ok(Ok(None))) | Some(Ok(Err(_))) | Some(Err(_)) => {
-                            tracing::debug!(
-                                lease = shared.lease_id,
-                                "lease refresh failed; re-opening the stream"
-                            );
-                            live.on_failure(Instant::now());
-                            shared.publish(live);
-                            break;
-                        }
-                    }
-                    shared.publish(live);
-                }
-            }
-            Some(Ok(Err(e))) if lease_not_found(&e) => live.on_lease_gone(),
-            Some(Ok(Err(e))) => {
-                tracing::debug!(lease = shared.lease_id, error = %e, "opening the keep-alive stream failed");
-                live.on_failure(Instant::now());
-            }
-            Some(Err(_)) => live.on_failure(Instant::now()),
-        }
-        shared.publish(live);
-        if let Some(reason) = live.reason() {
-            return reason;
-        }
-        if before(live.deadline(), sleep(backoff.next_delay()))
-            .await
-            .is_none()
-        {
-            live.on_tick(Instant::now());
-            shared.publish(live);
-        }
-        if let Some(reason) = live.reason() {
-            return reason;
-        }
-    }
-}
-
-/// Runs the clean-ups handed to the session, concurrently. Never returns.
-async fn run_cleanups(shared: &Shared, jobs: &mut mpsc::UnboundedReceiver<Job>) {
-    let mut running = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            job = jobs.recv() => match job {
-                Some(job) => running.push(clean_up(shared, job)),
-                // The sender lives in `shared`: cannot happen, but never spin.
-                None => std::future::pending::<()>().await,
-            },
-            Some(()) = running.next(), if !running.is_empty() => {}
-        }
-    }
-}
-
-/// How many times a background clean-up is tried before the lease's end is left to do it.
-const CLEANUP_ATTEMPTS: u32 = 8;
-
-/// Carries out one clean-up, retrying on transport errors. An abandoned acquisition is
-/// cleaned twice, the second time after a request timeout, in case the request that created
-/// the key was still in flight the first time.
-async fn clean_up(shared: &Shared, job: Job) {
-    let job = &job.cleanup;
-    let (key, passes) = match job {
-        Cleanup::Txn { key, .. } => (key.as_str(), 1),
-        Cleanup::Abandoned { key } => (key.as_str(), 2),
-    };
-    for pass in 0..passes {
-        if pass > 0 {
-            sleep(shared.request_timeout).await;
-        }
-        let mut backoff = Backoff::for_requests();
-        for _ in 0..CLEANUP_ATTEMPTS {
-            let txn = match job {
-                Cleanup::Abandoned { key } => keys::lease_fenced_delete(key, shared.lease_id),
-                Cleanup::Txn { txn, .. } => txn.clone(),
-            };
-            let mut kv = shared.client.kv_client();
-            Counters::add(&shared.counters.txns, 1);
-            match timeout(shared.request_timeout, kv.txn(txn)).await {
-                Ok(Ok(resp)) => {
-                    tracing::debug!(key, deleted = resp.succeeded(), "background clean-up done");
-                    break;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(key, error = %e, "background clean-up failed; retrying")
-                }
-                Err(_) => tracing::debug!(key, "background clean-up timed out; retrying"),
-            }
-            sleep(backoff.next_delay()).await;
         }
     }
 }
