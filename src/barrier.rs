@@ -96,9 +96,9 @@ impl Barrier {
     /// Cancel-safe: waiting creates nothing.
     pub async fn wait(&self) -> Result<(), Error> {
         let key = self.key()?;
-        #[cfg(feature = "testkit")]
-        if crate::testkit::broken_lock_enabled() {
-            return Ok(()); // deliberately unsafe: see testkit::set_broken_lock
+        #[cfg(feature = "sabotage")]
+        if crate::sabotage::broken() {
+            return Ok(()); // deliberately unsafe: see sabotage
         }
         let shared = self.session.shared();
         let now = engine::read(shared, vec![TxnOp::get(key.as_str(), None)]).await?;
@@ -167,13 +167,21 @@ impl DoubleBarrier {
         self.count
     }
 
-    fn queue(&self) -> Result<&Queue, Error> {
+    /// The queue and the count as etcd counts, or why the name or count is not acceptable.
+    fn queue(&self) -> Result<(&Queue, i64), Error> {
         if self.count == 0 {
             return Err(Error::InvalidArgument(
                 "a double barrier needs at least one participant".into(),
             ));
         }
-        self.named.queue()
+        let count = i64::try_from(self.count).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "a double barrier for {} participants is more than etcd can count (at most {})",
+                self.count,
+                i64::MAX
+            ))
+        })?;
+        Ok((self.named.queue()?, count))
     }
 
     /// Enters, and returns once `count` participants have entered.
@@ -186,11 +194,10 @@ impl DoubleBarrier {
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no participant key behind.
     pub async fn enter(&self) -> Result<DoubleBarrierGuard, Error> {
-        let queue = self.queue()?;
+        let (queue, count) = self.queue()?;
         let participants = queue.sub(PARTICIPANT);
         let ready = queue.sub(READY);
         let lease = self.session.lease_id();
-        let count = self.count as i64;
         let reads = vec![
             TxnOp::get(
                 participants.as_str(),
@@ -198,38 +205,49 @@ impl DoubleBarrier {
             ),
             TxnOp::get(ready.as_str(), Some(GetOptions::new().with_keys_only())),
         ];
-        let decide = |snapshot: &engine::Snapshot| {
-            #[cfg(feature = "testkit")]
-            if crate::testkit::broken_lock_enabled() {
-                return Decision::Through; // deliberately unsafe: see testkit::set_broken_lock
-            }
-            let present = snapshot.gets.first().map_or(0, |g| g.count());
-            let latched = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
-            if latched {
-                Decision::Through
-            } else if present >= count {
-                Decision::Act(
-                    Txn::new()
-                        .when([Compare::create_revision(
-                            ready.as_str(),
-                            CompareOp::Equal,
-                            0,
-                        )])
-                        .and_then([TxnOp::put(
-                            ready.as_str(),
-                            "",
-                            Some(PutOptions::new().with_lease(lease)),
-                        )]),
-                )
-            } else {
-                Decision::Wait(vec![
-                    Watched::put(ready.as_str()),
-                    Watched::put_under(participants.as_str()),
+        // The latch is put only while our own key exists: a copy of the put that lands late
+        // (after we left, when the round is over) fails its compare instead of letting the next
+        // round through early. It is retried like any request of the wait.
+        let decider = |own_key: &str, own_revision: i64| {
+            let latch = Txn::new()
+                .when([
+                    Compare::create_revision(ready.as_str(), CompareOp::Equal, 0),
+                    keys::owner_compare(own_key, own_revision),
                 ])
+                .and_then([TxnOp::put(
+                    ready.as_str(),
+                    "",
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let (ready, participants) = (ready.clone(), participants.clone());
+            move |snapshot: &engine::Snapshot| {
+                #[cfg(feature = "sabotage")]
+                if crate::sabotage::broken() {
+                    return Decision::Through { touch: false }; // deliberately unsafe
+                }
+                let present = snapshot.gets.first().map_or(0, |g| g.count());
+                let latched = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+                if latched {
+                    Decision::Through { touch: false }
+                } else if present >= count {
+                    Decision::Act(latch.clone())
+                } else {
+                    Decision::Wait(vec![
+                        Watched::put(ready.as_str()),
+                        Watched::put_under(participants.as_str()),
+                    ])
+                }
             }
         };
-        let acquired =
-            engine::join(&self.session, queue, PARTICIPANT, Vec::new(), reads, decide).await?;
+        let acquired = engine::join(
+            &self.session,
+            queue,
+            PARTICIPANT,
+            Vec::new(),
+            |_, _| reads,
+            decider,
+        )
+        .await?;
         // Leaving removes our key and, if we are the last participant, the latch, in one Txn
         // (the nested compare sees the state before the delete: "only our key is left").
         let leave = Txn::new()

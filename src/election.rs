@@ -3,7 +3,7 @@
 use etcd_client::{EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, TxnOp};
 use futures::Stream;
 
-use crate::engine::{self, Fence, Gap, Holding, PrefixEvents};
+use crate::engine::{self, Blocker, Fence, Gap, Holding, PrefixEvents};
 use crate::keys::{Named, Queue};
 use crate::{Error, LeasedSession};
 
@@ -120,8 +120,8 @@ impl Election {
     /// session's background task deletes it, fenced).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
         let queue = self.named.queue()?;
-        let acquired =
-            engine::acquire(&self.session, queue, "", queue.blocker("", 1), value.into()).await?;
+        let blocker = Blocker::new(queue.sub(""), 1)?;
+        let acquired = engine::acquire(&self.session, queue, "", blocker, value.into()).await?;
         Ok(Leadership {
             holding: Holding::new(self.session.clone(), acquired),
         })
@@ -138,12 +138,19 @@ impl Election {
             .0)
     }
 
-    /// A stream of leadership changes: first the current state, then every change in order —
-    /// a new leader, the same leader proclaiming a new value, or nobody leading. It only ever
-    /// reports the oldest candidate (etcd #18163), resumes by itself after a disconnect (from
-    /// the last revision it reported, so nothing is skipped) or after compaction (re-reading
-    /// the current state), and never ends silently: it ends only when dropped, or after an
-    /// `Err` (a failure that retrying cannot fix, such as an invalid name or a refused watch).
+    /// A stream of leadership changes **from the moment of this call**: first the state then,
+    /// then every change in order — a new leader, the same leader proclaiming a new value, or
+    /// nobody leading — even if the stream is first polled much later. (It starts from the
+    /// newest revision the session has seen in any answer, which precedes this call: a change
+    /// made after the call is never missed; one made shortly before may be reported too.)
+    ///
+    /// It only ever reports the oldest candidate (etcd #18163), resumes by itself after a
+    /// disconnect (from the last revision it reported, so nothing is skipped) or after
+    /// compaction (re-reading the current state: changes in the compacted history are then
+    /// summed up by the current leader), and never ends silently: it ends only when dropped,
+    /// or after an `Err` (a failure that retrying cannot fix, such as an invalid name or a
+    /// watch etcd refuses for lack of permission). A put of the leader key that leaves its
+    /// value unchanged (a fenced write through the leader's [`Fence`]) is not a change.
     ///
     /// The stream uses the session's client but does not depend on its lease.
     pub fn observe(&self) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
@@ -151,15 +158,18 @@ impl Election {
             self.session.client().clone(),
             self.session.shared().request_timeout,
             self.named.name(),
+            self.session.shared().seen_revision(),
         )
     }
 }
 
-/// [`Election::observe`] for election `name` through `client`, without a session.
+/// [`Election::observe`] for election `name` through `client`, without a session, from
+/// revision `start` (0: from its first poll).
 pub(crate) fn observe_with(
     client: etcd_client::Client,
     request_timeout: std::time::Duration,
     name: &str,
+    start: i64,
 ) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
     let state = Observer {
         session: ClientOnly {
@@ -167,6 +177,7 @@ pub(crate) fn observe_with(
             request_timeout,
         },
         queue: Queue::new(name),
+        start,
         leader: None,
         events: None,
         done: false,
@@ -196,7 +207,13 @@ async fn read_leader(
         opts = opts.with_revision(revision);
     }
     let resp = session.get(queue.prefix(), opts).await?;
-    let at = resp.header().map_or(revision, |h| h.revision());
+    // A read at a past revision answers with the current revision in its header: the state
+    // it returned is as of `revision`.
+    let at = if revision > 0 {
+        revision
+    } else {
+        resp.header().map_or(0, |h| h.revision())
+    };
     Ok((resp.kvs().first().map(LeaderInfo::from_kv), at))
 }
 
@@ -210,10 +227,7 @@ pub(crate) struct ClientOnly {
 impl ClientOnly {
     async fn get(&self, key: &str, opts: GetOptions) -> Result<etcd_client::GetResponse, Error> {
         let mut kv = self.client.kv_client();
-        match tokio::time::timeout(self.request_timeout, kv.get(key, Some(opts))).await {
-            Err(_) => Err(Error::Timeout(self.request_timeout)),
-            Ok(r) => Ok(r?),
-        }
+        crate::error::within(self.request_timeout, kv.get(key, Some(opts))).await
     }
 }
 
@@ -230,6 +244,8 @@ impl LeasedSession {
 struct Observer {
     session: ClientOnly,
     queue: Result<Queue, Error>,
+    /// The revision the first read is made at (0: now); 0 once it was made.
+    start: i64,
     /// `None` before the first report; `Some(None)` after reporting that nobody leads.
     leader: Option<Option<LeaderInfo>>,
     events: Option<PrefixEvents>,
@@ -237,12 +253,18 @@ struct Observer {
 }
 
 impl Observer {
-    /// Reads the current leader until a read succeeds (transient failures are retried).
-    async fn read_now(&self, queue: &Queue) -> Result<(Option<LeaderInfo>, i64), Error> {
+    /// Reads the leader at `revision` (0: now) until a read succeeds (transient failures are
+    /// retried); a revision that was compacted away is read as now.
+    async fn read_at(
+        &self,
+        queue: &Queue,
+        mut revision: i64,
+    ) -> Result<(Option<LeaderInfo>, i64), Error> {
         let mut backoff = crate::backoff::Backoff::for_requests();
         loop {
-            match read_leader(&self.session, queue, 0).await {
-                Err(e) if e.is_retryable() => tokio::time::sleep(backoff.next_delay()).await,
+            match read_leader(&self.session, queue, revision).await {
+                Err(e) if e.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
+                Err(e) if revision > 0 && is_compacted(&e) => revision = 0,
                 other => return other,
             }
         }
@@ -268,8 +290,9 @@ impl Observer {
         };
         loop {
             let Some(events) = self.events.as_mut() else {
-                // Start (or restart after compaction) from a fresh read.
-                let (now, at) = self.read_now(&queue).await?;
+                // Start from the revision of the call, or restart after compaction from now.
+                let start = std::mem::take(&mut self.start);
+                let (now, at) = self.read_at(&queue, start).await?;
                 self.events = Some(PrefixEvents::new(
                     self.session.client.clone(),
                     queue.prefix(),
@@ -294,7 +317,14 @@ impl Observer {
                 .as_ref()
                 .is_some_and(|l| l.key.as_bytes() == kv.key());
             let change = match event.event_type() {
-                // The leader proclaimed (or was re-put): same term, new value.
+                // A put of the leader key that keeps its value (a fenced write's bump): no
+                // change.
+                EventType::Put
+                    if is_leader_key && current.as_ref().is_some_and(|l| l.value == kv.value()) =>
+                {
+                    None
+                }
+                // The leader proclaimed: same term, new value.
                 EventType::Put if is_leader_key => self.report(Some(LeaderInfo::from_kv(kv))),
                 // Nobody led, so the queue was empty: the new candidate is the oldest.
                 EventType::Put if current.is_none() => self.report(Some(LeaderInfo::from_kv(kv))),
@@ -307,7 +337,7 @@ impl Observer {
                         Ok((next, _)) => self.report(next),
                         Err(_) => {
                             // Compacted (or failed): re-read now and continue from there.
-                            let (next, at) = self.read_now(&queue).await?;
+                            let (next, at) = self.read_at(&queue, 0).await?;
                             if let Some(events) = self.events.as_mut() {
                                 events.resume_after(at);
                             }
@@ -322,6 +352,11 @@ impl Observer {
             }
         }
     }
+}
+
+/// Whether `e` says the requested revision was compacted away.
+fn is_compacted(e: &Error) -> bool {
+    matches!(e, Error::Etcd(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted"))
 }
 
 /// Proof of leading an [`Election`]. Resigns when dropped (in the background, through the

@@ -1,5 +1,6 @@
-//! The crate's one error type.
+//! The crate's one error type, and the one place that says which failures are worth a retry.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tonic::Code;
@@ -18,6 +19,13 @@ pub enum LossReason {
     /// The session was closed with [`close()`](crate::LeasedSession::close), or its last
     /// handle was dropped.
     Closed,
+    /// The session's background task stopped without closing the session (its runtime was
+    /// shut down, or the task panicked): nothing refreshes the lease any more.
+    KeepAliveStopped,
+    /// A background release failed with an error retrying cannot fix (for example, etcd's auth
+    /// denied it). The session ends and revokes its lease rather than keep a live lease on a
+    /// key nobody holds any more.
+    CleanupFailed,
 }
 
 impl std::fmt::Display for LossReason {
@@ -28,6 +36,8 @@ impl std::fmt::Display for LossReason {
             }
             LossReason::LeaseGone => "etcd reports the lease is gone",
             LossReason::Closed => "the session was closed",
+            LossReason::KeepAliveStopped => "the session's background task stopped",
+            LossReason::CleanupFailed => "a background release failed permanently",
         })
     }
 }
@@ -68,10 +78,20 @@ pub enum Error {
         key: String,
     },
 
+    /// etcd's authorization refused the request (the user's roles lack a permission it needs).
+    /// Never retried. Carries etcd's message.
+    #[error("permission denied by etcd: {0}")]
+    PermissionDenied(String),
+
+    /// etcd refused the client's credentials or its auth token. Never retried. Carries
+    /// etcd's message.
+    #[error("authentication failed: {0}")]
+    AuthenticationFailed(String),
+
     /// An etcd request failed (transport error, gRPC status, …). The etcd-client error is kept
     /// as the source.
     #[error("etcd request failed: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(#[source] etcd_client::Error),
 
     /// An etcd request did not answer within the session's request timeout. Its outcome on the
     /// server is unknown.
@@ -84,6 +104,26 @@ pub enum Error {
     Protocol(String),
 }
 
+impl From<etcd_client::Error> for Error {
+    /// Auth failures become their own variants; everything else is kept as [`Error::Etcd`].
+    fn from(e: etcd_client::Error) -> Error {
+        if let etcd_client::Error::GRpcStatus(status) = &e {
+            let message = status.message();
+            match status.code() {
+                Code::PermissionDenied => return Error::PermissionDenied(message.to_owned()),
+                Code::Unauthenticated => return Error::AuthenticationFailed(message.to_owned()),
+                // etcd's ErrGRPCAuthFailed ("authentication failed, invalid user ID or
+                // password") is an InvalidArgument status.
+                Code::InvalidArgument if message.contains("authentication failed") => {
+                    return Error::AuthenticationFailed(message.to_owned())
+                }
+                _ => {}
+            }
+        }
+        Error::Etcd(e)
+    }
+}
+
 impl Error {
     /// The error for a session lost for `reason`.
     pub(crate) fn lost(reason: LossReason) -> Error {
@@ -93,25 +133,137 @@ impl Error {
         }
     }
 
-    /// True for errors after which a retry of the same request may succeed: transport
-    /// failures and timeouts, whose outcome on the server is unknown.
-    pub(crate) fn is_retryable(&self) -> bool {
+    /// The error for a watch etcd created and cancelled at once, from its cancel reason.
+    pub(crate) fn watch_refused(reason: &str) -> Error {
+        if reason.contains("permission denied") {
+            Error::PermissionDenied(reason.to_owned())
+        } else if reason.contains("invalid auth token") || reason.contains("authentication") {
+            Error::AuthenticationFailed(reason.to_owned())
+        } else {
+            Error::Protocol(format!("etcd refused a watch: {reason}"))
+        }
+    }
+
+    /// Whether sending the same request again may succeed. Every retry in this crate asks
+    /// this one question; the answers, and why:
+    ///
+    /// | failure | retried | why |
+    /// |---|---|---|
+    /// | [`Error::Timeout`] (ours) | yes | the outcome is unknown; every request we retry is idempotent or fenced |
+    /// | transport and I/O errors | yes | connection refused, reset or broken: another attempt may get through |
+    /// | `Unavailable` | yes | etcd has no leader, the leader changed, a member is stopping, or a proposal timed out |
+    /// | `DeadlineExceeded` | yes | etcd's or gRPC's deadline passed; the next attempt gets a new one |
+    /// | `Cancelled` | yes | the HTTP/2 stream was reset under us (a connection lost) |
+    /// | `Aborted` | yes | a conflict, retryable by definition |
+    /// | `Unknown`, `Internal` | yes | how tonic reports a broken HTTP/2 connection (h2 errors) |
+    /// | `ResourceExhausted` "too many requests" | yes | etcd sheds load while its apply lags behind |
+    /// | `ResourceExhausted`, other (the NOSPACE alarm "database space exceeded", message size) | no | needs an operator or a smaller request |
+    /// | `PermissionDenied` ([`Error::PermissionDenied`]) | no | the user's roles lack a permission |
+    /// | `Unauthenticated` ([`Error::AuthenticationFailed`]) | no | bad credentials or a token etcd no longer accepts |
+    /// | `InvalidArgument`, `FailedPrecondition`, `OutOfRange`, `NotFound`, `AlreadyExists`, `Unimplemented`, `DataLoss` | no | the same request would fail the same way |
+    /// | every other error of this crate or of etcd-client | no | a bad argument, a lost session or lock, a protocol mismatch |
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Error::Timeout(_) => true,
             Error::Etcd(e) => match e {
-                etcd_client::Error::GRpcStatus(s) => matches!(
-                    s.code(),
+                etcd_client::Error::GRpcStatus(s) => match s.code() {
                     Code::Unavailable
-                        | Code::DeadlineExceeded
-                        | Code::Cancelled
-                        | Code::Unknown
-                        | Code::Aborted
-                        | Code::Internal
-                ),
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Aborted
+                    | Code::Unknown
+                    | Code::Internal => true,
+                    Code::ResourceExhausted => s.message().contains("too many requests"),
+                    _ => false,
+                },
                 etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
                 _ => false,
             },
             _ => false,
         }
+    }
+}
+
+/// Runs `request` with the deadline `limit`: its error converted, or [`Error::Timeout`] if the
+/// deadline came first (the request is then dropped: only for requests that may be cancelled).
+pub(crate) async fn within<T, E, F>(limit: Duration, request: F) -> Result<T, Error>
+where
+    E: Into<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    match tokio::time::timeout(limit, request).await {
+        Err(_) => Err(Error::Timeout(limit)),
+        Ok(answer) => answer.map_err(Into::into),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, message: &str) -> Error {
+        Error::from(etcd_client::Error::GRpcStatus(tonic::Status::new(
+            code, message,
+        )))
+    }
+
+    #[test]
+    fn auth_failures_get_their_own_variants_and_are_not_retried() {
+        let denied = status(Code::PermissionDenied, "etcdserver: permission denied");
+        assert!(matches!(&denied, Error::PermissionDenied(m) if m.contains("permission denied")));
+        assert!(!denied.is_transient());
+        let token = status(Code::Unauthenticated, "etcdserver: invalid auth token");
+        assert!(matches!(token, Error::AuthenticationFailed(_)));
+        let password = status(
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        assert!(matches!(password, Error::AuthenticationFailed(_)));
+    }
+
+    #[test]
+    fn transient_and_permanent_failures_follow_the_table() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+            Code::Aborted,
+            Code::Unknown,
+            Code::Internal,
+        ] {
+            assert!(status(code, "x").is_transient(), "{code:?}");
+        }
+        assert!(status(Code::ResourceExhausted, "etcdserver: too many requests").is_transient());
+        assert!(!status(
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded"
+        )
+        .is_transient());
+        for code in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::Unimplemented,
+            Code::DataLoss,
+        ] {
+            assert!(!status(code, "x").is_transient(), "{code:?}");
+        }
+        assert!(Error::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(!Error::InvalidArgument("x".into()).is_transient());
+        assert!(!Error::SessionClosed.is_transient());
+    }
+
+    #[test]
+    fn refused_watches_say_why() {
+        assert!(matches!(
+            Error::watch_refused("etcdserver: permission denied"),
+            Error::PermissionDenied(_)
+        ));
+        assert!(matches!(
+            Error::watch_refused("something else"),
+            Error::Protocol(_)
+        ));
     }
 }

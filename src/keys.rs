@@ -8,8 +8,8 @@
 //! one acquisition reuses its key (so it can never create a second waiter).
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, GetResponse, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, TxnResponse,
+    Compare, CompareOp, GetOptions, GetResponse, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 
 use crate::Error;
@@ -80,15 +80,6 @@ impl Queue {
         format!("{}{kind}", self.prefix)
     }
 
-    /// A blocker over the members of kind `kind` (`""`: every member): the `nth` newest
-    /// created before ours.
-    pub(crate) fn blocker(&self, kind: &str, nth: usize) -> Blocker {
-        Blocker {
-            prefix: self.sub(kind),
-            nth,
-        }
-    }
-
     /// All member keys of this queue, as a `Get` range.
     pub(crate) fn range(&self) -> GetOptions {
         GetOptions::new().with_prefix()
@@ -138,39 +129,16 @@ pub(crate) fn fenced_delete(key: &str, create_revision: i64) -> Txn {
         .and_then([TxnOp::delete(key, None)])
 }
 
-/// Deletes `key` only if it is attached to `lease_id`. Used only when an acquisition's create
-/// revision is unknown (its request failed in flight); safe because member keys are unique
-/// per session and acquisition.
-pub(crate) fn lease_fenced_delete(key: &str, lease_id: i64) -> Txn {
+/// Bumps `key`'s mod revision (value and lease unchanged) only while it is the incarnation
+/// `create_revision`: a "touch" that wakes whoever watches the key for changes.
+pub(crate) fn touch(key: &str, create_revision: i64) -> Txn {
     Txn::new()
-        .when([Compare::lease(key, CompareOp::Equal, lease_id)])
-        .and_then([TxnOp::delete(key, None)])
-}
-
-/// Which earlier member blocks an acquisition: among the keys under `prefix` created before
-/// ours, the `nth` newest (1 = the key just ahead: a mutex; N = the N-th: a semaphore with N
-/// permits; over the writers' sub-range only: a reader). Fewer than `nth` such keys means the
-/// acquisition is through.
-#[derive(Debug, Clone)]
-pub(crate) struct Blocker {
-    pub(crate) prefix: String,
-    pub(crate) nth: usize,
-}
-
-impl Blocker {
-    /// The `Get` of up to `nth` newest keys created at or before `max_create_revision`
-    /// (0 = no bound), keys only.
-    pub(crate) fn get(&self, max_create_revision: i64) -> TxnOp {
-        let mut opts = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(self.nth as i64)
-            .with_keys_only();
-        if max_create_revision > 0 {
-            opts = opts.with_max_create_revision(max_create_revision);
-        }
-        TxnOp::get(self.prefix.as_str(), Some(opts))
-    }
+        .when([owner_compare(key, create_revision)])
+        .and_then([TxnOp::put(
+            key,
+            Vec::new(),
+            Some(PutOptions::new().with_ignore_value().with_ignore_lease()),
+        )])
 }
 
 /// One round trip that puts `key` (under `lease_id`, value `value`) unless it exists already,
@@ -200,17 +168,16 @@ pub(crate) fn fenced_reads(key: &str, create_revision: i64, reads: Vec<TxnOp>) -
         .and_then(reads)
 }
 
-/// One round trip for a try-acquire (`nth == 1` only) that leaves no key behind when busy:
-/// puts `key` only if nothing is under the blocker's range. Else-branch: `[Get(key), Get(oldest
-/// in the blocker's range)]`, which tells a retry of the same acquisition whether its earlier,
-/// unanswered put landed and is through (nothing in the range is older than it).
-pub(crate) fn try_enqueue_txn(blocker: &Blocker, key: &str, value: Vec<u8>, lease_id: i64) -> Txn {
+/// One round trip for a try-acquire (one permit only) that leaves no key behind when busy:
+/// puts `key` only if nothing is under `prefix` (the range of what blocks it). Else-branch:
+/// `[Get(key), Get(oldest under prefix)]`, which tells a retry of the same acquisition whether
+/// its earlier, unanswered put landed and is through (nothing in the range is older than it).
+pub(crate) fn try_enqueue_txn(prefix: &str, key: &str, value: Vec<u8>, lease_id: i64) -> Txn {
     let oldest = GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1)
         .with_keys_only();
-    let prefix = blocker.prefix.as_str();
     Txn::new()
         .when([Compare::create_revision(prefix, CompareOp::Equal, 0).with_prefix()])
         .and_then([TxnOp::put(
@@ -237,11 +204,6 @@ pub(crate) fn txn_gets(resp: &TxnResponse) -> Vec<GetResponse> {
             _ => None,
         })
         .collect()
-}
-
-/// The `nth` key of a descending blocker read, if there are that many.
-pub(crate) fn nth_blocker(get: &GetResponse, nth: usize) -> Option<KeyValue> {
-    get.kvs().get(nth.checked_sub(1)?).cloned()
 }
 
 #[cfg(test)]

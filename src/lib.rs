@@ -41,6 +41,9 @@ mod error;
 mod keys;
 mod mutex;
 mod rwlock;
+#[cfg(feature = "sabotage")]
+#[doc(hidden)]
+pub mod sabotage;
 mod selector;
 mod semaphore;
 mod session;

@@ -1,6 +1,6 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{self, holding_guard, Holding};
+use crate::engine::{self, holding_guard, Blocker, Holding};
 use crate::keys::Named;
 #[cfg(doc)]
 use crate::Fence;
@@ -71,8 +71,8 @@ impl Mutex {
     /// deleted by the session's background task (fenced on the key's create revision).
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
         let queue = self.named.queue()?;
-        let acquired =
-            engine::acquire(&self.session, queue, "", queue.blocker("", 1), Vec::new()).await?;
+        let blocker = Blocker::new(queue.sub(""), 1)?;
+        let acquired = engine::acquire(&self.session, queue, "", blocker, Vec::new()).await?;
         Ok(MutexGuard {
             holding: Holding::new(self.session.clone(), acquired),
         })
@@ -88,8 +88,9 @@ impl Mutex {
     /// Cancel-safe, as [`lock()`](Self::lock).
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
         let queue = self.named.queue()?;
+        let blocker = Blocker::new(queue.sub(""), 1)?;
         Ok(
-            engine::try_acquire(&self.session, queue, "", queue.blocker("", 1), Vec::new())
+            engine::try_acquire(&self.session, queue, "", blocker, Vec::new())
                 .await?
                 .map(|acquired| MutexGuard {
                     holding: Holding::new(self.session.clone(), acquired),

@@ -1,6 +1,6 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
-use crate::engine::{self, holding_guard, Holding};
+use crate::engine::{self, holding_guard, Blocker, Holding};
 use crate::keys::Named;
 #[cfg(doc)]
 use crate::Fence;
@@ -69,7 +69,7 @@ impl RwLock {
             &self.session,
             queue,
             READER,
-            queue.blocker(WRITER, 1),
+            Blocker::new(queue.sub(WRITER), 1)?,
             Vec::new(),
         )
         .await?;
@@ -92,7 +92,7 @@ impl RwLock {
             &self.session,
             queue,
             WRITER,
-            queue.blocker("", 1),
+            Blocker::new(queue.sub(""), 1)?,
             Vec::new(),
         )
         .await?;
@@ -113,7 +113,7 @@ impl RwLock {
             &self.session,
             queue,
             READER,
-            queue.blocker(WRITER, 1),
+            Blocker::new(queue.sub(WRITER), 1)?,
             Vec::new(),
         )
         .await?;
@@ -131,7 +131,7 @@ impl RwLock {
             &self.session,
             queue,
             WRITER,
-            queue.blocker("", 1),
+            Blocker::new(queue.sub(""), 1)?,
             Vec::new(),
         )
         .await?;

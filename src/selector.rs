@@ -29,9 +29,13 @@ use crate::{
 ///    leader is not elected while this one's work still runs (client-go learned this the hard
 ///    way: kubernetes#139991);
 /// 5. re-campaigns (like Curator's auto-requeue). A leader future that returns by itself ends
-///    the term the same way.
+///    the term the same way, and the next campaign waits for the retry backoff (growing while
+///    terms keep ending at once), so a leader function that returns immediately never turns
+///    into a busy campaign/resign loop.
 ///
-/// Followers (and the leader) see who leads through [`leaders()`](Self::leaders).
+/// Followers (and the leader) see who leads through [`leaders()`](Self::leaders); if observing
+/// fails (etcd refuses the watch, say), it starts over after the retry backoff, so the view
+/// recovers once etcd serves it again.
 ///
 /// # What it guarantees, and what it cannot
 /// Within the process: the leader future is cancelled before the server can let another
@@ -145,8 +149,10 @@ impl LeaderSelector {
         self
     }
 
-    /// The backoff between attempts after a failure (new session, campaign): jittered,
-    /// doubling from `min` to `max`. Default 100 ms to 5 s.
+    /// The backoff between attempts after a failure (new session, campaign, observing), and
+    /// before campaigning again after a term whose leader future returned by itself:
+    /// jittered, doubling from `min` to `max`. Default 100 ms to 5 s. `min` must be more than
+    /// zero ([`run`](Self::run) says so); any larger value is accepted (arithmetic saturates).
     pub fn with_retry_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.retry_min = min;
         self.retry_max = max;
@@ -166,8 +172,9 @@ impl LeaderSelector {
     /// `'static`); it should return soon after [`LeaderTerm::cancelled`] completes.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for an invalid name or session options (at once, before
-    /// anything is sent). Every other failure is retried with backoff.
+    /// [`Error::InvalidArgument`] for an invalid name, session options or a zero retry
+    /// backoff (at once, before anything is sent). Every other failure — permission errors
+    /// included, which an operator may fix — is logged and retried with the backoff.
     pub async fn run<S, L, F>(self, shutdown: S, mut lead: L) -> Result<(), Error>
     where
         S: Future,
@@ -175,15 +182,21 @@ impl LeaderSelector {
         F: Future<Output = ()>,
     {
         crate::keys::validate_name(&self.name)?;
+        if self.retry_min.is_zero() {
+            return Err(Error::InvalidArgument(
+                "the leader selector's retry backoff must be more than zero".into(),
+            ));
+        }
         let stop = CancellationToken::new();
         let observe = self.observe_leaders(stop.clone());
         let campaign = async {
             let mut backoff = Backoff::new(self.retry_min, self.retry_max);
+            let mut requeue = Backoff::new(self.retry_min, self.retry_max);
             loop {
                 if stop.is_cancelled() {
                     return Ok(());
                 }
-                match self.one_session(&stop, &mut lead).await {
+                match self.one_session(&stop, &mut lead, &mut requeue).await {
                     Ok(()) => backoff.reset(),
                     Err(e @ Error::InvalidArgument(_)) => return Err(e),
                     Err(e) => {
@@ -210,7 +223,12 @@ impl LeaderSelector {
 
     /// One session's life: campaign and lead (possibly several terms) until the session is
     /// Lost or the selector stops.
-    async fn one_session<L, F>(&self, stop: &CancellationToken, lead: &mut L) -> Result<(), Error>
+    async fn one_session<L, F>(
+        &self,
+        stop: &CancellationToken,
+        lead: &mut L,
+        requeue: &mut Backoff,
+    ) -> Result<(), Error>
     where
         L: FnMut(LeaderTerm) -> F,
         F: Future<Output = ()>,
@@ -240,12 +258,13 @@ impl LeaderSelector {
             tokio::pin!(lost);
             let suspended = wait_suspended(&session, self.cancel_on_suspend);
             tokio::pin!(suspended);
-            tokio::select! {
-                _ = &mut work => {}
-                _ = &mut lost => { cancel.cancel(); work.await; }
-                _ = &mut suspended => { cancel.cancel(); work.await; }
-                _ = cancel.cancelled() => { work.await; }
-            }
+            let started = tokio::time::Instant::now();
+            let returned_by_itself = tokio::select! {
+                _ = &mut work => true,
+                _ = &mut lost => { cancel.cancel(); work.await; false }
+                _ = &mut suspended => { cancel.cancel(); work.await; false }
+                _ = cancel.cancelled() => { work.await; false }
+            };
             cancel.cancel();
             tracing::info!(election = %self.name, "leader work finished; resigning");
             if session.state() == SessionState::Lost {
@@ -260,30 +279,54 @@ impl LeaderSelector {
             if stop.is_cancelled() {
                 break Ok(());
             }
+            if returned_by_itself {
+                // Terms that end at once slow the next campaigns down; a long one starts over.
+                if started.elapsed() >= self.retry_max {
+                    requeue.reset();
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(requeue.next_delay()) => {}
+                    _ = stop.cancelled() => break Ok(()),
+                }
+            }
         };
         let _ = session.close().await;
         result
     }
 
-    /// Publishes every leadership change to [`leaders()`](Self::leaders) until `stop`.
+    /// Publishes every leadership change to [`leaders()`](Self::leaders) until `stop`. If
+    /// observing fails, starts over (from a fresh read) after the retry backoff.
     async fn observe_leaders(&self, stop: CancellationToken) {
-        let mut events = Box::pin(crate::election::observe_with(
-            self.client.clone(),
-            self.session_options.request_timeout(),
-            &self.name,
-        ));
-        loop {
+        let mut backoff = Backoff::new(self.retry_min, self.retry_max);
+        while !stop.is_cancelled() {
+            let mut events = Box::pin(crate::election::observe_with(
+                self.client.clone(),
+                self.session_options.request_timeout(),
+                &self.name,
+                0,
+            ));
+            loop {
+                tokio::select! {
+                    event = events.next() => match event {
+                        Some(Ok(event)) => {
+                            backoff.reset();
+                            self.leaders.send_replace(match event {
+                                LeaderEvent::Leader(info) => Some(info),
+                                _ => None,
+                            });
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(election = %self.name, error = %e, "observing leaders failed; starting over");
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = stop.cancelled() => break,
+                }
+            }
             tokio::select! {
-                event = events.next() => match event {
-                    Some(Ok(LeaderEvent::Leader(info))) => { self.leaders.send_replace(Some(info)); }
-                    Some(Ok(_)) => { self.leaders.send_replace(None); }
-                    Some(Err(e)) => {
-                        tracing::warn!(election = %self.name, error = %e, "observing leaders failed");
-                        break;
-                    }
-                    None => break,
-                },
-                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = stop.cancelled() => {}
             }
         }
         std::future::pending::<()>().await

@@ -1,6 +1,6 @@
 //! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
 
-use crate::engine::{self, holding_guard, Holding};
+use crate::engine::{self, holding_guard, Blocker, Holding};
 use crate::keys::{Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
@@ -9,10 +9,12 @@ use crate::{Error, LeasedSession};
 /// A distributed counting semaphore with `permits` permits, served in FIFO order.
 ///
 /// Each acquisition puts its own key under the session's lease; it holds a permit while fewer
-/// than `permits` keys created before its own remain. A waiter watches only the `permits`-th
-/// key ahead of it (Curator's `children[ourIndex - maxLeases]`), so a release wakes exactly one
-/// waiter. It is the [`Mutex`](crate::Mutex)'s engine with that one difference; with one
-/// permit it is a mutex.
+/// than `permits` keys created before its own remain — whichever holders leave, in any order.
+/// The first waiter watches every holder's key (one watch of the queue's deletions) and goes
+/// through as soon as any of them is deleted; every other waiter watches only the waiter just
+/// ahead of it, which touches its own key when it goes through. A release therefore wakes
+/// the first waiter (let in) and, through its touch, the one waiter behind it (now first):
+/// two watch events, never a herd. With one permit it is a mutex.
 ///
 /// Every handle on the same name must use the same number of permits.
 ///
@@ -56,13 +58,15 @@ impl Semaphore {
         self.permits
     }
 
-    fn queue(&self) -> Result<&Queue, Error> {
-        if self.permits == 0 {
-            return Err(Error::InvalidArgument(
-                "a semaphore needs at least one permit".into(),
-            ));
-        }
-        self.named.queue()
+    /// The queue and what blocks an acquisition in it, or why the name or the number of
+    /// permits is not acceptable.
+    fn queue(&self) -> Result<(&Queue, Blocker), Error> {
+        let queue = self.named.queue()?;
+        let blocker = Blocker::new(queue.sub(""), self.permits).map_err(|e| match e {
+            Error::InvalidArgument(why) => Error::InvalidArgument(format!("semaphore: {why}")),
+            other => other,
+        })?;
+        Ok((queue, blocker))
     }
 
     /// Waits for a permit.
@@ -75,8 +79,7 @@ impl Semaphore {
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no key behind.
     pub async fn acquire(&self) -> Result<SemaphorePermit, Error> {
-        let queue = self.queue()?;
-        let blocker = queue.blocker("", self.permits);
+        let (queue, blocker) = self.queue()?;
         let acquired = engine::acquire(&self.session, queue, "", blocker, Vec::new()).await?;
         Ok(SemaphorePermit::from_holding(Holding::new(
             self.session.clone(),
@@ -92,8 +95,7 @@ impl Semaphore {
     /// # Cancel safety
     /// Cancel-safe, as [`acquire()`](Self::acquire).
     pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>, Error> {
-        let queue = self.queue()?;
-        let blocker = queue.blocker("", self.permits);
+        let (queue, blocker) = self.queue()?;
         Ok(
             engine::try_acquire(&self.session, queue, "", blocker, Vec::new())
                 .await?

@@ -320,3 +320,63 @@ async fn a_double_barrier_runs_round_after_round_when_leavers_re_enter_at_once()
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_barrier_for_more_participants_than_etcd_can_count_is_a_typed_error() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let barrier = DoubleBarrier::new(&s, unique("huge"), usize::MAX);
+    let entered = tokio::time::timeout(Duration::from_secs(5), barrier.enter())
+        .await
+        .expect("answers at once");
+    assert!(
+        matches!(entered, Err(Error::InvalidArgument(_))),
+        "entered alone: {entered:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_barrier_whose_latch_write_loses_its_answer_still_enters() {
+    // The one participant of a barrier for one puts the latch; the answer to that write is
+    // lost. The write is retried like every other transient failure, so enter() succeeds.
+    let etcd = etcd().await;
+    let proxy = proxy(&etcd).await;
+    let admin = client(&etcd).await;
+    let name = unique("latch-lost");
+    let s = session_via(
+        &proxy,
+        etcd_coord::SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(800)),
+    )
+    .await;
+    // Every chunk waits 150 ms in the proxy, so the latch's answer is still in the proxy when
+    // the test sees the latch appear and starts dropping answers.
+    let mut watch = admin
+        .watch_client()
+        .watch(format!("{name}/#ready"), None)
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::from_millis(150), Duration::ZERO);
+    let barrier = DoubleBarrier::new(&s, &name, 1);
+    let entering = tokio::spawn(async move { barrier.enter().await });
+    loop {
+        let resp = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("the latch is put")
+            .unwrap()
+            .unwrap();
+        if !resp.events().is_empty() {
+            break;
+        }
+    }
+    proxy.drop_responses();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    let inside = tokio::time::timeout(Duration::from_secs(10), entering)
+        .await
+        .expect("enter() returns")
+        .unwrap();
+    assert!(inside.is_ok(), "enter() failed: {inside:?}");
+}

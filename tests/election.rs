@@ -544,3 +544,83 @@ fn lease_of(key: &str) -> i64 {
     let hex = &key.rsplit_once("/#").expect("a member key").1[..16];
     u64::from_str_radix(hex, 16).unwrap() as i64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_reports_changes_from_the_moment_it_is_called_even_if_polled_later() {
+    let etcd = etcd().await;
+    let name = unique("observe-from-call");
+    let s = session(&etcd, 10).await;
+    let election = Election::new(&s, &name);
+    let mut events = Box::pin(election.observe());
+    // Nothing polls the stream while a whole term comes and goes.
+    let mut term = election.campaign("a").await.unwrap();
+    let key = term.key().to_owned();
+    term.resign().await.unwrap();
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+    assert_eq!(
+        leader_key(&next_event(&mut events).await),
+        Some(key.as_str())
+    );
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_function_that_returns_at_once_does_not_make_the_selector_spin() {
+    let etcd = etcd().await;
+    let name = unique("selector-spin");
+    let terms = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&terms);
+    let selector = LeaderSelector::new(client(&etcd).await, &name, "a");
+    let run = tokio::spawn(selector.run(
+        tokio::time::sleep(Duration::from_secs(3)),
+        move |_term| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {}
+        },
+    ));
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let n = terms.load(Ordering::SeqCst);
+    // With the default backoff (100 ms doubling to 5 s) a few terms fit in 3 s; a busy loop
+    // campaigns and resigns hundreds of times.
+    assert!((1..=8).contains(&n), "{n} terms in 3 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_backoffs_are_validated_and_huge_ones_saturate() {
+    let etcd = etcd().await;
+    let name = unique("selector-backoff");
+    let zero = LeaderSelector::new(client(&etcd).await, &name, "a")
+        .with_retry_backoff(Duration::ZERO, Duration::ZERO);
+    let run = tokio::time::timeout(
+        Duration::from_secs(5),
+        zero.run(std::future::pending::<()>(), |_term| async {}),
+    )
+    .await
+    .expect("a zero backoff is refused at once, not spun on");
+    assert!(matches!(run, Err(Error::InvalidArgument(_))), "{run:?}");
+
+    let huge = LeaderSelector::new(client(&etcd).await, &name, "a")
+        .with_retry_backoff(Duration::MAX, Duration::MAX);
+    let mut leaders = huge.leaders();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(huge.run(
+        async move {
+            let _ = stopped.await;
+        },
+        |term| async move { term.cancelled().await },
+    ));
+    tokio::time::timeout(Duration::from_secs(10), leaders.wait_for(|l| l.is_some()))
+        .await
+        .unwrap()
+        .unwrap();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("shuts down")
+        .expect("without a panic")
+        .unwrap();
+}

@@ -568,3 +568,109 @@ async fn cancelling_acquisitions_never_crashes_the_etcd_server() {
         assert!(cluster.is_running(0), "the etcd server died");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_dropped_while_etcd_is_unreachable_is_released_once_it_is_back() {
+    // The session outlives an 8 s outage (TTL 30 s), so the guard's background release must
+    // keep trying for as long as the session lives, not give up after a few attempts.
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("drop-outage");
+    let a = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let guard = Mutex::new(&a, &name).lock().await.unwrap();
+    let key = guard.key().to_owned();
+    proxy.down(); // connections refused and reset
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(guard);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    proxy.heal();
+    let (obs, k) = (observer.clone(), key.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !keys_under(&obs, &k).await.contains(&k)
+        })
+        .await,
+        "the dropped guard's key is still there after the outage"
+    );
+    assert_ne!(a.state(), etcd_coord::SessionState::Lost);
+    let b = session(&etcd, 30).await;
+    let _next = tokio::time::timeout(Duration::from_secs(5), Mutex::new(&b, &name).lock())
+        .await
+        .expect("the lock is free again")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_duplicate_of_a_retried_enqueue_is_deleted_and_never_blocks_the_queue() {
+    // The first enqueue's answer is lost, so the acquisition is retried (and goes through on
+    // the retry). A copy of that first request may still reach etcd after the release and
+    // re-create the key under the live lease. Here the test sends that duplicate itself.
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("late-duplicate");
+    let a = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let ma = Mutex::new(&a, &name);
+    proxy.drop_responses();
+    let acquiring = tokio::spawn(async move { ma.lock().await });
+    let (obs, n) = (admin.clone(), name.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&obs, &n).await.len() == 1
+        })
+        .await,
+        "the first enqueue never landed"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    let guard = tokio::time::timeout(Duration::from_secs(10), acquiring)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let key = guard.key().to_owned();
+    guard.release().await.unwrap();
+
+    let duplicate = etcd_client::Txn::new()
+        .when([etcd_client::Compare::create_revision(
+            key.as_str(),
+            etcd_client::CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            "",
+            Some(etcd_client::PutOptions::new().with_lease(a.lease_id())),
+        )]);
+    assert!(
+        admin.txn(duplicate).await.unwrap().succeeded(),
+        "the duplicate re-created the key"
+    );
+    let (obs, k) = (admin.clone(), key.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !keys_under(&obs, &k).await.contains(&k)
+        })
+        .await,
+        "the resurrected key stays under the live lease"
+    );
+    let b = session(&etcd, 30).await;
+    let _next = tokio::time::timeout(Duration::from_secs(5), Mutex::new(&b, &name).lock())
+        .await
+        .expect("the queue is blocked by the resurrected key")
+        .unwrap();
+}

@@ -43,15 +43,27 @@ async fn a_semaphore_never_has_more_than_its_permits_holders() {
     );
 }
 
+/// Waits until `n` keys are queued under `name`.
+async fn queued(observer: &etcd_client::Client, name: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(observer, name).await.len() == n
+        })
+        .await,
+        "expected {n} queued keys, found {:?}",
+        keys_under(observer, name).await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn semaphore_waiters_are_served_in_fifo_order() {
+async fn semaphore_waiters_are_served_in_fifo_order_whichever_holder_releases() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
     let name = unique("sem-fifo");
     let holder = session(&etcd, 30).await;
     let sem = Semaphore::new(&holder, &name, 2);
-    let first = sem.acquire().await.unwrap();
-    let second = sem.acquire().await.unwrap();
+    let older = sem.acquire().await.unwrap();
+    let younger = sem.acquire().await.unwrap();
     let order = Arc::new(StdMutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for i in 0..3 {
@@ -62,41 +74,110 @@ async fn semaphore_waiters_are_served_in_fifo_order() {
             order.lock().unwrap().push(i);
             (s, permit)
         }));
-        let n = name.clone();
-        let obs = observer.clone();
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                keys_under(&obs, &n).await.len() == 3 + i
-            })
-            .await
-        );
+        queued(&observer, &name, 3 + i).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         order.lock().unwrap().is_empty(),
         "a waiter got a permit while both were held"
     );
-    first.release().await.unwrap();
+    let served = |n: usize| {
+        let order = Arc::clone(&order);
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                order.lock().unwrap().len() == n
+            })
+            .await
+        }
+    };
+    // The younger holder leaves first: the first waiter goes through, the others wait.
+    younger.release().await.unwrap();
+    assert!(served(1).await, "nobody was let in after a release");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*order.lock().unwrap(), vec![0]);
+    // The newest holder (waiter 0) leaves while the oldest stays: waiter 1 next.
+    let (_s0, p0) = waiters.remove(0).await.unwrap();
+    p0.release().await.unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            order.lock().unwrap().len() == 1
-        })
-        .await
+        served(2).await,
+        "nobody was let in after the second release"
     );
-    second.release().await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            order.lock().unwrap().len() == 2
-        })
-        .await
-    );
-    let mut held = Vec::new();
-    for w in waiters.drain(..2) {
-        held.push(w.await.unwrap());
-    }
-    held.remove(0).1.release().await.unwrap();
-    let _third = waiters.remove(0).await.unwrap();
+    // Then the oldest holder: waiter 2.
+    older.release().await.unwrap();
+    assert!(served(3).await, "nobody was let in after the third release");
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
+    for w in waiters {
+        let _ = w.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_waiter_goes_through_when_a_younger_holder_releases_first() {
+    // Two permits held by A (older) and B; C waits. B leaves first: a permit is free, so C
+    // must go through although A still holds (the n-th-key-ahead wait slept on A).
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-younger");
+    let (a, b, c) = (
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+    );
+    let pa = Semaphore::new(&a, &name, 2).acquire().await.unwrap();
+    let pb = Semaphore::new(&b, &name, 2).acquire().await.unwrap();
+    let sem_c = Semaphore::new(&c, &name, 2);
+    let waiter = tokio::spawn(async move { sem_c.acquire().await });
+    queued(&observer, &name, 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "C got a permit while both were held");
+    pb.release().await.unwrap();
+    let pc = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("C still blocked although B released its permit")
+        .unwrap()
+        .unwrap();
+    pa.txn_if_owner([]).await.expect("A still holds");
+    pc.txn_if_owner([]).await.expect("C holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_waiter_is_not_stranded_when_the_waiter_ahead_of_it_is_cancelled() {
+    // Two permits held by A and B; C and D wait. C gives up (its key is deleted); then A
+    // leaves. D is now first in line with a free permit and must go through while B holds.
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-cancelled");
+    let (a, b, c, d) = (
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+    );
+    let pa = Semaphore::new(&a, &name, 2).acquire().await.unwrap();
+    let pb = Semaphore::new(&b, &name, 2).acquire().await.unwrap();
+    let sem_c = Semaphore::new(&c, &name, 2);
+    let waiter_c = tokio::spawn(async move { sem_c.acquire().await });
+    queued(&observer, &name, 3).await;
+    let sem_d = Semaphore::new(&d, &name, 2);
+    let waiter_d = tokio::spawn(async move { sem_d.acquire().await });
+    queued(&observer, &name, 4).await;
+    waiter_c.abort();
+    let _ = waiter_c.await;
+    c.settled().await;
+    queued(&observer, &name, 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiter_d.is_finished(),
+        "D got a permit while both were held"
+    );
+    pa.release().await.unwrap();
+    let pd = tokio::time::timeout(Duration::from_secs(5), waiter_d)
+        .await
+        .expect("D still blocked although a permit is free")
+        .unwrap()
+        .unwrap();
+    pb.txn_if_owner([]).await.expect("B still holds");
+    pd.txn_if_owner([]).await.expect("D holds");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,4 +357,19 @@ async fn revoking_a_waiting_readers_lease_never_lets_two_writers_in() {
         .await
         .expect("second writer after the first")
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_with_more_permits_than_etcd_can_count_is_a_typed_error() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 10).await;
+    let sem = Semaphore::new(&s, unique("huge"), usize::MAX);
+    assert!(matches!(
+        sem.acquire().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        sem.try_acquire().await,
+        Err(Error::InvalidArgument(_))
+    ));
 }

@@ -286,3 +286,93 @@ async fn testkit_members_can_be_stopped_killed_and_restarted() {
     c.put("testkit-after-restart", "v", None).await.unwrap();
     assert!(cluster.leader().await.is_some());
 }
+
+#[test]
+fn a_session_on_a_starved_runtime_is_lost_at_its_deadline_and_hands_out_no_guard() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let etcd = etcd().await;
+        let s = session(&etcd, 3).await;
+        let mutex = Mutex::new(&s, unique("starved"));
+        // Nothing on this runtime runs — not even the session's task — until past the
+        // deadline (at most TTL − margin after the last acknowledged refresh, sent before now).
+        std::thread::sleep(s.ttl() - s.safety_margin() + Duration::from_millis(300));
+        assert_eq!(s.state(), SessionState::Lost, "Alive past the deadline");
+        assert_eq!(s.loss_reason(), Some(LossReason::DeadlineExceeded));
+        assert!(matches!(
+            mutex.lock().await,
+            Err(Error::SessionLost(LossReason::DeadlineExceeded))
+        ));
+        tokio::time::timeout(Duration::from_millis(100), s.lost())
+            .await
+            .expect("lost() completes at once past the deadline");
+    });
+}
+
+#[test]
+fn a_session_whose_runtime_shut_down_is_lost() {
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let etcd = main.block_on(etcd());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(session(&etcd, 30));
+    assert_eq!(s.state(), SessionState::Alive);
+    drop(rt); // the session's task is gone: nothing refreshes the lease any more
+    assert_eq!(s.state(), SessionState::Lost);
+    assert!(matches!(
+        s.loss_reason(),
+        Some(reason) if reason != LossReason::Closed
+    ));
+    main.block_on(async {
+        assert!(matches!(
+            Mutex::new(&s, unique("no-task")).lock().await,
+            Err(Error::SessionLost(_))
+        ));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_durations_are_typed_errors_or_saturate_and_never_panic() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    for options in [
+        SessionOptions::new().with_ttl(Duration::MAX),
+        SessionOptions::new().with_safety_margin(Duration::MAX),
+        SessionOptions::new().with_keepalive_timeout(Duration::MAX),
+    ] {
+        assert!(
+            matches!(
+                LeasedSession::new(c.clone(), options.clone()).await,
+                Err(Error::InvalidArgument(_))
+            ),
+            "{options:?} was accepted"
+        );
+    }
+    // A request timeout beyond any real need behaves like a very long one.
+    let s = LeasedSession::new(
+        c.clone(),
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(10))
+            .with_request_timeout(Duration::MAX),
+    )
+    .await
+    .unwrap();
+    let name = unique("huge-timeout");
+    let first = Mutex::new(&s, &name).lock().await.unwrap();
+    let m = Mutex::new(&s, &name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    second.release().await.unwrap();
+    s.close().await.unwrap();
+}

@@ -1,14 +1,16 @@
 //! What a guard holds: its fence and its release.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use etcd_client::{Compare, Txn, TxnOp, TxnResponse};
+use etcd_client::proto::PbTxnOpRequest;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnResponse};
 use tokio::time::sleep;
 
 use crate::backoff::Backoff;
 use crate::keys;
-use crate::session::Cleanup;
+use crate::session::{Cleanup, Sweep};
 use crate::{Error, LeasedSession};
 
 use super::queue::Acquired;
@@ -80,7 +82,15 @@ pub struct Fence {
     create_revision: i64,
     /// The revision at which the key was known to exist.
     revision: i64,
+    /// The owner key's mod revision as of the last write through this fence or its clones:
+    /// every fenced write is conditional on it and moves it on, so that a write whose caller
+    /// gave up can never land after a later one.
+    mod_revision: Arc<AtomicI64>,
 }
+
+/// How many times a fenced write is re-sequenced after other writes through the same fence
+/// landed first, before it gives up (each time, another write made progress).
+const RESEQUENCE_LIMIT: u32 = 64;
 
 impl Fence {
     /// The owner key in etcd.
@@ -112,21 +122,79 @@ impl Fence {
 
     /// Runs `ops` in one Txn only while the acquisition still holds.
     ///
+    /// Ops that only read are sent as `If(owner) Then(ops)` and never cancelled in flight (etcd
+    /// #14110). Ops that write are also conditional on the owner key's mod revision as of the
+    /// previous write through this fence (or its clones), and move it on (the owner key is
+    /// re-put with its value and lease unchanged, unless `ops` write the owner key themselves).
+    /// So writes through one fence apply in the order they were made: a write whose caller saw
+    /// an error or gave up (its outcome unknown) can never land after a later write that
+    /// succeeded — it fails its compare instead. A write that finds another write of this
+    /// holder landed first is sent again after it (at most 64 times).
+    ///
     /// # Errors
     /// [`Error::LockLost`] if it no longer holds (nothing was applied);
     /// [`Error::SessionLost`] / [`Error::SessionClosed`] if the session is Lost (nothing was
     /// sent); request errors as [`Error::Etcd`] / [`Error::Timeout`] (the outcome is then
-    /// unknown).
+    /// unknown, but a later write through the fence is never overtaken by it).
+    ///
+    /// # Cancel safety
+    /// Dropping the future of a write cancels the request; if it already reached etcd it
+    /// applies, or fails its compare if a later write through the fence landed first.
     pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
+        let ops = ops.into();
         let shared = self.session.shared();
         shared.check()?;
-        let txn = Txn::new().when([self.owner_compare()]).and_then(ops.into());
-        let resp = send_txn(shared, txn, Kind::MaybeReadOnly).await?;
-        if resp.succeeded() {
-            Ok(resp)
-        } else {
-            Err(self.lock_lost())
+        let effect = Effect::of(&ops, self.key.as_bytes());
+        if !effect.writes {
+            let txn = Txn::new().when([self.owner_compare()]).and_then(ops);
+            let resp = send_txn(shared, txn, Kind::MaybeReadOnly).await?;
+            return if resp.succeeded() {
+                Ok(resp)
+            } else {
+                Err(self.lock_lost())
+            };
         }
+        let mut then = ops;
+        if !effect.owner_key {
+            then.push(TxnOp::put(
+                self.key.as_str(),
+                Vec::new(),
+                Some(PutOptions::new().with_ignore_value().with_ignore_lease()),
+            ));
+        }
+        for _ in 0..RESEQUENCE_LIMIT {
+            let expected = self.mod_revision.load(Ordering::Acquire);
+            let txn = Txn::new()
+                .when([
+                    self.owner_compare(),
+                    Compare::mod_revision(self.key.as_str(), CompareOp::Equal, expected),
+                ])
+                .and_then(then.clone())
+                .or_else([TxnOp::get(self.key.as_str(), None)]);
+            let resp = send_txn(shared, txn, Kind::Write).await?;
+            if resp.succeeded() {
+                self.mod_revision
+                    .fetch_max(keys::header_revision(&resp)?, Ordering::AcqRel);
+                return Ok(resp);
+            }
+            let current = keys::txn_gets(&resp)
+                .first()
+                .and_then(|g| g.kvs().first())
+                .filter(|kv| kv.create_revision() == self.create_revision)
+                .map(|kv| kv.mod_revision());
+            match current {
+                // Still ours, changed since: another write of this holder (or one whose caller
+                // gave up) landed first. Go after it.
+                Some(m) => {
+                    self.mod_revision.fetch_max(m, Ordering::AcqRel);
+                }
+                None => return Err(self.lock_lost()),
+            }
+        }
+        Err(Error::Protocol(format!(
+            "a fenced write on {} was overtaken {RESEQUENCE_LIMIT} times in a row",
+            self.key
+        )))
     }
 
     /// Completes when the acquisition may no longer hold: the session is Lost or the owner key
@@ -148,6 +216,59 @@ impl Fence {
     }
 }
 
+/// What a list of Txn ops does: whether any writes, and whether any writes the owner key.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Effect {
+    writes: bool,
+    owner_key: bool,
+}
+
+impl Effect {
+    fn of(ops: &[TxnOp], owner: &[u8]) -> Effect {
+        let requests: Vec<PbTxnOpRequest> = ops.iter().cloned().map(Into::into).collect();
+        Effect::of_requests(&requests.iter().collect::<Vec<_>>(), owner)
+    }
+
+    fn of_requests(ops: &[&PbTxnOpRequest], owner: &[u8]) -> Effect {
+        let mut effect = Effect::default();
+        for op in ops {
+            let one = match *op {
+                PbTxnOpRequest::RequestRange(_) => Effect::default(),
+                PbTxnOpRequest::RequestPut(put) => Effect {
+                    writes: true,
+                    owner_key: put.key == owner,
+                },
+                PbTxnOpRequest::RequestDeleteRange(del) => Effect {
+                    writes: true,
+                    owner_key: in_range(owner, &del.key, &del.range_end),
+                },
+                PbTxnOpRequest::RequestTxn(txn) => {
+                    let nested: Vec<&PbTxnOpRequest> = txn
+                        .success
+                        .iter()
+                        .chain(&txn.failure)
+                        .filter_map(|op| op.request.as_ref())
+                        .collect();
+                    Effect::of_requests(&nested, owner)
+                }
+            };
+            effect.writes |= one.writes;
+            effect.owner_key |= one.owner_key;
+        }
+        effect
+    }
+}
+
+/// Whether `key` falls in etcd's range `[start, end)` (`end` empty: `start` alone; `end` = `\0`:
+/// everything from `start`).
+fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    match end {
+        [] => key == start,
+        [0] => key >= start,
+        _ => key >= start && key < end,
+    }
+}
+
 /// The state behind every guard: its [`Fence`] and whether it was released. Releases in the
 /// background when dropped unreleased.
 pub(crate) struct Holding {
@@ -159,6 +280,9 @@ pub(crate) struct Holding {
     /// A release attempt went unanswered: it may have deleted the key. A later attempt that
     /// finds the key gone is then the same release, not a loss.
     release_maybe_landed: bool,
+    /// For an acquisition whose put was sent more than once: how to sweep its late copies once
+    /// it is released.
+    sweep: Option<Sweep>,
 }
 
 impl Holding {
@@ -181,9 +305,11 @@ impl Holding {
                 key: acquired.key,
                 create_revision: acquired.create_revision,
                 revision: acquired.revision,
+                mod_revision: Arc::new(AtomicI64::new(acquired.create_revision)),
             },
             released_at: None,
             release_maybe_landed: false,
+            sweep: acquired.sweep,
         }
     }
 
@@ -218,13 +344,16 @@ impl Holding {
                     tracing::trace!(key = %fence.key, "release answered");
                     let revision = resp.header().map_or(0, |h| h.revision());
                     self.released_at = Some(revision);
+                    if let Some(sweep) = self.sweep.take() {
+                        shared.clean_up(Cleanup::Sweep(sweep));
+                    }
                     return if resp.succeeded() || self.release_maybe_landed {
                         Ok(revision)
                     } else {
                         Err(fence.lock_lost())
                     };
                 }
-                Err(e) if e.is_retryable() => {
+                Err(e) if e.is_transient() => {
                     self.release_maybe_landed = true;
                     last = Some(e);
                 }
@@ -248,10 +377,71 @@ impl std::fmt::Debug for Holding {
 impl Drop for Holding {
     fn drop(&mut self) {
         if self.released_at.is_none() {
-            self.fence.session.shared().clean_up(Cleanup::Txn {
+            self.fence.session.shared().clean_up(Cleanup::Release {
                 key: self.fence.key.clone(),
                 txn: self.release_txn.clone(),
+                sweep: self.sweep.take(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_client::{DeleteOptions, GetOptions};
+
+    #[test]
+    fn reads_are_told_from_writes_and_writes_of_the_owner_key() {
+        let owner = b"n/#owner";
+        let of = |ops: Vec<TxnOp>| Effect::of(&ops, owner);
+        assert_eq!(of(vec![]), Effect::default());
+        assert_eq!(
+            of(vec![TxnOp::get("x", Some(GetOptions::new().with_prefix()))]),
+            Effect::default()
+        );
+        assert_eq!(
+            of(vec![TxnOp::put("x", "v", None)]),
+            Effect {
+                writes: true,
+                owner_key: false
+            }
+        );
+        assert_eq!(
+            of(vec![TxnOp::put("n/#owner", "v", None)]),
+            Effect {
+                writes: true,
+                owner_key: true
+            }
+        );
+        assert_eq!(
+            of(vec![TxnOp::delete(
+                "n/",
+                Some(DeleteOptions::new().with_prefix())
+            )]),
+            Effect {
+                writes: true,
+                owner_key: true
+            }
+        );
+        let nested = Txn::new()
+            .and_then([TxnOp::get("x", None)])
+            .or_else([TxnOp::delete("y", None)]);
+        assert_eq!(
+            of(vec![TxnOp::txn(nested)]),
+            Effect {
+                writes: true,
+                owner_key: false
+            }
+        );
+    }
+
+    #[test]
+    fn ranges_follow_etcds_rules() {
+        assert!(in_range(b"a", b"a", b""));
+        assert!(!in_range(b"ab", b"a", b""));
+        assert!(in_range(b"zz", b"a", b"\0"));
+        assert!(in_range(b"ab", b"a", b"b"));
+        assert!(!in_range(b"b", b"a", b"b"));
     }
 }

@@ -1,14 +1,30 @@
-//! The queue algorithm: enqueue, the one wait loop, the decisions.
+//! The queue algorithm: enqueue, the one wait loop, and the queue decision.
+//!
+//! * **Enqueue** — one Txn puts the member key (`CreateRevision == 0`, under the session's
+//!   lease) and reads what blocks it. It runs in a short detached task, so a caller that drops
+//!   its future mid-request can never strand a key: the task finishes the request and hands
+//!   whatever landed to the session's clean-up. Transport failures are retried with the same
+//!   key, so a lost response never creates a second waiter; an acquisition whose put was sent
+//!   more than once has its late copies swept after it ends.
+//! * **Wait** — one loop ([`wait_loop`]): read while our key exists → decide (through / act /
+//!   wait) → wait for the changes the decision names with a watch registered from now,
+//!   together with our own key and the session's loss → read again. After every wake-up the
+//!   decision is re-made from a fresh read. One backoff serves the whole wait.
+//! * **Decide** — [`Blocker`] says what a queue acquisition waits for: nothing once fewer than
+//!   `permits` keys are ahead of it; else the deletion of the key just ahead (one permit), of
+//!   any key ahead (the first waiter of a semaphore), or any change of the waiter just ahead
+//!   (a semaphore waiter behind another waiter).
 
 use std::sync::Arc;
 
-use etcd_client::{GetResponse, Txn, TxnOp};
+use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp};
 
-use crate::keys::{self, Blocker, Queue};
-use crate::session::{Cleanup, Shared};
+use crate::backoff::Backoff;
+use crate::keys::{self, Queue};
+use crate::session::{Cleanup, Shared, Sweep};
 use crate::{Error, LeasedSession};
 
-use super::request::{detached, send_txn, send_until_answered, unless_lost, Kind};
+use super::request::{detached, send_txn, send_until_answered, Kind, Unanswered};
 use super::watch::{wait_for_change, Watched, Woken};
 
 /// What a read (run while our key still exists) saw: its revision and its `Get` results.
@@ -19,27 +35,36 @@ pub(crate) struct Snapshot {
 }
 
 /// A member key that has been (or may have been) created: cleaned up by the session's task if
-/// dropped before it is turned into an [`Acquired`] (and then a [`Holding`]).
+/// dropped before it is turned into an [`Acquired`] (and then a guard).
 pub(crate) struct Ticket {
     shared: Arc<Shared>,
     key: String,
     create_revision: i64,
+    /// Set when the put was sent more than once: its late copies are swept after the end.
+    sweep: Option<Sweep>,
     armed: bool,
 }
 
 impl Ticket {
     /// A ticket for `key`, created at `create_revision`, armed.
-    fn new(shared: &Arc<Shared>, key: String, create_revision: i64) -> Ticket {
+    fn new(
+        shared: &Arc<Shared>,
+        key: String,
+        create_revision: i64,
+        sweep: Option<Sweep>,
+    ) -> Ticket {
         Ticket {
             shared: Arc::clone(shared),
             key,
             create_revision,
+            sweep,
             armed: true,
         }
     }
 
     /// The acquisition is through, confirmed at `revision`: hands it out, unless the session
-    /// is Lost by now — then the still-armed ticket cleans the key up as it is dropped.
+    /// is Lost by now (decided on the clock) — then the still-armed ticket cleans the key up
+    /// as it is dropped.
     fn into_acquired(mut self, revision: i64) -> Result<Acquired, Error> {
         self.shared.check()?;
         self.armed = false;
@@ -47,7 +72,20 @@ impl Ticket {
             key: std::mem::take(&mut self.key),
             create_revision: self.create_revision,
             revision,
+            sweep: self.sweep.take(),
         })
+    }
+
+    /// Deletes the key now (fenced), e.g. a try-acquire that found itself blocked. If that
+    /// fails, the ticket stays armed and its drop hands the release to the session's task.
+    async fn release_now(mut self) {
+        let txn = keys::fenced_delete(&self.key, self.create_revision);
+        if send_txn(&self.shared, txn, Kind::Write).await.is_ok() {
+            self.armed = false;
+            if let Some(sweep) = self.sweep.take() {
+                self.shared.clean_up(Cleanup::Sweep(sweep));
+            }
+        }
     }
 }
 
@@ -55,11 +93,29 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if self.armed {
             let key = std::mem::take(&mut self.key);
-            self.shared
-                .clean_up(Cleanup::release(key, self.create_revision));
+            self.shared.clean_up(Cleanup::release(
+                key,
+                self.create_revision,
+                self.sweep.take(),
+            ));
         }
     }
 }
+
+/// An acquisition that is through: the key, its create revision (the fencing token), the
+/// revision at which that was confirmed, and whether its put's late copies must be swept once
+/// it ends.
+pub(crate) struct Acquired {
+    pub(crate) key: String,
+    pub(crate) create_revision: i64,
+    pub(crate) revision: i64,
+    pub(crate) sweep: Option<Sweep>,
+}
+
+/// What a detached put of a member key produced: its create revision, the snapshot of the
+/// reads that ran with it (if this Txn created it), and whether it was sent more than once.
+type Enqueued = (i64, Option<Snapshot>, bool);
+
 /// Puts `key` (under the session's lease) unless it exists, running `reads` just before the
 /// put, in a detached task (see [`detached`]). Returns the armed ticket and, when this Txn
 /// created the key, the snapshot of the reads (a retry that found the key already there must
@@ -74,37 +130,58 @@ async fn enqueue(
         let shared = Arc::clone(shared);
         let key = key.to_owned();
         async move {
-            let resp = send_until_answered(
-                &shared,
-                || keys::enqueue_txn(&key, value.clone(), shared.lease_id, reads.clone()),
-                Kind::Write,
-            )
-            .await?;
-            let revision = keys::header_revision(&resp)?;
+            let txn = || keys::enqueue_txn(&key, value.clone(), shared.lease_id, reads.clone());
+            let answered =
+                send_until_answered(&shared, txn, Kind::Write, &mut Backoff::for_requests())
+                    .await?;
+            let (resp, uncertain) = (answered.resp, answered.uncertain);
+            let fail = |error| Unanswered { error, uncertain };
+            let revision = keys::header_revision(&resp).map_err(fail)?;
             let gets = keys::txn_gets(&resp);
             if resp.succeeded() {
-                return Ok((revision, Some(Snapshot { revision, gets })));
+                return Ok((revision, Some(Snapshot { revision, gets }), uncertain));
             }
             // A retry: the earlier, unanswered request created the key.
-            let kv = gets
-                .first()
-                .and_then(|g| g.kvs().first())
-                .ok_or_else(|| Error::Protocol("enqueue txn else-branch without the key".into()))?;
+            let kv = gets.first().and_then(|g| g.kvs().first()).ok_or_else(|| {
+                fail(Error::Protocol(
+                    "enqueue txn else-branch without the key".into(),
+                ))
+            })?;
             if kv.lease() != shared.lease_id {
-                return Err(Error::Protocol(format!(
+                return Err(fail(Error::Protocol(format!(
                     "member key {key} belongs to lease {:x}, not ours",
                     kv.lease()
-                )));
+                ))));
             }
-            Ok((kv.create_revision(), None))
+            Ok((kv.create_revision(), None, true))
         }
     };
-    let (create_revision, snapshot) = detached(shared, key, work, |(create_revision, _)| {
-        Some(*create_revision)
-    })
+    let sweep = Sweep::on_lease(key, shared.lease_id);
+    let for_cleanup = (key.to_owned(), sweep.clone());
+    let (create_revision, snapshot, uncertain): Enqueued = detached(
+        shared,
+        work,
+        move |outcome: &Result<Enqueued, Unanswered>| {
+            let (key, sweep) = for_cleanup;
+            match outcome {
+                Ok((create_revision, _, uncertain)) => Some(Cleanup::release(
+                    key,
+                    *create_revision,
+                    uncertain.then_some(sweep),
+                )),
+                Err(u) if u.uncertain => Some(Cleanup::Sweep(sweep)),
+                Err(_) => None, // etcd refused the only attempt: nothing landed
+            }
+        },
+    )
     .await?;
     Ok((
-        Ticket::new(shared, key.to_owned(), create_revision),
+        Ticket::new(
+            shared,
+            key.to_owned(),
+            create_revision,
+            uncertain.then_some(sweep),
+        ),
         snapshot,
     ))
 }
@@ -114,13 +191,16 @@ async fn read_fenced(
     shared: &Arc<Shared>,
     ticket: &Ticket,
     reads: &[TxnOp],
+    backoff: &mut Backoff,
 ) -> Result<Snapshot, Error> {
     let resp = send_until_answered(
         shared,
         || keys::fenced_reads(&ticket.key, ticket.create_revision, reads.to_vec()),
         Kind::MaybeReadOnly,
+        backoff,
     )
-    .await?;
+    .await?
+    .resp;
     if !resp.succeeded() {
         return Err(Error::LockLost {
             key: ticket.key.clone(),
@@ -134,10 +214,12 @@ async fn read_fenced(
 }
 
 /// What a primitive makes of a [`Snapshot`] taken while its key exists.
+#[derive(Debug)]
 pub(crate) enum Decision {
-    /// Done: the acquisition is through.
-    Through,
-    /// Send this Txn (e.g. put a "ready" key), then read again.
+    /// Done: the acquisition is through. With `touch`, a waiter may be watching our key for
+    /// the moment we stop waiting: touch it (in the background) so that it re-reads.
+    Through { touch: bool },
+    /// Send this Txn (e.g. put a "ready" key; it must be safe to repeat), then read again.
     Act(Txn),
     /// Wait for one of these changes, then read again.
     Wait(Vec<Watched>),
@@ -145,7 +227,8 @@ pub(crate) enum Decision {
 
 /// The one wait loop: read (only while our key exists) → decide → through, act, or wait for a
 /// change → read again. Every wake-up re-decides from a fresh read, so a waiter never trusts
-/// a notification (etcd #16221). `first` is a snapshot the enqueue already took, if any.
+/// a notification (etcd #16221). `first` is a snapshot the enqueue already took, if any. One
+/// backoff serves every retry of the wait; it is reset when a watched change happens.
 async fn wait_loop<D>(
     shared: &Arc<Shared>,
     ticket: Ticket,
@@ -156,37 +239,52 @@ async fn wait_loop<D>(
 where
     D: FnMut(&Snapshot) -> Decision,
 {
+    let mut backoff = Backoff::for_requests();
     loop {
         let snapshot = match first.take() {
             Some(s) => s,
             None => {
-                let s = read_fenced(shared, &ticket, &reads).await?;
+                let s = read_fenced(shared, &ticket, &reads, &mut backoff).await?;
                 tracing::trace!(key = %ticket.key, revision = s.revision, "re-read");
                 s
             }
         };
         match decide(&snapshot) {
-            Decision::Through => {
-                tracing::trace!(key = %ticket.key, "through");
+            Decision::Through { touch } => {
+                tracing::trace!(key = %ticket.key, touch, "through");
+                if touch {
+                    shared.clean_up(Cleanup::Touch {
+                        key: ticket.key.clone(),
+                        create_revision: ticket.create_revision,
+                    });
+                }
                 return ticket.into_acquired(snapshot.revision);
             }
             Decision::Act(txn) => {
-                unless_lost(shared, send_txn(shared, txn, Kind::Write)).await?;
+                send_until_answered(shared, || txn.clone(), Kind::Write, &mut backoff).await?;
             }
             Decision::Wait(targets) => {
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
                 let mut fresh = None;
                 let decide = &mut decide;
-                let woken = wait_for_change(shared, &targets, own, snapshot.revision, || async {
-                    // Writes landed between the read and the watch: still waiting for the
-                    // same changes?
-                    let now = read_fenced(shared, &ticket, &reads).await?;
-                    let still = matches!(decide(&now), Decision::Wait(t) if t == targets);
-                    if !still {
-                        fresh = Some(now); // current: no need to read again
-                    }
-                    Ok(still)
-                })
+                let woken = wait_for_change(
+                    shared,
+                    &targets,
+                    own,
+                    snapshot.revision,
+                    || async {
+                        // Writes landed between the read and the watch: still waiting for the
+                        // same changes?
+                        let mut backoff = Backoff::for_requests();
+                        let now = read_fenced(shared, &ticket, &reads, &mut backoff).await?;
+                        let still = matches!(decide(&now), Decision::Wait(t) if t == targets);
+                        if !still {
+                            fresh = Some(now); // current: no need to read again
+                        }
+                        Ok(still)
+                    },
+                    &mut backoff,
+                )
                 .await?;
                 match woken {
                     // After a wake-up, decide from a fresh read (unless the re-read made one).
@@ -197,36 +295,150 @@ where
     }
 }
 
-/// An acquisition that is through: the key, its create revision (the fencing token) and the
-/// revision at which that was confirmed.
-pub(crate) struct Acquired {
-    pub(crate) key: String,
-    pub(crate) create_revision: i64,
-    pub(crate) revision: i64,
+/// What blocks a queue acquisition: among the keys under `prefix` created before ours, it is
+/// through once fewer than `permits` remain (1: a mutex, an election, a reader over the
+/// writers' sub-range, a writer over everything; N: a semaphore of N permits).
+#[derive(Debug, Clone)]
+pub(crate) struct Blocker {
+    prefix: String,
+    permits: usize,
 }
 
-/// The queue decision: through when `blocker` finds fewer than `nth` keys created before ours;
-/// else wait for the deletion of the one that blocks.
-fn queue_decision(blocker: &Blocker) -> impl FnMut(&Snapshot) -> Decision + '_ {
-    move |snapshot| {
-        #[cfg(feature = "testkit")]
-        if crate::testkit::broken_lock_enabled() {
-            return Decision::Through; // deliberately unsafe: see testkit::set_broken_lock
+impl Blocker {
+    /// The blocker over the keys under `prefix` for `permits` permits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for zero permits, or more than etcd can count in a read.
+    pub(crate) fn new(prefix: String, permits: usize) -> Result<Blocker, Error> {
+        if permits == 0 {
+            return Err(Error::InvalidArgument(
+                "at least one permit is needed".into(),
+            ));
         }
-        let blocking = snapshot
+        if i64::try_from(permits).map_or(true, |p| p == i64::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "{permits} permits are more than etcd can count (at most {})",
+                i64::MAX - 1
+            )));
+        }
+        Ok(Blocker { prefix, permits })
+    }
+
+    /// The prefix of the keys that can block.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether an acquisition with this many permits can go through in one conditional put.
+    pub(crate) fn is_exclusive(&self) -> bool {
+        self.permits == 1
+    }
+
+    /// How many of the newest keys ahead a decision needs: with one permit the key just ahead;
+    /// with more, enough to tell the first waiter (exactly `permits` ahead) from the others.
+    fn depth(&self) -> i64 {
+        if self.permits == 1 {
+            1
+        } else {
+            self.permits as i64 + 1
+        }
+    }
+
+    /// The `Get` of the newest keys created at or before `max_create_revision` (0: any),
+    /// newest first, keys only.
+    fn ahead(&self, max_create_revision: i64) -> TxnOp {
+        let mut opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(self.depth())
+            .with_keys_only();
+        if max_create_revision > 0 {
+            opts = opts.with_max_create_revision(max_create_revision);
+        }
+        TxnOp::get(self.prefix.as_str(), Some(opts))
+    }
+
+    /// The reads of the enqueue Txn (they run just before our put: every key is ahead).
+    pub(crate) fn reads_at_enqueue(&self) -> Vec<TxnOp> {
+        vec![self.ahead(0)]
+    }
+
+    /// The reads of a re-read of the acquisition created at `create_revision`: the keys
+    /// ahead and, with several permits, whether any key was created after ours (a waiter
+    /// behind us that may be watching our key).
+    pub(crate) fn reads_after(&self, create_revision: i64) -> Vec<TxnOp> {
+        let mut reads = vec![self.ahead(create_revision - 1)];
+        if self.permits > 1 {
+            let behind = GetOptions::new()
+                .with_prefix()
+                .with_min_create_revision(create_revision + 1)
+                .with_limit(1)
+                .with_keys_only();
+            reads.push(TxnOp::get(self.prefix.as_str(), Some(behind)));
+        }
+        reads
+    }
+
+    /// The decision for a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) or
+    /// [`reads_after`](Self::reads_after).
+    pub(crate) fn decide(&self, snapshot: &Snapshot) -> Decision {
+        #[cfg(feature = "sabotage")]
+        if crate::sabotage::broken() {
+            return Decision::Through { touch: false }; // deliberately unsafe: see sabotage
+        }
+        let ahead: Vec<&[u8]> = snapshot
             .gets
             .first()
-            .and_then(|g| keys::nth_blocker(g, blocker.nth));
-        match blocking {
-            None => Decision::Through,
-            Some(kv) => Decision::Wait(vec![Watched::deleted(kv.key())]),
-        }
+            .map(|g| g.kvs().iter().map(|kv| kv.key()).collect())
+            .unwrap_or_default();
+        let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        queue_decision(&self.prefix, self.permits, &ahead, behind)
     }
 }
 
-/// Enqueues a new member of kind `kind` in `queue` and waits until `blocker` finds fewer
-/// than `nth` keys created before it. Cancel-safe: dropping the future at any await leaves no
-/// key behind.
+/// The queue decision, without I/O. `ahead` holds the newest keys created before ours, newest
+/// first (at most `permits + 1`, or 1 for one permit); `behind` says whether a key was created
+/// after ours.
+///
+/// * Fewer than `permits` keys ahead: through. With several permits, a waiter behind us may be
+///   watching our key for the moment we stop waiting: touch it (see below).
+/// * One permit: wait for the deletion of the key just ahead — only it can let us in, and a
+///   release wakes exactly the one waiter behind it.
+/// * Exactly `permits` keys ahead (the first waiter of a semaphore): every one of them holds,
+///   and the deletion of *any* lets us in — whichever holder leaves first. One watch of the
+///   queue's deletions, filtered to those keys.
+/// * More than `permits` ahead: no single deletion can let us in; wait for any change of the
+///   key just ahead (a waiter): its deletion, or its touch when it goes through — either way we
+///   may now be the first waiter, and re-read.
+///
+/// So a release wakes the first waiter (which goes through), and its touch wakes the one
+/// waiter behind it (which becomes the first waiter): two watch events, never a herd.
+pub(crate) fn queue_decision(
+    prefix: &str,
+    permits: usize,
+    ahead: &[&[u8]],
+    behind: bool,
+) -> Decision {
+    if ahead.len() < permits {
+        return Decision::Through {
+            touch: permits > 1 && behind,
+        };
+    }
+    let Some(next) = ahead.first() else {
+        return Decision::Through { touch: false }; // unreachable: permits >= 1
+    };
+    if permits == 1 {
+        return Decision::Wait(vec![Watched::deleted(next.to_vec())]);
+    }
+    if ahead.len() == permits {
+        let holders = ahead.iter().map(|k| k.to_vec()).collect();
+        return Decision::Wait(vec![Watched::deleted_any(prefix, holders)]);
+    }
+    Decision::Wait(vec![Watched::changed(next.to_vec())])
+}
+
+/// Enqueues a new member of kind `kind` in `queue` and waits until `blocker` lets it through.
+/// Cancel-safe: dropping the future at any await leaves no key behind.
 pub(crate) async fn acquire(
     session: &LeasedSession,
     queue: &Queue,
@@ -237,9 +449,9 @@ pub(crate) async fn acquire(
     let shared = session.shared();
     shared.check()?;
     let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
-    let (ticket, first) = enqueue(shared, &key, value, vec![blocker.get(0)]).await?;
-    let reads = vec![blocker.get(ticket.create_revision - 1)];
-    wait_loop(shared, ticket, first, reads, queue_decision(&blocker)).await
+    let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
+    let reads = blocker.reads_after(ticket.create_revision);
+    wait_loop(shared, ticket, first, reads, |s| blocker.decide(s)).await
 }
 
 /// Joins `queue` with a member key of kind `kind` and waits, through the one wait loop, until
@@ -251,8 +463,8 @@ pub(crate) async fn join<D>(
     queue: &Queue,
     kind: &str,
     value: Vec<u8>,
-    reads: Vec<TxnOp>,
-    decide: D,
+    reads: impl FnOnce(&str, i64) -> Vec<TxnOp>,
+    decide: impl FnOnce(&str, i64) -> D,
 ) -> Result<Acquired, Error>
 where
     D: FnMut(&Snapshot) -> Decision,
@@ -261,18 +473,26 @@ where
     shared.check()?;
     let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
     let (ticket, _) = enqueue(shared, &key, value, Vec::new()).await?;
+    let reads = reads(&ticket.key, ticket.create_revision);
+    let decide = decide(&ticket.key, ticket.create_revision);
     wait_loop(shared, ticket, None, reads, decide).await
 }
+
+/// What a detached conditional put produced: `Some((create revision, revision))` of the put
+/// (this one or an earlier, unanswered one of ours), and whether it was sent more than once.
+type Created = (Option<(i64, i64)>, bool);
 
 /// Sends `txn()` — a put of `key` conditional on something — in a detached task (see
 /// [`detached`]) and turns the answer into an acquisition. When the put did not happen,
 /// `on_else` reads the else-branch `Get`s (at `revision`) and returns the `(create revision,
-/// revision)` of an earlier, unanswered attempt of ours that counts, or `None`.
+/// revision)` of an earlier, unanswered attempt of ours that counts, or `None`. `sweep`
+/// recognises late copies of the put.
 async fn create_detached<T, E>(
     shared: &Arc<Shared>,
     key: &str,
     txn: T,
     on_else: E,
+    sweep: Sweep,
 ) -> Result<Option<Acquired>, Error>
 where
     T: Fn() -> Txn + Send + 'static,
@@ -281,19 +501,53 @@ where
     let work = {
         let shared = Arc::clone(shared);
         async move {
-            let resp = send_until_answered(&shared, txn, Kind::Write).await?;
-            let revision = keys::header_revision(&resp)?;
+            let answered =
+                send_until_answered(&shared, txn, Kind::Write, &mut Backoff::for_requests())
+                    .await?;
+            let (resp, uncertain) = (answered.resp, answered.uncertain);
+            let fail = |error| Unanswered { error, uncertain };
+            let revision = keys::header_revision(&resp).map_err(fail)?;
             if resp.succeeded() {
-                return Ok(Some((revision, revision)));
+                return Ok((Some((revision, revision)), uncertain));
             }
-            on_else(&shared, &keys::txn_gets(&resp), revision)
+            let got = on_else(&shared, &keys::txn_gets(&resp), revision).map_err(fail)?;
+            Ok((got, uncertain))
         }
     };
-    let got = detached(shared, key, work, |got| got.map(|(create, _)| create)).await?;
-    got.map(|(create_revision, revision)| {
-        Ticket::new(shared, key.to_owned(), create_revision).into_acquired(revision)
-    })
-    .transpose()
+    let for_cleanup = (key.to_owned(), sweep.clone());
+    let (got, uncertain): Created = detached(
+        shared,
+        work,
+        move |outcome: &Result<Created, Unanswered>| {
+            let (key, sweep) = for_cleanup;
+            match outcome {
+                Ok((Some((create_revision, _)), uncertain)) => Some(Cleanup::release(
+                    key,
+                    *create_revision,
+                    uncertain.then_some(sweep),
+                )),
+                Ok((None, true)) => Some(Cleanup::Sweep(sweep)),
+                Ok((None, false)) => None,
+                Err(u) if u.uncertain => Some(Cleanup::Sweep(sweep)),
+                Err(_) => None,
+            }
+        },
+    )
+    .await?;
+    let sweep = uncertain.then_some(sweep);
+    match got {
+        Some((create_revision, revision)) => {
+            Ticket::new(shared, key.to_owned(), create_revision, sweep)
+                .into_acquired(revision)
+                .map(Some)
+        }
+        None => {
+            if let Some(sweep) = sweep {
+                shared.clean_up(Cleanup::Sweep(sweep));
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// Puts `key` with `value` under the session's lease if nobody holds it; `None` if it exists
@@ -307,18 +561,19 @@ pub(crate) async fn create_exclusive(
     let shared = session.shared();
     shared.check()?;
     let (put_key, put_value, lease) = (key.to_owned(), value.clone().into_bytes(), shared.lease_id);
+    let sweep = Sweep::with_value(key, value.as_bytes(), lease);
     let txn = move || keys::enqueue_txn(&put_key, put_value.clone(), lease, Vec::new());
-    create_detached(shared, key, txn, move |_, gets, revision| {
+    let on_else = move |_: &Shared, gets: &[GetResponse], revision| {
         let existing = gets.first().and_then(|g| g.kvs().first());
         Ok(existing
             .filter(|kv| kv.lease() == lease && kv.value() == value.as_bytes())
             .map(|kv| (kv.create_revision(), revision)))
-    })
-    .await
+    };
+    create_detached(shared, key, txn, on_else, sweep).await
 }
 
 /// Takes a place in `queue` only if it is through at once; else leaves no key behind and
-/// returns `None`. With `nth == 1` it is one round trip that never creates a key when busy
+/// returns `None`. With one permit it is one round trip that never creates a key when busy
 /// (the put is conditional on the blocker's range being empty); otherwise it enqueues and, if
 /// blocked, deletes its key again before returning. Cancel-safe like [`acquire`].
 pub(crate) async fn try_acquire(
@@ -331,35 +586,29 @@ pub(crate) async fn try_acquire(
     let shared = session.shared();
     shared.check()?;
     let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
-    if blocker.nth != 1 {
-        let (mut ticket, first) = enqueue(shared, &key, value, vec![blocker.get(0)]).await?;
+    if !blocker.is_exclusive() {
+        let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
         let snapshot = match first {
             Some(s) => s,
             None => {
-                let reads = [blocker.get(ticket.create_revision - 1)];
-                read_fenced(shared, &ticket, &reads).await?
+                let reads = blocker.reads_after(ticket.create_revision);
+                read_fenced(shared, &ticket, &reads, &mut Backoff::for_requests()).await?
             }
         };
-        if let Decision::Wait(_) = queue_decision(&blocker)(&snapshot) {
-            // Busy: take the key back before answering, so none is left behind.
-            if send_txn(
-                shared,
-                keys::fenced_delete(&ticket.key, ticket.create_revision),
-                Kind::Write,
-            )
-            .await
-            .is_ok()
-            {
-                ticket.armed = false;
+        return match blocker.decide(&snapshot) {
+            Decision::Wait(_) => {
+                // Busy: take the key back before answering, so none is left behind.
+                ticket.release_now().await;
+                Ok(None)
             }
-            return Ok(None);
-        }
-        return ticket.into_acquired(snapshot.revision).map(Some);
+            _ => ticket.into_acquired(snapshot.revision).map(Some),
+        };
     }
-    let (put_key, lease) = (key.clone(), shared.lease_id);
-    let txn = move || keys::try_enqueue_txn(&blocker, &put_key, value.clone(), lease);
+    let (put_key, lease, prefix) = (key.clone(), shared.lease_id, blocker.prefix().to_owned());
+    let txn = move || keys::try_enqueue_txn(&prefix, &put_key, value.clone(), lease);
     let own_key = key.clone();
-    create_detached(shared, &key, txn, move |shared, gets, revision| {
+    let sweep = Sweep::on_lease(&key, lease);
+    let on_else = move |shared: &Shared, gets: &[GetResponse], revision| {
         let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
             return Err(Error::Protocol("try-enqueue txn without its gets".into()));
         };
@@ -367,29 +616,103 @@ pub(crate) async fn try_acquire(
             return Ok(None); // busy, and no earlier attempt of ours landed
         };
         // An earlier, unanswered attempt landed: it is through if nothing in the blocker's
-        // range is older; else it is taken back.
+        // range is older; else it is taken back (and its late copies swept).
         let mine = kv.create_revision();
         let oldest = oldest.kvs().first().map(|o| o.create_revision());
         if oldest.is_none_or(|o| o >= mine) {
             Ok(Some((mine, revision)))
         } else {
-            shared.clean_up(Cleanup::release(own_key, mine));
+            shared.clean_up(Cleanup::release(
+                own_key.clone(),
+                mine,
+                Some(Sweep::on_lease(&own_key, shared.lease_id)),
+            ));
             Ok(None)
         }
-    })
-    .await
+    };
+    create_detached(shared, &key, txn, on_else, sweep).await
 }
 
-/// Runs `reads` (one round trip, retried on transport errors while the session lives).
+/// Runs `reads` (one round trip, retried on transient failures while the session lives).
 pub(crate) async fn read(shared: &Arc<Shared>, reads: Vec<TxnOp>) -> Result<Snapshot, Error> {
     let resp = send_until_answered(
         shared,
         || Txn::new().and_then(reads.clone()),
         Kind::MaybeReadOnly,
+        &mut Backoff::for_requests(),
     )
-    .await?;
+    .await?
+    .resp;
     Ok(Snapshot {
         revision: keys::header_revision(&resp)?,
         gets: keys::txn_gets(&resp),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(i: usize) -> Vec<u8> {
+        format!("q/#{i:04}").into_bytes()
+    }
+
+    /// The keys a decision waits on, and for which events.
+    fn waits(d: &Decision) -> Option<&[Watched]> {
+        match d {
+            Decision::Wait(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    proptest! {
+        /// For any queue and any permits: through exactly when fewer than `permits` keys are
+        /// ahead; a blocked acquisition always waits on something that is ahead of it; the
+        /// first waiter of a semaphore wakes on the deletion of any key ahead of it; a waiter
+        /// further back waits on the one key just ahead.
+        #[test]
+        fn the_queue_decision_lets_through_exactly_when_a_permit_is_free(
+            permits in 1usize..6,
+            queued_ahead in 0usize..12,
+            behind in any::<bool>(),
+        ) {
+            // What the reads return: newest first, at most depth keys.
+            let depth = if permits == 1 { 1 } else { permits + 1 };
+            let all: Vec<Vec<u8>> = (0..queued_ahead).rev().map(key).collect();
+            let ahead: Vec<&[u8]> = all.iter().take(depth).map(|k| k.as_slice()).collect();
+            let d = queue_decision("q/#", permits, &ahead, behind);
+            if queued_ahead < permits {
+                prop_assert!(matches!(d, Decision::Through { touch } if touch == (permits > 1 && behind)), "{d:?}");
+                return Ok(());
+            }
+            let targets = waits(&d).expect("blocked");
+            prop_assert_eq!(targets.len(), 1);
+            let t = &targets[0];
+            if permits == 1 {
+                prop_assert_eq!(t, &Watched::deleted(key(queued_ahead - 1)));
+            } else if queued_ahead == permits {
+                // Every key ahead holds a permit: any deletion frees one.
+                for i in 0..queued_ahead {
+                    prop_assert!(t.matches(etcd_client::EventType::Delete, &key(i)), "key {i} not watched");
+                }
+                prop_assert!(!t.matches(etcd_client::EventType::Put, &key(0)));
+            } else {
+                prop_assert_eq!(t, &Watched::changed(key(queued_ahead - 1)));
+            }
+        }
+    }
+
+    #[test]
+    fn blockers_refuse_zero_permits_and_more_than_etcd_can_count() {
+        assert!(matches!(
+            Blocker::new("q/#".into(), 0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Blocker::new("q/#".into(), usize::MAX),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(Blocker::new("q/#".into(), 1_000_000).is_ok());
+    }
 }

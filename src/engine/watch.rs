@@ -1,19 +1,27 @@
-//! Waiting for changes: watches from now, `wait_gone`, prefix event streams.
+//! Waiting for changes: watches registered from now (plus one confirming read), `wait_gone`,
+//! and prefix event streams that survive disconnects and compaction.
+//!
+//! Every wait takes the caller's [`Backoff`]: failures to open a watch, streams that end and
+//! watches etcd cancels are all paused on it, so a wait that keeps failing slows down to one
+//! attempt a second instead of spinning. Failures retrying cannot fix (a watch etcd refuses
+//! for lack of permission) end the wait with a typed error.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use etcd_client::{EventType, Txn, WatchFilterType, WatchOptions};
-use tokio::time::{sleep, timeout};
+use tokio::time::sleep;
 
 use crate::backoff::Backoff;
+use crate::error::within;
 use crate::keys;
-use crate::session::Shared;
+use crate::session::{Counters, Shared};
 use crate::Error;
 
-use super::request::{back_off, send_until_answered, unless_lost, Kind};
+use super::request::{pause, send_until_answered, unless_lost, Kind};
 
 /// What a wait for a change ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Woken {
     /// One of the watched changes happened.
     Changed,
@@ -21,56 +29,88 @@ pub(crate) enum Woken {
     Recheck,
 }
 
-/// A change to wait for: a put or a delete of `key`, or of any key under it with `prefix`.
+/// Which events of a watched key count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Events {
+    Put,
+    Delete,
+    Any,
+}
+
+/// A change to wait for: a put and/or a delete of `key`, or of any key under it with
+/// `prefix` — optionally only of the keys in `among`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Watched {
     key: Vec<u8>,
     prefix: bool,
-    kind: EventType,
+    events: Events,
+    among: Option<Vec<Vec<u8>>>,
 }
 
 impl Watched {
-    /// The deletion of exactly `key`.
-    pub(crate) fn deleted(key: impl Into<Vec<u8>>) -> Watched {
+    fn new(key: impl Into<Vec<u8>>, prefix: bool, events: Events) -> Watched {
         Watched {
             key: key.into(),
-            prefix: false,
-            kind: EventType::Delete,
+            prefix,
+            events,
+            among: None,
         }
+    }
+
+    /// The deletion of exactly `key`.
+    pub(crate) fn deleted(key: impl Into<Vec<u8>>) -> Watched {
+        Watched::new(key, false, Events::Delete)
     }
 
     /// A put of exactly `key`.
     pub(crate) fn put(key: impl Into<Vec<u8>>) -> Watched {
-        Watched {
-            key: key.into(),
-            prefix: false,
-            kind: EventType::Put,
-        }
+        Watched::new(key, false, Events::Put)
+    }
+
+    /// A put or a delete of exactly `key`.
+    pub(crate) fn changed(key: impl Into<Vec<u8>>) -> Watched {
+        Watched::new(key, false, Events::Any)
     }
 
     /// A put of any key under `prefix`.
     pub(crate) fn put_under(prefix: impl Into<Vec<u8>>) -> Watched {
+        Watched::new(prefix, true, Events::Put)
+    }
+
+    /// The deletion of any of `keys`, all under `prefix`: one watch of the prefix's
+    /// deletions, filtered here.
+    pub(crate) fn deleted_any(prefix: impl Into<Vec<u8>>, mut keys: Vec<Vec<u8>>) -> Watched {
+        keys.sort();
         Watched {
-            key: prefix.into(),
-            prefix: true,
-            kind: EventType::Put,
+            among: Some(keys),
+            ..Watched::new(prefix, true, Events::Delete)
         }
     }
 
-    fn matches(&self, kind: EventType, key: &[u8]) -> bool {
-        kind == self.kind
-            && if self.prefix {
-                key.starts_with(&self.key)
-            } else {
-                key == self.key
-            }
+    pub(crate) fn matches(&self, kind: EventType, key: &[u8]) -> bool {
+        let kind_ok = match self.events {
+            Events::Put => kind == EventType::Put,
+            Events::Delete => kind == EventType::Delete,
+            Events::Any => true,
+        };
+        let key_ok = if self.prefix {
+            key.starts_with(&self.key)
+        } else {
+            key == self.key
+        };
+        let among_ok = self
+            .among
+            .as_ref()
+            .is_none_or(|keys| keys.binary_search_by(|k| k.as_slice().cmp(key)).is_ok());
+        kind_ok && key_ok && among_ok
     }
 
     fn options(&self) -> WatchOptions {
-        let opts = WatchOptions::new().with_filters([match self.kind {
-            EventType::Delete => WatchFilterType::NoPut,
-            EventType::Put => WatchFilterType::NoDelete,
-        }]);
+        let opts = match self.events {
+            Events::Delete => WatchOptions::new().with_filters([WatchFilterType::NoPut]),
+            Events::Put => WatchOptions::new().with_filters([WatchFilterType::NoDelete]),
+            Events::Any => WatchOptions::new(),
+        };
         if self.prefix {
             opts.with_prefix()
         } else {
@@ -101,18 +141,21 @@ struct ChangeWatch {
 impl ChangeWatch {
     /// Opens the watch and waits until etcd confirmed it. Returns it with the revision after
     /// which every change is delivered, or `None` after a transient failure (the caller
-    /// re-reads; a backoff delay has been served).
+    /// re-reads; a delay of `backoff` has been served).
     async fn open(
         shared: &Arc<Shared>,
         targets: &[Watched],
         own: Option<(&str, i64)>,
+        backoff: &mut Backoff,
     ) -> Result<Option<(ChangeWatch, i64)>, Error> {
         let mut watches = shared.client.watch_client();
+        let requests = targets.len() + usize::from(own.is_some());
         let opened = unless_lost(shared, async {
             let created = async {
                 let (first, rest) = targets
                     .split_first()
                     .ok_or_else(|| Error::Protocol("a watch without targets".into()))?;
+                Counters::add(&shared.counters.watches, requests as u64);
                 let mut stream = watches
                     .watch(first.key.clone(), Some(first.options()))
                     .await?;
@@ -131,7 +174,7 @@ impl ChangeWatch {
                     own: own.map(|(k, r)| (k.to_owned(), r)),
                     early: None,
                 };
-                let mut pending = targets.len() + usize::from(own.is_some());
+                let mut pending = requests;
                 let mut revision = 0;
                 while pending > 0 {
                     let resp = watch.stream.message().await?.ok_or_else(|| {
@@ -139,10 +182,7 @@ impl ChangeWatch {
                     })?;
                     if resp.created() {
                         if resp.canceled() {
-                            return Err(Error::Protocol(format!(
-                                "etcd refused a watch: {}",
-                                resp.cancel_reason()
-                            )));
+                            return Err(Error::watch_refused(resp.cancel_reason()));
                         }
                         pending -= 1;
                         revision = revision.max(resp.header().map_or(0, |h| h.revision()));
@@ -153,17 +193,17 @@ impl ChangeWatch {
                 }
                 Ok((watch, revision))
             };
-            match timeout(shared.request_timeout, created).await {
-                Err(_) => Err(Error::Timeout(shared.request_timeout)),
-                Ok(r) => r,
-            }
+            within(shared.request_timeout, created).await
         })
         .await;
         match opened {
             Ok(opened) => Ok(Some(opened)),
-            Err(e @ (Error::Timeout(_) | Error::Etcd(_))) => {
+            Err(e)
+                if e.is_transient()
+                    || matches!(e, Error::Etcd(etcd_client::Error::WatchError(_))) =>
+            {
                 tracing::debug!(error = %e, "opening a watch failed; re-reading");
-                back_off(shared, &mut Backoff::for_requests()).await?;
+                pause(shared, backoff).await?;
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -172,7 +212,7 @@ impl ChangeWatch {
 
     /// What a watch response means for this wait, if anything.
     fn classify(&self, resp: &etcd_client::WatchResponse) -> Option<Result<Woken, Error>> {
-        crate::session::Counters::add(
+        Counters::add(
             &self.shared.counters.watch_events,
             resp.events().len() as u64,
         );
@@ -203,29 +243,33 @@ impl ChangeWatch {
     }
 
     /// Waits for a change. Our own key's deletion is [`Error::LockLost`], the session's loss
-    /// [`Error::SessionLost`] / [`Error::SessionClosed`].
-    async fn wait(mut self, shared: &Arc<Shared>) -> Result<Woken, Error> {
-        if let Some(outcome) = self.early.take() {
-            return outcome;
-        }
-        loop {
-            let msg = unless_lost(shared, async { Ok(self.stream.message().await) }).await?;
-            match msg {
-                Ok(Some(resp)) => {
-                    if let Some(outcome) = self.classify(&resp) {
-                        tracing::trace!(
-                            revision = resp.header().map_or(0, |h| h.revision()),
-                            "woken"
-                        );
-                        return outcome;
+    /// [`Error::SessionLost`] / [`Error::SessionClosed`]. A stream that ends or a watch etcd
+    /// cancels is a [`Woken::Recheck`], after a delay of `backoff`.
+    async fn wait(mut self, shared: &Arc<Shared>, backoff: &mut Backoff) -> Result<Woken, Error> {
+        let outcome = match self.early.take() {
+            Some(outcome) => outcome,
+            None => loop {
+                let msg = unless_lost(shared, async { Ok(self.stream.message().await) }).await?;
+                match msg {
+                    Ok(Some(resp)) => {
+                        if let Some(outcome) = self.classify(&resp) {
+                            tracing::trace!(
+                                revision = resp.header().map_or(0, |h| h.revision()),
+                                "woken"
+                            );
+                            break outcome;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        tracing::debug!("watch stream ended; re-reading");
+                        break Ok(Woken::Recheck);
                     }
                 }
-                Ok(None) | Err(_) => {
-                    tracing::debug!("watch stream ended; re-reading");
-                    back_off(shared, &mut Backoff::for_requests()).await?;
-                    return Ok(Woken::Recheck);
-                }
-            }
+            },
+        };
+        match outcome {
+            Ok(Woken::Recheck) => pause(shared, backoff).await.map(|()| Woken::Recheck),
+            other => other,
         }
     }
 }
@@ -233,30 +277,38 @@ impl ChangeWatch {
 /// The wait step every primitive goes through: with a watch registered from now on `targets`
 /// (and our own key's deletion, and the session's loss), waits for a change. `read_at` is the
 /// revision of the read that decided to wait; if writes landed since, `reread` runs once the
-/// watch is in place and says whether to still wait.
+/// watch is in place and says whether to still wait. Failures pause on `backoff`, which is
+/// reset when a change really happened.
 pub(crate) async fn wait_for_change<R, Fut>(
     shared: &Arc<Shared>,
     targets: &[Watched],
     own: Option<(&str, i64)>,
     read_at: i64,
     reread: R,
+    backoff: &mut Backoff,
 ) -> Result<Woken, Error>
 where
     R: FnOnce() -> Fut,
     Fut: Future<Output = Result<bool, Error>>,
 {
-    let Some((watch, from)) = ChangeWatch::open(shared, targets, own).await? else {
+    let Some((watch, from)) = ChangeWatch::open(shared, targets, own, backoff).await? else {
         return Ok(Woken::Recheck);
     };
-    if from > read_at && !reread().await? {
-        return Ok(Woken::Changed);
+    let woken = if from > read_at && !reread().await? {
+        Woken::Changed
+    } else {
+        watch.wait(shared, backoff).await?
+    };
+    if woken == Woken::Changed {
+        backoff.reset();
     }
-    watch.wait(shared).await
+    Ok(woken)
 }
 
 /// Completes with `Ok` once `key` is no longer the incarnation `create_revision` (known to
 /// exist at revision `seen_at`): deleted, expired with its lease, or never there. `Err` if the
-/// session is Lost first. Survives stream failures and compaction by re-reading.
+/// session is Lost first, or on a failure retrying cannot fix. Survives stream failures and
+/// compaction by re-reading, with one backoff for the whole wait.
 pub(crate) async fn wait_gone(
     shared: &Arc<Shared>,
     key: &str,
@@ -264,12 +316,20 @@ pub(crate) async fn wait_gone(
     mut seen_at: i64,
 ) -> Result<(), Error> {
     let check = Txn::new().when([keys::owner_compare(key, create_revision)]);
+    let mut backoff = Backoff::for_requests();
     loop {
         let still_there = || async {
-            let resp = send_until_answered(shared, || check.clone(), Kind::MaybeReadOnly).await?;
-            Ok(resp.succeeded())
+            let answer = send_until_answered(
+                shared,
+                || check.clone(),
+                Kind::MaybeReadOnly,
+                &mut Backoff::for_requests(),
+            )
+            .await?;
+            Ok(answer.resp.succeeded())
         };
-        match wait_for_change(shared, &[Watched::deleted(key)], None, seen_at, still_there).await? {
+        let targets = [Watched::deleted(key)];
+        match wait_for_change(shared, &targets, None, seen_at, still_there, &mut backoff).await? {
             // A delete event of the key (or a re-read that found it gone): that incarnation
             // has ended — keys are never re-created with the same create revision.
             Woken::Changed => return Ok(()),
@@ -284,7 +344,7 @@ pub(crate) enum Gap {
     /// The history after the last revision was compacted away: re-read the state, then
     /// [`PrefixEvents::resume_after`] the read's revision.
     Compacted,
-    /// A failure retrying cannot fix (etcd refused the watch).
+    /// A failure retrying cannot fix (etcd refused the watch: no permission, say).
     Fatal(Error),
 }
 
@@ -341,6 +401,10 @@ impl PrefixEvents {
                     match self.client.watch(self.prefix.as_str(), Some(opts)).await {
                         Ok(s) => self.stream.insert(s),
                         Err(e) => {
+                            let e = Error::from(e);
+                            if !e.is_transient() {
+                                return Err(Gap::Fatal(e));
+                            }
                             tracing::debug!(error = %e, "opening a prefix watch failed; retrying");
                             sleep(self.backoff.next_delay()).await;
                             continue;
@@ -356,15 +420,14 @@ impl PrefixEvents {
                             return Err(Gap::Compacted);
                         }
                         if resp.created() {
-                            return Err(Gap::Fatal(Error::Protocol(format!(
-                                "etcd refused a watch: {}",
-                                resp.cancel_reason()
-                            ))));
+                            return Err(Gap::Fatal(Error::watch_refused(resp.cancel_reason())));
                         }
                         sleep(self.backoff.next_delay()).await;
                         continue;
                     }
-                    self.backoff.reset();
+                    if !resp.created() {
+                        self.backoff.reset();
+                    }
                     self.pending.extend(resp.events().iter().cloned());
                 }
                 Ok(None) | Err(_) => {

@@ -1,31 +1,94 @@
-//! The session's background clean-ups: releases of dropped guards, abandoned acquisitions.
+//! The session's background work for guards and acquisitions: fenced releases of dropped
+//! guards, sweeps of late duplicates, and touches that wake the waiter behind a new holder.
+//!
+//! Every job retries transient failures with capped, jittered backoff (20 ms doubling to 1 s)
+//! for as long as the session lives: a guard dropped during an outage is released once etcd
+//! answers again. A failure retrying cannot fix (etcd's auth refusing the delete, say) ends the
+//! session ([`LossReason::CleanupFailed`]): its task revokes the lease, so no live lease keeps a
+//! key that nobody holds.
 
 use std::sync::Arc;
 
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep, timeout};
 
-use super::{Counters, Shared};
+use super::Shared;
 use crate::backoff::Backoff;
-use crate::keys;
+use crate::engine::request::{send_until_answered, Kind};
+use crate::engine::watch::{wait_for_change, Watched};
+use crate::{keys, Error, LossReason};
 
-/// A background clean-up the session's task carries out for a guard or an abandoned
-/// acquisition.
+/// A piece of background work the session's task carries out for a guard or an acquisition.
 #[derive(Debug)]
 pub(crate) enum Cleanup {
-    /// Delete `key` if it is attached to this session's lease: the outcome of the request
-    /// that may have created it is unknown.
-    Abandoned { key: String },
-    /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat).
-    Txn { key: String, txn: etcd_client::Txn },
+    /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat); then, for an
+    /// acquisition whose put was sent more than once, sweep its late duplicates.
+    Release {
+        key: String,
+        txn: Txn,
+        sweep: Option<Sweep>,
+    },
+    /// Delete any late duplicate of an acquisition's put, now and whenever one lands, for as
+    /// long as the session lives (the outcome of a request that may create the key is unknown).
+    Sweep(Sweep),
+    /// Bump `key`'s mod revision while it is the incarnation `create_revision`, so that the
+    /// waiter watching it re-reads (a semaphore waiter that moved up behind a new holder).
+    Touch { key: String, create_revision: i64 },
 }
 
 impl Cleanup {
     /// Delete `key` if it is still the incarnation created at `create_revision`.
-    pub(crate) fn release(key: String, create_revision: i64) -> Cleanup {
+    pub(crate) fn release(key: String, create_revision: i64, sweep: Option<Sweep>) -> Cleanup {
         let txn = keys::fenced_delete(&key, create_revision);
-        Cleanup::Txn { key, txn }
+        Cleanup::Release { key, txn, sweep }
+    }
+}
+
+/// How to recognise — and delete — a late copy of one acquisition's put.
+///
+/// A put whose answer was lost is retried, and the acquisition carries on with whichever copy
+/// landed first. An earlier copy can still be in flight (held in a network buffer, a proxy, a
+/// member's queue) and land after the acquisition was released, re-creating the key under our
+/// live lease, where it would block everyone behind it. A sweep deletes such a copy as soon as
+/// it lands, for as long as the lease lives; once the lease is gone, a copy cannot land (a put
+/// with a dead lease fails).
+#[derive(Debug, Clone)]
+pub(crate) struct Sweep {
+    key: String,
+    compares: Vec<Compare>,
+}
+
+impl Sweep {
+    /// Any incarnation of `key` attached to `lease_id`: for member keys, which are unique per
+    /// acquisition, so once the acquisition is over any such key is a late copy.
+    pub(crate) fn on_lease(key: &str, lease_id: i64) -> Sweep {
+        Sweep {
+            key: key.to_owned(),
+            compares: vec![Compare::lease(key, CompareOp::Equal, lease_id)],
+        }
+    }
+
+    /// `key` holding `value` on `lease_id`: for a key whose name is shared (a barrier), whose
+    /// value is unique to the attempt.
+    pub(crate) fn with_value(key: &str, value: &[u8], lease_id: i64) -> Sweep {
+        Sweep {
+            key: key.to_owned(),
+            compares: vec![
+                Compare::value(key, CompareOp::Equal, value.to_vec()),
+                Compare::lease(key, CompareOp::Equal, lease_id),
+            ],
+        }
+    }
+
+    fn delete(&self) -> Txn {
+        Txn::new()
+            .when(self.compares.clone())
+            .and_then([TxnOp::delete(self.key.as_str(), None)])
+    }
+
+    fn exists(&self) -> Txn {
+        Txn::new().when(self.compares.clone())
     }
 }
 
@@ -45,62 +108,117 @@ impl Drop for PendingWork {
     }
 }
 
-/// A clean-up in the queue, counted until it is done or dropped.
+/// A clean-up in the queue, counted (for `settled()`) until its first pass is done.
 pub(super) struct Job {
     pub(super) cleanup: Cleanup,
-    pub(super) _pending: PendingWork,
+    pub(super) pending: Option<PendingWork>,
 }
 
-/// Runs the clean-ups handed to the session, concurrently. Never returns.
-pub(super) async fn run_cleanups(shared: &Shared, jobs: &mut mpsc::UnboundedReceiver<Job>) {
+/// Runs the clean-ups handed to the session, concurrently. Returns only if one fails in a way
+/// retrying cannot fix: the session must then end.
+pub(super) async fn run_cleanups(
+    shared: &Arc<Shared>,
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+) -> LossReason {
     let mut running = FuturesUnordered::new();
     loop {
         tokio::select! {
             job = jobs.recv() => match job {
-                Some(job) => running.push(clean_up(shared, job)),
+                Some(job) => running.push(run_job(shared, job)),
                 // The sender lives in `shared`: cannot happen, but never spin.
                 None => std::future::pending::<()>().await,
             },
-            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(outcome) = running.next(), if !running.is_empty() => {
+                match outcome {
+                    Ok(()) | Err(Error::SessionLost(_) | Error::SessionClosed) => {}
+                    Err(e) => {
+                        tracing::error!(lease = shared.lease_id, error = %e, "a background release failed permanently; ending the session");
+                        return LossReason::CleanupFailed;
+                    }
+                }
+            }
         }
     }
 }
 
-/// How many times a background clean-up is tried before the lease's end is left to do it.
-const CLEANUP_ATTEMPTS: u32 = 8;
-
-/// Carries out one clean-up, retrying on transport errors. An abandoned acquisition is
-/// cleaned twice, the second time after a request timeout, in case the request that created
-/// the key was still in flight the first time.
-async fn clean_up(shared: &Shared, job: Job) {
-    let job = &job.cleanup;
-    let (key, passes) = match job {
-        Cleanup::Txn { key, .. } => (key.as_str(), 1),
-        Cleanup::Abandoned { key } => (key.as_str(), 2),
-    };
-    for pass in 0..passes {
-        if pass > 0 {
-            sleep(shared.request_timeout).await;
-        }
-        let mut backoff = Backoff::for_requests();
-        for _ in 0..CLEANUP_ATTEMPTS {
-            let txn = match job {
-                Cleanup::Abandoned { key } => keys::lease_fenced_delete(key, shared.lease_id),
-                Cleanup::Txn { txn, .. } => txn.clone(),
-            };
-            let mut kv = shared.client.kv_client();
-            Counters::add(&shared.counters.txns, 1);
-            match timeout(shared.request_timeout, kv.txn(txn)).await {
-                Ok(Ok(resp)) => {
-                    tracing::debug!(key, deleted = resp.succeeded(), "background clean-up done");
-                    break;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(key, error = %e, "background clean-up failed; retrying")
-                }
-                Err(_) => tracing::debug!(key, "background clean-up timed out; retrying"),
+/// Carries out one job until it is done, the session is Lost, or it fails permanently.
+async fn run_job(shared: &Arc<Shared>, mut job: Job) -> Result<(), Error> {
+    let mut backoff = Backoff::for_requests();
+    match job.cleanup {
+        Cleanup::Release { key, txn, sweep } => {
+            let resp = send_until_answered(shared, || txn.clone(), Kind::Write, &mut backoff)
+                .await?
+                .resp;
+            tracing::debug!(key, deleted = resp.succeeded(), "background release done");
+            job.pending = None;
+            match sweep {
+                Some(sweep) => run_sweep(shared, &sweep, &mut backoff).await,
+                None => Ok(()),
             }
-            sleep(backoff.next_delay()).await;
         }
+        Cleanup::Sweep(sweep) => {
+            // Counted until its first delete is answered: after that it only watches.
+            let first = delete_copy(shared, &sweep, &mut backoff).await?;
+            job.pending = None;
+            sweep_after(shared, &sweep, first, &mut backoff).await
+        }
+        Cleanup::Touch {
+            key,
+            create_revision,
+        } => {
+            let touch = keys::touch(&key, create_revision);
+            send_until_answered(shared, || touch.clone(), Kind::Write, &mut backoff).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Deletes a copy of the sweep's key if one exists; returns the revision of the answer.
+async fn delete_copy(
+    shared: &Arc<Shared>,
+    sweep: &Sweep,
+    backoff: &mut Backoff,
+) -> Result<i64, Error> {
+    let resp = send_until_answered(shared, || sweep.delete(), Kind::Write, backoff)
+        .await?
+        .resp;
+    if resp.succeeded() {
+        tracing::warn!(
+            key = sweep.key,
+            "deleted a late copy of an acquisition's put"
+        );
+    }
+    keys::header_revision(&resp)
+}
+
+async fn run_sweep(
+    shared: &Arc<Shared>,
+    sweep: &Sweep,
+    backoff: &mut Backoff,
+) -> Result<(), Error> {
+    let first = delete_copy(shared, sweep, backoff).await?;
+    sweep_after(shared, sweep, first, backoff).await
+}
+
+/// From `revision` on, deletes every copy of the sweep's key as it lands, until the session is
+/// Lost (the error ends the sweep) or something fails permanently.
+async fn sweep_after(
+    shared: &Arc<Shared>,
+    sweep: &Sweep,
+    mut revision: i64,
+    backoff: &mut Backoff,
+) -> Result<(), Error> {
+    let puts = [Watched::put(sweep.key.as_str())];
+    loop {
+        let absent = || async {
+            let mut backoff = Backoff::for_requests();
+            let resp =
+                send_until_answered(shared, || sweep.exists(), Kind::MaybeReadOnly, &mut backoff)
+                    .await?
+                    .resp;
+            Ok(!resp.succeeded())
+        };
+        wait_for_change(shared, &puts, None, revision, absent, backoff).await?;
+        revision = delete_copy(shared, sweep, backoff).await?;
     }
 }

@@ -8,19 +8,20 @@ mod liveness;
 mod options;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use etcd_client::Client;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::error::within;
 use crate::{Error, LossReason};
 use cleanup::{run_cleanups, Job};
-pub(crate) use cleanup::{Cleanup, PendingWork};
+pub(crate) use cleanup::{Cleanup, PendingWork, Sweep};
 use keepalive::{keep_alive, lease_not_found};
 use liveness::Liveness;
 pub use options::{SessionOptions, MAX_LEASE_TTL_SECS};
@@ -33,6 +34,9 @@ pub struct SessionMetrics {
     pub keepalive_requests: u64,
     /// Txns sent by the session's primitives and background clean-ups.
     pub txns: u64,
+    /// Watches requested by the session's waits and background clean-ups (each wait step
+    /// opens one stream with a watch per target).
+    pub watches: u64,
     /// Watch events delivered to the session's waits (a hand-off that wakes one waiter
     /// delivers one).
     pub watch_events: u64,
@@ -42,6 +46,7 @@ pub struct SessionMetrics {
 pub(crate) struct Counters {
     pub(crate) keepalive_requests: AtomicU64,
     pub(crate) txns: AtomicU64,
+    pub(crate) watches: AtomicU64,
     pub(crate) watch_events: AtomicU64,
 }
 
@@ -64,6 +69,35 @@ pub enum SessionState {
     Lost,
 }
 
+/// The deadline, readable by any thread: nanoseconds after `epoch`, only ever moved later by
+/// the session's task.
+struct Deadline {
+    epoch: Instant,
+    nanos: AtomicU64,
+}
+
+impl Deadline {
+    fn new(epoch: Instant, at: Instant) -> Deadline {
+        let d = Deadline {
+            epoch,
+            nanos: AtomicU64::new(0),
+        };
+        d.extend(at);
+        d
+    }
+
+    fn get(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.nanos.load(Ordering::Acquire))
+    }
+
+    fn extend(&self, at: Instant) {
+        let nanos =
+            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_max(nanos, Ordering::AcqRel);
+    }
+}
+
+/// What the session's handles, guards and background task share.
 pub(crate) struct Shared {
     pub(crate) client: Client,
     pub(crate) lease_id: i64,
@@ -73,6 +107,9 @@ pub(crate) struct Shared {
     pub(crate) request_timeout: Duration,
     state: watch::Sender<SessionState>,
     reason: OnceLock<LossReason>,
+    deadline: Deadline,
+    /// The highest store revision seen in any answer to this session.
+    revision: AtomicI64,
     cleanups: mpsc::UnboundedSender<Job>,
     pending: Arc<watch::Sender<usize>>,
     seq: AtomicU64,
@@ -91,12 +128,25 @@ impl Shared {
         self.tasks.spawn(task);
     }
 
-    /// The reason the session is Lost, if it is.
+    /// The reason the session is Lost, if it is. Decided on the clock too: past the deadline
+    /// the session is Lost whether or not its task has run since (a starved or dead task
+    /// cannot keep a session alive).
     pub(crate) fn loss(&self) -> Option<LossReason> {
+        if *self.state.borrow() != SessionState::Lost && Instant::now() >= self.deadline.get() {
+            self.mark_lost(LossReason::DeadlineExceeded);
+        }
         if *self.state.borrow() == SessionState::Lost {
             Some(self.reason.get().copied().unwrap_or(LossReason::Closed))
         } else {
             None
+        }
+    }
+
+    /// The state now (Lost once the deadline has passed, see [`loss`](Self::loss)).
+    pub(crate) fn state(&self) -> SessionState {
+        match self.loss() {
+            Some(_) => SessionState::Lost,
+            None => *self.state.borrow(),
         }
     }
 
@@ -108,15 +158,32 @@ impl Shared {
         }
     }
 
-    /// Completes when the session is Lost, with the reason. Does not keep the lease alive.
+    /// Completes when the session is Lost, with the reason. Checks the clock whenever it is
+    /// polled; the session's task marks the session Lost at the deadline (or, if the task
+    /// dies, as it dies). Does not keep the lease alive.
     pub(crate) fn lost(self: &Arc<Self>) -> impl Future<Output = LossReason> + Send + 'static {
         let mut rx = self.state.subscribe();
         let shared = Arc::clone(self);
         async move {
-            // The sender lives in `shared`, which this future holds: wait_for cannot fail.
-            let _ = rx.wait_for(|s| *s == SessionState::Lost).await;
-            shared.reason.get().copied().unwrap_or(LossReason::Closed)
+            loop {
+                if let Some(reason) = shared.loss() {
+                    return reason;
+                }
+                // The sender lives in `shared`, which this future holds: cannot fail.
+                let _ = rx.changed().await;
+            }
         }
+    }
+
+    /// Records that an answer reported the store at `revision`.
+    pub(crate) fn saw_revision(&self, revision: i64) {
+        self.revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    /// The highest store revision any answer to this session has reported: every change made
+    /// after this call has a higher one.
+    pub(crate) fn seen_revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
     }
 
     /// A sequence number unique within this session, for member keys.
@@ -129,7 +196,7 @@ impl Shared {
     pub(crate) fn clean_up(&self, cleanup: Cleanup) {
         let job = Job {
             cleanup,
-            _pending: self.pending_work(),
+            pending: Some(self.pending_work()),
         };
         if self.cleanups.send(job).is_err() {
             tracing::debug!(
@@ -158,6 +225,7 @@ impl Shared {
             self.mark_lost(reason);
             return;
         }
+        self.deadline.extend(live.deadline());
         let new = live.state();
         self.state.send_if_modified(|s| {
             let changed = *s != SessionState::Lost && *s != new;
@@ -171,11 +239,11 @@ impl Shared {
     /// Revokes the lease; a lease that is already gone counts as revoked.
     async fn revoke(&self) -> Result<(), Error> {
         let mut lease = self.client.lease_client();
-        match timeout(self.request_timeout, lease.revoke(self.lease_id)).await {
+        match tokio::time::timeout(self.request_timeout, lease.revoke(self.lease_id)).await {
             Err(_) => Err(Error::Timeout(self.request_timeout)),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if lease_not_found(&e) => Ok(()),
-            Ok(Err(e)) => Err(Error::Etcd(e)),
+            Ok(Err(e)) => Err(e.into()),
         }
     }
 }
@@ -257,10 +325,7 @@ impl LeasedSession {
         let ttl_secs = options.validate()?;
         let mut lease = client.lease_client();
         let sent = Instant::now();
-        let granted = match timeout(options.request_timeout, lease.grant(ttl_secs, None)).await {
-            Err(_) => return Err(Error::Timeout(options.request_timeout)),
-            Ok(r) => r?,
-        };
+        let granted = within(options.request_timeout, lease.grant(ttl_secs, None)).await?;
         if granted.ttl() <= 0 {
             return Err(Error::Protocol(format!(
                 "lease granted with TTL {}",
@@ -270,6 +335,7 @@ impl LeasedSession {
         let ttl = Duration::from_secs(granted.ttl() as u64);
         let margin = options.safety_margin.unwrap_or(ttl / 5);
         let keepalive_timeout = options.keepalive_timeout.unwrap_or(ttl / 5);
+        let live = Liveness::new(sent, ttl, margin);
         let (state, _) = watch::channel(SessionState::Alive);
         let (cleanups, jobs) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
@@ -282,6 +348,8 @@ impl LeasedSession {
             request_timeout: options.request_timeout,
             state,
             reason: OnceLock::new(),
+            deadline: Deadline::new(sent, live.deadline()),
+            revision: AtomicI64::new(granted.header().map_or(0, |h| h.revision())),
             cleanups,
             pending: Arc::new(watch::channel(0).0),
             seq: AtomicU64::new(0),
@@ -292,8 +360,11 @@ impl LeasedSession {
         });
         // Closed at once: `wait()` completes whenever no task runs (spawning stays possible).
         shared.tasks.close();
-        let live = Liveness::new(sent, ttl, margin);
-        shared.spawn(drive(Arc::clone(&shared), live, jobs));
+        let watchdog = Watchdog {
+            shared: Arc::clone(&shared),
+            armed: true,
+        };
+        shared.spawn(drive(watchdog, live, jobs));
         Ok(LeasedSession {
             handle: Arc::new(Handle {
                 shared,
@@ -327,9 +398,10 @@ impl LeasedSession {
         &self.handle.shared.client
     }
 
-    /// The current state.
+    /// The current state. Past the deadline it is [`Lost`](SessionState::Lost), decided on
+    /// the clock at this call, whether or not the session's task has run since.
     pub fn state(&self) -> SessionState {
-        *self.handle.shared.state.borrow()
+        self.handle.shared.state()
     }
 
     /// Why the session is Lost, once it is.
@@ -365,14 +437,16 @@ impl LeasedSession {
         SessionMetrics {
             keepalive_requests: c.keepalive_requests.load(Ordering::Relaxed),
             txns: c.txns.load(Ordering::Relaxed),
+            watches: c.watches.load(Ordering::Relaxed),
             watch_events: c.watch_events.load(Ordering::Relaxed),
         }
     }
 
     /// Completes when every background clean-up handed to the session so far (by dropped
-    /// guards, cancelled acquisitions, releases that failed) has finished, or has been given
-    /// up after its retries (the lease's end is then the backstop). Useful before shutting down
-    /// and in tests.
+    /// guards, cancelled acquisitions, releases that failed) has finished. Clean-ups retry
+    /// transient failures for as long as the session lives, so during an outage this waits
+    /// until etcd answers again or the session is Lost (which drops them: the lease's end
+    /// removes their keys). Useful before shutting down and in tests.
     pub async fn settled(&self) {
         let mut rx = self.handle.shared.pending.subscribe();
         // The sender lives in `shared`, which this handle keeps: wait_for cannot fail.
@@ -425,34 +499,59 @@ impl BackgroundTasks {
     }
 }
 
+/// Marks the session Lost if the session's task ends without saying why: its future was
+/// dropped (the runtime shut down, even before the task first ran) or unwound (a panic).
+/// Owned by the task's future from its creation; disarmed on every orderly exit.
+struct Watchdog {
+    shared: Arc<Shared>,
+    armed: bool,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::warn!(
+                lease = self.shared.lease_id,
+                "the session's task stopped (runtime shut down or panic): session lost"
+            );
+            self.shared.mark_lost(LossReason::KeepAliveStopped);
+        }
+    }
+}
+
 /// The session's one background task: keeps the lease alive and runs clean-ups until the
 /// session is Lost or its last handle is dropped.
-async fn drive(shared: Arc<Shared>, mut live: Liveness, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    let outcome = tokio::select! {
-        reason = keep_alive(&shared, &mut live) => Some(reason),
-        _ = run_cleanups(&shared, &mut jobs) => None,
-        _ = shared.stop.cancelled() => None,
+async fn drive(
+    mut watchdog: Watchdog,
+    mut live: Liveness,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+) {
+    let shared = Arc::clone(&watchdog.shared);
+    let reason = tokio::select! {
+        reason = keep_alive(&shared, &mut live) => reason,
+        reason = run_cleanups(&shared, &mut jobs) => reason,
+        // Lost decided elsewhere: on the clock by a caller, or by close().
+        reason = shared.lost() => reason,
+        _ = shared.stop.cancelled() => LossReason::Closed,
     };
     // Clean-ups still queued or running are moot once the lease ends; drop them (and their
     // pending counts) now.
     drop(jobs);
-    match outcome {
-        Some(reason) => {
-            tracing::warn!(lease = shared.lease_id, %reason, "session lost");
-            shared.mark_lost(reason);
-            if reason == LossReason::DeadlineExceeded {
-                // The lease may still exist on the server: end it now rather than at its TTL,
-                // so others need not wait.
-                let _ = shared.revoke().await;
+    shared.mark_lost(reason);
+    watchdog.armed = false;
+    match reason {
+        LossReason::Closed if shared.closing.load(Ordering::SeqCst) => {} // close() revokes
+        LossReason::Closed => {
+            if let Err(e) = shared.revoke().await {
+                tracing::warn!(lease = shared.lease_id, error = %e, "revoking the lease of a dropped session failed; it ends by its TTL");
             }
         }
-        None => {
-            shared.mark_lost(LossReason::Closed);
-            if !shared.closing.load(Ordering::SeqCst) {
-                if let Err(e) = shared.revoke().await {
-                    tracing::warn!(lease = shared.lease_id, error = %e, "revoking the lease of a dropped session failed; it ends by its TTL");
-                }
-            }
+        LossReason::LeaseGone => tracing::warn!(lease = shared.lease_id, %reason, "session lost"),
+        _ => {
+            // The lease may still exist on the server: end it now rather than at its TTL, so
+            // others need not wait (and no key it holds outlives what we know of it).
+            tracing::warn!(lease = shared.lease_id, %reason, "session lost");
+            let _ = shared.revoke().await;
         }
     }
 }

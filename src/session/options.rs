@@ -70,7 +70,8 @@ impl SessionOptions {
     }
 
     /// The deadline of each request the session and its primitives send (grant, revoke,
-    /// acquire, release, …). Default 5 s. Must be more than zero.
+    /// acquire, release, …). Default 5 s. Must be more than zero; any larger value is accepted
+    /// (arithmetic on it saturates).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -91,7 +92,10 @@ impl SessionOptions {
         if self.ttl.is_zero() {
             return Err(Error::InvalidArgument("TTL must be more than zero".into()));
         }
-        let secs = self.ttl.as_secs() + u64::from(self.ttl.subsec_nanos() > 0);
+        let secs = self
+            .ttl
+            .as_secs()
+            .saturating_add(u64::from(self.ttl.subsec_nanos() > 0));
         if secs > MAX_LEASE_TTL_SECS {
             return Err(Error::InvalidArgument(format!(
                 "TTL of {secs} s exceeds etcd's maximum of {MAX_LEASE_TTL_SECS} s"

@@ -41,22 +41,6 @@ pub use etcd::{find_etcd_binary, EtcdCluster, TestEtcd};
 pub use netns::partitions_unsupported;
 pub use proxy::{FaultProxy, Faults};
 
-static BROKEN_LOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// **Test-only, deliberately unsafe**: while enabled, every queue acquisition in this process
-/// (Mutex, Election, Semaphore, RwLock) stops waiting for its turn — a broken lock that lets
-/// several holders in at once — and every [`Barrier::wait`](crate::Barrier::wait) and
-/// [`DoubleBarrier::enter`](crate::DoubleBarrier::enter) returns at once, whatever the others do. It exists to show that the [`checker`] catches violations; it is
-/// compiled only with the `testkit` feature and is off unless a test turns it on.
-#[doc(hidden)]
-pub fn set_broken_lock(enabled: bool) {
-    BROKEN_LOCK.store(enabled, std::sync::atomic::Ordering::SeqCst);
-}
-
-pub(crate) fn broken_lock_enabled() -> bool {
-    BROKEN_LOCK.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Errors of the test kit.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

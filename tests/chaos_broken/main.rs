@@ -10,7 +10,7 @@ use harness::{run_schedule, Fault, Primitive};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_deliberately_broken_primitives() {
-    etcd_coord::testkit::set_broken_lock(true);
+    etcd_coord::sabotage::set_broken(true);
     // No faults needed: the broken primitives let every contender in at once.
     let mut missed = Vec::new();
     for (primitive, property) in [
@@ -27,6 +27,6 @@ async fn the_checker_catches_deliberately_broken_primitives() {
             missed.push(format!("{primitive:?}: no ({property}) in {violations:?}"));
         }
     }
-    etcd_coord::testkit::set_broken_lock(false);
+    etcd_coord::sabotage::set_broken(false);
     assert!(missed.is_empty(), "the checker missed: {missed:#?}");
 }
