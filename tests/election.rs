@@ -624,3 +624,73 @@ async fn selector_backoffs_are_validated_and_huge_ones_saturate() {
         .expect("without a panic")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
+    // The leader's client reaches etcd two ways: through a proxy and directly. A proclaim that
+    // took the proxy's path is held there (the proxy forwards nothing) and times out; a later
+    // proclaim goes the direct way and succeeds. Then the proxy delivers the first one.
+    let etcd = etcd().await;
+    let admin = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("stale-proclaim");
+    // No HTTP/2 keep-alive: the connection holding the first proclaim stays open until the
+    // proxy delivers it, as a slow network path would.
+    let both_ways = etcd_client::Client::connect(
+        [proxy.endpoint(), etcd.endpoints()[0].clone()],
+        Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2))),
+    )
+    .await
+    .unwrap();
+    let s = etcd_coord::LeasedSession::new(
+        both_ways,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let leadership = Election::new(&s, &name).campaign("initial").await.unwrap();
+    let value = || async {
+        let resp = admin.clone().get(leadership.key(), None).await.unwrap();
+        resp.kvs()
+            .first()
+            .map(|kv| kv.value_str().unwrap().to_owned())
+    };
+    // Until one proclaim takes the proxy's path (the client balances over both).
+    let mut stale = None;
+    for k in 0..30 {
+        proxy.blackhole();
+        let attempt = format!("stale-{k}");
+        match leadership.proclaim(attempt.clone()).await {
+            Err(Error::Timeout(_)) => {
+                stale = Some(attempt);
+                break;
+            }
+            Ok(()) => proxy.heal(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let stale = stale.expect("a proclaim took the proxy's path");
+    assert_ne!(value().await.as_deref(), Some(stale.as_str()));
+    let mut proclaimed = false;
+    for _ in 0..30 {
+        match leadership.proclaim("later").await {
+            Ok(()) => {
+                proclaimed = true;
+                break;
+            }
+            Err(Error::Timeout(_)) => {} // took the proxy's path too: held as well
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(proclaimed, "the later proclaim never got through");
+    assert_eq!(value().await.as_deref(), Some("later"));
+    proxy.heal(); // the held proclaims reach etcd now
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        value().await.as_deref(),
+        Some("later"),
+        "a proclaim whose caller had timed out overwrote a later one"
+    );
+}

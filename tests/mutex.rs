@@ -674,3 +674,41 @@ async fn a_late_duplicate_of_a_retried_enqueue_is_deleted_and_never_blocks_the_q
         .expect("the queue is blocked by the resurrected key")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
+    // Every reset ends the waiter's watch; each time it re-reads and watches again. With one
+    // backoff for the whole wait, the retries slow down (20 ms doubling to 1 s) instead of
+    // following every reset (before: a fresh, shortest delay after each, 40 re-reads here).
+    let etcd = etcd().await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("flapping");
+    let holder = session(&etcd, 30).await;
+    let _held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let w = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let m = Mutex::new(&w, &name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = w.metrics();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        proxy.reset_peer();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = w.metrics();
+    let (reads, watches) = (after.txns - before.txns, after.watches - before.watches);
+    eprintln!("40 resets in 4 s: {reads} re-reads, {watches} watch requests");
+    // The backoff allows about 9 attempts in 4 s; each wait step watches 2 keys (the key
+    // ahead and our own).
+    assert!(
+        reads <= 15 && watches <= 30,
+        "{reads} re-reads and {watches} watch requests in 4 s: the waiter follows every reset"
+    );
+    assert!(!waiting.is_finished(), "the waiter gave up");
+}

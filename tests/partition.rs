@@ -35,9 +35,12 @@ async fn partitionable_cluster() -> Option<EtcdCluster> {
 
 /// A client of member `i` only.
 async fn client_of(cluster: &EtcdCluster, i: usize) -> Client {
-    Client::connect([cluster.endpoint(i)], Some(recommended_connect_options()))
-        .await
-        .expect("client")
+    Client::connect(
+        [cluster.endpoint(i).unwrap()],
+        Some(recommended_connect_options()),
+    )
+    .await
+    .expect("client")
 }
 
 async fn session_on(cluster: &EtcdCluster, i: usize) -> LeasedSession {

@@ -278,7 +278,7 @@ async fn testkit_members_can_be_stopped_killed_and_restarted() {
     cluster.stop(follower).await.unwrap();
     assert!(!cluster.is_running(follower));
     cluster.restart(follower).await.unwrap();
-    cluster.kill(leader);
+    cluster.kill(leader).unwrap();
     assert!(!cluster.is_running(leader));
     cluster.restart(leader).await.unwrap();
     assert!(cluster.is_running(leader) && cluster.is_running(follower));
@@ -375,4 +375,51 @@ async fn extreme_durations_are_typed_errors_or_saturate_and_never_panic() {
         .unwrap();
     second.release().await.unwrap();
     s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testkit_member_operations_report_a_missing_member_as_an_error() {
+    use etcd_coord::testkit::{EtcdCluster, TestkitError};
+    let mut cluster = EtcdCluster::start(1).await.unwrap();
+    let missing = |r: Result<(), TestkitError>| {
+        matches!(
+            r,
+            Err(TestkitError::NoSuchMember {
+                index: 3,
+                members: 1
+            })
+        )
+    };
+    assert!(matches!(
+        cluster.endpoint(3),
+        Err(TestkitError::NoSuchMember { .. })
+    ));
+    assert!(missing(cluster.kill(3)));
+    assert!(missing(cluster.pause(3)));
+    assert!(missing(cluster.resume(3)));
+    assert!(missing(cluster.stop(3).await));
+    assert!(missing(cluster.restart(3).await));
+    assert!(missing(cluster.partition(3)));
+    assert!(!cluster.is_running(3));
+    assert!(cluster.is_running(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_member_answers_nothing_until_it_is_resumed() {
+    let mut cluster = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let mut c = cluster.client().await.unwrap();
+    c.put("paused", "before", None).await.unwrap();
+    cluster.pause(0).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.get("paused", None))
+            .await
+            .is_err(),
+        "a paused member answered"
+    );
+    cluster.resume(0).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), c.get("paused", None))
+        .await
+        .expect("answers once resumed")
+        .unwrap();
+    assert_eq!(got.kvs()[0].value_str().unwrap(), "before");
 }

@@ -521,11 +521,7 @@ impl Drop for Watchdog {
 
 /// The session's one background task: keeps the lease alive and runs clean-ups until the
 /// session is Lost or its last handle is dropped.
-async fn drive(
-    mut watchdog: Watchdog,
-    mut live: Liveness,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-) {
+async fn drive(mut watchdog: Watchdog, mut live: Liveness, mut jobs: mpsc::UnboundedReceiver<Job>) {
     let shared = Arc::clone(&watchdog.shared);
     let reason = tokio::select! {
         reason = keep_alive(&shared, &mut live) => reason,

@@ -332,7 +332,7 @@ impl EtcdCluster {
             .with_require_leader(true);
         let Ok(Ok(mut client)) = timeout(
             Duration::from_secs(1),
-            Client::connect([self.endpoint(i)], Some(opts)),
+            Client::connect([self.endpoint_of(i)], Some(opts)),
         )
         .await
         else {
@@ -372,6 +372,23 @@ impl EtcdCluster {
         text[start..].to_owned()
     }
 
+    /// `i`, if member `i` exists.
+    fn member(&self, i: usize) -> Result<usize, TestkitError> {
+        if i < self.members.len() {
+            Ok(i)
+        } else {
+            Err(TestkitError::NoSuchMember {
+                index: i,
+                members: self.members.len(),
+            })
+        }
+    }
+
+    /// The endpoint of member `i`, which exists.
+    fn endpoint_of(&self, i: usize) -> String {
+        format!("{}:{}", self.members[i].host, self.members[i].client_port)
+    }
+
     /// The etcd version, `(major, minor)`.
     pub fn version(&self) -> (u32, u32) {
         self.version
@@ -389,13 +406,18 @@ impl EtcdCluster {
 
     /// The client endpoint (`HOST:PORT`) of member `i`: `127.0.0.1:PORT`, or the member's own
     /// address when it runs in a network namespace.
-    pub fn endpoint(&self, i: usize) -> String {
-        format!("{}:{}", self.members[i].host, self.members[i].client_port)
+    ///
+    /// # Errors
+    /// [`TestkitError::NoSuchMember`] if there is no member `i`.
+    pub fn endpoint(&self, i: usize) -> Result<String, TestkitError> {
+        Ok(self.endpoint_of(self.member(i)?))
     }
 
     /// Every member's client endpoint.
     pub fn endpoints(&self) -> Vec<String> {
-        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+        (0..self.members.len())
+            .map(|i| self.endpoint_of(i))
+            .collect()
     }
 
     /// A client of every member, with
@@ -408,11 +430,61 @@ impl EtcdCluster {
     }
 
     /// Kills member `i` with SIGKILL (as a crash would), keeping its data directory.
-    pub fn kill(&mut self, i: usize) {
+    ///
+    /// # Errors
+    /// [`TestkitError::NoSuchMember`] if there is no member `i`.
+    pub fn kill(&mut self, i: usize) -> Result<(), TestkitError> {
+        self.member(i)?;
+        self.kill_member(i);
+        Ok(())
+    }
+
+    fn kill_member(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to member `i`'s process.
+    fn signal(&mut self, i: usize, signal: &str) -> Result<(), TestkitError> {
+        self.member(i)?;
+        let Some(child) = self.members[i].child.as_ref() else {
+            return Err(TestkitError::Unsupported(format!(
+                "member {i} is not running"
+            )));
+        };
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(TestkitError::Unsupported(format!(
+                "kill -{signal} failed for member {i}: {status}"
+            )))
+        }
+    }
+
+    /// Freezes member `i` (SIGSTOP): a server that hangs. Its connections stay open, requests
+    /// already sent to it wait in its socket buffers, and it answers nothing — not even
+    /// HTTP/2 pings — until [`resume`](Self::resume). Other members elect a new leader if it
+    /// led.
+    ///
+    /// # Errors
+    /// [`TestkitError::NoSuchMember`] if there is no member `i`; an error if it is not running
+    /// or the signal cannot be sent.
+    pub fn pause(&mut self, i: usize) -> Result<(), TestkitError> {
+        self.signal(i, "STOP")
+    }
+
+    /// Lets a [`pause`](Self::pause)d member `i` run again (SIGCONT): it then processes what
+    /// waited in its buffers.
+    ///
+    /// # Errors
+    /// As [`pause`](Self::pause).
+    pub fn resume(&mut self, i: usize) -> Result<(), TestkitError> {
+        self.signal(i, "CONT")
     }
 
     /// Stops member `i` gracefully (SIGTERM) and waits for it to exit, keeping its data
@@ -422,6 +494,7 @@ impl EtcdCluster {
     /// # Errors
     /// If the signal cannot be sent.
     pub async fn stop(&mut self, i: usize) -> Result<(), TestkitError> {
+        self.member(i)?;
         let Some(mut child) = self.members[i].child.take() else {
             return Ok(());
         };
@@ -440,11 +513,11 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// True while member `i`'s process runs.
+    /// True while member `i`'s process runs (false for a member that does not exist).
     pub fn is_running(&mut self, i: usize) -> bool {
-        self.members[i]
-            .child
-            .as_mut()
+        self.members
+            .get_mut(i)
+            .and_then(|m| m.child.as_mut())
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
@@ -454,7 +527,7 @@ impl EtcdCluster {
     /// # Errors
     /// [`TestkitError::Start`] if it does not come back.
     pub async fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
-        self.kill(i);
+        self.kill(i)?;
         self.spawn(i)?;
         self.wait_healthy(Duration::from_secs(20)).await
     }
@@ -466,7 +539,7 @@ impl EtcdCluster {
                 continue;
             }
             let opts = ConnectOptions::new().with_timeout(Duration::from_millis(500));
-            let Ok(mut client) = Client::connect([self.endpoint(i)], Some(opts)).await else {
+            let Ok(mut client) = Client::connect([self.endpoint_of(i)], Some(opts)).await else {
                 continue;
             };
             let Ok(status) = client.status().await else {
@@ -508,6 +581,7 @@ impl EtcdCluster {
     /// [`TestkitError::Unsupported`] unless the cluster was started with
     /// [`start_partitionable`](Self::start_partitionable); an error of `nft`.
     pub fn partition(&self, i: usize) -> Result<(), TestkitError> {
+        self.member(i)?;
         self.network()?.cut(i, None)
     }
 
@@ -518,6 +592,7 @@ impl EtcdCluster {
     /// # Errors
     /// As [`partition`](Self::partition).
     pub fn isolate_from_peers(&self, i: usize) -> Result<(), TestkitError> {
+        self.member(i)?;
         let net = self.network()?;
         let peers: Vec<String> = (0..self.members.len())
             .filter(|&j| j != i)
@@ -534,6 +609,7 @@ impl EtcdCluster {
     /// # Errors
     /// As [`partition`](Self::partition).
     pub fn heal(&self, i: usize) -> Result<(), TestkitError> {
+        self.member(i)?;
         self.network()?.heal(i)
     }
 
@@ -575,7 +651,7 @@ impl Drop for EtcdCluster {
                     self.log_tail(i)
                 );
             }
-            self.kill(i);
+            self.kill_member(i);
         }
     }
 }

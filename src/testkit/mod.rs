@@ -57,6 +57,14 @@ pub enum TestkitError {
     /// An etcd request failed.
     #[error("etcd request failed: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// There is no member with this index (the cluster has `members`).
+    #[error("no member {index}: the cluster has {members}")]
+    NoSuchMember {
+        /// The index asked for.
+        index: usize,
+        /// How many members there are.
+        members: usize,
+    },
     /// What was asked cannot be done here (e.g. network namespaces without root); the message
     /// says why.
     #[error("not supported here: {0}")]

@@ -428,7 +428,9 @@ pub async fn run_schedule(
     let mut proxies = Vec::new();
     for m in 0..members {
         proxies.push(Arc::new(
-            FaultProxy::start(cluster.endpoint(m)).await.unwrap(),
+            FaultProxy::start(cluster.endpoint(m).unwrap())
+                .await
+                .unwrap(),
         ));
     }
     let admin = cluster.client().await.unwrap();
@@ -479,7 +481,7 @@ pub async fn run_schedule(
             }
             Fault::KillLeader => {
                 if let Some(leader) = cluster.leader().await {
-                    cluster.kill(leader);
+                    cluster.kill(leader).expect("a member");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     cluster.restart(leader).await.expect("member restarts");
                 }

@@ -120,3 +120,42 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Password of the `root` user in auth tests.
+pub const ROOT_PASSWORD: &str = "root-pw";
+
+/// Turns authentication on in `cluster` (which the test owns: never a shared cluster): a
+/// `root` user, and a user `user` (password `user-pw`) whose role `user` may read and write
+/// the keys under `prefix` only. Returns an authenticated root client.
+pub async fn enable_auth(
+    cluster: &etcd_coord::testkit::EtcdCluster,
+    user: &str,
+    prefix: &str,
+) -> Client {
+    use etcd_client::Permission;
+    let mut c = cluster.client().await.expect("client");
+    c.user_add("root", ROOT_PASSWORD, None).await.unwrap();
+    c.user_grant_role("root", "root").await.unwrap();
+    c.role_add(user).await.unwrap();
+    c.role_grant_permission(user, Permission::read_write(prefix).with_prefix())
+        .await
+        .unwrap();
+    c.user_add(user, format!("{user}-pw"), None).await.unwrap();
+    c.user_grant_role(user, user).await.unwrap();
+    c.auth_enable().await.unwrap();
+    user_client(cluster, "root", ROOT_PASSWORD).await
+}
+
+/// A client of `cluster` authenticated as `user`.
+pub async fn user_client(
+    cluster: &etcd_coord::testkit::EtcdCluster,
+    user: &str,
+    password: &str,
+) -> Client {
+    Client::connect(
+        cluster.endpoints(),
+        Some(etcd_coord::recommended_connect_options().with_user(user, password)),
+    )
+    .await
+    .expect("an authenticated client")
+}
