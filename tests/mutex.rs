@@ -480,22 +480,26 @@ async fn an_acquire_whose_response_is_lost_is_retried_without_a_second_waiter() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_survives_compaction_and_fires_when_the_owner_key_is_deleted() {
+async fn a_waiting_lost_survives_compaction_and_fires_when_the_owner_key_is_deleted() {
     let etcd = etcd().await;
     let mut admin = client(&etcd).await;
     let s = session(&etcd, 30).await;
     let name = unique("compact");
     let held = Mutex::new(&s, &name).lock().await.unwrap();
-    // Move the store past the guard's revision and compact it away.
+    // lost() is already waiting (its watch in place) when the history is compacted under it.
+    let lost = tokio::spawn(held.lost());
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..5 {
         admin
             .put(format!("{name}-filler"), i.to_string(), None)
             .await
             .unwrap();
     }
-    etcd.compact().await.unwrap();
-
-    let lost = tokio::spawn(held.lost());
+    let compacted = etcd.compact().await.unwrap();
+    assert!(
+        compacted > held.fencing_token(),
+        "the guard's revision was compacted away"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !lost.is_finished(),
@@ -504,7 +508,7 @@ async fn lost_survives_compaction_and_fires_when_the_owner_key_is_deleted() {
     admin.delete(held.key(), None).await.unwrap();
     let why = tokio::time::timeout(Duration::from_secs(5), lost)
         .await
-        .unwrap()
+        .expect("lost() fires when the key is deleted")
         .unwrap();
     assert!(matches!(why, Error::LockLost { .. }), "{why:?}");
     assert!(matches!(
@@ -514,26 +518,17 @@ async fn lost_survives_compaction_and_fires_when_the_owner_key_is_deleted() {
     assert!(matches!(held.release().await, Err(Error::LockLost { .. })));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelling_acquisitions_never_crashes_the_etcd_server() {
-    // etcd < 3.5.5 panics when a read-only Txn's request is cancelled while it is applied
-    // (etcd #14110); cancelled lock() calls must never cancel a request in flight. A long queue
-    // makes each fenced re-read scan many keys, widening the window. The server-side window is
-    // still narrow: this test does not reproduce the crash on demand with cancellable
-    // requests (a_cancelled_lock_leaves_no_key_behind did, in about one run in ten); it checks
-    // that heavy cancellation leaves the server up and no key behind.
-    let mut etcd = etcd().await;
-    let mut admin = client(&etcd).await;
-    let name = unique("no-crash");
-    let queue_prefix = format!("{name}/#");
-    let lease = admin.lease_grant(60, None).await.unwrap().id();
-    for chunk in 0..30 {
+/// A queue of 10,000 keys (with values) under `prefix`, on a lease of its own: each read of it
+/// sorted by create revision takes ~10 ms, a window that cancellations hit.
+async fn fill_queue(admin: &mut etcd_client::Client, prefix: &str) -> i64 {
+    let lease = admin.lease_grant(120, None).await.unwrap().id();
+    for chunk in 0..100 {
         let ops: Vec<TxnOp> = (0..100)
             .map(|i| {
-                let key = format!("{queue_prefix}0000000000000000-{:x}", chunk * 100 + i);
+                let key = format!("{prefix}0000000000000000-{:x}", chunk * 100 + i);
                 TxnOp::put(
                     key,
-                    "",
+                    vec![b'x'; 200],
                     Some(etcd_client::PutOptions::new().with_lease(lease)),
                 )
             })
@@ -543,30 +538,106 @@ async fn cancelling_acquisitions_never_crashes_the_etcd_server() {
             .await
             .unwrap();
     }
+    lease
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_acquisitions_never_cancel_a_read_in_flight_so_etcd_stays_up() {
+    // etcd 3.5.0-3.5.4 panics — the whole server — when a read-only Txn is cancelled while
+    // it is applied (etcd #14110). First a control: the very read a waiter makes, sent by a
+    // plain client and cancelled at random moments, must crash an affected server (so this
+    // test can see the bug). Then the same cancellations of lock() calls through the crate.
+    init_tracing();
+    let name = unique("no-crash");
+    let queue_prefix = format!("{name}/#");
+    let scan = || {
+        vec![TxnOp::get(
+            queue_prefix.as_str(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_sort(
+                        etcd_client::SortTarget::Create,
+                        etcd_client::SortOrder::Descend,
+                    )
+                    .with_limit(1)
+                    .with_keys_only(),
+            ),
+        )]
+    };
+    let read = || etcd_client::Txn::new().and_then(scan());
+
+    let mut control = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let version = control.full_version();
+    let affected = ((3, 5, 0)..(3, 5, 5)).contains(&version);
+    let mut admin = control.client().await.unwrap();
+    fill_queue(&mut admin, &queue_prefix).await;
+    let mut crashed = false;
+    for i in 0..400u64 {
+        let micros = 200 + (i * 7919) % 20_000;
+        let _ =
+            tokio::time::timeout(Duration::from_micros(micros), admin.clone().txn(read())).await;
+        if i % 10 == 9 && !control.is_running(0) {
+            crashed = true;
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    crashed |= !control.is_running(0);
+    eprintln!("etcd {version:?}: cancelled raw reads crashed it: {crashed}");
+    assert_eq!(
+        crashed, affected,
+        "etcd {version:?}: the control did not behave as etcd #14110 says"
+    );
+    drop(control);
+
+    let mut cluster = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let mut admin = cluster.client().await.unwrap();
+    let lease = fill_queue(&mut admin, &queue_prefix).await;
+    // Waiters (whose re-reads scan the queue) and a holder's fenced reads of the queue.
+    let holder = etcd_coord::LeasedSession::new(
+        cluster.client().await.unwrap(),
+        SessionOptions::new().with_ttl(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
     let mut tasks = Vec::new();
     for t in 0..4u64 {
-        let s = session(&etcd, 30).await;
+        let s = etcd_coord::LeasedSession::new(
+            cluster.client().await.unwrap(),
+            SessionOptions::new().with_ttl(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
         let name = name.clone();
         tasks.push(tokio::spawn(async move {
             let m = Mutex::new(&s, &name);
-            for i in 0..40u64 {
-                let micros = 500 + (i * 397 + t * 131) % 12_000;
+            for i in 0..100u64 {
+                let micros = 200 + (i * 7919 + t * 131) % 20_000;
                 let _ = tokio::time::timeout(Duration::from_micros(micros), m.lock()).await;
             }
             s.settled().await;
         }));
     }
+    let guard = Mutex::new(&holder, format!("{name}-fence"))
+        .lock()
+        .await
+        .unwrap();
+    for i in 0..400u64 {
+        let micros = 200 + (i * 7919) % 20_000;
+        let _ =
+            tokio::time::timeout(Duration::from_micros(micros), guard.txn_if_owner(scan())).await;
+    }
     for t in tasks {
         t.await.unwrap();
     }
+    assert!(cluster.is_running(0), "the etcd server died");
     admin.lease_revoke(lease).await.unwrap();
     assert!(
-        keys_under(&admin, &name).await.is_empty(),
+        keys_under(&admin, &queue_prefix).await.is_empty(),
         "a cancelled lock() left its key"
     );
-    if let Some(cluster) = etcd.cluster.as_mut() {
-        assert!(cluster.is_running(0), "the etcd server died");
-    }
+    guard.release().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

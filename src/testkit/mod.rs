@@ -21,7 +21,7 @@
 //! use etcd_coord::testkit::{EtcdCluster, FaultProxy};
 //!
 //! let etcd = EtcdCluster::start(1).await?;
-//! let proxy = FaultProxy::start(etcd.endpoint(0)).await?;
+//! let proxy = FaultProxy::start(etcd.endpoint(0)?).await?;
 //! let client = etcd_client::Client::connect(
 //!     [proxy.endpoint()],
 //!     Some(etcd_coord::recommended_connect_options()),

@@ -1,13 +1,16 @@
-//! The chaos harness: cluster, proxies, contending clients, fault schedule, checker.
+//! The chaos harness: cluster, proxies, contending clients (some in their own OS processes, so
+//! that a crash is a real SIGKILL), fault schedule, then the safety and liveness checks.
 #![allow(dead_code)] // shared by two test binaries, each using part of it
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Once};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, TxnOp};
 use etcd_coord::testkit::checker::{
-    check_double_barrier, Event, FencedRegister, History, Mode, Rules, Step, Violation,
+    check_double_barrier, check_liveness, Event, FencedRegister, History, Mode, Property, Rules,
+    Step, Violation,
 };
 use etcd_coord::testkit::{EtcdCluster, FaultProxy};
 use etcd_coord::{
@@ -17,20 +20,31 @@ use etcd_coord::{
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
 
 /// Contending clients (each through the proxy of member `i % members`).
 pub const CLIENTS: usize = 4;
 /// Session TTL: faults "longer than the TTL" last TTL + 2 s.
 const TTL: Duration = Duration::from_secs(5);
-
 /// Permits of the semaphore under test (fewer than CLIENTS, so clients contend).
 const PERMITS: usize = 2;
+/// After the last fault healed, every wait is served within this bound (property h): the
+/// TTL — a crashed holder's lease has to expire — plus 3 s for new sessions and hand-offs on 2
+/// busy cores. No key of an ended acquisition outlives it by more than TTL + this (property i).
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(TTL.as_secs() + 3);
+/// The environment variable that turns the chaos test binary into a client process.
+const CLIENT_ENV: &str = "ETCD_COORD_CHAOS_CLIENT";
+/// The prefix of the lines a client process reports on.
+const REPORT: &str = "@chaos";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Primitive {
     Mutex,
     Election,
-    /// A semaphore of PERMITS permits.
+    /// A semaphore of PERMITS permits. The last client holds each permit it gets until the
+    /// run stops or its session is lost; the others hold for 10–100 ms, so releases come in
+    /// any order.
     Semaphore,
     /// Every third acquisition writes, the others read.
     RwLock,
@@ -47,10 +61,23 @@ impl Primitive {
             _ => Rules::lock(),
         }
     }
+
+    fn parse(s: &str) -> Primitive {
+        match s {
+            "Mutex" => Primitive::Mutex,
+            "Election" => Primitive::Election,
+            "Semaphore" => Primitive::Semaphore,
+            "RwLock" => Primitive::RwLock,
+            "Barrier" => Primitive::Barrier,
+            "DoubleBarrier" => Primitive::DoubleBarrier,
+            other => panic!("unknown primitive {other}"),
+        }
+    }
 }
 
-/// Panics anywhere in this process (a session's background task included), counted by a
-/// panic hook: a chaos run must log none.
+/// Panics in tasks of this process (a session's background task, a client task), counted by
+/// a panic hook: a chaos run must log none. A failing test's own assertion (on its test
+/// thread) is not counted, so that it cannot fail the chaos tests that run after it.
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
 fn count_panics() {
@@ -58,7 +85,13 @@ fn count_panics() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
+            let thread = std::thread::current();
+            if thread
+                .name()
+                .is_none_or(|n| n.starts_with("tokio-runtime-worker"))
+            {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
             previous(info);
         }));
     });
@@ -79,10 +112,16 @@ pub enum Fault {
     RestartMember(usize),
     /// Compact the history while clients wait.
     Compact,
-    /// Abort client `i`'s task mid-whatever (a crashed process); it restarts.
+    /// SIGKILL client `i`'s process (a client a schedule kills runs in its own OS process):
+    /// nothing is released or revoked, so its keys stay until its lease expires and a waiter
+    /// takes over. It restarts as a new process.
     KillClient(usize),
     /// Drop every response on client `i`'s path for 1 s (lost responses), then reset.
     DropResponses(usize),
+    /// Refuse client `i`'s connections (and reset the open ones) for 3 s: every request fails,
+    /// but its sessions outlive it (their deadline is TTL − margin = 4 s away), so whatever a
+    /// guard dropped during it leaves must be cleaned up afterwards.
+    RefuseClient(usize),
     /// Lose the response of client `i`'s next release (or leave): the request reaches etcd,
     /// its answer is thrown away, and 0.5 s later the connection is reset.
     LoseRelease(usize),
@@ -111,7 +150,8 @@ fn fault() -> impl Strategy<Value = Fault> {
         Just(Fault::Compact),
         client.clone().prop_map(Fault::KillClient),
         client.clone().prop_map(Fault::DropResponses),
-        client.prop_map(Fault::LoseRelease),
+        client.clone().prop_map(Fault::LoseRelease),
+        client.prop_map(Fault::RefuseClient),
     ]
 }
 
@@ -148,19 +188,115 @@ fn generate(seed: u64, fault: BoxedStrategy<Fault>) -> Vec<(u64, Fault)> {
         .current()
 }
 
-/// What the clients share.
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `std::time::Instant` on Linux, read the same
+/// way in the harness and in client processes, so their reports land on one timeline.
+fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("a clock");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// What a client reports as it goes: applied to the shared history at once by a client in
+/// this process, sent as a line (with its CLOCK_MONOTONIC time) by a client process.
+#[derive(Debug, Clone, PartialEq)]
+enum Report {
+    /// A new session with this lease.
+    Lease(i64),
+    /// An acquisition (or a barrier's wait) starts.
+    Waiting,
+    /// It failed (the session was lost, or closed).
+    GaveUp,
+    Acquired {
+        token: i64,
+        lease: i64,
+        mode: Mode,
+    },
+    /// It no longer believes it holds `token`.
+    Ended {
+        token: i64,
+    },
+    /// A write through the fenced etcd key succeeded with `token`; the register decides
+    /// whether it is accepted.
+    Wrote {
+        token: i64,
+    },
+    /// A barrier's wait, called at the given time, passed.
+    Passed {
+        called_ns: u64,
+    },
+    Participant {
+        lease: i64,
+        step: Step,
+    },
+}
+
+impl Report {
+    fn encode(&self) -> String {
+        match self {
+            Report::Lease(l) => format!("lease {l}"),
+            Report::Waiting => "waiting".into(),
+            Report::GaveUp => "gave-up".into(),
+            Report::Acquired { token, lease, mode } => {
+                let mode = if *mode == Mode::Shared {
+                    "shared"
+                } else {
+                    "exclusive"
+                };
+                format!("acquired {token} {lease} {mode}")
+            }
+            Report::Ended { token } => format!("ended {token}"),
+            Report::Wrote { token } => format!("wrote {token}"),
+            Report::Passed { called_ns } => format!("passed {called_ns}"),
+            Report::Participant { lease, step } => format!("participant {lease} {step:?}"),
+        }
+    }
+
+    fn decode(words: &[&str]) -> Option<Report> {
+        let n = |i: usize| words.get(i).and_then(|w| w.parse::<i64>().ok());
+        Some(match *words.first()? {
+            "lease" => Report::Lease(n(1)?),
+            "waiting" => Report::Waiting,
+            "gave-up" => Report::GaveUp,
+            "acquired" => Report::Acquired {
+                token: n(1)?,
+                lease: n(2)?,
+                mode: if *words.get(3)? == "shared" {
+                    Mode::Shared
+                } else {
+                    Mode::Exclusive
+                },
+            },
+            "ended" => Report::Ended { token: n(1)? },
+            "wrote" => Report::Wrote { token: n(1)? },
+            "passed" => Report::Passed {
+                called_ns: words.get(1)?.parse().ok()?,
+            },
+            "participant" => Report::Participant {
+                lease: n(1)?,
+                step: match *words.get(2)? {
+                    "Entering" => Step::Entering,
+                    "Entered" => Step::Entered,
+                    "Leaving" => Step::Leaving,
+                    _ => Step::Left,
+                },
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// What the clients of one run share (in this process).
 struct Shared {
     primitive: Primitive,
     name: String,
     history: History,
     register: FencedRegister,
-    stop: AtomicBool,
-    stopped: tokio_util::sync::CancellationToken,
-    /// What each client is doing (printed if one does not stop).
-    phase: StdMutex<Vec<&'static str>>,
-    /// What each client holds now (to end its interval if its task is killed).
+    stopped: CancellationToken,
+    /// The harness's reading of CLOCK_MONOTONIC and `Instant` at one moment, to place client
+    /// processes' reports.
+    epoch: (Instant, u64),
+    /// What each client holds now (to end its interval if its process is killed).
     holding: StdMutex<Vec<Option<i64>>>,
-    /// Every lease ever used and every session's task monitor, for the leak checks.
+    /// Every lease ever used and every in-process session's task monitor, for the leak checks.
     leases: StdMutex<Vec<i64>>,
     tasks: StdMutex<Vec<BackgroundTasks>>,
     /// The proxy of each member; client `i` goes through `proxies[i % len]`.
@@ -170,6 +306,60 @@ struct Shared {
 }
 
 impl Shared {
+    /// The `Instant` of a CLOCK_MONOTONIC reading.
+    fn instant_of(&self, ns: u64) -> Instant {
+        let (instant, base) = self.epoch;
+        if ns >= base {
+            instant + Duration::from_nanos(ns - base)
+        } else {
+            instant - Duration::from_nanos(base - ns)
+        }
+    }
+
+    /// Applies client `client`'s report, made at `at`.
+    fn apply(&self, client: usize, report: Report, at: Instant) {
+        let h = &self.history;
+        match report {
+            Report::Lease(lease) => self.leases.lock().unwrap().push(lease),
+            Report::Waiting => h.record(Event::Waiting { client, at }),
+            Report::GaveUp => h.record(Event::GaveUp { client, at }),
+            Report::Acquired { token, lease, mode } => {
+                self.holding.lock().unwrap()[client] = Some(token);
+                h.record(Event::Acquired {
+                    client,
+                    token,
+                    lease,
+                    mode,
+                    at,
+                });
+            }
+            Report::Ended { token } => {
+                self.holding.lock().unwrap()[client] = None;
+                h.record(Event::Ended { client, token, at });
+            }
+            Report::Wrote { token } => {
+                let accepted = self.register.write(token);
+                h.record(Event::Write {
+                    client,
+                    token,
+                    accepted,
+                    at,
+                });
+            }
+            Report::Passed { called_ns } => h.record(Event::Passed {
+                client,
+                called: self.instant_of(called_ns),
+                at,
+            }),
+            Report::Participant { lease, step } => h.record(Event::Participant {
+                client,
+                lease,
+                step,
+                at,
+            }),
+        }
+    }
+
     /// If a lost release response is armed for `client`, drops the responses on its path
     /// now and restores them (with a reset) half a second later.
     fn maybe_lose_release(&self, client: usize) {
@@ -189,40 +379,95 @@ impl Shared {
     }
 }
 
-/// One client: sessions come and go; each acquisition is recorded, writes through the fenced
-/// etcd key and the in-memory register, and ends at release or at `lost()`.
-async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
-    let phase = |p: &'static str| sh.phase.lock().unwrap()[id] = p;
+/// Where a client's reports go.
+#[derive(Clone)]
+enum Sink {
+    /// A client in this process.
+    Local(Arc<Shared>),
+    /// A client process: lines on stdout; `go` lines on stdin arrive through `go`.
+    Pipe(Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>>),
+}
+
+impl Sink {
+    fn report(&self, client: usize, report: Report) {
+        match self {
+            Sink::Local(sh) => sh.apply(client, report, Instant::now()),
+            Sink::Pipe(_) => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{REPORT} {} {}", mono_ns(), report.encode());
+                let _ = out.flush();
+            }
+        }
+    }
+
+    /// Called just before a release: lets the harness arm a lost release response first.
+    async fn releasing(&self, client: usize) {
+        match self {
+            Sink::Local(sh) => sh.maybe_lose_release(client),
+            Sink::Pipe(go) => {
+                {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{REPORT} {} releasing", mono_ns());
+                    let _ = out.flush();
+                }
+                let _ = go.lock().await.recv().await;
+            }
+        }
+    }
+
+    fn watch_tasks(&self, tasks: BackgroundTasks, own: &StdMutex<Vec<BackgroundTasks>>) {
+        match self {
+            Sink::Local(sh) => sh.tasks.lock().unwrap().push(tasks),
+            Sink::Pipe(_) => own.lock().unwrap().push(tasks),
+        }
+    }
+}
+
+/// One client: sessions come and go; each acquisition is reported, writes through the fenced
+/// etcd key, and ends at release or at `lost()`. Runs until `stopped`.
+async fn client_loop(
+    id: usize,
+    primitive: Primitive,
+    name: String,
+    client: Client,
+    sink: Sink,
+    stopped: CancellationToken,
+    own_tasks: Arc<StdMutex<Vec<BackgroundTasks>>>,
+) {
     let options = SessionOptions::new()
         .with_ttl(TTL)
         .with_request_timeout(Duration::from_secs(2));
-    while !sh.stop.load(Ordering::SeqCst) {
-        phase("new session");
-        let Ok(session) = LeasedSession::new(client.clone(), options.clone()).await else {
+    let long_holder = primitive == Primitive::Semaphore && id == CLIENTS - 1;
+    while !stopped.is_cancelled() {
+        let session = tokio::select! {
+            s = LeasedSession::new(client.clone(), options.clone()) => s,
+            _ = stopped.cancelled() => break,
+        };
+        let Ok(session) = session else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        sh.leases.lock().unwrap().push(session.lease_id());
-        sh.tasks.lock().unwrap().push(session.background_tasks());
-        if sh.primitive == Primitive::DoubleBarrier {
-            phase("rounds");
-            double_barrier_rounds(id, &session, &sh).await;
-            phase("close");
+        sink.report(id, Report::Lease(session.lease_id()));
+        sink.watch_tasks(session.background_tasks(), &own_tasks);
+        if primitive == Primitive::DoubleBarrier {
+            double_barrier_rounds(id, &name, &session, &sink, &stopped).await;
             let _ = session.close().await;
             continue;
         }
-        let mutex = Mutex::new(&session, &sh.name);
-        let election = Election::new(&session, &sh.name);
-        let semaphore = Semaphore::new(&session, &sh.name, PERMITS);
-        let rwlock = RwLock::new(&session, &sh.name);
-        let barrier = Barrier::new(&session, &sh.name);
+        let mutex = Mutex::new(&session, &name);
+        let election = Election::new(&session, &name);
+        let semaphore = Semaphore::new(&session, &name, PERMITS);
+        let rwlock = RwLock::new(&session, &name);
+        let barrier = Barrier::new(&session, &name);
         let mut round = 0usize;
-        while !sh.stop.load(Ordering::SeqCst) {
-            phase("acquire");
+        while !stopped.is_cancelled() {
             round += 1;
+            sink.report(id, Report::Waiting);
             // Ok(None): a barrier's wait() passed; nothing is held.
             let acquire = async {
-                let held = match sh.primitive {
+                let held = match primitive {
                     Primitive::Mutex => Held::Mutex(mutex.lock().await?),
                     Primitive::Election => {
                         Held::Leader(election.campaign(format!("client-{id}")).await?)
@@ -234,9 +479,9 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                     Primitive::RwLock => Held::Read(rwlock.read().await?),
                     Primitive::Barrier => match barrier.hold().await {
                         Err(Error::AlreadyHeld { .. }) => {
-                            let called = Instant::now();
+                            let called_ns = mono_ns();
                             barrier.wait().await?;
-                            sh.history.passed(id, called);
+                            sink.report(id, Report::Passed { called_ns });
                             return Ok(None);
                         }
                         held => Held::Hold(held?),
@@ -248,7 +493,7 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
             // Stopping drops a waiting acquisition: cancel-safe, it leaves no key.
             let acquired = tokio::select! {
                 r = acquire => r,
-                _ = sh.stopped.cancelled() => break,
+                _ = stopped.cancelled() => break,
             };
             let held = match acquired {
                 Ok(None) => {
@@ -256,98 +501,113 @@ async fn client_loop(id: usize, client: Client, sh: Arc<Shared>) {
                     continue;
                 }
                 Ok(Some(h)) => h,
-                Err(_) => break, // session lost or closed: start over with a new one
+                Err(_) => {
+                    // Session lost or closed: start over with a new one.
+                    sink.report(id, Report::GaveUp);
+                    break;
+                }
             };
             let fence = held.fence();
             let token = fence.fencing_token();
             let mode = held.mode();
-            match mode {
-                Mode::Exclusive => sh.history.acquired(id, token, session.lease_id()),
-                Mode::Shared => sh.history.acquired_shared(id, token, session.lease_id()),
-            }
-            sh.holding.lock().unwrap()[id] = Some(token);
+            let lease = session.lease_id();
+            sink.report(id, Report::Acquired { token, lease, mode });
             let lost = fence.lost();
             tokio::pin!(lost);
             // Exclusive holders of a lock write; readers and semaphore permits (several at
             // once, in any order) only hold.
-            let writes = mode == Mode::Exclusive && sh.primitive.rules().holders == 1;
+            let writes = mode == Mode::Exclusive && primitive.rules().holders == 1;
             let work = async {
+                if long_holder {
+                    stopped.cancelled().await;
+                    return;
+                }
                 if !writes {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    let hold = if primitive == Primitive::Semaphore {
+                        rand::random_range(10..100)
+                    } else {
+                        30
+                    };
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
                     return;
                 }
                 // The protected resource: an etcd key written only while we own, and an
                 // in-memory register that rejects tokens lower than the highest seen.
                 let etcd_ok = fence
                     .txn_if_owner([TxnOp::put(
-                        format!("{}-resource", sh.name),
+                        format!("{name}-resource"),
                         token.to_string(),
                         None,
                     )])
                     .await
                     .is_ok();
                 if etcd_ok {
-                    let accepted = sh.register.write(token);
-                    sh.history.write(id, token, accepted);
+                    sink.report(id, Report::Wrote { token });
                 }
                 // A barrier stays up long enough for others to wait on it.
-                let hold = if sh.primitive == Primitive::Barrier {
+                let hold = if primitive == Primitive::Barrier {
                     100
                 } else {
                     30
                 };
                 tokio::time::sleep(Duration::from_millis(hold)).await;
             };
-            phase("work");
             let lost_first = tokio::select! {
                 _ = work => false,
                 _ = &mut lost => true,
             };
-            sh.history.ended(id, token);
-            sh.holding.lock().unwrap()[id] = None;
+            sink.report(id, Report::Ended { token });
             if lost_first {
                 drop(held); // fenced release in the background, if anything is left
                 break;
             }
-            phase("release");
-            sh.maybe_lose_release(id);
+            sink.releasing(id).await;
             let _ = held.release().await;
         }
-        phase("close");
         let _ = session.close().await;
-        phase("closed");
     }
 }
 
-/// Rounds of a double barrier for all CLIENTS clients, recorded for the checker, until the
+/// Rounds of a double barrier for all CLIENTS clients, reported for the checker, until the
 /// session fails or the run stops.
-async fn double_barrier_rounds(id: usize, session: &LeasedSession, sh: &Shared) {
-    let barrier = DoubleBarrier::new(session, &sh.name, CLIENTS);
+async fn double_barrier_rounds(
+    id: usize,
+    name: &str,
+    session: &LeasedSession,
+    sink: &Sink,
+    stopped: &CancellationToken,
+) {
+    let barrier = DoubleBarrier::new(session, name, CLIENTS);
     let lease = session.lease_id();
+    let step = |step| sink.report(id, Report::Participant { lease, step });
     let mut round = 0u64;
-    while !sh.stop.load(Ordering::SeqCst) {
+    while !stopped.is_cancelled() {
         // Clients arrive at different times, so that an early one must wait for the rest.
         round += 1;
         let arrival = (id as u64 * 37 + round * 11) % 100;
         tokio::time::sleep(Duration::from_millis(arrival)).await;
-        sh.history.entering(id, lease);
+        step(Step::Entering);
         let inside = tokio::select! {
             r = barrier.enter() => r,
-            _ = sh.stopped.cancelled() => return,
+            _ = stopped.cancelled() => return,
         };
-        let Ok(inside) = inside else { return };
-        sh.history.entered(id, lease);
+        let Ok(inside) = inside else {
+            sink.report(id, Report::GaveUp);
+            return;
+        };
+        step(Step::Entered);
         tokio::time::sleep(Duration::from_millis(30)).await;
-        sh.history.leaving(id, lease);
-        sh.maybe_lose_release(id);
+        step(Step::Leaving);
+        sink.releasing(id).await;
         let left = tokio::select! {
             r = inside.leave() => r,
-            _ = sh.stopped.cancelled() => return,
+            _ = stopped.cancelled() => return,
         };
         if left.is_err() {
+            sink.report(id, Report::GaveUp);
             return;
         }
-        sh.history.left(id, lease);
+        step(Step::Left);
     }
 }
 
@@ -389,10 +649,174 @@ impl Held {
     }
 }
 
+/// The entry point of a client process (see `chaos_client_process`): runs one client whose
+/// configuration is in [`CLIENT_ENV`] — `<id> <primitive> <name> <endpoint>` — reporting on
+/// stdout, until `stop` arrives on stdin (or stdin closes). Then it checks that every session
+/// task it started has ended and that nothing panicked, and reports `done`.
+pub fn client_process_main() {
+    let Ok(config) = std::env::var(CLIENT_ENV) else {
+        return; // not started by the harness: nothing to do
+    };
+    let words: Vec<&str> = config.split_whitespace().collect();
+    let [id, primitive, name, endpoint] = words[..] else {
+        panic!("bad {CLIENT_ENV}: {config}");
+    };
+    let (id, primitive) = (
+        id.parse::<usize>().expect("an id"),
+        Primitive::parse(primitive),
+    );
+    crate::common::init_tracing();
+    count_panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let stopped = CancellationToken::new();
+        let (go_tx, go_rx) = tokio::sync::mpsc::unbounded_channel();
+        let stdin_stop = stopped.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match line.trim() {
+                    "go" => {
+                        let _ = go_tx.send(());
+                    }
+                    "stop" => break,
+                    _ => {}
+                }
+            }
+            stdin_stop.cancel();
+        });
+        let client = Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
+            .await
+            .expect("a client");
+        let tasks = Arc::new(StdMutex::new(Vec::new()));
+        let sink = Sink::Pipe(Arc::new(tokio::sync::Mutex::new(go_rx)));
+        client_loop(
+            id,
+            primitive,
+            name.to_owned(),
+            client,
+            sink,
+            stopped,
+            Arc::clone(&tasks),
+        )
+        .await;
+        let monitors: Vec<BackgroundTasks> = tasks.lock().unwrap().clone();
+        for t in monitors {
+            tokio::time::timeout(TTL * 3, t.finished())
+                .await
+                .expect("a session's task outlived its session");
+        }
+    });
+    let panics = PANICS.load(Ordering::SeqCst);
+    assert_eq!(panics, 0, "{panics} panic(s) in client process {id}");
+    println!("{REPORT} {} done", mono_ns());
+}
+
+/// A client running in its own OS process.
+struct ProcessClient {
+    child: tokio::process::Child,
+    stdin: Arc<tokio::sync::Mutex<tokio::process::ChildStdin>>,
+    /// Completes with whether the process reported `done`.
+    reader: tokio::task::JoinHandle<bool>,
+}
+
+impl ProcessClient {
+    /// Starts client `id` as a process of this test binary, reaching etcd at `endpoint`.
+    fn spawn(id: usize, sh: &Arc<Shared>, endpoint: String) -> ProcessClient {
+        let exe = std::env::current_exe().expect("the test binary");
+        let mut child = tokio::process::Command::new(exe)
+            .args([
+                "harness::chaos_client_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(
+                CLIENT_ENV,
+                format!("{id} {:?} {} {endpoint}", sh.primitive, sh.name),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("a client process");
+        let stdin = Arc::new(tokio::sync::Mutex::new(child.stdin.take().expect("stdin")));
+        let stdout = child.stdout.take().expect("stdout");
+        let (sh, to_child) = (Arc::clone(sh), Arc::clone(&stdin));
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut done = false;
+            // Read to the end: the test harness in the process still writes after `done`.
+            while let Ok(Some(line)) = lines.next_line().await {
+                // libtest writes "test … ... " without a newline before the first report.
+                let Some(rest) = line.find(REPORT).map(|i| &line[i + REPORT.len()..]) else {
+                    continue; // the test harness's own output
+                };
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                let Some(at) = words.first().and_then(|w| w.parse::<u64>().ok()) else {
+                    continue;
+                };
+                let at = sh.instant_of(at);
+                match words.get(1).copied() {
+                    Some("done") => done = true,
+                    Some("releasing") => {
+                        sh.maybe_lose_release(id);
+                        let _ = to_child.lock().await.write_all(b"go\n").await;
+                    }
+                    _ => match Report::decode(&words[1..]) {
+                        Some(report) => sh.apply(id, report, at),
+                        None => panic!("client {id}: unreadable report {line:?}"),
+                    },
+                }
+            }
+            done
+        });
+        ProcessClient {
+            child,
+            stdin,
+            reader,
+        }
+    }
+
+    /// SIGKILL: a crash. Nothing is released or revoked. What the process reported before it
+    /// died is still in the pipe: read it to the end.
+    async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let _ = self.reader.await;
+    }
+
+    /// Asks it to stop and waits until it exited, having reported `done`.
+    async fn stop(mut self, id: usize, seed: u64) {
+        let _ = self.stdin.lock().await.write_all(b"stop\n").await;
+        let status = tokio::time::timeout(TTL * 3, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: client process {id} did not stop"))
+            .expect("an exit status");
+        let done = self.reader.await.unwrap_or(false);
+        assert!(
+            status.success() && done,
+            "seed {seed}: client process {id} failed ({status}; reported done: {done})"
+        );
+    }
+}
+
+/// A client of the run: a task of this process, or a process of its own.
+enum Contender {
+    Task(tokio::task::JoinHandle<()>),
+    Process(ProcessClient),
+}
+
 /// Records leases the server no longer has (checker property d), every 200 ms.
 async fn lease_observer(admin: Client, sh: Arc<Shared>) {
-    let mut gone = std::collections::HashSet::new();
-    while !sh.stop.load(Ordering::SeqCst) {
+    let mut gone = HashSet::new();
+    while !sh.stopped.is_cancelled() {
         let leases: Vec<i64> = sh.leases.lock().unwrap().clone();
         for lease in leases {
             if gone.contains(&lease) {
@@ -409,13 +833,82 @@ async fn lease_observer(admin: Client, sh: Arc<Shared>) {
     }
 }
 
-/// Runs `plan` against `primitive` with CLIENTS clients; asserts that nothing leaked (keys,
-/// leases, tasks, panics) and returns what the safety checker found.
+/// Property (i): every 500 ms, reads the keys of the run; a key whose create revision is the
+/// token of an acquisition that ended more than TTL + LIVENESS_BOUND ago was left behind.
+async fn key_auditor(admin: Client, sh: Arc<Shared>) -> Vec<Violation> {
+    let mut found = Vec::new();
+    let mut reported = HashSet::new();
+    let prefix = format!("{}/", sh.name);
+    let limit = TTL + LIVENESS_BOUND;
+    while !sh.stopped.is_cancelled() {
+        let opts = GetOptions::new().with_prefix().with_keys_only();
+        if let Ok(resp) = admin.clone().get(prefix.as_str(), Some(opts)).await {
+            let now = Instant::now();
+            let ended: HashMap<i64, Instant> = sh
+                .history
+                .events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Ended { token, at, .. } => Some((token, at)),
+                    _ => None,
+                })
+                .collect();
+            for kv in resp.kvs() {
+                let token = kv.create_revision();
+                if let Some(end) = ended.get(&token) {
+                    if now.duration_since(*end) > limit && reported.insert(token) {
+                        found.push(Violation {
+                            property: Property::OrphanKey,
+                            detail: format!(
+                                "key {} (token {token}) still there {:?} after its holder let go",
+                                kv.key_str().unwrap_or("?"),
+                                now.duration_since(*end)
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    found
+}
+
+/// Runs `plan` against `primitive` with CLIENTS clients — client 0 and every client the plan
+/// kills in their own OS processes — then keeps them running for LIVENESS_BOUND + 1 s after
+/// the last fault healed. Asserts that nothing leaked (keys, leases, tasks, panics) and returns
+/// what the safety, liveness and key checks found.
 pub async fn run_schedule(
     primitive: Primitive,
     members: usize,
     seed: u64,
     plan: &[(u64, Fault)],
+) -> Vec<Violation> {
+    run(primitive, members, seed, plan, true).await
+}
+
+/// As [`run_schedule`] with every client in this process (a plan without kills) and no
+/// liveness window (the clients stop 0.5 s after the plan): for the deliberately broken
+/// primitives, whose switch is this process's, and whose safety is what is checked.
+pub async fn run_schedule_in_process(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+) -> Vec<Violation> {
+    assert!(
+        !plan.iter().any(|(_, f)| matches!(f, Fault::KillClient(_))),
+        "killing a client needs client processes"
+    );
+    run(primitive, members, seed, plan, false).await
+}
+
+async fn run(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+    processes: bool,
 ) -> Vec<Violation> {
     crate::common::init_tracing();
     count_panics();
@@ -439,28 +932,48 @@ pub async fn run_schedule(
         name: crate::common::unique(&format!("chaos-{seed}")),
         history: History::new(),
         register: FencedRegister::new(),
-        stop: AtomicBool::new(false),
-        stopped: tokio_util::sync::CancellationToken::new(),
+        stopped: CancellationToken::new(),
+        epoch: (Instant::now(), mono_ns()),
         holding: StdMutex::new(vec![None; CLIENTS]),
-        phase: StdMutex::new(vec!["start"; CLIENTS]),
         leases: StdMutex::new(Vec::new()),
         tasks: StdMutex::new(Vec::new()),
         proxies: proxies.clone(),
         lose_release: StdMutex::new(vec![false; CLIENTS]),
     });
-    let client_for = |i: usize| crate::common::client_via(&proxies[i % members]);
+    let in_process: Vec<bool> = (0..CLIENTS)
+        .map(|i| {
+            !processes
+                || i != 0
+                    && !plan
+                        .iter()
+                        .any(|(_, f)| matches!(f, Fault::KillClient(k) if *k == i))
+        })
+        .collect();
+    let endpoint = |i: usize| proxies[i % members].endpoint();
+    let start = |i: usize| {
+        let sh = Arc::clone(&sh);
+        let local = in_process[i];
+        let endpoint = endpoint(i);
+        async move {
+            if local {
+                let client = crate::common::client_via(&sh.proxies[i % sh.proxies.len()]).await;
+                let (sink, stopped) = (Sink::Local(Arc::clone(&sh)), sh.stopped.clone());
+                let (primitive, name) = (sh.primitive, sh.name.clone());
+                let own = Arc::new(StdMutex::new(Vec::new()));
+                Contender::Task(tokio::spawn(client_loop(
+                    i, primitive, name, client, sink, stopped, own,
+                )))
+            } else {
+                Contender::Process(ProcessClient::spawn(i, &sh, endpoint))
+            }
+        }
+    };
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        let c = client_for(i).await;
-        clients.push(tokio::spawn(client_loop(i, c, Arc::clone(&sh))));
+        clients.push(Some(start(i).await));
     }
     let observer = tokio::spawn(lease_observer(admin.clone(), Arc::clone(&sh)));
-    let beat = tokio::spawn(async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            tracing::debug!("heartbeat");
-        }
-    });
+    let auditor = tokio::spawn(key_auditor(admin.clone(), Arc::clone(&sh)));
 
     for (pause, f) in plan {
         tokio::time::sleep(Duration::from_millis(*pause)).await;
@@ -491,14 +1004,16 @@ pub async fn run_schedule(
                 let _ = cluster.compact().await;
             }
             Fault::KillClient(i) => {
-                clients[*i].abort();
-                let _ = (&mut clients[*i]).await;
-                // A killed process stops believing it holds the moment it dies.
+                let Some(Contender::Process(victim)) = clients[*i].take() else {
+                    panic!("client {i} is killed but runs in this process");
+                };
+                victim.kill().await;
+                // A killed process stops believing it holds, and waiting, the moment it dies.
                 if let Some(token) = sh.holding.lock().unwrap()[*i].take() {
                     sh.history.ended(*i, token);
                 }
-                let c = client_for(*i).await;
-                clients[*i] = tokio::spawn(client_loop(*i, c, Arc::clone(&sh)));
+                sh.history.gave_up(*i);
+                clients[*i] = Some(start(*i).await);
             }
             Fault::DropResponses(i) => {
                 proxies[i % members].drop_responses();
@@ -507,6 +1022,11 @@ pub async fn run_schedule(
                 proxies[i % members].reset_peer();
             }
             Fault::LoseRelease(i) => sh.lose_release.lock().unwrap()[*i] = true,
+            Fault::RefuseClient(i) => {
+                proxies[i % members].down();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                proxies[i % members].heal();
+            }
             Fault::IsolateMember(m) | Fault::PartitionMember(m) => {
                 let m = m % members;
                 if matches!(f, Fault::IsolateMember(_)) {
@@ -519,68 +1039,77 @@ pub async fn run_schedule(
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every fault has healed: from now on every wait must be served within the bound.
+    let healed = Instant::now();
+    let window = if processes {
+        LIVENESS_BOUND + Duration::from_secs(1)
+    } else {
+        Duration::from_millis(500)
+    };
+    tokio::time::sleep(window).await;
+    let end = Instant::now();
     tracing::debug!("stopping the clients");
-    sh.stop.store(true, Ordering::SeqCst);
     sh.stopped.cancel();
     for p in &proxies {
         p.heal();
     }
-    for c in clients {
-        match tokio::time::timeout(TTL * 3, c).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.is_cancelled() => {}
-            Ok(Err(e)) => panic!("seed {seed}: a client panicked: {e}"),
-            Err(_) => panic!(
-                "seed {seed}: a client did not stop; phases: {:?}",
-                sh.phase.lock().unwrap()
-            ),
+    for (i, c) in clients.into_iter().enumerate() {
+        match c.expect("every client runs") {
+            Contender::Task(task) => match tokio::time::timeout(TTL * 3, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("seed {seed}: client {i} panicked: {e}"),
+                Err(_) => panic!("seed {seed}: client {i} did not stop"),
+            },
+            Contender::Process(p) => p.stop(i, seed).await,
         }
     }
     observer.await.unwrap();
-    beat.abort();
+    let mut violations = auditor.await.unwrap();
 
     // Safety.
     let events = sh.history.events();
-    let violations = if primitive == Primitive::DoubleBarrier {
+    violations.extend(if primitive == Primitive::DoubleBarrier {
         check_double_barrier(&events, CLIENTS)
     } else {
         sh.history.check_with(primitive.rules())
-    };
-    let acquisitions = events
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                Event::Acquired { .. }
-                    | Event::Participant {
-                        step: Step::Entered,
-                        ..
-                    }
-            )
-        })
-        .count();
-    let passes = events
-        .iter()
-        .filter(|e| matches!(e, Event::Passed { .. }))
-        .count();
+    });
+    // Liveness.
+    violations.extend(check_liveness(&events, healed, LIVENESS_BOUND, end));
+    let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
+    let acquisitions = count(&|e| {
+        matches!(
+            e,
+            Event::Acquired { .. }
+                | Event::Participant {
+                    step: Step::Entered,
+                    ..
+                }
+        )
+    });
+    let passes = count(&|e| matches!(e, Event::Passed { .. }));
+    let after_heal = count(
+        &|e| matches!(e, Event::Acquired { at, .. } | Event::Passed { at, .. } | Event::Participant { step: Step::Entered, at, .. } if *at > healed),
+    );
     assert!(acquisitions > 0, "seed {seed}: nobody ever acquired");
+    if after_heal == 0 {
+        violations.push(Violation {
+            property: Property::Starved,
+            detail: "nobody acquired after the faults healed".into(),
+        });
+    }
     if primitive == Primitive::Barrier {
         assert!(passes > 0, "seed {seed}: no wait ever passed the barrier");
     }
     if primitive == Primitive::DoubleBarrier {
-        let rounds = events
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Event::Participant {
-                        step: Step::Left,
-                        ..
-                    }
-                )
-            })
-            .count();
+        let rounds = count(&|e| {
+            matches!(
+                e,
+                Event::Participant {
+                    step: Step::Left,
+                    ..
+                }
+            )
+        });
         assert!(
             rounds > 0,
             "seed {seed}: nobody ever left the double barrier"
@@ -627,9 +1156,19 @@ pub async fn run_schedule(
     }
     let panics = PANICS.load(Ordering::SeqCst);
     assert_eq!(panics, 0, "seed {seed}: {panics} panic(s) in this process");
+    let processes = in_process.iter().filter(|p| !**p).count();
     eprintln!(
-        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions, {passes} passed waits, {} violation(s), nothing left",
+        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions ({after_heal} after the heal), {passes} passed waits, {processes} client process(es), {} violation(s), nothing left",
         violations.len()
     );
     violations
+}
+
+/// Not a test: the entry point of a chaos client's own process, which the harness starts —
+/// and kills with SIGKILL for crash faults — by running this test binary with this name.
+/// Without the harness's environment it does nothing.
+#[test]
+#[ignore = "the entry point of a chaos client process, started by the harness"]
+fn chaos_client_process() {
+    client_process_main();
 }

@@ -1,5 +1,7 @@
 //! Chaos suite: N clients in contention on a three-member etcd cluster while a seeded,
-//! proptest-generated fault schedule runs; then the safety checker and leak checks.
+//! proptest-generated fault schedule runs — client 0 and every client a schedule kills run in
+//! their own OS processes, killed with SIGKILL — then the safety checker, the liveness check
+//! (every wait served within a bound once the faults healed) and the leak checks.
 //!
 //! `CHAOS_SEED=N` re-runs one seed; `CHAOS_SEEDS=K` runs seeds 1..=K (a soak). By default the
 //! fixed CI seeds run; `CHAOS_SMALL=1` runs only the first of each test's CI seeds. A failing run prints its seed and schedule.
@@ -49,7 +51,7 @@ async fn stays_safe_under(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutex_stays_safe_under_fault_schedules() {
-    stays_safe(Primitive::Mutex, 3, &[2, 7, 12]).await;
+    stays_safe(Primitive::Mutex, 3, &[6, 21, 25]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,22 +66,22 @@ async fn election_stays_safe_under_fault_schedules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semaphore_never_admits_more_than_its_permits_under_fault_schedules() {
-    stays_safe(Primitive::Semaphore, 3, &[6]).await;
+    stays_safe(Primitive::Semaphore, 3, &[20]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rwlock_never_lets_a_writer_share_under_fault_schedules() {
-    stays_safe(Primitive::RwLock, 3, &[9]).await;
+    stays_safe(Primitive::RwLock, 3, &[39]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
-    stays_safe(Primitive::Barrier, 3, &[11]).await;
+    stays_safe(Primitive::Barrier, 3, &[19]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_barrier_rounds_stay_together_under_fault_schedules() {
-    stays_safe(Primitive::DoubleBarrier, 3, &[3]).await;
+    stays_safe(Primitive::DoubleBarrier, 3, &[29]).await;
 }
 
 /// Real partitions (network namespaces, nftables): skipped with a printed reason where they
@@ -97,23 +99,31 @@ async fn mutex_stays_safe_under_real_partitions() {
     stays_safe_under(schedule_with_partitions, Primitive::Mutex, 3, &[10]).await;
 }
 
-/// The schedule of a seed is the same on every run (so a failing seed can be replayed).
-/// `-- --nocapture` prints the schedules of the CI seeds.
+/// The CI seeds' schedules, pinned: a change of the generator (or of proptest) that changes
+/// them shows up here, and the seeds must be chosen again so that together they still draw
+/// every kind of fault. `-- --nocapture` prints the schedules of seeds 1–40.
 #[test]
-fn a_seed_always_yields_the_same_schedule() {
-    for seed in 1..=12 {
-        assert_eq!(
-            format!("{:?}", schedule(seed)),
-            format!("{:?}", schedule(seed))
-        );
-        assert_eq!(
-            format!("{:?}", schedule_with_partitions(seed)),
-            format!("{:?}", schedule_with_partitions(seed))
-        );
+fn the_ci_seeds_keep_their_schedules() {
+    let pinned = [
+        (1, "[(638, LoseRelease(2)), (782, KillClient(1)), (576, BlackholeClient(3)), (438, DropResponses(0))]"),
+        (4, "[(1312, RefuseClient(2)), (829, LoseRelease(1)), (943, KillLeader)]"),
+        (6, "[(898, KillClient(0)), (529, DropResponses(0)), (949, KillClient(3)), (929, RestartMember(1)), (527, KillLeader)]"),
+        (8, "[(1094, ResetClient(2)), (1259, DropResponses(0)), (447, LatencySpike(3)), (1336, Compact), (1046, KillClient(1))]"),
+        (19, "[(1124, BlackholeClient(0)), (1099, ResetClient(2)), (1091, KillClient(1)), (728, ResetClient(1))]"),
+        (20, "[(1107, RestartMember(2)), (1432, KillLeader), (693, DropResponses(2)), (654, LoseRelease(2)), (616, KillClient(0))]"),
+        (21, "[(1392, RefuseClient(0)), (1030, RefuseClient(2)), (1061, RestartMember(2)), (1472, BlackholeClient(1))]"),
+        (25, "[(649, LatencySpike(1)), (1366, KillLeader), (585, BlackholeClient(0)), (1491, BlackholeClient(3)), (822, DropResponses(0))]"),
+        (29, "[(1026, KillClient(0)), (1114, ResetClient(0)), (742, ResetClient(0))]"),
+        (39, "[(448, KillClient(1)), (733, LatencySpike(0)), (316, Compact), (465, KillLeader)]"),
+    ];
+    for (seed, expected) in pinned {
+        assert_eq!(format!("{:?}", schedule(seed)), expected, "seed {seed}");
+    }
+    assert_eq!(
+        format!("{:?}", schedule_with_partitions(10)),
+        "[(1356, PartitionMember(0)), (749, ResetClient(1)), (1240, PartitionMember(2)), (700, IsolateMember(0))]"
+    );
+    for seed in 1..=40 {
         eprintln!("seed {seed}: {:?}", schedule(seed));
     }
-    eprintln!(
-        "with partitions, seed 10: {:?}",
-        schedule_with_partitions(10)
-    );
 }

@@ -6,7 +6,8 @@ mod common;
 #[path = "../chaos/harness.rs"]
 mod harness;
 
-use harness::{run_schedule, Fault, Primitive};
+use etcd_coord::testkit::checker::Property;
+use harness::{run_schedule_in_process, Fault, Primitive};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_deliberately_broken_primitives() {
@@ -14,17 +15,23 @@ async fn the_checker_catches_deliberately_broken_primitives() {
     // No faults needed: the broken primitives let every contender in at once.
     let mut missed = Vec::new();
     for (primitive, property) in [
-        (Primitive::Mutex, "b"),
-        (Primitive::Semaphore, "b"),
-        (Primitive::RwLock, "b"),
-        (Primitive::Barrier, "e"),
-        (Primitive::DoubleBarrier, "f"),
+        (Primitive::Mutex, Property::Exclusion),
+        (Primitive::Semaphore, Property::Exclusion),
+        (Primitive::RwLock, Property::Exclusion),
+        (Primitive::Barrier, Property::PassedWhileHeld),
+        (Primitive::DoubleBarrier, Property::EarlyEnter),
     ] {
-        let violations = run_schedule(primitive, 1, 0, &[(1_500, Fault::Compact)]).await;
+        let violations = run_schedule_in_process(primitive, 1, 0, &[(1_500, Fault::Compact)]).await;
         let found = violations.iter().filter(|v| v.property == property).count();
-        eprintln!("broken {primitive:?}: {found} violation(s) of ({property})");
+        eprintln!(
+            "broken {primitive:?}: {found} violation(s) of ({})",
+            property.letter()
+        );
         if found == 0 {
-            missed.push(format!("{primitive:?}: no ({property}) in {violations:?}"));
+            missed.push(format!(
+                "{primitive:?}: no ({}) in {violations:?}",
+                property.letter()
+            ));
         }
     }
     etcd_coord::sabotage::set_broken(false);
