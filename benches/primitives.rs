@@ -24,7 +24,10 @@
 //! - `session-create`: M session create + close cycles over N clients.
 //! - `waiters-scale`: one holder, N waiters queued on one mutex; then min(M, N) hand-offs down
 //!   the queue. Latency = hand-off; also `watch_events_per_handoff` (events delivered to all
-//!   waiters, divided by hand-offs: 1 means no herd).
+//!   waiters, divided by hand-offs: 1 means no herd). With `--permits P` (P > 1) it is a
+//!   semaphore of P permits, all held before the waiters queue; each hand-off releases the
+//!   *newest* holder (so releases come out of FIFO order) and the next waiter goes through;
+//!   also `permits`.
 //! - `guards-scale`: one session acquires M guards on distinct mutexes (N at a time); latency =
 //!   per acquisition; also `keepalives_per_s` while holding them, `rss_bytes_per_guard` and the
 //!   session's `tasks` while idle.
@@ -35,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 use etcd_coord::testkit::EtcdCluster;
-use etcd_coord::{Election, LeasedSession, Mutex, MutexGuard, SessionOptions};
+use etcd_coord::{
+    Election, LeasedSession, Mutex, MutexGuard, Semaphore, SemaphorePermit, SessionOptions,
+};
 
 struct Args {
     endpoints: Option<Vec<String>>,
@@ -45,6 +50,7 @@ struct Args {
     ttl: u64,
     conns: usize,
     fresh: bool,
+    permits: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -56,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
         ttl: 60,
         conns: 1,
         fresh: false,
+        permits: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
             "ops" => a.ops = value()?.parse().map_err(|e| format!("--ops: {e}"))?,
             "ttl" => a.ttl = value()?.parse().map_err(|e| format!("--ttl: {e}"))?,
             "conns" => a.conns = value()?.parse().map_err(|e| format!("--conns: {e}"))?,
+            "permits" => a.permits = value()?.parse().map_err(|e| format!("--permits: {e}"))?,
             other => return Err(format!("unknown argument --{other}")),
         }
     }
@@ -313,7 +321,23 @@ fn boxed(e: etcd_coord::Error) -> etcd_client::Error {
     etcd_client::Error::InvalidArgs(e.to_string())
 }
 
-/// One holder, `clients` waiters queued behind it; then hand-offs down the queue.
+/// A mutex guard or a semaphore permit.
+enum Held {
+    Lock(MutexGuard),
+    Permit(SemaphorePermit),
+}
+
+impl Held {
+    async fn release(self) -> Result<(), etcd_coord::Error> {
+        match self {
+            Held::Lock(g) => g.release().await,
+            Held::Permit(p) => p.release().await,
+        }
+    }
+}
+
+/// `permits` holders (one: a mutex), `clients` waiters queued behind them; then hand-offs
+/// down the queue, each releasing the newest holder.
 async fn waiters_scale(
     a: &Args,
     prefix: &str,
@@ -321,20 +345,35 @@ async fn waiters_scale(
     observer: Client,
 ) -> Result<Run, Box<dyn std::error::Error>> {
     let name = format!("{prefix}/lock");
+    let permits = a.permits.max(1);
     let holder = LeasedSession::new(
         observer.clone(),
         SessionOptions::new().with_ttl(Duration::from_secs(a.ttl)),
     )
     .await?;
-    let first = Mutex::new(&holder, &name).lock().await?;
+    let acquire = |s: &LeasedSession| {
+        let (mutex, semaphore) = (Mutex::new(s, &name), Semaphore::new(s, &name, permits));
+        async move {
+            if permits == 1 {
+                mutex.lock().await.map(Held::Lock)
+            } else {
+                semaphore.acquire().await.map(Held::Permit)
+            }
+        }
+    };
+    // The holders, newest last.
+    let mut holders = Vec::new();
+    for _ in 0..permits {
+        holders.push(acquire(&holder).await?);
+    }
     let clock = Arc::new(HandoffClock::new());
     let handoffs = a.ops.min(sessions.len());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, MutexGuard)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
     // Queue every waiter (in order), then wait until all their keys are in place.
     for s in &sessions {
-        let (m, tx, clock) = (Mutex::new(s, &name), tx.clone(), Arc::clone(&clock));
+        let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
         tokio::spawn(async move {
-            if let Ok(g) = m.lock().await {
+            if let Ok(g) = acquired.await {
                 let at = Instant::now();
                 let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
             }
@@ -353,7 +392,7 @@ async fn waiters_scale(
             )
             .await?
             .count() as usize;
-        if n == sessions.len() + 1 {
+        if n == sessions.len() + permits {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -361,14 +400,13 @@ async fn waiters_scale(
     tokio::time::sleep(Duration::from_millis(200)).await; // every waiter's watch is in place
     let events_before: u64 = sessions.iter().map(|s| s.metrics().watch_events).sum();
     let t0 = Instant::now();
-    clock.releasing();
-    first.release().await?;
     let mut hands = Vec::with_capacity(handoffs);
     for _ in 0..handoffs {
+        clock.releasing();
+        holders.pop().ok_or("no holder")?.release().await?;
         let (hand, guard) = rx.recv().await.ok_or("a waiter failed")?;
         hands.push(hand);
-        clock.releasing();
-        guard.release().await?;
+        holders.push(guard);
     }
     let total = t0.elapsed();
     let events: u64 = sessions
@@ -382,8 +420,12 @@ async fn waiters_scale(
             Value::Num(round3(events as f64 / handoffs as f64)),
         ),
         ("waiters", Value::Int(sessions.len() as u64)),
+        ("permits", Value::Int(permits as u64)),
     ];
     drop(rx);
+    for h in holders {
+        let _ = h.release().await;
+    }
     for s in sessions.drain(..) {
         let _ = s.close().await;
     }

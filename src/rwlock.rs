@@ -1,7 +1,7 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
 use crate::engine::{self, holding_guard, Blocker, Holding};
-use crate::keys::Named;
+use crate::keys::{Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -54,29 +54,38 @@ impl RwLock {
         self.named.name()
     }
 
+    /// The queue and what blocks a member of `kind`: a reader waits for the writers created
+    /// before it, a writer for every key created before it.
+    fn queue(&self, kind: &str) -> Result<(&Queue, Blocker), Error> {
+        let queue = self.named.queue()?;
+        let blocks = if kind == READER { WRITER } else { "" };
+        Ok((queue, Blocker::new(queue.sub(blocks), 1)?))
+    }
+
+    async fn acquire(&self, kind: &str) -> Result<Holding, Error> {
+        let (queue, blocker) = self.queue(kind)?;
+        let acquired = engine::acquire(&self.session, queue, kind, blocker, Vec::new()).await?;
+        Ok(Holding::new(self.session.clone(), acquired))
+    }
+
+    async fn try_acquire(&self, kind: &str) -> Result<Option<Holding>, Error> {
+        let (queue, blocker) = self.queue(kind)?;
+        let got = engine::try_acquire(&self.session, queue, kind, blocker, Vec::new()).await?;
+        Ok(got.map(|a| Holding::new(self.session.clone(), a)))
+    }
+
     /// Waits for shared (read) access.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid name; [`Error::SessionLost`] /
     /// [`Error::SessionClosed`] if the session is or becomes Lost; [`Error::LockLost`] if the
-    /// waiter's key is deleted while it waits.
+    /// waiter's key is deleted while it waits; [`Error::PermissionDenied`] if etcd's auth
+    /// refuses a request.
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no key behind.
     pub async fn read(&self) -> Result<RwLockReadGuard, Error> {
-        let queue = self.named.queue()?;
-        let acquired = engine::acquire(
-            &self.session,
-            queue,
-            READER,
-            Blocker::new(queue.sub(WRITER), 1)?,
-            Vec::new(),
-        )
-        .await?;
-        Ok(RwLockReadGuard::from_holding(Holding::new(
-            self.session.clone(),
-            acquired,
-        )))
+        Ok(RwLockReadGuard::from_holding(self.acquire(READER).await?))
     }
 
     /// Waits for exclusive (write) access.
@@ -87,19 +96,7 @@ impl RwLock {
     /// # Cancel safety
     /// Cancel-safe, as [`read()`](Self::read).
     pub async fn write(&self) -> Result<RwLockWriteGuard, Error> {
-        let queue = self.named.queue()?;
-        let acquired = engine::acquire(
-            &self.session,
-            queue,
-            WRITER,
-            Blocker::new(queue.sub(""), 1)?,
-            Vec::new(),
-        )
-        .await?;
-        Ok(RwLockWriteGuard::from_holding(Holding::new(
-            self.session.clone(),
-            acquired,
-        )))
+        Ok(RwLockWriteGuard::from_holding(self.acquire(WRITER).await?))
     }
 
     /// Takes shared access if no writer holds or waits, in one round trip; else `None`
@@ -107,17 +104,14 @@ impl RwLock {
     ///
     /// # Errors
     /// As [`read()`](Self::read), but never waits.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`read()`](Self::read).
     pub async fn try_read(&self) -> Result<Option<RwLockReadGuard>, Error> {
-        let queue = self.named.queue()?;
-        let got = engine::try_acquire(
-            &self.session,
-            queue,
-            READER,
-            Blocker::new(queue.sub(WRITER), 1)?,
-            Vec::new(),
-        )
-        .await?;
-        Ok(got.map(|a| RwLockReadGuard::from_holding(Holding::new(self.session.clone(), a))))
+        Ok(self
+            .try_acquire(READER)
+            .await?
+            .map(RwLockReadGuard::from_holding))
     }
 
     /// Takes exclusive access if nobody holds or waits, in one round trip; else `None`
@@ -125,17 +119,14 @@ impl RwLock {
     ///
     /// # Errors
     /// As [`read()`](Self::read), but never waits.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`read()`](Self::read).
     pub async fn try_write(&self) -> Result<Option<RwLockWriteGuard>, Error> {
-        let queue = self.named.queue()?;
-        let got = engine::try_acquire(
-            &self.session,
-            queue,
-            WRITER,
-            Blocker::new(queue.sub(""), 1)?,
-            Vec::new(),
-        )
-        .await?;
-        Ok(got.map(|a| RwLockWriteGuard::from_holding(Holding::new(self.session.clone(), a))))
+        Ok(self
+            .try_acquire(WRITER)
+            .await?
+            .map(RwLockWriteGuard::from_holding))
     }
 }
 

@@ -373,3 +373,52 @@ async fn a_semaphore_with_more_permits_than_etcd_can_count_is_a_typed_error() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_release_wakes_the_waiter_it_lets_in_and_the_one_behind_it_only() {
+    // Three permits held, six waiters. Each release lets in the first waiter (one deletion
+    // event) whose touch moves the next waiter up (one put event): two events per release,
+    // and no waiter further back hears anything.
+    let etcd = etcd().await;
+    let name = unique("sem-herd");
+    let h = session(&etcd, 30).await;
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        holders.push(Semaphore::new(&h, &name, 3).acquire().await.unwrap());
+    }
+    let observer = client(&etcd).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiters = Vec::new();
+    for i in 0..6 {
+        let w = session(&etcd, 30).await;
+        let (s, tx) = (Semaphore::new(&w, &name, 3), tx.clone());
+        tokio::spawn(async move {
+            let permit = s.acquire().await.unwrap();
+            let _ = tx.send((i, permit));
+        });
+        queued(&observer, &name, 4 + i).await;
+        waiters.push(w);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // every watch in place
+    let events = || -> Vec<u64> { waiters.iter().map(|w| w.metrics().watch_events).collect() };
+    for round in 0..4 {
+        let before = events();
+        holders.remove(0).release().await.unwrap();
+        let (admitted, permit) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a waiter is let in")
+            .unwrap();
+        assert_eq!(admitted, round, "served out of order");
+        holders.push(permit);
+        tokio::time::sleep(Duration::from_millis(300)).await; // the touch lands
+        let woken: Vec<u64> = events().iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert!(
+            woken.iter().sum::<u64>() <= 2,
+            "round {round}: {woken:?} events for one release"
+        );
+        assert!(
+            woken.iter().skip(round + 2).all(|&n| n == 0),
+            "round {round}: a waiter further back was woken: {woken:?}"
+        );
+    }
+}

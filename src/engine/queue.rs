@@ -112,6 +112,37 @@ pub(crate) struct Acquired {
     pub(crate) sweep: Option<Sweep>,
 }
 
+/// A conditional put sent until it was answered (with one backoff): the answer, its
+/// revision, and whether an earlier copy of it may still land.
+struct Put {
+    resp: etcd_client::TxnResponse,
+    revision: i64,
+    uncertain: bool,
+}
+
+impl Put {
+    async fn send(shared: &Arc<Shared>, txn: impl Fn() -> Txn) -> Result<Put, Unanswered> {
+        let answered =
+            send_until_answered(shared, txn, Kind::Write, &mut Backoff::for_requests()).await?;
+        let uncertain = answered.uncertain;
+        let revision = keys::header_revision(&answered.resp)
+            .map_err(|error| Unanswered { error, uncertain })?;
+        Ok(Put {
+            resp: answered.resp,
+            revision,
+            uncertain,
+        })
+    }
+
+    /// `error`, for a request that may have landed if this one was sent more than once.
+    fn fail(&self, error: Error) -> Unanswered {
+        Unanswered {
+            error,
+            uncertain: self.uncertain,
+        }
+    }
+}
+
 /// What a detached put of a member key produced: its create revision, the snapshot of the
 /// reads that ran with it (if this Txn created it), and whether it was sent more than once.
 type Enqueued = (i64, Option<Snapshot>, bool);
@@ -131,24 +162,19 @@ async fn enqueue(
         let key = key.to_owned();
         async move {
             let txn = || keys::enqueue_txn(&key, value.clone(), shared.lease_id, reads.clone());
-            let answered =
-                send_until_answered(&shared, txn, Kind::Write, &mut Backoff::for_requests())
-                    .await?;
-            let (resp, uncertain) = (answered.resp, answered.uncertain);
-            let fail = |error| Unanswered { error, uncertain };
-            let revision = keys::header_revision(&resp).map_err(fail)?;
-            let gets = keys::txn_gets(&resp);
-            if resp.succeeded() {
-                return Ok((revision, Some(Snapshot { revision, gets }), uncertain));
+            let put = Put::send(&shared, txn).await?;
+            let (revision, gets) = (put.revision, keys::txn_gets(&put.resp));
+            if put.resp.succeeded() {
+                return Ok((revision, Some(Snapshot { revision, gets }), put.uncertain));
             }
             // A retry: the earlier, unanswered request created the key.
             let kv = gets.first().and_then(|g| g.kvs().first()).ok_or_else(|| {
-                fail(Error::Protocol(
+                put.fail(Error::Protocol(
                     "enqueue txn else-branch without the key".into(),
                 ))
             })?;
             if kv.lease() != shared.lease_id {
-                return Err(fail(Error::Protocol(format!(
+                return Err(put.fail(Error::Protocol(format!(
                     "member key {key} belongs to lease {:x}, not ours",
                     kv.lease()
                 ))));
@@ -501,17 +527,13 @@ where
     let work = {
         let shared = Arc::clone(shared);
         async move {
-            let answered =
-                send_until_answered(&shared, txn, Kind::Write, &mut Backoff::for_requests())
-                    .await?;
-            let (resp, uncertain) = (answered.resp, answered.uncertain);
-            let fail = |error| Unanswered { error, uncertain };
-            let revision = keys::header_revision(&resp).map_err(fail)?;
-            if resp.succeeded() {
-                return Ok((Some((revision, revision)), uncertain));
+            let put = Put::send(&shared, txn).await?;
+            if put.resp.succeeded() {
+                return Ok((Some((put.revision, put.revision)), put.uncertain));
             }
-            let got = on_else(&shared, &keys::txn_gets(&resp), revision).map_err(fail)?;
-            Ok((got, uncertain))
+            let got = on_else(&shared, &keys::txn_gets(&put.resp), put.revision)
+                .map_err(|e| put.fail(e))?;
+            Ok((got, put.uncertain))
         }
     };
     let for_cleanup = (key.to_owned(), sweep.clone());

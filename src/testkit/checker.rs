@@ -824,6 +824,11 @@ mod tests {
         Event::Ended { client, token, at }
     }
 
+    /// Whether checking `h` as a lock reports `property`.
+    fn caught(h: &[Event], property: Property) -> bool {
+        check(h).iter().any(|v| v.property == property)
+    }
+
     fn write(client: usize, token: i64, accepted: bool, at: Instant) -> Event {
         Event::Write {
             client,
@@ -871,7 +876,7 @@ mod tests {
             end(1, 12, ms(b, 1)),
             acq(2, 10, Mode::Exclusive, ms(b, 2)),
         ];
-        assert!(check(&h).iter().any(|v| v.property == Property::TokenOrder));
+        assert!(caught(&h, Property::TokenOrder));
     }
 
     #[test]
@@ -902,9 +907,7 @@ mod tests {
             },
             acq(7, 10, Mode::Exclusive, ms(b, 1)),
         ];
-        assert!(check(&h)
-            .iter()
-            .any(|v| v.property == Property::AfterLeaseGone));
+        assert!(caught(&h, Property::AfterLeaseGone));
     }
 
     #[test]
@@ -918,9 +921,7 @@ mod tests {
         ];
         assert_eq!(check_with(&two, Rules::semaphore(2)), vec![]);
         // The same history breaks a lock.
-        assert!(check(&two)
-            .iter()
-            .any(|v| v.property == Property::Exclusion));
+        assert!(caught(&two, Property::Exclusion));
         let three = [
             acq(1, 10, Mode::Exclusive, ms(b, 0)),
             acq(2, 11, Mode::Exclusive, ms(b, 1)),
@@ -966,16 +967,12 @@ mod tests {
             acq(1, 10, Mode::Shared, ms(b, 0)),
             acq(3, 12, Mode::Exclusive, ms(b, 1)),
         ];
-        assert!(check(&writer_among_readers)
-            .iter()
-            .any(|v| v.property == Property::Exclusion));
+        assert!(caught(&writer_among_readers, Property::Exclusion));
         let reader_during_writer = [
             acq(3, 12, Mode::Exclusive, ms(b, 0)),
             acq(1, 13, Mode::Shared, ms(b, 1)),
         ];
-        assert!(check(&reader_during_writer)
-            .iter()
-            .any(|v| v.property == Property::Exclusion));
+        assert!(caught(&reader_during_writer, Property::Exclusion));
     }
 
     #[test]
@@ -986,7 +983,7 @@ mod tests {
             end(3, 12, ms(b, 1)),
             acq(1, 9, Mode::Shared, ms(b, 2)),
         ];
-        assert!(check(&h).iter().any(|v| v.property == Property::TokenOrder));
+        assert!(caught(&h, Property::TokenOrder));
     }
 
     #[test]
@@ -1018,9 +1015,7 @@ mod tests {
             },
             end(1, 10, ms(b, 3)),
         ];
-        assert!(check(&bad)
-            .iter()
-            .any(|v| v.property == Property::PassedWhileHeld));
+        assert!(caught(&bad, Property::PassedWhileHeld));
     }
 
     fn db(step: Step, client: usize, at: Instant) -> Event {
