@@ -307,11 +307,21 @@ impl DoubleBarrierGuard {
         // The participants of our round are the keys created before our own was deleted. Keys
         // created after belong to the next round — a participant that already left may enter
         // it at once — and waiting for them would wait for a round that waits for us.
-        // (After an unanswered delete, `left_at` is the retry's revision, later than the
-        // delete: a next-round key created in between is then waited for too, until its
-        // owner leaves or its lease ends. Erring late keeps leave() from returning early.)
-        let left_at = self.holding.release().await?;
+        let mut left_at = self.holding.release().await?;
         let shared = Arc::clone(self.holding.fence().session().shared());
+        if self.holding.release_was_uncertain() {
+            // The delete went unanswered and a retry found the key gone: our round ended at
+            // the delete itself, which may be well before the retry's revision — and a
+            // participant that left meanwhile may already wait in the next round's enter()
+            // for us. etcd's history says when the delete was. (If that history was compacted
+            // away, the retry's revision is kept: it errs late, never early.)
+            let fence = self.holding.fence();
+            if let Some(at) =
+                engine::deleted_at(&shared, fence.key(), fence.fencing_token()).await?
+            {
+                left_at = at;
+            }
+        }
         let oldest = || {
             TxnOp::get(
                 self.participants.as_str(),

@@ -380,3 +380,64 @@ async fn a_double_barrier_whose_latch_write_loses_its_answer_still_enters() {
         .unwrap();
     assert!(inside.is_ok(), "enter() failed: {inside:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_whose_answer_is_lost_does_not_wait_for_the_next_round() {
+    // A barrier for two. A's leave deletes A's key, but the answer is lost; meanwhile B, whose
+    // leave that delete released, enters the next round at once. A's retry finds its key gone
+    // later than the delete: A must still end its leave, not wait for B's next-round key
+    // (which waits in enter() for A).
+    let etcd = etcd().await;
+    let proxy = proxy(&etcd).await;
+    let observer = client(&etcd).await;
+    let name = unique("lost-leave");
+    let a = session_via(
+        &proxy,
+        etcd_coord::SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(800)),
+    )
+    .await;
+    let b = session(&etcd, 30).await;
+    let (ba, bb) = (
+        DoubleBarrier::new(&a, &name, 2),
+        DoubleBarrier::new(&b, &name, 2),
+    );
+    let entering = tokio::spawn(async move { ba.enter().await });
+    let b_inside = bb.enter().await.unwrap();
+    let a_inside = entering.await.unwrap().unwrap();
+    let b_round = tokio::spawn(async move {
+        b_inside.leave().await.unwrap();
+        bb.enter().await // the next round: waits for A to enter again
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await; // B waits in leave() for A
+    proxy.drop_responses();
+    let a_leaving = tokio::spawn(async move { a_inside.leave().await });
+    // B's leave returns (A's key is gone) and B enters the next round.
+    let prefix = format!("{name}/#p");
+    let (obs, p) = (observer.clone(), prefix.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let keys = keys_under(&obs, &p).await;
+            keys.len() == 1 && keys[0].contains(&format!("{:016x}", b.lease_id()))
+        })
+        .await,
+        "B did not enter the next round"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    let left = tokio::time::timeout(Duration::from_secs(5), a_leaving)
+        .await
+        .expect("A's leave waited for the next round")
+        .unwrap();
+    assert!(left.is_ok(), "{left:?}");
+    // And the next round goes on with A.
+    let a_again = DoubleBarrier::new(&a, &name, 2).enter().await.unwrap();
+    let b_again = tokio::time::timeout(Duration::from_secs(5), b_round)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop((a_again, b_again));
+}

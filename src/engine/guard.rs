@@ -317,6 +317,12 @@ impl Holding {
         &self.fence
     }
 
+    /// Whether the release was confirmed by a retry after an unanswered attempt: the key was
+    /// deleted by that attempt, at a revision earlier than the one `release()` returned.
+    pub(crate) fn release_was_uncertain(&self) -> bool {
+        self.released_at.is_some() && self.release_maybe_landed
+    }
+
     /// Deletes the owner key with a Txn fenced on its create revision. Retries transport
     /// failures (a retry that finds the key gone after an unanswered attempt counts as done);
     /// marks the holding released only once etcd confirmed, and succeeds at once if it was.

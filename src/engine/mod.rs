@@ -25,4 +25,4 @@ pub(crate) use queue::{
     acquire, create_exclusive, join, read, try_acquire, Blocker, Decision, Snapshot,
 };
 pub(crate) use request::{send_txn, Kind};
-pub(crate) use watch::{wait_gone, Gap, PrefixEvents, Watched};
+pub(crate) use watch::{deleted_at, wait_gone, Gap, PrefixEvents, Watched};

@@ -339,6 +339,58 @@ pub(crate) async fn wait_gone(
     }
 }
 
+/// The revision at which the incarnation `create_revision` of `key` was deleted, read from
+/// etcd's history (a watch of its deletions from its creation on); `None` if that history was
+/// compacted away. For a key known to be gone whose deletion went unanswered. Transient
+/// failures are retried with one backoff while the session lives.
+pub(crate) async fn deleted_at(
+    shared: &Arc<Shared>,
+    key: &str,
+    create_revision: i64,
+) -> Result<Option<i64>, Error> {
+    let mut backoff = Backoff::for_requests();
+    let opts = WatchOptions::new()
+        .with_start_revision(create_revision + 1)
+        .with_filters([WatchFilterType::NoPut]);
+    loop {
+        let mut watches = shared.client.watch_client();
+        let found = unless_lost(shared, async {
+            let read = async {
+                Counters::add(&shared.counters.watches, 1);
+                let mut stream = watches.watch(key, Some(opts.clone())).await?;
+                loop {
+                    let Some(resp) = stream.message().await? else {
+                        return Err(Error::Etcd(etcd_client::Error::WatchError(
+                            "watch stream ended".into(),
+                        )));
+                    };
+                    if resp.canceled() {
+                        return if resp.compact_revision() > 0 {
+                            Ok(None)
+                        } else {
+                            Err(Error::watch_refused(resp.cancel_reason()))
+                        };
+                    }
+                    if let Some(kv) = resp.events().first().and_then(|e| e.kv()) {
+                        return Ok(Some(kv.mod_revision()));
+                    }
+                }
+            };
+            within(shared.request_timeout, read).await
+        })
+        .await;
+        match found {
+            Err(e)
+                if e.is_transient()
+                    || matches!(e, Error::Etcd(etcd_client::Error::WatchError(_))) =>
+            {
+                pause(shared, &mut backoff).await?
+            }
+            other => return other,
+        }
+    }
+}
+
 /// What interrupts a [`PrefixEvents`] stream.
 pub(crate) enum Gap {
     /// The history after the last revision was compacted away: re-read the state, then

@@ -727,7 +727,12 @@ struct ProcessClient {
 impl ProcessClient {
     /// Starts client `id` as a process of this test binary, reaching etcd at `endpoint`.
     fn spawn(id: usize, sh: &Arc<Shared>, endpoint: String) -> ProcessClient {
-        let exe = std::env::current_exe().expect("the test binary");
+        // This very binary, even if a rebuild has replaced the file at its path since.
+        let exe = if cfg!(target_os = "linux") {
+            std::path::PathBuf::from("/proc/self/exe")
+        } else {
+            std::env::current_exe().expect("the test binary")
+        };
         let mut child = tokio::process::Command::new(exe)
             .args([
                 "harness::chaos_client_process",
