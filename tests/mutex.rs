@@ -783,3 +783,38 @@ async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
     );
     assert!(!waiting.is_finished(), "the waiter gave up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_wait_probes_its_watch_without_re_reading() {
+    // A waiter's watch stream is probed after a third of the TTL of silence (a progress
+    // request). etcd answers on a live stream, so a long, quiet wait sends no re-read and
+    // opens no new watch.
+    let etcd = etcd().await;
+    let name = unique("quiet-wait");
+    let holder = session(&etcd, 30).await;
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let w = session(&etcd, 3).await; // probed after 1 s of silence
+    let m = Mutex::new(&w, &name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = w.metrics();
+    tokio::time::sleep(Duration::from_secs(5)).await; // about four probes
+    let after = w.metrics();
+    assert!(
+        after.watch_probes - before.watch_probes >= 3,
+        "{} probes in 5 s",
+        after.watch_probes - before.watch_probes
+    );
+    assert_eq!(after.txns - before.txns, 0, "the quiet wait re-read");
+    assert_eq!(
+        after.watches - before.watches,
+        0,
+        "the quiet wait re-watched"
+    );
+    held.release().await.unwrap();
+    let _got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter gets the lock")
+        .unwrap()
+        .unwrap();
+}

@@ -430,3 +430,53 @@ async fn a_paused_member_answers_nothing_until_it_is_resumed() {
         .unwrap();
     assert_eq!(got.kvs()[0].value_str().unwrap(), "before");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_in_an_outage_revokes_its_lease_as_soon_as_etcd_answers_again() {
+    // Blackholed, the session is Lost at its deadline; its revoke cannot get through. A
+    // leader change then resets the lease's TTL on the server (no lease checkpointing), so it
+    // would live a whole TTL more. Once the path heals the revoke lands: the lease is gone
+    // at once.
+    init_tracing();
+    let mut cluster = etcd_coord::testkit::EtcdCluster::start(3).await.unwrap();
+    let leader = cluster.leader().await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(follower).unwrap())
+        .await
+        .unwrap();
+    let observer = client_via_endpoint(&cluster.endpoint(follower).unwrap()).await;
+    let s = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(6))
+            .with_request_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let lease = s.lease_id();
+    proxy.blackhole();
+    tokio::time::timeout(Duration::from_secs(10), s.lost())
+        .await
+        .expect("lost at its deadline");
+    cluster.kill(leader).unwrap(); // a new leader restores every lease with its full TTL
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            cluster_has_leader(&observer).await
+        })
+        .await
+    );
+    assert!(
+        lease_exists(&observer, lease).await,
+        "the lease outlived the loss"
+    );
+    proxy.heal();
+    proxy.reset_peer();
+    let healed = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            !lease_exists(&observer, lease).await
+        })
+        .await,
+        "the lost session's lease still exists {:?} after the heal",
+        healed.elapsed()
+    );
+}

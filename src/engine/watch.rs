@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{EventType, Txn, WatchFilterType, WatchOptions};
 use tokio::time::sleep;
@@ -245,11 +246,46 @@ impl ChangeWatch {
     /// Waits for a change. Our own key's deletion is [`Error::LockLost`], the session's loss
     /// [`Error::SessionLost`] / [`Error::SessionClosed`]. A stream that ends or a watch etcd
     /// cancels is a [`Woken::Recheck`], after a delay of `backoff`.
+    ///
+    /// A stream that stays quiet for a third of the session's TTL is probed: we ask etcd for a
+    /// progress notification on it, which etcd answers at once on a live stream whose watches
+    /// are in sync (ours are: they start from now). No answer within the request timeout means
+    /// the stream is dead, whatever the connection seems to say: [`Woken::Recheck`]. So a wait
+    /// never hangs on a silent stream.
     async fn wait(mut self, shared: &Arc<Shared>, backoff: &mut Backoff) -> Result<Woken, Error> {
+        let quiet = (shared.ttl / 3).max(Duration::from_millis(100));
         let outcome = match self.early.take() {
             Some(outcome) => outcome,
             None => loop {
-                let msg = unless_lost(shared, async { Ok(self.stream.message().await) }).await?;
+                let mut probed = false;
+                let msg = loop {
+                    let patience = if probed {
+                        shared.request_timeout
+                    } else {
+                        quiet
+                    };
+                    let next = unless_lost(shared, async {
+                        Ok(tokio::time::timeout(patience, self.stream.message()).await)
+                    })
+                    .await?;
+                    match next {
+                        Ok(msg) => break Some(msg),
+                        Err(_) if probed => break None,
+                        Err(_) => {
+                            probed = true;
+                            Counters::add(&shared.counters.watch_probes, 1);
+                            if self.stream.request_progress().await.is_err() {
+                                break None;
+                            }
+                        }
+                    }
+                };
+                let Some(msg) = msg else {
+                    tracing::debug!(
+                        "a quiet watch stream did not answer a progress request; re-reading"
+                    );
+                    break Ok(Woken::Recheck);
+                };
                 match msg {
                     Ok(Some(resp)) => {
                         if let Some(outcome) = self.classify(&resp) {

@@ -40,6 +40,8 @@ pub struct SessionMetrics {
     /// Watch events delivered to the session's waits (a hand-off that wakes one waiter
     /// delivers one).
     pub watch_events: u64,
+    /// Progress requests sent to probe a wait's quiet watch stream.
+    pub watch_probes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +50,7 @@ pub(crate) struct Counters {
     pub(crate) txns: AtomicU64,
     pub(crate) watches: AtomicU64,
     pub(crate) watch_events: AtomicU64,
+    pub(crate) watch_probes: AtomicU64,
 }
 
 impl Counters {
@@ -234,6 +237,23 @@ impl Shared {
             }
             changed
         });
+    }
+
+    /// Revokes the lease, retrying transient failures with backoff for up to two TTLs: a
+    /// session that went Lost in a partition revokes as soon as etcd answers again, rather
+    /// than leave its lease — and every key on it — to expire on the server, which a leader
+    /// change can postpone by a whole TTL each time (lease checkpointing off).
+    async fn revoke_persistently(&self) -> Result<(), Error> {
+        let until = Instant::now() + self.ttl.saturating_mul(2);
+        let mut backoff = crate::backoff::Backoff::for_requests();
+        loop {
+            match self.revoke().await {
+                Err(e) if e.is_transient() && Instant::now() < until => {
+                    tokio::time::sleep(backoff.next_delay()).await
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Revokes the lease; a lease that is already gone counts as revoked.
@@ -439,6 +459,7 @@ impl LeasedSession {
             txns: c.txns.load(Ordering::Relaxed),
             watches: c.watches.load(Ordering::Relaxed),
             watch_events: c.watch_events.load(Ordering::Relaxed),
+            watch_probes: c.watch_probes.load(Ordering::Relaxed),
         }
     }
 
@@ -538,16 +559,19 @@ async fn drive(mut watchdog: Watchdog, mut live: Liveness, mut jobs: mpsc::Unbou
     match reason {
         LossReason::Closed if shared.closing.load(Ordering::SeqCst) => {} // close() revokes
         LossReason::Closed => {
-            if let Err(e) = shared.revoke().await {
+            if let Err(e) = shared.revoke_persistently().await {
                 tracing::warn!(lease = shared.lease_id, error = %e, "revoking the lease of a dropped session failed; it ends by its TTL");
             }
         }
         LossReason::LeaseGone => tracing::warn!(lease = shared.lease_id, %reason, "session lost"),
         _ => {
-            // The lease may still exist on the server: end it now rather than at its TTL, so
-            // others need not wait (and no key it holds outlives what we know of it).
+            // The lease may still exist on the server: end it as soon as etcd answers, rather
+            // than at its TTL, so others need not wait (and no key it holds outlives what we
+            // know of it).
             tracing::warn!(lease = shared.lease_id, %reason, "session lost");
-            let _ = shared.revoke().await;
+            if let Err(e) = shared.revoke_persistently().await {
+                tracing::warn!(lease = shared.lease_id, error = %e, "revoking the lease of a lost session failed; it ends by its TTL");
+            }
         }
     }
 }

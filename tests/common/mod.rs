@@ -159,3 +159,16 @@ pub async fn user_client(
     .await
     .expect("an authenticated client")
 }
+
+/// A client of one endpoint, with the recommended options.
+pub async fn client_via_endpoint(endpoint: &str) -> Client {
+    Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
+        .await
+        .expect("a client")
+}
+
+/// True if the member `client` talks to knows a leader.
+pub async fn cluster_has_leader(client: &Client) -> bool {
+    matches!(client.clone().status().await, Ok(s) if s.leader() != 0)
+        && client.clone().get("leader-check", None).await.is_ok()
+}
