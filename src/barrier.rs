@@ -6,11 +6,11 @@ use std::sync::Arc;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 
 use crate::engine::{self, holding_guard, Decision, Holding, Watched};
-use crate::keys::{self, Named, Queue};
+use crate::keys::{self, Layout, Named, Queue};
 use crate::{Error, Fence, LeasedSession};
 
-/// The barrier key's suffix under the name's queue prefix.
-const BARRIER: &str = "barrier";
+/// The barrier key, under `<name>/#barrier/`.
+const BARRIER: &str = "up";
 /// Double-barrier participants form this member kind; the latch is `READY`.
 const PARTICIPANT: &str = "p";
 const READY: &str = "ready";
@@ -48,7 +48,7 @@ impl Barrier {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Barrier {
         Barrier {
             session: session.clone(),
-            named: Named::new(name),
+            named: Named::new(name, Layout::Own("barrier")),
         }
     }
 
@@ -152,7 +152,7 @@ impl DoubleBarrier {
     pub fn new(session: &LeasedSession, name: impl Into<String>, count: usize) -> DoubleBarrier {
         DoubleBarrier {
             session: session.clone(),
-            named: Named::new(name),
+            named: Named::new(name, Layout::Own("double")),
             count,
         }
     }

@@ -4,7 +4,7 @@ use etcd_client::{EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTa
 use futures::Stream;
 
 use crate::engine::{self, Blocker, Fence, Gap, Holding, PrefixEvents};
-use crate::keys::{Named, Queue};
+use crate::keys::{Layout, Named, Queue};
 use crate::{Error, LeasedSession};
 
 /// Leader election on etcd: candidates queue in FIFO order, the oldest key leads, and the
@@ -96,7 +96,7 @@ impl Election {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Election {
         Election {
             session: session.clone(),
-            named: Named::new(name),
+            named: Named::new(name, Layout::Shared),
         }
     }
 
@@ -120,7 +120,7 @@ impl Election {
     /// session's background task deletes it, fenced).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
         let queue = self.named.queue()?;
-        let blocker = Blocker::new(queue.sub(""), 1)?;
+        let blocker = Blocker::over(queue, 1)?;
         let acquired = engine::acquire(&self.session, queue, "", blocker, value.into()).await?;
         Ok(Leadership {
             holding: Holding::new(self.session.clone(), acquired),
@@ -133,16 +133,18 @@ impl Election {
     /// [`Error::InvalidArgument`] for an invalid name; request errors.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, Error> {
         let queue = self.named.queue()?;
-        Ok(read_leader(&self.session.clone_client_only(), queue, 0)
-            .await?
-            .0)
+        let (leader, at) = read_leader(&self.session.clone_client_only(), queue, 0).await?;
+        // An `observe()` called after this starts no earlier than what this answer showed.
+        self.session.shared().saw_revision(at);
+        Ok(leader)
     }
 
     /// A stream of leadership changes **from the moment of this call**: first the state then,
     /// then every change in order — a new leader, the same leader proclaiming a new value, or
     /// nobody leading — even if the stream is first polled much later. (It starts from the
-    /// newest revision the session has seen in any answer, which precedes this call: a change
-    /// made after the call is never missed; one made shortly before may be reported too.)
+    /// newest revision the session has seen in any answer — its requests, [`leader()`](Self::leader)
+    /// — which precedes this call: a change made after the call is never missed; one made
+    /// shortly before may be reported too.)
     ///
     /// It only ever reports the oldest candidate (etcd #18163), resumes by itself after a
     /// disconnect (from the last revision it reported, so nothing is skipped) or after
@@ -176,7 +178,7 @@ pub(crate) fn observe_with(
             client,
             request_timeout,
         },
-        queue: Queue::new(name),
+        queue: Queue::new(name, Layout::Shared),
         start,
         leader: None,
         events: None,
@@ -199,23 +201,37 @@ async fn read_leader(
     queue: &Queue,
     revision: i64,
 ) -> Result<(Option<LeaderInfo>, i64), Error> {
-    let mut opts = queue
-        .range()
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
-        .with_limit(1);
-    if revision > 0 {
-        opts = opts.with_revision(revision);
+    // A page of the oldest keys under the name; all of them if the page held only nested
+    // names' keys (the queue is shared with etcd's own clients: members are direct children).
+    let mut limit = Some(LEADER_PAGE);
+    loop {
+        let mut opts = queue
+            .range()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        if let Some(limit) = limit {
+            opts = opts.with_limit(limit);
+        }
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = session.get(queue.prefix(), opts).await?;
+        // A read at a past revision answers with the current revision in its header: the
+        // state it returned is as of `revision`.
+        let at = if revision > 0 {
+            revision
+        } else {
+            resp.header().map_or(0, |h| h.revision())
+        };
+        let leader = resp.kvs().iter().find(|kv| queue.is_member(kv.key()));
+        if leader.is_none() && resp.more() && limit.take().is_some() {
+            continue;
+        }
+        return Ok((leader.map(LeaderInfo::from_kv), at));
     }
-    let resp = session.get(queue.prefix(), opts).await?;
-    // A read at a past revision answers with the current revision in its header: the state
-    // it returned is as of `revision`.
-    let at = if revision > 0 {
-        revision
-    } else {
-        resp.header().map_or(0, |h| h.revision())
-    };
-    Ok((resp.kvs().first().map(LeaderInfo::from_kv), at))
 }
+
+/// How many of the oldest keys a leader read fetches at first.
+const LEADER_PAGE: i64 = 8;
 
 /// The part of a session `observe()` needs: its client and request timeout, not its lease.
 #[derive(Clone)]
@@ -312,6 +328,9 @@ impl Observer {
                 Err(Gap::Fatal(e)) => return Err(e),
             };
             let Some(kv) = event.kv() else { continue };
+            if !queue.is_member(kv.key()) {
+                continue; // a nested name's key
+            }
             let current = self.leader.clone().flatten();
             let is_leader_key = current
                 .as_ref()

@@ -1,11 +1,21 @@
 //! Key naming and the Txns every primitive is built from.
 //!
-//! A primitive named `N` keeps its queue under the prefix `N/#`; each acquisition owns one
-//! member key `N/#<lease id, 16 hex digits>-<per-session sequence, hex>`. Because names may not
-//! contain `#`, no other name's keys can fall under `N/#` (a Mutex `jobs` and a Mutex `jobs/1`
-//! never see each other's keys, unlike prefix-only schemes), and because the sequence is unique
-//! per session, two acquisitions through one session never alias (etcd #11777) while a retry of
-//! one acquisition reuses its key (so it can never create a second waiter).
+//! Two layouts ([`Layout`]):
+//!
+//! * **Shared with etcd's own clients** (Mutex, Election, LeaderSelector): the queue of `N` is
+//!   every key *directly* under `N/`, in create-revision order — the layout of Go's
+//!   `concurrency.Mutex`/`Election`, and so of `etcdctl lock`/`elect`, etcd's server-side lock
+//!   and election services and the clients built on them (they key `N/<lease id in hex>`).
+//!   Our own member keys are `N/#<lease id, 16 hex digits>-<per-session sequence, hex>`. Keys
+//!   of nested names (`N/sub/…`, ours or anyone's) contain another `/` and are not members.
+//! * **Ours only** (Semaphore `semaphore`, RwLock `rwlock`, Barrier `barrier`, DoubleBarrier
+//!   `double`): every key under `N/#<kind>/`. Those keys are nested below `N/`, so they are
+//!   never members of a shared queue: a Mutex and a Semaphore of the same name are independent.
+//!
+//! Because names may not contain `#`, no name's keys can be mistaken for another's, and
+//! because the sequence is unique per session, two acquisitions through one session never alias
+//! (etcd #11777: Go keys one per session) while a retry of one acquisition reuses its key (so it
+//! can never create a second waiter).
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, GetResponse, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
@@ -47,18 +57,44 @@ pub(crate) fn validate_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The queue of one named primitive: its prefix and its member keys.
+/// Where a primitive's keys sit under its name `N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// The queue etcd's own clients use: every key directly under `N/`.
+    Shared,
+    /// Ours only: the keys under `N/#<kind>/`.
+    Own(&'static str),
+}
+
+/// The queue of one named primitive: the range its members are in, and where its own keys go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Queue {
+    /// Every member key starts with it: `N/` (shared) or `N/#<kind>/` (ours only).
     prefix: String,
+    /// Every key this crate puts starts with it: `N/#` (shared) or the prefix.
+    own: String,
+    /// Members are only the keys directly under `prefix` (no further `/`).
+    direct: bool,
 }
 
 impl Queue {
-    /// The queue of `name`, or the reason `name` is not acceptable.
-    pub(crate) fn new(name: &str) -> Result<Queue, Error> {
+    /// The queue of `name` in `layout`, or the reason `name` is not acceptable.
+    pub(crate) fn new(name: &str, layout: Layout) -> Result<Queue, Error> {
         validate_name(name)?;
-        Ok(Queue {
-            prefix: format!("{name}{QUEUE_SEPARATOR}"),
+        Ok(match layout {
+            Layout::Shared => Queue {
+                prefix: format!("{name}/"),
+                own: format!("{name}{QUEUE_SEPARATOR}"),
+                direct: true,
+            },
+            Layout::Own(kind) => {
+                let prefix = format!("{name}{QUEUE_SEPARATOR}{kind}/");
+                Queue {
+                    own: prefix.clone(),
+                    prefix,
+                    direct: false,
+                }
+            }
         })
     }
 
@@ -67,20 +103,38 @@ impl Queue {
         &self.prefix
     }
 
+    /// Whether only the keys directly under the prefix are members (a shared queue, whose
+    /// prefix also holds nested names' keys).
+    pub(crate) fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether `key` is a member of this queue.
+    pub(crate) fn is_member(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| !self.direct || (!rest.is_empty() && !rest.contains(&b'/')))
+    }
+
     /// The member key of acquisition number `seq` of the session with lease `lease_id`, of
     /// kind `kind` (`""` for plain queues; a letter for primitives with several kinds of
     /// members, e.g. readers `r` and writers `w`). Kinds are letters outside the hex digits,
     /// so a kind's keys form their own sub-range.
     pub(crate) fn member_key(&self, kind: &str, lease_id: i64, seq: u64) -> String {
-        format!("{}{kind}{:016x}-{seq:x}", self.prefix, lease_id)
+        format!("{}{kind}{:016x}-{seq:x}", self.own, lease_id)
     }
 
-    /// The prefix of the members of kind `kind` (`""`: every member).
+    /// The prefix of the members of kind `kind` (`""`: every member of a queue that is ours
+    /// only), or of one of our own keys (a latch, a barrier).
     pub(crate) fn sub(&self, kind: &str) -> String {
-        format!("{}{kind}", self.prefix)
+        if kind.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}{kind}", self.own)
+        }
     }
 
-    /// All member keys of this queue, as a `Get` range.
+    /// All member keys of this queue (and, for a shared queue, nested names' keys too: filter
+    /// with [`is_member`](Self::is_member)), as a `Get` range.
     pub(crate) fn range(&self) -> GetOptions {
         GetOptions::new().with_prefix()
     }
@@ -95,9 +149,9 @@ pub(crate) struct Named {
 }
 
 impl Named {
-    pub(crate) fn new(name: impl Into<String>) -> Named {
+    pub(crate) fn new(name: impl Into<String>, layout: Layout) -> Named {
         let name = name.into();
-        let queue = Queue::new(&name).map_err(|e| match e {
+        let queue = Queue::new(&name, layout).map_err(|e| match e {
             Error::InvalidArgument(why) => why,
             other => other.to_string(),
         });
@@ -170,13 +224,20 @@ pub(crate) fn fenced_reads(key: &str, create_revision: i64, reads: Vec<TxnOp>) -
 
 /// One round trip for a try-acquire (one permit only) that leaves no key behind when busy:
 /// puts `key` only if nothing is under `prefix` (the range of what blocks it). Else-branch:
-/// `[Get(key), Get(oldest under prefix)]`, which tells a retry of the same acquisition whether
-/// its earlier, unanswered put landed and is through (nothing in the range is older than it).
-pub(crate) fn try_enqueue_txn(prefix: &str, key: &str, value: Vec<u8>, lease_id: i64) -> Txn {
+/// `[Get(key), Get(the `page` oldest under prefix)]`, which tells a retry of the same
+/// acquisition whether its earlier, unanswered put landed and is through (no member of the
+/// range is older than it), and a shared queue whether a member holds at all.
+pub(crate) fn try_enqueue_txn(
+    prefix: &str,
+    key: &str,
+    value: Vec<u8>,
+    lease_id: i64,
+    page: i64,
+) -> Txn {
     let oldest = GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
-        .with_limit(1)
+        .with_limit(page)
         .with_keys_only();
     Txn::new()
         .when([Compare::create_revision(prefix, CompareOp::Equal, 0).with_prefix()])
@@ -211,16 +272,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn shared(name: &str) -> Result<Queue, Error> {
+        Queue::new(name, Layout::Shared)
+    }
+
     #[test]
     fn empty_name_is_invalid() {
-        assert!(matches!(Queue::new(""), Err(Error::InvalidArgument(_))));
+        assert!(matches!(shared(""), Err(Error::InvalidArgument(_))));
     }
 
     #[test]
     fn names_with_hash_or_control_characters_are_invalid() {
         for bad in ["a#b", "#", "a\0b", "line\nbreak", "tab\there", "del\u{7f}"] {
             assert!(
-                matches!(Queue::new(bad), Err(Error::InvalidArgument(_))),
+                matches!(shared(bad), Err(Error::InvalidArgument(_))),
                 "{bad:?} was accepted"
             );
         }
@@ -228,27 +293,39 @@ mod tests {
 
     #[test]
     fn overlong_name_is_invalid_and_the_longest_allowed_is_valid() {
-        assert!(Queue::new(&"x".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(shared(&"x".repeat(MAX_NAME_LEN)).is_ok());
         assert!(matches!(
-            Queue::new(&"x".repeat(MAX_NAME_LEN + 1)),
+            shared(&"x".repeat(MAX_NAME_LEN + 1)),
             Err(Error::InvalidArgument(_))
         ));
     }
 
     #[test]
-    fn member_key_layout_is_prefix_lease_and_sequence() {
-        let q = Queue::new("locks/job").unwrap();
-        assert_eq!(q.prefix(), "locks/job/#");
-        assert_eq!(
-            q.member_key("", 0x694d, 10),
-            "locks/job/#000000000000694d-a"
-        );
-        assert_eq!(
-            q.member_key("w", 0x694d, 10),
-            "locks/job/#w000000000000694d-a"
-        );
-        assert!(q.member_key("w", 1, 1).starts_with(&q.sub("w")));
+    fn a_shared_queue_is_every_key_directly_under_the_name_in_etcds_layout() {
+        let q = shared("locks/job").unwrap();
+        assert_eq!(q.prefix(), "locks/job/");
+        let ours = q.member_key("", 0x694d, 10);
+        assert_eq!(ours, "locks/job/#000000000000694d-a");
+        assert!(q.is_member(ours.as_bytes()));
+        // Go's concurrency.Mutex / etcdctl lock: the lease id in lowercase hex.
+        assert!(q.is_member(b"locks/job/694d"));
+        // Nested names, ours or Go's, are not members.
+        assert!(!q.is_member(b"locks/job/sub/#000000000000694d-a"));
+        assert!(!q.is_member(b"locks/job/sub/694d"));
+        assert!(!q.is_member(b"locks/job/"));
+        assert!(!q.is_member(b"locks/jobs/694d"));
+    }
+
+    #[test]
+    fn a_queue_of_our_own_sits_under_its_kind_and_outside_the_shared_queue() {
+        let q = Queue::new("locks/job", Layout::Own("rwlock")).unwrap();
+        assert_eq!(q.prefix(), "locks/job/#rwlock/");
+        let writer = q.member_key("w", 0x694d, 10);
+        assert_eq!(writer, "locks/job/#rwlock/w000000000000694d-a");
+        assert!(writer.starts_with(&q.sub("w")));
         assert!(!q.member_key("r", 1, 1).starts_with(&q.sub("w")));
+        assert!(q.is_member(writer.as_bytes()));
+        assert!(!shared("locks/job").unwrap().is_member(writer.as_bytes()));
     }
 
     fn name() -> impl Strategy<Value = String> {
@@ -256,35 +333,50 @@ mod tests {
         proptest::string::string_regex("[a-z/._ -]{1,12}").unwrap()
     }
 
+    fn layout() -> impl Strategy<Value = Layout> {
+        prop_oneof![
+            Just(Layout::Shared),
+            Just(Layout::Own("semaphore")),
+            Just(Layout::Own("rwlock")),
+        ]
+    }
+
     proptest! {
         #[test]
-        fn a_valid_name_yields_keys_inside_its_own_prefix(n in name(), lease in any::<i64>(), seq in any::<u64>()) {
-            let q = Queue::new(&n).unwrap();
+        fn a_valid_name_yields_member_keys_of_its_own_queue(n in name(), l in layout(), lease in any::<i64>(), seq in any::<u64>()) {
+            let q = Queue::new(&n, l).unwrap();
             let key = q.member_key("", lease, seq);
             prop_assert!(key.starts_with(q.prefix()));
-            prop_assert!(key.starts_with(&n));
+            prop_assert!(q.is_member(key.as_bytes()));
         }
 
         #[test]
-        fn no_name_sees_another_names_member_keys(a in name(), b in name(), lease in any::<i64>(), seq in any::<u64>()) {
-            prop_assume!(a != b);
-            let qa = Queue::new(&a).unwrap();
-            let qb = Queue::new(&b).unwrap();
-            prop_assert!(!qb.member_key("", lease, seq).starts_with(qa.prefix()),
-                "{} falls in the range of {}", qb.member_key("", lease, seq), qa.prefix());
+        fn no_queue_counts_another_queues_keys(a in name(), la in layout(), b in name(), lb in layout(), lease in any::<i64>(), seq in any::<u64>()) {
+            prop_assume!((a.as_str(), la) != (b.as_str(), lb));
+            let qa = Queue::new(&a, la).unwrap();
+            let qb = Queue::new(&b, lb).unwrap();
+            let key = qb.member_key("", lease, seq);
+            prop_assert!(!qa.is_member(key.as_bytes()), "{key} is a member of {:?}", qa);
+        }
+
+        #[test]
+        fn etcds_own_keys_are_members_of_the_shared_queue_only(n in name(), lease in any::<u64>()) {
+            let go_key = format!("{n}/{lease:x}");
+            prop_assert!(shared(&n).unwrap().is_member(go_key.as_bytes()));
+            prop_assert!(!Queue::new(&n, Layout::Own("semaphore")).unwrap().is_member(go_key.as_bytes()));
         }
 
         #[test]
         fn distinct_acquisitions_get_distinct_keys(n in name(), l1 in any::<i64>(), s1 in any::<u64>(), l2 in any::<i64>(), s2 in any::<u64>()) {
             prop_assume!((l1, s1) != (l2, s2));
-            let q = Queue::new(&n).unwrap();
+            let q = shared(&n).unwrap();
             prop_assert_ne!(q.member_key("", l1, s1), q.member_key("", l2, s2));
         }
 
         #[test]
         fn any_name_with_a_hash_is_rejected(pre in name(), post in name()) {
             let bad = format!("{pre}#{post}");
-            prop_assert!(matches!(Queue::new(&bad), Err(Error::InvalidArgument(_))));
+            prop_assert!(matches!(shared(&bad), Err(Error::InvalidArgument(_))));
         }
     }
 }

@@ -1,7 +1,7 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
 use crate::engine::{self, holding_guard, Blocker, Holding};
-use crate::keys::Named;
+use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -46,7 +46,7 @@ impl Mutex {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Mutex {
         Mutex {
             session: session.clone(),
-            named: Named::new(name),
+            named: Named::new(name, Layout::Shared),
         }
     }
 
@@ -71,7 +71,7 @@ impl Mutex {
     /// deleted by the session's background task (fenced on the key's create revision).
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
         let queue = self.named.queue()?;
-        let blocker = Blocker::new(queue.sub(""), 1)?;
+        let blocker = Blocker::over(queue, 1)?;
         let acquired = engine::acquire(&self.session, queue, "", blocker, Vec::new()).await?;
         Ok(MutexGuard {
             holding: Holding::new(self.session.clone(), acquired),
@@ -88,7 +88,7 @@ impl Mutex {
     /// Cancel-safe, as [`lock()`](Self::lock).
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
         let queue = self.named.queue()?;
-        let blocker = Blocker::new(queue.sub(""), 1)?;
+        let blocker = Blocker::over(queue, 1)?;
         Ok(
             engine::try_acquire(&self.session, queue, "", blocker, Vec::new())
                 .await?

@@ -1,7 +1,7 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
 use crate::engine::{self, holding_guard, Blocker, Holding};
-use crate::keys::{Named, Queue};
+use crate::keys::{Layout, Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -45,7 +45,7 @@ impl RwLock {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> RwLock {
         RwLock {
             session: session.clone(),
-            named: Named::new(name),
+            named: Named::new(name, Layout::Own("rwlock")),
         }
     }
 

@@ -1,10 +1,13 @@
 //! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
 
 use crate::engine::{self, holding_guard, Blocker, Holding};
-use crate::keys::{Named, Queue};
+use crate::keys::{Layout, Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
+
+/// Where a semaphore's keys go: `<name>/#semaphore/`.
+const KIND: &str = "semaphore";
 
 /// A distributed counting semaphore with `permits` permits, served in FIFO order.
 ///
@@ -43,7 +46,7 @@ impl Semaphore {
     pub fn new(session: &LeasedSession, name: impl Into<String>, permits: usize) -> Semaphore {
         Semaphore {
             session: session.clone(),
-            named: Named::new(name),
+            named: Named::new(name, Layout::Own(KIND)),
             permits,
         }
     }
@@ -62,7 +65,7 @@ impl Semaphore {
     /// permits is not acceptable.
     fn queue(&self) -> Result<(&Queue, Blocker), Error> {
         let queue = self.named.queue()?;
-        let blocker = Blocker::new(queue.sub(""), self.permits).map_err(|e| match e {
+        let blocker = Blocker::over(queue, self.permits).map_err(|e| match e {
             Error::InvalidArgument(why) => Error::InvalidArgument(format!("semaphore: {why}")),
             other => other,
         })?;

