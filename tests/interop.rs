@@ -361,15 +361,16 @@ async fn nested_names_and_other_kinds_never_block_a_mutex() {
         .unwrap()
         .is_none());
     guard.release().await.unwrap();
-    assert!(
-        Mutex::new(&other, &name)
-            .try_lock()
-            .await
-            .unwrap()
-            .is_some(),
-        "try_lock saw nested keys as holders"
-    );
+    let again = Mutex::new(&other, &name)
+        .try_lock()
+        .await
+        .unwrap()
+        .expect("try_lock saw nested keys as holders");
+    // A Mutex and an Election of one name share its queue: the holder leads.
     let election = Election::new(&other, &name);
+    let leader = election.leader().await.unwrap().expect("the holder leads");
+    assert_eq!(leader.key(), again.key());
+    again.release().await.unwrap();
     assert_eq!(election.leader().await.unwrap(), None, "a nested key led N");
     ctl.terminate();
     ctl.exited().await;
