@@ -13,7 +13,10 @@ use crate::{Error, LeasedSession};
 /// The queue and the wait are the [`Mutex`](crate::Mutex)'s: an uncontended
 /// [`campaign()`](Self::campaign) is one round trip, a waiting candidate watches only the
 /// candidate just ahead of it, and the leader key's create revision is a strictly increasing
-/// [fencing token](Fence::fencing_token). Names follow the mutex's rules.
+/// [fencing token](Fence::fencing_token). Names follow the mutex's rules, and like the mutex's
+/// the queue is shared with etcd's own clients: a leader elected by Go's
+/// `concurrency.Election` or `etcdctl elect` is this election's leader, and ours is theirs
+/// (`docs/interop.md`).
 ///
 /// # Example
 /// ```no_run

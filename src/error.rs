@@ -70,13 +70,28 @@ pub enum Error {
         create_revision: i64,
     },
 
-    /// The key is already held by someone else (e.g. a [`Barrier`](crate::Barrier) another
-    /// holder has put up). Nothing was changed.
+    /// The key is already held by someone else (a [`Barrier`](crate::Barrier) another holder
+    /// has put up, or a service registration's key another live registration owns). Nothing
+    /// was changed.
     #[error("already held: {key} exists and is not ours")]
     AlreadyHeld {
         /// The key that is held.
         key: String,
     },
+
+    /// A [`Registration`](crate::discovery::Registration) is between registrations (its session
+    /// was lost and it is registering again): there is no key to write through now.
+    #[error("not registered now: {key} is being registered again")]
+    NotRegistered {
+        /// The registration's key.
+        key: String,
+    },
+
+    /// A [`ServiceView`](crate::discovery::ServiceView) ended because etcd refused it in a way
+    /// retrying cannot fix (for example, its permission to read the target was revoked).
+    /// Carries the cause.
+    #[error("service view ended: {0}")]
+    ViewEnded(#[source] std::sync::Arc<Error>),
 
     /// etcd's authorization refused the request (the user's roles lack a permission it needs).
     /// Never retried. Carries etcd's message.

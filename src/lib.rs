@@ -35,6 +35,7 @@
 
 mod backoff;
 mod barrier;
+pub mod discovery;
 mod election;
 mod engine;
 mod error;

@@ -8,18 +8,28 @@ use crate::{Error, LeasedSession};
 
 /// A distributed mutual-exclusion lock on etcd, served in FIFO order.
 ///
-/// Each acquisition puts its own key `<name>/#<lease>-<seq>` under the session's lease; the
-/// key with the smallest create revision owns the lock. An uncontended [`lock()`](Self::lock)
-/// is one round trip. A waiter watches only the key just ahead of it, so a hand-off wakes one
-/// waiter. The owner key's create revision is the [fencing token](Fence::fencing_token).
+/// Each acquisition puts its own key `<name>/#<lease>-<seq>` under the session's lease; of
+/// the keys directly under `<name>/`, the one with the smallest create revision owns the
+/// lock. An uncontended [`lock()`](Self::lock) is one round trip. A waiter watches only the key
+/// just ahead of it, so a hand-off wakes one waiter. The owner key's create revision is the
+/// [fencing token](Fence::fencing_token).
+///
+/// # Shared with etcd's own clients
+/// That is the layout of Go's `concurrency.Mutex`, so of `etcdctl lock` and etcd's server-side
+/// lock service (they key `<name>/<lease id in hex>`): a holder of any of them excludes the
+/// others, waiters of all of them are served first come, first served, and fencing tokens
+/// increase across them (`etcdctl lock` exports its holder's as `ETCD_LOCK_REV`). An
+/// [`Election`](crate::Election) of the same name shares the queue (as Go's does). See
+/// `docs/interop.md`.
 ///
 /// A `Mutex` is a cheap handle (clone it freely); each `lock()` is a separate acquisition,
 /// even through the same session and the same handle.
 ///
 /// # Names
 /// Any non-empty string up to 1024 bytes without `#` or control characters. An invalid name
-/// is reported by every operation as [`Error::InvalidArgument`]. Names are independent: keys of
-/// `jobs` and `jobs/1` never mix.
+/// is reported by every operation as [`Error::InvalidArgument`]. Nested names are independent:
+/// keys of `jobs/1/…` (ours or anyone's) never block `jobs` — though Go's clients, which range
+/// over the whole prefix, do count them.
 ///
 /// # Example
 /// ```no_run

@@ -19,7 +19,9 @@ const KIND: &str = "semaphore";
 /// the first waiter (let in) and, through its touch, the one waiter behind it (now first):
 /// two watch events, never a herd. With one permit it is a mutex.
 ///
-/// Every handle on the same name must use the same number of permits.
+/// Every handle on the same name must use the same number of permits. The keys live under
+/// `<name>/#semaphore/`: this crate's own layout (etcd's Go recipes use another), independent
+/// of a [`Mutex`](crate::Mutex) or any other kind of the same name.
 ///
 /// # Example
 /// ```no_run

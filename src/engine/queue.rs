@@ -669,8 +669,9 @@ where
 }
 
 /// Puts `key` with `value` under the session's lease if nobody holds it; `None` if it exists
-/// and is not ours. A retry after an unanswered attempt recognises its own put by `value`,
-/// which must be unique to this attempt. Cancel-safe: detached like [`acquire`]'s enqueue.
+/// and is not ours. A retry after an unanswered attempt recognises its own put by the lease,
+/// `value` and a create revision after the call began (so an equal key another holder of
+/// this session put earlier is not mistaken for ours). Cancel-safe: detached like [`acquire`]'s enqueue.
 pub(crate) async fn create_exclusive(
     session: &LeasedSession,
     key: &str,
@@ -680,11 +681,18 @@ pub(crate) async fn create_exclusive(
     shared.check()?;
     let (put_key, put_value, lease) = (key.to_owned(), value.clone().into_bytes(), shared.lease_id);
     let sweep = Sweep::with_value(key, value.as_bytes(), lease);
+    // Our put lands after every revision seen so far: a key created at or before it is not
+    // this call's (it may be another holder's of this same session with the same value).
+    let started = shared.seen_revision();
     let txn = move || keys::enqueue_txn(&put_key, put_value.clone(), lease, Vec::new());
     let on_else = move |_: &Shared, gets: &[GetResponse], revision| {
         let existing = gets.first().and_then(|g| g.kvs().first());
         Ok(existing
-            .filter(|kv| kv.lease() == lease && kv.value() == value.as_bytes())
+            .filter(|kv| {
+                kv.lease() == lease
+                    && kv.value() == value.as_bytes()
+                    && kv.create_revision() > started
+            })
             .map_or(Else::Busy, |kv| Else::Ours(kv.create_revision(), revision)))
     };
     Ok(

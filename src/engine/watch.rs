@@ -438,7 +438,9 @@ pub(crate) enum Gap {
 
 /// Every event under a prefix, in revision order, across disconnects: after a stream failure
 /// it re-opens the watch from the last delivered revision + 1 (with backoff), so nothing is
-/// skipped. Independent of any session's lease.
+/// skipped. A stream quiet for [`PREFIX_QUIET`] is probed with a progress request and
+/// re-opened when that goes unanswered, so a silently dead stream is noticed even without
+/// HTTP/2 keep-alive. Independent of any session's lease.
 pub(crate) struct PrefixEvents {
     client: etcd_client::Client,
     prefix: String,
@@ -447,7 +449,14 @@ pub(crate) struct PrefixEvents {
     stream: Option<etcd_client::WatchStream>,
     pending: std::collections::VecDeque<etcd_client::Event>,
     backoff: Backoff,
+    /// A progress request is outstanding on the current stream.
+    probed: bool,
 }
+
+/// A prefix watch quiet for this long is asked for a progress notification …
+const PREFIX_QUIET: Duration = Duration::from_secs(10);
+/// … and re-opened (from the last delivered revision + 1) if none comes within this.
+const PREFIX_PROBE_PATIENCE: Duration = Duration::from_secs(5);
 
 impl PrefixEvents {
     /// Events under `prefix` with revisions after `after`.
@@ -459,6 +468,7 @@ impl PrefixEvents {
             stream: None,
             pending: Default::default(),
             backoff: Backoff::for_requests(),
+            probed: false,
         }
     }
 
@@ -467,6 +477,12 @@ impl PrefixEvents {
         self.after = revision;
         self.stream = None;
         self.pending.clear();
+        self.probed = false;
+    }
+
+    /// Whether every event received so far has been handed out (a batch is complete).
+    pub(crate) fn is_drained(&self) -> bool {
+        self.pending.is_empty()
     }
 
     /// The next event, with its revision (the event's mod revision).
@@ -500,7 +516,30 @@ impl PrefixEvents {
                     }
                 }
             };
-            match stream.message().await {
+            let patience = if self.probed {
+                PREFIX_PROBE_PATIENCE
+            } else {
+                PREFIX_QUIET
+            };
+            let message = match tokio::time::timeout(patience, stream.message()).await {
+                Ok(message) => message,
+                Err(_) if self.probed => {
+                    tracing::debug!(prefix = %self.prefix, "a quiet prefix watch did not answer a progress request; re-opening");
+                    self.stream = None;
+                    self.probed = false;
+                    continue;
+                }
+                Err(_) => {
+                    self.probed = true;
+                    if stream.request_progress().await.is_err() {
+                        self.stream = None;
+                        self.probed = false;
+                    }
+                    continue;
+                }
+            };
+            self.probed = false;
+            match message {
                 Ok(Some(resp)) => {
                     if resp.canceled() {
                         self.stream = None;

@@ -287,9 +287,13 @@ impl Shared {
 /// # Background work
 /// One task per session refreshes the lease every third of the TTL (each refresh with its own
 /// response deadline; a failed stream is re-opened with jittered backoff) and carries out the
-/// fenced clean-ups that dropped guards and cancelled acquisitions hand to it. It ends when the
-/// session is Lost (revoking the lease on the way out if the lease may still exist) or its last
-/// handle is dropped.
+/// fenced clean-ups that dropped guards and cancelled acquisitions hand to it — retried until
+/// they succeed or the session is Lost. It ends when the session is Lost or its last handle is
+/// dropped, revoking the lease on the way out if the lease may still exist (retried until etcd
+/// answers, for up to two TTLs). If the task stops any other way — its runtime shut down, a
+/// panic — the session is Lost at once ([`LossReason::KeepAliveStopped`]); and past the
+/// deadline the session is Lost whether or not its task has run since: every check compares
+/// the deadline with the clock itself.
 ///
 /// # Client settings
 /// A blackholed connection is noticed only through HTTP/2 keep-alive; connect with

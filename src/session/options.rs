@@ -107,7 +107,7 @@ impl SessionOptions {
     }
 
     /// Checks everything that can be checked before the grant.
-    pub(super) fn validate(&self) -> Result<i64, Error> {
+    pub(crate) fn validate(&self) -> Result<i64, Error> {
         let secs = self.ttl_secs()?;
         let requested = Duration::from_secs(secs as u64);
         if let Some(margin) = self.safety_margin {

@@ -1,0 +1,888 @@
+//! Service registration and discovery on real etcd: registrations appear in views and vanish
+//! with their registrants; views converge to the true set across resets, compaction and
+//! malformed values; a tonic channel follows a view.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_coord::discovery::{
+    Discovery, Endpoint, Registration, RegistrationState, ServiceView, SessionRegistration,
+    ViewChange, ViewChanges,
+};
+use etcd_coord::testkit::EtcdCluster;
+use etcd_coord::{Error, SessionOptions};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn ttl(secs: u64) -> SessionOptions {
+    SessionOptions::new().with_ttl(Duration::from_secs(secs))
+}
+
+/// The next change of `changes` within `limit`.
+async fn next_change(changes: &mut ViewChanges, limit: Duration) -> Option<ViewChange> {
+    match tokio::time::timeout(limit, changes.next()).await {
+        Ok(Some(Ok(change))) => Some(change),
+        Ok(Some(Err(e))) => panic!("the view ended: {e}"),
+        Ok(None) => panic!("the view's stream ended"),
+        Err(_) => None,
+    }
+}
+
+/// The true set under `<target>/`, read directly.
+async fn truth(client: &Client, target: &str) -> BTreeMap<String, Endpoint> {
+    Discovery::new(client.clone(), target)
+        .list()
+        .await
+        .expect("a direct read")
+}
+
+/// Waits up to `limit` for `view` to equal the true set; returns whether it did.
+async fn converges(view: &ServiceView, client: &Client, target: &str, limit: Duration) -> bool {
+    eventually(limit, || async {
+        view.endpoints() == truth(client, target).await
+    })
+    .await
+}
+
+async fn put(client: &Client, key: &str, value: &str) {
+    client.clone().put(key, value, None).await.expect("put");
+}
+
+#[tokio::test]
+async fn a_registration_is_seen_by_a_view_within_a_fraction_of_a_second() {
+    let etcd = etcd().await;
+    let target = unique("svc");
+    let view = Discovery::new(client(&etcd).await, &target)
+        .view()
+        .await
+        .unwrap();
+    assert!(view.endpoints().is_empty());
+    let mut changes = view.changes();
+    let endpoint = Endpoint::new("10.0.0.1:50051").with_metadata(json!({"zone": "a"}));
+    let sent = Instant::now();
+    let registration =
+        Registration::register(client(&etcd).await, &target, endpoint.clone(), ttl(5))
+            .await
+            .unwrap();
+    let change = next_change(&mut changes, Duration::from_millis(500)).await;
+    let key = format!("{target}/10.0.0.1:50051");
+    assert_eq!(
+        change,
+        Some(ViewChange::Added {
+            key: key.clone(),
+            endpoint: endpoint.clone()
+        }),
+        "seen within 500 ms of the call"
+    );
+    eprintln!("registration seen after {:?}", sent.elapsed());
+    assert_eq!(registration.key(), key);
+    assert_eq!(view.endpoints(), BTreeMap::from([(key.clone(), endpoint)]));
+    // What is stored is exactly Go's Update JSON, under the registration's lease.
+    let stored = client(&etcd).await.get(key.as_str(), None).await.unwrap();
+    let kv = &stored.kvs()[0];
+    assert_eq!(
+        kv.value_str().unwrap(),
+        r#"{"Op":0,"Addr":"10.0.0.1:50051","Metadata":{"zone":"a"}}"#
+    );
+    let RegistrationState::Registered { lease_id, .. } = registration.state() else {
+        panic!("not registered: {:?}", registration.state());
+    };
+    assert_eq!(kv.lease(), lease_id);
+    registration.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn deregister_deletes_the_key_revokes_the_lease_and_the_view_sees_the_removal() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let registration = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .unwrap();
+    let RegistrationState::Registered { lease_id, .. } = registration.state() else {
+        panic!("not registered");
+    };
+    assert!(view.changed().await.is_ok());
+    assert_eq!(view.endpoints().len(), 1);
+    let mut changes = view.changes();
+    registration.deregister().await.unwrap();
+    assert!(matches!(
+        next_change(&mut changes, Duration::from_secs(1)).await,
+        Some(ViewChange::Removed { .. })
+    ));
+    assert!(keys_under(&c, &format!("{target}/")).await.is_empty());
+    assert!(!lease_exists(&c, lease_id).await, "the lease was revoked");
+}
+
+#[tokio::test]
+async fn dropping_a_registration_deregisters_in_the_background() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let registration = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .unwrap();
+    let RegistrationState::Registered { lease_id, .. } = registration.state() else {
+        panic!("not registered");
+    };
+    drop(registration);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            keys_under(&c, &format!("{target}/")).await.is_empty()
+                && !lease_exists(&c, lease_id).await
+        })
+        .await,
+        "key and lease gone long before the 30 s TTL"
+    );
+}
+
+#[tokio::test]
+async fn a_second_registration_of_a_key_is_refused_and_the_first_is_untouched() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let first = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .unwrap();
+    let before = c.clone().get(first.key(), None).await.unwrap().kvs()[0].clone();
+    let second = Registration::register(
+        c.clone(),
+        &target,
+        Endpoint::new("h:1").with_metadata(json!("other")),
+        ttl(30),
+    )
+    .await;
+    assert!(
+        matches!(&second, Err(Error::AlreadyHeld { key }) if key == first.key()),
+        "{second:?}"
+    );
+    // Also within one session: the same key twice is a conflict, not an alias.
+    let session = session(&etcd, 30).await;
+    let in_session = SessionRegistration::register(&session, &target, Endpoint::new("h:2"))
+        .await
+        .unwrap();
+    let again = SessionRegistration::register(&session, &target, Endpoint::new("h:2")).await;
+    assert!(matches!(again, Err(Error::AlreadyHeld { .. })), "{again:?}");
+    let after = c.clone().get(first.key(), None).await.unwrap().kvs()[0].clone();
+    assert_eq!(
+        (after.value(), after.lease(), after.mod_revision()),
+        (before.value(), before.lease(), before.mod_revision()),
+        "the first registration's key is as it was"
+    );
+    assert_eq!(truth(&c, &target).await.len(), 2, "h:1 and h:2, each once");
+    in_session.deregister().await.unwrap();
+    first.deregister().await.unwrap();
+    session.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn update_changes_the_endpoint_and_is_fenced_on_the_key() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let registration = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .unwrap();
+    view.changed().await.unwrap();
+    let mut changes = view.changes();
+    let newer = Endpoint::new("h:1").with_metadata(json!({"weight": 2}));
+    registration.update(newer.clone()).await.unwrap();
+    assert_eq!(
+        next_change(&mut changes, Duration::from_secs(1)).await,
+        Some(ViewChange::Updated {
+            key: registration.key().to_owned(),
+            previous: Endpoint::new("h:1"),
+            endpoint: newer.clone()
+        })
+    );
+    // Bad input changes nothing.
+    assert!(matches!(
+        registration.update(Endpoint::new("")).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(truth(&c, &target).await[registration.key()], newer);
+
+    // A session registration whose key was deleted by someone else cannot write it back.
+    let session = session(&etcd, 30).await;
+    let in_session = SessionRegistration::register(&session, &target, Endpoint::new("h:2"))
+        .await
+        .unwrap();
+    c.clone().delete(in_session.key(), None).await.unwrap();
+    let res = in_session
+        .update(Endpoint::new("h:2").with_metadata(json!(1)))
+        .await;
+    assert!(matches!(res, Err(Error::LockLost { .. })), "{res:?}");
+    assert!(
+        c.clone()
+            .get(in_session.key(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty(),
+        "the fenced update did not re-create the key"
+    );
+    let lost = tokio::time::timeout(Duration::from_secs(2), in_session.lost()).await;
+    assert!(matches!(lost, Ok(Error::LockLost { .. })), "{lost:?}");
+    registration.deregister().await.unwrap();
+    session.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_registration_whose_key_is_deleted_registers_again() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let registration = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .unwrap();
+    let mut states = registration.subscribe();
+    c.clone().delete(registration.key(), None).await.unwrap();
+    let again = tokio::time::timeout(
+        Duration::from_secs(3),
+        states.wait_for(|s| matches!(s, RegistrationState::Registered { generation: 2, .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(again, "registered again: {:?}", registration.state());
+    assert_eq!(registration.generation(), 2);
+    assert_eq!(
+        truth(&c, &target).await,
+        BTreeMap::from([(registration.key().to_owned(), Endpoint::new("h:1"))])
+    );
+    registration.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_registration_ends_with_its_session_and_is_not_registered_again() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let session = session(&etcd, 30).await;
+    let registration = SessionRegistration::register(&session, &target, Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    let lost = registration.lost();
+    session.close().await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(2), lost).await;
+    assert!(matches!(why, Ok(Error::SessionClosed)), "{why:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(truth(&c, &target).await.is_empty());
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_typed_error_and_nothing_is_stored() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let huge = Endpoint::new("h:1").with_metadata(json!("x".repeat(2 << 20)));
+    for (t, e) in [
+        ("", Endpoint::new("h:1")),
+        ("svc/", Endpoint::new("h:1")),
+        (target.as_str(), Endpoint::new("")),
+        (target.as_str(), huge),
+    ] {
+        let res = Registration::register(c.clone(), t, e, ttl(5)).await;
+        assert!(matches!(res, Err(Error::InvalidArgument(_))), "{res:?}");
+    }
+    let res = Registration::register(
+        c.clone(),
+        &target,
+        Endpoint::new("h:1"),
+        SessionOptions::new().with_ttl(Duration::ZERO),
+    )
+    .await;
+    assert!(matches!(res, Err(Error::InvalidArgument(_))), "{res:?}");
+    let res =
+        Registration::register_with_suffix(c.clone(), &target, "", Endpoint::new("h:1"), ttl(5))
+            .await;
+    assert!(matches!(res, Err(Error::InvalidArgument(_))), "{res:?}");
+    for bad in ["", "svc/"] {
+        assert!(matches!(
+            Discovery::new(c.clone(), bad).list().await,
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Discovery::new(c.clone(), bad).view().await,
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+    assert!(keys_under(&c, &target).await.is_empty());
+}
+
+#[tokio::test]
+async fn malformed_values_are_skipped_and_reported_and_never_end_the_view() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    // Before the view: one bad value (seen by the first read) and one in etcd's docs' style.
+    put(&c, &format!("{target}/bad-1"), "not json").await;
+    put(&c, &format!("{target}/docs"), r#"{"Addr":"1.2.3.4"}"#).await;
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    assert_eq!(
+        view.endpoints(),
+        BTreeMap::from([(format!("{target}/docs"), Endpoint::new("1.2.3.4"))])
+    );
+    assert_eq!(view.metrics().malformed, 1);
+    assert!(view.malformed().contains_key(&format!("{target}/bad-1")));
+    let mut changes = view.changes();
+    // After it: bad values, then a good one; and the good one turned bad is removed.
+    put(&c, &format!("{target}/bad-2"), r#"{"Op":7,"Addr":"x"}"#).await;
+    put(&c, &format!("{target}/bad-3"), "[]").await;
+    put(
+        &c,
+        &format!("{target}/good"),
+        r#"{"Op":0,"Addr":"5.6.7.8","Metadata":null}"#,
+    )
+    .await;
+    assert_eq!(
+        next_change(&mut changes, Duration::from_secs(1)).await,
+        Some(ViewChange::Added {
+            key: format!("{target}/good"),
+            endpoint: Endpoint::new("5.6.7.8")
+        })
+    );
+    put(&c, &format!("{target}/docs"), "{").await;
+    assert_eq!(
+        next_change(&mut changes, Duration::from_secs(1)).await,
+        Some(ViewChange::Removed {
+            key: format!("{target}/docs"),
+            endpoint: Endpoint::new("1.2.3.4")
+        })
+    );
+    assert_eq!(view.metrics().malformed, 4);
+    assert_eq!(view.malformed().len(), 4);
+    // A bad value fixed is an endpoint again, and no longer reported.
+    put(&c, &format!("{target}/bad-1"), r#"{"Addr":"9.9.9.9"}"#).await;
+    assert!(matches!(
+        next_change(&mut changes, Duration::from_secs(1)).await,
+        Some(ViewChange::Added { .. })
+    ));
+    assert!(!view.malformed().contains_key(&format!("{target}/bad-1")));
+    assert_eq!(view.endpoints(), truth(&c, &target).await);
+}
+
+#[tokio::test]
+async fn a_view_of_a_target_does_not_show_targets_that_merely_start_with_it() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    put(&c, &format!("{target}2/x"), r#"{"Addr":"1.1.1.1"}"#).await;
+    put(&c, &target, r#"{"Addr":"2.2.2.2"}"#).await;
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let mut changes = view.changes();
+    put(&c, &format!("{target}2/y"), r#"{"Addr":"3.3.3.3"}"#).await;
+    put(&c, &format!("{target}/z"), r#"{"Addr":"4.4.4.4"}"#).await;
+    assert_eq!(
+        next_change(&mut changes, Duration::from_secs(1)).await,
+        Some(ViewChange::Added {
+            key: format!("{target}/z"),
+            endpoint: Endpoint::new("4.4.4.4")
+        })
+    );
+    assert_eq!(view.endpoints().len(), 1);
+    assert_eq!(truth(&c, &target).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_view_through_a_proxy_that_keeps_resetting_converges_to_the_true_set() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(client_via(&proxy).await, &target)
+        .view()
+        .await
+        .unwrap();
+    let mut registrations = Vec::new();
+    for round in 0..6 {
+        proxy.reset_peer();
+        for i in 0..5 {
+            let addr = format!("10.0.{round}.{i}:80");
+            registrations.push(
+                Registration::register(c.clone(), &target, Endpoint::new(addr), ttl(30))
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Deregister every third, so the set both grows and shrinks between resets.
+        let gone = registrations.remove(round % registrations.len());
+        gone.deregister().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        converges(&view, &c, &target, Duration::from_secs(5)).await,
+        "view {} endpoints vs {} true",
+        view.endpoints().len(),
+        truth(&c, &target).await.len()
+    );
+    assert_eq!(view.endpoints().len(), 24);
+}
+
+#[tokio::test]
+async fn a_view_cut_off_across_compaction_reads_again_and_reports_exactly_the_difference() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let target = unique("svc");
+    let key = |s: &str| format!("{target}/{s}");
+    for (k, a) in [
+        ("keep", "1.0.0.1"),
+        ("change", "1.0.0.2"),
+        ("drop", "1.0.0.3"),
+    ] {
+        put(&c, &key(k), &Endpoint::new(a).to_json()).await;
+    }
+    let view = Discovery::new(client_via(&proxy).await, &target)
+        .view()
+        .await
+        .unwrap();
+    let mut changes = view.changes();
+    proxy.down();
+    put(&c, &key("change"), &Endpoint::new("2.0.0.2").to_json()).await;
+    c.clone().delete(key("drop"), None).await.unwrap();
+    put(&c, &key("new"), &Endpoint::new("2.0.0.4").to_json()).await;
+    put(&c, &key("flash"), &Endpoint::new("2.0.0.5").to_json()).await;
+    c.clone().delete(key("flash"), None).await.unwrap();
+    etcd.compact().await.unwrap();
+    proxy.heal();
+    let mut seen = Vec::new();
+    while let Some(change) = next_change(&mut changes, Duration::from_secs(5)).await {
+        seen.push(change);
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ViewChange::Updated {
+                key: key("change"),
+                previous: Endpoint::new("1.0.0.2"),
+                endpoint: Endpoint::new("2.0.0.2")
+            },
+            ViewChange::Removed {
+                key: key("drop"),
+                endpoint: Endpoint::new("1.0.0.3")
+            },
+            ViewChange::Added {
+                key: key("new"),
+                endpoint: Endpoint::new("2.0.0.4")
+            },
+        ],
+        "exactly the difference: nothing for `keep`, nothing for `flash`"
+    );
+    assert!(view.metrics().resyncs >= 1, "{:?}", view.metrics());
+    assert_eq!(
+        next_change(&mut changes, Duration::from_millis(300)).await,
+        None
+    );
+    assert_eq!(view.endpoints(), truth(&c, &target).await);
+}
+
+#[tokio::test]
+async fn a_view_survives_the_loss_of_the_member_it_watches_through() {
+    let mut cluster = EtcdCluster::start(3).await.expect("a 3-member cluster");
+    let c = cluster.client().await.unwrap();
+    let target = unique("svc");
+    let view_client = Client::connect(
+        cluster.endpoints(),
+        Some(etcd_coord::recommended_connect_options()),
+    )
+    .await
+    .unwrap();
+    let view = Discovery::new(view_client, &target).view().await.unwrap();
+    let mut registrations = Vec::new();
+    for victim in 0..3 {
+        cluster.kill(victim).unwrap();
+        for i in 0..3 {
+            let addr = format!("10.{victim}.0.{i}:80");
+            // The registrants talk to the members that are up.
+            let up: Vec<String> = (0..3)
+                .filter(|m| *m != victim)
+                .map(|m| cluster.endpoint(m).unwrap())
+                .collect();
+            let c = Client::connect(up, Some(etcd_coord::recommended_connect_options()))
+                .await
+                .unwrap();
+            // A cluster that just lost a member may take a moment to answer: retry as a
+            // service would.
+            let mut attempts = 0;
+            let registration = loop {
+                attempts += 1;
+                match Registration::register(c.clone(), &target, Endpoint::new(&addr), ttl(30))
+                    .await
+                {
+                    Ok(r) => break r,
+                    Err(e) if attempts < 20 => eprintln!("register {addr}: {e}; retrying"),
+                    Err(e) => panic!("register {addr}: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
+            registrations.push(registration);
+        }
+        cluster.restart(victim).await.unwrap();
+    }
+    let reader = Client::connect(
+        cluster.endpoints(),
+        Some(etcd_coord::recommended_connect_options()),
+    )
+    .await
+    .unwrap();
+    drop(c);
+    assert!(
+        converges(&view, &reader, &target, Duration::from_secs(10)).await,
+        "view {:?}",
+        view.endpoints().keys().collect::<Vec<_>>()
+    );
+    assert_eq!(view.endpoints().len(), 9);
+}
+
+#[tokio::test]
+async fn dropping_register_at_any_point_leaves_no_key_and_no_lease() {
+    let mut cluster = EtcdCluster::start(1).await.expect("etcd");
+    let c = cluster.client().await.unwrap();
+    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let via = client_via(&proxy).await;
+    let target = unique("svc");
+    let mut survivors = Vec::new();
+    // Dropped after 0, 1, 2, … ms: before, during and after the grant and the put.
+    for delay_ms in 0..12u64 {
+        let register = Registration::register(via.clone(), &target, Endpoint::new("h:1"), ttl(30));
+        match tokio::time::timeout(Duration::from_millis(delay_ms), register).await {
+            Ok(Ok(r)) => survivors.push(r),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {}
+        }
+        survivors.clear();
+    }
+    // And while etcd is unreachable: the requests never arrive.
+    proxy.blackhole();
+    let register = Registration::register(via.clone(), &target, Endpoint::new("h:2"), ttl(30));
+    assert!(tokio::time::timeout(Duration::from_millis(300), register)
+        .await
+        .is_err());
+    proxy.heal();
+    proxy.reset_peer();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&c, &format!("{target}/")).await.is_empty()
+                && matches!(c.clone().leases().await, Ok(l) if l.leases().is_empty())
+        })
+        .await,
+        "keys {:?}, leases {:?}",
+        keys_under(&c, &format!("{target}/")).await,
+        c.clone().leases().await.map(|l| l.leases().len())
+    );
+    cluster.kill(0).unwrap();
+}
+
+/// The registrant of the SIGKILL test, run as a process of this test binary.
+const REGISTRANT_ENV: &str = "ETCD_COORD_TEST_REGISTRANT";
+
+#[test]
+#[ignore = "the entry point of a registrant process, started by a test"]
+fn registrant_process() {
+    let Ok(spec) = std::env::var(REGISTRANT_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let (endpoint, target, addr, ttl_secs) = (parts[0], parts[1], parts[2], parts[3]);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let c = Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
+            .await
+            .unwrap();
+        let registration = Registration::register(
+            c,
+            target,
+            Endpoint::new(addr),
+            ttl(ttl_secs.parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        println!("registered {}", registration.key());
+        std::future::pending::<()>().await;
+    });
+}
+
+#[tokio::test]
+async fn a_registrant_killed_with_sigkill_disappears_after_its_ttl() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let ttl_secs = 3;
+    let mut child = tokio::process::Command::new("/proc/self/exe")
+        .args(["registrant_process", "--exact", "--ignored", "--nocapture"])
+        .env(
+            REGISTRANT_ENV,
+            format!("{} {target} 10.9.9.9:80 {ttl_secs}", etcd.endpoints()[0]),
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("a registrant process");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the registrant registers")
+            .unwrap()
+            .expect("the registrant's output");
+        if line.starts_with("registered ") {
+            break;
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            view.endpoints().len() == 1
+        })
+        .await
+    );
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let killed = Instant::now();
+    let mut changes = view.changes();
+    let removed = next_change(&mut changes, Duration::from_secs(ttl_secs + 2)).await;
+    assert!(
+        matches!(removed, Some(ViewChange::Removed { .. })),
+        "gone within TTL + 2 s: {removed:?}"
+    );
+    let after = killed.elapsed();
+    eprintln!("the killed registrant's endpoint vanished after {after:?}");
+    assert!(
+        after >= Duration::from_secs(ttl_secs) / 2,
+        "gone by its lease's expiry, not by anything else ({after:?})"
+    );
+    assert!(truth(&c, &target).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_blackholed_registrant_disappears_after_its_ttl_and_registers_again_after_the_heal() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let registration = Registration::register(
+        client_via(&proxy).await,
+        &target,
+        Endpoint::new("10.1.1.1:80"),
+        ttl(2),
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            view.endpoints().len() == 1
+        })
+        .await
+    );
+    let mut changes = view.changes();
+    let mut states = registration.subscribe();
+    proxy.blackhole();
+    assert!(matches!(
+        next_change(&mut changes, Duration::from_secs(5)).await,
+        Some(ViewChange::Removed { .. })
+    ));
+    assert!(
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            states.wait_for(|s| matches!(s, RegistrationState::Reregistering { .. }))
+        )
+        .await
+        .is_ok(),
+        "the registration says it is registering again: {:?}",
+        registration.state()
+    );
+    proxy.heal();
+    proxy.reset_peer();
+    assert!(
+        matches!(
+            next_change(&mut changes, Duration::from_secs(10)).await,
+            Some(ViewChange::Added { .. })
+        ),
+        "registered again after the heal: {:?}",
+        registration.state()
+    );
+    // The key can be seen before the registration's own answer arrives.
+    tokio::time::timeout(Duration::from_secs(2), registration.registered())
+        .await
+        .expect("registered");
+    assert!(matches!(
+        registration.state(),
+        RegistrationState::Registered { generation: 2, .. }
+    ));
+    assert_eq!(truth(&c, &target).await.len(), 1, "exactly one key");
+    registration.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn keys_registered_by_go_style_puts_with_leases_are_endpoints_too() {
+    // A value written by hand under a lease (as Go's Manager does) is read like ours.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let lease = c.clone().lease_grant(30, None).await.unwrap().id();
+    c.clone()
+        .put(
+            format!("{target}/g"),
+            r#"{"Op":0,"Addr":"7.7.7.7:1","Metadata":{"a":[1,2]}}"#,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let listed = Discovery::new(c.clone(), &target).list().await.unwrap();
+    assert_eq!(
+        listed[&format!("{target}/g")],
+        Endpoint::new("7.7.7.7:1").with_metadata(json!({"a": [1, 2]}))
+    );
+    c.clone().lease_revoke(lease).await.unwrap();
+    let after = c
+        .clone()
+        .get(format!("{target}/"), Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(after.kvs().is_empty());
+}
+
+#[tokio::test]
+async fn list_reads_many_endpoints_in_pages_at_one_revision() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let mut txn_ops = Vec::new();
+    for i in 0..2500 {
+        txn_ops.push(etcd_client::TxnOp::put(
+            format!("{target}/{i:05}"),
+            Endpoint::new(format!("10.0.{}.{}:80", i / 256, i % 256)).to_json(),
+            None,
+        ));
+        if txn_ops.len() == 100 {
+            c.clone()
+                .txn(etcd_client::Txn::new().and_then(std::mem::take(&mut txn_ops)))
+                .await
+                .unwrap();
+        }
+    }
+    let listed = Discovery::new(c.clone(), &target).list().await.unwrap();
+    assert_eq!(listed.len(), 2500);
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    assert_eq!(view.endpoints(), listed);
+}
+
+/// gRPC servers (tonic-health) that tag every response with their index in an `x-server`
+/// header, so a client can tell which one answered.
+mod grpc {
+    use std::net::SocketAddr;
+
+    use tonic::codegen::http;
+    use tonic::transport::server::TcpIncoming;
+    use tonic::transport::Server;
+
+    pub async fn serve(index: usize) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let tag = move |mut resp: http::Response<tonic::body::Body>| {
+            resp.headers_mut().insert(
+                "x-server",
+                http::HeaderValue::from_str(&index.to_string()).unwrap(),
+            );
+            resp
+        };
+        let task = tokio::spawn(async move {
+            let _keep = reporter;
+            Server::builder()
+                .layer(tower::util::MapResponseLayer::new(tag))
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        (addr, task)
+    }
+
+    /// One health check through `channel`: the index of the server that answered.
+    pub async fn call(channel: &tonic::transport::Channel) -> Option<usize> {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let resp = client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        resp.metadata().get("x-server")?.to_str().ok()?.parse().ok()
+    }
+}
+
+#[tokio::test]
+async fn a_balanced_channel_spreads_calls_and_stops_reaching_a_deregistered_server_within_a_second()
+{
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("grpc");
+    let mut servers = Vec::new();
+    let mut registrations = Vec::new();
+    for i in 0..3 {
+        let (addr, task) = grpc::serve(i).await;
+        servers.push(task);
+        registrations.push(
+            Registration::register(c.clone(), &target, Endpoint::new(addr.to_string()), ttl(10))
+                .await
+                .unwrap(),
+        );
+    }
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let channel = etcd_coord::discovery::balanced_channel(view, |e| {
+        Ok(etcd_coord::discovery::default_tonic_endpoint(e)?
+            .connect_timeout(Duration::from_secs(1)))
+    });
+    let mut hits = [0usize; 3];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits.iter().any(|&h| h < 5) && Instant::now() < deadline {
+        if let Some(i) = grpc::call(&channel).await {
+            hits[i] += 1;
+        }
+    }
+    assert!(
+        hits.iter().all(|&h| h >= 5),
+        "calls spread over all three: {hits:?}"
+    );
+    // Server 1 leaves (it keeps running: only its registration goes).
+    let leaving = registrations.remove(1);
+    leaving.deregister().await.unwrap();
+    let deregistered = Instant::now();
+    let mut since_last_hit = 0;
+    let mut last_hit = None;
+    while since_last_hit < 50 {
+        match grpc::call(&channel).await {
+            Some(1) => {
+                last_hit = Some(deregistered.elapsed());
+                since_last_hit = 0;
+            }
+            Some(_) => since_last_hit += 1,
+            None => {}
+        }
+        assert!(deregistered.elapsed() < Duration::from_secs(5));
+    }
+    eprintln!("server 1 last reached {last_hit:?} after its deregistration");
+    assert!(
+        last_hit.unwrap_or_default() < Duration::from_secs(1),
+        "no call reached server 1 later than a second after it deregistered ({last_hit:?})"
+    );
+    for s in servers {
+        s.abort();
+    }
+}
