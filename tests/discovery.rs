@@ -779,6 +779,7 @@ async fn list_reads_many_endpoints_in_pages_at_one_revision() {
     assert_eq!(view.endpoints(), listed);
 }
 
+#[cfg(feature = "tonic")]
 /// gRPC servers (tonic-health) that tag every response with their index in an `x-server`
 /// header, so a client can tell which one answered.
 mod grpc {
@@ -827,6 +828,7 @@ mod grpc {
     }
 }
 
+#[cfg(feature = "tonic")]
 #[tokio::test]
 async fn a_balanced_channel_spreads_calls_and_stops_reaching_a_deregistered_server_within_a_second()
 {

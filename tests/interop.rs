@@ -375,3 +375,187 @@ async fn nested_names_and_other_kinds_never_block_a_mutex() {
     ctl.terminate();
     ctl.exited().await;
 }
+
+// ---- Service discovery against Go's naming/endpoints and etcdctl ----
+
+use etcd_coord::discovery::{Discovery, Endpoint, Registration, ViewChange, ViewChanges};
+
+async fn next_view_change(changes: &mut ViewChanges) -> ViewChange {
+    tokio::time::timeout(Duration::from_secs(10), changes.next())
+        .await
+        .expect("a view change within 10 s")
+        .expect("the view's stream goes on")
+        .expect("the view is alive")
+}
+
+/// The next line of `tool` whose `"event"` is `event`.
+async fn event_line(tool: &mut Tool, event: &str) -> String {
+    loop {
+        let line = tool.line().await;
+        if field(&line, "event") == event {
+            return line;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gos_endpoints_manager_registrations_are_discovered_and_stored_as_we_store_them() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("interop-svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let mut changes = view.changes();
+    let Some(mut go) = go_peer(
+        &etcd,
+        &[
+            "-mode",
+            "endpoints-register",
+            "-target",
+            &target,
+            "-addr",
+            "10.0.0.9:7",
+            "-metadata",
+            // Keys in sorted order: the peer stores its flag's bytes as they are, Go's
+            // json.Marshal of a map (and ours) sorts them.
+            r#"{"w":[1,2],"zone":"b"}"#,
+            "-ttl",
+            "5",
+        ],
+    ) else {
+        return;
+    };
+    let line = event_line(&mut go, "registered").await;
+    let key = format!("{target}/10.0.0.9:7");
+    assert_eq!(field(&line, "key"), key);
+    let expected =
+        Endpoint::new("10.0.0.9:7").with_metadata(serde_json::json!({"zone": "b", "w": [1, 2]}));
+    assert_eq!(
+        next_view_change(&mut changes).await,
+        ViewChange::Added {
+            key: key.clone(),
+            endpoint: expected.clone()
+        }
+    );
+    // Byte for byte what we would have written for the same endpoint.
+    let stored = c.clone().get(key.as_str(), None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value_str().unwrap(), expected.to_json());
+    go.terminate();
+    event_line(&mut go, "deregistered").await;
+    assert!(matches!(
+        next_view_change(&mut changes).await,
+        ViewChange::Removed { key: k, .. } if k == key
+    ));
+    go.exited().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_registrations_are_seen_by_gos_watch_channel() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("interop-svc");
+    let options = etcd_coord::SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let first = Registration::register(
+        c.clone(),
+        &target,
+        Endpoint::new("10.1.0.1:80"),
+        options.clone(),
+    )
+    .await
+    .unwrap();
+    let Some(mut go) = go_peer(
+        &etcd,
+        &[
+            "-mode",
+            "endpoints-watch",
+            "-target",
+            &target,
+            "-duration",
+            "20s",
+        ],
+    ) else {
+        return;
+    };
+    // Go's watch channel starts with the current set: our first registration.
+    let line = event_line(&mut go, "update").await;
+    assert_eq!(
+        (
+            field(&line, "op"),
+            field(&line, "key"),
+            field(&line, "addr")
+        ),
+        (
+            "add".to_owned(),
+            first.key().to_owned(),
+            "10.1.0.1:80".to_owned()
+        )
+    );
+    let second = Registration::register(
+        c.clone(),
+        &target,
+        Endpoint::new("10.1.0.2:80").with_metadata(serde_json::json!({"zone": "c"})),
+        options,
+    )
+    .await
+    .unwrap();
+    let line = event_line(&mut go, "update").await;
+    assert_eq!(
+        (
+            field(&line, "op"),
+            field(&line, "key"),
+            field(&line, "addr")
+        ),
+        (
+            "add".to_owned(),
+            second.key().to_owned(),
+            "10.1.0.2:80".to_owned()
+        )
+    );
+    assert!(line.contains(r#""metadata":{"zone":"c"}"#), "{line}");
+    let key = first.key().to_owned();
+    first.deregister().await.unwrap();
+    let line = event_line(&mut go, "update").await;
+    assert_eq!(
+        (field(&line, "op"), field(&line, "key")),
+        ("delete".to_owned(), key)
+    );
+    second.deregister().await.unwrap();
+    go.terminate();
+    go.exited().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_puts_in_etcds_documented_form_are_endpoints_and_longer_targets_are_not() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("interop-svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let mut changes = view.changes();
+    etcdctl(
+        &etcd,
+        &["put", &format!("{target}2/y"), r#"{"Addr":"5.5.5.5"}"#],
+    )
+    .exited()
+    .await;
+    etcdctl(
+        &etcd,
+        &["put", &format!("{target}/x"), r#"{"Addr":"1.2.3.4"}"#],
+    )
+    .exited()
+    .await;
+    assert_eq!(
+        next_view_change(&mut changes).await,
+        ViewChange::Added {
+            key: format!("{target}/x"),
+            endpoint: Endpoint::new("1.2.3.4")
+        },
+        "the documented value is an endpoint; {target}2/y is not under {target}/"
+    );
+    etcdctl(&etcd, &["del", &format!("{target}/x")])
+        .exited()
+        .await;
+    assert!(matches!(
+        next_view_change(&mut changes).await,
+        ViewChange::Removed { .. }
+    ));
+    assert!(view.endpoints().is_empty());
+}

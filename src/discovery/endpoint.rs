@@ -78,9 +78,11 @@ impl Endpoint {
     }
 
     /// The stored form: `{"Op":0,"Addr":…,"Metadata":…}`, byte for byte what Go's
-    /// `endpoints.Manager` writes for the same endpoint (object keys sorted, `<`, `>`, `&`,
-    /// U+2028 and U+2029 escaped as Go's `encoding/json` does) — except that Go may spell
-    /// some floating-point numbers in metadata differently (`1e+21` for `1e21`).
+    /// `endpoints.Manager` writes for the same endpoint when Go holds the metadata as a map or
+    /// plain value (object keys sorted; `<`, `>`, `&`, U+2028 and U+2029 escaped as Go's
+    /// `encoding/json` does). Go writes a struct's fields, or a `json.RawMessage`'s bytes, in
+    /// their own order, and may spell some floating-point numbers differently (`1e+21` for
+    /// `1e21`); readers compare values, not bytes, so this never matters to discovery.
     pub fn to_json(&self) -> String {
         let plain = serde_json::to_string(&Update {
             op: OP_ADD as u8,
