@@ -119,3 +119,47 @@ async fn selector_leaders_recover_after_observing_fails() {
     .unwrap();
     run.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_view_whose_permission_is_revoked_ends_visibly() {
+    // A view's watch that etcd refuses for good (its role lost read permission) ends the view
+    // with ViewEnded through changed() and the change stream — it never spins or goes quiet.
+    use etcd_coord::discovery::{Discovery, Endpoint};
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let mut root = enable_auth(&cluster, "app", "app/").await;
+    let proxy = FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let app = etcd_client::Client::connect(
+        [proxy.endpoint()],
+        Some(etcd_coord::recommended_connect_options().with_user("app", "app-pw")),
+    )
+    .await
+    .unwrap();
+    root.put("app/svc/a", Endpoint::new("1.1.1.1:1").to_json(), None)
+        .await
+        .unwrap();
+    let view = Discovery::new(app, "app/svc").view().await.unwrap();
+    assert_eq!(view.endpoints().len(), 1);
+    let mut changes = view.changes();
+    root.role_revoke_permission(
+        "app",
+        "app/",
+        Some(etcd_client::RoleRevokePermissionOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    proxy.reset_peer(); // its watch is re-opened, and refused
+    let ended = tokio::time::timeout(Duration::from_secs(10), view.changed())
+        .await
+        .expect("the view ends within 10 s");
+    assert!(matches!(ended, Err(Error::ViewEnded(_))), "{ended:?}");
+    let last = tokio::time::timeout(Duration::from_secs(1), changes.next())
+        .await
+        .expect("the stream reports the end");
+    assert!(matches!(last, Some(Err(Error::ViewEnded(_)))), "{last:?}");
+    assert!(changes.next().await.is_none(), "and then ends");
+    // The last known set is still there to look at.
+    assert_eq!(view.endpoints().len(), 1);
+}

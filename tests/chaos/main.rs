@@ -8,6 +8,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod discovery;
 mod harness;
 
 use etcd_coord::testkit::partitions_unsupported;
@@ -82,6 +83,21 @@ async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_barrier_rounds_stay_together_under_fault_schedules() {
     stays_safe(Primitive::DoubleBarrier, 3, &[29]).await;
+}
+
+/// Registrants and views under the fault schedules: after the heal, every view equals the true
+/// set and every live registration is in it, within `discovery::CONVERGENCE_BOUND`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_views_converge_to_the_live_registrations_after_fault_schedules() {
+    for seed in seeds(&[1, 8]) {
+        let plan = schedule(seed);
+        eprintln!("chaos: discovery, 3 member(s), seed {seed}: {plan:?}");
+        let violations = discovery::run_discovery(seed, &plan).await;
+        assert!(
+            violations.is_empty(),
+            "discovery, seed {seed}: {violations:#?}\nschedule: {plan:?}"
+        );
+    }
 }
 
 /// Real partitions (network namespaces, nftables): skipped with a printed reason where they
