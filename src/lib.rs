@@ -28,6 +28,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Service registration and discovery, in the layout of etcd's Go `naming/endpoints`, live in
+//! [`discovery`].
+//!
 //! See `docs/design.md` for the architecture, the session state machine and the wait
 //! algorithm, and `docs/safety.md` for what fencing does and does not protect.
 #![deny(missing_docs)]
