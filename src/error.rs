@@ -152,7 +152,10 @@ impl Error {
     pub(crate) fn watch_refused(reason: &str) -> Error {
         if reason.contains("permission denied") {
             Error::PermissionDenied(reason.to_owned())
-        } else if reason.contains("invalid auth token") || reason.contains("authentication") {
+        } else if reason.contains("invalid auth token")
+            || reason.contains("authentication")
+            || is_old_auth_revision(reason)
+        {
             Error::AuthenticationFailed(reason.to_owned())
         } else {
             Error::Protocol(format!("etcd refused a watch: {reason}"))
@@ -197,6 +200,38 @@ impl Error {
             _ => false,
         }
     }
+}
+
+impl Error {
+    /// Whether etcd refused the request only because the client's auth token is stale: it
+    /// expired (simple tokens after `--auth-token-ttl` without use, JWTs after their TTL) or
+    /// was issued before a change of users or roles ("revision of auth store is old"). A fresh
+    /// token fixes it: see [`renew_auth`].
+    pub(crate) fn is_stale_auth(&self) -> bool {
+        match self {
+            Error::AuthenticationFailed(m) => {
+                m.contains("invalid auth token") || is_old_auth_revision(m)
+            }
+            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                s.message().contains("invalid auth token") || is_old_auth_revision(s.message())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// etcd's "the token predates a change of users or roles": its gRPC error, and the raw one
+/// some of its code paths return.
+fn is_old_auth_revision(message: &str) -> bool {
+    message.contains("revision of auth store is old")
+        || message.contains("auth: revision in header is old")
+}
+
+/// Fetches a fresh auth token for `client` (a no-op for a client without credentials).
+/// Returns whether the request that failed with a stale token is worth sending again.
+pub(crate) async fn renew_auth(client: &etcd_client::Client) -> Result<(), Error> {
+    tracing::debug!("renewing the client's auth token");
+    client.refresh_token().await.map_err(Error::from)
 }
 
 /// Runs `request` with the deadline `limit`: its error converted, or [`Error::Timeout`] if the
@@ -280,5 +315,36 @@ mod tests {
             Error::watch_refused("something else"),
             Error::Protocol(_)
         ));
+    }
+
+    #[test]
+    fn stale_tokens_are_told_from_denials() {
+        let status = |code, m: &str| {
+            Error::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(code, m)))
+        };
+        assert!(status(
+            Code::InvalidArgument,
+            "etcdserver: revision of auth store is old"
+        )
+        .is_stale_auth());
+        assert!(status(Code::Unknown, "auth: revision in header is old").is_stale_auth());
+        assert!(
+            Error::from(etcd_client::Error::GRpcStatus(tonic::Status::new(
+                Code::Unauthenticated,
+                "etcdserver: invalid auth token"
+            )))
+            .is_stale_auth()
+        );
+        assert!(Error::watch_refused(
+            "rpc error: code = InvalidArgument desc = etcdserver: revision of auth store is old"
+        )
+        .is_stale_auth());
+        assert!(!Error::PermissionDenied("etcdserver: permission denied".into()).is_stale_auth());
+        assert!(!status(
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password"
+        )
+        .is_stale_auth());
+        assert!(!Error::Timeout(std::time::Duration::from_secs(1)).is_stale_auth());
     }
 }

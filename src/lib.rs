@@ -73,7 +73,10 @@ pub use session::{
 /// Client settings under which a dead or blackholed connection is noticed within about two
 /// seconds: HTTP/2 keep-alive every second with a one-second timeout (also while idle), a 5 s
 /// connect timeout and `require_leader` (a member cut off from its cluster refuses requests
-/// instead of serving stale reads).
+/// instead of serving stale reads). With credentials (`.with_user(…)`), an expired auth token
+/// is renewed and the request sent again (etcd-client's `with_auto_token_refresh`, off by
+/// default there); this crate also renews tokens etcd refuses as issued before a change of
+/// users or roles, and before re-opening watches.
 ///
 /// etcd closes connections that ping more often than its `--grpc-keepalive-min-time`
 /// (default 5 s): run etcd with `--grpc-keepalive-min-time=500ms` or raise the interval here.
@@ -83,6 +86,7 @@ pub fn recommended_connect_options() -> etcd_client::ConnectOptions {
         .with_keep_alive_while_idle(true)
         .with_connect_timeout(Duration::from_secs(5))
         .with_require_leader(true)
+        .with_auto_token_refresh(true)
 }
 
 /// The README's example, compiled as a doctest so it cannot rot.

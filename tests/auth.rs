@@ -163,3 +163,209 @@ async fn a_service_view_whose_permission_is_revoked_ends_visibly() {
     // The last known set is still there to look at.
     assert_eq!(view.endpoints().len(), 1);
 }
+
+/// A client of `proxy` authenticated as `app`, with the recommended options.
+async fn app_via(proxy: &FaultProxy) -> etcd_client::Client {
+    etcd_client::Client::connect(
+        [proxy.endpoint()],
+        Some(etcd_coord::recommended_connect_options().with_user("app", "app-pw")),
+    )
+    .await
+    .unwrap()
+}
+
+/// A key for etcd's JWT tokens (HS256), written to a file that lives as long as the value.
+fn jwt_key() -> tempfile::NamedTempFile {
+    use std::io::Write;
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    let secret: [u8; 32] = rand::random();
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    f.write_all(hex.as_bytes()).unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_simple_tokens_are_renewed_for_sessions_waits_observers_and_views() {
+    // Simple tokens expire after --auth-token-ttl seconds without use; lease keep-alives do
+    // not use them.
+    tokens_expire_and_everything_goes_on(&["--auth-token-ttl", "2"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jwt_tokens_are_renewed_for_sessions_waits_observers_and_views() {
+    // JWTs expire after their ttl, used or not.
+    let key = jwt_key();
+    let spec = format!(
+        "jwt,priv-key={},sign-method=HS256,ttl=2s",
+        key.path().display()
+    );
+    tokens_expire_and_everything_goes_on(&["--auth-token", &spec]).await;
+}
+
+/// Everything must go on after the tokens expired, also across re-opened streams (a watch
+/// created with an expired token is refused as "permission denied").
+async fn tokens_expire_and_everything_goes_on(etcd_args: &[&str]) {
+    use etcd_coord::discovery::{Discovery, Endpoint, SessionRegistration};
+    init_tracing();
+    let cluster = EtcdCluster::start_with_args(1, etcd_args).await.unwrap();
+    let _root = enable_auth(&cluster, "app", "app/").await;
+    let proxy = FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let holder = LeasedSession::new(app_via(&proxy).await, options.clone())
+        .await
+        .unwrap();
+    let waiter = LeasedSession::new(app_via(&proxy).await, options.clone())
+        .await
+        .unwrap();
+    let guard = Mutex::new(&holder, "app/m").lock().await.unwrap();
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { Mutex::new(&waiter, "app/m").lock().await })
+    };
+    let view = Discovery::new(app_via(&proxy).await, "app/svc")
+        .view()
+        .await
+        .unwrap();
+    let mut observed = Box::pin(Election::new(&waiter, "app/e").observe());
+    // Idle past the token TTL (twice), streams re-opened in between.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.reset_peer();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(holder.state(), etcd_coord::SessionState::Alive);
+    assert_eq!(waiter.state(), etcd_coord::SessionState::Alive);
+    // The holder releases with an expired token; the parked waiter gets the lock.
+    guard.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter gets the lock")
+        .unwrap()
+        .unwrap();
+    // The view and the observer see what happens after the expiry.
+    let registrant = LeasedSession::new(app_via(&proxy).await, options)
+        .await
+        .unwrap();
+    let registration =
+        SessionRegistration::register(&registrant, "app/svc", Endpoint::new("1.2.3.4:5"))
+            .await
+            .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), view.changed())
+        .await
+        .expect("the view sees the registration")
+        .unwrap();
+    assert_eq!(view.endpoints().len(), 1);
+    let mut leadership = Election::new(&registrant, "app/e")
+        .campaign("after-expiry")
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match observed.next().await {
+                Some(Ok(etcd_coord::LeaderEvent::Leader(info)))
+                    if info.value() == b"after-expiry" =>
+                {
+                    return Ok(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Err(Error::Protocol("observe ended".into())),
+            }
+        }
+    })
+    .await
+    .expect("the observer sees the new leader");
+    assert!(seen.is_ok(), "{seen:?}");
+    leadership.resign().await.unwrap();
+    registration.deregister().await.unwrap();
+    got.release().await.unwrap();
+    for s in [holder, waiter, registrant] {
+        s.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_etcds_users_or_roles_does_not_break_sessions_waits_or_views() {
+    // Any change of users or roles bumps the auth store's revision; JWTs issued before are
+    // refused ("revision of auth store is old") until re-authenticated. (Simple tokens take
+    // the store's current revision and are not affected.)
+    use etcd_coord::discovery::{Discovery, Endpoint, SessionRegistration};
+    init_tracing();
+    let key = jwt_key();
+    let spec = format!(
+        "jwt,priv-key={},sign-method=HS256,ttl=60s",
+        key.path().display()
+    );
+    let cluster = EtcdCluster::start_with_args(1, &["--auth-token", &spec])
+        .await
+        .unwrap();
+    let mut root = enable_auth(&cluster, "app", "app/").await;
+    let proxy = FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let holder = LeasedSession::new(app_via(&proxy).await, options.clone())
+        .await
+        .unwrap();
+    let waiter = LeasedSession::new(app_via(&proxy).await, options.clone())
+        .await
+        .unwrap();
+    let guard = Mutex::new(&holder, "app/m").lock().await.unwrap();
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { Mutex::new(&waiter, "app/m").lock().await })
+    };
+    let view = Discovery::new(app_via(&proxy).await, "app/svc")
+        .view()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The auth store changes twice; streams are re-opened in between.
+    root.user_add("someone", "pw", None).await.unwrap();
+    proxy.reset_peer();
+    root.role_add("another").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    guard.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter gets the lock")
+        .unwrap()
+        .unwrap();
+    let registration =
+        SessionRegistration::register(&waiter, "app/svc", Endpoint::new("1.2.3.4:5"))
+            .await
+            .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), view.changed())
+        .await
+        .expect("the view sees the registration")
+        .unwrap();
+    assert_eq!(holder.state(), etcd_coord::SessionState::Alive);
+    registration.deregister().await.unwrap();
+    got.release().await.unwrap();
+    holder.close().await.unwrap();
+    waiter.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_an_authentication_error_at_connect() {
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let _root = enable_auth(&cluster, "app", "app/").await;
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        etcd_client::Client::connect(
+            cluster.endpoints(),
+            Some(etcd_coord::recommended_connect_options().with_user("app", "wrong")),
+        ),
+    )
+    .await
+    .expect("answers at once");
+    let Err(err) = connected else {
+        panic!("a wrong password was accepted");
+    };
+    let err = Error::from(err);
+    assert!(
+        matches!(&err, Error::AuthenticationFailed(m) if m.contains("authentication failed")),
+        "{err:?}"
+    );
+}

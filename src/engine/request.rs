@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::sleep;
 
 use crate::backoff::Backoff;
-use crate::error::within;
+use crate::error::{renew_auth, within};
 use crate::session::{Cleanup, Counters, Shared};
 use crate::Error;
 
@@ -36,7 +36,20 @@ pub(crate) enum Kind {
 /// timeout) cancels it. A [`Kind::MaybeReadOnly`] Txn runs in a short task of the session, and
 /// a caller that gives up only stops waiting; the task gives up after [`ABANDON_AFTER`]
 /// request timeouts.
+///
+/// A Txn refused because the client's auth token is stale ([`Error::is_stale_auth`]) is sent
+/// once more after the token was renewed.
 pub(crate) async fn send_txn(shared: &Shared, txn: Txn, kind: Kind) -> Result<TxnResponse, Error> {
+    match send_txn_once(shared, txn.clone(), kind).await {
+        Err(e) if e.is_stale_auth() => {
+            renew_auth(&shared.client).await?;
+            send_txn_once(shared, txn, kind).await
+        }
+        answer => answer,
+    }
+}
+
+async fn send_txn_once(shared: &Shared, txn: Txn, kind: Kind) -> Result<TxnResponse, Error> {
     Counters::add(&shared.counters.txns, 1);
     let mut kv = shared.client.kv_client();
     let resp = if kind == Kind::Write {

@@ -14,7 +14,7 @@ use etcd_client::{EventType, Txn, WatchFilterType, WatchOptions};
 use tokio::time::sleep;
 
 use crate::backoff::Backoff;
-use crate::error::within;
+use crate::error::{renew_auth, within};
 use crate::keys;
 use crate::session::{Counters, Shared};
 use crate::Error;
@@ -205,6 +205,11 @@ impl ChangeWatch {
             {
                 tracing::debug!(error = %e, "opening a watch failed; re-reading");
                 pause(shared, backoff).await?;
+                Ok(None)
+            }
+            Err(e) if may_be_stale_auth(&e) && shared.auth_renewal_due() => {
+                tracing::debug!(error = %e, "a watch was refused; renewing the auth token");
+                renew_auth(&shared.client).await?;
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -422,10 +427,24 @@ pub(crate) async fn deleted_at(
             {
                 pause(shared, &mut backoff).await?
             }
+            Err(e) if may_be_stale_auth(&e) && shared.auth_renewal_due() => {
+                renew_auth(&shared.client).await?
+            }
             other => return other,
         }
     }
 }
+
+/// etcd checks a watch stream's auth token when a watch is created and reports a stale token
+/// (expired, or issued before a change of users or roles) as "permission denied": a refused
+/// watch renews the token and is tried again, once per [`AUTH_RENEWAL_INTERVAL`]; refused
+/// again, the denial is believed.
+fn may_be_stale_auth(e: &Error) -> bool {
+    e.is_stale_auth() || matches!(e, Error::PermissionDenied(_))
+}
+
+/// The shortest time between two renewals of the auth token after refused watches.
+pub(crate) const AUTH_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What interrupts a [`PrefixEvents`] stream.
 pub(crate) enum Gap {
@@ -451,6 +470,8 @@ pub(crate) struct PrefixEvents {
     backoff: Backoff,
     /// A progress request is outstanding on the current stream.
     probed: bool,
+    /// When this stream last renewed the client's auth token.
+    auth_renewed: Option<std::time::Instant>,
 }
 
 /// A prefix watch quiet for this long is asked for a progress notification …
@@ -469,6 +490,7 @@ impl PrefixEvents {
             pending: Default::default(),
             backoff: Backoff::for_requests(),
             probed: false,
+            auth_renewed: None,
         }
     }
 
@@ -478,6 +500,18 @@ impl PrefixEvents {
         self.stream = None;
         self.pending.clear();
         self.probed = false;
+    }
+
+    /// Whether a refused watch may renew the auth token (at most once a second), recording it.
+    fn auth_renewal_due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let due = self
+            .auth_renewed
+            .is_none_or(|at| now.duration_since(at) >= AUTH_RENEWAL_INTERVAL);
+        if due {
+            self.auth_renewed = Some(now);
+        }
+        due
     }
 
     /// Whether every event received so far has been handed out (a batch is complete).
@@ -506,6 +540,10 @@ impl PrefixEvents {
                         Ok(s) => self.stream.insert(s),
                         Err(e) => {
                             let e = Error::from(e);
+                            if may_be_stale_auth(&e) && self.auth_renewal_due() {
+                                renew_auth(&self.client).await.map_err(Gap::Fatal)?;
+                                continue;
+                            }
                             if !e.is_transient() {
                                 return Err(Gap::Fatal(e));
                             }
@@ -547,7 +585,13 @@ impl PrefixEvents {
                             return Err(Gap::Compacted);
                         }
                         if resp.created() {
-                            return Err(Gap::Fatal(Error::watch_refused(resp.cancel_reason())));
+                            let e = Error::watch_refused(resp.cancel_reason());
+                            if may_be_stale_auth(&e) && self.auth_renewal_due() {
+                                tracing::debug!(prefix = %self.prefix, "a watch was refused; renewing the auth token");
+                                renew_auth(&self.client).await.map_err(Gap::Fatal)?;
+                                continue;
+                            }
+                            return Err(Gap::Fatal(e));
                         }
                         sleep(self.backoff.next_delay()).await;
                         continue;
@@ -557,7 +601,12 @@ impl PrefixEvents {
                     }
                     self.pending.extend(resp.events().iter().cloned());
                 }
-                Ok(None) | Err(_) => {
+                other => {
+                    if let Err(e) = other {
+                        if Error::from(e).is_stale_auth() && self.auth_renewal_due() {
+                            let _ = renew_auth(&self.client).await;
+                        }
+                    }
                     tracing::debug!(prefix = %self.prefix, "prefix watch ended; resuming");
                     self.stream = None;
                     sleep(self.backoff.next_delay()).await;

@@ -86,6 +86,9 @@ pub(super) async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReas
             Some(Ok(Err(e))) if lease_not_found(&e) => live.on_lease_gone(),
             Some(Ok(Err(e))) => {
                 tracing::debug!(lease = shared.lease_id, error = %e, "opening the keep-alive stream failed");
+                if crate::Error::from(e).is_stale_auth() {
+                    let _ = crate::error::renew_auth(&shared.client).await;
+                }
                 live.on_failure(Instant::now());
             }
             Some(Err(_)) => live.on_failure(Instant::now()),

@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     tasks: TaskTracker,
     pub(crate) counters: Counters,
+    /// When a refused watch last renewed the client's auth token.
+    auth_renewed: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -176,6 +178,19 @@ impl Shared {
                 let _ = rx.changed().await;
             }
         }
+    }
+
+    /// Whether a refused watch may renew the auth token now (at most once per
+    /// `AUTH_RENEWAL_INTERVAL` for the session), recording it.
+    pub(crate) fn auth_renewal_due(&self) -> bool {
+        let now = Instant::now();
+        let mut last = self.auth_renewed.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last
+            .is_none_or(|at| now.duration_since(at) >= crate::engine::watch::AUTH_RENEWAL_INTERVAL);
+        if due {
+            *last = Some(now);
+        }
+        due
     }
 
     /// Records that an answer reported the store at `revision`.
@@ -256,8 +271,19 @@ impl Shared {
         }
     }
 
-    /// Revokes the lease; a lease that is already gone counts as revoked.
+    /// Revokes the lease; a lease that is already gone counts as revoked. A revocation
+    /// refused for a stale auth token is sent once more with a fresh one.
     async fn revoke(&self) -> Result<(), Error> {
+        match self.revoke_once().await {
+            Err(e) if e.is_stale_auth() => {
+                crate::error::renew_auth(&self.client).await?;
+                self.revoke_once().await
+            }
+            other => other,
+        }
+    }
+
+    async fn revoke_once(&self) -> Result<(), Error> {
         let mut lease = self.client.lease_client();
         match tokio::time::timeout(self.request_timeout, lease.revoke(self.lease_id)).await {
             Err(_) => Err(Error::Timeout(self.request_timeout)),
@@ -349,7 +375,13 @@ impl LeasedSession {
         let ttl_secs = options.validate()?;
         let mut lease = client.lease_client();
         let sent = Instant::now();
-        let granted = within(options.request_timeout, lease.grant(ttl_secs, None)).await?;
+        let granted = match within(options.request_timeout, lease.grant(ttl_secs, None)).await {
+            Err(e) if e.is_stale_auth() => {
+                crate::error::renew_auth(&client).await?;
+                within(options.request_timeout, lease.grant(ttl_secs, None)).await?
+            }
+            answer => answer?,
+        };
         if granted.ttl() <= 0 {
             return Err(Error::Protocol(format!(
                 "lease granted with TTL {}",
@@ -381,6 +413,7 @@ impl LeasedSession {
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             counters: Counters::default(),
+            auth_renewed: std::sync::Mutex::new(None),
         });
         // Closed at once: `wait()` completes whenever no task runs (spawning stays possible).
         shared.tasks.close();

@@ -175,6 +175,8 @@ pub struct EtcdCluster {
     version: (u32, u32, u32),
     token: String,
     members: Vec<Member>,
+    /// Flags added to every member's command line.
+    extra_args: Vec<String>,
     /// The members' network namespaces, if they run in their own (dropped after the members).
     net: Option<Network>,
     _dir: TempDir,
@@ -205,7 +207,20 @@ impl EtcdCluster {
 
     /// As [`start`](Self::start), with the given binary.
     pub async fn start_with(bin: &Path, members: usize) -> Result<EtcdCluster, TestkitError> {
-        EtcdCluster::launch(bin, members, false).await
+        EtcdCluster::launch(bin, members, false, &[]).await
+    }
+
+    /// As [`start`](Self::start), with `args` added to every member's command line (they
+    /// stay in force across [`restart`](Self::restart)): `["--auth-token-ttl", "2"]`, say.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start); a flag etcd rejects makes it fail to start.
+    pub async fn start_with_args(
+        members: usize,
+        args: &[&str],
+    ) -> Result<EtcdCluster, TestkitError> {
+        let bin = find_etcd_binary()?;
+        EtcdCluster::launch(&bin, members, false, args).await
     }
 
     /// As [`start`](Self::start), with every member in its own network namespace, so that
@@ -221,13 +236,14 @@ impl EtcdCluster {
     /// otherwise as [`start`](Self::start).
     pub async fn start_partitionable(members: usize) -> Result<EtcdCluster, TestkitError> {
         let bin = find_etcd_binary()?;
-        EtcdCluster::launch(&bin, members, true).await
+        EtcdCluster::launch(&bin, members, true, &[]).await
     }
 
     async fn launch(
         bin: &Path,
         members: usize,
         namespaces: bool,
+        extra_args: &[&str],
     ) -> Result<EtcdCluster, TestkitError> {
         if members == 0 {
             return Err(TestkitError::Start(
@@ -253,6 +269,7 @@ impl EtcdCluster {
                 version,
                 token: format!("t{:x}", rand::random::<u64>()),
                 members: Vec::new(),
+                extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
                 net,
                 _dir: dir,
             };
@@ -326,6 +343,7 @@ impl EtcdCluster {
         if self.version >= (3, 5, 0) {
             cmd.arg("--unsafe-no-fsync");
         }
+        cmd.args(&self.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
