@@ -480,3 +480,42 @@ async fn a_session_lost_in_an_outage_revokes_its_lease_as_soon_as_etcd_answers_a
         healed.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_grant_whose_answer_is_lost_or_whose_caller_gave_up_leaves_no_lease() {
+    // The grant reaches etcd but its answer never comes back: new() fails (or its caller drops
+    // it), and the lease it created must not live on for its TTL.
+    init_tracing();
+    let cluster = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let admin = cluster.client().await.unwrap();
+    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let via = client_via(&proxy).await;
+    via.clone().get("warm-up", None).await.unwrap();
+    let options = SessionOptions::new()
+        .with_ttl(Duration::from_secs(60))
+        .with_request_timeout(Duration::from_millis(500));
+    proxy.drop_responses();
+    let failed = LeasedSession::new(via.clone(), options.clone()).await;
+    assert!(matches!(failed, Err(Error::Timeout(_))), "{failed:?}");
+    // And a caller that gives up before the answer.
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(200), LeasedSession::new(via, options)).await;
+    assert!(dropped.is_err());
+    proxy.heal();
+    proxy.reset_peer();
+    let leases = || async {
+        admin
+            .clone()
+            .leases()
+            .await
+            .map(|l| l.leases().len())
+            .unwrap_or(usize::MAX)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { leases().await == 0 }).await,
+        "{} lease(s) of lost grants remain (TTL 60 s)",
+        leases().await
+    );
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, LeaseGrantOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -294,6 +294,67 @@ impl Shared {
     }
 }
 
+fn lease_exists(e: &Error) -> bool {
+    matches!(e, Error::Etcd(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease already exists"))
+}
+
+/// A lease grant that may have landed without anyone knowing: unless disarmed, dropping it
+/// revokes its lease id in a background task (retrying while etcd is unreachable, for up to
+/// twice the TTL — after that the lease has expired anyway).
+struct OrphanedGrant {
+    client: Client,
+    id: i64,
+    ttl: Duration,
+    armed: bool,
+}
+
+impl OrphanedGrant {
+    fn new(client: &Client, ttl_secs: i64) -> OrphanedGrant {
+        // etcd's lease ids are positive; 0 asks etcd to choose.
+        let id = loop {
+            let id = rand::random::<i64>() & i64::MAX;
+            if id != 0 {
+                break id;
+            }
+        };
+        OrphanedGrant {
+            client: client.clone(),
+            id,
+            ttl: Duration::from_secs(ttl_secs.max(1) as u64),
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for OrphanedGrant {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime to revoke from: the lease expires by its TTL
+        };
+        let (client, id, ttl) = (self.client.clone(), self.id, self.ttl);
+        runtime.spawn(async move {
+            let until = Instant::now() + ttl.saturating_mul(2);
+            let mut backoff = crate::backoff::Backoff::for_requests();
+            loop {
+                let mut lease = client.lease_client();
+                match tokio::time::timeout(Duration::from_secs(5), lease.revoke(id)).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) if lease_not_found(&e) => return,
+                    _ if Instant::now() >= until => return,
+                    _ => tokio::time::sleep(backoff.next_delay()).await,
+                }
+            }
+        });
+    }
+}
+
 /// A lease that refreshes itself in the background and knows, on its own clock, when it may
 /// be gone.
 ///
@@ -371,17 +432,45 @@ impl LeasedSession {
     /// [`Error::InvalidArgument`] for a TTL of zero or beyond etcd's maximum, or a margin or
     /// timeout out of range (nothing is sent); [`Error::Etcd`] or [`Error::Timeout`] when the
     /// grant fails.
+    ///
+    /// # Cancel safety
+    /// The lease's id is chosen here, before the grant is sent. If the grant's answer is lost,
+    /// or the future is dropped before it arrives, a background task revokes that id (retrying
+    /// while etcd is unreachable, for up to twice the TTL), so a grant that landed unseen does
+    /// not live on for its TTL.
     pub async fn new(client: Client, options: SessionOptions) -> Result<LeasedSession, Error> {
         let ttl_secs = options.validate()?;
         let mut lease = client.lease_client();
         let sent = Instant::now();
-        let granted = match within(options.request_timeout, lease.grant(ttl_secs, None)).await {
-            Err(e) if e.is_stale_auth() => {
-                crate::error::renew_auth(&client).await?;
-                within(options.request_timeout, lease.grant(ttl_secs, None)).await?
+        let (granted, orphan) = loop {
+            // We choose the lease's id, so that a grant whose answer is lost, or whose caller
+            // gives up, can still be revoked (by `orphan`, unless disarmed).
+            let orphan = OrphanedGrant::new(&client, ttl_secs);
+            let options_with_id = LeaseGrantOptions::new().with_id(orphan.id);
+            let grant = within(
+                options.request_timeout,
+                lease.grant(ttl_secs, Some(options_with_id.clone())),
+            )
+            .await;
+            let grant = match grant {
+                Err(e) if e.is_stale_auth() => {
+                    crate::error::renew_auth(&client).await?;
+                    within(
+                        options.request_timeout,
+                        lease.grant(ttl_secs, Some(options_with_id)),
+                    )
+                    .await
+                }
+                answer => answer,
+            };
+            match grant {
+                // Another lease has this id (odds 2^-63): not ours to revoke; choose again.
+                Err(e) if lease_exists(&e) => orphan.disarm(),
+                Err(e) => return Err(e),
+                Ok(granted) => break (granted, orphan),
             }
-            answer => answer?,
         };
+        orphan.disarm();
         if granted.ttl() <= 0 {
             return Err(Error::Protocol(format!(
                 "lease granted with TTL {}",
