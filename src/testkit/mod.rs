@@ -36,6 +36,7 @@ pub mod checker;
 mod etcd;
 mod netns;
 mod proxy;
+mod tls;
 
 pub use etcd::{find_etcd_binary, find_etcdctl_binary, EtcdCluster, TestEtcd};
 pub use netns::partitions_unsupported;
