@@ -15,7 +15,7 @@ use etcd_coord::{Error, SessionOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Fault, CLIENTS};
+use crate::harness::{apply_network_fault, Fault, CLIENTS};
 
 /// Registration TTL; faults "longer than the TTL" last TTL + 2 s.
 const TTL: Duration = Duration::from_secs(5);
@@ -191,61 +191,29 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
     for (pause, f) in plan {
         tokio::time::sleep(Duration::from_millis(*pause)).await;
         tracing::debug!(fault = ?f, "fault starts");
+        if apply_network_fault(f, &mut cluster, &proxies).await {
+            continue;
+        }
         match f {
-            Fault::BlackholeClient(i) => {
-                proxies[i % members].blackhole();
-                tokio::time::sleep(TTL + Duration::from_secs(2)).await;
-                proxies[i % members].heal();
-                proxies[i % members].reset_peer();
-            }
-            Fault::ResetClient(i) => proxies[i % members].reset_peer(),
-            Fault::LatencySpike(i) => {
-                proxies[i % members]
-                    .set_latency(Duration::from_millis(300), Duration::from_millis(100));
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                proxies[i % members].heal();
-            }
-            Fault::KillLeader => {
-                if let Some(leader) = cluster.leader().await {
-                    cluster.kill(leader).expect("a member");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    cluster.restart(leader).await.expect("member restarts");
-                }
-            }
-            Fault::RestartMember(m) => cluster.restart(m % members).await.expect("restarts"),
-            Fault::Compact => {
-                let _ = cluster.compact().await;
-            }
             Fault::KillClient(i) => {
-                let Registrant::Process(mut victim) = std::mem::replace(
-                    &mut registrants[*i],
-                    Registrant::Pending(tokio::spawn(std::future::pending())),
-                ) else {
+                let placeholder = Registrant::Pending(tokio::spawn(std::future::pending()));
+                let Registrant::Process(mut victim) =
+                    std::mem::replace(&mut registrants[*i], placeholder)
+                else {
                     panic!("registrant {i} is killed but runs in this process");
                 };
                 let _ = victim.start_kill();
                 let _ = victim.wait().await;
                 registrants[*i] = Registrant::Process(spawn_process(&via(*i), &target, &addr(*i)));
             }
-            Fault::DropResponses(i) | Fault::LoseRelease(i) => {
+            // A registration has no release to lose: lose every answer on its path briefly.
+            Fault::LoseRelease(i) => {
                 proxies[i % members].drop_responses();
-                let lasting = if matches!(f, Fault::LoseRelease(_)) {
-                    500
-                } else {
-                    1000
-                };
-                tokio::time::sleep(Duration::from_millis(lasting)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 proxies[i % members].heal();
                 proxies[i % members].reset_peer();
             }
-            Fault::RefuseClient(i) => {
-                proxies[i % members].down();
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                proxies[i % members].heal();
-            }
-            Fault::IsolateMember(_) | Fault::PartitionMember(_) => {
-                panic!("the discovery run uses schedules without partitions")
-            }
+            other => unreachable!("{other:?} is a network fault"),
         }
     }
     // Every fault has healed.

@@ -188,6 +188,67 @@ fn generate(seed: u64, fault: BoxedStrategy<Fault>) -> Vec<(u64, Fault)> {
         .current()
 }
 
+/// Applies a fault that acts on the cluster or on the proxies in front of it — everything but
+/// [`Fault::KillClient`] and [`Fault::LoseRelease`], which act on clients — and waits it out
+/// (faults "longer than the TTL" last TTL + 2 s; partitions are healed). Client `i`'s path is
+/// the proxy of member `i % members`. Returns false for the client faults, doing nothing.
+pub async fn apply_network_fault(
+    f: &Fault,
+    cluster: &mut EtcdCluster,
+    proxies: &[Arc<FaultProxy>],
+) -> bool {
+    let members = proxies.len();
+    match f {
+        Fault::BlackholeClient(i) => {
+            proxies[i % members].blackhole();
+            tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+            proxies[i % members].heal();
+            proxies[i % members].reset_peer();
+        }
+        Fault::ResetClient(i) => proxies[i % members].reset_peer(),
+        Fault::LatencySpike(i) => {
+            proxies[i % members]
+                .set_latency(Duration::from_millis(300), Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            proxies[i % members].heal();
+        }
+        Fault::KillLeader => {
+            if let Some(leader) = cluster.leader().await {
+                cluster.kill(leader).expect("a member");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cluster.restart(leader).await.expect("member restarts");
+            }
+        }
+        Fault::RestartMember(m) => cluster.restart(m % members).await.expect("member restarts"),
+        Fault::Compact => {
+            let _ = cluster.compact().await;
+        }
+        Fault::DropResponses(i) => {
+            proxies[i % members].drop_responses();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            proxies[i % members].heal();
+            proxies[i % members].reset_peer();
+        }
+        Fault::RefuseClient(i) => {
+            proxies[i % members].down();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            proxies[i % members].heal();
+        }
+        Fault::IsolateMember(m) | Fault::PartitionMember(m) => {
+            let m = m % members;
+            if matches!(f, Fault::IsolateMember(_)) {
+                cluster.isolate_from_peers(m).expect("a partition");
+            } else {
+                cluster.partition(m).expect("a partition");
+            }
+            tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+            cluster.heal(m).expect("healed");
+        }
+        Fault::KillClient(_) | Fault::LoseRelease(_) => return false,
+    }
+    true
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `std::time::Instant` on Linux, read the same
 /// way in the harness and in client processes, so their reports land on one timeline.
 fn mono_ns() -> u64 {
@@ -983,31 +1044,10 @@ async fn run(
     for (pause, f) in plan {
         tokio::time::sleep(Duration::from_millis(*pause)).await;
         tracing::debug!(fault = ?f, "fault starts");
+        if apply_network_fault(f, &mut cluster, &proxies).await {
+            continue;
+        }
         match f {
-            Fault::BlackholeClient(i) => {
-                proxies[i % members].blackhole();
-                tokio::time::sleep(TTL + Duration::from_secs(2)).await;
-                proxies[i % members].heal();
-                proxies[i % members].reset_peer();
-            }
-            Fault::ResetClient(i) => proxies[i % members].reset_peer(),
-            Fault::LatencySpike(i) => {
-                proxies[i % members]
-                    .set_latency(Duration::from_millis(300), Duration::from_millis(100));
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                proxies[i % members].heal();
-            }
-            Fault::KillLeader => {
-                if let Some(leader) = cluster.leader().await {
-                    cluster.kill(leader).expect("a member");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    cluster.restart(leader).await.expect("member restarts");
-                }
-            }
-            Fault::RestartMember(m) => cluster.restart(m % members).await.expect("member restarts"),
-            Fault::Compact => {
-                let _ = cluster.compact().await;
-            }
             Fault::KillClient(i) => {
                 let Some(Contender::Process(victim)) = clients[*i].take() else {
                     panic!("client {i} is killed but runs in this process");
@@ -1020,28 +1060,8 @@ async fn run(
                 sh.history.gave_up(*i);
                 clients[*i] = Some(start(*i).await);
             }
-            Fault::DropResponses(i) => {
-                proxies[i % members].drop_responses();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                proxies[i % members].heal();
-                proxies[i % members].reset_peer();
-            }
             Fault::LoseRelease(i) => sh.lose_release.lock().unwrap()[*i] = true,
-            Fault::RefuseClient(i) => {
-                proxies[i % members].down();
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                proxies[i % members].heal();
-            }
-            Fault::IsolateMember(m) | Fault::PartitionMember(m) => {
-                let m = m % members;
-                if matches!(f, Fault::IsolateMember(_)) {
-                    cluster.isolate_from_peers(m).expect("a partition");
-                } else {
-                    cluster.partition(m).expect("a partition");
-                }
-                tokio::time::sleep(TTL + Duration::from_secs(2)).await;
-                cluster.heal(m).expect("healed");
-            }
+            other => unreachable!("{other:?} is a network fault"),
         }
     }
     // Every fault has healed: from now on every wait must be served within the bound.
