@@ -369,3 +369,113 @@ async fn a_wrong_password_is_an_authentication_error_at_connect() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_limited_to_its_prefix_can_do_everything_there_and_nothing_elsewhere() {
+    // readwrite on app/ is all a service needs for every primitive and discovery under app/;
+    // read on a target is all a view needs; anything more is PermissionDenied, at once.
+    use etcd_coord::discovery::{Discovery, Endpoint, Registration};
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let mut root = enable_auth(&cluster, "app", "app/").await;
+    root.role_add("reader").await.unwrap();
+    root.role_grant_permission(
+        "reader",
+        etcd_client::Permission::read("app/svc/").with_prefix(),
+    )
+    .await
+    .unwrap();
+    root.user_add("reader", "reader-pw", None).await.unwrap();
+    root.user_grant_role("reader", "reader").await.unwrap();
+    let app = user_client(&cluster, "app", "app-pw").await;
+    let reader = user_client(&cluster, "reader", "reader-pw").await;
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let at_once = Duration::from_secs(2);
+
+    // Everything under app/ works with readwrite on app/.
+    let s = LeasedSession::new(app.clone(), options.clone())
+        .await
+        .unwrap();
+    Mutex::new(&s, "app/m")
+        .lock()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    Election::new(&s, "app/e")
+        .campaign("v")
+        .await
+        .unwrap()
+        .resign()
+        .await
+        .unwrap();
+    etcd_coord::Semaphore::new(&s, "app/s", 2)
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let registration = Registration::register(
+        app.clone(),
+        "app/svc",
+        Endpoint::new("h:1"),
+        options.clone(),
+    )
+    .await
+    .unwrap();
+    // A role with read on the target alone can follow it.
+    let view = Discovery::new(reader.clone(), "app/svc")
+        .view()
+        .await
+        .unwrap();
+    assert_eq!(view.endpoints().len(), 1);
+
+    // Anything else is refused at once, typed.
+    let denied = |r: &Result<(), Error>| matches!(r, Err(Error::PermissionDenied(_)));
+    let lock = tokio::time::timeout(at_once, async {
+        Mutex::new(&s, "other/m").lock().await.map(|_| ())
+    })
+    .await
+    .expect("at once");
+    assert!(denied(&lock), "{lock:?}");
+    let register = tokio::time::timeout(at_once, async {
+        Registration::register(
+            app.clone(),
+            "other/svc",
+            Endpoint::new("h:1"),
+            options.clone(),
+        )
+        .await
+        .map(|_| ())
+    })
+    .await
+    .expect("at once");
+    assert!(denied(&register), "{register:?}");
+    let view_other = tokio::time::timeout(at_once, async {
+        Discovery::new(app.clone(), "other/svc")
+            .view()
+            .await
+            .map(|_| ())
+    })
+    .await
+    .expect("at once");
+    assert!(denied(&view_other), "{view_other:?}");
+    // The reader cannot register where it can read.
+    let reader_registers = tokio::time::timeout(at_once, async {
+        Registration::register(
+            reader.clone(),
+            "app/svc",
+            Endpoint::new("h:2"),
+            options.clone(),
+        )
+        .await
+        .map(|_| ())
+    })
+    .await
+    .expect("at once");
+    assert!(denied(&reader_registers), "{reader_registers:?}");
+    registration.deregister().await.unwrap();
+    s.close().await.unwrap();
+}
