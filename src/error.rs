@@ -228,10 +228,52 @@ fn is_old_auth_revision(message: &str) -> bool {
 }
 
 /// Fetches a fresh auth token for `client` (a no-op for a client without credentials).
-/// Returns whether the request that failed with a stale token is worth sending again.
 pub(crate) async fn renew_auth(client: &etcd_client::Client) -> Result<(), Error> {
     tracing::debug!("renewing the client's auth token");
     client.refresh_token().await.map_err(Error::from)
+}
+
+/// Runs `request()`; if etcd refused it for a stale auth token ([`Error::is_stale_auth`]),
+/// renews the token and runs it once more. The one place unary requests survive token expiry
+/// and changes of users or roles.
+pub(crate) async fn renewing_auth<T, F, Fut>(
+    client: &etcd_client::Client,
+    mut request: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    match request().await {
+        Err(e) if e.is_stale_auth() => {
+            renew_auth(client).await?;
+            request().await
+        }
+        answer => answer,
+    }
+}
+
+/// Lets a refused watch renew the auth token at most once per [`RenewalGate::INTERVAL`]: etcd
+/// reports a stale token on a watch as "permission denied", so a denial is believed only if
+/// it comes again right after a renewal.
+#[derive(Debug, Default)]
+pub(crate) struct RenewalGate(Option<std::time::Instant>);
+
+impl RenewalGate {
+    /// The shortest time between two renewals.
+    pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Whether a renewal may happen now; if so, records it.
+    pub(crate) fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let due = self
+            .0
+            .is_none_or(|at| now.duration_since(at) >= RenewalGate::INTERVAL);
+        if due {
+            self.0 = Some(now);
+        }
+        due
+    }
 }
 
 /// Runs `request` with the deadline `limit`: its error converted, or [`Error::Timeout`] if the

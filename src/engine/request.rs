@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::sleep;
 
 use crate::backoff::Backoff;
-use crate::error::{renew_auth, within};
+use crate::error::{renewing_auth, within};
 use crate::session::{Cleanup, Counters, Shared};
 use crate::Error;
 
@@ -40,13 +40,7 @@ pub(crate) enum Kind {
 /// A Txn refused because the client's auth token is stale ([`Error::is_stale_auth`]) is sent
 /// once more after the token was renewed.
 pub(crate) async fn send_txn(shared: &Shared, txn: Txn, kind: Kind) -> Result<TxnResponse, Error> {
-    match send_txn_once(shared, txn.clone(), kind).await {
-        Err(e) if e.is_stale_auth() => {
-            renew_auth(&shared.client).await?;
-            send_txn_once(shared, txn, kind).await
-        }
-        answer => answer,
-    }
+    renewing_auth(&shared.client, || send_txn_once(shared, txn.clone(), kind)).await
 }
 
 async fn send_txn_once(shared: &Shared, txn: Txn, kind: Kind) -> Result<TxnResponse, Error> {

@@ -14,7 +14,7 @@ use etcd_client::{EventType, Txn, WatchFilterType, WatchOptions};
 use tokio::time::sleep;
 
 use crate::backoff::Backoff;
-use crate::error::{renew_auth, within};
+use crate::error::{renew_auth, within, RenewalGate};
 use crate::keys;
 use crate::session::{Counters, Shared};
 use crate::Error;
@@ -437,14 +437,11 @@ pub(crate) async fn deleted_at(
 
 /// etcd checks a watch stream's auth token when a watch is created and reports a stale token
 /// (expired, or issued before a change of users or roles) as "permission denied": a refused
-/// watch renews the token and is tried again, once per [`AUTH_RENEWAL_INTERVAL`]; refused
-/// again, the denial is believed.
+/// watch renews the token and is tried again, at most once per [`RenewalGate::INTERVAL`];
+/// refused again, the denial is believed.
 fn may_be_stale_auth(e: &Error) -> bool {
     e.is_stale_auth() || matches!(e, Error::PermissionDenied(_))
 }
-
-/// The shortest time between two renewals of the auth token after refused watches.
-pub(crate) const AUTH_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What interrupts a [`PrefixEvents`] stream.
 pub(crate) enum Gap {
@@ -470,8 +467,8 @@ pub(crate) struct PrefixEvents {
     backoff: Backoff,
     /// A progress request is outstanding on the current stream.
     probed: bool,
-    /// When this stream last renewed the client's auth token.
-    auth_renewed: Option<std::time::Instant>,
+    /// When a refused watch of this stream may renew the client's auth token.
+    auth_renewal: RenewalGate,
 }
 
 /// A prefix watch quiet for this long is asked for a progress notification …
@@ -490,7 +487,7 @@ impl PrefixEvents {
             pending: Default::default(),
             backoff: Backoff::for_requests(),
             probed: false,
-            auth_renewed: None,
+            auth_renewal: RenewalGate::default(),
         }
     }
 
@@ -500,18 +497,6 @@ impl PrefixEvents {
         self.stream = None;
         self.pending.clear();
         self.probed = false;
-    }
-
-    /// Whether a refused watch may renew the auth token (at most once a second), recording it.
-    fn auth_renewal_due(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let due = self
-            .auth_renewed
-            .is_none_or(|at| now.duration_since(at) >= AUTH_RENEWAL_INTERVAL);
-        if due {
-            self.auth_renewed = Some(now);
-        }
-        due
     }
 
     /// Whether every event received so far has been handed out (a batch is complete).
@@ -540,7 +525,7 @@ impl PrefixEvents {
                         Ok(s) => self.stream.insert(s),
                         Err(e) => {
                             let e = Error::from(e);
-                            if may_be_stale_auth(&e) && self.auth_renewal_due() {
+                            if may_be_stale_auth(&e) && self.auth_renewal.due() {
                                 renew_auth(&self.client).await.map_err(Gap::Fatal)?;
                                 continue;
                             }
@@ -586,7 +571,7 @@ impl PrefixEvents {
                         }
                         if resp.created() {
                             let e = Error::watch_refused(resp.cancel_reason());
-                            if may_be_stale_auth(&e) && self.auth_renewal_due() {
+                            if may_be_stale_auth(&e) && self.auth_renewal.due() {
                                 tracing::debug!(prefix = %self.prefix, "a watch was refused; renewing the auth token");
                                 renew_auth(&self.client).await.map_err(Gap::Fatal)?;
                                 continue;
@@ -603,7 +588,7 @@ impl PrefixEvents {
                 }
                 other => {
                     if let Err(e) = other {
-                        if Error::from(e).is_stale_auth() && self.auth_renewal_due() {
+                        if Error::from(e).is_stale_auth() && self.auth_renewal.due() {
                             let _ = renew_auth(&self.client).await;
                         }
                     }

@@ -120,8 +120,8 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     tasks: TaskTracker,
     pub(crate) counters: Counters,
-    /// When a refused watch last renewed the client's auth token.
-    auth_renewed: std::sync::Mutex<Option<Instant>>,
+    /// When a refused watch of this session may renew the client's auth token.
+    auth_renewal: std::sync::Mutex<crate::error::RenewalGate>,
 }
 
 impl Shared {
@@ -180,17 +180,12 @@ impl Shared {
         }
     }
 
-    /// Whether a refused watch may renew the auth token now (at most once per
-    /// `AUTH_RENEWAL_INTERVAL` for the session), recording it.
+    /// Whether a refused watch may renew the auth token now (see `RenewalGate`).
     pub(crate) fn auth_renewal_due(&self) -> bool {
-        let now = Instant::now();
-        let mut last = self.auth_renewed.lock().unwrap_or_else(|e| e.into_inner());
-        let due = last
-            .is_none_or(|at| now.duration_since(at) >= crate::engine::watch::AUTH_RENEWAL_INTERVAL);
-        if due {
-            *last = Some(now);
-        }
-        due
+        self.auth_renewal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .due()
     }
 
     /// Records that an answer reported the store at `revision`.
@@ -274,13 +269,7 @@ impl Shared {
     /// Revokes the lease; a lease that is already gone counts as revoked. A revocation
     /// refused for a stale auth token is sent once more with a fresh one.
     async fn revoke(&self) -> Result<(), Error> {
-        match self.revoke_once().await {
-            Err(e) if e.is_stale_auth() => {
-                crate::error::renew_auth(&self.client).await?;
-                self.revoke_once().await
-            }
-            other => other,
-        }
+        crate::error::renewing_auth(&self.client, || self.revoke_once()).await
     }
 
     async fn revoke_once(&self) -> Result<(), Error> {
@@ -440,29 +429,23 @@ impl LeasedSession {
     /// not live on for its TTL.
     pub async fn new(client: Client, options: SessionOptions) -> Result<LeasedSession, Error> {
         let ttl_secs = options.validate()?;
-        let mut lease = client.lease_client();
         let sent = Instant::now();
         let (granted, orphan) = loop {
             // We choose the lease's id, so that a grant whose answer is lost, or whose caller
             // gives up, can still be revoked (by `orphan`, unless disarmed).
             let orphan = OrphanedGrant::new(&client, ttl_secs);
-            let options_with_id = LeaseGrantOptions::new().with_id(orphan.id);
-            let grant = within(
-                options.request_timeout,
-                lease.grant(ttl_secs, Some(options_with_id.clone())),
-            )
-            .await;
-            let grant = match grant {
-                Err(e) if e.is_stale_auth() => {
-                    crate::error::renew_auth(&client).await?;
+            let grant = crate::error::renewing_auth(&client, || {
+                let mut lease = client.lease_client();
+                let with_id = LeaseGrantOptions::new().with_id(orphan.id);
+                async move {
                     within(
                         options.request_timeout,
-                        lease.grant(ttl_secs, Some(options_with_id)),
+                        lease.grant(ttl_secs, Some(with_id)),
                     )
                     .await
                 }
-                answer => answer,
-            };
+            })
+            .await;
             match grant {
                 // Another lease has this id (odds 2^-63): not ours to revoke; choose again.
                 Err(e) if lease_exists(&e) => orphan.disarm(),
@@ -502,7 +485,7 @@ impl LeasedSession {
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             counters: Counters::default(),
-            auth_renewed: std::sync::Mutex::new(None),
+            auth_renewal: Default::default(),
         });
         // Closed at once: `wait()` completes whenever no task runs (spawning stays possible).
         shared.tasks.close();
