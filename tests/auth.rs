@@ -184,6 +184,46 @@ fn jwt_key() -> tempfile::NamedTempFile {
     f
 }
 
+/// As `app` through a proxy: a holder of `app/m`, a waiter parked behind it, and a view of
+/// `app/svc` — what the token tests then let tokens go stale under.
+struct Parked {
+    options: SessionOptions,
+    holder: LeasedSession,
+    waiter: LeasedSession,
+    guard: etcd_coord::MutexGuard,
+    waiting: tokio::task::JoinHandle<Result<etcd_coord::MutexGuard, Error>>,
+    view: etcd_coord::discovery::ServiceView,
+}
+
+impl Parked {
+    async fn through(proxy: &FaultProxy) -> Parked {
+        let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+        let holder = LeasedSession::new(app_via(proxy).await, options.clone())
+            .await
+            .unwrap();
+        let waiter = LeasedSession::new(app_via(proxy).await, options.clone())
+            .await
+            .unwrap();
+        let guard = Mutex::new(&holder, "app/m").lock().await.unwrap();
+        let waiting = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move { Mutex::new(&waiter, "app/m").lock().await })
+        };
+        let view = etcd_coord::discovery::Discovery::new(app_via(proxy).await, "app/svc")
+            .view()
+            .await
+            .unwrap();
+        Parked {
+            options,
+            holder,
+            waiter,
+            guard,
+            waiting,
+            view,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_simple_tokens_are_renewed_for_sessions_waits_observers_and_views() {
     // Simple tokens expire after --auth-token-ttl seconds without use; lease keep-alives do
@@ -205,29 +245,21 @@ async fn expired_jwt_tokens_are_renewed_for_sessions_waits_observers_and_views()
 /// Everything must go on after the tokens expired, also across re-opened streams (a watch
 /// created with an expired token is refused as "permission denied").
 async fn tokens_expire_and_everything_goes_on(etcd_args: &[&str]) {
-    use etcd_coord::discovery::{Discovery, Endpoint, SessionRegistration};
+    use etcd_coord::discovery::{Endpoint, SessionRegistration};
     init_tracing();
     let cluster = EtcdCluster::start_with_args(1, etcd_args).await.unwrap();
     let _root = enable_auth(&cluster, "app", "app/").await;
     let proxy = FaultProxy::start(cluster.endpoint(0).unwrap())
         .await
         .unwrap();
-    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
-    let holder = LeasedSession::new(app_via(&proxy).await, options.clone())
-        .await
-        .unwrap();
-    let waiter = LeasedSession::new(app_via(&proxy).await, options.clone())
-        .await
-        .unwrap();
-    let guard = Mutex::new(&holder, "app/m").lock().await.unwrap();
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { Mutex::new(&waiter, "app/m").lock().await })
-    };
-    let view = Discovery::new(app_via(&proxy).await, "app/svc")
-        .view()
-        .await
-        .unwrap();
+    let Parked {
+        options,
+        holder,
+        waiter,
+        guard,
+        waiting,
+        view,
+    } = Parked::through(&proxy).await;
     let mut observed = Box::pin(Election::new(&waiter, "app/e").observe());
     // Idle past the token TTL (twice), streams re-opened in between.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -289,7 +321,7 @@ async fn a_change_of_etcds_users_or_roles_does_not_break_sessions_waits_or_views
     // Any change of users or roles bumps the auth store's revision; JWTs issued before are
     // refused ("revision of auth store is old") until re-authenticated. (Simple tokens take
     // the store's current revision and are not affected.)
-    use etcd_coord::discovery::{Discovery, Endpoint, SessionRegistration};
+    use etcd_coord::discovery::{Endpoint, SessionRegistration};
     init_tracing();
     let key = jwt_key();
     let spec = format!(
@@ -303,22 +335,14 @@ async fn a_change_of_etcds_users_or_roles_does_not_break_sessions_waits_or_views
     let proxy = FaultProxy::start(cluster.endpoint(0).unwrap())
         .await
         .unwrap();
-    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
-    let holder = LeasedSession::new(app_via(&proxy).await, options.clone())
-        .await
-        .unwrap();
-    let waiter = LeasedSession::new(app_via(&proxy).await, options.clone())
-        .await
-        .unwrap();
-    let guard = Mutex::new(&holder, "app/m").lock().await.unwrap();
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { Mutex::new(&waiter, "app/m").lock().await })
-    };
-    let view = Discovery::new(app_via(&proxy).await, "app/svc")
-        .view()
-        .await
-        .unwrap();
+    let Parked {
+        holder,
+        waiter,
+        guard,
+        waiting,
+        view,
+        ..
+    } = Parked::through(&proxy).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The auth store changes twice; streams are re-opened in between.
     root.user_add("someone", "pw", None).await.unwrap();

@@ -17,6 +17,15 @@ use etcd_coord::{
 };
 use futures::StreamExt;
 
+/// The recommended options, trusting the CA in the PEM file `ca` and presenting no client
+/// certificate.
+fn trusting_only(ca: std::path::PathBuf) -> etcd_client::ConnectOptions {
+    let pem = std::fs::read(ca).unwrap();
+    etcd_coord::recommended_connect_options().with_tls(
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem)),
+    )
+}
+
 /// Each primitive once, through `client`.
 async fn every_primitive_works(client: Client) {
     let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
@@ -86,11 +95,7 @@ async fn every_primitive_and_discovery_work_over_tls_with_server_verification() 
         .expect("etcd with TLS");
     let (ca, _, _) = cluster.tls_files().unwrap();
     // Only the CA: the server is verified, the client presents nothing.
-    let options = etcd_coord::recommended_connect_options().with_tls(
-        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(
-            std::fs::read(ca).unwrap(),
-        )),
-    );
+    let options = trusting_only(ca);
     let client = Client::connect(cluster.endpoints(), Some(options))
         .await
         .unwrap();
@@ -106,11 +111,7 @@ async fn every_primitive_and_discovery_work_over_tls_with_client_certificates() 
     every_primitive_works(cluster.client().await.unwrap()).await;
     // Without a client certificate, etcd refuses the connection: an error, not a hang.
     let (ca, _, _) = cluster.tls_files().unwrap();
-    let options = etcd_coord::recommended_connect_options().with_tls(
-        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(
-            std::fs::read(ca).unwrap(),
-        )),
-    );
+    let options = trusting_only(ca);
     let refused = tokio::time::timeout(Duration::from_secs(10), async {
         let client = Client::connect(cluster.endpoints(), Some(options)).await?;
         LeasedSession::new(client, SessionOptions::new())
@@ -136,11 +137,7 @@ async fn a_client_that_does_not_trust_the_servers_ca_fails_clearly_and_at_once()
         .await
         .expect("another etcd with TLS");
     let (other_ca, _, _) = other.tls_files().unwrap();
-    let options = etcd_coord::recommended_connect_options().with_tls(
-        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(
-            std::fs::read(other_ca).unwrap(),
-        )),
-    );
+    let options = trusting_only(other_ca);
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
         let client = Client::connect(cluster.endpoints(), Some(options)).await?;

@@ -5,17 +5,16 @@
 //! exactly the live registrants' keys; afterwards nothing may remain.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
 use etcd_coord::discovery::{Discovery, Endpoint, Registration, ServiceView};
-use etcd_coord::testkit::{EtcdCluster, FaultProxy};
+use etcd_coord::testkit::EtcdCluster;
 use etcd_coord::{Error, SessionOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{apply_network_fault, Fault, CLIENTS};
+use crate::harness::{apply_network_fault, proxies_of, Fault, CLIENTS};
 
 /// Registration TTL; faults "longer than the TTL" last TTL + 2 s.
 const TTL: Duration = Duration::from_secs(5);
@@ -141,14 +140,7 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
     crate::common::init_tracing();
     let members = 3;
     let mut cluster = EtcdCluster::start(members).await.expect("an etcd cluster");
-    let mut proxies = Vec::new();
-    for m in 0..members {
-        proxies.push(Arc::new(
-            FaultProxy::start(cluster.endpoint(m).unwrap())
-                .await
-                .unwrap(),
-        ));
-    }
+    let proxies = proxies_of(&cluster).await;
     let admin = cluster.client().await.unwrap();
     let target = crate::common::unique(&format!("chaos-discovery-{seed}"));
     let killed: BTreeSet<usize> = plan

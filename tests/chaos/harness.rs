@@ -188,6 +188,20 @@ fn generate(seed: u64, fault: BoxedStrategy<Fault>) -> Vec<(u64, Fault)> {
         .current()
 }
 
+/// A fault proxy in front of each member of `cluster`: client `i`'s path is proxy
+/// `i % members`.
+pub async fn proxies_of(cluster: &EtcdCluster) -> Vec<Arc<FaultProxy>> {
+    let mut proxies = Vec::new();
+    for m in 0..cluster.len() {
+        proxies.push(Arc::new(
+            FaultProxy::start(cluster.endpoint(m).unwrap())
+                .await
+                .unwrap(),
+        ));
+    }
+    proxies
+}
+
 /// Applies a fault that acts on the cluster or on the proxies in front of it — everything but
 /// [`Fault::KillClient`] and [`Fault::LoseRelease`], which act on clients — and waits it out
 /// (faults "longer than the TTL" last TTL + 2 s; partitions are healed). Client `i`'s path is
@@ -984,14 +998,7 @@ async fn run(
         EtcdCluster::start(members).await
     }
     .expect("an etcd cluster");
-    let mut proxies = Vec::new();
-    for m in 0..members {
-        proxies.push(Arc::new(
-            FaultProxy::start(cluster.endpoint(m).unwrap())
-                .await
-                .unwrap(),
-        ));
-    }
+    let proxies = proxies_of(&cluster).await;
     let admin = cluster.client().await.unwrap();
     let sh = Arc::new(Shared {
         primitive,
