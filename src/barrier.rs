@@ -232,8 +232,14 @@ impl DoubleBarrier {
                 } else if present >= count {
                     Decision::Act(latch.clone())
                 } else {
+                    // A latch put after our key, while it exists, lets us through even if it is
+                    // gone again before we re-read: whoever put it may leave at once and take
+                    // it down with its lease. So its put is watched in etcd's history from our
+                    // key on, and the put itself decides.
                     Decision::Wait(vec![
-                        Watched::put(ready.as_str()),
+                        Watched::put(ready.as_str())
+                            .since(own_revision + 1)
+                            .deciding(),
                         Watched::put_under(participants.as_str()),
                     ])
                 }

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_coord::{Barrier, DoubleBarrier, Error};
+use etcd_coord::{Barrier, DoubleBarrier, Error, SessionOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_block_while_the_barrier_is_up_and_all_return_promptly_when_it_comes_down() {
@@ -127,18 +127,68 @@ async fn nobody_passes_enter_before_count_have_entered() {
         "passed with 2 of 3"
     );
     let third = session(&etcd, 30).await;
-    let _inside = tokio::time::timeout(
+    let third_inside = tokio::time::timeout(
         Duration::from_secs(5),
         DoubleBarrier::new(&third, &name, 3).enter(),
     )
     .await
     .unwrap()
     .unwrap();
+    // Every guard is kept: a participant that left would be a different test.
+    let mut inside = vec![third_inside];
     for e in entering {
-        let _inside = tokio::time::timeout(Duration::from_secs(5), e)
+        inside.push(
+            tokio::time::timeout(Duration::from_secs(5), e)
+                .await
+                .expect("entered with 3 of 3")
+                .unwrap(),
+        );
+    }
+}
+
+/// The last to enter puts the latch under its own lease and may leave at once, its session
+/// ending with it, before the others look again: they then find neither the latch nor enough
+/// participants — yet the barrier opened for their round, and they pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_others_pass_enter_even_if_the_last_to_enter_is_gone_before_they_look() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("double-gone");
+    let link = proxy(&etcd).await;
+    let mut entering = Vec::new();
+    for _ in 0..2 {
+        let s = session_via(
+            &link,
+            SessionOptions::new().with_ttl(Duration::from_secs(30)),
+        )
+        .await;
+        let db = DoubleBarrier::new(&s, &name, 3);
+        entering.push(tokio::spawn(async move { db.enter().await }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &name).await.len() == 2
+        })
+        .await
+    );
+    // The two waiters see nothing of what follows until it is all over.
+    link.blackhole();
+    let last = session(&etcd, 30).await;
+    let guard = DoubleBarrier::new(&last, &name, 3).enter().await.unwrap();
+    drop(guard);
+    last.close().await.unwrap();
+    assert_eq!(
+        keys_under(&observer, &name).await.len(),
+        2,
+        "the latch and the last participant's key went with its lease"
+    );
+    link.heal();
+    for e in entering {
+        let entered = tokio::time::timeout(Duration::from_secs(10), e)
             .await
-            .expect("entered with 3 of 3")
+            .expect("a participant of an opened round stayed blocked")
             .unwrap();
+        assert!(entered.is_ok(), "{entered:?}");
     }
 }
 
@@ -440,4 +490,53 @@ async fn a_leave_whose_answer_is_lost_does_not_wait_for_the_next_round() {
         .unwrap()
         .unwrap();
     drop((a_again, b_again));
+}
+
+/// A waiting participant watches for the latch in etcd's history from its own key on. When
+/// that history is compacted away and its watch must be opened again, it watches from the
+/// compaction on — it neither spins on a refused watch nor stops waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_waiting_across_a_compaction_keeps_one_quiet_watch_and_still_enters() {
+    let etcd = etcd().await;
+    let mut observer = client(&etcd).await;
+    let name = unique("double-compacted");
+    let link = proxy(&etcd).await;
+    let waiting = session_via(
+        &link,
+        SessionOptions::new().with_ttl(Duration::from_secs(30)),
+    )
+    .await;
+    let db = DoubleBarrier::new(&waiting, &name, 2);
+    let entering = tokio::spawn(async move { db.enter().await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &name).await.len() == 1
+        })
+        .await
+    );
+    for i in 0..5 {
+        observer
+            .put(format!("{name}-elsewhere-{i}"), "x", None)
+            .await
+            .unwrap();
+    }
+    etcd.compact().await.unwrap();
+    // The waiter's watch stream breaks: it must open its watches again, past the compaction.
+    link.reset_peer();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = waiting.metrics().watches;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        waiting.metrics().watches,
+        settled,
+        "the waiter keeps opening watches"
+    );
+    assert!(!entering.is_finished(), "passed with 1 of 2");
+    let other = session(&etcd, 30).await;
+    let _other_inside = DoubleBarrier::new(&other, &name, 2).enter().await.unwrap();
+    let entered = tokio::time::timeout(Duration::from_secs(5), entering)
+        .await
+        .expect("the waiter did not enter")
+        .unwrap();
+    assert!(entered.is_ok(), "{entered:?}");
 }

@@ -247,7 +247,8 @@ pub(crate) enum Decision {
     Through { touch: bool },
     /// Send this Txn (e.g. put a "ready" key; it must be safe to repeat), then read again.
     Act(Txn),
-    /// Wait for one of these changes, then read again.
+    /// Wait for one of these changes, then read again — or, for a change watched as
+    /// [`Watched::deciding`], be through once it happened while our key exists.
     Wait(Vec<Watched>),
     /// The read was cut short before it found what decides (a page of a shared queue holding
     /// only nested names' keys): read again without a limit.
@@ -255,9 +256,12 @@ pub(crate) enum Decision {
 }
 
 /// The one wait loop: read (only while our key exists) → decide → through, act, or wait for a
-/// change → read again. Every wake-up re-decides from a fresh read, so a waiter never trusts
-/// a notification (etcd #16221). `first` is a snapshot the enqueue already took, if any. One
-/// backoff serves every retry of the wait; it is reset when a watched change happens.
+/// change → read again. Every wake-up re-decides from a fresh read, so a waiter never infers
+/// ownership from a notification (etcd #16221). The one exception is a change the decision
+/// itself marks [`Watched::deciding`] (a double barrier's latch, which may be gone again by
+/// the time anyone re-reads): it is through if our key still exists after it — which a fenced
+/// read confirms. `first` is a snapshot the enqueue already took, if any. One backoff serves
+/// every retry of the wait; it is reset when a watched change happens.
 async fn wait_loop<D>(
     shared: &Arc<Shared>,
     ticket: Ticket,
@@ -270,6 +274,9 @@ where
 {
     let mut backoff = Backoff::for_requests();
     let mut widen = false;
+    // History before this revision was compacted away: targets watched `since` an earlier
+    // revision are watched from here.
+    let mut floor = 0;
     loop {
         let snapshot = match first.take() {
             Some(s) => s,
@@ -303,9 +310,10 @@ where
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
                 let mut fresh = None;
                 let decide = &mut decide;
+                let watched: Vec<Watched> = targets.iter().map(|t| t.not_before(floor)).collect();
                 let woken = wait_for_change(
                     shared,
-                    &targets,
+                    &watched,
                     own,
                     snapshot.revision,
                     || async {
@@ -325,6 +333,17 @@ where
                 match woken {
                     // After a wake-up, decide from a fresh read (unless the re-read made one).
                     Woken::Changed | Woken::Recheck => first = fresh,
+                    Woken::Compacted(revision) => {
+                        floor = floor.max(revision);
+                        first = fresh;
+                    }
+                    Woken::Decided(revision) => {
+                        // Our key existed when the deciding change happened if it exists now:
+                        // keys are never re-created with the same create revision.
+                        let now = read_fenced(shared, &ticket, &reads.narrow, &mut backoff).await?;
+                        tracing::trace!(key = %ticket.key, revision, "through on a deciding change");
+                        return ticket.into_acquired(now.revision);
+                    }
                 }
             }
         }

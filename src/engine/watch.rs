@@ -28,6 +28,12 @@ pub(crate) enum Woken {
     Changed,
     /// A cancelled watch or a stream failure: re-read and decide again.
     Recheck,
+    /// A change of a [`Watched::deciding`] target happened, at this revision: the event
+    /// itself is the answer, whatever a later read shows.
+    Decided(i64),
+    /// A watch's history was compacted away up to this revision: watch again from there (a
+    /// change before it can no longer be seen), re-read and decide again.
+    Compacted(i64),
 }
 
 /// Which events of a watched key count.
@@ -39,13 +45,16 @@ enum Events {
 }
 
 /// A change to wait for: a put and/or a delete of `key`, or of any key under it with
-/// `prefix` — optionally only of the keys in `among`.
+/// `prefix` — optionally only of the keys in `among`. From now on, unless it is watched
+/// [`since`](Self::since) a revision of the past.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Watched {
     key: Vec<u8>,
     prefix: bool,
     events: Events,
     among: Option<Vec<Vec<u8>>>,
+    since: Option<i64>,
+    deciding: bool,
 }
 
 impl Watched {
@@ -55,6 +64,36 @@ impl Watched {
             prefix,
             events,
             among: None,
+            since: None,
+            deciding: false,
+        }
+    }
+
+    /// The same change, also when it happened at or after `revision` (etcd's history: such a
+    /// watch may take etcd's 100 ms "unsynced" path, so only waits that must not miss a change
+    /// that came and went use it).
+    pub(crate) fn since(self, revision: i64) -> Watched {
+        Watched {
+            since: Some(revision),
+            ..self
+        }
+    }
+
+    /// The change itself decides the wait ([`Woken::Decided`]) instead of asking for a re-read:
+    /// for a change whose effect may be undone before a re-read sees it (a barrier's latch
+    /// that goes away with the lease of whoever put it).
+    pub(crate) fn deciding(self) -> Watched {
+        Watched {
+            deciding: true,
+            ..self
+        }
+    }
+
+    /// The same target, watched from `floor` on if its history before that is gone.
+    pub(crate) fn not_before(&self, floor: i64) -> Watched {
+        Watched {
+            since: self.since.map(|since| since.max(floor)),
+            ..self.clone()
         }
     }
 
@@ -111,6 +150,10 @@ impl Watched {
             Events::Delete => WatchOptions::new().with_filters([WatchFilterType::NoPut]),
             Events::Put => WatchOptions::new().with_filters([WatchFilterType::NoDelete]),
             Events::Any => WatchOptions::new(),
+        };
+        let opts = match self.since {
+            Some(revision) => opts.with_start_revision(revision),
+            None => opts,
         };
         if self.prefix {
             opts.with_prefix()
@@ -228,7 +271,10 @@ impl ChangeWatch {
                 reason = resp.cancel_reason(),
                 "watch cancelled; re-reading"
             );
-            return Some(Ok(Woken::Recheck));
+            return Some(Ok(match resp.compact_revision() {
+                0 => Woken::Recheck,
+                compacted => Woken::Compacted(compacted),
+            }));
         }
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
@@ -241,8 +287,12 @@ impl ChangeWatch {
                     }));
                 }
             }
-            if self.targets.iter().any(|t| t.matches(kind, kv.key())) {
-                return Some(Ok(Woken::Changed));
+            if let Some(target) = self.targets.iter().find(|t| t.matches(kind, kv.key())) {
+                return Some(Ok(if target.deciding {
+                    Woken::Decided(kv.mod_revision())
+                } else {
+                    Woken::Changed
+                }));
             }
         }
         None
@@ -309,14 +359,17 @@ impl ChangeWatch {
             },
         };
         match outcome {
-            Ok(Woken::Recheck) => pause(shared, backoff).await.map(|()| Woken::Recheck),
+            Ok(woken @ (Woken::Recheck | Woken::Compacted(_))) => {
+                pause(shared, backoff).await.map(|()| woken)
+            }
             other => other,
         }
     }
 }
 
 /// The wait step every primitive goes through: with a watch registered from now on `targets`
-/// (and our own key's deletion, and the session's loss), waits for a change. `read_at` is the
+/// (or from their [`since`](Watched::since) revision; and on our own key's deletion, and the
+/// session's loss), waits for a change. `read_at` is the
 /// revision of the read that decided to wait; if writes landed since, `reread` runs once the
 /// watch is in place and says whether to still wait. Failures pause on `backoff`, which is
 /// reset when a change really happened.
@@ -340,7 +393,7 @@ where
     } else {
         watch.wait(shared, backoff).await?
     };
-    if woken == Woken::Changed {
+    if matches!(woken, Woken::Changed | Woken::Decided(_)) {
         backoff.reset();
     }
     Ok(woken)
@@ -374,8 +427,9 @@ pub(crate) async fn wait_gone(
             // A delete event of the key (or a re-read that found it gone): that incarnation
             // has ended — keys are never re-created with the same create revision.
             Woken::Changed => return Ok(()),
-            // Uncertain: the next round confirms once its watch is in place.
-            Woken::Recheck => seen_at = 0,
+            // Uncertain: the next round confirms once its watch is in place. (`Decided` and
+            // `Compacted` come only from targets watched `since` a past revision.)
+            Woken::Recheck | Woken::Decided(_) | Woken::Compacted(_) => seen_at = 0,
         }
     }
 }
