@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use common::*;
 use etcd_coord::testkit::{EtcdCluster, FaultProxy};
-use etcd_coord::{Election, Error, LeaderSelector, LeasedSession, Mutex, SessionOptions};
+use etcd_coord::{
+    Barrier, DoubleBarrier, Election, Error, LeaderSelector, LeasedSession, Mutex, RwLock,
+    SessionOptions,
+};
 use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,6 +444,24 @@ async fn a_role_limited_to_its_prefix_can_do_everything_there_and_nothing_elsewh
         .release()
         .await
         .unwrap();
+    let rw = RwLock::new(&s, "app/rw");
+    rw.read().await.unwrap().release().await.unwrap();
+    rw.write().await.unwrap().release().await.unwrap();
+    Barrier::new(&s, "app/b")
+        .hold()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    Barrier::new(&s, "app/b").wait().await.unwrap();
+    DoubleBarrier::new(&s, "app/d", 1)
+        .enter()
+        .await
+        .unwrap()
+        .leave()
+        .await
+        .unwrap();
     let registration = Registration::register(
         app.clone(),
         "app/svc",
@@ -464,6 +485,53 @@ async fn a_role_limited_to_its_prefix_can_do_everything_there_and_nothing_elsewh
     .await
     .expect("at once");
     assert!(denied(&lock), "{lock:?}");
+    let outside: Vec<(&str, Result<(), Error>)> = vec![
+        (
+            "election",
+            Election::new(&s, "other/e").campaign("v").await.map(|_| ()),
+        ),
+        (
+            "semaphore",
+            etcd_coord::Semaphore::new(&s, "other/s", 2)
+                .acquire()
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "read lock",
+            RwLock::new(&s, "other/rw").read().await.map(|_| ()),
+        ),
+        (
+            "write lock",
+            RwLock::new(&s, "other/rw").write().await.map(|_| ()),
+        ),
+        (
+            "barrier hold",
+            Barrier::new(&s, "other/b").hold().await.map(|_| ()),
+        ),
+        ("barrier wait", Barrier::new(&s, "other/b").wait().await),
+        (
+            "double barrier",
+            DoubleBarrier::new(&s, "other/d", 1)
+                .enter()
+                .await
+                .map(|_| ()),
+        ),
+    ];
+    for (what, result) in &outside {
+        assert!(denied(result), "{what}: {result:?}");
+    }
+    // Read permission alone is not enough to take a lock.
+    let reading = LeasedSession::new(reader.clone(), options.clone())
+        .await
+        .unwrap();
+    let read_only_lock = tokio::time::timeout(at_once, async {
+        Mutex::new(&reading, "app/svc/m").lock().await.map(|_| ())
+    })
+    .await
+    .expect("at once");
+    assert!(denied(&read_only_lock), "{read_only_lock:?}");
+    reading.close().await.unwrap();
     let register = tokio::time::timeout(at_once, async {
         Registration::register(
             app.clone(),
@@ -502,4 +570,44 @@ async fn a_role_limited_to_its_prefix_can_do_everything_there_and_nothing_elsewh
     assert!(denied(&reader_registers), "{reader_registers:?}");
     registration.deregister().await.unwrap();
     s.close().await.unwrap();
+}
+
+/// etcd revokes a lease only for a user who may write every key attached to it. A session
+/// whose lease carries a key outside its role (put there by another user) cannot close: the
+/// revocation is `PermissionDenied` at once, not retried, and the lease ends by its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_carrying_a_key_outside_the_role_is_not_revoked_and_ends_by_its_ttl() {
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let mut root = enable_auth(&cluster, "app", "app/").await;
+    let app = user_client(&cluster, "app", "app-pw").await;
+    let ttl = Duration::from_secs(3);
+    let s = LeasedSession::new(app, SessionOptions::new().with_ttl(ttl))
+        .await
+        .unwrap();
+    let _held = Mutex::new(&s, "app/m").lock().await.unwrap();
+    root.put(
+        "other/x",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(s.lease_id())),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(2), s.close())
+        .await
+        .expect("at once");
+    assert!(
+        matches!(closed, Err(Error::PermissionDenied(_))),
+        "{closed:?}"
+    );
+    assert!(lease_exists(&root, s.lease_id()).await, "revoked anyway");
+    assert!(
+        eventually(ttl + Duration::from_secs(3), || async {
+            !lease_exists(&root, s.lease_id()).await
+        })
+        .await,
+        "the lease outlived its TTL"
+    );
+    assert!(keys_under(&root, "app/m").await.is_empty());
+    assert!(keys_under(&root, "other/x").await.is_empty());
 }

@@ -241,8 +241,22 @@ impl EtcdCluster {
         members: usize,
         client_cert_auth: bool,
     ) -> Result<EtcdCluster, TestkitError> {
+        EtcdCluster::start_tls_with_args(members, client_cert_auth, &[]).await
+    }
+
+    /// As [`start_tls`](Self::start_tls), with extra etcd flags for every member (as in
+    /// [`start_with_args`](Self::start_with_args)), e.g. `["--auth-token-ttl", "2"]`.
+    ///
+    /// # Errors
+    /// As [`start_tls`](Self::start_tls).
+    #[cfg(feature = "tls")]
+    pub async fn start_tls_with_args(
+        members: usize,
+        client_cert_auth: bool,
+        args: &[&str],
+    ) -> Result<EtcdCluster, TestkitError> {
         let bin = find_etcd_binary()?;
-        EtcdCluster::launch(&bin, members, false, &[], Some(client_cert_auth)).await
+        EtcdCluster::launch(&bin, members, false, args, Some(client_cert_auth)).await
     }
 
     /// [`recommended_connect_options`](crate::recommended_connect_options), with this
@@ -478,17 +492,25 @@ impl EtcdCluster {
         else {
             return false;
         };
-        let serves = matches!(
-            timeout(
-                Duration::from_secs(1),
-                client.get(
-                    "etcd-coord-testkit-health",
-                    Some(GetOptions::new().with_count_only())
-                )
-            )
-            .await,
-            Ok(Ok(_))
-        );
+        // With authentication on, the read is refused for want of a user — but only after
+        // the member agreed with its leader on the read (etcd checks permissions after the
+        // linearizable-read barrier), so the refusal says as much as an answer.
+        let serves = match timeout(
+            Duration::from_secs(1),
+            client.get(
+                "etcd-coord-testkit-health",
+                Some(GetOptions::new().with_count_only()),
+            ),
+        )
+        .await
+        {
+            Ok(Ok(_)) => true,
+            Ok(Err(etcd_client::Error::GRpcStatus(status))) => {
+                status.code() == tonic::Code::PermissionDenied
+                    || status.message().contains("user name is empty")
+            }
+            _ => false,
+        };
         if !serves {
             return false;
         }

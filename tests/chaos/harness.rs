@@ -35,6 +35,63 @@ const PERMITS: usize = 2;
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(TTL.as_secs() + 3);
 /// The environment variable that turns the chaos test binary into a client process.
 const CLIENT_ENV: &str = "ETCD_COORD_CHAOS_CLIENT";
+/// How a client process reaches a secured etcd: `<CA file> <user> <password>` (unset: plain).
+const SECURE_ENV: &str = "ETCD_COORD_CHAOS_SECURE";
+
+/// How clients reach an etcd that serves TLS and requires authentication: trusting `ca`,
+/// as `user`, whose role may read and write the keys under the test's names only.
+#[derive(Debug, Clone)]
+pub struct Secure {
+    ca: std::path::PathBuf,
+    user: String,
+    password: String,
+}
+
+impl Secure {
+    fn from_env() -> Option<Secure> {
+        let spec = std::env::var(SECURE_ENV).ok()?;
+        let words: Vec<&str> = spec.split_whitespace().collect();
+        let [ca, user, password] = words[..] else {
+            panic!("bad {SECURE_ENV}: {spec}");
+        };
+        Some(Secure {
+            ca: ca.into(),
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    fn to_env(&self) -> String {
+        format!("{} {} {}", self.ca.display(), self.user, self.password)
+    }
+}
+
+/// A client of `endpoint` (a proxy's `HOST:PORT`), over TLS as the secure user if `secure`.
+async fn connect(endpoint: String, secure: Option<&Secure>) -> Client {
+    let options = etcd_coord::recommended_connect_options();
+    let (endpoint, options) = match secure {
+        None => (endpoint, options),
+        Some(s) => (format!("https://{endpoint}"), secured(options, s)),
+    };
+    Client::connect([endpoint], Some(options))
+        .await
+        .expect("a client")
+}
+
+#[cfg(feature = "tls")]
+fn secured(options: etcd_client::ConnectOptions, s: &Secure) -> etcd_client::ConnectOptions {
+    let ca = std::fs::read(&s.ca).expect("the CA file");
+    options
+        .with_tls(
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca)),
+        )
+        .with_user(s.user.clone(), s.password.clone())
+}
+
+#[cfg(not(feature = "tls"))]
+fn secured(_: etcd_client::ConnectOptions, _: &Secure) -> etcd_client::ConnectOptions {
+    unreachable!("secure chaos runs need the tls feature")
+}
 /// The prefix of the lines a client process reports on.
 const REPORT: &str = "@chaos";
 
@@ -194,7 +251,8 @@ pub async fn proxies_of(cluster: &EtcdCluster) -> Vec<Arc<FaultProxy>> {
     let mut proxies = Vec::new();
     for m in 0..cluster.len() {
         proxies.push(Arc::new(
-            FaultProxy::start(cluster.endpoint(m).unwrap())
+            // TCP proxies: a TLS cluster's connections pass through them encrypted.
+            FaultProxy::start(cluster.endpoint(m).unwrap().trim_start_matches("https://"))
                 .await
                 .unwrap(),
         ));
@@ -378,6 +436,8 @@ struct Shared {
     proxies: Vec<Arc<FaultProxy>>,
     /// Clients whose next release is to lose its response (Fault::LoseRelease).
     lose_release: StdMutex<Vec<bool>>,
+    /// TLS and a user, if the cluster requires them.
+    secure: Option<Secure>,
 }
 
 impl Shared {
@@ -764,9 +824,11 @@ pub fn client_process_main() {
             }
             stdin_stop.cancel();
         });
-        let client = Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
-            .await
-            .expect("a client");
+        let secure = std::env::var(SECURE_ENV)
+            .is_ok_and(|s| !s.is_empty())
+            .then(Secure::from_env)
+            .flatten();
+        let client = connect(endpoint.to_owned(), secure.as_ref()).await;
         let tasks = Arc::new(StdMutex::new(Vec::new()));
         let sink = Sink::Pipe(Arc::new(tokio::sync::Mutex::new(go_rx)));
         client_loop(
@@ -820,6 +882,10 @@ impl ProcessClient {
             .env(
                 CLIENT_ENV,
                 format!("{id} {:?} {} {endpoint}", sh.primitive, sh.name),
+            )
+            .env(
+                SECURE_ENV,
+                sh.secure.as_ref().map(Secure::to_env).unwrap_or_default(),
             )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -964,7 +1030,25 @@ pub async fn run_schedule(
     seed: u64,
     plan: &[(u64, Fault)],
 ) -> Vec<Violation> {
-    run(primitive, members, seed, plan, true).await
+    run(primitive, members, seed, plan, true, false).await
+}
+
+/// As [`run_schedule`] on an etcd that serves clients over TLS only, with authentication on
+/// (simple tokens with a 3 s TTL): every client (in this process and in its own)
+/// connects over TLS as a user whose role may read and write the test's keys only; the
+/// checkers read as `root`. The plan must not partition members (namespaced etcd is plain).
+#[cfg(feature = "tls")]
+pub async fn run_schedule_secure(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+) -> Vec<Violation> {
+    assert!(
+        !plan.iter().any(|(_, f)| f.needs_namespaces()),
+        "a secure run cannot partition members"
+    );
+    run(primitive, members, seed, plan, true, true).await
 }
 
 /// As [`run_schedule`] with every client in this process (a plan without kills) and no
@@ -980,7 +1064,30 @@ pub async fn run_schedule_in_process(
         !plan.iter().any(|(_, f)| matches!(f, Fault::KillClient(_))),
         "killing a client needs client processes"
     );
-    run(primitive, members, seed, plan, false).await
+    run(primitive, members, seed, plan, false, false).await
+}
+
+/// A cluster serving TLS with auth on and 3 s tokens, a `root` client of it, and how the
+/// contenders connect: as user `chaos`, with readwrite on the test keys' prefix only.
+#[cfg(feature = "tls")]
+async fn start_secure(members: usize) -> (EtcdCluster, Client, Option<Secure>) {
+    let cluster = EtcdCluster::start_tls_with_args(members, false, &["--auth-token-ttl", "3"])
+        .await
+        .expect("an etcd cluster serving TLS");
+    // Every name of the run is a `common::unique` name, under this prefix.
+    let admin = crate::common::enable_auth(&cluster, "chaos", "etcd-coord-test/").await;
+    let (ca, _, _) = cluster.tls_files().expect("TLS files");
+    let secure = Secure {
+        ca,
+        user: "chaos".into(),
+        password: "chaos-pw".into(),
+    };
+    (cluster, admin, Some(secure))
+}
+
+#[cfg(not(feature = "tls"))]
+async fn start_secure(_: usize) -> (EtcdCluster, Client, Option<Secure>) {
+    unreachable!("secure chaos runs need the tls feature")
 }
 
 async fn run(
@@ -989,17 +1096,23 @@ async fn run(
     seed: u64,
     plan: &[(u64, Fault)],
     processes: bool,
+    secured: bool,
 ) -> Vec<Violation> {
     crate::common::init_tracing();
     count_panics();
-    let mut cluster = if plan.iter().any(|(_, f)| f.needs_namespaces()) {
-        EtcdCluster::start_partitionable(members).await
+    let (mut cluster, admin, secure) = if secured {
+        start_secure(members).await
     } else {
-        EtcdCluster::start(members).await
-    }
-    .expect("an etcd cluster");
+        let cluster = if plan.iter().any(|(_, f)| f.needs_namespaces()) {
+            EtcdCluster::start_partitionable(members).await
+        } else {
+            EtcdCluster::start(members).await
+        }
+        .expect("an etcd cluster");
+        let admin = cluster.client().await.unwrap();
+        (cluster, admin, None)
+    };
     let proxies = proxies_of(&cluster).await;
-    let admin = cluster.client().await.unwrap();
     let sh = Arc::new(Shared {
         primitive,
         name: crate::common::unique(&format!("chaos-{seed}")),
@@ -1012,6 +1125,7 @@ async fn run(
         tasks: StdMutex::new(Vec::new()),
         proxies: proxies.clone(),
         lose_release: StdMutex::new(vec![false; CLIENTS]),
+        secure,
     });
     let in_process: Vec<bool> = (0..CLIENTS)
         .map(|i| {
@@ -1029,7 +1143,8 @@ async fn run(
         let endpoint = endpoint(i);
         async move {
             if local {
-                let client = crate::common::client_via(&sh.proxies[i % sh.proxies.len()]).await;
+                let proxy = &sh.proxies[i % sh.proxies.len()];
+                let client = connect(proxy.endpoint(), sh.secure.as_ref()).await;
                 let (sink, stopped) = (Sink::Local(Arc::clone(&sh)), sh.stopped.clone());
                 let (primitive, name) = (sh.primitive, sh.name.clone());
                 let own = Arc::new(StdMutex::new(Vec::new()));

@@ -55,6 +55,24 @@ async fn mutex_stays_safe_under_fault_schedules() {
     stays_safe(Primitive::Mutex, 3, &[6, 21, 25]).await;
 }
 
+/// The same checks with TLS and authentication on: the contenders are a user limited to the
+/// test's prefix, connecting over TLS, some in their own processes, while a member restarts
+/// and the leader is killed. (Simple tokens with a 3 s TTL; busy contenders rarely leave one
+/// idle that long — token expiry has its own tests in tests/auth.rs.)
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_over_tls_with_auth_stays_safe_under_fault_schedules() {
+    for seed in seeds(&[6]) {
+        let plan = schedule(seed);
+        eprintln!("chaos: Mutex over TLS with auth, 3 member(s), seed {seed}: {plan:?}");
+        let violations = harness::run_schedule_secure(Primitive::Mutex, 3, seed, &plan).await;
+        assert!(
+            violations.is_empty(),
+            "Mutex over TLS with auth, seed {seed}: {violations:#?}\nschedule: {plan:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutex_on_a_single_member_stays_safe_under_fault_schedules() {
     stays_safe(Primitive::Mutex, 1, &[1, 4]).await;

@@ -146,7 +146,7 @@ pub async fn enable_auth(
     user_client(cluster, "root", ROOT_PASSWORD).await
 }
 
-/// A client of `cluster` authenticated as `user`.
+/// A client of `cluster` authenticated as `user` (over TLS if the cluster serves TLS).
 pub async fn user_client(
     cluster: &etcd_coord::testkit::EtcdCluster,
     user: &str,
@@ -154,7 +154,7 @@ pub async fn user_client(
 ) -> Client {
     Client::connect(
         cluster.endpoints(),
-        Some(etcd_coord::recommended_connect_options().with_user(user, password)),
+        Some(cluster.connect_options().with_user(user, password)),
     )
     .await
     .expect("an authenticated client")
