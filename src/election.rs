@@ -130,6 +130,30 @@ impl Election {
         })
     }
 
+    /// Takes back the leadership (or the candidacy) that an earlier process held under this
+    /// session's lease — a session made with [`LeasedSession::resume`](crate::LeasedSession::resume)
+    /// — given the [`Leadership`]'s key and fencing token that process saved (Go's
+    /// `ResumeElection`, checked): only that very key, created at that revision and still on
+    /// this lease, is taken back, with its value as it is. A candidacy still waiting waits on
+    /// like [`campaign`](Self::campaign) from its place.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the key is gone or is another incarnation;
+    /// [`Error::InvalidArgument`] if `key` is not a key of this election made under this
+    /// session's lease; as [`campaign`](Self::campaign) otherwise.
+    ///
+    /// # Cancel safety
+    /// As [`campaign`](Self::campaign): dropping the future while it waits withdraws the
+    /// candidacy (a fenced delete).
+    pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<Leadership, Error> {
+        let queue = self.named.queue()?;
+        let blocker = Blocker::over(queue, 1)?;
+        let acquired = engine::adopt(&self.session, queue, "", blocker, key, fencing_token).await?;
+        Ok(Leadership {
+            holding: Holding::new(self.session.clone(), acquired),
+        })
+    }
+
     /// The current leader, if any: the oldest candidate (one round trip).
     ///
     /// # Errors

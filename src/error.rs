@@ -26,6 +26,10 @@ pub enum LossReason {
     /// denied it). The session ends and revokes its lease rather than keep a live lease on a
     /// key nobody holds any more.
     CleanupFailed,
+    /// The session was handed off with [`orphan()`](crate::LeasedSession::orphan): it stopped
+    /// refreshing the lease without revoking it, for another process to
+    /// [`resume`](crate::LeasedSession::resume).
+    Orphaned,
 }
 
 impl std::fmt::Display for LossReason {
@@ -38,6 +42,7 @@ impl std::fmt::Display for LossReason {
             LossReason::Closed => "the session was closed",
             LossReason::KeepAliveStopped => "the session's background task stopped",
             LossReason::CleanupFailed => "a background release failed permanently",
+            LossReason::Orphaned => "the session was orphaned: its lease was handed off",
         })
     }
 }
@@ -92,6 +97,12 @@ pub enum Error {
     /// Carries the cause.
     #[error("service view ended: {0}")]
     ViewEnded(#[source] std::sync::Arc<Error>),
+
+    /// The lease does not exist (any more): it expired or was revoked before
+    /// [`LeasedSession::resume`](crate::LeasedSession::resume) could adopt it. Nothing was
+    /// changed.
+    #[error("lease {0:x} not found: it expired or was revoked")]
+    LeaseNotFound(i64),
 
     /// etcd's authorization refused the request (the user's roles lack a permission it needs).
     /// Never retried. Carries etcd's message.

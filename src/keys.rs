@@ -123,6 +123,13 @@ impl Queue {
         format!("{}{kind}{:016x}-{seq:x}", self.own, lease_id)
     }
 
+    /// Whether `key` is a member key of kind `kind` that a session of lease `lease_id` made
+    /// ([`member_key`](Self::member_key) with any sequence number).
+    pub(crate) fn is_member_of_lease(&self, kind: &str, lease_id: i64, key: &str) -> bool {
+        key.strip_prefix(&format!("{}{kind}{lease_id:016x}-", self.own))
+            .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
     /// The prefix of the members of kind `kind` (`""`: every member of a queue that is ours
     /// only), or of one of our own keys (a latch, a barrier).
     pub(crate) fn sub(&self, kind: &str) -> String {

@@ -109,6 +109,54 @@ impl Mutex {
     }
 }
 
+impl Mutex {
+    /// Takes back the lock (or the place in its queue) that an earlier process held under
+    /// this session's lease — a session made with [`LeasedSession::resume`] — given the
+    /// guard's [`key()`](Fence::key) and [`fencing_token()`](Fence::fencing_token) that
+    /// process saved. Only that very key, created at that revision and still on this lease,
+    /// is taken back: the guard then holds the lock with the same fencing token. If the key
+    /// was still waiting in line, this waits like [`lock()`](Self::lock) from its place.
+    /// (Go's `ResumeElection` trusts what it is given; this checks.)
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the key is gone (the lease ended, or it was released) or is
+    /// another incarnation; [`Error::InvalidArgument`] if `key` is not a key of this lock's
+    /// name made under this session's lease (nothing is sent); as [`lock()`](Self::lock)
+    /// otherwise.
+    ///
+    /// # Cancel safety
+    /// As [`lock()`](Self::lock): dropping the future while it waits deletes the key (fenced),
+    /// as for any waiter that gives up.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(client: etcd_client::Client) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::{LeasedSession, Mutex, SessionOptions};
+    ///
+    /// // One process takes the lock and saves what the next one needs…
+    /// let session = LeasedSession::new(client.clone(), SessionOptions::new()).await?;
+    /// let guard = Mutex::new(&session, "jobs/nightly").lock().await?;
+    /// let (key, token) = (guard.key().to_owned(), guard.fencing_token());
+    /// // … and hands the lease off (or simply dies: then the lease's TTL is the deadline).
+    /// let lease_id = session.orphan();
+    /// drop(guard); // releases nothing: the session is orphaned
+    ///
+    /// // The next process, within the TTL:
+    /// let session = LeasedSession::resume(client, lease_id, SessionOptions::new()).await?;
+    /// let guard = Mutex::new(&session, "jobs/nightly").resume(&key, token).await?;
+    /// assert_eq!(guard.fencing_token(), token);
+    /// # Ok(()) }
+    /// ```
+    pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<MutexGuard, Error> {
+        let queue = self.named.queue()?;
+        let blocker = Blocker::over(queue, 1)?;
+        let acquired = engine::adopt(&self.session, queue, "", blocker, key, fencing_token).await?;
+        Ok(MutexGuard {
+            holding: Holding::new(self.session.clone(), acquired),
+        })
+    }
+}
+
 holding_guard! {
     /// Proof of holding a [`Mutex`]. Releases the lock when dropped (in the background, through
     /// the session's task) or deterministically with [`release()`](Self::release).

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp};
 
 use crate::backoff::Backoff;
 use crate::keys::{self, Queue};
@@ -577,6 +577,54 @@ pub(crate) async fn acquire(
     let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     wait_loop(shared, ticket, first, reads, |s| blocker.decide(s)).await
+}
+
+/// Takes back member `key` of kind `kind` in `queue`, made under this session's (resumed)
+/// lease by an earlier process and created at `create_revision`, and waits like [`acquire`]
+/// until `blocker` lets it through — at once if it held. The key must still be that
+/// incarnation on this lease ([`Error::LockLost`] otherwise). Cancel-safe like [`acquire`]:
+/// dropping the future after the key was confirmed deletes it (fenced), as for any waiter
+/// that gives up.
+pub(crate) async fn adopt(
+    session: &LeasedSession,
+    queue: &Queue,
+    kind: &str,
+    blocker: Blocker,
+    key: &str,
+    create_revision: i64,
+) -> Result<Acquired, Error> {
+    let shared = session.shared();
+    shared.check()?;
+    if !queue.is_member_of_lease(kind, shared.lease_id, key) {
+        return Err(Error::InvalidArgument(format!(
+            "{key} is not a key of this name that lease {:x} holds",
+            shared.lease_id
+        )));
+    }
+    let lost = || Error::LockLost {
+        key: key.to_owned(),
+        create_revision,
+    };
+    if create_revision <= 0 {
+        return Err(lost());
+    }
+    let ours = Txn::new().when([
+        keys::owner_compare(key, create_revision),
+        Compare::lease(key, CompareOp::Equal, shared.lease_id),
+    ]);
+    let confirmed = send_until_answered(
+        shared,
+        || ours.clone(),
+        Kind::MaybeReadOnly,
+        &mut Backoff::for_requests(),
+    )
+    .await?;
+    if !confirmed.resp.succeeded() {
+        return Err(lost());
+    }
+    let ticket = Ticket::new(shared, key.to_owned(), create_revision, None);
+    let reads = blocker.reads_after(create_revision);
+    wait_loop(shared, ticket, None, reads, |s| blocker.decide(s)).await
 }
 
 /// Joins `queue` with a member key of kind `kind` and waits, through the one wait loop, until

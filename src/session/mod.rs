@@ -461,6 +461,110 @@ impl LeasedSession {
             )));
         }
         let ttl = Duration::from_secs(granted.ttl() as u64);
+        let revision = granted.header().map_or(0, |h| h.revision());
+        Ok(LeasedSession::start(
+            client,
+            granted.id(),
+            ttl,
+            sent,
+            revision,
+            &options,
+            0,
+        ))
+    }
+
+    /// Adopts lease `lease_id`, which still exists — granted by an earlier process, say, that
+    /// restarted within the TTL or [`orphan`](Self::orphan)ed its session — and keeps it alive
+    /// from now on (Go's `concurrency.WithLease`). Keys on the lease (a lock, a leadership)
+    /// can then be taken back with [`Mutex::resume`](crate::Mutex::resume) and
+    /// [`Election::resume`](crate::Election::resume).
+    ///
+    /// The lease keeps the TTL it was granted with (`options`' TTL is not used; its margin and
+    /// timeouts are checked against the lease's TTL). The session's deadline starts from this
+    /// call's first refresh of the lease, once etcd acknowledged it — never from a guess about
+    /// the earlier process's refreshes. Member keys this session creates never collide with
+    /// an earlier holder's of the same lease.
+    ///
+    /// # Errors
+    /// [`Error::LeaseNotFound`] if the lease has expired or was revoked; [`Error::InvalidArgument`]
+    /// for a margin or timeout out of range for the lease's TTL (the lease was refreshed once);
+    /// request errors ([`Error::Etcd`], [`Error::Timeout`], [`Error::PermissionDenied`]).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future before it returns starts nothing; the lease, refreshed
+    /// or not, ends by its TTL unless someone resumes it.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(client: etcd_client::Client, lease_id: i64, key: String, token: i64)
+    /// # -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::{LeasedSession, Mutex, SessionOptions};
+    ///
+    /// // After a restart: the lease id, the lock's key and fencing token were saved before.
+    /// let session = LeasedSession::resume(client, lease_id, SessionOptions::new()).await?;
+    /// let guard = Mutex::new(&session, "jobs/nightly").resume(&key, token).await?;
+    /// assert_eq!(guard.fencing_token(), token);
+    /// # Ok(()) }
+    /// ```
+    pub async fn resume(
+        client: Client,
+        lease_id: i64,
+        options: SessionOptions,
+    ) -> Result<LeasedSession, Error> {
+        if lease_id <= 0 {
+            return Err(Error::InvalidArgument(format!(
+                "lease id {lease_id} is not one etcd grants (they are positive)"
+            )));
+        }
+        options.validate_for(Duration::MAX)?;
+        let gone = |e: &Error| match e {
+            Error::Etcd(e) => lease_not_found(e),
+            _ => false,
+        };
+        let sent = Instant::now();
+        let refreshed = crate::error::renewing_auth(&client, || {
+            let mut lease = client.lease_client();
+            async move { within(options.request_timeout, lease.keep_alive(lease_id)).await }
+        })
+        .await;
+        match refreshed {
+            Err(e) if gone(&e) => return Err(Error::LeaseNotFound(lease_id)),
+            Err(e) => return Err(e),
+            Ok(_) => {} // the keeper and its stream close here: the session opens its own
+        }
+        let alive = crate::error::renewing_auth(&client, || {
+            let mut lease = client.lease_client();
+            async move { within(options.request_timeout, lease.time_to_live(lease_id, None)).await }
+        })
+        .await;
+        let alive = match alive {
+            Err(e) if gone(&e) => return Err(Error::LeaseNotFound(lease_id)),
+            other => other?,
+        };
+        if alive.ttl() <= 0 || alive.granted_ttl() <= 0 {
+            return Err(Error::LeaseNotFound(lease_id));
+        }
+        let ttl = Duration::from_secs(alive.granted_ttl() as u64);
+        options.validate_for(ttl)?;
+        let revision = alive.header().map_or(0, |h| h.revision());
+        // An earlier holder of this lease numbered its keys from 0: start far from there.
+        let first_seq = u64::from(rand::random::<u32>() | 1) << 32;
+        Ok(LeasedSession::start(
+            client, lease_id, ttl, sent, revision, &options, first_seq,
+        ))
+    }
+
+    /// Starts the session of lease `lease_id` (of TTL `ttl`), whose last acknowledged refresh
+    /// (or grant) was sent at `sent`.
+    fn start(
+        client: Client,
+        lease_id: i64,
+        ttl: Duration,
+        sent: Instant,
+        revision: i64,
+        options: &SessionOptions,
+        first_seq: u64,
+    ) -> LeasedSession {
         let margin = options.safety_margin.unwrap_or(ttl / 5);
         let keepalive_timeout = options.keepalive_timeout.unwrap_or(ttl / 5);
         let live = Liveness::new(sent, ttl, margin);
@@ -469,7 +573,7 @@ impl LeasedSession {
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             client,
-            lease_id: granted.id(),
+            lease_id,
             ttl,
             margin,
             keepalive_timeout,
@@ -477,10 +581,10 @@ impl LeasedSession {
             state,
             reason: OnceLock::new(),
             deadline: Deadline::new(sent, live.deadline()),
-            revision: AtomicI64::new(granted.header().map_or(0, |h| h.revision())),
+            revision: AtomicI64::new(revision),
             cleanups,
             pending: Arc::new(watch::channel(0).0),
-            seq: AtomicU64::new(0),
+            seq: AtomicU64::new(first_seq),
             stop: stop.clone(),
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
@@ -494,12 +598,12 @@ impl LeasedSession {
             armed: true,
         };
         shared.spawn(drive(watchdog, live, jobs));
-        Ok(LeasedSession {
+        LeasedSession {
             handle: Arc::new(Handle {
                 shared,
                 _stop: stop.drop_guard(),
             }),
-        })
+        }
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -596,10 +700,41 @@ impl LeasedSession {
     /// only abandons the revocation (the lease then ends by its TTL).
     pub async fn close(&self) -> Result<(), Error> {
         let shared = &self.handle.shared;
+        if shared.reason.get() == Some(&LossReason::Orphaned) {
+            return Ok(()); // handed off: not ours to revoke
+        }
         shared.closing.store(true, Ordering::SeqCst);
         shared.mark_lost(LossReason::Closed);
         shared.stop.cancel();
         shared.revoke().await
+    }
+
+    /// Stops refreshing the lease **without revoking it** and returns its id, so that another
+    /// process can [`resume`](Self::resume) it before its TTL runs out (Go's `Orphan`). The
+    /// session is Lost at once ([`LossReason::Orphaned`]) for every handle and guard: guards
+    /// stop claiming anything (their [`Fence::lost`](crate::Fence::lost) completes, fenced
+    /// writes fail with [`Error::SessionLost`]), and neither dropping them nor the session
+    /// deletes a key or revokes the lease any more — the keys stay for whoever resumes the
+    /// lease, or end with it on its TTL. [`close()`](Self::close) afterwards does nothing.
+    ///
+    /// A session that is already Lost for another reason keeps that reason (its lease may be
+    /// gone or being revoked); the id is returned all the same.
+    ///
+    /// A clean-up that the session's task was sending at this moment (a release of a guard
+    /// dropped just before) may still land.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) {
+    /// let lease_id = session.orphan();
+    /// // Hand `lease_id` (and any lock's key and fencing token) to the next process.
+    /// # let _ = lease_id; }
+    /// ```
+    pub fn orphan(&self) -> i64 {
+        let shared = &self.handle.shared;
+        shared.mark_lost(LossReason::Orphaned);
+        shared.stop.cancel();
+        shared.lease_id
     }
 }
 
@@ -665,7 +800,15 @@ async fn drive(mut watchdog: Watchdog, mut live: Liveness, mut jobs: mpsc::Unbou
     drop(jobs);
     shared.mark_lost(reason);
     watchdog.armed = false;
+    // The first reason recorded is the one: an orphaned session stops with `stop`, too.
+    let reason = shared.reason.get().copied().unwrap_or(reason);
     match reason {
+        LossReason::Orphaned => {
+            tracing::debug!(
+                lease = shared.lease_id,
+                "session orphaned; the lease is left as it is"
+            )
+        }
         LossReason::Closed if shared.closing.load(Ordering::SeqCst) => {} // close() revokes
         LossReason::Closed => {
             if let Err(e) = shared.revoke_persistently().await {

@@ -109,7 +109,13 @@ impl SessionOptions {
     /// Checks everything that can be checked before the grant.
     pub(crate) fn validate(&self) -> Result<i64, Error> {
         let secs = self.ttl_secs()?;
-        let requested = Duration::from_secs(secs as u64);
+        self.validate_for(Duration::from_secs(secs as u64))?;
+        Ok(secs)
+    }
+
+    /// Checks the margin and timeouts against a lease of TTL `requested` (for a resumed
+    /// lease: the TTL it was granted with).
+    pub(crate) fn validate_for(&self, requested: Duration) -> Result<(), Error> {
         if let Some(margin) = self.safety_margin {
             if margin >= requested / 2 {
                 return Err(Error::InvalidArgument(format!(
@@ -129,6 +135,6 @@ impl SessionOptions {
                 "request timeout must be more than zero".into(),
             ));
         }
-        Ok(secs)
+        Ok(())
     }
 }

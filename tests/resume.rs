@@ -1,0 +1,281 @@
+//! Resuming a lease and what it holds after a restart (`LeasedSession::resume`,
+//! `Mutex::resume`, `Election::resume`), and handing a lease off (`orphan`), against real etcd.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use etcd_coord::{Election, Error, LeasedSession, LossReason, Mutex, SessionOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Where the holder process finds its etcd and lock: `<endpoint> <name> <ttl secs>`.
+const HOLDER_ENV: &str = "ETCD_COORD_RESUME_HOLDER";
+const REPORT: &str = "@holder";
+
+/// The holder process (run by the tests below, not on its own): takes the lock, reports its
+/// lease id, key and fencing token, and keeps the lease alive until it is killed.
+#[test]
+#[ignore = "a helper process of the tests in this file"]
+fn holder_process() {
+    let Ok(spec) = std::env::var(HOLDER_ENV) else {
+        return;
+    };
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    let [endpoint, name, ttl] = words[..] else {
+        panic!("bad {HOLDER_ENV}: {spec}");
+    };
+    let ttl = Duration::from_secs(ttl.parse().expect("a TTL"));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = etcd_client::Client::connect(
+            [endpoint],
+            Some(etcd_coord::recommended_connect_options()),
+        )
+        .await
+        .unwrap();
+        let session = LeasedSession::new(client, SessionOptions::new().with_ttl(ttl))
+            .await
+            .unwrap();
+        let guard = Mutex::new(&session, name).lock().await.unwrap();
+        println!(
+            "{REPORT} {} {} {}",
+            session.lease_id(),
+            guard.key(),
+            guard.fencing_token()
+        );
+        std::future::pending::<()>().await;
+    });
+}
+
+/// A holder in its own process: its child handle (SIGKILL on `kill`) and what it reported.
+struct Holder {
+    process: tokio::process::Child,
+    lease_id: i64,
+    key: String,
+    token: i64,
+}
+
+async fn holder(etcd: &etcd_coord::testkit::TestEtcd, name: &str, ttl_secs: u64) -> Holder {
+    let mut process = tokio::process::Command::new("/proc/self/exe")
+        .args(["holder_process", "--exact", "--ignored", "--nocapture"])
+        .env(
+            HOLDER_ENV,
+            format!("{} {name} {ttl_secs}", etcd.endpoints()[0]),
+        )
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("a holder process");
+    let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
+    let report = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(at) = line.find(REPORT) {
+                return line[at + REPORT.len()..].to_owned();
+            }
+        }
+        panic!("the holder process ended without reporting");
+    })
+    .await
+    .expect("the holder reports");
+    let words: Vec<&str> = report.split_whitespace().collect();
+    Holder {
+        process,
+        lease_id: words[0].parse().unwrap(),
+        key: words[1].to_owned(),
+        token: words[2].parse().unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_and_restarted_within_the_ttl_resumes_its_lease_and_lock_while_the_waiter_stays_blocked(
+) {
+    let etcd = etcd().await;
+    let name = unique("resume");
+    let ttl = 4;
+    let mut held = holder(&etcd, &name, ttl).await;
+    let waiting = session(&etcd, 30).await;
+    let waiter = {
+        let m = Mutex::new(&waiting, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the waiter got a held lock");
+
+    held.process.kill().await.unwrap(); // SIGKILL: no release, no revoke
+    let restarted =
+        LeasedSession::resume(client(&etcd).await, held.lease_id, SessionOptions::new())
+            .await
+            .unwrap();
+    assert_eq!(restarted.lease_id(), held.lease_id);
+    assert_eq!(restarted.ttl(), Duration::from_secs(ttl));
+    // The old process's key still holds the lock, also against its own lease's new session:
+    // a fresh acquisition never mistakes that key for one of its own.
+    assert!(Mutex::new(&restarted, &name)
+        .try_lock()
+        .await
+        .unwrap()
+        .is_none());
+    let guard = Mutex::new(&restarted, &name)
+        .resume(&held.key, held.token)
+        .await
+        .unwrap();
+    assert_eq!(guard.fencing_token(), held.token);
+    assert_eq!(guard.key(), held.key);
+
+    // The resumed session keeps the lease alive well past the TTL the dead process left.
+    tokio::time::sleep(Duration::from_secs(ttl + 2)).await;
+    assert!(!waiter.is_finished(), "the waiter got a resumed lock");
+    guard.release().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter gets the lock once it is released")
+        .unwrap()
+        .unwrap();
+    assert!(next.fencing_token() > held.token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_restarted_after_its_ttl_cannot_resume_and_the_waiter_holds() {
+    let etcd = etcd().await;
+    let name = unique("resume-late");
+    let ttl = 2;
+    let mut held = holder(&etcd, &name, ttl).await;
+    let waiting = session(&etcd, 30).await;
+    let waiter = {
+        let m = Mutex::new(&waiting, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    held.process.kill().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(ttl + 3), waiter)
+        .await
+        .expect("the waiter gets the lock once the dead holder's lease expired")
+        .unwrap()
+        .unwrap();
+    let resumed =
+        LeasedSession::resume(client(&etcd).await, held.lease_id, SessionOptions::new()).await;
+    assert!(
+        matches!(resumed, Err(Error::LeaseNotFound(id)) if id == held.lease_id),
+        "{resumed:?}"
+    );
+    assert!(next.fencing_token() > held.token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_session_stops_claiming_leaves_its_keys_and_its_lease_ends_on_its_ttl() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("orphan");
+    let ttl = Duration::from_secs(3);
+    let s = LeasedSession::new(client(&etcd).await, SessionOptions::new().with_ttl(ttl))
+        .await
+        .unwrap();
+    let guard = Mutex::new(&s, &name).lock().await.unwrap();
+    let fence = guard.fence();
+    let lease_id = s.orphan();
+    assert_eq!(lease_id, s.lease_id());
+    assert_eq!(s.loss_reason(), Some(LossReason::Orphaned));
+    tokio::time::timeout(Duration::from_secs(1), guard.lost())
+        .await
+        .expect("a guard of an orphaned session reports the loss");
+    let write = fence
+        .txn_if_owner(vec![etcd_client::TxnOp::put(
+            format!("{name}-data"),
+            "x",
+            None,
+        )])
+        .await;
+    assert!(matches!(write, Err(Error::SessionLost(_))), "{write:?}");
+    // Neither dropping the guard nor the session nor closing it touches the key or the lease.
+    drop(guard);
+    s.close().await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(keys_under(&observer, &name).await.len(), 1);
+    assert!(lease_exists(&observer, lease_id).await);
+    // Nobody resumes it: the lease and the key end on the TTL.
+    assert!(
+        eventually(ttl + Duration::from_secs(2), || async {
+            !lease_exists(&observer, lease_id).await
+        })
+        .await,
+        "the orphaned lease outlived its TTL"
+    );
+    assert!(keys_under(&observer, &name).await.is_empty());
+    assert!(keys_under(&observer, &format!("{name}-data"))
+        .await
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_leadership_is_resumed_with_its_value_and_token() {
+    let etcd = etcd().await;
+    let name = unique("orphan-election");
+    let s = session(&etcd, 10).await;
+    let leadership = Election::new(&s, &name).campaign("node-1").await.unwrap();
+    let (key, token) = (leadership.key().to_owned(), leadership.fencing_token());
+    let lease_id = s.orphan();
+    drop(leadership);
+    drop(s);
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let election = Election::new(&resumed, &name);
+    let mut leadership = election.resume(&key, token).await.unwrap();
+    assert_eq!(leadership.fencing_token(), token);
+    let leader = election.leader().await.unwrap().expect("a leader");
+    assert_eq!(leader.value(), b"node-1");
+    assert_eq!(leader.fencing_token(), token);
+    leadership.resign().await.unwrap();
+    assert!(election.leader().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_checks_what_it_is_given() {
+    let etcd = etcd().await;
+    let name = unique("resume-checks");
+    // A lease id etcd never grants, and one that does not exist.
+    let zero = LeasedSession::resume(client(&etcd).await, 0, SessionOptions::new()).await;
+    assert!(matches!(zero, Err(Error::InvalidArgument(_))), "{zero:?}");
+    let absent =
+        LeasedSession::resume(client(&etcd).await, 0x1234_5678, SessionOptions::new()).await;
+    assert!(
+        matches!(absent, Err(Error::LeaseNotFound(0x1234_5678))),
+        "{absent:?}"
+    );
+
+    let first = session(&etcd, 10).await;
+    let guard = Mutex::new(&first, &name).lock().await.unwrap();
+    let (key, token) = (guard.key().to_owned(), guard.fencing_token());
+    let lease_id = first.orphan();
+    drop(guard);
+    let s = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    // Another incarnation's token, another name's key, another lease's key.
+    let wrong_token = Mutex::new(&s, &name).resume(&key, token + 1).await;
+    assert!(
+        matches!(wrong_token, Err(Error::LockLost { .. })),
+        "{wrong_token:?}"
+    );
+    let other_name = Mutex::new(&s, format!("{name}-2"))
+        .resume(&key, token)
+        .await;
+    assert!(
+        matches!(other_name, Err(Error::InvalidArgument(_))),
+        "{other_name:?}"
+    );
+    let stranger = session(&etcd, 10).await;
+    let foreign = Mutex::new(&stranger, &name).resume(&key, token).await;
+    assert!(
+        matches!(foreign, Err(Error::InvalidArgument(_))),
+        "{foreign:?}"
+    );
+    // The right one.
+    let guard = Mutex::new(&s, &name).resume(&key, token).await.unwrap();
+    guard.release().await.unwrap();
+    // Released: gone for good.
+    let again = Mutex::new(&s, &name).resume(&key, token).await;
+    assert!(matches!(again, Err(Error::LockLost { .. })), "{again:?}");
+    s.close().await.unwrap();
+}
