@@ -37,6 +37,11 @@
 //!   it; each waits until all N views have it. Latency = just before the call → the LAST
 //!   view's receipt; also `median_watcher_p50_ms` / `_p99_ms` (the median view's receipt)
 //!   and `watchers`. As the peer's mode of the same name.
+//! - `stm-transfer`: `--accounts A` (default 16) accounts of 1000; N clients run `Stm`
+//!   transfers (SerializableSnapshot, two reads then two writes) between random accounts, M
+//!   commits in total; latency = one committed transaction with its retries; also
+//!   `accounts`, `attempts`, `retries_per_commit`, `skipped`, `conserved`, `history_ok`. As
+//!   the peer's mode of the same name.
 //! - `discovery-sync`: M endpoints stored under one target (Txns of 128 puts, not timed:
 //!   `setup_s`), then N times a fresh `view()` timed until it holds all M. Also `endpoints`
 //!   and `bytes_per_endpoint`: heap bytes a view holds per endpoint (a counting allocator
@@ -85,6 +90,7 @@ struct Args {
     conns: usize,
     fresh: bool,
     permits: usize,
+    accounts: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -97,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
         conns: 1,
         fresh: false,
         permits: 1,
+        accounts: 16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -112,6 +119,7 @@ fn parse_args() -> Result<Args, String> {
             "ttl" => a.ttl = value()?.parse().map_err(|e| format!("--ttl: {e}"))?,
             "conns" => a.conns = value()?.parse().map_err(|e| format!("--conns: {e}"))?,
             "permits" => a.permits = value()?.parse().map_err(|e| format!("--permits: {e}"))?,
+            "accounts" => a.accounts = value()?.parse().map_err(|e| format!("--accounts: {e}"))?,
             other => return Err(format!("unknown argument --{other}")),
         }
     }
@@ -166,12 +174,14 @@ mod serde_like {
     pub enum Value {
         Num(f64),
         Int(u64),
+        Bool(bool),
     }
     impl std::fmt::Display for Value {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self {
                 Value::Num(x) => write!(f, "{x}"),
                 Value::Int(x) => write!(f, "{x}"),
+                Value::Bool(x) => write!(f, "{x}"),
             }
         }
     }
@@ -324,6 +334,7 @@ async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std::error::Er
         "guards-scale" => return guards_scale(a, &prefix, client_for(0), opts).await,
         "discovery-propagation" => return discovery_propagation(a, &prefix, clients).await,
         "discovery-sync" => return discovery_sync(a, &prefix, client_for(0)).await,
+        "stm-transfer" => return stm_transfer(a, &prefix, clients).await,
         other => return Err(format!("unknown mode {other}").into()),
     }
     let (mut lats, mut hands) = (Vec::new(), Vec::new());
@@ -350,6 +361,134 @@ async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std::error::Er
         hands,
         total,
         extra,
+    })
+}
+
+/// As the peer's `stm-transfer`: `--accounts` accounts of 1000; N clients run transfers of
+/// 1..10 units between two distinct random accounts (chosen once per transaction, kept across
+/// its retries), two reads then two writes, SerializableSnapshot; a transfer from an account
+/// holding too little is skipped but still commits; M commits in total. Latency = one
+/// committed transaction with its retries.
+async fn stm_transfer(
+    a: &Args,
+    prefix: &str,
+    clients: &[Client],
+) -> Result<Run, Box<dyn std::error::Error>> {
+    use etcd_coord::{Stm, StmTxn};
+    use rand::{Rng, SeedableRng};
+
+    let accounts = a.accounts;
+    if accounts < 2 {
+        return Err("--accounts must be >= 2".into());
+    }
+    let acct = |i: usize| format!("{prefix}/acct/{i:03}");
+    for start in (0..accounts).step_by(128) {
+        let puts: Vec<TxnOp> = (start..accounts.min(start + 128))
+            .map(|j| TxnOp::put(acct(j), "1000", None))
+            .collect();
+        clients[0].clone().txn(Txn::new().and_then(puts)).await?;
+    }
+    let remaining = Arc::new(AtomicI64::new(a.ops as i64));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for g in 0..a.clients {
+        let stm = Stm::new(clients[g % clients.len()].clone()).with_max_attempts(u32::MAX);
+        let (remaining, prefix) = (Arc::clone(&remaining), prefix.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let acct = |i: usize| format!("{prefix}/acct/{i:03}");
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let (mut lats, mut attempts, mut skipped) = (Vec::new(), 0u64, 0u64);
+            let mut deltas = vec![0i64; accounts];
+            while remaining.fetch_sub(1, Ordering::SeqCst) > 0 {
+                let from = rng.random_range(0..accounts);
+                let to = (from + rng.random_range(1..accounts)) % accounts;
+                let amount: i64 = rng.random_range(1..=10);
+                let (from_key, to_key) = (&acct(from), &acct(to));
+                let t = Instant::now();
+                let done = stm
+                    .run(|tx: StmTxn| async move {
+                        let number = |v: Option<Vec<u8>>| -> Result<i64, etcd_coord::Error> {
+                            v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                                .ok_or_else(|| {
+                                    etcd_coord::Error::InvalidArgument("a bad balance".into())
+                                })
+                        };
+                        let have = number(tx.get(from_key.as_str()).await?)?;
+                        let other = number(tx.get(to_key.as_str()).await?)?;
+                        if have < amount {
+                            return Ok(false);
+                        }
+                        tx.put(from_key.as_str(), (have - amount).to_string());
+                        tx.put(to_key.as_str(), (other + amount).to_string());
+                        Ok::<_, etcd_coord::Error>(true)
+                    })
+                    .await
+                    .map_err(boxed)?;
+                lats.push(t.elapsed());
+                attempts += u64::from(done.attempts);
+                if done.value {
+                    deltas[from] -= amount;
+                    deltas[to] += amount;
+                } else {
+                    skipped += 1;
+                }
+            }
+            Ok::<_, etcd_client::Error>((lats, attempts, skipped, deltas))
+        }));
+    }
+    let (mut lats, mut attempts, mut skipped) = (Vec::new(), 0u64, 0u64);
+    let mut expected = vec![1000i64; accounts];
+    for t in tasks {
+        let (l, at, sk, deltas) = t.await??;
+        lats.extend(l);
+        attempts += at;
+        skipped += sk;
+        for (e, d) in expected.iter_mut().zip(deltas) {
+            *e += d;
+        }
+    }
+    let total = t0.elapsed();
+    let balances: Vec<i64> = clients[0]
+        .clone()
+        .get(
+            format!("{prefix}/acct/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| {
+            kv.value_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MIN)
+        })
+        .collect();
+    let conserved = balances.iter().sum::<i64>() == 1000 * accounts as i64;
+    let history_ok = balances == expected;
+    let _ = clients[0]
+        .clone()
+        .delete(
+            format!("{prefix}/"),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await;
+    let commits = lats.len() as u64;
+    Ok(Run {
+        lats,
+        hands: Vec::new(),
+        total,
+        extra: vec![
+            ("accounts", Value::Int(accounts as u64)),
+            ("attempts", Value::Int(attempts)),
+            (
+                "retries_per_commit",
+                Value::Num(round3((attempts - commits) as f64 / commits.max(1) as f64)),
+            ),
+            ("skipped", Value::Int(skipped)),
+            ("conserved", Value::Bool(conserved)),
+            ("history_ok", Value::Bool(history_ok)),
+        ],
     })
 }
 

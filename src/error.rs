@@ -104,6 +104,26 @@ pub enum Error {
     #[error("lease {0:x} not found: it expired or was revoked")]
     LeaseNotFound(i64),
 
+    /// An [`Stm`](crate::Stm) attempt cannot go on: the revision its reads see was compacted
+    /// away. [`Stm::run`](crate::Stm::run) runs the attempt again; a closure only passes it
+    /// on.
+    #[error("STM attempt void: its snapshot was compacted away")]
+    Conflict,
+
+    /// Every attempt of an [`Stm`](crate::Stm) transaction conflicted with other writers (or
+    /// failed to read): nothing was committed.
+    #[error("STM transaction gave up after {attempts} attempts")]
+    TooManyConflicts {
+        /// The attempts made.
+        attempts: u32,
+    },
+
+    /// The answer to an [`Stm`](crate::Stm) commit was lost (a timeout, a broken connection):
+    /// it may or may not have been applied, and it is not sent again — a second copy could
+    /// apply the transaction twice. Carries the failure.
+    #[error("STM commit outcome unknown: {0}")]
+    CommitUncertain(#[source] Box<Error>),
+
     /// etcd's authorization refused the request (the user's roles lack a permission it needs).
     /// Never retried. Carries etcd's message.
     #[error("permission denied by etcd: {0}")]

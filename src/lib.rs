@@ -51,6 +51,7 @@ pub mod sabotage;
 mod selector;
 mod semaphore;
 mod session;
+mod stm;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
@@ -69,6 +70,7 @@ pub use session::{
     BackgroundTasks, LeasedSession, SessionMetrics, SessionOptions, SessionState,
     MAX_LEASE_TTL_SECS,
 };
+pub use stm::{Committed, Isolation, Stm, StmTxn};
 
 /// Client settings under which a dead or blackholed connection is noticed within about two
 /// seconds: HTTP/2 keep-alive every second with a one-second timeout (also while idle), a 5 s
