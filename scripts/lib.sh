@@ -37,6 +37,22 @@ etcd35_bin() {
   echo "$dir/etcdbin/etcd"
 }
 
+# PyPI's toxiproxy-python: a toxiproxy client nobody here wrote, for tests/toxiproxy.rs.
+ensure_toxiproxy_python() {
+  if ! python3 -c "import toxiproxy" 2>/dev/null; then
+    echo "setup: pip install toxiproxy-python" >&2
+    python3 -m pip install -q toxiproxy-python >&2 2>/dev/null \
+      || python3 -m pip install -q --break-system-packages toxiproxy-python >&2
+  fi
+}
+
+# reqwest (under the toxiproxy_rust dev-dependency) builds against the system's OpenSSL.
+ensure_openssl_dev() {
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    apt_install libssl-dev pkg-config
+  fi
+}
+
 # etcd 3.4 from Debian (etcd-server; installing it starts no daemon); prints its path.
 etcd34_bin() {
   [ -x /usr/bin/etcd ] || apt_install etcd-server

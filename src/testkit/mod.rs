@@ -34,6 +34,7 @@
 
 pub mod checker;
 mod etcd;
+pub mod faults;
 mod netns;
 mod proxy;
 mod tls;

@@ -156,7 +156,7 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
         registrants.push(if killed.contains(&i) {
             Registrant::Process(spawn_process(&via(i), &target, &addr(i)))
         } else {
-            let client = crate::common::client_via(&proxies[i % members]).await;
+            let client = crate::common::client_via_endpoint(&proxies[i % members].endpoint()).await;
             let target = target.clone();
             Registrant::Pending(tokio::spawn(async move {
                 register_until_done(client, &target, addr(i)).await
@@ -165,7 +165,7 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
     }
     let mut views: Vec<ServiceView> = Vec::new();
     for j in 0..VIEWS {
-        let client = crate::common::client_via(&proxies[j % members]).await;
+        let client = crate::common::client_via_endpoint(&proxies[j % members].endpoint()).await;
         views.push(
             Discovery::new(client, &target)
                 .view()
@@ -175,7 +175,7 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
     }
     let stop_churn = CancellationToken::new();
     let churner = tokio::spawn(churn(
-        crate::common::client_via(&proxies[1 % members]).await,
+        crate::common::client_via_endpoint(&proxies[1 % members].endpoint()).await,
         target.clone(),
         stop_churn.clone(),
     ));
@@ -200,10 +200,10 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
             }
             // A registration has no release to lose: lose every answer on its path briefly.
             Fault::LoseRelease(i) => {
-                proxies[i % members].drop_responses();
+                proxies[i % members].drop_responses().await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                proxies[i % members].heal();
-                proxies[i % members].reset_peer();
+                proxies[i % members].heal().await;
+                proxies[i % members].reset_peer().await;
             }
             other => unreachable!("{other:?} is a network fault"),
         }

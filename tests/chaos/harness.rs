@@ -12,7 +12,8 @@ use etcd_coord::testkit::checker::{
     check_double_barrier, check_liveness, Event, FencedRegister, History, Mode, Property, Rules,
     Step, Violation,
 };
-use etcd_coord::testkit::{EtcdCluster, FaultProxy};
+use etcd_coord::testkit::faults::{FaultClient, FaultServer, Kind, Stream, Toxic};
+use etcd_coord::testkit::EtcdCluster;
 use etcd_coord::{
     BackgroundTasks, Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock,
     Semaphore, SessionOptions,
@@ -245,17 +246,119 @@ fn generate(seed: u64, fault: BoxedStrategy<Fault>) -> Vec<(u64, Fault)> {
         .current()
 }
 
-/// A fault proxy in front of each member of `cluster`: client `i`'s path is proxy
-/// `i % members`.
-pub async fn proxies_of(cluster: &EtcdCluster) -> Vec<Arc<FaultProxy>> {
+/// One proxy of the run's fault server, driven through toxiproxy's HTTP API — every fault of
+/// the chaos suite goes through that API, as a user's toxiproxy-based suite would.
+pub struct ApiProxy {
+    api: FaultClient,
+    name: String,
+    endpoint: String,
+    /// Keeps the server (shared by the run's proxies) alive.
+    _server: Arc<FaultServer>,
+}
+
+impl ApiProxy {
+    /// Where clients connect, `127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    async fn toxic(&self, toxic: Toxic) {
+        self.api
+            .add_toxic(&self.name, &toxic)
+            .await
+            .expect("the fault server takes the toxic");
+    }
+
+    /// Holds every byte both ways, closing nothing (`blackhole`).
+    pub async fn blackhole(&self) {
+        self.api
+            .add_both_ways(&self.name, "blackhole", Kind::Blackhole)
+            .await
+            .expect("the fault server takes the toxic");
+    }
+
+    /// Drops every answer (`timeout` 0, downstream).
+    pub async fn drop_responses(&self) {
+        self.toxic(Toxic::new(
+            "drop_responses",
+            Stream::Downstream,
+            Kind::Timeout { timeout: 0 },
+        ))
+        .await;
+    }
+
+    /// Stops dropping answers (other toxics stay).
+    pub async fn stop_dropping_responses(&self) {
+        let _ = self.api.remove_toxic(&self.name, "drop_responses").await;
+    }
+
+    /// `latency` ± `jitter` both ways.
+    pub async fn set_latency(&self, latency: Duration, jitter: Duration) {
+        self.api
+            .add_both_ways(
+                &self.name,
+                "latency",
+                Kind::Latency {
+                    latency: latency.as_millis() as u64,
+                    jitter: jitter.as_millis() as u64,
+                },
+            )
+            .await
+            .expect("the fault server takes the toxic");
+    }
+
+    /// Resets every open connection.
+    pub async fn reset_peer(&self) {
+        self.api
+            .reset_connections(&self.name)
+            .await
+            .expect("the fault server resets");
+    }
+
+    /// Refuses new connections (`refuse`) and resets the open ones.
+    pub async fn down(&self) {
+        self.toxic(Toxic::new("refuse", Stream::Upstream, Kind::Refuse))
+            .await;
+        self.reset_peer().await;
+    }
+
+    /// Removes every toxic.
+    pub async fn heal(&self) {
+        self.api
+            .heal(&self.name)
+            .await
+            .expect("the fault server heals");
+    }
+}
+
+/// A fault proxy in front of each member of `cluster`, on one fault server of this run whose
+/// toxiproxy API drives them: client `i`'s path is proxy `i % members`.
+pub async fn proxies_of(cluster: &EtcdCluster) -> Vec<Arc<ApiProxy>> {
+    let server = Arc::new(
+        FaultServer::start("127.0.0.1:0")
+            .await
+            .expect("a fault server"),
+    );
+    let api = FaultClient::new(server.url());
     let mut proxies = Vec::new();
     for m in 0..cluster.len() {
-        proxies.push(Arc::new(
-            // TCP proxies: a TLS cluster's connections pass through them encrypted.
-            FaultProxy::start(cluster.endpoint(m).unwrap().trim_start_matches("https://"))
-                .await
-                .unwrap(),
-        ));
+        let name = format!("member-{m}");
+        // TCP proxies: a TLS cluster's connections pass through them encrypted.
+        let upstream = cluster.endpoint(m).unwrap();
+        let endpoint = api
+            .create_proxy(
+                &name,
+                "127.0.0.1:0",
+                upstream.trim_start_matches("https://"),
+            )
+            .await
+            .expect("a proxy");
+        proxies.push(Arc::new(ApiProxy {
+            api: api.clone(),
+            name,
+            endpoint,
+            _server: Arc::clone(&server),
+        }));
     }
     proxies
 }
@@ -267,22 +370,23 @@ pub async fn proxies_of(cluster: &EtcdCluster) -> Vec<Arc<FaultProxy>> {
 pub async fn apply_network_fault(
     f: &Fault,
     cluster: &mut EtcdCluster,
-    proxies: &[Arc<FaultProxy>],
+    proxies: &[Arc<ApiProxy>],
 ) -> bool {
     let members = proxies.len();
     match f {
         Fault::BlackholeClient(i) => {
-            proxies[i % members].blackhole();
+            proxies[i % members].blackhole().await;
             tokio::time::sleep(TTL + Duration::from_secs(2)).await;
-            proxies[i % members].heal();
-            proxies[i % members].reset_peer();
+            proxies[i % members].heal().await;
+            proxies[i % members].reset_peer().await;
         }
-        Fault::ResetClient(i) => proxies[i % members].reset_peer(),
+        Fault::ResetClient(i) => proxies[i % members].reset_peer().await,
         Fault::LatencySpike(i) => {
             proxies[i % members]
-                .set_latency(Duration::from_millis(300), Duration::from_millis(100));
+                .set_latency(Duration::from_millis(350), Duration::from_millis(50))
+                .await;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            proxies[i % members].heal();
+            proxies[i % members].heal().await;
         }
         Fault::KillLeader => {
             if let Some(leader) = cluster.leader().await {
@@ -296,15 +400,15 @@ pub async fn apply_network_fault(
             let _ = cluster.compact().await;
         }
         Fault::DropResponses(i) => {
-            proxies[i % members].drop_responses();
+            proxies[i % members].drop_responses().await;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            proxies[i % members].heal();
-            proxies[i % members].reset_peer();
+            proxies[i % members].heal().await;
+            proxies[i % members].reset_peer().await;
         }
         Fault::RefuseClient(i) => {
-            proxies[i % members].down();
+            proxies[i % members].down().await;
             tokio::time::sleep(Duration::from_secs(3)).await;
-            proxies[i % members].heal();
+            proxies[i % members].heal().await;
         }
         Fault::IsolateMember(m) | Fault::PartitionMember(m) => {
             let m = m % members;
@@ -433,7 +537,7 @@ struct Shared {
     leases: StdMutex<Vec<i64>>,
     tasks: StdMutex<Vec<BackgroundTasks>>,
     /// The proxy of each member; client `i` goes through `proxies[i % len]`.
-    proxies: Vec<Arc<FaultProxy>>,
+    proxies: Vec<Arc<ApiProxy>>,
     /// Clients whose next release is to lose its response (Fault::LoseRelease).
     lose_release: StdMutex<Vec<bool>>,
     /// TLS and a user, if the cluster requires them.
@@ -497,19 +601,18 @@ impl Shared {
 
     /// If a lost release response is armed for `client`, drops the responses on its path
     /// now and restores them (with a reset) half a second later.
-    fn maybe_lose_release(&self, client: usize) {
-        if !std::mem::take(&mut self.lose_release.lock().unwrap()[client]) {
+    async fn maybe_lose_release(&self, client: usize) {
+        let armed = std::mem::take(&mut self.lose_release.lock().unwrap()[client]);
+        if !armed {
             return;
         }
         tracing::debug!(client, "the response of this release will be lost");
         let proxy = Arc::clone(&self.proxies[client % self.proxies.len()]);
-        proxy.drop_responses();
+        proxy.drop_responses().await;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut faults = proxy.faults();
-            faults.drop_responses = false;
-            proxy.set_faults(faults);
-            proxy.reset_peer();
+            proxy.stop_dropping_responses().await;
+            proxy.reset_peer().await;
         });
     }
 }
@@ -539,7 +642,7 @@ impl Sink {
     /// Called just before a release: lets the harness arm a lost release response first.
     async fn releasing(&self, client: usize) {
         match self {
-            Sink::Local(sh) => sh.maybe_lose_release(client),
+            Sink::Local(sh) => sh.maybe_lose_release(client).await,
             Sink::Pipe(go) => {
                 {
                     use std::io::Write;
@@ -912,7 +1015,7 @@ impl ProcessClient {
                 match words.get(1).copied() {
                     Some("done") => done = true,
                     Some("releasing") => {
-                        sh.maybe_lose_release(id);
+                        sh.maybe_lose_release(id).await;
                         let _ = to_child.lock().await.write_all(b"go\n").await;
                     }
                     _ => match Report::decode(&words[1..]) {
@@ -1198,7 +1301,7 @@ async fn run(
     tracing::debug!("stopping the clients");
     sh.stopped.cancel();
     for p in &proxies {
-        p.heal();
+        p.heal().await;
     }
     for (i, c) in clients.into_iter().enumerate() {
         match c.expect("every client runs") {

@@ -1,0 +1,388 @@
+//! Toxics: what toxiproxy 2.x calls the faults of one stream of a proxy, with its JSON
+//! (`name`, `type`, `stream`, `toxicity`, `attributes`) and its semantics.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ApiError;
+
+/// Which direction of a proxied connection a toxic acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Client → upstream (requests).
+    Upstream,
+    /// Upstream → client (responses). Toxiproxy's default.
+    Downstream,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Upstream => "upstream",
+            Stream::Downstream => "downstream",
+        }
+    }
+}
+
+/// A toxic's kind and its attributes, typed. Toxiproxy's seven kinds, with its attribute
+/// names and units, plus two of this crate's own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// `latency`: each chunk is delayed by `latency` ± `jitter` milliseconds (from when the
+    /// proxy read it, so consecutive chunks' delays do not add up).
+    Latency {
+        /// Milliseconds.
+        latency: u64,
+        /// Milliseconds, ±.
+        jitter: u64,
+    },
+    /// `bandwidth`: at most `rate` KB (1000 bytes) per second; 0 is unlimited.
+    Bandwidth {
+        /// KB/s.
+        rate: u64,
+    },
+    /// `slow_close`: the connection's close (EOF) is passed on `delay` ms late.
+    SlowClose {
+        /// Milliseconds.
+        delay: u64,
+    },
+    /// `timeout`: no data gets through (it is dropped); the connection is closed after
+    /// `timeout` ms, or — with 0 — stays open until the toxic is removed.
+    Timeout {
+        /// Milliseconds; 0: never closes.
+        timeout: u64,
+    },
+    /// `reset_peer`: on the next data, waits `timeout` ms and resets the connection (TCP RST);
+    /// the data is not passed on.
+    ResetPeer {
+        /// Milliseconds.
+        timeout: u64,
+    },
+    /// `slicer`: chunks are cut into pieces of about `average_size` ± `size_variation` bytes,
+    /// `delay` microseconds apart.
+    Slicer {
+        /// Bytes.
+        average_size: u64,
+        /// Bytes; less than the average.
+        size_variation: u64,
+        /// Microseconds between pieces.
+        delay: u64,
+    },
+    /// `limit_data`: the connection is closed once `bytes` bytes went through.
+    LimitData {
+        /// Bytes.
+        bytes: u64,
+    },
+    /// `blackhole` (this crate's): nothing gets through and nothing is closed or dropped —
+    /// the data waits in the proxy and flows on when the toxic is removed (a frozen network).
+    Blackhole,
+    /// `refuse` (this crate's): new connections are accepted and reset at once (existing
+    /// ones are untouched), like a crashed server whose port still answers.
+    Refuse,
+}
+
+impl Kind {
+    /// The toxiproxy type name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Kind::Latency { .. } => "latency",
+            Kind::Bandwidth { .. } => "bandwidth",
+            Kind::SlowClose { .. } => "slow_close",
+            Kind::Timeout { .. } => "timeout",
+            Kind::ResetPeer { .. } => "reset_peer",
+            Kind::Slicer { .. } => "slicer",
+            Kind::LimitData { .. } => "limit_data",
+            Kind::Blackhole => "blackhole",
+            Kind::Refuse => "refuse",
+        }
+    }
+
+    /// The attributes, as toxiproxy writes them.
+    fn attributes(&self) -> Value {
+        match self {
+            Kind::Latency { latency, jitter } => {
+                serde_json::json!({ "latency": latency, "jitter": jitter })
+            }
+            Kind::Bandwidth { rate } => serde_json::json!({ "rate": rate }),
+            Kind::SlowClose { delay } => serde_json::json!({ "delay": delay }),
+            Kind::Timeout { timeout } | Kind::ResetPeer { timeout } => {
+                serde_json::json!({ "timeout": timeout })
+            }
+            Kind::Slicer {
+                average_size,
+                size_variation,
+                delay,
+            } => serde_json::json!({
+                "average_size": average_size,
+                "size_variation": size_variation,
+                "delay": delay,
+            }),
+            Kind::LimitData { bytes } => serde_json::json!({ "bytes": bytes }),
+            Kind::Blackhole | Kind::Refuse => serde_json::json!({}),
+        }
+    }
+
+    /// The kind `type_name` with `attributes` (missing ones 0, as toxiproxy), `current` being
+    /// the values an update starts from.
+    fn parse(
+        type_name: &str,
+        attributes: &Value,
+        current: Option<&Kind>,
+    ) -> Result<Kind, ApiError> {
+        let base = current.map(Kind::attributes).unwrap_or(Value::Null);
+        let get = |name: &str| -> Result<u64, ApiError> {
+            match attributes.get(name).or_else(|| base.get(name)) {
+                None | Some(Value::Null) => Ok(0),
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "bad request body: attribute {name} must be a non-negative integer"
+                    ))
+                }),
+            }
+        };
+        Ok(match type_name {
+            "latency" => Kind::Latency {
+                latency: get("latency")?,
+                jitter: get("jitter")?,
+            },
+            "bandwidth" => Kind::Bandwidth { rate: get("rate")? },
+            "slow_close" => Kind::SlowClose {
+                delay: get("delay")?,
+            },
+            "timeout" => Kind::Timeout {
+                timeout: get("timeout")?,
+            },
+            "reset_peer" => Kind::ResetPeer {
+                timeout: get("timeout")?,
+            },
+            "slicer" => Kind::Slicer {
+                average_size: get("average_size")?,
+                size_variation: get("size_variation")?,
+                delay: get("delay")?,
+            },
+            "limit_data" => Kind::LimitData {
+                bytes: get("bytes")?,
+            },
+            "blackhole" => Kind::Blackhole,
+            "refuse" => Kind::Refuse,
+            _ => return Err(ApiError::invalid_toxic_type()),
+        })
+    }
+
+    /// A latency ± jitter draw.
+    pub(crate) fn latency_delay(latency: u64, jitter: u64) -> Duration {
+        let mut ms = latency as i64;
+        if jitter > 0 {
+            let j = jitter as i64;
+            ms += rand::rng().random_range(-j..j);
+        }
+        Duration::from_millis(ms.max(0) as u64)
+    }
+
+    /// The cut points of `len` bytes for a slicer (toxiproxy's recursive halving).
+    pub(crate) fn slices(len: usize, average: usize, variation: usize) -> Vec<(usize, usize)> {
+        fn cut(
+            start: usize,
+            end: usize,
+            average: usize,
+            variation: usize,
+            out: &mut Vec<(usize, usize)>,
+        ) {
+            if (end - start).saturating_sub(average) <= variation || end - start <= 1 {
+                out.push((start, end));
+                return;
+            }
+            let mut mid = start + (end - start) / 2;
+            if variation > 0 {
+                let v = variation as i64;
+                let shifted = mid as i64 + rand::rng().random_range(-v..v);
+                mid = shifted.clamp(start as i64 + 1, end as i64 - 1) as usize;
+            }
+            cut(start, mid, average, variation, out);
+            cut(mid, end, average, variation, out);
+        }
+        let mut out = Vec::new();
+        if len > 0 {
+            cut(0, len, average, variation, &mut out);
+        }
+        out
+    }
+}
+
+/// One toxic of a proxy, as toxiproxy's API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Toxic {
+    /// Unique per proxy; defaults to `<type>_<stream>`.
+    pub name: String,
+    /// The direction it acts on.
+    pub stream: Stream,
+    /// The chance (0..=1) that it acts on a given connection, drawn once per connection.
+    pub toxicity: f32,
+    /// What it does.
+    pub kind: Kind,
+}
+
+/// A toxic as JSON comes in: every field optional.
+#[derive(Debug, Deserialize)]
+struct ToxicBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, rename = "type")]
+    type_name: Option<String>,
+    #[serde(default)]
+    stream: Option<String>,
+    #[serde(default)]
+    toxicity: Option<f32>,
+    #[serde(default)]
+    attributes: Option<Value>,
+}
+
+impl Toxic {
+    /// A toxic acting on every connection.
+    pub fn new(name: impl Into<String>, stream: Stream, kind: Kind) -> Toxic {
+        Toxic {
+            name: name.into(),
+            stream,
+            toxicity: 1.0,
+            kind,
+        }
+    }
+
+    /// The toxic a `POST /proxies/{proxy}/toxics` body describes (toxiproxy's defaults:
+    /// downstream, toxicity 1, name `<type>_<stream>`).
+    pub(crate) fn from_json(body: &[u8]) -> Result<Toxic, ApiError> {
+        let b: ToxicBody = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?;
+        let stream = match b.stream.as_deref().unwrap_or("downstream") {
+            "upstream" => Stream::Upstream,
+            "downstream" => Stream::Downstream,
+            _ => return Err(ApiError::invalid_stream()),
+        };
+        let type_name = b.type_name.unwrap_or_default();
+        let kind = Kind::parse(
+            &type_name,
+            b.attributes.as_ref().unwrap_or(&Value::Null),
+            None,
+        )?;
+        let toxicity = b.toxicity.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&toxicity) {
+            return Err(ApiError::bad_request(
+                "bad request body: toxicity must be between 0 and 1".into(),
+            ));
+        }
+        Ok(Toxic {
+            name: b
+                .name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| format!("{type_name}_{}", stream.name())),
+            stream,
+            toxicity,
+            kind,
+        })
+    }
+
+    /// This toxic updated by a `POST/PATCH /proxies/{proxy}/toxics/{toxic}` body (attributes
+    /// and toxicity; attributes not given keep their values).
+    pub(crate) fn updated(&self, body: &[u8]) -> Result<Toxic, ApiError> {
+        let b: ToxicBody = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?;
+        let kind = Kind::parse(
+            self.kind.type_name(),
+            b.attributes.as_ref().unwrap_or(&Value::Null),
+            Some(&self.kind),
+        )?;
+        let toxicity = b.toxicity.unwrap_or(self.toxicity);
+        if !(0.0..=1.0).contains(&toxicity) {
+            return Err(ApiError::bad_request(
+                "bad request body: toxicity must be between 0 and 1".into(),
+            ));
+        }
+        Ok(Toxic {
+            kind,
+            toxicity,
+            ..self.clone()
+        })
+    }
+
+    /// The JSON toxiproxy answers with.
+    pub(crate) fn to_json(&self) -> Value {
+        serde_json::json!({
+            "name": self.name,
+            "type": self.kind.type_name(),
+            "stream": self.stream.name(),
+            "toxicity": self.toxicity,
+            "attributes": self.kind.attributes(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_toxic_takes_toxiproxys_defaults_and_attribute_names() {
+        let t = Toxic::from_json(br#"{"type":"latency","attributes":{"latency":100}}"#).unwrap();
+        assert_eq!(t.name, "latency_downstream");
+        assert_eq!(t.stream, Stream::Downstream);
+        assert_eq!(t.toxicity, 1.0);
+        assert_eq!(
+            t.kind,
+            Kind::Latency {
+                latency: 100,
+                jitter: 0
+            }
+        );
+        assert_eq!(
+            t.to_json(),
+            serde_json::json!({"name":"latency_downstream","type":"latency","stream":"downstream",
+                "toxicity":1.0,"attributes":{"latency":100,"jitter":0}})
+        );
+        let u = t.updated(br#"{"attributes":{"jitter":5}}"#).unwrap();
+        assert_eq!(
+            u.kind,
+            Kind::Latency {
+                latency: 100,
+                jitter: 5
+            }
+        );
+    }
+
+    #[test]
+    fn bad_toxics_are_refused_with_toxiproxys_errors() {
+        let status = |body: &[u8]| Toxic::from_json(body).unwrap_err().status;
+        assert_eq!(status(br#"{"type":"nonsense"}"#), 400);
+        assert_eq!(status(br#"{"type":"latency","stream":"sideways"}"#), 400);
+        assert_eq!(status(br#"{"type":"latency","toxicity":2}"#), 400);
+        assert_eq!(
+            status(br#"{"type":"latency","attributes":{"latency":-1}}"#),
+            400
+        );
+        assert_eq!(status(b"not json"), 400);
+    }
+
+    proptest! {
+        #[test]
+        fn slices_cover_the_chunk_in_order_and_keep_near_the_average(
+            len in 0usize..5000, average in 1usize..200, variation_pct in 0usize..100,
+        ) {
+            let variation = average * variation_pct / 100;
+            let s = Kind::slices(len, average, variation);
+            let mut at = 0;
+            for &(a, b) in &s {
+                prop_assert_eq!(a, at);
+                prop_assert!(b > a);
+                at = b;
+            }
+            prop_assert_eq!(at, len);
+            for &(a, b) in &s {
+                prop_assert!(b - a <= average + variation || b - a <= 1, "{}", b - a);
+            }
+        }
+    }
+}
