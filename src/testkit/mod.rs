@@ -4,9 +4,12 @@
 //! * [`EtcdCluster`] launches one etcd member or a cluster on free loopback ports with
 //!   temporary data directories, can kill (SIGKILL) and restart members, and kills everything
 //!   when dropped.
-//! * [`FaultProxy`] sits between a client and one etcd member and injects toxiproxy-style
-//!   faults into live connections: blackhole, dropped responses, latency with jitter, reset,
-//!   refusing new connections, a bandwidth limit.
+//! * [`faults::FaultServer`] is a toxiproxy-compatible fault server: toxiproxy's HTTP API and
+//!   toxics (latency, bandwidth, slow_close, timeout, reset_peer, slicer, limit_data, plus
+//!   blackhole and refuse), for any toxiproxy client; `etcd-coord-faults` runs it on its own.
+//! * [`FaultProxy`] sits between a client and one etcd member and injects the same faults
+//!   into live connections through one method each: blackhole, dropped responses, latency
+//!   with jitter, reset, refusing new connections, a bandwidth limit.
 //! * [`EtcdCluster::start_partitionable`] puts every member in its own network namespace
 //!   (Linux, root, `ip`, `nft`) so that a test can partition it for real with nftables drop
 //!   rules: from everyone, or from its peers only.
