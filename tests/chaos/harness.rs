@@ -1397,7 +1397,29 @@ async fn run(
         }
     })
     .await;
-    assert!(clean, "seed {seed}: keys or leases of the test remain");
+    if !clean {
+        // Say what remains, so that a rare leak can be told apart from a slow expiry.
+        let keys: Vec<String> = admin
+            .clone()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map(|r| {
+                r.kvs()
+                    .iter()
+                    .map(|kv| format!("{} (lease {:x})", kv.key_str().unwrap_or("?"), kv.lease()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut alive = Vec::new();
+        for l in leases {
+            if let Ok(r) = admin.clone().lease_time_to_live(l, None).await {
+                if r.ttl() >= 0 {
+                    alive.push(format!("{l:x} (ttl {} of {})", r.ttl(), r.granted_ttl()));
+                }
+            }
+        }
+        panic!("seed {seed}: keys or leases of the test remain: keys {keys:?}, leases {alive:?}");
+    }
     let monitors: Vec<BackgroundTasks> = sh.tasks.lock().unwrap().clone();
     for tasks in monitors {
         tokio::time::timeout(TTL * 3, tasks.finished())
