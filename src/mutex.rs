@@ -107,9 +107,7 @@ impl Mutex {
                 }),
         )
     }
-}
 
-impl Mutex {
     /// Takes back the lock (or the place in its queue) that an earlier process held under
     /// this session's lease — a session made with [`LeasedSession::resume`] — given the
     /// guard's [`key()`](Fence::key) and [`fencing_token()`](Fence::fencing_token) that

@@ -513,14 +513,7 @@ impl Attempt {
     /// never cancels it in flight (etcd < 3.5.5 crashes on that: #14110).
     async fn detached_txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, Error> {
         let (client, timeout) = (self.client.clone(), self.timeout);
-        let task = tokio::spawn(async move {
-            renewing_auth(&client, || {
-                let mut kv = client.kv_client();
-                let txn = txn.clone();
-                async move { within(timeout, kv.txn(txn)).await }
-            })
-            .await
-        });
+        let task = tokio::spawn(async move { send_txn(&client, timeout, txn).await });
         task.await
             .map_err(|e| Error::Protocol(format!("an STM read task failed: {e}")))?
     }
@@ -599,14 +592,7 @@ impl Attempt {
             // Only checks (RepeatableReads): a read-only Txn, never cancelled in flight.
             self.detached_txn(txn).await?
         } else {
-            let (client, timeout) = (&self.client, self.timeout);
-            let sent = renewing_auth(client, || {
-                let mut kv = client.kv_client();
-                let txn = txn.clone();
-                async move { within(timeout, kv.txn(txn)).await }
-            })
-            .await;
-            match sent {
+            match send_txn(&self.client, self.timeout, txn).await {
                 Ok(resp) => resp,
                 // The answer is lost, not the request: it may have been applied.
                 Err(e) if e.is_transient() => return Err(Error::CommitUncertain(Box::new(e))),
@@ -632,6 +618,20 @@ impl Attempt {
 struct Prefetch {
     at: i64,
     reads: BTreeMap<Vec<u8>, Read>,
+}
+
+/// Sends `txn` within `timeout`, once more with a fresh auth token if the first was stale.
+async fn send_txn(
+    client: &Client,
+    timeout: Duration,
+    txn: Txn,
+) -> Result<etcd_client::TxnResponse, Error> {
+    renewing_auth(client, || {
+        let mut kv = client.kv_client();
+        let txn = txn.clone();
+        async move { within(timeout, kv.txn(txn)).await }
+    })
+    .await
 }
 
 fn reads_of(responses: Vec<TxnOpResponse>) -> Vec<Read> {

@@ -516,6 +516,7 @@ impl LeasedSession {
                 "lease id {lease_id} is not one etcd grants (they are positive)"
             )));
         }
+        // The TTL is the lease's, known only once read: check the rest now, the margins below.
         options.validate_for(Duration::MAX)?;
         let gone = |e: &Error| match e {
             Error::Etcd(e) => lease_not_found(e),

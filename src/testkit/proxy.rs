@@ -87,19 +87,9 @@ impl FaultProxy {
 
     /// Replaces the faults in force; applies to live connections at once.
     pub fn set_faults(&self, faults: Faults) {
-        let both = |name: &str, kind: Kind| {
-            [Stream::Upstream, Stream::Downstream].map(|stream| {
-                let side = if stream == Stream::Upstream {
-                    "upstream"
-                } else {
-                    "downstream"
-                };
-                Toxic::new(format!("{name}_{side}"), stream, kind.clone())
-            })
-        };
         let mut toxics = Vec::new();
         if faults.blackhole {
-            toxics.extend(both("blackhole", Kind::Blackhole));
+            toxics.extend(Toxic::both_ways("blackhole", Kind::Blackhole));
         }
         if faults.drop_responses {
             toxics.push(Toxic::new(
@@ -115,10 +105,13 @@ impl FaultProxy {
             // This proxy's jitter was "up to this much more"; toxiproxy's is ±: centre it.
             let jitter = faults.jitter.as_millis() as u64 / 2;
             let latency = faults.latency.as_millis() as u64 + jitter;
-            toxics.extend(both("latency", Kind::Latency { latency, jitter }));
+            toxics.extend(Toxic::both_ways(
+                "latency",
+                Kind::Latency { latency, jitter },
+            ));
         }
         if let Some(bps) = faults.bandwidth.filter(|b| *b > 0) {
-            toxics.extend(both(
+            toxics.extend(Toxic::both_ways(
                 "bandwidth",
                 Kind::Bandwidth {
                     rate: bps.div_ceil(1000),

@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::toxic::{Kind, Stream, Toxic};
+use super::toxic::{Kind, Toxic};
 use super::ApiError;
 
 /// A client of a toxiproxy API at `http://HOST:PORT`.
@@ -123,17 +123,8 @@ impl FaultClient {
     /// # Errors
     /// As [`request`](Self::request).
     pub async fn add_both_ways(&self, proxy: &str, name: &str, kind: Kind) -> Result<(), ApiError> {
-        for stream in [Stream::Upstream, Stream::Downstream] {
-            let suffix = if stream == Stream::Upstream {
-                "upstream"
-            } else {
-                "downstream"
-            };
-            self.add_toxic(
-                proxy,
-                &Toxic::new(format!("{name}_{suffix}"), stream, kind.clone()),
-            )
-            .await?;
+        for toxic in Toxic::both_ways(name, kind) {
+            self.add_toxic(proxy, &toxic).await?;
         }
         Ok(())
     }

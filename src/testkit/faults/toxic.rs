@@ -20,7 +20,8 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn name(self) -> &'static str {
+    /// `upstream` or `downstream`, as toxiproxy writes it.
+    pub fn name(self) -> &'static str {
         match self {
             Stream::Upstream => "upstream",
             Stream::Downstream => "downstream",
@@ -250,6 +251,13 @@ impl Toxic {
             toxicity: 1.0,
             kind,
         }
+    }
+
+    /// Toxics of `kind` on both streams of a proxy, named `<name>_upstream` and
+    /// `<name>_downstream`.
+    pub fn both_ways(name: &str, kind: Kind) -> [Toxic; 2] {
+        [Stream::Upstream, Stream::Downstream]
+            .map(|stream| Toxic::new(format!("{name}_{}", stream.name()), stream, kind.clone()))
     }
 
     /// The toxic a `POST /proxies/{proxy}/toxics` body describes (toxiproxy's defaults:
