@@ -599,6 +599,15 @@ impl EtcdCluster {
         Ok(Client::connect(self.endpoints(), Some(self.connect_options())).await?)
     }
 
+    /// The end of member `i`'s log (etcd logs at `warn` level here: elections, slow
+    /// requests, refused connections), for a test to print when it fails.
+    ///
+    /// # Errors
+    /// [`TestkitError::NoSuchMember`] if there is no member `i`.
+    pub fn member_log(&self, i: usize) -> Result<String, TestkitError> {
+        Ok(self.log_tail(self.member(i)?))
+    }
+
     /// Kills member `i` with SIGKILL (as a crash would), keeping its data directory.
     ///
     /// # Errors

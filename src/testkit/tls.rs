@@ -119,7 +119,10 @@ fn make_cert(dir: &Path, ca: &str, name: &str, usage: &str) -> Result<(), Testki
 /// A CA and server and client certificates in `dir`.
 pub(crate) fn make(dir: &Path, client_cert_auth: bool) -> Result<TlsFiles, TestkitError> {
     make_ca(dir, "ca")?;
-    make_cert(dir, "ca", "server", "serverAuth")?;
+    // etcd's own gRPC gateway connects to its client URL with the server certificate, which
+    // with client-certificate auth must therefore serve as a client certificate too (else
+    // every member logs "incompatible key usage" and its HTTP/JSON gateway fails).
+    make_cert(dir, "ca", "server", "serverAuth,clientAuth")?;
     make_cert(dir, "ca", "client", "clientAuth")?;
     Ok(TlsFiles {
         ca: dir.join("ca.pem"),
