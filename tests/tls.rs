@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::init_tracing;
 use etcd_client::Client;
-use etcd_coord::discovery::{Discovery, Endpoint, Registration};
+use etcd_coord::discovery::{Discovery, Endpoint, Registration, ServiceView};
 use etcd_coord::testkit::EtcdCluster;
 use etcd_coord::{
     Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock, Semaphore,
@@ -26,8 +26,8 @@ fn trusting_only(ca: std::path::PathBuf) -> etcd_client::ConnectOptions {
     )
 }
 
-/// Each primitive once, through `client`.
-async fn every_primitive_works(client: Client) {
+/// Each primitive once, through `client` (a client of `cluster`).
+async fn every_primitive_works(client: Client, cluster: &mut EtcdCluster) {
     let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
     let s = LeasedSession::new(client.clone(), options.clone())
         .await
@@ -79,18 +79,54 @@ async fn every_primitive_works(client: Client) {
     let view = Discovery::new(client, "tls/svc").view().await.unwrap();
     assert_eq!(view.endpoints().len(), 1);
     registration.deregister().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), view.changed())
-        .await
-        .expect("the view sees the deregistration")
-        .unwrap();
+    // Ordinarily the view sees the deregistration within milliseconds. The bound asserted is
+    // the view's own worst case on a reachable cluster: a watch stream that went silent is
+    // probed after 10 s and re-opened 5 s later. (Once, in CI, this view waited more than 5 s;
+    // it never did in hundreds of runs here. A failure prints what the view and etcd held and
+    // the members' logs.)
+    let started = Instant::now();
+    let seen = tokio::time::timeout(Duration::from_secs(20), view.changed()).await;
+    let took = started.elapsed();
+    if !matches!(seen, Ok(Ok(()))) {
+        panic!(
+            "the view saw the deregistration after {took:?} ({seen:?})\n{}",
+            diagnose(cluster, &view).await
+        );
+    }
     assert!(view.endpoints().is_empty());
     s.close().await.unwrap();
+}
+
+/// What a failed wait of `view` prints: the view's counters and current set, what etcd holds
+/// under its target now, and each member's state and log.
+async fn diagnose(cluster: &mut EtcdCluster, view: &ServiceView) -> String {
+    let mut out = format!(
+        "view: {:?}, endpoints {:?}\n",
+        view.metrics(),
+        view.endpoints()
+    );
+    if let Ok(client) = cluster.client().await {
+        let listed = tokio::time::timeout(
+            Duration::from_secs(5),
+            Discovery::new(client, view.target()).list(),
+        )
+        .await;
+        out += &format!("etcd holds now: {listed:?}\n");
+    }
+    for i in 0..cluster.len() {
+        out += &format!(
+            "--- member {i} (running: {}), end of its log:\n{}\n",
+            cluster.is_running(i),
+            cluster.member_log(i).unwrap_or_default()
+        );
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_primitive_and_discovery_work_over_tls_with_server_verification() {
     init_tracing();
-    let cluster = EtcdCluster::start_tls(1, false)
+    let mut cluster = EtcdCluster::start_tls(1, false)
         .await
         .expect("etcd with TLS");
     let (ca, _, _) = cluster.tls_files().unwrap();
@@ -99,16 +135,26 @@ async fn every_primitive_and_discovery_work_over_tls_with_server_verification() 
     let client = Client::connect(cluster.endpoints(), Some(options))
         .await
         .unwrap();
-    every_primitive_works(client).await;
+    every_primitive_works(client, &mut cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_primitive_and_discovery_work_over_tls_with_client_certificates() {
     init_tracing();
-    let cluster = EtcdCluster::start_tls(3, true)
+    let mut cluster = EtcdCluster::start_tls(3, true)
         .await
         .expect("etcd with TLS");
-    every_primitive_works(cluster.client().await.unwrap()).await;
+    let client = cluster.client().await.unwrap();
+    every_primitive_works(client, &mut cluster).await;
+    // The testkit's certificates serve etcd's own gateway too: no member refused a
+    // certificate yet.
+    for i in 0..cluster.len() {
+        let log = cluster.member_log(i).unwrap();
+        assert!(
+            !log.contains("bad certificate") && !log.contains("incompatible key usage"),
+            "member {i}: {log}"
+        );
+    }
     // Without a client certificate, etcd refuses the connection: an error, not a hang.
     let (ca, _, _) = cluster.tls_files().unwrap();
     let options = trusting_only(ca);
