@@ -178,6 +178,11 @@ async fn a_second_registration_of_a_key_is_refused_and_the_first_is_untouched() 
     assert_eq!(truth(&c, &target).await.len(), 2, "h:1 and h:2, each once");
     in_session.deregister().await.unwrap();
     first.deregister().await.unwrap();
+    // Once `deregister` has returned, the key is free at once.
+    let again = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .expect("a deregistered key can be registered again at once");
+    again.deregister().await.unwrap();
     session.close().await.unwrap();
 }
 
@@ -554,9 +559,12 @@ async fn dropping_register_at_any_point_leaves_no_key_and_no_lease() {
     let via = client_via(&proxy).await;
     let target = unique("svc");
     let mut survivors = Vec::new();
-    // Dropped after 0, 1, 2, … ms: before, during and after the grant and the put.
+    // Dropped after 0, 1, 2, … ms: before, during and after the grant and the put. Each
+    // attempt has a key of its own: a dropped attempt's key goes in the background, and until
+    // it has gone, registering that key again is (rightly) `AlreadyHeld`.
     for delay_ms in 0..12u64 {
-        let register = Registration::register(via.clone(), &target, Endpoint::new("h:1"), ttl(30));
+        let endpoint = Endpoint::new(format!("h:{delay_ms}"));
+        let register = Registration::register(via.clone(), &target, endpoint, ttl(30));
         match tokio::time::timeout(Duration::from_millis(delay_ms), register).await {
             Ok(Ok(r)) => survivors.push(r),
             Ok(Err(e)) => panic!("{e}"),
@@ -566,7 +574,8 @@ async fn dropping_register_at_any_point_leaves_no_key_and_no_lease() {
     }
     // And while etcd is unreachable: the requests never arrive.
     proxy.blackhole();
-    let register = Registration::register(via.clone(), &target, Endpoint::new("h:2"), ttl(30));
+    let register =
+        Registration::register(via.clone(), &target, Endpoint::new("h:blackholed"), ttl(30));
     assert!(tokio::time::timeout(Duration::from_millis(300), register)
         .await
         .is_err());

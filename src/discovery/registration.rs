@@ -90,7 +90,9 @@ const REREGISTER_BACKOFF: (Duration, Duration) =
 /// Dropping a `register` future at any point leaves no key and no lease behind (a lease
 /// granted for it is revoked in the background). Dropping the registration deregisters in
 /// the background: its session revokes its lease (retrying for up to twice its TTL while etcd
-/// is unreachable; the TTL is the last backstop) and its task ends.
+/// is unreachable; the TTL is the last backstop) and its task ends. Until that revocation has
+/// landed, registering the same key again is [`Error::AlreadyHeld`]; to register it again at
+/// once, [`deregister`](Self::deregister) and await it instead of dropping.
 #[must_use = "dropping a Registration deregisters the endpoint"]
 pub struct Registration {
     inner: Arc<Inner>,
