@@ -549,6 +549,64 @@ async fn a_view_survives_the_loss_of_the_member_it_watches_through() {
     assert_eq!(view.endpoints().len(), 9);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_whose_watch_falls_silent_probes_it_and_re_opens_it() {
+    // A watch stream that goes silent on a connection nothing closes (no HTTP/2 keep-alive
+    // here, so nothing but the view's probe can notice): after 10 s of quiet the view asks for
+    // a progress notification, and when none comes within 5 s it re-opens the watch — here
+    // through the client's other endpoint — and catches up on what it missed.
+    let mut cluster = EtcdCluster::start(1).await.expect("etcd");
+    let c = cluster.client().await.unwrap();
+    let (a, b) = (
+        etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+            .await
+            .unwrap(),
+        etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+            .await
+            .unwrap(),
+    );
+    let (via_a, via_b) = (
+        format!("http://{}", a.endpoint()),
+        format!("http://{}", b.endpoint()),
+    );
+    let plain = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+    let viewer = Client::connect([via_a.as_str()], Some(plain))
+        .await
+        .unwrap();
+    let target = unique("svc");
+    let registration = Registration::register(c.clone(), &target, Endpoint::new("h:1"), ttl(30))
+        .await
+        .unwrap();
+    let view = Discovery::new(viewer.clone(), &target)
+        .view()
+        .await
+        .unwrap();
+    assert!(converges(&view, &c, &target, Duration::from_secs(5)).await);
+    // The view's stream now runs through A. Freeze A (nothing closed) and offer only B for
+    // new streams.
+    viewer.add_endpoint(via_b.as_str()).await.unwrap();
+    viewer.remove_endpoint(via_a.as_str()).await.unwrap();
+    a.blackhole();
+    let silent_since = Instant::now();
+    registration.deregister().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        view.endpoints().len(),
+        1,
+        "the frozen stream delivered (the test would not test the probe)"
+    );
+    assert!(
+        converges(&view, &c, &target, Duration::from_secs(20)).await,
+        "the silent watch was never re-opened: {:?}",
+        view.endpoints()
+    );
+    let took = silent_since.elapsed();
+    assert!(view.endpoints().is_empty());
+    eprintln!("a silent view caught up after {took:?}");
+    a.heal();
+    cluster.kill(0).unwrap();
+}
+
 #[tokio::test]
 async fn dropping_register_at_any_point_leaves_no_key_and_no_lease() {
     let mut cluster = EtcdCluster::start(1).await.expect("etcd");
