@@ -529,6 +529,9 @@ pub(crate) struct PrefixEvents {
 const PREFIX_QUIET: Duration = Duration::from_secs(10);
 /// … and re-opened (from the last delivered revision + 1) if none comes within this.
 const PREFIX_PROBE_PATIENCE: Duration = Duration::from_secs(5);
+/// Opening a prefix watch that is not answered within this is given up and tried again (the
+/// connection it went to may be frozen, with nothing to close it).
+const PREFIX_OPEN_PATIENCE: Duration = Duration::from_secs(5);
 
 impl PrefixEvents {
     /// Events under `prefix` with revisions after `after`.
@@ -575,10 +578,10 @@ impl PrefixEvents {
                     let opts = WatchOptions::new()
                         .with_prefix()
                         .with_start_revision(self.after + 1);
-                    match self.client.watch(self.prefix.as_str(), Some(opts)).await {
+                    let opening = self.client.watch(self.prefix.as_str(), Some(opts));
+                    match within(PREFIX_OPEN_PATIENCE, opening).await {
                         Ok(s) => self.stream.insert(s),
                         Err(e) => {
-                            let e = Error::from(e);
                             if may_be_stale_auth(&e) && self.auth_renewal.due() {
                                 renew_auth(&self.client).await.map_err(Gap::Fatal)?;
                                 continue;
