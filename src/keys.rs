@@ -30,6 +30,19 @@ pub const MAX_NAME_LEN: usize = 1024;
 /// What separates a name from its member keys. Names may not contain `#`.
 pub(crate) const QUEUE_SEPARATOR: &str = "/#";
 
+/// The end of the range of keys that start with `prefix` (etcd's convention: `[0]`, "every
+/// key from the start on", when the prefix is empty or only `0xff` bytes).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Checks that `name` can serve as the key prefix of a primitive.
 ///
 /// Rules: not empty, at most [`MAX_NAME_LEN`] bytes, no `#` (it separates a name from its
@@ -281,6 +294,14 @@ mod tests {
 
     fn shared(name: &str) -> Result<Queue, Error> {
         Queue::new(name, Layout::Shared)
+    }
+
+    #[test]
+    fn prefix_ends_follow_etcds_convention() {
+        assert_eq!(prefix_end(b"svc/"), b"svc0".to_vec());
+        assert_eq!(prefix_end(b"a\x7f"), b"a\x80".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 
     #[test]

@@ -77,8 +77,9 @@ pub struct Committed<T> {
 /// apply the closure's effect twice — etcd #18424); reads that a lagging member cannot serve
 /// at the snapshot revision ("required revision is a future revision", etcd #11963) are read
 /// again linearizably; a read-only transaction's check is never cancelled in flight (etcd
-/// #14110). There are no range reads: etcd's compares cannot see a key deleted from a range,
-/// so a range read could not be checked at commit.
+/// #14110). Range reads ([`StmTxn::get_prefix`], [`StmTxn::get_range`]) are checked too,
+/// phantoms included: a range compare catches keys created or changed in the range since the
+/// read, a compare per key found catches deletions.
 ///
 /// # Example
 /// ```no_run
@@ -344,7 +345,68 @@ struct State {
     prefetched_at: i64,
     /// A member could not serve a read at the snapshot revision: read linearizably at it.
     linearizable: bool,
+    /// Ranges read, each with the revision it was read at; every key found is in `reads`.
+    ranges: Vec<RangeRead>,
     void: Option<Void>,
+}
+
+/// A range `[start, end)` an attempt read, at `revision`.
+#[derive(Debug, Clone)]
+struct RangeRead {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    revision: i64,
+}
+
+/// Keys per page of a range read; the pages after the first are read at the first's revision.
+const RANGE_PAGE: i64 = 500;
+
+impl State {
+    /// Records a read's outcome: fixes the snapshot (snapshot levels) on success, voids the
+    /// attempt on failure.
+    fn settle(
+        &mut self,
+        isolation: Isolation,
+        fetched: Result<(Vec<KeyValue>, i64, bool), Error>,
+    ) -> Result<(Vec<KeyValue>, i64), Error> {
+        match fetched {
+            Ok((kvs, revision, linearizable)) => {
+                self.linearizable |= linearizable;
+                if isolation.reads_at_snapshot() && self.snapshot.is_none() {
+                    self.snapshot = Some(revision);
+                }
+                Ok((kvs, revision))
+            }
+            Err(e) => {
+                self.void = Some(match &e {
+                    Error::Conflict => Void::Conflict,
+                    e if e.is_transient() => Void::Transient,
+                    _ => Void::Failed,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// The keys in `[start, end)` as this attempt sees them: what it read, with its writes.
+    fn seen_in(&self, start: &[u8], end: &[u8]) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let range = (
+            std::ops::Bound::Included(start),
+            std::ops::Bound::Excluded(end),
+        );
+        let mut seen: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .reads
+            .range::<[u8], _>(range)
+            .filter_map(|(k, r)| Some((k.clone(), r.value.clone()?)))
+            .collect();
+        for (key, written) in self.writes.range::<[u8], _>(range) {
+            match written {
+                Some(v) => seen.insert(key.clone(), v.clone()),
+                None => seen.remove(key),
+            };
+        }
+        seen
+    }
 }
 
 impl std::fmt::Debug for StmTxn {
@@ -394,27 +456,100 @@ impl StmTxn {
             }
             (state.snapshot, state.linearizable)
         };
-        let fetched = attempt.fetch(&key, snapshot, linearizable).await;
+        let fetched = attempt.fetch(&key, None, snapshot, linearizable).await;
         let mut state = attempt.state();
-        match fetched {
-            Ok((read, revision, linearizable)) => {
-                state.linearizable |= linearizable;
-                if attempt.isolation.reads_at_snapshot() && state.snapshot.is_none() {
-                    state.snapshot = Some(revision);
-                }
-                let value = read.value.clone();
-                state.reads.insert(key, read);
-                Ok(value)
-            }
-            Err(e) => {
-                state.void = Some(match &e {
-                    Error::Conflict => Void::Conflict,
-                    e if e.is_transient() => Void::Transient,
-                    _ => Void::Failed,
-                });
-                Err(e)
-            }
+        let (kvs, _) = state.settle(attempt.isolation, fetched)?;
+        let read = Read::of(kvs.first());
+        let value = read.value.clone();
+        state.reads.insert(key, read);
+        Ok(value)
+    }
+
+    /// Every key with prefix `prefix` and its value, as this transaction sees them: the values
+    /// at its snapshot (or, below the snapshot levels, as first read in this attempt) with its
+    /// own writes applied. At the levels that check reads, the commit then also fails if any
+    /// key in the range was created, changed or deleted since (phantoms included): a range
+    /// compare on the whole prefix plus a compare per key found.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get); [`Error::InvalidArgument`] for an empty prefix or one of only
+    /// `0xff` bytes (nothing sent, the attempt stays usable).
+    pub async fn get_prefix(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, Error> {
+        let start = prefix.into();
+        if start.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an STM prefix read needs a non-empty prefix".into(),
+            ));
         }
+        // A prefix of only 0xff bytes has no end key (etcd would read to the end of the
+        // keyspace): `get_range` refuses it.
+        let end = crate::keys::prefix_end(&start);
+        self.get_range(start, end).await
+    }
+
+    /// Every key in `[start, end)` and its value, as [`get_prefix`](Self::get_prefix) does for
+    /// a prefix.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get); [`Error::InvalidArgument`] unless `start < end` (nothing sent,
+    /// the attempt stays usable).
+    pub async fn get_range(
+        &self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, Error> {
+        let (start, end) = (start.into(), end.into());
+        if start >= end {
+            return Err(Error::InvalidArgument(
+                "an STM range read needs start < end".into(),
+            ));
+        }
+        let attempt = &self.inner;
+        let _one_at_a_time = attempt.reading.lock().await;
+        let (snapshot, linearizable) = {
+            let state = attempt.state();
+            if state
+                .ranges
+                .iter()
+                .any(|r| r.start == start && r.end == end)
+            {
+                return Ok(state.seen_in(&start, &end));
+            }
+            if state.void.is_some() {
+                return Err(Error::Protocol(
+                    "an earlier read of this attempt failed: the attempt is void".into(),
+                ));
+            }
+            // A snapshot fixed by prefetched keys holds for the range too.
+            let snapshot = match state.snapshot {
+                None if attempt.isolation.reads_at_snapshot() && !state.prefetched.is_empty() => {
+                    Some(state.prefetched_at)
+                }
+                other => other,
+            };
+            (snapshot, state.linearizable)
+        };
+        let fetched = attempt
+            .fetch(&start, Some(&end), snapshot, linearizable)
+            .await;
+        let mut state = attempt.state();
+        let (kvs, revision) = state.settle(attempt.isolation, fetched)?;
+        for kv in &kvs {
+            // A key read before keeps its first reading (repeatable reads).
+            state
+                .reads
+                .entry(kv.key().to_vec())
+                .or_insert_with(|| Read::of(Some(kv)));
+        }
+        state.ranges.push(RangeRead {
+            start: start.clone(),
+            end: end.clone(),
+            revision,
+        });
+        Ok(state.seen_in(&start, &end))
     }
 
     /// Writes `value` to `key` when the transaction commits.
@@ -466,37 +601,58 @@ impl Attempt {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads `key` at `snapshot` (if any): the read, the revision it saw, and whether it had
-    /// to be linearizable because a member lagged behind the snapshot.
+    /// Reads `key` (or the range `[key, end)`, in pages at one revision) at `snapshot` (if
+    /// any): the keys found, the revision read at, and whether a read had to be linearizable
+    /// because a member lagged behind the revision.
     async fn fetch(
         &self,
         key: &[u8],
+        end: Option<&[u8]>,
         snapshot: Option<i64>,
-        linearizable: bool,
-    ) -> Result<(Read, i64, bool), Error> {
-        let snapshot = snapshot.filter(|_| self.isolation.reads_at_snapshot());
-        let options = match snapshot {
-            Some(rev) if linearizable => GetOptions::new().with_revision(rev),
-            Some(rev) => GetOptions::new().with_revision(rev).with_serializable(),
-            // The snapshot levels' first read is linearizable: it fixes the snapshot.
-            None if self.isolation.reads_at_snapshot() => GetOptions::new(),
-            None => GetOptions::new().with_serializable(),
-        };
-        let (resp, lagged) = match (self.range(key, options).await, snapshot) {
-            (Err(e), Some(rev)) if future_revision(&e) => {
-                // This member lags behind the snapshot (etcd #11963): read at the snapshot,
-                // linearizably — the member first catches up.
-                let resp = self.range(key, GetOptions::new().with_revision(rev)).await;
-                (resp, true)
+        mut linearizable: bool,
+    ) -> Result<(Vec<KeyValue>, i64, bool), Error> {
+        let mut at = snapshot.filter(|_| self.isolation.reads_at_snapshot());
+        let mut from = key.to_vec();
+        let mut kvs = Vec::new();
+        loop {
+            let mut options = match at {
+                Some(rev) if linearizable => GetOptions::new().with_revision(rev),
+                Some(rev) => GetOptions::new().with_revision(rev).with_serializable(),
+                // The snapshot levels' first read is linearizable: it fixes the snapshot.
+                None if self.isolation.reads_at_snapshot() => GetOptions::new(),
+                None => GetOptions::new().with_serializable(),
+            };
+            if let Some(end) = end {
+                options = options.with_range(end).with_limit(RANGE_PAGE);
             }
-            (other, _) => (other, false),
-        };
-        let resp = match resp {
-            Err(e) if compacted(&e) => return Err(Error::Conflict),
-            other => other?,
-        };
-        let revision = header_revision(resp.header())?;
-        Ok((Read::of(resp.kvs().first()), revision, lagged))
+            let (resp, lagged) = match (self.range(&from, options.clone()).await, at) {
+                (Err(e), Some(rev)) if future_revision(&e) => {
+                    // This member lags behind the revision (etcd #11963): read at it,
+                    // linearizably — the member first catches up.
+                    let mut options = GetOptions::new().with_revision(rev);
+                    if let Some(end) = end {
+                        options = options.with_range(end).with_limit(RANGE_PAGE);
+                    }
+                    (self.range(&from, options).await, true)
+                }
+                (other, _) => (other, false),
+            };
+            linearizable |= lagged;
+            let mut resp = match resp {
+                Err(e) if compacted(&e) => return Err(Error::Conflict),
+                other => other?,
+            };
+            let revision = *at.get_or_insert(header_revision(resp.header())?);
+            let more = resp.more();
+            kvs.append(&mut resp.take_kvs());
+            match kvs.last() {
+                Some(last) if more && end.is_some() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((kvs, revision, linearizable)),
+            }
+        }
     }
 
     async fn range(&self, key: &[u8], options: GetOptions) -> Result<GetResponse, Error> {
@@ -539,6 +695,12 @@ impl Attempt {
             compares.extend(state.reads.iter().map(|(key, read)| {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, read.mod_revision)
             }));
+            // No key in a range read was created or changed after it (deletions fail the
+            // per-key compares above).
+            compares.extend(state.ranges.iter().map(|r| {
+                Compare::mod_revision(r.start.clone(), CompareOp::Less, r.revision + 1)
+                    .with_range(r.end.clone())
+            }));
         }
         if let (Isolation::SerializableSnapshot, Some(snapshot)) = (self.isolation, state.snapshot)
         {
@@ -566,7 +728,11 @@ impl Attempt {
                         return Ok(Ok(state.snapshot.unwrap_or(0)))
                     }
                     Isolation::ReadCommitted => return Ok(Ok(0)),
-                    Isolation::RepeatableReads if read_keys.is_empty() => return Ok(Ok(0)),
+                    Isolation::RepeatableReads
+                        if read_keys.is_empty() && state.ranges.is_empty() =>
+                    {
+                        return Ok(Ok(0))
+                    }
                     Isolation::RepeatableReads => {}
                 }
             }

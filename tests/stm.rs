@@ -489,3 +489,210 @@ async fn prefetched_keys_are_read_at_one_revision_and_a_read_only_transaction_co
         "a read-only transaction reports its reads' revision"
     );
 }
+
+/// A change made by someone else between a transaction's range read and its commit.
+#[derive(Debug, Clone, Copy)]
+enum Disturbance {
+    Insert,
+    Delete,
+    Update,
+}
+
+/// A transaction counts the keys under `<prefix>/r/` and records the count; on its first
+/// attempt someone else changes the range after the read. Returns the count stored, the true
+/// count, and the attempts.
+async fn count_the_range(isolation: Isolation, disturbance: Disturbance) -> (usize, usize, u32) {
+    let etcd = etcd().await;
+    let mut other = client(&etcd).await;
+    let prefix = unique("stm-range");
+    let range = format!("{prefix}/r/");
+    for k in ["1", "2"] {
+        other.put(format!("{range}{k}"), "v", None).await.unwrap();
+    }
+    let stm = Stm::new(client(&etcd).await).with_isolation(isolation);
+    let first = &AtomicBool::new(true);
+    let (range, count, other) = (&range, &format!("{prefix}/count"), &other);
+    let committed = stm
+        .run(|tx: StmTxn| async move {
+            let seen = tx.get_prefix(range.as_str()).await?;
+            if first.swap(false, Ordering::SeqCst) {
+                let mut other = other.clone();
+                match disturbance {
+                    Disturbance::Insert => {
+                        other.put(format!("{range}3"), "v", None).await.unwrap();
+                    }
+                    Disturbance::Delete => {
+                        other.delete(format!("{range}1"), None).await.unwrap();
+                    }
+                    Disturbance::Update => {
+                        other.put(format!("{range}2"), "w", None).await.unwrap();
+                    }
+                }
+            }
+            tx.put(count.as_str(), seen.len().to_string());
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    let mut c = other.clone();
+    let truth = c
+        .get(
+            range.as_str(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .count() as usize;
+    let stored = number(
+        c.get(count.as_str(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec()),
+    );
+    (stored as usize, truth, committed.attempts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_read_conflicts_with_any_later_insert_delete_or_update_at_the_checking_levels() {
+    for isolation in [
+        Isolation::SerializableSnapshot,
+        Isolation::Serializable,
+        Isolation::RepeatableReads,
+    ] {
+        for disturbance in [
+            Disturbance::Insert,
+            Disturbance::Delete,
+            Disturbance::Update,
+        ] {
+            let (stored, truth, attempts) = count_the_range(isolation, disturbance).await;
+            assert_eq!(
+                (stored, attempts),
+                (truth, 2),
+                "{isolation:?}, {disturbance:?}: the count and the attempts"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_committed_range_reads_are_not_checked() {
+    let (stored, truth, attempts) =
+        count_the_range(Isolation::ReadCommitted, Disturbance::Insert).await;
+    assert_eq!(
+        (stored, truth, attempts),
+        (2, 3, 1),
+        "a phantom went unseen"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_read_shows_the_transactions_own_writes_and_repeats() {
+    let etcd = etcd().await;
+    let mut other = client(&etcd).await;
+    let prefix = unique("stm-own");
+    let p = format!("{prefix}/p/");
+    for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
+        other.put(format!("{p}{k}"), v, None).await.unwrap();
+    }
+    other
+        .put(format!("{prefix}/q"), "outside", None)
+        .await
+        .unwrap();
+    let stm = Stm::new(client(&etcd).await);
+    let (p, other, first) = (&p, &other, &AtomicBool::new(true));
+    let committed = stm
+        .run(|tx: StmTxn| async move {
+            tx.delete(format!("{p}a"));
+            tx.put(format!("{p}b"), "20");
+            tx.put(format!("{p}d"), "4");
+            let seen = tx.get_prefix(p.as_str()).await?;
+            // Someone else inserts into the range (once): the same read repeats, and a get
+            // of the new key sees the snapshot (it does not exist there).
+            if first.swap(false, Ordering::SeqCst) {
+                other.clone().put(format!("{p}e"), "5", None).await.unwrap();
+                assert_eq!(tx.get_prefix(p.as_str()).await?, seen);
+                assert_eq!(tx.get(format!("{p}e")).await?, None);
+            }
+            let e = tx.get(format!("{p}e")).await?;
+            Ok::<_, Error>((seen, e))
+        })
+        .await
+        .unwrap();
+    let (seen, e) = committed.value;
+    let mut expected: BTreeMap<Vec<u8>, Vec<u8>> = [("b", "20"), ("c", "3"), ("d", "4")]
+        .into_iter()
+        .map(|(k, v)| (format!("{p}{k}").into_bytes(), v.as_bytes().to_vec()))
+        .collect();
+    // The first attempt conflicted on the insert; the second saw it.
+    expected.insert(format!("{p}e").into_bytes(), b"5".to_vec());
+    assert_eq!(committed.attempts, 2);
+    assert_eq!(seen, expected);
+    assert_eq!(e, Some(b"5".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_read_of_many_keys_reads_every_key_once_in_pages() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let prefix = unique("stm-pages");
+    let n = 1100;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let puts: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| etcd_client::TxnOp::put(format!("{prefix}/k/{i:05}"), i.to_string(), None))
+            .collect();
+        c.clone()
+            .txn(etcd_client::Txn::new().and_then(puts))
+            .await
+            .unwrap();
+    }
+    let stm = Stm::new(c.clone());
+    let key_prefix = &format!("{prefix}/k/");
+    let committed = stm
+        .run(|tx: StmTxn| async move { tx.get_prefix(key_prefix.as_str()).await })
+        .await
+        .unwrap();
+    let seen = committed.value;
+    assert_eq!(seen.len(), n);
+    for (i, (k, v)) in seen.iter().enumerate() {
+        assert_eq!(k, format!("{prefix}/k/{i:05}").as_bytes());
+        assert_eq!(v, i.to_string().as_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_range_is_refused_and_the_attempt_goes_on() {
+    let etcd = etcd().await;
+    let prefix = unique("stm-bad-range");
+    let stm = Stm::new(client(&etcd).await);
+    let key = &format!("{prefix}/x");
+    let committed = stm
+        .run(|tx: StmTxn| async move {
+            assert!(matches!(
+                tx.get_range("b", "a").await,
+                Err(Error::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                tx.get_range("a", "a").await,
+                Err(Error::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                tx.get_prefix("").await,
+                Err(Error::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                tx.get_prefix(vec![0xff, 0xff]).await,
+                Err(Error::InvalidArgument(_))
+            ));
+            tx.get(key.as_str()).await?;
+            tx.put(key.as_str(), "written");
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(committed.attempts, 1);
+    let got = client(&etcd).await.get(key.as_str(), None).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"written");
+}

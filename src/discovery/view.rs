@@ -20,6 +20,7 @@ use super::target_prefix;
 use crate::backoff::Backoff;
 use crate::engine::{Gap, PrefixEvents};
 use crate::error::within;
+use crate::keys::prefix_end;
 use crate::Error;
 
 /// Keys per page of a read: pages are read at one revision, so a read is one snapshot
@@ -158,7 +159,7 @@ impl Discovery {
 
 /// Reads every key under `prefix` at one revision, in pages.
 async fn read(client: &Client, prefix: &str, timeout: Duration) -> Result<Snapshot, Error> {
-    let end = prefix_end(prefix);
+    let end = prefix_end(prefix.as_bytes());
     let mut restarts = 0;
     'read: loop {
         let mut snapshot = Snapshot {
@@ -214,18 +215,6 @@ async fn read(client: &Client, prefix: &str, timeout: Duration) -> Result<Snapsh
 
 fn is_compacted(e: &Error) -> bool {
     matches!(e, Error::Etcd(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted"))
-}
-
-/// The end of the range of keys that start with `prefix` (etcd's convention).
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 fn report_malformed(counters: &Counters, key: &str, why: &str) {
@@ -639,12 +628,6 @@ impl Follower {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn prefix_ends_follow_etcds_convention() {
-        assert_eq!(prefix_end("svc/"), b"svc0".to_vec());
-        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
-    }
 
     fn map() -> impl Strategy<Value = BTreeMap<String, Endpoint>> {
         prop::collection::btree_map("[a-e]", "[x-z]".prop_map(Endpoint::new), 0..5)
