@@ -469,7 +469,11 @@ impl StmTxn {
     /// at its snapshot (or, below the snapshot levels, as first read in this attempt) with its
     /// own writes applied. At the levels that check reads, the commit then also fails if any
     /// key in the range was created, changed or deleted since (phantoms included): a range
-    /// compare on the whole prefix plus a compare per key found.
+    /// compare on the whole prefix plus a compare per key found. etcd allows `--max-txn-ops`
+    /// (128 by default) compares per Txn: a transaction that writes after reading more keys
+    /// than that at those levels cannot commit ([`Error::InvalidArgument`] from
+    /// [`Stm::run`], nothing written, not retried); a transaction that only reads commits
+    /// nothing and is not limited.
     ///
     /// # Errors
     /// As [`get`](Self::get); [`Error::InvalidArgument`] for an empty prefix or one of only
@@ -717,7 +721,7 @@ impl Attempt {
     /// Commits: `Some(revision)` if it did; `None` on a conflict, with the keys read
     /// fetched anew by the commit's else-branch, returned as the next attempt's prefetch.
     async fn commit(&self) -> Result<Result<i64, Prefetch>, Error> {
-        let (txn, read_keys, read_only) = {
+        let (txn, read_keys, read_only, compares, writes) = {
             let state = self.state();
             let read_keys: Vec<Vec<u8>> = state.reads.keys().cloned().collect();
             let read_only = state.writes.is_empty();
@@ -744,26 +748,38 @@ impl Attempt {
                     None => TxnOp::delete(key.clone(), None),
                 })
                 .collect();
+            let compares = self.compares(&state);
+            // The else-branch (the next attempt's prefetch) only runs when a check failed.
             let gets: Vec<TxnOp> = read_keys
                 .iter()
+                .filter(|_| !compares.is_empty())
                 .map(|k| TxnOp::get(k.clone(), None))
                 .collect();
-            let txn = Txn::new()
-                .when(self.compares(&state))
-                .and_then(writes)
-                .or_else(gets);
-            (txn, read_keys, read_only)
+            let counts = (compares.len(), writes.len());
+            let txn = Txn::new().when(compares).and_then(writes).or_else(gets);
+            (txn, read_keys, read_only, counts.0, counts.1)
         };
-        let resp = if read_only {
+        let sent = if read_only {
             // Only checks (RepeatableReads): a read-only Txn, never cancelled in flight.
-            self.detached_txn(txn).await?
+            self.detached_txn(txn).await
         } else {
             match send_txn(&self.client, self.timeout, txn).await {
-                Ok(resp) => resp,
                 // The answer is lost, not the request: it may have been applied.
                 Err(e) if e.is_transient() => return Err(Error::CommitUncertain(Box::new(e))),
-                Err(e) => return Err(e),
+                other => other,
             }
+        };
+        let resp = match sent {
+            Err(e) if status_says(&e, "too many operations in txn request") => {
+                return Err(Error::InvalidArgument(format!(
+                    "the commit has {compares} compares, {writes} writes and {} reads, more \
+                     than etcd's --max-txn-ops allows in one list (128 by default): at the \
+                     levels that check reads every key read is compared, range reads \
+                     included; nothing was written ({e})",
+                    read_keys.len()
+                )))
+            }
+            other => other?,
         };
         let revision = header_revision(resp.header())?;
         if resp.succeeded() {

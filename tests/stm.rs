@@ -696,3 +696,49 @@ async fn a_bad_range_is_refused_and_the_attempt_goes_on() {
     let got = client(&etcd).await.get(key.as_str(), None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_too_large_for_etcd_is_a_clear_error_with_nothing_written() {
+    // At the levels that check reads every key read is compared; etcd allows 128 compares per
+    // Txn by default. ReadCommitted compares nothing, so the same transaction commits.
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let prefix = unique("stm-large");
+    for range in [0..100, 100..200] {
+        let puts: Vec<etcd_client::TxnOp> = range
+            .map(|i| etcd_client::TxnOp::put(format!("{prefix}/k/{i:03}"), "v", None))
+            .collect();
+        c.clone()
+            .txn(etcd_client::Txn::new().and_then(puts))
+            .await
+            .unwrap();
+    }
+    let (keys, marker) = (&format!("{prefix}/k/"), &format!("{prefix}/marker"));
+    for isolation in [Isolation::SerializableSnapshot, Isolation::ReadCommitted] {
+        let attempts = &AtomicU32::new(0);
+        let done = Stm::new(c.clone())
+            .with_isolation(isolation)
+            .run(|tx: StmTxn| async move {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let seen = tx.get_prefix(keys.as_str()).await?;
+                tx.put(marker.as_str(), seen.len().to_string());
+                Ok::<_, Error>(())
+            })
+            .await;
+        let stored = c.clone().get(marker.as_str(), None).await.unwrap();
+        match isolation {
+            Isolation::ReadCommitted => {
+                done.unwrap();
+                assert_eq!(stored.kvs()[0].value(), b"200");
+            }
+            _ => {
+                assert!(
+                    matches!(&done, Err(Error::InvalidArgument(m)) if m.contains("--max-txn-ops")),
+                    "{done:?}"
+                );
+                assert!(stored.kvs().is_empty(), "something was written");
+                assert_eq!(attempts.load(Ordering::SeqCst), 1, "it was retried");
+            }
+        }
+    }
+}
