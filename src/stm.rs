@@ -362,6 +362,16 @@ struct RangeRead {
 const RANGE_PAGE: i64 = 500;
 
 impl State {
+    /// An error once a read of this attempt has failed: the attempt is void.
+    fn usable(&self) -> Result<(), Error> {
+        match self.void {
+            None => Ok(()),
+            Some(_) => Err(Error::Protocol(
+                "an earlier read of this attempt failed: the attempt is void".into(),
+            )),
+        }
+    }
+
     /// Records a read's outcome: fixes the snapshot (snapshot levels) on success, voids the
     /// attempt on failure.
     fn settle(
@@ -449,11 +459,7 @@ impl StmTxn {
                 state.reads.insert(key, read);
                 return Ok(value);
             }
-            if state.void.is_some() {
-                return Err(Error::Protocol(
-                    "an earlier read of this attempt failed: the attempt is void".into(),
-                ));
-            }
+            state.usable()?;
             (state.snapshot, state.linearizable)
         };
         let fetched = attempt.fetch(&key, None, snapshot, linearizable).await;
@@ -522,11 +528,7 @@ impl StmTxn {
             {
                 return Ok(state.seen_in(&start, &end));
             }
-            if state.void.is_some() {
-                return Err(Error::Protocol(
-                    "an earlier read of this attempt failed: the attempt is void".into(),
-                ));
-            }
+            state.usable()?;
             // A snapshot fixed by prefetched keys holds for the range too.
             let snapshot = match state.snapshot {
                 None if attempt.isolation.reads_at_snapshot() && !state.prefetched.is_empty() => {
@@ -629,20 +631,13 @@ impl Attempt {
             if let Some(end) = end {
                 options = options.with_range(end).with_limit(RANGE_PAGE);
             }
-            let (resp, lagged) = match (self.range(&from, options.clone()).await, at) {
-                (Err(e), Some(rev)) if future_revision(&e) => {
-                    // This member lags behind the revision (etcd #11963): read at it,
-                    // linearizably — the member first catches up.
-                    let mut options = GetOptions::new().with_revision(rev);
-                    if let Some(end) = end {
-                        options = options.with_range(end).with_limit(RANGE_PAGE);
-                    }
-                    (self.range(&from, options).await, true)
+            let mut resp = match self.range(&from, options).await {
+                Err(e) if at.is_some() && !linearizable && future_revision(&e) => {
+                    // This member lags behind the revision (etcd #11963): read this page
+                    // again at it, linearizably — the member first catches up.
+                    linearizable = true;
+                    continue;
                 }
-                (other, _) => (other, false),
-            };
-            linearizable |= lagged;
-            let mut resp = match resp {
                 Err(e) if compacted(&e) => return Err(Error::Conflict),
                 other => other?,
             };
@@ -750,11 +745,14 @@ impl Attempt {
                 .collect();
             let compares = self.compares(&state);
             // The else-branch (the next attempt's prefetch) only runs when a check failed.
-            let gets: Vec<TxnOp> = read_keys
-                .iter()
-                .filter(|_| !compares.is_empty())
-                .map(|k| TxnOp::get(k.clone(), None))
-                .collect();
+            let gets: Vec<TxnOp> = if compares.is_empty() {
+                Vec::new()
+            } else {
+                read_keys
+                    .iter()
+                    .map(|k| TxnOp::get(k.clone(), None))
+                    .collect()
+            };
             let counts = (compares.len(), writes.len());
             let txn = Txn::new().when(compares).and_then(writes).or_else(gets);
             (txn, read_keys, read_only, counts.0, counts.1)
