@@ -74,6 +74,13 @@ impl RwLock {
         Ok(got.map(|a| Holding::new(self.session.clone(), a)))
     }
 
+    async fn resume(&self, kind: &str, key: &str, fencing_token: i64) -> Result<Holding, Error> {
+        let (queue, blocker) = self.queue(kind)?;
+        let acquired =
+            engine::adopt(&self.session, queue, kind, blocker, key, fencing_token).await?;
+        Ok(Holding::new(self.session.clone(), acquired))
+    }
+
     /// Waits for shared (read) access.
     ///
     /// # Errors
@@ -127,6 +134,64 @@ impl RwLock {
             .try_acquire(WRITER)
             .await?
             .map(RwLockWriteGuard::from_holding))
+    }
+    /// Takes back the shared access (or the place in line) that an earlier process held
+    /// under this session's lease — a session made with [`LeasedSession::resume`] — given the
+    /// read guard's [`key()`](Fence::key) and [`fencing_token()`](Fence::fencing_token) that
+    /// process saved. Only that very reader key, created at that revision and still on this
+    /// lease, is taken back; it keeps its place, so writers behind it stay blocked. If it was
+    /// still waiting, this waits like [`read()`](Self::read) from its place.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the key is gone (the lease ended, or it was released) or is
+    /// another incarnation; [`Error::InvalidArgument`] if `key` is not a reader key of this
+    /// lock made under this session's lease — a writer's key included (nothing is sent); as
+    /// [`read()`](Self::read) otherwise.
+    ///
+    /// # Cancel safety
+    /// As [`read()`](Self::read): dropping the future while it waits deletes the key (fenced).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(client: etcd_client::Client) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::{LeasedSession, RwLock, SessionOptions};
+    ///
+    /// let session = LeasedSession::new(client.clone(), SessionOptions::new()).await?;
+    /// let reading = RwLock::new(&session, "locks/config").read().await?;
+    /// let (key, token) = (reading.key().to_owned(), reading.fencing_token());
+    /// let lease_id = session.orphan();
+    /// drop(reading); // releases nothing: the session is orphaned
+    ///
+    /// let session = LeasedSession::resume(client, lease_id, SessionOptions::new()).await?;
+    /// let reading = RwLock::new(&session, "locks/config").resume_read(&key, token).await?;
+    /// # drop(reading); Ok(()) }
+    /// ```
+    pub async fn resume_read(
+        &self,
+        key: &str,
+        fencing_token: i64,
+    ) -> Result<RwLockReadGuard, Error> {
+        let holding = self.resume(READER, key, fencing_token).await?;
+        Ok(RwLockReadGuard::from_holding(holding))
+    }
+
+    /// Takes back the exclusive access (or the place in line) that an earlier process held
+    /// under this session's lease, as [`resume_read()`](Self::resume_read) does for a reader:
+    /// only that very writer key, at that revision and on this lease; readers and writers
+    /// behind it stay blocked.
+    ///
+    /// # Errors
+    /// As [`resume_read()`](Self::resume_read), with writer and reader swapped.
+    ///
+    /// # Cancel safety
+    /// As [`write()`](Self::write): dropping the future while it waits deletes the key (fenced).
+    pub async fn resume_write(
+        &self,
+        key: &str,
+        fencing_token: i64,
+    ) -> Result<RwLockWriteGuard, Error> {
+        let holding = self.resume(WRITER, key, fencing_token).await?;
+        Ok(RwLockWriteGuard::from_holding(holding))
     }
 }
 

@@ -107,6 +107,49 @@ impl Semaphore {
                 .map(|a| SemaphorePermit::from_holding(Holding::new(self.session.clone(), a))),
         )
     }
+    /// Takes back the permit (or the place in line) that an earlier process held under this
+    /// session's lease — a session made with [`LeasedSession::resume`] — given the permit's
+    /// [`key()`](Fence::key) and [`fencing_token()`](Fence::fencing_token) that process saved.
+    /// Only that very key, created at that revision and still on this lease, is taken back:
+    /// it keeps its place, so it still counts against the permits while it is being resumed
+    /// and a waiter behind it stays blocked. If the key was still waiting, this waits like
+    /// [`acquire()`](Self::acquire) from its place.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] if the key is gone (the lease ended, or it was released) or is
+    /// another incarnation; [`Error::InvalidArgument`] if `key` is not a permit key of this
+    /// semaphore made under this session's lease, or for zero permits (nothing is sent); as
+    /// [`acquire()`](Self::acquire) otherwise.
+    ///
+    /// # Cancel safety
+    /// As [`acquire()`](Self::acquire): dropping the future while it waits deletes the key
+    /// (fenced), as for any waiter that gives up.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(client: etcd_client::Client) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::{LeasedSession, Semaphore, SessionOptions};
+    ///
+    /// let session = LeasedSession::new(client.clone(), SessionOptions::new()).await?;
+    /// let permit = Semaphore::new(&session, "limits/gpu", 2).acquire().await?;
+    /// let (key, token) = (permit.key().to_owned(), permit.fencing_token());
+    /// let lease_id = session.orphan(); // or the process dies: the TTL is the deadline
+    /// drop(permit); // releases nothing: the session is orphaned
+    ///
+    /// // The next process, within the TTL:
+    /// let session = LeasedSession::resume(client, lease_id, SessionOptions::new()).await?;
+    /// let permit = Semaphore::new(&session, "limits/gpu", 2).resume(&key, token).await?;
+    /// assert_eq!(permit.fencing_token(), token);
+    /// # Ok(()) }
+    /// ```
+    pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<SemaphorePermit, Error> {
+        let (queue, blocker) = self.queue()?;
+        let acquired = engine::adopt(&self.session, queue, "", blocker, key, fencing_token).await?;
+        Ok(SemaphorePermit::from_holding(Holding::new(
+            self.session.clone(),
+            acquired,
+        )))
+    }
 }
 
 holding_guard! {

@@ -1,5 +1,5 @@
 //! Resuming a lease and what it holds after a restart (`LeasedSession::resume`,
-//! `Mutex::resume`, `Election::resume`), and handing a lease off (`orphan`), against real etcd.
+//! `Mutex::resume`, `Election::resume`, `Semaphore::resume`, `RwLock::resume_read`/`resume_write`), and handing a lease off (`orphan`), against real etcd.
 
 mod common;
 
@@ -7,7 +7,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use etcd_coord::{Election, Error, LeasedSession, LossReason, Mutex, SessionOptions};
+use etcd_coord::{
+    Election, Error, LeasedSession, LossReason, Mutex, RwLock, Semaphore, SessionOptions,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Where the holder process finds its etcd and lock: `<endpoint> <name> <ttl secs>`.
@@ -278,4 +280,126 @@ async fn resuming_checks_what_it_is_given() {
     let again = Mutex::new(&s, &name).resume(&key, token).await;
     assert!(matches!(again, Err(Error::LockLost { .. })), "{again:?}");
     s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_semaphore_permit_keeps_counting_against_the_permits_until_it_is_released() {
+    let etcd = etcd().await;
+    let name = unique("resume-semaphore");
+    let first = session(&etcd, 10).await;
+    let other = session(&etcd, 30).await;
+    let waiting = session(&etcd, 30).await;
+    let held = Semaphore::new(&first, &name, 2).acquire().await.unwrap();
+    let (key, token) = (held.key().to_owned(), held.fencing_token());
+    let _second = Semaphore::new(&other, &name, 2).acquire().await.unwrap();
+    let waiter = {
+        let s = Semaphore::new(&waiting, &name, 2);
+        tokio::spawn(async move { s.acquire().await })
+    };
+    let lease_id = first.orphan();
+    drop(held);
+    drop(first);
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let semaphore = Semaphore::new(&resumed, &name, 2);
+    // A permit key is not a mutex key, nor the other way round.
+    let as_mutex = Mutex::new(&resumed, &name).resume(&key, token).await;
+    assert!(
+        matches!(as_mutex, Err(Error::InvalidArgument(_))),
+        "{as_mutex:?}"
+    );
+    let permit = semaphore.resume(&key, token).await.unwrap();
+    assert_eq!(permit.key(), key);
+    assert_eq!(permit.fencing_token(), token);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a third holder got in while the resumed permit and another were held"
+    );
+    permit.release().await.unwrap();
+    let third = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter gets the permit the resumed holder released")
+        .unwrap()
+        .unwrap();
+    assert!(third.fencing_token() > token);
+    let again = semaphore.resume(&key, token).await;
+    assert!(matches!(again, Err(Error::LockLost { .. })), "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_write_lock_keeps_readers_out_and_a_resumed_read_lock_keeps_writers_out() {
+    let etcd = etcd().await;
+    let name = unique("resume-rwlock");
+    let observer = session(&etcd, 30).await;
+
+    // A writer hands its lease off; a reader queues behind it.
+    let first = session(&etcd, 10).await;
+    let writing = RwLock::new(&first, &name).write().await.unwrap();
+    let (wkey, wtoken) = (writing.key().to_owned(), writing.fencing_token());
+    let reader = {
+        let l = RwLock::new(&observer, &name);
+        tokio::spawn(async move { l.read().await })
+    };
+    let lease_id = first.orphan();
+    drop(writing);
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let lock = RwLock::new(&resumed, &name);
+    // A writer's key is not a reader's.
+    let as_reader = lock.resume_read(&wkey, wtoken).await;
+    assert!(
+        matches!(as_reader, Err(Error::InvalidArgument(_))),
+        "{as_reader:?}"
+    );
+    let writing = lock.resume_write(&wkey, wtoken).await.unwrap();
+    assert_eq!(writing.fencing_token(), wtoken);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !reader.is_finished(),
+        "a reader got in past a resumed writer"
+    );
+    writing.release().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the reader gets in once the resumed writer releases")
+        .unwrap()
+        .unwrap();
+    read.release().await.unwrap();
+
+    // A reader hands its lease off; a writer queues behind it.
+    let second = session(&etcd, 10).await;
+    let reading = RwLock::new(&second, &name).read().await.unwrap();
+    let (rkey, rtoken) = (reading.key().to_owned(), reading.fencing_token());
+    let writer = {
+        let l = RwLock::new(&observer, &name);
+        tokio::spawn(async move { l.write().await })
+    };
+    let lease_id = second.orphan();
+    drop(reading);
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let lock = RwLock::new(&resumed, &name);
+    let as_writer = lock.resume_write(&rkey, rtoken).await;
+    assert!(
+        matches!(as_writer, Err(Error::InvalidArgument(_))),
+        "{as_writer:?}"
+    );
+    let reading = lock.resume_read(&rkey, rtoken).await.unwrap();
+    assert_eq!(reading.fencing_token(), rtoken);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !writer.is_finished(),
+        "a writer got in past a resumed reader"
+    );
+    reading.release().await.unwrap();
+    let wrote = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .expect("the writer gets in once the resumed reader releases")
+        .unwrap()
+        .unwrap();
+    assert!(wrote.fencing_token() > wtoken);
 }
