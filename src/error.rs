@@ -104,6 +104,17 @@ pub enum Error {
     #[error("lease {0:x} not found: it expired or was revoked")]
     LeaseNotFound(i64),
 
+    /// [`Registration::resume`](crate::discovery::Registration::resume) found the lease but
+    /// not the key on it (deleted, never registered under it, or now on another lease).
+    /// Nothing was changed: the lease is neither refreshed nor revoked, and ends on its TTL.
+    #[error("key {key} does not exist on lease {lease_id:x}")]
+    NotOnLease {
+        /// The key that was to be taken back.
+        key: String,
+        /// The lease it was expected on.
+        lease_id: i64,
+    },
+
     /// An [`Stm`](crate::Stm) attempt cannot go on: the revision its reads see was compacted
     /// away. [`Stm::run`](crate::Stm::run) runs the attempt again; a closure only passes it
     /// on.

@@ -14,7 +14,7 @@ use etcd_coord::discovery::{
     ViewChange, ViewChanges,
 };
 use etcd_coord::testkit::EtcdCluster;
-use etcd_coord::{Error, SessionOptions};
+use etcd_coord::{Error, LeasedSession, SessionOptions};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -679,23 +679,27 @@ fn registrant_process() {
         )
         .await
         .unwrap();
-        println!("registered {}", registration.key());
+        let RegistrationState::Registered { lease_id, .. } = registration.state() else {
+            panic!("registered but {:?}", registration.state());
+        };
+        println!("registered {} {lease_id}", registration.key());
         std::future::pending::<()>().await;
     });
 }
 
-#[tokio::test]
-async fn a_registrant_killed_with_sigkill_disappears_after_its_ttl() {
-    let etcd = etcd().await;
-    let c = client(&etcd).await;
-    let target = unique("svc");
-    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
-    let ttl_secs = 3;
+/// A registrant process of `addr` under `target` with a TTL of `ttl_secs`, once it has
+/// registered, and the lease id it reported.
+async fn registrant(
+    etcd: &etcd_coord::testkit::TestEtcd,
+    target: &str,
+    addr: &str,
+    ttl_secs: u64,
+) -> (tokio::process::Child, i64) {
     let mut child = tokio::process::Command::new("/proc/self/exe")
         .args(["registrant_process", "--exact", "--ignored", "--nocapture"])
         .env(
             REGISTRANT_ENV,
-            format!("{} {target} 10.9.9.9:80 {ttl_secs}", etcd.endpoints()[0]),
+            format!("{} {target} {addr} {ttl_secs}", etcd.endpoints()[0]),
         )
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -708,10 +712,21 @@ async fn a_registrant_killed_with_sigkill_disappears_after_its_ttl() {
             .expect("the registrant registers")
             .unwrap()
             .expect("the registrant's output");
-        if line.starts_with("registered ") {
-            break;
+        if let Some(reported) = line.strip_prefix("registered ") {
+            let lease_id = reported.split(' ').nth(1).expect("a lease id");
+            return (child, lease_id.parse().unwrap());
         }
     }
+}
+
+#[tokio::test]
+async fn a_registrant_killed_with_sigkill_disappears_after_its_ttl() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let ttl_secs = 3;
+    let (mut child, _) = registrant(&etcd, &target, "10.9.9.9:80", ttl_secs).await;
     assert!(
         eventually(Duration::from_secs(1), || async {
             view.endpoints().len() == 1
@@ -958,4 +973,216 @@ async fn a_balanced_channel_spreads_calls_and_stops_reaching_a_deregistered_serv
     for s in servers {
         s.abort();
     }
+}
+
+#[tokio::test]
+async fn a_registrant_restarted_within_its_ttl_resumes_its_registration_and_views_see_no_change() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let addr = "10.9.9.10:80";
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let ttl_secs = 3;
+    let (mut child, lease_id) = registrant(&etcd, &target, addr, ttl_secs).await;
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            view.endpoints().len() == 1
+        })
+        .await
+    );
+    let key = format!("{target}/{addr}");
+    let created = c.clone().get(key.as_str(), None).await.unwrap().kvs()[0].create_revision();
+    let mut changes = view.changes();
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+
+    // The restarted process without its lease id: the dead one's key is in the way.
+    let fresh =
+        Registration::register(c.clone(), &target, Endpoint::new(addr), ttl(ttl_secs)).await;
+    assert!(matches!(fresh, Err(Error::AlreadyHeld { .. })), "{fresh:?}");
+    // With it: the same key, the same lease, the same create revision.
+    let resumed = Registration::resume(
+        c.clone(),
+        &target,
+        Endpoint::new(addr),
+        lease_id,
+        ttl(ttl_secs),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resumed.key(), key);
+    assert!(
+        matches!(resumed.state(), RegistrationState::Registered { lease_id: l, create_revision, generation: 1 }
+            if l == lease_id && create_revision == created),
+        "{:?}",
+        resumed.state()
+    );
+    // Kept alive past the dead process's TTL, and the view saw nothing at all happen.
+    let change = next_change(&mut changes, Duration::from_secs(ttl_secs + 2)).await;
+    assert!(change.is_none(), "the view saw {change:?}");
+    assert_eq!(truth(&c, &target).await.len(), 1);
+    assert_eq!(
+        c.clone().get(key.as_str(), None).await.unwrap().kvs()[0].create_revision(),
+        created
+    );
+    resumed.deregister().await.unwrap();
+    let removed = next_change(&mut changes, Duration::from_secs(5)).await;
+    assert!(
+        matches!(removed, Some(ViewChange::Removed { .. })),
+        "{removed:?}"
+    );
+    assert!(!lease_exists(&c, lease_id).await);
+}
+
+#[tokio::test]
+async fn resuming_a_registration_checks_the_lease_and_the_key_and_writes_a_changed_endpoint() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    // A registration whose process hands its lease off.
+    let old = LeasedSession::new(c.clone(), ttl(10)).await.unwrap();
+    let held = SessionRegistration::register(&old, &target, Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    let lease_id = old.orphan();
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            view.endpoints().len() == 1
+        })
+        .await
+    );
+    let mut changes = view.changes();
+
+    // A live lease that does not carry the key: refused, and that lease is left alone.
+    let other = LeasedSession::new(c.clone(), ttl(10)).await.unwrap();
+    let wrong = Registration::resume(
+        c.clone(),
+        &target,
+        Endpoint::new("h:1"),
+        other.lease_id(),
+        ttl(10),
+    )
+    .await;
+    assert!(
+        matches!(&wrong, Err(Error::NotOnLease { lease_id, .. }) if *lease_id == other.lease_id()),
+        "{wrong:?}"
+    );
+    assert!(lease_exists(&c, other.lease_id()).await);
+    assert_eq!(other.state(), etcd_coord::SessionState::Alive);
+    // Another key on the right lease: refused, and the lease (with its key) is left alone.
+    let other_key =
+        Registration::resume(c.clone(), &target, Endpoint::new("h:2"), lease_id, ttl(10)).await;
+    assert!(
+        matches!(&other_key, Err(Error::NotOnLease { .. })),
+        "{other_key:?}"
+    );
+    assert!(lease_exists(&c, lease_id).await);
+
+    // The right one, with new metadata: written in place, a single Updated.
+    let endpoint = Endpoint::new("h:1").with_metadata(json!({"weight": 2}));
+    let resumed = Registration::resume(c.clone(), &target, endpoint.clone(), lease_id, ttl(10))
+        .await
+        .unwrap();
+    let updated = next_change(&mut changes, Duration::from_secs(5)).await;
+    assert!(
+        matches!(&updated, Some(ViewChange::Updated { endpoint: e, .. }) if *e == endpoint),
+        "{updated:?}"
+    );
+    assert!(next_change(&mut changes, Duration::from_millis(500))
+        .await
+        .is_none());
+
+    // Dropped: deregistered in the background like any registration; the lease is gone.
+    drop(resumed);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !lease_exists(&c, lease_id).await && truth(&c, &target).await.is_empty()
+        })
+        .await
+    );
+    let gone =
+        Registration::resume(c.clone(), &target, Endpoint::new("h:1"), lease_id, ttl(10)).await;
+    assert!(
+        matches!(gone, Err(Error::LeaseNotFound(id)) if id == lease_id),
+        "{gone:?}"
+    );
+    assert!(truth(&c, &target).await.is_empty());
+    other.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn dropping_resume_ends_what_it_adopted_and_leaves_alone_what_it_did_not() {
+    let mut cluster = EtcdCluster::start(1).await.expect("etcd");
+    let c = cluster.client().await.unwrap();
+    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let via = client_via(&proxy).await;
+    let target = unique("svc");
+    // A registration handed off (its lease orphaned), for the attempt at `addr` to resume.
+    let handed_off = |addr: String| {
+        let c = c.clone();
+        let target = target.clone();
+        async move {
+            let old = LeasedSession::new(c, ttl(30)).await.unwrap();
+            let held = SessionRegistration::register(&old, &target, Endpoint::new(addr))
+                .await
+                .unwrap();
+            let lease_id = old.orphan();
+            drop(held);
+            lease_id
+        }
+    };
+    // Dropped after 0, 1, 2, … ms: during the adoption of the lease, the read of the key and
+    // after. Each attempt has a key (and a lease) of its own.
+    for delay_ms in 0..12u64 {
+        let addr = format!("h:{delay_ms}");
+        let lease_id = handed_off(addr.clone()).await;
+        let resume =
+            Registration::resume(via.clone(), &target, Endpoint::new(addr), lease_id, ttl(30));
+        match tokio::time::timeout(Duration::from_millis(delay_ms), resume).await {
+            Ok(Ok(r)) => drop(r),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {}
+        }
+    }
+    // And while etcd is unreachable: the adoption never completes (its request times out
+    // after 1 s), so the registration is left exactly as it was, for its TTL.
+    let lease_id = handed_off("h:blackholed".into()).await;
+    proxy.blackhole();
+    let resume = Registration::resume(
+        via.clone(),
+        &target,
+        Endpoint::new("h:blackholed"),
+        lease_id,
+        ttl(30).with_request_timeout(Duration::from_secs(1)),
+    );
+    assert!(tokio::time::timeout(Duration::from_millis(300), resume)
+        .await
+        .is_err());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = c
+        .clone()
+        .get(format!("{target}/h:blackholed"), None)
+        .await
+        .unwrap();
+    assert_eq!(left.kvs().len(), 1, "the untouched registration's key");
+    assert_eq!(left.kvs()[0].lease(), lease_id);
+    c.clone().lease_revoke(lease_id).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            keys_under(&c, &format!("{target}/")).await.is_empty()
+                && matches!(c.clone().leases().await, Ok(l) if l.leases().is_empty())
+        })
+        .await,
+        "keys {:?}, leases {:?}",
+        keys_under(&c, &format!("{target}/")).await,
+        c.clone().leases().await.map(|l| l.leases().len())
+    );
+    cluster.kill(0).unwrap();
 }

@@ -179,6 +179,131 @@ impl Registration {
         let json = endpoint.validate()?;
         options.validate()?;
         let held = establish(&client, &key, &json, &options).await?;
+        Ok(Registration::supervised(
+            client, key, endpoint, options, held,
+        ))
+    }
+
+    /// Takes back the registration an earlier process kept — `endpoint`'s key under
+    /// `<target>/<addr>` on lease `lease_id` (its [`RegistrationState::Registered`]
+    /// `lease_id`, saved before it died) — without the endpoint ever disappearing: after a
+    /// restart within the TTL the key keeps its create revision, so views see no removal and
+    /// no addition (an [`Updated`](super::ViewChange::Updated) if `endpoint` differs from what
+    /// is stored: it is written, fenced). The lease is adopted with
+    /// [`LeasedSession::resume`] and kept alive from then on; the registration then behaves
+    /// exactly like one made by [`register`](Self::register), re-registrations included.
+    ///
+    /// Without the lease id, [`register`](Self::register) answers [`Error::AlreadyHeld`]
+    /// until the dead process's lease expires.
+    ///
+    /// # Errors
+    /// [`Error::LeaseNotFound`] if the lease is gone (expired or revoked: register afresh);
+    /// [`Error::NotOnLease`] if the lease exists but the key is not on it (the lease is then
+    /// left as it was, to end on its TTL — it may be another's); otherwise as
+    /// [`register`](Self::register).
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves nothing this call made: if the lease had been adopted (or
+    /// is adopted after the caller left — the adoption runs in a task of its own), it ends
+    /// like a dropped registration: the lease is revoked in the background and the key goes
+    /// with it. If it was not adopted (the future was never polled, or the adoption failed —
+    /// etcd unreachable for longer than the request timeout), the key and the lease are left
+    /// as they were and end on the lease's TTL.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use etcd_coord::discovery::{Endpoint, Registration, RegistrationState};
+    /// use etcd_coord::{Error, SessionOptions};
+    ///
+    /// # async fn demo(client: etcd_client::Client, saved: Option<i64>) -> Result<(), Error> {
+    /// let endpoint = Endpoint::new("10.0.0.7:50051");
+    /// let options = SessionOptions::new();
+    /// // `saved`: the lease id the previous run of this process wrote down.
+    /// let resumed = match saved {
+    ///     Some(lease_id) => {
+    ///         Registration::resume(client.clone(), "svc", endpoint.clone(), lease_id, options.clone())
+    ///             .await
+    ///     }
+    ///     None => Err(Error::LeaseNotFound(0)),
+    /// };
+    /// let registration = match resumed {
+    ///     Ok(registration) => registration,
+    ///     Err(Error::LeaseNotFound(_) | Error::NotOnLease { .. }) => {
+    ///         Registration::register(client, "svc", endpoint, options).await?
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// };
+    /// if let RegistrationState::Registered { lease_id, .. } = registration.state() {
+    ///     // write `lease_id` down for the next run
+    /// #   let _ = lease_id;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn resume(
+        client: Client,
+        target: impl AsRef<str>,
+        endpoint: Endpoint,
+        lease_id: i64,
+        options: SessionOptions,
+    ) -> Result<Registration, Error> {
+        let key = registration_key(target.as_ref(), endpoint.addr())?;
+        Registration::resume_key(client, key, endpoint, lease_id, options).await
+    }
+
+    /// Like [`resume`](Self::resume), for a registration made with
+    /// [`register_with_suffix`](Self::register_with_suffix).
+    ///
+    /// # Errors
+    /// As [`resume`](Self::resume); an empty suffix is [`Error::InvalidArgument`].
+    ///
+    /// # Cancel safety
+    /// As [`resume`](Self::resume).
+    pub async fn resume_with_suffix(
+        client: Client,
+        target: impl AsRef<str>,
+        suffix: impl AsRef<str>,
+        endpoint: Endpoint,
+        lease_id: i64,
+        options: SessionOptions,
+    ) -> Result<Registration, Error> {
+        let key = registration_key(target.as_ref(), suffix.as_ref())?;
+        Registration::resume_key(client, key, endpoint, lease_id, options).await
+    }
+
+    async fn resume_key(
+        client: Client,
+        key: String,
+        endpoint: Endpoint,
+        lease_id: i64,
+        options: SessionOptions,
+    ) -> Result<Registration, Error> {
+        let json = endpoint.validate()?;
+        options.validate()?;
+        // In a task of its own, like `establish`: a caller that leaves does not leave a
+        // resumed session behind (its drop revokes the lease).
+        let resumed = tokio::spawn(readopt(
+            client.clone(),
+            key.clone(),
+            json,
+            lease_id,
+            options.clone(),
+        ));
+        let held = resumed
+            .await
+            .map_err(|e| Error::Protocol(format!("the resumption failed: {e}")))??;
+        Ok(Registration::supervised(
+            client, key, endpoint, options, held,
+        ))
+    }
+
+    /// A registration holding `held`, and its supervising task.
+    fn supervised(
+        client: Client,
+        key: String,
+        endpoint: Endpoint,
+        options: SessionOptions,
+        held: Held,
+    ) -> Registration {
         let (state, receiver) = watch::channel(registered(&held, 1));
         let inner = Arc::new(Inner {
             client,
@@ -193,12 +318,12 @@ impl Registration {
         });
         let stop = CancellationToken::new();
         let supervisor = tokio::spawn(supervise(Arc::clone(&inner), stop.clone()));
-        Ok(Registration {
+        Registration {
             inner,
             state: receiver,
             stop,
             supervisor: Some(supervisor),
-        })
+        }
     }
 
     /// The key: `<target>/<addr>` (or the suffix given).
@@ -346,6 +471,31 @@ async fn establish(
             key: key.to_owned(),
         }),
     }
+}
+
+/// The lease `lease_id` adopted and `key` on it taken back, its value set to `json` (fenced)
+/// if it differs, or why not.
+async fn readopt(
+    client: Client,
+    key: String,
+    json: String,
+    lease_id: i64,
+    options: SessionOptions,
+) -> Result<Held, Error> {
+    let session = LeasedSession::resume(client, lease_id, options).await?;
+    let Some((acquired, value)) = engine::adopt_on_lease(&session, &key).await? else {
+        // Not ours to end: whoever holds this lease keeps it; it ends on its TTL otherwise.
+        session.orphan();
+        return Err(Error::NotOnLease { key, lease_id });
+    };
+    let held = Held {
+        holding: Holding::new(session.clone(), acquired),
+        session,
+    };
+    if value != json.as_bytes() {
+        write(&held, &key, json).await?;
+    }
+    Ok(held)
 }
 
 /// Watches the registration; when it ends (session lost, key gone), registers again.

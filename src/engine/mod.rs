@@ -22,7 +22,8 @@ pub(crate) mod watch;
 pub use guard::Fence;
 pub(crate) use guard::{holding_guard, Holding};
 pub(crate) use queue::{
-    acquire, adopt, create_exclusive, join, read, try_acquire, Blocker, Decision, Snapshot,
+    acquire, adopt, adopt_on_lease, create_exclusive, join, read, try_acquire, Blocker, Decision,
+    Snapshot,
 };
 pub(crate) use request::{send_txn, Kind};
 pub(crate) use watch::{deleted_at, wait_gone, Gap, PrefixEvents, Watched};

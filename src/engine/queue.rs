@@ -770,6 +770,45 @@ pub(crate) async fn create_exclusive(
     )
 }
 
+/// Takes back `key` if it exists on this session's lease (any create revision: a key made by
+/// an earlier process under the lease a resumed session adopted), with its value; `None` if
+/// it is absent or on another lease. One read-only Txn (a compare on the key's lease and a
+/// get), never cancelled once sent (etcd #14110).
+pub(crate) async fn adopt_on_lease(
+    session: &LeasedSession,
+    key: &str,
+) -> Result<Option<(Acquired, Vec<u8>)>, Error> {
+    let shared = session.shared();
+    shared.check()?;
+    let ours = Txn::new()
+        .when([Compare::lease(key, CompareOp::Equal, shared.lease_id)])
+        .and_then([TxnOp::get(key, None)]);
+    let answered = send_until_answered(
+        shared,
+        || ours.clone(),
+        Kind::MaybeReadOnly,
+        &mut Backoff::for_requests(),
+    )
+    .await?;
+    if !answered.resp.succeeded() {
+        return Ok(None);
+    }
+    let revision = keys::header_revision(&answered.resp)?;
+    let gets = keys::txn_gets(&answered.resp);
+    let Some(kv) = gets.first().and_then(|g| g.kvs().first()) else {
+        return Err(Error::Protocol(format!(
+            "{key}: a lease compare held without the key"
+        )));
+    };
+    let acquired = Acquired {
+        key: key.to_owned(),
+        create_revision: kv.create_revision(),
+        revision,
+        sweep: None,
+    };
+    Ok(Some((acquired, kv.value().to_vec())))
+}
+
 /// Takes a place in `queue` only if it is through at once; else leaves no key behind and
 /// returns `None`. With one permit it is one round trip that never creates a key when busy
 /// (the put is conditional on the blocker's range being empty); otherwise — or when that
