@@ -104,9 +104,11 @@ pub enum Error {
     #[error("lease {0:x} not found: it expired or was revoked")]
     LeaseNotFound(i64),
 
-    /// [`Registration::resume`](crate::discovery::Registration::resume) found the lease but
-    /// not the key on it (deleted, never registered under it, or now on another lease).
-    /// Nothing was changed: the lease is neither refreshed nor revoked, and ends on its TTL.
+    /// [`Registration::resume`](crate::discovery::Registration::resume) (or
+    /// [`SessionRegistration::resume`](crate::discovery::SessionRegistration::resume)) found
+    /// the lease but not the key on it (deleted, never registered under it, or now on another lease).
+    /// Nothing was changed (`Registration::resume` neither refreshes nor revokes the lease:
+    /// it ends on its TTL unless someone else keeps it).
     #[error("key {key} does not exist on lease {lease_id:x}")]
     NotOnLease {
         /// The key that was to be taken back.

@@ -1186,3 +1186,50 @@ async fn dropping_resume_ends_what_it_adopted_and_leaves_alone_what_it_did_not()
     );
     cluster.kill(0).unwrap();
 }
+
+#[tokio::test]
+async fn a_session_registration_is_resumed_on_a_resumed_session_with_its_create_revision() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let old = LeasedSession::new(c.clone(), ttl(10)).await.unwrap();
+    let held = SessionRegistration::register(&old, &target, Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    let token = held.fence().fencing_token();
+    let lease_id = old.orphan();
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            view.endpoints().len() == 1
+        })
+        .await
+    );
+    let mut changes = view.changes();
+
+    let session = LeasedSession::resume(c.clone(), lease_id, ttl(10))
+        .await
+        .unwrap();
+    let other = SessionRegistration::resume(&session, &target, Endpoint::new("h:2")).await;
+    assert!(
+        matches!(&other, Err(Error::NotOnLease { lease_id: l, .. }) if *l == lease_id),
+        "{other:?}"
+    );
+    let registered = SessionRegistration::resume(&session, &target, Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    assert_eq!(registered.fence().fencing_token(), token);
+    assert!(next_change(&mut changes, Duration::from_millis(500))
+        .await
+        .is_none());
+    // It is the session's now: dropping it deletes the key, the session lives on.
+    drop(registered);
+    let removed = next_change(&mut changes, Duration::from_secs(5)).await;
+    assert!(
+        matches!(removed, Some(ViewChange::Removed { .. })),
+        "{removed:?}"
+    );
+    assert_eq!(session.state(), etcd_coord::SessionState::Alive);
+    session.close().await.unwrap();
+}

@@ -483,19 +483,34 @@ async fn readopt(
     options: SessionOptions,
 ) -> Result<Held, Error> {
     let session = LeasedSession::resume(client, lease_id, options).await?;
-    let Some((acquired, value)) = engine::adopt_on_lease(&session, &key).await? else {
-        // Not ours to end: whoever holds this lease keeps it; it ends on its TTL otherwise.
-        session.orphan();
-        return Err(Error::NotOnLease { key, lease_id });
+    match take_back(&session, &key, json).await? {
+        Some(held) => Ok(held),
+        None => {
+            // Not ours to end: whoever holds this lease keeps it; it ends on its TTL otherwise.
+            session.orphan();
+            Err(Error::NotOnLease { key, lease_id })
+        }
+    }
+}
+
+/// `key` taken back from `session`'s lease, its value set to `json` (fenced) if it differs;
+/// `None` if the key is not on that lease.
+async fn take_back(
+    session: &LeasedSession,
+    key: &str,
+    json: String,
+) -> Result<Option<Held>, Error> {
+    let Some((acquired, value)) = engine::adopt_on_lease(session, key).await? else {
+        return Ok(None);
     };
     let held = Held {
         holding: Holding::new(session.clone(), acquired),
-        session,
+        session: session.clone(),
     };
     if value != json.as_bytes() {
-        write(&held, &key, json).await?;
+        write(&held, key, json).await?;
     }
-    Ok(held)
+    Ok(Some(held))
 }
 
 /// Watches the registration; when it ends (session lost, key gone), registers again.
@@ -663,6 +678,71 @@ impl SessionRegistration {
                 },
             }),
             None => Err(Error::AlreadyHeld { key }),
+        }
+    }
+
+    /// Takes back the registration of `endpoint` (key `<target>/<addr>`) that an earlier
+    /// process made on `session`'s lease — a session made with [`LeasedSession::resume`] —
+    /// keeping the key's create revision; the endpoint is written (fenced) only if it differs
+    /// from what is stored. See [`Registration::resume`].
+    ///
+    /// # Errors
+    /// [`Error::NotOnLease`] if the key is not on the session's lease (nothing is changed);
+    /// otherwise as [`register`](Self::register).
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the key as it was, or (once taken back) hands its fenced
+    /// delete to the session's task, like a dropped registration.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(client: etcd_client::Client, lease_id: i64) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::discovery::{Endpoint, SessionRegistration};
+    /// use etcd_coord::{LeasedSession, SessionOptions};
+    ///
+    /// let session = LeasedSession::resume(client, lease_id, SessionOptions::new()).await?;
+    /// let registered =
+    ///     SessionRegistration::resume(&session, "svc", Endpoint::new("10.0.0.7:50051")).await?;
+    /// # drop(registered); Ok(()) }
+    /// ```
+    pub async fn resume(
+        session: &LeasedSession,
+        target: impl AsRef<str>,
+        endpoint: Endpoint,
+    ) -> Result<SessionRegistration, Error> {
+        let key = registration_key(target.as_ref(), endpoint.addr())?;
+        SessionRegistration::resume_key(session, key, endpoint).await
+    }
+
+    /// Like [`resume`](Self::resume), under the key `<target>/<suffix>`.
+    ///
+    /// # Errors
+    /// As [`resume`](Self::resume).
+    ///
+    /// # Cancel safety
+    /// As [`resume`](Self::resume).
+    pub async fn resume_with_suffix(
+        session: &LeasedSession,
+        target: impl AsRef<str>,
+        suffix: impl AsRef<str>,
+        endpoint: Endpoint,
+    ) -> Result<SessionRegistration, Error> {
+        let key = registration_key(target.as_ref(), suffix.as_ref())?;
+        SessionRegistration::resume_key(session, key, endpoint).await
+    }
+
+    async fn resume_key(
+        session: &LeasedSession,
+        key: String,
+        endpoint: Endpoint,
+    ) -> Result<SessionRegistration, Error> {
+        let json = endpoint.validate()?;
+        match take_back(session, &key, json).await? {
+            Some(held) => Ok(SessionRegistration { held }),
+            None => Err(Error::NotOnLease {
+                key,
+                lease_id: session.lease_id(),
+            }),
         }
     }
 
