@@ -4,11 +4,12 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use etcd_coord::{
     Election, Error, LeasedSession, LossReason, Mutex, RwLock, Semaphore, SessionOptions,
+    SessionState,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -402,4 +403,60 @@ async fn a_resumed_write_lock_keeps_readers_out_and_a_resumed_read_lock_keeps_wr
         .unwrap()
         .unwrap();
     assert!(wrote.fencing_token() > wtoken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_sessions_deadline_counts_from_its_refresh_being_sent_not_from_a_guess() {
+    // A lease of 5 s (margin 1 s) last refreshed 2.5 s ago by a process that went away; its
+    // resumption runs over a link that delays each direction by 500 ms, so the refresh is
+    // answered 1 s after it was sent, and the TTL read after it another 1 s later.
+    let etcd = etcd().await;
+    let ttl = Duration::from_secs(5);
+    let first = LeasedSession::new(client(&etcd).await, SessionOptions::new().with_ttl(ttl))
+        .await
+        .unwrap();
+    let lease_id = first.orphan();
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let proxy = proxy(&etcd).await;
+    // HTTP/2 pings answered 1 s late must not count as a dead connection.
+    let via = etcd_client::Client::connect(
+        [proxy.endpoint()],
+        Some(
+            etcd_coord::recommended_connect_options()
+                .with_keep_alive(Duration::from_secs(1), Duration::from_secs(5)),
+        ),
+    )
+    .await
+    .unwrap();
+    proxy.set_latency(Duration::from_millis(500), Duration::ZERO);
+    let sent = Instant::now();
+    let resumed = LeasedSession::resume(via, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let took = sent.elapsed();
+    // From here on no refresh is answered: the deadline stays where the resumption put it.
+    proxy.down();
+    assert!(took >= Duration::from_secs(2), "resumed in {took:?}");
+    assert_eq!(resumed.ttl(), ttl);
+    assert_eq!(resumed.safety_margin(), Duration::from_secs(1));
+    // Not from the earlier process's last refresh (that would be Lost by now) …
+    assert_ne!(resumed.state(), SessionState::Lost);
+    // … but from the refresh's send: TTL − margin = 4 s after it, not after its answer (5 s).
+    // (Suspended meanwhile: its refreshes fail.) Each check allows for this test being
+    // scheduled late: what it asserts holds whenever it runs.
+    tokio::time::sleep_until((sent + Duration::from_millis(3600)).into()).await;
+    let early = sent.elapsed();
+    let state = resumed.state();
+    assert!(
+        state != SessionState::Lost || early >= Duration::from_millis(3950),
+        "Lost {early:?} after the refresh was sent"
+    );
+    tokio::time::sleep_until((sent + Duration::from_millis(4400)).into()).await;
+    let state = resumed.state();
+    let late = sent.elapsed();
+    assert!(
+        state == SessionState::Lost || late < Duration::from_millis(4300),
+        "{state:?} {late:?} after the refresh was sent"
+    );
 }
