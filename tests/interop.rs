@@ -333,6 +333,112 @@ async fn a_go_leader_holds_our_campaign_until_it_resigns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcds_server_side_lock_service_and_our_mutex_exclude_one_another() {
+    // etcd's v3lock service (what jetcd's and etcd-client's own `lock()` call) runs the Go
+    // package inside the server.
+    let etcd = etcd().await;
+    let name = unique("interop-v3lock");
+    let mut theirs = client(&etcd).await;
+    let lease = theirs.lease_grant(30, None).await.unwrap().id();
+    let s = session(&etcd, 30).await;
+    let mutex = Mutex::new(&s, &name);
+
+    let held = theirs
+        .lock(
+            name.as_str(),
+            Some(etcd_client::LockOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let their_key = String::from_utf8(held.key().to_vec()).unwrap();
+    assert_eq!(their_key, format!("{name}/{lease:x}"), "Go's layout");
+    assert!(mutex.try_lock().await.unwrap().is_none());
+    let m = mutex.clone();
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "lock() succeeded while the server's lock was held"
+    );
+    theirs.unlock(their_key.as_str()).await.unwrap();
+    let ours = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("we get the lock once the server's lock is released")
+        .unwrap()
+        .unwrap();
+
+    // We hold: the server's Lock waits until we release.
+    let mut c = theirs.clone();
+    let n = name.clone();
+    let locking = tokio::spawn(async move {
+        c.lock(
+            n.as_str(),
+            Some(etcd_client::LockOptions::new().with_lease(lease)),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !locking.is_finished(),
+        "the server's lock was granted while we held"
+    );
+    let our_token = ours.fencing_token();
+    ours.release().await.unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(10), locking)
+        .await
+        .expect("the server's lock is granted once we release")
+        .unwrap()
+        .unwrap();
+    let at = theirs.get(granted.key(), None).await.unwrap();
+    assert!(at.kvs()[0].create_revision() > our_token);
+    theirs.lease_revoke(lease).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcds_server_side_election_service_and_our_election_agree_on_the_leader() {
+    let etcd = etcd().await;
+    let name = unique("interop-v3election");
+    let mut theirs = client(&etcd).await;
+    let lease = theirs.lease_grant(30, None).await.unwrap().id();
+    let s = session(&etcd, 30).await;
+    let election = Election::new(&s, &name);
+
+    let campaigned = theirs
+        .campaign(name.as_str(), "server", lease)
+        .await
+        .unwrap();
+    let leader_key = campaigned.leader().expect("a leader key").clone();
+    let leader = election.leader().await.unwrap().expect("a leader");
+    assert_eq!(leader.key().as_bytes(), leader_key.key());
+    assert_eq!(leader.value_str(), Some("server"));
+    assert_eq!(leader.fencing_token(), leader_key.rev());
+    let e = election.clone();
+    let campaigning = tokio::spawn(async move { e.campaign("ours").await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !campaigning.is_finished(),
+        "we led while the server's candidate led"
+    );
+    theirs
+        .resign(Some(
+            etcd_client::ResignOptions::new().with_leader(leader_key),
+        ))
+        .await
+        .unwrap();
+    let ours = tokio::time::timeout(Duration::from_secs(10), campaigning)
+        .await
+        .expect("we lead once the server's candidate resigned")
+        .unwrap()
+        .unwrap();
+    // The server's Leader call reports ours.
+    let reported = theirs.leader(name.as_str()).await.unwrap();
+    let kv = reported.kv().expect("the server sees a leader");
+    assert_eq!(kv.key(), ours.key().as_bytes());
+    assert_eq!(kv.value(), b"ours");
+    theirs.lease_revoke(lease).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_names_and_other_kinds_never_block_a_mutex() {
     let etcd = etcd().await;
     let name = unique("interop-nested");
