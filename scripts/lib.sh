@@ -46,6 +46,21 @@ ensure_toxiproxy_python() {
   fi
 }
 
+# npm's toxiproxy-node-client (a third toxiproxy client nobody here wrote, for
+# tests/toxiproxy.rs), in a directory of its own whose node_modules the test finds through
+# ETCD_COORD_NODE_PATH. Installs Node.js from Debian if the machine has none.
+TOXIPROXY_NODE_DIR="${HOME:-/root}/.cache/etcd-coord/node"
+ensure_toxiproxy_node() {
+  command -v node >/dev/null 2>&1 || apt_install nodejs npm
+  if [ ! -f "$TOXIPROXY_NODE_DIR/node_modules/toxiproxy-node-client/package.json" ]; then
+    echo "setup: npm install toxiproxy-node-client@4.1.0" >&2
+    mkdir -p "$TOXIPROXY_NODE_DIR"
+    npm install --prefix "$TOXIPROXY_NODE_DIR" --silent --no-audit --no-fund \
+      toxiproxy-node-client@4.1.0 >&2
+  fi
+  export ETCD_COORD_NODE_PATH="$TOXIPROXY_NODE_DIR/node_modules"
+}
+
 # reqwest (under the toxiproxy_rust dev-dependency) builds against the system's OpenSSL.
 ensure_openssl_dev() {
   if ! pkg-config --exists openssl 2>/dev/null; then

@@ -1,5 +1,5 @@
 //! The testkit's fault server speaks toxiproxy's HTTP API: real toxiproxy clients nobody here
-//! wrote (`toxiproxy_rust`, PyPI's `toxiproxy-python`) drive it, and its toxics do to etcd
+//! wrote (`toxiproxy_rust`, PyPI's `toxiproxy-python`, npm's `toxiproxy-node-client`) drive it, and its toxics do to etcd
 //! traffic what toxiproxy's do.
 
 mod common;
@@ -220,6 +220,149 @@ print("DONE")
         .unwrap();
     assert!(status.success(), "the script failed: {status}");
     assert!(server.proxy("etcd").unwrap().toxics.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_toxiproxy_client_drives_the_fault_server() {
+    // npm's toxiproxy-node-client, installed by scripts/test (`ensure_toxiproxy_node`).
+    let node_path = std::env::var("ETCD_COORD_NODE_PATH").expect(
+        "ETCD_COORD_NODE_PATH: where toxiproxy-node-client is installed (scripts/test sets it)",
+    );
+    let etcd = etcd().await;
+    let server = FaultServer::start("127.0.0.1:0").await.unwrap();
+    let script = format!(
+        r#"
+const assert = require("assert");
+const readline = require("readline");
+const {{ Toxiproxy }} = require("toxiproxy-node-client");
+const refused = async (promise, status) => {{
+  try {{ await promise; }} catch (e) {{
+    assert.match(e.message, new RegExp(`status code ${{status}}`));
+    return;
+  }}
+  assert.fail(`accepted; expected status ${{status}}`);
+}};
+(async () => {{
+  const t = new Toxiproxy("http://{api}");
+  assert.match(await t.getVersion(), /version/);
+  const populated = await t.populate([{{ name: "spare", listen: "127.0.0.1:0", upstream: "127.0.0.1:1" }}]);
+  assert.deepStrictEqual(Object.keys(populated), ["spare"]);
+  const p = await t.createProxy({{ name: "etcd", listen: "127.0.0.1:0", upstream: "{upstream}" }});
+  assert.strictEqual(p.enabled, true);
+  await refused(t.createProxy({{ name: "etcd", listen: "127.0.0.1:0", upstream: "{upstream}" }}), 409);
+  await refused(t.get("nothing"), 404);
+  const latency = await p.addToxic({{ type: "latency", name: "lag", stream: "downstream", toxicity: 1,
+    attributes: {{ latency: 250, jitter: 10 }} }});
+  assert.deepStrictEqual(latency.attributes, {{ latency: 250, jitter: 10 }});
+  await p.addToxic({{ type: "limit_data", stream: "upstream", attributes: {{ bytes: 1000000 }} }});
+  await refused(p.addToxic({{ type: "no_such_toxic", attributes: {{}} }}), 400);
+  await refused(p.addToxic({{ type: "latency", name: "lag", attributes: {{ latency: 1 }} }}), 409);
+  const limit = await p.getToxic("limit_data_upstream");
+  assert.strictEqual(limit.type, "limit_data");
+  assert.deepStrictEqual(Object.keys(await t.getAll()).sort(), ["etcd", "spare"]);
+  console.log("LISTEN", p.listen);
+  const lines = readline.createInterface({{ input: process.stdin }})[Symbol.asyncIterator]();
+  await lines.next(); // the test checks the toxics' effect meanwhile
+  const updated = await latency.update({{ attributes: {{ latency: 50, jitter: 0 }} }});
+  assert.deepStrictEqual(updated.attributes, {{ latency: 50, jitter: 0 }});
+  await limit.remove();
+  await refused(limit.remove(), 404);
+  const disabled = await p.update({{ enabled: false }});
+  assert.strictEqual(disabled.enabled, false);
+  console.log("UPDATED");
+  await lines.next();
+  await t.reset();
+  const after = await t.get("etcd");
+  assert.strictEqual(after.enabled, true);
+  await (await t.get("spare")).remove();
+  await refused(t.get("spare"), 404);
+  console.log("DONE");
+  process.exit(0);
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+"#,
+        api = server.api_addr(),
+        upstream = etcd.endpoints()[0],
+    );
+    let mut node = tokio::process::Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .env("NODE_PATH", node_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the script answers")
+            .unwrap()
+            .expect("the script's next line (did it fail? its error is above)")
+    };
+    let listen = next_line()
+        .await
+        .strip_prefix("LISTEN ")
+        .expect("where the proxy listens")
+        .to_owned();
+    let toxics = server.proxy("etcd").unwrap().toxics;
+    assert_eq!(
+        toxics
+            .iter()
+            .map(|t| (t.name.as_str(), t.stream, &t.kind))
+            .collect::<Vec<_>>(),
+        vec![
+            (
+                "lag",
+                Stream::Downstream,
+                &Kind::Latency {
+                    latency: 250,
+                    jitter: 10
+                }
+            ),
+            (
+                "limit_data_upstream",
+                Stream::Upstream,
+                &Kind::LimitData { bytes: 1_000_000 }
+            ),
+        ]
+    );
+    let client = client_via_endpoint(&listen).await;
+    let took = read_time(&client).await.unwrap();
+    assert!(took >= Duration::from_millis(240), "{took:?}");
+    node.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"go\n")
+        .await
+        .unwrap();
+    assert_eq!(next_line().await, "UPDATED");
+    let proxy = server.proxy("etcd").unwrap();
+    assert!(!proxy.enabled);
+    assert_eq!(proxy.toxics.len(), 1);
+    assert_eq!(
+        proxy.toxics[0].kind,
+        Kind::Latency {
+            latency: 50,
+            jitter: 0
+        }
+    );
+    node.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"go\n")
+        .await
+        .unwrap();
+    assert_eq!(next_line().await, "DONE");
+    let status = tokio::time::timeout(Duration::from_secs(30), node.wait())
+        .await
+        .expect("the script ends")
+        .unwrap();
+    assert!(status.success(), "the script failed: {status}");
+    let proxy = server.proxy("etcd").unwrap();
+    assert!(proxy.enabled && proxy.toxics.is_empty());
+    assert!(server.proxy("spare").is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! A fault-injecting TCP proxy server that speaks **toxiproxy's HTTP API** (2.x: the same
 //! paths, JSON fields and status codes) and implements its toxics with toxiproxy's semantics —
 //! for chaos tests where toxiproxy's Go binary is not at hand. Existing toxiproxy clients
-//! (`toxiproxy_rust`, `toxiproxy-python`, …) drive it unchanged.
+//! (`toxiproxy_rust`, `toxiproxy-python`, `toxiproxy-node-client`) drive it unchanged.
 //!
 //! * Embed it: [`FaultServer::start`] (`"127.0.0.1:0"` for a free port), then create proxies
 //!   and toxics over HTTP — with any toxiproxy client or this module's [`FaultClient`] — or
