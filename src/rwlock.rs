@@ -135,6 +135,7 @@ impl RwLock {
             .await?
             .map(RwLockWriteGuard::from_holding))
     }
+
     /// Takes back the shared access (or the place in line) that an earlier process held
     /// under this session's lease — a session made with [`LeasedSession::resume`] — given the
     /// read guard's [`key()`](Fence::key) and [`fencing_token()`](Fence::fencing_token) that

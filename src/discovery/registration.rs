@@ -218,17 +218,19 @@ impl Registration {
     /// # async fn demo(client: etcd_client::Client, saved: Option<i64>) -> Result<(), Error> {
     /// let endpoint = Endpoint::new("10.0.0.7:50051");
     /// let options = SessionOptions::new();
-    /// // `saved`: the lease id the previous run of this process wrote down.
+    /// // `saved`: the lease id the previous run of this process wrote down, if any.
     /// let resumed = match saved {
     ///     Some(lease_id) => {
     ///         Registration::resume(client.clone(), "svc", endpoint.clone(), lease_id, options.clone())
     ///             .await
+    ///             .map(Some)
     ///     }
-    ///     None => Err(Error::LeaseNotFound(0)),
+    ///     None => Ok(None),
     /// };
     /// let registration = match resumed {
-    ///     Ok(registration) => registration,
-    ///     Err(Error::LeaseNotFound(_) | Error::NotOnLease { .. }) => {
+    ///     Ok(Some(registration)) => registration,
+    ///     // Nothing to take back: no lease saved, the lease ended, or the key is not on it.
+    ///     Ok(None) | Err(Error::LeaseNotFound(_) | Error::NotOnLease { .. }) => {
     ///         Registration::register(client, "svc", endpoint, options).await?
     ///     }
     ///     Err(e) => return Err(e),
