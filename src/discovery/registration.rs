@@ -194,7 +194,8 @@ impl Registration {
     /// exactly like one made by [`register`](Self::register), re-registrations included.
     ///
     /// Without the lease id, [`register`](Self::register) answers [`Error::AlreadyHeld`]
-    /// until the dead process's lease expires.
+    /// until the dead process's lease expires. Resume only a lease whose earlier owner is
+    /// gone (or has stopped refreshing it): this does not — cannot — check that.
     ///
     /// # Errors
     /// [`Error::LeaseNotFound`] if the lease is gone (expired or revoked: register afresh);
