@@ -1,8 +1,9 @@
 //! [`Election`]: campaign, proclaim, resign and observe — leader election on the mutex's queue.
 
-use etcd_client::{EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, TxnOp};
+use etcd_client::{EventType, KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
+use crate::engine::inspect::{self, ClientOnly};
 use crate::engine::{self, Blocker, Fence, Gap, Holding, PrefixEvents};
 use crate::keys::{Layout, Named, Queue};
 use crate::{Error, LeasedSession};
@@ -160,7 +161,7 @@ impl Election {
     /// [`Error::InvalidArgument`] for an invalid name; request errors.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, Error> {
         let queue = self.named.queue()?;
-        let (leader, at) = read_leader(&self.session.clone_client_only(), queue, 0).await?;
+        let (leader, at) = read_leader(&ClientOnly::of(&self.session), queue, 0).await?;
         // An `observe()` called after this starts no earlier than what this answer showed.
         self.session.shared().saw_revision(at);
         Ok(leader)
@@ -201,10 +202,7 @@ pub(crate) fn observe_with(
     start: i64,
 ) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
     let state = Observer {
-        session: ClientOnly {
-            client,
-            request_timeout,
-        },
+        session: ClientOnly::new(client, request_timeout),
         queue: Queue::new(name, Layout::Shared),
         start,
         leader: None,
@@ -228,59 +226,8 @@ async fn read_leader(
     queue: &Queue,
     revision: i64,
 ) -> Result<(Option<LeaderInfo>, i64), Error> {
-    // A page of the oldest keys under the name; all of them if the page held only nested
-    // names' keys (the queue is shared with etcd's own clients: members are direct children).
-    let mut limit = Some(LEADER_PAGE);
-    loop {
-        let mut opts = queue
-            .range()
-            .with_sort(SortTarget::Create, SortOrder::Ascend);
-        if let Some(limit) = limit {
-            opts = opts.with_limit(limit);
-        }
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let resp = session.get(queue.prefix(), opts).await?;
-        // A read at a past revision answers with the current revision in its header: the
-        // state it returned is as of `revision`.
-        let at = if revision > 0 {
-            revision
-        } else {
-            resp.header().map_or(0, |h| h.revision())
-        };
-        let leader = resp.kvs().iter().find(|kv| queue.is_member(kv.key()));
-        if leader.is_none() && resp.more() && limit.take().is_some() {
-            continue;
-        }
-        return Ok((leader.map(LeaderInfo::from_kv), at));
-    }
-}
-
-/// How many of the oldest keys a leader read fetches at first.
-const LEADER_PAGE: i64 = 8;
-
-/// The part of a session `observe()` needs: its client and request timeout, not its lease.
-#[derive(Clone)]
-pub(crate) struct ClientOnly {
-    client: etcd_client::Client,
-    request_timeout: std::time::Duration,
-}
-
-impl ClientOnly {
-    async fn get(&self, key: &str, opts: GetOptions) -> Result<etcd_client::GetResponse, Error> {
-        let mut kv = self.client.kv_client();
-        crate::error::within(self.request_timeout, kv.get(key, Some(opts))).await
-    }
-}
-
-impl LeasedSession {
-    fn clone_client_only(&self) -> ClientOnly {
-        ClientOnly {
-            client: self.client().clone(),
-            request_timeout: self.shared().request_timeout,
-        }
-    }
+    let (oldest, at) = inspect::oldest(session, queue, revision, Some(1)).await?;
+    Ok((oldest.first().map(LeaderInfo::from_kv), at))
 }
 
 /// The state behind [`Election::observe`]: the leader last reported and the prefix events.
@@ -337,7 +284,7 @@ impl Observer {
                 let start = std::mem::take(&mut self.start);
                 let (now, at) = self.read_at(&queue, start).await?;
                 self.events = Some(PrefixEvents::new(
-                    self.session.client.clone(),
+                    self.session.client().clone(),
                     queue.prefix(),
                     at,
                 ));

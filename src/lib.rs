@@ -59,7 +59,7 @@ use std::time::Duration;
 
 pub use barrier::{Barrier, BarrierHold, DoubleBarrier, DoubleBarrierGuard};
 pub use election::{Election, LeaderEvent, LeaderInfo, Leadership};
-pub use engine::Fence;
+pub use engine::{Fence, Holder};
 pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
 pub use mutex::{Mutex, MutexGuard};

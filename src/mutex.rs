@@ -1,6 +1,6 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{self, holding_guard, Blocker, Holding};
+use crate::engine::{self, holding_guard, inspect, Blocker, Holder, Holding};
 use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
@@ -106,6 +106,34 @@ impl Mutex {
                     holding: Holding::new(self.session.clone(), acquired),
                 }),
         )
+    }
+
+    /// Who holds the lock now, if anyone: its key, lease and fencing token — whichever client
+    /// holds it (this crate, etcd's Go package, `etcdctl lock`). One linearizable read; the
+    /// answer may be stale by the time it is used: never decide to write on it (use a guard's
+    /// [`Fence`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name (nothing is sent); [`Error::Timeout`],
+    /// [`Error::Etcd`], [`Error::PermissionDenied`] if the read fails (it is not retried).
+    ///
+    /// # Cancel safety
+    /// Only reads: dropping the future changes nothing.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::Mutex;
+    ///
+    /// if let Some(holder) = Mutex::new(&session, "jobs/nightly").holder().await? {
+    ///     println!("held by lease {:x} (token {})", holder.lease_id(), holder.fencing_token());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn holder(&self) -> Result<Option<Holder>, Error> {
+        let queue = self.named.queue()?;
+        let oldest = inspect::oldest_members(&self.session, queue, Some(1)).await?;
+        Ok(oldest.into_iter().next())
     }
 
     /// Takes back the lock (or the place in its queue) that an earlier process held under

@@ -1,6 +1,6 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
-use crate::engine::{self, holding_guard, Blocker, Holding};
+use crate::engine::{self, holding_guard, inspect, Blocker, Holder, Holding};
 use crate::keys::{Layout, Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
@@ -134,6 +134,27 @@ impl RwLock {
             .try_acquire(WRITER)
             .await?
             .map(RwLockWriteGuard::from_holding))
+    }
+
+    /// Who holds the lock now, oldest first: one writer, or the readers ahead of the first
+    /// writer in line (empty if nobody holds). One linearizable read of the whole queue; the
+    /// answer may be stale by the time it is used.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name (nothing is sent); [`Error::Timeout`],
+    /// [`Error::Etcd`], [`Error::PermissionDenied`] if the read fails (it is not retried).
+    ///
+    /// # Cancel safety
+    /// Only reads: dropping the future changes nothing.
+    pub async fn holders(&self) -> Result<Vec<Holder>, Error> {
+        let queue = self.named.queue()?;
+        let writers = queue.sub(WRITER);
+        let is_writer = |h: &Holder| h.key().starts_with(&writers);
+        let members = inspect::oldest_members(&self.session, queue, None).await?;
+        Ok(match members.first() {
+            Some(first) if is_writer(first) => vec![first.clone()],
+            _ => members.into_iter().take_while(|h| !is_writer(h)).collect(),
+        })
     }
 
     /// Takes back the shared access (or the place in line) that an earlier process held

@@ -1,6 +1,6 @@
 //! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
 
-use crate::engine::{self, holding_guard, Blocker, Holding};
+use crate::engine::{self, holding_guard, inspect, Blocker, Holder, Holding};
 use crate::keys::{Layout, Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
@@ -107,6 +107,22 @@ impl Semaphore {
                 .map(|a| SemaphorePermit::from_holding(Holding::new(self.session.clone(), a))),
         )
     }
+    /// Who holds the permits now, oldest first: at most [`permits()`](Self::permits) holders
+    /// (the oldest keys; everyone behind them waits). One linearizable read; the answer may be
+    /// stale by the time it is used.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name or zero permits (nothing is sent);
+    /// [`Error::Timeout`], [`Error::Etcd`], [`Error::PermissionDenied`] if the read fails (it
+    /// is not retried).
+    ///
+    /// # Cancel safety
+    /// Only reads: dropping the future changes nothing.
+    pub async fn holders(&self) -> Result<Vec<Holder>, Error> {
+        let (queue, _) = self.queue()?;
+        inspect::oldest_members(&self.session, queue, Some(self.permits)).await
+    }
+
     /// Takes back the permit (or the place in line) that an earlier process held under this
     /// session's lease — a session made with [`LeasedSession::resume`] — given the permit's
     /// [`key()`](Fence::key) and [`fencing_token()`](Fence::fencing_token) that process saved.

@@ -61,7 +61,7 @@ impl Tool {
             .flatten()
     }
 
-    /// The next output line, within 20 s (the first run of the Go peer builds it).
+    /// The next output line, within 60 s (the first run of the Go peer builds it).
     async fn line(&mut self) -> String {
         let what = self.what.clone();
         self.line_within(Duration::from_secs(60))
@@ -160,6 +160,8 @@ async fn an_etcdctl_lock_holder_excludes_us_and_we_exclude_etcdctl() {
     let (key, rev) = line.split_once(' ').expect("key and revision");
     let rev: i64 = rev.trim().parse().expect("ETCD_LOCK_REV");
     assert!(key.starts_with(&format!("{name}/")), "{key}");
+    let holder = mutex.holder().await.unwrap().expect("etcdctl holds");
+    assert_eq!((holder.key(), holder.fencing_token()), (key, rev));
     assert!(
         mutex.try_lock().await.unwrap().is_none(),
         "try_lock succeeded while etcdctl held the lock"

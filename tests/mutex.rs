@@ -859,3 +859,60 @@ async fn a_holder_behind_a_page_of_nested_names_keys_still_holds() {
     );
     drop(nested);
 }
+
+/// What `holder()` says, as (key, lease, token).
+async fn holder_of(mutex: &Mutex) -> Option<(String, i64, i64)> {
+    mutex
+        .holder()
+        .await
+        .unwrap()
+        .map(|h| (h.key().to_owned(), h.lease_id(), h.fencing_token()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_names_the_oldest_key_and_never_a_waiter_nor_a_nested_name() {
+    let etcd = etcd().await;
+    let name = unique("holder");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let mutex = Mutex::new(&a, &name);
+    assert_eq!(holder_of(&mutex).await, None);
+    // Locks on nested names sort first by create revision and crowd the first page of the
+    // read: none of them is this lock's holder.
+    let mut nested = Vec::new();
+    for i in 0..10 {
+        nested.push(
+            Mutex::new(&a, format!("{name}/sub{i}"))
+                .lock()
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(holder_of(&mutex).await, None);
+    let held = mutex.lock().await.unwrap();
+    let expected = Some((held.key().to_owned(), a.lease_id(), held.fencing_token()));
+    assert_eq!(holder_of(&mutex).await, expected);
+    let waiting = {
+        let m = Mutex::new(&b, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        holder_of(&mutex).await,
+        expected,
+        "a waiter is not the holder"
+    );
+    held.release().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter gets the lock")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        holder_of(&mutex).await,
+        Some((next.key().to_owned(), b.lease_id(), next.fencing_token()))
+    );
+    next.release().await.unwrap();
+    assert_eq!(holder_of(&mutex).await, None);
+    let bad = Mutex::new(&a, "").holder().await;
+    assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+}

@@ -422,3 +422,82 @@ async fn a_semaphore_release_wakes_the_waiter_it_lets_in_and_the_one_behind_it_o
         );
     }
 }
+
+/// The holders' keys.
+fn keys(holders: Vec<etcd_coord::Holder>) -> Vec<String> {
+    holders.iter().map(|h| h.key().to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_holders_are_the_oldest_permits_keys_whichever_left() {
+    let etcd = etcd().await;
+    let name = unique("sem-holders");
+    let s = session(&etcd, 30).await;
+    let sem = Semaphore::new(&s, &name, 2);
+    assert!(sem.holders().await.unwrap().is_empty());
+    let a = sem.acquire().await.unwrap();
+    let b = sem.acquire().await.unwrap();
+    let c = {
+        let sem = sem.clone();
+        tokio::spawn(async move { sem.acquire().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holders = sem.holders().await.unwrap();
+    assert_eq!(keys(holders.clone()), vec![a.key(), b.key()]);
+    assert_eq!(holders[0].fencing_token(), a.fencing_token());
+    assert_eq!(holders[0].lease_id(), s.lease_id());
+    // The newer holder leaves: the waiter holds beside the older one.
+    let b_key = b.key().to_owned();
+    b.release().await.unwrap();
+    let c = tokio::time::timeout(Duration::from_secs(5), c)
+        .await
+        .expect("the waiter gets the free permit")
+        .unwrap()
+        .unwrap();
+    let now = keys(sem.holders().await.unwrap());
+    assert_eq!(now, vec![a.key(), c.key()]);
+    assert!(!now.contains(&b_key));
+    let zero = Semaphore::new(&s, &name, 0).holders().await;
+    assert!(matches!(zero, Err(Error::InvalidArgument(_))), "{zero:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rwlock_holders_are_the_readers_ahead_of_the_first_writer_or_one_writer() {
+    let etcd = etcd().await;
+    let name = unique("rw-holders");
+    let s = session(&etcd, 30).await;
+    let lock = RwLock::new(&s, &name);
+    assert!(lock.holders().await.unwrap().is_empty());
+    let r1 = lock.read().await.unwrap();
+    let r2 = lock.read().await.unwrap();
+    let w = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.write().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r3 = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.read().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        keys(lock.holders().await.unwrap()),
+        vec![r1.key(), r2.key()],
+        "the writer and the reader behind it wait"
+    );
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    let w = tokio::time::timeout(Duration::from_secs(5), w)
+        .await
+        .expect("the writer gets in")
+        .unwrap()
+        .unwrap();
+    assert_eq!(keys(lock.holders().await.unwrap()), vec![w.key()]);
+    w.release().await.unwrap();
+    let r3 = tokio::time::timeout(Duration::from_secs(5), r3)
+        .await
+        .expect("the last reader gets in")
+        .unwrap()
+        .unwrap();
+    assert_eq!(keys(lock.holders().await.unwrap()), vec![r3.key()]);
+}

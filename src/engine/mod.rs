@@ -7,6 +7,8 @@
 //!   `wait_gone`, and prefix event streams that survive disconnects and compaction.
 //! * [`queue`] — the queue algorithm: enqueue, the one wait loop (read while our key exists →
 //!   decide → through / act / wait → read again), and the queue decision.
+//! * [`inspect`] — reading a queue from outside, without a lease: its oldest members, who
+//!   holds it ([`Holder`]).
 //! * [`guard`] — what a guard holds: [`Fence`] (fenced compare, sequenced fenced writes,
 //!   `lost()`) and [`Holding`] (fenced, retry-safe release; release on drop through the
 //!   session's task).
@@ -15,12 +17,14 @@
 //! rooms.
 
 pub(crate) mod guard;
+pub(crate) mod inspect;
 pub(crate) mod queue;
 pub(crate) mod request;
 pub(crate) mod watch;
 
 pub use guard::Fence;
 pub(crate) use guard::{holding_guard, Holding};
+pub use inspect::Holder;
 pub(crate) use queue::{
     acquire, adopt, adopt_on_lease, create_exclusive, join, read, try_acquire, Blocker, Decision,
     Snapshot,
