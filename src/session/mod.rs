@@ -485,6 +485,10 @@ impl LeasedSession {
     /// the earlier process's refreshes. Member keys this session creates never collide with
     /// an earlier holder's of the same lease.
     ///
+    /// Resume only a lease whose earlier owner is gone or has [`orphan`](Self::orphan)ed it:
+    /// a key taken back keeps its fencing token, so fencing cannot tell the two processes
+    /// apart, and this call cannot know whether the earlier one still runs (`docs/safety.md`).
+    ///
     /// # Errors
     /// [`Error::LeaseNotFound`] if the lease has expired or was revoked; [`Error::InvalidArgument`]
     /// for a margin or timeout out of range for the lease's TTL (the lease was refreshed once);
