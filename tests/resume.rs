@@ -460,3 +460,78 @@ async fn a_resumed_sessions_deadline_counts_from_its_refresh_being_sent_not_from
         "{state:?} {late:?} after the refresh was sent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_resumed_while_still_in_line_waits_from_its_place() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("resume-waiting");
+    let (a, b, c) = (
+        session(&etcd, 30).await,
+        session(&etcd, 10).await,
+        session(&etcd, 30).await,
+    );
+    let held = Mutex::new(&a, &name).lock().await.unwrap();
+    let b_waits = {
+        let m = Mutex::new(&b, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    // B's place in line: the key on its lease (a process would have found it the same way).
+    let started = Instant::now();
+    let (key, token) = loop {
+        let resp = observer
+            .clone()
+            .get(
+                format!("{name}/"),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        if let Some(kv) = resp.kvs().iter().find(|kv| kv.lease() == b.lease_id()) {
+            break (
+                String::from_utf8(kv.key().to_vec()).unwrap(),
+                kv.create_revision(),
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "B never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // C queues behind B.
+    let c_waits = {
+        let m = Mutex::new(&c, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B's process hands its lease off mid-wait: its wait ends, its key stays in line.
+    let lease_id = b.orphan();
+    let ended = tokio::time::timeout(Duration::from_secs(5), b_waits)
+        .await
+        .expect("an orphaned session's wait ends")
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let b_again = {
+        let m = Mutex::new(&resumed, &name);
+        let key = key.clone();
+        tokio::spawn(async move { m.resume(&key, token).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!b_again.is_finished(), "a resumed waiter got a held lock");
+    held.release().await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), b_again)
+        .await
+        .expect("the resumed waiter gets the lock from its place")
+        .unwrap()
+        .unwrap();
+    assert_eq!((guard.key(), guard.fencing_token()), (key.as_str(), token));
+    assert!(!c_waits.is_finished(), "C got ahead of the resumed B");
+    guard.release().await.unwrap();
+    let c_holds = tokio::time::timeout(Duration::from_secs(5), c_waits)
+        .await
+        .expect("C gets the lock after B")
+        .unwrap()
+        .unwrap();
+    assert!(c_holds.fencing_token() > token);
+}
