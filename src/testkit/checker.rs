@@ -16,7 +16,9 @@
 //!
 //! [`History::check`] then verifies, for a lock ([`Rules::lock`]):
 //! - (a) fencing tokens strictly increase across successive exclusive holders, and a holder
-//!   that starts after another ended (one of them exclusive) has the greater token;
+//!   that starts after another ended (one of them exclusive) has the greater token — except
+//!   that a lock taken back by its own lease right after it was let go (a resumed lock:
+//!   `Mutex::resume`) keeps its token;
 //! - (b) no two "believes it holds" intervals overlap, except shared with shared;
 //! - (c) every write with a stale token (lower than one the resource already accepted) was
 //!   rejected;
@@ -55,7 +57,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Property {
-    /// (a) Fencing tokens strictly increase across successive exclusive holders (unique with
+    /// (a) Fencing tokens strictly increase across successive exclusive holders (a lock
+    /// resumed by its own lease keeps its token; unique with
     /// several permits).
     TokenOrder,
     /// (b) No more holders at once than the rules allow.
@@ -468,7 +471,9 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
     if rules.holders == 1 {
         let exclusive: Vec<&Interval> = ivs.iter().filter(|i| i.mode == Mode::Exclusive).collect();
         for w in exclusive.windows(2) {
-            if w[1].token <= w[0].token {
+            // The same key taken back under its own lease, nobody in between: a resumed lock.
+            let resumed = w[1].token == w[0].token && w[1].lease == w[0].lease;
+            if w[1].token <= w[0].token && !resumed {
                 v(
                     Property::TokenOrder,
                     format!(
@@ -866,6 +871,36 @@ mod tests {
             found.iter().any(|v| v.property == Property::Exclusion),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn a_lock_resumed_by_its_own_lease_keeps_its_token_but_not_past_another_holder() {
+        let b = t0();
+        // Client 1's process dies holding 10; its restart (same lease) takes 10 back.
+        let resumed = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            end(1, 10, ms(b, 1)),
+            acq(1, 10, Mode::Exclusive, ms(b, 2)),
+            end(1, 10, ms(b, 3)),
+            acq(2, 12, Mode::Exclusive, ms(b, 4)),
+        ];
+        assert_eq!(check(&resumed), vec![]);
+        // Another lease with the same token is no resumption.
+        let stolen = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            end(1, 10, ms(b, 1)),
+            acq(2, 10, Mode::Exclusive, ms(b, 2)),
+        ];
+        assert!(caught(&stolen, Property::TokenOrder));
+        // Taken back after someone else held: caught.
+        let late = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            end(1, 10, ms(b, 1)),
+            acq(2, 12, Mode::Exclusive, ms(b, 2)),
+            end(2, 12, ms(b, 3)),
+            acq(1, 10, Mode::Exclusive, ms(b, 4)),
+        ];
+        assert!(caught(&late, Property::TokenOrder));
     }
 
     #[test]

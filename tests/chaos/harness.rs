@@ -36,6 +36,9 @@ const PERMITS: usize = 2;
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(TTL.as_secs() + 3);
 /// The environment variable that turns the chaos test binary into a client process.
 const CLIENT_ENV: &str = "ETCD_COORD_CHAOS_CLIENT";
+/// What a restarted client process takes back first: `<lease> <key> <token> <delay ms>` of the
+/// lock its killed predecessor held, and how long it waits before it tries (unset: nothing).
+const RESUME_ENV: &str = "ETCD_COORD_CHAOS_RESUME";
 /// How a client process reaches a secured etcd: `<CA file> <user> <password>` (unset: plain).
 const SECURE_ENV: &str = "ETCD_COORD_CHAOS_SECURE";
 
@@ -665,6 +668,96 @@ impl Sink {
 
 /// One client: sessions come and go; each acquisition is reported, writes through the fenced
 /// etcd key, and ends at release or at `lost()`. Runs until `stopped`.
+/// The lock a killed client process held — its lease, key and fencing token — and how long
+/// its restart waits before taking it back (past the TTL: too late, by design).
+#[derive(Debug, Clone)]
+struct Resume {
+    lease: i64,
+    key: String,
+    token: i64,
+    delay: Duration,
+}
+
+impl Resume {
+    fn to_env(&self) -> String {
+        let ms = self.delay.as_millis();
+        format!("{} {} {} {ms}", self.lease, self.key, self.token)
+    }
+
+    fn from_env() -> Option<Resume> {
+        let spec = std::env::var(RESUME_ENV).ok().filter(|s| !s.is_empty())?;
+        let words: Vec<&str> = spec.split_whitespace().collect();
+        let [lease, key, token, delay] = words[..] else {
+            panic!("bad {RESUME_ENV}: {spec}");
+        };
+        Some(Resume {
+            lease: lease.parse().expect("a lease"),
+            key: key.to_owned(),
+            token: token.parse().expect("a token"),
+            delay: Duration::from_millis(delay.parse().expect("a delay")),
+        })
+    }
+}
+
+/// A restarted client process takes back the lock its killed predecessor held — the same
+/// lease, key and token, through `LeasedSession::resume` and `Mutex::resume` — writes through
+/// it and releases it, like any holder; or takes nothing if the lease or the key is gone.
+async fn resume_and_release(
+    id: usize,
+    name: &str,
+    client: &Client,
+    options: &SessionOptions,
+    resume: &Resume,
+    sink: &Sink,
+    own_tasks: &Arc<StdMutex<Vec<BackgroundTasks>>>,
+) {
+    tokio::time::sleep(resume.delay).await;
+    sink.report(id, Report::Waiting);
+    let Ok(session) = LeasedSession::resume(client.clone(), resume.lease, options.clone()).await
+    else {
+        sink.report(id, Report::GaveUp);
+        return;
+    };
+    sink.watch_tasks(session.background_tasks(), own_tasks);
+    let guard = match Mutex::new(&session, name)
+        .resume(&resume.key, resume.token)
+        .await
+    {
+        Ok(guard) => guard,
+        Err(_) => {
+            sink.report(id, Report::GaveUp);
+            let _ = session.close().await;
+            return;
+        }
+    };
+    let token = guard.fencing_token();
+    sink.report(
+        id,
+        Report::Acquired {
+            token,
+            lease: resume.lease,
+            mode: Mode::Exclusive,
+        },
+    );
+    let work = async {
+        let put = TxnOp::put(format!("{name}-resource"), token.to_string(), None);
+        if guard.txn_if_owner([put]).await.is_ok() {
+            sink.report(id, Report::Wrote { token });
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    let lost_first = tokio::select! {
+        _ = work => false,
+        _ = guard.lost() => true,
+    };
+    sink.report(id, Report::Ended { token });
+    if !lost_first {
+        sink.releasing(id).await;
+        let _ = guard.release().await;
+    }
+    let _ = session.close().await;
+}
+
 async fn client_loop(
     id: usize,
     primitive: Primitive,
@@ -673,11 +766,18 @@ async fn client_loop(
     sink: Sink,
     stopped: CancellationToken,
     own_tasks: Arc<StdMutex<Vec<BackgroundTasks>>>,
+    resume: Option<Resume>,
 ) {
     let options = SessionOptions::new()
         .with_ttl(TTL)
         .with_request_timeout(Duration::from_secs(2));
     let long_holder = primitive == Primitive::Semaphore && id == CLIENTS - 1;
+    if let Some(resume) = resume {
+        tokio::select! {
+            _ = resume_and_release(id, &name, &client, &options, &resume, &sink, &own_tasks) => {}
+            _ = stopped.cancelled() => return,
+        }
+    }
     while !stopped.is_cancelled() {
         let session = tokio::select! {
             s = LeasedSession::new(client.clone(), options.clone()) => s,
@@ -942,6 +1042,7 @@ pub fn client_process_main() {
             sink,
             stopped,
             Arc::clone(&tasks),
+            Resume::from_env(),
         )
         .await;
         let monitors: Vec<BackgroundTasks> = tasks.lock().unwrap().clone();
@@ -966,7 +1067,12 @@ struct ProcessClient {
 
 impl ProcessClient {
     /// Starts client `id` as a process of this test binary, reaching etcd at `endpoint`.
-    fn spawn(id: usize, sh: &Arc<Shared>, endpoint: String) -> ProcessClient {
+    fn spawn(
+        id: usize,
+        sh: &Arc<Shared>,
+        endpoint: String,
+        resume: Option<&Resume>,
+    ) -> ProcessClient {
         // This very binary, even if a rebuild has replaced the file at its path since.
         let exe = if cfg!(target_os = "linux") {
             std::path::PathBuf::from("/proc/self/exe")
@@ -990,6 +1096,7 @@ impl ProcessClient {
                 SECURE_ENV,
                 sh.secure.as_ref().map(Secure::to_env).unwrap_or_default(),
             )
+            .env(RESUME_ENV, resume.map(Resume::to_env).unwrap_or_default())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -1093,15 +1200,20 @@ async fn key_auditor(admin: Client, sh: Arc<Shared>) -> Vec<Violation> {
         let opts = GetOptions::new().with_prefix().with_keys_only();
         if let Ok(resp) = admin.clone().get(prefix.as_str(), Some(opts)).await {
             let now = Instant::now();
-            let ended: HashMap<i64, Instant> = sh
-                .history
-                .events()
-                .into_iter()
-                .filter_map(|e| match e {
-                    Event::Ended { token, at, .. } => Some((token, at)),
-                    _ => None,
-                })
-                .collect();
+            // When each token was last let go (a token acquired again — a resumed lock — is
+            // held again).
+            let mut ended: HashMap<i64, Instant> = HashMap::new();
+            for e in sh.history.events() {
+                match e {
+                    Event::Ended { token, at, .. } => {
+                        ended.insert(token, at);
+                    }
+                    Event::Acquired { token, .. } => {
+                        ended.remove(&token);
+                    }
+                    _ => {}
+                }
+            }
             for kv in resp.kvs() {
                 let token = kv.create_revision();
                 if let Some(end) = ended.get(&token) {
@@ -1123,6 +1235,31 @@ async fn key_auditor(admin: Client, sh: Arc<Shared>) -> Vec<Violation> {
     found
 }
 
+/// The lock a killed holder of `token` left under `name`, if its key is still there.
+async fn held_lock(admin: &Client, name: &str, token: i64, delay: Duration) -> Option<Resume> {
+    let resp = admin
+        .clone()
+        .get(format!("{name}/"), Some(GetOptions::new().with_prefix()))
+        .await
+        .ok()?;
+    let kv = resp.kvs().iter().find(|kv| kv.create_revision() == token)?;
+    Some(Resume {
+        lease: kv.lease(),
+        key: kv.key_str().ok()?.to_owned(),
+        token,
+        delay,
+    })
+}
+
+/// How many holds took a token back: acquisitions of a token acquired before.
+fn resumed_holds(events: &[Event]) -> usize {
+    let mut seen = HashSet::new();
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Acquired { token, .. } if !seen.insert(*token)))
+        .count()
+}
+
 /// Runs `plan` against `primitive` with CLIENTS clients — client 0 and every client the plan
 /// kills in their own OS processes — then keeps them running for LIVENESS_BOUND + 1 s after
 /// the last fault healed. Asserts that nothing leaked (keys, leases, tasks, panics) and returns
@@ -1133,7 +1270,7 @@ pub async fn run_schedule(
     seed: u64,
     plan: &[(u64, Fault)],
 ) -> Vec<Violation> {
-    run(primitive, members, seed, plan, true, false).await
+    run(primitive, members, seed, plan, true, false, false).await
 }
 
 /// As [`run_schedule`] on an etcd that serves clients over TLS only, with authentication on
@@ -1151,7 +1288,23 @@ pub async fn run_schedule_secure(
         !plan.iter().any(|(_, f)| f.needs_namespaces()),
         "a secure run cannot partition members"
     );
-    run(primitive, members, seed, plan, true, true).await
+    run(primitive, members, seed, plan, true, true, false).await
+}
+
+/// As [`run_schedule`] for a mutex, where every killed client is killed *while it holds*
+/// (each kill waits up to 2 s for its victim to hold) and restarted as a process that first
+/// resumes the dead one's lease and lock — same key, same fencing token — then writes through
+/// it and releases it. Every third restart waits TTL + 3 s first: by then the lease has
+/// expired (also if a leader change restarted its TTL soon after the kill) and another client
+/// holds, so the resumption must fail. The checker allows a token only to its own lease a second time, so a
+/// resumed lock that another client held in between is a violation. Panics if no kill found
+/// its victim holding, or no restarted process resumed: the run would have shown nothing.
+pub async fn run_schedule_resuming(
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+) -> Vec<Violation> {
+    run(Primitive::Mutex, members, seed, plan, true, false, true).await
 }
 
 /// As [`run_schedule`] with every client in this process (a plan without kills) and no
@@ -1167,7 +1320,7 @@ pub async fn run_schedule_in_process(
         !plan.iter().any(|(_, f)| matches!(f, Fault::KillClient(_))),
         "killing a client needs client processes"
     );
-    run(primitive, members, seed, plan, false, false).await
+    run(primitive, members, seed, plan, false, false, false).await
 }
 
 /// A cluster serving TLS with auth on and 3 s tokens, a `root` client of it, and how the
@@ -1200,6 +1353,7 @@ async fn run(
     plan: &[(u64, Fault)],
     processes: bool,
     secured: bool,
+    resuming: bool,
 ) -> Vec<Violation> {
     crate::common::init_tracing();
     count_panics();
@@ -1240,7 +1394,7 @@ async fn run(
         })
         .collect();
     let endpoint = |i: usize| proxies[i % members].endpoint();
-    let start = |i: usize| {
+    let start = |i: usize, resume: Option<Resume>| {
         let sh = Arc::clone(&sh);
         let local = in_process[i];
         let endpoint = endpoint(i);
@@ -1252,20 +1406,21 @@ async fn run(
                 let (primitive, name) = (sh.primitive, sh.name.clone());
                 let own = Arc::new(StdMutex::new(Vec::new()));
                 Contender::Task(tokio::spawn(client_loop(
-                    i, primitive, name, client, sink, stopped, own,
+                    i, primitive, name, client, sink, stopped, own, None,
                 )))
             } else {
-                Contender::Process(ProcessClient::spawn(i, &sh, endpoint))
+                Contender::Process(ProcessClient::spawn(i, &sh, endpoint, resume.as_ref()))
             }
         }
     };
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        clients.push(Some(start(i).await));
+        clients.push(Some(start(i, None).await));
     }
     let observer = tokio::spawn(lease_observer(admin.clone(), Arc::clone(&sh)));
     let auditor = tokio::spawn(key_auditor(admin.clone(), Arc::clone(&sh)));
 
+    let mut kills_while_holding = 0;
     for (pause, f) in plan {
         tokio::time::sleep(Duration::from_millis(*pause)).await;
         tracing::debug!(fault = ?f, "fault starts");
@@ -1277,13 +1432,34 @@ async fn run(
                 let Some(Contender::Process(victim)) = clients[*i].take() else {
                     panic!("client {i} is killed but runs in this process");
                 };
+                if resuming {
+                    let holds = || sh.holding.lock().unwrap()[*i].is_some();
+                    let _ = crate::common::eventually(Duration::from_secs(2), || async { holds() })
+                        .await;
+                }
                 victim.kill().await;
                 // A killed process stops believing it holds, and waiting, the moment it dies.
-                if let Some(token) = sh.holding.lock().unwrap()[*i].take() {
+                let held = sh.holding.lock().unwrap()[*i].take();
+                if let Some(token) = held {
                     sh.history.ended(*i, token);
                 }
                 sh.history.gave_up(*i);
-                clients[*i] = Some(start(*i).await);
+                let resume = match held {
+                    Some(token) if resuming => {
+                        kills_while_holding += 1;
+                        // Every third restart comes back too late to resume: after the TTL,
+                        // also counted from a leader change soon after the kill (which
+                        // restarts every lease's TTL).
+                        let delay = if kills_while_holding % 3 == 0 {
+                            TTL + Duration::from_secs(3)
+                        } else {
+                            Duration::ZERO
+                        };
+                        held_lock(&admin, &sh.name, token, delay).await
+                    }
+                    _ => None,
+                };
+                clients[*i] = Some(start(*i, resume).await);
             }
             Fault::LoseRelease(i) => sh.lose_release.lock().unwrap()[*i] = true,
             other => unreachable!("{other:?} is a network fault"),
@@ -1318,6 +1494,16 @@ async fn run(
 
     // Safety.
     let events = sh.history.events();
+    if resuming {
+        let resumed = resumed_holds(&events);
+        eprintln!(
+            "seed {seed}: {kills_while_holding} kill(s) of a holder, {resumed} lock(s) resumed"
+        );
+        assert!(
+            kills_while_holding > 0 && resumed > 0,
+            "seed {seed}: the run resumed nothing ({kills_while_holding} kill(s) of a holder)"
+        );
+    }
     violations.extend(if primitive == Primitive::DoubleBarrier {
         check_double_barrier(&events, CLIENTS)
     } else {

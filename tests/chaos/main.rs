@@ -103,6 +103,33 @@ async fn double_barrier_rounds_stay_together_under_fault_schedules() {
     stays_safe(Primitive::DoubleBarrier, 3, &[29]).await;
 }
 
+/// Holders killed with SIGKILL *while they hold* and restarted as processes that resume the
+/// dead one's lease and lock (`LeasedSession::resume`, `Mutex::resume`: same key, same fencing
+/// token), among faults: a resumed lock never overlaps another holder, is taken back only if
+/// nobody held it in between (checker property (a)), and everything else holds as in every
+/// schedule. A fixed plan: each kill waits for its victim to hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_holders_killed_and_resumed_stay_safe_under_faults() {
+    use harness::Fault::*;
+    let plan = [
+        (600, KillClient(1)),
+        (400, KillClient(2)),
+        (300, DropResponses(0)),
+        (400, KillClient(3)),
+        (500, KillLeader),
+        (300, KillClient(1)),
+        (400, BlackholeClient(2)),
+        (300, KillClient(2)),
+        (400, KillClient(3)),
+    ];
+    eprintln!("chaos: Mutex, resuming killed holders, 3 member(s): {plan:?}");
+    let violations = harness::run_schedule_resuming(3, 100, &plan).await;
+    assert!(
+        violations.is_empty(),
+        "resuming killed holders: {violations:#?}\nschedule: {plan:?}"
+    );
+}
+
 /// Registrants and views under the fault schedules: after the heal, every view equals the true
 /// set and every live registration is in it, within `discovery::CONVERGENCE_BOUND`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
