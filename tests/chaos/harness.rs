@@ -699,6 +699,13 @@ impl Resume {
     }
 }
 
+/// Every contender's sessions.
+fn session_options() -> SessionOptions {
+    SessionOptions::new()
+        .with_ttl(TTL)
+        .with_request_timeout(Duration::from_secs(2))
+}
+
 /// A restarted client process takes back the lock its killed predecessor held — the same
 /// lease, key and token, through `LeasedSession::resume` and `Mutex::resume` — writes through
 /// it and releases it, like any holder; or takes nothing if the lease or the key is gone.
@@ -706,14 +713,13 @@ async fn resume_and_release(
     id: usize,
     name: &str,
     client: &Client,
-    options: &SessionOptions,
     resume: &Resume,
     sink: &Sink,
     own_tasks: &Arc<StdMutex<Vec<BackgroundTasks>>>,
 ) {
     tokio::time::sleep(resume.delay).await;
     sink.report(id, Report::Waiting);
-    let Ok(session) = LeasedSession::resume(client.clone(), resume.lease, options.clone()).await
+    let Ok(session) = LeasedSession::resume(client.clone(), resume.lease, session_options()).await
     else {
         sink.report(id, Report::GaveUp);
         return;
@@ -766,18 +772,9 @@ async fn client_loop(
     sink: Sink,
     stopped: CancellationToken,
     own_tasks: Arc<StdMutex<Vec<BackgroundTasks>>>,
-    resume: Option<Resume>,
 ) {
-    let options = SessionOptions::new()
-        .with_ttl(TTL)
-        .with_request_timeout(Duration::from_secs(2));
+    let options = session_options();
     let long_holder = primitive == Primitive::Semaphore && id == CLIENTS - 1;
-    if let Some(resume) = resume {
-        tokio::select! {
-            _ = resume_and_release(id, &name, &client, &options, &resume, &sink, &own_tasks) => {}
-            _ = stopped.cancelled() => return,
-        }
-    }
     while !stopped.is_cancelled() {
         let session = tokio::select! {
             s = LeasedSession::new(client.clone(), options.clone()) => s,
@@ -1034,6 +1031,12 @@ pub fn client_process_main() {
         let client = connect(endpoint.to_owned(), secure.as_ref()).await;
         let tasks = Arc::new(StdMutex::new(Vec::new()));
         let sink = Sink::Pipe(Arc::new(tokio::sync::Mutex::new(go_rx)));
+        if let Some(resume) = Resume::from_env() {
+            tokio::select! {
+                _ = resume_and_release(id, name, &client, &resume, &sink, &tasks) => {}
+                _ = stopped.cancelled() => {}
+            }
+        }
         client_loop(
             id,
             primitive,
@@ -1042,7 +1045,6 @@ pub fn client_process_main() {
             sink,
             stopped,
             Arc::clone(&tasks),
-            Resume::from_env(),
         )
         .await;
         let monitors: Vec<BackgroundTasks> = tasks.lock().unwrap().clone();
@@ -1406,7 +1408,7 @@ async fn run(
                 let (primitive, name) = (sh.primitive, sh.name.clone());
                 let own = Arc::new(StdMutex::new(Vec::new()));
                 Contender::Task(tokio::spawn(client_loop(
-                    i, primitive, name, client, sink, stopped, own, None,
+                    i, primitive, name, client, sink, stopped, own,
                 )))
             } else {
                 Contender::Process(ProcessClient::spawn(i, &sh, endpoint, resume.as_ref()))
