@@ -5,10 +5,11 @@
 //! exactly the live registrants' keys; afterwards nothing may remain.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
-use etcd_coord::discovery::{Discovery, Endpoint, Registration, ServiceView};
+use etcd_coord::discovery::{Discovery, Endpoint, Registration, RegistrationState, ServiceView};
 use etcd_coord::testkit::EtcdCluster;
 use etcd_coord::{Error, SessionOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -63,6 +64,7 @@ fn discovery_registrant_process() {
     };
     let parts: Vec<String> = spec.split(' ').map(String::from).collect();
     let (endpoint, target, addr) = (parts[0].clone(), parts[1].clone(), parts[2].clone());
+    let lease: i64 = parts[3].parse().expect("a lease id (0: none)");
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
@@ -70,20 +72,49 @@ fn discovery_registrant_process() {
                 Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
                     .await
                     .unwrap();
-            let registration = register_until_done(client, &target, addr).await;
-            println!("@registered {}", registration.key());
+            // A restart that saved its predecessor's lease takes the registration back (or, if
+            // it cannot, registers as any restart would).
+            let resumed = if lease != 0 {
+                let endpoint = Endpoint::new(&addr);
+                Registration::resume(client.clone(), &target, endpoint, lease, options())
+                    .await
+                    .inspect_err(|e| tracing::debug!(error = %e, "resuming failed"))
+                    .ok()
+            } else {
+                None
+            };
+            let how = if resumed.is_some() {
+                "resumed"
+            } else {
+                "registered"
+            };
+            let registration = match resumed {
+                Some(r) => r,
+                None => register_until_done(client, &target, addr).await,
+            };
+            let RegistrationState::Registered { lease_id, .. } = registration.state() else {
+                panic!("registered, yet {:?}", registration.state());
+            };
+            println!("@{how} {} {lease_id}", registration.key());
             std::future::pending::<()>().await;
         });
 }
 
 /// A registrant of the run.
 enum Registrant {
-    Process(tokio::process::Child),
+    Process(tokio::process::Child, Arc<StdMutex<Reported>>),
     /// Registering (in a task) or restarting.
     Pending(tokio::task::JoinHandle<Registration>),
 }
 
-fn spawn_process(endpoint: &str, target: &str, addr: &str) -> tokio::process::Child {
+/// A registrant process (resuming `lease` first, if not 0), and what it reported: its lease
+/// once registered, and whether it resumed.
+fn spawn_process(
+    endpoint: &str,
+    target: &str,
+    addr: &str,
+    lease: i64,
+) -> (tokio::process::Child, Arc<StdMutex<Reported>>) {
     let exe = std::path::PathBuf::from("/proc/self/exe");
     let mut child = tokio::process::Command::new(exe)
         .args([
@@ -92,18 +123,45 @@ fn spawn_process(endpoint: &str, target: &str, addr: &str) -> tokio::process::Ch
             "--ignored",
             "--nocapture",
         ])
-        .env(REGISTRANT_ENV, format!("{endpoint} {target} {addr}"))
+        .env(
+            REGISTRANT_ENV,
+            format!("{endpoint} {target} {addr} {lease}"),
+        )
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("a registrant process");
-    // Drain its output so it never blocks on a full pipe.
+    // Read its output to the end (so it never blocks on a full pipe), noting its reports.
     let stdout = child.stdout.take().expect("stdout");
+    let reported = Arc::new(StdMutex::new(Reported::default()));
+    let noted = Arc::clone(&reported);
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(_)) = lines.next_line().await {}
+        while let Ok(Some(line)) = lines.next_line().await {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (how, lease) = match words[..] {
+                [.., how, _key, lease]
+                    if how.ends_with("@registered") || how.ends_with("@resumed") =>
+                {
+                    (how, lease)
+                }
+                _ => continue,
+            };
+            let mut noted = noted.lock().unwrap();
+            noted.lease = lease.parse().ok();
+            noted.resumed = how.ends_with("@resumed");
+        }
     });
-    child
+    (child, reported)
+}
+
+/// What a registrant process reported.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reported {
+    /// Its registration's lease, once registered.
+    lease: Option<i64>,
+    /// Whether it took its predecessor's registration back.
+    resumed: bool,
 }
 
 /// Registers and deregisters short-lived endpoints through `client` until `stop`, ignoring
@@ -154,7 +212,8 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
     let mut registrants = Vec::new();
     for i in 0..CLIENTS {
         registrants.push(if killed.contains(&i) {
-            Registrant::Process(spawn_process(&via(i), &target, &addr(i)))
+            let (child, reported) = spawn_process(&via(i), &target, &addr(i), 0);
+            Registrant::Process(child, reported)
         } else {
             let client = crate::common::client_via_endpoint(&proxies[i % members].endpoint()).await;
             let target = target.clone();
@@ -180,6 +239,7 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
         stop_churn.clone(),
     ));
 
+    let mut restarts = Vec::new();
     for (pause, f) in plan {
         tokio::time::sleep(Duration::from_millis(*pause)).await;
         tracing::debug!(fault = ?f, "fault starts");
@@ -189,14 +249,22 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
         match f {
             Fault::KillClient(i) => {
                 let placeholder = Registrant::Pending(tokio::spawn(std::future::pending()));
-                let Registrant::Process(mut victim) =
+                let Registrant::Process(mut victim, reported) =
                     std::mem::replace(&mut registrants[*i], placeholder)
                 else {
                     panic!("registrant {i} is killed but runs in this process");
                 };
                 let _ = victim.start_kill();
                 let _ = victim.wait().await;
-                registrants[*i] = Registrant::Process(spawn_process(&via(*i), &target, &addr(*i)));
+                // Even seeds restart as a service that saved its lease id would: resuming the
+                // registration; odd seeds register again, waiting out the dead one's key.
+                let lease = match reported.lock().unwrap().lease {
+                    Some(lease) if seed.is_multiple_of(2) => lease,
+                    _ => 0,
+                };
+                let (child, reported) = spawn_process(&via(*i), &target, &addr(*i), lease);
+                restarts.push((lease, Arc::clone(&reported)));
+                registrants[*i] = Registrant::Process(child, reported);
             }
             // A registration has no release to lose: lose every answer on its path briefly.
             Fault::LoseRelease(i) => {
@@ -250,6 +318,18 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
             "not converged {CONVERGENCE_BOUND:?} after the heal: {last}"
         )),
     }
+    // The restarts: which tried to resume their predecessor's registration, and which did.
+    let resumes: Vec<(i64, bool)> = restarts
+        .iter()
+        .map(|(lease, r)| (*lease, r.lock().unwrap().resumed))
+        .collect();
+    eprintln!("chaos: seed {seed} (discovery): restarts (lease to resume, resumed): {resumes:?}");
+    if seed.is_multiple_of(2)
+        && !restarts.is_empty()
+        && resumes.iter().all(|(lease, _)| *lease == 0)
+    {
+        violations.push("no restarted registrant tried to resume (no lease reported)".into());
+    }
     for (i, r) in registrants.into_iter().enumerate() {
         match r {
             Registrant::Pending(task) => {
@@ -260,7 +340,7 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
                     }
                 }
             }
-            Registrant::Process(mut child) => {
+            Registrant::Process(mut child, _) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
             }
