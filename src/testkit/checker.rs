@@ -27,7 +27,8 @@
 //!
 //! [`History::check_with`] takes other [`Rules`]: with [`Rules::semaphore`]`(n)` up to `n`
 //! exclusive holders may overlap, and (a) only asks that tokens be unique (concurrent holders
-//! return in any order).
+//! return in any order; a permit taken back by its own lease after it was let go keeps its
+//! token).
 //!
 //! A double barrier's history ([`History::entering`], [`History::entered`],
 //! [`History::leaving`], [`History::left`] and [`History::lease_gone`]) is checked by
@@ -501,7 +502,12 @@ pub fn check_with(events: &[Event], rules: Rules) -> Vec<Violation> {
         }
     } else {
         for (i, a) in ivs.iter().enumerate() {
-            if let Some(b) = ivs[i + 1..].iter().find(|b| b.token == a.token) {
+            // A permit taken back by its own lease after it was let go is the same permit.
+            let again = |b: &&Interval| b.lease == a.lease && a.ended_before(b.start);
+            if let Some(b) = ivs[i + 1..]
+                .iter()
+                .find(|b| b.token == a.token && !again(b))
+            {
                 v(
                     Property::TokenOrder,
                     format!("{} and {} share a token", a.describe(), b.describe()),
@@ -901,6 +907,35 @@ mod tests {
             acq(1, 10, Mode::Exclusive, ms(b, 4)),
         ];
         assert!(caught(&late, Property::TokenOrder));
+    }
+
+    #[test]
+    fn a_permit_resumed_by_its_own_lease_keeps_its_token_but_another_lease_may_not_share_it() {
+        let b = t0();
+        let rules = Rules::semaphore(2);
+        let resumed = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            acq(2, 12, Mode::Exclusive, ms(b, 1)),
+            end(1, 10, ms(b, 2)),
+            acq(1, 10, Mode::Exclusive, ms(b, 3)),
+        ];
+        assert_eq!(check_with(&resumed, rules), vec![]);
+        let shared = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            end(1, 10, ms(b, 1)),
+            acq(2, 10, Mode::Exclusive, ms(b, 2)),
+        ];
+        assert!(check_with(&shared, rules)
+            .iter()
+            .any(|v| v.property == Property::TokenOrder));
+        // Held twice at once by the same lease: not a resumption.
+        let twice = [
+            acq(1, 10, Mode::Exclusive, ms(b, 0)),
+            acq(1, 10, Mode::Exclusive, ms(b, 1)),
+        ];
+        assert!(check_with(&twice, rules)
+            .iter()
+            .any(|v| v.property == Property::TokenOrder));
     }
 
     #[test]

@@ -706,11 +706,13 @@ fn session_options() -> SessionOptions {
         .with_request_timeout(Duration::from_secs(2))
 }
 
-/// A restarted client process takes back the lock its killed predecessor held — the same
-/// lease, key and token, through `LeasedSession::resume` and `Mutex::resume` — writes through
-/// it and releases it, like any holder; or takes nothing if the lease or the key is gone.
+/// A restarted client process takes back what its killed predecessor held — the same lease,
+/// key and token, through `LeasedSession::resume` and the primitive's `resume` — writes
+/// through it (an exclusive lock) and releases it, like any holder; or takes nothing if the
+/// lease or the key is gone.
 async fn resume_and_release(
     id: usize,
+    primitive: Primitive,
     name: &str,
     client: &Client,
     resume: &Resume,
@@ -725,41 +727,61 @@ async fn resume_and_release(
         return;
     };
     sink.watch_tasks(session.background_tasks(), own_tasks);
-    let guard = match Mutex::new(&session, name)
-        .resume(&resume.key, resume.token)
-        .await
-    {
-        Ok(guard) => guard,
-        Err(_) => {
-            sink.report(id, Report::GaveUp);
-            let _ = session.close().await;
-            return;
-        }
+    let (key, token) = (resume.key.as_str(), resume.token);
+    let taken = match primitive {
+        Primitive::Mutex => Mutex::new(&session, name)
+            .resume(key, token)
+            .await
+            .map(Held::Mutex),
+        Primitive::Election => Election::new(&session, name)
+            .resume(key, token)
+            .await
+            .map(Held::Leader),
+        Primitive::Semaphore => Semaphore::new(&session, name, PERMITS)
+            .resume(key, token)
+            .await
+            .map(Held::Permit),
+        Primitive::RwLock => match RwLock::new(&session, name).resume_write(key, token).await {
+            // Not a writer's key: a reader's.
+            Err(Error::InvalidArgument(_)) => RwLock::new(&session, name)
+                .resume_read(key, token)
+                .await
+                .map(Held::Read),
+            other => other.map(Held::Write),
+        },
+        other => unreachable!("{other:?} has nothing to resume"),
     };
-    let token = guard.fencing_token();
+    let Ok(held) = taken else {
+        sink.report(id, Report::GaveUp);
+        let _ = session.close().await;
+        return;
+    };
+    let (fence, mode) = (held.fence(), held.mode());
     sink.report(
         id,
         Report::Acquired {
             token,
             lease: resume.lease,
-            mode: Mode::Exclusive,
+            mode,
         },
     );
     let work = async {
-        let put = TxnOp::put(format!("{name}-resource"), token.to_string(), None);
-        if guard.txn_if_owner([put]).await.is_ok() {
-            sink.report(id, Report::Wrote { token });
+        if mode == Mode::Exclusive && primitive.rules().holders == 1 {
+            let put = TxnOp::put(format!("{name}-resource"), token.to_string(), None);
+            if fence.txn_if_owner([put]).await.is_ok() {
+                sink.report(id, Report::Wrote { token });
+            }
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     };
     let lost_first = tokio::select! {
         _ = work => false,
-        _ = guard.lost() => true,
+        _ = fence.lost() => true,
     };
     sink.report(id, Report::Ended { token });
     if !lost_first {
         sink.releasing(id).await;
-        let _ = guard.release().await;
+        let _ = held.release().await;
     }
     let _ = session.close().await;
 }
@@ -1033,7 +1055,7 @@ pub fn client_process_main() {
         let sink = Sink::Pipe(Arc::new(tokio::sync::Mutex::new(go_rx)));
         if let Some(resume) = Resume::from_env() {
             tokio::select! {
-                _ = resume_and_release(id, name, &client, &resume, &sink, &tasks) => {}
+                _ = resume_and_release(id, primitive, name, &client, &resume, &sink, &tasks) => {}
                 _ = stopped.cancelled() => {}
             }
         }
@@ -1293,20 +1315,22 @@ pub async fn run_schedule_secure(
     run(primitive, members, seed, plan, true, true, false).await
 }
 
-/// As [`run_schedule`] for a mutex, where every killed client is killed *while it holds*
-/// (each kill waits up to 2 s for its victim to hold) and restarted as a process that first
-/// resumes the dead one's lease and lock — same key, same fencing token — then writes through
-/// it and releases it. Every third restart waits TTL + 3 s first: by then the lease has
-/// expired (also if a leader change restarted its TTL soon after the kill) and another client
-/// holds, so the resumption must fail. The checker allows a token only to its own lease a second time, so a
-/// resumed lock that another client held in between is a violation. Panics if no kill found
-/// its victim holding, or no restarted process resumed: the run would have shown nothing.
+/// As [`run_schedule`] for `primitive` (a mutex, an election, a semaphore or an RwLock),
+/// where every killed client is killed *while it holds* (each kill waits up to 2 s for its
+/// victim to hold) and restarted as a process that first resumes the dead one's lease and
+/// what it held — same key, same fencing token — then writes through it (an exclusive lock)
+/// and releases it. Every third restart waits TTL + 3 s first: by then the lease has expired
+/// (also if a leader change restarted its TTL soon after the kill), so the resumption must
+/// fail. The checker lets a token be acquired again only by its own lease, so a resumed lock
+/// that another client held in between is a violation. Panics if no kill found its victim
+/// holding, or no restarted process resumed: the run would have shown nothing.
 pub async fn run_schedule_resuming(
+    primitive: Primitive,
     members: usize,
     seed: u64,
     plan: &[(u64, Fault)],
 ) -> Vec<Violation> {
-    run(Primitive::Mutex, members, seed, plan, true, false, true).await
+    run(primitive, members, seed, plan, true, false, true).await
 }
 
 /// As [`run_schedule`] with every client in this process (a plan without kills) and no

@@ -123,11 +123,40 @@ async fn mutex_holders_killed_and_resumed_stay_safe_under_faults() {
         (400, KillClient(3)),
     ];
     eprintln!("chaos: Mutex, resuming killed holders, 3 member(s): {plan:?}");
-    let violations = harness::run_schedule_resuming(3, 100, &plan).await;
+    let violations = harness::run_schedule_resuming(Primitive::Mutex, 3, 100, &plan).await;
     assert!(
         violations.is_empty(),
         "resuming killed holders: {violations:#?}\nschedule: {plan:?}"
     );
+}
+
+/// The same for an election (`Election::resume`), a semaphore of 2 permits
+/// (`Semaphore::resume`) and an RwLock (`resume_write` / `resume_read`), with leader kills and
+/// lost responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_primitives_killed_and_resumed_stay_safe_under_faults() {
+    use harness::Fault::*;
+    let plan = [
+        (600, KillClient(1)),
+        (400, KillClient(2)),
+        (300, KillLeader),
+        (400, KillClient(3)),
+        (500, DropResponses(1)),
+        (300, KillClient(1)),
+        (400, KillClient(2)),
+    ];
+    for (seed, primitive) in [
+        (101, Primitive::Election),
+        (102, Primitive::Semaphore),
+        (103, Primitive::RwLock),
+    ] {
+        eprintln!("chaos: {primitive:?}, resuming killed holders, 3 member(s): {plan:?}");
+        let violations = harness::run_schedule_resuming(primitive, 3, seed, &plan).await;
+        assert!(
+            violations.is_empty(),
+            "{primitive:?}, resuming killed holders: {violations:#?}\nschedule: {plan:?}"
+        );
+    }
 }
 
 /// Registrants and views under the fault schedules: after the heal, every view equals the true
