@@ -1233,3 +1233,56 @@ async fn a_session_registration_is_resumed_on_a_resumed_session_with_its_create_
     assert_eq!(session.state(), etcd_coord::SessionState::Alive);
     session.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_deletes_it() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("svc");
+    // Dropped after 0, 1, 2, … ms: before, during and after the read and the write.
+    for delay_ms in 0..8u64 {
+        let addr = format!("h:{delay_ms}");
+        let old = LeasedSession::new(c.clone(), ttl(30)).await.unwrap();
+        let held = SessionRegistration::register(&old, &target, Endpoint::new(&addr))
+            .await
+            .unwrap();
+        let token = held.fence().fencing_token();
+        let lease_id = old.orphan();
+        drop(held);
+        let key = format!("{target}/{addr}");
+        let before = c.clone().get(key.as_str(), None).await.unwrap().kvs()[0]
+            .value()
+            .to_vec();
+        let session = LeasedSession::resume(c.clone(), lease_id, ttl(30))
+            .await
+            .unwrap();
+        // A changed endpoint, so that the resumption also writes.
+        let endpoint = Endpoint::new(&addr).with_metadata(json!({"v": 2}));
+        let resume = SessionRegistration::resume(&session, &target, endpoint);
+        let outcome = tokio::time::timeout(Duration::from_millis(delay_ms), resume).await;
+        let resumed = matches!(outcome, Ok(Ok(_)));
+        drop(outcome);
+        // Either untouched (the same key, value and create revision, on the lease) or deleted
+        // by the dropped registration's fenced release; never written and left behind.
+        let settled = eventually(Duration::from_secs(5), || async {
+            let kvs = c.clone().get(key.as_str(), None).await.unwrap();
+            match kvs.kvs() {
+                [] => true,
+                [kv] => {
+                    kv.create_revision() == token
+                        && kv.lease() == lease_id
+                        && kv.value() == before.as_slice()
+                }
+                _ => false,
+            }
+        })
+        .await;
+        assert!(
+            settled,
+            "after a drop at {delay_ms} ms (resumed: {resumed})"
+        );
+        assert_eq!(session.state(), etcd_coord::SessionState::Alive);
+        session.close().await.unwrap();
+    }
+    assert!(truth(&c, &target).await.is_empty());
+}
