@@ -611,3 +611,59 @@ async fn a_lease_carrying_a_key_outside_the_role_is_not_revoked_and_ends_by_its_
     assert!(keys_under(&root, "app/m").await.is_empty());
     assert!(keys_under(&root, "other/x").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_limited_to_its_prefix_can_resume_its_lease_its_lock_and_its_registration() {
+    // What a restarted service with readwrite on app/ only needs to take back what it held.
+    use etcd_coord::discovery::{Endpoint, Registration, RegistrationState, SessionRegistration};
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let _root = enable_auth(&cluster, "app", "app/").await;
+    let app = user_client(&cluster, "app", "app-pw").await;
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+
+    let first = LeasedSession::new(app.clone(), options.clone())
+        .await
+        .unwrap();
+    let guard = Mutex::new(&first, "app/m").lock().await.unwrap();
+    let (key, token) = (guard.key().to_owned(), guard.fencing_token());
+    let lease_id = first.orphan();
+    drop(guard);
+    let resumed = LeasedSession::resume(app.clone(), lease_id, options.clone())
+        .await
+        .unwrap();
+    let guard = Mutex::new(&resumed, "app/m")
+        .resume(&key, token)
+        .await
+        .unwrap();
+    assert_eq!(guard.fencing_token(), token);
+    guard.release().await.unwrap();
+    resumed.close().await.unwrap();
+
+    // A registrant that hands its lease off (as one killed would leave it).
+    let old = LeasedSession::new(app.clone(), options.clone())
+        .await
+        .unwrap();
+    let held = SessionRegistration::register(&old, "app/svc", Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    let create_revision = held.fence().fencing_token();
+    let lease_id = old.orphan();
+    drop(held);
+    let again = Registration::resume(
+        app.clone(),
+        "app/svc",
+        Endpoint::new("h:1"),
+        lease_id,
+        options,
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(again.state(), RegistrationState::Registered { lease_id: l, create_revision: c, .. }
+            if l == lease_id && c == create_revision),
+        "{:?}",
+        again.state()
+    );
+    again.deregister().await.unwrap();
+}
