@@ -756,34 +756,70 @@ async fn resume_and_release(
         let _ = session.close().await;
         return;
     };
-    let (fence, mode) = (held.fence(), held.mode());
-    sink.report(
-        id,
-        Report::Acquired {
-            token,
-            lease: resume.lease,
-            mode,
-        },
-    );
+    hold_and_release(id, primitive, name, held, resume.lease, sink, None).await;
+    let _ = session.close().await;
+}
+
+/// Reports `held` (acquired under `lease`) as acquired and holds it as every contender does —
+/// an exclusive lock writes through the protected resource, then holds briefly; others only
+/// hold; with `until`, it holds until that is cancelled — then reports its end and releases
+/// it. Returns whether it was lost first (then it is released in the background).
+async fn hold_and_release(
+    id: usize,
+    primitive: Primitive,
+    name: &str,
+    held: Held,
+    lease: i64,
+    sink: &Sink,
+    until: Option<&CancellationToken>,
+) -> bool {
+    let fence = held.fence();
+    let token = fence.fencing_token();
+    let mode = held.mode();
+    sink.report(id, Report::Acquired { token, lease, mode });
+    // Exclusive holders of a lock write; readers and semaphore permits (several at once, in
+    // any order) only hold.
+    let writes = mode == Mode::Exclusive && primitive.rules().holders == 1;
     let work = async {
-        if mode == Mode::Exclusive && primitive.rules().holders == 1 {
-            let put = TxnOp::put(format!("{name}-resource"), token.to_string(), None);
-            if fence.txn_if_owner([put]).await.is_ok() {
-                sink.report(id, Report::Wrote { token });
-            }
+        if let Some(until) = until {
+            until.cancelled().await;
+            return;
         }
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        if !writes {
+            let hold = if primitive == Primitive::Semaphore {
+                rand::random_range(10..100)
+            } else {
+                30
+            };
+            tokio::time::sleep(Duration::from_millis(hold)).await;
+            return;
+        }
+        // The protected resource: an etcd key written only while we own, and an in-memory
+        // register that rejects tokens lower than the highest seen.
+        let put = TxnOp::put(format!("{name}-resource"), token.to_string(), None);
+        if fence.txn_if_owner([put]).await.is_ok() {
+            sink.report(id, Report::Wrote { token });
+        }
+        // A barrier stays up long enough for others to wait on it.
+        let hold = if primitive == Primitive::Barrier {
+            100
+        } else {
+            30
+        };
+        tokio::time::sleep(Duration::from_millis(hold)).await;
     };
     let lost_first = tokio::select! {
         _ = work => false,
         _ = fence.lost() => true,
     };
     sink.report(id, Report::Ended { token });
-    if !lost_first {
+    if lost_first {
+        drop(held); // fenced release in the background, if anything is left
+    } else {
         sink.releasing(id).await;
         let _ = held.release().await;
     }
-    let _ = session.close().await;
+    lost_first
 }
 
 async fn client_loop(
@@ -864,62 +900,11 @@ async fn client_loop(
                     break;
                 }
             };
-            let fence = held.fence();
-            let token = fence.fencing_token();
-            let mode = held.mode();
-            let lease = session.lease_id();
-            sink.report(id, Report::Acquired { token, lease, mode });
-            let lost = fence.lost();
-            tokio::pin!(lost);
-            // Exclusive holders of a lock write; readers and semaphore permits (several at
-            // once, in any order) only hold.
-            let writes = mode == Mode::Exclusive && primitive.rules().holders == 1;
-            let work = async {
-                if long_holder {
-                    stopped.cancelled().await;
-                    return;
-                }
-                if !writes {
-                    let hold = if primitive == Primitive::Semaphore {
-                        rand::random_range(10..100)
-                    } else {
-                        30
-                    };
-                    tokio::time::sleep(Duration::from_millis(hold)).await;
-                    return;
-                }
-                // The protected resource: an etcd key written only while we own, and an
-                // in-memory register that rejects tokens lower than the highest seen.
-                let etcd_ok = fence
-                    .txn_if_owner([TxnOp::put(
-                        format!("{name}-resource"),
-                        token.to_string(),
-                        None,
-                    )])
-                    .await
-                    .is_ok();
-                if etcd_ok {
-                    sink.report(id, Report::Wrote { token });
-                }
-                // A barrier stays up long enough for others to wait on it.
-                let hold = if primitive == Primitive::Barrier {
-                    100
-                } else {
-                    30
-                };
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-            };
-            let lost_first = tokio::select! {
-                _ = work => false,
-                _ = &mut lost => true,
-            };
-            sink.report(id, Report::Ended { token });
-            if lost_first {
-                drop(held); // fenced release in the background, if anything is left
-                break;
+            let until = long_holder.then_some(&stopped);
+            if hold_and_release(id, primitive, &name, held, session.lease_id(), &sink, until).await
+            {
+                break; // lost: start over with a new session
             }
-            sink.releasing(id).await;
-            let _ = held.release().await;
         }
         let _ = session.close().await;
     }
