@@ -33,6 +33,17 @@ async fn next_change(changes: &mut ViewChanges, limit: Duration) -> Option<ViewC
     }
 }
 
+/// A registration of `addr` under `target` whose process handed its lease (of `ttl_secs`)
+/// off, as one killed would leave it: its lease id and the key's create revision.
+async fn handed_off(c: &Client, target: &str, addr: &str, ttl_secs: u64) -> (i64, i64) {
+    let old = LeasedSession::new(c.clone(), ttl(ttl_secs)).await.unwrap();
+    let held = SessionRegistration::register(&old, target, Endpoint::new(addr))
+        .await
+        .unwrap();
+    let create_revision = held.fence().fencing_token();
+    (old.orphan(), create_revision)
+}
+
 /// The true set under `<target>/`, read directly.
 async fn truth(client: &Client, target: &str) -> BTreeMap<String, Endpoint> {
     Discovery::new(client.clone(), target)
@@ -1040,13 +1051,7 @@ async fn resuming_a_registration_checks_the_lease_and_the_key_and_writes_a_chang
     let c = client(&etcd).await;
     let target = unique("svc");
     let view = Discovery::new(c.clone(), &target).view().await.unwrap();
-    // A registration whose process hands its lease off.
-    let old = LeasedSession::new(c.clone(), ttl(10)).await.unwrap();
-    let held = SessionRegistration::register(&old, &target, Endpoint::new("h:1"))
-        .await
-        .unwrap();
-    let lease_id = old.orphan();
-    drop(held);
+    let (lease_id, _) = handed_off(&c, &target, "h:1", 10).await;
     assert!(
         eventually(Duration::from_secs(1), || async {
             view.endpoints().len() == 1
@@ -1121,25 +1126,11 @@ async fn dropping_resume_ends_what_it_adopted_and_leaves_alone_what_it_did_not()
         .unwrap();
     let via = client_via(&proxy).await;
     let target = unique("svc");
-    // A registration handed off (its lease orphaned), for the attempt at `addr` to resume.
-    let handed_off = |addr: String| {
-        let c = c.clone();
-        let target = target.clone();
-        async move {
-            let old = LeasedSession::new(c, ttl(30)).await.unwrap();
-            let held = SessionRegistration::register(&old, &target, Endpoint::new(addr))
-                .await
-                .unwrap();
-            let lease_id = old.orphan();
-            drop(held);
-            lease_id
-        }
-    };
     // Dropped after 0, 1, 2, … ms: during the adoption of the lease, the read of the key and
     // after. Each attempt has a key (and a lease) of its own.
     for delay_ms in 0..12u64 {
         let addr = format!("h:{delay_ms}");
-        let lease_id = handed_off(addr.clone()).await;
+        let (lease_id, _) = handed_off(&c, &target, &addr, 30).await;
         let resume =
             Registration::resume(via.clone(), &target, Endpoint::new(addr), lease_id, ttl(30));
         match tokio::time::timeout(Duration::from_millis(delay_ms), resume).await {
@@ -1150,7 +1141,7 @@ async fn dropping_resume_ends_what_it_adopted_and_leaves_alone_what_it_did_not()
     }
     // And while etcd is unreachable: the adoption never completes (its request times out
     // after 1 s), so the registration is left exactly as it was, for its TTL.
-    let lease_id = handed_off("h:blackholed".into()).await;
+    let (lease_id, _) = handed_off(&c, &target, "h:blackholed", 30).await;
     proxy.blackhole();
     let resume = Registration::resume(
         via.clone(),
@@ -1193,13 +1184,7 @@ async fn a_session_registration_is_resumed_on_a_resumed_session_with_its_create_
     let c = client(&etcd).await;
     let target = unique("svc");
     let view = Discovery::new(c.clone(), &target).view().await.unwrap();
-    let old = LeasedSession::new(c.clone(), ttl(10)).await.unwrap();
-    let held = SessionRegistration::register(&old, &target, Endpoint::new("h:1"))
-        .await
-        .unwrap();
-    let token = held.fence().fencing_token();
-    let lease_id = old.orphan();
-    drop(held);
+    let (lease_id, token) = handed_off(&c, &target, "h:1", 10).await;
     assert!(
         eventually(Duration::from_secs(1), || async {
             view.endpoints().len() == 1
@@ -1242,13 +1227,7 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
     // Dropped after 0, 1, 2, … ms: before, during and after the read and the write.
     for delay_ms in 0..8u64 {
         let addr = format!("h:{delay_ms}");
-        let old = LeasedSession::new(c.clone(), ttl(30)).await.unwrap();
-        let held = SessionRegistration::register(&old, &target, Endpoint::new(&addr))
-            .await
-            .unwrap();
-        let token = held.fence().fencing_token();
-        let lease_id = old.orphan();
-        drop(held);
+        let (lease_id, token) = handed_off(&c, &target, &addr, 30).await;
         let key = format!("{target}/{addr}");
         let before = c.clone().get(key.as_str(), None).await.unwrap().kvs()[0]
             .value()
