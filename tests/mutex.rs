@@ -916,3 +916,36 @@ async fn holder_names_the_oldest_key_and_never_a_waiter_nor_a_nested_name() {
     let bad = Mutex::new(&a, "").holder().await;
     assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_fails_after_one_request_timeout_when_etcd_does_not_answer() {
+    // holder() is one read, not retried: through a link that swallows everything it ends with
+    // Timeout after one request timeout (a retry would take at least two).
+    let etcd = etcd().await;
+    let proxy = proxy(&etcd).await;
+    let request_timeout = Duration::from_secs(2);
+    let s = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(request_timeout),
+    )
+    .await;
+    let mutex = Mutex::new(&s, unique("holder-timeout"));
+    assert_eq!(holder_of(&mutex).await, None);
+    proxy.blackhole();
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(30), mutex.holder())
+        .await
+        .expect("holder() returns, it does not retry forever");
+    let took = started.elapsed();
+    assert!(
+        matches!(answer, Err(Error::Timeout(t)) if t == request_timeout),
+        "{answer:?}"
+    );
+    assert!(
+        took >= request_timeout && took < request_timeout * 2 - Duration::from_millis(250),
+        "holder() took {took:?}: not one request timeout of {request_timeout:?}"
+    );
+    proxy.heal();
+}
