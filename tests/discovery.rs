@@ -1225,6 +1225,7 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
     let c = client(&etcd).await;
     let target = unique("svc");
     // Dropped after 0, 1, 2, … ms: before, during and after the read and the write.
+    let mut outcomes = Vec::new();
     for delay_ms in 0..8u64 {
         let addr = format!("h:{delay_ms}");
         let (lease_id, token) = handed_off(&c, &target, &addr, 30).await;
@@ -1241,27 +1242,31 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
         let outcome = tokio::time::timeout(Duration::from_millis(delay_ms), resume).await;
         let resumed = matches!(outcome, Ok(Ok(_)));
         drop(outcome);
-        // Either untouched (the same key, value and create revision, on the lease) or deleted
-        // by the dropped registration's fenced release; never written and left behind.
-        let settled = eventually(Duration::from_secs(5), || async {
-            let kvs = c.clone().get(key.as_str(), None).await.unwrap();
-            match kvs.kvs() {
-                [] => true,
-                [kv] => {
-                    kv.create_revision() == token
-                        && kv.lease() == lease_id
-                        && kv.value() == before.as_slice()
-                }
-                _ => false,
+        // Once the session's clean-ups are done, and a while later (no write of the dropped
+        // resumption may land late): either untouched (the same key, value and create
+        // revision, on the lease) or deleted by the dropped registration's fenced release;
+        // never written and left behind.
+        session.settled().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let kvs = c.clone().get(key.as_str(), None).await.unwrap();
+        let as_it_was_or_gone = match kvs.kvs() {
+            [] => true,
+            [kv] => {
+                kv.create_revision() == token
+                    && kv.lease() == lease_id
+                    && kv.value() == before.as_slice()
             }
-        })
-        .await;
+            _ => false,
+        };
         assert!(
-            settled,
-            "after a drop at {delay_ms} ms (resumed: {resumed})"
+            as_it_was_or_gone,
+            "after a drop at {delay_ms} ms (resumed: {resumed}): {:?}",
+            kvs.kvs()
         );
+        outcomes.push(resumed);
         assert_eq!(session.state(), etcd_coord::SessionState::Alive);
         session.close().await.unwrap();
     }
+    println!("resumption completed before its drop, per delay: {outcomes:?}");
     assert!(truth(&c, &target).await.is_empty());
 }
