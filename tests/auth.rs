@@ -667,3 +667,247 @@ async fn a_user_limited_to_its_prefix_can_resume_its_lease_its_lock_and_its_regi
     );
     again.deregister().await.unwrap();
 }
+
+/// A client of a user whose one role has `permission` and nothing else.
+async fn user_with(
+    root: &mut etcd_client::Client,
+    cluster: &EtcdCluster,
+    user: &str,
+    permission: etcd_client::Permission,
+) -> etcd_client::Client {
+    root.role_add(user).await.unwrap();
+    root.role_grant_permission(user, permission).await.unwrap();
+    root.user_add(user, format!("{user}-pw"), None)
+        .await
+        .unwrap();
+    root.user_grant_role(user, user).await.unwrap();
+    user_client(cluster, user, &format!("{user}-pw")).await
+}
+
+/// Exactly what docs/production.md says a role needs, each primitive on its own: `readwrite`
+/// on `NAME/` (prefix) alone is enough for everything a primitive named NAME does; `read`
+/// alone lets a user look (`holder()`, `leader()`, `observe()`, a barrier's `wait()`, a
+/// view) and refuses every acquisition at once with `PermissionDenied`, leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readwrite_on_the_names_prefix_alone_is_enough_and_read_alone_only_looks() {
+    use etcd_client::Permission;
+    use etcd_coord::discovery::{Discovery, Endpoint, Registration};
+    use etcd_coord::Semaphore;
+    use etcd_coord::{Stm, StmTxn};
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let mut root = enable_auth(&cluster, "app", "app/").await;
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let at_once = Duration::from_secs(2);
+    let denied = |what: &str, r: Result<(), Error>| {
+        assert!(
+            matches!(r, Err(Error::PermissionDenied(_))),
+            "{what} with read alone: {r:?}"
+        )
+    };
+    // For each name: a session of a user with readwrite on NAME/ only, and one with read only.
+    let mut sessions = Vec::new();
+    let pair = |name: &'static str| {
+        let (mut root, cluster, options) = (root.clone(), &cluster, options.clone());
+        async move {
+            let tag = name.replace('/', "-");
+            let rw = user_with(
+                &mut root,
+                cluster,
+                &format!("rw{tag}"),
+                Permission::read_write(format!("{name}/")).with_prefix(),
+            )
+            .await;
+            let ro = user_with(
+                &mut root,
+                cluster,
+                &format!("ro{tag}"),
+                Permission::read(format!("{name}/")).with_prefix(),
+            )
+            .await;
+            (
+                LeasedSession::new(rw, options.clone()).await.unwrap(),
+                LeasedSession::new(ro, options).await.unwrap(),
+            )
+        }
+    };
+
+    let (rw, ro) = pair("lp/m").await;
+    let held = Mutex::new(&rw, "lp/m").lock().await.unwrap();
+    assert!(Mutex::new(&rw, "lp/m").try_lock().await.unwrap().is_none());
+    let seen = Mutex::new(&ro, "lp/m").holder().await.unwrap();
+    assert_eq!(seen.map(|h| h.fencing_token()), Some(held.fencing_token()));
+    let refused = tokio::time::timeout(at_once, Mutex::new(&ro, "lp/m").lock())
+        .await
+        .expect("at once");
+    denied("lock", refused.map(|_| ()));
+    held.release().await.unwrap();
+    sessions.push((rw, ro));
+
+    let (rw, ro) = pair("lp/e").await;
+    let mut events = Box::pin(Election::new(&ro, "lp/e").observe());
+    let mut leadership = Election::new(&rw, "lp/e").campaign("a").await.unwrap();
+    leadership.proclaim("b").await.unwrap();
+    let leader = Election::new(&ro, "lp/e").leader().await.unwrap();
+    assert_eq!(leader.map(|l| l.value().to_vec()), Some(b"b".to_vec()));
+    let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("the observer sees the leader");
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    let refused = tokio::time::timeout(at_once, Election::new(&ro, "lp/e").campaign("c"))
+        .await
+        .expect("at once");
+    denied("campaign", refused.map(|_| ()));
+    leadership.resign().await.unwrap();
+    sessions.push((rw, ro));
+
+    let (rw, ro) = pair("lp/s").await;
+    let permit = Semaphore::new(&rw, "lp/s", 2).acquire().await.unwrap();
+    let holders = Semaphore::new(&ro, "lp/s", 2).holders().await.unwrap();
+    assert_eq!(holders.len(), 1);
+    let refused = tokio::time::timeout(at_once, Semaphore::new(&ro, "lp/s", 2).acquire())
+        .await
+        .expect("at once");
+    denied("acquire", refused.map(|_| ()));
+    permit.release().await.unwrap();
+    sessions.push((rw, ro));
+
+    let (rw, ro) = pair("lp/rw").await;
+    let lock = RwLock::new(&rw, "lp/rw");
+    lock.read().await.unwrap().release().await.unwrap();
+    let writing = lock.write().await.unwrap();
+    assert_eq!(RwLock::new(&ro, "lp/rw").holders().await.unwrap().len(), 1);
+    writing.release().await.unwrap();
+    for (what, refused) in [
+        (
+            "read lock",
+            tokio::time::timeout(at_once, RwLock::new(&ro, "lp/rw").read())
+                .await
+                .expect("at once")
+                .map(|_| ()),
+        ),
+        (
+            "write lock",
+            tokio::time::timeout(at_once, RwLock::new(&ro, "lp/rw").write())
+                .await
+                .expect("at once")
+                .map(|_| ()),
+        ),
+    ] {
+        denied(what, refused);
+    }
+    sessions.push((rw, ro));
+
+    let (rw, ro) = pair("lp/b").await;
+    let hold = Barrier::new(&rw, "lp/b").hold().await.unwrap();
+    let waiting = {
+        let barrier = Barrier::new(&ro, "lp/b");
+        tokio::spawn(async move { barrier.wait().await })
+    };
+    let refused = tokio::time::timeout(at_once, Barrier::new(&ro, "lp/b").hold())
+        .await
+        .expect("at once");
+    denied("barrier hold", refused.map(|_| ()));
+    hold.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a reader's wait passes once the barrier is down")
+        .unwrap()
+        .unwrap();
+    sessions.push((rw, ro));
+
+    let (rw, ro) = pair("lp/d").await;
+    let entered = DoubleBarrier::new(&rw, "lp/d", 1).enter().await.unwrap();
+    entered.leave().await.unwrap();
+    let refused = tokio::time::timeout(at_once, DoubleBarrier::new(&ro, "lp/d", 1).enter())
+        .await
+        .expect("at once");
+    denied("double barrier enter", refused.map(|_| ()));
+    sessions.push((rw, ro));
+
+    // Discovery: readwrite on TARGET/ registers, read on TARGET/ follows.
+    let (rw, ro) = pair("lp/svc").await;
+    let registration = Registration::register(
+        rw.client().clone(),
+        "lp/svc",
+        Endpoint::new("h:1"),
+        options.clone(),
+    )
+    .await
+    .unwrap();
+    let view = Discovery::new(ro.client().clone(), "lp/svc")
+        .view()
+        .await
+        .unwrap();
+    assert_eq!(view.endpoints().len(), 1);
+    let refused = tokio::time::timeout(
+        at_once,
+        Registration::register(
+            ro.client().clone(),
+            "lp/svc",
+            Endpoint::new("h:2"),
+            options.clone(),
+        ),
+    )
+    .await
+    .expect("at once");
+    denied("register", refused.map(|_| ()));
+    registration.deregister().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), view.changed())
+        .await
+        .expect("the view sees the deregistration")
+        .unwrap();
+    assert!(view.endpoints().is_empty());
+    sessions.push((rw, ro));
+
+    // An STM transaction needs read on what it reads and write on what it writes; a refusal
+    // ends `run` at once, after one attempt, with nothing written.
+    let (rw, ro) = pair("lp/stm").await;
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    let transfer = |stm: Stm, to: &'static str| {
+        let calls = &calls;
+        async move {
+            calls.store(0, std::sync::atomic::Ordering::SeqCst);
+            let done = tokio::time::timeout(
+                at_once,
+                stm.run(|tx: StmTxn| async move {
+                    calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let a = tx.get("lp/stm/a").await?;
+                    tx.put(to, a.unwrap_or_default());
+                    Ok::<_, Error>(())
+                }),
+            )
+            .await
+            .expect("at once");
+            (done, calls.load(std::sync::atomic::Ordering::SeqCst))
+        }
+    };
+    let (done, attempts) = transfer(Stm::new(rw.client().clone()), "lp/stm/b").await;
+    assert!(done.is_ok() && attempts == 1, "{done:?} after {attempts}");
+    let (done, attempts) = transfer(Stm::new(rw.client().clone()), "lp/other").await;
+    assert_eq!(attempts, 1, "a refused commit was tried again");
+    denied("an STM writing outside its prefix", done.map(|_| ()));
+    let (done, attempts) = transfer(Stm::new(ro.client().clone()), "lp/stm/c").await;
+    assert_eq!(attempts, 1, "a refused commit was tried again");
+    denied("an STM commit", done.map(|_| ()));
+    let outside = Stm::new(rw.client().clone())
+        .run(|tx: StmTxn| async move { tx.get("lp/other").await.map(|_| ()) })
+        .await;
+    denied("an STM reading outside its prefix", outside.map(|_| ()));
+    let written = root.get("lp/stm/c", None).await.unwrap();
+    assert!(written.kvs().is_empty(), "a refused commit wrote");
+    root.delete("lp/stm/b", None).await.unwrap();
+    sessions.push((rw, ro));
+
+    // Nothing was left behind: every session closes (its revoke is allowed: no key of
+    // another prefix is on its lease), and no key remains under lp/.
+    for (rw, ro) in sessions {
+        rw.close().await.unwrap();
+        ro.close().await.unwrap();
+    }
+    let left = root
+        .get("lp/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "{:?}", left.kvs());
+}
