@@ -405,17 +405,14 @@ async fn a_role_limited_to_its_prefix_can_do_everything_there_and_nothing_elsewh
     init_tracing();
     let cluster = EtcdCluster::start(1).await.unwrap();
     let mut root = enable_auth(&cluster, "app", "app/").await;
-    root.role_add("reader").await.unwrap();
-    root.role_grant_permission(
+    let reader = user_with(
+        &mut root,
+        &cluster,
         "reader",
         etcd_client::Permission::read("app/svc/").with_prefix(),
     )
-    .await
-    .unwrap();
-    root.user_add("reader", "reader-pw", None).await.unwrap();
-    root.user_grant_role("reader", "reader").await.unwrap();
+    .await;
     let app = user_client(&cluster, "app", "app-pw").await;
-    let reader = user_client(&cluster, "reader", "reader-pw").await;
     let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
     let at_once = Duration::from_secs(2);
 
