@@ -6,16 +6,19 @@
 //!   every key *directly* under `N/`, in create-revision order — the layout of Go's
 //!   `concurrency.Mutex`/`Election`, and so of `etcdctl lock`/`elect`, etcd's server-side lock
 //!   and election services and the clients built on them (they key `N/<lease id in hex>`).
-//!   Our own member keys are `N/#<lease id, 16 hex digits>-<per-session sequence, hex>`. Keys
-//!   of nested names (`N/sub/…`, ours or anyone's) contain another `/` and are not members.
+//!   Our own member keys are `N/#<lease id, 16 hex digits>-<number, hex>`. Keys of nested
+//!   names (`N/sub/…`, ours or anyone's) contain another `/` and are not members.
 //! * **Ours only** (Semaphore `semaphore`, RwLock `rwlock`, Barrier `barrier`, DoubleBarrier
 //!   `double`): every key under `N/#<kind>/`. Those keys are nested below `N/`, so they are
 //!   never members of a shared queue: a Mutex and a Semaphore of the same name are independent.
 //!
 //! Because names may not contain `#`, no name's keys can be mistaken for another's, and
-//! because the sequence is unique per session, two acquisitions through one session never alias
-//! (etcd #11777: Go keys one per session) while a retry of one acquisition reuses its key (so it
-//! can never create a second waiter).
+//! because a session gives a number to one key at a time (a number goes back to the session's
+//! pool only once its key is deleted, see `session::slots`), two acquisitions through one
+//! session never alias (etcd #11777: Go keys one per session) while a retry of one acquisition
+//! reuses its key (so it can never create a second waiter). Numbers used again keep a session's
+//! key names few: etcd keeps deleted keys in its index until compaction, and every range read
+//! over a prefix walks them.
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, GetResponse, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
@@ -128,7 +131,7 @@ impl Queue {
             .is_some_and(|rest| !self.direct || (!rest.is_empty() && !rest.contains(&b'/')))
     }
 
-    /// The member key of acquisition number `seq` of the session with lease `lease_id`, of
+    /// The member key numbered `seq` (see `session::slots`) of the session with lease `lease_id`, of
     /// kind `kind` (`""` for plain queues; a letter for primitives with several kinds of
     /// members, e.g. readers `r` and writers `w`). Kinds are letters outside the hex digits,
     /// so a kind's keys form their own sub-range.

@@ -949,3 +949,46 @@ async fn holder_fails_after_one_request_timeout_when_etcd_does_not_answer() {
     );
     proxy.heal();
 }
+
+/// etcd keeps a deleted key in its index until the next compaction, and every range read over
+/// a prefix walks all of them: a session that named a fresh key for each acquisition would make
+/// every lock slower than the one before. A session uses a name again once its key is gone —
+/// one name for a mutex locked and released in turn (by `release()`, by a drop, by
+/// `try_lock`) — and never while it may exist: permits held at once by one session have names
+/// of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_uses_a_key_name_again_once_its_key_is_gone_and_never_before() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 30).await;
+    let mutex = Mutex::new(&s, unique("names"));
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let guard = mutex.lock().await.unwrap();
+        names.insert(guard.key().to_owned());
+        guard.release().await.unwrap();
+    }
+    for _ in 0..5 {
+        let guard = mutex.try_lock().await.unwrap().expect("free");
+        names.insert(guard.key().to_owned());
+        drop(guard); // released by the session's task
+        s.settled().await;
+    }
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    let semaphore = etcd_coord::Semaphore::new(&s, unique("names-sem"), 3);
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(semaphore.acquire().await.unwrap());
+        }
+        let at_once: std::collections::BTreeSet<_> =
+            held.iter().map(|p| p.key().to_owned()).collect();
+        assert_eq!(at_once.len(), 3, "permits held at once share a name");
+        names.extend(at_once);
+        for permit in held {
+            permit.release().await.unwrap();
+        }
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+}

@@ -10,7 +10,7 @@ use tokio::time::sleep;
 
 use crate::backoff::Backoff;
 use crate::keys;
-use crate::session::{Cleanup, Sweep};
+use crate::session::{Afterwards, Cleanup};
 use crate::{Error, LeasedSession};
 
 use super::queue::Acquired;
@@ -280,9 +280,9 @@ pub(crate) struct Holding {
     /// A release attempt went unanswered: it may have deleted the key. A later attempt that
     /// finds the key gone is then the same release, not a loss.
     release_maybe_landed: bool,
-    /// For an acquisition whose put was sent more than once: how to sweep its late copies once
-    /// it is released.
-    sweep: Option<Sweep>,
+    /// What to do once the release is answered: sweep the late copies of a put sent more
+    /// than once, or give the key's number back.
+    after: Afterwards,
 }
 
 impl Holding {
@@ -309,7 +309,7 @@ impl Holding {
             },
             released_at: None,
             release_maybe_landed: false,
-            sweep: acquired.sweep,
+            after: acquired.after,
         }
     }
 
@@ -350,9 +350,7 @@ impl Holding {
                     tracing::trace!(key = %fence.key, "release answered");
                     let revision = resp.header().map_or(0, |h| h.revision());
                     self.released_at = Some(revision);
-                    if let Some(sweep) = self.sweep.take() {
-                        shared.clean_up(Cleanup::Sweep(sweep));
-                    }
+                    std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&shared);
                     return if resp.succeeded() || self.release_maybe_landed {
                         Ok(revision)
                     } else {
@@ -386,7 +384,7 @@ impl Drop for Holding {
             self.fence.session.shared().clean_up(Cleanup::Release {
                 key: self.fence.key.clone(),
                 txn: self.release_txn.clone(),
-                sweep: self.sweep.take(),
+                after: std::mem::replace(&mut self.after, Afterwards::Nothing),
             });
         }
     }

@@ -21,7 +21,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, SortOrder, SortTa
 
 use crate::backoff::Backoff;
 use crate::keys::{self, Queue};
-use crate::session::{Cleanup, Shared, Sweep};
+use crate::session::{Afterwards, Cleanup, Shared, Sweep};
 use crate::{Error, LeasedSession};
 
 use super::request::{detached, send_txn, send_until_answered, Kind, Unanswered};
@@ -40,24 +40,20 @@ pub(crate) struct Ticket {
     shared: Arc<Shared>,
     key: String,
     create_revision: i64,
-    /// Set when the put was sent more than once: its late copies are swept after the end.
-    sweep: Option<Sweep>,
+    /// What follows the key's deletion: a sweep of late copies if the put was sent more than
+    /// once, else the key's number goes back to the session's pool.
+    after: Afterwards,
     armed: bool,
 }
 
 impl Ticket {
     /// A ticket for `key`, created at `create_revision`, armed.
-    fn new(
-        shared: &Arc<Shared>,
-        key: String,
-        create_revision: i64,
-        sweep: Option<Sweep>,
-    ) -> Ticket {
+    fn new(shared: &Arc<Shared>, key: String, create_revision: i64, after: Afterwards) -> Ticket {
         Ticket {
             shared: Arc::clone(shared),
             key,
             create_revision,
-            sweep,
+            after,
             armed: true,
         }
     }
@@ -72,7 +68,7 @@ impl Ticket {
             key: std::mem::take(&mut self.key),
             create_revision: self.create_revision,
             revision,
-            sweep: self.sweep.take(),
+            after: std::mem::replace(&mut self.after, Afterwards::Nothing),
         })
     }
 
@@ -82,9 +78,7 @@ impl Ticket {
         let txn = keys::fenced_delete(&self.key, self.create_revision);
         if send_txn(&self.shared, txn, Kind::Write).await.is_ok() {
             self.armed = false;
-            if let Some(sweep) = self.sweep.take() {
-                self.shared.clean_up(Cleanup::Sweep(sweep));
-            }
+            std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&self.shared);
         }
     }
 }
@@ -96,7 +90,7 @@ impl Drop for Ticket {
             self.shared.clean_up(Cleanup::release(
                 key,
                 self.create_revision,
-                self.sweep.take(),
+                std::mem::replace(&mut self.after, Afterwards::Nothing),
             ));
         }
     }
@@ -109,7 +103,7 @@ pub(crate) struct Acquired {
     pub(crate) key: String,
     pub(crate) create_revision: i64,
     pub(crate) revision: i64,
-    pub(crate) sweep: Option<Sweep>,
+    pub(crate) after: Afterwards,
 }
 
 /// A conditional put sent until it was answered (with one backoff): the answer, its
@@ -154,6 +148,7 @@ type Enqueued = (i64, Option<Snapshot>, bool);
 async fn enqueue(
     shared: &Arc<Shared>,
     key: &str,
+    slot: u64,
     value: Vec<u8>,
     reads: Vec<TxnOp>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
@@ -166,6 +161,10 @@ async fn enqueue(
             let (revision, gets) = (put.revision, keys::txn_gets(&put.resp));
             if put.resp.succeeded() {
                 return Ok((revision, Some(Snapshot { revision, gets }), put.uncertain));
+            }
+            if !put.uncertain {
+                // Sent once, and the key was there: a name still in use, not ours to take.
+                return Err(put.fail(Error::Protocol(format!("member key {key} exists already"))));
             }
             // A retry: the earlier, unanswered request created the key.
             let kv = gets.first().and_then(|g| g.kvs().first()).ok_or_else(|| {
@@ -193,7 +192,7 @@ async fn enqueue(
                 Ok((create_revision, _, uncertain)) => Some(Cleanup::release(
                     key,
                     *create_revision,
-                    uncertain.then_some(sweep),
+                    Afterwards::of_put(*uncertain, sweep, Afterwards::Reuse(slot)),
                 )),
                 Err(u) if u.uncertain => Some(Cleanup::Sweep(sweep)),
                 Err(_) => None, // etcd refused the only attempt: nothing landed
@@ -206,7 +205,7 @@ async fn enqueue(
             shared,
             key.to_owned(),
             create_revision,
-            uncertain.then_some(sweep),
+            Afterwards::of_put(uncertain, sweep, Afterwards::Reuse(slot)),
         ),
         snapshot,
     ))
@@ -573,8 +572,9 @@ pub(crate) async fn acquire(
 ) -> Result<Acquired, Error> {
     let shared = session.shared();
     shared.check()?;
-    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
-    let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
+    let slot = shared.take_slot();
+    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (ticket, first) = enqueue(shared, &key, slot, value, blocker.reads_at_enqueue()).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     wait_loop(shared, ticket, first, reads, |s| blocker.decide(s)).await
 }
@@ -622,7 +622,7 @@ pub(crate) async fn adopt(
     if !confirmed.resp.succeeded() {
         return Err(lost());
     }
-    let ticket = Ticket::new(shared, key.to_owned(), create_revision, None);
+    let ticket = Ticket::new(shared, key.to_owned(), create_revision, Afterwards::Nothing);
     let reads = blocker.reads_after(create_revision);
     wait_loop(shared, ticket, None, reads, |s| blocker.decide(s)).await
 }
@@ -644,8 +644,9 @@ where
 {
     let shared = session.shared();
     shared.check()?;
-    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
-    let (ticket, _) = enqueue(shared, &key, value, Vec::new()).await?;
+    let slot = shared.take_slot();
+    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (ticket, _) = enqueue(shared, &key, slot, value, Vec::new()).await?;
     let reads = Reads::fixed(reads(&ticket.key, ticket.create_revision));
     let decide = decide(&ticket.key, ticket.create_revision);
     wait_loop(shared, ticket, None, reads, decide).await
@@ -676,13 +677,14 @@ enum Attempt {
 /// Sends `txn()` — a put of `key` conditional on something — in a detached task (see
 /// [`detached`]) and turns the answer into an acquisition. When the put did not happen,
 /// `on_else` reads the else-branch `Get`s (at `revision`). `sweep` recognises late copies of
-/// the put.
+/// the put; `certain` says what follows the key's deletion when the put was sent once.
 async fn create_detached<T, E>(
     shared: &Arc<Shared>,
     key: &str,
     txn: T,
     on_else: E,
     sweep: Sweep,
+    certain: Afterwards,
 ) -> Result<Attempt, Error>
 where
     T: Fn() -> Txn + Send + 'static,
@@ -700,17 +702,17 @@ where
             Ok((got, put.uncertain))
         }
     };
-    let for_cleanup = (key.to_owned(), sweep.clone());
+    let for_cleanup = (key.to_owned(), sweep.clone(), certain.clone());
     let (got, uncertain): Created = detached(
         shared,
         work,
         move |outcome: &Result<Created, Unanswered>| {
-            let (key, sweep) = for_cleanup;
+            let (key, sweep, certain) = for_cleanup;
             match outcome {
                 Ok((Else::Ours(create_revision, _), uncertain)) => Some(Cleanup::release(
                     key,
                     *create_revision,
-                    uncertain.then_some(sweep),
+                    Afterwards::of_put(*uncertain, sweep, certain),
                 )),
                 Ok((_, true)) => Some(Cleanup::Sweep(sweep)),
                 Ok((_, false)) => None,
@@ -720,13 +722,13 @@ where
         },
     )
     .await?;
-    let sweep = uncertain.then_some(sweep);
     if let Else::Ours(create_revision, revision) = got {
-        return Ticket::new(shared, key.to_owned(), create_revision, sweep)
+        let after = Afterwards::of_put(uncertain, sweep, certain);
+        return Ticket::new(shared, key.to_owned(), create_revision, after)
             .into_acquired(revision)
             .map(Attempt::Acquired);
     }
-    if let Some(sweep) = sweep {
+    if uncertain {
         shared.clean_up(Cleanup::Sweep(sweep));
     }
     Ok(match got {
@@ -763,7 +765,7 @@ pub(crate) async fn create_exclusive(
             .map_or(Else::Busy, |kv| Else::Ours(kv.create_revision(), revision)))
     };
     Ok(
-        match create_detached(shared, key, txn, on_else, sweep).await? {
+        match create_detached(shared, key, txn, on_else, sweep, Afterwards::Nothing).await? {
             Attempt::Acquired(acquired) => Some(acquired),
             Attempt::Busy | Attempt::Unsure => None,
         },
@@ -804,7 +806,7 @@ pub(crate) async fn adopt_on_lease(
         key: key.to_owned(),
         create_revision: kv.create_revision(),
         revision,
-        sweep: None,
+        after: Afterwards::Nothing,
     };
     Ok(Some((acquired, kv.value().to_vec())))
 }
@@ -826,8 +828,12 @@ pub(crate) async fn try_acquire(
     if !blocker.is_exclusive() {
         return try_by_enqueue(session, queue, kind, &blocker, value).await;
     }
-    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
+    let slot = shared.take_slot();
+    let key = queue.member_key(kind, shared.lease_id, slot);
     let (put_key, lease, prefix) = (key.clone(), shared.lease_id, blocker.prefix().to_owned());
+    // Our put lands after every revision seen so far: a key of this name created earlier is
+    // not this call's.
+    let started = shared.seen_revision();
     let put_value = value.clone();
     let txn =
         move || keys::try_enqueue_txn(&prefix, &put_key, put_value.clone(), lease, blocker_page());
@@ -844,7 +850,11 @@ pub(crate) async fn try_acquire(
             .filter(|kv| counter.counts(kv.key()) && kv.key() != own_key.as_bytes())
             .map(|kv| kv.create_revision())
             .collect();
-        let Some(kv) = own.kvs().first() else {
+        let Some(kv) = own
+            .kvs()
+            .first()
+            .filter(|kv| kv.create_revision() > started)
+        else {
             // No earlier attempt of ours landed: busy if a member holds, else unsure.
             return Ok(if members.is_empty() {
                 Else::Unsure
@@ -863,7 +873,7 @@ pub(crate) async fn try_acquire(
         shared.clean_up(Cleanup::release(
             own_key.clone(),
             mine,
-            Some(Sweep::on_lease(&own_key, shared.lease_id)),
+            Afterwards::Sweep(Sweep::on_lease(&own_key, shared.lease_id)),
         ));
         Ok(if members.is_empty() {
             Else::Unsure
@@ -872,7 +882,7 @@ pub(crate) async fn try_acquire(
         })
     };
     let sweep = Sweep::on_lease(&key, lease);
-    match create_detached(shared, &key, txn, on_else, sweep).await? {
+    match create_detached(shared, &key, txn, on_else, sweep, Afterwards::Reuse(slot)).await? {
         Attempt::Acquired(acquired) => Ok(Some(acquired)),
         Attempt::Busy => Ok(None),
         Attempt::Unsure => try_by_enqueue(session, queue, kind, &blocker, value).await,
@@ -893,8 +903,9 @@ async fn try_by_enqueue(
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
     let shared = session.shared();
-    let key = queue.member_key(kind, shared.lease_id, shared.next_seq());
-    let (ticket, first) = enqueue(shared, &key, value, blocker.reads_at_enqueue()).await?;
+    let slot = shared.take_slot();
+    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (ticket, first) = enqueue(shared, &key, slot, value, blocker.reads_at_enqueue()).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
     let mut snapshot = match first {

@@ -22,12 +22,13 @@ use crate::{keys, Error, LossReason};
 /// A piece of background work the session's task carries out for a guard or an acquisition.
 #[derive(Debug)]
 pub(crate) enum Cleanup {
-    /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat); then, for an
-    /// acquisition whose put was sent more than once, sweep its late duplicates.
+    /// Send `txn`, a release fenced on `key`'s create revision (safe to repeat); then do what
+    /// `after` says (sweep the late duplicates of a put sent more than once, or give the key's
+    /// number back).
     Release {
         key: String,
         txn: Txn,
-        sweep: Option<Sweep>,
+        after: Afterwards,
     },
     /// Delete any late duplicate of an acquisition's put, now and whenever one lands, for as
     /// long as the session lives (the outcome of a request that may create the key is unknown).
@@ -39,9 +40,43 @@ pub(crate) enum Cleanup {
 
 impl Cleanup {
     /// Delete `key` if it is still the incarnation created at `create_revision`.
-    pub(crate) fn release(key: String, create_revision: i64, sweep: Option<Sweep>) -> Cleanup {
+    pub(crate) fn release(key: String, create_revision: i64, after: Afterwards) -> Cleanup {
         let txn = keys::fenced_delete(&key, create_revision);
-        Cleanup::Release { key, txn, sweep }
+        Cleanup::Release { key, txn, after }
+    }
+}
+
+/// What becomes of a member key's name once its deletion was answered.
+#[derive(Debug, Clone)]
+pub(crate) enum Afterwards {
+    /// Its put was sent more than once: late copies are swept for as long as the lease lives,
+    /// and its name is never used again.
+    Sweep(Sweep),
+    /// Its number goes back to the session's pool, for a later key (see `slots`).
+    Reuse(u64),
+    /// Nothing: a key this session did not number (a fixed name, or one taken back after a
+    /// restart).
+    Nothing,
+}
+
+impl Afterwards {
+    /// `Sweep(sweep)` for a put sent more than once (a copy may still land), else `certain`.
+    pub(crate) fn of_put(uncertain: bool, sweep: Sweep, certain: Afterwards) -> Afterwards {
+        if uncertain {
+            Afterwards::Sweep(sweep)
+        } else {
+            certain
+        }
+    }
+
+    /// The key's deletion was answered: hands the sweep to the session's task, or gives the
+    /// number back.
+    pub(crate) fn key_deleted(self, shared: &Shared) {
+        match self {
+            Afterwards::Sweep(sweep) => shared.clean_up(Cleanup::Sweep(sweep)),
+            Afterwards::Reuse(n) => shared.slots.give_back(n),
+            Afterwards::Nothing => {}
+        }
     }
 }
 
@@ -60,8 +95,9 @@ pub(crate) struct Sweep {
 }
 
 impl Sweep {
-    /// Any incarnation of `key` attached to `lease_id`: for member keys, which are unique per
-    /// acquisition, so once the acquisition is over any such key is a late copy.
+    /// Any incarnation of `key` attached to `lease_id`: for member keys, whose name is retired
+    /// once a sweep exists ([`Afterwards::Sweep`] never gives its number back), so once the
+    /// acquisition is over any such key is a late copy.
     pub(crate) fn on_lease(key: &str, lease_id: i64) -> Sweep {
         Sweep {
             key: key.to_owned(),
@@ -145,15 +181,19 @@ pub(super) async fn run_cleanups(
 async fn run_job(shared: &Arc<Shared>, mut job: Job) -> Result<(), Error> {
     let mut backoff = Backoff::for_requests();
     match job.cleanup {
-        Cleanup::Release { key, txn, sweep } => {
+        Cleanup::Release { key, txn, after } => {
             let resp = send_until_answered(shared, || txn.clone(), Kind::Write, &mut backoff)
                 .await?
                 .resp;
             tracing::debug!(key, deleted = resp.succeeded(), "background release done");
             job.pending = None;
-            match sweep {
-                Some(sweep) => run_sweep(shared, &sweep, &mut backoff).await,
-                None => Ok(()),
+            match after {
+                // In this job, not a new one: it is already running in the session's task.
+                Afterwards::Sweep(sweep) => run_sweep(shared, &sweep, &mut backoff).await,
+                other => {
+                    other.key_deleted(shared);
+                    Ok(())
+                }
             }
         }
         Cleanup::Sweep(sweep) => {

@@ -1,11 +1,13 @@
 //! [`LeasedSession`]: a lease that keeps itself alive and knows, on its own clock, when it may
 //! be gone. Its rooms: [`options`] (what a session asks for), [`liveness`] (the state machine,
-//! no I/O), [`keepalive`] (the refresh loop) and [`cleanup`] (background releases).
+//! no I/O), [`keepalive`] (the refresh loop), [`cleanup`] (background releases) and [`slots`]
+//! (the numbers in member key names, used again).
 
 mod cleanup;
 mod keepalive;
 mod liveness;
 mod options;
+mod slots;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -21,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::within;
 use crate::{Error, LossReason};
 use cleanup::{run_cleanups, Job};
-pub(crate) use cleanup::{Cleanup, PendingWork, Sweep};
+pub(crate) use cleanup::{Afterwards, Cleanup, PendingWork, Sweep};
 use keepalive::{keep_alive, lease_not_found};
 use liveness::Liveness;
 pub use options::{SessionOptions, MAX_LEASE_TTL_SECS};
@@ -116,6 +118,7 @@ pub(crate) struct Shared {
     cleanups: mpsc::UnboundedSender<Job>,
     pending: Arc<watch::Sender<usize>>,
     seq: AtomicU64,
+    slots: slots::Slots,
     stop: CancellationToken,
     closing: AtomicBool,
     tasks: TaskTracker,
@@ -199,9 +202,15 @@ impl Shared {
         self.revision.load(Ordering::Relaxed)
     }
 
-    /// A sequence number unique within this session, for member keys.
+    /// A number unique within this session, never used again (a barrier hold's token).
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A number for a member key's name that no key of this session that may exist carries;
+    /// [`Afterwards::Reuse`] gives it back once the key is gone.
+    pub(crate) fn take_slot(&self) -> u64 {
+        self.slots.take()
     }
 
     /// Hands a clean-up to the session's background task. Synchronous; never blocks. If the
@@ -590,6 +599,7 @@ impl LeasedSession {
             cleanups,
             pending: Arc::new(watch::channel(0).0),
             seq: AtomicU64::new(first_seq),
+            slots: slots::Slots::new(first_seq),
             stop: stop.clone(),
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
