@@ -186,12 +186,16 @@ async fn run_job(shared: &Arc<Shared>, mut job: Job) -> Result<(), Error> {
                 .await?
                 .resp;
             tracing::debug!(key, deleted = resp.succeeded(), "background release done");
-            job.pending = None;
             match after {
                 // In this job, not a new one: it is already running in the session's task.
-                Afterwards::Sweep(sweep) => run_sweep(shared, &sweep, &mut backoff).await,
+                Afterwards::Sweep(sweep) => {
+                    job.pending = None;
+                    run_sweep(shared, &sweep, &mut backoff).await
+                }
+                // The number is back before `settled()` says this release is done.
                 other => {
                     other.key_deleted(shared);
+                    job.pending = None;
                     Ok(())
                 }
             }
