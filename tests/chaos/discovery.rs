@@ -83,14 +83,12 @@ fn discovery_registrant_process() {
             } else {
                 None
             };
-            let how = if resumed.is_some() {
-                "resumed"
-            } else {
-                "registered"
-            };
-            let registration = match resumed {
-                Some(r) => r,
-                None => register_until_done(client, &target, addr).await,
+            let (how, registration) = match resumed {
+                Some(r) => ("resumed", r),
+                None => (
+                    "registered",
+                    register_until_done(client, &target, addr).await,
+                ),
             };
             let RegistrationState::Registered { lease_id, .. } = registration.state() else {
                 panic!("registered, yet {:?}", registration.state());

@@ -128,12 +128,7 @@ async fn mutex_holders_killed_and_resumed_stay_safe_under_faults() {
         (300, KillClient(2)),
         (400, KillClient(3)),
     ];
-    eprintln!("chaos: Mutex, resuming killed holders, 3 member(s): {plan:?}");
-    let violations = harness::run_schedule_resuming(Primitive::Mutex, 3, 100, &plan).await;
-    assert!(
-        violations.is_empty(),
-        "resuming killed holders: {violations:#?}\nschedule: {plan:?}"
-    );
+    stays_safe_resuming(Primitive::Mutex, 100, &plan).await;
 }
 
 /// The same for an election (`Election::resume`), a semaphore of 2 permits
@@ -156,13 +151,19 @@ async fn other_primitives_killed_and_resumed_stay_safe_under_faults() {
         (102, Primitive::Semaphore),
         (103, Primitive::RwLock),
     ] {
-        eprintln!("chaos: {primitive:?}, resuming killed holders, 3 member(s): {plan:?}");
-        let violations = harness::run_schedule_resuming(primitive, 3, seed, &plan).await;
-        assert!(
-            violations.is_empty(),
-            "{primitive:?}, resuming killed holders: {violations:#?}\nschedule: {plan:?}"
-        );
+        stays_safe_resuming(primitive, seed, &plan).await;
     }
+}
+
+/// Runs the resumed-holders `plan` of `primitive` on three members and asserts that the
+/// checker found nothing.
+async fn stays_safe_resuming(primitive: Primitive, seed: u64, plan: &[(u64, harness::Fault)]) {
+    eprintln!("chaos: {primitive:?}, resuming killed holders, 3 member(s): {plan:?}");
+    let violations = harness::run_schedule_resuming(primitive, 3, seed, plan).await;
+    assert!(
+        violations.is_empty(),
+        "{primitive:?}, resuming killed holders: {violations:#?}\nschedule: {plan:?}"
+    );
 }
 
 /// Registrants and views under the fault schedules: after the heal, every view equals the true
