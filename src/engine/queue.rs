@@ -211,6 +211,13 @@ async fn enqueue(
     ))
 }
 
+/// A member key of kind `kind` in `queue` for this session, and the number in its name: taken
+/// from the session's pool, given back through [`Afterwards::Reuse`] once the key is gone.
+fn numbered_key(shared: &Shared, queue: &Queue, kind: &str) -> (String, u64) {
+    let slot = shared.take_slot();
+    (queue.member_key(kind, shared.lease_id, slot), slot)
+}
+
 /// Runs `reads` while our key still exists. [`Error::LockLost`] once it is gone.
 async fn read_fenced(
     shared: &Arc<Shared>,
@@ -572,8 +579,7 @@ pub(crate) async fn acquire(
 ) -> Result<Acquired, Error> {
     let shared = session.shared();
     shared.check()?;
-    let slot = shared.take_slot();
-    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (key, slot) = numbered_key(shared, queue, kind);
     let (ticket, first) = enqueue(shared, &key, slot, value, blocker.reads_at_enqueue()).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     wait_loop(shared, ticket, first, reads, |s| blocker.decide(s)).await
@@ -644,8 +650,7 @@ where
 {
     let shared = session.shared();
     shared.check()?;
-    let slot = shared.take_slot();
-    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (key, slot) = numbered_key(shared, queue, kind);
     let (ticket, _) = enqueue(shared, &key, slot, value, Vec::new()).await?;
     let reads = Reads::fixed(reads(&ticket.key, ticket.create_revision));
     let decide = decide(&ticket.key, ticket.create_revision);
@@ -828,8 +833,7 @@ pub(crate) async fn try_acquire(
     if !blocker.is_exclusive() {
         return try_by_enqueue(session, queue, kind, &blocker, value).await;
     }
-    let slot = shared.take_slot();
-    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (key, slot) = numbered_key(shared, queue, kind);
     let (put_key, lease, prefix) = (key.clone(), shared.lease_id, blocker.prefix().to_owned());
     // Our put lands after every revision seen so far: a key of this name created earlier is
     // not this call's.
@@ -903,8 +907,7 @@ async fn try_by_enqueue(
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
     let shared = session.shared();
-    let slot = shared.take_slot();
-    let key = queue.member_key(kind, shared.lease_id, slot);
+    let (key, slot) = numbered_key(shared, queue, kind);
     let (ticket, first) = enqueue(shared, &key, slot, value, blocker.reads_at_enqueue()).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
