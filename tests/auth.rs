@@ -853,3 +853,289 @@ async fn readwrite_on_the_names_prefix_alone_is_enough_and_read_alone_only_looks
         .unwrap();
     assert!(left.kvs().is_empty(), "{:?}", left.kvs());
 }
+
+/// One public path of the crate, run on a client whose token has expired.
+type Path<'a> = (
+    &'static str,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'a>>,
+);
+
+/// With etcd's simple tokens (`--auth-token-ttl 2`) and a role limited to the app's prefix,
+/// every public path of the crate works after its client idled past the token's TTL: reads
+/// (`holder()`, `leader()`, `holders()`, `list()`, `view()`, `observe()`, a barrier's
+/// `wait()`), acquisitions, fenced writes, releases, STM, sessions and registrations. Each
+/// path has its own client, so one path's renewal cannot hide another's failure. The clients
+/// are connected without etcd-client's own token refresh (`with_auto_token_refresh`, off by
+/// default there): the crate renews tokens itself, whatever options its user connected with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_public_path_renews_an_expired_token_after_an_idle_period() {
+    use etcd_coord::discovery::{Discovery, Endpoint, Registration, SessionRegistration};
+    use etcd_coord::{Semaphore, Stm};
+    init_tracing();
+    let cluster = EtcdCluster::start_with_args(1, &["--auth-token-ttl", "2"])
+        .await
+        .unwrap();
+    let _root = enable_auth(&cluster, "app", "app/").await;
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let app = || {
+        etcd_client::Client::connect(
+            cluster.endpoints(),
+            Some(etcd_client::ConnectOptions::new().with_user("app", "app-pw")),
+        )
+    };
+    let app = || async { app().await.unwrap() };
+    let session = |client: etcd_client::Client| {
+        let options = options.clone();
+        async move { LeasedSession::new(client, options).await.unwrap() }
+    };
+    // Something to find on each read path.
+    let owner = session(app().await).await;
+    let held = Mutex::new(&owner, "app/m").lock().await.unwrap();
+    let leading = Election::new(&owner, "app/e").campaign("v").await.unwrap();
+    let permit = Semaphore::new(&owner, "app/s", 2).acquire().await.unwrap();
+    let reading = RwLock::new(&owner, "app/rw").read().await.unwrap();
+    let registered = SessionRegistration::register(&owner, "app/svc", Endpoint::new("1.2.3.4:5"))
+        .await
+        .unwrap();
+    let guard_session = session(app().await).await;
+    let guard = Mutex::new(&guard_session, "app/g").lock().await.unwrap();
+    let leader_session = session(app().await).await;
+    let leadership = Election::new(&leader_session, "app/l")
+        .campaign("v")
+        .await
+        .unwrap();
+    // A session per path that needs one, a bare client for the others.
+    let mut sessions = Vec::new();
+    for _ in 0..9 {
+        sessions.push(session(app().await).await);
+    }
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(app().await);
+    }
+    let resumable = session(app().await).await;
+    let lease = resumable.orphan();
+    // Idle past the token's TTL.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, s8] = &sessions[..] else {
+        unreachable!()
+    };
+    let Ok([c0, c1, c2, c3, c4, c5]) = <[etcd_client::Client; 6]>::try_from(clients) else {
+        unreachable!()
+    };
+    let paths: Vec<Path<'_>> = vec![
+        (
+            "Mutex::holder",
+            Box::pin(async {
+                assert!(Mutex::new(s0, "app/m").holder().await?.is_some());
+                Ok(())
+            }),
+        ),
+        (
+            "Election::leader",
+            Box::pin(async {
+                assert!(Election::new(s1, "app/e").leader().await?.is_some());
+                Ok(())
+            }),
+        ),
+        (
+            "Semaphore::holders",
+            Box::pin(async {
+                assert_eq!(Semaphore::new(s2, "app/s", 2).holders().await?.len(), 1);
+                Ok(())
+            }),
+        ),
+        (
+            "RwLock::holders",
+            Box::pin(async {
+                assert_eq!(RwLock::new(s3, "app/rw").holders().await?.len(), 1);
+                Ok(())
+            }),
+        ),
+        (
+            "Election::observe",
+            Box::pin(async {
+                let mut events = Box::pin(Election::new(s4, "app/e").observe());
+                events.next().await.expect("an event")?;
+                Ok(())
+            }),
+        ),
+        (
+            "Mutex::lock and release",
+            Box::pin(async { Mutex::new(s5, "app/x").lock().await?.release().await }),
+        ),
+        (
+            "Barrier::wait",
+            Box::pin(async { Barrier::new(s6, "app/b").wait().await }),
+        ),
+        (
+            "RwLock::write",
+            Box::pin(async { RwLock::new(s7, "app/w").write().await?.release().await }),
+        ),
+        (
+            "DoubleBarrier::enter",
+            Box::pin(async {
+                DoubleBarrier::new(s8, "app/d", 1)
+                    .enter()
+                    .await?
+                    .leave()
+                    .await
+            }),
+        ),
+        (
+            "Discovery::list",
+            Box::pin(async move {
+                assert_eq!(Discovery::new(c0, "app/svc").list().await?.len(), 1);
+                Ok(())
+            }),
+        ),
+        (
+            "Discovery::view",
+            Box::pin(async move {
+                assert_eq!(
+                    Discovery::new(c1, "app/svc")
+                        .view()
+                        .await?
+                        .endpoints()
+                        .len(),
+                    1
+                );
+                Ok(())
+            }),
+        ),
+        (
+            "Stm::run",
+            Box::pin(async move {
+                Stm::new(c2)
+                    .run(|tx| async move {
+                        let _ = tx.get("app/stm").await?;
+                        tx.put("app/stm", "1");
+                        Ok::<_, Error>(())
+                    })
+                    .await
+                    .map(|_| ())
+            }),
+        ),
+        (
+            "LeasedSession::new",
+            Box::pin(async { LeasedSession::new(c3, options.clone()).await?.close().await }),
+        ),
+        (
+            "LeasedSession::resume",
+            Box::pin(async {
+                LeasedSession::resume(c4, lease, options.clone())
+                    .await?
+                    .close()
+                    .await
+            }),
+        ),
+        (
+            "Registration::register",
+            Box::pin(async {
+                Registration::register(c5, "app/svc2", Endpoint::new("1.2.3.4:6"), options.clone())
+                    .await?
+                    .deregister()
+                    .await
+            }),
+        ),
+        (
+            "Fence::txn_if_owner and release",
+            Box::pin(async move {
+                guard
+                    .txn_if_owner([etcd_client::TxnOp::put("app/g-state", "x", None)])
+                    .await?;
+                guard.release().await
+            }),
+        ),
+        (
+            "Leadership::proclaim",
+            Box::pin(async { leadership.proclaim("w").await }),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, path) in paths {
+        match tokio::time::timeout(Duration::from_secs(10), path).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("{what}: {e}")),
+            Err(_) => failures.push(format!("{what}: no answer within 10 s")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "after the token expired: {failures:#?}"
+    );
+    drop((held, leading, permit, reading, registered));
+    owner.close().await.unwrap();
+}
+
+/// A live view and an `observe()` stream whose connection breaks after their client's token
+/// expired re-open their watches with a fresh token and go on: they see what happens after.
+/// (Their clients connect without etcd-client's own token refresh.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_and_observers_reconnect_after_their_token_expired() {
+    use etcd_coord::discovery::{Discovery, Endpoint, SessionRegistration};
+    init_tracing();
+    let cluster = EtcdCluster::start_with_args(1, &["--auth-token-ttl", "2"])
+        .await
+        .unwrap();
+    let _root = enable_auth(&cluster, "app", "app/").await;
+    let proxy = FaultProxy::start(cluster.endpoint(0).unwrap())
+        .await
+        .unwrap();
+    let plain = || async {
+        etcd_client::Client::connect(
+            [proxy.endpoint()],
+            Some(
+                etcd_client::ConnectOptions::new()
+                    .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+                    .with_user("app", "app-pw"),
+            ),
+        )
+        .await
+        .unwrap()
+    };
+    let view = Discovery::new(plain().await, "app/svc")
+        .view()
+        .await
+        .unwrap();
+    let observer = LeasedSession::new(plain().await, SessionOptions::new())
+        .await
+        .unwrap();
+    let mut observed = Box::pin(Election::new(&observer, "app/e").observe());
+    assert!(matches!(
+        observed.next().await,
+        Some(Ok(etcd_coord::LeaderEvent::NoLeader))
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.reset_peer();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let actor = LeasedSession::new(
+        user_client(&cluster, "app", "app-pw").await,
+        SessionOptions::new(),
+    )
+    .await
+    .unwrap();
+    let registration = SessionRegistration::register(&actor, "app/svc", Endpoint::new("1.2.3.4:5"))
+        .await
+        .unwrap();
+    let mut leadership = Election::new(&actor, "app/e")
+        .campaign("after")
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while view.endpoints().is_empty() {
+            view.changed().await?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await;
+    assert!(matches!(seen, Ok(Ok(()))), "the view: {seen:?}");
+    let next = tokio::time::timeout(Duration::from_secs(5), observed.next()).await;
+    assert!(
+        matches!(&next, Ok(Some(Ok(etcd_coord::LeaderEvent::Leader(l)))) if l.value() == b"after"),
+        "the observer: {next:?}"
+    );
+    leadership.resign().await.unwrap();
+    registration.deregister().await.unwrap();
+    actor.close().await.unwrap();
+}

@@ -19,7 +19,7 @@ use super::endpoint::{decode, Endpoint, Stored};
 use super::target_prefix;
 use crate::backoff::Backoff;
 use crate::engine::{Gap, PrefixEvents};
-use crate::error::within;
+use crate::error::{renewing_auth, within};
 use crate::keys::prefix_end;
 use crate::Error;
 
@@ -176,7 +176,11 @@ async fn read(client: &Client, prefix: &str, timeout: Duration) -> Result<Snapsh
             if snapshot.revision > 0 {
                 opts = opts.with_revision(snapshot.revision);
             }
-            let resp = match within(timeout, client.clone().get(from.clone(), Some(opts))).await {
+            let got = renewing_auth(client, || {
+                let (mut client, from, opts) = (client.clone(), from.clone(), opts.clone());
+                async move { within(timeout, client.get(from, Some(opts))).await }
+            });
+            let resp = match got.await {
                 Ok(resp) => resp,
                 Err(e) if snapshot.revision > 0 && is_compacted(&e) && restarts < READ_RESTARTS => {
                     restarts += 1;

@@ -71,9 +71,15 @@ impl ClientOnly {
         ClientOnly::new(session.client().clone(), session.shared().request_timeout)
     }
 
+    /// A read within the request timeout, sent once more with a fresh auth token if etcd
+    /// refused the first for a stale one.
     async fn get(&self, key: &str, opts: GetOptions) -> Result<etcd_client::GetResponse, Error> {
-        let mut kv = self.client.kv_client();
-        crate::error::within(self.request_timeout, kv.get(key, Some(opts))).await
+        crate::error::renewing_auth(&self.client, || {
+            let mut kv = self.client.kv_client();
+            let opts = opts.clone();
+            async move { crate::error::within(self.request_timeout, kv.get(key, Some(opts))).await }
+        })
+        .await
     }
 }
 
