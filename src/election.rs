@@ -4,7 +4,7 @@ use etcd_client::{EventType, KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
 use crate::engine::inspect::{self, ClientOnly};
-use crate::engine::{self, Blocker, Fence, Gap, Holding, PrefixEvents};
+use crate::engine::{self, Blocker, Fence, Gap, Holding, PrefixEvents, Revision};
 use crate::keys::{Layout, Named, Queue};
 use crate::{Error, LeasedSession};
 
@@ -293,57 +293,72 @@ impl Observer {
                     None => continue,
                 }
             };
-            let event = match events.next().await {
-                Ok(event) => event,
+            let revision = match events.next().await {
+                Ok(revision) => revision,
                 Err(Gap::Compacted) => {
                     self.events = None;
                     continue;
                 }
                 Err(Gap::Fatal(e)) => return Err(e),
             };
+            if let Some(change) = self.apply(&queue, &revision).await? {
+                return Ok(change);
+            }
+        }
+    }
+
+    /// What one revision's events (all of them: one Txn's, or one lease's end) make of the
+    /// leader, and the change to report, if any. The leader is decided once per revision:
+    /// when the leader's key went, or a key came while nobody led, by a read at that very
+    /// revision (the oldest member then); when only the leader's value changed, from the
+    /// event.
+    async fn apply(
+        &mut self,
+        queue: &Queue,
+        revision: &Revision,
+    ) -> Result<Option<LeaderEvent>, Error> {
+        let current = self.leader.clone().flatten();
+        let is_leader_key = |key: &[u8]| current.as_ref().is_some_and(|l| l.key.as_bytes() == key);
+        let mut reread = false;
+        let mut proclaimed = None;
+        for event in &revision.events {
             let Some(kv) = event.kv() else { continue };
             if !queue.is_member(kv.key()) {
                 continue; // a nested name's key
             }
-            let current = self.leader.clone().flatten();
-            let is_leader_key = current
-                .as_ref()
-                .is_some_and(|l| l.key.as_bytes() == kv.key());
-            let change = match event.event_type() {
-                // A put of the leader key that keeps its value (a fenced write's bump): no
-                // change.
-                EventType::Put
-                    if is_leader_key && current.as_ref().is_some_and(|l| l.value == kv.value()) =>
-                {
-                    None
-                }
-                // The leader proclaimed: same term, new value.
-                EventType::Put if is_leader_key => self.report(Some(LeaderInfo::from_kv(kv))),
-                // Nobody led, so the queue was empty: the new candidate is the oldest.
-                EventType::Put if current.is_none() => self.report(Some(LeaderInfo::from_kv(kv))),
-                // A candidate queued behind the leader.
-                EventType::Put => None,
-                // The leader left: the next oldest leads, as of that very revision.
-                EventType::Delete if is_leader_key => {
-                    let rev = kv.mod_revision();
-                    match read_leader(&self.session, &queue, rev).await {
-                        Ok((next, _)) => self.report(next),
-                        Err(_) => {
-                            // Compacted (or failed): re-read now and continue from there.
-                            let (next, at) = self.read_at(&queue, 0).await?;
-                            if let Some(events) = self.events.as_mut() {
-                                events.resume_after(at);
-                            }
-                            self.report(next)
-                        }
+            match event.event_type() {
+                // The leader left: whoever is oldest now leads.
+                EventType::Delete if is_leader_key(kv.key()) => reread = true,
+                // A candidate left: the leader stays.
+                EventType::Delete => {}
+                // The leader wrote its key: a new value is a proclaim; the same value (a
+                // fenced write's bump) is no change.
+                EventType::Put if is_leader_key(kv.key()) => {
+                    if current.as_ref().is_some_and(|l| l.value != kv.value()) {
+                        proclaimed = Some(LeaderInfo::from_kv(kv));
                     }
                 }
-                EventType::Delete => None,
-            };
-            if let Some(change) = change {
-                return Ok(change);
+                // Nobody led, so the queue was empty: a new key may lead now.
+                EventType::Put if current.is_none() => reread = true,
+                // A candidate queued behind the leader.
+                EventType::Put => {}
             }
         }
+        if reread {
+            let next = match read_leader(&self.session, queue, revision.revision).await {
+                Ok((next, _)) => next,
+                Err(_) => {
+                    // Compacted (or failed): re-read now and continue from there.
+                    let (next, at) = self.read_at(queue, 0).await?;
+                    if let Some(events) = self.events.as_mut() {
+                        events.resume_after(at);
+                    }
+                    next
+                }
+            };
+            return Ok(self.report(next));
+        }
+        Ok(proclaimed.and_then(|info| self.report(Some(info))))
     }
 }
 

@@ -1270,3 +1270,62 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
     println!("resumption completed before its drop, per delay: {outcomes:?}");
     assert!(truth(&c, &target).await.is_empty());
 }
+
+/// One Txn registering three endpoints (as Go's `endpoints.Manager.Update` with several
+/// additions does) is one revision of three events: a view shows all three at once, with no
+/// later write needed to bring them.
+#[tokio::test]
+async fn a_view_shows_every_endpoint_one_txn_registers_at_once() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("one-txn");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let puts: Vec<TxnOp> = (1..=3)
+        .map(|i| {
+            let addr = format!("10.0.0.{i}:80");
+            TxnOp::put(
+                format!("{target}/{addr}"),
+                Endpoint::new(addr).to_json(),
+                None,
+            )
+        })
+        .collect();
+    c.clone().txn(Txn::new().and_then(puts)).await.unwrap();
+    assert!(
+        converges(&view, &c, &target, Duration::from_secs(2)).await,
+        "the view shows {:?}",
+        view.endpoints().keys().collect::<Vec<_>>()
+    );
+    assert_eq!(view.endpoints().len(), 3);
+}
+
+/// Three endpoints on one lease vanish together when the lease is revoked (or expires): one
+/// revision of three deletions. A view drops all three at once.
+#[tokio::test]
+async fn a_view_drops_every_endpoint_of_a_lease_that_ends() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("one-lease");
+    let lease = c.clone().lease_grant(30, None).await.unwrap().id();
+    for i in 1..=3 {
+        let addr = format!("10.0.0.{i}:80");
+        c.clone()
+            .put(
+                format!("{target}/{addr}"),
+                Endpoint::new(addr).to_json(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .unwrap();
+    }
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    assert_eq!(view.endpoints().len(), 3);
+    c.clone().lease_revoke(lease).await.unwrap();
+    assert!(
+        converges(&view, &c, &target, Duration::from_secs(2)).await,
+        "after the lease ended the view still shows {:?}",
+        view.endpoints().keys().collect::<Vec<_>>()
+    );
+    assert!(view.endpoints().is_empty());
+}

@@ -694,3 +694,114 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
         "a proclaim whose caller had timed out overwrote a later one"
     );
 }
+
+/// A leader and a candidate deleted by one Txn (the candidate first, as `etcdctl del --prefix`
+/// or a lease revoke may order them) share one revision: `observe()` still reports that
+/// nobody leads, at once, with no later write needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_reports_no_leader_when_the_leader_and_a_candidate_go_in_one_revision() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = etcd().await;
+    let name = unique("observe-one-revision");
+    let watcher = session(&etcd, 10).await;
+    let mut events = Box::pin(Election::new(&watcher, &name).observe());
+    assert_eq!(next_event(&mut events).await, LeaderEvent::NoLeader);
+    let (a, b) = (session(&etcd, 10).await, session(&etcd, 10).await);
+    let leader = Election::new(&a, &name).campaign("a").await.unwrap();
+    assert_eq!(
+        leader_key(&next_event(&mut events).await),
+        Some(leader.key())
+    );
+    let eb = Election::new(&b, &name);
+    let candidate = tokio::spawn(async move { eb.campaign("b").await });
+    let observer = client(&etcd).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &format!("{name}/")).await.len() == 2
+        })
+        .await
+    );
+    let keys = keys_under(&observer, &format!("{name}/")).await;
+    // The candidate's delete first, then the leader's: one revision, two events.
+    let both = Txn::new().and_then([
+        TxnOp::delete(keys[1].as_str(), None),
+        TxnOp::delete(keys[0].as_str(), None),
+    ]);
+    observer.clone().txn(both).await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(2), events.next()).await;
+    assert!(
+        matches!(after, Ok(Some(Ok(LeaderEvent::NoLeader)))),
+        "observe after the leader and the candidate went in one revision: {after:?}"
+    );
+    assert!(matches!(
+        candidate.await.unwrap(),
+        Err(Error::LockLost { .. })
+    ));
+    drop(leader);
+}
+
+/// The same through a `LeaderSelector`'s view of who leads: a follower queued behind the
+/// leader and an outside candidate (a Go-style key) sees itself lead once the leader and the
+/// candidate are deleted in one revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selectors_view_of_the_leader_follows_a_revision_that_deletes_several_keys() {
+    use etcd_client::{PutOptions, Txn, TxnOp};
+    let etcd = etcd().await;
+    let name = unique("selector-one-revision");
+    let observer = client(&etcd).await;
+    // An outside leader and an outside candidate, each on a lease of its own.
+    let mut raw = observer.clone();
+    let mut keys = Vec::new();
+    for k in ["1", "2"] {
+        let lease = raw.lease_grant(30, None).await.unwrap().id();
+        let key = format!("{name}/{k}");
+        raw.put(
+            key.as_str(),
+            "outside",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+        keys.push(key);
+    }
+    let follower = LeaderSelector::new(client(&etcd).await, &name, "follower");
+    let mut leaders = follower.leaders();
+    let run = tokio::spawn(
+        follower.run(std::future::pending::<()>(), |term| async move {
+            term.cancelled().await;
+        }),
+    );
+    let saw = |value: &'static [u8]| {
+        let mut leaders = leaders.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                leaders.wait_for(|l| l.as_ref().is_some_and(|l| l.value() == value)),
+            )
+            .await
+            .is_ok()
+        }
+    };
+    assert!(
+        saw(b"outside").await,
+        "the follower sees the outside leader"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &format!("{name}/")).await.len() == 3
+        })
+        .await,
+        "the follower is queued"
+    );
+    let both = Txn::new().and_then([
+        TxnOp::delete(keys[1].as_str(), None),
+        TxnOp::delete(keys[0].as_str(), None),
+    ]);
+    observer.clone().txn(both).await.unwrap();
+    assert!(
+        saw(b"follower").await,
+        "after one revision deleted the leader and the candidate: {:?}",
+        *leaders.borrow_and_update()
+    );
+    run.abort();
+}

@@ -539,44 +539,20 @@ impl Follower {
         self.tx.send_modify(|p| p.ended = Some(Arc::new(ended)));
     }
 
-    /// Follows the prefix until a failure retrying cannot fix, which it returns.
+    /// Follows the prefix until a failure retrying cannot fix, which it returns. Every event of
+    /// a revision is applied before the set is published, and the set is published as soon as
+    /// every revision etcd sent so far is applied.
     async fn follow(&mut self) -> Error {
         let mut current = Arc::clone(&self.tx.borrow().endpoints);
         let mut dirty = false;
         loop {
             match self.events.next().await {
-                Ok(event) => {
-                    self.counters.events.fetch_add(1, Ordering::Relaxed);
-                    let Some(kv) = event.kv() else { continue };
+                Ok(revision) => {
                     self.counters
                         .revision
-                        .fetch_max(kv.mod_revision(), Ordering::Relaxed);
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let endpoint = match event.event_type() {
-                        EventType::Delete => None,
-                        EventType::Put => match decode(kv.value()) {
-                            Ok(Stored::Add(e)) => Some(e),
-                            Ok(Stored::Delete) => None,
-                            Err(e) => {
-                                let why = e.to_string();
-                                report_malformed(&self.counters, &key, &why);
-                                self.lock_malformed().insert(key.clone(), why);
-                                None
-                            }
-                        },
-                    };
-                    if endpoint.is_some() || event.event_type() == EventType::Delete {
-                        self.lock_malformed().remove(&key);
-                    }
-                    let map = Arc::make_mut(&mut current);
-                    match endpoint {
-                        Some(e) => {
-                            if map.get(&key) != Some(&e) {
-                                map.insert(key, e);
-                                dirty = true;
-                            }
-                        }
-                        None => dirty |= map.remove(&key).is_some(),
+                        .fetch_max(revision.revision, Ordering::Relaxed);
+                    for event in &revision.events {
+                        dirty |= self.apply(Arc::make_mut(&mut current), event);
                     }
                 }
                 Err(Gap::Compacted) => match self.resync().await {
@@ -595,6 +571,37 @@ impl Follower {
                 self.tx.send_modify(|p| p.endpoints = endpoints);
                 dirty = false;
             }
+        }
+    }
+
+    /// Applies one watch event to `map`; returns whether the set changed.
+    fn apply(&self, map: &mut BTreeMap<String, Endpoint>, event: &etcd_client::Event) -> bool {
+        self.counters.events.fetch_add(1, Ordering::Relaxed);
+        let Some(kv) = event.kv() else { return false };
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let endpoint = match event.event_type() {
+            EventType::Delete => None,
+            EventType::Put => match decode(kv.value()) {
+                Ok(Stored::Add(e)) => Some(e),
+                Ok(Stored::Delete) => None,
+                Err(e) => {
+                    let why = e.to_string();
+                    report_malformed(&self.counters, &key, &why);
+                    self.lock_malformed().insert(key.clone(), why);
+                    None
+                }
+            },
+        };
+        if endpoint.is_some() || event.event_type() == EventType::Delete {
+            self.lock_malformed().remove(&key);
+        }
+        match endpoint {
+            Some(e) if map.get(&key) != Some(&e) => {
+                map.insert(key, e);
+                true
+            }
+            Some(_) => false,
+            None => map.remove(&key).is_some(),
         }
     }
 

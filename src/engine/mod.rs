@@ -30,4 +30,4 @@ pub(crate) use queue::{
     Snapshot,
 };
 pub(crate) use request::{send_txn, Kind};
-pub(crate) use watch::{deleted_at, wait_gone, Gap, PrefixEvents, Watched};
+pub(crate) use watch::{deleted_at, wait_gone, Gap, PrefixEvents, Revision, Watched};

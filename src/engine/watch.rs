@@ -506,18 +506,30 @@ pub(crate) enum Gap {
     Fatal(Error),
 }
 
-/// Every event under a prefix, in revision order, across disconnects: after a stream failure
-/// it re-opens the watch from the last delivered revision + 1 (with backoff), so nothing is
-/// skipped. A stream quiet for [`PREFIX_QUIET`] is probed with a progress request and
-/// re-opened when that goes unanswered, so a silently dead stream is noticed even without
-/// HTTP/2 keep-alive. Independent of any session's lease.
+/// Every event of one store revision under a prefix: one Txn's operations, or every key
+/// deleted by one lease revoke or expiry, in the order etcd applied them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Revision<E = etcd_client::Event> {
+    /// The revision every event here carries (its `mod_revision`; a deletion's own).
+    pub(crate) revision: i64,
+    pub(crate) events: Vec<E>,
+}
+
+/// Every event under a prefix, a whole revision at a time, in revision order, across
+/// disconnects: after a stream failure it re-opens the watch just after the last delivered
+/// revision (with backoff), so nothing is skipped. A revision is delivered only with all its events
+/// (etcd sends them in one response, as no watch here asks for `fragment`), and the position
+/// moves past a revision only once it was delivered. A stream quiet for [`PREFIX_QUIET`] is
+/// probed with a progress request and re-opened when that goes unanswered, so a silently dead
+/// stream is noticed even without HTTP/2 keep-alive. Independent of any session's lease.
 pub(crate) struct PrefixEvents {
     client: etcd_client::Client,
     prefix: String,
     /// Every event at or below this revision has been delivered (or was covered by a read).
     after: i64,
     stream: Option<etcd_client::WatchStream>,
-    pending: std::collections::VecDeque<etcd_client::Event>,
+    /// Revisions received and not delivered yet, oldest first.
+    pending: std::collections::VecDeque<Revision>,
     backoff: Backoff,
     /// A progress request is outstanding on the current stream.
     probed: bool,
@@ -532,6 +544,28 @@ const PREFIX_PROBE_PATIENCE: Duration = Duration::from_secs(5);
 /// Opening a prefix watch that is not answered within this is given up and tried again (the
 /// connection it went to may be frozen, with nothing to close it).
 const PREFIX_OPEN_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Appends `events` (each with its revision, in etcd's order) to `pending`, grouped by
+/// revision, dropping those at or below `after` (covered by a read or delivered already).
+fn group_by_revision<E>(
+    pending: &mut std::collections::VecDeque<Revision<E>>,
+    after: i64,
+    events: impl IntoIterator<Item = (i64, E)>,
+) {
+    for (revision, event) in events {
+        let last = pending.back().map_or(after, |r| r.revision);
+        if revision <= after || revision < last {
+            continue; // covered already (or out of order: never from etcd)
+        }
+        match pending.back_mut() {
+            Some(r) if r.revision == revision => r.events.push(event),
+            _ => pending.push_back(Revision {
+                revision,
+                events: vec![event],
+            }),
+        }
+    }
+}
 
 impl PrefixEvents {
     /// Events under `prefix` with revisions after `after`.
@@ -556,21 +590,18 @@ impl PrefixEvents {
         self.probed = false;
     }
 
-    /// Whether every event received so far has been handed out (a batch is complete).
+    /// Whether every revision received so far has been handed out (what etcd sent in one
+    /// response is all applied once this holds).
     pub(crate) fn is_drained(&self) -> bool {
         self.pending.is_empty()
     }
 
-    /// The next event, with its revision (the event's mod revision).
-    pub(crate) async fn next(&mut self) -> Result<etcd_client::Event, Gap> {
+    /// The next revision's events, all of them.
+    pub(crate) async fn next(&mut self) -> Result<Revision, Gap> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
-                let rev = event.kv().map_or(0, |kv| kv.mod_revision());
-                if rev <= self.after {
-                    continue; // already covered by a read
-                }
-                self.after = rev;
-                return Ok(event);
+            if let Some(revision) = self.pending.pop_front() {
+                self.after = revision.revision;
+                return Ok(revision);
             }
             let stream = match self.stream.as_mut() {
                 Some(s) => s,
@@ -641,7 +672,11 @@ impl PrefixEvents {
                     if !resp.created() {
                         self.backoff.reset();
                     }
-                    self.pending.extend(resp.events().iter().cloned());
+                    let events = resp
+                        .events()
+                        .iter()
+                        .map(|event| (event.kv().map_or(0, |kv| kv.mod_revision()), event.clone()));
+                    group_by_revision(&mut self.pending, self.after, events);
                 }
                 other => {
                     if let Err(e) = other {
@@ -654,6 +689,60 @@ impl PrefixEvents {
                     sleep(self.backoff.next_delay()).await;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever responses etcd splits a history into, every event after the position is
+        /// delivered exactly once, in order, and each revision comes whole: all its events in
+        /// one batch, no batch mixing two revisions.
+        #[test]
+        fn revisions_are_delivered_whole_exactly_once_and_in_order(
+            sizes in prop::collection::vec(1usize..4, 1..12),
+            after in 0i64..6,
+            cuts in prop::collection::vec(any::<bool>(), 0..40),
+        ) {
+            // A history: revision r (from 1) has sizes[r-1] events, numbered in order.
+            let history: Vec<(i64, usize)> = sizes
+                .iter()
+                .enumerate()
+                .flat_map(|(i, n)| std::iter::repeat_n(i as i64 + 1, *n))
+                .enumerate()
+                .map(|(n, r)| (r, n))
+                .collect();
+            // Split it into responses at revision boundaries (etcd never splits a revision
+            // without `fragment`).
+            let mut responses: Vec<Vec<(i64, usize)>> = vec![Vec::new()];
+            for (i, e) in history.iter().enumerate() {
+                let boundary = i > 0 && history[i - 1].0 != e.0;
+                if boundary && cuts.get(i).copied().unwrap_or(false) {
+                    responses.push(Vec::new());
+                }
+                responses.last_mut().unwrap().push(*e);
+            }
+            let mut pending = std::collections::VecDeque::new();
+            let mut delivered = Vec::new();
+            for response in responses {
+                group_by_revision(&mut pending, after, response);
+                delivered.extend(pending.drain(..));
+            }
+            let expected: Vec<Revision<usize>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, _)| i as i64 + 1)
+                .filter(|r| *r > after)
+                .map(|r| Revision {
+                    revision: r,
+                    events: history.iter().filter(|e| e.0 == r).map(|e| e.1).collect(),
+                })
+                .collect();
+            prop_assert_eq!(delivered, expected);
         }
     }
 }
