@@ -1,6 +1,7 @@
 //! Discovery under the chaos suite's fault schedules: registrants (in this process, or in
 //! processes of their own for the ones a schedule kills with SIGKILL) and views, each through
-//! the fault proxy of one member, while registrations churn. After the faults heal, every
+//! the fault proxy of one member, while registrations churn — one endpoint per lease, and
+//! three on one lease whose end takes them all in one revision. After the faults heal, every
 //! view must equal the true set within [`CONVERGENCE_BOUND`], and the true set must be
 //! exactly the live registrants' keys; afterwards nothing may remain.
 
@@ -8,10 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions};
-use etcd_coord::discovery::{Discovery, Endpoint, Registration, RegistrationState, ServiceView};
+use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_coord::discovery::{
+    Discovery, Endpoint, Registration, RegistrationState, ServiceView, SessionRegistration,
+};
 use etcd_coord::testkit::EtcdCluster;
-use etcd_coord::{Error, SessionOptions};
+use etcd_coord::{Error, LeasedSession, SessionOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
@@ -163,28 +166,94 @@ struct Reported {
 }
 
 /// Registers and deregisters short-lived endpoints through `client` until `stop`, ignoring
-/// failures (a registration whose deregistration fails is dropped: its lease ends it).
+/// failures (a registration whose deregistration fails is dropped: its lease ends it). Rounds
+/// alternate between one endpoint per lease and three on one lease — registered one by one,
+/// or by one Txn as Go's `endpoints.Manager.Update` does — whose lease then ends, taking all
+/// three in one revision.
 async fn churn(client: Client, target: String, stop: CancellationToken) {
     let mut k = 0;
     while !stop.is_cancelled() {
         k += 1;
-        let register = Registration::register_with_suffix(
-            client.clone(),
-            &target,
-            format!("churn-{k}"),
-            Endpoint::new(format!("10.43.0.{}:80", k % 250)),
-            options(),
-        );
-        let registered = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(2), register) => r,
+        let round = async {
+            match k % 3 {
+                0 => single(&client, &target, k).await,
+                1 => three_on_one_session(&client, &target, k).await,
+                _ => three_in_one_txn(&client, &target, k).await,
+            }
         };
-        if let Ok(Ok(r)) = registered {
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), r.deregister()).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = round => {}
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+}
+
+fn churn_endpoint(k: usize, n: usize) -> (String, Endpoint) {
+    (
+        format!("churn-{k}-{n}"),
+        Endpoint::new(format!("10.43.{n}.{}:80", k % 250)),
+    )
+}
+
+/// One endpoint on a lease of its own, then deregistered.
+async fn single(client: &Client, target: &str, k: usize) {
+    let (suffix, endpoint) = churn_endpoint(k, 0);
+    let register =
+        Registration::register_with_suffix(client.clone(), target, suffix, endpoint, options());
+    if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), register).await {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), r.deregister()).await;
+    }
+}
+
+/// Three endpoints on one session, which then closes: its revoke deletes all three at once.
+async fn three_on_one_session(client: &Client, target: &str, k: usize) {
+    let Ok(Ok(session)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        LeasedSession::new(client.clone(), options()),
+    )
+    .await
+    else {
+        return;
+    };
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let (suffix, endpoint) = churn_endpoint(k, n);
+        let register =
+            SessionRegistration::register_with_suffix(&session, target, suffix, endpoint);
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), register).await {
+            held.push(r);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Closing revokes the lease: the keys go with it in one revision (the guards' own
+    // deletes, handed to the closed session, are not sent).
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.close()).await;
+    drop(held);
+}
+
+/// Three endpoints put by one Txn under one lease, as Go's `Manager.Update` adds several;
+/// then the lease is revoked.
+async fn three_in_one_txn(client: &Client, target: &str, k: usize) {
+    let mut c = client.clone();
+    let Ok(Ok(lease)) = tokio::time::timeout(Duration::from_secs(2), c.lease_grant(5, None)).await
+    else {
+        return;
+    };
+    let puts: Vec<TxnOp> = (0..3)
+        .map(|n| {
+            let (suffix, endpoint) = churn_endpoint(k, n);
+            TxnOp::put(
+                format!("{target}/{suffix}"),
+                endpoint.to_json(),
+                Some(PutOptions::new().with_lease(lease.id())),
+            )
+        })
+        .collect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.txn(Txn::new().and_then(puts))).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease.id())).await;
 }
 
 async fn truth(admin: &Client, target: &str) -> Option<BTreeMap<String, Endpoint>> {
