@@ -19,18 +19,27 @@ use crate::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Isolation {
-    /// The default. Every read sees the store at one revision — that of the transaction's
-    /// first read (linearizable) — and the commit succeeds only if no key read *or written*
-    /// has changed since that revision. Serializable, and no write skew even through keys
-    /// only written.
+    /// The default. Every read of an attempt sees the store at one revision, its snapshot:
+    /// that of its prefetched keys if it has any ([`Stm::with_prefetch`], or after a conflict
+    /// the keys the failed commit fetched anew), else that of its first read (linearizable).
+    /// Keys not prefetched are read at that revision too, so an attempt never mixes values
+    /// of two revisions, even one that later conflicts. The commit succeeds only if no key
+    /// read *or written* has changed since that revision. Serializable, and no write skew
+    /// even through keys only written. A transaction that only reads commits nothing: its
+    /// reads are already one state of the store, the current one at a moment during
+    /// [`Stm::run`].
     #[default]
     SerializableSnapshot,
-    /// Reads as [`SerializableSnapshot`](Self::SerializableSnapshot); the commit checks only
-    /// that no key read has changed since it was read.
+    /// Reads as [`SerializableSnapshot`](Self::SerializableSnapshot) (one revision per
+    /// attempt; a transaction that only reads commits nothing); the commit checks only that
+    /// no key read has changed since it was read.
     Serializable,
     /// Each key is read once per attempt (serializable reads, from whichever member answers)
-    /// and cached; the commit checks that no key read has changed since it was read. Reads of
-    /// different keys may come from different revisions.
+    /// and cached; the commit checks that no key read has changed since it was read, also for
+    /// a transaction that only reads (one read-only Txn). Reads of different keys may come
+    /// from different revisions — prefetched keys from the prefetch's — so the closure may
+    /// see values that were never the store's state together; such an attempt's commit fails
+    /// its check and it runs again.
     RepeatableReads,
     /// Reads see any committed state; the commit checks nothing (last writer wins).
     ReadCommitted,
@@ -133,7 +142,9 @@ impl Stm {
     }
 
     /// Keys read in one request before the first attempt (Go's `WithPrefetch`), so the
-    /// closure's reads of them cost no round trip.
+    /// closure's reads of them cost no round trip. At the snapshot levels the prefetch's
+    /// revision is the first attempt's snapshot: the keys not prefetched are read at that
+    /// revision too (serializable reads), never at a later one.
     pub fn with_prefetch<I, K>(mut self, keys: I) -> Stm
     where
         I: IntoIterator<Item = K>,
@@ -362,6 +373,20 @@ struct RangeRead {
 const RANGE_PAGE: i64 = 500;
 
 impl State {
+    /// The revision a read from etcd is made at, at the snapshot levels: the snapshot, once
+    /// fixed; before that, the prefetch's revision if keys were prefetched — they hold the
+    /// store as it was then, so every other read must be at that revision too, or the
+    /// attempt would see two revisions (a read-only one would commit that unchecked) — and
+    /// else none: the read is linearizable and fixes the snapshot. Always `None` below the
+    /// snapshot levels.
+    fn read_at(&self, isolation: Isolation) -> Option<i64> {
+        if !isolation.reads_at_snapshot() {
+            return None;
+        }
+        self.snapshot
+            .or_else(|| (!self.prefetched.is_empty()).then_some(self.prefetched_at))
+    }
+
     /// An error once a read of this attempt has failed: the attempt is void.
     fn usable(&self) -> Result<(), Error> {
         match self.void {
@@ -452,7 +477,9 @@ impl StmTxn {
                 return Ok(read.value.clone());
             }
             if let Some(read) = state.prefetched.remove(&key) {
-                if attempt.isolation.reads_at_snapshot() && state.snapshot.is_none() {
+                if attempt.isolation.reads_at_snapshot() {
+                    // Keys read from etcd before were read at the prefetch's revision too.
+                    debug_assert!(state.snapshot.is_none_or(|s| s == state.prefetched_at));
                     state.snapshot = Some(state.prefetched_at);
                 }
                 let value = read.value.clone();
@@ -460,7 +487,7 @@ impl StmTxn {
                 return Ok(value);
             }
             state.usable()?;
-            (state.snapshot, state.linearizable)
+            (state.read_at(attempt.isolation), state.linearizable)
         };
         let fetched = attempt.fetch(&key, None, snapshot, linearizable).await;
         let mut state = attempt.state();
@@ -529,14 +556,7 @@ impl StmTxn {
                 return Ok(state.seen_in(&start, &end));
             }
             state.usable()?;
-            // A snapshot fixed by prefetched keys holds for the range too.
-            let snapshot = match state.snapshot {
-                None if attempt.isolation.reads_at_snapshot() && !state.prefetched.is_empty() => {
-                    Some(state.prefetched_at)
-                }
-                other => other,
-            };
-            (snapshot, state.linearizable)
+            (state.read_at(attempt.isolation), state.linearizable)
         };
         let fetched = attempt
             .fetch(&start, Some(&end), snapshot, linearizable)
@@ -572,7 +592,8 @@ impl StmTxn {
     }
 
     /// The revision this attempt's reads see ([`Isolation::SerializableSnapshot`] and
-    /// [`Isolation::Serializable`]), once it has read something.
+    /// [`Isolation::Serializable`]), once it has read something: its prefetch's revision if
+    /// it had keys prefetched, else its first read's.
     pub fn revision(&self) -> Option<i64> {
         self.inner.state().snapshot
     }
@@ -722,7 +743,11 @@ impl Attempt {
             let read_only = state.writes.is_empty();
             if read_only {
                 match self.isolation {
-                    // One consistent snapshot already.
+                    // Every read was at the snapshot revision, prefetched keys included
+                    // (`State::read_at`): the reads are the store at one revision, which
+                    // was the current one during this run (the first linearizable read,
+                    // the prefetch or the failed commit that fetched them). Nothing to
+                    // check, no round trip.
                     Isolation::SerializableSnapshot | Isolation::Serializable => {
                         return Ok(Ok(state.snapshot.unwrap_or(0)))
                     }

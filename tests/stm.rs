@@ -4,13 +4,14 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use etcd_client::{Client, GetOptions};
 use etcd_coord::{Committed, Error, Isolation, Stm, StmTxn};
+use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 const START: i64 = 1000;
@@ -432,30 +433,44 @@ async fn an_aborting_closure_writes_nothing_and_bad_settings_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_whose_snapshot_is_compacted_away_runs_again() {
-    let etcd = etcd().await;
-    let mut other = client(&etcd).await;
-    let prefix = unique("stm-compacted");
-    let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
-    other.put(a.as_str(), "1", None).await.unwrap();
-    other.put(b.as_str(), "2", None).await.unwrap();
-    let (first, a, b, prefix, other, etcd) =
-        (&AtomicBool::new(true), &a, &b, &prefix, &other, &etcd);
-    let done = Stm::new(client(etcd).await)
-        .run(|tx: StmTxn| async move {
-            let x = number(tx.get(a.as_str()).await?);
-            if first.swap(false, Ordering::SeqCst) {
-                // Move the store on and compact past this attempt's snapshot.
-                other.clone().put(format!("{prefix}/z"), "", None).await?;
-                etcd.compact().await.unwrap();
-            }
-            let y = number(tx.get(b.as_str()).await?);
-            tx.put(format!("{prefix}/sum"), (x + y).to_string());
-            Ok::<_, Error>(x + y)
-        })
-        .await
-        .unwrap();
-    assert_eq!(done.value, 3);
-    assert_eq!(done.attempts, 2);
+    // The snapshot is fixed by a read of a, or (a prefetched) by the prefetch; either way b,
+    // read after the compaction, is read at it.
+    for prefetched in [false, true] {
+        let etcd = etcd().await;
+        let mut other = client(&etcd).await;
+        let prefix = unique("stm-compacted");
+        let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
+        other.put(a.as_str(), "1", None).await.unwrap();
+        other.put(b.as_str(), "2", None).await.unwrap();
+        let mut stm = Stm::new(client(&etcd).await);
+        if prefetched {
+            stm = stm.with_prefetch([a.as_str()]);
+        }
+        let (first, a, b, prefix, other, etcd) =
+            (&AtomicBool::new(true), &a, &b, &prefix, &other, &etcd);
+        let done = stm
+            .run(|tx: StmTxn| async move {
+                if !prefetched {
+                    tx.get(a.as_str()).await?;
+                }
+                if first.swap(false, Ordering::SeqCst) {
+                    // Move the store on and compact past this attempt's snapshot.
+                    other.clone().put(format!("{prefix}/z"), "", None).await?;
+                    etcd.compact().await.unwrap();
+                }
+                let y = number(tx.get(b.as_str()).await?);
+                let x = number(tx.get(a.as_str()).await?);
+                tx.put(format!("{prefix}/sum"), (x + y).to_string());
+                Ok::<_, Error>(x + y)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (done.value, done.attempts),
+            (3, 2),
+            "prefetched: {prefetched}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -741,4 +756,410 @@ async fn a_commit_too_large_for_etcd_is_a_clear_error_with_nothing_written() {
             }
         }
     }
+}
+
+/// How a transaction first reads a key it did not prefetch.
+#[derive(Debug, Clone, Copy)]
+enum FirstRead {
+    Get,
+    ModRevision,
+    Range,
+}
+
+/// Moves `amount` from `from` (holding `balances.0`) to `to` (holding `balances.1`) in one
+/// plain Txn, as another client would: the total stays the same.
+async fn move_in_one_txn(client: &Client, from: &str, to: &str, balances: (i64, i64), amount: i64) {
+    let puts = [
+        etcd_client::TxnOp::put(from, (balances.0 - amount).to_string(), None),
+        etcd_client::TxnOp::put(to, (balances.1 + amount).to_string(), None),
+    ];
+    client
+        .clone()
+        .txn(etcd_client::Txn::new().and_then(puts))
+        .await
+        .unwrap();
+}
+
+/// Accounts a and b hold 100 each (200 in all). A read-only transaction has `a` prefetched;
+/// between the prefetch and its reads another client moves 10 from a to b; it then reads b
+/// (by `first`) and then a, and returns the sum. Also returns the revision of the prefetch.
+async fn sum_after_a_transfer_past_the_prefetch(
+    isolation: Isolation,
+    first: FirstRead,
+) -> (Committed<i64>, i64) {
+    let etcd = etcd().await;
+    let other = client(&etcd).await;
+    let prefix = unique("stm-prefetch-past");
+    let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
+    other.clone().put(a.as_str(), "100", None).await.unwrap();
+    let prefetched_at = other
+        .clone()
+        .put(b.as_str(), "100", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let (a, b, other, moved) = (&a, &b, &other, &AtomicBool::new(false));
+    let done = Stm::new(client(&etcd).await)
+        .with_isolation(isolation)
+        .with_prefetch([a.as_str()])
+        .run(|tx: StmTxn| async move {
+            if !moved.swap(true, Ordering::SeqCst) {
+                move_in_one_txn(other, a, b, (100, 100), 10).await;
+            }
+            let b_value = match first {
+                FirstRead::Get => number(tx.get(b.as_str()).await?),
+                FirstRead::ModRevision => {
+                    tx.mod_revision(b.as_str()).await?;
+                    number(tx.get(b.as_str()).await?)
+                }
+                FirstRead::Range => number(
+                    tx.get_prefix(b.as_str())
+                        .await?
+                        .remove(b.as_bytes())
+                        .map(|v| v.to_vec()),
+                ),
+            };
+            let a_value = number(tx.get(a.as_str()).await?);
+            Ok::<_, Error>(a_value + b_value)
+        })
+        .await
+        .unwrap();
+    (done, prefetched_at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_not_prefetched_are_read_at_the_prefetchs_revision_so_a_read_only_sum_is_conserved() {
+    for isolation in [Isolation::SerializableSnapshot, Isolation::Serializable] {
+        for first in [FirstRead::Get, FirstRead::ModRevision, FirstRead::Range] {
+            let (done, prefetched_at) =
+                sum_after_a_transfer_past_the_prefetch(isolation, first).await;
+            assert_eq!(
+                (done.value, done.attempts, done.revision),
+                (200, 1, prefetched_at),
+                "{isolation:?}, b read by {first:?} first: the sum, the attempts and the \
+                 revision of the reads (the prefetch's)"
+            );
+        }
+    }
+    // RepeatableReads reads b as it is now and a as prefetched; the read-only commit's check
+    // sees that a changed, and the second attempt reads both as the failed check fetched them.
+    let (done, _) =
+        sum_after_a_transfer_past_the_prefetch(Isolation::RepeatableReads, FirstRead::Get).await;
+    assert_eq!((done.value, done.attempts), (200, 2), "RepeatableReads");
+    // ReadCommitted checks nothing: it sees b after the transfer and a before it.
+    let (done, _) =
+        sum_after_a_transfer_past_the_prefetch(Isolation::ReadCommitted, FirstRead::Get).await;
+    assert_eq!((done.value, done.attempts), (210, 1), "ReadCommitted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_after_a_conflict_reads_new_keys_at_the_revision_of_the_reads_it_reuses() {
+    // Accounts a and b hold 100 each. The first attempt reads a, another client moves 10 from
+    // a to b, and the attempt writes a note: its commit conflicts and fetches a anew. Before
+    // the second attempt reads, the other client moves 10 more; the second attempt reads b (not
+    // among the reused reads) and then a, writes nothing, and commits the sum it saw.
+    for isolation in [Isolation::SerializableSnapshot, Isolation::Serializable] {
+        let etcd = etcd().await;
+        let other = client(&etcd).await;
+        let prefix = unique("stm-retry-past");
+        let (a, b, note) = (
+            format!("{prefix}/a"),
+            format!("{prefix}/b"),
+            format!("{prefix}/note"),
+        );
+        other.clone().put(a.as_str(), "100", None).await.unwrap();
+        other.clone().put(b.as_str(), "100", None).await.unwrap();
+        let (a, b, note, other, attempt) = (&a, &b, &note, &other, &AtomicU32::new(0));
+        let done = Stm::new(client(&etcd).await)
+            .with_isolation(isolation)
+            .run(|tx: StmTxn| async move {
+                match attempt.fetch_add(1, Ordering::SeqCst) {
+                    0 => {
+                        let seen = number(tx.get(a.as_str()).await?);
+                        move_in_one_txn(other, a, b, (100, 100), 10).await;
+                        tx.put(note.as_str(), seen.to_string());
+                        Ok::<_, Error>(None)
+                    }
+                    n => {
+                        if n == 1 {
+                            move_in_one_txn(other, a, b, (90, 110), 10).await;
+                        }
+                        let b_value = number(tx.get(b.as_str()).await?);
+                        let a_value = number(tx.get(a.as_str()).await?);
+                        Ok(Some(a_value + b_value))
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (done.value, done.attempts),
+            (Some(200), 2),
+            "{isolation:?}: the second attempt's sum"
+        );
+    }
+}
+
+/// One audit: a transaction that sums every account and writes nothing (from its second
+/// attempt on, if its first attempt writes).
+#[derive(Debug, Clone)]
+struct Audit {
+    isolation: Isolation,
+    /// The order every account is read in.
+    order: Vec<usize>,
+    /// The accounts prefetched (`with_prefetch`); maybe none.
+    prefetch: Vec<usize>,
+    /// If set, the first attempt reads only these accounts and writes a note: it commits
+    /// unless one of them changed meanwhile; then the next attempt starts from the reads the
+    /// failed commit fetched, and reads the other accounts itself.
+    first_attempt_writes: Option<Vec<usize>>,
+    /// Milliseconds paused before each read (writers move money meanwhile).
+    pause_ms: u64,
+}
+
+fn audits(accounts: usize) -> impl Strategy<Value = Audit> {
+    let all: Vec<usize> = (0..accounts).collect();
+    (
+        prop_oneof![
+            Just(Isolation::SerializableSnapshot),
+            Just(Isolation::Serializable)
+        ],
+        Just(all.clone()).prop_shuffle(),
+        proptest::sample::subsequence(all.clone(), 0..=accounts),
+        proptest::option::of(proptest::sample::subsequence(all, 1..accounts)),
+        0u64..3,
+    )
+        .prop_map(
+            |(isolation, order, prefetch, first_attempt_writes, pause_ms)| Audit {
+                isolation,
+                order,
+                prefetch,
+                first_attempt_writes,
+                pause_ms,
+            },
+        )
+}
+
+/// What an audit committed: the sum its last attempt saw (`None` if its first attempt
+/// committed its note), whether a writer committed after the revision it read at, while it
+/// was reading, and its attempts.
+struct Audited {
+    sum: Option<i64>,
+    overtaken: bool,
+    attempts: u32,
+}
+
+async fn audit(client: &Client, prefix: &str, audit: &Audit, last_write: &AtomicI64) -> Audited {
+    let key = |i: &usize| account(prefix, *i);
+    let (note, attempt) = (&format!("{prefix}/note"), &AtomicU32::new(0));
+    let pause = Duration::from_millis(audit.pause_ms);
+    let done = Stm::new(client.clone())
+        .with_isolation(audit.isolation)
+        .with_prefetch(audit.prefetch.iter().map(key))
+        .run(|tx: StmTxn| async move {
+            let first = attempt.fetch_add(1, Ordering::SeqCst) == 0;
+            let (reads, writes) = match &audit.first_attempt_writes {
+                Some(some) if first => (some, true),
+                _ => (&audit.order, false),
+            };
+            let mut sum = 0;
+            for i in reads {
+                tokio::time::sleep(pause).await;
+                sum += number(tx.get(key(i)).await?);
+            }
+            let overtaken = last_write.load(Ordering::SeqCst) > tx.revision().unwrap();
+            if writes {
+                tx.put(note.as_str(), sum.to_string());
+                return Ok::<_, Error>((None, overtaken));
+            }
+            Ok((Some(sum), overtaken))
+        })
+        .await
+        .unwrap();
+    Audited {
+        sum: done.value.0,
+        overtaken: done.value.1,
+        attempts: done.attempts,
+    }
+}
+
+/// Moves money between random accounts until `stop`: through an `Stm` at `isolation` (with
+/// both accounts prefetched or not), or with plain Txns if `isolation` is `None` (read both,
+/// then put both if neither changed). Publishes each commit's revision in `last_write`.
+async fn keep_transferring(
+    client: Client,
+    prefix: String,
+    accounts: usize,
+    isolation: Option<Isolation>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    last_write: Arc<AtomicI64>,
+) -> usize {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut moves = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let from = rng.random_range(0..accounts);
+        let to = (from + rng.random_range(1..accounts)) % accounts;
+        let amount = rng.random_range(1..=10);
+        let (from, to) = (account(&prefix, from), account(&prefix, to));
+        let revision = match isolation {
+            Some(isolation) => {
+                let mut stm = Stm::new(client.clone())
+                    .with_isolation(isolation)
+                    .with_max_attempts(1000);
+                if rng.random_bool(0.5) {
+                    stm = stm.with_prefetch([from.as_str(), to.as_str()]);
+                }
+                let (from, to) = (&from, &to);
+                stm.run(|tx: StmTxn| async move {
+                    let have = number(tx.get(from.as_str()).await?);
+                    let other = number(tx.get(to.as_str()).await?);
+                    tx.put(from.as_str(), (have - amount).to_string());
+                    tx.put(to.as_str(), (other + amount).to_string());
+                    Ok::<_, Error>(())
+                })
+                .await
+                .unwrap()
+                .revision
+            }
+            None => loop {
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let mut c = client.clone();
+                let read = c
+                    .txn(Txn::new().and_then([
+                        TxnOp::get(from.as_str(), None),
+                        TxnOp::get(to.as_str(), None),
+                    ]))
+                    .await
+                    .unwrap();
+                let kvs: Vec<(i64, i64)> = read
+                    .op_responses()
+                    .into_iter()
+                    .map(|r| match r {
+                        etcd_client::TxnOpResponse::Get(g) => {
+                            let kv = &g.kvs()[0];
+                            (number(Some(kv.value().to_vec())), kv.mod_revision())
+                        }
+                        _ => unreachable!(),
+                    })
+                    .collect();
+                let moved = c
+                    .txn(
+                        Txn::new()
+                            .when([
+                                Compare::mod_revision(from.as_str(), CompareOp::Equal, kvs[0].1),
+                                Compare::mod_revision(to.as_str(), CompareOp::Equal, kvs[1].1),
+                            ])
+                            .and_then([
+                                TxnOp::put(from.as_str(), (kvs[0].0 - amount).to_string(), None),
+                                TxnOp::put(to.as_str(), (kvs[1].0 + amount).to_string(), None),
+                            ]),
+                    )
+                    .await
+                    .unwrap();
+                if moved.succeeded() {
+                    break moved.header().unwrap().revision();
+                }
+            },
+        };
+        last_write.fetch_max(revision, Ordering::SeqCst);
+        moves += 1;
+    }
+    moves
+}
+
+/// A conservation audit: writers keep moving money between 6 accounts (two through `Stm`, one
+/// with plain Txns) while read-only transactions sum every account, in a random order, with a
+/// random subset prefetched, at SerializableSnapshot and Serializable — some after a first
+/// attempt that wrote and conflicted. Every one must see exactly the conserved total.
+#[test]
+fn read_only_audits_see_the_conserved_total_whatever_they_prefetch_and_in_whatever_order() {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    const ACCOUNTS: usize = 6;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = rt.block_on(etcd());
+    let prefix = unique("stm-audit");
+    let (stop, last_write) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicI64::new(0)),
+    );
+    let (auditor, writers) = rt.block_on(async {
+        let auditor = client(&etcd).await;
+        open_accounts(&auditor, &prefix, ACCOUNTS).await;
+        let mut writers = Vec::new();
+        for (seed, isolation) in [
+            Some(Isolation::SerializableSnapshot),
+            Some(Isolation::Serializable),
+            None,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            writers.push(tokio::spawn(keep_transferring(
+                client(&etcd).await,
+                prefix.clone(),
+                ACCOUNTS,
+                isolation,
+                seed as u64,
+                Arc::clone(&stop),
+                Arc::clone(&last_write),
+            )));
+        }
+        (auditor, writers)
+    });
+    let total = START * ACCOUNTS as i64;
+    let counts = std::cell::Cell::new((0usize, 0usize, 0usize)); // read-only, overtaken, after a conflict
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: 24,
+            failure_persistence: None,
+            max_shrink_iters: 32,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
+    let result = runner.run(&proptest::collection::vec(audits(ACCOUNTS), 4), |case| {
+        for a in &case {
+            let seen = rt.block_on(audit(&auditor, &prefix, a, &last_write));
+            let Some(sum) = seen.sum else { continue };
+            prop_assert_eq!(sum, total, "{:?} saw a total that never was", a);
+            let (r, o, c) = counts.get();
+            counts.set((
+                r + 1,
+                o + usize::from(seen.overtaken),
+                c + usize::from(seen.attempts > 1),
+            ));
+        }
+        Ok(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let moves: usize = rt.block_on(async {
+        let mut moves = 0;
+        for w in writers {
+            moves += w.await.unwrap();
+        }
+        moves
+    });
+    let (read_only, overtaken, after_a_conflict) = counts.get();
+    eprintln!(
+        "audit: {read_only} read-only audits ({overtaken} overtaken by a writer while reading, \
+         {after_a_conflict} after a conflict), {moves} transfers"
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let balances = rt.block_on(read_all(&auditor, &format!("{prefix}/acct/")));
+    let sum: i64 = balances.values().map(|v| v.parse::<i64>().unwrap()).sum();
+    assert_eq!(sum, total, "the writers did not conserve the total");
+    assert!(
+        overtaken >= read_only / 4 && after_a_conflict > 0,
+        "too little concurrency to test anything: {overtaken} of {read_only} audits overtaken, \
+         {after_a_conflict} after a conflict"
+    );
 }
