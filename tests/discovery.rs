@@ -349,7 +349,8 @@ async fn malformed_values_are_skipped_and_reported_and_never_end_the_view() {
     assert!(view.malformed().contains_key(&format!("{target}/bad-1")));
     let mut changes = view.changes();
     // After it: bad values, then a good one; and the good one turned bad is removed.
-    put(&c, &format!("{target}/bad-2"), r#"{"Op":7,"Addr":"x"}"#).await;
+    // An Op Go cannot decode into its uint8 (Go skips such a value too).
+    put(&c, &format!("{target}/bad-2"), r#"{"Op":300,"Addr":"x"}"#).await;
     put(&c, &format!("{target}/bad-3"), "[]").await;
     put(
         &c,
@@ -1270,3 +1271,4 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
     println!("resumption completed before its drop, per delay: {outcomes:?}");
     assert!(truth(&c, &target).await.is_empty());
 }
+
