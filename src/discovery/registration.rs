@@ -637,7 +637,9 @@ impl SessionRegistration {
     /// # Errors
     /// As [`Registration::register`]; also [`Error::SessionLost`] / [`Error::SessionClosed`]
     /// if the session is not alive. A second registration of the same key through the same
-    /// session is [`Error::AlreadyHeld`] too.
+    /// session is [`Error::AlreadyHeld`] too — also one made at the same time — for as long as
+    /// the first is under way or registered (until its deregistration's delete is answered;
+    /// nothing is sent).
     ///
     /// # Cancel safety
     /// A dropped future leaves no key behind.
