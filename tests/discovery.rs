@@ -1502,3 +1502,81 @@ async fn a_registration_whose_key_another_client_put_sees_the_loss_and_leaves_th
     assert_eq!(stored(&c, &key).await, Some((plain.into(), 0)));
     assert!(!lease_exists(&c, lease_id).await, "our lease was revoked");
 }
+
+/// An `update()` made while re-registering is written once the endpoint is registered again;
+/// if that write fails, the registration says so in its state (and registers again with the
+/// new endpoint), never `Registered` with the old endpoint and only a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_registration_whose_deferred_update_fails_reports_it_in_its_state() {
+    // etcd refuses requests over 64 KiB here: an endpoint whose JSON is larger can be recorded
+    // by update() (it is within our 1 MiB limit) but never written.
+    let etcd = EtcdCluster::start_with_args(1, &["--max-request-bytes", "65536"])
+        .await
+        .expect("etcd with --max-request-bytes");
+    let c = etcd.client().await.unwrap();
+    let proxy = etcd_coord::testkit::FaultProxy::start(etcd.endpoints()[0].clone())
+        .await
+        .unwrap();
+    let target = unique("svc");
+    let registration = Registration::register(
+        client_via(&proxy).await,
+        &target,
+        Endpoint::new("h:1"),
+        ttl(30),
+    )
+    .await
+    .unwrap();
+    let key = registration.key().to_owned();
+    // Slow requests (250 ms each way), so that a re-registration takes a while; then the key
+    // is deleted and the registration registers again.
+    proxy.set_latency(Duration::from_millis(250), Duration::ZERO);
+    let mut states = registration.subscribe();
+    c.clone().delete(key.as_str(), None).await.unwrap();
+    let reregistering = tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| matches!(s, RegistrationState::Reregistering { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(reregistering, "{:?}", registration.state());
+    // While the attempt (with the old endpoint) is under way: an endpoint etcd will refuse.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let large = Endpoint::new("h:1").with_metadata(json!("x".repeat(100 << 10)));
+    let update = registration.update(large).await;
+    assert!(
+        matches!(update, Err(Error::NotRegistered { .. })),
+        "{update:?}"
+    );
+    let reported = tokio::time::timeout(
+        Duration::from_secs(10),
+        states.wait_for(|s| {
+            matches!(s, RegistrationState::Reregistering { reason, .. } if reason.contains("too large"))
+        }),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(
+        reported,
+        "the failed write is not in the state: {:?}, stored {:?}",
+        registration.state(),
+        stored(&c, &key).await
+    );
+    proxy.heal();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            stored(&c, &key).await.is_none()
+        })
+        .await,
+        "the old endpoint stays registered: {:?}",
+        stored(&c, &key).await
+    );
+    assert!(
+        matches!(
+            registration.state(),
+            RegistrationState::Reregistering { .. }
+        ),
+        "registered with an endpoint other than the one asked for: {:?}",
+        registration.state()
+    );
+    registration.deregister().await.unwrap();
+}
