@@ -209,16 +209,17 @@ impl DoubleBarrier {
         // (after we left, when the round is over) fails its compare instead of letting the next
         // round through early. It is retried like any request of the wait.
         let decider = |own_key: &str, own_revision: i64| {
-            let latch = Txn::new()
-                .when([
-                    Compare::create_revision(ready.as_str(), CompareOp::Equal, 0),
-                    keys::owner_compare(own_key, own_revision),
-                ])
-                .and_then([TxnOp::put(
-                    ready.as_str(),
-                    "",
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
+            let mut compares = keys::owner_compares(own_key, own_revision, lease);
+            compares.push(Compare::create_revision(
+                ready.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
+            let latch = Txn::new().when(compares).and_then([TxnOp::put(
+                ready.as_str(),
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
             let (ready, participants) = (ready.clone(), participants.clone());
             move |snapshot: &engine::Snapshot| {
                 #[cfg(feature = "sabotage")]
@@ -257,7 +258,11 @@ impl DoubleBarrier {
         // Leaving removes our key and, if we are the last participant, the latch, in one Txn
         // (the nested compare sees the state before the delete: "only our key is left").
         let leave = Txn::new()
-            .when([keys::owner_compare(&acquired.key, acquired.create_revision)])
+            .when(keys::owner_compares(
+                &acquired.key,
+                acquired.create_revision,
+                lease,
+            ))
             .and_then([
                 TxnOp::delete(acquired.key.as_str(), None),
                 TxnOp::txn(

@@ -373,8 +373,9 @@ fn is_compacted(e: &Error) -> bool {
 /// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
 /// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
 /// [`fencing_token()`](Fence::fencing_token) (strictly increasing across terms),
-/// [`owner_compare()`](Fence::owner_compare), [`txn_if_owner()`](Fence::txn_if_owner),
-/// [`lost()`](Fence::lost) (the session is Lost, or the leader key deleted or resigned) and
+/// [`owner_compares()`](Fence::owner_compares), [`txn_if_owner()`](Fence::txn_if_owner),
+/// [`lost()`](Fence::lost) (the session is Lost, or the leader key deleted, resigned or taken
+/// over by another client's put) and
 /// [`session()`](Fence::session). As with [`MutexGuard`](crate::MutexGuard), leading does not by
 /// itself make writes elsewhere safe: fence them, or pass the fencing token.
 #[must_use = "dropping a Leadership resigns at once"]
@@ -386,7 +387,7 @@ pub struct Leadership {
 impl std::ops::Deref for Leadership {
     type Target = Fence;
 
-    /// The term's [`Fence`]: `key()`, `fencing_token()`, `owner_compare()`,
+    /// The term's [`Fence`]: `key()`, `fencing_token()`, `owner_compares()`,
     /// `txn_if_owner(ops)`, `lost()`, `session()`.
     fn deref(&self) -> &Fence {
         self.holding.fence()
@@ -401,7 +402,7 @@ impl Leadership {
     }
 
     /// Replaces the leader's value, only while this term lasts (fenced on the leader key's
-    /// create revision; the key stays under the session's lease).
+    /// create revision and lease; the key stays under the session's lease).
     ///
     /// # Errors
     /// [`Error::LockLost`] if this candidate no longer leads (nothing was written), e.g. a
@@ -417,8 +418,8 @@ impl Leadership {
         .map(|_| ())
     }
 
-    /// Resigns: deletes the leader key with a Txn fenced on its create revision, so the next
-    /// candidate leads at once.
+    /// Resigns: deletes the leader key with a Txn fenced on its create revision and lease, so
+    /// the next candidate leads at once.
     ///
     /// Retry-safe (etcd #22123): if it fails, the leadership keeps its state and `resign()` can
     /// be called again (a retry that finds the key gone after an unanswered attempt succeeds);

@@ -193,24 +193,43 @@ impl Named {
     }
 }
 
-/// Holds exactly while `key` exists with create revision `create_revision`: the owner-only
-/// compare behind every fenced write and release.
+/// Holds exactly while `key` exists with create revision `create_revision`: the key was not
+/// deleted (or expired) and re-created since. It does not see a plain put of the key by
+/// someone else, which keeps the create revision: see [`owner_compares`].
 pub(crate) fn owner_compare(key: &str, create_revision: i64) -> Compare {
     Compare::create_revision(key, CompareOp::Equal, create_revision)
 }
 
-/// Deletes `key` only if it is still the incarnation created at `create_revision`.
-pub(crate) fn fenced_delete(key: &str, create_revision: i64) -> Txn {
-    Txn::new()
-        .when([owner_compare(key, create_revision)])
-        .and_then([TxnOp::delete(key, None)])
+/// Holds exactly while `key` is the incarnation created at `create_revision` *and* is still
+/// attached to `lease_id`: the owner-only compares behind every fenced write and release. A
+/// put of the key by another client (Go's `AddEndpoint`, `etcdctl put`, a put under another
+/// lease or none) keeps its create revision but moves it off our lease, so it fails them.
+pub(crate) fn owner_compares(key: &str, create_revision: i64, lease_id: i64) -> Vec<Compare> {
+    vec![
+        owner_compare(key, create_revision),
+        Compare::lease(key, CompareOp::Equal, lease_id),
+    ]
 }
 
-/// Bumps `key`'s mod revision (value and lease unchanged) only while it is the incarnation
-/// `create_revision`: a "touch" that wakes whoever watches the key for changes.
-pub(crate) fn touch(key: &str, create_revision: i64) -> Txn {
+/// Deletes `key` only while it is ours: the incarnation created at `create_revision`, on
+/// `lease_id`. Else-branch: `[Get(key)]`, which tells a key taken over by another client's put
+/// (same create revision, another lease) from one that is gone.
+pub(crate) fn fenced_delete(key: &str, create_revision: i64, lease_id: i64) -> Txn {
     Txn::new()
-        .when([owner_compare(key, create_revision)])
+        .when(owner_compares(key, create_revision, lease_id))
+        .and_then([TxnOp::delete(key, None)])
+        .or_else([TxnOp::get(
+            key,
+            Some(etcd_client::GetOptions::new().with_keys_only()),
+        )])
+}
+
+/// Bumps `key`'s mod revision (value and lease unchanged) only while it is ours (the
+/// incarnation `create_revision`, on `lease_id`): a "touch" that wakes whoever watches the key
+/// for changes.
+pub(crate) fn touch(key: &str, create_revision: i64, lease_id: i64) -> Txn {
+    Txn::new()
+        .when(owner_compares(key, create_revision, lease_id))
         .and_then([TxnOp::put(
             key,
             Vec::new(),
@@ -237,11 +256,16 @@ pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<T
         .or_else([TxnOp::get(key, None)])
 }
 
-/// One round trip that runs `reads` only while `key` is still the incarnation
-/// `create_revision` (the compare fails once it is gone).
-pub(crate) fn fenced_reads(key: &str, create_revision: i64, reads: Vec<TxnOp>) -> Txn {
+/// One round trip that runs `reads` only while `key` is still ours: the incarnation
+/// `create_revision`, on `lease_id` (the compares fail once it is gone or taken over).
+pub(crate) fn fenced_reads(
+    key: &str,
+    create_revision: i64,
+    lease_id: i64,
+    reads: Vec<TxnOp>,
+) -> Txn {
     Txn::new()
-        .when([owner_compare(key, create_revision)])
+        .when(owner_compares(key, create_revision, lease_id))
         .and_then(reads)
 }
 

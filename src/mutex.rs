@@ -190,14 +190,15 @@ holding_guard! {
     /// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
     /// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
     /// [`fencing_token()`](Fence::fencing_token) (strictly increasing across successive
-    /// holders), [`owner_compare()`](Fence::owner_compare),
-    /// [`txn_if_owner()`](Fence::txn_if_owner), [`lost()`](Fence::lost) (the session is Lost
-    /// or the owner key deleted) and [`session()`](Fence::session).
+    /// holders), [`owner_compares()`](Fence::owner_compares),
+    /// [`txn_if_owner()`](Fence::txn_if_owner), [`lost()`](Fence::lost) (the session is Lost,
+    /// or the owner key deleted or taken over by another client's put) and
+    /// [`session()`](Fence::session).
     ///
     /// # Fencing
     /// Holding a guard does not make writes elsewhere safe by itself: a process can pause for
     /// longer than the lease. Make writes conditional on
-    /// [`owner_compare()`](Fence::owner_compare) (or use
+    /// [`owner_compares()`](Fence::owner_compares) (or use
     /// [`txn_if_owner()`](Fence::txn_if_owner)) for etcd data, and pass
     /// [`fencing_token()`](Fence::fencing_token) to any other resource that can reject stale
     /// tokens.

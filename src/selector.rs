@@ -42,7 +42,7 @@ use crate::{
 /// candidate lead, and a new term starts only after the previous future finished. It cannot
 /// stop a future that ignores its cancellation, nor a process that is paused (GC, SIGSTOP)
 /// past the safety margin: across processes, **fencing tokens are the real protection**. Make
-/// every write the leader does conditional on the term's [`Fence::owner_compare`] (or use
+/// every write the leader does conditional on the term's [`Fence::owner_compares`] (or use
 /// [`Fence::txn_if_owner`]), or pass [`Fence::fencing_token`] to resources that reject stale
 /// tokens. See `docs/safety.md`.
 ///
@@ -114,7 +114,7 @@ impl std::ops::Deref for LeaderTerm {
     type Target = Fence;
 
     /// The term's [`Fence`]: `fencing_token()` (pass it with every write to a resource that
-    /// can reject stale tokens), `key()`, `owner_compare()`, `txn_if_owner(ops)`, `lost()`.
+    /// can reject stale tokens), `key()`, `owner_compares()`, `txn_if_owner(ops)`, `lost()`.
     fn deref(&self) -> &Fence {
         &self.fence
     }

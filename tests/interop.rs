@@ -667,3 +667,238 @@ async fn etcdctl_puts_in_etcds_documented_form_are_endpoints_and_longer_targets_
     ));
     assert!(view.endpoints().is_empty());
 }
+
+/// A Go `endpoints.Manager` registering the key we hold (`AddEndpoint` is a plain put under
+/// its lease, which keeps the key's create revision) takes it over: our registration sees the
+/// loss and registers again only once Go's key is gone, and neither `update` nor `deregister`
+/// touches Go's key meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_manager_that_takes_over_our_key_is_seen_and_its_key_is_left_alone() {
+    use etcd_coord::discovery::{RegistrationState, SessionRegistration};
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("interop-svc");
+    let addr = "10.2.0.1:80";
+    let options = etcd_coord::SessionOptions::new().with_ttl(Duration::from_secs(30));
+    let ours = Registration::register(c.clone(), &target, Endpoint::new(addr), options)
+        .await
+        .unwrap();
+    let session = etcd_coord::LeasedSession::new(
+        c.clone(),
+        etcd_coord::SessionOptions::new().with_ttl(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    let in_session = SessionRegistration::register_with_suffix(
+        &session,
+        &target,
+        "10.2.0.2:80",
+        Endpoint::new("10.2.0.2:80"),
+    )
+    .await
+    .unwrap();
+    let in_session_lost = in_session.lost();
+    let mut states = ours.subscribe();
+    let mut gos = Vec::new();
+    for (a, md) in [(addr, r#"{"go":1}"#), ("10.2.0.2:80", r#"{"go":2}"#)] {
+        let Some(mut go) = go_peer(
+            &etcd,
+            &[
+                "-mode",
+                "endpoints-register",
+                "-target",
+                &target,
+                "-addr",
+                a,
+                "-metadata",
+                md,
+                "-ttl",
+                "30",
+            ],
+        ) else {
+            return;
+        };
+        let line = event_line(&mut go, "registered").await;
+        let lease = i64::from_str_radix(&field(&line, "lease"), 16).unwrap();
+        gos.push((go, format!("{target}/{a}"), lease, md));
+    }
+    let noticed = tokio::time::timeout(
+        Duration::from_secs(2),
+        states.wait_for(|s| matches!(s, RegistrationState::Reregistering { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(noticed, "still {:?}", ours.state());
+    let why = tokio::time::timeout(Duration::from_secs(2), in_session_lost).await;
+    assert!(
+        matches!(why, Ok(etcd_coord::Error::LockLost { .. })),
+        "{why:?}"
+    );
+    let update = in_session
+        .update(Endpoint::new("10.2.0.2:80").with_metadata(serde_json::json!("ours")))
+        .await;
+    assert!(
+        matches!(update, Err(etcd_coord::Error::LockLost { .. })),
+        "{update:?}"
+    );
+    assert!(
+        matches!(
+            in_session.deregister().await,
+            Err(etcd_coord::Error::LockLost { .. })
+        ),
+        "deregister reported success"
+    );
+    ours.deregister().await.unwrap();
+    // Go's keys are as Go put them, under Go's leases.
+    for (_, key, lease, md) in &gos {
+        let resp = c.clone().get(key.as_str(), None).await.unwrap();
+        let kv = resp
+            .kvs()
+            .first()
+            .unwrap_or_else(|| panic!("{key} was deleted"));
+        assert_eq!(kv.lease(), *lease, "{key}");
+        assert!(
+            kv.value_str().unwrap().contains(md),
+            "{key}: {:?}",
+            kv.value_str()
+        );
+    }
+    for (go, _, _, _) in &mut gos {
+        go.terminate();
+        event_line(go, "deregistered").await;
+        go.exited().await;
+    }
+    session.close().await.unwrap();
+}
+
+/// The next update line of the Go watch that is not about `probe` (put until the watch
+/// answered, so it may be reported more than once).
+async fn update_not_of(go: &mut Tool, probe: &str) -> String {
+    loop {
+        let line = event_line(go, "update").await;
+        if field(&line, "key") != probe {
+            return line;
+        }
+    }
+}
+
+/// Go's watch channel (and its `List`) reports every put as an Add whatever its `Op`, and
+/// reads a value without `Addr` as an endpoint with an empty address. We read `Op` the same
+/// way; a value without an address is not an endpoint for us (it cannot be dialed): skipped
+/// and listed as malformed, where Go reports an Add with `addr ""`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_put_is_an_add_for_gos_watch_and_ours_and_only_an_addressless_value_differs() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let target = unique("interop-svc");
+    let view = Discovery::new(c.clone(), &target).view().await.unwrap();
+    let mut changes = view.changes();
+    let Some(mut go) = go_peer(
+        &etcd,
+        &[
+            "-mode",
+            "endpoints-watch",
+            "-target",
+            &target,
+            "-duration",
+            "20s",
+        ],
+    ) else {
+        return;
+    };
+    // The Go watch is in place once it reports a first put.
+    let probe = format!("{target}/probe");
+    let mut kv = c.clone();
+    loop {
+        kv.put(probe.as_str(), r#"{"Addr":"p:1"}"#, None)
+            .await
+            .unwrap();
+        if let Some(line) = go.line_within(Duration::from_millis(500)).await {
+            assert_eq!(field(&line, "key"), probe);
+            break;
+        }
+    }
+    assert!(matches!(
+        next_view_change(&mut changes).await,
+        ViewChange::Added { .. }
+    ));
+    // Op 1 (Delete) in a put, and an Op no Go constant names: Adds, for Go and for us.
+    for (suffix, value, addr) in [
+        ("op1", r#"{"Op":1,"Addr":"10.5.0.1:80"}"#, "10.5.0.1:80"),
+        (
+            "op7",
+            r#"{"Op":7,"Addr":"10.5.0.7:80","Metadata":"m"}"#,
+            "10.5.0.7:80",
+        ),
+    ] {
+        let key = format!("{target}/{suffix}");
+        kv.put(key.as_str(), value, None).await.unwrap();
+        let line = update_not_of(&mut go, &probe).await;
+        assert_eq!(
+            (
+                field(&line, "op"),
+                field(&line, "key"),
+                field(&line, "addr")
+            ),
+            ("add".to_owned(), key.clone(), addr.to_owned()),
+            "Go"
+        );
+        assert!(
+            matches!(next_view_change(&mut changes).await, ViewChange::Added { key: k, endpoint } if k == key && endpoint.addr() == addr),
+            "ours: {value}"
+        );
+    }
+    // No address: Go reports an Add with an empty address; we skip it and list it.
+    let key = format!("{target}/no-addr");
+    kv.put(key.as_str(), r#"{"Op":0,"Metadata":{"w":1}}"#, None)
+        .await
+        .unwrap();
+    let line = update_not_of(&mut go, &probe).await;
+    assert_eq!(
+        (
+            field(&line, "op"),
+            field(&line, "key"),
+            field(&line, "addr")
+        ),
+        ("add".to_owned(), key.clone(), String::new()),
+        "Go"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            view.malformed().contains_key(&key)
+        })
+        .await,
+        "ours lists it as malformed"
+    );
+    assert!(!view.endpoints().contains_key(&key));
+    // An Op Go cannot decode (not a uint8): Go skips the value, and so do we.
+    let key = format!("{target}/op300");
+    kv.put(key.as_str(), r#"{"Op":300,"Addr":"10.5.1.0:80"}"#, None)
+        .await
+        .unwrap();
+    kv.put(
+        format!("{target}/after").as_str(),
+        r#"{"Addr":"a:1"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let line = update_not_of(&mut go, &probe).await;
+    assert_eq!(
+        field(&line, "key"),
+        format!("{target}/after"),
+        "Go skipped op300"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            view.malformed().contains_key(&key)
+                && view.endpoints().contains_key(&format!("{target}/after"))
+        })
+        .await
+    );
+    assert!(!view.endpoints().contains_key(&key));
+    let listed = Discovery::new(c.clone(), &target).list().await.unwrap();
+    assert_eq!(listed, view.endpoints(), "list reads as the view does");
+    go.terminate();
+    go.exited().await;
+}

@@ -994,3 +994,88 @@ async fn a_session_uses_a_key_name_again_once_its_key_is_gone_and_never_before()
     }
     assert_eq!(names.len(), 3, "{names:?}");
 }
+
+/// A plain put of the holder's key by another client (`etcdctl put`, no lease; or under a
+/// lease of its own) keeps the key's create revision, but the key is no longer the holder's:
+/// `lost()` fires, fenced writes fail, and the release leaves the other's key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_put_of_the_holders_key_is_a_loss_and_nothing_of_ours_touches_it_after() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("foreign-put");
+    let theirs = admin.lease_grant(30, None).await.unwrap().id();
+    for lease in [None, Some(theirs)] {
+        let guard = Mutex::new(&s, &name).lock().await.unwrap();
+        let key = guard.key().to_owned();
+        let lost = guard.lost();
+        let opts = lease.map(|l| etcd_client::PutOptions::new().with_lease(l));
+        admin.put(key.as_str(), "not yours", opts).await.unwrap();
+        let why = tokio::time::timeout(Duration::from_secs(2), lost).await;
+        assert!(
+            matches!(why, Ok(Error::LockLost { .. })),
+            "lease {lease:?}: {why:?}"
+        );
+        let flag = format!("{name}-written");
+        let written = guard
+            .txn_if_owner([TxnOp::put(flag.as_str(), "yes", None)])
+            .await;
+        assert!(
+            matches!(written, Err(Error::LockLost { .. })),
+            "lease {lease:?}: {written:?}"
+        );
+        assert!(admin
+            .get(flag.as_str(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty());
+        let released = guard.release().await;
+        assert!(
+            matches!(released, Err(Error::LockLost { .. })),
+            "lease {lease:?}: {released:?}"
+        );
+        let kv = admin.get(key.as_str(), None).await.unwrap().kvs()[0].clone();
+        assert_eq!(
+            (kv.value(), kv.lease()),
+            (&b"not yours"[..], lease.unwrap_or(0)),
+            "the other's key is as they put it"
+        );
+        admin.delete(key.as_str(), None).await.unwrap();
+    }
+    s.close().await.unwrap();
+}
+
+/// `owner_compares()` holds exactly while the guard holds: it fails once another client's put
+/// took the key over, which `owner_compare()` (the create revision alone, as documented) does
+/// not see; both fail once the key is deleted.
+#[tokio::test]
+async fn owner_compares_fail_after_a_takeover_that_owner_compare_alone_does_not_see() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("owner-compares");
+    let guard = Mutex::new(&s, &name).lock().await.unwrap();
+    let observer = admin.clone();
+    let holds = |compares: Vec<etcd_client::Compare>| {
+        let mut kv = observer.clone();
+        async move {
+            kv.txn(etcd_client::Txn::new().when(compares))
+                .await
+                .unwrap()
+                .succeeded()
+        }
+    };
+    assert!(holds(guard.owner_compares()).await);
+    assert!(holds(vec![guard.owner_compare()]).await);
+    admin.put(guard.key(), "taken over", None).await.unwrap();
+    assert!(!holds(guard.owner_compares()).await, "a takeover ends it");
+    assert!(
+        holds(vec![guard.owner_compare()]).await,
+        "the create revision alone does not change with a put"
+    );
+    admin.delete(guard.key(), None).await.unwrap();
+    assert!(!holds(vec![guard.owner_compare()]).await);
+    drop(guard);
+    s.close().await.unwrap();
+}

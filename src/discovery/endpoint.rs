@@ -41,15 +41,13 @@ struct Update<'a> {
 /// What a stored value says about its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Stored {
-    /// `Op` 0 (or absent): the key is this endpoint.
+    /// The key is this endpoint (whatever the value's `Op`: Go's watch channel and its `List`
+    /// report every put as an Add).
     Add(Endpoint),
-    /// `Op` 1: Go's watch channel reports such a value as a deletion of the key.
-    Delete,
 }
 
-/// Go's operations: 0 = Add, 1 = Delete.
-const OP_ADD: u64 = 0;
-const OP_DELETE: u64 = 1;
+/// Go's operation Add, which we write.
+const OP_ADD: u8 = 0;
 
 impl Endpoint {
     /// An endpoint at `addr` (for gRPC, `host:port`), without metadata (`null`).
@@ -85,7 +83,7 @@ impl Endpoint {
     /// `1e21`); readers compare values, not bytes, so this never matters to discovery.
     pub fn to_json(&self) -> String {
         let plain = serde_json::to_string(&Update {
-            op: OP_ADD as u8,
+            op: OP_ADD,
             addr: &self.addr,
             metadata: &self.metadata,
         })
@@ -93,20 +91,23 @@ impl Endpoint {
         go_html_escape(plain)
     }
 
-    /// Reads a stored value as Go's `encoding/json` would: field names match without regard to
-    /// case, `Op` and `Metadata` may be missing (etcd's docs write `{"Addr":"1.2.3.4"}`), and
-    /// unknown fields are ignored.
+    /// Reads a stored value as Go's `naming/endpoints` does: with `encoding/json`'s rules
+    /// (field names match without regard to case, `Op` and `Metadata` may be missing — etcd's
+    /// docs write `{"Addr":"1.2.3.4"}` — and unknown fields are ignored), and whatever its
+    /// `Op`: Go's watch channel and `List` report every put as an Add, so a stored `Op` 1
+    /// (Delete) or 7 is an endpoint too. `Op` must still be what Go can decode into its
+    /// `uint8`, or Go skips the value.
+    ///
+    /// One difference from Go: a value without an address (no `Addr`, `null` or `""`) is an
+    /// error here, where Go reports an endpoint with an empty address — which no client can
+    /// dial.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] (saying why) for a value that is not a JSON object, has no
-    /// non-empty `Addr` string, or an `Op` other than 0 (Add) and 1 (Delete). A value with
-    /// `Op` 1 is reported as an error here too; views treat it as the key's removal.
+    /// non-empty `Addr` string, or an `Op` that is not an integer from 0 to 255.
     pub fn from_json(value: &[u8]) -> Result<Endpoint, Error> {
         match decode(value)? {
             Stored::Add(e) => Ok(e),
-            Stored::Delete => Err(Error::InvalidArgument(
-                "the value is a Delete update (Op 1), not an endpoint".into(),
-            )),
         }
     }
 
@@ -163,17 +164,17 @@ pub(crate) fn decode(value: &[u8]) -> Result<Stored, Error> {
                 .map(|(_, v)| v)
         })
     };
+    // Go decodes `Op` into a uint8 and then ignores it: any put is an Add. A null leaves it
+    // unset; anything that is not an integer from 0 to 255 fails Go's decoding.
     match field("Op") {
         None | Some(Value::Null) => {}
-        Some(op) => match op.as_u64() {
-            Some(OP_ADD) => {}
-            Some(OP_DELETE) => return Ok(Stored::Delete),
-            _ => {
+        Some(op) => {
+            if op.as_u64().is_none_or(|n| n > u64::from(u8::MAX)) {
                 return Err(malformed(format!(
-                    "Op {op} is neither 0 (Add) nor 1 (Delete)"
-                )))
+                    "Op {op} is not an integer from 0 to 255"
+                )));
             }
-        },
+        }
     }
     let addr = match field("Addr") {
         Some(Value::String(a)) if !a.is_empty() => a.clone(),
@@ -221,11 +222,23 @@ mod tests {
             decode(br#"{"addr":"1.2.3.4","metadata":{"w":2},"op":0,"extra":true}"#).unwrap(),
             Stored::Add(Endpoint::new("1.2.3.4").with_metadata(json!({"w": 2})))
         );
-        assert_eq!(
-            decode(br#"{"Op":1,"Addr":""}"#).unwrap(),
-            Stored::Delete,
-            "Go's watch channel reports Op 1 as a deletion"
-        );
+    }
+
+    #[test]
+    fn every_op_go_can_decode_is_an_add_as_for_gos_watch_channel() {
+        for (value, addr) in [
+            (&br#"{"Op":1,"Addr":"1.2.3.4"}"#[..], "1.2.3.4"),
+            (br#"{"Op":7,"Addr":"a"}"#, "a"),
+            (br#"{"Op":255,"Addr":"b"}"#, "b"),
+            (br#"{"Op":null,"Addr":"c"}"#, "c"),
+        ] {
+            assert_eq!(
+                decode(value).unwrap(),
+                Stored::Add(Endpoint::new(addr)),
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
     }
 
     #[test]
@@ -238,8 +251,12 @@ mod tests {
             br#"{"Metadata":1}"#,
             br#"{"Addr":""}"#,
             br#"{"Addr":7}"#,
-            br#"{"Op":2,"Addr":"a"}"#,
+            br#"{"Op":1}"#,
+            br#"{"Op":256,"Addr":"a"}"#,
             br#"{"Op":-1,"Addr":"a"}"#,
+            br#"{"Op":1.5,"Addr":"a"}"#,
+            br#"{"Op":"0","Addr":"a"}"#,
+            b"null",
             b"\xff\xfe",
         ] {
             match decode(bad) {

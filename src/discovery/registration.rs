@@ -366,6 +366,14 @@ impl Registration {
     /// fenced: it applies only while this registration owns the key. The new endpoint is
     /// also what later re-registrations register, whether or not this write succeeded.
     ///
+    /// Called while re-registering, it records the endpoint ([`Error::NotRegistered`]); an
+    /// attempt already under way with the old endpoint writes the new one as soon as it has
+    /// registered. If that write fails, the attempt counts as failed: its key is deleted and
+    /// its lease revoked, [`state`](Self::state) is
+    /// [`Reregistering`](RegistrationState::Reregistering) with the failure as its reason, and
+    /// the next attempt registers the new endpoint — never `Registered` with another endpoint
+    /// than the one asked for.
+    ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an empty address or metadata too large (nothing is
     /// changed); [`Error::NotRegistered`] while re-registering (the next registration uses
@@ -553,16 +561,30 @@ async fn supervise(inner: Arc<Inner>, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
                 r = establish(&inner.client, &inner.key, &json, &inner.options) => r,
             };
-            match attempt {
+            let attempt = match attempt {
                 Ok(held) => {
-                    let mut current = inner.current.lock().await;
-                    // An update() while we were registering: register what it asked for.
+                    let current = inner.current.lock().await;
+                    // An update() while we were registering: register what it asked for. If
+                    // that write fails, this attempt failed: the key (with the old endpoint) is
+                    // deleted and the lease revoked as `held` is dropped, and the next attempt
+                    // registers the new endpoint.
                     let wanted = current.endpoint.to_json();
-                    if wanted != json {
-                        if let Err(e) = write(&held, &inner.key, wanted).await {
-                            tracing::warn!(key = %inner.key, error = %e, "could not apply an update made while re-registering");
-                        }
+                    let written = if wanted == json {
+                        Ok(())
+                    } else {
+                        write(&held, &inner.key, wanted).await
+                    };
+                    match written {
+                        Ok(()) => Ok((held, current)),
+                        Err(e) => Err(format!(
+                            "could not apply an update made while re-registering: {e}"
+                        )),
                     }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match attempt {
+                Ok((held, mut current)) => {
                     let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
                     inner.state.send_replace(registered(&held, generation));
                     current.held = Some(held);
@@ -570,9 +592,9 @@ async fn supervise(inner: Arc<Inner>, stop: CancellationToken) {
                     backoff.reset();
                     break;
                 }
-                Err(e) => {
-                    tracing::debug!(key = %inner.key, error = %e, attempts, "re-registration failed");
-                    reason = e.to_string();
+                Err(why) => {
+                    tracing::debug!(key = %inner.key, reason = %why, attempts, "re-registration failed");
+                    reason = why;
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = sleep(backoff.next_delay()) => {}
@@ -637,7 +659,9 @@ impl SessionRegistration {
     /// # Errors
     /// As [`Registration::register`]; also [`Error::SessionLost`] / [`Error::SessionClosed`]
     /// if the session is not alive. A second registration of the same key through the same
-    /// session is [`Error::AlreadyHeld`] too.
+    /// session is [`Error::AlreadyHeld`] too — also one made at the same time — for as long as
+    /// the first is under way or registered (until its deregistration's delete is answered;
+    /// nothing is sent).
     ///
     /// # Cancel safety
     /// A dropped future leaves no key behind.

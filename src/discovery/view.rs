@@ -200,7 +200,6 @@ async fn read(client: &Client, prefix: &str, timeout: Duration) -> Result<Snapsh
                     Ok(Stored::Add(e)) => {
                         snapshot.endpoints.insert(key, e);
                     }
-                    Ok(Stored::Delete) => {}
                     Err(e) => {
                         snapshot.malformed.insert(key, e.to_string());
                     }
@@ -583,7 +582,6 @@ impl Follower {
             EventType::Delete => None,
             EventType::Put => match decode(kv.value()) {
                 Ok(Stored::Add(e)) => Some(e),
-                Ok(Stored::Delete) => None,
                 Err(e) => {
                     let why = e.to_string();
                     report_malformed(&self.counters, &key, &why);

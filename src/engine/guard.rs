@@ -10,12 +10,13 @@ use tokio::time::sleep;
 
 use crate::backoff::Backoff;
 use crate::keys;
-use crate::session::{Afterwards, Cleanup};
+use crate::session::{Afterwards, Cleanup, Shared};
 use crate::{Error, LeasedSession};
 
 use super::queue::Acquired;
+use super::request::send_until_answered;
 use super::request::{send_txn, Kind};
-use super::watch::wait_gone;
+use super::watch::{wait_for_change, Watched, Woken};
 
 /// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes),
 /// `Deref<Target = Fence>`, `fence()` and a consuming, fenced `release()`. Every guard that
@@ -32,7 +33,7 @@ macro_rules! holding_guard {
             type Target = $crate::Fence;
 
             /// The guard's [`Fence`](crate::Fence): `key()`, `fencing_token()`,
-            /// `owner_compare()`, `txn_if_owner(ops)`, `lost()`, `session()`.
+            /// `owner_compares()`, `txn_if_owner(ops)`, `lost()`, `session()`.
             fn deref(&self) -> &$crate::Fence {
                 self.holding.fence()
             }
@@ -50,11 +51,13 @@ macro_rules! holding_guard {
                 self.holding.fence().clone()
             }
 
-            /// Releases deterministically, with a Txn fenced on the key's create revision.
+            /// Releases deterministically, with a Txn fenced on the key's create revision and
+            /// lease ([`Fence::owner_compares`](crate::Fence::owner_compares)).
             ///
             /// # Errors
-            /// [`Error::LockLost`](crate::Error::LockLost) if the key was already gone (it had
-            /// been lost before the release); request errors after retries, in which case the
+            /// [`Error::LockLost`](crate::Error::LockLost) if the key was already gone or
+            /// taken over by another client's put (it had been lost before the release; a
+            /// key taken over is left as it is); request errors after retries, in which case the
             /// session's task keeps retrying the same fenced release in the background (a
             /// fenced retry can never touch a later holder's key).
             ///
@@ -69,9 +72,17 @@ macro_rules! holding_guard {
 pub(crate) use holding_guard;
 
 /// The capability to act only while an acquisition still holds: the owner key, its create
-/// revision (the fencing token) and the session. Cheap to clone, so fenced writes can be made
-/// from other tasks than the guard's owner; it does not keep the lock (dropping it releases
-/// nothing), but it keeps the session alive.
+/// revision (the fencing token), the session and its lease. Cheap to clone, so fenced writes
+/// can be made from other tasks than the guard's owner; it does not keep the lock (dropping it
+/// releases nothing), but it keeps the session alive.
+///
+/// The acquisition holds while the owner key is the incarnation it created *and* is still
+/// attached to the session's lease ([`owner_compares`](Self::owner_compares)). A plain put of
+/// the key by another client — Go's `endpoints.Manager.AddEndpoint`, `etcdctl put`, a put under
+/// another lease or none — keeps the key's create revision, but it is a takeover: the key is no
+/// longer ours, [`lost`](Self::lost) fires, and fenced writes and the release fail with
+/// [`Error::LockLost`] and leave the key as the other client put it. (A put that keeps our
+/// lease — `--ignore-lease`, or one naming our lease id — cannot be told from our own writes.)
 ///
 /// Every guard can hand one out ([`MutexGuard::fence`](crate::MutexGuard::fence),
 /// [`Leadership::fence`](crate::Leadership::fence)).
@@ -80,6 +91,8 @@ pub struct Fence {
     session: LeasedSession,
     key: String,
     create_revision: i64,
+    /// The lease the key was put under: the session's.
+    lease_id: i64,
     /// The revision at which the key was known to exist.
     revision: i64,
     /// The owner key's mod revision as of the last write through this fence or its clones:
@@ -108,9 +121,21 @@ impl Fence {
         &self.session
     }
 
-    /// A compare that holds exactly while the acquisition holds; add it to your own Txns.
+    /// The compare `CreateRevision(key) == fencing_token`: it holds while the owner key has
+    /// not been deleted (or expired) since the acquisition created it. It does **not** see a
+    /// plain put of the key by another client, which keeps the create revision (see the
+    /// type's documentation); for a Txn that must apply only while the acquisition holds, use
+    /// [`owner_compares`](Self::owner_compares) (or [`txn_if_owner`](Self::txn_if_owner)).
     pub fn owner_compare(&self) -> Compare {
         keys::owner_compare(&self.key, self.create_revision)
+    }
+
+    /// The compares that hold exactly while the acquisition holds — `CreateRevision(key) ==
+    /// fencing_token` and `Lease(key) == the session's lease` — to add to your own Txns
+    /// (`Txn::new().when(fence.owner_compares())`). Every fenced write and release of this
+    /// crate is conditional on them.
+    pub fn owner_compares(&self) -> Vec<Compare> {
+        keys::owner_compares(&self.key, self.create_revision, self.lease_id)
     }
 
     fn lock_lost(&self) -> Error {
@@ -120,7 +145,8 @@ impl Fence {
         }
     }
 
-    /// Runs `ops` in one Txn only while the acquisition still holds.
+    /// Runs `ops` in one Txn only while the acquisition still holds
+    /// ([`owner_compares`](Self::owner_compares)).
     ///
     /// Ops that only read are sent as `If(owner) Then(ops)` and never cancelled in flight (etcd
     /// #14110). Ops that write are also conditional on the owner key's mod revision as of the
@@ -131,8 +157,12 @@ impl Fence {
     /// succeeded — it fails its compare instead. A write that finds another write of this
     /// holder landed first is sent again after it (at most 64 times).
     ///
+    /// A put of the owner key in `ops` must keep it on the session's lease (put it with that
+    /// lease, or `with_ignore_lease`): a put that moves it off the lease ends the acquisition.
+    ///
     /// # Errors
-    /// [`Error::LockLost`] if it no longer holds (nothing was applied);
+    /// [`Error::LockLost`] if it no longer holds — the key is gone, or another client's put
+    /// took it over (nothing was applied);
     /// [`Error::SessionLost`] / [`Error::SessionClosed`] if the session is Lost (nothing was
     /// sent); request errors as [`Error::Etcd`] / [`Error::Timeout`] (the outcome is then
     /// unknown, but a later write through the fence is never overtaken by it).
@@ -146,7 +176,7 @@ impl Fence {
         shared.check()?;
         let effect = Effect::of(&ops, self.key.as_bytes());
         if !effect.writes {
-            let txn = Txn::new().when([self.owner_compare()]).and_then(ops);
+            let txn = Txn::new().when(self.owner_compares()).and_then(ops);
             let resp = send_txn(shared, txn, Kind::MaybeReadOnly).await?;
             return if resp.succeeded() {
                 Ok(resp)
@@ -164,11 +194,14 @@ impl Fence {
         }
         for _ in 0..RESEQUENCE_LIMIT {
             let expected = self.mod_revision.load(Ordering::Acquire);
+            let mut compares = self.owner_compares();
+            compares.push(Compare::mod_revision(
+                self.key.as_str(),
+                CompareOp::Equal,
+                expected,
+            ));
             let txn = Txn::new()
-                .when([
-                    self.owner_compare(),
-                    Compare::mod_revision(self.key.as_str(), CompareOp::Equal, expected),
-                ])
+                .when(compares)
                 .and_then(then.clone())
                 .or_else([TxnOp::get(self.key.as_str(), None)]);
             let resp = send_txn(shared, txn, Kind::Write).await?;
@@ -180,7 +213,9 @@ impl Fence {
             let current = keys::txn_gets(&resp)
                 .first()
                 .and_then(|g| g.kvs().first())
-                .filter(|kv| kv.create_revision() == self.create_revision)
+                .filter(|kv| {
+                    kv.create_revision() == self.create_revision && kv.lease() == self.lease_id
+                })
                 .map(|kv| kv.mod_revision());
             match current {
                 // Still ours, changed since: another write of this holder (or one whose caller
@@ -197,21 +232,73 @@ impl Fence {
         )))
     }
 
-    /// Completes when the acquisition may no longer hold: the session is Lost or the owner key
-    /// is gone. Returns the error that describes it. `'static`: usable in `select!` or a task;
-    /// it does not keep the session alive.
+    /// Completes when the acquisition may no longer hold: the session is Lost, or the owner
+    /// key is gone or was taken over by another client's put (under another lease or none).
+    /// Returns the error that describes it ([`Error::LockLost`] for the key). `'static`: usable
+    /// in `select!` or a task; it does not keep the session alive.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         let shared = Arc::clone(self.session.shared());
-        let (key, create_revision, seen_at) =
-            (self.key.clone(), self.create_revision, self.revision);
+        let (key, create_revision, lease_id, seen_at) = (
+            self.key.clone(),
+            self.create_revision,
+            self.lease_id,
+            self.revision,
+        );
         async move {
-            match wait_gone(&shared, &key, create_revision, seen_at).await {
+            match wait_not_ours(&shared, &key, create_revision, lease_id, seen_at).await {
                 Ok(()) => Error::LockLost {
                     key,
                     create_revision,
                 },
                 Err(e) => e,
             }
+        }
+    }
+}
+
+/// Completes with `Ok` once `key` is no longer ours — not the incarnation `create_revision` on
+/// `lease_id`: deleted, expired with its lease, put by someone else under another lease or
+/// none, or never there (known ours at revision `seen_at`). `Err` if the session is Lost
+/// first, or on a failure retrying cannot fix.
+///
+/// Every put and delete of the key wakes it; a read then says whether the key is still ours
+/// (our own fenced writes re-put it). Survives stream failures and compaction by re-reading,
+/// with one backoff for the whole wait.
+async fn wait_not_ours(
+    shared: &Arc<Shared>,
+    key: &str,
+    create_revision: i64,
+    lease_id: i64,
+    mut seen_at: i64,
+) -> Result<(), Error> {
+    let check = Txn::new().when(keys::owner_compares(key, create_revision, lease_id));
+    // Whether the key is ours now, and the revision of the answer.
+    let ours_now = || async {
+        let answer = send_until_answered(
+            shared,
+            || check.clone(),
+            Kind::MaybeReadOnly,
+            &mut Backoff::for_requests(),
+        )
+        .await?;
+        Ok::<_, Error>((
+            answer.resp.succeeded(),
+            keys::header_revision(&answer.resp)?,
+        ))
+    };
+    let mut backoff = Backoff::for_requests();
+    loop {
+        let targets = [Watched::changed(key)];
+        let still = || async { ours_now().await.map(|(ours, _)| ours) };
+        match wait_for_change(shared, &targets, None, seen_at, still, &mut backoff).await? {
+            // A put or a delete of the key (or a re-read that found it not ours): whose is it?
+            Woken::Changed => match ours_now().await? {
+                (false, _) => return Ok(()),
+                (true, revision) => seen_at = revision,
+            },
+            // Uncertain: the next round confirms once its watch is in place. (`Decided` and
+            // `Compacted` come only from targets watched `since` a past revision.)
+            Woken::Recheck | Woken::Decided(_) | Woken::Compacted(_) => seen_at = 0,
         }
     }
 }
@@ -273,7 +360,8 @@ fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
 /// background when dropped unreleased.
 pub(crate) struct Holding {
     fence: Fence,
-    /// The fenced Txn that releases (by default: delete the key if it is still ours).
+    /// The fenced Txn that releases (by default: delete the key if it is still ours, else get
+    /// it).
     release_txn: Txn,
     /// The revision of the response that confirmed the release, once confirmed.
     released_at: Option<i64>,
@@ -287,12 +375,14 @@ pub(crate) struct Holding {
 
 impl Holding {
     pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
-        let release_txn = keys::fenced_delete(&acquired.key, acquired.create_revision);
+        let release_txn =
+            keys::fenced_delete(&acquired.key, acquired.create_revision, session.lease_id());
         Holding::with_release(session, acquired, release_txn)
     }
 
     /// A holding released by `release_txn`, which must be fenced on the key's create revision
-    /// (it is repeated on retries and may run from the session's task).
+    /// and lease ([`keys::owner_compares`]; it is repeated on retries and may run from the
+    /// session's task).
     pub(crate) fn with_release(
         session: LeasedSession,
         acquired: Acquired,
@@ -301,6 +391,7 @@ impl Holding {
         Holding {
             release_txn,
             fence: Fence {
+                lease_id: session.lease_id(),
                 session,
                 key: acquired.key,
                 create_revision: acquired.create_revision,
@@ -323,8 +414,9 @@ impl Holding {
         self.released_at.is_some() && self.release_maybe_landed
     }
 
-    /// Deletes the owner key with a Txn fenced on its create revision. Retries transport
-    /// failures (a retry that finds the key gone after an unanswered attempt counts as done);
+    /// Deletes the owner key with a Txn fenced on its create revision and lease. Retries
+    /// transport failures (a retry that finds the key gone after an unanswered attempt counts
+    /// as done; one that finds it taken over by another client's put does not);
     /// marks the holding released only once etcd confirmed, and succeeds at once if it was.
     /// A holding dropped unreleased — also after this fails — is released by the session's
     /// task.
@@ -351,7 +443,14 @@ impl Holding {
                     let revision = resp.header().map_or(0, |h| h.revision());
                     self.released_at = Some(revision);
                     std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&shared);
-                    return if resp.succeeded() || self.release_maybe_landed {
+                    // The else-branch shows the key still there, with our create revision: not
+                    // deleted by an earlier attempt of ours but taken over by another client.
+                    let taken_over = keys::txn_gets(&resp).iter().any(|g| {
+                        g.kvs()
+                            .iter()
+                            .any(|kv| kv.create_revision() == fence.create_revision)
+                    });
+                    return if resp.succeeded() || (self.release_maybe_landed && !taken_over) {
                         Ok(revision)
                     } else {
                         Err(fence.lock_lost())

@@ -21,7 +21,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, SortOrder, SortTa
 
 use crate::backoff::Backoff;
 use crate::keys::{self, Queue};
-use crate::session::{Afterwards, Cleanup, Shared, Sweep};
+use crate::session::{Afterwards, Claimed, Cleanup, Shared, Sweep};
 use crate::{Error, LeasedSession};
 
 use super::request::{detached, send_txn, send_until_answered, Kind, Unanswered};
@@ -75,7 +75,7 @@ impl Ticket {
     /// Deletes the key now (fenced), e.g. a try-acquire that found itself blocked. If that
     /// fails, the ticket stays armed and its drop hands the release to the session's task.
     async fn release_now(mut self) {
-        let txn = keys::fenced_delete(&self.key, self.create_revision);
+        let txn = keys::fenced_delete(&self.key, self.create_revision, self.shared.lease_id);
         if send_txn(&self.shared, txn, Kind::Write).await.is_ok() {
             self.armed = false;
             std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&self.shared);
@@ -90,6 +90,7 @@ impl Drop for Ticket {
             self.shared.clean_up(Cleanup::release(
                 key,
                 self.create_revision,
+                self.shared.lease_id,
                 std::mem::replace(&mut self.after, Afterwards::Nothing),
             ));
         }
@@ -181,7 +182,7 @@ async fn enqueue(
             Ok((kv.create_revision(), None, true))
         }
     };
-    let sweep = Sweep::on_lease(key, shared.lease_id);
+    let (lease_id, sweep) = (shared.lease_id, Sweep::on_lease(key, shared.lease_id));
     let for_cleanup = (key.to_owned(), sweep.clone());
     let (create_revision, snapshot, uncertain): Enqueued = detached(
         shared,
@@ -192,6 +193,7 @@ async fn enqueue(
                 Ok((create_revision, _, uncertain)) => Some(Cleanup::release(
                     key,
                     *create_revision,
+                    lease_id,
                     Afterwards::of_put(*uncertain, sweep, Afterwards::Reuse(slot)),
                 )),
                 Err(u) if u.uncertain => Some(Cleanup::Sweep(sweep)),
@@ -218,7 +220,8 @@ fn numbered_key(shared: &Shared, queue: &Queue, kind: &str) -> (String, u64) {
     (queue.member_key(kind, shared.lease_id, slot), slot)
 }
 
-/// Runs `reads` while our key still exists. [`Error::LockLost`] once it is gone.
+/// Runs `reads` while our key is still ours. [`Error::LockLost`] once it is gone (or taken
+/// over by another client's put).
 async fn read_fenced(
     shared: &Arc<Shared>,
     ticket: &Ticket,
@@ -227,7 +230,14 @@ async fn read_fenced(
 ) -> Result<Snapshot, Error> {
     let resp = send_until_answered(
         shared,
-        || keys::fenced_reads(&ticket.key, ticket.create_revision, reads.to_vec()),
+        || {
+            keys::fenced_reads(
+                &ticket.key,
+                ticket.create_revision,
+                shared.lease_id,
+                reads.to_vec(),
+            )
+        },
         Kind::MaybeReadOnly,
         backoff,
     )
@@ -680,62 +690,66 @@ enum Attempt {
 }
 
 /// Sends `txn()` — a put of `key` conditional on something — in a detached task (see
-/// [`detached`]) and turns the answer into an acquisition. When the put did not happen,
-/// `on_else` reads the else-branch `Get`s (at `revision`). `sweep` recognises late copies of
-/// the put; `certain` says what follows the key's deletion when the put was sent once.
-async fn create_detached<T, E>(
+/// [`detached`]), after `before` (in that task), and turns the answer into an acquisition.
+/// When the put did not happen, `on_else` reads the else-branch `Get`s (at `revision`; the
+/// last argument says whether the put was sent more than once). `after(uncertain)` says what
+/// follows once nothing of the acquisition exists — its key deleted, or its put not made —
+/// given whether the put was sent more than once (a copy may still land).
+async fn create_detached<B, T, E, A>(
     shared: &Arc<Shared>,
     key: &str,
+    before: B,
     txn: T,
     on_else: E,
-    sweep: Sweep,
-    certain: Afterwards,
+    after: A,
 ) -> Result<Attempt, Error>
 where
+    B: std::future::Future<Output = ()> + Send + 'static,
     T: Fn() -> Txn + Send + 'static,
-    E: FnOnce(&Shared, &[GetResponse], i64) -> Result<Else, Error> + Send + 'static,
+    E: FnOnce(&Shared, &[GetResponse], i64, bool) -> Result<Else, Error> + Send + 'static,
+    A: Fn(bool) -> Afterwards + Clone + Send + 'static,
 {
     let work = {
         let shared = Arc::clone(shared);
         async move {
+            before.await;
             let put = Put::send(&shared, txn).await?;
             if put.resp.succeeded() {
                 return Ok((Else::Ours(put.revision, put.revision), put.uncertain));
             }
-            let got = on_else(&shared, &keys::txn_gets(&put.resp), put.revision)
-                .map_err(|e| put.fail(e))?;
+            let got = on_else(
+                &shared,
+                &keys::txn_gets(&put.resp),
+                put.revision,
+                put.uncertain,
+            )
+            .map_err(|e| put.fail(e))?;
             Ok((got, put.uncertain))
         }
     };
-    let for_cleanup = (key.to_owned(), sweep.clone(), certain.clone());
+    let for_cleanup = (key.to_owned(), shared.lease_id, after.clone());
     let (got, uncertain): Created = detached(
         shared,
         work,
         move |outcome: &Result<Created, Unanswered>| {
-            let (key, sweep, certain) = for_cleanup;
-            match outcome {
-                Ok((Else::Ours(create_revision, _), uncertain)) => Some(Cleanup::release(
-                    key,
-                    *create_revision,
-                    Afterwards::of_put(*uncertain, sweep, certain),
-                )),
-                Ok((_, true)) => Some(Cleanup::Sweep(sweep)),
-                Ok((_, false)) => None,
-                Err(u) if u.uncertain => Some(Cleanup::Sweep(sweep)),
-                Err(_) => None,
-            }
+            let (key, lease_id, after) = for_cleanup;
+            Some(match outcome {
+                Ok((Else::Ours(create_revision, _), uncertain)) => {
+                    Cleanup::release(key, *create_revision, lease_id, after(*uncertain))
+                }
+                Ok((_, uncertain)) => Cleanup::Forget(after(*uncertain)),
+                Err(u) => Cleanup::Forget(after(u.uncertain)),
+            })
         },
     )
     .await?;
     if let Else::Ours(create_revision, revision) = got {
-        let after = Afterwards::of_put(uncertain, sweep, certain);
-        return Ticket::new(shared, key.to_owned(), create_revision, after)
+        return Ticket::new(shared, key.to_owned(), create_revision, after(uncertain))
             .into_acquired(revision)
             .map(Attempt::Acquired);
     }
-    if uncertain {
-        shared.clean_up(Cleanup::Sweep(sweep));
-    }
+    // Nothing of it exists (a copy of a put sent more than once may still land).
+    after(uncertain).key_deleted(shared);
     Ok(match got {
         Else::Unsure => Attempt::Unsure,
         _ => Attempt::Busy,
@@ -743,9 +757,16 @@ where
 }
 
 /// Puts `key` with `value` under the session's lease if nobody holds it; `None` if it exists
-/// and is not ours. A retry after an unanswered attempt recognises its own put by the lease,
-/// `value` and a create revision after the call began (so an equal key another holder of
-/// this session put earlier is not mistaken for ours). Cancel-safe: detached like [`acquire`]'s enqueue.
+/// and is not ours, or if this session holds it already (another `create_exclusive` of `key`
+/// is under way, or what one created is not released yet: nothing is sent).
+///
+/// The session claims the name for the call and for as long as what it created lives (the
+/// session's `Names`): so two calls of one session never both succeed. An
+/// existing key counts as this call's own only if it is on our lease with `value` and it can
+/// be a copy of a put of ours: this call's put sent more than once (and the key created after
+/// the call began), or an earlier put of the name by this session that was sent more than once
+/// (whose late copies are swept only while the name is not claimed). Cancel-safe: detached
+/// like [`acquire`]'s enqueue.
 pub(crate) async fn create_exclusive(
     session: &LeasedSession,
     key: &str,
@@ -753,28 +774,89 @@ pub(crate) async fn create_exclusive(
 ) -> Result<Option<Acquired>, Error> {
     let shared = session.shared();
     shared.check()?;
+    let Some(claimed) = Claim::take(shared, key) else {
+        return Ok(None);
+    };
     let (put_key, put_value, lease) = (key.to_owned(), value.clone().into_bytes(), shared.lease_id);
-    let sweep = Sweep::with_value(key, value.as_bytes(), lease);
+    let (name, sent) = (key.to_owned(), put_value.clone());
+    // A copy of an earlier put of this session with this value may be there: it is ours.
+    let earlier_copy = claimed.uncertain().contains(&put_value);
     // Our put lands after every revision seen so far: a key created at or before it is not
-    // this call's (it may be another holder's of this same session with the same value).
+    // this call's.
     let started = shared.seen_revision();
     let txn = move || keys::enqueue_txn(&put_key, put_value.clone(), lease, Vec::new());
-    let on_else = move |_: &Shared, gets: &[GetResponse], revision| {
+    let on_else = move |_: &Shared, gets: &[GetResponse], revision, uncertain: bool| {
         let existing = gets.first().and_then(|g| g.kvs().first());
         Ok(existing
             .filter(|kv| {
                 kv.lease() == lease
                     && kv.value() == value.as_bytes()
-                    && kv.create_revision() > started
+                    && ((uncertain && kv.create_revision() > started) || earlier_copy)
             })
             .map_or(Else::Busy, |kv| Else::Ours(kv.create_revision(), revision)))
     };
+    let after = move |uncertain: bool| Afterwards::Unclaim {
+        key: name.clone(),
+        value: uncertain.then(|| sent.clone()),
+    };
+    // Before anything is put: the name's sweep stops, and the claim passes to `after`.
+    let before = claimed.hand_over();
     Ok(
-        match create_detached(shared, key, txn, on_else, sweep, Afterwards::Nothing).await? {
+        match create_detached(shared, key, before, txn, on_else, after).await? {
             Attempt::Acquired(acquired) => Some(acquired),
             Attempt::Busy | Attempt::Unsure => None,
         },
     )
+}
+
+/// This session's claim on a name for a `create_exclusive`, until it is handed over to what
+/// follows the put ([`Afterwards::Unclaim`]); ended as it is dropped before that.
+struct Claim {
+    shared: Arc<Shared>,
+    key: String,
+    claimed: Option<Claimed>,
+}
+
+impl Claim {
+    /// The claim on `key`, or `None` if this session holds it already.
+    fn take(shared: &Arc<Shared>, key: &str) -> Option<Claim> {
+        let claimed = shared.names.claim(key)?;
+        Some(Claim {
+            shared: Arc::clone(shared),
+            key: key.to_owned(),
+            claimed: Some(claimed),
+        })
+    }
+
+    /// Values of earlier puts of the name whose copies may still land.
+    fn uncertain(&self) -> &[Vec<u8>] {
+        self.claimed
+            .as_ref()
+            .map_or(&[], |c| c.uncertain.as_slice())
+    }
+
+    /// Stops the name's sweep (waiting until it has), then hands the claim over: from then on
+    /// it ends with what the put produced.
+    async fn hand_over(mut self) {
+        if let Some(claimed) = self.claimed.as_mut() {
+            claimed.stop_sweep().await;
+        }
+        self.claimed = None;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.claimed.take().is_some() {
+            if let Some(sweep) = self
+                .shared
+                .names
+                .unclaim(&self.key, self.shared.lease_id, None)
+            {
+                self.shared.clean_up(Cleanup::Sweep(sweep));
+            }
+        }
+    }
 }
 
 /// Takes back `key` if it exists on this session's lease (any create revision: a key made by
@@ -843,7 +925,7 @@ pub(crate) async fn try_acquire(
         move || keys::try_enqueue_txn(&prefix, &put_key, put_value.clone(), lease, blocker_page());
     let own_key = key.clone();
     let counter = blocker.clone();
-    let on_else = move |shared: &Shared, gets: &[GetResponse], revision| {
+    let on_else = move |shared: &Shared, gets: &[GetResponse], revision, _uncertain: bool| {
         let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
             return Err(Error::Protocol("try-enqueue txn without its gets".into()));
         };
@@ -877,6 +959,7 @@ pub(crate) async fn try_acquire(
         shared.clean_up(Cleanup::release(
             own_key.clone(),
             mine,
+            shared.lease_id,
             Afterwards::Sweep(Sweep::on_lease(&own_key, shared.lease_id)),
         ));
         Ok(if members.is_empty() {
@@ -886,7 +969,9 @@ pub(crate) async fn try_acquire(
         })
     };
     let sweep = Sweep::on_lease(&key, lease);
-    match create_detached(shared, &key, txn, on_else, sweep, Afterwards::Reuse(slot)).await? {
+    let after =
+        move |uncertain| Afterwards::of_put(uncertain, sweep.clone(), Afterwards::Reuse(slot));
+    match create_detached(shared, &key, async {}, txn, on_else, after).await? {
         Attempt::Acquired(acquired) => Ok(Some(acquired)),
         Attempt::Busy => Ok(None),
         Attempt::Unsure => try_by_enqueue(session, queue, kind, &blocker, value).await,

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::within;
 use crate::{Error, LossReason};
 use cleanup::{run_cleanups, Job};
-pub(crate) use cleanup::{Afterwards, Cleanup, PendingWork, Sweep};
+pub(crate) use cleanup::{Afterwards, Claimed, Cleanup, PendingWork, Sweep};
 use keepalive::{keep_alive, lease_not_found};
 use liveness::Liveness;
 pub use options::{SessionOptions, MAX_LEASE_TTL_SECS};
@@ -119,6 +119,8 @@ pub(crate) struct Shared {
     pending: Arc<watch::Sender<usize>>,
     seq: AtomicU64,
     slots: slots::Slots,
+    /// The names this session creates exclusively, and the sweeps of their late copies.
+    pub(crate) names: cleanup::Names,
     stop: CancellationToken,
     closing: AtomicBool,
     tasks: TaskTracker,
@@ -600,6 +602,7 @@ impl LeasedSession {
             pending: Arc::new(watch::channel(0).0),
             seq: AtomicU64::new(first_seq),
             slots: slots::Slots::new(first_seq),
+            names: Default::default(),
             stop: stop.clone(),
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
