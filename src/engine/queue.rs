@@ -618,9 +618,8 @@ pub(crate) async fn acquire(
 /// lease by an earlier process and created at `create_revision`, and waits like [`acquire`]
 /// until `blocker` lets it through — at once if it held. The key must still be that
 /// incarnation on this lease, not condemned by the session's rule for leftovers
-/// ([`Error::LockLost`] otherwise). Cancel-safe like [`acquire`]:
-/// dropping the future after the key was confirmed deletes it (fenced), as for any waiter
-/// that gives up.
+/// ([`Error::LockLost`] otherwise). Cancel-safe like [`acquire`]: dropping the future after
+/// the key was confirmed deletes it (fenced), as for any waiter that gives up.
 pub(crate) async fn adopt(
     session: &LeasedSession,
     queue: &Queue,
@@ -819,8 +818,8 @@ pub(crate) async fn create_exclusive(
 /// Takes back `key` if it exists on this session's lease (any create revision: a key made by
 /// an earlier process under the lease a resumed session adopted), with its value; `None` if
 /// it is absent, on another lease, or already condemned by the session's rule for leftovers
-/// (see `session::leftovers`: taken back after the adoption window). One read-only Txn (a compare on the key's lease and a
-/// get), never cancelled once sent (etcd #14110).
+/// (see `session::leftovers`: taken back after the adoption window). One read-only Txn (a
+/// compare on the key's lease and a get), never cancelled once sent (etcd #14110).
 pub(crate) async fn adopt_on_lease(
     session: &LeasedSession,
     key: &str,
