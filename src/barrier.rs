@@ -215,11 +215,14 @@ impl DoubleBarrier {
                 CompareOp::Equal,
                 0,
             ));
-            let latch = Txn::new().when(compares).and_then([TxnOp::put(
-                ready.as_str(),
-                "",
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            let latch = Txn::new()
+                .when(compares)
+                .and_then([TxnOp::put(
+                    ready.as_str(),
+                    "",
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(ready.as_str(), None)]);
             let (ready, participants) = (ready.clone(), participants.clone());
             move |snapshot: &engine::Snapshot| {
                 #[cfg(feature = "sabotage")]
@@ -231,7 +234,10 @@ impl DoubleBarrier {
                 if latched {
                     Decision::Through { touch: false }
                 } else if present >= count {
-                    Decision::Act(latch.clone())
+                    Decision::Act {
+                        txn: latch.clone(),
+                        creates: Some(ready.clone()),
+                    }
                 } else {
                     // A latch put after our key, while it exists, lets us through even if it is
                     // gone again before we re-read: whoever put it may leave at once and take

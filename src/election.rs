@@ -139,7 +139,9 @@ impl Election {
     /// like [`campaign`](Self::campaign) from its place.
     ///
     /// # Errors
-    /// [`Error::LockLost`] if the key is gone or is another incarnation;
+    /// [`Error::LockLost`] if the key is gone (also once deleted as a leftover after the
+    /// session's adoption window: see
+    /// [`LeasedSession::resume`](crate::LeasedSession::resume)) or is another incarnation;
     /// [`Error::InvalidArgument`] if `key` is not a key of this election made under this
     /// session's lease; as [`campaign`](Self::campaign) otherwise.
     ///

@@ -23,8 +23,10 @@ pub enum LossReason {
     /// shut down, or the task panicked): nothing refreshes the lease any more.
     KeepAliveStopped,
     /// A background release failed with an error retrying cannot fix (for example, etcd's auth
-    /// denied it). The session ends and revokes its lease rather than keep a live lease on a
-    /// key nobody holds any more.
+    /// denied it), or a resumed session's look at the keys on its lease did (listing them,
+    /// reading them or deleting one nobody took back: see
+    /// [`LeasedSession::resume`](crate::LeasedSession::resume)). The session ends and revokes
+    /// its lease rather than keep a live lease on a key nobody holds any more.
     CleanupFailed,
     /// The session was handed off with [`orphan()`](crate::LeasedSession::orphan): it stopped
     /// refreshing the lease without revoking it, for another process to

@@ -145,10 +145,11 @@ impl Mutex {
     /// (Go's `ResumeElection` trusts what it is given; this checks.)
     ///
     /// # Errors
-    /// [`Error::LockLost`] if the key is gone (the lease ended, or it was released) or is
-    /// another incarnation; [`Error::InvalidArgument`] if `key` is not a key of this lock's
-    /// name made under this session's lease (nothing is sent); as [`lock()`](Self::lock)
-    /// otherwise.
+    /// [`Error::LockLost`] if the key is gone (the lease ended, it was released, or it was
+    /// deleted as a leftover once the session's adoption window was over: see
+    /// [`LeasedSession::resume`]) or is another incarnation; [`Error::InvalidArgument`] if
+    /// `key` is not a key of this lock's name made under this session's lease (nothing is
+    /// sent); as [`lock()`](Self::lock) otherwise.
     ///
     /// # Cancel safety
     /// As [`lock()`](Self::lock): dropping the future while it waits deletes the key (fenced),

@@ -165,10 +165,11 @@ impl RwLock {
     /// still waiting, this waits like [`read()`](Self::read) from its place.
     ///
     /// # Errors
-    /// [`Error::LockLost`] if the key is gone (the lease ended, or it was released) or is
-    /// another incarnation; [`Error::InvalidArgument`] if `key` is not a reader key of this
-    /// lock made under this session's lease — a writer's key included (nothing is sent); as
-    /// [`read()`](Self::read) otherwise.
+    /// [`Error::LockLost`] if the key is gone (the lease ended, it was released, or it was
+    /// deleted as a leftover once the session's adoption window was over: see
+    /// [`LeasedSession::resume`]) or is another incarnation; [`Error::InvalidArgument`] if
+    /// `key` is not a reader key of this lock made under this session's lease — a writer's
+    /// key included (nothing is sent); as [`read()`](Self::read) otherwise.
     ///
     /// # Cancel safety
     /// As [`read()`](Self::read): dropping the future while it waits deletes the key (fenced).

@@ -132,10 +132,11 @@ impl Semaphore {
     /// [`acquire()`](Self::acquire) from its place.
     ///
     /// # Errors
-    /// [`Error::LockLost`] if the key is gone (the lease ended, or it was released) or is
-    /// another incarnation; [`Error::InvalidArgument`] if `key` is not a permit key of this
-    /// semaphore made under this session's lease, or for zero permits (nothing is sent); as
-    /// [`acquire()`](Self::acquire) otherwise.
+    /// [`Error::LockLost`] if the key is gone (the lease ended, it was released, or it was
+    /// deleted as a leftover once the session's adoption window was over: see
+    /// [`LeasedSession::resume`]) or is another incarnation; [`Error::InvalidArgument`] if
+    /// `key` is not a permit key of this semaphore made under this session's lease, or for
+    /// zero permits (nothing is sent); as [`acquire()`](Self::acquire) otherwise.
     ///
     /// # Cancel safety
     /// As [`acquire()`](Self::acquire): dropping the future while it waits deletes the key

@@ -622,6 +622,43 @@ async fn a_user_limited_to_its_prefix_can_resume_its_lease_its_lock_and_its_regi
     again.deregister().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_limited_to_its_prefix_has_what_nobody_took_back_on_its_resumed_lease_deleted() {
+    // The resumed session lists its lease's keys, reads them and deletes the ones nobody took
+    // back: readwrite on app/ is enough.
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let root = enable_auth(&cluster, "app", "app/").await;
+    let app = user_client(&cluster, "app", "app-pw").await;
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(3));
+    let first = LeasedSession::new(app.clone(), options.clone())
+        .await
+        .unwrap();
+    let lease_id = first.orphan();
+    // A put of the earlier process that landed with nobody to answer.
+    let leftover = format!("app/m/#{lease_id:016x}-9");
+    app.clone()
+        .put(
+            leftover.as_str(),
+            "",
+            Some(etcd_client::PutOptions::new().with_lease(lease_id)),
+        )
+        .await
+        .unwrap();
+    let resumed = LeasedSession::resume(app.clone(), lease_id, options)
+        .await
+        .unwrap();
+    assert!(
+        eventually(resumed.ttl() + Duration::from_secs(3), || async {
+            keys_under(&root, "app/m/").await.is_empty()
+        })
+        .await,
+        "the leftover outlived the adoption window"
+    );
+    assert_eq!(resumed.state(), etcd_coord::SessionState::Alive);
+    resumed.close().await.unwrap();
+}
+
 /// A client of a user whose one role has `permission` and nothing else.
 async fn user_with(
     root: &mut etcd_client::Client,

@@ -7,18 +7,23 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use etcd_coord::discovery::{Endpoint, SessionRegistration};
 use etcd_coord::{
-    Election, Error, LeasedSession, LossReason, Mutex, RwLock, Semaphore, SessionOptions,
-    SessionState,
+    Barrier, DoubleBarrier, Election, Error, Fence, LeasedSession, LossReason, Mutex, RwLock,
+    Semaphore, SessionOptions, SessionState,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// Where the holder process finds its etcd and lock: `<endpoint> <name> <ttl secs>`.
+/// Where the holder process finds its etcd and lock: `<endpoint> <name> <ttl secs> [<mode>]`.
 const HOLDER_ENV: &str = "ETCD_COORD_RESUME_HOLDER";
 const REPORT: &str = "@holder";
+/// The holder's mode in which it reports its lease first, then locks once told to on stdin.
+const ENQUEUER: &str = "enqueuer";
 
 /// The holder process (run by the tests below, not on its own): takes the lock, reports its
-/// lease id, key and fencing token, and keeps the lease alive until it is killed.
+/// lease id, key and fencing token, and keeps the lease alive until it is killed. As an
+/// `enqueuer` it reports its lease id alone (key `-`, token 0), then calls `lock()` once a
+/// line arrives on its stdin, and reports nothing more.
 #[test]
 #[ignore = "a helper process of the tests in this file"]
 fn holder_process() {
@@ -26,8 +31,10 @@ fn holder_process() {
         return;
     };
     let words: Vec<&str> = spec.split_whitespace().collect();
-    let [endpoint, name, ttl] = words[..] else {
-        panic!("bad {HOLDER_ENV}: {spec}");
+    let (endpoint, name, ttl, mode) = match words[..] {
+        [endpoint, name, ttl] => (endpoint, name, ttl, "holder"),
+        [endpoint, name, ttl, mode] => (endpoint, name, ttl, mode),
+        _ => panic!("bad {HOLDER_ENV}: {spec}"),
     };
     let ttl = Duration::from_secs(ttl.parse().expect("a TTL"));
     tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -40,6 +47,13 @@ fn holder_process() {
         let session = LeasedSession::new(client, SessionOptions::new().with_ttl(ttl))
             .await
             .unwrap();
+        if mode == ENQUEUER {
+            println!("{REPORT} {} - 0", session.lease_id());
+            let mut go = String::new();
+            std::io::stdin().read_line(&mut go).unwrap();
+            let guard = Mutex::new(&session, name).lock().await;
+            panic!("the enqueuer's lock() was answered: {guard:?}");
+        }
         let guard = Mutex::new(&session, name).lock().await.unwrap();
         println!(
             "{REPORT} {} {} {}",
@@ -60,12 +74,15 @@ struct Holder {
 }
 
 async fn holder(etcd: &etcd_coord::testkit::TestEtcd, name: &str, ttl_secs: u64) -> Holder {
+    holder_process_at(&etcd.endpoints()[0], name, ttl_secs, "holder").await
+}
+
+/// A holder process reaching etcd at `endpoint`, in `mode` (see [`holder_process`]).
+async fn holder_process_at(endpoint: &str, name: &str, ttl_secs: u64, mode: &str) -> Holder {
     let mut process = tokio::process::Command::new("/proc/self/exe")
         .args(["holder_process", "--exact", "--ignored", "--nocapture"])
-        .env(
-            HOLDER_ENV,
-            format!("{} {name} {ttl_secs}", etcd.endpoints()[0]),
-        )
+        .env(HOLDER_ENV, format!("{endpoint} {name} {ttl_secs} {mode}"))
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -534,4 +551,374 @@ async fn a_key_resumed_while_still_in_line_waits_from_its_place() {
         .unwrap()
         .unwrap();
     assert!(c_holds.fencing_token() > token);
+}
+
+/// The name this crate gives a member key of the mutex `name` on lease `lease_id`.
+fn member_key(name: &str, lease_id: i64, number: u64) -> String {
+    format!("{name}/#{lease_id:016x}-{number:x}")
+}
+
+/// Puts `key` under lease `lease_id`, the way a put of the earlier process lands that was
+/// still on its way when it went away (its answer, and so the key's token, lost with it).
+async fn put_on_lease(client: &etcd_client::Client, key: &str, lease_id: i64) {
+    client
+        .clone()
+        .put(
+            key,
+            "",
+            Some(etcd_client::PutOptions::new().with_lease(lease_id)),
+        )
+        .await
+        .unwrap();
+}
+
+/// The key (and its create revision) under `prefix` attached to `lease_id`, once there is one.
+async fn key_on_lease(client: &etcd_client::Client, prefix: &str, lease_id: i64) -> (String, i64) {
+    let started = Instant::now();
+    loop {
+        let resp = client
+            .clone()
+            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        if let Some(kv) = resp.kvs().iter().find(|kv| kv.lease() == lease_id) {
+            return (
+                String::from_utf8(kv.key().to_vec()).unwrap(),
+                kv.create_revision(),
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no key of lease {lease_id:x} under {prefix}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `fence` still holds: a read-only Txn conditional on its key.
+async fn holds(fence: &Fence) -> bool {
+    match fence.txn_if_owner(Vec::new()).await {
+        Ok(_) => true,
+        Err(Error::LockLost { .. }) => false,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_enqueued_by_a_process_killed_before_the_answer_is_deleted_after_the_adoption_window_and_the_next_waiter_gets_it(
+) {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("resume-in-flight");
+    let ttl = 3;
+    let proxy = proxy(&etcd).await;
+    let mut enqueuer = holder_process_at(&proxy.endpoint(), &name, ttl, ENQUEUER).await;
+    // Its lock() reaches etcd; etcd's answer never reaches it.
+    proxy.drop_responses();
+    let stdin = enqueuer.process.stdin.as_mut().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let (key, token) = key_on_lease(&observer, &format!("{name}/"), enqueuer.lease_id).await;
+    // SIGKILL between its enqueue being sent and answered: nobody knows the key's token.
+    enqueuer.process.kill().await.unwrap();
+    let waiting = session(&etcd, 30).await;
+    let waiter = {
+        let m = Mutex::new(&waiting, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter got in past the dead process's key"
+    );
+
+    let resumed = LeasedSession::resume(
+        client(&etcd).await,
+        enqueuer.lease_id,
+        SessionOptions::new(),
+    )
+    .await
+    .unwrap();
+    // Nothing is taken back: the key is deleted once the adoption window (by default the
+    // lease's TTL) is over, at the session's next look at its lease.
+    let next = tokio::time::timeout(resumed.ttl() + Duration::from_secs(3), waiter)
+        .await
+        .expect("the next waiter gets the lock within the adoption window of the resume")
+        .unwrap()
+        .unwrap();
+    assert!(next.fencing_token() > token);
+    // By the rule, not by the lease's end: the resumed session still keeps the lease alive.
+    assert_eq!(resumed.state(), SessionState::Alive);
+    assert!(lease_exists(&observer, enqueuer.lease_id).await);
+    // Deleted: too late to take it back.
+    let late = Mutex::new(&resumed, &name).resume(&key, token).await;
+    assert!(matches!(late, Err(Error::LockLost { .. })), "{late:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_taken_back_is_never_deleted_while_a_leftover_nobody_took_back_is() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("resume-kept");
+    let other = format!("{name}-other");
+    let first = LeasedSession::new(
+        client(&etcd).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let guard = Mutex::new(&first, &name).lock().await.unwrap();
+    let (key, token) = (guard.key().to_owned(), guard.fencing_token());
+    let target = format!("{name}-svc");
+    let registered = SessionRegistration::register(&first, &target, Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    let lease_id = first.orphan();
+    drop(guard);
+    drop(registered);
+    drop(first);
+    // A key of the earlier process nobody will take back.
+    let leftover = member_key(&other, lease_id, 9);
+    put_on_lease(&observer, &leftover, lease_id).await;
+
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    let guard = Mutex::new(&resumed, &name)
+        .resume(&key, token)
+        .await
+        .unwrap();
+    let registered = SessionRegistration::resume(&resumed, &target, Endpoint::new("h:1"))
+        .await
+        .unwrap();
+    let waiting = session(&etcd, 30).await;
+    let (a_waiter, b_waiter) = {
+        let (a, b) = (Mutex::new(&waiting, &name), Mutex::new(&waiting, &other));
+        (
+            tokio::spawn(async move { a.lock().await }),
+            tokio::spawn(async move { b.lock().await }),
+        )
+    };
+    // The leftover goes once the window is over …
+    let b = tokio::time::timeout(resumed.ttl() + Duration::from_secs(3), b_waiter)
+        .await
+        .expect("the leftover nobody took back is deleted after the adoption window")
+        .unwrap()
+        .unwrap();
+    b.release().await.unwrap();
+    // … the key taken back stays, look after look.
+    tokio::time::sleep(resumed.ttl() + Duration::from_secs(1)).await;
+    assert!(holds(&guard).await, "a lock taken back was deleted");
+    assert!(
+        holds(&registered.fence()).await,
+        "a registration taken back was deleted"
+    );
+    assert_eq!(keys_under(&observer, &format!("{name}/")).await[0], key);
+    assert!(!a_waiter.is_finished(), "a waiter got a lock taken back");
+    guard.release().await.unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(5), a_waiter)
+        .await
+        .expect("the waiter gets the lock once it is released")
+        .unwrap()
+        .unwrap();
+    assert!(a.fencing_token() > token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_the_resumed_session_puts_itself_are_never_deleted_while_a_leftover_is() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("resume-own");
+    let n = |what: &str| format!("{name}-{what}");
+    let first = LeasedSession::new(
+        client(&etcd).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let lease_id = first.orphan();
+    drop(first);
+    let leftover = member_key(&n("leftover"), lease_id, 9);
+    put_on_lease(&observer, &leftover, lease_id).await;
+
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    // Its own keys, one through each way this crate puts a key: an enqueue, a conditional
+    // put of a try-acquire, an exclusive put, a latch, a registration.
+    let lock = Mutex::new(&resumed, n("lock")).lock().await.unwrap();
+    let tried = Mutex::new(&resumed, n("try"))
+        .try_lock()
+        .await
+        .unwrap()
+        .unwrap();
+    let permit = Semaphore::new(&resumed, n("permits"), 2)
+        .acquire()
+        .await
+        .unwrap();
+    let reading = RwLock::new(&resumed, n("rw")).read().await.unwrap();
+    let hold = Barrier::new(&resumed, n("barrier")).hold().await.unwrap();
+    let inside = DoubleBarrier::new(&resumed, n("double"), 1)
+        .enter()
+        .await
+        .unwrap();
+    let registered = SessionRegistration::register(&resumed, n("svc"), Endpoint::new("10.0.0.1:1"))
+        .await
+        .unwrap();
+    // And a waiter of its own, in line behind another session's holder.
+    let other = session(&etcd, 30).await;
+    let ahead = Mutex::new(&other, n("line")).lock().await.unwrap();
+    let queued = {
+        let m = Mutex::new(&resumed, n("line"));
+        tokio::spawn(async move { m.lock().await })
+    };
+    key_on_lease(&observer, &format!("{}/", n("line")), lease_id).await;
+    let own = |keys: Vec<String>| -> Vec<String> {
+        keys.into_iter()
+            .filter(|k| !k.starts_with(&n("leftover")) && !k.starts_with(&n("later")))
+            .collect()
+    };
+    let own_before = own(keys_under(&observer, &name).await);
+
+    // The leftover goes once the window is over …
+    let leftover_waiter = {
+        let m = Mutex::new(&other, n("leftover"));
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::timeout(resumed.ttl() + Duration::from_secs(3), leftover_waiter)
+        .await
+        .expect("the leftover nobody took back is deleted after the adoption window")
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    // … a key put after that is as much its own …
+    let later = Mutex::new(&resumed, n("later")).lock().await.unwrap();
+    // … and every one of them stays, look after look.
+    tokio::time::sleep(resumed.ttl() + Duration::from_secs(1)).await;
+    for (what, fence) in [
+        ("lock", lock.fence()),
+        ("try_lock", tried.fence()),
+        ("permit", permit.fence()),
+        ("read lock", reading.fence()),
+        ("barrier", hold.fence()),
+        ("double barrier", (*inside).clone()),
+        ("registration", registered.fence()),
+        ("later lock", later.fence()),
+    ] {
+        assert!(holds(&fence).await, "its own {what} was deleted");
+    }
+    let own_after = own(keys_under(&observer, &name).await);
+    assert_eq!(
+        own_after, own_before,
+        "a key of its own was deleted: {own_before:#?} then {own_after:#?}"
+    );
+    assert!(!queued.is_finished());
+    ahead.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("its waiter, kept in line, gets the lock")
+        .unwrap()
+        .unwrap();
+    got.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_put_landing_after_the_resume_is_deleted_within_a_ttl_and_the_next_waiter_gets_the_lock(
+) {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("resume-late-put");
+    let first = LeasedSession::new(
+        client(&etcd).await,
+        SessionOptions::new().with_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let lease_id = first.orphan();
+    drop(first);
+    let resumed = LeasedSession::resume(client(&etcd).await, lease_id, SessionOptions::new())
+        .await
+        .unwrap();
+    // Past the adoption window and the session's first look at its lease, a put the earlier
+    // process sent before it went away lands: a waiter's key nobody can know the token of.
+    tokio::time::sleep(resumed.ttl() + Duration::from_millis(500)).await;
+    let late = member_key(&name, lease_id, 7);
+    put_on_lease(&observer, &late, lease_id).await;
+    let waiting = session(&etcd, 30).await;
+    let waiter = {
+        let m = Mutex::new(&waiting, &name);
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the waiter got in past the late key");
+    // The session looks at its lease once per TTL: the late key is deleted at the next look.
+    let next = tokio::time::timeout(resumed.ttl() + Duration::from_secs(2), waiter)
+        .await
+        .expect("the late key is deleted within a TTL and the next waiter gets the lock")
+        .unwrap()
+        .unwrap();
+    next.release().await.unwrap();
+    assert!(keys_under(&observer, &late).await.is_empty());
+    assert_eq!(resumed.state(), SessionState::Alive);
+    assert!(lease_exists(&observer, lease_id).await);
+    // Its looking ends with it: no task outlives the session.
+    let tasks = resumed.background_tasks();
+    resumed.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), tasks.finished())
+        .await
+        .expect("the resumed session's tasks end with it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_adoption_window_lets_a_key_be_taken_back_late_but_spares_no_late_put() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("resume-window");
+    let other = format!("{name}-other");
+    let ttl = Duration::from_secs(3);
+    let first = LeasedSession::new(client(&etcd).await, SessionOptions::new().with_ttl(ttl))
+        .await
+        .unwrap();
+    let guard = Mutex::new(&first, &name).lock().await.unwrap();
+    let (key, token) = (guard.key().to_owned(), guard.fencing_token());
+    let lease_id = first.orphan();
+    drop(guard);
+    drop(first);
+
+    let resumed = LeasedSession::resume(
+        client(&etcd).await,
+        lease_id,
+        SessionOptions::new().with_adoption_window(ttl * 2),
+    )
+    .await
+    .unwrap();
+    let resumed_at = Instant::now();
+    // A put that lands after the resume is deleted within a TTL, window or not …
+    let late = member_key(&other, lease_id, 7);
+    put_on_lease(&observer, &late, lease_id).await;
+    let waiting = session(&etcd, 30).await;
+    let waiter = {
+        let m = Mutex::new(&waiting, &other);
+        tokio::spawn(async move { m.lock().await })
+    };
+    tokio::time::timeout(ttl + Duration::from_secs(2), waiter)
+        .await
+        .expect("a late put is deleted within a TTL whatever the window")
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    // … while the earlier process's key can still be taken back after a TTL (the default
+    // window), within the longer one.
+    tokio::time::sleep_until((resumed_at + ttl + Duration::from_millis(500)).into()).await;
+    let guard = Mutex::new(&resumed, &name)
+        .resume(&key, token)
+        .await
+        .expect("taken back within the adoption window asked for");
+    assert!(resumed_at.elapsed() < ttl * 2, "the test ran late");
+    assert_eq!(guard.fencing_token(), token);
+    guard.release().await.unwrap();
 }

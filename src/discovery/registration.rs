@@ -714,12 +714,15 @@ impl SessionRegistration {
     /// from what is stored. See [`Registration::resume`].
     ///
     /// # Errors
-    /// [`Error::NotOnLease`] if the key is not on the session's lease (nothing is changed);
-    /// otherwise as [`register`](Self::register).
+    /// [`Error::NotOnLease`] if the key is not on the session's lease (nothing is changed) —
+    /// also once the session's adoption window is over and its rule for keys nobody took back
+    /// has condemned it (see [`LeasedSession::resume`]); otherwise as
+    /// [`register`](Self::register).
     ///
     /// # Cancel safety
-    /// Dropping the future leaves the key as it was, or (once taken back) hands its fenced
-    /// delete to the session's task, like a dropped registration.
+    /// Dropping the future leaves the key as it was (a key not taken back, which the resumed
+    /// session deletes once its adoption window is over), or (once taken back) hands its
+    /// fenced delete to the session's task, like a dropped registration.
     ///
     /// # Example
     /// ```no_run

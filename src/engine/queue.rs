@@ -153,6 +153,8 @@ async fn enqueue(
     value: Vec<u8>,
     reads: Vec<TxnOp>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
+    // Before anything is sent: a resumed session's look at its lease spares the key.
+    let claim = shared.claim(key);
     let work = {
         let shared = Arc::clone(shared);
         let key = key.to_owned();
@@ -161,6 +163,7 @@ async fn enqueue(
             let put = Put::send(&shared, txn).await?;
             let (revision, gets) = (put.revision, keys::txn_gets(&put.resp));
             if put.resp.succeeded() {
+                claim.confirm(revision);
                 return Ok((revision, Some(Snapshot { revision, gets }), put.uncertain));
             }
             if !put.uncertain {
@@ -179,6 +182,7 @@ async fn enqueue(
                     kv.lease()
                 ))));
             }
+            claim.confirm(kv.create_revision());
             Ok((kv.create_revision(), None, true))
         }
     };
@@ -261,8 +265,12 @@ pub(crate) enum Decision {
     /// Done: the acquisition is through. With `touch`, a waiter may be watching our key for
     /// the moment we stop waiting: touch it (in the background) so that it re-reads.
     Through { touch: bool },
-    /// Send this Txn (e.g. put a "ready" key; it must be safe to repeat), then read again.
-    Act(Txn),
+    /// Send `txn` (it must be safe to repeat), then read again. If it may create a key under
+    /// the session's lease (a double barrier's latch), `creates` names it, and `txn`'s
+    /// else-branch gets it first: the key is then the session's, spared by a resumed
+    /// session's look at its lease, when `txn` created it — or, after an unanswered attempt,
+    /// when the else-branch finds it on our lease, created since the act began.
+    Act { txn: Txn, creates: Option<String> },
     /// Wait for one of these changes, then read again — or, for a change watched as
     /// [`Watched::deciding`], be through once it happened while our key exists.
     Wait(Vec<Watched>),
@@ -319,8 +327,29 @@ where
                 }
                 return ticket.into_acquired(snapshot.revision);
             }
-            Decision::Act(txn) => {
-                send_until_answered(shared, || txn.clone(), Kind::Write, &mut backoff).await?;
+            Decision::Act { txn, creates } => {
+                let claim = creates.as_deref().map(|key| shared.claim(key));
+                let started = shared.seen_revision();
+                let answered =
+                    send_until_answered(shared, || txn.clone(), Kind::Write, &mut backoff).await?;
+                if let Some(claim) = claim {
+                    let created = if answered.resp.succeeded() {
+                        Some(keys::header_revision(&answered.resp)?)
+                    } else if answered.uncertain {
+                        keys::txn_gets(&answered.resp)
+                            .first()
+                            .and_then(|g| g.kvs().first())
+                            .filter(|kv| {
+                                kv.lease() == shared.lease_id && kv.create_revision() > started
+                            })
+                            .map(|kv| kv.create_revision())
+                    } else {
+                        None
+                    };
+                    if let Some(create_revision) = created {
+                        claim.confirm(create_revision);
+                    }
+                }
             }
             Decision::Wait(targets) => {
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
@@ -598,9 +627,9 @@ pub(crate) async fn acquire(
 /// Takes back member `key` of kind `kind` in `queue`, made under this session's (resumed)
 /// lease by an earlier process and created at `create_revision`, and waits like [`acquire`]
 /// until `blocker` lets it through — at once if it held. The key must still be that
-/// incarnation on this lease ([`Error::LockLost`] otherwise). Cancel-safe like [`acquire`]:
-/// dropping the future after the key was confirmed deletes it (fenced), as for any waiter
-/// that gives up.
+/// incarnation on this lease, not condemned by the session's rule for leftovers
+/// ([`Error::LockLost`] otherwise). Cancel-safe like [`acquire`]: dropping the future after
+/// the key was confirmed deletes it (fenced), as for any waiter that gives up.
 pub(crate) async fn adopt(
     session: &LeasedSession,
     queue: &Queue,
@@ -628,6 +657,8 @@ pub(crate) async fn adopt(
         keys::owner_compare(key, create_revision),
         Compare::lease(key, CompareOp::Equal, shared.lease_id),
     ]);
+    // Before the check: a key whose taking-back began is never deleted as a leftover.
+    let claim = shared.claim(key);
     let confirmed = send_until_answered(
         shared,
         || ours.clone(),
@@ -635,7 +666,8 @@ pub(crate) async fn adopt(
         &mut Backoff::for_requests(),
     )
     .await?;
-    if !confirmed.resp.succeeded() {
+    // Not there, or already condemned as a leftover (taken back too late).
+    if !confirmed.resp.succeeded() || !claim.confirm(create_revision) {
         return Err(lost());
     }
     let ticket = Ticket::new(shared, key.to_owned(), create_revision, Afterwards::Nothing);
@@ -709,12 +741,15 @@ where
     E: FnOnce(&Shared, &[GetResponse], i64, bool) -> Result<Else, Error> + Send + 'static,
     A: Fn(bool) -> Afterwards + Clone + Send + 'static,
 {
+    // Before anything is sent: a resumed session's look at its lease spares the key.
+    let claim = shared.claim(key);
     let work = {
         let shared = Arc::clone(shared);
         async move {
             before.await;
             let put = Put::send(&shared, txn).await?;
             if put.resp.succeeded() {
+                claim.confirm(put.revision);
                 return Ok((Else::Ours(put.revision, put.revision), put.uncertain));
             }
             let got = on_else(
@@ -724,6 +759,9 @@ where
                 put.uncertain,
             )
             .map_err(|e| put.fail(e))?;
+            if let Else::Ours(create_revision, _) = got {
+                claim.confirm(create_revision);
+            }
             Ok((got, put.uncertain))
         }
     };
@@ -861,8 +899,9 @@ impl Drop for Claim {
 
 /// Takes back `key` if it exists on this session's lease (any create revision: a key made by
 /// an earlier process under the lease a resumed session adopted), with its value; `None` if
-/// it is absent or on another lease. One read-only Txn (a compare on the key's lease and a
-/// get), never cancelled once sent (etcd #14110).
+/// it is absent, on another lease, or already condemned by the session's rule for leftovers
+/// (see `session::leftovers`: taken back after the adoption window). One read-only Txn (a
+/// compare on the key's lease and a get), never cancelled once sent (etcd #14110).
 pub(crate) async fn adopt_on_lease(
     session: &LeasedSession,
     key: &str,
@@ -872,6 +911,8 @@ pub(crate) async fn adopt_on_lease(
     let ours = Txn::new()
         .when([Compare::lease(key, CompareOp::Equal, shared.lease_id)])
         .and_then([TxnOp::get(key, None)]);
+    // Before the check: a key whose taking-back began is never deleted as a leftover.
+    let claim = shared.claim(key);
     let answered = send_until_answered(
         shared,
         || ours.clone(),
@@ -889,6 +930,9 @@ pub(crate) async fn adopt_on_lease(
             "{key}: a lease compare held without the key"
         )));
     };
+    if !claim.confirm(kv.create_revision()) {
+        return Ok(None); // condemned as a leftover: taken back too late, about to be deleted
+    }
     let acquired = Acquired {
         key: key.to_owned(),
         create_revision: kv.create_revision(),

@@ -1,10 +1,12 @@
 //! [`LeasedSession`]: a lease that keeps itself alive and knows, on its own clock, when it may
 //! be gone. Its rooms: [`options`] (what a session asks for), [`liveness`] (the state machine,
-//! no I/O), [`keepalive`] (the refresh loop), [`cleanup`] (background releases) and [`slots`]
-//! (the numbers in member key names, used again).
+//! no I/O), [`keepalive`] (the refresh loop), [`cleanup`] (background releases), [`slots`]
+//! (the numbers in member key names, used again) and [`leftovers`] (what a resumed session
+//! does with the keys on its lease that it does not hold).
 
 mod cleanup;
 mod keepalive;
+mod leftovers;
 mod liveness;
 mod options;
 mod slots;
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use etcd_client::{Client, LeaseGrantOptions};
+use etcd_client::{Client, LeaseGrantOptions, LeaseTimeToLiveOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -25,6 +27,8 @@ use crate::{Error, LossReason};
 use cleanup::{run_cleanups, Job};
 pub(crate) use cleanup::{Afterwards, Claimed, Cleanup, PendingWork, Sweep};
 use keepalive::{keep_alive, lease_not_found};
+pub(crate) use leftovers::Claim;
+use leftovers::Leftovers;
 use liveness::Liveness;
 pub use options::{SessionOptions, MAX_LEASE_TTL_SECS};
 
@@ -124,6 +128,8 @@ pub(crate) struct Shared {
     stop: CancellationToken,
     closing: AtomicBool,
     tasks: TaskTracker,
+    /// A resumed session's rule for the keys on its lease that it does not hold.
+    leftovers: Option<Arc<Leftovers>>,
     pub(crate) counters: Counters,
     /// When a refused watch of this session may renew the client's auth token.
     auth_renewal: std::sync::Mutex<crate::error::RenewalGate>,
@@ -213,6 +219,14 @@ impl Shared {
     /// [`Afterwards::Reuse`] gives it back once the key is gone.
     pub(crate) fn take_slot(&self) -> u64 {
         self.slots.take()
+    }
+
+    /// Marks a put (or a taking-back) of `key` by this session as under way, so that a
+    /// resumed session's rule for leftovers never deletes it; [`Claim::confirm`] records the
+    /// key made. Call it before the request is sent. Costs nothing for a session that was not
+    /// resumed.
+    pub(crate) fn claim(&self, key: &str) -> Claim {
+        Claim::new(self.leftovers.as_ref(), key)
     }
 
     /// Hands a clean-up to the session's background task. Synchronous; never blocks. If the
@@ -481,6 +495,7 @@ impl LeasedSession {
             revision,
             &options,
             0,
+            None,
         ))
     }
 
@@ -499,6 +514,51 @@ impl LeasedSession {
     /// Resume only a lease whose earlier owner is gone or has [`orphan`](Self::orphan)ed it:
     /// a key taken back keeps its fencing token, so fencing cannot tell the two processes
     /// apart, and this call cannot know whether the earlier one still runs (`docs/safety.md`).
+    ///
+    /// # Keys nobody takes back
+    /// The resumed session keeps the lease alive for as long as it runs, so it also answers
+    /// for every key on it: each one ends up either held by one of its guards or deleted. The
+    /// earlier process may have left keys nobody can take back — a `lock()` whose enqueue
+    /// reached etcd but whose answer died with it (or landed after
+    /// [`orphan`](Self::orphan)), so its token was never known — and such a key, once at the
+    /// head of its queue, would block everyone behind it.
+    ///
+    /// The rule. This call lists the keys on the lease (its `LeaseTimeToLive` asks for them:
+    /// the *earlier keys*; etcd's leader lists a lease's keys only once it has applied all
+    /// it committed, so every key an answered put of the earlier process made is among them).
+    /// The *adoption window* is [`SessionOptions::with_adoption_window`] (default: the
+    /// lease's TTL), counted from this call's return. The session looks at its lease —
+    /// `LeaseTimeToLive` with its keys, then one read per 64 of them for their create
+    /// revisions — once when the window ends and once per TTL, for as long as it lives, and
+    /// deletes, each with one Txn fenced on the key's create revision and on its being
+    /// attached to this lease, every key that
+    ///
+    /// * was not put by this session's own primitives (a put counts from before it is first
+    ///   sent and, once answered, until its key is gone; a put given up on before any answer
+    ///   came does not count: the key, if it landed, is a leftover like any other), and
+    /// * was not taken back by this session (`Mutex::resume`,
+    ///   [`Election::resume`](crate::Election::resume), `Semaphore::resume`,
+    ///   `RwLock::resume_read`/`resume_write`,
+    ///   [`SessionRegistration::resume`](crate::discovery::SessionRegistration::resume)), a
+    ///   taking-back counting from before its first request, and
+    /// * is not one of the earlier keys — a put the earlier process sent that landed after
+    ///   this call listed the lease: nobody can hold its token — or, being one, is found
+    ///   once the adoption window is over. (An earlier key a look no longer finds is gone;
+    ///   a key of that name found later landed later.)
+    ///
+    /// So a key of the earlier process that is not taken back within the window is gone at
+    /// most one look after the window ends (at most the request time after it, while etcd
+    /// answers), and a key landing later within one TTL of landing, plus that time: no later
+    /// than the lease itself would have removed them had nobody resumed it. A key the rule
+    /// has decided to delete can no longer be taken back ([`Error::LockLost`]; `None` for a
+    /// registration); to take keys back later, ask for a longer window. Keys attached to the
+    /// lease other than through this crate's primitives (a put of your own with
+    /// [`lease_id()`](Self::lease_id)) are not this session's: the rule deletes them like the
+    /// earlier process's — attach keys of your own to a session of their own.
+    /// If etcd refuses a look or a deletion for good (permissions: the role needs `read` and
+    /// `write` on every key of the lease), the session ends
+    /// ([`LossReason::CleanupFailed`]), as for a failed background release. A session made
+    /// with [`new`](Self::new) never looks: its lease starts empty.
     ///
     /// # Errors
     /// [`Error::LeaseNotFound`] if the lease has expired or was revoked; [`Error::InvalidArgument`]
@@ -548,9 +608,17 @@ impl LeasedSession {
             Err(e) => return Err(e),
             Ok(_) => {} // the keeper and its stream close here: the session opens its own
         }
+        // With its keys: those on the lease now are the earlier process's (see `leftovers`).
         let alive = crate::error::renewing_auth(&client, || {
             let mut lease = client.lease_client();
-            async move { within(options.request_timeout, lease.time_to_live(lease_id, None)).await }
+            let with_keys = LeaseTimeToLiveOptions::new().with_keys();
+            async move {
+                within(
+                    options.request_timeout,
+                    lease.time_to_live(lease_id, Some(with_keys)),
+                )
+                .await
+            }
         })
         .await;
         let alive = match alive {
@@ -565,13 +633,23 @@ impl LeasedSession {
         let revision = alive.header().map_or(0, |h| h.revision());
         // An earlier holder of this lease numbered its keys from 0: start far from there.
         let first_seq = u64::from(rand::random::<u32>() | 1) << 32;
+        let window = options.adoption_window.unwrap_or(ttl);
+        let leftovers = Leftovers::new(alive.keys(), leftovers::window_end(window));
         Ok(LeasedSession::start(
-            client, lease_id, ttl, sent, revision, &options, first_seq,
+            client,
+            lease_id,
+            ttl,
+            sent,
+            revision,
+            &options,
+            first_seq,
+            Some(leftovers),
         ))
     }
 
     /// Starts the session of lease `lease_id` (of TTL `ttl`), whose last acknowledged refresh
-    /// (or grant) was sent at `sent`.
+    /// (or grant) was sent at `sent`; a resumed one with its rule for `leftovers`.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         client: Client,
         lease_id: i64,
@@ -580,6 +658,7 @@ impl LeasedSession {
         revision: i64,
         options: &SessionOptions,
         first_seq: u64,
+        leftovers: Option<Leftovers>,
     ) -> LeasedSession {
         let margin = options.safety_margin.unwrap_or(ttl / 5);
         let keepalive_timeout = options.keepalive_timeout.unwrap_or(ttl / 5);
@@ -606,6 +685,7 @@ impl LeasedSession {
             stop: stop.clone(),
             closing: AtomicBool::new(false),
             tasks: TaskTracker::new(),
+            leftovers: leftovers.map(Arc::new),
             counters: Counters::default(),
             auth_renewal: Default::default(),
         });
@@ -809,6 +889,7 @@ async fn drive(mut watchdog: Watchdog, mut live: Liveness, mut jobs: mpsc::Unbou
     let reason = tokio::select! {
         reason = keep_alive(&shared, &mut live) => reason,
         reason = run_cleanups(&shared, &mut jobs) => reason,
+        reason = leftovers::sweep(&shared) => reason,
         // Lost decided elsewhere: on the clock by a caller, or by close().
         reason = shared.lost() => reason,
         _ = shared.stop.cancelled() => LossReason::Closed,

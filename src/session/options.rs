@@ -26,6 +26,7 @@ pub struct SessionOptions {
     pub(super) safety_margin: Option<Duration>,
     pub(super) keepalive_timeout: Option<Duration>,
     pub(super) request_timeout: Duration,
+    pub(super) adoption_window: Option<Duration>,
 }
 
 impl Default for SessionOptions {
@@ -43,6 +44,7 @@ impl SessionOptions {
             safety_margin: None,
             keepalive_timeout: None,
             request_timeout: Duration::from_secs(5),
+            adoption_window: None,
         }
     }
 
@@ -77,6 +79,23 @@ impl SessionOptions {
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
+    }
+
+    /// For [`LeasedSession::resume`] only: how long after it returns the keys already on the
+    /// lease — the earlier process's — may still be taken back by a guard's `resume`. Once it
+    /// is over, the session deletes every one of them that no guard of it took back (see
+    /// [`LeasedSession::resume`]). Default: the lease's TTL — as long as the key would have
+    /// lived had nobody resumed the lease. Any value is accepted; `Duration::MAX` keeps them
+    /// until they are taken back (keys that land on the lease later without this session
+    /// having put them are deleted all the same).
+    pub fn with_adoption_window(mut self, window: Duration) -> Self {
+        self.adoption_window = Some(window);
+        self
+    }
+
+    /// The adoption window asked for, if any (`None`: the lease's TTL).
+    pub fn adoption_window(&self) -> Option<Duration> {
+        self.adoption_window
     }
 
     /// The requested TTL.
