@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 
-use crate::engine::{self, holding_guard, Decision, Holding, Watched};
+use crate::engine::{self, holding_guard, Decision, Holding, SessionKeys};
 use crate::keys::{self, Layout, Named, Queue};
+use crate::watch::Watched;
 use crate::{Error, Fence, LeasedSession};
 
 /// The barrier key, under `<name>/#barrier/`.
@@ -73,9 +74,9 @@ impl Barrier {
     /// (if any) is taken down by the session's background task.
     pub async fn hold(&self) -> Result<BarrierHold, Error> {
         let key = self.key()?;
-        let shared = self.session.shared();
+        let session = self.session.inner();
         // A value unique to this attempt lets a retry recognise its own earlier put.
-        let token = format!("{:016x}-{:x}", shared.lease_id, shared.next_seq());
+        let token = format!("{:016x}-{:x}", session.lease_id, session.book().next_seq());
         match engine::create_exclusive(&self.session, &key, token).await? {
             Some(acquired) => Ok(BarrierHold::from_holding(Holding::new(
                 self.session.clone(),
@@ -100,11 +101,11 @@ impl Barrier {
         if crate::sabotage::broken() {
             return Ok(()); // deliberately unsafe: see sabotage
         }
-        let shared = self.session.shared();
-        let now = engine::read(shared, vec![TxnOp::get(key.as_str(), None)]).await?;
+        let session = self.session.inner();
+        let now = engine::read(session, vec![TxnOp::get(key.as_str(), None)]).await?;
         match now.gets.first().and_then(|g| g.kvs().first()) {
             None => Ok(()),
-            Some(kv) => engine::wait_gone(shared, &key, kv.create_revision(), now.revision).await,
+            Some(kv) => engine::wait_gone(session, &key, kv.create_revision(), now.revision).await,
         }
     }
 }
@@ -325,7 +326,7 @@ impl DoubleBarrierGuard {
         // created after belong to the next round — a participant that already left may enter
         // it at once — and waiting for them would wait for a round that waits for us.
         let mut left_at = self.holding.release().await?;
-        let shared = Arc::clone(self.holding.fence().session().shared());
+        let session = Arc::clone(self.holding.fence().session().inner());
         if self.holding.release_was_uncertain() {
             // The delete went unanswered and a retry found the key gone: our round ended at
             // the delete itself, which may be well before the retry's revision — and a
@@ -334,7 +335,8 @@ impl DoubleBarrierGuard {
             // away, the retry's revision is kept: it errs late, never early.)
             let fence = self.holding.fence();
             if let Some(at) =
-                engine::deleted_at(&shared, fence.key(), fence.fencing_token()).await?
+                crate::watch::deleted_at(session.waits(), fence.key(), fence.fencing_token())
+                    .await?
             {
                 left_at = at;
             }
@@ -353,7 +355,7 @@ impl DoubleBarrierGuard {
         };
         // Wait for the participants of our round one by one, oldest first, until none is left.
         loop {
-            let now = engine::read(&shared, vec![oldest()]).await?;
+            let now = engine::read(&session, vec![oldest()]).await?;
             let Some(kv) = now
                 .gets
                 .first()
@@ -363,7 +365,7 @@ impl DoubleBarrierGuard {
                 break;
             };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            engine::wait_gone(&shared, &key, kv.create_revision(), now.revision).await?;
+            engine::wait_gone(&session, &key, kv.create_revision(), now.revision).await?;
         }
         // Everyone of our round is out. If the last ones left by losing their leases, or while
         // the next round's first participants were already entering, our round's latch is
@@ -375,7 +377,7 @@ impl DoubleBarrierGuard {
                 left_at + 1,
             )])
             .and_then([TxnOp::delete(self.ready.as_str(), None)]);
-        engine::send_txn(&shared, clear, engine::Kind::Write).await?;
+        session.rpc.txn(clear).await?;
         Ok(())
     }
 }

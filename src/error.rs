@@ -1,6 +1,5 @@
 //! The crate's one error type, and the one place that says which failures are worth a retry.
 
-use std::future::Future;
 use std::time::Duration;
 
 use tonic::Code;
@@ -160,9 +159,21 @@ pub enum Error {
     Timeout(Duration),
 
     /// etcd answered with something this crate did not expect (a missing header or operation
-    /// response). Indicates a server or protocol mismatch, not a user error.
+    /// response, a key in a state this crate never leaves it in). Indicates a server or protocol
+    /// mismatch, not a user error.
     #[error("unexpected response from etcd: {0}")]
     Protocol(String),
+
+    /// A failure inside this crate: a background task it relies on panicked or was stopped
+    /// by its runtime's shutdown before it answered. Carries what failed. Not retried.
+    #[error("internal failure: {0}")]
+    Internal(String),
+
+    /// The API was used against its contract (an [`Stm`](crate::Stm) closure that went on
+    /// after one of its reads failed, a handle of an attempt that is over). Nothing was
+    /// written. Carries what was wrong.
+    #[error("misuse: {0}")]
+    Misuse(String),
 }
 
 impl From<etcd_client::Error> for Error {
@@ -213,8 +224,9 @@ impl Error {
     ///
     /// | failure | retried | why |
     /// |---|---|---|
-    /// | [`Error::Timeout`] (ours) | yes | the outcome is unknown; every request we retry is idempotent or fenced |
+    /// | [`Error::Timeout`] | yes | the outcome is unknown; every request this crate retries is idempotent or fenced |
     /// | transport and I/O errors | yes | connection refused, reset or broken: another attempt may get through |
+    /// | a watch stream that ended or failed | yes | its connection broke; a new stream may work |
     /// | `Unavailable` | yes | etcd has no leader, the leader changed, a member is stopping, or a proposal timed out |
     /// | `DeadlineExceeded` | yes | etcd's or gRPC's deadline passed; the next attempt gets a new one |
     /// | `Cancelled` | yes | the HTTP/2 stream was reset under us (a connection lost) |
@@ -223,10 +235,10 @@ impl Error {
     /// | `ResourceExhausted` "too many requests" | yes | etcd sheds load while its apply lags behind |
     /// | `ResourceExhausted`, other (the NOSPACE alarm "database space exceeded", message size) | no | needs an operator or a smaller request |
     /// | `PermissionDenied` ([`Error::PermissionDenied`]) | no | the user's roles lack a permission |
-    /// | `Unauthenticated` ([`Error::AuthenticationFailed`]) | no | bad credentials or a token etcd no longer accepts |
+    /// | `Unauthenticated` ([`Error::AuthenticationFailed`]) | no | bad credentials or a token etcd no longer accepts (this crate renews a stale token itself, once, before it reports this) |
     /// | `InvalidArgument`, `FailedPrecondition`, `OutOfRange`, `NotFound`, `AlreadyExists`, `Unimplemented`, `DataLoss` | no | the same request would fail the same way |
-    /// | every other error of this crate or of etcd-client | no | a bad argument, a lost session or lock, a protocol mismatch |
-    pub(crate) fn is_transient(&self) -> bool {
+    /// | every other error of this crate or of etcd-client | no | a bad argument, a lost session or lock, a protocol mismatch, an internal failure |
+    pub fn is_retryable(&self) -> bool {
         match self {
             Error::Timeout(_) => true,
             Error::Etcd(e) => match e {
@@ -240,11 +252,56 @@ impl Error {
                     Code::ResourceExhausted => s.message().contains("too many requests"),
                     _ => false,
                 },
-                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                etcd_client::Error::TransportError(_)
+                | etcd_client::Error::IoError(_)
+                | etcd_client::Error::WatchError(_) => true,
                 _ => false,
             },
             _ => false,
         }
+    }
+
+    /// The error for a watch stream that ended without a reason (retryable).
+    pub(crate) fn stream_ended() -> Error {
+        Error::Etcd(etcd_client::Error::WatchError("watch stream ended".into()))
+    }
+
+    /// Whether etcd refused a read at a revision its history no longer has (etcd's
+    /// `ErrCompacted`, "required revision has been compacted").
+    pub(crate) fn is_compacted(&self) -> bool {
+        self.status_says("required revision has been compacted")
+    }
+
+    /// Whether the member that answered has not applied the revision a read asked for yet
+    /// (etcd's `ErrFutureRev`, "required revision is a future revision"; etcd #11963).
+    pub(crate) fn is_future_revision(&self) -> bool {
+        self.status_says("required revision is a future revision")
+    }
+
+    /// Whether etcd refused a Txn for holding more operations than its `--max-txn-ops`.
+    pub(crate) fn is_too_many_ops(&self) -> bool {
+        self.status_says("too many operations in txn request")
+    }
+
+    /// Whether a lease grant with a chosen id found that id taken ("lease already exists").
+    pub(crate) fn is_lease_taken(&self) -> bool {
+        self.status_says("lease already exists")
+    }
+
+    /// Whether etcd answered that the lease does not exist (expired or revoked): a gRPC
+    /// `NotFound` ("requested lease not found"), or the keep-alive stream's own report of it.
+    pub(crate) fn is_lease_not_found(&self) -> bool {
+        match self {
+            Error::Etcd(etcd_client::Error::LeaseKeepAliveError(m)) => m.contains("not found"),
+            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                s.code() == Code::NotFound || s.message().contains("lease not found")
+            }
+            _ => false,
+        }
+    }
+
+    fn status_says(&self, what: &str) -> bool {
+        matches!(self, Error::Etcd(etcd_client::Error::GRpcStatus(s)) if s.message().contains(what))
     }
 }
 
@@ -252,7 +309,7 @@ impl Error {
     /// Whether etcd refused the request only because the client's auth token is stale: it
     /// expired (simple tokens after `--auth-token-ttl` without use, JWTs after their TTL) or
     /// was issued before a change of users or roles ("revision of auth store is old"). A fresh
-    /// token fixes it: see [`renew_auth`].
+    /// token fixes it (the request layer renews it and sends the request once more).
     pub(crate) fn is_stale_auth(&self) -> bool {
         match self {
             Error::AuthenticationFailed(m) => {
@@ -266,73 +323,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether a refused *watch* may be a stale token: etcd checks a watch stream's token when
+    /// a watch is created and reports a stale one as "permission denied", so a denial is
+    /// believed only if it comes again right after a renewal.
+    pub(crate) fn may_be_stale_watch_auth(&self) -> bool {
+        self.is_stale_auth() || matches!(self, Error::PermissionDenied(_))
+    }
+}
+
 /// etcd's "the token predates a change of users or roles": its gRPC error, and the raw one
 /// some of its code paths return.
 fn is_old_auth_revision(message: &str) -> bool {
     message.contains("revision of auth store is old")
         || message.contains("auth: revision in header is old")
-}
-
-/// Fetches a fresh auth token for `client` (a no-op for a client without credentials).
-pub(crate) async fn renew_auth(client: &etcd_client::Client) -> Result<(), Error> {
-    tracing::debug!("renewing the client's auth token");
-    client.refresh_token().await.map_err(Error::from)
-}
-
-/// Runs `request()`; if etcd refused it for a stale auth token ([`Error::is_stale_auth`]),
-/// renews the token and runs it once more. The one place unary requests survive token expiry
-/// and changes of users or roles.
-pub(crate) async fn renewing_auth<T, F, Fut>(
-    client: &etcd_client::Client,
-    mut request: F,
-) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Error>>,
-{
-    match request().await {
-        Err(e) if e.is_stale_auth() => {
-            renew_auth(client).await?;
-            request().await
-        }
-        answer => answer,
-    }
-}
-
-/// Lets a refused watch renew the auth token at most once per [`RenewalGate::INTERVAL`]: etcd
-/// reports a stale token on a watch as "permission denied", so a denial is believed only if
-/// it comes again right after a renewal.
-#[derive(Debug, Default)]
-pub(crate) struct RenewalGate(Option<std::time::Instant>);
-
-impl RenewalGate {
-    /// The shortest time between two renewals.
-    pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
-
-    /// Whether a renewal may happen now; if so, records it.
-    pub(crate) fn due(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let due = self
-            .0
-            .is_none_or(|at| now.duration_since(at) >= RenewalGate::INTERVAL);
-        if due {
-            self.0 = Some(now);
-        }
-        due
-    }
-}
-
-/// Runs `request` with the deadline `limit`: its error converted, or [`Error::Timeout`] if the
-/// deadline came first (the request is then dropped: only for requests that may be cancelled).
-pub(crate) async fn within<T, E, F>(limit: Duration, request: F) -> Result<T, Error>
-where
-    E: Into<Error>,
-    F: Future<Output = Result<T, E>>,
-{
-    match tokio::time::timeout(limit, request).await {
-        Err(_) => Err(Error::Timeout(limit)),
-        Ok(answer) => answer.map_err(Into::into),
-    }
 }
 
 #[cfg(test)]
@@ -349,7 +353,7 @@ mod tests {
     fn auth_failures_get_their_own_variants_and_are_not_retried() {
         let denied = status(Code::PermissionDenied, "etcdserver: permission denied");
         assert!(matches!(&denied, Error::PermissionDenied(m) if m.contains("permission denied")));
-        assert!(!denied.is_transient());
+        assert!(!denied.is_retryable());
         let token = status(Code::Unauthenticated, "etcdserver: invalid auth token");
         assert!(matches!(token, Error::AuthenticationFailed(_)));
         let password = status(
@@ -369,14 +373,14 @@ mod tests {
             Code::Unknown,
             Code::Internal,
         ] {
-            assert!(status(code, "x").is_transient(), "{code:?}");
+            assert!(status(code, "x").is_retryable(), "{code:?}");
         }
-        assert!(status(Code::ResourceExhausted, "etcdserver: too many requests").is_transient());
+        assert!(status(Code::ResourceExhausted, "etcdserver: too many requests").is_retryable());
         assert!(!status(
             Code::ResourceExhausted,
             "etcdserver: mvcc: database space exceeded"
         )
-        .is_transient());
+        .is_retryable());
         for code in [
             Code::InvalidArgument,
             Code::FailedPrecondition,
@@ -386,11 +390,11 @@ mod tests {
             Code::Unimplemented,
             Code::DataLoss,
         ] {
-            assert!(!status(code, "x").is_transient(), "{code:?}");
+            assert!(!status(code, "x").is_retryable(), "{code:?}");
         }
-        assert!(Error::Timeout(Duration::from_secs(1)).is_transient());
-        assert!(!Error::InvalidArgument("x".into()).is_transient());
-        assert!(!Error::SessionClosed.is_transient());
+        assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(!Error::InvalidArgument("x".into()).is_retryable());
+        assert!(!Error::SessionClosed.is_retryable());
     }
 
     #[test]

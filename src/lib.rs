@@ -44,6 +44,7 @@ mod engine;
 mod error;
 mod keys;
 mod mutex;
+mod rpc;
 mod rwlock;
 #[cfg(feature = "sabotage")]
 #[doc(hidden)]
@@ -54,6 +55,7 @@ mod session;
 mod stm;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod watch;
 
 use std::time::Duration;
 

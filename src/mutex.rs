@@ -1,6 +1,6 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{self, holding_guard, inspect, Blocker, Holder, Holding};
+use crate::engine::{holding_guard, inspect, Blocker, Holder, Line};
 use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
@@ -60,6 +60,17 @@ impl Mutex {
         }
     }
 
+    /// This mutex's place in its queue: one permit, every member directly under the name.
+    fn line(&self) -> Result<Line<'_>, Error> {
+        let queue = self.named.queue()?;
+        Ok(Line::new(
+            &self.session,
+            queue,
+            "",
+            Blocker::over(queue, 1)?,
+        ))
+    }
+
     /// The mutex's name.
     pub fn name(&self) -> &str {
         self.named.name()
@@ -80,12 +91,8 @@ impl Mutex {
     /// request in flight is finished by a short detached task, and any key it created is
     /// deleted by the session's background task (fenced on the key's create revision).
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
-        let queue = self.named.queue()?;
-        let blocker = Blocker::over(queue, 1)?;
-        let acquired = engine::acquire(&self.session, queue, "", blocker, Vec::new()).await?;
-        Ok(MutexGuard {
-            holding: Holding::new(self.session.clone(), acquired),
-        })
+        let holding = self.line()?.acquire(Vec::new()).await?;
+        Ok(MutexGuard::from_holding(holding))
     }
 
     /// Takes the lock if nobody holds it or waits for it, in one round trip; `None` if it is
@@ -97,15 +104,8 @@ impl Mutex {
     /// # Cancel safety
     /// Cancel-safe, as [`lock()`](Self::lock).
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
-        let queue = self.named.queue()?;
-        let blocker = Blocker::over(queue, 1)?;
-        Ok(
-            engine::try_acquire(&self.session, queue, "", blocker, Vec::new())
-                .await?
-                .map(|acquired| MutexGuard {
-                    holding: Holding::new(self.session.clone(), acquired),
-                }),
-        )
+        let got = self.line()?.try_acquire(Vec::new()).await?;
+        Ok(got.map(MutexGuard::from_holding))
     }
 
     /// Who holds the lock now, if anyone: its key, lease and fencing token — whichever client
@@ -175,12 +175,8 @@ impl Mutex {
     /// # Ok(()) }
     /// ```
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<MutexGuard, Error> {
-        let queue = self.named.queue()?;
-        let blocker = Blocker::over(queue, 1)?;
-        let acquired = engine::adopt(&self.session, queue, "", blocker, key, fencing_token).await?;
-        Ok(MutexGuard {
-            holding: Holding::new(self.session.clone(), acquired),
-        })
+        let holding = self.line()?.adopt(key, fencing_token).await?;
+        Ok(MutexGuard::from_holding(holding))
     }
 }
 

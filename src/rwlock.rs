@@ -1,7 +1,7 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
-use crate::engine::{self, holding_guard, inspect, Blocker, Holder, Holding};
-use crate::keys::{Layout, Named, Queue};
+use crate::engine::{holding_guard, inspect, Blocker, Holder, Holding, Line};
+use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -56,29 +56,30 @@ impl RwLock {
 
     /// The queue and what blocks a member of `kind`: a reader waits for the writers created
     /// before it, a writer for every key created before it.
-    fn queue(&self, kind: &str) -> Result<(&Queue, Blocker), Error> {
+    /// A reader's or a writer's place: a reader waits for the last writer ahead of it, a
+    /// writer for the last key of any kind.
+    fn line(&self, kind: &'static str) -> Result<Line<'_>, Error> {
         let queue = self.named.queue()?;
         let blocks = if kind == READER { WRITER } else { "" };
-        Ok((queue, Blocker::new(queue.sub(blocks), 1)?))
+        let blocker = Blocker::new(queue.sub(blocks), 1)?;
+        Ok(Line::new(&self.session, queue, kind, blocker))
     }
 
-    async fn acquire(&self, kind: &str) -> Result<Holding, Error> {
-        let (queue, blocker) = self.queue(kind)?;
-        let acquired = engine::acquire(&self.session, queue, kind, blocker, Vec::new()).await?;
-        Ok(Holding::new(self.session.clone(), acquired))
+    async fn acquire(&self, kind: &'static str) -> Result<Holding, Error> {
+        self.line(kind)?.acquire(Vec::new()).await
     }
 
-    async fn try_acquire(&self, kind: &str) -> Result<Option<Holding>, Error> {
-        let (queue, blocker) = self.queue(kind)?;
-        let got = engine::try_acquire(&self.session, queue, kind, blocker, Vec::new()).await?;
-        Ok(got.map(|a| Holding::new(self.session.clone(), a)))
+    async fn try_acquire(&self, kind: &'static str) -> Result<Option<Holding>, Error> {
+        self.line(kind)?.try_acquire(Vec::new()).await
     }
 
-    async fn resume(&self, kind: &str, key: &str, fencing_token: i64) -> Result<Holding, Error> {
-        let (queue, blocker) = self.queue(kind)?;
-        let acquired =
-            engine::adopt(&self.session, queue, kind, blocker, key, fencing_token).await?;
-        Ok(Holding::new(self.session.clone(), acquired))
+    async fn resume(
+        &self,
+        kind: &'static str,
+        key: &str,
+        fencing_token: i64,
+    ) -> Result<Holding, Error> {
+        self.line(kind)?.adopt(key, fencing_token).await
     }
 
     /// Waits for shared (read) access.

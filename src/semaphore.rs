@@ -1,6 +1,6 @@
 //! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
 
-use crate::engine::{self, holding_guard, inspect, Blocker, Holder, Holding};
+use crate::engine::{holding_guard, inspect, Blocker, Holder, Line};
 use crate::keys::{Layout, Named, Queue};
 #[cfg(doc)]
 use crate::Fence;
@@ -65,6 +65,12 @@ impl Semaphore {
 
     /// The queue and what blocks an acquisition in it, or why the name or the number of
     /// permits is not acceptable.
+    /// A place among the permits' holders and waiters.
+    fn line(&self) -> Result<Line<'_>, Error> {
+        let (queue, blocker) = self.queue()?;
+        Ok(Line::new(&self.session, queue, "", blocker))
+    }
+
     fn queue(&self) -> Result<(&Queue, Blocker), Error> {
         let queue = self.named.queue()?;
         let blocker = Blocker::over(queue, self.permits).map_err(|e| match e {
@@ -84,12 +90,8 @@ impl Semaphore {
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no key behind.
     pub async fn acquire(&self) -> Result<SemaphorePermit, Error> {
-        let (queue, blocker) = self.queue()?;
-        let acquired = engine::acquire(&self.session, queue, "", blocker, Vec::new()).await?;
-        Ok(SemaphorePermit::from_holding(Holding::new(
-            self.session.clone(),
-            acquired,
-        )))
+        let holding = self.line()?.acquire(Vec::new()).await?;
+        Ok(SemaphorePermit::from_holding(holding))
     }
 
     /// Takes a permit if one is free and nobody waits, else `None` (leaving no key behind).
@@ -100,12 +102,8 @@ impl Semaphore {
     /// # Cancel safety
     /// Cancel-safe, as [`acquire()`](Self::acquire).
     pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>, Error> {
-        let (queue, blocker) = self.queue()?;
-        Ok(
-            engine::try_acquire(&self.session, queue, "", blocker, Vec::new())
-                .await?
-                .map(|a| SemaphorePermit::from_holding(Holding::new(self.session.clone(), a))),
-        )
+        let got = self.line()?.try_acquire(Vec::new()).await?;
+        Ok(got.map(SemaphorePermit::from_holding))
     }
     /// Who holds the permits now, oldest first: at most [`permits()`](Self::permits) holders
     /// (the oldest keys; everyone behind them waits). One linearizable read; the answer may be
@@ -160,12 +158,8 @@ impl Semaphore {
     /// # Ok(()) }
     /// ```
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<SemaphorePermit, Error> {
-        let (queue, blocker) = self.queue()?;
-        let acquired = engine::adopt(&self.session, queue, "", blocker, key, fencing_token).await?;
-        Ok(SemaphorePermit::from_holding(Holding::new(
-            self.session.clone(),
-            acquired,
-        )))
+        let holding = self.line()?.adopt(key, fencing_token).await?;
+        Ok(SemaphorePermit::from_holding(holding))
     }
 }
 

@@ -43,18 +43,21 @@
 //!
 //! See `docs/discovery.md` for the guarantees and what re-registration can and cannot promise.
 
+mod changes;
 mod endpoint;
+mod read;
 mod registration;
 mod view;
 
 #[cfg(feature = "tonic")]
 mod channel;
 
+pub use changes::{ViewChange, ViewChanges};
 #[cfg(feature = "tonic")]
 pub use channel::{balanced_channel, default_tonic_endpoint};
 pub use endpoint::{Endpoint, MAX_ENDPOINT_JSON_LEN};
 pub use registration::{Registration, RegistrationState, SessionRegistration};
-pub use view::{Discovery, ServiceView, ViewChange, ViewChanges, ViewMetrics};
+pub use view::{Discovery, ServiceView, ViewMetrics};
 
 use crate::keys::MAX_NAME_LEN;
 use crate::Error;

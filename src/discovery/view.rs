@@ -1,35 +1,23 @@
 //! Discovery: one consistent read of a target's endpoints, or a live view kept current from
-//! one read plus a watch from that read's revision + 1.
+//! one read plus the watch layer's stream of the target's revisions.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::pin::Pin;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, SortOrder, SortTarget};
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use etcd_client::{Client, EventType};
 use tokio::sync::watch;
-use tokio::time::sleep;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::changes::ViewChanges;
 use super::endpoint::{decode, Endpoint, Stored};
+use super::read::{read, Snapshot};
 use super::target_prefix;
-use crate::backoff::Backoff;
-use crate::engine::{Gap, PrefixEvents};
-use crate::error::{renewing_auth, within};
-use crate::keys::prefix_end;
+use crate::rpc::Rpc;
+use crate::watch::revisions::Reread;
+use crate::watch::{Revisions, Update};
 use crate::Error;
-
-/// Keys per page of a read: pages are read at one revision, so a read is one snapshot
-/// however many endpoints a target has.
-const PAGE: i64 = 1000;
-
-/// How often a read restarts because its revision was compacted between pages, before it
-/// reports the failure.
-const READ_RESTARTS: u32 = 5;
 
 /// Finds a target's endpoints: `<target>/…` keys whose values are Go `endpoints.Update` JSON.
 ///
@@ -65,13 +53,6 @@ impl std::fmt::Debug for Discovery {
     }
 }
 
-/// One consistent read: the endpoints, the keys whose values are not endpoints, the revision.
-struct Snapshot {
-    endpoints: BTreeMap<String, Endpoint>,
-    malformed: BTreeMap<String, String>,
-    revision: i64,
-}
-
 impl Discovery {
     /// Discovery of the endpoints registered under `<target>/`. Nothing is sent yet; a bad
     /// target is reported by [`list`](Self::list) and [`view`](Self::view).
@@ -95,6 +76,11 @@ impl Discovery {
         &self.target
     }
 
+    /// A request handle for one call.
+    fn rpc(&self) -> Rpc {
+        Rpc::detached(self.client.clone(), self.request_timeout)
+    }
+
     /// The endpoints registered now (key → endpoint), from one linearizable read (paged, at one
     /// revision). Values that are not endpoints are skipped, each with a `tracing` warning.
     ///
@@ -106,7 +92,7 @@ impl Discovery {
     /// Only reads: dropping the future leaves nothing behind.
     pub async fn list(&self) -> Result<BTreeMap<String, Endpoint>, Error> {
         let prefix = target_prefix(&self.target)?;
-        let snapshot = read(&self.client, &prefix, self.request_timeout).await?;
+        let snapshot = read(&self.rpc(), &prefix).await?;
         Ok(snapshot.endpoints)
     }
 
@@ -125,7 +111,8 @@ impl Discovery {
     /// Dropping the future before it completes starts nothing.
     pub async fn view(&self) -> Result<ServiceView, Error> {
         let prefix = target_prefix(&self.target)?;
-        let first = read(&self.client, &prefix, self.request_timeout).await?;
+        let rpc = self.rpc();
+        let first = read(&rpc, &prefix).await?;
         let counters = Arc::new(Counters::default());
         counters.revision.store(first.revision, Ordering::Relaxed);
         for (key, why) in &first.malformed {
@@ -137,11 +124,20 @@ impl Discovery {
             ended: None,
         });
         let stop = CancellationToken::new();
+        let reread: Reread<Snapshot> = {
+            let (rpc, prefix) = (rpc.clone(), prefix.clone());
+            Box::new(move || {
+                let (rpc, prefix) = (rpc.clone(), prefix.clone());
+                Box::pin(async move {
+                    let snapshot = read(&rpc, &prefix).await?;
+                    let revision = snapshot.revision;
+                    Ok((snapshot, revision))
+                })
+            })
+        };
         let task = Follower {
-            client: self.client.clone(),
             prefix: prefix.clone(),
-            request_timeout: self.request_timeout,
-            events: PrefixEvents::new(self.client.clone(), &prefix, first.revision),
+            revisions: Revisions::after(rpc, &prefix, first.revision, reread),
             tx,
             counters: Arc::clone(&counters),
             malformed: Arc::clone(&malformed),
@@ -157,69 +153,6 @@ impl Discovery {
     }
 }
 
-/// Reads every key under `prefix` at one revision, in pages.
-async fn read(client: &Client, prefix: &str, timeout: Duration) -> Result<Snapshot, Error> {
-    let end = prefix_end(prefix.as_bytes());
-    let mut restarts = 0;
-    'read: loop {
-        let mut snapshot = Snapshot {
-            endpoints: BTreeMap::new(),
-            malformed: BTreeMap::new(),
-            revision: 0,
-        };
-        let mut from = prefix.as_bytes().to_vec();
-        loop {
-            let mut opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(PAGE)
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
-            if snapshot.revision > 0 {
-                opts = opts.with_revision(snapshot.revision);
-            }
-            let got = renewing_auth(client, || {
-                let (mut client, from, opts) = (client.clone(), from.clone(), opts.clone());
-                async move { within(timeout, client.get(from, Some(opts))).await }
-            });
-            let resp = match got.await {
-                Ok(resp) => resp,
-                Err(e) if snapshot.revision > 0 && is_compacted(&e) && restarts < READ_RESTARTS => {
-                    restarts += 1;
-                    continue 'read;
-                }
-                Err(e) => return Err(e),
-            };
-            if snapshot.revision == 0 {
-                snapshot.revision = resp
-                    .header()
-                    .map(|h| h.revision())
-                    .ok_or_else(|| Error::Protocol("a read without a header".into()))?;
-            }
-            for kv in resp.kvs() {
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                match decode(kv.value()) {
-                    Ok(Stored::Add(e)) => {
-                        snapshot.endpoints.insert(key, e);
-                    }
-                    Err(e) => {
-                        snapshot.malformed.insert(key, e.to_string());
-                    }
-                }
-            }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok(snapshot),
-            }
-        }
-    }
-}
-
-fn is_compacted(e: &Error) -> bool {
-    matches!(e, Error::Etcd(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted"))
-}
-
 fn report_malformed(counters: &Counters, key: &str, why: &str) {
     counters.malformed.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(key, reason = why, "skipped a value that is not an endpoint");
@@ -228,9 +161,9 @@ fn report_malformed(counters: &Counters, key: &str, why: &str) {
 /// What the background task publishes: the current set (a new `Arc` whenever it changes) and,
 /// once it has ended, why.
 #[derive(Clone)]
-struct Published {
-    endpoints: Arc<BTreeMap<String, Endpoint>>,
-    ended: Option<Arc<Error>>,
+pub(super) struct Published {
+    pub(super) endpoints: Arc<BTreeMap<String, Endpoint>>,
+    pub(super) ended: Option<Arc<Error>>,
 }
 
 #[derive(Default)]
@@ -239,6 +172,7 @@ struct Counters {
     events: AtomicU64,
     malformed: AtomicU64,
     resyncs: AtomicU64,
+    lag: AtomicI64,
 }
 
 /// Counters of a [`ServiceView`], from [`ServiceView::metrics`].
@@ -253,46 +187,9 @@ pub struct ViewMetrics {
     pub malformed: u64,
     /// Full re-reads after the watch's history was compacted away.
     pub resyncs: u64,
-}
-
-/// A change of a [`ServiceView`]'s set of endpoints.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ViewChange {
-    /// A key now holds an endpoint.
-    Added {
-        /// The key.
-        key: String,
-        /// Its endpoint.
-        endpoint: Endpoint,
-    },
-    /// A key's endpoint changed (its address or metadata).
-    Updated {
-        /// The key.
-        key: String,
-        /// The endpoint before.
-        previous: Endpoint,
-        /// The endpoint now.
-        endpoint: Endpoint,
-    },
-    /// A key no longer holds an endpoint (deleted, its lease ended, or overwritten with a value
-    /// that is not one).
-    Removed {
-        /// The key.
-        key: String,
-        /// The endpoint it held.
-        endpoint: Endpoint,
-    },
-}
-
-impl ViewChange {
-    /// The key the change is about.
-    pub fn key(&self) -> &str {
-        match self {
-            ViewChange::Added { key, .. }
-            | ViewChange::Updated { key, .. }
-            | ViewChange::Removed { key, .. } => key,
-        }
-    }
+    /// How many revisions etcd was ahead of the view when it last reported its progress (0:
+    /// caught up).
+    pub lag: i64,
 }
 
 /// The live set of a target's endpoints, from [`Discovery::view`]. Kept current by a
@@ -384,6 +281,7 @@ impl ServiceView {
             events: c.events.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
             resyncs: c.resyncs.load(Ordering::Relaxed),
+            lag: c.lag.load(Ordering::Relaxed),
         }
     }
 
@@ -397,132 +295,10 @@ impl ServiceView {
     }
 }
 
-/// The [`Stream`] of a [`ServiceView`]'s changes, from [`ServiceView::changes`].
-pub struct ViewChanges {
-    inner: BoxStream<'static, Result<ViewChange, Error>>,
-}
-
-impl std::fmt::Debug for ViewChanges {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ViewChanges").finish_non_exhaustive()
-    }
-}
-
-struct ChangesState {
-    rx: watch::Receiver<Published>,
-    seen: Arc<BTreeMap<String, Endpoint>>,
-    queue: VecDeque<ViewChange>,
-    done: bool,
-}
-
-impl ViewChanges {
-    fn new(rx: watch::Receiver<Published>, seen: Arc<BTreeMap<String, Endpoint>>) -> ViewChanges {
-        let state = ChangesState {
-            rx,
-            seen,
-            queue: VecDeque::new(),
-            done: false,
-        };
-        let inner = futures::stream::unfold(state, |mut s| async move {
-            loop {
-                if let Some(change) = s.queue.pop_front() {
-                    return Some((Ok(change), s));
-                }
-                if s.done {
-                    return None;
-                }
-                let published = s.rx.borrow_and_update().clone();
-                if !Arc::ptr_eq(&published.endpoints, &s.seen) {
-                    s.queue = diff(&s.seen, &published.endpoints);
-                    s.seen = published.endpoints;
-                    continue;
-                }
-                if let Some(e) = published.ended {
-                    s.done = true;
-                    return Some((Err(Error::ViewEnded(e)), s));
-                }
-                if s.rx.changed().await.is_err() {
-                    return None; // the view was dropped
-                }
-            }
-        });
-        ViewChanges {
-            inner: inner.boxed(),
-        }
-    }
-}
-
-impl Stream for ViewChanges {
-    type Item = Result<ViewChange, Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx)
-    }
-}
-
-/// The changes that turn `old` into `new`, in key order.
-fn diff(
-    old: &BTreeMap<String, Endpoint>,
-    new: &BTreeMap<String, Endpoint>,
-) -> VecDeque<ViewChange> {
-    let mut out = VecDeque::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return out,
-            (Some((k, e)), None) => {
-                out.push_back(removed(k, e));
-                a.next();
-            }
-            (None, Some((k, e))) => {
-                out.push_back(added(k, e));
-                b.next();
-            }
-            (Some((ka, ea)), Some((kb, eb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.push_back(removed(ka, ea));
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.push_back(added(kb, eb));
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if ea != eb {
-                        out.push_back(ViewChange::Updated {
-                            key: (*kb).clone(),
-                            previous: (*ea).clone(),
-                            endpoint: (*eb).clone(),
-                        });
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-}
-
-fn added(key: &str, endpoint: &Endpoint) -> ViewChange {
-    ViewChange::Added {
-        key: key.to_owned(),
-        endpoint: endpoint.clone(),
-    }
-}
-
-fn removed(key: &str, endpoint: &Endpoint) -> ViewChange {
-    ViewChange::Removed {
-        key: key.to_owned(),
-        endpoint: endpoint.clone(),
-    }
-}
-
 /// The background task of a view: applies watch events, re-reads after compaction.
 struct Follower {
-    client: Client,
     prefix: String,
-    request_timeout: Duration,
-    events: PrefixEvents,
+    revisions: Revisions<Snapshot>,
     tx: watch::Sender<Published>,
     counters: Arc<Counters>,
     malformed: Arc<StdMutex<BTreeMap<String, String>>>,
@@ -540,13 +316,14 @@ impl Follower {
 
     /// Follows the prefix until a failure retrying cannot fix, which it returns. Every event of
     /// a revision is applied before the set is published, and the set is published as soon as
-    /// every revision etcd sent so far is applied.
+    /// every revision etcd sent so far is applied; after compaction the watch layer re-reads
+    /// the whole target and exactly the difference is published.
     async fn follow(&mut self) -> Error {
         let mut current = Arc::clone(&self.tx.borrow().endpoints);
         let mut dirty = false;
         loop {
-            match self.events.next().await {
-                Ok(revision) => {
+            match self.revisions.next().await {
+                Ok(Update::Revision(revision)) => {
                     self.counters
                         .revision
                         .fetch_max(revision.revision, Ordering::Relaxed);
@@ -554,18 +331,27 @@ impl Follower {
                         dirty |= self.apply(Arc::make_mut(&mut current), event);
                     }
                 }
-                Err(Gap::Compacted) => match self.resync().await {
-                    Ok(fresh) => {
-                        if *fresh != *current {
-                            current = fresh;
-                            dirty = true;
-                        }
+                Ok(Update::Snapshot { state, revision }) => {
+                    tracing::info!(prefix = %self.prefix, revision, "view re-read after compaction");
+                    self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .revision
+                        .fetch_max(revision, Ordering::Relaxed);
+                    for (key, why) in &state.malformed {
+                        report_malformed(&self.counters, key, why);
                     }
-                    Err(e) => return e,
-                },
-                Err(Gap::Fatal(e)) => return e,
+                    *self.lock_malformed() = state.malformed;
+                    if *current != state.endpoints {
+                        current = Arc::new(state.endpoints);
+                        dirty = true;
+                    }
+                }
+                Err(e) => return e,
             }
-            if dirty && self.events.is_drained() {
+            self.counters
+                .lag
+                .store(self.revisions.lag(), Ordering::Relaxed);
+            if dirty && self.revisions.is_drained() {
                 let endpoints = Arc::clone(&current);
                 self.tx.send_modify(|p| p.endpoints = endpoints);
                 dirty = false;
@@ -603,71 +389,7 @@ impl Follower {
         }
     }
 
-    /// After compaction: reads the whole prefix again (retrying transient failures) and
-    /// resumes the watch after that read.
-    async fn resync(&mut self) -> Result<Arc<BTreeMap<String, Endpoint>>, Error> {
-        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
-        let mut backoff = Backoff::for_requests();
-        loop {
-            match read(&self.client, &self.prefix, self.request_timeout).await {
-                Ok(snapshot) => {
-                    tracing::info!(prefix = %self.prefix, revision = snapshot.revision, "view re-read after compaction");
-                    self.counters
-                        .revision
-                        .fetch_max(snapshot.revision, Ordering::Relaxed);
-                    for (key, why) in &snapshot.malformed {
-                        report_malformed(&self.counters, key, why);
-                    }
-                    *self.lock_malformed() = snapshot.malformed;
-                    self.events.resume_after(snapshot.revision);
-                    return Ok(Arc::new(snapshot.endpoints));
-                }
-                Err(e) if e.is_transient() => sleep(backoff.next_delay()).await,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     fn lock_malformed(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
         self.malformed.lock().expect("no panics under this lock")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn map() -> impl Strategy<Value = BTreeMap<String, Endpoint>> {
-        prop::collection::btree_map("[a-e]", "[x-z]".prop_map(Endpoint::new), 0..5)
-    }
-
-    proptest! {
-        #[test]
-        fn applying_the_diff_turns_the_old_set_into_the_new(old in map(), new in map()) {
-            let mut applied = old.clone();
-            let changes = diff(&old, &new);
-            let mut keys = Vec::new();
-            for change in changes {
-                keys.push(change.key().to_owned());
-                match change {
-                    ViewChange::Added { key, endpoint } => {
-                        prop_assert!(applied.insert(key, endpoint).is_none());
-                    }
-                    ViewChange::Updated { key, previous, endpoint } => {
-                        prop_assert_ne!(&previous, &endpoint);
-                        prop_assert_eq!(applied.insert(key, endpoint), Some(previous));
-                    }
-                    ViewChange::Removed { key, endpoint } => {
-                        prop_assert_eq!(applied.remove(&key), Some(endpoint));
-                    }
-                }
-            }
-            prop_assert_eq!(&applied, &new);
-            let mut sorted = keys.clone();
-            sorted.sort();
-            sorted.dedup();
-            prop_assert_eq!(keys, sorted, "one change per key, in key order");
-        }
     }
 }

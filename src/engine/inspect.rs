@@ -2,11 +2,10 @@
 //! only (no lease needed) — for [`Election::leader`](crate::Election::leader) and
 //! `observe()`, and for the primitives' `holder()` / `holders()`.
 
-use std::time::Duration;
-
-use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
+use etcd_client::{KeyValue, SortOrder, SortTarget};
 
 use crate::keys::Queue;
+use crate::rpc::Rpc;
 use crate::{Error, LeasedSession};
 
 /// A member of a queue that holds it now: a mutex's owner, a semaphore's permit holder, an
@@ -45,45 +44,7 @@ impl Holder {
     }
 }
 
-/// The part of a session a read from outside needs: its client and request timeout, not its
-/// lease.
-#[derive(Clone)]
-pub(crate) struct ClientOnly {
-    client: etcd_client::Client,
-    request_timeout: Duration,
-}
-
-impl ClientOnly {
-    pub(crate) fn new(client: etcd_client::Client, request_timeout: Duration) -> ClientOnly {
-        ClientOnly {
-            client,
-            request_timeout,
-        }
-    }
-
-    /// The client.
-    pub(crate) fn client(&self) -> &etcd_client::Client {
-        &self.client
-    }
-
-    /// `session`'s client and request timeout.
-    pub(crate) fn of(session: &LeasedSession) -> ClientOnly {
-        ClientOnly::new(session.client().clone(), session.shared().request_timeout)
-    }
-
-    /// A read within the request timeout, sent once more with a fresh auth token if etcd
-    /// refused the first for a stale one.
-    async fn get(&self, key: &str, opts: GetOptions) -> Result<etcd_client::GetResponse, Error> {
-        crate::error::renewing_auth(&self.client, || {
-            let mut kv = self.client.kv_client();
-            let opts = opts.clone();
-            async move { crate::error::within(self.request_timeout, kv.get(key, Some(opts))).await }
-        })
-        .await
-    }
-}
-
-/// How many keys beyond those wanted a read of the oldest members fetches at first (a shared
+/// How many keys beyond those wanted a read of the oldest members fetches at first (a session
 /// queue's range also holds nested names' keys, which are not members).
 const SPARE: i64 = 7;
 
@@ -91,7 +52,7 @@ const SPARE: i64 = 7;
 /// (0: now), in one linearizable read — or two, if nested names' keys crowded the first page
 /// (then every key is read). Returns them and the revision the read saw.
 pub(crate) async fn oldest(
-    session: &ClientOnly,
+    rpc: &Rpc,
     queue: &Queue,
     revision: i64,
     count: Option<usize>,
@@ -107,7 +68,7 @@ pub(crate) async fn oldest(
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let resp = session.get(queue.prefix(), opts).await?;
+        let resp = rpc.get(queue.prefix(), opts).await?;
         // A read at a past revision answers with the current revision in its header: the
         // state it returned is as of `revision`.
         let at = if revision > 0 {
@@ -131,12 +92,12 @@ pub(crate) async fn oldest(
 }
 
 /// The oldest `count` members of `queue` now (every member: `None`), oldest first, read
-/// through `session`'s client.
+/// through `leased`'s request handle (no lease needed).
 pub(crate) async fn oldest_members(
-    session: &LeasedSession,
+    leased: &LeasedSession,
     queue: &Queue,
     count: Option<usize>,
 ) -> Result<Vec<Holder>, Error> {
-    let (members, _) = oldest(&ClientOnly::of(session), queue, 0, count).await?;
+    let (members, _) = oldest(&leased.inner().rpc, queue, 0, count).await?;
     Ok(members.iter().map(Holder::from_kv).collect())
 }

@@ -1,33 +1,107 @@
-//! The one wait engine every primitive is built on, in rooms of one concern each:
+//! The engine: the queue algorithm every primitive is built on, the guards, and the fenced
+//! clean-ups (the guaranteed delete lives here, below the primitives, as Curator keeps it in
+//! its framework layer). Its rooms:
 //!
-//! * [`request`] — how requests travel: the session's request timeout, retries of transient
-//!   failures with one backoff per operation, detached requests a cancelled caller cannot
-//!   strand, read-only Txns that are never cancelled in flight.
-//! * [`watch`] — waiting for changes: watches registered from now (plus one confirming read),
-//!   `wait_gone`, and prefix event streams that survive disconnects and compaction.
-//! * [`queue`] — the queue algorithm: enqueue, the one wait loop (read while our key exists →
-//!   decide → through / act / wait → read again), and the queue decision.
-//! * [`inspect`] — reading a queue from outside, without a lease: its oldest members, who
-//!   holds it ([`Holder`]).
-//! * [`guard`] — what a guard holds: [`Fence`] (fenced compare, sequenced fenced writes,
-//!   `lost()`) and [`Holding`] (fenced, retry-safe release; release on drop through the
-//!   session's task).
+//! * [`decision`] — what a queue acquisition waits for, without I/O ([`Blocker`]).
+//! * [`ticket`] — a member key that has (or may have) been created, until it is held.
+//! * [`enqueue`] — putting member keys and exclusive names, detached from their callers
+//!   ([`detached`]) so that a cancelled caller never strands a key.
+//! * [`wait`] — the one wait loop (read while our key exists → decide → through / act / wait
+//!   → read again), and waiting for a key to be gone.
+//! * [`acquire`] — acquire, try, join, adopt: what primitives call.
+//! * [`fence`] and [`holding`] — what a guard holds: the [`Fence`] (fenced compares, sequenced
+//!   fenced writes, `lost()`) and the [`Holding`] (fenced, retry-safe release; release on drop
+//!   through the session's jobs).
+//! * [`cleanup`], [`names`], [`slots`] — background releases, sweeps of late copies, touches;
+//!   the names a session creates exclusively; the numbers in member key names.
+//! * [`leftovers`] and [`resume`] — a resumed lease's keys: taken back or deleted.
+//! * [`inspect`] — reading a queue from outside, without a lease ([`Holder`]).
 //!
-//! The session's background work (`crate::session::cleanup`) uses the same request and watch
-//! rooms.
+//! The engine sends through the session's request handle (`crate::rpc`) and waits through the
+//! watch layer (`crate::watch`); the session runs the engine's clean-ups as opaque jobs and
+//! keeps the engine's [`Book`] of its keys as an opaque extension.
 
-pub(crate) mod guard;
+pub(crate) mod acquire;
+pub(crate) mod book;
+pub(crate) mod cleanup;
+pub(crate) mod decision;
+pub(crate) mod detached;
+pub(crate) mod enqueue;
+pub(crate) mod fence;
+pub(crate) mod holding;
 pub(crate) mod inspect;
-pub(crate) mod queue;
-pub(crate) mod request;
-pub(crate) mod watch;
+pub(crate) mod leftovers;
+pub(crate) mod names;
+pub(crate) mod resume;
+pub(crate) mod slots;
+pub(crate) mod ticket;
+pub(crate) mod wait;
 
-pub use guard::Fence;
-pub(crate) use guard::{holding_guard, Holding};
+use std::sync::Arc;
+
+use etcd_client::{Txn, TxnResponse};
+
+pub use fence::Fence;
 pub use inspect::Holder;
-pub(crate) use queue::{
-    acquire, adopt, adopt_on_lease, create_exclusive, join, read, try_acquire, Blocker, Decision,
-    Snapshot,
-};
-pub(crate) use request::{send_txn, Kind};
-pub(crate) use watch::{deleted_at, wait_gone, Gap, PrefixEvents, Revision, Watched};
+
+pub(crate) use acquire::{adopt_on_lease, join, read, Line};
+pub(crate) use book::Book;
+pub(crate) use cleanup::Cleanup;
+pub(crate) use decision::{Blocker, Decision, Snapshot};
+pub(crate) use enqueue::create_exclusive;
+pub(crate) use holding::{holding_guard, Holding};
+pub(crate) use leftovers::Intent;
+pub(crate) use wait::wait_gone;
+
+use crate::backoff::Backoff;
+use crate::rpc::{Answered, Unanswered};
+use crate::session::Session;
+
+/// What the engine does with a session: the book of its keys, its clean-ups, the record of
+/// its own puts that a resumed session's rule for leftovers spares.
+pub(crate) trait SessionKeys {
+    /// The engine's book of this session's keys.
+    fn book(&self) -> Arc<Book>;
+
+    /// Hands `cleanup` to the session's background jobs. Synchronous; never blocks. If the
+    /// session's task has ended (session Lost), the lease's end removes the key.
+    fn clean_up(&self, cleanup: Cleanup);
+
+    /// Marks a put (or a taking-back) of `key` by this session as under way, so that a
+    /// resumed session's rule for leftovers never deletes it; [`Intent::confirm`] records the
+    /// key made. Call it before the request is sent. Costs nothing for a session that was not
+    /// resumed.
+    fn intend(&self, key: &str) -> Intent;
+
+    /// A number for a member key's name that no key of this session that may exist carries;
+    /// [`Afterwards::Reuse`] gives it back once the key is gone.
+    fn take_slot(&self) -> u64;
+}
+
+impl SessionKeys for Session {
+    fn book(&self) -> Arc<Book> {
+        self.extension(|| Book::new(0, None))
+    }
+
+    fn clean_up(&self, cleanup: Cleanup) {
+        cleanup::submit(self, cleanup);
+    }
+
+    fn intend(&self, key: &str) -> Intent {
+        Intent::new(self.book().leftovers.as_ref(), key)
+    }
+
+    fn take_slot(&self) -> u64 {
+        self.book().slots.take()
+    }
+}
+
+/// Sends `txn()` through the session until it is answered, while the session lives (see
+/// [`Rpc::until_answered`](crate::rpc::Rpc::until_answered)).
+pub(crate) async fn until_answered(
+    session: &Session,
+    txn: impl Fn() -> Txn,
+    backoff: &mut Backoff,
+) -> Result<Answered<TxnResponse>, Unanswered> {
+    session.rpc.txn_until_answered(txn, backoff, session).await
+}

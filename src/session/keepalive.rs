@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
+use super::core::Session;
 use super::liveness::Liveness;
-use super::{Counters, Shared};
 use crate::backoff::Backoff;
+use crate::rpc::Stats;
 use crate::LossReason;
 
 /// Waits for `fut` until `deadline`; `None` if the deadline came first.
@@ -20,27 +21,27 @@ async fn before<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
 }
 
 /// Refreshes the lease until the session is Lost; returns why.
-pub(super) async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReason {
-    let interval = shared.ttl / 3;
+pub(super) async fn keep_alive(session: &Session, live: &mut Liveness) -> LossReason {
+    let interval = session.ttl / 3;
     let mut backoff = Backoff::new(
         Duration::from_millis(50),
         (interval / 2).min(Duration::from_secs(1)),
     );
-    let mut leases = shared.client.lease_client();
+    let rpc = &session.rpc;
     loop {
-        // Opening the stream sends the first refresh and waits for its answer.
+        // Opening the stream sends the first refresh and waits for its answer (once more with
+        // a fresh token if etcd found the token stale).
         let sent = Instant::now();
-        Counters::add(&shared.counters.keepalive_requests, 1);
         let opened = before(
             live.deadline(),
-            timeout(shared.keepalive_timeout, leases.keep_alive(shared.lease_id)),
+            rpc.lease_keep_alive(session.lease_id, session.keepalive_timeout),
         )
         .await;
         match opened {
             None => live.on_tick(Instant::now()),
-            Some(Ok(Ok((mut keeper, mut stream)))) => {
-                live.on_ack(sent, shared.ttl, Instant::now());
-                shared.publish(live);
+            Some(Ok((mut keeper, mut stream))) => {
+                live.on_ack(sent, session.ttl, Instant::now());
+                session.publish(live);
                 backoff.reset();
                 let mut last_sent = sent;
                 // Refresh on this stream until it fails or the session is Lost.
@@ -53,14 +54,14 @@ pub(super) async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReas
                         break;
                     }
                     let sent = Instant::now();
-                    Counters::add(&shared.counters.keepalive_requests, 1);
+                    Stats::add(&rpc.stats().keepalive_requests, 1);
                     if keeper.keep_alive().await.is_err() {
                         live.on_failure(Instant::now());
                         break;
                     }
                     let answer = before(
                         live.deadline(),
-                        timeout(shared.keepalive_timeout, stream.message()),
+                        timeout(session.keepalive_timeout, stream.message()),
                     )
                     .await;
                     match answer {
@@ -72,28 +73,24 @@ pub(super) async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReas
                         }
                         Some(Ok(Ok(None))) | Some(Ok(Err(_))) | Some(Err(_)) => {
                             tracing::debug!(
-                                lease = shared.lease_id,
+                                lease = session.lease_id,
                                 "lease refresh failed; re-opening the stream"
                             );
                             live.on_failure(Instant::now());
-                            shared.publish(live);
+                            session.publish(live);
                             break;
                         }
                     }
-                    shared.publish(live);
+                    session.publish(live);
                 }
             }
-            Some(Ok(Err(e))) if lease_not_found(&e) => live.on_lease_gone(),
-            Some(Ok(Err(e))) => {
-                tracing::debug!(lease = shared.lease_id, error = %e, "opening the keep-alive stream failed");
-                if crate::Error::from(e).is_stale_auth() {
-                    let _ = crate::error::renew_auth(&shared.client).await;
-                }
+            Some(Err(e)) if e.is_lease_not_found() => live.on_lease_gone(),
+            Some(Err(e)) => {
+                tracing::debug!(lease = session.lease_id, error = %e, "opening the keep-alive stream failed");
                 live.on_failure(Instant::now());
             }
-            Some(Err(_)) => live.on_failure(Instant::now()),
         }
-        shared.publish(live);
+        session.publish(live);
         if let Some(reason) = live.reason() {
             return reason;
         }
@@ -102,20 +99,10 @@ pub(super) async fn keep_alive(shared: &Shared, live: &mut Liveness) -> LossReas
             .is_none()
         {
             live.on_tick(Instant::now());
-            shared.publish(live);
+            session.publish(live);
         }
         if let Some(reason) = live.reason() {
             return reason;
         }
-    }
-}
-
-pub(super) fn lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        etcd_client::Error::GRpcStatus(s) => {
-            s.code() == tonic::Code::NotFound || s.message().contains("lease not found")
-        }
-        _ => false,
     }
 }

@@ -1,12 +1,16 @@
 //! [`Election`]: campaign, proclaim, resign and observe — leader election on the mutex's queue.
 
-use etcd_client::{EventType, KeyValue, PutOptions, TxnOp};
+mod observe;
+
+use etcd_client::{KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
-use crate::engine::inspect::{self, ClientOnly};
-use crate::engine::{self, Blocker, Fence, Gap, Holding, PrefixEvents, Revision};
-use crate::keys::{Layout, Named, Queue};
+use crate::engine::{Blocker, Fence, Holding, Line};
+use crate::keys::{Layout, Named};
 use crate::{Error, LeasedSession};
+
+pub(crate) use observe::observe_with;
+use observe::read_leader;
 
 /// Leader election on etcd: candidates queue in FIFO order, the oldest key leads, and the
 /// leader's key carries its value (its address, its identity, …).
@@ -49,7 +53,7 @@ pub struct LeaderInfo {
 }
 
 impl LeaderInfo {
-    fn from_kv(kv: &KeyValue) -> LeaderInfo {
+    pub(crate) fn from_kv(kv: &KeyValue) -> LeaderInfo {
         LeaderInfo {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
             value: kv.value().to_vec(),
@@ -123,12 +127,8 @@ impl Election {
     /// Cancel-safe: dropping the future at any point leaves no candidate key behind (the
     /// session's background task deletes it, fenced).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
-        let queue = self.named.queue()?;
-        let blocker = Blocker::over(queue, 1)?;
-        let acquired = engine::acquire(&self.session, queue, "", blocker, value.into()).await?;
-        Ok(Leadership {
-            holding: Holding::new(self.session.clone(), acquired),
-        })
+        let holding = self.line()?.acquire(value.into()).await?;
+        Ok(Leadership { holding })
     }
 
     /// Takes back the leadership (or the candidacy) that an earlier process held under this
@@ -149,12 +149,20 @@ impl Election {
     /// As [`campaign`](Self::campaign): dropping the future while it waits withdraws the
     /// candidacy (a fenced delete).
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<Leadership, Error> {
+        let holding = self.line()?.adopt(key, fencing_token).await?;
+        Ok(Leadership { holding })
+    }
+
+    /// A candidate's place: the mutex's queue (one permit, every member directly under the
+    /// name), shared with etcd's own clients.
+    fn line(&self) -> Result<Line<'_>, Error> {
         let queue = self.named.queue()?;
-        let blocker = Blocker::over(queue, 1)?;
-        let acquired = engine::adopt(&self.session, queue, "", blocker, key, fencing_token).await?;
-        Ok(Leadership {
-            holding: Holding::new(self.session.clone(), acquired),
-        })
+        Ok(Line::new(
+            &self.session,
+            queue,
+            "",
+            Blocker::over(queue, 1)?,
+        ))
     }
 
     /// The current leader, if any: the oldest candidate (one round trip).
@@ -163,9 +171,10 @@ impl Election {
     /// [`Error::InvalidArgument`] for an invalid name; request errors.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, Error> {
         let queue = self.named.queue()?;
-        let (leader, at) = read_leader(&ClientOnly::of(&self.session), queue, 0).await?;
+        let rpc = &self.session.inner().rpc;
+        let (leader, at) = read_leader(rpc, queue, 0).await?;
         // An `observe()` called after this starts no earlier than what this answer showed.
-        self.session.shared().saw_revision(at);
+        rpc.saw_revision(at);
         Ok(leader)
     }
 
@@ -186,187 +195,14 @@ impl Election {
     ///
     /// The stream uses the session's client but does not depend on its lease.
     pub fn observe(&self) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
+        let rpc = &self.session.inner().rpc;
         observe_with(
             self.session.client().clone(),
-            self.session.shared().request_timeout,
+            rpc.timeout(),
             self.named.name(),
-            self.session.shared().seen_revision(),
+            rpc.seen_revision(),
         )
     }
-}
-
-/// [`Election::observe`] for election `name` through `client`, without a session, from
-/// revision `start` (0: from its first poll).
-pub(crate) fn observe_with(
-    client: etcd_client::Client,
-    request_timeout: std::time::Duration,
-    name: &str,
-    start: i64,
-) -> impl Stream<Item = Result<LeaderEvent, Error>> + Send + 'static {
-    let state = Observer {
-        session: ClientOnly::new(client, request_timeout),
-        queue: Queue::new(name, Layout::Shared),
-        start,
-        leader: None,
-        events: None,
-        done: false,
-    };
-    futures::stream::unfold(state, |mut state| async move {
-        if state.done {
-            return None;
-        }
-        let item = state.next_change().await;
-        state.done = item.is_err();
-        Some((item, state))
-    })
-}
-
-/// Reads the oldest member of `queue` at `revision` (0: now). Returns it and the revision
-/// the read saw.
-async fn read_leader(
-    session: &ClientOnly,
-    queue: &Queue,
-    revision: i64,
-) -> Result<(Option<LeaderInfo>, i64), Error> {
-    let (oldest, at) = inspect::oldest(session, queue, revision, Some(1)).await?;
-    Ok((oldest.first().map(LeaderInfo::from_kv), at))
-}
-
-/// The state behind [`Election::observe`]: the leader last reported and the prefix events.
-struct Observer {
-    session: ClientOnly,
-    queue: Result<Queue, Error>,
-    /// The revision the first read is made at (0: now); 0 once it was made.
-    start: i64,
-    /// `None` before the first report; `Some(None)` after reporting that nobody leads.
-    leader: Option<Option<LeaderInfo>>,
-    events: Option<PrefixEvents>,
-    done: bool,
-}
-
-impl Observer {
-    /// Reads the leader at `revision` (0: now) until a read succeeds (transient failures are
-    /// retried); a revision that was compacted away is read as now.
-    async fn read_at(
-        &self,
-        queue: &Queue,
-        mut revision: i64,
-    ) -> Result<(Option<LeaderInfo>, i64), Error> {
-        let mut backoff = crate::backoff::Backoff::for_requests();
-        loop {
-            match read_leader(&self.session, queue, revision).await {
-                Err(e) if e.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
-                Err(e) if revision > 0 && is_compacted(&e) => revision = 0,
-                other => return other,
-            }
-        }
-    }
-
-    /// Records `now` as the leader and returns the event to report, if it is a change.
-    fn report(&mut self, now: Option<LeaderInfo>) -> Option<LeaderEvent> {
-        if self.leader.as_ref() == Some(&now) {
-            return None;
-        }
-        self.leader = Some(now.clone());
-        Some(match now {
-            Some(info) => LeaderEvent::Leader(info),
-            None => LeaderEvent::NoLeader,
-        })
-    }
-
-    async fn next_change(&mut self) -> Result<LeaderEvent, Error> {
-        let queue = match &self.queue {
-            Ok(q) => q.clone(),
-            Err(Error::InvalidArgument(e)) => return Err(Error::InvalidArgument(e.clone())),
-            Err(e) => return Err(Error::Protocol(e.to_string())),
-        };
-        loop {
-            let Some(events) = self.events.as_mut() else {
-                // Start from the revision of the call, or restart after compaction from now.
-                let start = std::mem::take(&mut self.start);
-                let (now, at) = self.read_at(&queue, start).await?;
-                self.events = Some(PrefixEvents::new(
-                    self.session.client().clone(),
-                    queue.prefix(),
-                    at,
-                ));
-                match self.report(now) {
-                    Some(change) => return Ok(change),
-                    None => continue,
-                }
-            };
-            let revision = match events.next().await {
-                Ok(revision) => revision,
-                Err(Gap::Compacted) => {
-                    self.events = None;
-                    continue;
-                }
-                Err(Gap::Fatal(e)) => return Err(e),
-            };
-            if let Some(change) = self.apply(&queue, &revision).await? {
-                return Ok(change);
-            }
-        }
-    }
-
-    /// What one revision's events (all of them: one Txn's, or one lease's end) make of the
-    /// leader, and the change to report, if any. The leader is decided once per revision:
-    /// when the leader's key went, or a key came while nobody led, by a read at that very
-    /// revision (the oldest member then); when only the leader's value changed, from the
-    /// event.
-    async fn apply(
-        &mut self,
-        queue: &Queue,
-        revision: &Revision,
-    ) -> Result<Option<LeaderEvent>, Error> {
-        let current = self.leader.clone().flatten();
-        let is_leader_key = |key: &[u8]| current.as_ref().is_some_and(|l| l.key.as_bytes() == key);
-        let mut reread = false;
-        let mut proclaimed = None;
-        for event in &revision.events {
-            let Some(kv) = event.kv() else { continue };
-            if !queue.is_member(kv.key()) {
-                continue; // a nested name's key
-            }
-            match event.event_type() {
-                // The leader left: whoever is oldest now leads.
-                EventType::Delete if is_leader_key(kv.key()) => reread = true,
-                // A candidate left: the leader stays.
-                EventType::Delete => {}
-                // The leader wrote its key: a new value is a proclaim; the same value (a
-                // fenced write's bump) is no change.
-                EventType::Put if is_leader_key(kv.key()) => {
-                    if current.as_ref().is_some_and(|l| l.value != kv.value()) {
-                        proclaimed = Some(LeaderInfo::from_kv(kv));
-                    }
-                }
-                // Nobody led, so the queue was empty: a new key may lead now.
-                EventType::Put if current.is_none() => reread = true,
-                // A candidate queued behind the leader.
-                EventType::Put => {}
-            }
-        }
-        if reread {
-            let next = match read_leader(&self.session, queue, revision.revision).await {
-                Ok((next, _)) => next,
-                Err(_) => {
-                    // Compacted (or failed): re-read now and continue from there.
-                    let (next, at) = self.read_at(queue, 0).await?;
-                    if let Some(events) = self.events.as_mut() {
-                        events.resume_after(at);
-                    }
-                    next
-                }
-            };
-            return Ok(self.report(next));
-        }
-        Ok(proclaimed.and_then(|info| self.report(Some(info))))
-    }
-}
-
-/// Whether `e` says the requested revision was compacted away.
-fn is_compacted(e: &Error) -> bool {
-    matches!(e, Error::Etcd(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted"))
 }
 
 /// Proof of leading an [`Election`]. Resigns when dropped (in the background, through the

@@ -26,21 +26,20 @@
 //! key the rule has decided to delete cannot be taken back any more (the taking-back fails
 //! with `LockLost`), and one whose taking-back began first is never deleted.
 //!
-//! The [`Ledger`] is this, without I/O; [`sweep`] is the looking and deleting.
+//! The [`Ledger`] is this, without I/O; [`watch_over`] is the looking and deleting.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, LeaseTimeToLiveOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tokio::time::{sleep_until, Instant};
 
-use super::keepalive::lease_not_found;
-use super::Shared;
+use super::until_answered;
 use crate::backoff::Backoff;
-use crate::engine::request::{pause, send_until_answered, Kind};
-use crate::error::{renewing_auth, within};
-use crate::{Error, LossReason};
+use crate::rpc::pause;
+use crate::session::Session;
+use crate::Error;
 
 /// How many keys one read of the sweep asks for (etcd's default `--max-txn-ops` is 128).
 const KEYS_PER_READ: usize = 64;
@@ -170,18 +169,18 @@ impl Ledger {
 /// A put (or a taking-back) of `key` under way through a session: while it lives, the
 /// leftovers rule leaves every key of that name alone; [`confirm`](Self::confirm) records the
 /// key it made (or took back) as the session's. Inert for a session that was not resumed.
-pub(crate) struct Claim {
+pub(crate) struct Intent {
     held: Option<(Arc<Leftovers>, Vec<u8>)>,
 }
 
-impl Claim {
-    pub(super) fn new(leftovers: Option<&Arc<Leftovers>>, key: &str) -> Claim {
+impl Intent {
+    pub(super) fn new(leftovers: Option<&Arc<Leftovers>>, key: &str) -> Intent {
         let held = leftovers.map(|l| {
             let key = key.as_bytes().to_vec();
             l.ledger().claim(&key);
             (Arc::clone(l), key)
         });
-        Claim { held }
+        Intent { held }
     }
 
     /// The key exists as this session's, created at `create_revision`: the rule never
@@ -195,7 +194,7 @@ impl Claim {
     }
 }
 
-impl Drop for Claim {
+impl Drop for Intent {
     fn drop(&mut self) {
         if let Some((leftovers, key)) = self.held.take() {
             leftovers.ledger().unclaim(&key);
@@ -204,14 +203,14 @@ impl Drop for Claim {
 }
 
 /// Looks at the lease once per TTL, and once when the adoption window ends, deleting what
-/// the rule says, until the session ends (never, for a session that was not resumed).
-/// Returns only if a look fails in a way retrying cannot fix (etcd refuses to list or delete
-/// the lease's keys): the session must then end, as no key may outlive its rule.
-pub(super) async fn sweep(shared: &Arc<Shared>) -> LossReason {
-    let Some(leftovers) = shared.leftovers.clone() else {
-        return std::future::pending().await;
-    };
-    let period = shared.ttl;
+/// the rule says, for as long as the session lives: a job of the session (a look that fails
+/// in a way retrying cannot fix — etcd refusing to list or delete the lease's keys — ends it,
+/// and so the session, as no key may outlive its rule).
+pub(super) async fn watch_over(
+    session: Arc<Session>,
+    leftovers: Arc<Leftovers>,
+) -> Result<(), Error> {
+    let period = session.ttl;
     let mut next = Instant::now() + period;
     let mut window = leftovers.window_ends;
     loop {
@@ -226,24 +225,14 @@ pub(super) async fn sweep(shared: &Arc<Shared>) -> LossReason {
         if at >= next {
             next = at + period;
         }
-        match look(shared, &leftovers).await {
-            Ok(()) => {}
-            // The session is ending; its task is told so elsewhere.
-            Err(Error::SessionLost(_) | Error::SessionClosed) => {
-                return std::future::pending().await
-            }
-            Err(e) => {
-                tracing::error!(lease = shared.lease_id, error = %e, "looking after the keys on a resumed lease failed permanently; ending the session");
-                return LossReason::CleanupFailed;
-            }
-        }
+        look(&session, &leftovers).await?;
     }
 }
 
 /// One look: lists the lease's keys, reads their create revisions, deletes what the rule says.
-async fn look(shared: &Arc<Shared>, leftovers: &Leftovers) -> Result<(), Error> {
+async fn look(session: &Arc<Session>, leftovers: &Leftovers) -> Result<(), Error> {
     let known = leftovers.ledger().ours.clone();
-    let Some(listed) = list(shared).await? else {
+    let Some(listed) = list(session).await? else {
         return Ok(()); // the lease is gone: the keep-alive says so
     };
     let read = leftovers.ledger().to_read(&listed);
@@ -253,13 +242,13 @@ async fn look(shared: &Arc<Shared>, leftovers: &Leftovers) -> Result<(), Error> 
             .iter()
             .map(|k| TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only())))
             .collect();
-        let snapshot = crate::engine::read(shared, gets).await?;
+        let snapshot = crate::engine::read(session, gets).await?;
         found.extend(
             snapshot
                 .gets
                 .iter()
                 .flat_map(|g| g.kvs())
-                .filter(|kv| kv.lease() == shared.lease_id)
+                .filter(|kv| kv.lease() == session.lease_id)
                 .map(|kv| (kv.key().to_vec(), kv.create_revision())),
         );
     }
@@ -271,17 +260,17 @@ async fn look(shared: &Arc<Shared>, leftovers: &Leftovers) -> Result<(), Error> 
         let delete = Txn::new()
             .when([
                 Compare::create_revision(key.clone(), CompareOp::Equal, create_revision),
-                Compare::lease(key.clone(), CompareOp::Equal, shared.lease_id),
+                Compare::lease(key.clone(), CompareOp::Equal, session.lease_id),
             ])
             .and_then([TxnOp::delete(key.clone(), None)]);
         let mut backoff = Backoff::for_requests();
-        let deleted = send_until_answered(shared, || delete.clone(), Kind::Write, &mut backoff)
+        let deleted = until_answered(session, || delete.clone(), &mut backoff)
             .await?
             .resp
             .succeeded();
         if deleted {
             tracing::warn!(
-                lease = shared.lease_id,
+                lease = session.lease_id,
                 key = %String::from_utf8_lossy(&key),
                 create_revision,
                 "deleted a key on the resumed lease that nobody took back"
@@ -293,33 +282,21 @@ async fn look(shared: &Arc<Shared>, leftovers: &Leftovers) -> Result<(), Error> 
 
 /// The names of the keys attached to the lease; `None` if the lease is gone. Retries
 /// transient failures while the session lives.
-async fn list(shared: &Arc<Shared>) -> Result<Option<Vec<Vec<u8>>>, Error> {
+async fn list(session: &Arc<Session>) -> Result<Option<Vec<Vec<u8>>>, Error> {
     let mut backoff = Backoff::for_requests();
     loop {
-        shared.check()?;
-        let answer = renewing_auth(&shared.client, || {
-            let mut lease = shared.client.lease_client();
-            let options = LeaseTimeToLiveOptions::new().with_keys();
-            let id = shared.lease_id;
-            async move {
-                within(
-                    shared.request_timeout,
-                    lease.time_to_live(id, Some(options)),
-                )
-                .await
-            }
-        })
-        .await;
+        session.check()?;
+        let answer = session.rpc.lease_time_to_live(session.lease_id, true).await;
         match answer {
             Ok(resp) if resp.ttl() < 0 => return Ok(None),
             Ok(resp) => {
                 if let Some(h) = resp.header() {
-                    shared.saw_revision(h.revision());
+                    session.rpc.saw_revision(h.revision());
                 }
                 return Ok(Some(resp.keys().to_vec()));
             }
-            Err(Error::Etcd(e)) if lease_not_found(&e) => return Ok(None),
-            Err(e) if e.is_transient() => pause(shared, &mut backoff).await?,
+            Err(e) if e.is_lease_not_found() => return Ok(None),
+            Err(e) if e.is_retryable() => pause(&**session, &mut backoff).await?,
             Err(e) => return Err(e),
         }
     }
@@ -424,14 +401,14 @@ mod tests {
     #[test]
     fn a_claim_dropped_unsettled_leaves_nothing_pending() {
         let leftovers = Arc::new(Leftovers::new(&[], None));
-        let a = Claim::new(Some(&leftovers), "k");
-        let b = Claim::new(Some(&leftovers), "k");
+        let a = Intent::new(Some(&leftovers), "k");
+        let b = Intent::new(Some(&leftovers), "k");
         drop(a);
         assert_eq!(leftovers.ledger().pending.get(b"k".as_slice()), Some(&1));
         drop(b);
         assert!(leftovers.ledger().pending.is_empty());
         assert!(
-            Claim::new(None, "k").confirm(1),
+            Intent::new(None, "k").confirm(1),
             "inert for a fresh session"
         );
     }

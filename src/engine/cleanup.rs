@@ -1,0 +1,332 @@
+//! The engine's background work for guards and acquisitions, run as the session's jobs:
+//! fenced releases of dropped guards, sweeps of late duplicates, and touches that wake the
+//! waiter behind a new holder.
+//!
+//! Every job retries transient failures with capped, jittered backoff (20 ms doubling to 1 s)
+//! for as long as the session lives: a guard dropped during an outage is released once etcd
+//! answers again. A failure retrying cannot fix (etcd's auth refusing the delete, say) ends the
+//! session ([`LossReason::CleanupFailed`]): its task revokes the lease, so no live lease keeps a
+//! key that nobody holds.
+
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use tokio::sync::watch;
+
+use super::{until_answered, SessionKeys};
+use crate::backoff::Backoff;
+use crate::session::{PendingWork, Session};
+use crate::watch::{wait_for_change, Watched};
+#[cfg(doc)]
+use crate::LossReason;
+use crate::{keys, Error};
+
+/// A piece of background work the session's task carries out for a guard or an acquisition.
+#[derive(Debug)]
+pub(crate) enum Cleanup {
+    /// Send `txn`, a release fenced on `key`'s create revision and lease (safe to repeat); then
+    /// do what `after` says (sweep the late duplicates of a put sent more than once, give the
+    /// key's number back, or end the session's claim on the name).
+    Release {
+        key: String,
+        txn: Txn,
+        after: Afterwards,
+    },
+    /// Delete any late duplicate of an acquisition's put, now and whenever one lands, for as
+    /// long as the session lives (the outcome of a request that may create the key is unknown).
+    Sweep(Sweep),
+    /// Bump `key`'s mod revision while it is the incarnation `create_revision` on the
+    /// session's lease, so that the waiter watching it re-reads (a semaphore waiter that moved
+    /// up behind a new holder).
+    Touch { key: String, create_revision: i64 },
+    /// Nothing of an acquisition exists (its put did not happen, or may still land only as a
+    /// late copy): do what follows a deletion.
+    Forget(Afterwards),
+}
+
+impl Cleanup {
+    /// Delete `key` if it is still ours: the incarnation created at `create_revision`, on
+    /// `lease_id`.
+    pub(crate) fn release(
+        key: String,
+        create_revision: i64,
+        lease_id: i64,
+        after: Afterwards,
+    ) -> Cleanup {
+        let txn = keys::fenced_delete(&key, create_revision, lease_id);
+        Cleanup::Release { key, txn, after }
+    }
+}
+
+/// What becomes of a member key's name once its deletion was answered.
+#[derive(Debug, Clone)]
+pub(crate) enum Afterwards {
+    /// Its put was sent more than once: late copies are swept for as long as the lease lives,
+    /// and its name is never used again.
+    Sweep(Sweep),
+    /// Its number goes back to the session's pool, for a later key (see `slots`).
+    Reuse(u64),
+    /// A name this session creates exclusively (see [`Names`](super::names::Names)): the session's claim on it
+    /// ends; with `value`, a put of that value was sent more than once and its late copies are
+    /// swept from now on, whenever the name is not claimed.
+    Unclaim { key: String, value: Option<Vec<u8>> },
+    /// Nothing: a key this session did not number (a fixed name, or one taken back after a
+    /// restart).
+    Nothing,
+}
+
+impl Afterwards {
+    /// `Sweep(sweep)` for a put sent more than once (a copy may still land), else `certain`.
+    pub(crate) fn of_put(uncertain: bool, sweep: Sweep, certain: Afterwards) -> Afterwards {
+        if uncertain {
+            Afterwards::Sweep(sweep)
+        } else {
+            certain
+        }
+    }
+
+    /// The key's deletion was answered: hands the sweep to the session's task, or gives the
+    /// number back.
+    pub(crate) fn key_deleted(self, session: &Session) {
+        match self {
+            Afterwards::Sweep(sweep) => session.clean_up(Cleanup::Sweep(sweep)),
+            Afterwards::Reuse(n) => session.book().slots.give_back(n),
+            Afterwards::Unclaim { key, value } => {
+                if let Some(sweep) = session.book().names.unclaim(&key, session.lease_id, value) {
+                    session.clean_up(Cleanup::Sweep(sweep));
+                }
+            }
+            Afterwards::Nothing => {}
+        }
+    }
+}
+
+/// How to recognise — and delete — a late copy of one acquisition's put.
+///
+/// A put whose answer was lost is retried, and the acquisition carries on with whichever copy
+/// landed first. An earlier copy can still be in flight (held in a network buffer, a proxy, a
+/// member's queue) and land after the acquisition was released, re-creating the key under our
+/// live lease, where it would block everyone behind it. A sweep deletes such a copy as soon as
+/// it lands, for as long as the lease lives (once the lease is gone, a copy cannot land: a put
+/// with a dead lease fails), or — for a name this session may claim again ([`Names`](super::names::Names)) — until
+/// it is asked to stop. Each copy it finds is deleted fenced on that copy's create revision, so
+/// a delete of it, however late, can never remove a later key.
+#[derive(Debug, Clone)]
+pub(crate) struct Sweep {
+    key: String,
+    lease_id: i64,
+    /// The values a copy may hold (`None`: any value).
+    pub(super) values: Option<Vec<Vec<u8>>>,
+    /// Set to `true` (or dropped) when the sweep must stop (its name is claimed again, or its
+    /// claimant left and another sweep takes over): checked between deletes, never during one.
+    stop: Option<watch::Receiver<bool>>,
+}
+
+impl Sweep {
+    /// Any incarnation of `key` attached to `lease_id`: for member keys, whose name is retired
+    /// once a sweep exists ([`Afterwards::Sweep`] never gives its number back), so once the
+    /// acquisition is over any such key is a late copy.
+    pub(crate) fn on_lease(key: &str, lease_id: i64) -> Sweep {
+        Sweep {
+            key: key.to_owned(),
+            lease_id,
+            values: None,
+            stop: None,
+        }
+    }
+
+    /// `key` on `lease_id` holding one of `values`, until `stop` turns `true`: for a name this
+    /// session creates exclusively, while it is not claimed.
+    pub(super) fn of_name(
+        key: &str,
+        lease_id: i64,
+        values: Vec<Vec<u8>>,
+        stop: watch::Receiver<bool>,
+    ) -> Sweep {
+        Sweep {
+            key: key.to_owned(),
+            lease_id,
+            values: Some(values),
+            stop: Some(stop),
+        }
+    }
+
+    /// `If(Lease(key) == ours) Then(Get(key))`: whether a key that may be a copy exists.
+    fn find(&self) -> Txn {
+        Txn::new()
+            .when([Compare::lease(
+                self.key.as_str(),
+                CompareOp::Equal,
+                self.lease_id,
+            )])
+            .and_then([TxnOp::get(self.key.as_str(), None)])
+    }
+
+    /// The create revision of the copy `find` found, if it found one.
+    fn copy_in(&self, resp: &etcd_client::TxnResponse) -> Option<i64> {
+        if !resp.succeeded() {
+            return None;
+        }
+        let gets = keys::txn_gets(resp);
+        let kv = gets.first()?.kvs().first()?;
+        let matches = self
+            .values
+            .as_ref()
+            .is_none_or(|values| values.iter().any(|v| v.as_slice() == kv.value()));
+        matches.then(|| kv.create_revision())
+    }
+
+    /// Deletes the copy created at `create_revision`, if it is still there on our lease.
+    fn delete(&self, create_revision: i64) -> Txn {
+        Txn::new()
+            .when(keys::owner_compares(
+                &self.key,
+                create_revision,
+                self.lease_id,
+            ))
+            .and_then([TxnOp::delete(self.key.as_str(), None)])
+    }
+
+    pub(super) fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|stop| *stop.borrow() || stop.has_changed().is_err())
+    }
+
+    /// Completes once the sweep is asked to stop (never, for a sweep that cannot be).
+    pub(super) async fn stop_requested(&self) {
+        match self.stop.clone() {
+            // An error: the switch was dropped, which asks for the same.
+            Some(mut stop) => drop(stop.wait_for(|s| *s).await),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Hands `cleanup` to `session`'s background jobs (see [`SessionKeys::clean_up`]).
+pub(crate) fn submit(session: &Session, cleanup: Cleanup) {
+    let Some(owned) = session.arc() else {
+        return; // the session is being dropped: the lease's end removes the key
+    };
+    session.submit(move |pending| run(owned, cleanup, pending));
+}
+
+/// Carries out one job until it is done, the session is Lost, or it fails permanently.
+/// Counted for `settled()` (through `pending`) until its first pass is done.
+async fn run(session: Arc<Session>, cleanup: Cleanup, pending: PendingWork) -> Result<(), Error> {
+    let session = &session;
+    let mut backoff = Backoff::for_requests();
+    match cleanup {
+        Cleanup::Release { key, txn, after } => {
+            let resp = until_answered(session, || txn.clone(), &mut backoff)
+                .await?
+                .resp;
+            tracing::debug!(key, deleted = resp.succeeded(), "background release done");
+            match after {
+                // In this job, not a new one: it is already running in the session's task.
+                Afterwards::Sweep(sweep) => {
+                    drop(pending);
+                    run_sweep(session, &sweep, &mut backoff).await
+                }
+                // The number is back before `settled()` says this release is done.
+                other => {
+                    other.key_deleted(session);
+                    drop(pending);
+                    Ok(())
+                }
+            }
+        }
+        Cleanup::Sweep(sweep) => {
+            if sweep.stopped() {
+                return Ok(());
+            }
+            // Counted until its first delete is answered: after that it only watches.
+            let first = delete_copy(session, &sweep, &mut backoff).await?;
+            drop(pending);
+            sweep_after(session, &sweep, first, &mut backoff).await
+        }
+        Cleanup::Forget(after) => {
+            after.key_deleted(session);
+            Ok(())
+        }
+        Cleanup::Touch {
+            key,
+            create_revision,
+        } => {
+            let touch = keys::touch(&key, create_revision, session.lease_id);
+            until_answered(session, || touch.clone(), &mut backoff).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Deletes a copy of the sweep's key if one exists (fenced on that copy's create revision);
+/// returns the revision of the last answer.
+async fn delete_copy(
+    session: &Arc<Session>,
+    sweep: &Sweep,
+    backoff: &mut Backoff,
+) -> Result<i64, Error> {
+    let found = until_answered(session, || sweep.find(), backoff)
+        .await?
+        .resp;
+    let Some(create_revision) = sweep.copy_in(&found) else {
+        return keys::header_revision(&found);
+    };
+    let resp = until_answered(session, || sweep.delete(create_revision), backoff)
+        .await?
+        .resp;
+    if resp.succeeded() {
+        tracing::warn!(
+            key = sweep.key,
+            "deleted a late copy of an acquisition's put"
+        );
+    }
+    keys::header_revision(&resp)
+}
+
+async fn run_sweep(
+    session: &Arc<Session>,
+    sweep: &Sweep,
+    backoff: &mut Backoff,
+) -> Result<(), Error> {
+    if sweep.stopped() {
+        return Ok(());
+    }
+    let first = delete_copy(session, sweep, backoff).await?;
+    sweep_after(session, sweep, first, backoff).await
+}
+
+/// From `revision` on, deletes every copy of the sweep's key as it lands, until the session is
+/// Lost (the error ends the sweep), the sweep is asked to stop, or something fails
+/// permanently.
+async fn sweep_after(
+    session: &Arc<Session>,
+    sweep: &Sweep,
+    mut revision: i64,
+    backoff: &mut Backoff,
+) -> Result<(), Error> {
+    let puts = [Watched::put(sweep.key.as_str())];
+    loop {
+        if sweep.stopped() {
+            return Ok(());
+        }
+        let absent = || async {
+            let mut backoff = Backoff::for_requests();
+            let resp = until_answered(session, || sweep.find(), &mut backoff)
+                .await?
+                .resp;
+            Ok(sweep.copy_in(&resp).is_none())
+        };
+        tokio::select! {
+            woken = wait_for_change(session.waits(), &puts, None, revision, absent, backoff) => {
+                woken?;
+            }
+            () = sweep.stop_requested() => return Ok(()),
+        }
+        if sweep.stopped() {
+            return Ok(());
+        }
+        revision = delete_copy(session, sweep, backoff).await?;
+    }
+}

@@ -1,0 +1,305 @@
+//! What a queue acquisition waits for, without I/O: the [`Blocker`] and its decision.
+//!
+//! [`Blocker`] says what a queue acquisition waits for: nothing once fewer than `permits` keys
+//! are ahead of it; else the deletion of the key just ahead (one permit), of any key ahead (the
+//! first waiter of a semaphore), or any change of the waiter just ahead (a semaphore waiter
+//! behind another waiter).
+
+use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp};
+
+use crate::keys::Queue;
+use crate::watch::Watched;
+use crate::Error;
+
+use super::wait::Reads;
+
+/// What a read (run while our key still exists) saw: its revision and its `Get` results.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) revision: i64,
+    pub(crate) gets: Vec<GetResponse>,
+}
+
+/// What a primitive makes of a [`Snapshot`] taken while its key exists.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// Done: the acquisition is through. With `touch`, a waiter may be watching our key for
+    /// the moment we stop waiting: touch it (in the background) so that it re-reads.
+    Through { touch: bool },
+    /// Send `txn` (it must be safe to repeat), then read again. If it may create a key under
+    /// the session's lease (a double barrier's latch), `creates` names it, and `txn`'s
+    /// else-branch gets it first: the key is then the session's, spared by a resumed
+    /// session's look at its lease, when `txn` created it — or, after an unanswered attempt,
+    /// when the else-branch finds it on our lease, created since the act began.
+    Act { txn: Txn, creates: Option<String> },
+    /// Wait for one of these changes, then read again — or, for a change watched as
+    /// [`Watched::deciding`], be through once it happened while our key exists.
+    Wait(Vec<Watched>),
+    /// The read was cut short before it found what decides (a page of a session queue holding
+    /// only nested names' keys): read again without a limit.
+    Widen,
+}
+
+/// What blocks a queue acquisition: among the members under `prefix` created before ours, it
+/// is through once fewer than `permits` remain (1: a mutex, an election, a reader over the
+/// writers' sub-range, a writer over everything; N: a semaphore of N permits). Over a session
+/// queue (`direct`) only the keys directly under `prefix` are members.
+#[derive(Debug, Clone)]
+pub(crate) struct Blocker {
+    prefix: String,
+    permits: usize,
+    direct: bool,
+}
+
+/// How many more keys than it needs a read of a session queue fetches, so that a few nested
+/// names' keys among them do not make it read again.
+pub(super) const SHARED_PAGE_SLACK: i64 = 7;
+
+impl Blocker {
+    /// The blocker over the keys under `prefix` for `permits` permits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for zero permits, or more than etcd can count in a read.
+    pub(crate) fn new(prefix: String, permits: usize) -> Result<Blocker, Error> {
+        if permits == 0 {
+            return Err(Error::InvalidArgument(
+                "at least one permit is needed".into(),
+            ));
+        }
+        if i64::try_from(permits).map_or(true, |p| p == i64::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "{permits} permits are more than etcd can count (at most {})",
+                i64::MAX - 1
+            )));
+        }
+        Ok(Blocker {
+            prefix,
+            permits,
+            direct: false,
+        })
+    }
+
+    /// The blocker over every member of `queue` (a session queue: only the keys directly under
+    /// its prefix) for `permits` permits.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub(crate) fn over(queue: &Queue, permits: usize) -> Result<Blocker, Error> {
+        Ok(Blocker {
+            direct: queue.direct(),
+            ..Blocker::new(queue.prefix().to_owned(), permits)?
+        })
+    }
+
+    /// Whether `key` counts: under the prefix and, over a session queue, directly under it.
+    pub(super) fn counts(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| !self.direct || (!rest.is_empty() && !rest.contains(&b'/')))
+    }
+
+    /// The prefix of the keys that can block.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether an acquisition with this many permits can go through in one conditional put.
+    pub(crate) fn is_exclusive(&self) -> bool {
+        self.permits == 1
+    }
+
+    /// How many of the newest keys ahead a decision needs: with one permit the key just ahead;
+    /// with more, enough to tell the first waiter (exactly `permits` ahead) from the others.
+    fn depth(&self) -> i64 {
+        if self.permits == 1 {
+            1
+        } else {
+            self.permits as i64 + 1
+        }
+    }
+
+    /// How many keys a read fetches (over a session queue a few more, as some may be nested).
+    fn page(&self) -> i64 {
+        if self.direct {
+            self.depth() + SHARED_PAGE_SLACK
+        } else {
+            self.depth()
+        }
+    }
+
+    /// The `Get` of the newest keys created at or before `max_create_revision` (0: any),
+    /// newest first, keys only; a page of them, or (`wide`) all.
+    fn ahead(&self, max_create_revision: i64, wide: bool) -> TxnOp {
+        let mut opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_keys_only();
+        if !wide {
+            opts = opts.with_limit(self.page());
+        }
+        if max_create_revision > 0 {
+            opts = opts.with_max_create_revision(max_create_revision);
+        }
+        TxnOp::get(self.prefix.as_str(), Some(opts))
+    }
+
+    /// The reads of the enqueue Txn (they run just before our put: every key is ahead).
+    pub(crate) fn reads_at_enqueue(&self) -> Vec<TxnOp> {
+        vec![self.ahead(0, false)]
+    }
+
+    /// The reads of a re-read of the acquisition created at `create_revision`: the keys
+    /// ahead and, with several permits, whether any key was created after ours (a waiter
+    /// behind us that may be watching our key).
+    pub(crate) fn reads_after(&self, create_revision: i64) -> Reads {
+        Reads {
+            narrow: self.reads_after_with(create_revision, false),
+            wide: self.reads_after_with(create_revision, true),
+        }
+    }
+
+    fn reads_after_with(&self, create_revision: i64, wide: bool) -> Vec<TxnOp> {
+        let mut reads = vec![self.ahead(create_revision - 1, wide)];
+        if self.permits > 1 {
+            let behind = GetOptions::new()
+                .with_prefix()
+                .with_min_create_revision(create_revision + 1)
+                .with_limit(1)
+                .with_keys_only();
+            reads.push(TxnOp::get(self.prefix.as_str(), Some(behind)));
+        }
+        reads
+    }
+
+    /// The decision for a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) or
+    /// [`reads_after`](Self::reads_after).
+    pub(crate) fn decide(&self, snapshot: &Snapshot) -> Decision {
+        #[cfg(feature = "sabotage")]
+        if crate::sabotage::broken() {
+            return Decision::Through { touch: false }; // deliberately unsafe: see sabotage
+        }
+        let Some(read) = snapshot.gets.first() else {
+            return Decision::Widen; // cannot happen: every read of a blocker has its Get
+        };
+        let ahead: Vec<&[u8]> = read
+            .kvs()
+            .iter()
+            .map(|kv| kv.key())
+            .filter(|k| self.counts(k))
+            .take(self.depth() as usize)
+            .collect();
+        if ahead.len() < self.depth() as usize && read.more() {
+            return Decision::Widen; // the page ended among nested names' keys
+        }
+        let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        queue_decision(&self.prefix, self.permits, &ahead, behind)
+    }
+}
+
+/// The queue decision, without I/O. `ahead` holds the newest keys created before ours, newest
+/// first (at most `permits + 1`, or 1 for one permit); `behind` says whether a key was created
+/// after ours.
+///
+/// * Fewer than `permits` keys ahead: through. With several permits, a waiter behind us may be
+///   watching our key for the moment we stop waiting: touch it (see below).
+/// * One permit: wait for the deletion of the key just ahead — only it can let us in, and a
+///   release wakes exactly the one waiter behind it.
+/// * Exactly `permits` keys ahead (the first waiter of a semaphore): every one of them holds,
+///   and the deletion of *any* lets us in — whichever holder leaves first. One watch of the
+///   queue's deletions, filtered to those keys.
+/// * More than `permits` ahead: no single deletion can let us in; wait for any change of the
+///   key just ahead (a waiter): its deletion, or its touch when it goes through — either way we
+///   may now be the first waiter, and re-read.
+///
+/// So a release wakes the first waiter (which goes through), and its touch wakes the one
+/// waiter behind it (which becomes the first waiter): two watch events, never a herd.
+pub(crate) fn queue_decision(
+    prefix: &str,
+    permits: usize,
+    ahead: &[&[u8]],
+    behind: bool,
+) -> Decision {
+    if ahead.len() < permits {
+        return Decision::Through {
+            touch: permits > 1 && behind,
+        };
+    }
+    let Some(next) = ahead.first() else {
+        return Decision::Through { touch: false }; // unreachable: permits >= 1
+    };
+    if permits == 1 {
+        return Decision::Wait(vec![Watched::deleted(next.to_vec())]);
+    }
+    if ahead.len() == permits {
+        let holders = ahead.iter().map(|k| k.to_vec()).collect();
+        return Decision::Wait(vec![Watched::deleted_any(prefix, holders)]);
+    }
+    Decision::Wait(vec![Watched::changed(next.to_vec())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(i: usize) -> Vec<u8> {
+        format!("q/#{i:04}").into_bytes()
+    }
+
+    /// The keys a decision waits on, and for which events.
+    fn waits(d: &Decision) -> Option<&[Watched]> {
+        match d {
+            Decision::Wait(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    proptest! {
+        /// For any queue and any permits: through exactly when fewer than `permits` keys are
+        /// ahead; a blocked acquisition always waits on something that is ahead of it; the
+        /// first waiter of a semaphore wakes on the deletion of any key ahead of it; a waiter
+        /// further back waits on the one key just ahead.
+        #[test]
+        fn the_queue_decision_lets_through_exactly_when_a_permit_is_free(
+            permits in 1usize..6,
+            queued_ahead in 0usize..12,
+            behind in any::<bool>(),
+        ) {
+            // What the reads return: newest first, at most depth keys.
+            let depth = if permits == 1 { 1 } else { permits + 1 };
+            let all: Vec<Vec<u8>> = (0..queued_ahead).rev().map(key).collect();
+            let ahead: Vec<&[u8]> = all.iter().take(depth).map(|k| k.as_slice()).collect();
+            let d = queue_decision("q/#", permits, &ahead, behind);
+            if queued_ahead < permits {
+                prop_assert!(matches!(d, Decision::Through { touch } if touch == (permits > 1 && behind)), "{d:?}");
+                return Ok(());
+            }
+            let targets = waits(&d).expect("blocked");
+            prop_assert_eq!(targets.len(), 1);
+            let t = &targets[0];
+            if permits == 1 {
+                prop_assert_eq!(t, &Watched::deleted(key(queued_ahead - 1)));
+            } else if queued_ahead == permits {
+                // Every key ahead holds a permit: any deletion frees one.
+                for i in 0..queued_ahead {
+                    prop_assert!(t.matches(etcd_client::EventType::Delete, &key(i)), "key {i} not watched");
+                }
+                prop_assert!(!t.matches(etcd_client::EventType::Put, &key(0)));
+            } else {
+                prop_assert_eq!(t, &Watched::changed(key(queued_ahead - 1)));
+            }
+        }
+    }
+
+    #[test]
+    fn blockers_refuse_zero_permits_and_more_than_etcd_can_count() {
+        assert!(matches!(
+            Blocker::new("q/#".into(), 0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Blocker::new("q/#".into(), usize::MAX),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(Blocker::new("q/#".into(), 1_000_000).is_ok());
+    }
+}

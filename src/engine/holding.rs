@@ -1,0 +1,203 @@
+//! The state behind every guard — its [`Fence`] and its fenced, retry-safe release — and the
+//! macro that makes a guard of it.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use etcd_client::Txn;
+use tokio::time::sleep;
+
+use crate::backoff::Backoff;
+use crate::keys;
+use crate::{Error, LeasedSession};
+
+use super::cleanup::{Afterwards, Cleanup};
+use super::fence::Fence;
+use super::ticket::Acquired;
+use super::SessionKeys;
+
+/// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes),
+/// `Deref<Target = Fence>`, `fence()` and a consuming, fenced `release()`. Every guard that
+/// releases by consuming itself is made this way.
+macro_rules! holding_guard {
+    ($(#[$attr:meta])* pub struct $name:ident;) => {
+        $(#[$attr])*
+        #[derive(Debug)]
+        pub struct $name {
+            holding: $crate::engine::Holding,
+        }
+
+        impl ::std::ops::Deref for $name {
+            type Target = $crate::Fence;
+
+            /// The guard's [`Fence`](crate::Fence): `key()`, `fencing_token()`,
+            /// `owner_compares()`, `txn_if_owner(ops)`, `lost()`, `session()`.
+            fn deref(&self) -> &$crate::Fence {
+                self.holding.fence()
+            }
+        }
+
+        impl $name {
+            #[allow(dead_code)]
+            pub(crate) fn from_holding(holding: $crate::engine::Holding) -> $name {
+                $name { holding }
+            }
+
+            /// A cloneable copy of the guard's [`Fence`](crate::Fence), for fenced writes from
+            /// other tasks (it holds nothing itself).
+            pub fn fence(&self) -> $crate::Fence {
+                self.holding.fence().clone()
+            }
+
+            /// Releases deterministically, with a Txn fenced on the key's create revision and
+            /// lease ([`Fence::owner_compares`](crate::Fence::owner_compares)).
+            ///
+            /// # Errors
+            /// [`Error::LockLost`](crate::Error::LockLost) if the key was already gone or
+            /// taken over by another client's put (it had been lost before the release; a
+            /// key taken over is left as it is); request errors after retries, in which case the
+            /// session's task keeps retrying the same fenced release in the background (a
+            /// fenced retry can never touch a later holder's key).
+            ///
+            /// # Cancel safety
+            /// Dropping the future hands the release to the session's background task.
+            pub async fn release(mut self) -> Result<(), $crate::Error> {
+                self.holding.release().await.map(|_| ())
+            }
+        }
+    };
+}
+pub(crate) use holding_guard;
+
+/// The state behind every guard: its [`Fence`] and whether it was released. Releases in the
+/// background when dropped unreleased.
+pub(crate) struct Holding {
+    fence: Fence,
+    /// The fenced Txn that releases (by default: delete the key if it is still ours, else get
+    /// it).
+    release_txn: Txn,
+    /// The revision of the response that confirmed the release, once confirmed.
+    released_at: Option<i64>,
+    /// A release attempt went unanswered: it may have deleted the key. A later attempt that
+    /// finds the key gone is then the same release, not a loss.
+    release_maybe_landed: bool,
+    /// What to do once the release is answered: sweep the late copies of a put sent more
+    /// than once, or give the key's number back.
+    after: Afterwards,
+}
+
+impl Holding {
+    pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
+        let release_txn =
+            keys::fenced_delete(&acquired.key, acquired.create_revision, session.lease_id());
+        Holding::with_release(session, acquired, release_txn)
+    }
+
+    /// A holding released by `release_txn`, which must be fenced on the key's create revision
+    /// and lease ([`keys::owner_compares`]; it is repeated on retries and may run from the
+    /// session's task).
+    pub(crate) fn with_release(
+        session: LeasedSession,
+        acquired: Acquired,
+        release_txn: Txn,
+    ) -> Holding {
+        Holding {
+            release_txn,
+            fence: Fence {
+                lease_id: session.lease_id(),
+                session,
+                key: acquired.key,
+                create_revision: acquired.create_revision,
+                revision: acquired.revision,
+                mod_revision: Arc::new(AtomicI64::new(acquired.create_revision)),
+            },
+            released_at: None,
+            release_maybe_landed: false,
+            after: acquired.after,
+        }
+    }
+
+    pub(crate) fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Whether the release was confirmed by a retry after an unanswered attempt: the key was
+    /// deleted by that attempt, at a revision earlier than the one `release()` returned.
+    pub(crate) fn release_was_uncertain(&self) -> bool {
+        self.released_at.is_some() && self.release_maybe_landed
+    }
+
+    /// Deletes the owner key with a Txn fenced on its create revision and lease. Retries
+    /// transport failures (a retry that finds the key gone after an unanswered attempt counts
+    /// as done; one that finds it taken over by another client's put does not);
+    /// marks the holding released only once etcd confirmed, and succeeds at once if it was.
+    /// A holding dropped unreleased — also after this fails — is released by the session's
+    /// task.
+    ///
+    /// Returns the revision of the confirming response: the key was gone at that revision
+    /// (deleted at it, or earlier when a retry follows an unanswered attempt).
+    pub(crate) async fn release(&mut self) -> Result<i64, Error> {
+        const ATTEMPTS: u32 = 3;
+        if let Some(revision) = self.released_at {
+            return Ok(revision);
+        }
+        let fence = &self.fence;
+        let session = Arc::clone(fence.session.inner());
+        let mut backoff = Backoff::for_requests();
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                sleep(backoff.next_delay()).await;
+            }
+            tracing::trace!(key = %fence.key, "release sent");
+            match session.rpc.txn(self.release_txn.clone()).await {
+                Ok(resp) => {
+                    tracing::trace!(key = %fence.key, "release answered");
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    self.released_at = Some(revision);
+                    std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);
+                    // The else-branch shows the key still there, with our create revision: not
+                    // deleted by an earlier attempt of ours but taken over by another client.
+                    let taken_over = keys::txn_gets(&resp).iter().any(|g| {
+                        g.kvs()
+                            .iter()
+                            .any(|kv| kv.create_revision() == fence.create_revision)
+                    });
+                    return if resp.succeeded() || (self.release_maybe_landed && !taken_over) {
+                        Ok(revision)
+                    } else {
+                        Err(fence.lock_lost())
+                    };
+                }
+                Err(e) if e.is_retryable() => {
+                    self.release_maybe_landed = true;
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Timeout(session.rpc.timeout())))
+    }
+}
+
+impl std::fmt::Debug for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holding")
+            .field("key", &self.fence.key)
+            .field("fencing_token", &self.fence.create_revision)
+            .field("released", &self.released_at.is_some())
+            .finish()
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if self.released_at.is_none() {
+            self.fence.session.inner().clean_up(Cleanup::Release {
+                key: self.fence.key.clone(),
+                txn: self.release_txn.clone(),
+                after: std::mem::replace(&mut self.after, Afterwards::Nothing),
+            });
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! A member key that has (or may have) been created, until it is held; and the conditional
+//! put that creates one.
+
+use std::sync::Arc;
+
+use etcd_client::Txn;
+
+use crate::backoff::Backoff;
+use crate::keys::{self};
+use crate::rpc::Unanswered;
+use crate::session::Session;
+use crate::Error;
+
+use super::cleanup::{Afterwards, Cleanup};
+use super::{until_answered, SessionKeys};
+
+/// A member key that has been (or may have been) created: cleaned up by the session's task if
+/// dropped before it is turned into an [`Acquired`] (and then a guard).
+pub(crate) struct Ticket {
+    session: Arc<Session>,
+    pub(super) key: String,
+    pub(super) create_revision: i64,
+    /// What follows the key's deletion: a sweep of late copies if the put was sent more than
+    /// once, else the key's number goes back to the session's pool.
+    after: Afterwards,
+    armed: bool,
+}
+
+impl Ticket {
+    /// A ticket for `key`, created at `create_revision`, armed.
+    pub(super) fn new(
+        session: &Arc<Session>,
+        key: String,
+        create_revision: i64,
+        after: Afterwards,
+    ) -> Ticket {
+        Ticket {
+            session: Arc::clone(session),
+            key,
+            create_revision,
+            after,
+            armed: true,
+        }
+    }
+
+    /// The acquisition is through, confirmed at `revision`: hands it out, unless the session
+    /// is Lost by now (decided on the clock) — then the still-armed ticket cleans the key up
+    /// as it is dropped.
+    pub(super) fn into_acquired(mut self, revision: i64) -> Result<Acquired, Error> {
+        self.session.check()?;
+        self.armed = false;
+        Ok(Acquired {
+            key: std::mem::take(&mut self.key),
+            create_revision: self.create_revision,
+            revision,
+            after: std::mem::replace(&mut self.after, Afterwards::Nothing),
+        })
+    }
+
+    /// Deletes the key now (fenced), e.g. a try-acquire that found itself blocked. If that
+    /// fails, the ticket stays armed and its drop hands the release to the session's task.
+    pub(super) async fn release_now(mut self) {
+        let txn = keys::fenced_delete(&self.key, self.create_revision, self.session.lease_id);
+        if self.session.rpc.txn(txn).await.is_ok() {
+            self.armed = false;
+            std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&self.session);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.armed {
+            let key = std::mem::take(&mut self.key);
+            self.session.clean_up(Cleanup::release(
+                key,
+                self.create_revision,
+                self.session.lease_id,
+                std::mem::replace(&mut self.after, Afterwards::Nothing),
+            ));
+        }
+    }
+}
+
+/// An acquisition that is through: the key, its create revision (the fencing token), the
+/// revision at which that was confirmed, and whether its put's late copies must be swept once
+/// it ends.
+pub(crate) struct Acquired {
+    pub(crate) key: String,
+    pub(crate) create_revision: i64,
+    pub(crate) revision: i64,
+    pub(crate) after: Afterwards,
+}
+
+/// A conditional put sent until it was answered (with one backoff): the answer, its
+/// revision, and whether an earlier copy of it may still land.
+pub(super) struct Put {
+    pub(super) resp: etcd_client::TxnResponse,
+    pub(super) revision: i64,
+    pub(super) uncertain: bool,
+}
+
+impl Put {
+    pub(super) async fn send(
+        session: &Arc<Session>,
+        txn: impl Fn() -> Txn,
+    ) -> Result<Put, Unanswered> {
+        let answered = until_answered(session, txn, &mut Backoff::for_requests()).await?;
+        let uncertain = answered.uncertain;
+        let revision = keys::header_revision(&answered.resp)
+            .map_err(|error| Unanswered { error, uncertain })?;
+        Ok(Put {
+            resp: answered.resp,
+            revision,
+            uncertain,
+        })
+    }
+
+    /// `error`, for a request that may have landed if this one was sent more than once.
+    pub(super) fn fail(&self, error: Error) -> Unanswered {
+        Unanswered {
+            error,
+            uncertain: self.uncertain,
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The one wait loop (read while our key exists → decide (through / act / wait) → wait for
+//! the changes the decision names, with a watch registered from now together with our own key
+//! and the session's loss → read again), and waiting for a key to be gone.
+
+use std::sync::Arc;
+
+use etcd_client::{Txn, TxnOp};
+
+use crate::backoff::Backoff;
+use crate::keys::{self};
+use crate::session::Session;
+use crate::watch::{wait_for_change, Watched, Woken};
+use crate::Error;
+
+use super::cleanup::Cleanup;
+use super::decision::{Decision, Snapshot};
+use super::ticket::{Acquired, Ticket};
+use super::{until_answered, SessionKeys};
+
+/// Runs `reads` while our key is still ours. [`Error::LockLost`] once it is gone (or taken
+/// over by another client's put).
+pub(super) async fn read_fenced(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    reads: &[TxnOp],
+    backoff: &mut Backoff,
+) -> Result<Snapshot, Error> {
+    let resp = until_answered(
+        session,
+        || {
+            keys::fenced_reads(
+                &ticket.key,
+                ticket.create_revision,
+                session.lease_id,
+                reads.to_vec(),
+            )
+        },
+        backoff,
+    )
+    .await?
+    .resp;
+    if !resp.succeeded() {
+        return Err(Error::LockLost {
+            key: ticket.key.clone(),
+            create_revision: ticket.create_revision,
+        });
+    }
+    Ok(Snapshot {
+        revision: keys::header_revision(&resp)?,
+        gets: keys::txn_gets(&resp),
+    })
+}
+
+/// The one wait loop: read (only while our key exists) → decide → through, act, or wait for a
+/// change → read again. Every wake-up re-decides from a fresh read, so a waiter never infers
+/// ownership from a notification (etcd #16221). The one exception is a change the decision
+/// itself marks [`Watched::deciding`] (a double barrier's latch, which may be gone again by
+/// the time anyone re-reads): it is through if our key still exists after it — which a fenced
+/// read confirms. `first` is a snapshot the enqueue already took, if any. One backoff serves
+/// every retry of the wait; it is reset when a watched change happens.
+pub(super) async fn wait_loop<D>(
+    session: &Arc<Session>,
+    ticket: Ticket,
+    mut first: Option<Snapshot>,
+    reads: Reads,
+    mut decide: D,
+) -> Result<Acquired, Error>
+where
+    D: FnMut(&Snapshot) -> Decision,
+{
+    let mut backoff = Backoff::for_requests();
+    let mut widen = false;
+    // History before this revision was compacted away: targets watched `since` an earlier
+    // revision are watched from here.
+    let mut floor = 0;
+    loop {
+        let snapshot = match first.take() {
+            Some(s) => s,
+            None => {
+                let reads = if std::mem::take(&mut widen) {
+                    &reads.wide
+                } else {
+                    &reads.narrow
+                };
+                let s = read_fenced(session, &ticket, reads, &mut backoff).await?;
+                tracing::trace!(key = %ticket.key, revision = s.revision, "re-read");
+                s
+            }
+        };
+        match decide(&snapshot) {
+            Decision::Widen => widen = true,
+            Decision::Through { touch } => {
+                tracing::trace!(key = %ticket.key, touch, "through");
+                if touch {
+                    session.clean_up(Cleanup::Touch {
+                        key: ticket.key.clone(),
+                        create_revision: ticket.create_revision,
+                    });
+                }
+                return ticket.into_acquired(snapshot.revision);
+            }
+            Decision::Act { txn, creates } => {
+                let claim = creates.as_deref().map(|key| session.intend(key));
+                let started = session.rpc.seen_revision();
+                let answered = until_answered(session, || txn.clone(), &mut backoff).await?;
+                if let Some(claim) = claim {
+                    let created = if answered.resp.succeeded() {
+                        Some(keys::header_revision(&answered.resp)?)
+                    } else if answered.uncertain {
+                        keys::txn_gets(&answered.resp)
+                            .first()
+                            .and_then(|g| g.kvs().first())
+                            .filter(|kv| {
+                                kv.lease() == session.lease_id && kv.create_revision() > started
+                            })
+                            .map(|kv| kv.create_revision())
+                    } else {
+                        None
+                    };
+                    if let Some(create_revision) = created {
+                        claim.confirm(create_revision);
+                    }
+                }
+            }
+            Decision::Wait(targets) => {
+                let own = Some((ticket.key.as_str(), ticket.create_revision));
+                let mut fresh = None;
+                let decide = &mut decide;
+                let watched: Vec<Watched> = targets.iter().map(|t| t.not_before(floor)).collect();
+                let woken = wait_for_change(
+                    session.waits(),
+                    &watched,
+                    own,
+                    snapshot.revision,
+                    || async {
+                        // Writes landed between the read and the watch: still waiting for the
+                        // same changes?
+                        let mut backoff = Backoff::for_requests();
+                        let now =
+                            read_fenced(session, &ticket, &reads.narrow, &mut backoff).await?;
+                        let still = matches!(decide(&now), Decision::Wait(t) if t == targets);
+                        if !still {
+                            fresh = Some(now); // current: no need to read again
+                        }
+                        Ok(still)
+                    },
+                    &mut backoff,
+                )
+                .await?;
+                match woken {
+                    // After a wake-up, decide from a fresh read (unless the re-read made one).
+                    Woken::Changed | Woken::Recheck => first = fresh,
+                    Woken::Compacted(revision) => {
+                        floor = floor.max(revision);
+                        first = fresh;
+                    }
+                    Woken::Decided(revision) => {
+                        // Our key existed when the deciding change happened if it exists now:
+                        // keys are never re-created with the same create revision.
+                        let now =
+                            read_fenced(session, &ticket, &reads.narrow, &mut backoff).await?;
+                        tracing::trace!(key = %ticket.key, revision, "through on a deciding change");
+                        return ticket.into_acquired(now.revision);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reads of a wait: as usual, and without a limit (after [`Decision::Widen`]).
+pub(crate) struct Reads {
+    pub(super) narrow: Vec<TxnOp>,
+    pub(super) wide: Vec<TxnOp>,
+}
+
+impl Reads {
+    /// The same reads either way (a condition primitive never widens).
+    pub(crate) fn fixed(reads: Vec<TxnOp>) -> Reads {
+        Reads {
+            wide: reads.clone(),
+            narrow: reads,
+        }
+    }
+}
+
+/// Completes with `Ok` once `key` is no longer the incarnation `create_revision` (known to
+/// exist at revision `seen_at`): deleted, expired with its lease, or never there. `Err` if the
+/// session is Lost first, or on a failure retrying cannot fix. Survives stream failures and
+/// compaction by re-reading, with one backoff for the whole wait.
+pub(crate) async fn wait_gone(
+    session: &Arc<Session>,
+    key: &str,
+    create_revision: i64,
+    mut seen_at: i64,
+) -> Result<(), Error> {
+    let check = Txn::new().when([keys::owner_compare(key, create_revision)]);
+    let mut backoff = Backoff::for_requests();
+    loop {
+        let still_there = || async {
+            let answer =
+                until_answered(session, || check.clone(), &mut Backoff::for_requests()).await?;
+            Ok(answer.resp.succeeded())
+        };
+        let targets = [Watched::deleted(key)];
+        match wait_for_change(
+            session.waits(),
+            &targets,
+            None,
+            seen_at,
+            still_there,
+            &mut backoff,
+        )
+        .await?
+        {
+            // A delete event of the key (or a re-read that found it gone): that incarnation
+            // has ended — keys are never re-created with the same create revision.
+            Woken::Changed => return Ok(()),
+            // Uncertain: the next round confirms once its watch is in place. (`Decided` and
+            // `Compacted` come only from targets watched `since` a past revision.)
+            Woken::Recheck | Woken::Decided(_) | Woken::Compacted(_) => seen_at = 0,
+        }
+    }
+}
+
+/// Completes with `Ok` once `key` is no longer ours — not the incarnation `create_revision` on
+/// `lease_id`: deleted, expired with its lease, put by someone else under another lease or
+/// none, or never there (known ours at revision `seen_at`). `Err` if the session is Lost
+/// first, or on a failure retrying cannot fix.
+///
+/// Every put and delete of the key wakes it; a read then says whether the key is still ours
+/// (our own fenced writes re-put it). Survives stream failures and compaction by re-reading,
+/// with one backoff for the whole wait.
+pub(super) async fn wait_not_ours(
+    session: &Arc<Session>,
+    key: &str,
+    create_revision: i64,
+    lease_id: i64,
+    mut seen_at: i64,
+) -> Result<(), Error> {
+    let check = Txn::new().when(keys::owner_compares(key, create_revision, lease_id));
+    // Whether the key is ours now, and the revision of the answer.
+    let ours_now = || async {
+        let answer =
+            until_answered(session, || check.clone(), &mut Backoff::for_requests()).await?;
+        Ok::<_, Error>((
+            answer.resp.succeeded(),
+            keys::header_revision(&answer.resp)?,
+        ))
+    };
+    let mut backoff = Backoff::for_requests();
+    loop {
+        let targets = [Watched::changed(key)];
+        let still = || async { ours_now().await.map(|(ours, _)| ours) };
+        match wait_for_change(
+            session.waits(),
+            &targets,
+            None,
+            seen_at,
+            still,
+            &mut backoff,
+        )
+        .await?
+        {
+            // A put or a delete of the key (or a re-read that found it not ours): whose is it?
+            Woken::Changed => match ours_now().await? {
+                (false, _) => return Ok(()),
+                (true, revision) => seen_at = revision,
+            },
+            // Uncertain: the next round confirms once its watch is in place. (`Decided` and
+            // `Compacted` come only from targets watched `since` a past revision.)
+            Woken::Recheck | Woken::Decided(_) | Woken::Compacted(_) => seen_at = 0,
+        }
+    }
+}

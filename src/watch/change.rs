@@ -1,0 +1,249 @@
+//! Waiting for a change of a few keys or ranges, with watches registered from now.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::EventType;
+
+use super::{Watched, Woken};
+use crate::backoff::Backoff;
+use crate::rpc::{pause, unless_stopped, Rpc, Stats, Stop};
+use crate::Error;
+
+/// What a wait goes through: the request handle its watches are opened with, what ends it
+/// (its session's loss), and how long its watch stream may stay quiet before it is probed.
+#[derive(Clone, Copy)]
+pub(crate) struct Waits<'a> {
+    pub(crate) rpc: &'a Rpc,
+    pub(crate) stop: &'a dyn Stop,
+    /// A stream quiet for this long is asked for a progress notification.
+    pub(crate) quiet: Duration,
+}
+
+/// A watch for changes to a few keys or ranges (and, optionally, the deletion of our own key),
+/// registered *from now*.
+///
+/// etcd puts a watch whose start revision is at or below its current revision into the
+/// "unsynced" group, served on a 100 ms tick. A watch from `read revision + 1` lands there
+/// whenever anything was written between the read and the watch's creation — constantly under
+/// contention. A watch without a start revision is always registered in the synced group, at
+/// the revision its `created` response reports; if that is newer than the read that decided to
+/// wait, the caller confirms with a fresh read while the watch is already in place: anything
+/// after the watch's revision is delivered, anything up to the fresh read's is seen by it.
+struct ChangeWatch {
+    stream: etcd_client::WatchStream,
+    targets: Vec<Watched>,
+    own: Option<(String, i64)>,
+    /// A change that arrived while the watch was still being created.
+    early: Option<Result<Woken, Error>>,
+}
+
+impl ChangeWatch {
+    /// Opens the watch and waits until etcd confirmed it. Returns it with the revision after
+    /// which every change is delivered, or `None` after a transient failure (the caller
+    /// re-reads; a delay of `backoff` has been served).
+    async fn open(
+        waits: Waits<'_>,
+        targets: &[Watched],
+        own: Option<(&str, i64)>,
+        backoff: &mut Backoff,
+    ) -> Result<Option<(ChangeWatch, i64)>, Error> {
+        let rpc = waits.rpc;
+        let requests = targets.len() + usize::from(own.is_some());
+        let opened = unless_stopped(waits.stop, async {
+            let created = async {
+                let (first, rest) = targets
+                    .split_first()
+                    .ok_or_else(|| Error::Internal("a wait without targets".into()))?;
+                let mut stream = rpc.open_watch(first.key.clone(), first.options()).await?;
+                Stats::add(&rpc.stats().watches, requests as u64 - 1);
+                for t in rest {
+                    stream.watch(t.key.clone(), Some(t.options())).await?;
+                }
+                if let Some((own_key, _)) = own {
+                    stream
+                        .watch(own_key, Some(Watched::deleted(own_key).options()))
+                        .await?;
+                }
+                let mut watch = ChangeWatch {
+                    stream,
+                    targets: targets.to_vec(),
+                    own: own.map(|(k, r)| (k.to_owned(), r)),
+                    early: None,
+                };
+                let mut pending = requests;
+                let mut revision = 0;
+                while pending > 0 {
+                    let resp = watch
+                        .stream
+                        .message()
+                        .await?
+                        .ok_or_else(Error::stream_ended)?;
+                    if resp.created() {
+                        if resp.canceled() {
+                            return Err(Error::watch_refused(resp.cancel_reason()));
+                        }
+                        pending -= 1;
+                        revision = revision.max(resp.header().map_or(0, |h| h.revision()));
+                    }
+                    if watch.early.is_none() {
+                        watch.early = watch.classify(rpc, &resp);
+                    }
+                }
+                Ok((watch, revision))
+            };
+            crate::rpc::send::within(rpc.timeout(), created).await
+        })
+        .await;
+        match opened {
+            Ok(opened) => Ok(Some(opened)),
+            Err(e) if e.is_retryable() => {
+                tracing::debug!(error = %e, "opening a watch failed; re-reading");
+                pause(waits.stop, backoff).await?;
+                Ok(None)
+            }
+            Err(e) if rpc.watch_refusal_renews(&e) => {
+                tracing::debug!(error = %e, "a watch was refused; renewing the auth token");
+                rpc.renew_auth().await?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a watch response means for this wait, if anything.
+    fn classify(
+        &self,
+        rpc: &Rpc,
+        resp: &etcd_client::WatchResponse,
+    ) -> Option<Result<Woken, Error>> {
+        Stats::add(&rpc.stats().watch_events, resp.events().len() as u64);
+        if resp.canceled() && !resp.created() {
+            tracing::debug!(
+                compact_revision = resp.compact_revision(),
+                reason = resp.cancel_reason(),
+                "watch cancelled; re-reading"
+            );
+            return Some(Ok(match resp.compact_revision() {
+                0 => Woken::Recheck,
+                compacted => Woken::Compacted(compacted),
+            }));
+        }
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let kind = event.event_type();
+            if let Some((own_key, create_revision)) = &self.own {
+                if kind == EventType::Delete && kv.key() == own_key.as_bytes() {
+                    return Some(Err(Error::LockLost {
+                        key: own_key.clone(),
+                        create_revision: *create_revision,
+                    }));
+                }
+            }
+            if let Some(target) = self.targets.iter().find(|t| t.matches(kind, kv.key())) {
+                return Some(Ok(if target.deciding {
+                    Woken::Decided(kv.mod_revision())
+                } else {
+                    Woken::Changed
+                }));
+            }
+        }
+        None
+    }
+
+    /// Waits for a change. Our own key's deletion is [`Error::LockLost`], the session's loss
+    /// [`Error::SessionLost`] / [`Error::SessionClosed`]. A stream that ends or a watch etcd
+    /// cancels is a [`Woken::Recheck`], after a delay of `backoff`.
+    ///
+    /// A stream that stays quiet for a third of the session's TTL is probed: we ask etcd for a
+    /// progress notification on it, which etcd answers at once on a live stream whose watches
+    /// are in sync (ours are: they start from now). No answer within the request timeout means
+    /// the stream is dead, whatever the connection seems to say: [`Woken::Recheck`]. So a wait
+    /// never hangs on a silent stream.
+    async fn wait(mut self, waits: Waits<'_>, backoff: &mut Backoff) -> Result<Woken, Error> {
+        let quiet = waits.quiet.max(Duration::from_millis(100));
+        let outcome = match self.early.take() {
+            Some(outcome) => outcome,
+            None => loop {
+                let mut probed = false;
+                let msg = loop {
+                    let patience = if probed { waits.rpc.timeout() } else { quiet };
+                    let next = unless_stopped(waits.stop, async {
+                        Ok(tokio::time::timeout(patience, self.stream.message()).await)
+                    })
+                    .await?;
+                    match next {
+                        Ok(msg) => break Some(msg),
+                        Err(_) if probed => break None,
+                        Err(_) => {
+                            probed = true;
+                            Stats::add(&waits.rpc.stats().watch_probes, 1);
+                            if self.stream.request_progress().await.is_err() {
+                                break None;
+                            }
+                        }
+                    }
+                };
+                let Some(msg) = msg else {
+                    tracing::debug!(
+                        "a quiet watch stream did not answer a progress request; re-reading"
+                    );
+                    break Ok(Woken::Recheck);
+                };
+                match msg {
+                    Ok(Some(resp)) => {
+                        if let Some(outcome) = self.classify(waits.rpc, &resp) {
+                            tracing::trace!(
+                                revision = resp.header().map_or(0, |h| h.revision()),
+                                "woken"
+                            );
+                            break outcome;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        tracing::debug!("watch stream ended; re-reading");
+                        break Ok(Woken::Recheck);
+                    }
+                }
+            },
+        };
+        match outcome {
+            Ok(woken @ (Woken::Recheck | Woken::Compacted(_))) => {
+                pause(waits.stop, backoff).await.map(|()| woken)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The wait step every primitive goes through: with a watch registered from now on `targets`
+/// (or from their [`since`](Watched::since) revision; and on our own key's deletion, and the
+/// session's loss), waits for a change. `read_at` is the
+/// revision of the read that decided to wait; if writes landed since, `reread` runs once the
+/// watch is in place and says whether to still wait. Failures pause on `backoff`, which is
+/// reset when a change really happened.
+pub(crate) async fn wait_for_change<R, Fut>(
+    waits: Waits<'_>,
+    targets: &[Watched],
+    own: Option<(&str, i64)>,
+    read_at: i64,
+    reread: R,
+    backoff: &mut Backoff,
+) -> Result<Woken, Error>
+where
+    R: FnOnce() -> Fut,
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    let Some((watch, from)) = ChangeWatch::open(waits, targets, own, backoff).await? else {
+        return Ok(Woken::Recheck);
+    };
+    let woken = if from > read_at && !reread().await? {
+        Woken::Changed
+    } else {
+        watch.wait(waits, backoff).await?
+    };
+    if matches!(woken, Woken::Changed | Woken::Decided(_)) {
+        backoff.reset();
+    }
+    Ok(woken)
+}
