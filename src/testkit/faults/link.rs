@@ -162,9 +162,10 @@ impl Proxy {
     /// the toxics held thrown away.
     pub(crate) fn disable(&self) {
         self.stop_listening();
-        let mut generation = lock(&self.generation);
-        generation.close.cancel();
-        generation.close = CancellationToken::new();
+        // A fresh generation: the connections closed now are not reset by a later reset
+        // or drop of the proxy (which follows at once when a populate replaces it).
+        let old = std::mem::take(&mut *lock(&self.generation));
+        old.close.cancel();
     }
 
     /// Resets (TCP RST) every connection open now; new ones are served as before.
