@@ -10,10 +10,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::Value;
 
+use super::link::Proxy;
 use super::toxic::Toxic;
 use super::{
-    add_toxic, remove_toxic, reset_all, set_enabled, update_toxic, ApiError, ProxyBody, ProxyInfo,
-    Registry, TOXIPROXY_API_VERSION,
+    add_toxic, differs, link_stamps, listed, remove_toxic, reset_all, set_enabled, update_toxic,
+    ApiError, ProxyBody, ProxyInfo, Registry, TOXIPROXY_API_VERSION,
 };
 
 type Shared = State<Arc<Registry>>;
@@ -99,30 +100,29 @@ async fn proxy_index(State(r): Shared) -> Response {
 }
 
 async fn proxy_create(State(r): Shared, bytes: Bytes) -> Result<Response, ApiError> {
-    let info = r.create(body(&bytes)?, false).await?;
+    let info = r.create(body(&bytes)?).await?;
     Ok(json(StatusCode::CREATED, info.to_json()))
 }
 
 async fn populate(State(r): Shared, bytes: Bytes) -> Result<Response, ApiError> {
     let wanted: Vec<ProxyBody> = body(&bytes)?;
-    let mut done = Vec::new();
-    for p in wanted {
-        match r.create(p, true).await {
-            Ok(info) => done.push(info.to_json()),
-            Err(e) => {
-                let mut answer = e.to_json();
-                answer["proxies"] = Value::Array(done);
-                return Ok(json(
-                    StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    answer,
-                ));
-            }
+    let json_of =
+        |done: Vec<ProxyInfo>| Value::Array(done.iter().map(ProxyInfo::to_json).collect());
+    match r.populate(wanted).await {
+        Ok(done) => Ok(json(
+            StatusCode::CREATED,
+            serde_json::json!({ "proxies": json_of(done) }),
+        )),
+        Err((e, done)) => {
+            // toxiproxy answers the error with the proxies made before it.
+            let mut answer = e.to_json();
+            answer["proxies"] = json_of(done);
+            Ok(json(
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                answer,
+            ))
         }
     }
-    Ok(json(
-        StatusCode::CREATED,
-        serde_json::json!({ "proxies": done }),
-    ))
 }
 
 async fn proxy_show(State(r): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -137,40 +137,32 @@ async fn proxy_update(
 ) -> Result<Response, ApiError> {
     let p = r.get(&name)?;
     let update: ProxyBody = body(&bytes)?;
-    let moved = update
+    // As toxiproxy's `Proxy.Update`: fields not given keep their values.
+    let listen = update
+        .listen
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| p.listen.to_string());
+    let upstream = update
         .upstream
-        .as_ref()
-        .is_some_and(|u| !u.is_empty() && *u != p.upstream)
-        || update
-            .listen
-            .as_ref()
-            .is_some_and(|l| !l.is_empty() && *l != p.listen.to_string());
-    if moved {
-        // New address or upstream: a new proxy of the same name, with the same toxics.
-        let toxics = p.toxics.borrow().clone();
-        let info = r
-            .create(
-                ProxyBody {
-                    name: Some(name.clone()),
-                    listen: update.listen.or(Some(p.listen.to_string())),
-                    upstream: update.upstream.or(Some(p.upstream.clone())),
-                    enabled: update.enabled.or(Some(p.enabled())),
-                },
-                true,
-            )
-            .await?;
-        let new = r.get(&name)?;
-        new.toxics.send_replace(toxics);
-        return Ok(json(
-            StatusCode::OK,
-            ProxyInfo {
-                toxics: new.toxics.borrow().clone(),
-                ..info
-            }
-            .to_json(),
-        ));
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| p.upstream.clone());
+    let enabled = update.enabled.unwrap_or_else(|| p.enabled());
+    if differs(&p, &listen, &upstream).await? {
+        // A new address or upstream: the proxy stops (its connections closed) and starts
+        // anew there — a new proxy of the same name here, with the same toxics.
+        p.disable();
+        let moved = Proxy::start(name.clone(), &listen, upstream, enabled)
+            .await
+            .map_err(ApiError::io)?;
+        moved.toxics.send_if_modified(|list| {
+            *list = p.toxics.borrow().clone();
+            *link_stamps(&moved) = link_stamps(&p).clone();
+            true
+        });
+        r.lock().insert(name, moved.clone());
+        return Ok(json(StatusCode::OK, ProxyInfo::of(&moved).to_json()));
     }
-    if let Some(enabled) = update.enabled {
+    if enabled != p.enabled() {
         set_enabled(&p, enabled).await?;
     }
     Ok(json(StatusCode::OK, ProxyInfo::of(&p).to_json()))
@@ -181,13 +173,16 @@ async fn proxy_delete(State(r): Shared, Path(name): Path<String>) -> Result<Resp
         .lock()
         .remove(&name)
         .ok_or_else(ApiError::proxy_not_found)?;
-    p.stop();
+    p.disable();
     Ok(no_content())
 }
 
 async fn toxic_index(State(r): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
     let p = r.get(&name)?;
-    let toxics: Vec<Value> = p.toxics.borrow().iter().map(Toxic::to_json).collect();
+    let toxics: Vec<Value> = listed(&p.toxics.borrow())
+        .iter()
+        .map(Toxic::to_json)
+        .collect();
     Ok(json(StatusCode::OK, Value::Array(toxics)))
 }
 
@@ -197,7 +192,8 @@ async fn toxic_create(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let p = r.get(&name)?;
-    let toxic = add_toxic(&p, Toxic::from_json(&bytes)?)?;
+    let taken = |name: &str| p.toxics.borrow().iter().any(|t| t.name == name);
+    let toxic = add_toxic(&p, Toxic::from_json(&bytes, taken)?)?;
     Ok(json(StatusCode::OK, toxic.to_json()))
 }
 

@@ -1,6 +1,7 @@
 //! A fault-injecting TCP proxy server that speaks **toxiproxy's HTTP API** (2.x: the same
-//! paths, JSON fields and status codes) and implements its toxics with toxiproxy's semantics —
-//! for chaos tests where toxiproxy's Go binary is not at hand. Existing toxiproxy clients
+//! paths, JSON fields and status codes) and implements its toxics with toxiproxy's semantics
+//! (its `toxics/*.go`, `link.go`, `toxic_collection.go`, `proxy_collection.go`) — for chaos
+//! tests where toxiproxy's Go binary is not at hand. Existing toxiproxy clients
 //! (`toxiproxy_rust`, `toxiproxy-python`, `toxiproxy-node-client`) drive it unchanged.
 //!
 //! * Embed it: [`FaultServer::start`] (`"127.0.0.1:0"` for a free port), then create proxies
@@ -10,21 +11,33 @@
 //!   127.0.0.1:8474`.
 //!
 //! Toxics (see [`Kind`]): toxiproxy's `latency`, `bandwidth`, `slow_close`, `timeout`,
-//! `reset_peer`, `slicer`, `limit_data`, and two of this crate's own: `blackhole` (hold every
-//! byte, close nothing, until removed) and `refuse` (reset new connections at once). Each acts
-//! on one stream (`upstream`: client → server; `downstream`, the default: server → client) of
-//! every connection — also of connections already open when it is added — with probability
-//! `toxicity`, drawn once per connection. `POST /proxies/{name}/reset_connections` (this
-//! crate's) resets every open connection of a proxy at once.
+//! `reset_peer`, `slicer`, `limit_data` and `noop`, and two of this crate's own: `blackhole`
+//! (hold every byte, close nothing, until removed) and `refuse` (reset new connections at
+//! once). Each acts on one stream (`upstream`: client → server; `downstream`, the default:
+//! server → client) of every connection, also of connections already open when it is added.
+//! As in toxiproxy, a toxic *starts* on a connection when the connection opens or the toxic is
+//! added, and draws then whether it acts there (probability `toxicity`); an update of its
+//! attributes or toxicity restarts it on every open connection — a new draw, its clock
+//! (`timeout`) from zero, what it was delaying let go at once — as does adding a toxic right
+//! after it in the same stream, or removing the one right after it. Removing a toxic lets
+//! what it holds go on unchanged, except `timeout`, whose removal closes every connection of
+//! its proxy, and a `reset_peer` already set off, which resets its connection anyway.
+//! `POST /proxies/{name}/reset_connections` (this crate's) resets every open connection of a
+//! proxy at once.
 //!
 //! API: `GET /version`; `POST /reset` (every proxy enabled, every toxic removed; 204);
 //! `GET /proxies`; `POST /proxies` (`name`, `listen`, `upstream`, `enabled`; 201, 409 if the
-//! name exists, 400 without name or upstream); `POST /populate` (a JSON array of proxies;
-//! 201 with `{"proxies": […]}`; existing ones with other settings are replaced);
+//! name exists, 400 without name or upstream); `POST /populate` (a JSON array of proxies,
+//! every entry checked before any is made — 400 `missing required field: name at proxy 2`;
+//! a proxy of an existing name whose listen address (resolved) and upstream are the same is
+//! left as it is, with its connections, toxics and enabled state; one that differs is
+//! stopped and replaced by a new one; 201 with `{"proxies": […]}`);
 //! `GET/POST/PATCH/DELETE /proxies/{name}` (`enabled: false` closes every connection and
-//! stops listening); `GET/POST /proxies/{name}/toxics` (400 for an unknown type or stream,
-//! 409 for a taken name); `GET/POST/PATCH/DELETE /proxies/{name}/toxics/{toxic}` (404 for an
-//! unknown proxy or toxic). Errors are `{"error": …, "status": …}`, as toxiproxy's.
+//! stops listening; a new `listen` or `upstream` closes them and moves the proxy, toxics
+//! kept); `GET/POST /proxies/{name}/toxics` (400 for an unknown type or stream, 409 for a
+//! taken name); `GET/POST/PATCH/DELETE /proxies/{name}/toxics/{toxic}` (404 for an unknown
+//! proxy or toxic). Toxics are listed upstream ones first, each stream in the order its
+//! toxics act. Errors are `{"error": …, "status": …}`, as toxiproxy's.
 
 mod client;
 mod http;
@@ -43,7 +56,7 @@ pub use client::FaultClient;
 pub use hyper::Method;
 pub use toxic::{Kind, Stream, Toxic};
 
-use link::Proxy;
+use link::{Proxy, Stamp};
 
 /// The toxiproxy version this server's API follows, as `GET /version` reports it.
 pub const TOXIPROXY_API_VERSION: &str = "2.12.0";
@@ -74,6 +87,12 @@ impl ApiError {
             status: 404,
         }
     }
+    fn internal(message: String) -> ApiError {
+        ApiError {
+            message,
+            status: 500,
+        }
+    }
     fn proxy_exists() -> ApiError {
         ApiError {
             message: "proxy already exists".into(),
@@ -86,7 +105,7 @@ impl ApiError {
     pub(crate) fn invalid_toxic_type() -> ApiError {
         ApiError::bad_request("invalid toxic type".into())
     }
-    fn toxic_exists() -> ApiError {
+    pub(crate) fn toxic_exists() -> ApiError {
         ApiError {
             message: "toxic already exists".into(),
             status: 409,
@@ -120,7 +139,8 @@ pub struct ProxyInfo {
     pub upstream: String,
     /// Whether it accepts connections.
     pub enabled: bool,
-    /// Its toxics, in the order they act.
+    /// Its toxics as toxiproxy lists them: the upstream ones, then the downstream ones, each
+    /// in the order they act.
     pub toxics: Vec<Toxic>,
 }
 
@@ -131,7 +151,7 @@ impl ProxyInfo {
             listen: p.listen.to_string(),
             upstream: p.upstream.clone(),
             enabled: p.enabled(),
-            toxics: p.toxics.borrow().clone(),
+            toxics: listed(&p.toxics.borrow()),
         }
     }
 
@@ -144,6 +164,13 @@ impl ProxyInfo {
             "toxics": self.toxics.iter().map(Toxic::to_json).collect::<Vec<_>>(),
         })
     }
+}
+
+/// `toxics` in toxiproxy's order: upstream ones first (stable).
+fn listed(toxics: &[Toxic]) -> Vec<Toxic> {
+    let mut all = toxics.to_vec();
+    all.sort_by_key(|t| t.stream != Stream::Upstream);
+    all
 }
 
 /// A proxy as JSON comes in (`POST /proxies`, `/populate`, updates).
@@ -166,7 +193,7 @@ struct Registry {
 }
 
 /// A toxiproxy-compatible fault server: its proxies and, once started, its HTTP API. Dropping
-/// it stops the API and every proxy (resetting their connections).
+/// it stops the API and every proxy (resetting their connections with a TCP RST).
 pub struct FaultServer {
     registry: Arc<Registry>,
     api: SocketAddr,
@@ -204,7 +231,8 @@ impl Registry {
             .ok_or_else(ApiError::proxy_not_found)
     }
 
-    async fn create(&self, body: ProxyBody, replace: bool) -> Result<ProxyInfo, ApiError> {
+    /// Creates a proxy (`POST /proxies`).
+    async fn create(&self, body: ProxyBody) -> Result<ProxyInfo, ApiError> {
         let name = body
             .name
             .filter(|n| !n.is_empty())
@@ -213,29 +241,18 @@ impl Registry {
             .upstream
             .filter(|u| !u.is_empty())
             .ok_or_else(|| ApiError::missing("upstream"))?;
-        let listen = body
-            .listen
-            .filter(|l| !l.is_empty())
-            .unwrap_or_else(|| "127.0.0.1:0".into());
-        let enabled = body.enabled.unwrap_or(true);
-        let existing = self.lock().get(&name).cloned();
-        if let Some(existing) = existing {
-            let same = existing.upstream == upstream
-                && (listen == existing.listen.to_string() || listen.ends_with(":0"));
-            if !replace {
-                return Err(ApiError::proxy_exists());
-            }
-            if same {
-                set_enabled(&existing, enabled).await?;
-                return Ok(ProxyInfo::of(&existing));
-            }
-            self.lock().remove(&name);
-            existing.stop();
-            drop(existing);
+        if self.lock().contains_key(&name) {
+            return Err(ApiError::proxy_exists());
         }
-        let proxy = Proxy::start(name.clone(), &listen, upstream, enabled)
-            .await
-            .map_err(ApiError::io)?;
+        let listen = listen_of(body.listen);
+        let proxy = Proxy::start(
+            name.clone(),
+            &listen,
+            upstream,
+            body.enabled.unwrap_or(true),
+        )
+        .await
+        .map_err(ApiError::io)?;
         let info = ProxyInfo::of(&proxy);
         let mut proxies = self.lock();
         if proxies.contains_key(&name) {
@@ -244,13 +261,81 @@ impl Registry {
         proxies.insert(name, proxy);
         Ok(info)
     }
+
+    /// Creates or replaces the proxies of `wanted` (`POST /populate`, toxiproxy's
+    /// `PopulateJson`): every entry is checked first; then each is made in turn. On an error
+    /// part way, the error and the proxies made until then.
+    async fn populate(
+        &self,
+        wanted: Vec<ProxyBody>,
+    ) -> Result<Vec<ProxyInfo>, (ApiError, Vec<ProxyInfo>)> {
+        for (i, p) in wanted.iter().enumerate() {
+            for (field, value) in [("name", &p.name), ("upstream", &p.upstream)] {
+                if value.as_deref().is_none_or(str::is_empty) {
+                    let e = ApiError::missing(&format!("{field} at proxy {}", i + 1));
+                    return Err((e, Vec::new()));
+                }
+            }
+        }
+        let mut done = Vec::new();
+        for p in wanted {
+            match self.add_or_replace(p).await {
+                Ok(info) => done.push(info),
+                Err(e) => return Err((e, done)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// One entry of a populate (toxiproxy's `AddOrReplace`): an existing proxy of the name
+    /// with the same listen address and upstream is left as it is; one that differs is
+    /// stopped and replaced.
+    async fn add_or_replace(&self, body: ProxyBody) -> Result<ProxyInfo, ApiError> {
+        let name = body.name.unwrap_or_default();
+        let upstream = body.upstream.unwrap_or_default();
+        let listen = listen_of(body.listen);
+        let existing = self.lock().get(&name).cloned();
+        if let Some(existing) = existing {
+            if !differs(&existing, &listen, &upstream).await? {
+                return Ok(ProxyInfo::of(&existing));
+            }
+            existing.disable();
+        }
+        let proxy = Proxy::start(
+            name.clone(),
+            &listen,
+            upstream,
+            body.enabled.unwrap_or(true),
+        )
+        .await
+        .map_err(ApiError::io)?;
+        let info = ProxyInfo::of(&proxy);
+        self.lock().insert(name, proxy);
+        Ok(info)
+    }
+}
+
+/// The listen address of a body: `127.0.0.1:0` (a free loopback port) if none.
+fn listen_of(listen: Option<String>) -> String {
+    listen
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:0".into())
+}
+
+/// Whether `listen` (resolved as toxiproxy's `Differs`: `localhost:8080` is `127.0.0.1:8080`)
+/// or `upstream` differ from `proxy`'s.
+async fn differs(proxy: &Proxy, listen: &str, upstream: &str) -> Result<bool, ApiError> {
+    let listen = link::resolve(listen)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot resolve {listen}: {e}")))?;
+    Ok(listen != proxy.listen || upstream != proxy.upstream)
 }
 
 async fn set_enabled(proxy: &Arc<Proxy>, enabled: bool) -> Result<(), ApiError> {
     if enabled {
         proxy.enable().await.map_err(ApiError::io)
     } else {
-        proxy.stop();
+        proxy.disable();
         Ok(())
     }
 }
@@ -309,15 +394,12 @@ impl FaultServer {
         upstream: &str,
     ) -> Result<ProxyInfo, ApiError> {
         self.registry
-            .create(
-                ProxyBody {
-                    name: Some(name.into()),
-                    listen: Some(listen.into()),
-                    upstream: Some(upstream.into()),
-                    enabled: Some(true),
-                },
-                false,
-            )
+            .create(ProxyBody {
+                name: Some(name.into()),
+                listen: Some(listen.into()),
+                upstream: Some(upstream.into()),
+                enabled: Some(true),
+            })
             .await
     }
 
@@ -329,7 +411,8 @@ impl FaultServer {
         self.registry.get(name).map(|p| ProxyInfo::of(&p))
     }
 
-    /// Enables or disables proxy `name` (disabled: not listening, every connection closed).
+    /// Enables or disables proxy `name` (disabled: not listening, every connection closed as
+    /// toxiproxy closes them: FIN, RST where a `reset_peer` asked for it).
     ///
     /// # Errors
     /// 404 if there is none; 500 if its address cannot be bound again.
@@ -339,7 +422,7 @@ impl FaultServer {
         Ok(ProxyInfo::of(&proxy))
     }
 
-    /// Adds `toxic` to proxy `name`; it acts on open connections at once.
+    /// Adds `toxic` to proxy `name`; it starts on open connections at once.
     ///
     /// # Errors
     /// 404 for an unknown proxy; 409 if the proxy has a toxic of that name.
@@ -348,7 +431,8 @@ impl FaultServer {
         add_toxic(&proxy, toxic)
     }
 
-    /// Removes toxic `toxic` of proxy `name`.
+    /// Removes toxic `toxic` of proxy `name` (a `timeout` closes every connection of the
+    /// proxy as it goes).
     ///
     /// # Errors
     /// 404 for an unknown proxy or toxic.
@@ -383,9 +467,16 @@ fn add_toxic(proxy: &Proxy, toxic: Toxic) -> Result<Toxic, ApiError> {
             return false;
         }
         list.push(toxic.clone());
+        link_stamps(proxy).insert(toxic.name.clone(), Stamp::fresh());
         true
     });
     result.map(|()| toxic)
+}
+
+fn link_stamps(
+    proxy: &Proxy,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Stamp>> {
+    proxy.stamps.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn update_toxic(proxy: &Proxy, name: &str, body: &[u8]) -> Result<Toxic, ApiError> {
@@ -397,6 +488,9 @@ fn update_toxic(proxy: &Proxy, name: &str, body: &[u8]) -> Result<Toxic, ApiErro
         match t.updated(body) {
             Ok(new) => {
                 *t = new.clone();
+                let mut stamps = link_stamps(proxy);
+                let stamp = stamps.entry(name.to_owned()).or_default();
+                *stamp = stamp.updated();
                 result = Ok(new);
                 true
             }
@@ -415,6 +509,7 @@ fn remove_toxic(proxy: &Proxy, name: &str) -> Result<(), ApiError> {
         let before = list.len();
         list.retain(|t| t.name != name);
         found = list.len() != before;
+        link_stamps(proxy).remove(name);
         found
     });
     if found {
@@ -430,6 +525,7 @@ async fn reset_all(registry: &Registry) -> Result<(), ApiError> {
         p.toxics.send_if_modified(|list| {
             let had = !list.is_empty();
             list.clear();
+            link_stamps(&p).clear();
             had
         });
         set_enabled(&p, true).await?;

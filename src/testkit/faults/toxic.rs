@@ -1,8 +1,6 @@
 //! Toxics: what toxiproxy 2.x calls the faults of one stream of a proxy, with its JSON
 //! (`name`, `type`, `stream`, `toxicity`, `attributes`) and its semantics.
 
-use std::time::Duration;
-
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,42 +27,51 @@ impl Stream {
     }
 }
 
-/// A toxic's kind and its attributes, typed. Toxiproxy's seven kinds, with its attribute
-/// names and units, plus two of this crate's own.
+/// A toxic's kind and its attributes, typed: toxiproxy's seven kinds and its `noop`, with its
+/// attribute names and units, plus two of this crate's own. Each acts on one stream of every
+/// connection as toxiproxy's `toxics/*.go` do; [the module](super) says how toxics start,
+/// restart and stop on open connections.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
-    /// `latency`: each chunk is delayed by `latency` ± `jitter` milliseconds (from when the
-    /// proxy read it, so consecutive chunks' delays do not add up).
+    /// `latency`: each chunk is delayed by `latency` ± `jitter` milliseconds, counted from
+    /// when the proxy read it (so chunks that queue behind a delayed one are not delayed
+    /// twice) or, after an earlier `latency` of the same stream, from when that one let it go
+    /// (so two latencies add up).
     Latency {
         /// Milliseconds.
         latency: u64,
         /// Milliseconds, ±.
         jitter: u64,
     },
-    /// `bandwidth`: at most `rate` KB (1000 bytes) per second; 0 is unlimited.
+    /// `bandwidth`: at most `rate` KB (1000 bytes) per second — each byte is held 1/`rate`
+    /// ms, chunks of more than 100 ms' worth go in 100 ms slices; 0 is unlimited.
     Bandwidth {
         /// KB/s.
         rate: u64,
     },
-    /// `slow_close`: the connection's close (EOF) is passed on `delay` ms late.
+    /// `slow_close`: the end of the stream (its source closed) is passed on `delay` ms late;
+    /// the data before it is not delayed.
     SlowClose {
         /// Milliseconds.
         delay: u64,
     },
-    /// `timeout`: no data gets through (it is dropped); the connection is closed after
-    /// `timeout` ms, or — with 0 — stays open until the toxic is removed.
+    /// `timeout`: no data gets through — it is dropped, never delivered; the connection is
+    /// closed (FIN) `timeout` ms after the toxic started on it, or — with 0 — when the toxic
+    /// is removed (toxiproxy's `Cleanup`: removing a `timeout` closes every connection of its
+    /// proxy, also those it was not drawn to act on).
     Timeout {
         /// Milliseconds; 0: never closes.
         timeout: u64,
     },
-    /// `reset_peer`: on the next data, waits `timeout` ms and resets the connection (TCP RST);
-    /// the data is not passed on.
+    /// `reset_peer`: the next chunk (or the end of the stream) is dropped and sets it off:
+    /// `timeout` ms later both sockets of the connection are reset (TCP RST). Nothing passes
+    /// it meanwhile; once set off, neither an update nor its removal stops it.
     ResetPeer {
         /// Milliseconds.
         timeout: u64,
     },
-    /// `slicer`: chunks are cut into pieces of about `average_size` ± `size_variation` bytes,
-    /// `delay` microseconds apart.
+    /// `slicer`: chunks are cut into pieces of about `average_size` ± `size_variation` bytes
+    /// (toxiproxy's recursive halving), each followed by a pause of `delay` microseconds.
     Slicer {
         /// Bytes.
         average_size: u64,
@@ -73,13 +80,17 @@ pub enum Kind {
         /// Microseconds between pieces.
         delay: u64,
     },
-    /// `limit_data`: the connection is closed once `bytes` bytes went through.
+    /// `limit_data`: the stream passes `bytes` bytes (the chunk that crosses the limit is cut),
+    /// then the connection is closed (FIN). Counted per connection from the toxic's addition.
     LimitData {
         /// Bytes.
         bytes: u64,
     },
+    /// toxiproxy's `noop`: passes everything on.
+    Noop,
     /// `blackhole` (this crate's): nothing gets through and nothing is closed or dropped —
-    /// the data waits in the proxy and flows on when the toxic is removed (a frozen network).
+    /// the data (and the end of the stream) waits in the proxy and flows on, byte for byte,
+    /// when the toxic is removed (a frozen network).
     Blackhole,
     /// `refuse` (this crate's): new connections are accepted and reset at once (existing
     /// ones are untouched), like a crashed server whose port still answers.
@@ -97,6 +108,7 @@ impl Kind {
             Kind::ResetPeer { .. } => "reset_peer",
             Kind::Slicer { .. } => "slicer",
             Kind::LimitData { .. } => "limit_data",
+            Kind::Noop => "noop",
             Kind::Blackhole => "blackhole",
             Kind::Refuse => "refuse",
         }
@@ -123,12 +135,12 @@ impl Kind {
                 "delay": delay,
             }),
             Kind::LimitData { bytes } => serde_json::json!({ "bytes": bytes }),
-            Kind::Blackhole | Kind::Refuse => serde_json::json!({}),
+            Kind::Noop | Kind::Blackhole | Kind::Refuse => serde_json::json!({}),
         }
     }
 
-    /// The kind `type_name` with `attributes` (missing ones 0, as toxiproxy), `current` being
-    /// the values an update starts from.
+    /// The kind `type_name` with `attributes` (missing or null ones 0, as toxiproxy), `current`
+    /// being the values an update starts from (missing or null ones keep theirs).
     fn parse(
         type_name: &str,
         attributes: &Value,
@@ -136,7 +148,8 @@ impl Kind {
     ) -> Result<Kind, ApiError> {
         let base = current.map(Kind::attributes).unwrap_or(Value::Null);
         let get = |name: &str| -> Result<u64, ApiError> {
-            match attributes.get(name).or_else(|| base.get(name)) {
+            let given = attributes.get(name).filter(|v| !v.is_null());
+            match given.or_else(|| base.get(name)) {
                 None | Some(Value::Null) => Ok(0),
                 Some(v) => v.as_u64().ok_or_else(|| {
                     ApiError::bad_request(format!(
@@ -168,20 +181,22 @@ impl Kind {
             "limit_data" => Kind::LimitData {
                 bytes: get("bytes")?,
             },
+            "noop" => Kind::Noop,
             "blackhole" => Kind::Blackhole,
             "refuse" => Kind::Refuse,
             _ => return Err(ApiError::invalid_toxic_type()),
         })
     }
 
-    /// A latency ± jitter draw.
-    pub(crate) fn latency_delay(latency: u64, jitter: u64) -> Duration {
-        let mut ms = latency as i64;
+    /// A latency ± jitter draw in milliseconds (toxiproxy's: uniform in [latency − jitter,
+    /// latency + jitter)); below 0 when the jitter is larger than the latency.
+    pub(crate) fn latency_ms(latency: u64, jitter: u64) -> i64 {
+        let mut ms = i64::try_from(latency).unwrap_or(i64::MAX);
         if jitter > 0 {
-            let j = jitter as i64;
-            ms += rand::rng().random_range(-j..j);
+            let j = i64::try_from(jitter).unwrap_or(i64::MAX / 2);
+            ms = ms.saturating_add(rand::rng().random_range(-j..j));
         }
-        Duration::from_millis(ms.max(0) as u64)
+        ms
     }
 
     /// The cut points of `len` bytes for a slicer (toxiproxy's recursive halving).
@@ -221,7 +236,9 @@ pub struct Toxic {
     pub name: String,
     /// The direction it acts on.
     pub stream: Stream,
-    /// The chance (0..=1) that it acts on a given connection, drawn once per connection.
+    /// The chance (0..=1) that it acts on a given connection, drawn on each connection every
+    /// time the toxic starts there: when the connection opens or the toxic is added, and at
+    /// each update.
     pub toxicity: f32,
     /// What it does.
     pub kind: Kind,
@@ -261,16 +278,27 @@ impl Toxic {
     }
 
     /// The toxic a `POST /proxies/{proxy}/toxics` body describes (toxiproxy's defaults:
-    /// downstream, toxicity 1, name `<type>_<stream>`).
-    pub(crate) fn from_json(body: &[u8]) -> Result<Toxic, ApiError> {
+    /// downstream, toxicity 1, name `<type>_<stream>`), checked in toxiproxy's order: the
+    /// body, the stream (either case), the type, whether its name is `taken` (409), the
+    /// attributes.
+    pub(crate) fn from_json(body: &[u8], taken: impl Fn(&str) -> bool) -> Result<Toxic, ApiError> {
         let b: ToxicBody = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?;
-        let stream = match b.stream.as_deref().unwrap_or("downstream") {
+        let stream_name = b.stream.unwrap_or_else(|| "downstream".into());
+        let stream = match stream_name.to_lowercase().as_str() {
             "upstream" => Stream::Upstream,
             "downstream" => Stream::Downstream,
             _ => return Err(ApiError::invalid_stream()),
         };
         let type_name = b.type_name.unwrap_or_default();
+        let name = b
+            .name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("{type_name}_{stream_name}"));
+        Kind::parse(&type_name, &Value::Null, None)?;
+        if taken(&name) {
+            return Err(ApiError::toxic_exists());
+        }
         let kind = Kind::parse(
             &type_name,
             b.attributes.as_ref().unwrap_or(&Value::Null),
@@ -283,10 +311,7 @@ impl Toxic {
             ));
         }
         Ok(Toxic {
-            name: b
-                .name
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| format!("{type_name}_{}", stream.name())),
+            name,
             stream,
             toxicity,
             kind,
@@ -335,7 +360,11 @@ mod tests {
 
     #[test]
     fn a_toxic_takes_toxiproxys_defaults_and_attribute_names() {
-        let t = Toxic::from_json(br#"{"type":"latency","attributes":{"latency":100}}"#).unwrap();
+        let t = Toxic::from_json(
+            br#"{"type":"latency","attributes":{"latency":100}}"#,
+            |_| false,
+        )
+        .unwrap();
         assert_eq!(t.name, "latency_downstream");
         assert_eq!(t.stream, Stream::Downstream);
         assert_eq!(t.toxicity, 1.0);
@@ -351,7 +380,9 @@ mod tests {
             serde_json::json!({"name":"latency_downstream","type":"latency","stream":"downstream",
                 "toxicity":1.0,"attributes":{"latency":100,"jitter":0}})
         );
-        let u = t.updated(br#"{"attributes":{"jitter":5}}"#).unwrap();
+        let u = t
+            .updated(br#"{"attributes":{"jitter":5,"latency":null}}"#)
+            .unwrap();
         assert_eq!(
             u.kind,
             Kind::Latency {
@@ -363,7 +394,7 @@ mod tests {
 
     #[test]
     fn bad_toxics_are_refused_with_toxiproxys_errors() {
-        let status = |body: &[u8]| Toxic::from_json(body).unwrap_err().status;
+        let status = |body: &[u8]| Toxic::from_json(body, |_| false).unwrap_err().status;
         assert_eq!(status(br#"{"type":"nonsense"}"#), 400);
         assert_eq!(status(br#"{"type":"latency","stream":"sideways"}"#), 400);
         assert_eq!(status(br#"{"type":"latency","toxicity":2}"#), 400);
@@ -372,6 +403,19 @@ mod tests {
             400
         );
         assert_eq!(status(b"not json"), 400);
+        // A taken name is refused before bad attributes are, as toxiproxy.
+        let taken = Toxic::from_json(
+            br#"{"type":"latency","name":"t","attributes":{"latency":-1}}"#,
+            |n| n == "t",
+        )
+        .unwrap_err();
+        assert_eq!(taken.status, 409);
+        // The stream in either case, and noop.
+        let t = Toxic::from_json(br#"{"type":"noop","stream":"UPSTREAM"}"#, |_| false).unwrap();
+        assert_eq!(
+            (t.name.as_str(), t.stream, t.kind),
+            ("noop_UPSTREAM", Stream::Upstream, Kind::Noop)
+        );
     }
 
     proptest! {
