@@ -202,25 +202,60 @@ async fn try_acquire_returns_none_when_all_permits_are_taken_and_leaves_no_key()
     assert!(sem_b.try_acquire().await.unwrap().is_some());
 }
 
+/// `acquire()` dropped at every await point it reaches (request in flight, or answered but
+/// unread) leaves no key and no task behind, seen while the session lives: first with every
+/// permit taken, then with one free (the drop may come after the permit was taken).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_acquire_leaves_no_key() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
     let name = unique("sem-cancel");
     let holder = session(&etcd, 30).await;
-    let _held = Semaphore::new(&holder, &name, 1).acquire().await.unwrap();
+    let held = Semaphore::new(&holder, &name, 2).acquire().await.unwrap();
+    let _held_too = Semaphore::new(&holder, &name, 2).acquire().await.unwrap();
+    let held_keys = keys_under(&observer, &name).await;
     let s = session(&etcd, 30).await;
-    let sem = Semaphore::new(&s, &name, 1);
-    for micros in (0..3_000).step_by(150) {
-        let _ = tokio::time::timeout(Duration::from_micros(micros), sem.acquire()).await;
-    }
+    let sem = Semaphore::new(&s, &name, 2);
+    let left_nothing = async |what: &str, keys: &[String]| {
+        s.settled().await;
+        assert_eq!(keys_under(&observer, &name).await, keys, "{what}");
+        assert!(
+            keys_on_lease(&observer, s.lease_id()).await.is_empty(),
+            "{what}: a key left on the lease"
+        );
+        only_its_own_task_runs(&s).await;
+    };
+    let ended = drop_at_every_await(
+        || sem.acquire(),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "a third permit of two: {driven:?}"
+            );
+            left_nothing(&format!("dropped at {step:?}"), &held_keys).await;
+        },
+    )
+    .await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), sem.acquire())
-            .await
-            .is_err()
+        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        "{ended:?}"
     );
-    s.settled().await;
-    assert_eq!(keys_under(&observer, &name).await.len(), 1);
+    held.release().await.unwrap();
+    let one_held = keys_under(&observer, &name).await;
+    let ended = drop_at_every_await(
+        || sem.acquire(),
+        async |driven, step| {
+            if let Driven::Completed(got) = driven {
+                got.unwrap().release().await.unwrap();
+            }
+            left_nothing(&format!("dropped at {step:?} (free)"), &one_held).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
