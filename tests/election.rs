@@ -142,6 +142,40 @@ async fn proclaim_by_a_deposed_leader_fails_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_leadership_lets_the_next_candidate_lead_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-leadership");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let leadership = Election::new(&a, &name).campaign("a").await.unwrap();
+    let eb = Election::new(&b, &name);
+    let candidate = tokio::spawn(async move {
+        let l = eb.campaign("b").await.unwrap();
+        (Instant::now(), l)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!candidate.is_finished(), "led while another leads");
+    let dropped = Instant::now();
+    drop(leadership);
+    let (elected, _l) = tokio::time::timeout(Duration::from_secs(10), candidate)
+        .await
+        .expect("the candidate leads")
+        .unwrap();
+    let waited = elected - dropped;
+    // The lease's end would take 30 s; the background resignation takes a round trip or two.
+    assert!(waited < Duration::from_secs(3), "hand-off took {waited:?}");
+    assert_eq!(
+        Election::new(&a, &name)
+            .leader()
+            .await
+            .unwrap()
+            .unwrap()
+            .value_str(),
+        Some("b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resigned_leadership_is_inert_and_resigning_again_succeeds() {
     let etcd = etcd().await;
     let s = session(&etcd, 10).await;

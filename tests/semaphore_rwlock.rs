@@ -258,6 +258,72 @@ async fn a_cancelled_acquire_leaves_no_key() {
     );
 }
 
+/// Dropping a guard of `held` (taken through a session of TTL 30 s) lets `waiting`, queued
+/// behind it, through within a round trip or two — not when the lease ends.
+async fn dropping_it_lets_the_waiter_in_long_before_the_ttl<G, W>(
+    held: impl std::future::Future<Output = G>,
+    waiting: W,
+) where
+    G: Send + 'static,
+    W: std::future::Future + Send + 'static,
+    W::Output: Send + 'static,
+{
+    let guard = held.await;
+    let waiter = tokio::spawn(async move {
+        let got = waiting.await;
+        (std::time::Instant::now(), got)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "went through while it was held");
+    let dropped = std::time::Instant::now();
+    drop(guard);
+    let (through, _got) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter goes through")
+        .unwrap();
+    let waited = through - dropped;
+    assert!(waited < Duration::from_secs(3), "hand-off took {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_permit_lets_the_next_waiter_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-permit");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let sem = Semaphore::new(&b, &name, 1);
+    dropping_it_lets_the_waiter_in_long_before_the_ttl(
+        async { Semaphore::new(&a, &name, 1).acquire().await.unwrap() },
+        async move { sem.acquire().await.unwrap() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_read_guard_lets_a_waiting_writer_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-read");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let lock = RwLock::new(&b, &name);
+    dropping_it_lets_the_waiter_in_long_before_the_ttl(
+        async { RwLock::new(&a, &name).read().await.unwrap() },
+        async move { lock.write().await.unwrap() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_write_guard_lets_a_waiting_reader_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-write");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let lock = RwLock::new(&b, &name);
+    dropping_it_lets_the_waiter_in_long_before_the_ttl(
+        async { RwLock::new(&a, &name).write().await.unwrap() },
+        async move { lock.read().await.unwrap() },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_permits_and_bad_names_are_typed_errors() {
     let etcd = etcd().await;
