@@ -694,21 +694,28 @@ async fn selector_backoffs_are_validated_and_huge_ones_saturate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
-    // The leader's client reaches etcd two ways: through a proxy and directly. A proclaim that
-    // took the proxy's path is held there (the proxy forwards nothing) and times out; a later
-    // proclaim goes the direct way and succeeds. Then the proxy delivers the first one.
+    // The leader's client reaches etcd two ways: directly, and through a proxy that delays
+    // every chunk by 2 s. A proclaim that takes the proxy's path times out (500 ms) but
+    // reaches etcd 2 s after it was sent — after a later proclaim, sent the direct way, has
+    // succeeded. First a positive control: the same put without the fence, sent down the same
+    // path the same way, does land late and overwrites the later value; so what keeps the
+    // stale proclaim out is the fence, not the path.
+    const DELAY: Duration = Duration::from_secs(2);
     let etcd = etcd().await;
     let admin = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("stale-proclaim");
-    // No HTTP/2 keep-alive: the connection holding the first proclaim stays open until the
-    // proxy delivers it, as a slow network path would.
+    // No HTTP/2 keep-alive: its pings would wait in the delayed path too.
+    let plain = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
     let both_ways = etcd_client::Client::connect(
         [proxy.endpoint(), etcd.endpoints()[0].clone()],
-        Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2))),
+        Some(plain.clone()),
     )
     .await
     .unwrap();
+    let delayed = etcd_client::Client::connect([proxy.endpoint()], Some(plain))
+        .await
+        .unwrap();
     let s = etcd_coord::LeasedSession::new(
         both_ways,
         SessionOptions::new()
@@ -724,42 +731,82 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
             .first()
             .map(|kv| kv.value_str().unwrap().to_owned())
     };
-    // Until one proclaim takes the proxy's path (the client balances over both).
+    // Proclaims `value` until one goes the direct way (those down the delayed path time out).
+    let proclaim_directly = |value: &'static str| {
+        let leadership = &leadership;
+        async move {
+            for _ in 0..30 {
+                match leadership.proclaim(value).await {
+                    Ok(()) => return,
+                    Err(Error::Timeout(_)) => {} // went down the delayed path
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            panic!("no proclaim of {value} went the direct way");
+        }
+    };
+    proxy.set_latency(DELAY, Duration::ZERO);
+
+    // The control: an unfenced put of the leader key down the delayed path, given up on…
+    let sent = Instant::now();
+    let unfenced = etcd_client::Txn::new().and_then([etcd_client::TxnOp::put(
+        leadership.key(),
+        "control-stale",
+        Some(etcd_client::PutOptions::new().with_lease(s.lease_id())),
+    )]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), delayed.clone().txn(unfenced))
+            .await
+            .is_err(),
+        "the delayed path answered at once"
+    );
+    // … then a later proclaim, which lands first …
+    proclaim_directly("control-later").await;
+    assert!(
+        sent.elapsed() < DELAY,
+        "too slow to test: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(value().await.as_deref(), Some("control-later"));
+    // … and the given-up put lands after it, and overwrites it.
+    tokio::time::sleep(DELAY + Duration::from_millis(1500)).await;
+    assert_eq!(
+        value().await.as_deref(),
+        Some("control-stale"),
+        "the unfenced put never landed late: this test cannot see a stale proclaim land"
+    );
+
+    // The same with a proclaim: one that takes the delayed path and times out …
     let mut stale = None;
     for k in 0..30 {
-        proxy.blackhole();
         let attempt = format!("stale-{k}");
+        let sent = Instant::now();
         match leadership.proclaim(attempt.clone()).await {
             Err(Error::Timeout(_)) => {
-                stale = Some(attempt);
+                stale = Some((attempt, sent));
                 break;
             }
-            Ok(()) => proxy.heal(),
+            Ok(()) => {}
             Err(e) => panic!("{e}"),
         }
     }
-    let stale = stale.expect("a proclaim took the proxy's path");
-    assert_ne!(value().await.as_deref(), Some(stale.as_str()));
-    let mut proclaimed = false;
-    for _ in 0..30 {
-        match leadership.proclaim("later").await {
-            Ok(()) => {
-                proclaimed = true;
-                break;
-            }
-            Err(Error::Timeout(_)) => {} // took the proxy's path too: held as well
-            Err(e) => panic!("{e}"),
-        }
-    }
-    assert!(proclaimed, "the later proclaim never got through");
+    let (stale, sent) = stale.expect("a proclaim took the delayed path");
+    // … a later one that lands first …
+    proclaim_directly("later").await;
+    assert!(
+        sent.elapsed() < DELAY,
+        "too slow to test: {:?}",
+        sent.elapsed()
+    );
     assert_eq!(value().await.as_deref(), Some("later"));
-    proxy.heal(); // the held proclaims reach etcd now
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // … and once every delayed request has reached etcd, the later value stands.
+    tokio::time::sleep(DELAY + Duration::from_millis(1500)).await;
     assert_eq!(
         value().await.as_deref(),
         Some("later"),
-        "a proclaim whose caller had timed out overwrote a later one"
+        "a proclaim whose caller had timed out ({stale}) overwrote a later one"
     );
+    proxy.heal();
 }
 
 /// A leader and a candidate deleted by one Txn (the candidate first, as `etcdctl del --prefix`
