@@ -780,11 +780,13 @@ async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
     // Every reset ends the waiter's watch; each time it re-reads and watches again. With one
     // backoff for the whole wait, the retries slow down (20 ms doubling to 1 s) instead of
     // following every reset (before: a fresh, shortest delay after each, 40 re-reads here).
+    // Once the flapping stops the waiter is quiet again (a watch in place, nothing re-sent),
+    // and it still gets the lock as soon as the holder lets go.
     let etcd = etcd().await;
     let proxy = proxy(&etcd).await;
     let name = unique("flapping");
     let holder = session(&etcd, 30).await;
-    let _held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
     let w = session_via(
         &proxy,
         SessionOptions::new()
@@ -811,6 +813,30 @@ async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
         "{reads} re-reads and {watches} watch requests in 4 s: the waiter follows every reset"
     );
     assert!(!waiting.is_finished(), "the waiter gave up");
+    // Within one longest backoff (1 s) of the last reset it has its watch again; from then on
+    // it sends nothing while it waits.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let settled = w.metrics();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let quiet = w.metrics();
+    assert_eq!(
+        (quiet.txns - settled.txns, quiet.watches - settled.watches),
+        (0, 0),
+        "the waiter keeps re-reading or re-watching after the flapping stopped"
+    );
+    held.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the waiter gets the lock once the holder let go")
+        .unwrap()
+        .unwrap();
+    assert!(got.fencing_token() > 0);
+    let end = w.metrics();
+    assert!(
+        end.txns - quiet.txns <= 3,
+        "{} requests to take a free lock",
+        end.txns - quiet.txns
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
