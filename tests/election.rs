@@ -695,7 +695,7 @@ async fn selector_backoffs_are_validated_and_huge_ones_saturate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
     // The leader's client reaches etcd two ways: directly, and through a proxy that delays
-    // every chunk by 2 s. A proclaim that takes the proxy's path times out (500 ms) but
+    // every chunk by 2 s. A proclaim that takes the proxy's path times out (250 ms) but
     // reaches etcd 2 s after it was sent — after a later proclaim, sent the direct way, has
     // succeeded. First a positive control: the same put without the fence, sent down the same
     // path the same way, does land late and overwrites the later value; so what keeps the
@@ -720,7 +720,7 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
         both_ways,
         SessionOptions::new()
             .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
+            .with_request_timeout(Duration::from_millis(250)),
     )
     .await
     .unwrap();
@@ -730,20 +730,6 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
         resp.kvs()
             .first()
             .map(|kv| kv.value_str().unwrap().to_owned())
-    };
-    // Proclaims `value` until one goes the direct way (those down the delayed path time out).
-    let proclaim_directly = |value: &'static str| {
-        let leadership = &leadership;
-        async move {
-            for _ in 0..30 {
-                match leadership.proclaim(value).await {
-                    Ok(()) => return,
-                    Err(Error::Timeout(_)) => {} // went down the delayed path
-                    Err(e) => panic!("{e}"),
-                }
-            }
-            panic!("no proclaim of {value} went the direct way");
-        }
     };
     proxy.set_latency(DELAY, Duration::ZERO);
 
@@ -755,19 +741,26 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
         Some(etcd_client::PutOptions::new().with_lease(s.lease_id())),
     )]);
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), delayed.clone().txn(unfenced))
+        tokio::time::timeout(Duration::from_millis(250), delayed.clone().txn(unfenced))
             .await
             .is_err(),
         "the delayed path answered at once"
     );
-    // … then a later proclaim, which lands first …
-    proclaim_directly("control-later").await;
+    // … then a later write, sent the direct way …
+    admin
+        .clone()
+        .put(
+            leadership.key(),
+            "control-later",
+            Some(etcd_client::PutOptions::new().with_lease(s.lease_id())),
+        )
+        .await
+        .unwrap();
     assert!(
         sent.elapsed() < DELAY,
         "too slow to test: {:?}",
         sent.elapsed()
     );
-    assert_eq!(value().await.as_deref(), Some("control-later"));
     // … and the given-up put lands after it, and overwrites it.
     tokio::time::sleep(DELAY + Duration::from_millis(1500)).await;
     assert_eq!(
@@ -776,7 +769,7 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
         "the unfenced put never landed late: this test cannot see a stale proclaim land"
     );
 
-    // The same with a proclaim: one that takes the delayed path and times out …
+    // Now through the fence: a proclaim that takes the delayed path and times out …
     let mut stale = None;
     for k in 0..30 {
         let attempt = format!("stale-{k}");
@@ -791,20 +784,33 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
         }
     }
     let (stale, sent) = stale.expect("a proclaim took the delayed path");
-    // … a later one that lands first …
-    proclaim_directly("later").await;
+    // … later ones until one goes the direct way and lands first (those that time out too are
+    // given up on, and reach etcd later as well) …
+    let mut later = None;
+    for k in 0..30 {
+        let attempt = format!("later-{k}");
+        match leadership.proclaim(attempt.clone()).await {
+            Ok(()) => {
+                later = Some(attempt);
+                break;
+            }
+            Err(Error::Timeout(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let later = later.expect("a later proclaim went the direct way");
     assert!(
         sent.elapsed() < DELAY,
         "too slow to test: {:?}",
         sent.elapsed()
     );
-    assert_eq!(value().await.as_deref(), Some("later"));
-    // … and once every delayed request has reached etcd, the later value stands.
+    assert_eq!(value().await.as_deref(), Some(later.as_str()));
+    // … and once every delayed request has reached etcd, the one that succeeded stands.
     tokio::time::sleep(DELAY + Duration::from_millis(1500)).await;
     assert_eq!(
-        value().await.as_deref(),
-        Some("later"),
-        "a proclaim whose caller had timed out ({stale}) overwrote a later one"
+        value().await,
+        Some(later),
+        "a proclaim whose caller had timed out (first {stale}) overwrote a later one"
     );
     proxy.heal();
 }
