@@ -97,6 +97,8 @@ async fn holding_a_barrier_that_is_up_is_a_typed_error() {
     let _held = Barrier::new(&b, &name).hold().await.expect("free again");
 }
 
+/// `hold()` dropped at every await point it reaches (its put in flight, or answered but
+/// unread) leaves no barrier up and no task behind, seen while the session lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_hold_leaves_no_barrier_up() {
     let etcd = etcd().await;
@@ -104,11 +106,26 @@ async fn a_cancelled_hold_leaves_no_barrier_up() {
     let name = unique("gate-cancel");
     let s = session(&etcd, 30).await;
     let b = Barrier::new(&s, &name);
-    for micros in (0..3_000).step_by(150) {
-        let _ = tokio::time::timeout(Duration::from_micros(micros), b.hold()).await;
-    }
-    s.settled().await;
-    assert!(keys_under(&observer, &name).await.is_empty());
+    let ended = drop_at_every_await(
+        || b.hold(),
+        async |driven, step| {
+            if let Driven::Completed(got) = driven {
+                got.unwrap().release().await.unwrap();
+            }
+            s.settled().await;
+            assert!(
+                keys_under(&observer, &name).await.is_empty(),
+                "dropped at {step:?}: the barrier is up"
+            );
+            assert!(keys_on_lease(&observer, s.lease_id()).await.is_empty());
+            only_its_own_task_runs(&s).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

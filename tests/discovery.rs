@@ -518,16 +518,16 @@ async fn a_view_survives_the_loss_of_the_member_it_watches_through() {
     let mut registrations = Vec::new();
     for victim in 0..3 {
         cluster.kill(victim).unwrap();
+        // The registrants (and the reads of the true set) talk to the members that are up.
+        let up: Vec<String> = (0..3)
+            .filter(|m| *m != victim)
+            .map(|m| cluster.endpoint(m).unwrap())
+            .collect();
+        let c = Client::connect(up, Some(etcd_coord::recommended_connect_options()))
+            .await
+            .unwrap();
         for i in 0..3 {
             let addr = format!("10.{victim}.0.{i}:80");
-            // The registrants talk to the members that are up.
-            let up: Vec<String> = (0..3)
-                .filter(|m| *m != victim)
-                .map(|m| cluster.endpoint(m).unwrap())
-                .collect();
-            let c = Client::connect(up, Some(etcd_coord::recommended_connect_options()))
-                .await
-                .unwrap();
             // A cluster that just lost a member may take a moment to answer: retry as a
             // service would.
             let mut attempts = 0;
@@ -544,6 +544,22 @@ async fn a_view_survives_the_loss_of_the_member_it_watches_through() {
             };
             registrations.push(registration);
         }
+        // While the member is down the view follows through another one: it shows these
+        // registrations before the member is back. (Over the three rounds, one of the
+        // members killed is the one it watches through.) By now the cluster has answered the
+        // registrations, so a view that moved has its watch again within one longest backoff
+        // (1 s); the bound leaves room for that, and not for waiting out the outage.
+        let started = Instant::now();
+        assert!(
+            converges(&view, &c, &target, Duration::from_secs(3)).await,
+            "member {victim} down: the view shows {:?}",
+            view.endpoints().keys().collect::<Vec<_>>()
+        );
+        assert_eq!(view.endpoints().len(), 3 * (victim + 1));
+        eprintln!(
+            "member {victim} down: the view caught up within {:?}",
+            started.elapsed()
+        );
         cluster.restart(victim).await.unwrap();
     }
     let reader = Client::connect(
@@ -632,20 +648,39 @@ async fn dropping_register_at_any_point_leaves_no_key_and_no_lease() {
         .unwrap();
     let via = client_via(&proxy).await;
     let target = unique("svc");
-    let mut survivors = Vec::new();
-    // Dropped after 0, 1, 2, … ms: before, during and after the grant and the put. Each
-    // attempt has a key of its own: a dropped attempt's key goes in the background, and until
-    // it has gone, registering that key again is (rightly) `AlreadyHeld`.
-    for delay_ms in 0..12u64 {
-        let endpoint = Endpoint::new(format!("h:{delay_ms}"));
-        let register = Registration::register(via.clone(), &target, endpoint, ttl(30));
-        match tokio::time::timeout(Duration::from_millis(delay_ms), register).await {
-            Ok(Ok(r)) => survivors.push(r),
-            Ok(Err(e)) => panic!("{e}"),
-            Err(_) => {}
-        }
-        survivors.clear();
-    }
+    // Dropped at every await point it reaches (`drive`: after 0, 1, 2, … polls, with what it
+    // awaits in flight and once that has happened): before, during and after the grant and
+    // the put. Each attempt has a key of its own: a dropped attempt's key goes in the
+    // background, and until it has gone, registering that key again is (rightly)
+    // `AlreadyHeld`. Nothing may be left once the background work is done: no key, no lease.
+    let mut attempt = 0;
+    let ended = drop_at_every_await(
+        || {
+            attempt += 1;
+            let endpoint = Endpoint::new(format!("h:{attempt}"));
+            Registration::register(via.clone(), &target, endpoint, ttl(30))
+        },
+        async |driven, step| {
+            if let Driven::Completed(got) = driven {
+                drop(got.unwrap()); // deregisters in the background
+            }
+            assert!(
+                eventually(Duration::from_secs(5), || async {
+                    keys_under(&c, &format!("{target}/")).await.is_empty()
+                        && matches!(c.clone().leases().await, Ok(l) if l.leases().is_empty())
+                })
+                .await,
+                "dropped at {step:?}: keys {:?}, leases {:?}",
+                keys_under(&c, &format!("{target}/")).await,
+                c.clone().leases().await.map(|l| l.leases().len()),
+            );
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
     // And while etcd is unreachable: the requests never arrive.
     proxy.blackhole();
     let register =
@@ -1127,19 +1162,53 @@ async fn dropping_resume_ends_what_it_adopted_and_leaves_alone_what_it_did_not()
         .unwrap();
     let via = client_via(&proxy).await;
     let target = unique("svc");
-    // Dropped after 0, 1, 2, … ms: during the adoption of the lease, the read of the key and
-    // after. Each attempt has a key (and a lease) of its own.
-    for delay_ms in 0..12u64 {
-        let addr = format!("h:{delay_ms}");
-        let (lease_id, _) = handed_off(&c, &target, &addr, 30).await;
-        let resume =
-            Registration::resume(via.clone(), &target, Endpoint::new(addr), lease_id, ttl(30));
-        match tokio::time::timeout(Duration::from_millis(delay_ms), resume).await {
-            Ok(Ok(r)) => drop(r),
-            Ok(Err(e)) => panic!("{e}"),
-            Err(_) => {}
+    // Dropped at every await point it reaches (`drive`): never polled, during the adoption of
+    // the lease, the read of the key and after. Each attempt has a key (and a lease) of its
+    // own. Never polled, it leaves them as they were; polled once, the adoption runs in a task
+    // of its own, and what it adopted ends like a dropped registration.
+    let mut ended = None;
+    for step in drop_points() {
+        let addr = format!("h:{}-{:?}", step.polls, step.at);
+        let key = format!("{target}/{addr}");
+        let (lease_id, token) = handed_off(&c, &target, &addr, 30).await;
+        let resume = Registration::resume(
+            via.clone(),
+            &target,
+            Endpoint::new(&addr),
+            lease_id,
+            ttl(30),
+        );
+        let driven = drive(resume, step.polls, step.at).await;
+        let what = format!("dropped at {step:?}: {driven:?}");
+        ended = driven.ended(step);
+        if let Driven::Completed(got) = driven {
+            drop(got.unwrap()); // deregisters in the background
+        }
+        if step.polls == 0 {
+            let left = c.clone().get(key.as_str(), None).await.unwrap();
+            assert_eq!(left.kvs().len(), 1, "{what}: the untouched key");
+            assert_eq!(left.kvs()[0].create_revision(), token, "{what}");
+            assert_eq!(left.kvs()[0].lease(), lease_id, "{what}");
+            c.clone().lease_revoke(lease_id).await.unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                keys_under(&c, &format!("{target}/")).await.is_empty()
+                    && !lease_exists(&c, lease_id).await
+            })
+            .await,
+            "{what}: keys {:?}, lease alive: {}",
+            keys_under(&c, &format!("{target}/")).await,
+            lease_exists(&c, lease_id).await
+        );
+        if ended.is_some() {
+            break;
         }
     }
+    assert!(
+        matches!(ended, Some(Ended::Completed { polls }) if polls >= 1),
+        "{ended:?}"
+    );
     // And while etcd is unreachable: the adoption never completes (its request times out
     // after 1 s), so the registration is left exactly as it was, for its TTL.
     let (lease_id, _) = handed_off(&c, &target, "h:blackholed", 30).await;
@@ -1225,10 +1294,11 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
     let etcd = etcd().await;
     let c = client(&etcd).await;
     let target = unique("svc");
-    // Dropped after 0, 1, 2, … ms: before, during and after the read and the write.
-    let mut outcomes = Vec::new();
-    for delay_ms in 0..8u64 {
-        let addr = format!("h:{delay_ms}");
+    // Dropped at every await point it reaches (`drive`): before, during and after the read and
+    // the write.
+    let mut ended = None;
+    for step in drop_points() {
+        let addr = format!("h:{}-{:?}", step.polls, step.at);
         let (lease_id, token) = handed_off(&c, &target, &addr, 30).await;
         let key = format!("{target}/{addr}");
         let before = c.clone().get(key.as_str(), None).await.unwrap().kvs()[0]
@@ -1240,15 +1310,17 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
         // A changed endpoint, so that the resumption also writes.
         let endpoint = Endpoint::new(&addr).with_metadata(json!({"v": 2}));
         let resume = SessionRegistration::resume(&session, &target, endpoint);
-        let outcome = tokio::time::timeout(Duration::from_millis(delay_ms), resume).await;
-        let resumed = matches!(outcome, Ok(Ok(_)));
-        drop(outcome);
-        // Once the session's clean-ups are done, and a while later (no write of the dropped
-        // resumption may land late): either untouched (the same key, value and create
-        // revision, on the lease) or deleted by the dropped registration's fenced release;
-        // never written and left behind.
+        let driven = drive(resume, step.polls, step.at).await;
+        let what = format!("dropped at {step:?}: {driven:?}");
+        ended = driven.ended(step);
+        drop(driven); // a registration it took deletes its key
+                      // Once the session's clean-ups are done, and a while later (no write of the dropped
+                      // resumption may land late): either untouched (the same key, value and create
+                      // revision, on the lease) or deleted by the dropped registration's fenced release;
+                      // never written and left behind.
         session.settled().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        only_its_own_task_runs(&session).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let kvs = c.clone().get(key.as_str(), None).await.unwrap();
         let as_it_was_or_gone = match kvs.kvs() {
             [] => true,
@@ -1259,16 +1331,20 @@ async fn dropping_a_session_registration_resume_leaves_the_key_as_it_was_or_dele
             }
             _ => false,
         };
-        assert!(
-            as_it_was_or_gone,
-            "after a drop at {delay_ms} ms (resumed: {resumed}): {:?}",
-            kvs.kvs()
-        );
-        outcomes.push(resumed);
+        assert!(as_it_was_or_gone, "{what}: {:?}", kvs.kvs());
+        if ended.is_some() {
+            assert!(kvs.kvs().is_empty(), "{what}: its registration was dropped");
+        }
         assert_eq!(session.state(), etcd_coord::SessionState::Alive);
         session.close().await.unwrap();
+        if ended.is_some() {
+            break;
+        }
     }
-    println!("resumption completed before its drop, per delay: {outcomes:?}");
+    assert!(
+        matches!(ended, Some(Ended::Completed { polls }) if polls >= 2),
+        "{ended:?}"
+    );
     assert!(truth(&c, &target).await.is_empty());
 }
 

@@ -142,6 +142,40 @@ async fn proclaim_by_a_deposed_leader_fails_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_leadership_lets_the_next_candidate_lead_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-leadership");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let leadership = Election::new(&a, &name).campaign("a").await.unwrap();
+    let eb = Election::new(&b, &name);
+    let candidate = tokio::spawn(async move {
+        let l = eb.campaign("b").await.unwrap();
+        (Instant::now(), l)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!candidate.is_finished(), "led while another leads");
+    let dropped = Instant::now();
+    drop(leadership);
+    let (elected, _l) = tokio::time::timeout(Duration::from_secs(10), candidate)
+        .await
+        .expect("the candidate leads")
+        .unwrap();
+    let waited = elected - dropped;
+    // The lease's end would take 30 s; the background resignation takes a round trip or two.
+    assert!(waited < Duration::from_secs(3), "hand-off took {waited:?}");
+    assert_eq!(
+        Election::new(&a, &name)
+            .leader()
+            .await
+            .unwrap()
+            .unwrap()
+            .value_str(),
+        Some("b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resigned_leadership_is_inert_and_resigning_again_succeeds() {
     let etcd = etcd().await;
     let s = session(&etcd, 10).await;
@@ -159,6 +193,9 @@ async fn a_resigned_leadership_is_inert_and_resigning_again_succeeds() {
     assert!(e.leader().await.unwrap().is_none());
 }
 
+/// `campaign()` dropped at every await point it reaches (request in flight, or answered but
+/// unread) leaves no candidate key and no task behind, seen while the session lives: first
+/// behind a leader, then in a free election (the drop may come after it was elected).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_campaign_leaves_no_key() {
     let etcd = etcd().await;
@@ -166,20 +203,50 @@ async fn a_cancelled_campaign_leaves_no_key() {
     let name = unique("cancel-campaign");
     let a = session(&etcd, 30).await;
     let b = session(&etcd, 30).await;
-    let leader = Election::new(&a, &name).campaign("a").await.unwrap();
+    let mut leader = Election::new(&a, &name).campaign("a").await.unwrap();
     let e = Election::new(&b, &name);
+    let left_nothing = async |what: &str, keys: Vec<String>| {
+        b.settled().await;
+        assert_eq!(keys_under(&observer, &name).await, keys, "{what}");
+        assert!(
+            keys_on_lease(&observer, b.lease_id()).await.is_empty(),
+            "{what}: a key left on the candidate's lease"
+        );
+        only_its_own_task_runs(&b).await;
+    };
+    let ended = drop_at_every_await(
+        || e.campaign("b"),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "elected while another leads: {driven:?}"
+            );
+            left_nothing(
+                &format!("dropped at {step:?}"),
+                vec![leader.key().to_owned()],
+            )
+            .await;
+        },
+    )
+    .await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), e.campaign("b"))
-            .await
-            .is_err()
+        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        "{ended:?}"
     );
-    for micros in (0..3_000).step_by(200) {
-        let _ = tokio::time::timeout(Duration::from_micros(micros), e.campaign("b")).await;
-    }
-    b.settled().await;
-    assert_eq!(
-        keys_under(&observer, &name).await,
-        vec![leader.key().to_owned()]
+    leader.resign().await.unwrap();
+    let ended = drop_at_every_await(
+        || e.campaign("b"),
+        async |driven, step| {
+            if let Driven::Completed(got) = driven {
+                got.unwrap().resign().await.unwrap();
+            }
+            left_nothing(&format!("dropped at {step:?} (free)"), Vec::new()).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
     );
 }
 
@@ -627,26 +694,33 @@ async fn selector_backoffs_are_validated_and_huge_ones_saturate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
-    // The leader's client reaches etcd two ways: through a proxy and directly. A proclaim that
-    // took the proxy's path is held there (the proxy forwards nothing) and times out; a later
-    // proclaim goes the direct way and succeeds. Then the proxy delivers the first one.
+    // The leader's client reaches etcd two ways: directly, and through a proxy that delays
+    // every chunk by 2 s. A proclaim that takes the proxy's path times out (250 ms) but
+    // reaches etcd 2 s after it was sent — after a later proclaim, sent the direct way, has
+    // succeeded. First a positive control: the same put without the fence, sent down the same
+    // path the same way, does land late and overwrites the later value; so what keeps the
+    // stale proclaim out is the fence, not the path.
+    const DELAY: Duration = Duration::from_secs(2);
     let etcd = etcd().await;
     let admin = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("stale-proclaim");
-    // No HTTP/2 keep-alive: the connection holding the first proclaim stays open until the
-    // proxy delivers it, as a slow network path would.
+    // No HTTP/2 keep-alive: its pings would wait in the delayed path too.
+    let plain = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
     let both_ways = etcd_client::Client::connect(
         [proxy.endpoint(), etcd.endpoints()[0].clone()],
-        Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2))),
+        Some(plain.clone()),
     )
     .await
     .unwrap();
+    let delayed = etcd_client::Client::connect([proxy.endpoint()], Some(plain))
+        .await
+        .unwrap();
     let s = etcd_coord::LeasedSession::new(
         both_ways,
         SessionOptions::new()
             .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
+            .with_request_timeout(Duration::from_millis(250)),
     )
     .await
     .unwrap();
@@ -657,42 +731,88 @@ async fn a_proclaim_whose_caller_timed_out_never_overwrites_a_later_one() {
             .first()
             .map(|kv| kv.value_str().unwrap().to_owned())
     };
-    // Until one proclaim takes the proxy's path (the client balances over both).
-    let mut stale = None;
-    for k in 0..30 {
-        proxy.blackhole();
-        let attempt = format!("stale-{k}");
-        match leadership.proclaim(attempt.clone()).await {
-            Err(Error::Timeout(_)) => {
-                stale = Some(attempt);
-                break;
-            }
-            Ok(()) => proxy.heal(),
-            Err(e) => panic!("{e}"),
-        }
-    }
-    let stale = stale.expect("a proclaim took the proxy's path");
-    assert_ne!(value().await.as_deref(), Some(stale.as_str()));
-    let mut proclaimed = false;
-    for _ in 0..30 {
-        match leadership.proclaim("later").await {
-            Ok(()) => {
-                proclaimed = true;
-                break;
-            }
-            Err(Error::Timeout(_)) => {} // took the proxy's path too: held as well
-            Err(e) => panic!("{e}"),
-        }
-    }
-    assert!(proclaimed, "the later proclaim never got through");
-    assert_eq!(value().await.as_deref(), Some("later"));
-    proxy.heal(); // the held proclaims reach etcd now
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_latency(DELAY, Duration::ZERO);
+
+    // The control: an unfenced put of the leader key down the delayed path, given up on…
+    let sent = Instant::now();
+    let unfenced = etcd_client::Txn::new().and_then([etcd_client::TxnOp::put(
+        leadership.key(),
+        "control-stale",
+        Some(etcd_client::PutOptions::new().with_lease(s.lease_id())),
+    )]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(250), delayed.clone().txn(unfenced))
+            .await
+            .is_err(),
+        "the delayed path answered at once"
+    );
+    // … then a later write, sent the direct way …
+    admin
+        .clone()
+        .put(
+            leadership.key(),
+            "control-later",
+            Some(etcd_client::PutOptions::new().with_lease(s.lease_id())),
+        )
+        .await
+        .unwrap();
+    assert!(
+        sent.elapsed() < DELAY,
+        "too slow to test: {:?}",
+        sent.elapsed()
+    );
+    // … and the given-up put lands after it, and overwrites it.
+    tokio::time::sleep(DELAY + Duration::from_millis(1500)).await;
     assert_eq!(
         value().await.as_deref(),
-        Some("later"),
-        "a proclaim whose caller had timed out overwrote a later one"
+        Some("control-stale"),
+        "the unfenced put never landed late: this test cannot see a stale proclaim land"
     );
+
+    // Now through the fence: a proclaim that takes the delayed path and times out …
+    let mut stale = None;
+    for k in 0..30 {
+        let attempt = format!("stale-{k}");
+        let sent = Instant::now();
+        match leadership.proclaim(attempt.clone()).await {
+            Err(Error::Timeout(_)) => {
+                stale = Some((attempt, sent));
+                break;
+            }
+            Ok(()) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let (stale, sent) = stale.expect("a proclaim took the delayed path");
+    // … later ones until one goes the direct way and lands first (those that time out too are
+    // given up on, and reach etcd later as well) …
+    let mut later = None;
+    for k in 0..30 {
+        let attempt = format!("later-{k}");
+        match leadership.proclaim(attempt.clone()).await {
+            Ok(()) => {
+                later = Some(attempt);
+                break;
+            }
+            Err(Error::Timeout(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let later = later.expect("a later proclaim went the direct way");
+    assert!(
+        sent.elapsed() < DELAY,
+        "too slow to test: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(value().await.as_deref(), Some(later.as_str()));
+    // … and once every delayed request has reached etcd, the one that succeeded stands.
+    tokio::time::sleep(DELAY + Duration::from_millis(1500)).await;
+    assert_eq!(
+        value().await,
+        Some(later),
+        "a proclaim whose caller had timed out (first {stale}) overwrote a later one"
+    );
+    proxy.heal();
 }
 
 /// A leader and a candidate deleted by one Txn (the candidate first, as `etcdctl del --prefix`

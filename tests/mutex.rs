@@ -179,6 +179,10 @@ async fn dropping_a_guard_lets_the_next_waiter_in_long_before_the_ttl() {
     assert!(waited < Duration::from_secs(3), "hand-off took {waited:?}");
 }
 
+/// `lock()` dropped at every await point it reaches — with its request in flight, and once
+/// the answer is in but unread — leaves no key behind and no task running, seen while the
+/// session lives (its lease's end would take any leaked key with it): first queued behind a
+/// holder, then on a free mutex (where the drop may come after the lock was taken).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_lock_leaves_no_key_behind() {
     let etcd = etcd().await;
@@ -188,27 +192,46 @@ async fn a_cancelled_lock_leaves_no_key_behind() {
     let waiter = session(&etcd, 30).await;
     let held = Mutex::new(&holder, &name).lock().await.unwrap();
     let m = Mutex::new(&waiter, &name);
-    // Cancel while waiting in the queue.
-    assert!(tokio::time::timeout(Duration::from_millis(300), m.lock())
-        .await
-        .is_err());
-    // Cancel at many points inside the acquisition, including with the enqueue in flight.
-    for micros in (0..3_000).step_by(150) {
-        let _ = tokio::time::timeout(Duration::from_micros(micros), m.lock()).await;
-    }
-    waiter.settled().await;
-    assert_eq!(
-        keys_under(&observer, &name).await,
-        vec![held.key().to_owned()],
-        "a cancelled lock() left its key"
+    let left_nothing = async |what: &str, holders: Vec<String>| {
+        waiter.settled().await;
+        assert_eq!(keys_under(&observer, &name).await, holders, "{what}");
+        assert_eq!(
+            keys_on_lease(&observer, waiter.lease_id()).await,
+            Vec::<String>::new(),
+            "{what}: a key left on the waiter's lease"
+        );
+        only_its_own_task_runs(&waiter).await;
+    };
+    let ended = drop_at_every_await(
+        || m.lock(),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "locked a held mutex: {driven:?}"
+            );
+            left_nothing(&format!("dropped at {step:?}"), vec![held.key().to_owned()]).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        "{ended:?}: never reached its wait in the queue"
     );
     held.release().await.unwrap();
-    // With the mutex free, cancellation may land after the lock was taken: still no key.
-    for micros in (0..3_000).step_by(150) {
-        let _ = tokio::time::timeout(Duration::from_micros(micros), m.lock()).await;
-    }
-    waiter.settled().await;
-    assert!(keys_under(&observer, &name).await.is_empty());
+    let ended = drop_at_every_await(
+        || m.lock(),
+        async |driven, step| {
+            if let Driven::Completed(got) = driven {
+                got.unwrap().release().await.unwrap();
+            }
+            left_nothing(&format!("dropped at {step:?} (free)"), Vec::new()).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,7 +639,13 @@ async fn cancelled_acquisitions_never_cancel_a_read_in_flight_so_etcd_stays_up()
                 let micros = 200 + (i * 7919 + t * 131) % 20_000;
                 let _ = tokio::time::timeout(Duration::from_micros(micros), m.lock()).await;
             }
+            // Seen while the session lives: its lease's end would take a leaked key along.
             s.settled().await;
+            assert_eq!(
+                keys_on_lease(s.client(), s.lease_id()).await,
+                Vec::<String>::new(),
+                "a cancelled lock() left its key"
+            );
         }));
     }
     let guard = Mutex::new(&holder, format!("{name}-fence"))
@@ -751,11 +780,13 @@ async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
     // Every reset ends the waiter's watch; each time it re-reads and watches again. With one
     // backoff for the whole wait, the retries slow down (20 ms doubling to 1 s) instead of
     // following every reset (before: a fresh, shortest delay after each, 40 re-reads here).
+    // Once the flapping stops the waiter is quiet again (a watch in place, nothing re-sent),
+    // and it still gets the lock as soon as the holder lets go.
     let etcd = etcd().await;
     let proxy = proxy(&etcd).await;
     let name = unique("flapping");
     let holder = session(&etcd, 30).await;
-    let _held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
     let w = session_via(
         &proxy,
         SessionOptions::new()
@@ -782,6 +813,30 @@ async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
         "{reads} re-reads and {watches} watch requests in 4 s: the waiter follows every reset"
     );
     assert!(!waiting.is_finished(), "the waiter gave up");
+    // Within one longest backoff (1 s) of the last reset it has its watch again; from then on
+    // it sends nothing while it waits.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let settled = w.metrics();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let quiet = w.metrics();
+    assert_eq!(
+        (quiet.txns - settled.txns, quiet.watches - settled.watches),
+        (0, 0),
+        "the waiter keeps re-reading or re-watching after the flapping stopped"
+    );
+    held.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the waiter gets the lock once the holder let go")
+        .unwrap()
+        .unwrap();
+    assert!(got.fencing_token() > 0);
+    let end = w.metrics();
+    assert!(
+        end.txns - quiet.txns <= 3,
+        "{} requests to take a free lock",
+        end.txns - quiet.txns
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -202,25 +202,126 @@ async fn try_acquire_returns_none_when_all_permits_are_taken_and_leaves_no_key()
     assert!(sem_b.try_acquire().await.unwrap().is_some());
 }
 
+/// `acquire()` dropped at every await point it reaches (request in flight, or answered but
+/// unread) leaves no key and no task behind, seen while the session lives: first with every
+/// permit taken, then with one free (the drop may come after the permit was taken).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_acquire_leaves_no_key() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
     let name = unique("sem-cancel");
     let holder = session(&etcd, 30).await;
-    let _held = Semaphore::new(&holder, &name, 1).acquire().await.unwrap();
+    let held = Semaphore::new(&holder, &name, 2).acquire().await.unwrap();
+    let _held_too = Semaphore::new(&holder, &name, 2).acquire().await.unwrap();
+    let held_keys = keys_under(&observer, &name).await;
     let s = session(&etcd, 30).await;
-    let sem = Semaphore::new(&s, &name, 1);
-    for micros in (0..3_000).step_by(150) {
-        let _ = tokio::time::timeout(Duration::from_micros(micros), sem.acquire()).await;
-    }
+    let sem = Semaphore::new(&s, &name, 2);
+    let left_nothing = async |what: &str, keys: &[String]| {
+        s.settled().await;
+        assert_eq!(keys_under(&observer, &name).await, keys, "{what}");
+        assert!(
+            keys_on_lease(&observer, s.lease_id()).await.is_empty(),
+            "{what}: a key left on the lease"
+        );
+        only_its_own_task_runs(&s).await;
+    };
+    let ended = drop_at_every_await(
+        || sem.acquire(),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "a third permit of two: {driven:?}"
+            );
+            left_nothing(&format!("dropped at {step:?}"), &held_keys).await;
+        },
+    )
+    .await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), sem.acquire())
-            .await
-            .is_err()
+        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        "{ended:?}"
     );
-    s.settled().await;
-    assert_eq!(keys_under(&observer, &name).await.len(), 1);
+    held.release().await.unwrap();
+    let one_held = keys_under(&observer, &name).await;
+    let ended = drop_at_every_await(
+        || sem.acquire(),
+        async |driven, step| {
+            if let Driven::Completed(got) = driven {
+                got.unwrap().release().await.unwrap();
+            }
+            left_nothing(&format!("dropped at {step:?} (free)"), &one_held).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
+}
+
+/// Dropping a guard of `held` (taken through a session of TTL 30 s) lets `waiting`, queued
+/// behind it, through within a round trip or two — not when the lease ends.
+async fn dropping_it_lets_the_waiter_in_long_before_the_ttl<G, W>(
+    held: impl std::future::Future<Output = G>,
+    waiting: W,
+) where
+    G: Send + 'static,
+    W: std::future::Future + Send + 'static,
+    W::Output: Send + 'static,
+{
+    let guard = held.await;
+    let waiter = tokio::spawn(async move {
+        let got = waiting.await;
+        (std::time::Instant::now(), got)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "went through while it was held");
+    let dropped = std::time::Instant::now();
+    drop(guard);
+    let (through, _got) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter goes through")
+        .unwrap();
+    let waited = through - dropped;
+    assert!(waited < Duration::from_secs(3), "hand-off took {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_permit_lets_the_next_waiter_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-permit");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let sem = Semaphore::new(&b, &name, 1);
+    dropping_it_lets_the_waiter_in_long_before_the_ttl(
+        async { Semaphore::new(&a, &name, 1).acquire().await.unwrap() },
+        async move { sem.acquire().await.unwrap() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_read_guard_lets_a_waiting_writer_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-read");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let lock = RwLock::new(&b, &name);
+    dropping_it_lets_the_waiter_in_long_before_the_ttl(
+        async { RwLock::new(&a, &name).read().await.unwrap() },
+        async move { lock.write().await.unwrap() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_write_guard_lets_a_waiting_reader_in_long_before_the_ttl() {
+    let etcd = etcd().await;
+    let name = unique("drop-write");
+    let (a, b) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let lock = RwLock::new(&b, &name);
+    dropping_it_lets_the_waiter_in_long_before_the_ttl(
+        async { RwLock::new(&a, &name).write().await.unwrap() },
+        async move { lock.read().await.unwrap() },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

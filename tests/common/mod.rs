@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
@@ -171,4 +174,179 @@ pub async fn client_via_endpoint(endpoint: &str) -> Client {
 pub async fn cluster_has_leader(client: &Client) -> bool {
     matches!(client.clone().status().await, Ok(s) if s.leader() != 0)
         && client.clone().get("leader-check", None).await.is_ok()
+}
+
+/// Every key attached to lease `id` (none if the lease is gone). Retried on transport errors.
+pub async fn keys_on_lease(client: &Client, id: i64) -> Vec<String> {
+    let opts = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+    let mut last = None;
+    for _ in 0..10 {
+        match client
+            .clone()
+            .lease_time_to_live(id, Some(opts.clone()))
+            .await
+        {
+            Ok(resp) => {
+                return resp
+                    .keys()
+                    .iter()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .collect()
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("observer read of lease {id:x} kept failing: {last:?}");
+}
+
+/// Waits (up to 5 s) until `session` runs only its own task: requests its cancelled callers
+/// left behind have finished. Panics with the count otherwise.
+pub async fn only_its_own_task_runs(session: &LeasedSession) {
+    let tasks = session.background_tasks();
+    assert!(
+        eventually(Duration::from_secs(5), || async { tasks.len() == 1 }).await,
+        "{} tasks of the session run, expected only its own",
+        tasks.len()
+    );
+}
+
+/// Where [`drive`] drops the future it drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropAt {
+    /// Right after its last allowed poll returned `Pending`: what it awaits is in flight.
+    InFlight,
+    /// At the wake-up that follows its last allowed poll: what it awaited has happened (an
+    /// answer arrived, a task finished), and the future has not seen it yet.
+    Woken,
+}
+
+/// How [`drive`] ended.
+#[derive(Debug)]
+pub enum Driven<T> {
+    /// The future completed within the polls allowed.
+    Completed(T),
+    /// It was dropped after the polls allowed.
+    Dropped,
+    /// It was not woken for [`QUIET`] after a poll — it waits for something nobody does — and
+    /// was dropped there.
+    Waiting,
+}
+
+/// A future not woken for this long after a poll is taken to wait for something outside it
+/// (a holder's release): far beyond any round trip to a local etcd.
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// A waker that records that it was woken.
+#[derive(Default)]
+struct WakeFlag {
+    woken: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+}
+
+impl WakeFlag {
+    /// Whether a wake-up came (or had come) within `limit`; consumes it.
+    async fn woken_within(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            while !self.woken.swap(false, Ordering::SeqCst) {
+                self.notify.notified().await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+/// Polls `fut` at most `polls` times — the first at once, each next one only once the future
+/// woke its waker, so every poll moves it on to its next await point — and drops it there
+/// (see [`DropAt`]). Timing plays no part: whatever each await waits for (a request, a
+/// detached task, a watch event) has its own poll number.
+pub async fn drive<F: Future>(fut: F, polls: usize, at: DropAt) -> Driven<F::Output> {
+    let flag = Arc::new(WakeFlag::default());
+    let waker = Waker::from(Arc::clone(&flag));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    for n in 0..polls {
+        if n > 0 && !flag.woken_within(QUIET).await {
+            return Driven::Waiting;
+        }
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Driven::Completed(out);
+        }
+    }
+    if polls > 0 && at == DropAt::Woken && !flag.woken_within(QUIET).await {
+        return Driven::Waiting;
+    }
+    Driven::Dropped
+}
+
+/// Where [`drop_at_every_await`] dropped a future: after `polls` polls, `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub polls: usize,
+    pub at: DropAt,
+}
+
+/// How the last future [`drop_at_every_await`] drove ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It completed (after `polls` polls).
+    Completed { polls: usize },
+    /// It reached a wait nothing ends (after `polls` polls).
+    Waiting { polls: usize },
+}
+
+/// The drop points [`drive`] can stop a future at, in order: never polled, then after 1, 2, …
+/// polls, each with what it awaits in flight and once that has happened. A loop over them
+/// stops once a future completes or waits quietly (the last await point was reached).
+pub fn drop_points() -> impl Iterator<Item = Step> {
+    (0..500usize).flat_map(|polls| {
+        let ats: &[DropAt] = if polls == 0 {
+            &[DropAt::InFlight] // never polled: both are the same
+        } else {
+            &[DropAt::InFlight, DropAt::Woken]
+        };
+        ats.iter().map(move |&at| Step { polls, at })
+    })
+}
+
+/// Drops a fresh `make()` at every await point it reaches ([`drop_points`], [`drive`]),
+/// until one completes or waits quietly. `after(driven, step)` runs after each (with the
+/// output, if it completed): check there what the drop left behind. Returns how the last one
+/// ended.
+pub async fn drop_at_every_await<Fut: Future>(
+    mut make: impl FnMut() -> Fut,
+    mut after: impl AsyncFnMut(Driven<Fut::Output>, Step),
+) -> Ended {
+    for step in drop_points() {
+        let driven = drive(make(), step.polls, step.at).await;
+        let ended = driven.ended(step);
+        after(driven, step).await;
+        if let Some(ended) = ended {
+            return ended;
+        }
+    }
+    panic!("the future neither completed nor waited within 500 polls");
+}
+
+impl<T> Driven<T> {
+    /// How the future ended, if it did not stop at `step` only because it was dropped there.
+    pub fn ended(&self, step: Step) -> Option<Ended> {
+        match self {
+            Driven::Completed(_) => Some(Ended::Completed { polls: step.polls }),
+            Driven::Waiting => Some(Ended::Waiting { polls: step.polls }),
+            Driven::Dropped => None,
+        }
+    }
 }
