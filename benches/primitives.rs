@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
-use etcd_coord::testkit::EtcdCluster;
+use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{
     Election, LeasedSession, Mutex, MutexGuard, Semaphore, SemaphorePermit, SessionOptions,
 };

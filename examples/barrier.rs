@@ -1,7 +1,7 @@
 //! A deploy gate: workers wait while a coordinator holds the barrier up, and all continue the
 //! moment it comes down.
 //!
-//! `cargo run --example barrier --features testkit`
+//! `cargo run --example barrier`
 
 #[path = "support/mod.rs"]
 mod support;

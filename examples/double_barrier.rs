@@ -1,7 +1,7 @@
 //! Three workers start a round together and finish it together, even though they arrive and
 //! work at different speeds.
 //!
-//! `cargo run --example double_barrier --features testkit`
+//! `cargo run --example double_barrier`
 
 #[path = "support/mod.rs"]
 mod support;

@@ -1,7 +1,7 @@
 //! A process that dies holding a lock, and its restart taking the lock back — same lease,
 //! same fencing token — before anyone else can get it.
 //!
-//! `cargo run --example resume --features testkit`
+//! `cargo run --example resume`
 //!
 //! The program runs itself twice: the first life takes the lock, saves its lease id, key and
 //! fencing token to a file, and is killed with SIGKILL; the second life resumes the lease and

@@ -1,7 +1,7 @@
 //! Readers share a read/write lock; a writer waits for them and excludes everyone; readers that
 //! arrive after the writer queue behind it (no writer starvation).
 //!
-//! `cargo run --example rwlock --features testkit`
+//! `cargo run --example rwlock`
 
 #[path = "support/mod.rs"]
 mod support;

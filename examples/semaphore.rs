@@ -1,6 +1,6 @@
 //! Six workers share three permits: never more than three run at once.
 //!
-//! `cargo run --example semaphore --features testkit`
+//! `cargo run --example semaphore`
 
 #[path = "support/mod.rs"]
 mod support;

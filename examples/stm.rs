@@ -3,7 +3,7 @@
 //! again when another teller got there first. The total never changes — checked at the end
 //! by reading every account, and by one transaction that reads them all with a prefix read.
 //!
-//! `cargo run --example stm --features testkit`
+//! `cargo run --example stm`
 
 #[path = "support/mod.rs"]
 #[allow(dead_code)]

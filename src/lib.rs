@@ -53,8 +53,6 @@ mod selector;
 mod semaphore;
 mod session;
 mod stm;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 mod watch;
 
 use std::time::Duration;

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use etcd_coord::testkit::{EtcdCluster, FaultProxy};
+use etcd_coord_testkit::{EtcdCluster, FaultProxy};
 use etcd_coord::{
     Barrier, DoubleBarrier, Election, Error, LeaderSelector, LeasedSession, Mutex, RwLock,
     SessionOptions,

@@ -13,7 +13,7 @@ use etcd_coord::discovery::{
     Discovery, Endpoint, Registration, RegistrationState, ServiceView, SessionRegistration,
     ViewChange, ViewChanges,
 };
-use etcd_coord::testkit::EtcdCluster;
+use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{Error, LeasedSession, SessionOptions};
 use futures::StreamExt;
 use serde_json::json;
@@ -588,10 +588,10 @@ async fn a_view_whose_watch_falls_silent_probes_it_and_re_opens_it() {
     let mut cluster = EtcdCluster::start(1).await.expect("etcd");
     let c = cluster.client().await.unwrap();
     let (a, b) = (
-        etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+        etcd_coord_testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
             .await
             .unwrap(),
-        etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+        etcd_coord_testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
             .await
             .unwrap(),
     );
@@ -643,7 +643,7 @@ async fn a_view_whose_watch_falls_silent_probes_it_and_re_opens_it() {
 async fn dropping_register_at_any_point_leaves_no_key_and_no_lease() {
     let mut cluster = EtcdCluster::start(1).await.expect("etcd");
     let c = cluster.client().await.unwrap();
-    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+    let proxy = etcd_coord_testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
         .await
         .unwrap();
     let via = client_via(&proxy).await;
@@ -737,7 +737,7 @@ fn registrant_process() {
 /// A registrant process of `addr` under `target` with a TTL of `ttl_secs`, once it has
 /// registered, and the lease id it reported.
 async fn registrant(
-    etcd: &etcd_coord::testkit::TestEtcd,
+    etcd: &etcd_coord_testkit::TestEtcd,
     target: &str,
     addr: &str,
     ttl_secs: u64,
@@ -1157,7 +1157,7 @@ async fn resuming_a_registration_checks_the_lease_and_the_key_and_writes_a_chang
 async fn dropping_resume_ends_what_it_adopted_and_leaves_alone_what_it_did_not() {
     let mut cluster = EtcdCluster::start(1).await.expect("etcd");
     let c = cluster.client().await.unwrap();
-    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+    let proxy = etcd_coord_testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
         .await
         .unwrap();
     let via = client_via(&proxy).await;
@@ -1412,7 +1412,7 @@ async fn a_view_drops_every_endpoint_of_a_lease_that_ends() {
 /// 700 ms, then the link heals and the retry confirms it.
 async fn registered_with_a_retried_put(
     session: &LeasedSession,
-    proxy: &etcd_coord::testkit::FaultProxy,
+    proxy: &etcd_coord_testkit::FaultProxy,
     observer: &Client,
     target: &str,
     endpoint: Endpoint,
@@ -1649,7 +1649,7 @@ async fn a_re_registration_whose_deferred_update_fails_reports_it_in_its_state()
         .await
         .expect("etcd with --max-request-bytes");
     let c = etcd.client().await.unwrap();
-    let proxy = etcd_coord::testkit::FaultProxy::start(etcd.endpoints()[0].clone())
+    let proxy = etcd_coord_testkit::FaultProxy::start(etcd.endpoints()[0].clone())
         .await
         .unwrap();
     let target = unique("svc");

@@ -83,15 +83,15 @@ impl Tool {
     }
 }
 
-fn etcdctl(etcd: &etcd_coord::testkit::TestEtcd, args: &[&str]) -> Tool {
-    let bin = etcd_coord::testkit::find_etcdctl_binary().expect("etcdctl");
+fn etcdctl(etcd: &etcd_coord_testkit::TestEtcd, args: &[&str]) -> Tool {
+    let bin = etcd_coord_testkit::find_etcdctl_binary().expect("etcdctl");
     let mut all = vec![format!("--endpoints={}", etcd.endpoints().join(","))];
     all.extend(args.iter().map(|a| a.to_string()));
     Tool::spawn(bin, &all, &format!("etcdctl {}", args.join(" ")))
 }
 
 /// The Go peer, or `None` (with the reason printed) if it cannot be found here.
-fn go_peer(etcd: &etcd_coord::testkit::TestEtcd, args: &[&str]) -> Option<Tool> {
+fn go_peer(etcd: &etcd_coord_testkit::TestEtcd, args: &[&str]) -> Option<Tool> {
     let bin = std::env::var_os("ETCD_COORD_GO_PEER")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

@@ -590,7 +590,7 @@ async fn cancelled_acquisitions_never_cancel_a_read_in_flight_so_etcd_stays_up()
     };
     let read = || etcd_client::Txn::new().and_then(scan());
 
-    let mut control = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let mut control = etcd_coord_testkit::EtcdCluster::start(1).await.unwrap();
     let version = control.full_version();
     let affected = ((3, 5, 0)..(3, 5, 5)).contains(&version);
     let mut admin = control.client().await.unwrap();
@@ -614,7 +614,7 @@ async fn cancelled_acquisitions_never_cancel_a_read_in_flight_so_etcd_stays_up()
     );
     drop(control);
 
-    let mut cluster = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let mut cluster = etcd_coord_testkit::EtcdCluster::start(1).await.unwrap();
     let mut admin = cluster.client().await.unwrap();
     let lease = fill_queue(&mut admin, &queue_prefix).await;
     // Waiters (whose re-reads scan the queue) and a holder's fenced reads of the queue.

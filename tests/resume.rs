@@ -73,7 +73,7 @@ struct Holder {
     token: i64,
 }
 
-async fn holder(etcd: &etcd_coord::testkit::TestEtcd, name: &str, ttl_secs: u64) -> Holder {
+async fn holder(etcd: &etcd_coord_testkit::TestEtcd, name: &str, ttl_secs: u64) -> Holder {
     holder_process_at(&etcd.endpoints()[0], name, ttl_secs, "holder").await
 }
 

@@ -277,7 +277,7 @@ async fn no_task_outlives_a_closed_or_dropped_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testkit_members_can_be_stopped_killed_and_restarted() {
-    let mut cluster = etcd_coord::testkit::EtcdCluster::start(3).await.unwrap();
+    let mut cluster = etcd_coord_testkit::EtcdCluster::start(3).await.unwrap();
     let leader = cluster.leader().await.expect("a leader");
     let follower = (leader + 1) % 3;
     cluster.stop(follower).await.unwrap();
@@ -384,7 +384,7 @@ async fn extreme_durations_are_typed_errors_or_saturate_and_never_panic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testkit_member_operations_report_a_missing_member_as_an_error() {
-    use etcd_coord::testkit::{EtcdCluster, TestkitError};
+    use etcd_coord_testkit::{EtcdCluster, TestkitError};
     let mut cluster = EtcdCluster::start(1).await.unwrap();
     let missing = |r: Result<(), TestkitError>| {
         matches!(
@@ -411,7 +411,7 @@ async fn testkit_member_operations_report_a_missing_member_as_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_member_answers_nothing_until_it_is_resumed() {
-    let mut cluster = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let mut cluster = etcd_coord_testkit::EtcdCluster::start(1).await.unwrap();
     let mut c = cluster.client().await.unwrap();
     c.put("paused", "before", None).await.unwrap();
     cluster.pause(0).unwrap();
@@ -436,10 +436,10 @@ async fn a_session_lost_in_an_outage_revokes_its_lease_as_soon_as_etcd_answers_a
     // would live a whole TTL more. Once the path heals the revoke lands: the lease is gone
     // at once.
     init_tracing();
-    let mut cluster = etcd_coord::testkit::EtcdCluster::start(3).await.unwrap();
+    let mut cluster = etcd_coord_testkit::EtcdCluster::start(3).await.unwrap();
     let leader = cluster.leader().await.expect("a leader");
     let follower = (leader + 1) % 3;
-    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(follower).unwrap())
+    let proxy = etcd_coord_testkit::FaultProxy::start(cluster.endpoint(follower).unwrap())
         .await
         .unwrap();
     let observer = client_via_endpoint(&cluster.endpoint(follower).unwrap()).await;
@@ -484,9 +484,9 @@ async fn a_grant_whose_answer_is_lost_or_whose_caller_gave_up_leaves_no_lease() 
     // The grant reaches etcd but its answer never comes back: new() fails (or its caller drops
     // it), and the lease it created must not live on for its TTL.
     init_tracing();
-    let cluster = etcd_coord::testkit::EtcdCluster::start(1).await.unwrap();
+    let cluster = etcd_coord_testkit::EtcdCluster::start(1).await.unwrap();
     let admin = cluster.client().await.unwrap();
-    let proxy = etcd_coord::testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
+    let proxy = etcd_coord_testkit::FaultProxy::start(cluster.endpoint(0).unwrap())
         .await
         .unwrap();
     let via = client_via(&proxy).await;

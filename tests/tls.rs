@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::init_tracing;
 use etcd_client::Client;
 use etcd_coord::discovery::{Discovery, Endpoint, Registration, ServiceView};
-use etcd_coord::testkit::EtcdCluster;
+use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{
     Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock, Semaphore,
     SessionOptions,

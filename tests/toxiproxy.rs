@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_coord::testkit::faults::{FaultClient, FaultServer, Kind, Method, Stream, Toxic};
+use etcd_coord_testkit::faults::{FaultClient, FaultServer, Kind, Method, Stream, Toxic};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// A fault server with one proxy, `etcd`, in front of `etcd`'s first member.
-async fn server_with_proxy(etcd: &etcd_coord::testkit::TestEtcd) -> (FaultServer, String) {
+async fn server_with_proxy(etcd: &etcd_coord_testkit::TestEtcd) -> (FaultServer, String) {
     let server = FaultServer::start("127.0.0.1:0").await.unwrap();
     let listen = server
         .create_proxy("etcd", "127.0.0.1:0", &etcd.endpoints()[0])
@@ -827,7 +827,7 @@ async fn the_api_answers_with_toxiproxys_status_codes_and_json() {
     let api = FaultClient::new(server.url());
     // The status and, for an error, toxiproxy's message (api.go's Err… values).
     let outcome =
-        |r: Result<(u16, serde_json::Value), etcd_coord::testkit::faults::ApiError>| match r {
+        |r: Result<(u16, serde_json::Value), etcd_coord_testkit::faults::ApiError>| match r {
             Ok((s, _)) => (s, String::new()),
             Err(e) => (e.status, e.message),
         };
@@ -966,7 +966,7 @@ async fn the_api_answers_with_toxiproxys_status_codes_and_json() {
 /// was added: how it ended (request timeout 1.5 s, no keep-alive) and how long after the
 /// toxic's start.
 async fn read_through(
-    etcd: &etcd_coord::testkit::TestEtcd,
+    etcd: &etcd_coord_testkit::TestEtcd,
     toxic: Option<Toxic>,
 ) -> (Result<(), etcd_client::Error>, Duration) {
     let (server, listen) = server_with_proxy(etcd).await;

@@ -12,7 +12,7 @@ mod common;
 mod discovery;
 mod harness;
 
-use etcd_coord::testkit::partitions_unsupported;
+use etcd_coord_testkit::partitions_unsupported;
 use harness::{run_schedule, schedule, schedule_with_partitions, Primitive};
 
 fn seeds(default: &[u64]) -> Vec<u64> {

@@ -6,7 +6,7 @@ mod common;
 #[path = "../chaos/harness.rs"]
 mod harness;
 
-use etcd_coord::testkit::checker::Property;
+use etcd_coord_testkit::checker::Property;
 use harness::{run_schedule_in_process, Fault, Primitive};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

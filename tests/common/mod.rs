@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
-use etcd_coord::testkit::{FaultProxy, TestEtcd};
+use etcd_coord_testkit::{FaultProxy, TestEtcd};
 use etcd_coord::{LeasedSession, SessionOptions};
 
 /// Logs to the test output when `RUST_LOG` is set.
@@ -131,7 +131,7 @@ pub const ROOT_PASSWORD: &str = "root-pw";
 /// `root` user, and a user `user` (password `user-pw`) whose role `user` may read and write
 /// the keys under `prefix` only. Returns an authenticated root client.
 pub async fn enable_auth(
-    cluster: &etcd_coord::testkit::EtcdCluster,
+    cluster: &etcd_coord_testkit::EtcdCluster,
     user: &str,
     prefix: &str,
 ) -> Client {
@@ -151,7 +151,7 @@ pub async fn enable_auth(
 
 /// A client of `cluster` authenticated as `user` (over TLS if the cluster serves TLS).
 pub async fn user_client(
-    cluster: &etcd_coord::testkit::EtcdCluster,
+    cluster: &etcd_coord_testkit::EtcdCluster,
     user: &str,
     password: &str,
 ) -> Client {

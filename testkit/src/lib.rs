@@ -21,7 +21,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use etcd_coord::testkit::{EtcdCluster, FaultProxy};
+//! use etcd_coord_testkit::{EtcdCluster, FaultProxy};
 //!
 //! let etcd = EtcdCluster::start(1).await?;
 //! let proxy = FaultProxy::start(etcd.endpoint(0)?).await?;

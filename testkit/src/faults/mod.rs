@@ -7,7 +7,7 @@
 //! * Embed it: [`FaultServer::start`] (`"127.0.0.1:0"` for a free port), then create proxies
 //!   and toxics over HTTP — with any toxiproxy client or this module's [`FaultClient`] — or
 //!   in process with [`FaultServer::create_proxy`], [`FaultServer::add_toxic`], ….
-//! * Run it on its own: `cargo run --features testkit --bin etcd-coord-faults -- --listen
+//! * Run it on its own: `cargo run -p etcd-coord-testkit --bin etcd-coord-faults -- --listen
 //!   127.0.0.1:8474`.
 //!
 //! Toxics (see [`Kind`]): toxiproxy's `latency`, `bandwidth`, `slow_close`, `timeout`,

@@ -176,7 +176,7 @@ pub enum Event {
         /// When.
         at: Instant,
     },
-    /// A wait for the resource to be free (e.g. [`Barrier::wait`](crate::Barrier::wait))
+    /// A wait for the resource to be free (e.g. [`Barrier::wait`](etcd_coord::Barrier::wait))
     /// returned to `client`.
     Passed {
         /// Who.

@@ -170,7 +170,7 @@ impl Member {
 /// Members run with `--unsafe-no-fsync` (etcd ≥ 3.5), `--heartbeat-interval 10
 /// --election-timeout 100` and `--grpc-keepalive-min-time 500ms`, so they are healthy in a
 /// fraction of a second and accept the one-second HTTP/2 keep-alive of
-/// [`recommended_connect_options`](crate::recommended_connect_options).
+/// [`recommended_connect_options`](etcd_coord::recommended_connect_options).
 pub struct EtcdCluster {
     bin: PathBuf,
     version: (u32, u32, u32),
@@ -259,10 +259,10 @@ impl EtcdCluster {
         EtcdCluster::launch(&bin, members, false, args, Some(client_cert_auth)).await
     }
 
-    /// [`recommended_connect_options`](crate::recommended_connect_options), with this
+    /// [`recommended_connect_options`](etcd_coord::recommended_connect_options), with this
     /// cluster's CA and client certificate when it serves TLS.
     pub fn connect_options(&self) -> ConnectOptions {
-        self.with_tls(crate::recommended_connect_options())
+        self.with_tls(etcd_coord::recommended_connect_options())
     }
 
     /// The PEM files of this cluster's TLS setup: (CA, client certificate, client key), if it
@@ -876,12 +876,12 @@ impl TestEtcd {
         &self.endpoints
     }
 
-    /// A client with [`recommended_connect_options`](crate::recommended_connect_options).
+    /// A client with [`recommended_connect_options`](etcd_coord::recommended_connect_options).
     ///
     /// # Errors
     /// If the endpoints cannot be parsed.
     pub async fn client(&self) -> Result<Client, TestkitError> {
-        Ok(Client::connect(&self.endpoints, Some(crate::recommended_connect_options())).await?)
+        Ok(Client::connect(&self.endpoints, Some(etcd_coord::recommended_connect_options())).await?)
     }
 
     /// Compacts the key-value history up to the current revision; returns that revision.

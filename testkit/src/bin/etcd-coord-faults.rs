@@ -2,12 +2,12 @@
 //! toxiproxy's HTTP API until killed. Drive it with any toxiproxy client or `curl`.
 //!
 //! ```text
-//! cargo run --features testkit --bin etcd-coord-faults -- [--listen 127.0.0.1:8474]
+//! cargo run -p etcd-coord-testkit --bin etcd-coord-faults -- [--listen 127.0.0.1:8474]
 //! ```
 //!
-//! [`FaultServer`]: etcd_coord::testkit::faults::FaultServer
+//! [`FaultServer`]: etcd_coord_testkit::faults::FaultServer
 
-use etcd_coord::testkit::faults::FaultServer;
+use etcd_coord_testkit::faults::FaultServer;
 
 fn main() {
     let mut listen = "127.0.0.1:8474".to_owned();
