@@ -152,8 +152,11 @@ impl Mutex {
     /// sent); as [`lock()`](Self::lock) otherwise.
     ///
     /// # Cancel safety
-    /// As [`lock()`](Self::lock): dropping the future while it waits deletes the key (fenced),
-    /// as for any waiter that gives up.
+    /// As [`lock()`](Self::lock) once the key is confirmed ours: dropping the future while it
+    /// waits deletes the key (fenced), as for any waiter that gives up. Dropped before its first read confirmed the key (still the
+    /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
+    /// nobody's, and the resumed session's rule deletes it once the adoption window ends
+    /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
     ///
     /// # Example
     /// ```no_run

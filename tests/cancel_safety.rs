@@ -379,11 +379,10 @@ async fn a_dropped_enter_leaves_no_participant_key() {
 /// `leave()`.)
 ///
 /// FINDING (issue 22, library defect, not fixed here): fails on etcd 3.5.1 and 3.4.23 — an
-/// enter dropped after its latch put deletes only its participant key (the ticket's plain
-/// fenced delete, not the leave Txn), so the latch stays up under its live lease and the next
-/// round's first participant passes alone. Ignored until the library is fixed.
+/// enter dropped after its latch put deletes only its participant key, so the latch stays up
+/// under its live lease after the other participant dies; the next round's first participant
+/// must not pass alone: a latch that outlived its round lets nobody through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding (issue 22): a dropped enter leaves the latch up; the next round passes early"]
 async fn a_dropped_enter_leaves_no_latch_to_let_the_next_round_through_early() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;

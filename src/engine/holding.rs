@@ -16,15 +16,16 @@ use super::fence::Fence;
 use super::ticket::Acquired;
 use super::SessionKeys;
 
-/// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes),
-/// `Deref<Target = Fence>`, `fence()` and a consuming, fenced `release()`. Every guard that
-/// releases by consuming itself is made this way.
+/// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes, and
+/// any fields of its own), `Deref<Target = Fence>`, `fence()` and a consuming, fenced
+/// `release()`. Every guard of this crate is made this way, with this one release signature.
 macro_rules! holding_guard {
-    ($(#[$attr:meta])* pub struct $name:ident;) => {
+    ($(#[$attr:meta])* pub struct $name:ident $({ $($field:ident: $ty:ty),* $(,)? })? ;) => {
         $(#[$attr])*
         #[derive(Debug)]
         pub struct $name {
             holding: $crate::engine::Holding,
+            $($($field: $ty,)*)?
         }
 
         impl ::std::ops::Deref for $name {
@@ -39,8 +40,11 @@ macro_rules! holding_guard {
 
         impl $name {
             #[allow(dead_code)]
-            pub(crate) fn from_holding(holding: $crate::engine::Holding) -> $name {
-                $name { holding }
+            pub(crate) fn from_holding(
+                holding: $crate::engine::Holding
+                $($(, $field: $ty)*)?
+            ) -> $name {
+                $name { holding $($(, $field)*)? }
             }
 
             /// A cloneable copy of the guard's [`Fence`](crate::Fence), for fenced writes from

@@ -13,8 +13,8 @@ use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
 use etcd_coord::discovery::{
     Discovery, Endpoint, Registration, RegistrationState, ServiceView, SessionRegistration,
 };
-use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{Error, LeasedSession, SessionOptions};
+use etcd_coord_testkit::EtcdCluster;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 

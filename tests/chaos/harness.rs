@@ -8,16 +8,16 @@ use std::sync::{Arc, Mutex as StdMutex, Once};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, TxnOp};
+use etcd_coord::{
+    BackgroundTasks, Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock,
+    Semaphore, SessionOptions,
+};
 use etcd_coord_testkit::checker::{
     check_double_barrier, check_liveness, Event, FencedRegister, History, Mode, Property, Rules,
     Step, Violation,
 };
 use etcd_coord_testkit::faults::{FaultClient, FaultServer, Kind, Stream, Toxic};
 use etcd_coord_testkit::EtcdCluster;
-use etcd_coord::{
-    BackgroundTasks, Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock,
-    Semaphore, SessionOptions,
-};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
