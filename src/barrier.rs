@@ -105,7 +105,7 @@ impl Barrier {
 
 holding_guard! {
     /// A [`Barrier`] held up. Taken down when dropped (in the background, through the
-    /// session's task) or with [`release()`](Self::release); dereferences to its [`Fence`].
+    /// session's task) or with [`release()`](Self::release); dereferences to its [`Fence`](crate::Fence).
     #[must_use = "dropping a BarrierHold takes the barrier down at once"]
     pub struct BarrierHold;
 }

@@ -13,6 +13,8 @@ use tokio::sync::watch;
 use super::endpoint::Endpoint;
 use super::view::Published;
 use crate::Error;
+#[cfg(doc)]
+use super::ServiceView;
 
 /// A change of a [`ServiceView`]'s set of endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,6 +11,8 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::changes::ViewChanges;
+#[cfg(doc)]
+use super::changes::ViewChange;
 use super::endpoint::{decode, Endpoint, Stored};
 use super::read::{read, Snapshot};
 use super::target_prefix;

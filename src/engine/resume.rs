@@ -6,6 +6,8 @@ use etcd_client::Client;
 use super::book::Book;
 use super::leftovers::{self, Leftovers};
 use crate::{Error, LeasedSession, SessionOptions};
+#[cfg(doc)]
+use crate::LossReason;
 
 impl LeasedSession {
     /// Adopts lease `lease_id`, which still exists — granted by an earlier process, say, that

@@ -9,6 +9,8 @@ use etcd_client::{GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse};
 use super::Isolation;
 use crate::rpc::Rpc;
 use crate::Error;
+#[cfg(doc)]
+use super::Stm;
 
 /// What made an attempt void, whatever the closure returned.
 #[derive(Debug, Clone, Copy)]
