@@ -12,9 +12,9 @@ use tokio::sync::watch;
 
 use super::endpoint::Endpoint;
 use super::view::Published;
-use crate::Error;
 #[cfg(doc)]
 use super::ServiceView;
+use crate::Error;
 
 /// A change of a [`ServiceView`]'s set of endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,9 +10,9 @@ use etcd_client::{Client, EventType};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::changes::ViewChanges;
 #[cfg(doc)]
 use super::changes::ViewChange;
+use super::changes::ViewChanges;
 use super::endpoint::{decode, Endpoint, Stored};
 use super::read::{read, Snapshot};
 use super::target_prefix;

@@ -5,9 +5,9 @@ use etcd_client::Client;
 
 use super::book::Book;
 use super::leftovers::{self, Leftovers};
-use crate::{Error, LeasedSession, SessionOptions};
 #[cfg(doc)]
 use crate::LossReason;
+use crate::{Error, LeasedSession, SessionOptions};
 
 impl LeasedSession {
     /// Adopts lease `lease_id`, which still exists — granted by an earlier process, say, that

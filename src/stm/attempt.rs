@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex as StdMutex};
 use etcd_client::{GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse};
 
 use super::Isolation;
-use crate::rpc::Rpc;
-use crate::Error;
 #[cfg(doc)]
 use super::Stm;
+use crate::rpc::Rpc;
+use crate::Error;
 
 /// What made an attempt void, whatever the closure returned.
 #[derive(Debug, Clone, Copy)]
