@@ -1,0 +1,164 @@
+//! The peer's basic modes: txn-floor, mutex-uncontended, mutex-contended, election-handoff,
+//! session-create.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_coord::{Election, LeasedSession, Mutex, SessionOptions};
+
+use crate::discovery::{discovery_propagation, discovery_sync};
+use crate::report::*;
+use crate::scale::{guards_scale, waiters_scale};
+use crate::stm::stm_transfer;
+use crate::Args;
+
+pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std::error::Error>> {
+    let client_for = |i: usize| clients[i % clients.len()].clone();
+    let prefix = format!("bench/{}/{:x}", a.mode, rand::random::<u32>());
+    let opts = SessionOptions::new().with_ttl(Duration::from_secs(a.ttl));
+    let n = a.clients;
+    let needs_sessions = matches!(
+        a.mode.as_str(),
+        "mutex-uncontended" | "mutex-contended" | "election-handoff" | "waiters-scale"
+    );
+    let mut sessions = Vec::new();
+    if needs_sessions {
+        for i in 0..n {
+            sessions.push(LeasedSession::new(client_for(i), opts.clone()).await?);
+        }
+    }
+    let remaining = Arc::new(AtomicI64::new(a.ops as i64));
+    let claim = {
+        let remaining = Arc::clone(&remaining);
+        move || remaining.fetch_sub(1, Ordering::SeqCst) > 0
+    };
+    let clock = Arc::new(HandoffClock::new());
+    let mut extra = Vec::new();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    match a.mode.as_str() {
+        "txn-floor" => {
+            for i in 0..n {
+                let mut c = client_for(i);
+                let (k, prefix, fresh) = (split(a.ops, n, i), prefix.clone(), a.fresh);
+                tasks.push(tokio::spawn(async move {
+                    let mut lats = Vec::with_capacity(k);
+                    for j in 0..k {
+                        let key = if fresh {
+                            format!("{prefix}/{i}/{j}")
+                        } else {
+                            format!("{prefix}/{i}")
+                        };
+                        let t = Instant::now();
+                        c.txn(
+                            Txn::new()
+                                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                                .and_then([TxnOp::put(key.as_str(), "", None)])
+                                .or_else([TxnOp::get(key.as_str(), None)]),
+                        )
+                        .await?;
+                        lats.push(t.elapsed());
+                    }
+                    Ok::<_, etcd_client::Error>((lats, Vec::new()))
+                }));
+            }
+        }
+        "mutex-uncontended" => {
+            for (i, s) in sessions.iter().enumerate() {
+                let m = Mutex::new(s, format!("{prefix}/{i}"));
+                let k = split(a.ops, n, i);
+                tasks.push(tokio::spawn(async move {
+                    let mut lats = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        let t = Instant::now();
+                        let g = m.lock().await.map_err(boxed)?;
+                        g.release().await.map_err(boxed)?;
+                        lats.push(t.elapsed());
+                    }
+                    Ok((lats, Vec::new()))
+                }));
+            }
+        }
+        "mutex-contended" | "election-handoff" => {
+            let election = a.mode == "election-handoff";
+            for (i, s) in sessions.iter().enumerate() {
+                let m = Mutex::new(s, format!("{prefix}/lock"));
+                let e = Election::new(s, format!("{prefix}/election"));
+                let (claim, clock) = (claim.clone(), Arc::clone(&clock));
+                tasks.push(tokio::spawn(async move {
+                    let (mut lats, mut hands) = (Vec::new(), Vec::new());
+                    while claim() {
+                        let t = Instant::now();
+                        if election {
+                            let mut l =
+                                e.campaign(format!("candidate-{i}")).await.map_err(boxed)?;
+                            let at = Instant::now();
+                            lats.push(at - t);
+                            hands.extend(clock.acquired(at));
+                            clock.releasing();
+                            l.resign().await.map_err(boxed)?;
+                        } else {
+                            let g = m.lock().await.map_err(boxed)?;
+                            let at = Instant::now();
+                            lats.push(at - t);
+                            hands.extend(clock.acquired(at));
+                            clock.releasing();
+                            g.release().await.map_err(boxed)?;
+                        }
+                    }
+                    Ok((lats, hands))
+                }));
+            }
+        }
+        "session-create" => {
+            for i in 0..n {
+                let (c, claim, opts) = (client_for(i), claim.clone(), opts.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lats = Vec::new();
+                    while claim() {
+                        let t = Instant::now();
+                        let s = LeasedSession::new(c.clone(), opts.clone())
+                            .await
+                            .map_err(boxed)?;
+                        s.close().await.map_err(boxed)?;
+                        lats.push(t.elapsed());
+                    }
+                    Ok((lats, Vec::new()))
+                }));
+            }
+        }
+        "waiters-scale" => return waiters_scale(a, &prefix, sessions, client_for(0)).await,
+        "guards-scale" => return guards_scale(a, &prefix, client_for(0), opts).await,
+        "discovery-propagation" => return discovery_propagation(a, &prefix, clients).await,
+        "discovery-sync" => return discovery_sync(a, &prefix, client_for(0)).await,
+        "stm-transfer" => return stm_transfer(a, &prefix, clients).await,
+        other => return Err(format!("unknown mode {other}").into()),
+    }
+    let (mut lats, mut hands) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (l, h) = t.await??;
+        lats.extend(l);
+        hands.extend(h);
+    }
+    let total = t0.elapsed();
+    for s in sessions {
+        let _ = s.close().await;
+    }
+    if a.mode == "txn-floor" {
+        let _ = client_for(0)
+            .delete(
+                prefix.as_str(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await;
+    }
+    extra.shrink_to_fit();
+    Ok(Run {
+        lats,
+        hands,
+        total,
+        extra,
+    })
+}
