@@ -1,6 +1,6 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{holding_guard, inspect, Blocker, Holder, Line};
+use crate::engine::{holding_guard, inspect, Holder, Line};
 use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
@@ -62,13 +62,7 @@ impl Mutex {
 
     /// This mutex's place in its queue: one permit, every member directly under the name.
     fn line(&self) -> Result<Line<'_>, Error> {
-        let queue = self.named.queue()?;
-        Ok(Line::new(
-            &self.session,
-            queue,
-            "",
-            Blocker::over(queue, 1)?,
-        ))
+        Line::exclusive(&self.session, self.named.queue()?)
     }
 
     /// The mutex's name.

@@ -64,8 +64,8 @@ impl SessionRegistration {
         target: impl AsRef<str>,
         endpoint: Endpoint,
     ) -> Result<SessionRegistration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        SessionRegistration::register_key(session, key, endpoint).await
+        let suffix = endpoint.addr().to_owned();
+        SessionRegistration::register_with_suffix(session, target, suffix, endpoint).await
     }
 
     /// Like [`register`](Self::register), under the key `<target>/<suffix>`.
@@ -82,14 +82,6 @@ impl SessionRegistration {
         endpoint: Endpoint,
     ) -> Result<SessionRegistration, Error> {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        SessionRegistration::register_key(session, key, endpoint).await
-    }
-
-    async fn register_key(
-        session: &LeasedSession,
-        key: String,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
         let json = endpoint.validate()?;
         match engine::create_exclusive(session, &key, json).await? {
             Some(acquired) => Ok(SessionRegistration {
@@ -134,8 +126,8 @@ impl SessionRegistration {
         target: impl AsRef<str>,
         endpoint: Endpoint,
     ) -> Result<SessionRegistration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        SessionRegistration::resume_key(session, key, endpoint).await
+        let suffix = endpoint.addr().to_owned();
+        SessionRegistration::resume_with_suffix(session, target, suffix, endpoint).await
     }
 
     /// Like [`resume`](Self::resume), under the key `<target>/<suffix>`.
@@ -152,14 +144,6 @@ impl SessionRegistration {
         endpoint: Endpoint,
     ) -> Result<SessionRegistration, Error> {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        SessionRegistration::resume_key(session, key, endpoint).await
-    }
-
-    async fn resume_key(
-        session: &LeasedSession,
-        key: String,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
         let json = endpoint.validate()?;
         match take_back(session, &key, json).await? {
             Some(held) => Ok(SessionRegistration { held }),

@@ -5,7 +5,7 @@ mod observe;
 use etcd_client::{KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
-use crate::engine::{holding_guard, Blocker, Line};
+use crate::engine::{holding_guard, Line};
 use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
@@ -161,13 +161,7 @@ impl Election {
     /// A candidate's place: the mutex's queue (one permit, every member directly under the
     /// name), shared with etcd's own clients.
     fn line(&self) -> Result<Line<'_>, Error> {
-        let queue = self.named.queue()?;
-        Ok(Line::new(
-            &self.session,
-            queue,
-            "",
-            Blocker::over(queue, 1)?,
-        ))
+        Line::exclusive(&self.session, self.named.queue()?)
     }
 
     /// The current leader, if any: the oldest candidate (one round trip).

@@ -310,6 +310,15 @@ impl<'a> Line<'a> {
         }
     }
 
+    /// The place of a queue that etcd's own clients share (a mutex's, an election's): one
+    /// permit, every member directly under the name.
+    pub(crate) fn exclusive(
+        leased: &'a LeasedSession,
+        queue: &'a Queue,
+    ) -> Result<Line<'a>, Error> {
+        Ok(Line::new(leased, queue, "", Blocker::over(queue, 1)?))
+    }
+
     /// Enqueues (the key holding `value`) and waits until through (see [`acquire`]).
     pub(crate) async fn acquire(self, value: Vec<u8>) -> Result<Holding, Error> {
         let acquired = acquire(self.leased, self.queue, self.kind, self.blocker, value).await?;

@@ -146,8 +146,8 @@ impl Registration {
         endpoint: Endpoint,
         options: SessionOptions,
     ) -> Result<Registration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        Registration::register_key(client, key, endpoint, options).await
+        let suffix = endpoint.addr().to_owned();
+        Registration::register_with_suffix(client, target, suffix, endpoint, options).await
     }
 
     /// Like [`register`](Self::register), under the key `<target>/<suffix>` (Go's
@@ -166,15 +166,6 @@ impl Registration {
         options: SessionOptions,
     ) -> Result<Registration, Error> {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        Registration::register_key(client, key, endpoint, options).await
-    }
-
-    async fn register_key(
-        client: Client,
-        key: String,
-        endpoint: Endpoint,
-        options: SessionOptions,
-    ) -> Result<Registration, Error> {
         let json = endpoint.validate()?;
         options.validate()?;
         let held = establish(&client, &key, &json, &options).await?;
@@ -248,8 +239,8 @@ impl Registration {
         lease_id: i64,
         options: SessionOptions,
     ) -> Result<Registration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        Registration::resume_key(client, key, endpoint, lease_id, options).await
+        let suffix = endpoint.addr().to_owned();
+        Registration::resume_with_suffix(client, target, suffix, endpoint, lease_id, options).await
     }
 
     /// Like [`resume`](Self::resume), for a registration made with
@@ -269,16 +260,6 @@ impl Registration {
         options: SessionOptions,
     ) -> Result<Registration, Error> {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        Registration::resume_key(client, key, endpoint, lease_id, options).await
-    }
-
-    async fn resume_key(
-        client: Client,
-        key: String,
-        endpoint: Endpoint,
-        lease_id: i64,
-        options: SessionOptions,
-    ) -> Result<Registration, Error> {
         let json = endpoint.validate()?;
         options.validate()?;
         // In a task of its own, like `establish`: a caller that leaves does not leave a
@@ -292,7 +273,7 @@ impl Registration {
         ));
         let held = resumed
             .await
-            .map_err(|e| Error::Protocol(format!("the resumption failed: {e}")))??;
+            .map_err(|e| Error::Internal(format!("the resumption's task failed: {e}")))??;
         Ok(Registration::supervised(
             client, key, endpoint, options, held,
         ))

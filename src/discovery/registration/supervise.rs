@@ -43,7 +43,7 @@ pub(super) async fn establish(
     // still gets the session and drops it, which revokes the lease.
     let session = tokio::spawn(LeasedSession::new(client.clone(), options.clone()))
         .await
-        .map_err(|e| Error::Protocol(format!("the session's creation failed: {e}")))??;
+        .map_err(|e| Error::Internal(format!("the session's creation task failed: {e}")))??;
     match engine::create_exclusive(&session, key, json.to_owned()).await? {
         Some(acquired) => Ok(Held {
             holding: Holding::new(session.clone(), acquired),
