@@ -49,6 +49,7 @@
 
 mod discovery;
 mod mutex;
+mod profile;
 mod report;
 mod scale;
 mod stm;
@@ -96,6 +97,7 @@ pub(crate) struct Args {
     fresh: bool,
     permits: usize,
     accounts: usize,
+    pub(crate) profile: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -109,6 +111,7 @@ fn parse_args() -> Result<Args, String> {
         fresh: false,
         permits: 1,
         accounts: 16,
+        profile: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -117,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "bench" => {} // cargo bench passes --bench
             "fresh" => a.fresh = true,
+            "profile" => a.profile = true,
             "endpoints" => a.endpoints = Some(value()?.split(',').map(String::from).collect()),
             "mode" => a.mode = value()?,
             "clients" => a.clients = value()?.parse().map_err(|e| format!("--clients: {e}"))?,
@@ -139,11 +143,25 @@ fn parse_args() -> Result<Args, String> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse_args()?;
-    // RUST_LOG=etcd_coord=trace prints the hand-off steps with timestamps (a profile).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
+    // RUST_LOG=etcd_coord=trace prints the hand-off steps with timestamps; --profile records
+    // them and reports where a hand-off's time goes.
+    {
+        use tracing_subscriber::layer::{Layer, SubscriberExt};
+        use tracing_subscriber::util::SubscriberInitExt;
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+        let profile = a.profile.then_some(
+            profile::Recorder.with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("etcd_coord::handoff", tracing::Level::TRACE),
+            ),
+        );
+        let _ = tracing_subscriber::registry()
+            .with(fmt)
+            .with(profile)
+            .try_init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

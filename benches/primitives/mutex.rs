@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
-use etcd_coord::{Election, LeasedSession, Mutex, SessionOptions};
+use etcd_coord::{
+    Election, LeasedSession, Mutex, MutexGuard, RwLock, Semaphore, SemaphorePermit, SessionOptions,
+};
 
 use crate::discovery::{discovery_propagation, discovery_sync};
 use crate::report::*;
@@ -21,7 +23,12 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
     let n = a.clients;
     let needs_sessions = matches!(
         a.mode.as_str(),
-        "mutex-uncontended" | "mutex-contended" | "election-handoff" | "waiters-scale"
+        "mutex-uncontended"
+            | "mutex-contended"
+            | "election-handoff"
+            | "semaphore-contended"
+            | "rwlock-contended"
+            | "waiters-scale"
     );
     let mut sessions = Vec::new();
     if needs_sessions {
@@ -36,6 +43,7 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
     };
     let clock = Arc::new(HandoffClock::new());
     let mut extra = Vec::new();
+    crate::profile::reset();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     match a.mode.as_str() {
@@ -81,32 +89,40 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                 }));
             }
         }
-        "mutex-contended" | "election-handoff" => {
-            let election = a.mode == "election-handoff";
+        "mutex-contended" | "election-handoff" | "semaphore-contended" | "rwlock-contended" => {
+            let mode = a.mode.clone();
+            let permits = if mode == "semaphore-contended" {
+                a.permits.max(1)
+            } else {
+                1
+            };
             for (i, s) in sessions.iter().enumerate() {
                 let m = Mutex::new(s, format!("{prefix}/lock"));
                 let e = Election::new(s, format!("{prefix}/election"));
-                let (claim, clock) = (claim.clone(), Arc::clone(&clock));
+                let sem = Semaphore::new(s, format!("{prefix}/semaphore"), permits);
+                let rw = RwLock::new(s, format!("{prefix}/rwlock"));
+                let (claim, clock, mode) = (claim.clone(), Arc::clone(&clock), mode.clone());
                 tasks.push(tokio::spawn(async move {
                     let (mut lats, mut hands) = (Vec::new(), Vec::new());
                     while claim() {
                         let t = Instant::now();
-                        if election {
-                            let mut l =
-                                e.campaign(format!("candidate-{i}")).await.map_err(boxed)?;
-                            let at = Instant::now();
-                            lats.push(at - t);
-                            hands.extend(clock.acquired(at));
-                            clock.releasing();
-                            l.resign().await.map_err(boxed)?;
-                        } else {
-                            let g = m.lock().await.map_err(boxed)?;
-                            let at = Instant::now();
-                            lats.push(at - t);
-                            hands.extend(clock.acquired(at));
-                            clock.releasing();
-                            g.release().await.map_err(boxed)?;
-                        }
+                        let held = match mode.as_str() {
+                            "election-handoff" => Guard::Leader(
+                                e.campaign(format!("candidate-{i}")).await.map_err(boxed)?,
+                            ),
+                            "semaphore-contended" => {
+                                Guard::Permit(sem.acquire().await.map_err(boxed)?)
+                            }
+                            "rwlock-contended" => Guard::Write(rw.write().await.map_err(boxed)?),
+                            _ => Guard::Lock(m.lock().await.map_err(boxed)?),
+                        };
+                        let at = Instant::now();
+                        lats.push(at - t);
+                        // With several permits a release hands off to a waiter only while all
+                        // are held: the clock then measures release → next acquisition too.
+                        hands.extend(clock.acquired(at));
+                        clock.releasing();
+                        held.release().await.map_err(boxed)?;
                     }
                     Ok((lats, hands))
                 }));
@@ -154,6 +170,9 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
             )
             .await;
     }
+    if a.profile {
+        extra.extend(crate::profile::phases());
+    }
     extra.shrink_to_fit();
     Ok(Run {
         lats,
@@ -161,4 +180,23 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
         total,
         extra,
     })
+}
+
+/// Whatever a contended mode holds.
+enum Guard {
+    Lock(MutexGuard),
+    Leader(etcd_coord::Leadership),
+    Permit(SemaphorePermit),
+    Write(etcd_coord::RwLockWriteGuard),
+}
+
+impl Guard {
+    async fn release(self) -> Result<(), etcd_coord::Error> {
+        match self {
+            Guard::Lock(g) => g.release().await,
+            Guard::Leader(g) => g.release().await,
+            Guard::Permit(g) => g.release().await,
+            Guard::Write(g) => g.release().await,
+        }
+    }
 }

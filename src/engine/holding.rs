@@ -153,10 +153,10 @@ impl Holding {
             if attempt > 0 {
                 sleep(backoff.next_delay()).await;
             }
-            tracing::trace!(key = %fence.key, "release sent");
+            tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release sent");
             match session.rpc.txn(self.release_txn.clone()).await {
                 Ok(resp) => {
-                    tracing::trace!(key = %fence.key, "release answered");
+                    tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release answered");
                     let revision = resp.header().map_or(0, |h| h.revision());
                     self.released_at = Some(revision);
                     std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);

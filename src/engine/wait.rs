@@ -83,14 +83,14 @@ where
                     &reads.narrow
                 };
                 let s = read_fenced(session, &ticket, reads, &mut backoff).await?;
-                tracing::trace!(key = %ticket.key, revision = s.revision, "re-read");
+                tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, revision = s.revision, "re-read");
                 s
             }
         };
         match decide(&snapshot) {
             Decision::Widen => widen = true,
             Decision::Through { touch } => {
-                tracing::trace!(key = %ticket.key, touch, "through");
+                tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, touch, "through");
                 if touch {
                     session.clean_up(Cleanup::Touch {
                         key: ticket.key.clone(),

@@ -141,6 +141,13 @@ impl ChangeWatch {
                 }
             }
             if let Some(target) = self.targets.iter().find(|t| t.matches(kind, kv.key())) {
+                tracing::trace!(
+                    target: "etcd_coord::handoff",
+                    key = %String::from_utf8_lossy(kv.key()),
+                    waiter = self.own.as_ref().map_or("", |(k, _)| k.as_str()),
+                    revision = kv.mod_revision(),
+                    "woken"
+                );
                 return Some(Ok(if target.deciding {
                     Woken::Decided(kv.mod_revision())
                 } else {
