@@ -175,6 +175,7 @@ impl LeaderSelector {
     /// [`Error::InvalidArgument`] for an invalid name, session options or a zero retry
     /// backoff (at once, before anything is sent). Every other failure — permission errors
     /// included, which an operator may fix — is logged and retried with the backoff.
+    #[tracing::instrument(name = "etcd_coord.selector.run", skip_all, fields(name = %self.name))]
     pub async fn run<S, L, F>(self, shutdown: S, mut lead: L) -> Result<(), Error>
     where
         S: Future,

@@ -229,6 +229,7 @@ impl ChangeWatch {
 /// revision of the read that decided to wait; if writes landed since, `reread` runs once the
 /// watch is in place and says whether to still wait. Failures pause on `backoff`, which is
 /// reset when a change really happened.
+#[tracing::instrument(name = "etcd_coord.watch_wait", level = "debug", skip_all, fields(targets = targets.len()))]
 pub(crate) async fn wait_for_change<R, Fut>(
     waits: Waits<'_>,
     targets: &[Watched],
