@@ -7,8 +7,10 @@ use crate::keys::{Layout, Named};
 use crate::metrics::Kind;
 use crate::{Error, LeasedSession};
 
+/// Where a barrier's key goes: `<name>/#barrier/`.
+pub(crate) const KIND: &str = "barrier";
 /// The barrier key, under `<name>/#barrier/`.
-const BARRIER: &str = "up";
+pub(crate) const BARRIER: &str = "up";
 
 /// A gate: while someone holds it up, [`wait()`](Self::wait) blocks; when it comes down
 /// (released, or its holder's lease ended) every waiter continues.
@@ -43,7 +45,7 @@ impl Barrier {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Barrier {
         Barrier {
             session: session.clone(),
-            named: Named::new(name, Layout::Own("barrier")),
+            named: Named::new(name, Layout::Own(KIND)),
         }
     }
 

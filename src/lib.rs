@@ -43,6 +43,7 @@ mod double_barrier;
 mod election;
 mod engine;
 mod error;
+pub mod inspect;
 mod keys;
 pub mod metrics;
 mod mutex;

@@ -33,7 +33,8 @@
 //! * `state`: `alive`, `suspended`, `lost`; `reason`: `deadline_exceeded`, `lease_gone`,
 //!   `closed`, `keepalive_stopped`, `cleanup_failed`, `orphaned`;
 //! * `view`: `discovery` (a [`ServiceView`](crate::discovery::ServiceView)), `election`
-//!   ([`Election::observe`](crate::Election::observe) and the leader selector);
+//!   ([`Election::observe`](crate::Election::observe) and the leader selector), `inspection`
+//!   ([`Inspector::follow`](crate::inspect::Inspector::follow));
 //! * `cause` of a retry: `timeout`, `unavailable`, `deadline_exceeded`, `cancelled`, `aborted`,
 //!   `unknown`, `internal`, `too_many_requests`, `transport`, `io`, `watch_stream`, `other`.
 //!
@@ -207,6 +208,7 @@ impl Outcome {
 pub(crate) enum View {
     Discovery,
     Election,
+    Inspection,
 }
 
 impl View {
@@ -214,6 +216,7 @@ impl View {
         match self {
             View::Discovery => "discovery",
             View::Election => "election",
+            View::Inspection => "inspection",
         }
     }
 }

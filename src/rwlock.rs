@@ -9,6 +9,8 @@ use crate::{Error, LeasedSession};
 
 /// Member-key kinds: readers and writers form their own sub-ranges of one queue.
 const READER: &str = "r";
+/// Where a read/write lock's keys go: `<name>/#rwlock/`.
+pub(crate) const KIND: &str = "rwlock";
 const WRITER: &str = "w";
 
 /// A distributed read/write lock, FIFO across readers and writers.
@@ -46,7 +48,7 @@ impl RwLock {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> RwLock {
         RwLock {
             session: session.clone(),
-            named: Named::new(name, Layout::Own("rwlock")),
+            named: Named::new(name, Layout::Own(KIND)),
         }
     }
 

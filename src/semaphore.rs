@@ -8,7 +8,7 @@ use crate::Fence;
 use crate::{Error, LeasedSession};
 
 /// Where a semaphore's keys go: `<name>/#semaphore/`.
-const KIND: &str = "semaphore";
+pub(crate) const KIND: &str = "semaphore";
 
 /// A distributed counting semaphore with `permits` permits, served in FIFO order.
 ///
