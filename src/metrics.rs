@@ -23,7 +23,7 @@
 //! * `kind`: `mutex`, `semaphore`, `rwlock_read`, `rwlock_write`, `election`, `barrier`,
 //!   `double_barrier`;
 //! * `outcome`: `acquired`; `busy` (a try-acquisition found it taken, a barrier already up);
-//!   `timeout` (given up by [`timeout`](crate::timeout)); `cancelled` (the future was dropped
+//!   `timeout` (given up by [`timeout`]); `cancelled` (the future was dropped
 //!   before it finished: a `select!` that took another branch, `tokio::time::timeout`);
 //!   `lost` (the waiter's key was deleted while it waited); `session_lost`; `failed` (any other
 //!   error);

@@ -197,7 +197,8 @@ impl LeaderSelector {
                 if stop.is_cancelled() {
                     return Ok(());
                 }
-                match self.one_session(&stop, &mut lead, &mut requeue).await {
+                // Boxed: a session's life is a deep future; this keeps `run`'s shallow.
+                match Box::pin(self.one_session(&stop, &mut lead, &mut requeue)).await {
                     Ok(()) => backoff.reset(),
                     Err(e @ Error::InvalidArgument(_)) => return Err(e),
                     Err(e) => {

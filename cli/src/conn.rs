@@ -23,7 +23,7 @@ pub struct Conn {
         global = true
     )]
     endpoints: Vec<String>,
-    /// username[:password] for authentication.
+    /// User name, or name:password, for authentication.
     #[arg(long, env = "ETCDCTL_USER", global = true)]
     user: Option<String>,
     /// Password for authentication (if --user does not include it).

@@ -162,7 +162,7 @@ async fn rwlock_readers_share_and_a_writer_runs_alone() {
             ],
         )
     };
-    let mut readers = vec![reader("r1"), reader("r2")];
+    let mut readers = [reader("r1"), reader("r2")];
     assert!(
         eventually(Duration::from_secs(10), || async {
             std::fs::read_to_string(&record)

@@ -57,6 +57,21 @@ async fn etcd_coord_lock_and_etcdctl_lock_exclude_each_other_with_increasing_tok
         "the timed-out waiter left nothing: {members:?}"
     );
     let holder_token = members[0]["fencing_token"].as_i64().unwrap();
+    // Interrupted while waiting: 128 + SIGINT, and its waiting key deleted.
+    let mut interrupted = coord(&etcd, &["lock", &name, "--", "true"]);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            lock_members(&etcd, &name).await.len() == 2
+        })
+        .await
+    );
+    interrupted.signal("INT");
+    assert_eq!(interrupted.exit_code(Duration::from_secs(10)).await, 130);
+    assert_eq!(
+        lock_members(&etcd, &name).await.len(),
+        1,
+        "the interrupted waiter left nothing"
+    );
     let mut ours = coord(
         &etcd,
         &[
@@ -119,7 +134,7 @@ async fn inspect_shows_ours_gos_etcdctls_and_foreign_members_in_order_and_follow
         }
     };
     assert!(count(2).await, "the Go peer queues behind us");
-    let mut ctl = etcdctl(&etcd, &["lock", "--ttl", "10", &name]);
+    let ctl = etcdctl(&etcd, &["lock", "--ttl", "10", &name]);
     assert!(count(3).await, "etcdctl queues behind the Go peer");
     etcdctl_output(&etcd, &["put", &format!("{name}/manual"), ""]).await;
 
@@ -166,10 +181,10 @@ async fn inspect_shows_ours_gos_etcdctls_and_foreign_members_in_order_and_follow
     let first: Value = serde_json::from_str(&follow.line().await).unwrap();
     assert_eq!(first["queues"][0]["members"].as_array().unwrap().len(), 4);
     ours.signal("TERM");
-    assert_eq!(
-        go.line().await.contains("\"acquired\""),
-        true,
-        "the Go peer acquires next"
+    let acquired = go.line().await;
+    assert!(
+        acquired.contains("\"acquired\""),
+        "the Go peer acquires next: {acquired}"
     );
     let mut saw = false;
     while let Some(line) = follow.line_within(Duration::from_secs(10)).await {

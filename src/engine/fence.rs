@@ -117,7 +117,7 @@ impl Fence {
     /// # Cancel safety
     /// Dropping the future of a write cancels the request; if it already reached etcd it
     /// applies, or fails its compare if a later write through the fence landed first.
-    #[tracing::instrument(name = "etcd_coord.txn_if_owner", skip_all, fields(key = %self.key, lease = %format_args!("{:x}", self.lease_id), fencing_token = self.create_revision))]
+    #[tracing::instrument(name = "etcd_coord.fence.txn_if_owner", skip_all, fields(key = %self.key, lease = %format_args!("{:x}", self.lease_id), fencing_token = self.create_revision))]
     pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
         let ops = ops.into();
         let session = self.session.inner();
