@@ -94,6 +94,7 @@ pub struct Member {
     role: Role,
     holds: Option<bool>,
     lease: Option<LeaseTtl>,
+    announced_behind: Option<String>,
 }
 
 impl Member {
@@ -146,6 +147,15 @@ impl Member {
     /// Its lease's time to live (`None` for a key without a lease).
     pub fn lease_ttl(&self) -> Option<LeaseTtl> {
         self.lease
+    }
+
+    /// For a waiter of ours that announced itself to the member just ahead (an announced
+    /// hand-off: docs/design.md), the key of that member: the waiter's pointer
+    /// `<name>/#next/<that member's id>/<this member's fencing token>`, on the waiter's lease,
+    /// which that member's release deletes in the same Txn as its own key. Pointers are not
+    /// members of any queue, and are shown only here.
+    pub fn announced_behind(&self) -> Option<&str> {
+        self.announced_behind.as_deref()
     }
 }
 
@@ -214,7 +224,8 @@ impl Inspector {
     /// are told only given its `permits`), the read/write lock's and the barrier's — from one
     /// linearizable read of `<name>/`, plus one lease read per distinct lease. The mutex's
     /// queue comes first and always; the others only if they have members. Keys of nested
-    /// names (`<name>/sub/…`) are not members of any.
+    /// names (`<name>/sub/…`) are not members of any, nor are waiters' pointers
+    /// (`<name>/#next/…`): each is shown as its waiter's [`Member::announced_behind`].
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid name (nothing is sent); request errors
@@ -317,12 +328,21 @@ fn sort(
         role,
         holds: Some(false),
         lease: None,
+        announced_behind: None,
     };
     let mut queues = vec![state(QueueKind::Mutex, Vec::new())];
     let (mut sem, mut rw, mut up) = (Vec::new(), Vec::new(), Vec::new());
+    // Waiters' pointers (`<name>/#next/…`): by the waiter's create revision and lease, the
+    // member key each points to.
+    let pointers_prefix = format!("{name}/#next/");
+    let mut pointers = BTreeMap::new();
     for kv in kvs {
         let key = kv.key();
-        if shared.is_member(key) {
+        if key.starts_with(pointers_prefix.as_bytes()) {
+            if let Some((predecessor, waiter)) = crate::keys::pointer_parts(key) {
+                pointers.insert((waiter, kv.lease()), predecessor);
+            }
+        } else if shared.is_member(key) {
             let rest = &key[shared.prefix().len()..];
             queues[0]
                 .members
@@ -362,6 +382,9 @@ fn sort(
     }
     for m in &mut up {
         m.holds = Some(true);
+    }
+    for m in queues[0].members.iter_mut().chain(&mut sem).chain(&mut rw) {
+        m.announced_behind = pointers.remove(&(m.fencing_token, m.lease_id));
     }
     for (kind, members) in [
         (QueueKind::Semaphore, sem),

@@ -237,20 +237,28 @@ pub(crate) fn successor_pointer(predecessor: &[u8], waiter_revision: i64) -> Opt
 
 /// Whether `key` is a pointer of [`successor_pointer`]'s making.
 pub(crate) fn is_pointer(key: &[u8]) -> bool {
+    pointer_parts(key).is_some()
+}
+
+/// A pointer of [`successor_pointer`]'s making, taken apart: the member key it points to
+/// (the predecessor whose release it waits for) and the create revision of the waiter that put
+/// it. `None` for any other key.
+pub(crate) fn pointer_parts(key: &[u8]) -> Option<(String, i64)> {
     const NEXT: &str = "#next/";
-    let Ok(key) = std::str::from_utf8(key) else {
-        return false;
-    };
-    let (Some(next), Some(slash)) = (key.rfind(NEXT), key.rfind('/')) else {
-        return false;
-    };
+    let key = std::str::from_utf8(key).ok()?;
+    let (next, slash) = (key.rfind(NEXT)?, key.rfind('/')?);
     let revision = &key[slash + 1..];
-    slash > next + NEXT.len()
-        && !revision.is_empty()
-        && revision.bytes().all(|b| b.is_ascii_digit())
-        && is_our_member_key(
-            format!("{}#{}", &key[..next], &key[next + NEXT.len()..slash]).as_bytes(),
-        )
+    if slash <= next + NEXT.len()
+        || revision.is_empty()
+        || !revision.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let predecessor = format!("{}#{}", &key[..next], &key[next + NEXT.len()..slash]);
+    if !is_our_member_key(predecessor.as_bytes()) {
+        return None;
+    }
+    Some((predecessor, revision.parse().ok()?))
 }
 
 /// Whether a waiter behind `member` may take a release of it that deletes the waiter's
@@ -468,6 +476,7 @@ mod tests {
             "jobs/a/#next/0000000000001234-1/57"
         );
         assert!(is_pointer(&pointer));
+        assert_eq!(pointer_parts(&pointer), Some((mutex.clone(), 57)));
         assert!(!shared.is_member(&pointer), "a pointer is not a member");
         assert!(
             !pointer.starts_with(format!("{mutex}/").as_bytes()),
@@ -480,6 +489,7 @@ mod tests {
         let permit = own.member_key("", lease, 2);
         let pointer = successor_pointer(permit.as_bytes(), 9).unwrap();
         assert!(is_pointer(&pointer));
+        assert_eq!(pointer_parts(&pointer), Some((permit.clone(), 9)));
         assert!(!own.is_member(&pointer));
         // Readers do not announce (others may hold on); writers do.
         assert!(!announces_release(

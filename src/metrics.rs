@@ -1,7 +1,9 @@
 //! Metrics through the [`metrics`](https://docs.rs/metrics) facade: every name, label and label
 //! value this crate records, in one place. Install any recorder (an exporter for Prometheus,
 //! StatsD, OpenTelemetry, …) and they appear; without one every call is a no-op (the facade's
-//! default), so a program that installs none pays next to nothing.
+//! default), so a program that installs none pays next to nothing: the series recorded per
+//! acquisition, guard, refresh or watch response build their keys from static names and
+//! labels, without formatting or allocating.
 //!
 //! | name | type | labels | what |
 //! |---|---|---|---|
@@ -49,7 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, histogram, Label, SharedString, Unit};
+use metrics::{counter, histogram, Key, Label, Metadata, SharedString, Unit};
 
 use crate::error::{Error, LossReason};
 
@@ -141,7 +143,7 @@ pub fn describe() {
     );
 }
 
-/// Kinds of acquisition (the `kind` label).
+/// Kinds of acquisition (the `kind` label), in the order of [`KIND_LABELS`]' rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Mutex,
@@ -153,21 +155,8 @@ pub(crate) enum Kind {
     DoubleBarrier,
 }
 
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Mutex => "mutex",
-            Kind::Semaphore => "semaphore",
-            Kind::RwLockRead => "rwlock_read",
-            Kind::RwLockWrite => "rwlock_write",
-            Kind::Election => "election",
-            Kind::Barrier => "barrier",
-            Kind::DoubleBarrier => "double_barrier",
-        }
-    }
-}
-
-/// How an acquisition ended (the `outcome` label).
+/// How an acquisition ended (the `outcome` label), in the order of [`KIND_OUTCOME_LABELS`]'
+/// columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Acquired,
@@ -180,18 +169,6 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Acquired => "acquired",
-            Outcome::Busy => "busy",
-            Outcome::Timeout => "timeout",
-            Outcome::Cancelled => "cancelled",
-            Outcome::Lost => "lost",
-            Outcome::SessionLost => "session_lost",
-            Outcome::Failed => "failed",
-        }
-    }
-
     /// The outcome of an acquisition that failed with `error`.
     pub(crate) fn of_error(error: &Error) -> Outcome {
         match error {
@@ -203,7 +180,17 @@ impl Outcome {
     }
 }
 
-/// Which kind of view follows a prefix (the `view` label).
+/// Why a guard was found no longer holding (the `cause` label of [`GUARDS_LOST`]), in the
+/// order of [`KIND_CAUSE_LABELS`]' columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LossCause {
+    KeyGone,
+    SessionLost,
+    SessionClosed,
+    Error,
+}
+
+/// Which kind of view follows a prefix (the `view` label), in the order of [`VIEW_LABELS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum View {
     Discovery,
@@ -211,23 +198,69 @@ pub(crate) enum View {
     Inspection,
 }
 
-impl View {
-    fn as_str(self) -> &'static str {
-        match self {
-            View::Discovery => "discovery",
-            View::Election => "election",
-            View::Inspection => "inspection",
-        }
+// Every label set the per-acquisition, per-guard and per-watch-response series use, built at
+// compile time: recording one builds its `Key` from a static name and static labels, without
+// allocating or formatting — and with no recorder installed, the facade's no-op recorder
+// returns a no-op handle for it. (Only the opt-in `name` label allocates.)
+
+/// `[kind, outcome]` for each acquisition kind (rows) and outcome (columns).
+macro_rules! grid {
+    ($key:literal: $($value:literal),*; $col_key:literal: $cols:tt) => {
+        [$(grid!(@row $key, $value; $col_key: $cols)),*]
+    };
+    (@row $key:literal, $value:literal; $col_key:literal: [$($col:literal),*]) => {
+        [$([Label::from_static_parts($key, $value), Label::from_static_parts($col_key, $col)]),*]
+    };
+}
+
+/// The `kind` label values, by [`Kind`].
+macro_rules! kinds {
+    ($($then:tt)*) => {
+        grid!("kind": "mutex", "semaphore", "rwlock_read", "rwlock_write", "election", "barrier", "double_barrier"; $($then)*)
+    };
+}
+
+static KIND_OUTCOME_LABELS: [[[Label; 2]; 7]; 7] = kinds!("outcome": [
+    "acquired", "busy", "timeout", "cancelled", "lost", "session_lost", "failed"
+]);
+static KIND_CAUSE_LABELS: [[[Label; 2]; 4]; 7] = kinds!("cause": [
+    "key_gone", "session_lost", "session_closed", "error"
+]);
+static KIND_LABELS: [[Label; 1]; 7] = [
+    [Label::from_static_parts("kind", "mutex")],
+    [Label::from_static_parts("kind", "semaphore")],
+    [Label::from_static_parts("kind", "rwlock_read")],
+    [Label::from_static_parts("kind", "rwlock_write")],
+    [Label::from_static_parts("kind", "election")],
+    [Label::from_static_parts("kind", "barrier")],
+    [Label::from_static_parts("kind", "double_barrier")],
+];
+static VIEW_LABELS: [[Label; 1]; 3] = [
+    [Label::from_static_parts("view", "discovery")],
+    [Label::from_static_parts("view", "election")],
+    [Label::from_static_parts("view", "inspection")],
+];
+
+/// What the facade's macros pass along with a key: where it was recorded.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// The series `name` with the static `labels`, plus a `name` label when one is given (the
+/// opt-in of [`set_name_labels`], which allocates).
+fn key(name: &'static str, labels: &'static [Label], primitive: Option<&SharedString>) -> Key {
+    match primitive {
+        None => Key::from_static_parts(name, labels),
+        Some(primitive) => Key::from_static_parts(name, labels)
+            .with_extra_labels(vec![Label::new("name", primitive.clone())]),
     }
 }
 
-fn kind_labels(kind: Kind, name: Option<&SharedString>, extra: Option<Label>) -> Vec<Label> {
-    let mut labels = vec![Label::new("kind", kind.as_str())];
-    labels.extend(extra);
-    if let Some(name) = name {
-        labels.push(Label::new("name", name.clone()));
-    }
-    labels
+fn count(key: &Key, n: u64) {
+    metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(n);
+}
+
+fn observe(key: &Key, value: f64) {
+    metrics::with_recorder(|r| r.register_histogram(key, &METADATA)).record(value);
 }
 
 fn name_label(name: &str) -> Option<SharedString> {
@@ -297,13 +330,12 @@ impl Acquisition {
 
     fn record(&mut self, outcome: Outcome) {
         self.done = true;
-        let labels = kind_labels(
-            self.kind,
-            self.name.as_ref(),
-            Some(Label::new("outcome", outcome.as_str())),
+        let labels = &KIND_OUTCOME_LABELS[self.kind as usize][outcome as usize];
+        count(&key(ACQUISITIONS, labels, self.name.as_ref()), 1);
+        observe(
+            &key(ACQUIRE_WAIT, labels, self.name.as_ref()),
+            self.start.elapsed().as_secs_f64(),
         );
-        counter!(ACQUISITIONS, labels.iter()).increment(1);
-        histogram!(ACQUIRE_WAIT, labels.iter()).record(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -339,8 +371,11 @@ impl Held {
     pub(crate) fn ended(&self) {
         if let Some((kind, name, since)) = self.started.get() {
             if !self.ended.swap(true, Ordering::AcqRel) {
-                histogram!(HOLD, kind_labels(*kind, name.as_ref(), None))
-                    .record(since.elapsed().as_secs_f64());
+                let labels = &KIND_LABELS[*kind as usize];
+                observe(
+                    &key(HOLD, labels, name.as_ref()),
+                    since.elapsed().as_secs_f64(),
+                );
             }
         }
     }
@@ -348,15 +383,15 @@ impl Held {
     /// The guard was found no longer holding, because of `error`: counted the first time only.
     pub(crate) fn lost(&self, error: &Error) {
         let cause = match error {
-            Error::LockLost { .. } => "key_gone",
-            Error::SessionLost(_) => "session_lost",
-            Error::SessionClosed => "session_closed",
-            _ => "error",
+            Error::LockLost { .. } => LossCause::KeyGone,
+            Error::SessionLost(_) => LossCause::SessionLost,
+            Error::SessionClosed => LossCause::SessionClosed,
+            _ => LossCause::Error,
         };
         if let Some((kind, name, _)) = self.started.get() {
             if !self.lost.swap(true, Ordering::AcqRel) {
-                let labels = kind_labels(*kind, name.as_ref(), Some(Label::new("cause", cause)));
-                counter!(GUARDS_LOST, labels.iter()).increment(1);
+                let labels = &KIND_CAUSE_LABELS[*kind as usize][cause as usize];
+                count(&key(GUARDS_LOST, labels, name.as_ref()), 1);
             }
         }
     }
@@ -369,40 +404,198 @@ pub(crate) fn refresh_acknowledged(sent: tokio::time::Instant, deadline: tokio::
     histogram!(DEADLINE_REMAINING).record(deadline.saturating_duration_since(now).as_secs_f64());
 }
 
-/// A session entered `state` (`alive`, `suspended`, `lost`).
+/// A session entered `state` (`alive`, `suspended`, `lost`; anything else is not recorded).
 pub(crate) fn session_state(state: &'static str) {
-    counter!(SESSION_STATE_CHANGES, "state" => state).increment(1);
+    // Literal labels: the facade builds the key from static parts (no allocation).
+    match state {
+        "alive" => counter!(SESSION_STATE_CHANGES, "state" => "alive").increment(1),
+        "suspended" => counter!(SESSION_STATE_CHANGES, "state" => "suspended").increment(1),
+        "lost" => counter!(SESSION_STATE_CHANGES, "state" => "lost").increment(1),
+        _ => {}
+    }
 }
 
 /// A session became Lost for `reason`.
 pub(crate) fn session_lost(reason: LossReason) {
-    let reason = match reason {
-        LossReason::DeadlineExceeded => "deadline_exceeded",
-        LossReason::LeaseGone => "lease_gone",
-        LossReason::Closed => "closed",
-        LossReason::KeepAliveStopped => "keepalive_stopped",
-        LossReason::CleanupFailed => "cleanup_failed",
-        LossReason::Orphaned => "orphaned",
+    let counter = match reason {
+        LossReason::DeadlineExceeded => counter!(SESSION_LOSSES, "reason" => "deadline_exceeded"),
+        LossReason::LeaseGone => counter!(SESSION_LOSSES, "reason" => "lease_gone"),
+        LossReason::Closed => counter!(SESSION_LOSSES, "reason" => "closed"),
+        LossReason::KeepAliveStopped => counter!(SESSION_LOSSES, "reason" => "keepalive_stopped"),
+        LossReason::CleanupFailed => counter!(SESSION_LOSSES, "reason" => "cleanup_failed"),
+        LossReason::Orphaned => counter!(SESSION_LOSSES, "reason" => "orphaned"),
     };
-    counter!(SESSION_LOSSES, "reason" => reason).increment(1);
+    counter.increment(1);
 }
 
 /// A view of kind `view` applied `events` watch events.
 pub(crate) fn view_events(view: View, events: usize) {
-    counter!(VIEW_EVENTS, "view" => view.as_str()).increment(events as u64);
+    count(
+        &key(VIEW_EVENTS, &VIEW_LABELS[view as usize], None),
+        events as u64,
+    );
 }
 
 /// A view of kind `view` re-read its whole prefix after compaction.
 pub(crate) fn view_reread(view: View) {
-    counter!(VIEW_REREADS, "view" => view.as_str()).increment(1);
+    count(&key(VIEW_REREADS, &VIEW_LABELS[view as usize], None), 1);
 }
 
 /// A view of kind `view` was `lag` revisions behind etcd at a watch response.
 pub(crate) fn view_lag(view: View, lag: i64) {
-    histogram!(VIEW_LAG, "view" => view.as_str()).record(lag as f64);
+    observe(
+        &key(VIEW_LAG, &VIEW_LABELS[view as usize], None),
+        lag as f64,
+    );
 }
 
-/// A request failed with `error`, which may succeed again, and is sent again.
+/// A request failed with `error`, which may succeed again, and is sent again. (Off the hot
+/// path: its key is built per call, with one small allocation.)
 pub(crate) fn retried(error: &Error) {
     counter!(REQUEST_RETRIES, "cause" => error.retry_cause()).increment(1);
+}
+
+#[cfg(test)]
+#[allow(unsafe_code)] // A counting global allocator: the only unsafe code of the crate's tests.
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    use super::*;
+
+    /// The system allocator, counting the allocations of each thread.
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed on to the system allocator unchanged.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: as the caller's.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: as the caller's.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    fn allocations_during(f: impl FnOnce()) -> usize {
+        let before = ALLOCATIONS.with(Cell::get);
+        f();
+        ALLOCATIONS.with(Cell::get) - before
+    }
+
+    const KINDS: [Kind; 7] = [
+        Kind::Mutex,
+        Kind::Semaphore,
+        Kind::RwLockRead,
+        Kind::RwLockWrite,
+        Kind::Election,
+        Kind::Barrier,
+        Kind::DoubleBarrier,
+    ];
+    const OUTCOMES: [Outcome; 7] = [
+        Outcome::Acquired,
+        Outcome::Busy,
+        Outcome::Timeout,
+        Outcome::Cancelled,
+        Outcome::Lost,
+        Outcome::SessionLost,
+        Outcome::Failed,
+    ];
+
+    #[test]
+    fn the_counting_allocator_sees_an_allocation() {
+        assert_eq!(
+            allocations_during(|| drop(std::hint::black_box(vec![1u8]))),
+            1
+        );
+    }
+
+    /// Without a recorder (this test installs none), what an acquisition, its guard and a
+    /// view record on every call allocates nothing: no key, label or string is built on the
+    /// heap per call.
+    #[test]
+    fn recording_the_hot_paths_metrics_allocates_nothing() {
+        let lock_lost = Error::LockLost {
+            key: String::new(),
+            create_revision: 1,
+        };
+        let closed = Error::SessionClosed;
+        // Warm the thread-locals and lazily initialised statics up first.
+        Acquisition::start(Kind::Mutex, "jobs/a").finish(Outcome::Acquired);
+        for kind in KINDS {
+            for outcome in OUTCOMES {
+                let n = allocations_during(|| {
+                    Acquisition::start(kind, "jobs/nightly").finish(outcome);
+                    drop(Acquisition::start(kind, "jobs/nightly"));
+                });
+                assert_eq!(n, 0, "{kind:?} {outcome:?}");
+            }
+            let held = Held::default();
+            let n = allocations_during(|| {
+                held.start(kind, "jobs/nightly");
+                held.lost(&lock_lost);
+                held.lost(&closed);
+                held.ended();
+            });
+            assert_eq!(n, 0, "the guard of {kind:?}");
+        }
+        for view in [View::Discovery, View::Election, View::Inspection] {
+            let n = allocations_during(|| {
+                view_events(view, 3);
+                view_lag(view, 2);
+                view_reread(view);
+            });
+            assert_eq!(n, 0, "{view:?}");
+        }
+        let now = tokio::time::Instant::now();
+        let n = allocations_during(|| {
+            refresh_acknowledged(now, now);
+            session_state("alive");
+            session_state("suspended");
+            session_lost(LossReason::DeadlineExceeded);
+        });
+        assert_eq!(n, 0, "sessions");
+    }
+
+    /// The static label tables agree with each other row by row: each row is one kind.
+    #[test]
+    fn every_label_table_row_is_one_kind() {
+        for kind in KINDS {
+            let k = kind as usize;
+            let value = KIND_LABELS[k][0].value();
+            for labels in &KIND_OUTCOME_LABELS[k] {
+                assert_eq!(labels[0].value(), value);
+            }
+            for labels in &KIND_CAUSE_LABELS[k] {
+                assert_eq!(labels[0].value(), value);
+            }
+        }
+        assert_eq!(
+            KIND_LABELS[Kind::RwLockWrite as usize][0].value(),
+            "rwlock_write"
+        );
+        let timeout = &KIND_OUTCOME_LABELS[Kind::Semaphore as usize][Outcome::Timeout as usize];
+        assert_eq!(
+            (timeout[0].value(), timeout[1].value()),
+            ("semaphore", "timeout")
+        );
+        let gone = &KIND_CAUSE_LABELS[Kind::Barrier as usize][LossCause::SessionClosed as usize];
+        assert_eq!(
+            (gone[0].value(), gone[1].value()),
+            ("barrier", "session_closed")
+        );
+        assert_eq!(
+            VIEW_LABELS[View::Inspection as usize][0].value(),
+            "inspection"
+        );
+    }
 }

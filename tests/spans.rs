@@ -1,10 +1,12 @@
 //! Tracing spans on real etcd: a public operation's span carries the name, the lease and —
 //! once acquired — the fencing token, and a contended acquisition's span holds the enqueue,
-//! the wait and the re-read that its time went to.
+//! the announcement, the wait and (when the hand-off was not announced) the re-read that its
+//! time went to.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -16,13 +18,19 @@ use tracing::Subscriber;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-/// A closed span: its name, its fields, and its parent's name.
+/// A closed span: its name, its fields, and its own and its parent's serial numbers (unique,
+/// unlike span ids, which are reused).
 #[derive(Debug, Clone)]
 struct Closed {
     name: String,
     fields: BTreeMap<String, String>,
-    parent: Option<String>,
+    serial: u64,
+    parent_serial: Option<u64>,
 }
+
+struct Serial(u64);
+
+static SERIALS: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 struct Fields(BTreeMap<String, String>);
@@ -47,7 +55,10 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let mut fields = Fields::default();
         attrs.record(&mut fields);
-        ctx.span(id).unwrap().extensions_mut().insert(fields);
+        let span = ctx.span(id).unwrap();
+        let mut extensions = span.extensions_mut();
+        extensions.insert(fields);
+        extensions.insert(Serial(SERIALS.fetch_add(1, Ordering::Relaxed)));
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -63,10 +74,14 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
             .get::<Fields>()
             .map(|f| f.0.clone())
             .unwrap_or_default();
+        let serial = |s: &tracing_subscriber::registry::SpanRef<'_, S>| {
+            s.extensions().get::<Serial>().map(|n| n.0).unwrap()
+        };
         self.0.lock().unwrap().push(Closed {
             name: span.name().to_owned(),
             fields,
-            parent: span.parent().map(|p| p.name().to_owned()),
+            serial: serial(&span),
+            parent_serial: span.parent().map(|p| serial(&p)),
         });
     }
 }
@@ -78,7 +93,7 @@ fn a_contended_locks_span_has_its_name_lease_token_and_where_its_time_went() {
         .with(capture.clone())
         .with(tracing_subscriber::filter::LevelFilter::DEBUG);
     let name = unique("spans");
-    let (lease, token) = std::thread::scope(|scope| {
+    let ((lease, announced), (_, by_hand)) = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .stack_size(32 << 20)
             .spawn_scoped(scope, || {
@@ -89,7 +104,9 @@ fn a_contended_locks_span_has_its_name_lease_token_and_where_its_time_went() {
                         .unwrap();
                     runtime.block_on(Box::pin(async {
                         let etcd = etcd().await;
+                        let observer = client(&etcd).await;
                         let (a, b) = (session(&etcd, 10).await, session(&etcd, 10).await);
+                        // A hand-off announced: the holder releases, its waiter takes over.
                         let held = Mutex::new(&a, &name).lock().await.unwrap();
                         let waiter = tokio::spawn({
                             let mutex = Mutex::new(&b, &name);
@@ -98,9 +115,19 @@ fn a_contended_locks_span_has_its_name_lease_token_and_where_its_time_went() {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         held.release().await.unwrap();
                         let got = waiter.await.unwrap().unwrap();
-                        let token = got.fencing_token();
-                        got.release().await.unwrap();
-                        (b.lease_id(), token)
+                        let first = (b.lease_id(), got.fencing_token());
+                        // Not announced: the holder's key deleted by hand, the waiter reads again.
+                        let waiter = tokio::spawn({
+                            let mutex = Mutex::new(&a, &name);
+                            async move { mutex.lock().await }
+                        });
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        observer.clone().delete(got.key(), None).await.unwrap();
+                        let then = waiter.await.unwrap().unwrap();
+                        let second = (a.lease_id(), then.fencing_token());
+                        then.release().await.unwrap();
+                        let _ = got.release().await; // lost: its key was deleted
+                        (first, second)
                     }))
                 })
             })
@@ -113,34 +140,44 @@ fn a_contended_locks_span_has_its_name_lease_token_and_where_its_time_went() {
         .iter()
         .filter(|s| s.name == "etcd_coord.mutex.lock")
         .collect();
-    assert_eq!(locks.len(), 2, "{spans:#?}");
-    let waited = locks
-        .iter()
-        .find(|s| s.fields.get("fencing_token") == Some(&token.to_string()))
-        .unwrap_or_else(|| panic!("a lock span with fencing_token {token}: {locks:#?}"));
-    assert_eq!(waited.fields.get("name"), Some(&name));
-    assert_eq!(waited.fields.get("lease"), Some(&format!("{lease:x}")));
-    let inside = |child: &str| {
+    assert_eq!(locks.len(), 3, "{spans:#?}");
+    let lock_with = |token: i64| {
+        *locks
+            .iter()
+            .find(|s| s.fields.get("fencing_token") == Some(&token.to_string()))
+            .unwrap_or_else(|| panic!("a lock span with fencing_token {token}: {locks:#?}"))
+    };
+    let inside = |lock: &Closed, child: &str| {
         spans
             .iter()
-            .filter(|s| s.name == child && s.parent.as_deref() == Some("etcd_coord.mutex.lock"))
+            .filter(|s| s.name == child && s.parent_serial == Some(lock.serial))
             .count()
     };
+    let waited = lock_with(announced);
+    assert_eq!(waited.fields.get("name"), Some(&name));
+    assert_eq!(waited.fields.get("lease"), Some(&format!("{lease:x}")));
+    assert_eq!(inside(waited, "etcd_coord.enqueue"), 1, "{spans:#?}");
     assert!(
-        inside("etcd_coord.enqueue") >= 2,
-        "each lock enqueued: {spans:#?}"
+        inside(waited, "etcd_coord.announce") >= 1,
+        "it announced itself to the holder: {spans:#?}"
     );
     assert!(
-        inside("etcd_coord.watch_wait") >= 1,
-        "the waiter waited: {spans:#?}"
+        inside(waited, "etcd_coord.watch_wait") >= 1,
+        "it waited: {spans:#?}"
+    );
+    let unannounced = lock_with(by_hand);
+    assert_eq!(inside(unannounced, "etcd_coord.enqueue"), 1, "{spans:#?}");
+    assert!(
+        inside(unannounced, "etcd_coord.watch_wait") >= 1,
+        "{spans:#?}"
     );
     assert!(
-        inside("etcd_coord.reread") >= 1,
-        "and read again after the hand-off: {spans:#?}"
+        inside(unannounced, "etcd_coord.reread") >= 1,
+        "it read the queue again after the key ahead went without a release: {spans:#?}"
     );
     let releases = spans
         .iter()
         .filter(|s| s.name == "etcd_coord.release")
         .count();
-    assert_eq!(releases, 2);
+    assert_eq!(releases, 3);
 }

@@ -1,7 +1,9 @@
 //! `etcd-coord inspect NAME [--permits N] [--watch]`: who holds NAME and who waits, in order —
 //! for the lock/election queue it shares with etcd's own clients, and for a semaphore,
 //! read/write lock or barrier of that name — with each key's lease, the lease's remaining and
-//! granted TTL, its age in revisions, its fencing token and which client made it.
+//! granted TTL, its age in revisions, its fencing token and which client made it. A waiter's
+//! pointer beside the queue (an announced hand-off) is no member: it shows as that waiter's
+//! "announced behind <key>".
 
 use etcd_coord::inspect::{Inspector, Member, MemberClient, QueueKind, QueueState, Role};
 use futures::StreamExt;
@@ -157,6 +159,9 @@ fn line(position: usize, m: &Member) -> String {
     if !m.value().is_empty() {
         text.push_str(&format!("  value {:?}", String::from_utf8_lossy(m.value())));
     }
+    if let Some(ahead) = m.announced_behind() {
+        text.push_str(&format!("  announced behind {ahead}"));
+    }
     text
 }
 
@@ -175,5 +180,6 @@ fn member(position: usize, m: &Member) -> Value {
         "mod_revision": m.mod_revision(),
         "age_revisions": m.age_revisions(),
         "value": String::from_utf8_lossy(m.value()),
+        "announced_behind": m.announced_behind(),
     })
 }

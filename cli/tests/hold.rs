@@ -327,3 +327,55 @@ async fn failures_have_their_documented_exit_codes() {
         "no hang without --timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_etcdctls_variables_and_refusals_exit_77() {
+    let etcd = etcd().await;
+    if etcd.cluster.is_none() {
+        eprintln!("skipped: auth is not turned on in a shared cluster (ETCD_ENDPOINTS)");
+        return;
+    }
+    let name = unique("auth");
+    etcdctl_output(&etcd, &["user", "add", "root:root-pw"]).await;
+    etcdctl_output(&etcd, &["user", "grant-role", "root", "root"]).await;
+    etcdctl_output(&etcd, &["user", "add", "nobody:nobody-pw"]).await;
+    etcdctl_output(&etcd, &["auth", "enable"]).await;
+
+    let show = [
+        "lock",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo $ETCD_COORD_FENCING_TOKEN",
+    ];
+    let wrong = [("ETCDCTL_USER", "root:wrong")];
+    assert_eq!(
+        coord_output_with(&etcd, &wrong, &show).await.0,
+        77,
+        "authentication failed"
+    );
+    let nobody = [
+        ("ETCDCTL_USER", "nobody"),
+        ("ETCDCTL_PASSWORD", "nobody-pw"),
+    ];
+    let (code, out) = coord_output_with(&etcd, &nobody, &show).await;
+    assert_eq!(code, 77, "permission denied: {out}");
+    assert!(out.is_empty(), "CMD did not run: {out}");
+    let root = [
+        ("ETCDCTL_USER", "root"),
+        ("ETCDCTL_PASSWORD", "root-pw"),
+        ("ETCDCTL_WRITE_OUT", "json"),
+    ];
+    let (code, out) = coord_output_with(&etcd, &root, &show).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.trim().parse::<i64>().unwrap() > 0, "{out}");
+    let (code, out) = coord_output_with(&etcd, &root, &["inspect", &name]).await;
+    assert_eq!(code, 0, "{out}");
+    let state: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        state["name"],
+        name.as_str(),
+        "ETCDCTL_WRITE_OUT=json: {out}"
+    );
+}

@@ -256,3 +256,62 @@ async fn services_lists_a_target_and_follows_its_changes() {
     follow.signal("INT");
     assert_eq!(follow.exit_code(Duration::from_secs(10)).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_shows_waiters_pointers_as_their_announcements_not_as_members() {
+    let etcd = etcd().await;
+    let name = unique("announced");
+    let mut holder = coord(&etcd, &["lock", &name]);
+    holder.line().await;
+    let mut waiters = Vec::new();
+    for n in 2..=3 {
+        waiters.push(coord(&etcd, &["lock", &name]));
+        let pointers = n - 1;
+        let settled = eventually(Duration::from_secs(30), || async {
+            let keys = etcdctl_output(&etcd, &["get", "--prefix", "--keys-only", &name]).await;
+            lock_members(&etcd, &name).await.len() == n
+                && keys.matches("#next/").count() == pointers
+        })
+        .await;
+        assert!(
+            settled,
+            "{n} members, {pointers} pointers: {}",
+            etcdctl_output(&etcd, &["get", "--prefix", "--keys-only", &name]).await
+        );
+    }
+    let keys = etcdctl_output(&etcd, &["get", "--prefix", "--keys-only", &name]).await;
+    assert_eq!(
+        keys.split_whitespace().count(),
+        5,
+        "3 members, 2 pointers: {keys}"
+    );
+
+    let state = inspect(&etcd, &name).await;
+    assert_eq!(state["queues"].as_array().unwrap().len(), 1, "{state}");
+    let members = state["queues"][0]["members"].as_array().unwrap().clone();
+    assert_eq!(members.len(), 3, "{members:?}");
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m["client"], "ours", "{m}");
+        assert!(!m["key"].as_str().unwrap().contains("#next/"), "{m}");
+        let behind = if i == 0 {
+            Value::Null
+        } else {
+            members[i - 1]["key"].clone()
+        };
+        assert_eq!(m["announced_behind"], behind, "{m}");
+    }
+    let (code, simple) = coord_output(&etcd, &["inspect", &name]).await;
+    assert_eq!(code, 0);
+    assert!(!simple.contains("#next/"), "{simple}");
+    assert!(!simple.contains("foreign"), "{simple}");
+    assert_eq!(simple.matches("announced behind").count(), 2, "{simple}");
+    assert_eq!(
+        simple.lines().count(),
+        4,
+        "a header and 3 members: {simple}"
+    );
+    for mut p in waiters.into_iter().chain([holder]) {
+        p.signal("TERM");
+        p.exit_code(Duration::from_secs(10)).await;
+    }
+}

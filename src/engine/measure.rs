@@ -17,9 +17,7 @@ pub(crate) async fn acquisition(
     acquire: impl Future<Output = Result<Holding, Error>>,
 ) -> Result<Holding, Error> {
     let measured = Acquisition::start(kind, name);
-    // Boxed: the acquisition's future is deep, and every layer around it adds to the depth
-    // the compiler walks for the caller's future.
-    let result = Box::pin(acquire).await;
+    let result = acquire.await;
     match &result {
         Ok(holding) => {
             measured.finish(Outcome::Acquired);
@@ -37,7 +35,7 @@ pub(crate) async fn attempt(
     acquire: impl Future<Output = Result<Option<Holding>, Error>>,
 ) -> Result<Option<Holding>, Error> {
     let measured = Acquisition::start(kind, name);
-    let result = Box::pin(acquire).await;
+    let result = acquire.await;
     match &result {
         Ok(Some(holding)) => {
             measured.finish(Outcome::Acquired);

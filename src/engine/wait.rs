@@ -264,6 +264,7 @@ enum Announced {
 /// in the same Txn. The put happens only while `ahead` is still that incarnation and our key
 /// still ours (a pointer never outlives its key's release, and never sits under a key that is
 /// gone). Recorded in the ticket (which deletes it if dropped) while it may exist.
+#[tracing::instrument(name = "etcd_coord.announce", level = "debug", skip_all, fields(key = %ticket.key))]
 async fn announce(
     session: &Arc<Session>,
     ticket: &mut Ticket,

@@ -187,10 +187,15 @@ impl LeasedSession {
     /// let _other = Mutex::new(&other, "jobs/b").lock().await?;
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.session.sibling", skip_all, fields(ttl = ?options.ttl(), lease = tracing::field::Empty))]
     pub async fn sibling(&self, options: SessionOptions) -> Result<LeasedSession, Error> {
         let ttl_secs = options.validate()?;
         let (rpc, tasks) = LeasedSession::rpc(self.client().clone(), &options);
         let lease = grant::grant(&rpc, ttl_secs).await?;
+        tracing::Span::current().record(
+            "lease",
+            tracing::field::display(format_args!("{:x}", lease.id)),
+        );
         let hub = Arc::clone(&self.handle.session.hub);
         Ok(LeasedSession::start(rpc, tasks, lease, &options, Some(hub)))
     }

@@ -116,15 +116,30 @@ impl Proc {
 
 /// `etcd-coord` with `args`, against `etcd` (through `ETCDCTL_ENDPOINTS`, as scripts set it).
 pub fn coord(etcd: &TestEtcd, args: &[&str]) -> Proc {
+    coord_with(etcd, &[], args)
+}
+
+/// [`coord`] with more environment variables (`ETCDCTL_USER`, say).
+pub fn coord_with(etcd: &TestEtcd, envs: &[(&str, &str)], args: &[&str]) -> Proc {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_etcd-coord"));
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let envs = [("ETCDCTL_ENDPOINTS", etcd.endpoints().join(","))];
-    Proc::spawn(bin, &args, &envs, &format!("etcd-coord {}", args.join(" ")))
+    let mut all = vec![("ETCDCTL_ENDPOINTS", etcd.endpoints().join(","))];
+    all.extend(envs.iter().map(|(k, v)| (*k, v.to_string())));
+    Proc::spawn(bin, &args, &all, &format!("etcd-coord {}", args.join(" ")))
 }
 
 /// `etcd-coord` with `args`, run to its end: its exit code and stdout.
 pub async fn coord_output(etcd: &TestEtcd, args: &[&str]) -> (i32, String) {
-    let mut proc = coord(etcd, args);
+    coord_output_with(etcd, &[], args).await
+}
+
+/// [`coord_output`] with more environment variables.
+pub async fn coord_output_with(
+    etcd: &TestEtcd,
+    envs: &[(&str, &str)],
+    args: &[&str],
+) -> (i32, String) {
+    let mut proc = coord_with(etcd, envs, args);
     let code = proc.exit_code(Duration::from_secs(60)).await;
     let mut out = String::new();
     while let Some(line) = proc.line_within(Duration::from_millis(200)).await {
