@@ -80,7 +80,7 @@ impl Barrier {
                 None => Err(Error::AlreadyHeld { key }),
             }
         };
-        let holding = measure::acquisition(Kind::Barrier, self.name(), hold).await?;
+        let holding = measure::measured!(Kind::Barrier, self.name(), hold)?;
         Ok(BarrierHold::from_holding(holding))
     }
 

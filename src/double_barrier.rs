@@ -216,7 +216,7 @@ impl DoubleBarrier {
             let leave = leave_txn(&acquired, lease, &participants, &ready);
             Ok(Holding::with_release(self.session.clone(), acquired, leave))
         };
-        let holding = measure::acquisition(Kind::DoubleBarrier, self.name(), enter).await?;
+        let holding = measure::measured!(Kind::DoubleBarrier, self.name(), enter)?;
         Ok(DoubleBarrierGuard::from_holding(
             holding,
             participants,

@@ -70,12 +70,12 @@ impl RwLock {
 
     async fn acquire(&self, kind: &'static str) -> Result<Holding, Error> {
         let acquire = async { self.line(kind)?.acquire(Vec::new()).await };
-        measure::acquisition(measured(kind), self.name(), acquire).await
+        measure::measured!(measured(kind), self.name(), acquire)
     }
 
     async fn try_acquire(&self, kind: &'static str) -> Result<Option<Holding>, Error> {
         let attempt = async { self.line(kind)?.try_acquire(Vec::new()).await };
-        measure::attempt(measured(kind), self.name(), attempt).await
+        measure::attempted!(measured(kind), self.name(), attempt)
     }
 
     async fn resume(
@@ -85,7 +85,7 @@ impl RwLock {
         fencing_token: i64,
     ) -> Result<Holding, Error> {
         let adopt = async { self.line(kind)?.adopt(key, fencing_token).await };
-        measure::acquisition(measured(kind), self.name(), adopt).await
+        measure::measured!(measured(kind), self.name(), adopt)
     }
 
     /// Waits for shared (read) access.

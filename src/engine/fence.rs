@@ -37,12 +37,19 @@ pub struct Fence {
     pub(super) lease_id: i64,
     /// The revision at which the key was known to exist.
     pub(super) revision: i64,
+    /// What the clones share: the owner key's mod revision and the guard's metrics.
+    pub(super) shared: Arc<Shared>,
+}
+
+/// What a fence's clones share (one allocation per acquisition).
+#[derive(Debug, Default)]
+pub(super) struct Shared {
     /// The owner key's mod revision as of the last write through this fence or its clones:
     /// every fenced write is conditional on it and moves it on, so that a write whose caller
     /// gave up can never land after a later one.
-    pub(super) mod_revision: Arc<AtomicI64>,
-    /// The guard's metrics (hold time, loss), shared by the clones.
-    pub(crate) held: Arc<Held>,
+    pub(super) mod_revision: AtomicI64,
+    /// The guard's metrics (hold time, loss).
+    pub(super) held: Held,
 }
 
 /// How many times a fenced write is re-sequenced after other writes through the same fence
@@ -82,13 +89,18 @@ impl Fence {
         keys::owner_compares(&self.key, self.create_revision, self.lease_id)
     }
 
+    /// The guard's metrics (hold time, loss), shared by the clones.
+    pub(crate) fn held(&self) -> &Held {
+        &self.shared.held
+    }
+
     /// The error for an acquisition found no longer holding (counted in the metrics once).
     pub(super) fn lock_lost(&self) -> Error {
         let error = Error::LockLost {
             key: self.key.clone(),
             create_revision: self.create_revision,
         };
-        self.held.lost(&error);
+        self.shared.held.lost(&error);
         error
     }
 
@@ -121,7 +133,7 @@ impl Fence {
     pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
         let ops = ops.into();
         let session = self.session.inner();
-        session.check().inspect_err(|e| self.held.lost(e))?;
+        session.check().inspect_err(|e| self.shared.held.lost(e))?;
         let effect = Effect::of(&ops, self.key.as_bytes());
         if !effect.writes {
             let txn = Txn::new().when(self.owner_compares()).and_then(ops);
@@ -141,7 +153,7 @@ impl Fence {
             ));
         }
         for _ in 0..RESEQUENCE_LIMIT {
-            let expected = self.mod_revision.load(Ordering::Acquire);
+            let expected = self.shared.mod_revision.load(Ordering::Acquire);
             let mut compares = self.owner_compares();
             compares.push(Compare::mod_revision(
                 self.key.as_str(),
@@ -154,7 +166,7 @@ impl Fence {
                 .or_else([TxnOp::get(self.key.as_str(), None)]);
             let resp = session.rpc.txn(txn).await?;
             if resp.succeeded() {
-                self.mod_revision
+                self.shared.mod_revision
                     .fetch_max(keys::header_revision(&resp)?, Ordering::AcqRel);
                 return Ok(resp);
             }
@@ -169,7 +181,7 @@ impl Fence {
                 // Still ours, changed since: another write of this holder (or one whose caller
                 // gave up) landed first. Go after it.
                 Some(m) => {
-                    self.mod_revision.fetch_max(m, Ordering::AcqRel);
+                    self.shared.mod_revision.fetch_max(m, Ordering::AcqRel);
                 }
                 None => return Err(self.lock_lost()),
             }
@@ -192,7 +204,7 @@ impl Fence {
             self.lease_id,
             self.revision,
         );
-        let held = Arc::clone(&self.held);
+        let shared = Arc::clone(&self.shared);
         async move {
             let error =
                 match wait_not_ours(&session, &key, create_revision, lease_id, seen_at).await {
@@ -202,7 +214,7 @@ impl Fence {
                     },
                     Err(e) => e,
                 };
-            held.lost(&error);
+            shared.held.lost(&error);
             error
         }
     }

@@ -12,7 +12,7 @@ use crate::keys;
 use crate::{Error, LeasedSession};
 
 use super::cleanup::{Afterwards, Cleanup};
-use super::fence::Fence;
+use super::fence::{Fence, Shared};
 use super::ticket::Acquired;
 use super::SessionKeys;
 
@@ -118,8 +118,10 @@ impl Holding {
                 key: acquired.key,
                 create_revision: acquired.create_revision,
                 revision: acquired.revision,
-                mod_revision: Arc::new(AtomicI64::new(acquired.create_revision)),
-                held: Default::default(),
+                shared: Arc::new(Shared {
+                    mod_revision: AtomicI64::new(acquired.create_revision),
+                    held: Default::default(),
+                }),
             },
             released_at: None,
             release_maybe_landed: false,
@@ -202,7 +204,7 @@ impl std::fmt::Debug for Holding {
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        self.fence.held.ended();
+        self.fence.shared.held.ended();
         if self.released_at.is_none() {
             self.fence.session.inner().clean_up(Cleanup::Release {
                 key: self.fence.key.clone(),

@@ -1,42 +1,82 @@
 //! Measuring an acquisition: its outcome and wait time in the metrics, its guard's hold time
 //! and loss from then on, and its fencing token on the caller's span. What a primitive's public
 //! acquisition wraps its work in (`crate::metrics` has the names).
-
-use std::future::Future;
+//!
+//! Macros rather than functions taking the acquisition's future: the future is awaited in
+//! place, inside the caller's own future, as it would be unmeasured — not moved into another
+//! future. Debug builds box it all the same: unoptimised, they keep copies of these deep
+//! futures on the stack, and the measured public operations (with their spans) overflowed a
+//! test thread's 2 MiB stack. Release builds allocate nothing here.
 
 use crate::metrics::{Acquisition, Kind, Outcome};
 use crate::Error;
 
 use super::Holding;
 
-/// Runs the acquisition `acquire` of a `kind` named `name`, measured: a dropped future counts
-/// as cancelled (or timed out, inside [`crate::timeout`]).
-pub(crate) async fn acquisition(
+/// `$future`, boxed in debug builds only (see the module's documentation).
+#[cfg(debug_assertions)]
+macro_rules! in_debug_box {
+    ($future:expr) => {
+        Box::pin($future)
+    };
+}
+#[cfg(not(debug_assertions))]
+macro_rules! in_debug_box {
+    ($future:expr) => {
+        $future
+    };
+}
+pub(crate) use in_debug_box;
+
+/// Awaits the acquisition `$acquire` (a future of `Result<Holding, Error>`) of a `$kind`
+/// (`metrics::Kind`) named `$name`, measured: a dropped future counts as cancelled (or timed
+/// out, inside [`crate::timeout`]). Evaluates to its result.
+macro_rules! measured {
+    ($kind:expr, $name:expr, $acquire:expr) => {{
+        let measured = $crate::metrics::Acquisition::start($kind, $name);
+        let result = $crate::engine::measure::in_debug_box!($acquire).await;
+        $crate::engine::measure::acquired(measured, &result, $kind, $name);
+        result
+    }};
+}
+pub(crate) use measured;
+
+/// As [`measured!`], for a try-acquisition (a future of `Result<Option<Holding>, Error>`):
+/// `None` is busy.
+macro_rules! attempted {
+    ($kind:expr, $name:expr, $attempt:expr) => {{
+        let measured = $crate::metrics::Acquisition::start($kind, $name);
+        let result = $crate::engine::measure::in_debug_box!($attempt).await;
+        $crate::engine::measure::attempt_ended(measured, &result, $kind, $name);
+        result
+    }};
+}
+pub(crate) use attempted;
+
+/// Records how the acquisition `measured` ended.
+pub(crate) fn acquired(
+    measured: Acquisition,
+    result: &Result<Holding, Error>,
     kind: Kind,
     name: &str,
-    acquire: impl Future<Output = Result<Holding, Error>>,
-) -> Result<Holding, Error> {
-    let measured = Acquisition::start(kind, name);
-    let result = acquire.await;
-    match &result {
+) {
+    match result {
         Ok(holding) => {
             measured.finish(Outcome::Acquired);
             holds(holding, kind, name);
         }
         Err(e) => measured.finish(Outcome::of_error(e)),
     }
-    result
 }
 
-/// As [`acquisition`], for a try-acquisition: `None` is busy.
-pub(crate) async fn attempt(
+/// Records how the try-acquisition `measured` ended.
+pub(crate) fn attempt_ended(
+    measured: Acquisition,
+    result: &Result<Option<Holding>, Error>,
     kind: Kind,
     name: &str,
-    acquire: impl Future<Output = Result<Option<Holding>, Error>>,
-) -> Result<Option<Holding>, Error> {
-    let measured = Acquisition::start(kind, name);
-    let result = acquire.await;
-    match &result {
+) {
+    match result {
         Ok(Some(holding)) => {
             measured.finish(Outcome::Acquired);
             holds(holding, kind, name);
@@ -44,13 +84,12 @@ pub(crate) async fn attempt(
         Ok(None) => measured.finish(Outcome::Busy),
         Err(e) => measured.finish(Outcome::of_error(e)),
     }
-    result
 }
 
 /// `holding` holds from now: its hold time and loss are measured, and the current span (the
 /// public operation's) gets its fencing token.
 fn holds(holding: &Holding, kind: Kind, name: &str) {
     let fence = holding.fence();
-    fence.held.start(kind, name);
+    fence.shared.held.start(kind, name);
     tracing::Span::current().record("fencing_token", fence.fencing_token());
 }
