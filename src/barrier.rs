@@ -97,10 +97,6 @@ impl Barrier {
     /// Cancel-safe: waiting creates nothing.
     pub async fn wait(&self) -> Result<(), Error> {
         let key = self.key()?;
-        #[cfg(feature = "sabotage")]
-        if crate::sabotage::broken() {
-            return Ok(()); // deliberately unsafe: see sabotage
-        }
         let session = self.session.inner();
         let now = engine::read(session, vec![TxnOp::get(key.as_str(), None)]).await?;
         match now.gets.first().and_then(|g| g.kvs().first()) {
@@ -226,10 +222,6 @@ impl DoubleBarrier {
                 .or_else([TxnOp::get(ready.as_str(), None)]);
             let (ready, participants) = (ready.clone(), participants.clone());
             move |snapshot: &engine::Snapshot| {
-                #[cfg(feature = "sabotage")]
-                if crate::sabotage::broken() {
-                    return Decision::Through { touch: false }; // deliberately unsafe
-                }
                 let present = snapshot.gets.first().map_or(0, |g| g.count());
                 let latched = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
                 if latched {

@@ -99,6 +99,13 @@ async fn rwlock_never_lets_a_writer_share_under_fault_schedules() {
     stays_safe(Primitive::RwLock, 3, &[39]).await;
 }
 
+/// Every client runs a `LeaderSelector`: terms never overlap, every term's writes are fenced,
+/// and `Election::observe` (three observers) and each selector's `leaders()` follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_selectors_lead_one_at_a_time_and_observers_follow_under_fault_schedules() {
+    stays_safe(Primitive::Selector, 3, &[1]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barrier_waits_pass_only_when_it_is_down_under_fault_schedules() {
     stays_safe(Primitive::Barrier, 3, &[19]).await;
@@ -203,6 +210,14 @@ async fn mutex_stays_safe_under_real_partitions() {
 /// every kind of fault. `-- --nocapture` prints the schedules of seeds 1–40.
 #[test]
 fn the_ci_seeds_keep_their_schedules() {
+    if let Ok(n) = std::env::var("CHAOS_PRINT") {
+        for seed in 1..=n.parse().unwrap() {
+            println!("S {seed} {:?}", schedule(seed));
+        }
+        for seed in 1..=n.parse().unwrap() {
+            println!("P {seed} {:?}", schedule_with_partitions(seed));
+        }
+    }
     let pinned = [
         (1, "[(638, LoseRelease(2)), (782, KillClient(1)), (576, BlackholeClient(3)), (438, DropResponses(0))]"),
         (4, "[(1312, RefuseClient(2)), (829, LoseRelease(1)), (943, KillLeader)]"),
