@@ -53,10 +53,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
-use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{
     Election, LeasedSession, Mutex, MutexGuard, Semaphore, SemaphorePermit, SessionOptions,
 };
+use etcd_coord_testkit::EtcdCluster;
 
 /// The system allocator, counting the bytes live on the heap (for `bytes_per_endpoint`).
 struct Counting;

@@ -5,11 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use etcd_coord_testkit::{EtcdCluster, FaultProxy};
 use etcd_coord::{
     Barrier, DoubleBarrier, Election, Error, LeaderSelector, LeasedSession, Mutex, RwLock,
     SessionOptions,
 };
+use etcd_coord_testkit::{EtcdCluster, FaultProxy};
 use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,8 +13,8 @@ use etcd_coord::discovery::{
     Discovery, Endpoint, Registration, RegistrationState, ServiceView, SessionRegistration,
     ViewChange, ViewChanges,
 };
-use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{Error, LeasedSession, SessionOptions};
+use etcd_coord_testkit::EtcdCluster;
 use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};

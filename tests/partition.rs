@@ -10,8 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_coord_testkit::{partitions_unsupported, EtcdCluster};
 use etcd_coord::{recommended_connect_options, LeasedSession, Mutex, SessionOptions};
+use etcd_coord_testkit::{partitions_unsupported, EtcdCluster};
 
 const TTL: Duration = Duration::from_secs(3);
 

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use common::init_tracing;
 use etcd_client::Client;
 use etcd_coord::discovery::{Discovery, Endpoint, Registration, ServiceView};
-use etcd_coord_testkit::EtcdCluster;
 use etcd_coord::{
     Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock, Semaphore,
     SessionOptions,
 };
+use etcd_coord_testkit::EtcdCluster;
 use futures::StreamExt;
 
 /// The recommended options, trusting the CA in the PEM file `ca` and presenting no client

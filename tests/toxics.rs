@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use common::*;
 use etcd_coord::discovery::{Discovery, Endpoint, Registration};
-use etcd_coord_testkit::faults::{FaultServer, Kind, Stream, Toxic};
 use etcd_coord::{Election, LeaderEvent, LeasedSession, Mutex, SessionOptions, SessionState};
+use etcd_coord_testkit::faults::{FaultServer, Kind, Stream, Toxic};
 use futures::StreamExt;
 use tokio::time::Instant;
 

@@ -1,8 +1,8 @@
 //! Shared by the per-primitive examples: the etcd named by `ETCD_ENDPOINTS`, or a fresh
 //! single-member one started through the testkit (killed when the example ends).
 
-use etcd_coord_testkit::TestEtcd;
 use etcd_coord::{LeasedSession, SessionOptions};
+use etcd_coord_testkit::TestEtcd;
 
 /// The etcd to use (keep it alive for the example's duration).
 pub async fn etcd() -> TestEtcd {

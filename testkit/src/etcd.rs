@@ -881,7 +881,11 @@ impl TestEtcd {
     /// # Errors
     /// If the endpoints cannot be parsed.
     pub async fn client(&self) -> Result<Client, TestkitError> {
-        Ok(Client::connect(&self.endpoints, Some(etcd_coord::recommended_connect_options())).await?)
+        Ok(Client::connect(
+            &self.endpoints,
+            Some(etcd_coord::recommended_connect_options()),
+        )
+        .await?)
     }
 
     /// Compacts the key-value history up to the current revision; returns that revision.

@@ -9,8 +9,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
-use etcd_coord_testkit::{FaultProxy, TestEtcd};
 use etcd_coord::{LeasedSession, SessionOptions};
+use etcd_coord_testkit::{FaultProxy, TestEtcd};
 
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
