@@ -40,7 +40,7 @@ fn consume(view: &ServiceView, drops: bool) -> (Consumed, tokio::task::JoinHandl
         let mut n = 0u64;
         while let Some(Ok(change)) = changes.next().await {
             n += 1;
-            if drops && n % 3 == 0 {
+            if drops && n.is_multiple_of(3) {
                 continue;
             }
             let mut set = built.lock().unwrap();

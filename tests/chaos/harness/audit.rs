@@ -159,7 +159,7 @@ pub async fn observer(
                 None => break,
             };
             n += 1;
-            if broken == Some(Broken::DropsEvents) && n % 3 == 0 {
+            if broken == Some(Broken::DropsEvents) && n.is_multiple_of(3) {
                 continue; // deliberately broken
             }
             sh.history.observed(j, leader, std::mem::take(&mut fresh));

@@ -417,8 +417,10 @@ pub async fn client_loop(
                     }
                     Ok(Some(h)) => h,
                     Err(e) => {
-                        // Lost, closed, refused: start over with a new session.
+                        // Lost, closed, refused: start over with a new session, after a
+                        // pause (a refusal would otherwise be asked again at once).
                         sink.report(id, Report::GaveUp(why(&e)));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         break;
                     }
                 };
@@ -426,6 +428,11 @@ pub async fn client_loop(
                 let lease = session.lease_id();
                 if hold_and_release(&ctl, held, lease, &sink, &writer, until).await {
                     break; // lost: start over with a new session
+                }
+                if primitive == Primitive::Barrier {
+                    // Let the waiters it just released try to hold it up too.
+                    let pause = rand::random_range(20..80);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
             }
         }

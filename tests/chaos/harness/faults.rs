@@ -56,6 +56,14 @@ pub enum Fault {
     /// reached etcd: credited to those, they would stretch the holder's belief past the
     /// server's expiry.
     HoldAnswers(usize),
+    /// (Secure runs only, not drawn by the schedules.) The clients' role may only write, not
+    /// read, for 3 s, and every client's connections are reset: waiters' watches are opened
+    /// again — and refused —, and every acquisition fails (its reads are refused).
+    RevokeRead,
+    /// (Secure runs only, not drawn by the schedules.) The clients' role may only read, not
+    /// write, for 3 s: no acquisition gets in, and a release can never succeed — the session
+    /// whose release fails must end (Lost, `CleanupFailed`), as docs/safety.md promises.
+    RevokeWrite,
     /// A real partition (nftables in the member's network namespace): cut member `m` from
     /// its peers for longer than the TTL; its clients still reach it.
     IsolateMember(usize),
@@ -283,8 +291,9 @@ pub async fn proxies_of(cluster: &EtcdCluster, paths: usize) -> Vec<Arc<ApiProxy
 /// (faults "longer than the TTL" last TTL + 2 s; partitions are healed). Client `i`'s path is
 /// `proxies[i]`. For [`Fault::CutOffHolder`] and [`Fault::HoldAnswers`] only the network part:
 /// making the client hold first is the caller's. Returns false, doing nothing, for the
-/// faults that act on clients themselves: [`Fault::KillClient`], [`Fault::LoseRelease`],
-/// [`Fault::PauseHolder`].
+/// faults that act on clients themselves ([`Fault::KillClient`], [`Fault::LoseRelease`],
+/// [`Fault::PauseHolder`]) or on their permissions ([`Fault::RevokeRead`],
+/// [`Fault::RevokeWrite`]).
 pub async fn apply_network_fault(
     f: &Fault,
     cluster: &mut EtcdCluster,
@@ -348,7 +357,11 @@ pub async fn apply_network_fault(
             tokio::time::sleep(TTL + Duration::from_secs(2)).await;
             cluster.heal(m).expect("healed");
         }
-        Fault::KillClient(_) | Fault::LoseRelease(_) | Fault::PauseHolder(_) => return false,
+        Fault::KillClient(_)
+        | Fault::LoseRelease(_)
+        | Fault::PauseHolder(_)
+        | Fault::RevokeRead
+        | Fault::RevokeWrite => return false,
     }
     true
 }

@@ -284,6 +284,26 @@ pub async fn run_schedule_secure(
     run(primitive, members, seed, plan, options).await
 }
 
+/// As [`run_schedule_secure`], returning also the counts of what the checker does not judge
+/// (failed attempts and lost sessions by reason, refused writes), for a plan that revokes
+/// permissions ([`Fault::RevokeRead`], [`Fault::RevokeWrite`]).
+#[cfg(feature = "tls")]
+pub async fn run_schedule_secure_counting(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+) -> (Vec<Violation>, std::collections::BTreeMap<String, usize>) {
+    let options = Options {
+        secured: true,
+        ..Options::new()
+    };
+    let tally = Arc::new(StdMutex::new(Default::default()));
+    let violations = run_counting(primitive, members, seed, plan, options, Some(&tally)).await;
+    let tally = tally.lock().unwrap().clone();
+    (violations, tally)
+}
+
 /// As [`run_schedule`] for `primitive` (a mutex, an election, a semaphore or an RwLock),
 /// where every killed client is killed *while it holds* (each kill waits up to 2 s for its
 /// victim to hold) and restarted as a process that first resumes the dead one's lease and
@@ -348,6 +368,31 @@ async fn start_secure(_: usize) -> (EtcdCluster, Client, Option<Secure>) {
     unreachable!("secure chaos runs need the tls feature")
 }
 
+/// Gives the secure run's role `chaos` read and/or write permission on the test's prefix
+/// (instead of readwrite).
+async fn revoke(admin: &Client, read: bool, write: bool) {
+    use etcd_client::{Permission, RoleRevokePermissionOptions};
+    const PREFIX: &str = "etcd-coord-test/";
+    let mut admin = admin.clone();
+    let _ = admin
+        .role_revoke_permission(
+            "chaos",
+            PREFIX,
+            Some(RoleRevokePermissionOptions::new().with_prefix()),
+        )
+        .await;
+    let permission = match (read, write) {
+        (true, true) => Permission::read_write(PREFIX),
+        (true, false) => Permission::read(PREFIX),
+        (false, true) => Permission::write(PREFIX),
+        (false, false) => return,
+    };
+    admin
+        .role_grant_permission("chaos", permission.with_prefix())
+        .await
+        .expect("root grants the permission");
+}
+
 /// A client of the run: a task of this process, or a process of its own.
 enum Contender {
     Task(tokio::task::JoinHandle<()>, Arc<Control>),
@@ -406,6 +451,18 @@ async fn run(
     seed: u64,
     plan: &[(u64, Fault)],
     options: Options,
+) -> Vec<Violation> {
+    run_counting(primitive, members, seed, plan, options, None).await
+}
+
+/// [`run`], handing the run's tally to `tally`.
+async fn run_counting(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+    options: Options,
+    tally_to: Option<&StdMutex<std::collections::BTreeMap<String, usize>>>,
 ) -> Vec<Violation> {
     crate::common::init_tracing();
     count_panics();
@@ -538,6 +595,18 @@ async fn run(
                 clients[*i] = Some(restarted);
             }
             Fault::LoseRelease(i) => sh.lose_release.lock().unwrap()[*i] = true,
+            Fault::RevokeRead | Fault::RevokeWrite => {
+                assert!(options.secured, "{f:?} needs a secure run");
+                let read = *f == Fault::RevokeWrite;
+                revoke(&admin, read, !read).await;
+                if *f == Fault::RevokeRead {
+                    for p in &proxies {
+                        p.reset_peer().await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                revoke(&admin, true, true).await;
+            }
             other => unreachable!("{other:?} is a network fault"),
         }
     }
@@ -613,6 +682,9 @@ async fn run(
         )
     });
     let passes = count(&|e| matches!(e, Event::Passed { .. }));
+    let per_client: Vec<usize> = (0..CLIENTS)
+        .map(|i| count(&|e| matches!(e, Event::Acquired { client, .. } | Event::Participant { client, step: Step::Entered, .. } if *client == i)))
+        .collect();
     let after_heal = count(
         &|e| matches!(e, Event::Acquired { at, .. } | Event::Passed { at, .. } | Event::Participant { step: Step::Entered, at, .. } if *at > healed),
     );
@@ -651,8 +723,11 @@ async fn run(
     }
     let processes = in_process.iter().filter(|p| !**p).count();
     let tally = sh.tally.lock().unwrap().clone();
+    if let Some(to) = tally_to {
+        *to.lock().unwrap() = tally.clone();
+    }
     eprintln!(
-        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions ({after_heal} after the heal), {passes} passed waits, {writes} writes in etcd, {processes} client process(es), {tally:?}, {} violation(s), nothing left",
+        "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions ({after_heal} after the heal; by client {per_client:?}), {passes} passed waits, {writes} writes in etcd, {processes} client process(es), {tally:?}, {} violation(s), nothing left",
         violations.len()
     );
     violations
@@ -671,12 +746,15 @@ fn cut_off_summary(
             let Some(token) = token else {
                 return format!("{f:?}: its client held nothing long in time");
             };
+            // A holder stops believing at its Ended; a double barrier's participant, at the
+            // GaveUp of the loss that took it out of the barrier.
             let ended = events.iter().find_map(|e| match e {
                 Event::Ended {
                     client: c,
                     token: t,
                     at,
                 } if c == client && t == token && at >= began => Some(*at),
+                Event::GaveUp { client: c, at } if c == client && at >= began => Some(*at),
                 _ => None,
             });
             let takeovers = events
