@@ -169,8 +169,8 @@ pub async fn observer(
     let _ = session.close().await;
 }
 
-/// Once every candidate resigned: every observer's last report must be "nobody leads" within
-/// 5 s (property j).
+/// Once every candidate resigned (or its lease ended: TTL + 3 s): every observer's last report
+/// must be "nobody leads" (property j).
 pub async fn observers_see_nobody_lead(sh: &Shared, observers: usize) -> Vec<Violation> {
     let last = |j: usize| {
         sh.history.events().iter().rev().find_map(|e| match e {
@@ -182,7 +182,8 @@ pub async fn observers_see_nobody_lead(sh: &Shared, observers: usize) -> Vec<Vio
     };
     let nobody = |j| matches!(last(j), Some(None));
     let all = || (0..observers).all(nobody);
-    if crate::common::eventually(Duration::from_secs(5), || async { all() }).await {
+    let limit = TTL + Duration::from_secs(3);
+    if crate::common::eventually(limit, || async { all() }).await {
         return Vec::new();
     }
     (0..observers)
@@ -190,7 +191,7 @@ pub async fn observers_see_nobody_lead(sh: &Shared, observers: usize) -> Vec<Vio
         .map(|j| Violation {
             property: Property::Observed,
             detail: format!(
-                "observer {j} still reports {:?} 5 s after every candidate resigned",
+                "observer {j} still reports {:?} {limit:?} after every candidate stopped",
                 last(j)
             ),
         })

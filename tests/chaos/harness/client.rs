@@ -16,12 +16,19 @@ use tokio_util::sync::CancellationToken;
 use super::report::{mono_ns, Report, Sink};
 use super::{Broken, Primitive, PERMITS, TTL};
 
-/// Every contender's sessions.
+/// Every contender's sessions: each refresh must be answered within half a second — less than
+/// the HTTP/2 keep-alive timeout of the recommended connect options (1 s), so that answers
+/// held between the two ([`Fault::HoldAnswers`](super::Fault::HoldAnswers)) arrive late on a
+/// live connection.
 pub fn session_options() -> SessionOptions {
     SessionOptions::new()
         .with_ttl(TTL)
+        .with_keepalive_timeout(KEEPALIVE_TIMEOUT)
         .with_request_timeout(Duration::from_secs(2))
 }
+
+/// How soon each lease refresh must be answered.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the harness tells a client while it runs (directly, or through its process's stdin).
 pub struct Control {

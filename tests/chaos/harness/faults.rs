@@ -50,11 +50,12 @@ pub enum Fault {
     /// holder's writes must be rejected by etcd and its `lost()` fire at once.
     PauseHolder(usize),
     /// Asymmetric: client `i`'s next acquisition is a long hold; once it holds, its requests
-    /// pass but the answers are held 1.5 s (± 0.3 s) — past the 1 s keep-alive timeout — for
-    /// 2 s; then its requests are dropped too, the answers still held, for longer than the
-    /// TTL. Late answers to refreshes sent before the drop arrive after refreshes that never
-    /// reached etcd: credited to those, they would stretch the holder's belief past the
-    /// server's expiry.
+    /// pass but the answers are held 700 ms (± 100 ms) — past the sessions' 500 ms refresh
+    /// timeout, within the connection's 1 s HTTP/2 keep-alive timeout, so the connection lives
+    /// and late answers arrive — for 2 s; then its requests are dropped too, the answers still
+    /// held, for longer than the TTL. Late answers to refreshes sent before the drop arrive
+    /// after refreshes that never reached etcd: credited to those, they would stretch the
+    /// holder's belief past the server's expiry.
     HoldAnswers(usize),
     /// (Secure runs only, not drawn by the schedules.) The clients' role may only write, not
     /// read, for 3 s, and every client's connections are reset: waiters' watches are opened
@@ -309,7 +310,7 @@ pub async fn apply_network_fault(
         }
         Fault::HoldAnswers(i) => {
             let p = &proxies[*i];
-            p.hold_answers(Duration::from_millis(1_500), Duration::from_millis(300))
+            p.hold_answers(Duration::from_millis(700), Duration::from_millis(100))
                 .await;
             tokio::time::sleep(Duration::from_secs(2)).await;
             p.drop_requests().await;

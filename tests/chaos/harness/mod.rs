@@ -422,8 +422,13 @@ async fn start_client(
     resume: Option<&Resume>,
     broken: Option<Broken>,
 ) -> Contender {
-    // It wants from the moment it starts: a client that never gets going is judged too.
-    sh.history.waiting(i);
+    // It wants from the moment it starts (a restart that resumes late: once it is to try): a
+    // client that never gets going is judged too.
+    let delay = resume.map_or(Duration::ZERO, |r| r.delay);
+    sh.history.record(Event::Waiting {
+        client: i,
+        at: Instant::now() + delay,
+    });
     if local {
         let client = connect(sh.proxies[i].endpoint(), sh.secure.as_ref()).await;
         let mut ctl = Control::new(i, sh.primitive, sh.name.clone(), None);
@@ -540,6 +545,7 @@ async fn run_counting(
             }
         }
         let began = Instant::now();
+        tracing::debug!(fault = ?f, held_long = ?held_long, "the fault acts");
         if apply_network_fault(f, &mut cluster, &proxies).await {
             if let Some(i) = long {
                 cut_offs.push((f.clone(), i, held_long, began, Instant::now()));
