@@ -41,7 +41,8 @@ async fn caught(
 }
 
 const SHORT: Duration = Duration::from_secs(2);
-/// Long enough for the liveness and key checks to judge: their bounds are 8 s.
+/// Long enough for the liveness and key checks to judge (their bounds are 8 s), and for
+/// observers to be judged (from 2 s after the heal).
 const LONG: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,11 +149,12 @@ async fn barriers_that_open_early_are_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observers_and_views_that_drop_events_are_caught() {
     let plan = [(1_500, Fault::ResetClient(2))];
+    // Observers are judged from 2 s after the heal on: the longer window.
     caught(
         Primitive::Election,
         Broken::DropsEvents,
         &plan,
-        SHORT,
+        LONG,
         Property::Observed,
     )
     .await;

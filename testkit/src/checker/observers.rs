@@ -8,11 +8,13 @@ use super::{sorted, Event, Property, Violation};
 
 /// Checks property (j) of the module docs on the [`Event::Observed`] reports of every
 /// observer: a leader's fencing token never goes down (leaders of an election follow one
-/// another in the order of their keys), and every leader acquired at or after `healed`
-/// (an [`Event::Acquired`]) is among what each observer reported — unless its stream
-/// (re)started after that acquisition (a stream starts from the state then). Events in any
-/// order; they are sorted by time.
-pub fn check_observers(events: &[Event], healed: Instant) -> Vec<Violation> {
+/// another in the order of their keys), and every leader acquired at or after `from` (an
+/// [`Event::Acquired`]) is among what each observer reported — unless its stream (re)started
+/// after that acquisition (a stream starts from the state then). Give as `from` a moment by
+/// which the faults have healed, every observer is connected again and no compaction can
+/// come: an observer that resumes past a compaction re-reads the state, and rightly sums up
+/// the leaders it missed. Events in any order; they are sorted by time.
+pub fn check_observers(events: &[Event], from: Instant) -> Vec<Violation> {
     let events = sorted(events);
     let mut violations = Vec::new();
     // Per observer: the last leader it reported, its latest fresh start, and what it saw.
@@ -52,7 +54,7 @@ pub fn check_observers(events: &[Event], healed: Instant) -> Vec<Violation> {
         else {
             continue;
         };
-        if *at < healed {
+        if *at < from {
             continue;
         }
         for (observer, start) in &started {
@@ -61,8 +63,8 @@ pub fn check_observers(events: &[Event], healed: Instant) -> Vec<Violation> {
                 violations.push(Violation::new(
                     Property::Observed,
                     format!(
-                        "observer {observer} never reported client {client}'s leadership (token {token}), acquired {:?} after the heal",
-                        at.saturating_duration_since(healed)
+                        "observer {observer} never reported client {client}'s leadership (token {token}), acquired {:?} after observers were due to report every leader",
+                        at.saturating_duration_since(from)
                     ),
                 ));
             }
