@@ -39,6 +39,7 @@
 mod backoff;
 mod barrier;
 pub mod discovery;
+mod double_barrier;
 mod election;
 mod engine;
 mod error;
@@ -54,7 +55,8 @@ mod watch;
 
 use std::time::Duration;
 
-pub use barrier::{Barrier, BarrierHold, DoubleBarrier, DoubleBarrierGuard};
+pub use barrier::{Barrier, BarrierHold};
+pub use double_barrier::{DoubleBarrier, DoubleBarrierGuard};
 pub use election::{Election, LeaderEvent, LeaderInfo, Leadership};
 pub use engine::{Fence, Holder};
 pub use error::{Error, LossReason};

@@ -1,6 +1,6 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{holding_guard, inspect, Blocker, Holder, Line};
+use crate::engine::{holding_guard, inspect, Holder, Line};
 use crate::keys::{Layout, Named};
 #[cfg(doc)]
 use crate::Fence;
@@ -62,13 +62,7 @@ impl Mutex {
 
     /// This mutex's place in its queue: one permit, every member directly under the name.
     fn line(&self) -> Result<Line<'_>, Error> {
-        let queue = self.named.queue()?;
-        Ok(Line::new(
-            &self.session,
-            queue,
-            "",
-            Blocker::over(queue, 1)?,
-        ))
+        Line::exclusive(&self.session, self.named.queue()?)
     }
 
     /// The mutex's name.
@@ -152,8 +146,11 @@ impl Mutex {
     /// sent); as [`lock()`](Self::lock) otherwise.
     ///
     /// # Cancel safety
-    /// As [`lock()`](Self::lock): dropping the future while it waits deletes the key (fenced),
-    /// as for any waiter that gives up.
+    /// As [`lock()`](Self::lock) once the key is confirmed ours: dropping the future while it
+    /// waits deletes the key (fenced), as for any waiter that gives up. Dropped before its first read confirmed the key (still the
+    /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
+    /// nobody's, and the resumed session's rule deletes it once the adoption window ends
+    /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
     ///
     /// # Example
     /// ```no_run

@@ -173,7 +173,11 @@ impl RwLock {
     /// key included (nothing is sent); as [`read()`](Self::read) otherwise.
     ///
     /// # Cancel safety
-    /// As [`read()`](Self::read): dropping the future while it waits deletes the key (fenced).
+    /// As [`read()`](Self::read) once the key is confirmed ours: dropping the future while it
+    /// waits deletes the key (fenced). Dropped before its first read confirmed the key (still the
+    /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
+    /// nobody's, and the resumed session's rule deletes it once the adoption window ends
+    /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
     ///
     /// # Example
     /// ```no_run
@@ -208,7 +212,11 @@ impl RwLock {
     /// As [`resume_read()`](Self::resume_read), with writer and reader swapped.
     ///
     /// # Cancel safety
-    /// As [`write()`](Self::write): dropping the future while it waits deletes the key (fenced).
+    /// As [`write()`](Self::write) once the key is confirmed ours: dropping the future while it
+    /// waits deletes the key (fenced). Dropped before its first read confirmed the key (still the
+    /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
+    /// nobody's, and the resumed session's rule deletes it once the adoption window ends
+    /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
     pub async fn resume_write(
         &self,
         key: &str,

@@ -137,8 +137,11 @@ impl Semaphore {
     /// zero permits (nothing is sent); as [`acquire()`](Self::acquire) otherwise.
     ///
     /// # Cancel safety
-    /// As [`acquire()`](Self::acquire): dropping the future while it waits deletes the key
-    /// (fenced), as for any waiter that gives up.
+    /// As [`acquire()`](Self::acquire) once the key is confirmed ours: dropping the future
+    /// while it waits deletes the key (fenced), as for any waiter that gives up. Dropped before its first read confirmed the key (still the
+    /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
+    /// nobody's, and the resumed session's rule deletes it once the adoption window ends
+    /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
     ///
     /// # Example
     /// ```no_run

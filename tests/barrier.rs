@@ -557,3 +557,90 @@ async fn a_participant_waiting_across_a_compaction_keeps_one_quiet_watch_and_sti
         .unwrap();
     assert!(entered.is_ok(), "{entered:?}");
 }
+
+/// A latch that outlived its round — up, with no participant that entered before it left
+/// (here put by hand, as a client that never took it down would leave it) — lets nobody
+/// through: the next round's first participant takes it down and waits for the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latch_that_outlived_its_round_lets_nobody_through() {
+    let etcd = etcd().await;
+    let name = unique("stale-latch");
+    let raw = client(&etcd).await;
+    let lease = raw.clone().lease_grant(30, None).await.unwrap().id();
+    let latch = format!("{name}/#double/ready");
+    raw.clone()
+        .put(
+            latch.as_str(),
+            "",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let first = session(&etcd, 10).await;
+    let entering = tokio::spawn({
+        let db = DoubleBarrier::new(&first, &name, 2);
+        async move { db.enter().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !entering.is_finished(),
+        "the first participant passed alone on a stale latch"
+    );
+    let second = session(&etcd, 10).await;
+    let ours = DoubleBarrier::new(&second, &name, 2).enter().await.unwrap();
+    let theirs = tokio::time::timeout(Duration::from_secs(5), entering)
+        .await
+        .expect("both pass together")
+        .unwrap()
+        .unwrap();
+    let (a, b) = tokio::join!(ours.leave(), theirs.leave());
+    a.unwrap();
+    b.unwrap();
+    assert!(keys_under(&raw, &format!("{name}/")).await.is_empty());
+}
+
+/// A participant's guard dropped while another participant is stalled inside, which then dies
+/// without leaving: the latch the dropped participant put goes once its round is over (its
+/// session looks after it), so the next round's first participant waits for a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latch_goes_with_its_round_when_its_putters_guard_is_dropped() {
+    let etcd = etcd().await;
+    let name = unique("dropped-latch");
+    let observer = client(&etcd).await;
+    let stalled = session(&etcd, 30).await;
+    let entering = tokio::spawn({
+        let db = DoubleBarrier::new(&stalled, &name, 2);
+        async move { db.enter().await }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &format!("{name}/")).await.len() == 1
+        })
+        .await
+    );
+    let putter = session(&etcd, 30).await;
+    let guard = DoubleBarrier::new(&putter, &name, 2).enter().await.unwrap();
+    let _stalled_guard = entering.await.unwrap().unwrap();
+    drop(guard); // leaves in the background, without waiting for the stalled participant
+    putter.settled().await;
+    stalled.close().await.unwrap(); // its process dies: its key goes with its lease
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &format!("{name}/")).await.is_empty()
+        })
+        .await,
+        "the latch outlived its round: {:?}",
+        keys_under(&observer, &format!("{name}/")).await
+    );
+    let next = session(&etcd, 30).await;
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            DoubleBarrier::new(&next, &name, 2).enter()
+        )
+        .await
+        .is_err(),
+        "the next round's first participant passed alone"
+    );
+    assert_eq!(putter.state(), etcd_coord::SessionState::Alive);
+}

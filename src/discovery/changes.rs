@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 use super::endpoint::Endpoint;
 use super::view::Published;
+#[cfg(doc)]
+use super::ServiceView;
 use crate::Error;
 
 /// A change of a [`ServiceView`]'s set of endpoints.

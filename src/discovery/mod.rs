@@ -47,6 +47,7 @@ mod changes;
 mod endpoint;
 mod read;
 mod registration;
+mod session_registration;
 mod view;
 
 #[cfg(feature = "tonic")]
@@ -56,7 +57,8 @@ pub use changes::{ViewChange, ViewChanges};
 #[cfg(feature = "tonic")]
 pub use channel::{balanced_channel, default_tonic_endpoint};
 pub use endpoint::{Endpoint, MAX_ENDPOINT_JSON_LEN};
-pub use registration::{Registration, RegistrationState, SessionRegistration};
+pub use registration::{Registration, RegistrationState};
+pub use session_registration::SessionRegistration;
 pub use view::{Discovery, ServiceView, ViewMetrics};
 
 use crate::keys::MAX_NAME_LEN;

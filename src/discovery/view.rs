@@ -10,6 +10,8 @@ use etcd_client::{Client, EventType};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+#[cfg(doc)]
+use super::changes::ViewChange;
 use super::changes::ViewChanges;
 use super::endpoint::{decode, Endpoint, Stored};
 use super::read::{read, Snapshot};

@@ -5,8 +5,10 @@ mod observe;
 use etcd_client::{KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
-use crate::engine::{Blocker, Fence, Holding, Line};
+use crate::engine::{holding_guard, Line};
 use crate::keys::{Layout, Named};
+#[cfg(doc)]
+use crate::Fence;
 use crate::{Error, LeasedSession};
 
 pub(crate) use observe::observe_with;
@@ -128,7 +130,7 @@ impl Election {
     /// session's background task deletes it, fenced).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
         let holding = self.line()?.acquire(value.into()).await?;
-        Ok(Leadership { holding })
+        Ok(Leadership::from_holding(holding))
     }
 
     /// Takes back the leadership (or the candidacy) that an earlier process held under this
@@ -146,23 +148,20 @@ impl Election {
     /// session's lease; as [`campaign`](Self::campaign) otherwise.
     ///
     /// # Cancel safety
-    /// As [`campaign`](Self::campaign): dropping the future while it waits withdraws the
-    /// candidacy (a fenced delete).
+    /// As [`campaign`](Self::campaign) once the key is confirmed ours: dropping the future
+    /// while it waits withdraws the candidacy (a fenced delete). Dropped before its first read confirmed the key (still the
+    /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
+    /// nobody's, and the resumed session's rule deletes it once the adoption window ends
+    /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<Leadership, Error> {
         let holding = self.line()?.adopt(key, fencing_token).await?;
-        Ok(Leadership { holding })
+        Ok(Leadership::from_holding(holding))
     }
 
     /// A candidate's place: the mutex's queue (one permit, every member directly under the
     /// name), shared with etcd's own clients.
     fn line(&self) -> Result<Line<'_>, Error> {
-        let queue = self.named.queue()?;
-        Ok(Line::new(
-            &self.session,
-            queue,
-            "",
-            Blocker::over(queue, 1)?,
-        ))
+        Line::exclusive(&self.session, self.named.queue()?)
     }
 
     /// The current leader, if any: the oldest candidate (one round trip).
@@ -205,40 +204,24 @@ impl Election {
     }
 }
 
-/// Proof of leading an [`Election`]. Resigns when dropped (in the background, through the
-/// session's task) or deterministically with [`resign()`](Self::resign).
-///
-/// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
-/// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
-/// [`fencing_token()`](Fence::fencing_token) (strictly increasing across terms),
-/// [`owner_compares()`](Fence::owner_compares), [`txn_if_owner()`](Fence::txn_if_owner),
-/// [`lost()`](Fence::lost) (the session is Lost, or the leader key deleted, resigned or taken
-/// over by another client's put) and
-/// [`session()`](Fence::session). As with [`MutexGuard`](crate::MutexGuard), leading does not by
-/// itself make writes elsewhere safe: fence them, or pass the fencing token.
-#[must_use = "dropping a Leadership resigns at once"]
-#[derive(Debug)]
-pub struct Leadership {
-    holding: Holding,
-}
-
-impl std::ops::Deref for Leadership {
-    type Target = Fence;
-
-    /// The term's [`Fence`]: `key()`, `fencing_token()`, `owner_compares()`,
-    /// `txn_if_owner(ops)`, `lost()`, `session()`.
-    fn deref(&self) -> &Fence {
-        self.holding.fence()
-    }
+holding_guard! {
+    /// Proof of leading an [`Election`]. Resigns when dropped (in the background, through the
+    /// session's task) or deterministically with [`resign()`](Self::resign) (retry-safe, keeps
+    /// the leadership on failure) or [`release()`](Self::release) (consumes it).
+    ///
+    /// Owned and `'static`: it can move into a task. It keeps its session (and so the lease)
+    /// alive. It dereferences to its [`Fence`]: [`key()`](Fence::key),
+    /// [`fencing_token()`](Fence::fencing_token) (strictly increasing across terms),
+    /// [`owner_compares()`](Fence::owner_compares), [`txn_if_owner()`](Fence::txn_if_owner),
+    /// [`lost()`](Fence::lost) (the session is Lost, or the leader key deleted, resigned or taken
+    /// over by another client's put) and
+    /// [`session()`](Fence::session). As with [`MutexGuard`](crate::MutexGuard), leading does not by
+    /// itself make writes elsewhere safe: fence them, or pass the fencing token.
+    #[must_use = "dropping a Leadership resigns at once"]
+    pub struct Leadership;
 }
 
 impl Leadership {
-    /// A cloneable copy of the term's [`Fence`], for fenced writes from other tasks (it does
-    /// not hold leadership).
-    pub fn fence(&self) -> Fence {
-        self.holding.fence().clone()
-    }
-
     /// Replaces the leader's value, only while this term lasts (fenced on the leader key's
     /// create revision and lease; the key stays under the session's lease).
     ///

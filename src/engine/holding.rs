@@ -16,15 +16,16 @@ use super::fence::Fence;
 use super::ticket::Acquired;
 use super::SessionKeys;
 
-/// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes),
-/// `Deref<Target = Fence>`, `fence()` and a consuming, fenced `release()`. Every guard that
-/// releases by consuming itself is made this way.
+/// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes, and
+/// any fields of its own), `Deref<Target = Fence>`, `fence()` and a consuming, fenced
+/// `release()`. Every guard of this crate is made this way, with this one release signature.
 macro_rules! holding_guard {
-    ($(#[$attr:meta])* pub struct $name:ident;) => {
+    ($(#[$attr:meta])* pub struct $name:ident $({ $($field:ident: $ty:ty),* $(,)? })? ;) => {
         $(#[$attr])*
         #[derive(Debug)]
         pub struct $name {
             holding: $crate::engine::Holding,
+            $($($field: $ty,)*)?
         }
 
         impl ::std::ops::Deref for $name {
@@ -39,8 +40,11 @@ macro_rules! holding_guard {
 
         impl $name {
             #[allow(dead_code)]
-            pub(crate) fn from_holding(holding: $crate::engine::Holding) -> $name {
-                $name { holding }
+            pub(crate) fn from_holding(
+                holding: $crate::engine::Holding
+                $($(, $field: $ty)*)?
+            ) -> $name {
+                $name { holding $($(, $field)*)? }
             }
 
             /// A cloneable copy of the guard's [`Fence`](crate::Fence), for fenced writes from
@@ -88,8 +92,12 @@ pub(crate) struct Holding {
 
 impl Holding {
     pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
-        let release_txn =
-            keys::fenced_delete(&acquired.key, acquired.create_revision, session.lease_id());
+        let (key, token, lease) = (&acquired.key, acquired.create_revision, session.lease_id());
+        let release_txn = if acquired.announces {
+            keys::release_announcing(key, token, lease)
+        } else {
+            keys::fenced_delete(key, token, lease)
+        };
         Holding::with_release(session, acquired, release_txn)
     }
 
@@ -149,10 +157,10 @@ impl Holding {
             if attempt > 0 {
                 sleep(backoff.next_delay()).await;
             }
-            tracing::trace!(key = %fence.key, "release sent");
+            tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release sent");
             match session.rpc.txn(self.release_txn.clone()).await {
                 Ok(resp) => {
-                    tracing::trace!(key = %fence.key, "release answered");
+                    tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release answered");
                     let revision = resp.header().map_or(0, |h| h.revision());
                     self.released_at = Some(revision);
                     std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 use etcd_client::{GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse};
 
 use super::Isolation;
+#[cfg(doc)]
+use super::Stm;
 use crate::rpc::Rpc;
 use crate::Error;
 

@@ -1,4 +1,5 @@
-//! Property (i): no key stays in etcd without a holder.
+//! Property (i): no key stays in etcd without a holder (a waiter's pointer to the key ahead
+//! of it counts as its member key's companion).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -162,7 +163,9 @@ fn in_use(keys: &[SeenKey], events: &[Event], per_waiter: usize) -> HashSet<(Str
         .collect();
     let mut used = HashSet::new();
     let mut unheld_on: HashMap<i64, Vec<&SeenKey>> = HashMap::new();
-    for k in keys {
+    let (pointers, members): (Vec<&SeenKey>, Vec<&SeenKey>) =
+        keys.iter().partition(|k| pointer_owner(&k.key).is_some());
+    for k in members {
         if held_tokens.contains(&k.create_revision) {
             used.insert((k.key.clone(), k.create_revision));
         } else if waiting_leases.contains(&k.lease) {
@@ -175,7 +178,36 @@ fn in_use(keys: &[SeenKey], events: &[Event], per_waiter: usize) -> HashSet<(Str
             used.insert((k.key.clone(), k.create_revision));
         }
     }
+    // A waiter's pointer (`…#next/<id of the key ahead>/<the waiter's create revision>`, on
+    // the waiter's lease) is its member key's companion: in use while that key is, on the
+    // same lease.
+    let in_use_members: HashSet<(i64, i64)> = keys
+        .iter()
+        .filter(|k| used.contains(&(k.key.clone(), k.create_revision)))
+        .map(|k| (k.create_revision, k.lease))
+        .collect();
+    for k in pointers {
+        if pointer_owner(&k.key).is_some_and(|owner| in_use_members.contains(&(owner, k.lease))) {
+            used.insert((k.key.clone(), k.create_revision));
+        }
+    }
     used
+}
+
+/// For a waiter's pointer to the key ahead of it (`…#next/<id>/<create revision>`, the
+/// library's announced hand-offs), the create revision of the waiter's member key.
+pub(crate) fn pointer_owner(key: &str) -> Option<i64> {
+    const NEXT: &str = "#next/";
+    let next = key.rfind(NEXT)?;
+    let slash = key.rfind('/')?;
+    let revision = &key[slash + 1..];
+    if slash <= next + NEXT.len() || revision.is_empty() {
+        return None;
+    }
+    if !revision.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    revision.parse().ok()
 }
 
 #[cfg(test)]
@@ -246,6 +278,68 @@ mod tests {
         assert!(found.iter().all(|v| v.property == Property::OrphanKey));
         // Reported once; a key that is gone, or held again, is forgotten.
         assert_eq!(audit.observe(ms(b, 7_000), &keys, &events), vec![]);
+    }
+
+    #[test]
+    fn a_pointer_is_in_use_while_its_waiters_key_is_on_the_same_lease() {
+        let b = t0();
+        let session = |client, lease| Event::Session {
+            client,
+            lease,
+            at: ms(b, 0),
+        };
+        let waiting = |client| Event::Waiting {
+            client,
+            at: ms(b, 0),
+        };
+        let events = [
+            session(1, 1),
+            acq(1, 10, Mode::Exclusive, ms(b, 10)),
+            session(2, 2),
+            waiting(2),
+            session(3, 3),
+            // Client 3 gave up: its key went, its pointer stayed.
+            Event::Exited {
+                client: 3,
+                at: ms(b, 20),
+            },
+        ];
+        let keys = [
+            key("l/0000000000000001-1", 10, 1),
+            key("l/0000000000000002-1", 11, 2),
+            // Client 2's pointer to client 1's key: its companion.
+            key("l/#next/0000000000000001-1/11", 12, 2),
+            // A pointer on a lease other than its owner's, and one whose owner is gone.
+            key("l/#next/0000000000000001-1/11", 13, 9),
+            key("l/#next/0000000000000002-1/14", 15, 3),
+        ];
+        let mut audit = KeyAudit::new(Duration::from_secs(1), 1);
+        audit.healed(ms(b, 0));
+        audit.observe(ms(b, 100), &keys, &events);
+        let found = audit.observe(ms(b, 1_200), &keys, &events);
+        let mut tokens: Vec<&str> = found
+            .iter()
+            .map(|v| {
+                v.detail
+                    .split("token ")
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        tokens.sort();
+        assert_eq!(tokens, ["13", "15"], "{found:#?}");
+        assert_eq!(
+            super::super::keys::pointer_owner("l/#next/ab-1/57"),
+            Some(57)
+        );
+        assert_eq!(
+            super::super::keys::pointer_owner("l/0000000000000001-1"),
+            None
+        );
+        assert_eq!(super::super::keys::pointer_owner("l/#next/x/"), None);
     }
 
     #[test]

@@ -1,21 +1,20 @@
 //! Registrations: one endpoint's key under a lease, kept registered for as long as the
 //! registration lives.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions, TxnOp};
+use etcd_client::Client;
 use tokio::sync::{watch, Mutex as AsyncMutex};
 use tokio::task::JoinHandle;
-use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
+
+mod supervise;
 
 use super::endpoint::Endpoint;
 use super::registration_key;
-use crate::backoff::Backoff;
-use crate::engine::{self, Fence, Holding};
+use crate::engine::Holding;
 use crate::{Error, LeasedSession, SessionOptions};
 
 /// Where a [`Registration`] stands, from [`Registration::state`] and
@@ -45,7 +44,7 @@ pub enum RegistrationState {
 }
 
 /// Shortest and longest wait between re-registration attempts.
-const REREGISTER_BACKOFF: (Duration, Duration) =
+pub(super) const REREGISTER_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(5));
 
 /// Keeps one endpoint registered — key `<target>/<addr>` (or another suffix), value Go's
@@ -101,7 +100,7 @@ pub struct Registration {
     supervisor: Option<JoinHandle<()>>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     client: Client,
     key: String,
     options: SessionOptions,
@@ -116,9 +115,9 @@ struct Current {
     held: Option<Held>,
 }
 
-struct Held {
-    session: LeasedSession,
-    holding: Holding,
+pub(super) struct Held {
+    pub(super) session: LeasedSession,
+    pub(super) holding: Holding,
 }
 
 impl std::fmt::Debug for Registration {
@@ -147,8 +146,8 @@ impl Registration {
         endpoint: Endpoint,
         options: SessionOptions,
     ) -> Result<Registration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        Registration::register_key(client, key, endpoint, options).await
+        let suffix = endpoint.addr().to_owned();
+        Registration::register_with_suffix(client, target, suffix, endpoint, options).await
     }
 
     /// Like [`register`](Self::register), under the key `<target>/<suffix>` (Go's
@@ -167,15 +166,6 @@ impl Registration {
         options: SessionOptions,
     ) -> Result<Registration, Error> {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        Registration::register_key(client, key, endpoint, options).await
-    }
-
-    async fn register_key(
-        client: Client,
-        key: String,
-        endpoint: Endpoint,
-        options: SessionOptions,
-    ) -> Result<Registration, Error> {
         let json = endpoint.validate()?;
         options.validate()?;
         let held = establish(&client, &key, &json, &options).await?;
@@ -249,8 +239,8 @@ impl Registration {
         lease_id: i64,
         options: SessionOptions,
     ) -> Result<Registration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        Registration::resume_key(client, key, endpoint, lease_id, options).await
+        let suffix = endpoint.addr().to_owned();
+        Registration::resume_with_suffix(client, target, suffix, endpoint, lease_id, options).await
     }
 
     /// Like [`resume`](Self::resume), for a registration made with
@@ -270,16 +260,6 @@ impl Registration {
         options: SessionOptions,
     ) -> Result<Registration, Error> {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        Registration::resume_key(client, key, endpoint, lease_id, options).await
-    }
-
-    async fn resume_key(
-        client: Client,
-        key: String,
-        endpoint: Endpoint,
-        lease_id: i64,
-        options: SessionOptions,
-    ) -> Result<Registration, Error> {
         let json = endpoint.validate()?;
         options.validate()?;
         // In a task of its own, like `establish`: a caller that leaves does not leave a
@@ -293,7 +273,7 @@ impl Registration {
         ));
         let held = resumed
             .await
-            .map_err(|e| Error::Protocol(format!("the resumption failed: {e}")))??;
+            .map_err(|e| Error::Internal(format!("the resumption's task failed: {e}")))??;
         Ok(Registration::supervised(
             client, key, endpoint, options, held,
         ))
@@ -442,384 +422,5 @@ impl Drop for Registration {
     }
 }
 
-fn registered(held: &Held, generation: u64) -> RegistrationState {
-    RegistrationState::Registered {
-        lease_id: held.session.lease_id(),
-        create_revision: held.holding.fence().fencing_token(),
-        generation,
-    }
-}
-
-/// A fenced put of the registration's value, keeping the key's lease.
-async fn write(held: &Held, key: &str, json: String) -> Result<(), Error> {
-    let put = TxnOp::put(
-        key,
-        json,
-        Some(PutOptions::new().with_lease(held.session.lease_id())),
-    );
-    held.holding.fence().txn_if_owner([put]).await.map(|_| ())
-}
-
-/// A fresh session and the key created under it, or why not.
-async fn establish(
-    client: &Client,
-    key: &str,
-    json: &str,
-    options: &SessionOptions,
-) -> Result<Held, Error> {
-    // In a task of its own: if this future is dropped while the grant is under way, the task
-    // still gets the session and drops it, which revokes the lease.
-    let session = tokio::spawn(LeasedSession::new(client.clone(), options.clone()))
-        .await
-        .map_err(|e| Error::Protocol(format!("the session's creation failed: {e}")))??;
-    match engine::create_exclusive(&session, key, json.to_owned()).await? {
-        Some(acquired) => Ok(Held {
-            holding: Holding::new(session.clone(), acquired),
-            session,
-        }),
-        // The unused session is dropped here, which revokes its lease.
-        None => Err(Error::AlreadyHeld {
-            key: key.to_owned(),
-        }),
-    }
-}
-
-/// The lease `lease_id` adopted and `key` on it taken back, its value set to `json` (fenced)
-/// if it differs, or why not.
-async fn readopt(
-    client: Client,
-    key: String,
-    json: String,
-    lease_id: i64,
-    options: SessionOptions,
-) -> Result<Held, Error> {
-    let session = LeasedSession::resume(client, lease_id, options).await?;
-    match take_back(&session, &key, json).await? {
-        Some(held) => Ok(held),
-        None => {
-            // Not ours to end: whoever holds this lease keeps it; it ends on its TTL otherwise.
-            session.orphan();
-            Err(Error::NotOnLease { key, lease_id })
-        }
-    }
-}
-
-/// `key` taken back from `session`'s lease, its value set to `json` (fenced) if it differs;
-/// `None` if the key is not on that lease.
-async fn take_back(
-    session: &LeasedSession,
-    key: &str,
-    json: String,
-) -> Result<Option<Held>, Error> {
-    let Some((acquired, value)) = engine::adopt_on_lease(session, key).await? else {
-        return Ok(None);
-    };
-    let held = Held {
-        holding: Holding::new(session.clone(), acquired),
-        session: session.clone(),
-    };
-    if value != json.as_bytes() {
-        write(&held, key, json).await?;
-    }
-    Ok(Some(held))
-}
-
-/// Watches the registration; when it ends (session lost, key gone), registers again.
-async fn supervise(inner: Arc<Inner>, stop: CancellationToken) {
-    let mut backoff = Backoff::new(REREGISTER_BACKOFF.0, REREGISTER_BACKOFF.1);
-    loop {
-        let watched = {
-            let current = inner.current.lock().await;
-            current
-                .held
-                .as_ref()
-                .map(|h| (h.session.clone(), h.holding.fence().clone()))
-        };
-        let mut reason = match watched {
-            Some((session, fence)) => {
-                let ended = ended(&session, &fence);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    why = ended => why,
-                }
-            }
-            None => "not registered".to_owned(),
-        };
-        tracing::warn!(key = %inner.key, %reason, "registration ended; registering again");
-        // Dropping the old holding and session deletes the key if it is still ours and revokes
-        // the old lease, in the old session's task.
-        inner.current.lock().await.held = None;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            inner.state.send_replace(RegistrationState::Reregistering {
-                reason: reason.clone(),
-                attempts,
-            });
-            let json = inner.current.lock().await.endpoint.to_json();
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = establish(&inner.client, &inner.key, &json, &inner.options) => r,
-            };
-            let attempt = match attempt {
-                Ok(held) => {
-                    let current = inner.current.lock().await;
-                    // An update() while we were registering: register what it asked for. If
-                    // that write fails, this attempt failed: the key (with the old endpoint) is
-                    // deleted and the lease revoked as `held` is dropped, and the next attempt
-                    // registers the new endpoint.
-                    let wanted = current.endpoint.to_json();
-                    let written = if wanted == json {
-                        Ok(())
-                    } else {
-                        write(&held, &inner.key, wanted).await
-                    };
-                    match written {
-                        Ok(()) => Ok((held, current)),
-                        Err(e) => Err(format!(
-                            "could not apply an update made while re-registering: {e}"
-                        )),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            match attempt {
-                Ok((held, mut current)) => {
-                    let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-                    inner.state.send_replace(registered(&held, generation));
-                    current.held = Some(held);
-                    tracing::info!(key = %inner.key, generation, "registered again");
-                    backoff.reset();
-                    break;
-                }
-                Err(why) => {
-                    tracing::debug!(key = %inner.key, reason = %why, attempts, "re-registration failed");
-                    reason = why;
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = sleep(backoff.next_delay()) => {}
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Completes when the registration held by `session` and `fence` ends, saying why.
-fn ended(session: &LeasedSession, fence: &Fence) -> impl Future<Output = String> + Send + 'static {
-    let (session_lost, key_lost) = (session.lost(), fence.lost());
-    async move {
-        tokio::select! {
-            reason = session_lost => format!("session lost: {reason}"),
-            e = key_lost => e.to_string(),
-        }
-    }
-}
-
-/// An endpoint registered inside a [`LeasedSession`] you already have: the key is attached to
-/// that session's lease and lives as long as the session and this guard. Unlike
-/// [`Registration`] it is **not** registered again when the session is lost — it ends with
-/// the session ([`lost`](Self::lost) tells when); create a new session and register again if
-/// you want that.
-///
-/// ```no_run
-/// use etcd_coord::discovery::{Endpoint, SessionRegistration};
-///
-/// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
-/// let registration =
-///     SessionRegistration::register(&session, "services/greeter", Endpoint::new("10.0.0.7:50051")).await?;
-/// tokio::select! {
-///     e = registration.lost() => eprintln!("deregistered: {e}"),
-///     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-/// }
-/// registration.deregister().await?;
-/// # Ok(()) }
-/// ```
-///
-/// # Cancel safety
-/// Dropping a `register` future leaves no key behind; dropping the guard deletes the key
-/// (fenced) in the session's background task.
-#[must_use = "dropping a SessionRegistration deregisters the endpoint"]
-pub struct SessionRegistration {
-    held: Held,
-}
-
-impl std::fmt::Debug for SessionRegistration {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionRegistration")
-            .field("key", &self.key())
-            .field("lease_id", &self.held.session.lease_id())
-            .finish()
-    }
-}
-
-impl SessionRegistration {
-    /// Registers `endpoint` under `<target>/<addr>`, attached to `session`'s lease.
-    ///
-    /// # Errors
-    /// As [`Registration::register`]; also [`Error::SessionLost`] / [`Error::SessionClosed`]
-    /// if the session is not alive. A second registration of the same key through the same
-    /// session is [`Error::AlreadyHeld`] too — also one made at the same time — for as long as
-    /// the first is under way or registered (until its deregistration's delete is answered;
-    /// nothing is sent).
-    ///
-    /// # Cancel safety
-    /// A dropped future leaves no key behind.
-    pub async fn register(
-        session: &LeasedSession,
-        target: impl AsRef<str>,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        SessionRegistration::register_key(session, key, endpoint).await
-    }
-
-    /// Like [`register`](Self::register), under the key `<target>/<suffix>`.
-    ///
-    /// # Errors
-    /// As [`register`](Self::register).
-    ///
-    /// # Cancel safety
-    /// As [`register`](Self::register).
-    pub async fn register_with_suffix(
-        session: &LeasedSession,
-        target: impl AsRef<str>,
-        suffix: impl AsRef<str>,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
-        let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        SessionRegistration::register_key(session, key, endpoint).await
-    }
-
-    async fn register_key(
-        session: &LeasedSession,
-        key: String,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
-        let json = endpoint.validate()?;
-        match engine::create_exclusive(session, &key, json).await? {
-            Some(acquired) => Ok(SessionRegistration {
-                held: Held {
-                    holding: Holding::new(session.clone(), acquired),
-                    session: session.clone(),
-                },
-            }),
-            None => Err(Error::AlreadyHeld { key }),
-        }
-    }
-
-    /// Takes back the registration of `endpoint` (key `<target>/<addr>`) that an earlier
-    /// process made on `session`'s lease — a session made with [`LeasedSession::resume`] —
-    /// keeping the key's create revision; the endpoint is written (fenced) only if it differs
-    /// from what is stored. See [`Registration::resume`].
-    ///
-    /// # Errors
-    /// [`Error::NotOnLease`] if the key is not on the session's lease (nothing is changed) —
-    /// also once the session's adoption window is over and its rule for keys nobody took back
-    /// has condemned it (see [`LeasedSession::resume`]); otherwise as
-    /// [`register`](Self::register).
-    ///
-    /// # Cancel safety
-    /// Dropping the future leaves the key as it was (a key not taken back, which the resumed
-    /// session deletes once its adoption window is over), or (once taken back) hands its
-    /// fenced delete to the session's task, like a dropped registration.
-    ///
-    /// # Example
-    /// ```no_run
-    /// # async fn demo(client: etcd_client::Client, lease_id: i64) -> Result<(), etcd_coord::Error> {
-    /// use etcd_coord::discovery::{Endpoint, SessionRegistration};
-    /// use etcd_coord::{LeasedSession, SessionOptions};
-    ///
-    /// let session = LeasedSession::resume(client, lease_id, SessionOptions::new()).await?;
-    /// let registered =
-    ///     SessionRegistration::resume(&session, "svc", Endpoint::new("10.0.0.7:50051")).await?;
-    /// # drop(registered); Ok(()) }
-    /// ```
-    pub async fn resume(
-        session: &LeasedSession,
-        target: impl AsRef<str>,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
-        let key = registration_key(target.as_ref(), endpoint.addr())?;
-        SessionRegistration::resume_key(session, key, endpoint).await
-    }
-
-    /// Like [`resume`](Self::resume), under the key `<target>/<suffix>`.
-    ///
-    /// # Errors
-    /// As [`resume`](Self::resume).
-    ///
-    /// # Cancel safety
-    /// As [`resume`](Self::resume).
-    pub async fn resume_with_suffix(
-        session: &LeasedSession,
-        target: impl AsRef<str>,
-        suffix: impl AsRef<str>,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
-        let key = registration_key(target.as_ref(), suffix.as_ref())?;
-        SessionRegistration::resume_key(session, key, endpoint).await
-    }
-
-    async fn resume_key(
-        session: &LeasedSession,
-        key: String,
-        endpoint: Endpoint,
-    ) -> Result<SessionRegistration, Error> {
-        let json = endpoint.validate()?;
-        match take_back(session, &key, json).await? {
-            Some(held) => Ok(SessionRegistration { held }),
-            None => Err(Error::NotOnLease {
-                key,
-                lease_id: session.lease_id(),
-            }),
-        }
-    }
-
-    /// The key.
-    pub fn key(&self) -> &str {
-        self.held.holding.fence().key()
-    }
-
-    /// The key's fence (its create revision is a fencing token).
-    pub fn fence(&self) -> Fence {
-        self.held.holding.fence().clone()
-    }
-
-    /// Changes the registered endpoint, fenced on the key as [`Registration::update`].
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for a bad endpoint; [`Error::LockLost`] if the key is not
-    /// ours any more; [`Error::SessionLost`], [`Error::Timeout`], [`Error::Etcd`] otherwise.
-    ///
-    /// # Cancel safety
-    /// The fenced write may or may not land if the future is dropped.
-    pub async fn update(&self, endpoint: Endpoint) -> Result<(), Error> {
-        let json = endpoint.validate()?;
-        write(&self.held, self.key(), json).await
-    }
-
-    /// Completes when the registration has ended: the session was lost, or the key was
-    /// deleted or taken over.
-    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
-        let (session_lost, key_lost) = (self.held.session.lost(), self.fence().lost());
-        async move {
-            tokio::select! {
-                reason = session_lost => Error::lost(reason),
-                e = key_lost => e,
-            }
-        }
-    }
-
-    /// Deletes the key (fenced); the session lives on.
-    ///
-    /// # Errors
-    /// [`Error::LockLost`] if the key was not ours any more; [`Error::Timeout`] or
-    /// [`Error::Etcd`] if the delete failed (the session's task retries it).
-    ///
-    /// # Cancel safety
-    /// If dropped, the guard is dropped too and the session's task deletes the key.
-    pub async fn deregister(mut self) -> Result<(), Error> {
-        self.held.holding.release().await.map(|_| ())
-    }
-}
+use supervise::{establish, readopt, registered, supervise};
+pub(in crate::discovery) use supervise::{take_back, write};

@@ -1,0 +1,122 @@
+//! `--profile`: where a hand-off's time goes. The engine emits `tracing` events of the target
+//! `etcd_coord::handoff` (release sent / answered, waiter woken by the key ahead, re-read,
+//! through); a layer records them with their times, and after the run each hand-off is split
+//! into: the release's round trip (commit), the time until the next waiter hears of it (notify),
+//! its re-read, and what is left until it is through (decide, schedule).
+
+use std::sync::Mutex as StdMutex;
+use std::time::Instant;
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, Layer};
+
+use crate::report::Value;
+
+/// One recorded event: when, what, the key it is about, the waiter it woke (if any).
+#[derive(Debug, Clone)]
+struct Step {
+    at: Instant,
+    what: String,
+    key: String,
+    waiter: String,
+}
+
+static STEPS: StdMutex<Vec<Step>> = StdMutex::new(Vec::new());
+
+/// The layer that records the engine's hand-off events.
+pub(crate) struct Recorder;
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    key: String,
+    waiter: String,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}").trim_matches('"').to_owned();
+        match field.name() {
+            "message" => self.message = text,
+            "key" => self.key = text,
+            "waiter" => self.waiter = text,
+            _ => {}
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_owned(),
+            "key" => self.key = value.to_owned(),
+            "waiter" => self.waiter = value.to_owned(),
+            _ => {}
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Recorder {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        if event.metadata().target() != "etcd_coord::handoff" {
+            return;
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let step = Step {
+            at: Instant::now(),
+            what: fields.message,
+            key: fields.key,
+            waiter: fields.waiter,
+        };
+        STEPS.lock().unwrap().push(step);
+    }
+}
+
+/// Forgets what was recorded so far (the set-up's steps).
+pub(crate) fn reset() {
+    STEPS.lock().unwrap().clear();
+}
+
+/// The medians (ms) of each phase over the hand-offs recorded since [`reset`].
+pub(crate) fn phases() -> Vec<(&'static str, Value)> {
+    let steps = STEPS.lock().unwrap().clone();
+    let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+    let (mut commit, mut notify, mut reread, mut through) = (vec![], vec![], vec![], vec![]);
+    for (i, sent) in steps.iter().enumerate() {
+        if sent.what != "release sent" {
+            continue;
+        }
+        let rest = &steps[i + 1..];
+        if let Some(done) = rest
+            .iter()
+            .find(|s| s.what == "release answered" && s.key == sent.key)
+        {
+            commit.push(ms(sent.at, done.at));
+        }
+        let Some(woken) = rest.iter().find(|s| s.what == "woken" && s.key == sent.key) else {
+            continue;
+        };
+        notify.push(ms(sent.at, woken.at));
+        let mut after = rest
+            .iter()
+            .skip_while(|s| s.at < woken.at)
+            .filter(|s| s.key == woken.waiter);
+        if let Some(read) = after.clone().find(|s| s.what == "re-read") {
+            reread.push(ms(woken.at, read.at));
+            if let Some(done) = after.find(|s| s.what == "through" && s.at >= read.at) {
+                through.push(ms(read.at, done.at));
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let m = v.get(v.len() / 2).copied().unwrap_or(0.0);
+        Value::Num((m * 1000.0).round() / 1000.0)
+    };
+    vec![
+        ("profile_handoffs", Value::Int(notify.len() as u64)),
+        ("profile_release_rtt_ms", median(commit)),
+        ("profile_notify_ms", median(notify)),
+        ("profile_reread_ms", median(reread)),
+        ("profile_through_ms", median(through)),
+    ]
+}

@@ -1,0 +1,229 @@
+//! `waiters-scale` and `guards-scale`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use etcd_coord::{LeasedSession, Mutex, MutexGuard, Semaphore, SemaphorePermit, SessionOptions};
+
+use crate::report::*;
+use crate::Args;
+
+/// A mutex guard or a semaphore permit.
+pub(crate) enum Held {
+    Lock(MutexGuard),
+    Permit(SemaphorePermit),
+}
+
+impl Held {
+    async fn release(self) -> Result<(), etcd_coord::Error> {
+        match self {
+            Held::Lock(g) => g.release().await,
+            Held::Permit(p) => p.release().await,
+        }
+    }
+}
+
+/// `permits` holders (one: a mutex), `clients` waiters queued behind them; then hand-offs
+/// down the queue, each releasing the newest holder.
+pub(crate) async fn waiters_scale(
+    a: &Args,
+    prefix: &str,
+    mut sessions: Vec<LeasedSession>,
+    observer: Client,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let name = format!("{prefix}/lock");
+    let permits = a.permits.max(1);
+    let holder = LeasedSession::new(
+        observer.clone(),
+        SessionOptions::new().with_ttl(Duration::from_secs(a.ttl)),
+    )
+    .await?;
+    let acquire = |s: &LeasedSession| {
+        let (mutex, semaphore) = (Mutex::new(s, &name), Semaphore::new(s, &name, permits));
+        async move {
+            if permits == 1 {
+                mutex.lock().await.map(Held::Lock)
+            } else {
+                semaphore.acquire().await.map(Held::Permit)
+            }
+        }
+    };
+    // The holders, newest last.
+    let mut holders = Vec::new();
+    for _ in 0..permits {
+        holders.push(acquire(&holder).await?);
+    }
+    let clock = Arc::new(HandoffClock::new());
+    let handoffs = a.ops.min(sessions.len());
+    let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
+    let rss_before = resident_bytes();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
+    // Queue every waiter (in order), then wait until all their keys are in place.
+    for s in &sessions {
+        let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
+        tokio::spawn(async move {
+            if let Ok(g) = acquired.await {
+                let at = Instant::now();
+                let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
+            }
+        });
+    }
+    let mut kv = observer.clone();
+    loop {
+        // Members only: not the pointers waiters put beside them (`…#next/…`).
+        let resp = kv
+            .get(
+                format!("{name}/#"),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await?;
+        let n = resp
+            .kvs()
+            .iter()
+            .filter(|kv| !kv.key()[name.len() + 1..].starts_with(b"#next/"))
+            .count();
+        if n == sessions.len() + permits {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // every waiter's watch is in place
+    let bytes_per_waiter =
+        resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
+    let streams: u64 = sessions
+        .iter()
+        .map(|s| s.metrics().watch_streams)
+        .sum::<u64>()
+        - streams_before;
+    let events_before: u64 = sessions.iter().map(|s| s.metrics().watch_events).sum();
+    let t0 = Instant::now();
+    let mut hands = Vec::with_capacity(handoffs);
+    for _ in 0..handoffs {
+        clock.releasing();
+        holders.pop().ok_or("no holder")?.release().await?;
+        let (hand, guard) = rx.recv().await.ok_or("a waiter failed")?;
+        hands.push(hand);
+        holders.push(guard);
+    }
+    let total = t0.elapsed();
+    let events: u64 = sessions
+        .iter()
+        .map(|s| s.metrics().watch_events)
+        .sum::<u64>()
+        - events_before;
+    let extra = vec![
+        (
+            "watch_events_per_handoff",
+            Value::Num(round3(events as f64 / handoffs as f64)),
+        ),
+        ("waiters", Value::Int(sessions.len() as u64)),
+        // Resident memory the queued waits added (their sessions were made before), per wait.
+        ("bytes_per_waiter", Value::Int(bytes_per_waiter)),
+        // gRPC watch streams the waits opened, per client connection.
+        (
+            "watch_streams_per_conn",
+            Value::Num(round3(streams as f64 / a.conns.max(1) as f64)),
+        ),
+        ("permits", Value::Int(permits as u64)),
+    ];
+    drop(rx);
+    for h in holders {
+        let _ = h.release().await;
+    }
+    for s in sessions.drain(..) {
+        let _ = s.close().await;
+    }
+    let _ = holder.close().await;
+    Ok(Run {
+        lats: hands.clone(),
+        hands,
+        total,
+        extra,
+    })
+}
+
+/// One session acquiring `ops` guards on distinct mutexes, `clients` at a time.
+pub(crate) async fn guards_scale(
+    a: &Args,
+    prefix: &str,
+    client: Client,
+    opts: SessionOptions,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let session = LeasedSession::new(client, opts).await?;
+    let rss_before = rss_bytes();
+    let t0 = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.clients {
+        let (s, next, prefix, ops) = (
+            session.clone(),
+            Arc::clone(&next),
+            prefix.to_owned(),
+            a.ops as u64,
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut lats, mut guards) = (Vec::new(), Vec::new());
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= ops {
+                    break;
+                }
+                let t = Instant::now();
+                guards.push(Mutex::new(&s, format!("{prefix}/{i}")).lock().await?);
+                lats.push(t.elapsed());
+            }
+            Ok::<_, etcd_coord::Error>((lats, guards))
+        }));
+    }
+    let (mut lats, mut guards) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (l, g) = t.await??;
+        lats.extend(l);
+        guards.extend(g);
+    }
+    let total = t0.elapsed();
+    let rss_after = rss_bytes();
+    // Idle: let the last requests' tasks finish, then count what is left running.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tasks_idle = session.background_tasks().len();
+    // Keepalive traffic while holding everything, over three refresh intervals.
+    let window = session.ttl(); // = 3 refresh intervals
+    let k0 = session.metrics().keepalive_requests;
+    tokio::time::sleep(window).await;
+    let keepalives = session.metrics().keepalive_requests - k0;
+    let extra = vec![
+        ("guards", Value::Int(guards.len() as u64)),
+        (
+            "keepalives_per_s",
+            Value::Num(round3(keepalives as f64 / window.as_secs_f64())),
+        ),
+        (
+            "rss_bytes_per_guard",
+            Value::Int(rss_after.saturating_sub(rss_before) / guards.len().max(1) as u64),
+        ),
+        ("tasks", Value::Int(tasks_idle as u64)),
+    ];
+    drop(guards);
+    session.settled().await;
+    let _ = session.close().await;
+    Ok(Run {
+        lats,
+        hands: Vec::new(),
+        total,
+        extra,
+    })
+}
+
+/// This process's resident memory in bytes (Linux `/proc/self/statm`; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
