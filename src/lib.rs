@@ -47,9 +47,6 @@ mod keys;
 mod mutex;
 mod rpc;
 mod rwlock;
-#[cfg(feature = "sabotage")]
-#[doc(hidden)]
-pub mod sabotage;
 mod selector;
 mod semaphore;
 mod session;

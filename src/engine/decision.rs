@@ -204,10 +204,6 @@ impl Blocker {
     /// The decision for a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) or
     /// [`reads_after`](Self::reads_after).
     pub(crate) fn decide(&self, snapshot: &Snapshot) -> Decision {
-        #[cfg(feature = "sabotage")]
-        if crate::sabotage::broken() {
-            return Decision::Through { touch: false }; // deliberately unsafe: see sabotage
-        }
         let Some(read) = snapshot.gets.first() else {
             return Decision::Widen; // cannot happen: every read of a blocker has its Get
         };
