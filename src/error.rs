@@ -268,6 +268,30 @@ impl Error {
         }
     }
 
+    /// A bounded name for what went wrong, for the `cause` label of retried requests (see
+    /// `crate::metrics`): the rows of [`is_retryable`](Self::is_retryable)'s table.
+    pub(crate) fn retry_cause(&self) -> &'static str {
+        match self {
+            Error::Timeout(_) => "timeout",
+            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => match s.code() {
+                Code::Unavailable => "unavailable",
+                Code::DeadlineExceeded => "deadline_exceeded",
+                Code::Cancelled => "cancelled",
+                Code::Aborted => "aborted",
+                Code::Unknown => "unknown",
+                Code::Internal => "internal",
+                Code::ResourceExhausted if s.message().contains("too many requests") => {
+                    "too_many_requests"
+                }
+                _ => "other",
+            },
+            Error::Etcd(etcd_client::Error::TransportError(_)) => "transport",
+            Error::Etcd(etcd_client::Error::IoError(_)) => "io",
+            Error::Etcd(etcd_client::Error::WatchError(_)) => "watch_stream",
+            _ => "other",
+        }
+    }
+
     /// The error for a watch stream that ended without a reason (retryable).
     pub(crate) fn stream_ended() -> Error {
         Error::Etcd(etcd_client::Error::WatchError("watch stream ended".into()))
@@ -403,6 +427,28 @@ mod tests {
         assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
         assert!(!Error::InvalidArgument("x".into()).is_retryable());
         assert!(!Error::SessionClosed.is_retryable());
+    }
+
+    #[test]
+    fn every_retryable_failure_has_a_cause_of_its_own() {
+        let cases = [
+            (Error::Timeout(Duration::from_secs(1)), "timeout"),
+            (status(Code::Unavailable, "x"), "unavailable"),
+            (status(Code::DeadlineExceeded, "x"), "deadline_exceeded"),
+            (status(Code::Cancelled, "x"), "cancelled"),
+            (status(Code::Aborted, "x"), "aborted"),
+            (status(Code::Unknown, "x"), "unknown"),
+            (status(Code::Internal, "x"), "internal"),
+            (
+                status(Code::ResourceExhausted, "etcdserver: too many requests"),
+                "too_many_requests",
+            ),
+            (Error::stream_ended(), "watch_stream"),
+        ];
+        for (error, cause) in cases {
+            assert!(error.is_retryable(), "{error}");
+            assert_eq!(error.retry_cause(), cause, "{error}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::{until_answered, SessionKeys};
 
 /// Runs `reads` while our key is still ours. [`Error::LockLost`] once it is gone (or taken
 /// over by another client's put).
+#[tracing::instrument(name = "etcd_coord.reread", level = "debug", skip_all, fields(key = %ticket.key))]
 pub(super) async fn read_fenced(
     session: &Arc<Session>,
     ticket: &Ticket,
