@@ -45,6 +45,7 @@ mod engine;
 mod error;
 mod keys;
 mod mutex;
+mod queue;
 mod rpc;
 mod rwlock;
 #[cfg(feature = "sabotage")]
@@ -65,6 +66,10 @@ pub use engine::{Fence, Holder};
 pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
 pub use mutex::{Mutex, MutexGuard};
+pub use queue::{
+    ClaimInfo, Claimed, DeadLetter, EnqueueOptions, JobId, JobInfo, QueueOptions, WorkQueue,
+    MAX_BATCH, MAX_IDEMPOTENCY_KEY_LEN, MAX_PAYLOAD_LEN, MAX_PRIORITY,
+};
 pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use selector::{LeaderSelector, LeaderTerm};
 pub use semaphore::{Semaphore, SemaphorePermit};
