@@ -42,6 +42,10 @@
 //!   commits in total; latency = one committed transaction with its retries; also
 //!   `accounts`, `attempts`, `retries_per_commit`, `skipped`, `conserved`, `history_ok`. As
 //!   the peer's mode of the same name.
+//! - `queue`: a `WorkQueue`: M jobs enqueued by N producers (`enqueue_per_s`), then N workers
+//!   (a session each) claim and acknowledge them all; `ops_per_s` = jobs claimed and
+//!   acknowledged per second, latency = one `claim()`; also `txns_per_job`. Beside the peer's
+//!   `queue` (etcd's Go `recipe.Queue`, whose dequeue deletes the job: at-most-once).
 //! - `discovery-sync`: M endpoints stored under one target (Txns of 128 puts, not timed:
 //!   `setup_s`), then N times a fresh `view()` timed until it holds all M. Also `endpoints`
 //!   and `bytes_per_endpoint`: heap bytes a view holds per endpoint (a counting allocator
@@ -50,6 +54,7 @@
 mod discovery;
 mod mutex;
 mod profile;
+mod queue;
 mod report;
 mod scale;
 mod stm;

@@ -1,23 +1,30 @@
-//! Claiming: one Txn claims one or several jobs, each in a nested Txn of its own that applies
-//! only if the job is unchanged since it was read and nobody claims it —
+//! Claiming: one Txn, and in it one *chain* per job wanted. A chain tries its candidates in
+//! order, each in a Txn nested in the else-branch of the one before, and claims the first
+//! that is still free when etcd applies it:
 //!
 //! ```text
-//! If(ModRevision(job) == read, CreateRevision(claims/<id>) == 0)
-//! Then(Put(job, ignore_value), Put(claims/<id>, unique value, our lease), Get(job))
-//! Else(Get(claims/<id>), Get(job))
+//! If(ModRevision(job₁) == read₁, CreateRevision(claims/<id₁>) == 0)
+//! Then(Put(job₁, ignore_value), Put(claims/<id₁>, unique value, our lease), Get(job₁))
+//! Else(Get(claims/<id₁>), Txn(the same for job₂, …))
 //! ```
+//!
+//! etcd applies Txns one after another, so claimers that read the queue at the same moment
+//! and send the same chain take its first, second, third … job in one round trip each: a
+//! claim is lost (and read again) only when every candidate of its chain was taken since its
+//! read. The order is the queue's order at the moment each claim applies.
 //!
 //! The put with `ignore_value` bumps the job key's version without sending its payload again:
 //! the version counts the deliveries (see `layout::Header::attempts`), also those whose
-//! claimer died with its lease. The claim key is under the claimer's lease, so a dead claimer's
-//! claims vanish with its lease and the jobs are claimable again.
+//! claimer died with its lease. The claim key is under the claimer's lease, so a dead
+//! claimer's claims vanish with its lease and the jobs are claimable again.
 //!
 //! The Txn is sent in a detached task (`engine::detached`): a caller that drops its future
 //! mid-request never strands a claim — whatever was won is released by the session's task. A
-//! retry after an unanswered attempt finds its own claim by the attempt's unique value; a copy
-//! of an attempt that lands later than every answer can only apply if the job is still
-//! unchanged, and if the caller stopped without a definite answer, the session sweeps that one
-//! value off the claim key for as long as its lease lives.
+//! retry after an unanswered attempt finds its own claims by their unique values (and what a
+//! retry claims beyond the jobs wanted is given back); a copy of an attempt that lands later
+//! than every answer can only apply if its job is still unchanged, and if the caller stopped
+//! without a definite answer, the session sweeps those values off the claim keys for as long
+//! as its lease lives.
 
 use std::sync::Arc;
 
@@ -30,46 +37,69 @@ use crate::backoff::Backoff;
 use crate::engine::cleanup::{Afterwards, Cleanup, Sweep};
 use crate::engine::detached::detached;
 use crate::engine::ticket::Acquired;
-use crate::engine::{Holding, SessionKeys};
+use crate::engine::{self, Holding, SessionKeys};
 use crate::keys::{header_revision, txn_gets};
 use crate::rpc::Unanswered;
 use crate::{Error, LeasedSession};
 
-/// A claim won: its holding (released if dropped) and the job as the claim read it.
-pub(super) struct Won {
-    holding: Holding,
-    job: KeyValue,
+/// One candidate of a chain: the job, its claim key and the value unique to this attempt.
+#[derive(Clone)]
+struct Slot {
+    job: Candidate,
+    claim: String,
+    value: Vec<u8>,
 }
 
-/// What one claim round trip came to.
+/// A claim won: its holding (released if dropped) and the job as the claim read it (`None`
+/// for a claim an earlier, unanswered attempt made: read afterwards).
+pub(super) struct Won {
+    holding: Holding,
+    job_key: String,
+    job: Option<KeyValue>,
+}
+
+/// What a claim round trip came to.
 pub(super) struct Round {
     /// The claims won, as guards (jobs past their last attempt already moved to the dead
     /// letters).
     pub(super) claimed: Vec<Claimed>,
-    /// How many candidates another claimer took first.
-    pub(super) lost: usize,
+    /// Some chain found its first candidate taken since the read: other claimers are about.
+    pub(super) contended: bool,
 }
 
-/// Claims `chosen` through `leased` in one round trip. Cancel-safe (see the module's docs).
+/// Claims up to `chains.len()` jobs through `leased` in one round trip, each chain its
+/// candidates in order. Cancel-safe (see the module's docs).
 pub(super) async fn claim(
     leased: &LeasedSession,
     keys: &Keys,
     max_attempts: u32,
-    chosen: Vec<Candidate>,
+    chains: Vec<Vec<Candidate>>,
 ) -> Result<Round, Error> {
     let session = leased.inner();
     session.check()?;
     let lease = session.lease_id;
-    let claims: Vec<(String, Vec<u8>)> = chosen
-        .iter()
-        .map(|c| {
-            let value = format!("{:016x}\n{}", rand::random::<u64>(), c.key).into_bytes();
-            (keys.claim(&c.id), value)
+    let wanted = chains.len();
+    let chains: Vec<Vec<Slot>> = chains
+        .into_iter()
+        .map(|chain| {
+            chain
+                .into_iter()
+                .map(|job| Slot {
+                    claim: keys.claim(&job.id),
+                    value: format!("{:016x}", rand::random::<u64>()).into_bytes(),
+                    job,
+                })
+                .collect()
         })
         .collect();
-    let txn = claim_txn(&chosen, &claims, lease);
+    let txn = Txn::new().and_then(
+        chains
+            .iter()
+            .map(|c| chain_txn(c, lease))
+            .collect::<Vec<_>>(),
+    );
     let work = {
-        let (leased, claims) = (leased.clone(), claims.clone());
+        let (leased, chains) = (leased.clone(), chains.clone());
         async move {
             let session = leased.inner();
             let answered = session
@@ -77,32 +107,44 @@ pub(super) async fn claim(
                 .txn_until_answered(|| txn.clone(), &mut Backoff::for_requests(), &**session)
                 .await?;
             let uncertain = answered.uncertain;
-            read_answer(&leased, &answered.resp, &claims)
+            let mut contended = false;
+            read_answer(&leased, &answered.resp, &chains, &mut contended)
+                .map(|won| (won, contended))
                 .map_err(|error| Unanswered { error, uncertain })
         }
     };
     let owner = Arc::clone(session);
-    let outcome = detached(session, work, move |outcome| {
+    let (outcome, contended) = detached(session, work, move |outcome| {
         // Stopped without a definite answer: a copy may still land. (An `Ok` carries its own
         // guards, which release what was won if nobody takes them.)
         if matches!(outcome, Err(u) if u.uncertain) {
-            for (key, value) in claims {
-                owner.clean_up(Cleanup::Sweep(Sweep::of_value(&key, lease, value)));
+            for slot in chains.into_iter().flatten() {
+                let sweep = Sweep::of_value(&slot.claim, lease, slot.value);
+                owner.clean_up(Cleanup::Sweep(sweep));
             }
         }
         None
     })
     .await?;
-    let lost = chosen.len() - outcome.len();
+    tracing::debug!(wanted, won = outcome.len(), "claim");
     let mut claimed = Vec::with_capacity(outcome.len());
-    for won in outcome {
-        let (header, payload) = decode(won.job.key(), won.job.value())?;
-        let attempt = header.attempts(won.job.version());
+    // A retry may have won more than wanted (its earlier attempt's claims, and its own):
+    // the rest are given back as they are dropped.
+    for won in outcome.into_iter().take(wanted) {
+        let kv = match won.job {
+            Some(kv) => kv,
+            None => match read_job(leased, &won.job_key).await? {
+                Some(kv) => kv,
+                None => continue, // cannot happen while we hold its claim; released
+            },
+        };
+        let (header, payload) = decode(kv.key(), kv.value())?;
+        let attempt = header.attempts(kv.version());
         let job = Job {
             keys: keys.clone(),
-            key: String::from_utf8_lossy(won.job.key()).into_owned(),
-            create_revision: won.job.create_revision(),
-            version: won.job.version(),
+            key: won.job_key,
+            create_revision: kv.create_revision(),
+            version: kv.version(),
             id: JobId(header.id.clone()),
             attempt,
             header,
@@ -115,36 +157,35 @@ pub(super) async fn claim(
             claimed.push(guard);
         }
     }
-    Ok(Round { claimed, lost })
+    Ok(Round { claimed, contended })
 }
 
-/// The claim Txn: one nested Txn per candidate.
-fn claim_txn(chosen: &[Candidate], claims: &[(String, Vec<u8>)], lease: i64) -> Txn {
-    let subs: Vec<TxnOp> = chosen
-        .iter()
-        .zip(claims)
-        .map(|(c, (claim, value))| {
-            let job = c.key.as_str();
-            TxnOp::txn(
-                Txn::new()
-                    .when([
-                        Compare::mod_revision(job, CompareOp::Equal, c.mod_revision),
-                        Compare::create_revision(claim.as_str(), CompareOp::Equal, 0),
-                    ])
-                    .and_then([
-                        TxnOp::put(job, Vec::new(), Some(PutOptions::new().with_ignore_value())),
-                        TxnOp::put(
-                            claim.as_str(),
-                            value.clone(),
-                            Some(PutOptions::new().with_lease(lease)),
-                        ),
-                        TxnOp::get(job, None),
-                    ])
-                    .or_else([TxnOp::get(claim.as_str(), None), TxnOp::get(job, None)]),
-            )
-        })
-        .collect();
-    Txn::new().and_then(subs)
+/// The Txn of one chain: its first candidate, and the rest nested in the else-branch.
+fn chain_txn(chain: &[Slot], lease: i64) -> TxnOp {
+    let mut next: Option<TxnOp> = None;
+    for slot in chain.iter().rev() {
+        let (job, claim) = (slot.job.key.as_str(), slot.claim.as_str());
+        let mut or_else = vec![TxnOp::get(claim, None)];
+        or_else.extend(next.take());
+        next = Some(TxnOp::txn(
+            Txn::new()
+                .when([
+                    Compare::mod_revision(job, CompareOp::Equal, slot.job.mod_revision),
+                    Compare::create_revision(claim, CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(job, Vec::new(), Some(PutOptions::new().with_ignore_value())),
+                    TxnOp::put(
+                        claim,
+                        slot.value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::get(job, None),
+                ])
+                .or_else(or_else),
+        ));
+    }
+    next.unwrap_or_else(|| TxnOp::txn(Txn::new()))
 }
 
 /// The claims an answer shows won: applied now, or by an earlier, unanswered attempt (the
@@ -152,51 +193,92 @@ fn claim_txn(chosen: &[Candidate], claims: &[(String, Vec<u8>)], lease: i64) -> 
 fn read_answer(
     leased: &LeasedSession,
     resp: &etcd_client::TxnResponse,
-    claims: &[(String, Vec<u8>)],
+    chains: &[Vec<Slot>],
+    contended: &mut bool,
 ) -> Result<Vec<Won>, Error> {
     let revision = header_revision(resp)?;
-    let lease = leased.lease_id();
-    let subs: Vec<_> = resp
-        .op_responses()
+    let subs = nested(resp);
+    if subs.len() != chains.len() {
+        return Err(Error::Protocol(format!(
+            "a claim of {} jobs answered for {}",
+            chains.len(),
+            subs.len()
+        )));
+    }
+    let mut won = Vec::new();
+    for (sub, chain) in subs.iter().zip(chains) {
+        let before = won.len();
+        // The first candidate taken since the read (the chain went on, or won nothing).
+        *contended |= !sub.succeeded() && !chain.is_empty();
+        read_chain(leased, sub, chain, revision, &mut won)?;
+        *contended |= won.len() == before;
+    }
+    Ok(won)
+}
+
+/// The Txns nested directly in `resp`'s branch.
+fn nested(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::TxnResponse> {
+    resp.op_responses()
         .into_iter()
         .filter_map(|op| match op {
             TxnOpResponse::Txn(sub) => Some(sub),
             _ => None,
         })
-        .collect();
-    if subs.len() != claims.len() {
-        return Err(Error::Protocol(format!(
-            "a claim of {} jobs answered for {}",
-            claims.len(),
-            subs.len()
-        )));
-    }
-    let mut won = Vec::new();
-    for (sub, (claim, value)) in subs.iter().zip(claims) {
-        let gets = txn_gets(sub);
-        let first = |i: usize| gets.get(i).and_then(|g| g.kvs().first()).cloned();
-        let (create_revision, job) = if sub.succeeded() {
-            (revision, first(0))
-        } else {
-            match first(0) {
-                Some(c) if c.lease() == lease && c.value() == value.as_slice() => {
-                    (c.create_revision(), first(1))
-                }
-                _ => continue, // another claimer's
-            }
-        };
+        .collect()
+}
+
+/// What one chain's answer `resp` shows won, into `won`.
+fn read_chain(
+    leased: &LeasedSession,
+    resp: &etcd_client::TxnResponse,
+    chain: &[Slot],
+    revision: i64,
+    won: &mut Vec<Won>,
+) -> Result<(), Error> {
+    let Some((slot, rest)) = chain.split_first() else {
+        return Ok(());
+    };
+    let gets = txn_gets(resp);
+    let first = gets.first().and_then(|g| g.kvs().first()).cloned();
+    let lease = leased.lease_id();
+    let hold = |create_revision: i64| {
         let acquired = Acquired {
-            key: claim.clone(),
+            key: slot.claim.clone(),
             create_revision,
             revision,
             after: Afterwards::Nothing,
         };
-        let holding = Holding::new(leased.clone(), acquired);
-        match job {
-            Some(job) => won.push(Won { holding, job }),
-            // Our claim without its job cannot happen; the holding releases the claim.
-            None => tracing::warn!(claim, "a claim whose job is gone; released"),
-        }
+        Holding::new(leased.clone(), acquired)
+    };
+    if resp.succeeded() {
+        let Some(job) = first else {
+            return Err(Error::Protocol(format!(
+                "a claim of {} without its job",
+                slot.job.key
+            )));
+        };
+        won.push(Won {
+            holding: hold(revision),
+            job_key: slot.job.key.clone(),
+            job: Some(job),
+        });
+        return Ok(());
     }
-    Ok(won)
+    if let Some(c) = first.filter(|c| c.lease() == lease && c.value() == slot.value.as_slice()) {
+        won.push(Won {
+            holding: hold(c.create_revision()),
+            job_key: slot.job.key.clone(),
+            job: None,
+        });
+    }
+    match nested(resp).first() {
+        Some(next) => read_chain(leased, next, rest, revision, won),
+        None => Ok(()),
+    }
+}
+
+/// The job `key` now (for a claim an earlier attempt made).
+async fn read_job(leased: &LeasedSession, key: &str) -> Result<Option<KeyValue>, Error> {
+    let read = engine::read(leased.inner(), vec![TxnOp::get(key, None)]).await?;
+    Ok(read.gets.first().and_then(|g| g.kvs().first()).cloned())
 }

@@ -28,6 +28,7 @@ use crate::Error;
 /// one). Cancel-safe: the line's key is deleted, and any claim won released, if dropped.
 pub(super) async fn wait_in_line(queue: &WorkQueue, n: usize) -> Result<Vec<Claimed>, Error> {
     let keys = queue.keys()?;
+    tracing::debug!(queue = queue.name(), "no job ready: joining the idle line");
     let blocker = Blocker::new(keys.idle(), 1)?;
     let turn = Line::new(&queue.session, keys.queue(), IDLE, blocker)
         .acquire(Vec::new())
@@ -41,23 +42,17 @@ pub(super) async fn wait_in_line(queue: &WorkQueue, n: usize) -> Result<Vec<Clai
     ];
     let mut backoff = Backoff::for_requests();
     let mut fresh: Option<Scan> = None;
-    let mut spread = 1;
     loop {
         let found = match fresh.take() {
             Some(s) => s,
-            None => scan(session, &keys, n * spread, queue.claims_hint()).await?,
+            None => scan(session, &keys, queue.want(n), queue.claims_hint()).await?,
         };
         queue.saw_claims(found.claims);
         if !found.candidates.is_empty() {
-            let round = queue
-                .claim_round(&keys, found.candidates, n, spread)
-                .await?;
-            if !round.claimed.is_empty() {
+            let claimed = queue.claim_round(&keys, found.candidates, n).await?;
+            if !claimed.is_empty() {
                 drop(turn); // the next in line takes over (released in the background)
-                return Ok(round.claimed);
-            }
-            if round.lost > 0 {
-                spread = (spread * 2).min(super::MAX_SPREAD);
+                return Ok(claimed);
             }
             continue;
         }
@@ -71,7 +66,7 @@ pub(super) async fn wait_in_line(queue: &WorkQueue, n: usize) -> Result<Vec<Clai
             found.revision,
             move || async move {
                 // Writes landed between the read and the watch: still nothing to claim?
-                let now = scan(session, keys, n, queue.claims_hint()).await?;
+                let now = scan(session, keys, queue.want(n), queue.claims_hint()).await?;
                 let still = now.candidates.is_empty() && now.next_ready_us == next_ready;
                 if !still {
                     *fresh = Some(now);

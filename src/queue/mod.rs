@@ -33,9 +33,11 @@ use scan::{scan, Candidate};
 /// `--max-txn-ops`: each job is one operation of the claim's Txn).
 pub const MAX_BATCH: usize = 128;
 
-/// After losing races for the first ready job, a claimer picks among the first 2, 4, … up to
-/// this many.
-const MAX_SPREAD: usize = 32;
+/// How many candidates one job's claim tries in one round trip (see `claim`).
+const CHAIN: usize = 8;
+
+/// The most positions behind the first ready job a contended claim may start its chain at.
+const MAX_SPREAD: usize = 64;
 
 /// A queue of jobs for a pool of workers: at-least-once delivery, one live claimer per job.
 ///
@@ -82,6 +84,10 @@ pub struct WorkQueue {
     options: QueueOptions,
     /// How many claims the last read saw, to size the next read's page.
     claims_seen: Arc<AtomicUsize>,
+    /// How far behind the first ready job this handle's claims start their chains (at
+    /// random): 1 — the first job — until claims find their first candidates taken by others;
+    /// doubled then, halved after a claim that was not.
+    spread: Arc<AtomicUsize>,
 }
 
 impl WorkQueue {
@@ -93,6 +99,7 @@ impl WorkQueue {
             named: Keys::named(name.into()),
             options: QueueOptions::new(),
             claims_seen: Arc::new(AtomicUsize::new(0)),
+            spread: Arc::new(AtomicUsize::new(1)),
         }
     }
 
@@ -118,6 +125,11 @@ impl WorkQueue {
 
     fn claims_hint(&self) -> usize {
         self.claims_seen.load(Ordering::Relaxed)
+    }
+
+    /// How many candidates a scan for `n` jobs collects.
+    fn want(&self, n: usize) -> usize {
+        n * CHAIN + self.spread.load(Ordering::Relaxed) - 1
     }
 
     fn saw_claims(&self, n: usize) {
@@ -258,9 +270,8 @@ impl WorkQueue {
         self.options.validate()?;
         let session = self.session.inner();
         session.check()?;
-        let mut spread = 1;
         loop {
-            let found = scan(session, &keys, n * spread, self.claims_hint()).await?;
+            let found = scan(session, &keys, self.want(n), self.claims_hint()).await?;
             self.saw_claims(found.claims);
             if found.candidates.is_empty() {
                 if !wait {
@@ -272,27 +283,35 @@ impl WorkQueue {
                     other => return other,
                 }
             }
-            let round = self.claim_round(&keys, found.candidates, n, spread).await?;
-            if !round.claimed.is_empty() {
-                return Ok(round.claimed);
+            let claimed = self.claim_round(&keys, found.candidates, n).await?;
+            if !claimed.is_empty() {
+                return Ok(claimed);
             }
-            if round.lost > 0 {
-                spread = (spread * 2).min(MAX_SPREAD);
-            }
+            // Every candidate was taken (or dead-lettered) since the read: read again.
         }
     }
 
-    /// Claims `n` of `candidates` (the first `n`, or `n` at random among the first
-    /// `n × spread` after lost races).
+    /// Claims up to `n` of `candidates` in one round trip (see [`chains`]), starting at a
+    /// random place among the first `spread` of the highest priority, and adapts the spread.
     async fn claim_round(
         &self,
         keys: &Keys,
         candidates: Vec<Candidate>,
         n: usize,
-        spread: usize,
-    ) -> Result<claim::Round, Error> {
-        let chosen = choose(candidates, n, spread);
-        claim::claim(&self.session, keys, self.options.max_attempts, chosen).await
+    ) -> Result<Vec<Claimed>, Error> {
+        let spread = self.spread.load(Ordering::Relaxed);
+        let offset = match spread {
+            1 => 0,
+            s => rand::random_range(0..s),
+        };
+        let chains = chains(rotate(candidates, offset), n, CHAIN);
+        let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
+        let next = match round.contended {
+            true => (spread * 2).min(MAX_SPREAD),
+            false => (spread / 2).max(1),
+        };
+        self.spread.store(next, Ordering::Relaxed);
+        Ok(round.claimed)
     }
 
     /// How many jobs the queue holds, claimed or not (dead letters aside). One read.
@@ -355,17 +374,28 @@ impl WorkQueue {
     }
 }
 
-/// `n` of `candidates`: the first `n`, or — after races lost (`spread` > 1) — `n` at random
-/// among the first `n × spread`, kept in claim order.
-fn choose(mut candidates: Vec<Candidate>, n: usize, spread: usize) -> Vec<Candidate> {
-    let pool = n.saturating_mul(spread).min(candidates.len());
-    if spread <= 1 || pool <= n {
-        candidates.truncate(n);
-        return candidates;
+/// `candidates` with the ready jobs of the highest priority rotated left by `offset` (modulo
+/// their number): a chain then starts at the `offset`-th of them, goes on to the end of
+/// them, wraps round to the first, and only then reaches a lower priority.
+fn rotate(mut candidates: Vec<Candidate>, offset: usize) -> Vec<Candidate> {
+    let top = candidates.first().map_or(0, |c| c.rank);
+    let count = candidates.iter().take_while(|c| c.rank == top).count();
+    if count > 0 {
+        candidates[..count].rotate_left(offset % count);
     }
-    let mut picked = rand::seq::index::sample(&mut rand::rng(), pool, n).into_vec();
-    picked.sort_unstable();
-    picked.into_iter().map(|i| candidates[i].clone()).collect()
+    candidates
+}
+
+/// The chains of a claim of `n` jobs: up to `n` chains of up to `len` candidates each, dealt
+/// out in claim order (chain `i` tries candidates `i`, `i + n`, `i + 2n`, …), so an
+/// uncontended claim takes exactly the first `n`.
+fn chains(candidates: Vec<Candidate>, n: usize, len: usize) -> Vec<Vec<Candidate>> {
+    let mut chains: Vec<Vec<Candidate>> = vec![Vec::new(); n.min(candidates.len())];
+    let count = chains.len();
+    for (i, c) in candidates.into_iter().take(n * len).enumerate() {
+        chains[i % count].push(c);
+    }
+    chains
 }
 
 #[cfg(test)]
@@ -376,22 +406,42 @@ mod tests {
         Candidate {
             key: format!("k{i}"),
             id: format!("{i}"),
+            rank: u8::from(i >= 6),
             mod_revision: i as i64,
         }
     }
 
     #[test]
-    fn without_lost_races_the_first_jobs_are_chosen_and_after_them_some_of_the_next() {
-        let all: Vec<Candidate> = (0..40).map(c).collect();
-        assert_eq!(choose(all.clone(), 2, 1), vec![c(0), c(1)]);
-        for _ in 0..50 {
-            let got = choose(all.clone(), 3, 4);
-            assert_eq!(got.len(), 3);
-            assert!(got
-                .windows(2)
-                .all(|w| w[0].mod_revision < w[1].mod_revision));
-            assert!(got.iter().all(|x| x.mod_revision < 12));
-        }
-        assert_eq!(choose(vec![c(0)], 1, 8), vec![c(0)]);
+    fn chains_deal_the_candidates_out_in_claim_order() {
+        let all: Vec<Candidate> = (0..10).map(c).collect();
+        let ids = |chains: Vec<Vec<Candidate>>| -> Vec<Vec<i64>> {
+            chains
+                .iter()
+                .map(|ch| ch.iter().map(|x| x.mod_revision).collect())
+                .collect()
+        };
+        assert_eq!(ids(chains(all.clone(), 1, 3)), vec![vec![0, 1, 2]]);
+        assert_eq!(ids(chains(all.clone(), 2, 2)), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(
+            ids(chains(all[..3].to_vec(), 5, 4)),
+            vec![vec![0], vec![1], vec![2]]
+        );
+        assert!(chains(Vec::new(), 1, 4).is_empty());
+    }
+
+    #[test]
+    fn a_rotation_stays_within_the_highest_priority_and_keeps_every_candidate() {
+        let all: Vec<Candidate> = (0..10).map(c).collect();
+        let order = |v: Vec<Candidate>| -> Vec<i64> { v.iter().map(|x| x.mod_revision).collect() };
+        assert_eq!(order(rotate(all.clone(), 0)), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            order(rotate(all.clone(), 2)),
+            vec![2, 3, 4, 5, 0, 1, 6, 7, 8, 9]
+        );
+        assert_eq!(
+            order(rotate(all.clone(), 8)),
+            vec![2, 3, 4, 5, 0, 1, 6, 7, 8, 9]
+        );
+        assert!(rotate(Vec::new(), 3).is_empty());
     }
 }

@@ -20,6 +20,8 @@ use crate::Error;
 pub(super) struct Candidate {
     pub(super) key: String,
     pub(super) id: String,
+    /// Its priority's rank (0: the highest priority).
+    pub(super) rank: u8,
     /// Its key's mod revision when read: a claim applies only if the job is unchanged since.
     pub(super) mod_revision: i64,
 }
@@ -87,6 +89,7 @@ impl<'a> Walk<'a> {
         self.scan.candidates.push(Candidate {
             key: String::from_utf8_lossy(key).into_owned(),
             id: job.id,
+            rank: job.rank,
             mod_revision,
         });
         self.scan.candidates.len() >= self.want
@@ -171,9 +174,15 @@ pub(super) async fn scan(
         }
         let Some(last) = jobs.kvs().last() else { break };
         let start = walk.next_start(last.key());
+        tracing::debug!(limit, "scan: reading another page");
         let next = engine::read(session, vec![page(keys, start, limit)]).await?;
         read = next.gets.into_iter().next();
     }
+    tracing::debug!(
+        candidates = walk.scan.candidates.len(),
+        claims = walk.scan.claims,
+        "scan"
+    );
     Ok(walk.scan)
 }
 
