@@ -864,3 +864,56 @@ async fn a_dropped_enqueue_adds_its_job_whole_or_not_at_all_and_leaves_no_task()
         "{ended:?}"
     );
 }
+
+#[tokio::test]
+async fn a_claim_whose_answer_is_lost_is_found_by_its_retry_and_claims_nothing_more() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let worker = session_via(&proxy, ttl(10)).await;
+    let producer = session(&etcd, 10).await;
+    let name = unique("queue-lost-claim");
+    let pq = WorkQueue::new(&producer, &name);
+    let id = pq.enqueue("first").await.unwrap();
+    let other = pq.enqueue("second").await.unwrap();
+    let q = WorkQueue::new(&worker, &name);
+    let mut claiming = Box::pin(q.claim());
+    assert!(step(&mut claiming).await.is_none(), "the read is answered");
+    // The claim lands; its answer does not.
+    proxy.drop_responses();
+    assert!(step(&mut claiming).await.is_none(), "the claim is sent");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            under(&c, &name, "claims").await.len() == 1
+        })
+        .await,
+        "the claim never landed"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    let job = tokio::time::timeout(Duration::from_secs(15), claiming)
+        .await
+        .expect("the retry finds its own claim")
+        .unwrap();
+    assert_eq!((job.id(), job.attempt()), (&id, 1));
+    worker.settled().await;
+    let claims = under(&c, &name, "claims").await;
+    assert_eq!(
+        claims,
+        vec![job.key().to_owned()],
+        "one claim, the one returned"
+    );
+    let next = WorkQueue::new(&producer, &name)
+        .try_claim()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (next.id(), next.attempt()),
+        (&other, 1),
+        "the other job untouched"
+    );
+    job.ack().await.unwrap();
+    next.ack().await.unwrap();
+}

@@ -5,7 +5,9 @@
 //! ```text
 //! If(ModRevision(job₁) == read₁, CreateRevision(claims/<id₁>) == 0)
 //! Then(Put(job₁, ignore_value), Put(claims/<id₁>, unique value, our lease), Get(job₁))
-//! Else(Get(claims/<id₁>), Txn(the same for job₂, …))
+//! Else(Txn(If(Value(claims/<id₁>) == that unique value)        — an earlier attempt's claim
+//!          Then(Get(claims/<id₁>), Get(job₁))
+//!          Else(Txn(the same for job₂, …))))
 //! ```
 //!
 //! etcd applies Txns one after another, so claimers that read the queue at the same moment
@@ -20,8 +22,8 @@
 //!
 //! The Txn is sent in a detached task (`engine::detached`): a caller that drops its future
 //! mid-request never strands a claim — whatever was won is released by the session's task. A
-//! retry after an unanswered attempt finds its own claims by their unique values (and what a
-//! retry claims beyond the jobs wanted is given back); a copy of an attempt that lands later
+//! retry after an unanswered attempt finds its own claims by their unique values, and a chain
+//! stops there; a copy of an attempt that lands later
 //! than every answer can only apply if its job is still unchanged, and if the caller stopped
 //! without a definite answer, the session sweeps those values off the claim keys for as long
 //! as its lease lives.
@@ -37,7 +39,7 @@ use crate::backoff::Backoff;
 use crate::engine::cleanup::{Afterwards, Cleanup, Sweep};
 use crate::engine::detached::detached;
 use crate::engine::ticket::Acquired;
-use crate::engine::{self, Holding, SessionKeys};
+use crate::engine::{Holding, SessionKeys};
 use crate::keys::{header_revision, txn_gets};
 use crate::rpc::Unanswered;
 use crate::{Error, LeasedSession};
@@ -50,12 +52,11 @@ struct Slot {
     value: Vec<u8>,
 }
 
-/// A claim won: its holding (released if dropped) and the job as the claim read it (`None`
-/// for a claim an earlier, unanswered attempt made: read afterwards).
+/// A claim won: its holding (released if dropped) and the job as the claim read it.
 pub(super) struct Won {
     holding: Holding,
     job_key: String,
-    job: Option<KeyValue>,
+    job: KeyValue,
 }
 
 /// What a claim round trip came to.
@@ -128,16 +129,8 @@ pub(super) async fn claim(
     .await?;
     tracing::debug!(wanted, won = outcome.len(), "claim");
     let mut claimed = Vec::with_capacity(outcome.len());
-    // A retry may have won more than wanted (its earlier attempt's claims, and its own):
-    // the rest are given back as they are dropped.
-    for won in outcome.into_iter().take(wanted) {
-        let kv = match won.job {
-            Some(kv) => kv,
-            None => match read_job(leased, &won.job_key).await? {
-                Some(kv) => kv,
-                None => continue, // cannot happen while we hold its claim; released
-            },
-        };
+    for won in outcome {
+        let kv = won.job;
         let (header, payload) = decode(kv.key(), kv.value())?;
         let attempt = header.attempts(kv.version());
         let job = Job {
@@ -160,13 +153,16 @@ pub(super) async fn claim(
     Ok(Round { claimed, contended })
 }
 
-/// The Txn of one chain: its first candidate, and the rest nested in the else-branch.
+/// The Txn of one chain: its first candidate, and the rest nested in the else-branch — after
+/// the check that stops the chain at a claim an earlier attempt of this one made.
 fn chain_txn(chain: &[Slot], lease: i64) -> TxnOp {
     let mut next: Option<TxnOp> = None;
     for slot in chain.iter().rev() {
         let (job, claim) = (slot.job.key.as_str(), slot.claim.as_str());
-        let mut or_else = vec![TxnOp::get(claim, None)];
-        or_else.extend(next.take());
+        let ours = Txn::new()
+            .when([Compare::value(claim, CompareOp::Equal, slot.value.clone())])
+            .and_then([TxnOp::get(claim, None), TxnOp::get(job, None)])
+            .or_else(next.take().into_iter().collect::<Vec<_>>());
         next = Some(TxnOp::txn(
             Txn::new()
                 .when([
@@ -182,7 +178,7 @@ fn chain_txn(chain: &[Slot], lease: i64) -> TxnOp {
                     ),
                     TxnOp::get(job, None),
                 ])
-                .or_else(or_else),
+                .or_else([TxnOp::txn(ours)]),
         ));
     }
     next.unwrap_or_else(|| TxnOp::txn(Txn::new()))
@@ -227,7 +223,8 @@ fn nested(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::TxnResponse> {
         .collect()
 }
 
-/// What one chain's answer `resp` shows won, into `won`.
+/// What one chain's answer `resp` shows won, into `won`: the first free candidate, or the one
+/// an earlier attempt claimed.
 fn read_chain(
     leased: &LeasedSession,
     resp: &etcd_client::TxnResponse,
@@ -238,9 +235,6 @@ fn read_chain(
     let Some((slot, rest)) = chain.split_first() else {
         return Ok(());
     };
-    let gets = txn_gets(resp);
-    let first = gets.first().and_then(|g| g.kvs().first()).cloned();
-    let lease = leased.lease_id();
     let hold = |create_revision: i64| {
         let acquired = Acquired {
             key: slot.claim.clone(),
@@ -250,35 +244,34 @@ fn read_chain(
         };
         Holding::new(leased.clone(), acquired)
     };
+    let missing = || Error::Protocol(format!("a claim of {} without its job", slot.job.key));
+    let first = |r: &etcd_client::TxnResponse, i: usize| {
+        txn_gets(r).get(i).and_then(|g| g.kvs().first()).cloned()
+    };
     if resp.succeeded() {
-        let Some(job) = first else {
-            return Err(Error::Protocol(format!(
-                "a claim of {} without its job",
-                slot.job.key
-            )));
-        };
+        let job = first(resp, 0).ok_or_else(missing)?;
         won.push(Won {
             holding: hold(revision),
             job_key: slot.job.key.clone(),
-            job: Some(job),
+            job,
         });
         return Ok(());
     }
-    if let Some(c) = first.filter(|c| c.lease() == lease && c.value() == slot.value.as_slice()) {
+    let Some(ours) = nested(resp).into_iter().next() else {
+        return Ok(());
+    };
+    if ours.succeeded() {
+        // An earlier, unanswered attempt of this claim took this candidate: the chain ends.
+        let claim = first(&ours, 0).ok_or_else(missing)?;
         won.push(Won {
-            holding: hold(c.create_revision()),
+            holding: hold(claim.create_revision()),
             job_key: slot.job.key.clone(),
-            job: None,
+            job: first(&ours, 1).ok_or_else(missing)?,
         });
+        return Ok(());
     }
-    match nested(resp).first() {
+    match nested(&ours).first() {
         Some(next) => read_chain(leased, next, rest, revision, won),
         None => Ok(()),
     }
-}
-
-/// The job `key` now (for a claim an earlier attempt made).
-async fn read_job(leased: &LeasedSession, key: &str) -> Result<Option<KeyValue>, Error> {
-    let read = engine::read(leased.inner(), vec![TxnOp::get(key, None)]).await?;
-    Ok(read.gets.first().and_then(|g| g.kvs().first()).cloned())
 }
