@@ -29,7 +29,8 @@
 //! ```
 //!
 //! Service registration and discovery, in the layout of etcd's Go `naming/endpoints`, live in
-//! [`discovery`].
+//! [`discovery`]. A [`WorkQueue`] hands jobs to workers under their leases — acknowledged
+//! under a fence, delivered again if a worker dies, never lost (`docs/queue.md`).
 //!
 //! See `docs/design.md` for the architecture, the session state machine and the wait
 //! algorithm, and `docs/safety.md` for what fencing does and does not protect.

@@ -15,7 +15,8 @@ use crate::Args;
 /// done. `ops_per_s` = jobs claimed *and acknowledged* per second (the peer's are dequeued:
 /// deleted as they are handed out, so a crashed worker loses its job); latency = one
 /// `claim()`. Also `enqueue_per_s` and `txns_per_job` (requests the workers sent per job,
-/// claim and ack together).
+/// claim and ack together). With `--work-ms W` each worker sleeps W ms between claim and ack
+/// (ours only: the peer's dequeue has no ack).
 pub(crate) async fn queue(
     a: &Args,
     prefix: &str,
@@ -54,12 +55,16 @@ pub(crate) async fn queue(
     let mut workers = Vec::new();
     for s in &sessions {
         let (q, remaining) = (WorkQueue::new(s, &name), Arc::clone(&remaining));
+        let work = Duration::from_millis(a.work_ms);
         workers.push(tokio::spawn(async move {
             let mut lats = Vec::new();
             while remaining.fetch_sub(1, Ordering::SeqCst) > 0 {
                 let t = Instant::now();
                 let job = q.claim().await?;
                 lats.push(t.elapsed());
+                if !work.is_zero() {
+                    tokio::time::sleep(work).await;
+                }
                 job.ack().await?;
             }
             Ok::<_, etcd_coord::Error>(lats)
@@ -81,7 +86,7 @@ pub(crate) async fn queue(
     for s in &sessions {
         s.close().await.map_err(boxed)?;
     }
-    let extra = vec![
+    let mut extra = vec![
         (
             "enqueue_per_s",
             Value::Num(round3(a.ops as f64 / enqueue.as_secs_f64())),
@@ -91,6 +96,9 @@ pub(crate) async fn queue(
             Value::Num(round3((sent_after - sent_before) as f64 / a.ops as f64)),
         ),
     ];
+    if a.work_ms > 0 {
+        extra.push(("work_ms", Value::Int(a.work_ms)));
+    }
     Ok(Run {
         lats,
         hands: Vec::new(),

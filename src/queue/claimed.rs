@@ -13,7 +13,6 @@ use crate::keys::{header_revision, txn_gets};
 use crate::{Error, Fence};
 
 /// The job a [`Claimed`] holds, as its claim read it.
-#[derive(Debug)]
 pub(crate) struct Job {
     pub(super) keys: Keys,
     /// The job's key and its create revision (it keeps it across claims).
@@ -25,6 +24,17 @@ pub(crate) struct Job {
     pub(super) attempt: u32,
     pub(super) header: Header,
     pub(super) payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("key", &self.key)
+            .field("payload_len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
 }
 
 holding_guard! {
@@ -124,6 +134,15 @@ impl Claimed {
     ///
     /// # Cancel safety
     /// As [`ack()`](Self::ack): the job goes back either way.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(job: etcd_coord::Claimed) -> Result<(), etcd_coord::Error> {
+    /// use std::time::Duration;
+    /// // Not now: try again in a minute (another worker may take it then).
+    /// job.nack(Duration::from_secs(60)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn nack(self, delay: Duration) -> Result<(), Error> {
         self.give_back(None, delay).await
     }

@@ -29,12 +29,22 @@ use crate::{Error, LeasedSession};
 use layout::Keys;
 use scan::{scan, Candidate};
 
-/// The most jobs one [`claim_many`](WorkQueue::claim_many) takes (etcd's default
-/// `--max-txn-ops`: each job is one operation of the claim's Txn).
-pub const MAX_BATCH: usize = 128;
+/// The most jobs one [`claim_many`](WorkQueue::claim_many) takes: each is a Txn nested in the
+/// claim's, and etcd allows a Txn and everything nested in it 128 operations
+/// (`--max-txn-ops`' default), taking each level's own from what its nested Txns may use.
+pub const MAX_BATCH: usize = 100;
 
-/// How many candidates one job's claim tries in one round trip (see `claim`).
-const CHAIN: usize = 8;
+/// etcd's default `--max-txn-ops`: the operations a Txn and the Txns nested in it may use,
+/// each level's own taken from what the levels below it may use.
+const TXN_OPS: usize = 128;
+
+/// What one candidate of a chain uses of that: its claim Txn (two compares, three
+/// operations) and the check for an earlier attempt's claim (two operations).
+const OPS_PER_CANDIDATE: usize = 5;
+
+/// How many candidates one job's claim tries in one round trip at most (see `claim`), and
+/// fewer in a batch so that the whole claim fits in [`TXN_OPS`].
+const CHAIN: usize = 16;
 
 /// The most positions behind the first ready job a contended claim may start its chain at.
 const MAX_SPREAD: usize = 64;
@@ -129,7 +139,7 @@ impl WorkQueue {
 
     /// How many candidates a scan for `n` jobs collects.
     fn want(&self, n: usize) -> usize {
-        n * CHAIN + self.spread.load(Ordering::Relaxed) - 1
+        n * chain_len(n) + self.spread.load(Ordering::Relaxed) - 1
     }
 
     fn saw_claims(&self, n: usize) {
@@ -219,6 +229,15 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// As [`claim()`](Self::claim).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// while let Some(job) = queue.try_claim().await? {
+    ///     job.ack().await?; // drains what is ready now, then stops
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn try_claim(&self) -> Result<Option<Claimed>, Error> {
         Ok(self.claim_up_to(1, false).await?.pop())
     }
@@ -232,6 +251,16 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// As [`claim()`](Self::claim): every claim that landed for a dropped future is given back.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// for job in queue.claim_many(16).await? {
+    ///     // ... up to 16 jobs, each its own claim, acknowledged one by one
+    ///     job.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn claim_many(&self, n: usize) -> Result<Vec<Claimed>, Error> {
         if n == 0 || n > MAX_BATCH {
             return Err(Error::InvalidArgument(format!(
@@ -304,7 +333,7 @@ impl WorkQueue {
             1 => 0,
             s => rand::random_range(0..s),
         };
-        let chains = chains(rotate(candidates, offset), n, CHAIN);
+        let chains = chains(rotate(candidates, offset), n, chain_len(n));
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
         let next = match round.contended {
             true => (spread * 2).min(MAX_SPREAD),
@@ -369,9 +398,25 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// Only reads.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// for dead in queue.dead_letters().await? {
+    ///     eprintln!("job {} failed {} times: {}", dead.id, dead.attempts, dead.last_error);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
         inspect::dead_letters(self.session.inner(), &self.keys()?).await
     }
+}
+
+/// How many candidates each chain of a claim of `n` jobs tries: at most [`CHAIN`], and no more
+/// than leave the claim within etcd's operations for a Txn (the claim Txn itself has one
+/// operation per chain).
+fn chain_len(n: usize) -> usize {
+    (TXN_OPS.saturating_sub(n) / OPS_PER_CANDIDATE).clamp(1, CHAIN)
 }
 
 /// `candidates` with the ready jobs of the highest priority rotated left by `offset` (modulo
@@ -427,6 +472,15 @@ mod tests {
             vec![vec![0], vec![1], vec![2]]
         );
         assert!(chains(Vec::new(), 1, 4).is_empty());
+    }
+
+    #[test]
+    fn every_claim_fits_in_etcds_operations_for_a_txn() {
+        for n in 1..=MAX_BATCH {
+            let used = n + chain_len(n) * OPS_PER_CANDIDATE;
+            assert!(used <= TXN_OPS, "{n} chains of {}: {used}", chain_len(n));
+        }
+        assert_eq!(chain_len(1), CHAIN);
     }
 
     #[test]

@@ -7,10 +7,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use etcd_client::{GetOptions, GetResponse, TxnOp};
+use etcd_client::{GetOptions, GetResponse};
 
 use super::layout::Keys;
-use crate::engine;
+use crate::backoff::Backoff;
 use crate::keys::prefix_end;
 use crate::session::Session;
 use crate::Error;
@@ -112,39 +112,46 @@ impl<'a> Walk<'a> {
 }
 
 /// The job keys from `start` to the end of the jobs, a page of `limit`.
-fn page(keys: &Keys, start: Vec<u8>, limit: usize) -> TxnOp {
+fn page(keys: &Keys, limit: usize) -> GetOptions {
     let end = prefix_end(keys.jobs().as_bytes());
-    let opts = GetOptions::new()
+    GetOptions::new()
         .with_range(end)
         .with_keys_only()
-        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
-    TxnOp::get(start, Some(opts))
-}
-
-/// Every claim key (keys only).
-fn claims(keys: &Keys) -> TxnOp {
-    TxnOp::get(
-        keys.claims(),
-        Some(GetOptions::new().with_prefix().with_keys_only()),
-    )
+        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
 }
 
 /// The claimed job ids in a read of the claims.
-fn claimed_ids(keys: &Keys, read: Option<&GetResponse>) -> HashSet<String> {
+fn claimed_ids(keys: &Keys, read: &GetResponse) -> HashSet<String> {
     let prefix = keys.claims();
-    read.map(|g| {
-        g.kvs()
-            .iter()
-            .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix))
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default()
+    read.kvs()
+        .iter()
+        .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A plain range read of `key` with `opts`, retried while the session lives. Not a Txn: etcd
+/// 3.5.0–3.5.4 crashes when a read-only Txn's request is cancelled while it is applied
+/// (etcd #14110), and a worker killed mid-read cancels its requests; a range read is not
+/// applied that way.
+async fn get(session: &Arc<Session>, key: Vec<u8>, opts: GetOptions) -> Result<GetResponse, Error> {
+    let read = || session.rpc.get(key.clone(), opts.clone());
+    let mut backoff = Backoff::for_requests();
+    Ok(session
+        .rpc
+        .until_answered(read, &mut backoff, &**session)
+        .await?
+        .resp)
+}
+
+/// The revision a read answered at.
+fn revision_of(read: &GetResponse) -> i64 {
+    read.header().map_or(0, |h| h.revision())
 }
 
 /// Scans the queue for up to `want` claimable jobs, reading pages sized for `claims_hint`
-/// claims ahead of them: one round trip, more only when a page held none (all claimed, or
-/// not ready).
+/// claims ahead of them: the first page and the claims at once (two range reads, side by
+/// side), more pages only when one held nothing claimable (all claimed, or not ready).
 pub(super) async fn scan(
     session: &Arc<Session>,
     keys: &Keys,
@@ -152,16 +159,16 @@ pub(super) async fn scan(
     claims_hint: usize,
 ) -> Result<Scan, Error> {
     let limit = claims_hint + want + 8;
-    let first = engine::read(
-        session,
-        vec![page(keys, keys.jobs().into_bytes(), limit), claims(keys)],
-    )
-    .await?;
+    let claims_opts = GetOptions::new().with_prefix().with_keys_only();
+    let (mut jobs, claims) = tokio::try_join!(
+        get(session, keys.jobs().into_bytes(), page(keys, limit)),
+        get(session, keys.claims().into_bytes(), claims_opts),
+    )?;
     let now_us = super::layout::micros(std::time::SystemTime::now());
-    let mut walk = Walk::new(keys, claimed_ids(keys, first.gets.get(1)), now_us, want);
-    walk.scan.revision = first.revision;
-    let mut read = first.gets.into_iter().next();
-    while let Some(jobs) = read.take() {
+    let mut walk = Walk::new(keys, claimed_ids(keys, &claims), now_us, want);
+    // Whatever either read saw is seen at the older of the two revisions.
+    walk.scan.revision = revision_of(&jobs).min(revision_of(&claims));
+    loop {
         let mut enough = false;
         for kv in jobs.kvs() {
             if walk.visit(kv.key(), kv.mod_revision()) {
@@ -175,8 +182,7 @@ pub(super) async fn scan(
         let Some(last) = jobs.kvs().last() else { break };
         let start = walk.next_start(last.key());
         tracing::debug!(limit, "scan: reading another page");
-        let next = engine::read(session, vec![page(keys, start, limit)]).await?;
-        read = next.gets.into_iter().next();
+        jobs = get(session, start, page(keys, limit)).await?;
     }
     tracing::debug!(
         candidates = walk.scan.candidates.len(),

@@ -42,6 +42,8 @@ pub struct SessionMetrics {
     pub keepalive_requests: u64,
     /// Txns sent by the session's primitives and background clean-ups.
     pub txns: u64,
+    /// Plain range reads sent (a work queue's scans and inspections, for instance).
+    pub reads: u64,
     /// Watches requested by the session's waits and background clean-ups (each wait step
     /// opens one stream with a watch per target).
     pub watches: u64,
@@ -294,6 +296,7 @@ impl LeasedSession {
         SessionMetrics {
             keepalive_requests: Stats::get(&stats.keepalive_requests),
             txns: Stats::get(&stats.txns),
+            reads: Stats::get(&stats.ranges),
             watches: Stats::get(&stats.watches),
             watch_events: Stats::get(&stats.watch_events),
             watch_probes: Stats::get(&stats.watch_probes),
