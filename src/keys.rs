@@ -108,7 +108,9 @@ impl Queue {
                 Queue {
                     own: prefix.clone(),
                     prefix,
-                    direct: false,
+                    // Member keys hold no further `/`; keys nested under them (successors'
+                    // pointers) are not members.
+                    direct: true,
                 }
             }
         })
@@ -211,6 +213,82 @@ pub(crate) fn owner_compares(key: &str, create_revision: i64, lease_id: i64) -> 
     ]
 }
 
+/// Where the pointers of the waiters behind our member key `member` go
+/// ([`successor_pointer`]): `…#next/<member's id>/`, beside the queue's members rather than
+/// under them — not a member of any queue (members hold no further `/`), and not deleted by
+/// a delete of `member` with the keys under it (`etcdctl del --prefix <member>`), which is no
+/// release. `None` for a key that is not one of ours.
+pub(crate) fn pointers_of(member: &str) -> Option<String> {
+    if !is_our_member_key(member.as_bytes()) {
+        return None;
+    }
+    let hash = member.rfind('#')?;
+    Some(format!("{}#next/{}/", &member[..hash], &member[hash + 1..]))
+}
+
+/// The pointer a waiter (created at `waiter_revision`) puts under its own lease to be told
+/// that its predecessor `predecessor` — a member key of ours ([`pointers_of`]) — was released
+/// by its holder: the holder's release deletes it in the same Txn as its key
+/// ([`release_announcing`]), so the waiter sees both deletions at one revision.
+pub(crate) fn successor_pointer(predecessor: &[u8], waiter_revision: i64) -> Option<Vec<u8>> {
+    let predecessor = std::str::from_utf8(predecessor).ok()?;
+    Some(format!("{}{waiter_revision}", pointers_of(predecessor)?).into_bytes())
+}
+
+/// Whether `key` is a pointer of [`successor_pointer`]'s making.
+pub(crate) fn is_pointer(key: &[u8]) -> bool {
+    const NEXT: &str = "#next/";
+    let Ok(key) = std::str::from_utf8(key) else {
+        return false;
+    };
+    let (Some(next), Some(slash)) = (key.rfind(NEXT), key.rfind('/')) else {
+        return false;
+    };
+    let revision = &key[slash + 1..];
+    slash > next + NEXT.len()
+        && !revision.is_empty()
+        && revision.bytes().all(|b| b.is_ascii_digit())
+        && is_our_member_key(
+            format!("{}#{}", &key[..next], &key[next + NEXT.len()..slash]).as_bytes(),
+        )
+}
+
+/// Whether a waiter behind `member` may take a release of it that deletes the waiter's
+/// pointer as the hand-off itself: `member` is ours and exclusive — when it held, nothing was
+/// ahead of it. Not a reader of a read/write lock: other readers may still hold when one
+/// lets go.
+pub(crate) fn announces_release(member: &[u8]) -> bool {
+    is_our_member_key(member) && member_id(member).first() != Some(&b'r')
+}
+
+/// Whether `key` is one of this crate's member keys (`…#<lease, 16 hex digits>-<number>`, or
+/// `…#<kind>/<lease>-<number>` in a queue of our own; an RwLock's carry their kind's letter
+/// before the lease): the only keys a release of ours ever announces to successors (a Go or
+/// etcdctl holder does not).
+pub(crate) fn is_our_member_key(key: &[u8]) -> bool {
+    if !key.contains(&b'#') {
+        return false;
+    }
+    let id = member_id(key);
+    let id = match id.first() {
+        Some(b'r' | b'w') => &id[1..],
+        _ => id,
+    };
+    id.len() > 17
+        && id[..16].iter().all(u8::is_ascii_hexdigit)
+        && id[16] == b'-'
+        && id[17..].iter().all(u8::is_ascii_hexdigit)
+}
+
+/// A member key's last segment without its `#`: `[kind]<lease>-<number>`.
+fn member_id(key: &[u8]) -> &[u8] {
+    let last = key
+        .iter()
+        .rposition(|&b| b == b'/')
+        .map_or(key, |slash| &key[slash + 1..]);
+    last.strip_prefix(b"#").unwrap_or(last)
+}
+
 /// Deletes `key` only while it is ours: the incarnation created at `create_revision`, on
 /// `lease_id`. Else-branch: `[Get(key)]`, which tells a key taken over by another client's put
 /// (same create revision, another lease) from one that is gone.
@@ -222,6 +300,54 @@ pub(crate) fn fenced_delete(key: &str, create_revision: i64, lease_id: i64) -> T
             key,
             Some(etcd_client::GetOptions::new().with_keys_only()),
         )])
+}
+
+/// The release of a holder that was the oldest member of its queue: deletes `key` only while it
+/// is ours (as [`fenced_delete`]) and, in the same Txn, every successor's pointer to it
+/// ([`successor_pointer`]) — so the waiter just behind sees both deletions at one revision
+/// and knows the holder released (a waiter giving up deletes its key alone). A plain
+/// [`fenced_delete`] for a key that is not one of ours.
+pub(crate) fn release_announcing(key: &str, create_revision: i64, lease_id: i64) -> Txn {
+    let Some(pointers) = pointers_of(key) else {
+        return fenced_delete(key, create_revision, lease_id);
+    };
+    Txn::new()
+        .when(owner_compares(key, create_revision, lease_id))
+        .and_then([
+            TxnOp::delete(key, None),
+            TxnOp::delete(
+                pointers,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ),
+        ])
+        .or_else([TxnOp::get(
+            key,
+            Some(etcd_client::GetOptions::new().with_keys_only()),
+        )])
+}
+
+/// Deletes `key` only while it is ours (as [`fenced_delete`]), and `pointer` (a successor's
+/// pointer of ours, on our lease) whatever becomes of `key`.
+pub(crate) fn fenced_delete_with_pointer(
+    key: &str,
+    create_revision: i64,
+    lease_id: i64,
+    pointer: &[u8],
+) -> Txn {
+    let pointer_gone = || {
+        TxnOp::txn(
+            Txn::new()
+                .when([Compare::lease(pointer.to_vec(), CompareOp::Equal, lease_id)])
+                .and_then([TxnOp::delete(pointer.to_vec(), None)]),
+        )
+    };
+    Txn::new()
+        .when(owner_compares(key, create_revision, lease_id))
+        .and_then([TxnOp::delete(key, None), pointer_gone()])
+        .or_else([
+            TxnOp::get(key, Some(etcd_client::GetOptions::new().with_keys_only())),
+            pointer_gone(),
+        ])
 }
 
 /// Bumps `key`'s mod revision (value and lease unchanged) only while it is ours (the
@@ -329,6 +455,42 @@ mod tests {
         assert_eq!(prefix_end(b"a\x7f"), b"a\x80".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn pointers_go_beside_the_queue_and_only_behind_our_exclusive_members() {
+        let lease = 0x1234_i64;
+        let shared = shared("jobs/a").unwrap();
+        let mutex = shared.member_key("", lease, 1);
+        let pointer = successor_pointer(mutex.as_bytes(), 57).unwrap();
+        assert_eq!(
+            String::from_utf8(pointer.clone()).unwrap(),
+            "jobs/a/#next/0000000000001234-1/57"
+        );
+        assert!(is_pointer(&pointer));
+        assert!(!shared.is_member(&pointer), "a pointer is not a member");
+        assert!(
+            !pointer.starts_with(format!("{mutex}/").as_bytes()),
+            "not under the member"
+        );
+        assert!(!is_pointer(mutex.as_bytes()));
+        assert!(announces_release(mutex.as_bytes()));
+        // A queue of our own: `N/#<kind>/<lease>-<n>`.
+        let own = Queue::new("jobs/a", Layout::Own("sem")).unwrap();
+        let permit = own.member_key("", lease, 2);
+        let pointer = successor_pointer(permit.as_bytes(), 9).unwrap();
+        assert!(is_pointer(&pointer));
+        assert!(!own.is_member(&pointer));
+        // Readers do not announce (others may hold on); writers do.
+        assert!(!announces_release(
+            shared.member_key("r", lease, 3).as_bytes()
+        ));
+        assert!(announces_release(
+            shared.member_key("w", lease, 3).as_bytes()
+        ));
+        // Go's and etcdctl's keys are not ours: no pointer.
+        assert_eq!(successor_pointer(b"jobs/a/694d7c6d2a1e3b04", 9), None);
+        assert!(!is_pointer(b"jobs/a/#next/nothex/9"));
     }
 
     #[test]

@@ -88,7 +88,7 @@ async fn resign_hands_over_to_the_next_candidate_in_fifo_order() {
         let obs = observer.clone();
         assert!(
             eventually(Duration::from_secs(5), || async {
-                keys_under(&obs, &n).await.len() == i + 1
+                members_under(&obs, &n).await.len() == i + 1
             })
             .await
         );

@@ -138,10 +138,10 @@ fn unix_ms() -> u64 {
 async fn keys_are(observer: &etcd_client::Client, prefix: &str, n: usize) {
     assert!(
         eventually(Duration::from_secs(60), || async {
-            keys_under(observer, prefix).await.len() == n
+            members_under(observer, prefix).await.len() == n
         })
         .await,
-        "expected {n} keys under {prefix}, found {:?}",
+        "expected {n} members under {prefix}, found {:?}",
         keys_under(observer, prefix).await
     );
 }

@@ -247,11 +247,11 @@ async fn a_waiter_whose_key_is_deleted_stops_with_lock_lost() {
     let observer = admin.clone();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            keys_under(&observer, &name).await.len() == 2
+            members_under(&observer, &name).await.len() == 2
         })
         .await
     );
-    let waiter_key = keys_under(&admin, &name).await[1].clone();
+    let waiter_key = members_under(&admin, &name).await[1].clone();
     admin.delete(waiter_key.as_str(), None).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await

@@ -26,7 +26,7 @@ async fn under(c: &Client, name: &str, part: &str) -> Vec<String> {
 
 /// The keys of the line of idle claimers of `name`.
 async fn idle_line(c: &Client, name: &str) -> Vec<String> {
-    keys_under(c, &format!("{name}/#queue/w")).await
+    members_under(c, &format!("{name}/#queue/w")).await
 }
 
 /// Revokes `lease` as an operator (or etcd's expiry) would.
@@ -729,6 +729,14 @@ async fn a_new_job_wakes_one_idle_claimer_not_the_herd_and_idle_claimers_do_not_
         "{events} watch events for one job among {idle} idle claimers"
     );
     assert!(claimed.try_recv().is_err(), "only one claim returned");
+    // Idle claimers wait through their sessions' one shared watch stream: none opens another.
+    for s in &sessions {
+        let streams = s.metrics().watch_streams;
+        assert!(
+            streams <= 1,
+            "a session of an idle claimer opened {streams} watch streams"
+        );
+    }
     job.ack().await.unwrap();
 }
 

@@ -47,7 +47,7 @@ async fn a_semaphore_never_has_more_than_its_permits_holders() {
 async fn queued(observer: &etcd_client::Client, name: &str, n: usize) {
     assert!(
         eventually(Duration::from_secs(5), || async {
-            keys_under(observer, name).await.len() == n
+            members_under(observer, name).await.len() == n
         })
         .await,
         "expected {n} queued keys, found {:?}",
@@ -236,8 +236,10 @@ async fn a_cancelled_acquire_leaves_no_key() {
         },
     )
     .await;
+    // At least the enqueue in flight, then the wait (on the session's watch of this
+    // semaphore, in place since the first attempt: no watch to register any more).
     assert!(
-        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        matches!(ended, Ended::Waiting { polls } if polls >= 2),
         "{ended:?}"
     );
     held.release().await.unwrap();

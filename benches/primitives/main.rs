@@ -44,8 +44,9 @@
 //!   the peer's mode of the same name.
 //! - `queue`: a `WorkQueue`: M jobs enqueued by N producers (`enqueue_per_s`), then N workers
 //!   (a session each) claim and acknowledge them all; `ops_per_s` = jobs claimed and
-//!   acknowledged per second, latency = one `claim()`; also `txns_per_job`. Beside the peer's
-//!   `queue` (etcd's Go `recipe.Queue`, whose dequeue deletes the job: at-most-once). With
+//!   acknowledged per second, latency = one `claim()`; also `txns_per_job` and
+//!   `reads_per_job`. Beside the peer's `queue` (etcd's Go `recipe.Queue`, whose dequeue
+//!   deletes the job: at-most-once). With
 //!   `--work-ms W` (ours only) each worker works W ms on a job before its ack, so the claims
 //!   no longer saturate etcd; also `work_ms`.
 //! - `discovery-sync`: M endpoints stored under one target (Txns of 128 puts, not timed:

@@ -30,10 +30,20 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
             | "rwlock-contended"
             | "waiters-scale"
     );
-    let mut sessions = Vec::new();
+    // Sessions on one connection share its watch stream (`LeasedSession::sibling`), as the Go
+    // peer's sessions on one client share theirs.
+    let mut sessions: Vec<LeasedSession> = Vec::new();
     if needs_sessions {
         for i in 0..n {
-            sessions.push(LeasedSession::new(client_for(i), opts.clone()).await?);
+            let session = match i.checked_sub(clients.len()) {
+                Some(first) => {
+                    sessions[first % clients.len()]
+                        .sibling(opts.clone())
+                        .await?
+                }
+                None => LeasedSession::new(client_for(i), opts.clone()).await?,
+            };
+            sessions.push(session);
         }
     }
     let remaining = Arc::new(AtomicI64::new(a.ops as i64));

@@ -4,7 +4,6 @@
 //! into: the release's round trip (commit), the time until the next waiter hears of it (notify),
 //! its re-read, and what is left until it is through (decide, schedule).
 
-use std::collections::HashMap;
 use std::sync::Mutex as StdMutex;
 use std::time::Instant;
 
@@ -81,28 +80,26 @@ pub(crate) fn reset() {
 pub(crate) fn phases() -> Vec<(&'static str, Value)> {
     let steps = STEPS.lock().unwrap().clone();
     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
-    // The first time of each (what, key) after an index, looked up by scanning forward.
-    let mut answered: HashMap<&str, Instant> = HashMap::new();
-    for s in &steps {
-        if s.what == "release answered" {
-            answered.entry(s.key.as_str()).or_insert(s.at);
-        }
-    }
     let (mut commit, mut notify, mut reread, mut through) = (vec![], vec![], vec![], vec![]);
     for (i, sent) in steps.iter().enumerate() {
         if sent.what != "release sent" {
             continue;
         }
-        if let Some(done) = answered.get(sent.key.as_str()) {
-            commit.push(ms(sent.at, *done));
-        }
         let rest = &steps[i + 1..];
+        if let Some(done) = rest
+            .iter()
+            .find(|s| s.what == "release answered" && s.key == sent.key)
+        {
+            commit.push(ms(sent.at, done.at));
+        }
         let Some(woken) = rest.iter().find(|s| s.what == "woken" && s.key == sent.key) else {
             continue;
         };
         notify.push(ms(sent.at, woken.at));
-        let after = rest.iter().skip_while(|s| s.at < woken.at);
-        let mut after = after.filter(|s| s.key == woken.waiter);
+        let mut after = rest
+            .iter()
+            .skip_while(|s| s.at < woken.at)
+            .filter(|s| s.key == woken.waiter);
         if let Some(read) = after.clone().find(|s| s.what == "re-read") {
             reread.push(ms(woken.at, read.at));
             if let Some(done) = after.find(|s| s.what == "through" && s.at >= read.at) {

@@ -14,9 +14,10 @@ use crate::Args;
 /// workers (a session each, on the shared connections) claim and acknowledge until all M are
 /// done. `ops_per_s` = jobs claimed *and acknowledged* per second (the peer's are dequeued:
 /// deleted as they are handed out, so a crashed worker loses its job); latency = one
-/// `claim()`. Also `enqueue_per_s` and `txns_per_job` (requests the workers sent per job,
-/// claim and ack together). With `--work-ms W` each worker sleeps W ms between claim and ack
-/// (ours only: the peer's dequeue has no ack).
+/// `claim()`. Also `enqueue_per_s`, `txns_per_job` (Txns the workers sent per job, claim
+/// and ack together) and `reads_per_job` (range reads per job: the claims' scans). With
+/// `--work-ms W` each worker sleeps W ms between claim and ack (ours only: the peer's dequeue
+/// has no ack).
 pub(crate) async fn queue(
     a: &Args,
     prefix: &str,
@@ -49,6 +50,7 @@ pub(crate) async fn queue(
     }
     let enqueue = t0.elapsed();
     let sent_before: u64 = sessions.iter().map(|s| s.metrics().txns).sum();
+    let reads_before: u64 = sessions.iter().map(|s| s.metrics().reads).sum();
 
     let remaining = Arc::new(AtomicI64::new(a.ops as i64));
     let t1 = Instant::now();
@@ -76,6 +78,7 @@ pub(crate) async fn queue(
     }
     let total = t1.elapsed();
     let sent_after: u64 = sessions.iter().map(|s| s.metrics().txns).sum();
+    let reads_after: u64 = sessions.iter().map(|s| s.metrics().reads).sum();
     let left = WorkQueue::new(&sessions[0], &name)
         .len()
         .await
@@ -94,6 +97,10 @@ pub(crate) async fn queue(
         (
             "txns_per_job",
             Value::Num(round3((sent_after - sent_before) as f64 / a.ops as f64)),
+        ),
+        (
+            "reads_per_job",
+            Value::Num(round3((reads_after - reads_before) as f64 / a.ops as f64)),
         ),
     ];
     if a.work_ms > 0 {

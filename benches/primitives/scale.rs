@@ -57,6 +57,8 @@ pub(crate) async fn waiters_scale(
     }
     let clock = Arc::new(HandoffClock::new());
     let handoffs = a.ops.min(sessions.len());
+    let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
+    let rss_before = resident_bytes();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
     // Queue every waiter (in order), then wait until all their keys are in place.
     for s in &sessions {
@@ -70,23 +72,35 @@ pub(crate) async fn waiters_scale(
     }
     let mut kv = observer.clone();
     loop {
-        let n = kv
+        // Members only: not the pointers waiters put beside them (`…#next/…`).
+        let resp = kv
             .get(
                 format!("{name}/#"),
                 Some(
                     etcd_client::GetOptions::new()
                         .with_prefix()
-                        .with_count_only(),
+                        .with_keys_only(),
                 ),
             )
-            .await?
-            .count() as usize;
+            .await?;
+        let n = resp
+            .kvs()
+            .iter()
+            .filter(|kv| !kv.key()[name.len() + 1..].starts_with(b"#next/"))
+            .count();
         if n == sessions.len() + permits {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await; // every waiter's watch is in place
+    let bytes_per_waiter =
+        resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
+    let streams: u64 = sessions
+        .iter()
+        .map(|s| s.metrics().watch_streams)
+        .sum::<u64>()
+        - streams_before;
     let events_before: u64 = sessions.iter().map(|s| s.metrics().watch_events).sum();
     let t0 = Instant::now();
     let mut hands = Vec::with_capacity(handoffs);
@@ -109,6 +123,13 @@ pub(crate) async fn waiters_scale(
             Value::Num(round3(events as f64 / handoffs as f64)),
         ),
         ("waiters", Value::Int(sessions.len() as u64)),
+        // Resident memory the queued waits added (their sessions were made before), per wait.
+        ("bytes_per_waiter", Value::Int(bytes_per_waiter)),
+        // gRPC watch streams the waits opened, per client connection.
+        (
+            "watch_streams_per_conn",
+            Value::Num(round3(streams as f64 / a.conns.max(1) as f64)),
+        ),
         ("permits", Value::Int(permits as u64)),
     ];
     drop(rx);
@@ -197,4 +218,12 @@ pub(crate) async fn guards_scale(
         total,
         extra,
     })
+}
+
+/// This process's resident memory in bytes (Linux `/proc/self/statm`; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }

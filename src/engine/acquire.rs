@@ -30,7 +30,9 @@ pub(crate) async fn acquire(
     let session = leased.inner();
     session.check()?;
     let (key, slot) = numbered_key(session, queue, kind);
-    let (ticket, first) = enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    let (mut ticket, first) =
+        enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    ticket.announces = blocker.heads(queue);
     let reads = blocker.reads_after(ticket.create_revision);
     wait_loop(session, ticket, first, reads, |s| blocker.decide(s)).await
 }
@@ -75,13 +77,14 @@ pub(crate) async fn adopt(
     if !confirmed.resp.succeeded() || !claim.confirm(create_revision) {
         return Err(lost());
     }
-    let ticket = Ticket::new(
+    let mut ticket = Ticket::new(
         session,
         key.to_owned(),
         create_revision,
         Afterwards::Nothing,
     );
     let reads = blocker.reads_after(create_revision);
+    ticket.announces = blocker.heads(queue);
     wait_loop(session, ticket, None, reads, |s| blocker.decide(s)).await
 }
 
@@ -144,6 +147,7 @@ pub(crate) async fn adopt_on_lease(
         create_revision: kv.create_revision(),
         revision,
         after: Afterwards::Nothing,
+        announces: false,
     };
     Ok(Some((acquired, kv.value().to_vec())))
 }
@@ -179,7 +183,7 @@ pub(crate) async fn try_acquire(
         let (Some(own), Some(oldest)) = (gets.first(), gets.get(1)) else {
             return Err(Error::Protocol("try-enqueue txn without its gets".into()));
         };
-        // The oldest members in the range (a session queue's range also holds nested names).
+        // The oldest members in the range (a shared queue's range also holds nested names).
         let members: Vec<i64> = oldest
             .kvs()
             .iter()
@@ -227,7 +231,10 @@ pub(crate) async fn try_acquire(
     let after =
         move |uncertain| Afterwards::of_put(uncertain, sweep.clone(), Afterwards::Reuse(slot));
     match create_detached(session, &key, async {}, txn, on_else, after).await? {
-        Attempt::Acquired(acquired) => Ok(Some(acquired)),
+        Attempt::Acquired(mut acquired) => {
+            acquired.announces = blocker.heads(queue);
+            Ok(Some(acquired))
+        }
         Attempt::Busy => Ok(None),
         Attempt::Unsure => try_by_enqueue(session, queue, kind, &blocker, value).await,
     }
@@ -247,7 +254,9 @@ async fn try_by_enqueue(
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
     let (key, slot) = numbered_key(session, queue, kind);
-    let (ticket, first) = enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    let (mut ticket, first) =
+        enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    ticket.announces = blocker.heads(queue);
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
     let mut snapshot = match first {

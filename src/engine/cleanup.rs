@@ -42,6 +42,9 @@ pub(crate) enum Cleanup {
     /// Nothing of an acquisition exists (its put did not happen, or may still land only as a
     /// late copy): do what follows a deletion.
     Forget(Afterwards),
+    /// Delete a successor's pointer of ours (`keys::successor_pointer`, on the session's
+    /// lease) that nobody's release deleted.
+    DeletePointer(Vec<u8>),
 }
 
 impl Cleanup {
@@ -256,6 +259,18 @@ async fn run(session: Arc<Session>, cleanup: Cleanup, pending: PendingWork) -> R
             let first = delete_copy(session, &sweep, &mut backoff).await?;
             drop(pending);
             sweep_after(session, &sweep, first, &mut backoff).await
+        }
+        Cleanup::DeletePointer(pointer) => {
+            let delete = Txn::new()
+                .when([Compare::lease(
+                    pointer.clone(),
+                    CompareOp::Equal,
+                    session.lease_id,
+                )])
+                .and_then([TxnOp::delete(pointer.clone(), None)]);
+            until_answered(session, || delete.clone(), &mut backoff).await?;
+            drop(pending);
+            Ok(())
         }
         Cleanup::Forget(after) => {
             after.key_deleted(session);

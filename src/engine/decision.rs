@@ -35,14 +35,19 @@ pub(crate) enum Decision {
     /// Wait for one of these changes, then read again — or, for a change watched as
     /// [`Watched::deciding`], be through once it happened while our key exists.
     Wait(Vec<Watched>),
-    /// The read was cut short before it found what decides (a page of a session queue holding
+    /// One permit, and `key` (created at `create_revision`) is the newest key ahead: wait for
+    /// its deletion. If its holder releases it — which a release of ours announces by deleting
+    /// the successors' pointers nested under it in the same Txn — nothing is ahead of us any
+    /// more, and only our own key needs confirming (see the wait loop).
+    Follow { key: Vec<u8>, create_revision: i64 },
+    /// The read was cut short before it found what decides (a page of a shared queue holding
     /// only nested names' keys): read again without a limit.
     Widen,
 }
 
 /// What blocks a queue acquisition: among the members under `prefix` created before ours, it
 /// is through once fewer than `permits` remain (1: a mutex, an election, a reader over the
-/// writers' sub-range, a writer over everything; N: a semaphore of N permits). Over a session
+/// writers' sub-range, a writer over everything; N: a semaphore of N permits). Over a shared
 /// queue (`direct`) only the keys directly under `prefix` are members.
 #[derive(Debug, Clone)]
 pub(crate) struct Blocker {
@@ -51,7 +56,7 @@ pub(crate) struct Blocker {
     direct: bool,
 }
 
-/// How many more keys than it needs a read of a session queue fetches, so that a few nested
+/// How many more keys than it needs a read of a shared queue fetches, so that a few nested
 /// names' keys among them do not make it read again.
 pub(super) const SHARED_PAGE_SLACK: i64 = 7;
 
@@ -75,11 +80,13 @@ impl Blocker {
         Ok(Blocker {
             prefix,
             permits,
-            direct: false,
+            // Member keys never hold a further `/`: keys nested under them (successors'
+            // pointers) are not members.
+            direct: true,
         })
     }
 
-    /// The blocker over every member of `queue` (a session queue: only the keys directly under
+    /// The blocker over every member of `queue` (a shared queue: only the keys directly under
     /// its prefix) for `permits` permits.
     ///
     /// # Errors
@@ -91,7 +98,7 @@ impl Blocker {
         })
     }
 
-    /// Whether `key` counts: under the prefix and, over a session queue, directly under it.
+    /// Whether `key` counts: under the prefix and, over a shared queue, directly under it.
     pub(super) fn counts(&self, key: &[u8]) -> bool {
         key.strip_prefix(self.prefix.as_bytes())
             .is_some_and(|rest| !self.direct || (!rest.is_empty() && !rest.contains(&b'/')))
@@ -100,6 +107,12 @@ impl Blocker {
     /// The prefix of the keys that can block.
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Whether an acquisition through this blocker holds as the oldest member of `queue` (one
+    /// permit over the whole queue): its release then announces it to the successor.
+    pub(crate) fn heads(&self, queue: &Queue) -> bool {
+        self.permits == 1 && self.prefix == queue.prefix()
     }
 
     /// Whether an acquisition with this many permits can go through in one conditional put.
@@ -117,7 +130,7 @@ impl Blocker {
         }
     }
 
-    /// How many keys a read fetches (over a session queue a few more, as some may be nested).
+    /// How many keys a read fetches (over a shared queue a few more, as some may be nested).
     fn page(&self) -> i64 {
         if self.direct {
             self.depth() + SHARED_PAGE_SLACK
@@ -180,11 +193,11 @@ impl Blocker {
         let Some(read) = snapshot.gets.first() else {
             return Decision::Widen; // cannot happen: every read of a blocker has its Get
         };
-        let ahead: Vec<&[u8]> = read
+        let ahead: Vec<(&[u8], i64)> = read
             .kvs()
             .iter()
-            .map(|kv| kv.key())
-            .filter(|k| self.counts(k))
+            .map(|kv| (kv.key(), kv.create_revision()))
+            .filter(|(k, _)| self.counts(k))
             .take(self.depth() as usize)
             .collect();
         if ahead.len() < self.depth() as usize && read.more() {
@@ -215,7 +228,7 @@ impl Blocker {
 pub(crate) fn queue_decision(
     prefix: &str,
     permits: usize,
-    ahead: &[&[u8]],
+    ahead: &[(&[u8], i64)],
     behind: bool,
 ) -> Decision {
     if ahead.len() < permits {
@@ -223,14 +236,17 @@ pub(crate) fn queue_decision(
             touch: permits > 1 && behind,
         };
     }
-    let Some(next) = ahead.first() else {
+    let Some(&(next, next_revision)) = ahead.first() else {
         return Decision::Through { touch: false }; // unreachable: permits >= 1
     };
     if permits == 1 {
-        return Decision::Wait(vec![Watched::deleted(next.to_vec())]);
+        return Decision::Follow {
+            key: next.to_vec(),
+            create_revision: next_revision,
+        };
     }
     if ahead.len() == permits {
-        let holders = ahead.iter().map(|k| k.to_vec()).collect();
+        let holders = ahead.iter().map(|(k, _)| k.to_vec()).collect();
         return Decision::Wait(vec![Watched::deleted_any(prefix, holders)]);
     }
     Decision::Wait(vec![Watched::changed(next.to_vec())])
@@ -266,19 +282,29 @@ mod tests {
         ) {
             // What the reads return: newest first, at most depth keys.
             let depth = if permits == 1 { 1 } else { permits + 1 };
-            let all: Vec<Vec<u8>> = (0..queued_ahead).rev().map(key).collect();
-            let ahead: Vec<&[u8]> = all.iter().take(depth).map(|k| k.as_slice()).collect();
+            let all: Vec<(Vec<u8>, i64)> =
+                (0..queued_ahead).rev().map(|i| (key(i), 10 + i as i64)).collect();
+            let ahead: Vec<(&[u8], i64)> =
+                all.iter().take(depth).map(|(k, r)| (k.as_slice(), *r)).collect();
             let d = queue_decision("q/#", permits, &ahead, behind);
             if queued_ahead < permits {
                 prop_assert!(matches!(d, Decision::Through { touch } if touch == (permits > 1 && behind)), "{d:?}");
                 return Ok(());
             }
+            if permits == 1 {
+                // The newest key ahead, by name and incarnation.
+                let follows = matches!(
+                    &d,
+                    Decision::Follow { key: k, create_revision: r }
+                        if *k == key(queued_ahead - 1) && *r == 10 + queued_ahead as i64 - 1
+                );
+                prop_assert!(follows, "{d:?}");
+                return Ok(());
+            }
             let targets = waits(&d).expect("blocked");
             prop_assert_eq!(targets.len(), 1);
             let t = &targets[0];
-            if permits == 1 {
-                prop_assert_eq!(t, &Watched::deleted(key(queued_ahead - 1)));
-            } else if queued_ahead == permits {
+            if queued_ahead == permits {
                 // Every key ahead holds a permit: any deletion frees one.
                 for i in 0..queued_ahead {
                     prop_assert!(t.matches(etcd_client::EventType::Delete, &key(i)), "key {i} not watched");

@@ -127,7 +127,7 @@ pub(crate) enum Outcome {
     Ours { create_revision: i64, revision: i64 },
     /// Somebody else holds: nothing to hand out.
     Busy,
-    /// The else-branch cannot tell (a session queue whose range held only nested names' keys,
+    /// The else-branch cannot tell (a shared queue whose range held only nested names' keys,
     /// or too many to read at once): find out the slow way.
     Unsure,
 }

@@ -92,8 +92,12 @@ pub(crate) struct Holding {
 
 impl Holding {
     pub(crate) fn new(session: LeasedSession, acquired: Acquired) -> Holding {
-        let release_txn =
-            keys::fenced_delete(&acquired.key, acquired.create_revision, session.lease_id());
+        let (key, token, lease) = (&acquired.key, acquired.create_revision, session.lease_id());
+        let release_txn = if acquired.announces {
+            keys::release_announcing(key, token, lease)
+        } else {
+            keys::fenced_delete(key, token, lease)
+        };
         Holding::with_release(session, acquired, release_txn)
     }
 

@@ -44,7 +44,7 @@ impl Holder {
     }
 }
 
-/// How many keys beyond those wanted a read of the oldest members fetches at first (a session
+/// How many keys beyond those wanted a read of the oldest members fetches at first (a shared
 /// queue's range also holds nested names' keys, which are not members).
 const SPARE: i64 = 7;
 

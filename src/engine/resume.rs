@@ -1,10 +1,13 @@
 //! [`LeasedSession::resume`]: a session of a lease that still exists, which answers for the
 //! keys it finds on it — each ends up taken back by a guard or deleted ([`leftovers`]).
 
-use etcd_client::Client;
+use etcd_client::{Client, Txn, TxnOp};
 
 use super::book::Book;
 use super::leftovers::{self, Leftovers};
+use super::until_answered;
+use crate::backoff::Backoff;
+use crate::keys;
 #[cfg(doc)]
 use crate::LossReason;
 use crate::{Error, LeasedSession, SessionOptions};
@@ -71,6 +74,10 @@ impl LeasedSession {
     /// ([`LossReason::CleanupFailed`]), as for a failed background release. A session made
     /// with [`new`](Self::new) never looks: its lease starts empty.
     ///
+    /// The pointers the earlier process's waits nested under the keys ahead of theirs
+    /// (`docs/design.md`, "Announced hand-offs") are not taken back: this call deletes them
+    /// before it returns (a resumed wait puts its own).
+    ///
     /// # Errors
     /// [`Error::LeaseNotFound`] if the lease has expired or was revoked; [`Error::InvalidArgument`]
     /// for a margin or timeout out of range for the lease's TTL (the lease was refreshed once);
@@ -97,8 +104,22 @@ impl LeasedSession {
         lease_id: i64,
         options: SessionOptions,
     ) -> Result<LeasedSession, Error> {
-        let (resumed, keys) = LeasedSession::adopt(client, lease_id, &options).await?;
+        let (resumed, mut keys) = LeasedSession::adopt(client, lease_id, &options).await?;
         let session = resumed.inner();
+        // The earlier process's waits' pointers (docs/design.md, "Announced hand-offs") go
+        // at once: a resumed wait announces itself again, and nobody else needs them.
+        let (pointers, others): (Vec<_>, Vec<_>) =
+            keys.into_iter().partition(|k| keys::is_pointer(k));
+        keys = others;
+        for chunk in pointers.chunks(64) {
+            let txn = Txn::new().and_then(
+                chunk
+                    .iter()
+                    .map(|k| TxnOp::delete(k.clone(), None))
+                    .collect::<Vec<_>>(),
+            );
+            until_answered(session, || txn.clone(), &mut Backoff::for_requests()).await?;
+        }
         let window = options.adoption_window().unwrap_or(session.ttl);
         let rule = Leftovers::new(&keys, leftovers::window_end(window));
         // An earlier holder of this lease numbered its keys from 0: start far from there.

@@ -23,6 +23,12 @@ pub(crate) struct Ticket {
     /// What follows the key's deletion: a sweep of late copies if the put was sent more than
     /// once, else the key's number goes back to the session's pool.
     after: Afterwards,
+    /// Our pointer under the key just ahead (see `keys::successor_pointer`), while it may
+    /// exist: deleted with the key if the ticket is dropped.
+    pub(super) pointer: Option<Vec<u8>>,
+    /// Through means the oldest member of its queue (one permit over the whole queue): the
+    /// release announces it to the successor (`keys::release_announcing`).
+    pub(super) announces: bool,
     armed: bool,
 }
 
@@ -39,6 +45,8 @@ impl Ticket {
             key,
             create_revision,
             after,
+            pointer: None,
+            announces: false,
             armed: true,
         }
     }
@@ -49,18 +57,24 @@ impl Ticket {
     pub(super) fn into_acquired(mut self, revision: i64) -> Result<Acquired, Error> {
         self.session.check()?;
         self.armed = false;
+        if let Some(pointer) = self.pointer.take() {
+            // Through without our predecessor's release deleting it (a holder that does not
+            // announce, or a read that came first): ours to delete.
+            self.session.clean_up(Cleanup::DeletePointer(pointer));
+        }
         Ok(Acquired {
             key: std::mem::take(&mut self.key),
             create_revision: self.create_revision,
             revision,
             after: std::mem::replace(&mut self.after, Afterwards::Nothing),
+            announces: self.announces,
         })
     }
 
     /// Deletes the key now (fenced), e.g. a try-acquire that found itself blocked. If that
     /// fails, the ticket stays armed and its drop hands the release to the session's task.
     pub(super) async fn release_now(mut self) {
-        let txn = keys::fenced_delete(&self.key, self.create_revision, self.session.lease_id);
+        let txn = self.release_txn();
         if self.session.rpc.txn(txn).await.is_ok() {
             self.armed = false;
             std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&self.session);
@@ -68,16 +82,29 @@ impl Ticket {
     }
 }
 
+impl Ticket {
+    /// The fenced delete of a waiter that gives up (never announcing: it was not the oldest),
+    /// with its pointer if it has one.
+    fn release_txn(&self) -> etcd_client::Txn {
+        let lease = self.session.lease_id;
+        match &self.pointer {
+            Some(pointer) => {
+                keys::fenced_delete_with_pointer(&self.key, self.create_revision, lease, pointer)
+            }
+            None => keys::fenced_delete(&self.key, self.create_revision, lease),
+        }
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.armed {
-            let key = std::mem::take(&mut self.key);
-            self.session.clean_up(Cleanup::release(
-                key,
-                self.create_revision,
-                self.session.lease_id,
-                std::mem::replace(&mut self.after, Afterwards::Nothing),
-            ));
+            let txn = self.release_txn();
+            self.session.clean_up(Cleanup::Release {
+                key: std::mem::take(&mut self.key),
+                txn,
+                after: std::mem::replace(&mut self.after, Afterwards::Nothing),
+            });
         }
     }
 }
@@ -90,6 +117,8 @@ pub(crate) struct Acquired {
     pub(crate) create_revision: i64,
     pub(crate) revision: i64,
     pub(crate) after: Afterwards,
+    /// Its release announces it to the successor (it holds as the oldest member of its queue).
+    pub(crate) announces: bool,
 }
 
 /// A conditional put sent until it was answered (with one backoff): the answer, its

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use etcd_client::{Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::backoff::Backoff;
 use crate::keys::{self};
@@ -60,7 +60,7 @@ pub(super) async fn read_fenced(
 /// every retry of the wait; it is reset when a watched change happens.
 pub(super) async fn wait_loop<D>(
     session: &Arc<Session>,
-    ticket: Ticket,
+    mut ticket: Ticket,
     mut first: Option<Snapshot>,
     reads: Reads,
     mut decide: D,
@@ -122,6 +122,86 @@ where
                     }
                 }
             }
+            Decision::Follow {
+                key: ahead,
+                create_revision: ahead_revision,
+            } => {
+                // Only our own releases announce: behind anyone else's key, wait as for any
+                // change. An announcement that lands shows the state at its revision: the key
+                // ahead still there, ours still ours — the wait reads from there.
+                let mut read_at = snapshot.revision;
+                let pointer = keys::announces_release(&ahead)
+                    .then(|| keys::successor_pointer(&ahead, ticket.create_revision))
+                    .flatten();
+                if let Some(pointer) = pointer.clone() {
+                    if ticket.pointer.as_ref() != Some(&pointer) {
+                        match announce(session, &mut ticket, &ahead, ahead_revision, pointer)
+                            .await?
+                        {
+                            Announced::At(revision) => read_at = revision,
+                            Announced::Uncertain => {}
+                            Announced::Refused => continue, // the key ahead (or ours) went: read
+                        }
+                    }
+                }
+                let own = Some((ticket.key.as_str(), ticket.create_revision));
+                let mut targets = vec![Watched::deleted(ahead.clone())];
+                targets.extend(pointer.clone().map(Watched::deleted));
+                let mut fresh = None;
+                let decide = &mut decide;
+                let woken = wait_for_change(
+                    session.waits(),
+                    &targets,
+                    own,
+                    read_at,
+                    || async {
+                        let mut backoff = Backoff::for_requests();
+                        let now =
+                            read_fenced(session, &ticket, &reads.narrow, &mut backoff).await?;
+                        let still = matches!(
+                            decide(&now),
+                            Decision::Follow { key, .. } if key == ahead
+                        );
+                        if !still {
+                            fresh = Some(now);
+                        }
+                        Ok(still)
+                    },
+                    &mut backoff,
+                )
+                .await?;
+                match woken {
+                    // The key ahead went with our pointer to it, in one Txn: its holder
+                    // released it (a waiter that gives up, an expiry or anyone else's delete
+                    // leaves the pointer). It held as the oldest member, so nothing is ahead
+                    // of us any more: we hold at that revision if our key was still ours
+                    // then. A change delivered in order with our own key's events says so
+                    // by itself; else one read of our key does.
+                    Woken::Changed(change)
+                        if change.keys.contains(&ahead)
+                            && pointer.is_some()
+                            && ticket.pointer == pointer
+                            && pointer.as_ref().is_some_and(|p| change.keys.contains(p)) =>
+                    {
+                        ticket.pointer = None; // deleted by that release
+                        let at = if change.ordered {
+                            change.revision
+                        } else {
+                            let at = confirm_own(session, &ticket, change.revision, &mut backoff)
+                                .await?;
+                            tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, revision = at, "re-read");
+                            at
+                        };
+                        tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, announced = true, "through");
+                        return ticket.into_acquired(at);
+                    }
+                    Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => first = fresh,
+                    Woken::Compacted(revision) => {
+                        floor = floor.max(revision);
+                        first = fresh;
+                    }
+                }
+            }
             Decision::Wait(targets) => {
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
                 let mut fresh = None;
@@ -149,7 +229,7 @@ where
                 .await?;
                 match woken {
                     // After a wake-up, decide from a fresh read (unless the re-read made one).
-                    Woken::Changed | Woken::Recheck => first = fresh,
+                    Woken::Changed(_) | Woken::Recheck => first = fresh,
                     Woken::Compacted(revision) => {
                         floor = floor.max(revision);
                         first = fresh;
@@ -166,6 +246,108 @@ where
             }
         }
     }
+}
+
+/// How an announcement went.
+enum Announced {
+    /// The pointer is in place, at this revision, with the key ahead and ours still there.
+    At(i64),
+    /// Not known (an attempt went unanswered): the pointer may be in place.
+    Uncertain,
+    /// The key ahead is gone, or ours is no longer ours: no pointer was put.
+    Refused,
+}
+
+/// Puts our pointer under the key `ahead` (the incarnation `ahead_revision`), on our lease, so
+/// that its holder's release tells us (`keys::release_announcing`); deletes our earlier pointer
+/// in the same Txn. The put happens only while `ahead` is still that incarnation and our key
+/// still ours (a pointer never outlives its key's release, and never sits under a key that is
+/// gone). Recorded in the ticket (which deletes it if dropped) while it may exist.
+async fn announce(
+    session: &Arc<Session>,
+    ticket: &mut Ticket,
+    ahead: &[u8],
+    ahead_revision: i64,
+    pointer: Vec<u8>,
+) -> Result<Announced, Error> {
+    let lease = session.lease_id;
+    let earlier: Vec<TxnOp> = ticket
+        .pointer
+        .iter()
+        .map(|p| TxnOp::delete(p.clone(), None))
+        .collect();
+    let mut then = vec![TxnOp::put(
+        pointer.clone(),
+        "",
+        Some(PutOptions::new().with_lease(lease)),
+    )];
+    then.extend(earlier.iter().cloned());
+    let mut when = vec![Compare::create_revision(
+        ahead.to_vec(),
+        CompareOp::Equal,
+        ahead_revision,
+    )];
+    when.extend(keys::owner_compares(
+        &ticket.key,
+        ticket.create_revision,
+        lease,
+    ));
+    let txn = Txn::new().when(when).and_then(then).or_else(earlier);
+    // Before the put is sent: a resumed session's look at its lease spares it.
+    let intent = session.intend(&String::from_utf8_lossy(&pointer));
+    // From here the pointer may exist: the ticket deletes it if it is dropped.
+    ticket.pointer = Some(pointer);
+    let answered = until_answered(session, || txn.clone(), &mut Backoff::for_requests()).await?;
+    if answered.resp.succeeded() {
+        let revision = keys::header_revision(&answered.resp)?;
+        intent.confirm(revision);
+        Ok(Announced::At(revision))
+    } else if answered.uncertain {
+        Ok(Announced::Uncertain)
+    } else {
+        ticket.pointer = None; // no pointer was put, and the earlier one went
+        Ok(Announced::Refused)
+    }
+}
+
+/// Confirms that our key is still ours at a revision at or after `at`, and returns that
+/// revision. One read of our own key: answered by the member itself (serializable) when its
+/// state already includes `at` — a state at a later revision is as good, since a key can only
+/// stop being ours, never start again — else linearizable.
+async fn confirm_own(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    at: i64,
+    backoff: &mut Backoff,
+) -> Result<i64, Error> {
+    let lost = || Error::LockLost {
+        key: ticket.key.clone(),
+        create_revision: ticket.create_revision,
+    };
+    for serializable in [true, false] {
+        let mut options = GetOptions::new().with_keys_only();
+        if serializable {
+            options = options.with_serializable();
+        }
+        let resp = session
+            .rpc
+            .until_answered(
+                || session.rpc.get(ticket.key.as_str(), options.clone()),
+                backoff,
+                &**session,
+            )
+            .await?
+            .resp;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        if serializable && revision < at {
+            continue; // this member has not applied the release yet: ask the cluster
+        }
+        let ours = resp.kvs().first().is_some_and(|kv| {
+            kv.create_revision() == ticket.create_revision && kv.lease() == session.lease_id
+        });
+        return if ours { Ok(revision) } else { Err(lost()) };
+    }
+    Err(lost())
 }
 
 /// The reads of a wait: as usual, and without a limit (after [`Decision::Widen`]).
@@ -215,7 +397,7 @@ pub(crate) async fn wait_gone(
         {
             // A delete event of the key (or a re-read that found it gone): that incarnation
             // has ended — keys are never re-created with the same create revision.
-            Woken::Changed => return Ok(()),
+            Woken::Changed(_) => return Ok(()),
             // Uncertain: the next round confirms once its watch is in place. (`Decided` and
             // `Compacted` come only from targets watched `since` a past revision.)
             Woken::Recheck | Woken::Decided(_) | Woken::Compacted(_) => seen_at = 0,
@@ -263,7 +445,7 @@ pub(super) async fn wait_not_ours(
         .await?
         {
             // A put or a delete of the key (or a re-read that found it not ours): whose is it?
-            Woken::Changed => match ours_now().await? {
+            Woken::Changed(_) => match ours_now().await? {
                 (false, _) => return Ok(()),
                 (true, revision) => seen_at = revision,
             },

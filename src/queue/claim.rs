@@ -241,6 +241,8 @@ fn read_chain(
             create_revision,
             revision,
             after: Afterwards::Nothing,
+            // A claim key is no member of a line: nobody waits for its successor's pointer.
+            announces: false,
         };
         Holding::new(leased.clone(), acquired)
     };

@@ -169,6 +169,7 @@ impl Rpc {
         options: WatchOptions,
     ) -> Result<WatchStream, Error> {
         Stats::add(&self.stats().watches, 1);
+        Stats::add(&self.stats().watch_streams, 1);
         let mut watches = self.client().watch_client();
         within(self.timeout(), watches.watch(key, Some(options))).await
     }

@@ -10,6 +10,7 @@ pub(crate) struct Stats {
     pub(crate) txns: AtomicU64,
     pub(crate) ranges: AtomicU64,
     pub(crate) watches: AtomicU64,
+    pub(crate) watch_streams: AtomicU64,
     pub(crate) watch_events: AtomicU64,
     pub(crate) watch_probes: AtomicU64,
 }

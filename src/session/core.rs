@@ -18,7 +18,7 @@ use super::jobs::{Jobs, PendingWork};
 use super::liveness::Liveness;
 use super::SessionState;
 use crate::rpc::{Rpc, Stop};
-use crate::watch::Waits;
+use crate::watch::{Hub, Waits};
 use crate::{Error, LossReason};
 
 /// The deadline, readable by any thread: nanoseconds after `epoch`, only ever moved later by
@@ -63,6 +63,8 @@ pub(crate) struct Session {
     pub(crate) margin: Duration,
     pub(crate) keepalive_timeout: Duration,
     pub(crate) rpc: Rpc,
+    /// The one watch stream the session's waits share (with its siblings').
+    pub(super) hub: Arc<Hub>,
     state: watch::Sender<SessionState>,
     reason: OnceLock<LossReason>,
     deadline: Deadline,
@@ -88,6 +90,7 @@ impl Session {
         live: &Liveness,
         epoch: Instant,
         jobs: Jobs,
+        hub: Option<Arc<Hub>>,
     ) -> Session {
         Session {
             me,
@@ -95,6 +98,7 @@ impl Session {
             ttl,
             margin,
             keepalive_timeout,
+            hub: hub.unwrap_or_else(|| Arc::new(Hub::new(rpc.clone(), ttl / 3, ttl))),
             rpc,
             state: watch::channel(SessionState::Alive).0,
             reason: OnceLock::new(),
@@ -185,6 +189,8 @@ impl Session {
             rpc: &self.rpc,
             stop: self,
             quiet: self.ttl / 3,
+            hub: Some(&self.hub),
+            lease: self.lease_id,
         }
     }
 

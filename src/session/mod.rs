@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 pub(crate) use self::core::Session;
 use crate::rpc::{Rpc, Stats};
+use crate::watch::Hub;
 use crate::{Error, LossReason};
 pub(crate) use grant::Adopted;
 pub(crate) use jobs::PendingWork;
@@ -44,11 +45,15 @@ pub struct SessionMetrics {
     pub txns: u64,
     /// Plain range reads sent (a work queue's scans and inspections, for instance).
     pub reads: u64,
-    /// Watches requested by the session's waits and background clean-ups (each wait step
-    /// opens one stream with a watch per target).
+    /// Watches requested by the session's waits and background clean-ups: one per prefix the
+    /// session's shared stream watches (registered once, then shared by every wait under
+    /// it), and one per target of a wait on a stream of its own.
     pub watches: u64,
-    /// Watch events delivered to the session's waits (a hand-off that wakes one waiter
-    /// delivers one).
+    /// Watch streams opened (gRPC streams): the session's shared stream each time it is
+    /// (re)opened, and one per wait that watches etcd's history or keys outside one prefix.
+    pub watch_streams: u64,
+    /// Watch events that woke the session's waits (a hand-off that wakes one waiter
+    /// delivers the release's events to it, and none to anyone else).
     pub watch_events: u64,
     /// Progress requests sent to probe a wait's quiet watch stream.
     pub watch_probes: u64,
@@ -154,7 +159,37 @@ impl LeasedSession {
         let ttl_secs = options.validate()?;
         let (rpc, tasks) = LeasedSession::rpc(client, &options);
         let lease = grant::grant(&rpc, ttl_secs).await?;
-        Ok(LeasedSession::start(rpc, tasks, lease, &options))
+        Ok(LeasedSession::start(rpc, tasks, lease, &options, None))
+    }
+
+    /// Grants another lease on this session's client, whose waits share this session's watch
+    /// stream: a process that holds many sessions on one connection (many leases, say, one
+    /// per job) then keeps one watch stream — and one watch per lock it waits on — instead of
+    /// one per session. Siblings are independent otherwise: each has its own lease, state,
+    /// keep-alive and clean-ups, and closing one does not close the others.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    ///
+    /// # Cancel safety
+    /// As [`new`](Self::new).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::{Mutex, SessionOptions};
+    ///
+    /// let other = session.sibling(SessionOptions::new()).await?;
+    /// let _held = Mutex::new(&session, "jobs/a").lock().await?;
+    /// let _other = Mutex::new(&other, "jobs/b").lock().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn sibling(&self, options: SessionOptions) -> Result<LeasedSession, Error> {
+        let ttl_secs = options.validate()?;
+        let (rpc, tasks) = LeasedSession::rpc(self.client().clone(), &options);
+        let lease = grant::grant(&rpc, ttl_secs).await?;
+        let hub = Arc::clone(&self.handle.session.hub);
+        Ok(LeasedSession::start(rpc, tasks, lease, &options, Some(hub)))
     }
 
     /// Adopts lease `lease_id`, which still exists, and keeps it alive from now on: the
@@ -176,7 +211,7 @@ impl LeasedSession {
         let (rpc, tasks) = LeasedSession::rpc(client, options);
         let Adopted { lease, keys } = grant::adopt(&rpc, lease_id).await?;
         options.validate_for(lease.ttl)?;
-        Ok((LeasedSession::start(rpc, tasks, lease, options), keys))
+        Ok((LeasedSession::start(rpc, tasks, lease, options, None), keys))
     }
 
     /// The request handle and the tasks of a session about to be made.
@@ -196,6 +231,7 @@ impl LeasedSession {
         tasks: TaskTracker,
         lease: grant::Lease,
         options: &SessionOptions,
+        hub: Option<Arc<Hub>>,
     ) -> LeasedSession {
         let ttl = lease.ttl;
         let margin = options.safety_margin.unwrap_or(ttl / 5);
@@ -215,6 +251,7 @@ impl LeasedSession {
                 &live,
                 lease.sent,
                 jobs,
+                hub,
             )
         });
         let watchdog = driver::Watchdog {
@@ -298,6 +335,7 @@ impl LeasedSession {
             txns: Stats::get(&stats.txns),
             reads: Stats::get(&stats.ranges),
             watches: Stats::get(&stats.watches),
+            watch_streams: Stats::get(&stats.watch_streams),
             watch_events: Stats::get(&stats.watch_events),
             watch_probes: Stats::get(&stats.watch_probes),
         }

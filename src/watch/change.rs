@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use etcd_client::EventType;
 
-use super::{Watched, Woken};
+use super::hub::{self, Hub, Note, Own};
+use super::{Change, Watched, Woken};
 use crate::backoff::Backoff;
 use crate::rpc::{pause, unless_stopped, Rpc, Stats, Stop};
 use crate::Error;
@@ -18,6 +19,10 @@ pub(crate) struct Waits<'a> {
     pub(crate) stop: &'a dyn Stop,
     /// A stream quiet for this long is asked for a progress notification.
     pub(crate) quiet: Duration,
+    /// The session's shared watch stream, if it has one.
+    pub(crate) hub: Option<&'a Hub>,
+    /// The lease the waiter's own key is on.
+    pub(crate) lease: i64,
 }
 
 /// A watch for changes to a few keys or ranges (and, optionally, the deletion of our own key),
@@ -148,11 +153,22 @@ impl ChangeWatch {
                     revision = kv.mod_revision(),
                     "woken"
                 );
-                return Some(Ok(if target.deciding {
-                    Woken::Decided(kv.mod_revision())
-                } else {
-                    Woken::Changed
-                }));
+                if target.deciding {
+                    return Some(Ok(Woken::Decided(kv.mod_revision())));
+                }
+                // Every matching event of this response: one revision's, all of them.
+                let keys = resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| e.kv().map(|kv| (e.event_type(), kv)))
+                    .filter(|(kind, kv)| self.targets.iter().any(|t| t.matches(*kind, kv.key())))
+                    .map(|(_, kv)| kv.key().to_vec())
+                    .collect();
+                return Some(Ok(Woken::Changed(Change {
+                    revision: kv.mod_revision(),
+                    keys,
+                    ordered: false,
+                })));
             }
         }
         None
@@ -223,13 +239,45 @@ impl ChangeWatch {
     }
 }
 
-/// The wait step every primitive goes through: with a watch registered from now on `targets`
-/// (or from their [`since`](Watched::since) revision; and on our own key's deletion, and the
-/// session's loss), waits for a change. `read_at` is the
-/// revision of the read that decided to wait; if writes landed since, `reread` runs once the
-/// watch is in place and says whether to still wait. Failures pause on `backoff`, which is
-/// reset when a change really happened.
+/// The wait step every primitive goes through: with a watch of `targets` in place (from now,
+/// or from their [`since`](Watched::since) revision; and of our own key's deletion, and the
+/// session's loss), waits for a change. `read_at` is the revision of the read that decided to
+/// wait; if changes since then may have been missed, `reread` runs once the watch is in place
+/// and says whether to still wait. Failures pause on `backoff`, which is reset when a change
+/// really happened.
+///
+/// Through the session's [`Hub`] when it has one and the wait has a scope
+/// ([`hub::scope_of`]): no watch is registered per wait, and no re-read is needed when the
+/// hub's kept revisions reach back to `read_at`. Else on a watch stream of its own.
 pub(crate) async fn wait_for_change<R, Fut>(
+    waits: Waits<'_>,
+    targets: &[Watched],
+    own: Option<(&str, i64)>,
+    read_at: i64,
+    reread: R,
+    backoff: &mut Backoff,
+) -> Result<Woken, Error>
+where
+    R: FnOnce() -> Fut,
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    let scope = waits
+        .hub
+        .and_then(|hub| Some((hub, hub::scope_of(targets, own.map(|(k, _)| k.as_bytes()))?)));
+    let woken = match scope {
+        Some((hub, scope)) => {
+            wait_shared(waits, hub, scope, targets, own, read_at, reread, backoff).await?
+        }
+        None => wait_alone(waits, targets, own, read_at, reread, backoff).await?,
+    };
+    if matches!(woken, Woken::Changed(_) | Woken::Decided(_)) {
+        backoff.reset();
+    }
+    Ok(woken)
+}
+
+/// [`wait_for_change`] on a watch stream of its own.
+async fn wait_alone<R, Fut>(
     waits: Waits<'_>,
     targets: &[Watched],
     own: Option<(&str, i64)>,
@@ -244,13 +292,104 @@ where
     let Some((watch, from)) = ChangeWatch::open(waits, targets, own, backoff).await? else {
         return Ok(Woken::Recheck);
     };
-    let woken = if from > read_at && !reread().await? {
-        Woken::Changed
-    } else {
-        watch.wait(waits, backoff).await?
-    };
-    if matches!(woken, Woken::Changed | Woken::Decided(_)) {
-        backoff.reset();
+    if from > read_at && !reread().await? {
+        return Ok(Woken::Changed(Change::default()));
     }
-    Ok(woken)
+    watch.wait(waits, backoff).await
+}
+
+/// [`wait_for_change`] through the session's hub.
+#[allow(clippy::too_many_arguments)]
+async fn wait_shared<R, Fut>(
+    waits: Waits<'_>,
+    hub: &Hub,
+    scope: Vec<u8>,
+    targets: &[Watched],
+    own: Option<(&str, i64)>,
+    read_at: i64,
+    reread: R,
+    backoff: &mut Backoff,
+) -> Result<Woken, Error>
+where
+    R: FnOnce() -> Fut,
+    Fut: Future<Output = Result<bool, Error>>,
+{
+    let mine = own.map(|(key, _)| Own {
+        key: key.as_bytes().to_vec(),
+        lease: waits.lease,
+    });
+    let mut sub = hub.subscribe(scope, targets, mine, read_at);
+    if sub.opens {
+        if let Err(e) = unless_stopped(waits.stop, hub.open(&mut sub)).await {
+            return refused_or_failed(waits, e, backoff).await;
+        }
+    }
+    // The scope's watch is in place (at once, unless it is being created).
+    let first = unless_stopped(waits.stop, async {
+        Ok(tokio::time::timeout(waits.rpc.timeout(), sub.next()).await)
+    })
+    .await?;
+    let note = match first {
+        Ok(Some(Note::Ready(from))) => {
+            if from > read_at && !reread().await? {
+                return Ok(Woken::Changed(Change::default()));
+            }
+            unless_stopped(waits.stop, async { Ok(sub.next().await) }).await?
+        }
+        Ok(note) => note,
+        Err(_) => {
+            tracing::debug!("a shared watch was not created in time; re-reading");
+            hub.reset(sub.generation());
+            None
+        }
+    };
+    match note {
+        Some(Note::Woken(woken)) => {
+            if let Woken::Changed(change) = &woken {
+                Stats::add(
+                    &waits.rpc.stats().watch_events,
+                    change.keys.len().max(1) as u64,
+                );
+            } else {
+                Stats::add(&waits.rpc.stats().watch_events, 1);
+            }
+            Ok(woken)
+        }
+        Some(Note::Lost) => {
+            let (key, create_revision) = own.expect("only a wait with its own key loses it");
+            Err(Error::LockLost {
+                key: key.to_owned(),
+                create_revision,
+            })
+        }
+        Some(Note::Refused(reason)) => {
+            // The stream keeps the token it was opened with: renew it on a new stream.
+            hub.reset(sub.generation());
+            refused_or_failed(waits, Error::watch_refused(&reason), backoff).await
+        }
+        Some(Note::Ready(_)) | Some(Note::Broken) | None => {
+            pause(waits.stop, backoff).await?;
+            Ok(Woken::Recheck)
+        }
+    }
+}
+
+/// What a wait does when its watch failed with `e`: re-read after a pause if it may succeed
+/// again, after renewing the token if the refusal may be a stale one, else fail.
+async fn refused_or_failed(
+    waits: Waits<'_>,
+    e: Error,
+    backoff: &mut Backoff,
+) -> Result<Woken, Error> {
+    if e.is_retryable() {
+        tracing::debug!(error = %e, "watching failed; re-reading");
+        pause(waits.stop, backoff).await?;
+        Ok(Woken::Recheck)
+    } else if waits.rpc.watch_refusal_renews(&e) {
+        tracing::debug!(error = %e, "a watch was refused; renewing the auth token");
+        waits.rpc.renew_auth().await?;
+        Ok(Woken::Recheck)
+    } else {
+        Err(e)
+    }
 }

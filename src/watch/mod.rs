@@ -16,19 +16,21 @@
 
 pub(crate) mod change;
 pub(crate) mod history;
+pub(crate) mod hub;
 pub(crate) mod revisions;
 
 use etcd_client::{EventType, WatchFilterType, WatchOptions};
 
 pub(crate) use change::{wait_for_change, Waits};
 pub(crate) use history::deleted_at;
+pub(crate) use hub::Hub;
 pub(crate) use revisions::{Revision, Revisions, Update};
 
 /// What a wait for a change ended with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Woken {
-    /// One of the watched changes happened.
-    Changed,
+    /// One of the watched changes happened (or a confirming read saw that one had).
+    Changed(Change),
     /// A cancelled watch or a stream failure: re-read and decide again.
     Recheck,
     /// A change of a [`Watched::deciding`] target happened, at this revision: the event
@@ -37,6 +39,19 @@ pub(crate) enum Woken {
     /// A watch's history was compacted away up to this revision: watch again from there (a
     /// change before it can no longer be seen), re-read and decide again.
     Compacted(i64),
+}
+
+/// The change that woke a wait: the revision of the events that matched, and their keys — all
+/// of them, from the one response that carried them (a revision is never split). Empty (and
+/// revision 0) when a confirming read, not an event, saw that something changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Change {
+    pub(crate) revision: i64,
+    pub(crate) keys: Vec<Vec<u8>>,
+    /// Delivered in order with every event of the waiter's own key since the wait's read: the
+    /// key was still the waiter's at `revision` (else the wait would have ended with its
+    /// loss first).
+    pub(crate) ordered: bool,
 }
 
 /// Which events of a watched key count.

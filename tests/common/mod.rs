@@ -72,6 +72,22 @@ pub async fn session(etcd: &TestEtcd, ttl_secs: u64) -> LeasedSession {
     .expect("session")
 }
 
+/// The queue members under `prefix`, in create order: every key but the pointers waiters
+/// put beside the queue (`…#next/<id>/<revision>`, see docs/design.md, "Announced
+/// hand-offs").
+pub async fn members_under(client: &Client, prefix: &str) -> Vec<String> {
+    keys_under(client, prefix)
+        .await
+        .into_iter()
+        .filter(|key| !is_pointer(key))
+        .collect()
+}
+
+/// Whether `key` is a waiter's pointer to the key ahead of its own.
+pub fn is_pointer(key: &str) -> bool {
+    key.contains("#next/")
+}
+
 /// Every key under `prefix`, in create order. The observer's read is retried on transport
 /// errors: it is not what the tests examine.
 pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {

@@ -1,0 +1,289 @@
+//! Announced hand-offs and the shared watch stream (docs/design.md, "Announced hand-offs"),
+//! against real etcd: a waiter behind one of our exclusive holders puts a pointer beside the
+//! queue that the holder's release deletes in the same Txn as its key, and takes exactly that
+//! — both deletions at one revision, while its own key is still its own — as the hand-off,
+//! without reading the queue again. Everything else that removes the key ahead (a waiter
+//! that gives up, an expiry, a delete by hand, even with `--prefix`) makes it read again.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use etcd_client::{DeleteOptions, Txn, TxnOp};
+use etcd_coord::{Error, LeasedSession, Mutex, MutexGuard};
+use etcd_coord_testkit::TestEtcd;
+use tokio::task::JoinHandle;
+
+/// A holder, then a first and a second waiter behind it (the second announced to the first),
+/// each on its own session; the queue's member keys in order.
+struct Line {
+    holder: MutexGuard,
+    first: JoinHandle<Result<MutexGuard, Error>>,
+    second: JoinHandle<Result<MutexGuard, Error>>,
+    first_session: LeasedSession,
+    _second_session: LeasedSession,
+    members: Vec<String>,
+}
+
+async fn line(etcd: &TestEtcd, observer: &etcd_client::Client, name: &str) -> Line {
+    let (h, a, b) = (
+        session(etcd, 30).await,
+        session(etcd, 30).await,
+        session(etcd, 30).await,
+    );
+    let holder = Mutex::new(&h, name).lock().await.unwrap();
+    std::mem::forget(h); // the guard keeps what it needs; the session lives on with it
+    let m = Mutex::new(&a, name);
+    let first = tokio::spawn(async move { m.lock().await });
+    assert!(members_are(observer, name, 2).await);
+    let m = Mutex::new(&b, name);
+    let second = tokio::spawn(async move { m.lock().await });
+    assert!(members_are(observer, name, 3).await);
+    // Both waiters announced themselves (one pointer each: to the holder, to the first).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pointers(observer, name).await.len() == 2
+        })
+        .await,
+        "{:?}",
+        keys_under(observer, name).await
+    );
+    Line {
+        holder,
+        first,
+        second,
+        first_session: a,
+        _second_session: b,
+        members: members_under(observer, name).await,
+    }
+}
+
+async fn members_are(observer: &etcd_client::Client, name: &str, n: usize) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        members_under(observer, name).await.len() == n
+    })
+    .await
+}
+
+async fn pointers(observer: &etcd_client::Client, name: &str) -> Vec<String> {
+    keys_under(observer, name)
+        .await
+        .into_iter()
+        .filter(|k| is_pointer(k))
+        .collect()
+}
+
+/// The second waiter is still waiting a while after the first one's key went without a
+/// release, and gets the lock once the holder lets go.
+async fn second_waits_for_the_holder(line: Line) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !line.second.is_finished(),
+        "the second waiter went through while the holder held: {:?}",
+        line.second.await
+    );
+    line.holder.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), line.second)
+        .await
+        .expect("the second waiter gets the lock once the holder let go")
+        .unwrap();
+    assert!(got.is_ok(), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_predecessor_gives_up_waits_on_for_the_holder() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("gives-up");
+    let line = line(&etcd, &observer, &name).await;
+    line.first.abort(); // its key goes in the background, alone
+    assert!(members_are(&observer, &name, 2).await);
+    second_waits_for_the_holder(line).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_predecessor_expires_waits_on_for_the_holder() {
+    let etcd = etcd().await;
+    let mut observer = client(&etcd).await;
+    let name = unique("expires");
+    let line = line(&etcd, &observer, &name).await;
+    observer
+        .lease_revoke(line.first_session.lease_id())
+        .await
+        .unwrap();
+    assert!(members_are(&observer, &name, 2).await);
+    second_waits_for_the_holder(line).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_key_ahead_with_every_key_under_it_is_no_release() {
+    let etcd = etcd().await;
+    let mut observer = client(&etcd).await;
+    let name = unique("del-prefix");
+    let line = line(&etcd, &observer, &name).await;
+    // `etcdctl del --prefix <first waiter's key>`: a cleanup by hand, not a hand-off.
+    observer
+        .delete(
+            line.members[1].as_str(),
+            Some(DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(members_are(&observer, &name, 2).await);
+    second_waits_for_the_holder(line).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_takes_the_waiters_own_key_with_it_is_a_loss_not_a_hand_off() {
+    let etcd = etcd().await;
+    let mut observer = client(&etcd).await;
+    let name = unique("release-and-loss");
+    let line = line(&etcd, &observer, &name).await;
+    // One Txn, one revision: the holder's key with the pointers to it (what a release does)
+    // and the first waiter's own key.
+    let to_holder = pointers(&observer, &name)
+        .await
+        .into_iter()
+        .find(|p| p.contains(line.members[0].rsplit('#').next().unwrap()))
+        .expect("the first waiter's pointer to the holder");
+    observer
+        .txn(Txn::new().and_then([
+            TxnOp::delete(line.members[0].as_str(), None),
+            TxnOp::delete(to_holder.as_str(), None),
+            TxnOp::delete(line.members[1].as_str(), None),
+        ]))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), line.first)
+        .await
+        .expect("the first waiter stops")
+        .unwrap();
+    assert!(
+        matches!(got, Err(Error::LockLost { ref key, .. }) if *key == line.members[1]),
+        "{got:?}"
+    );
+    drop(line.holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_between_our_holders_reads_nothing_and_leaves_no_pointer() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("no-read");
+    let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let held = Mutex::new(&h, &name).lock().await.unwrap();
+    let m = Mutex::new(&w, &name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pointers(&observer, &name).await.len() == 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = w.metrics();
+    held.release().await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("handed over")
+        .unwrap()
+        .unwrap();
+    let after = w.metrics();
+    assert_eq!(
+        after.txns - before.txns,
+        0,
+        "the waiter read again to take over: {before:?} → {after:?}"
+    );
+    assert_eq!(pointers(&observer, &name).await, Vec::<String>::new());
+    assert_eq!(
+        members_under(&observer, &name).await,
+        vec![guard.key().to_owned()]
+    );
+    // Its token is its key's create revision, as for any holder.
+    let kv = observer
+        .clone()
+        .get(guard.key(), None)
+        .await
+        .unwrap()
+        .kvs()
+        .first()
+        .cloned()
+        .expect("the holder's key");
+    assert_eq!(guard.fencing_token(), kv.create_revision());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_of_sibling_sessions_share_one_watch_stream_and_one_watch_per_lock() {
+    let etcd = etcd().await;
+    let name = unique("siblings");
+    let first = session(&etcd, 30).await;
+    let held = Mutex::new(&first, &name).lock().await.unwrap();
+    let mut sessions = vec![first.clone()];
+    for _ in 0..7 {
+        sessions.push(first.sibling(Default::default()).await.unwrap());
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for s in &sessions[1..] {
+        let (m, tx) = (Mutex::new(s, &name), tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(m.lock().await);
+        });
+    }
+    let observer = client(&etcd).await;
+    assert!(members_are(&observer, &name, 8).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = |f: fn(&etcd_coord::SessionMetrics) -> u64| -> u64 {
+        sessions.iter().map(|s| f(&s.metrics())).sum()
+    };
+    assert_eq!(
+        total(|m| m.watch_streams),
+        1,
+        "one stream for all seven waits"
+    );
+    assert_eq!(
+        total(|m| m.watches),
+        1,
+        "one watch of the lock for all seven waits"
+    );
+    // Every one gets the lock in turn, through that stream.
+    let mut guard = held;
+    for _ in 0..7 {
+        guard.release().await.unwrap();
+        guard = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the next waiter gets the lock")
+            .unwrap()
+            .unwrap();
+    }
+    guard.release().await.unwrap();
+    assert_eq!(total(|m| m.watch_streams), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_a_lock_the_session_already_watches_registers_no_watch() {
+    let etcd = etcd().await;
+    let name = unique("lingers");
+    let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let m = Mutex::new(&w, &name);
+    for round in 0..3 {
+        let held = Mutex::new(&h, &name).lock().await.unwrap();
+        let waiting = tokio::spawn({
+            let m = m.clone();
+            async move { m.lock().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        held.release().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.release().await.unwrap();
+        assert_eq!(
+            (w.metrics().watches, w.metrics().watch_streams),
+            (1, 1),
+            "round {round}: the lock's watch was registered again"
+        );
+    }
+}
