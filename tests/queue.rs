@@ -747,7 +747,9 @@ async fn a_dropped_claim_leaves_no_claim_no_place_in_line_no_task_and_loses_no_j
     let s = session(&etcd, 30).await;
     for ready in [true, false] {
         let name = unique("queue-drop-claim");
-        let q = WorkQueue::new(&s, &name);
+        let q = WorkQueue::new(&s, &name)
+            // Every claim that lands before a drop counts a delivery: none may dead-letter it.
+            .with_options(QueueOptions::new().with_max_attempts(1000));
         if ready {
             q.enqueue("job").await.unwrap();
         }
@@ -836,6 +838,146 @@ async fn a_dropped_ack_acknowledges_the_job_or_gives_it_back_never_half() {
         "{ended:?}"
     );
     assert!(acked >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_nack_gives_the_job_back_with_or_without_its_error_never_twice_or_lost() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("queue-drop-nack");
+    let q = WorkQueue::new(&s, &name);
+    let (mut recorded, mut ended) = (0, None);
+    for step in drop_points() {
+        let id = q.enqueue("job").await.unwrap();
+        let job = q.claim().await.unwrap();
+        let delay = Duration::from_millis(50); // the nack moves the job to a later key
+        let driven = drive(job.nack_with_error("boom", delay), step.polls, step.at).await;
+        ended = driven.ended(step);
+        if let Driven::Completed(r) = driven {
+            r.unwrap();
+        }
+        s.settled().await;
+        let what = format!("nack dropped at {step:?}");
+        assert!(
+            under(&c, &name, "claims").await.is_empty(),
+            "{what}: claim left"
+        );
+        assert_eq!(under(&c, &name, "jobs").await.len(), 1, "{what}: one job");
+        assert!(keys_on_lease(&c, s.lease_id()).await.is_empty(), "{what}");
+        only_its_own_task_runs(&s).await;
+        let back = tokio::time::timeout(Duration::from_secs(5), q.claim())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the job did not come back"))
+            .unwrap();
+        assert_eq!((back.id(), back.attempt()), (&id, 2), "{what}");
+        match back.last_error() {
+            Some(e) => {
+                assert_eq!(e, "boom", "{what}");
+                recorded += 1;
+            }
+            None => assert!(ended.is_none(), "{what}: a completed nack lost its error"),
+        }
+        back.ack().await.unwrap();
+        assert_eq!(q.len().await.unwrap(), 0, "{what}");
+        if ended.is_some() {
+            break;
+        }
+    }
+    eprintln!("nack ended: {ended:?}; its error recorded {recorded} times");
+    assert!(
+        matches!(ended, Some(Ended::Completed { polls }) if polls >= 1),
+        "{ended:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_claim_many_gives_back_every_claim_that_landed_and_loses_no_job() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("queue-drop-claim-many");
+    let q = WorkQueue::new(&s, &name)
+        // Every claim that lands before a drop counts a delivery: none may dead-letter it.
+        .with_options(QueueOptions::new().with_max_attempts(1000));
+    for i in 0..3 {
+        q.enqueue(format!("{i}")).await.unwrap();
+    }
+    let ended = drop_at_every_await(
+        || q.claim_many(3),
+        async |driven, step| {
+            let what = format!("claim_many dropped at {step:?}");
+            if let Driven::Completed(got) = driven {
+                let got = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(got.len(), 3, "{what}");
+                drop(got); // gives them back
+            }
+            s.settled().await;
+            assert!(
+                under(&c, &name, "claims").await.is_empty(),
+                "{what}: a claim left"
+            );
+            assert!(keys_on_lease(&c, s.lease_id()).await.is_empty(), "{what}");
+            only_its_own_task_runs(&s).await;
+            assert_eq!(under(&c, &name, "jobs").await.len(), 3, "{what}: jobs");
+        },
+    )
+    .await;
+    eprintln!("claim_many ended: {ended:?}");
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
+    let all = q.claim_many(3).await.unwrap();
+    assert_eq!(all.len(), 3);
+    for job in all {
+        assert!(job.attempt() >= 2, "the claims that landed were counted");
+        job.ack().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_stream_dropped_at_any_await_leaves_no_claim_and_loses_no_job() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let s = session(&etcd, 30).await;
+    let name = unique("queue-drop-stream");
+    let q = WorkQueue::new(&s, &name)
+        // Every claim that lands before a drop counts a delivery: none may dead-letter it.
+        .with_options(QueueOptions::new().with_max_attempts(1000));
+    q.enqueue("job").await.unwrap();
+    let ended = drop_at_every_await(
+        || {
+            let mut claims = Box::pin(q.claims());
+            async move { claims.next().await }
+        },
+        async |driven, step| {
+            let what = format!("claims stream dropped at {step:?}");
+            if let Driven::Completed(got) = driven {
+                let got = got.expect("a stream of claims does not end while claims succeed");
+                drop(got.unwrap_or_else(|e| panic!("{what}: {e}"))); // gives it back
+            }
+            s.settled().await;
+            assert!(
+                under(&c, &name, "claims").await.is_empty(),
+                "{what}: a claim left"
+            );
+            assert!(
+                idle_line(&c, &name).await.is_empty(),
+                "{what}: a place in line left"
+            );
+            assert!(keys_on_lease(&c, s.lease_id()).await.is_empty(), "{what}");
+            only_its_own_task_runs(&s).await;
+            assert_eq!(under(&c, &name, "jobs").await.len(), 1, "{what}: jobs");
+        },
+    )
+    .await;
+    eprintln!("claims stream ended: {ended:?}");
+    assert!(
+        matches!(ended, Ended::Completed { polls } if polls >= 2),
+        "{ended:?}"
+    );
+    q.claim().await.unwrap().ack().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
