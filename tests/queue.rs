@@ -194,6 +194,56 @@ async fn a_stale_workers_ack_after_its_lease_is_gone_is_rejected_and_the_job_sta
     assert!(under(&c, &name, "jobs").await.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_past_its_ttl_loses_its_job_to_another_and_its_late_ack_is_rejected() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let cut_off = session_via(&proxy, ttl(2)).await;
+    let other = session(&etcd, 10).await;
+    let name = unique("queue-partition");
+    let id = WorkQueue::new(&other, &name).enqueue("job").await.unwrap();
+    let held = WorkQueue::new(&cut_off, &name).claim().await.unwrap();
+    let lost = held.lost();
+    let waiting = {
+        let q = WorkQueue::new(&other, &name);
+        tokio::spawn(async move { q.claim().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the job is held");
+    // A partition: nothing gets through, in either direction, past the TTL.
+    let cut_at = Instant::now();
+    proxy.blackhole();
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), lost).await,
+            Ok(Error::LockLost { .. } | Error::SessionLost(_))
+        ),
+        "the cut-off worker learns on its own clock that its claim may be gone"
+    );
+    // Liveness: the other worker gets the job once etcd expires the lease (TTL 2 s; the
+    // bound leaves room for a loaded machine).
+    let again = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the job is delivered again within the TTL and a bound")
+        .unwrap()
+        .unwrap();
+    eprintln!("delivered again {:?} after the cut", cut_at.elapsed());
+    assert_eq!((again.id(), again.attempt()), (&id, 2));
+    assert!(again.fencing_token() > held.fencing_token());
+    // The partition heals; the cut-off worker's ack is rejected and the job stays.
+    proxy.heal();
+    proxy.reset_peer();
+    let err = held.ack().await.unwrap_err();
+    assert!(
+        matches!(err, Error::LockLost { .. } | Error::SessionLost(_)),
+        "{err:?}"
+    );
+    assert_eq!(under(&c, &name, "jobs").await.len(), 1, "the job stays");
+    again.ack().await.unwrap();
+    assert!(under(&c, &name, "jobs").await.is_empty());
+}
+
 #[tokio::test]
 async fn a_stale_ack_on_a_live_session_is_rejected_by_the_fence() {
     // The same as above with the stale worker's session still alive (only its claim key was
