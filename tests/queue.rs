@@ -65,6 +65,11 @@ fn queue_worker_process() {
     };
     let parts: Vec<&str> = spec.split(' ').collect();
     let (endpoint, name, ttl_secs) = (parts[0], parts[1], parts[2].parse().unwrap());
+    if parts.get(3) == Some(&"pool") {
+        return tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(pool_worker(endpoint, name, ttl_secs));
+    }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let c = Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
             .await
@@ -74,6 +79,68 @@ fn queue_worker_process() {
         println!("claimed {} {} {}", job.id(), job.attempt(), s.lease_id());
         std::future::pending::<()>().await;
     });
+}
+
+/// A worker of a pool, in its own process: claims jobs of `name` one after another, works on
+/// each (30–120 ms), writes its result fenced on the claim (`<name>-results/<id>`: the token),
+/// then acknowledges it. Reports `claimed <id> <attempt>`, `acked <id> <token>` (the ack
+/// returned `Ok`) and `ack-failed <id> <token>` on stdout. A session that ends is replaced.
+async fn pool_worker(endpoint: &str, name: &str, ttl_secs: u64) {
+    let c = Client::connect([endpoint], Some(etcd_coord::recommended_connect_options()))
+        .await
+        .unwrap();
+    loop {
+        let Ok(s) = LeasedSession::new(c.clone(), ttl(ttl_secs)).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let q = WorkQueue::new(&s, name).with_options(QueueOptions::new().with_max_attempts(1000));
+        while let Ok(job) = q.claim().await {
+            let (id, token) = (job.id().clone(), job.fencing_token());
+            println!("claimed {id} {}", job.attempt());
+            let work = 30 + rand::random::<u64>() % 90;
+            tokio::time::sleep(Duration::from_millis(work)).await;
+            let result =
+                etcd_client::TxnOp::put(format!("{name}-results/{id}"), token.to_string(), None);
+            if job.txn_if_owner([result]).await.is_err() {
+                continue; // the claim or the session ended: the job goes back
+            }
+            match job.ack().await {
+                Ok(()) => println!("acked {id} {token}"),
+                Err(e) => println!("ack-failed {id} {token} {e}"),
+            }
+        }
+    }
+}
+
+/// A worker process of a pool ([`pool_worker`]) reaching etcd at `endpoint`; its lines go to
+/// `lines`, each with the worker's number.
+fn pool_process(
+    endpoint: String,
+    name: &str,
+    ttl_secs: u64,
+    worker: usize,
+    lines: tokio::sync::mpsc::UnboundedSender<(usize, String)>,
+) -> tokio::process::Child {
+    let mut child = tokio::process::Command::new("/proc/self/exe")
+        .args([
+            "queue_worker_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(WORKER_ENV, format!("{endpoint} {name} {ttl_secs} pool"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("a worker process");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = out.next_line().await {
+            let _ = lines.send((worker, line));
+        }
+    });
+    child
 }
 
 /// A worker process that claims one job of `name`; its child handle and what it claimed.
@@ -135,6 +202,166 @@ async fn a_job_held_by_a_worker_killed_with_sigkill_is_delivered_again_with_its_
     assert_eq!(again.attempt(), 2);
     again.ack().await.unwrap();
     assert_eq!(q.len().await.unwrap(), 0);
+}
+
+/// Workers in their own processes, each through a fault proxy, under a fixed schedule of
+/// faults while a producer enqueues through a proxy of its own: workers killed with SIGKILL
+/// (and started again), answers lost for 700 ms, a worker cut off past its TTL, the
+/// producer's answers lost mid-enqueue (it retries with the same idempotency key). Then:
+/// every job is acknowledged exactly once (no ack returned `Ok` twice for one job), none is
+/// lost (each one gone from the queue has its result, written fenced on a live claim), none
+/// was enqueued twice, nothing is left or dead — and liveness: once the last fault healed, the
+/// queue is empty within the TTL plus a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pool_under_crashes_partitions_and_lost_answers_acks_every_job_exactly_once() {
+    const WORKERS: usize = 4;
+    const JOBS: usize = 120;
+    let ttl_secs = 2;
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let name = unique("queue-pool-faults");
+    let mut proxies = Vec::new();
+    for _ in 0..WORKERS {
+        proxies.push(Arc::new(proxy(&etcd).await));
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers: Vec<_> = (0..WORKERS)
+        .map(|w| pool_process(proxies[w].endpoint(), &name, ttl_secs, w, tx.clone()))
+        .collect();
+    let producer_proxy = Arc::new(proxy(&etcd).await);
+    let producer = session_via(&producer_proxy, ttl(10)).await;
+    let q = WorkQueue::new(&producer, &name);
+    let mut ids = HashMap::new();
+    let mut faults = Vec::new();
+    let (mut kills, mut cuts, mut losses) = (0, 0, 0);
+    for j in 0..JOBS {
+        if j % 12 == 6 {
+            let w = (j / 12) % WORKERS;
+            let p = Arc::clone(&proxies[w]);
+            match (j / 12) % 3 {
+                0 => {
+                    workers[w].start_kill().unwrap(); // SIGKILL, then a new process
+                    workers[w].wait().await.unwrap();
+                    workers[w] = pool_process(p.endpoint(), &name, ttl_secs, w, tx.clone());
+                    kills += 1;
+                }
+                1 => {
+                    p.drop_responses();
+                    faults.push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        p.heal();
+                        p.reset_peer();
+                    }));
+                    losses += 1;
+                }
+                _ => {
+                    p.blackhole(); // a partition past the TTL
+                    faults.push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(ttl_secs + 1)).await;
+                        p.heal();
+                        p.reset_peer();
+                    }));
+                    cuts += 1;
+                }
+            }
+        }
+        if j % 40 == 20 {
+            // The producer's answers are lost: its enqueue is sent again, with the same key.
+            producer_proxy.drop_responses();
+            let p = Arc::clone(&producer_proxy);
+            faults.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                p.heal();
+                p.reset_peer();
+            }));
+        }
+        let key = format!("job-{j}");
+        let options = EnqueueOptions::new().with_idempotency_key(key.clone());
+        let id = loop {
+            match q
+                .enqueue_with(format!("payload {j}"), options.clone())
+                .await
+            {
+                Ok(id) => break id,
+                Err(e) => {
+                    eprintln!("enqueue {key}: {e}; again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        ids.insert(key, id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for f in faults {
+        f.await.unwrap();
+    }
+    let healed = Instant::now();
+    // Liveness: every job is done within the TTL and a bound once the faults healed.
+    let bound = Duration::from_secs(ttl_secs + 10);
+    let drained = eventually(bound, || async {
+        under(&c, &name, "jobs").await.is_empty()
+    })
+    .await;
+    let took = healed.elapsed();
+    for w in &mut workers {
+        w.start_kill().unwrap();
+        w.wait().await.unwrap();
+    }
+    drop(tx);
+    let mut acked: HashMap<String, Vec<(usize, i64)>> = HashMap::new();
+    let (mut redelivered, mut ack_failed) = (0, 0);
+    while let Some((w, line)) = rx.recv().await {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words[..] {
+            ["acked", id, token] => acked
+                .entry(id.to_owned())
+                .or_default()
+                .push((w, token.parse().unwrap())),
+            ["claimed", _, attempt] if attempt != "1" => redelivered += 1,
+            ["ack-failed", ..] => ack_failed += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{JOBS} jobs, {WORKERS} workers: {kills} SIGKILLs, {cuts} partitions past the TTL, \
+         {losses} answer losses; {redelivered} redeliveries, {} acks reported, {ack_failed} \
+         failed acks; the queue emptied {took:?} after the heal",
+        acked.values().map(Vec::len).sum::<usize>()
+    );
+    assert!(drained, "jobs left {bound:?} after the faults healed");
+    assert!(
+        redelivered > 0,
+        "no fault caused a redelivery: the run proved nothing"
+    );
+    let distinct: HashSet<_> = ids.values().cloned().collect();
+    assert_eq!(
+        distinct.len(),
+        JOBS,
+        "an enqueue retried with its key added a second job"
+    );
+    for (id, acks) in &acked {
+        assert!(
+            distinct.iter().any(|d| d.as_str() == id),
+            "acknowledged a job never enqueued: {id}"
+        );
+        assert_eq!(
+            acks.len(),
+            1,
+            "job {id} acknowledged more than once: {acks:?}"
+        );
+    }
+    let results = keys_under(&c, &format!("{name}-results/")).await;
+    for id in &distinct {
+        assert!(
+            results.iter().any(|k| k.ends_with(&format!("/{id}"))),
+            "job {id} is gone from the queue without its result: lost"
+        );
+    }
+    assert!(under(&c, &name, "claims").await.is_empty());
+    assert!(
+        under(&c, &name, "dead").await.is_empty(),
+        "nothing dead-lettered"
+    );
 }
 
 #[tokio::test]
