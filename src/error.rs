@@ -134,7 +134,9 @@ pub enum Error {
 
     /// The answer to an [`Stm`](crate::Stm) commit was lost (a timeout, a broken connection):
     /// it may or may not have been applied, and it is not sent again — a second copy could
-    /// apply the transaction twice. Carries the failure.
+    /// apply the transaction twice. Also a [`Claimed::ack`](crate::Claimed::ack) whose attempt
+    /// went unanswered when whether it landed can no longer be told (the session was Lost
+    /// first, or etcd's history of the keys was compacted). Carries the failure.
     #[error("STM commit outcome unknown: {0}")]
     CommitUncertain(#[source] Box<Error>),
 
