@@ -96,10 +96,6 @@ impl Barrier {
     #[tracing::instrument(name = "etcd_coord.barrier.wait", skip_all, fields(name = %self.name()))]
     pub async fn wait(&self) -> Result<(), Error> {
         let key = self.key()?;
-        #[cfg(feature = "sabotage")]
-        if crate::sabotage::broken() {
-            return Ok(()); // deliberately unsafe: see sabotage
-        }
         let session = self.session.inner();
         let now = engine::read(session, vec![TxnOp::get(key.as_str(), None)]).await?;
         match now.gets.first().and_then(|g| g.kvs().first()) {

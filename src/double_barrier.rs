@@ -134,10 +134,6 @@ impl DoubleBarrier {
             let (session, own_key) = (Arc::clone(self.session.inner()), own_key.to_owned());
             let mut looked_after = false;
             move |snapshot: &engine::Snapshot| {
-                #[cfg(feature = "sabotage")]
-                if crate::sabotage::broken() {
-                    return Decision::Through { touch: false }; // deliberately unsafe
-                }
                 let present = snapshot.gets.first().map_or(0, |g| g.count());
                 let up = snapshot.gets.get(1).and_then(|g| g.kvs().first());
                 let oldest = snapshot.gets.get(2).and_then(|g| g.kvs().first());

@@ -134,7 +134,9 @@ pub enum Error {
 
     /// The answer to an [`Stm`](crate::Stm) commit was lost (a timeout, a broken connection):
     /// it may or may not have been applied, and it is not sent again — a second copy could
-    /// apply the transaction twice. Carries the failure.
+    /// apply the transaction twice. Also a [`Claimed::ack`](crate::Claimed::ack) whose attempt
+    /// went unanswered when whether it landed can no longer be told (the session was Lost
+    /// first, or etcd's history of the keys was compacted). Carries the failure.
     #[error("STM commit outcome unknown: {0}")]
     CommitUncertain(#[source] Box<Error>),
 
@@ -233,6 +235,7 @@ impl Error {
     /// | `Aborted` | yes | a conflict, retryable by definition |
     /// | `Unknown`, `Internal` | yes | how tonic reports a broken HTTP/2 connection (h2 errors) |
     /// | `ResourceExhausted` "too many requests" | yes | etcd sheds load while its apply lags behind |
+    /// | `ResourceExhausted` "h2 protocol error" | yes | an HTTP/2 GOAWAY (`ENHANCE_YOUR_CALM`, also sent by the client's own h2 after too many streams reset under load): the connection is closed, the next attempt reconnects |
     /// | `ResourceExhausted`, other (the NOSPACE alarm "database space exceeded", message size) | no | needs an operator or a smaller request |
     /// | `PermissionDenied` ([`Error::PermissionDenied`]) | no | the user's roles lack a permission |
     /// | `Unauthenticated` ([`Error::AuthenticationFailed`]) | no | bad credentials or a token etcd no longer accepts (this crate renews a stale token itself, once, before it reports this) |
@@ -249,7 +252,13 @@ impl Error {
                     | Code::Aborted
                     | Code::Unknown
                     | Code::Internal => true,
-                    Code::ResourceExhausted => s.message().contains("too many requests"),
+                    // etcd shedding load; or tonic's name for an HTTP/2 GOAWAY with
+                    // ENHANCE_YOUR_CALM — the connection is closed and the next attempt
+                    // reconnects.
+                    Code::ResourceExhausted => {
+                        s.message().contains("too many requests")
+                            || s.message().starts_with("h2 protocol error")
+                    }
                     _ => false,
                 },
                 etcd_client::Error::TransportError(_)
@@ -400,6 +409,7 @@ mod tests {
             assert!(status(code, "x").is_retryable(), "{code:?}");
         }
         assert!(status(Code::ResourceExhausted, "etcdserver: too many requests").is_retryable());
+        assert!(status(Code::ResourceExhausted, "h2 protocol error: http2 error").is_retryable());
         assert!(!status(
             Code::ResourceExhausted,
             "etcdserver: mvcc: database space exceeded"

@@ -29,7 +29,8 @@
 //! ```
 //!
 //! Service registration and discovery, in the layout of etcd's Go `naming/endpoints`, live in
-//! [`discovery`].
+//! [`discovery`]. A [`WorkQueue`] hands jobs to workers under their leases — acknowledged
+//! under a fence, delivered again if a worker dies, never lost (`docs/queue.md`).
 //!
 //! See `docs/design.md` for the architecture, the session state machine and the wait
 //! algorithm, and `docs/safety.md` for what fencing does and does not protect.
@@ -50,11 +51,9 @@ pub mod inspect;
 mod keys;
 pub mod metrics;
 mod mutex;
+mod queue;
 mod rpc;
 mod rwlock;
-#[cfg(feature = "sabotage")]
-#[doc(hidden)]
-pub mod sabotage;
 mod selector;
 mod semaphore;
 mod session;
@@ -71,6 +70,10 @@ pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
 pub use metrics::timeout;
 pub use mutex::{Mutex, MutexGuard};
+pub use queue::{
+    ClaimInfo, Claimed, DeadLetter, EnqueueOptions, JobId, JobInfo, QueueOptions, WorkQueue,
+    MAX_BATCH, MAX_IDEMPOTENCY_KEY_LEN, MAX_PAYLOAD_LEN, MAX_PRIORITY,
+};
 pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use selector::{LeaderSelector, LeaderTerm};
 pub use semaphore::{Semaphore, SemaphorePermit};

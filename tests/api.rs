@@ -5,6 +5,9 @@ use etcd_coord::{
     LeaderInfo, LeaderSelector, LeaderTerm, Leadership, LeasedSession, Mutex, MutexGuard, RwLock,
     RwLockReadGuard, RwLockWriteGuard, Semaphore, SemaphorePermit, SessionOptions,
 };
+use etcd_coord::{
+    ClaimInfo, Claimed, DeadLetter, EnqueueOptions, JobId, JobInfo, QueueOptions, WorkQueue,
+};
 use static_assertions::{assert_impl_all, assert_not_impl_any};
 
 // Guards are owned and can move into tasks; they are not Clone (one release per acquisition).
@@ -26,6 +29,16 @@ assert_impl_all!(RwLock: Clone, Send, Sync);
 assert_impl_all!(Barrier: Clone, Send, Sync);
 assert_impl_all!(DoubleBarrier: Clone, Send, Sync);
 assert_not_impl_any!(Leadership: Clone);
+// A claimed job is a guard like the others: owned, movable into tasks, one ack per claim.
+assert_impl_all!(Claimed: Send, Sync, std::fmt::Debug);
+assert_not_impl_any!(Claimed: Clone);
+assert_impl_all!(WorkQueue: Clone, Send, Sync, std::fmt::Debug);
+assert_impl_all!(QueueOptions: Clone, Default, Send, Sync);
+assert_impl_all!(EnqueueOptions: Clone, Default, Send, Sync);
+assert_impl_all!(JobId: Clone, Send, Sync, std::hash::Hash, Eq, std::fmt::Display);
+assert_impl_all!(JobInfo: Clone, Send, Sync, PartialEq);
+assert_impl_all!(ClaimInfo: Clone, Send, Sync, PartialEq);
+assert_impl_all!(DeadLetter: Clone, Send, Sync, PartialEq);
 // Fences and terms are capabilities to hand to other tasks; they release nothing on drop.
 assert_impl_all!(Fence: Clone, Send, Sync);
 assert_impl_all!(LeaderTerm: Clone, Send, Sync);
@@ -105,4 +118,23 @@ fn error_sources_are_kept() {
     let inner = etcd_client::Error::InvalidArgs("x".into());
     let e = Error::from(inner);
     assert!(e.source().is_some(), "the etcd-client error is the source");
+}
+
+#[allow(dead_code, unused_must_use)]
+fn queue_futures_are_send_and_the_claims_stream_is_static(queue: WorkQueue, job: Claimed) {
+    is_send(&queue.enqueue("x"));
+    is_send(&queue.enqueue_with("x", EnqueueOptions::new()));
+    is_send(&queue.claim());
+    is_send(&queue.try_claim());
+    is_send(&queue.claim_many(2));
+    is_send(&queue.len());
+    is_send(&queue.pending());
+    is_send(&queue.claimed());
+    is_send(&queue.dead_letters());
+    let claims = queue.claims();
+    is_static(&claims);
+    is_send(&claims);
+    let lost = job.lost();
+    is_static(&lost);
+    is_send(&job.ack());
 }

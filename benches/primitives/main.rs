@@ -42,6 +42,13 @@
 //!   commits in total; latency = one committed transaction with its retries; also
 //!   `accounts`, `attempts`, `retries_per_commit`, `skipped`, `conserved`, `history_ok`. As
 //!   the peer's mode of the same name.
+//! - `queue`: a `WorkQueue`: M jobs enqueued by N producers (`enqueue_per_s`), then N workers
+//!   (a session each) claim and acknowledge them all; `ops_per_s` = jobs claimed and
+//!   acknowledged per second, latency = one `claim()`; also `txns_per_job` and
+//!   `reads_per_job`. Beside the peer's `queue` (etcd's Go `recipe.Queue`, whose dequeue
+//!   deletes the job: at-most-once). With
+//!   `--work-ms W` (ours only) each worker works W ms on a job before its ack, so the claims
+//!   no longer saturate etcd; also `work_ms`.
 //! - `discovery-sync`: M endpoints stored under one target (Txns of 128 puts, not timed:
 //!   `setup_s`), then N times a fresh `view()` timed until it holds all M. Also `endpoints`
 //!   and `bytes_per_endpoint`: heap bytes a view holds per endpoint (a counting allocator
@@ -50,6 +57,7 @@
 mod discovery;
 mod mutex;
 mod profile;
+mod queue;
 mod report;
 mod scale;
 mod stm;
@@ -97,6 +105,8 @@ pub(crate) struct Args {
     fresh: bool,
     permits: usize,
     accounts: usize,
+    /// `queue`: milliseconds each worker works on a job between its claim and its ack.
+    pub(crate) work_ms: u64,
     pub(crate) profile: bool,
 }
 
@@ -111,6 +121,7 @@ fn parse_args() -> Result<Args, String> {
         fresh: false,
         permits: 1,
         accounts: 16,
+        work_ms: 0,
         profile: false,
     };
     let mut it = std::env::args().skip(1);
@@ -129,6 +140,7 @@ fn parse_args() -> Result<Args, String> {
             "conns" => a.conns = value()?.parse().map_err(|e| format!("--conns: {e}"))?,
             "permits" => a.permits = value()?.parse().map_err(|e| format!("--permits: {e}"))?,
             "accounts" => a.accounts = value()?.parse().map_err(|e| format!("--accounts: {e}"))?,
+            "work-ms" => a.work_ms = value()?.parse().map_err(|e| format!("--work-ms: {e}"))?,
             other => return Err(format!("unknown argument --{other}")),
         }
     }

@@ -160,6 +160,7 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
         "discovery-propagation" => return discovery_propagation(a, &prefix, clients).await,
         "discovery-sync" => return discovery_sync(a, &prefix, client_for(0)).await,
         "stm-transfer" => return stm_transfer(a, &prefix, clients).await,
+        "queue" => return crate::queue::queue(a, &prefix, clients).await,
         other => return Err(format!("unknown mode {other}").into()),
     }
     let (mut lats, mut hands) = (Vec::new(), Vec::new());

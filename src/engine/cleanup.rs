@@ -138,6 +138,18 @@ impl Sweep {
         }
     }
 
+    /// `key` on `lease_id` holding exactly `value`, for as long as the lease lives: for a put
+    /// whose value is unique to one attempt (a work queue's claim), so that no other key of
+    /// the same name — another attempt's, the session's own later one — is ever touched.
+    pub(crate) fn of_value(key: &str, lease_id: i64, value: Vec<u8>) -> Sweep {
+        Sweep {
+            key: key.to_owned(),
+            lease_id,
+            values: Some(vec![value]),
+            stop: None,
+        }
+    }
+
     /// `key` on `lease_id` holding one of `values`, until `stop` turns `true`: for a name this
     /// session creates exclusively, while it is not claimed.
     pub(super) fn of_name(

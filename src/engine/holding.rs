@@ -139,6 +139,17 @@ impl Holding {
         self.released_at.is_some() && self.release_maybe_landed
     }
 
+    /// Records that the owner key was deleted at `revision` by a fenced Txn the guard's owner
+    /// sent itself (a work queue's ack, which deletes its claim key together with the job):
+    /// nothing is left to release, and dropping the holding sends nothing.
+    pub(crate) fn released_by_owner(&mut self, revision: i64) {
+        if self.released_at.is_none() {
+            self.released_at = Some(revision);
+            let session = Arc::clone(self.fence.session.inner());
+            std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);
+        }
+    }
+
     /// Deletes the owner key with a Txn fenced on its create revision and lease. Retries
     /// transport failures (a retry that finds the key gone after an unanswered attempt counts
     /// as done; one that finds it taken over by another client's put does not);

@@ -93,6 +93,7 @@ impl Rpc {
         options: GetOptions,
     ) -> Result<GetResponse, Error> {
         let key = key.into();
+        Stats::add(&self.stats().ranges, 1);
         let resp = renewing(self.client(), || {
             let (mut kv, key, options) = (self.client().kv_client(), key.clone(), options.clone());
             async move { within(self.timeout(), kv.get(key, Some(options))).await }

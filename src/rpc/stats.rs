@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Stats {
     pub(crate) keepalive_requests: AtomicU64,
     pub(crate) txns: AtomicU64,
+    pub(crate) ranges: AtomicU64,
     pub(crate) watches: AtomicU64,
     pub(crate) watch_streams: AtomicU64,
     pub(crate) watch_events: AtomicU64,

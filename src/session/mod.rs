@@ -43,6 +43,8 @@ pub struct SessionMetrics {
     pub keepalive_requests: u64,
     /// Txns sent by the session's primitives and background clean-ups.
     pub txns: u64,
+    /// Plain range reads sent (a work queue's scans and inspections, for instance).
+    pub reads: u64,
     /// Watches requested by the session's waits and background clean-ups: one per prefix the
     /// session's shared stream watches (registered once, then shared by every wait under
     /// it), and one per target of a wait on a stream of its own.
@@ -341,6 +343,7 @@ impl LeasedSession {
         SessionMetrics {
             keepalive_requests: Stats::get(&stats.keepalive_requests),
             txns: Stats::get(&stats.txns),
+            reads: Stats::get(&stats.ranges),
             watches: Stats::get(&stats.watches),
             watch_streams: Stats::get(&stats.watch_streams),
             watch_events: Stats::get(&stats.watch_events),

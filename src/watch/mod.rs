@@ -135,6 +135,11 @@ impl Watched {
         Watched::new(prefix, true, Events::Put)
     }
 
+    /// The deletion of any key under `prefix`.
+    pub(crate) fn deleted_under(prefix: impl Into<Vec<u8>>) -> Watched {
+        Watched::new(prefix, true, Events::Delete)
+    }
+
     /// The deletion of any of `keys`, all under `prefix`: one watch of the prefix's
     /// deletions, filtered here.
     pub(crate) fn deleted_any(prefix: impl Into<Vec<u8>>, mut keys: Vec<Vec<u8>>) -> Watched {

@@ -366,3 +366,19 @@ impl<T> Driven<T> {
         }
     }
 }
+
+/// Polls `fut` once and, if it is pending, waits (up to [`QUIET`]) until it is woken — what
+/// it awaited has happened — without polling it again: the next poll moves it to its next
+/// await point. `Some(output)` if it completed.
+pub async fn step<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+    let flag = Arc::new(WakeFlag::default());
+    let waker = Waker::from(Arc::clone(&flag));
+    let mut cx = Context::from_waker(&waker);
+    match std::pin::Pin::new(fut).poll(&mut cx) {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => {
+            flag.woken_within(QUIET).await;
+            None
+        }
+    }
+}

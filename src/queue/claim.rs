@@ -1,0 +1,279 @@
+//! Claiming: one Txn, and in it one *chain* per job wanted. A chain tries its candidates in
+//! order, each in a Txn nested in the else-branch of the one before, and claims the first
+//! that is still free when etcd applies it:
+//!
+//! ```text
+//! If(ModRevision(job₁) == read₁, CreateRevision(claims/<id₁>) == 0)
+//! Then(Put(job₁, ignore_value), Put(claims/<id₁>, unique value, our lease), Get(job₁))
+//! Else(Txn(If(Value(claims/<id₁>) == that unique value)        — an earlier attempt's claim
+//!          Then(Get(claims/<id₁>), Get(job₁))
+//!          Else(Txn(the same for job₂, …))))
+//! ```
+//!
+//! etcd applies Txns one after another, so claimers that read the queue at the same moment
+//! and send the same chain take its first, second, third … job in one round trip each: a
+//! claim is lost (and read again) only when every candidate of its chain was taken since its
+//! read. The order is the queue's order at the moment each claim applies.
+//!
+//! The put with `ignore_value` bumps the job key's version without sending its payload again:
+//! the version counts the deliveries (see `layout::Header::attempts`), also those whose
+//! claimer died with its lease. The claim key is under the claimer's lease, so a dead
+//! claimer's claims vanish with its lease and the jobs are claimable again.
+//!
+//! The Txn is sent in a detached task (`engine::detached`): a caller that drops its future
+//! mid-request never strands a claim — whatever was won is released by the session's task. A
+//! retry after an unanswered attempt finds its own claims by their unique values, and a chain
+//! stops there; a copy of an attempt that lands later
+//! than every answer can only apply if its job is still unchanged, and if the caller stopped
+//! without a definite answer, the session sweeps those values off the claim keys for as long
+//! as its lease lives.
+
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use super::claimed::{Claimed, Job};
+use super::layout::{decode, JobId, Keys};
+use super::scan::Candidate;
+use crate::backoff::Backoff;
+use crate::engine::cleanup::{Afterwards, Cleanup, Sweep};
+use crate::engine::detached::detached;
+use crate::engine::ticket::Acquired;
+use crate::engine::{Holding, SessionKeys};
+use crate::keys::{header_revision, txn_gets};
+use crate::rpc::Unanswered;
+use crate::{Error, LeasedSession};
+
+/// One candidate of a chain: the job, its claim key and the value unique to this attempt.
+#[derive(Clone)]
+struct Slot {
+    job: Candidate,
+    claim: String,
+    value: Vec<u8>,
+}
+
+/// A claim won: its holding (released if dropped) and the job as the claim read it.
+pub(super) struct Won {
+    holding: Holding,
+    job_key: String,
+    job: KeyValue,
+}
+
+/// What a claim round trip came to.
+pub(super) struct Round {
+    /// The claims won, as guards (jobs past their last attempt already moved to the dead
+    /// letters).
+    pub(super) claimed: Vec<Claimed>,
+    /// Some chain found its first candidate taken since the read: other claimers are about.
+    pub(super) contended: bool,
+}
+
+/// Claims up to `chains.len()` jobs through `leased` in one round trip, each chain its
+/// candidates in order. Cancel-safe (see the module's docs).
+pub(super) async fn claim(
+    leased: &LeasedSession,
+    keys: &Keys,
+    max_attempts: u32,
+    chains: Vec<Vec<Candidate>>,
+) -> Result<Round, Error> {
+    let session = leased.inner();
+    session.check()?;
+    let lease = session.lease_id;
+    let wanted = chains.len();
+    let chains: Vec<Vec<Slot>> = chains
+        .into_iter()
+        .map(|chain| {
+            chain
+                .into_iter()
+                .map(|job| Slot {
+                    claim: keys.claim(&job.id),
+                    value: format!("{:016x}", rand::random::<u64>()).into_bytes(),
+                    job,
+                })
+                .collect()
+        })
+        .collect();
+    let txn = Txn::new().and_then(
+        chains
+            .iter()
+            .map(|c| chain_txn(c, lease))
+            .collect::<Vec<_>>(),
+    );
+    let work = {
+        let (leased, chains) = (leased.clone(), chains.clone());
+        async move {
+            let session = leased.inner();
+            let answered = session
+                .rpc
+                .txn_until_answered(|| txn.clone(), &mut Backoff::for_requests(), &**session)
+                .await?;
+            let uncertain = answered.uncertain;
+            let mut contended = false;
+            read_answer(&leased, &answered.resp, &chains, &mut contended)
+                .map(|won| (won, contended))
+                .map_err(|error| Unanswered { error, uncertain })
+        }
+    };
+    let owner = Arc::clone(session);
+    let (outcome, contended) = detached(session, work, move |outcome| {
+        // Stopped without a definite answer: a copy may still land. (An `Ok` carries its own
+        // guards, which release what was won if nobody takes them.)
+        if matches!(outcome, Err(u) if u.uncertain) {
+            for slot in chains.into_iter().flatten() {
+                let sweep = Sweep::of_value(&slot.claim, lease, slot.value);
+                owner.clean_up(Cleanup::Sweep(sweep));
+            }
+        }
+        None
+    })
+    .await?;
+    tracing::debug!(wanted, won = outcome.len(), "claim");
+    let mut claimed = Vec::with_capacity(outcome.len());
+    for won in outcome {
+        let kv = won.job;
+        let (header, payload) = decode(kv.key(), kv.value())?;
+        let attempt = header.attempts(kv.version());
+        let job = Job {
+            keys: keys.clone(),
+            key: won.job_key,
+            create_revision: kv.create_revision(),
+            version: kv.version(),
+            id: JobId(header.id.clone()),
+            attempt,
+            header,
+            payload,
+        };
+        let guard = Claimed::from_holding(won.holding, job);
+        if attempt > max_attempts {
+            guard.dead_letter().await?;
+        } else {
+            claimed.push(guard);
+        }
+    }
+    Ok(Round { claimed, contended })
+}
+
+/// The Txn of one chain: its first candidate, and the rest nested in the else-branch — after
+/// the check that stops the chain at a claim an earlier attempt of this one made.
+fn chain_txn(chain: &[Slot], lease: i64) -> TxnOp {
+    let mut next: Option<TxnOp> = None;
+    for slot in chain.iter().rev() {
+        let (job, claim) = (slot.job.key.as_str(), slot.claim.as_str());
+        let ours = Txn::new()
+            .when([Compare::value(claim, CompareOp::Equal, slot.value.clone())])
+            .and_then([TxnOp::get(claim, None), TxnOp::get(job, None)])
+            .or_else(next.take().into_iter().collect::<Vec<_>>());
+        next = Some(TxnOp::txn(
+            Txn::new()
+                .when([
+                    Compare::mod_revision(job, CompareOp::Equal, slot.job.mod_revision),
+                    Compare::create_revision(claim, CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(job, Vec::new(), Some(PutOptions::new().with_ignore_value())),
+                    TxnOp::put(
+                        claim,
+                        slot.value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::get(job, None),
+                ])
+                .or_else([TxnOp::txn(ours)]),
+        ));
+    }
+    next.unwrap_or_else(|| TxnOp::txn(Txn::new()))
+}
+
+/// The claims an answer shows won: applied now, or by an earlier, unanswered attempt (the
+/// claim key holds that attempt's value on our lease).
+fn read_answer(
+    leased: &LeasedSession,
+    resp: &etcd_client::TxnResponse,
+    chains: &[Vec<Slot>],
+    contended: &mut bool,
+) -> Result<Vec<Won>, Error> {
+    let revision = header_revision(resp)?;
+    let subs = nested(resp);
+    if subs.len() != chains.len() {
+        return Err(Error::Protocol(format!(
+            "a claim of {} jobs answered for {}",
+            chains.len(),
+            subs.len()
+        )));
+    }
+    let mut won = Vec::new();
+    for (sub, chain) in subs.iter().zip(chains) {
+        let before = won.len();
+        // The first candidate taken since the read (the chain went on, or won nothing).
+        *contended |= !sub.succeeded() && !chain.is_empty();
+        read_chain(leased, sub, chain, revision, &mut won)?;
+        *contended |= won.len() == before;
+    }
+    Ok(won)
+}
+
+/// The Txns nested directly in `resp`'s branch.
+fn nested(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::TxnResponse> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Txn(sub) => Some(sub),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What one chain's answer `resp` shows won, into `won`: the first free candidate, or the one
+/// an earlier attempt claimed.
+fn read_chain(
+    leased: &LeasedSession,
+    resp: &etcd_client::TxnResponse,
+    chain: &[Slot],
+    revision: i64,
+    won: &mut Vec<Won>,
+) -> Result<(), Error> {
+    let Some((slot, rest)) = chain.split_first() else {
+        return Ok(());
+    };
+    let hold = |create_revision: i64| {
+        let acquired = Acquired {
+            key: slot.claim.clone(),
+            create_revision,
+            revision,
+            after: Afterwards::Nothing,
+            // A claim key is no member of a line: nobody waits for its successor's pointer.
+            announces: false,
+        };
+        Holding::new(leased.clone(), acquired)
+    };
+    let missing = || Error::Protocol(format!("a claim of {} without its job", slot.job.key));
+    let first = |r: &etcd_client::TxnResponse, i: usize| {
+        txn_gets(r).get(i).and_then(|g| g.kvs().first()).cloned()
+    };
+    if resp.succeeded() {
+        let job = first(resp, 0).ok_or_else(missing)?;
+        won.push(Won {
+            holding: hold(revision),
+            job_key: slot.job.key.clone(),
+            job,
+        });
+        return Ok(());
+    }
+    let Some(ours) = nested(resp).into_iter().next() else {
+        return Ok(());
+    };
+    if ours.succeeded() {
+        // An earlier, unanswered attempt of this claim took this candidate: the chain ends.
+        let claim = first(&ours, 0).ok_or_else(missing)?;
+        won.push(Won {
+            holding: hold(claim.create_revision()),
+            job_key: slot.job.key.clone(),
+            job: first(&ours, 1).ok_or_else(missing)?,
+        });
+        return Ok(());
+    }
+    match nested(&ours).first() {
+        Some(next) => read_chain(leased, next, rest, revision, won),
+        None => Ok(()),
+    }
+}

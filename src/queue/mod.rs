@@ -1,0 +1,501 @@
+//! [`WorkQueue`]: jobs claimed under a lease, acknowledged under a fence, never lost. Its
+//! rooms: [`layout`] (keys and values, no I/O), [`options`] (what can be asked, and the
+//! checks), [`enqueue`] (one Txn per job, deduplicated), [`scan`] (finding claimable jobs),
+//! [`claim`] (claiming them in one detached Txn), [`idle`] (the line of idle claimers, so a
+//! new job wakes one), [`claimed`] (the guard: ack, nack, dead letters), [`inspect`]. See
+//! `docs/queue.md`.
+
+mod claim;
+mod claimed;
+mod enqueue;
+mod idle;
+mod inspect;
+mod layout;
+mod options;
+mod scan;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::Stream;
+
+pub use claimed::Claimed;
+pub use inspect::{ClaimInfo, DeadLetter, JobInfo};
+pub use layout::{JobId, MAX_IDEMPOTENCY_KEY_LEN, MAX_PAYLOAD_LEN, MAX_PRIORITY};
+pub use options::{EnqueueOptions, QueueOptions};
+
+use crate::keys::Named;
+use crate::{Error, LeasedSession};
+use layout::Keys;
+use scan::{scan, Candidate};
+
+/// The most jobs one [`claim_many`](WorkQueue::claim_many) takes: each is a Txn nested in the
+/// claim's, and etcd allows a Txn and everything nested in it 128 operations
+/// (`--max-txn-ops`' default), taking each level's own from what its nested Txns may use.
+pub const MAX_BATCH: usize = 100;
+
+/// etcd's default `--max-txn-ops`: the operations a Txn and the Txns nested in it may use,
+/// each level's own taken from what the levels below it may use.
+const TXN_OPS: usize = 128;
+
+/// What one candidate of a chain uses of that: its claim Txn (two compares, three
+/// operations) and the check for an earlier attempt's claim (two operations).
+const OPS_PER_CANDIDATE: usize = 5;
+
+/// How many candidates one job's claim tries in one round trip at most (see `claim`), and
+/// fewer in a batch so that the whole claim fits in [`TXN_OPS`].
+const CHAIN: usize = 16;
+
+/// The most positions behind the first ready job a contended claim may start its chain at.
+const MAX_SPREAD: usize = 64;
+
+/// A queue of jobs for a pool of workers: at-least-once delivery, one live claimer per job.
+///
+/// A job is a key under the queue's name with no lease: it outlives every producer and
+/// worker. A worker claims it by putting a claim key under its session's lease; the claim
+/// lasts until [`Claimed::ack`] deletes job and claim in one Txn fenced on the claim, until the
+/// worker gives it back ([`Claimed::nack`], or dropping the guard), or until the worker's lease
+/// ends — a worker SIGKILLed or cut off loses its claims within its TTL and the jobs are
+/// claimed again, their attempt count raised. A job delivered
+/// [`max_attempts`](QueueOptions::with_max_attempts) times without an ack moves to the dead
+/// letters with its last error. A claim applies only if the job is unchanged since it was read
+/// and unclaimed, so a job has at most one live claim; an ack applies only while the claim is
+/// the acknowledging worker's own.
+///
+/// [`claim()`](Self::claim) takes the ready job of the highest priority that became ready
+/// first (by the producers' clocks; one producer's jobs in the order it enqueued them). With
+/// no job ready it waits in a FIFO line of idle claimers where only the first watches the
+/// queue: a new job wakes one claimer, not all of them, and nothing polls.
+///
+/// The keys live under `<name>/#queue/`: this crate's own layout (etcd's Go `recipe.Queue`
+/// uses another and deletes a job as it hands it out). Every handle on one name should use
+/// the same [`QueueOptions`].
+///
+/// # Example
+/// ```no_run
+/// # async fn demo() -> Result<(), etcd_coord::Error> {
+/// use etcd_coord::{LeasedSession, SessionOptions, WorkQueue};
+///
+/// let client = etcd_client::Client::connect(["127.0.0.1:2379"], None).await?;
+/// let session = LeasedSession::new(client, SessionOptions::new()).await?;
+/// let queue = WorkQueue::new(&session, "jobs/thumbnails");
+/// queue.enqueue("photo-1.jpg").await?;
+///
+/// let job = queue.claim().await?; // waits for a job; cancel-safe
+/// assert_eq!(job.payload(), b"photo-1.jpg");
+/// assert_eq!(job.attempt(), 1);
+/// job.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct WorkQueue {
+    session: LeasedSession,
+    named: Named,
+    options: QueueOptions,
+    /// How many claims the last read saw, to size the next read's page.
+    claims_seen: Arc<AtomicUsize>,
+    /// How far behind the first ready job this handle's claims start their chains (at
+    /// random): 1 — the first job — until claims find their first candidates taken by others;
+    /// doubled then, halved after a claim that was not.
+    spread: Arc<AtomicUsize>,
+}
+
+impl WorkQueue {
+    /// A handle on the queue `name`, with the default [`QueueOptions`]. Does no I/O; an invalid
+    /// name is reported by the operations.
+    pub fn new(session: &LeasedSession, name: impl Into<String>) -> WorkQueue {
+        WorkQueue {
+            session: session.clone(),
+            named: Keys::named(name.into()),
+            options: QueueOptions::new(),
+            claims_seen: Arc::new(AtomicUsize::new(0)),
+            spread: Arc::new(AtomicUsize::new(1)),
+        }
+    }
+
+    /// The same handle with `options` (checked by the operations).
+    pub fn with_options(mut self, options: QueueOptions) -> WorkQueue {
+        self.options = options;
+        self
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        self.named.name()
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &QueueOptions {
+        &self.options
+    }
+
+    fn keys(&self) -> Result<Keys, Error> {
+        Keys::of(&self.named)
+    }
+
+    fn claims_hint(&self) -> usize {
+        self.claims_seen.load(Ordering::Relaxed)
+    }
+
+    /// How many candidates a scan for `n` jobs collects.
+    fn want(&self, n: usize) -> usize {
+        n * chain_len(n) + self.spread.load(Ordering::Relaxed) - 1
+    }
+
+    fn saw_claims(&self, n: usize) {
+        self.claims_seen.store(n, Ordering::Relaxed);
+    }
+
+    /// Enqueues a job with priority 0, ready at once; returns its id. One round trip (and,
+    /// once per dedup window, a lease grant for the markers).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name or options, or a payload over
+    /// [`MAX_PAYLOAD_LEN`] (nothing is sent); [`Error::SessionLost`] /
+    /// [`Error::SessionClosed`]; request errors retrying cannot fix.
+    ///
+    /// # Cancel safety
+    /// Dropping the future cancels the request in flight: the job was enqueued or it was not
+    /// (job and marker are one Txn). Enqueue again with the same idempotency key
+    /// ([`enqueue_with`](Self::enqueue_with)) to be sure it is there exactly once.
+    pub async fn enqueue(&self, payload: impl Into<Vec<u8>>) -> Result<JobId, Error> {
+        self.enqueue_with(payload, EnqueueOptions::new()).await
+    }
+
+    /// Enqueues a job with `options` (priority, not-before time, idempotency key); returns its
+    /// id — or, if an enqueue with the same idempotency key was made within the dedup window,
+    /// that one's id, adding nothing. Transient failures are retried with the same request, so
+    /// a lost answer never adds a second job.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue); also [`Error::InvalidArgument`] for a priority above
+    /// [`MAX_PRIORITY`] or an idempotency key that is empty, longer than
+    /// [`MAX_IDEMPOTENCY_KEY_LEN`] or holds control characters.
+    ///
+    /// # Cancel safety
+    /// As [`enqueue`](Self::enqueue).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// use std::time::Duration;
+    /// use etcd_coord::EnqueueOptions;
+    ///
+    /// let options = EnqueueOptions::new()
+    ///     .with_priority(7)
+    ///     .with_delay(Duration::from_secs(30))
+    ///     .with_idempotency_key("invoice-2024-0042");
+    /// let first = queue.enqueue_with("invoice 42", options.clone()).await?;
+    /// let again = queue.enqueue_with("invoice 42", options).await?; // a producer's retry
+    /// assert_eq!(first, again); // one job
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue_with(
+        &self,
+        payload: impl Into<Vec<u8>>,
+        options: EnqueueOptions,
+    ) -> Result<JobId, Error> {
+        let keys = self.keys()?;
+        let window = self.options.validate()?;
+        let session = self.session.inner();
+        enqueue::enqueue(session, &keys, window, payload.into(), &options).await
+    }
+
+    /// Claims the ready job of the highest priority that became ready first and that nobody
+    /// holds, waiting for one if there is none. Two round trips when a job is ready (a read,
+    /// the claim); a job at its last delivery is moved to the dead letters instead and the next
+    /// one taken.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name or options; [`Error::SessionLost`] /
+    /// [`Error::SessionClosed`] if the session is or becomes Lost; [`Error::Protocol`] for a
+    /// key under the queue that does not hold a job; request errors retrying cannot fix.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future at any point leaves no claim and no place in the line
+    /// of idle claimers behind (a claim that landed is given back by the session's task), and
+    /// never loses a job.
+    pub async fn claim(&self) -> Result<Claimed, Error> {
+        let mut got = self.claim_up_to(1, true).await?;
+        got.pop()
+            .ok_or_else(|| Error::Internal("a claim that waited returned nothing".into()))
+    }
+
+    /// Claims a job as [`claim()`](Self::claim) does if one is ready now; else `None`, without
+    /// waiting.
+    ///
+    /// # Errors
+    /// As [`claim()`](Self::claim).
+    ///
+    /// # Cancel safety
+    /// As [`claim()`](Self::claim).
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// while let Some(job) = queue.try_claim().await? {
+    ///     job.ack().await?; // drains what is ready now, then stops
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_claim(&self) -> Result<Option<Claimed>, Error> {
+        Ok(self.claim_up_to(1, false).await?.pop())
+    }
+
+    /// Claims up to `n` ready jobs in one round trip (after the read), in claim order; waits
+    /// until at least one is ready.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for `n` of 0 or above [`MAX_BATCH`]; as
+    /// [`claim()`](Self::claim) otherwise.
+    ///
+    /// # Cancel safety
+    /// As [`claim()`](Self::claim): every claim that landed for a dropped future is given back.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// for job in queue.claim_many(16).await? {
+    ///     // ... up to 16 jobs, each its own claim, acknowledged one by one
+    ///     job.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim_many(&self, n: usize) -> Result<Vec<Claimed>, Error> {
+        if n == 0 || n > MAX_BATCH {
+            return Err(Error::InvalidArgument(format!(
+                "work queue: claim_many takes 1 to {MAX_BATCH} jobs (got {n})"
+            )));
+        }
+        self.claim_up_to(n, true).await
+    }
+
+    /// A stream of [`claim()`](Self::claim)s: each item is the next claimed job. It ends after
+    /// the first error (which it yields): a session Lost, say. `'static`, holding a handle.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// use futures::StreamExt;
+    ///
+    /// let mut claims = std::pin::pin!(queue.claims());
+    /// while let Some(job) = claims.next().await {
+    ///     let job = job?;
+    ///     job.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn claims(&self) -> impl Stream<Item = Result<Claimed, Error>> + Send + 'static {
+        futures::stream::unfold(Some(self.clone()), |queue| async move {
+            let queue = queue?;
+            let next = queue.claim().await;
+            let more = next.is_ok().then_some(queue);
+            Some((next, more))
+        })
+    }
+
+    async fn claim_up_to(&self, n: usize, wait: bool) -> Result<Vec<Claimed>, Error> {
+        let keys = self.keys()?;
+        self.options.validate()?;
+        let session = self.session.inner();
+        session.check()?;
+        loop {
+            let found = scan(session, &keys, self.want(n), self.claims_hint()).await?;
+            self.saw_claims(found.claims);
+            if found.candidates.is_empty() {
+                if !wait {
+                    return Ok(Vec::new());
+                }
+                match idle::wait_in_line(self, n).await {
+                    // Our place in the line was deleted by someone else: line up again.
+                    Err(Error::LockLost { key, .. }) if key.starts_with(&keys.idle()) => continue,
+                    other => return other,
+                }
+            }
+            let claimed = self.claim_round(&keys, found.candidates, n).await?;
+            if !claimed.is_empty() {
+                return Ok(claimed);
+            }
+            // Every candidate was taken (or dead-lettered) since the read: read again.
+        }
+    }
+
+    /// Claims up to `n` of `candidates` in one round trip (see [`chains`]), starting at a
+    /// random place among the first `spread` of the highest priority, and adapts the spread.
+    async fn claim_round(
+        &self,
+        keys: &Keys,
+        candidates: Vec<Candidate>,
+        n: usize,
+    ) -> Result<Vec<Claimed>, Error> {
+        let spread = self.spread.load(Ordering::Relaxed);
+        let offset = match spread {
+            1 => 0,
+            s => rand::random_range(0..s),
+        };
+        let chains = chains(rotate(candidates, offset), n, chain_len(n));
+        let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
+        let next = match round.contended {
+            true => (spread * 2).min(MAX_SPREAD),
+            false => (spread / 2).max(1),
+        };
+        self.spread.store(next, Ordering::Relaxed);
+        Ok(round.claimed)
+    }
+
+    /// How many jobs the queue holds, claimed or not (dead letters aside). One read.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid name; [`Error::SessionLost`] /
+    /// [`Error::SessionClosed`]; request errors retrying cannot fix.
+    ///
+    /// # Cancel safety
+    /// Only reads: dropping the future changes nothing.
+    pub async fn len(&self) -> Result<usize, Error> {
+        inspect::len(self.session.inner(), &self.keys()?).await
+    }
+
+    /// Whether the queue holds no job (dead letters aside). As [`len()`](Self::len).
+    ///
+    /// # Errors
+    /// As [`len()`](Self::len).
+    ///
+    /// # Cancel safety
+    /// Only reads.
+    pub async fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// The jobs nobody holds, in claim order (those not ready yet included), with their
+    /// payloads. Reads the whole queue (in pages, at one revision).
+    ///
+    /// # Errors
+    /// As [`len()`](Self::len); [`Error::Protocol`] for a key that does not hold a job.
+    ///
+    /// # Cancel safety
+    /// Only reads.
+    pub async fn pending(&self) -> Result<Vec<JobInfo>, Error> {
+        inspect::pending(self.session.inner(), &self.keys()?).await
+    }
+
+    /// Who holds what: every claim, with the claimer's lease, the fencing token and the
+    /// delivery. Reads the whole queue (in pages, at one revision).
+    ///
+    /// # Errors
+    /// As [`pending()`](Self::pending).
+    ///
+    /// # Cancel safety
+    /// Only reads.
+    pub async fn claimed(&self) -> Result<Vec<ClaimInfo>, Error> {
+        inspect::claimed(self.session.inner(), &self.keys()?).await
+    }
+
+    /// The jobs moved aside after [`max_attempts`](QueueOptions::with_max_attempts)
+    /// deliveries, with their last errors and payloads.
+    ///
+    /// # Errors
+    /// As [`pending()`](Self::pending).
+    ///
+    /// # Cancel safety
+    /// Only reads.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(queue: etcd_coord::WorkQueue) -> Result<(), etcd_coord::Error> {
+    /// for dead in queue.dead_letters().await? {
+    ///     eprintln!("job {} failed {} times: {}", dead.id, dead.attempts, dead.last_error);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
+        inspect::dead_letters(self.session.inner(), &self.keys()?).await
+    }
+}
+
+/// How many candidates each chain of a claim of `n` jobs tries: at most [`CHAIN`], and no more
+/// than leave the claim within etcd's operations for a Txn (the claim Txn itself has one
+/// operation per chain).
+fn chain_len(n: usize) -> usize {
+    (TXN_OPS.saturating_sub(n) / OPS_PER_CANDIDATE).clamp(1, CHAIN)
+}
+
+/// `candidates` with the ready jobs of the highest priority rotated left by `offset` (modulo
+/// their number): a chain then starts at the `offset`-th of them, goes on to the end of
+/// them, wraps round to the first, and only then reaches a lower priority.
+fn rotate(mut candidates: Vec<Candidate>, offset: usize) -> Vec<Candidate> {
+    let top = candidates.first().map_or(0, |c| c.rank);
+    let count = candidates.iter().take_while(|c| c.rank == top).count();
+    if count > 0 {
+        candidates[..count].rotate_left(offset % count);
+    }
+    candidates
+}
+
+/// The chains of a claim of `n` jobs: up to `n` chains of up to `len` candidates each, dealt
+/// out in claim order (chain `i` tries candidates `i`, `i + n`, `i + 2n`, …), so an
+/// uncontended claim takes exactly the first `n`.
+fn chains(candidates: Vec<Candidate>, n: usize, len: usize) -> Vec<Vec<Candidate>> {
+    let mut chains: Vec<Vec<Candidate>> = vec![Vec::new(); n.min(candidates.len())];
+    let count = chains.len();
+    for (i, c) in candidates.into_iter().take(n * len).enumerate() {
+        chains[i % count].push(c);
+    }
+    chains
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(i: usize) -> Candidate {
+        Candidate {
+            key: format!("k{i}"),
+            id: format!("{i}"),
+            rank: u8::from(i >= 6),
+            mod_revision: i as i64,
+        }
+    }
+
+    #[test]
+    fn chains_deal_the_candidates_out_in_claim_order() {
+        let all: Vec<Candidate> = (0..10).map(c).collect();
+        let ids = |chains: Vec<Vec<Candidate>>| -> Vec<Vec<i64>> {
+            chains
+                .iter()
+                .map(|ch| ch.iter().map(|x| x.mod_revision).collect())
+                .collect()
+        };
+        assert_eq!(ids(chains(all.clone(), 1, 3)), vec![vec![0, 1, 2]]);
+        assert_eq!(ids(chains(all.clone(), 2, 2)), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(
+            ids(chains(all[..3].to_vec(), 5, 4)),
+            vec![vec![0], vec![1], vec![2]]
+        );
+        assert!(chains(Vec::new(), 1, 4).is_empty());
+    }
+
+    #[test]
+    fn every_claim_fits_in_etcds_operations_for_a_txn() {
+        for n in 1..=MAX_BATCH {
+            let used = n + chain_len(n) * OPS_PER_CANDIDATE;
+            assert!(used <= TXN_OPS, "{n} chains of {}: {used}", chain_len(n));
+        }
+        assert_eq!(chain_len(1), CHAIN);
+    }
+
+    #[test]
+    fn a_rotation_stays_within_the_highest_priority_and_keeps_every_candidate() {
+        let all: Vec<Candidate> = (0..10).map(c).collect();
+        let order = |v: Vec<Candidate>| -> Vec<i64> { v.iter().map(|x| x.mod_revision).collect() };
+        assert_eq!(order(rotate(all.clone(), 0)), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            order(rotate(all.clone(), 2)),
+            vec![2, 3, 4, 5, 0, 1, 6, 7, 8, 9]
+        );
+        assert_eq!(
+            order(rotate(all.clone(), 8)),
+            vec![2, 3, 4, 5, 0, 1, 6, 7, 8, 9]
+        );
+        assert!(rotate(Vec::new(), 3).is_empty());
+    }
+}
