@@ -166,7 +166,8 @@ impl Fence {
                 .or_else([TxnOp::get(self.key.as_str(), None)]);
             let resp = session.rpc.txn(txn).await?;
             if resp.succeeded() {
-                self.shared.mod_revision
+                self.shared
+                    .mod_revision
                     .fetch_max(keys::header_revision(&resp)?, Ordering::AcqRel);
                 return Ok(resp);
             }

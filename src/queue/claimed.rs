@@ -111,6 +111,7 @@ impl Claimed {
     /// # Cancel safety
     /// Dropping the future cancels the request in flight: if it landed, the job is
     /// acknowledged; if not, the claim is given back as by a drop.
+    #[tracing::instrument(name = "etcd_coord.queue.ack", skip_all, fields(job = %self.id(), attempt = self.attempt()))]
     pub async fn ack(mut self) -> Result<(), Error> {
         let job = &self.job;
         let fence = self.holding.fence().clone();
@@ -143,6 +144,7 @@ impl Claimed {
     /// job.nack(Duration::from_secs(60)).await?;
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.queue.nack", skip_all, fields(job = %self.id(), attempt = self.attempt()))]
     pub async fn nack(self, delay: Duration) -> Result<(), Error> {
         self.give_back(None, delay).await
     }
@@ -156,6 +158,7 @@ impl Claimed {
     ///
     /// # Cancel safety
     /// As [`nack()`](Self::nack).
+    #[tracing::instrument(name = "etcd_coord.queue.nack_with_error", skip_all, fields(job = %self.id(), attempt = self.attempt()))]
     pub async fn nack_with_error(
         self,
         error: impl Into<String>,

@@ -158,6 +158,7 @@ impl WorkQueue {
     /// Dropping the future cancels the request in flight: the job was enqueued or it was not
     /// (job and marker are one Txn). Enqueue again with the same idempotency key
     /// ([`enqueue_with`](Self::enqueue_with)) to be sure it is there exactly once.
+    #[tracing::instrument(name = "etcd_coord.queue.enqueue", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn enqueue(&self, payload: impl Into<Vec<u8>>) -> Result<JobId, Error> {
         self.enqueue_with(payload, EnqueueOptions::new()).await
     }
@@ -190,6 +191,7 @@ impl WorkQueue {
     /// assert_eq!(first, again); // one job
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.queue.enqueue_with", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn enqueue_with(
         &self,
         payload: impl Into<Vec<u8>>,
@@ -215,6 +217,7 @@ impl WorkQueue {
     /// Cancel-safe: dropping the future at any point leaves no claim and no place in the line
     /// of idle claimers behind (a claim that landed is given back by the session's task), and
     /// never loses a job.
+    #[tracing::instrument(name = "etcd_coord.queue.claim", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn claim(&self) -> Result<Claimed, Error> {
         let mut got = self.claim_up_to(1, true).await?;
         got.pop()
@@ -238,6 +241,7 @@ impl WorkQueue {
     /// }
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.queue.try_claim", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn try_claim(&self) -> Result<Option<Claimed>, Error> {
         Ok(self.claim_up_to(1, false).await?.pop())
     }
@@ -261,6 +265,7 @@ impl WorkQueue {
     /// }
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.queue.claim_many", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn claim_many(&self, n: usize) -> Result<Vec<Claimed>, Error> {
         if n == 0 || n > MAX_BATCH {
             return Err(Error::InvalidArgument(format!(
@@ -351,6 +356,7 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// Only reads: dropping the future changes nothing.
+    #[tracing::instrument(name = "etcd_coord.queue.len", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn len(&self) -> Result<usize, Error> {
         inspect::len(self.session.inner(), &self.keys()?).await
     }
@@ -362,6 +368,7 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// Only reads.
+    #[tracing::instrument(name = "etcd_coord.queue.is_empty", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn is_empty(&self) -> Result<bool, Error> {
         Ok(self.len().await? == 0)
     }
@@ -374,6 +381,7 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// Only reads.
+    #[tracing::instrument(name = "etcd_coord.queue.pending", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn pending(&self) -> Result<Vec<JobInfo>, Error> {
         inspect::pending(self.session.inner(), &self.keys()?).await
     }
@@ -386,6 +394,7 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// Only reads.
+    #[tracing::instrument(name = "etcd_coord.queue.claimed", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn claimed(&self) -> Result<Vec<ClaimInfo>, Error> {
         inspect::claimed(self.session.inner(), &self.keys()?).await
     }
@@ -407,6 +416,7 @@ impl WorkQueue {
     /// }
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.queue.dead_letters", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
         inspect::dead_letters(self.session.inner(), &self.keys()?).await
     }
