@@ -475,7 +475,7 @@ async fn an_acquire_whose_response_is_lost_is_retried_without_a_second_waiter() 
     let n = name.clone();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            keys_under(&obs, &n).await.len() == 2
+            members_under(&obs, &n).await.len() == 2
         })
         .await
     );
