@@ -2,12 +2,15 @@
 
 use etcd_client::TxnOp;
 
-use crate::engine::{self, holding_guard, Holding, SessionKeys};
+use crate::engine::{self, holding_guard, measure, Holding, SessionKeys};
 use crate::keys::{Layout, Named};
+use crate::metrics::Kind;
 use crate::{Error, LeasedSession};
 
+/// Where a barrier's key goes: `<name>/#barrier/`.
+pub(crate) const KIND: &str = "barrier";
 /// The barrier key, under `<name>/#barrier/`.
-const BARRIER: &str = "up";
+pub(crate) const BARRIER: &str = "up";
 
 /// A gate: while someone holds it up, [`wait()`](Self::wait) blocks; when it comes down
 /// (released, or its holder's lease ended) every waiter continues.
@@ -42,7 +45,7 @@ impl Barrier {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Barrier {
         Barrier {
             session: session.clone(),
-            named: Named::new(name, Layout::Own("barrier")),
+            named: Named::new(name, Layout::Own(KIND)),
         }
     }
 
@@ -65,18 +68,20 @@ impl Barrier {
     /// # Cancel safety
     /// Cancel-safe: if the future is dropped after the request was sent, the barrier it put up
     /// (if any) is taken down by the session's background task.
+    #[tracing::instrument(name = "etcd_coord.barrier.hold", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn hold(&self) -> Result<BarrierHold, Error> {
-        let key = self.key()?;
-        let session = self.session.inner();
-        // A value unique to this attempt lets a retry recognise its own earlier put.
-        let token = format!("{:016x}-{:x}", session.lease_id, session.book().next_seq());
-        match engine::create_exclusive(&self.session, &key, token).await? {
-            Some(acquired) => Ok(BarrierHold::from_holding(Holding::new(
-                self.session.clone(),
-                acquired,
-            ))),
-            None => Err(Error::AlreadyHeld { key }),
-        }
+        let hold = async {
+            let key = self.key()?;
+            let session = self.session.inner();
+            // A value unique to this attempt lets a retry recognise its own earlier put.
+            let token = format!("{:016x}-{:x}", session.lease_id, session.book().next_seq());
+            match engine::create_exclusive(&self.session, &key, token).await? {
+                Some(acquired) => Ok(Holding::new(self.session.clone(), acquired)),
+                None => Err(Error::AlreadyHeld { key }),
+            }
+        };
+        let holding = measure::acquisition(Kind::Barrier, self.name(), hold).await?;
+        Ok(BarrierHold::from_holding(holding))
     }
 
     /// Returns at once when the barrier is down, else when it comes down (released, or its
@@ -88,12 +93,9 @@ impl Barrier {
     ///
     /// # Cancel safety
     /// Cancel-safe: waiting creates nothing.
+    #[tracing::instrument(name = "etcd_coord.barrier.wait", skip_all, fields(name = %self.name()))]
     pub async fn wait(&self) -> Result<(), Error> {
         let key = self.key()?;
-        #[cfg(feature = "sabotage")]
-        if crate::sabotage::broken() {
-            return Ok(()); // deliberately unsafe: see sabotage
-        }
         let session = self.session.inner();
         let now = engine::read(session, vec![TxnOp::get(key.as_str(), None)]).await?;
         match now.gets.first().and_then(|g| g.kvs().first()) {

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 
 use crate::backoff::Backoff;
-use crate::engine::{self, holding_guard, Decision, Holding};
+use crate::engine::ticket::Acquired;
+use crate::engine::{self, holding_guard, measure, Decision, Holding};
 use crate::keys::{self, Layout, Named, Queue};
+use crate::metrics::Kind;
 use crate::session::Session;
 use crate::watch::Watched;
 use crate::{Error, LeasedSession};
@@ -91,6 +93,7 @@ impl DoubleBarrier {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no participant key behind.
+    #[tracing::instrument(name = "etcd_coord.double_barrier.enter", skip_all, fields(name = %self.name(), count = self.count, lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn enter(&self) -> Result<DoubleBarrierGuard, Error> {
         let (queue, count) = self.queue()?;
         let participants = queue.sub(PARTICIPANT);
@@ -131,10 +134,6 @@ impl DoubleBarrier {
             let (session, own_key) = (Arc::clone(self.session.inner()), own_key.to_owned());
             let mut looked_after = false;
             move |snapshot: &engine::Snapshot| {
-                #[cfg(feature = "sabotage")]
-                if crate::sabotage::broken() {
-                    return Decision::Through { touch: false }; // deliberately unsafe
-                }
                 let present = snapshot.gets.first().map_or(0, |g| g.count());
                 let up = snapshot.gets.get(1).and_then(|g| g.kvs().first());
                 let oldest = snapshot.gets.get(2).and_then(|g| g.kvs().first());
@@ -200,42 +199,50 @@ impl DoubleBarrier {
                 }
             }
         };
-        let acquired = engine::join(
-            &self.session,
-            queue,
-            PARTICIPANT,
-            Vec::new(),
-            |_, _| reads,
-            decider,
-        )
-        .await?;
-        // Leaving removes our key and, if we are the last participant, the latch, in one Txn
-        // (the nested compare sees the state before the delete: "only our key is left").
-        let leave = Txn::new()
-            .when(keys::owner_compares(
-                &acquired.key,
-                acquired.create_revision,
-                lease,
-            ))
-            .and_then([
-                TxnOp::delete(acquired.key.as_str(), None),
-                TxnOp::txn(
-                    Txn::new()
-                        .when([Compare::create_revision(
-                            participants.as_str(),
-                            CompareOp::Equal,
-                            acquired.create_revision,
-                        )
-                        .with_prefix()])
-                        .and_then([TxnOp::delete(ready.as_str(), None)]),
-                ),
-            ]);
+        let enter = async {
+            let acquired = engine::join(
+                &self.session,
+                queue,
+                PARTICIPANT,
+                Vec::new(),
+                |_, _| reads,
+                decider,
+            )
+            .await?;
+            let leave = leave_txn(&acquired, lease, &participants, &ready);
+            Ok(Holding::with_release(self.session.clone(), acquired, leave))
+        };
+        let holding = measure::acquisition(Kind::DoubleBarrier, self.name(), enter).await?;
         Ok(DoubleBarrierGuard::from_holding(
-            Holding::with_release(self.session.clone(), acquired, leave),
+            holding,
             participants,
             ready,
         ))
     }
+}
+
+/// Leaving removes our key and, if we are the last participant, the latch, in one Txn (the
+/// nested compare sees the state before the delete: "only our key is left").
+fn leave_txn(acquired: &Acquired, lease: i64, participants: &str, ready: &str) -> Txn {
+    Txn::new()
+        .when(keys::owner_compares(
+            &acquired.key,
+            acquired.create_revision,
+            lease,
+        ))
+        .and_then([
+            TxnOp::delete(acquired.key.as_str(), None),
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::create_revision(
+                        participants,
+                        CompareOp::Equal,
+                        acquired.create_revision,
+                    )
+                    .with_prefix()])
+                    .and_then([TxnOp::delete(ready, None)]),
+            ),
+        ])
 }
 
 holding_guard! {
@@ -260,6 +267,7 @@ impl DoubleBarrierGuard {
     /// # Cancel safety
     /// Dropping the future before our key is removed leaves in the background; after that,
     /// it only stops waiting for the others.
+    #[tracing::instrument(name = "etcd_coord.double_barrier.leave", skip_all, fields(key = %self.key(), lease = %format_args!("{:x}", self.session().lease_id()), fencing_token = self.fencing_token()))]
     pub async fn leave(mut self) -> Result<(), Error> {
         // The participants of our round are the keys created before our own was deleted. Keys
         // created after belong to the next round — a participant that already left may enter

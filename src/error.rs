@@ -235,6 +235,7 @@ impl Error {
     /// | `Aborted` | yes | a conflict, retryable by definition |
     /// | `Unknown`, `Internal` | yes | how tonic reports a broken HTTP/2 connection (h2 errors) |
     /// | `ResourceExhausted` "too many requests" | yes | etcd sheds load while its apply lags behind |
+    /// | `ResourceExhausted` "h2 protocol error" | yes | an HTTP/2 GOAWAY (`ENHANCE_YOUR_CALM`, also sent by the client's own h2 after too many streams reset under load): the connection is closed, the next attempt reconnects |
     /// | `ResourceExhausted`, other (the NOSPACE alarm "database space exceeded", message size) | no | needs an operator or a smaller request |
     /// | `PermissionDenied` ([`Error::PermissionDenied`]) | no | the user's roles lack a permission |
     /// | `Unauthenticated` ([`Error::AuthenticationFailed`]) | no | bad credentials or a token etcd no longer accepts (this crate renews a stale token itself, once, before it reports this) |
@@ -251,7 +252,13 @@ impl Error {
                     | Code::Aborted
                     | Code::Unknown
                     | Code::Internal => true,
-                    Code::ResourceExhausted => s.message().contains("too many requests"),
+                    // etcd shedding load; or tonic's name for an HTTP/2 GOAWAY with
+                    // ENHANCE_YOUR_CALM — the connection is closed and the next attempt
+                    // reconnects.
+                    Code::ResourceExhausted => {
+                        s.message().contains("too many requests")
+                            || s.message().starts_with("h2 protocol error")
+                    }
                     _ => false,
                 },
                 etcd_client::Error::TransportError(_)
@@ -260,6 +267,30 @@ impl Error {
                 _ => false,
             },
             _ => false,
+        }
+    }
+
+    /// A bounded name for what went wrong, for the `cause` label of retried requests (see
+    /// `crate::metrics`): the rows of [`is_retryable`](Self::is_retryable)'s table.
+    pub(crate) fn retry_cause(&self) -> &'static str {
+        match self {
+            Error::Timeout(_) => "timeout",
+            Error::Etcd(etcd_client::Error::GRpcStatus(s)) => match s.code() {
+                Code::Unavailable => "unavailable",
+                Code::DeadlineExceeded => "deadline_exceeded",
+                Code::Cancelled => "cancelled",
+                Code::Aborted => "aborted",
+                Code::Unknown => "unknown",
+                Code::Internal => "internal",
+                Code::ResourceExhausted if s.message().contains("too many requests") => {
+                    "too_many_requests"
+                }
+                _ => "other",
+            },
+            Error::Etcd(etcd_client::Error::TransportError(_)) => "transport",
+            Error::Etcd(etcd_client::Error::IoError(_)) => "io",
+            Error::Etcd(etcd_client::Error::WatchError(_)) => "watch_stream",
+            _ => "other",
         }
     }
 
@@ -378,6 +409,7 @@ mod tests {
             assert!(status(code, "x").is_retryable(), "{code:?}");
         }
         assert!(status(Code::ResourceExhausted, "etcdserver: too many requests").is_retryable());
+        assert!(status(Code::ResourceExhausted, "h2 protocol error: http2 error").is_retryable());
         assert!(!status(
             Code::ResourceExhausted,
             "etcdserver: mvcc: database space exceeded"
@@ -397,6 +429,28 @@ mod tests {
         assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
         assert!(!Error::InvalidArgument("x".into()).is_retryable());
         assert!(!Error::SessionClosed.is_retryable());
+    }
+
+    #[test]
+    fn every_retryable_failure_has_a_cause_of_its_own() {
+        let cases = [
+            (Error::Timeout(Duration::from_secs(1)), "timeout"),
+            (status(Code::Unavailable, "x"), "unavailable"),
+            (status(Code::DeadlineExceeded, "x"), "deadline_exceeded"),
+            (status(Code::Cancelled, "x"), "cancelled"),
+            (status(Code::Aborted, "x"), "aborted"),
+            (status(Code::Unknown, "x"), "unknown"),
+            (status(Code::Internal, "x"), "internal"),
+            (
+                status(Code::ResourceExhausted, "etcdserver: too many requests"),
+                "too_many_requests",
+            ),
+            (Error::stream_ended(), "watch_stream"),
+        ];
+        for (error, cause) in cases {
+            assert!(error.is_retryable(), "{error}");
+            assert_eq!(error.retry_cause(), cause, "{error}");
+        }
     }
 
     #[test]

@@ -44,14 +44,13 @@ mod double_barrier;
 mod election;
 mod engine;
 mod error;
+pub mod inspect;
 mod keys;
+pub mod metrics;
 mod mutex;
 mod queue;
 mod rpc;
 mod rwlock;
-#[cfg(feature = "sabotage")]
-#[doc(hidden)]
-pub mod sabotage;
 mod selector;
 mod semaphore;
 mod session;
@@ -66,6 +65,7 @@ pub use election::{Election, LeaderEvent, LeaderInfo, Leadership};
 pub use engine::{Fence, Holder};
 pub use error::{Error, LossReason};
 pub use keys::MAX_NAME_LEN;
+pub use metrics::timeout;
 pub use mutex::{Mutex, MutexGuard};
 pub use queue::{
     ClaimInfo, Claimed, DeadLetter, EnqueueOptions, JobId, JobInfo, QueueOptions, WorkQueue,

@@ -1,7 +1,8 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
-use crate::engine::{holding_guard, inspect, Holder, Line};
+use crate::engine::{holding_guard, inspect, measure, Holder, Line};
 use crate::keys::{Layout, Named};
+use crate::metrics::Kind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -84,8 +85,10 @@ impl Mutex {
     /// Cancel-safe: dropping the future at any await point leaves no waiter key behind. A
     /// request in flight is finished by a short detached task, and any key it created is
     /// deleted by the session's background task (fenced on the key's create revision).
+    #[tracing::instrument(name = "etcd_coord.mutex.lock", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
-        let holding = self.line()?.acquire(Vec::new()).await?;
+        let acquire = async { self.line()?.acquire(Vec::new()).await };
+        let holding = measure::acquisition(Kind::Mutex, self.name(), acquire).await?;
         Ok(MutexGuard::from_holding(holding))
     }
 
@@ -97,8 +100,10 @@ impl Mutex {
     ///
     /// # Cancel safety
     /// Cancel-safe, as [`lock()`](Self::lock).
+    #[tracing::instrument(name = "etcd_coord.mutex.try_lock", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
-        let got = self.line()?.try_acquire(Vec::new()).await?;
+        let attempt = async { self.line()?.try_acquire(Vec::new()).await };
+        let got = measure::attempt(Kind::Mutex, self.name(), attempt).await?;
         Ok(got.map(MutexGuard::from_holding))
     }
 
@@ -124,6 +129,7 @@ impl Mutex {
     /// }
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.mutex.holder", skip_all, fields(name = %self.name()))]
     pub async fn holder(&self) -> Result<Option<Holder>, Error> {
         let queue = self.named.queue()?;
         let oldest = inspect::oldest_members(&self.session, queue, Some(1)).await?;
@@ -171,8 +177,10 @@ impl Mutex {
     /// assert_eq!(guard.fencing_token(), token);
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.mutex.resume", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<MutexGuard, Error> {
-        let holding = self.line()?.adopt(key, fencing_token).await?;
+        let adopt = async { self.line()?.adopt(key, fencing_token).await };
+        let holding = measure::acquisition(Kind::Mutex, self.name(), adopt).await?;
         Ok(MutexGuard::from_holding(holding))
     }
 }

@@ -1,13 +1,16 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
-use crate::engine::{holding_guard, inspect, Blocker, Holder, Holding, Line};
+use crate::engine::{holding_guard, inspect, measure, Blocker, Holder, Holding, Line};
 use crate::keys::{Layout, Named};
+use crate::metrics::Kind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
 
 /// Member-key kinds: readers and writers form their own sub-ranges of one queue.
 const READER: &str = "r";
+/// Where a read/write lock's keys go: `<name>/#rwlock/`.
+pub(crate) const KIND: &str = "rwlock";
 const WRITER: &str = "w";
 
 /// A distributed read/write lock, FIFO across readers and writers.
@@ -45,7 +48,7 @@ impl RwLock {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> RwLock {
         RwLock {
             session: session.clone(),
-            named: Named::new(name, Layout::Own("rwlock")),
+            named: Named::new(name, Layout::Own(KIND)),
         }
     }
 
@@ -66,11 +69,13 @@ impl RwLock {
     }
 
     async fn acquire(&self, kind: &'static str) -> Result<Holding, Error> {
-        self.line(kind)?.acquire(Vec::new()).await
+        let acquire = async { self.line(kind)?.acquire(Vec::new()).await };
+        measure::acquisition(measured(kind), self.name(), acquire).await
     }
 
     async fn try_acquire(&self, kind: &'static str) -> Result<Option<Holding>, Error> {
-        self.line(kind)?.try_acquire(Vec::new()).await
+        let attempt = async { self.line(kind)?.try_acquire(Vec::new()).await };
+        measure::attempt(measured(kind), self.name(), attempt).await
     }
 
     async fn resume(
@@ -79,7 +84,8 @@ impl RwLock {
         key: &str,
         fencing_token: i64,
     ) -> Result<Holding, Error> {
-        self.line(kind)?.adopt(key, fencing_token).await
+        let adopt = async { self.line(kind)?.adopt(key, fencing_token).await };
+        measure::acquisition(measured(kind), self.name(), adopt).await
     }
 
     /// Waits for shared (read) access.
@@ -92,6 +98,7 @@ impl RwLock {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no key behind.
+    #[tracing::instrument(name = "etcd_coord.rwlock.read", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn read(&self) -> Result<RwLockReadGuard, Error> {
         Ok(RwLockReadGuard::from_holding(self.acquire(READER).await?))
     }
@@ -103,6 +110,7 @@ impl RwLock {
     ///
     /// # Cancel safety
     /// Cancel-safe, as [`read()`](Self::read).
+    #[tracing::instrument(name = "etcd_coord.rwlock.write", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn write(&self) -> Result<RwLockWriteGuard, Error> {
         Ok(RwLockWriteGuard::from_holding(self.acquire(WRITER).await?))
     }
@@ -115,6 +123,7 @@ impl RwLock {
     ///
     /// # Cancel safety
     /// Cancel-safe, as [`read()`](Self::read).
+    #[tracing::instrument(name = "etcd_coord.rwlock.try_read", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn try_read(&self) -> Result<Option<RwLockReadGuard>, Error> {
         Ok(self
             .try_acquire(READER)
@@ -130,6 +139,7 @@ impl RwLock {
     ///
     /// # Cancel safety
     /// Cancel-safe, as [`read()`](Self::read).
+    #[tracing::instrument(name = "etcd_coord.rwlock.try_write", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn try_write(&self) -> Result<Option<RwLockWriteGuard>, Error> {
         Ok(self
             .try_acquire(WRITER)
@@ -147,6 +157,7 @@ impl RwLock {
     ///
     /// # Cancel safety
     /// Only reads: dropping the future changes nothing.
+    #[tracing::instrument(name = "etcd_coord.rwlock.holders", skip_all, fields(name = %self.name()))]
     pub async fn holders(&self) -> Result<Vec<Holder>, Error> {
         let queue = self.named.queue()?;
         let writers = queue.sub(WRITER);
@@ -194,6 +205,7 @@ impl RwLock {
     /// let reading = RwLock::new(&session, "locks/config").resume_read(&key, token).await?;
     /// # drop(reading); Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.rwlock.resume_read", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume_read(
         &self,
         key: &str,
@@ -217,6 +229,7 @@ impl RwLock {
     /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
     /// nobody's, and the resumed session's rule deletes it once the adoption window ends
     /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
+    #[tracing::instrument(name = "etcd_coord.rwlock.resume_write", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume_write(
         &self,
         key: &str,
@@ -224,6 +237,15 @@ impl RwLock {
     ) -> Result<RwLockWriteGuard, Error> {
         let holding = self.resume(WRITER, key, fencing_token).await?;
         Ok(RwLockWriteGuard::from_holding(holding))
+    }
+}
+
+/// The metrics' kind of a member of `kind`.
+fn measured(kind: &str) -> Kind {
+    if kind == READER {
+        Kind::RwLockRead
+    } else {
+        Kind::RwLockWrite
     }
 }
 

@@ -175,6 +175,7 @@ impl LeaderSelector {
     /// [`Error::InvalidArgument`] for an invalid name, session options or a zero retry
     /// backoff (at once, before anything is sent). Every other failure — permission errors
     /// included, which an operator may fix — is logged and retried with the backoff.
+    #[tracing::instrument(name = "etcd_coord.selector.run", skip_all, fields(name = %self.name))]
     pub async fn run<S, L, F>(self, shutdown: S, mut lead: L) -> Result<(), Error>
     where
         S: Future,
@@ -196,7 +197,8 @@ impl LeaderSelector {
                 if stop.is_cancelled() {
                     return Ok(());
                 }
-                match self.one_session(&stop, &mut lead, &mut requeue).await {
+                // Boxed: a session's life is a deep future; this keeps `run`'s shallow.
+                match Box::pin(self.one_session(&stop, &mut lead, &mut requeue)).await {
                     Ok(()) => backoff.reset(),
                     Err(e @ Error::InvalidArgument(_)) => return Err(e),
                     Err(e) => {

@@ -1,13 +1,14 @@
 //! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
 
-use crate::engine::{holding_guard, inspect, Blocker, Holder, Line};
+use crate::engine::{holding_guard, inspect, measure, Blocker, Holder, Line};
 use crate::keys::{Layout, Named, Queue};
+use crate::metrics::Kind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
 
 /// Where a semaphore's keys go: `<name>/#semaphore/`.
-const KIND: &str = "semaphore";
+pub(crate) const KIND: &str = "semaphore";
 
 /// A distributed counting semaphore with `permits` permits, served in FIFO order.
 ///
@@ -89,8 +90,10 @@ impl Semaphore {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no key behind.
+    #[tracing::instrument(name = "etcd_coord.semaphore.acquire", skip_all, fields(name = %self.name(), permits = self.permits, lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn acquire(&self) -> Result<SemaphorePermit, Error> {
-        let holding = self.line()?.acquire(Vec::new()).await?;
+        let acquire = async { self.line()?.acquire(Vec::new()).await };
+        let holding = measure::acquisition(Kind::Semaphore, self.name(), acquire).await?;
         Ok(SemaphorePermit::from_holding(holding))
     }
 
@@ -101,8 +104,10 @@ impl Semaphore {
     ///
     /// # Cancel safety
     /// Cancel-safe, as [`acquire()`](Self::acquire).
+    #[tracing::instrument(name = "etcd_coord.semaphore.try_acquire", skip_all, fields(name = %self.name(), permits = self.permits, lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>, Error> {
-        let got = self.line()?.try_acquire(Vec::new()).await?;
+        let attempt = async { self.line()?.try_acquire(Vec::new()).await };
+        let got = measure::attempt(Kind::Semaphore, self.name(), attempt).await?;
         Ok(got.map(SemaphorePermit::from_holding))
     }
     /// Who holds the permits now, oldest first: at most [`permits()`](Self::permits) holders
@@ -116,6 +121,7 @@ impl Semaphore {
     ///
     /// # Cancel safety
     /// Only reads: dropping the future changes nothing.
+    #[tracing::instrument(name = "etcd_coord.semaphore.holders", skip_all, fields(name = %self.name()))]
     pub async fn holders(&self) -> Result<Vec<Holder>, Error> {
         let (queue, _) = self.queue()?;
         inspect::oldest_members(&self.session, queue, Some(self.permits)).await
@@ -160,8 +166,10 @@ impl Semaphore {
     /// assert_eq!(permit.fencing_token(), token);
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.semaphore.resume", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<SemaphorePermit, Error> {
-        let holding = self.line()?.adopt(key, fencing_token).await?;
+        let adopt = async { self.line()?.adopt(key, fencing_token).await };
+        let holding = measure::acquisition(Kind::Semaphore, self.name(), adopt).await?;
         Ok(SemaphorePermit::from_holding(holding))
     }
 }

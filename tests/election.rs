@@ -837,11 +837,11 @@ async fn observe_reports_no_leader_when_the_leader_and_a_candidate_go_in_one_rev
     let observer = client(&etcd).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            keys_under(&observer, &format!("{name}/")).await.len() == 2
+            members_under(&observer, &format!("{name}/")).await.len() == 2
         })
         .await
     );
-    let keys = keys_under(&observer, &format!("{name}/")).await;
+    let keys = members_under(&observer, &format!("{name}/")).await;
     // The candidate's delete first, then the leader's: one revision, two events.
     let both = Txn::new().and_then([
         TxnOp::delete(keys[1].as_str(), None),
@@ -908,7 +908,7 @@ async fn a_selectors_view_of_the_leader_follows_a_revision_that_deletes_several_
     );
     assert!(
         eventually(Duration::from_secs(5), || async {
-            keys_under(&observer, &format!("{name}/")).await.len() == 3
+            members_under(&observer, &format!("{name}/")).await.len() == 3
         })
         .await,
         "the follower is queued"

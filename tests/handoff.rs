@@ -287,3 +287,49 @@ async fn a_wait_on_a_lock_the_session_already_watches_registers_no_watch() {
         );
     }
 }
+
+/// A queue longer than the enqueue's first page (64 keys, read in key order, which is not the
+/// order of arrival) is read again, sorted, before a waiter decides: every waiter still gets
+/// the lock in the order it queued, one at a time. (Deciding from the enqueue's partial page
+/// would follow a key that is not the one just ahead, and two would hold at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_longer_than_the_enqueue_page_is_served_in_order_one_at_a_time() {
+    const WAITERS: usize = 80;
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("long-queue");
+    let first = session(&etcd, 30).await;
+    let holder = Mutex::new(&first, &name).lock().await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sessions = Vec::new();
+    for i in 0..WAITERS {
+        let s = first
+            .sibling(etcd_coord::SessionOptions::new().with_ttl(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let (m, tx, holding) = (Mutex::new(&s, &name), tx.clone(), holding.clone());
+        tokio::spawn(async move {
+            let guard = m.lock().await.unwrap();
+            let others = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = tx.send((i, others));
+            guard.release().await.unwrap();
+        });
+        sessions.push(s);
+        // Queued in this order: wait until this waiter's key is in place.
+        assert!(members_are(&observer, &name, i + 2).await, "waiter {i}");
+    }
+    holder.release().await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..WAITERS {
+        let (i, others) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("every waiter gets the lock")
+            .unwrap();
+        assert_eq!(others, 0, "waiter {i} held while another did");
+        order.push(i);
+    }
+    assert_eq!(order, (0..WAITERS).collect::<Vec<_>>());
+}

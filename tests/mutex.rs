@@ -475,7 +475,7 @@ async fn an_acquire_whose_response_is_lost_is_retried_without_a_second_waiter() 
     let n = name.clone();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            keys_under(&obs, &n).await.len() == 2
+            members_under(&obs, &n).await.len() == 2
         })
         .await
     );
@@ -1133,4 +1133,66 @@ async fn owner_compares_fail_after_a_takeover_that_owner_compare_alone_does_not_
     assert!(!holds(vec![guard.owner_compare()]).await);
     drop(guard);
     s.close().await.unwrap();
+}
+
+/// What a holder sees when its whole host slept (docs/safety.md, "A host that sleeps"): its
+/// `Instant` (CLOCK_MONOTONIC) stood still, so by its own clock its session is as alive as
+/// before, while etcd, on a host that did not sleep, ended the lease and let another client
+/// in. Modeled without sleeping a host: for under a second the holder hears nothing and is
+/// heard by nobody (its connection blackholed: held, not closed — a frozen network), a fenced
+/// write of its under way, while its lease ends at the server (revoked, as its expiry would
+/// end it) and a waiter takes the lock. When it "wakes", etcd refuses the write — its own
+/// clock would not have — and its `lost()` fires as soon as it hears from etcd, seconds before
+/// the deadline its clock still counts towards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_clock_missed_its_lease_ending_is_refused_by_etcd_and_told_at_once() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("slept");
+    let resource = format!("{name}-resource");
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let holder = session_via(&proxy, options).await;
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let waiter = {
+        let (s, name) = (session(&etcd, 10).await, name.clone());
+        tokio::spawn(async move {
+            let next = Mutex::new(&s, &name).lock().await.unwrap();
+            (next, s)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The host sleeps: a write under way is held with everything else.
+    proxy.blackhole();
+    let fence = guard.fence();
+    let put = TxnOp::put(resource.as_str(), "written after the lease ended", None);
+    let write = tokio::spawn(async move { fence.txn_if_owner([put]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Meanwhile, on etcd's host, the lease ends and the waiter takes over.
+    admin.lease_revoke(holder.lease_id()).await.unwrap();
+    let (next, _waiter_session) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter takes over")
+        .unwrap();
+    assert!(next.fencing_token() > guard.fencing_token());
+    // By its own clock, the holder's session lives: its deadline is seconds away.
+    assert_ne!(holder.state(), etcd_coord::SessionState::Lost);
+    // The host wakes.
+    proxy.heal();
+    let woke = Instant::now();
+    let written = tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("the held write is answered")
+        .unwrap();
+    assert!(
+        matches!(written, Err(Error::LockLost { .. })),
+        "etcd must refuse the write of a holder whose lease ended: {written:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("lost() fires once etcd is heard again");
+    eprintln!("lost() {:?} after waking", woke.elapsed());
+    let r = admin.get(resource.as_str(), None).await.unwrap();
+    assert!(r.kvs().is_empty(), "the late write landed");
+    next.release().await.unwrap();
 }

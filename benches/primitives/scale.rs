@@ -25,6 +25,9 @@ impl Held {
     }
 }
 
+/// How many waiters are queued at once.
+const QUEUE_BATCH: usize = 500;
+
 /// `permits` holders (one: a mutex), `clients` waiters queued behind them; then hand-offs
 /// down the queue, each releasing the newest holder.
 pub(crate) async fn waiters_scale(
@@ -60,38 +63,44 @@ pub(crate) async fn waiters_scale(
     let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
     let rss_before = resident_bytes();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
-    // Queue every waiter (in order), then wait until all their keys are in place.
-    for s in &sessions {
-        let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
-        tokio::spawn(async move {
-            if let Ok(g) = acquired.await {
-                let at = Instant::now();
-                let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
-            }
-        });
-    }
+    // Queue every waiter (in order), a batch at a time, each batch once the one before has
+    // all its keys in place: ten thousand enqueues at once would only measure etcd's backlog
+    // (and time requests out).
     let mut kv = observer.clone();
-    loop {
-        // Members only: not the pointers waiters put beside them (`…#next/…`).
-        let resp = kv
-            .get(
-                format!("{name}/#"),
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await?;
-        let n = resp
-            .kvs()
-            .iter()
-            .filter(|kv| !kv.key()[name.len() + 1..].starts_with(b"#next/"))
-            .count();
-        if n == sessions.len() + permits {
-            break;
+    let mut queued = 0;
+    for batch in sessions.chunks(QUEUE_BATCH) {
+        for s in batch {
+            let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
+            tokio::spawn(async move {
+                if let Ok(g) = acquired.await {
+                    let at = Instant::now();
+                    let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
+                }
+            });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        queued += batch.len();
+        loop {
+            // Members only: not the pointers waiters put beside them (`…#next/…`).
+            let resp = kv
+                .get(
+                    format!("{name}/#"),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
+                )
+                .await?;
+            let n = resp
+                .kvs()
+                .iter()
+                .filter(|kv| !kv.key()[name.len() + 1..].starts_with(b"#next/"))
+                .count();
+            if n == queued + permits {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     tokio::time::sleep(Duration::from_millis(200)).await; // every waiter's watch is in place
     let bytes_per_waiter =

@@ -75,6 +75,7 @@ impl SessionRegistration {
     ///
     /// # Cancel safety
     /// As [`register`](Self::register).
+    #[tracing::instrument(name = "etcd_coord.registration.register", skip_all, fields(target = %target.as_ref(), suffix = %suffix.as_ref(), lease = %format_args!("{:x}", session.lease_id())))]
     pub async fn register_with_suffix(
         session: &LeasedSession,
         target: impl AsRef<str>,
@@ -137,6 +138,7 @@ impl SessionRegistration {
     ///
     /// # Cancel safety
     /// As [`resume`](Self::resume).
+    #[tracing::instrument(name = "etcd_coord.registration.resume", skip_all, fields(target = %target.as_ref(), suffix = %suffix.as_ref(), lease = %format_args!("{:x}", session.lease_id())))]
     pub async fn resume_with_suffix(
         session: &LeasedSession,
         target: impl AsRef<str>,
@@ -172,6 +174,7 @@ impl SessionRegistration {
     ///
     /// # Cancel safety
     /// The fenced write may or may not land if the future is dropped.
+    #[tracing::instrument(name = "etcd_coord.registration.update", skip_all, fields(key = %self.key()))]
     pub async fn update(&self, endpoint: Endpoint) -> Result<(), Error> {
         let json = endpoint.validate()?;
         write(&self.held, self.key(), json).await
@@ -197,6 +200,7 @@ impl SessionRegistration {
     ///
     /// # Cancel safety
     /// If dropped, the guard is dropped too and the session's task deletes the key.
+    #[tracing::instrument(name = "etcd_coord.registration.deregister", skip_all, fields(key = %self.key()))]
     pub async fn deregister(mut self) -> Result<(), Error> {
         self.held.holding.release().await.map(|_| ())
     }

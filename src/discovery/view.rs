@@ -92,6 +92,7 @@ impl Discovery {
     ///
     /// # Cancel safety
     /// Only reads: dropping the future leaves nothing behind.
+    #[tracing::instrument(name = "etcd_coord.discovery.list", skip_all, fields(target = %self.target))]
     pub async fn list(&self) -> Result<BTreeMap<String, Endpoint>, Error> {
         let prefix = target_prefix(&self.target)?;
         let snapshot = read(&self.rpc(), &prefix).await?;
@@ -111,6 +112,7 @@ impl Discovery {
     ///
     /// # Cancel safety
     /// Dropping the future before it completes starts nothing.
+    #[tracing::instrument(name = "etcd_coord.discovery.view", skip_all, fields(target = %self.target))]
     pub async fn view(&self) -> Result<ServiceView, Error> {
         let prefix = target_prefix(&self.target)?;
         let rpc = self.rpc();

@@ -5,8 +5,9 @@ mod observe;
 use etcd_client::{KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
-use crate::engine::{holding_guard, Line};
+use crate::engine::{holding_guard, measure, Line};
 use crate::keys::{Layout, Named};
+use crate::metrics::Kind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -128,8 +129,11 @@ impl Election {
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any point leaves no candidate key behind (the
     /// session's background task deletes it, fenced).
+    #[tracing::instrument(name = "etcd_coord.election.campaign", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
-        let holding = self.line()?.acquire(value.into()).await?;
+        let value = value.into();
+        let acquire = async { self.line()?.acquire(value).await };
+        let holding = measure::acquisition(Kind::Election, self.name(), acquire).await?;
         Ok(Leadership::from_holding(holding))
     }
 
@@ -153,8 +157,10 @@ impl Election {
     /// incarnation of `fencing_token` on this lease), it leaves the key as it was: it is
     /// nobody's, and the resumed session's rule deletes it once the adoption window ends
     /// ([`LeasedSession::resume`](crate::LeasedSession::resume)) unless it is taken back by then.
+    #[tracing::instrument(name = "etcd_coord.election.resume", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<Leadership, Error> {
-        let holding = self.line()?.adopt(key, fencing_token).await?;
+        let adopt = async { self.line()?.adopt(key, fencing_token).await };
+        let holding = measure::acquisition(Kind::Election, self.name(), adopt).await?;
         Ok(Leadership::from_holding(holding))
     }
 
@@ -168,6 +174,7 @@ impl Election {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid name; request errors.
+    #[tracing::instrument(name = "etcd_coord.election.leader", skip_all, fields(name = %self.name()))]
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, Error> {
         let queue = self.named.queue()?;
         let rpc = &self.session.inner().rpc;
@@ -228,6 +235,7 @@ impl Leadership {
     /// # Errors
     /// [`Error::LockLost`] if this candidate no longer leads (nothing was written), e.g. a
     /// deposed leader; [`Error::SessionLost`] if the session is Lost.
+    #[tracing::instrument(name = "etcd_coord.election.proclaim", skip_all, fields(key = %self.key(), lease = %format_args!("{:x}", self.session().lease_id()), fencing_token = self.fencing_token()))]
     pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
         let lease = self.session().lease_id();
         self.txn_if_owner(vec![TxnOp::put(
@@ -255,7 +263,10 @@ impl Leadership {
     /// # Cancel safety
     /// Dropping the future leaves the leadership as it was; dropping the leadership then
     /// resigns in the background.
+    #[tracing::instrument(name = "etcd_coord.election.resign", skip_all, fields(key = %self.key(), lease = %format_args!("{:x}", self.session().lease_id()), fencing_token = self.fencing_token()))]
     pub async fn resign(&mut self) -> Result<(), Error> {
-        self.holding.release().await.map(|_| ())
+        self.holding.release().await?;
+        self.holding.fence().held.ended();
+        Ok(())
     }
 }

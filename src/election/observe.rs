@@ -10,6 +10,7 @@ use futures::Stream;
 use super::{LeaderEvent, LeaderInfo};
 use crate::engine::inspect;
 use crate::keys::{Layout, Queue};
+use crate::metrics::View;
 use crate::rpc::Rpc;
 use crate::watch::{Revision, Revisions, Update};
 use crate::Error;
@@ -39,7 +40,8 @@ pub(crate) fn observe_with(
             rpc.clone(),
             queue.prefix(),
             reread(rpc.clone(), queue.clone(), start),
-        ),
+        )
+        .for_view(View::Election),
         rpc,
         queue,
         leader: None,

@@ -32,6 +32,7 @@ pub(crate) async fn acquire(
     let (key, slot) = numbered_key(session, queue, kind);
     let (mut ticket, first) =
         enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    let first = first.filter(|s| blocker.decides_at_enqueue(s));
     ticket.announces = blocker.heads(queue);
     let reads = blocker.reads_after(ticket.create_revision);
     wait_loop(session, ticket, first, reads, |s| blocker.decide(s)).await
@@ -256,6 +257,7 @@ async fn try_by_enqueue(
     let (key, slot) = numbered_key(session, queue, kind);
     let (mut ticket, first) =
         enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    let first = first.filter(|s| blocker.decides_at_enqueue(s));
     ticket.announces = blocker.heads(queue);
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();

@@ -60,6 +60,9 @@ pub(crate) struct Blocker {
 /// names' keys among them do not make it read again.
 pub(super) const SHARED_PAGE_SLACK: i64 = 7;
 
+/// How many keys the enqueue's read fetches (in key order): a queue this short decides at once.
+const ENQUEUE_PAGE: i64 = 64;
+
 impl Blocker {
     /// The blocker over the keys under `prefix` for `permits` permits.
     ///
@@ -155,9 +158,24 @@ impl Blocker {
         TxnOp::get(self.prefix.as_str(), Some(opts))
     }
 
-    /// The reads of the enqueue Txn (they run just before our put: every key is ahead).
+    /// The reads of the enqueue Txn (they run just before our put: every key is ahead): the
+    /// first page of the queue *in key order*. etcd applies a Txn that writes one at a time,
+    /// and answers a read sorted by create revision by reading the whole queue; a page in key
+    /// order it reads from its index, however long the queue. A short queue fits the page
+    /// whole, which decides at once; a longer one is read again, sorted, by a read-only Txn
+    /// (which etcd serves concurrently) — see [`decides_at_enqueue`](Self::decides_at_enqueue).
     pub(crate) fn reads_at_enqueue(&self) -> Vec<TxnOp> {
-        vec![self.ahead(0, false)]
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_limit(self.page().max(ENQUEUE_PAGE));
+        vec![TxnOp::get(self.prefix.as_str(), Some(opts))]
+    }
+
+    /// Whether a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) decides: its page
+    /// holds every key that was ahead.
+    pub(crate) fn decides_at_enqueue(&self, snapshot: &Snapshot) -> bool {
+        snapshot.gets.first().is_some_and(|g| !g.more())
     }
 
     /// The reads of a re-read of the acquisition created at `create_revision`: the keys
@@ -186,20 +204,18 @@ impl Blocker {
     /// The decision for a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) or
     /// [`reads_after`](Self::reads_after).
     pub(crate) fn decide(&self, snapshot: &Snapshot) -> Decision {
-        #[cfg(feature = "sabotage")]
-        if crate::sabotage::broken() {
-            return Decision::Through { touch: false }; // deliberately unsafe: see sabotage
-        }
         let Some(read) = snapshot.gets.first() else {
             return Decision::Widen; // cannot happen: every read of a blocker has its Get
         };
-        let ahead: Vec<(&[u8], i64)> = read
+        // Newest first (a re-read comes sorted so; the enqueue's whole page in key order).
+        let mut ahead: Vec<(&[u8], i64)> = read
             .kvs()
             .iter()
             .map(|kv| (kv.key(), kv.create_revision()))
             .filter(|(k, _)| self.counts(k))
-            .take(self.depth() as usize)
             .collect();
+        ahead.sort_by_key(|&(_, revision)| std::cmp::Reverse(revision));
+        ahead.truncate(self.depth() as usize);
         if ahead.len() < self.depth() as usize && read.more() {
             return Decision::Widen; // the page ended among nested names' keys
         }

@@ -34,6 +34,7 @@ struct Enqueued {
 /// put, in a detached task (see [`detached`]). Returns the armed ticket and, when this Txn
 /// created the key, the snapshot of the reads (a retry that found the key already there must
 /// read afresh).
+#[tracing::instrument(name = "etcd_coord.enqueue", level = "debug", skip_all, fields(key = %key))]
 pub(super) async fn enqueue(
     session: &Arc<Session>,
     key: &str,

@@ -8,6 +8,7 @@ use etcd_client::proto::PbTxnOpRequest;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnResponse};
 
 use crate::keys;
+use crate::metrics::Held;
 use crate::{Error, LeasedSession};
 
 use super::wait::wait_not_ours;
@@ -40,6 +41,8 @@ pub struct Fence {
     /// every fenced write is conditional on it and moves it on, so that a write whose caller
     /// gave up can never land after a later one.
     pub(super) mod_revision: Arc<AtomicI64>,
+    /// The guard's metrics (hold time, loss), shared by the clones.
+    pub(crate) held: Arc<Held>,
 }
 
 /// How many times a fenced write is re-sequenced after other writes through the same fence
@@ -79,11 +82,14 @@ impl Fence {
         keys::owner_compares(&self.key, self.create_revision, self.lease_id)
     }
 
+    /// The error for an acquisition found no longer holding (counted in the metrics once).
     pub(super) fn lock_lost(&self) -> Error {
-        Error::LockLost {
+        let error = Error::LockLost {
             key: self.key.clone(),
             create_revision: self.create_revision,
-        }
+        };
+        self.held.lost(&error);
+        error
     }
 
     /// Runs `ops` in one Txn only while the acquisition still holds
@@ -111,10 +117,11 @@ impl Fence {
     /// # Cancel safety
     /// Dropping the future of a write cancels the request; if it already reached etcd it
     /// applies, or fails its compare if a later write through the fence landed first.
+    #[tracing::instrument(name = "etcd_coord.fence.txn_if_owner", skip_all, fields(key = %self.key, lease = %format_args!("{:x}", self.lease_id), fencing_token = self.create_revision))]
     pub async fn txn_if_owner(&self, ops: impl Into<Vec<TxnOp>>) -> Result<TxnResponse, Error> {
         let ops = ops.into();
         let session = self.session.inner();
-        session.check()?;
+        session.check().inspect_err(|e| self.held.lost(e))?;
         let effect = Effect::of(&ops, self.key.as_bytes());
         if !effect.writes {
             let txn = Txn::new().when(self.owner_compares()).and_then(ops);
@@ -185,14 +192,18 @@ impl Fence {
             self.lease_id,
             self.revision,
         );
+        let held = Arc::clone(&self.held);
         async move {
-            match wait_not_ours(&session, &key, create_revision, lease_id, seen_at).await {
-                Ok(()) => Error::LockLost {
-                    key,
-                    create_revision,
-                },
-                Err(e) => e,
-            }
+            let error =
+                match wait_not_ours(&session, &key, create_revision, lease_id, seen_at).await {
+                    Ok(()) => Error::LockLost {
+                        key,
+                        create_revision,
+                    },
+                    Err(e) => e,
+                };
+            held.lost(&error);
+            error
         }
     }
 }

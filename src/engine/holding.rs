@@ -65,6 +65,7 @@ macro_rules! holding_guard {
             ///
             /// # Cancel safety
             /// Dropping the future hands the release to the session's background task.
+            #[tracing::instrument(name = "etcd_coord.release", skip_all, fields(key = %self.key(), lease = %format_args!("{:x}", self.session().lease_id()), fencing_token = self.fencing_token()))]
             pub async fn release(mut self) -> Result<(), $crate::Error> {
                 self.holding.release().await.map(|_| ())
             }
@@ -118,6 +119,7 @@ impl Holding {
                 create_revision: acquired.create_revision,
                 revision: acquired.revision,
                 mod_revision: Arc::new(AtomicI64::new(acquired.create_revision)),
+                held: Default::default(),
             },
             released_at: None,
             release_maybe_landed: false,
@@ -211,6 +213,7 @@ impl std::fmt::Debug for Holding {
 
 impl Drop for Holding {
     fn drop(&mut self) {
+        self.fence.held.ended();
         if self.released_at.is_none() {
             self.fence.session.inner().clean_up(Cleanup::Release {
                 key: self.fence.key.clone(),

@@ -16,6 +16,7 @@
 //!   the names a session creates exclusively; the numbers in member key names.
 //! * [`leftovers`] and [`resume`] — a resumed lease's keys: taken back or deleted.
 //! * [`inspect`] — reading a queue from outside, without a lease ([`Holder`]).
+//! * [`measure`] — an acquisition's and its guard's metrics, and its span's fencing token.
 //!
 //! The engine sends through the session's request handle (`crate::rpc`) and waits through the
 //! watch layer (`crate::watch`); the session runs the engine's clean-ups as opaque jobs and
@@ -31,6 +32,7 @@ pub(crate) mod fence;
 pub(crate) mod holding;
 pub(crate) mod inspect;
 pub(crate) mod leftovers;
+pub(crate) mod measure;
 pub(crate) mod names;
 pub(crate) mod resume;
 pub(crate) mod slots;

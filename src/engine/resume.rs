@@ -99,6 +99,7 @@ impl LeasedSession {
     /// assert_eq!(guard.fencing_token(), token);
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "etcd_coord.session.resume", skip_all, fields(lease = %format_args!("{lease_id:x}")))]
     pub async fn resume(
         client: Client,
         lease_id: i64,

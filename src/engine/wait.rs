@@ -19,6 +19,7 @@ use super::{until_answered, SessionKeys};
 
 /// Runs `reads` while our key is still ours. [`Error::LockLost`] once it is gone (or taken
 /// over by another client's put).
+#[tracing::instrument(name = "etcd_coord.reread", level = "debug", skip_all, fields(key = %ticket.key))]
 pub(super) async fn read_fenced(
     session: &Arc<Session>,
     ticket: &Ticket,
@@ -147,25 +148,27 @@ where
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
                 let mut targets = vec![Watched::deleted(ahead.clone())];
                 targets.extend(pointer.clone().map(Watched::deleted));
-                let mut fresh = None;
-                let decide = &mut decide;
                 let woken = wait_for_change(
                     session.waits(),
                     &targets,
                     own,
                     read_at,
                     || async {
+                        // Still the same key ahead? Nothing can be created between it and us
+                        // (create revisions only grow), so it is while it exists as the same
+                        // incarnation: one point read of it, not the queue's sorted range
+                        // (which etcd answers by reading the whole queue).
                         let mut backoff = Backoff::for_requests();
-                        let now =
-                            read_fenced(session, &ticket, &reads.narrow, &mut backoff).await?;
-                        let still = matches!(
-                            decide(&now),
-                            Decision::Follow { key, .. } if key == ahead
-                        );
-                        if !still {
-                            fresh = Some(now);
-                        }
-                        Ok(still)
+                        let read = [TxnOp::get(
+                            ahead.clone(),
+                            Some(GetOptions::new().with_keys_only()),
+                        )];
+                        let now = read_fenced(session, &ticket, &read, &mut backoff).await?;
+                        Ok(now.gets.first().is_some_and(|g| {
+                            g.kvs()
+                                .first()
+                                .is_some_and(|kv| kv.create_revision() == ahead_revision)
+                        }))
                     },
                     &mut backoff,
                 )
@@ -195,10 +198,10 @@ where
                         tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, announced = true, "through");
                         return ticket.into_acquired(at);
                     }
-                    Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => first = fresh,
+                    Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => first = None,
                     Woken::Compacted(revision) => {
                         floor = floor.max(revision);
-                        first = fresh;
+                        first = None;
                     }
                 }
             }

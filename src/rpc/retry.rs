@@ -91,6 +91,7 @@ impl Rpc {
                 Ok(resp) => return Ok(Answered { resp, uncertain }),
                 Err(e) if e.is_retryable() => {
                     tracing::debug!(error = %e, "request failed; retrying it unchanged");
+                    crate::metrics::retried(&e);
                     uncertain = true;
                     pause(stop, backoff).await.map_err(|e| fail(e, true))?;
                 }

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::jobs::{Jobs, PendingWork};
 use super::liveness::Liveness;
 use super::SessionState;
+use crate::metrics;
 use crate::rpc::{Rpc, Stop};
 use crate::watch::{Hub, Waits};
 use crate::{Error, LossReason};
@@ -233,11 +234,15 @@ impl Session {
 
     pub(super) fn mark_lost(&self, reason: LossReason) {
         let _ = self.reason.set(reason);
-        self.state.send_if_modified(|s| {
+        let changed = self.state.send_if_modified(|s| {
             let changed = *s != SessionState::Lost;
             *s = SessionState::Lost;
             changed
         });
+        if changed {
+            metrics::session_state("lost");
+            metrics::session_lost(self.reason.get().copied().unwrap_or(reason));
+        }
     }
 
     pub(super) fn publish(&self, live: &Liveness) {
@@ -247,13 +252,20 @@ impl Session {
         }
         self.deadline.extend(live.deadline());
         let new = live.state();
-        self.state.send_if_modified(|s| {
+        let changed = self.state.send_if_modified(|s| {
             let changed = *s != SessionState::Lost && *s != new;
             if changed {
                 *s = new;
             }
             changed
         });
+        if changed {
+            metrics::session_state(match new {
+                SessionState::Alive => "alive",
+                SessionState::Suspended => "suspended",
+                SessionState::Lost => "lost",
+            });
+        }
     }
 
     /// Revokes the lease, retrying what may succeed again with backoff for up to two TTLs: a

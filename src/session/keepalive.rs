@@ -8,6 +8,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use super::core::Session;
 use super::liveness::Liveness;
 use crate::backoff::Backoff;
+use crate::metrics;
 use crate::rpc::Stats;
 use crate::LossReason;
 
@@ -40,6 +41,7 @@ pub(super) async fn keep_alive(session: &Session, live: &mut Liveness) -> LossRe
         match opened {
             None => live.on_tick(Instant::now()),
             Some(Ok((mut keeper, mut stream))) => {
+                metrics::refresh_acknowledged(sent, live.deadline());
                 live.on_ack(sent, session.ttl, Instant::now());
                 session.publish(live);
                 backoff.reset();
@@ -68,6 +70,7 @@ pub(super) async fn keep_alive(session: &Session, live: &mut Liveness) -> LossRe
                         None => live.on_tick(Instant::now()),
                         Some(Ok(Ok(Some(resp)))) => {
                             let ttl = Duration::from_secs(resp.ttl().max(0) as u64);
+                            metrics::refresh_acknowledged(sent, live.deadline());
                             live.on_ack(sent, ttl, Instant::now());
                             last_sent = sent;
                         }

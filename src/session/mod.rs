@@ -155,10 +155,15 @@ impl LeasedSession {
     /// or the future is dropped before it arrives, a background task revokes that id (retrying
     /// while etcd is unreachable, for up to twice the TTL), so a grant that landed unseen does
     /// not live on for its TTL.
+    #[tracing::instrument(name = "etcd_coord.session.new", skip_all, fields(ttl = ?options.ttl(), lease = tracing::field::Empty))]
     pub async fn new(client: Client, options: SessionOptions) -> Result<LeasedSession, Error> {
         let ttl_secs = options.validate()?;
         let (rpc, tasks) = LeasedSession::rpc(client, &options);
         let lease = grant::grant(&rpc, ttl_secs).await?;
+        tracing::Span::current().record(
+            "lease",
+            tracing::field::display(format_args!("{:x}", lease.id)),
+        );
         Ok(LeasedSession::start(rpc, tasks, lease, &options, None))
     }
 
@@ -361,6 +366,7 @@ impl LeasedSession {
     /// # Cancel safety
     /// The session is Lost and its task stopped before the first await; dropping the future
     /// only abandons the revocation (the lease then ends by its TTL).
+    #[tracing::instrument(name = "etcd_coord.session.close", skip_all, fields(lease = %format_args!("{:x}", self.lease_id())))]
     pub async fn close(&self) -> Result<(), Error> {
         let session = &self.handle.session;
         if session.recorded_reason() == Some(LossReason::Orphaned) {

@@ -192,6 +192,7 @@ impl Stm {
     /// plain range requests, safe to cancel; the one read-only Txn (a read-only transaction's
     /// check at [`Isolation::RepeatableReads`]) runs to its end in a task of its own (etcd
     /// #14110).
+    #[tracing::instrument(name = "etcd_coord.stm.run", skip_all, fields(isolation = ?self.isolation))]
     pub async fn run<T, E, F, Fut>(&self, mut apply: F) -> Result<Committed<T>, E>
     where
         F: FnMut(StmTxn) -> Fut,

@@ -249,6 +249,7 @@ impl ChangeWatch {
 /// Through the session's [`Hub`] when it has one and the wait has a scope
 /// ([`hub::scope_of`]): no watch is registered per wait, and no re-read is needed when the
 /// hub's kept revisions reach back to `read_at`. Else on a watch stream of its own.
+#[tracing::instrument(name = "etcd_coord.watch_wait", level = "debug", skip_all, fields(targets = targets.len()))]
 pub(crate) async fn wait_for_change<R, Fut>(
     waits: Waits<'_>,
     targets: &[Watched],

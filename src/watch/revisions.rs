@@ -10,6 +10,7 @@ use etcd_client::WatchOptions;
 use tokio::time::sleep;
 
 use crate::backoff::Backoff;
+use crate::metrics::{self, View};
 use crate::rpc::send::within;
 use crate::rpc::{Rpc, Stats};
 use crate::Error;
@@ -71,6 +72,8 @@ pub(crate) struct Revisions<S> {
     reread: Reread<S>,
     /// Whether the next delivery must be a fresh read.
     resync: bool,
+    /// What follows the prefix, for the metrics' `view` label.
+    view: View,
 }
 
 /// A prefix watch quiet for this long is asked for a progress notification …
@@ -114,7 +117,13 @@ impl<S> Revisions<S> {
             probed: false,
             reread,
             resync: true,
+            view: View::Discovery,
         }
+    }
+
+    /// The same stream, counted in the metrics as a view of kind `view` (default: discovery).
+    pub(crate) fn for_view(self, view: View) -> Revisions<S> {
+        Revisions { view, ..self }
     }
 
     /// Events under `prefix` after `revision`, the revision of a read the caller made itself.
@@ -163,6 +172,7 @@ impl<S> Revisions<S> {
             }
             if let Some(revision) = self.pending.pop_front() {
                 self.after = Some(revision.revision);
+                metrics::view_events(self.view, revision.events.len());
                 return Ok(Update::Revision(revision));
             }
             if let Err(e) = self.receive().await {
@@ -229,6 +239,7 @@ impl<S> Revisions<S> {
             self.stream = None;
             if resp.compact_revision() > 0 {
                 tracing::info!(prefix = %self.prefix, "a prefix watch's history was compacted away; re-reading");
+                metrics::view_reread(self.view);
                 self.resync = true;
                 return Ok(());
             }
@@ -248,6 +259,7 @@ impl<S> Revisions<S> {
             self.head = self.head.max(header.revision());
         }
         Stats::add(&self.rpc.stats().watch_events, resp.events().len() as u64);
+        metrics::view_lag(self.view, self.lag());
         let events = resp
             .events()
             .iter()
@@ -268,6 +280,7 @@ impl<S> Revisions<S> {
         }
         if e.is_stale_auth() || e.is_retryable() {
             tracing::debug!(prefix = %self.prefix, error = %e, "prefix watch failed; resuming");
+            metrics::retried(&e);
             sleep(self.backoff.next_delay()).await;
             return Ok(());
         }

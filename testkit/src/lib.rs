@@ -15,7 +15,8 @@
 //!   rules: from everyone, or from its peers only.
 //! * [`checker`] records what clients believed and did and verifies the history, after
 //!   Jepsen's lock checker (fencing tokens increase, no overlapping holders, stale writes
-//!   rejected, no acquisition after the lease was gone).
+//!   rejected — also as etcd holds them —, no acquisition after the lease was gone, barriers'
+//!   rounds), and liveness, keys nobody holds and election observers.
 //! * [`TestEtcd`] is what a test usually wants: the cluster named by `ETCD_ENDPOINTS` if that
 //!   is set, else a fresh one it starts itself.
 //!

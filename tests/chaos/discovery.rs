@@ -3,7 +3,12 @@
 //! the fault proxy of one member, while registrations churn — one endpoint per lease, and
 //! three on one lease whose end takes them all in one revision. After the faults heal, every
 //! view must equal the true set within [`CONVERGENCE_BOUND`], and the true set must be
-//! exactly the live registrants' keys; afterwards nothing may remain.
+//! exactly the live registrants' keys; then a member is killed and restarted while the views
+//! are checked: the views through the other members must follow a registration made while it
+//! is down, and all of them must agree again once it is back. Afterwards nothing may remain.
+//! A view is judged twice: its `endpoints()`, and the set a consumer of its
+//! `changes_from_empty()` stream builds (deliberately broken in `tests/chaos_broken`: the
+//! consumer drops every third change).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -12,17 +17,49 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
 use etcd_coord::discovery::{
     Discovery, Endpoint, Registration, RegistrationState, ServiceView, SessionRegistration,
+    ViewChange,
 };
 use etcd_coord::{Error, LeasedSession, SessionOptions};
 use etcd_coord_testkit::EtcdCluster;
+use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{apply_network_fault, proxies_of, Fault, CLIENTS};
 
+/// A view's set as a consumer of its `changes_from_empty()` stream builds it.
+type Consumed = Arc<StdMutex<BTreeMap<String, Endpoint>>>;
+
+/// Builds a view's set from its `changes_from_empty()` stream, as a consumer would; with
+/// `drops`, deliberately broken: every third change is dropped.
+fn consume(view: &ServiceView, drops: bool) -> (Consumed, tokio::task::JoinHandle<()>) {
+    let set: Consumed = Default::default();
+    let mut changes = view.changes_from_empty();
+    let built = Arc::clone(&set);
+    let task = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(Ok(change)) = changes.next().await {
+            n += 1;
+            if drops && n.is_multiple_of(3) {
+                continue;
+            }
+            let mut set = built.lock().unwrap();
+            match change {
+                ViewChange::Added { key, endpoint } | ViewChange::Updated { key, endpoint, .. } => {
+                    set.insert(key, endpoint);
+                }
+                ViewChange::Removed { key, .. } => {
+                    set.remove(&key);
+                }
+            }
+        }
+    });
+    (set, task)
+}
+
 /// Registration TTL; faults "longer than the TTL" last TTL + 2 s.
 const TTL: Duration = Duration::from_secs(5);
-/// Views, each through the proxy of member `i % members`.
+/// Views, view `j` through registrant `j`'s path (to member `j`).
 const VIEWS: usize = 3;
 /// After the last fault healed, every view equals the true set, and the true set is exactly
 /// the live registrants' keys, within this bound: a registrant whose session was lost during
@@ -262,27 +299,79 @@ async fn truth(admin: &Client, target: &str) -> Option<BTreeMap<String, Endpoint
 
 /// Runs `plan` against registrants and views of discovery; returns what went wrong.
 pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
+    run_discovery_with(seed, plan, false).await
+}
+
+/// The views that differ from `truth`: by their `endpoints()` or by what their consumers
+/// built.
+fn differing(
+    views: &[ServiceView],
+    consumed: &[Consumed],
+    truth: &BTreeMap<String, Endpoint>,
+    among: &[usize],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for &j in among {
+        if views[j].endpoints() != *truth {
+            out.push(format!("view {j}"));
+        }
+        if *consumed[j].lock().unwrap() != *truth {
+            out.push(format!("view {j}'s consumer"));
+        }
+    }
+    out
+}
+
+/// Waits up to `bound` for the true set to be exactly `live` and the views in `among` to
+/// equal it; returns how long it took, or the last difference seen.
+async fn converge(
+    admin: &Client,
+    target: &str,
+    live: &BTreeSet<String>,
+    views: &[ServiceView],
+    consumed: &[Consumed],
+    among: &[usize],
+    bound: Duration,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < bound {
+        if let Some(t) = truth(admin, target).await {
+            let keys: BTreeSet<String> = t.keys().cloned().collect();
+            let differ = differing(views, consumed, &t, among);
+            if keys == *live && differ.is_empty() {
+                return Ok(start.elapsed());
+            }
+            last = format!("true set {keys:?}; differing: {differ:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}
+
+/// As [`run_discovery`]; with `drops_events`, every view's consumer drops every third change
+/// (deliberately broken: the run must then report it).
+pub async fn run_discovery_with(
+    seed: u64,
+    plan: &[(u64, Fault)],
+    drops_events: bool,
+) -> Vec<String> {
     crate::common::init_tracing();
     let members = 3;
     let mut cluster = EtcdCluster::start(members).await.expect("an etcd cluster");
-    let proxies = proxies_of(&cluster).await;
+    let proxies = proxies_of(&cluster, CLIENTS).await;
     let admin = cluster.client().await.unwrap();
     let target = crate::common::unique(&format!("chaos-discovery-{seed}"));
-    let killed: BTreeSet<usize> = plan
-        .iter()
-        .filter_map(|(_, f)| match f {
-            Fault::KillClient(i) => Some(*i),
-            _ => None,
-        })
-        .collect();
-    let via = |i: usize| proxies[i % members].endpoint();
+    // Registrants a schedule kills or pauses run in processes of their own.
+    let killed: BTreeSet<usize> = plan.iter().filter_map(|(_, f)| f.process_of()).collect();
+    let via = |i: usize| proxies[i].endpoint();
     let mut registrants = Vec::new();
     for i in 0..CLIENTS {
         registrants.push(if killed.contains(&i) {
             let (child, reported) = spawn_process(&via(i), &target, &addr(i), 0);
             Registrant::Process(child, reported)
         } else {
-            let client = crate::common::client_via_endpoint(&proxies[i % members].endpoint()).await;
+            let client = crate::common::client_via_endpoint(&via(i)).await;
             let target = target.clone();
             Registrant::Pending(tokio::spawn(async move {
                 register_until_done(client, &target, addr(i)).await
@@ -290,18 +379,22 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
         });
     }
     let mut views: Vec<ServiceView> = Vec::new();
+    let (mut consumed, mut consumers) = (Vec::new(), Vec::new());
     for j in 0..VIEWS {
-        let client = crate::common::client_via_endpoint(&proxies[j % members].endpoint()).await;
-        views.push(
-            Discovery::new(client, &target)
-                .view()
-                .await
-                .expect("a view"),
-        );
+        // View j goes through registrant j's path (member j).
+        let client = crate::common::client_via_endpoint(&via(j)).await;
+        let view = Discovery::new(client, &target)
+            .view()
+            .await
+            .expect("a view");
+        let (set, task) = consume(&view, drops_events);
+        views.push(view);
+        consumed.push(set);
+        consumers.push(task);
     }
     let stop_churn = CancellationToken::new();
     let churner = tokio::spawn(churn(
-        crate::common::client_via_endpoint(&proxies[1 % members].endpoint()).await,
+        crate::common::client_via_endpoint(&via(1)).await,
         target.clone(),
         stop_churn.clone(),
     ));
@@ -335,45 +428,51 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
             }
             // A registration has no release to lose: lose every answer on its path briefly.
             Fault::LoseRelease(i) => {
-                proxies[i % members].drop_responses().await;
+                proxies[*i].drop_responses().await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                proxies[i % members].heal().await;
-                proxies[i % members].reset_peer().await;
+                proxies[*i].heal().await;
+                proxies[*i].reset_peer().await;
+            }
+            // A registrant's process stopped past its TTL: its registration ends, and it
+            // must register again once it runs.
+            Fault::PauseHolder(i) => {
+                let Registrant::Process(child, _) = &registrants[*i] else {
+                    panic!("registrant {i} is paused but runs in this process");
+                };
+                let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+                tokio::time::sleep(crate::harness::PAUSE).await;
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
             }
             other => unreachable!("{other:?} is a network fault"),
         }
     }
     // Every fault has healed.
-    let healed = Instant::now();
+    // Every fault has healed: `converge` counts from here.
     stop_churn.cancel();
     churner.await.expect("the churn task");
-    let live: BTreeSet<String> = (0..CLIENTS)
+    let mut live: BTreeSet<String> = (0..CLIENTS)
         .map(|i| format!("{target}/{}", addr(i)))
         .collect();
+    let all: Vec<usize> = (0..VIEWS).collect();
     let mut violations = Vec::new();
-    let mut converged_after = None;
-    let mut last = String::new();
-    while healed.elapsed() < CONVERGENCE_BOUND {
-        if let Some(t) = truth(&admin, &target).await {
-            let keys: BTreeSet<String> = t.keys().cloned().collect();
-            let differing: Vec<usize> = (0..VIEWS).filter(|j| views[*j].endpoints() != t).collect();
-            if keys == live && differing.is_empty() {
-                converged_after = Some(healed.elapsed());
-                break;
-            }
-            last = format!("true set {keys:?}; views differing: {differing:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    match converged_after {
-        Some(after) => {
+    let converged = converge(
+        &admin,
+        &target,
+        &live,
+        &views,
+        &consumed,
+        &all,
+        CONVERGENCE_BOUND,
+    )
+    .await;
+    match converged {
+        Ok(after) => {
             // Converged views stay converged: one more look a little later.
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Some(t) = truth(&admin, &target).await {
-                for (j, v) in views.iter().enumerate() {
-                    if v.endpoints() != t {
-                        violations.push(format!("view {j} diverged again after converging"));
-                    }
+                for v in differing(&views, &consumed, &t, &all) {
+                    violations.push(format!("{v} diverged again after converging"));
                 }
             }
             eprintln!(
@@ -381,9 +480,48 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
                 views.iter().map(|v| v.metrics()).collect::<Vec<_>>()
             );
         }
-        None => violations.push(format!(
+        Err(last) => violations.push(format!(
             "not converged {CONVERGENCE_BOUND:?} after the heal: {last}"
         )),
+    }
+    // A member goes down while the views are checked: a registration made meanwhile must
+    // reach the views through the other members while it is down, and the last view once it
+    // is back.
+    let down = VIEWS - 1;
+    cluster.kill(down).expect("a member");
+    let extra = register_until_done(
+        crate::common::client_via_endpoint(&via(0)).await,
+        &target,
+        "10.42.9.9:80".into(),
+    )
+    .await;
+    live.insert(extra.key().to_owned());
+    let others: Vec<usize> = (0..VIEWS).filter(|j| *j != down).collect();
+    match converge(&admin, &target, &live, &views, &consumed, &others, CONVERGENCE_BOUND).await {
+        Ok(after) => eprintln!(
+            "chaos: seed {seed} (discovery): with member {down} down, the other views followed in {after:?}"
+        ),
+        Err(last) => violations.push(format!("with member {down} down, the other views did not follow: {last}")),
+    }
+    cluster.restart(down).await.expect("the member restarts");
+    match converge(
+        &admin,
+        &target,
+        &live,
+        &views,
+        &consumed,
+        &all,
+        CONVERGENCE_BOUND,
+    )
+    .await
+    {
+        Ok(after) => eprintln!(
+            "chaos: seed {seed} (discovery): member {down} back, every view agreed {after:?} later"
+        ),
+        Err(last) => violations.push(format!("member {down} back, not converged: {last}")),
+    }
+    if let Err(e) = extra.deregister().await {
+        violations.push(format!("the extra registration failed to deregister: {e}"));
     }
     // The restarts: which tried to resume their predecessor's registration, and which did.
     let resumes: Vec<(i64, bool)> = restarts
@@ -414,6 +552,9 @@ pub async fn run_discovery(seed: u64, plan: &[(u64, Fault)]) -> Vec<String> {
         }
     }
     drop(views);
+    for c in consumers {
+        c.abort();
+    }
     let clean = crate::common::eventually(TTL * 3, || async {
         matches!(
             admin

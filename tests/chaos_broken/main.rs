@@ -1,39 +1,167 @@
-//! The safety checker catches deliberately broken primitives (in their own test binary: the
-//! switch is process-wide).
+//! Every property the chaos suite checks can fail: the same harness, with one client process
+//! told (by an environment variable) to misbehave in one way, must report the property that
+//! behaviour breaks. The library has no switch for it: the broken behaviours are the
+//! harness's own (tests/chaos/harness/client.rs, `Broken`).
 
 #[path = "../common/mod.rs"]
 mod common;
-#[path = "../chaos/harness.rs"]
+#[allow(dead_code)] // the run with views that drop changes only
+#[path = "../chaos/discovery.rs"]
+mod discovery;
+#[path = "../chaos/harness/mod.rs"]
 mod harness;
 
+use std::time::Duration;
+
 use etcd_coord_testkit::checker::Property;
-use harness::{run_schedule_in_process, Fault, Primitive};
+use harness::{run_broken, Broken, Fault, Primitive, BROKEN_CLIENT};
+
+/// Runs `primitive` with client 1 misbehaving as `broken` under `plan`, keeping the clients
+/// `window` after it, and asserts that the checker reports `property`.
+async fn caught(
+    primitive: Primitive,
+    broken: Broken,
+    plan: &[(u64, Fault)],
+    window: Duration,
+    property: Property,
+) {
+    eprintln!("broken {primitive:?}, client {BROKEN_CLIENT} {broken:?}: {plan:?}");
+    let violations = run_broken(primitive, plan, broken, window).await;
+    let found = violations.iter().filter(|v| v.property == property).count();
+    eprintln!(
+        "broken {primitive:?}, {broken:?}: {found} violation(s) of ({}); first: {:?}",
+        property.letter(),
+        violations.iter().find(|v| v.property == property)
+    );
+    assert!(
+        found > 0,
+        "{primitive:?} with {broken:?}: no ({}) among {violations:#?}",
+        property.letter()
+    );
+}
+
+const SHORT: Duration = Duration::from_secs(2);
+/// Long enough for the liveness and key checks to judge (their bounds are 8 s), and for
+/// observers to be judged (from 2 s after the heal).
+const LONG: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_checker_catches_deliberately_broken_primitives() {
-    etcd_coord::sabotage::set_broken(true);
-    // No faults needed: the broken primitives let every contender in at once.
-    let mut missed = Vec::new();
-    for (primitive, property) in [
-        (Primitive::Mutex, Property::Exclusion),
-        (Primitive::Semaphore, Property::Exclusion),
-        (Primitive::RwLock, Property::Exclusion),
-        (Primitive::Barrier, Property::PassedWhileHeld),
-        (Primitive::DoubleBarrier, Property::EarlyEnter),
-    ] {
-        let violations = run_schedule_in_process(primitive, 1, 0, &[(1_500, Fault::Compact)]).await;
+async fn a_lock_whose_writes_skip_the_fence_is_caught_by_etcds_order_of_writes() {
+    let plan = [(3_000, Fault::ResetClient(2))];
+    caught(
+        Primitive::Mutex,
+        Broken::Unfenced,
+        &plan,
+        SHORT,
+        Property::StaleWrite,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_ignores_its_loss_is_caught_overlapping_the_next() {
+    let plan = [(500, Fault::CutOffHolder(BROKEN_CLIENT))];
+    caught(
+        Primitive::Mutex,
+        Broken::IgnoresLoss,
+        &plan,
+        SHORT,
+        Property::Exclusion,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumption_that_trusts_its_lease_is_caught_acquiring_after_the_lease_was_gone() {
+    // Killed while it holds; its restart comes back after the TTL and believes it holds again.
+    let plan = [(800, Fault::KillClient(BROKEN_CLIENT))];
+    let violations = run_broken(Primitive::Mutex, &plan, Broken::TrustingResume, LONG).await;
+    for property in [Property::AfterLeaseGone, Property::TokenOrder] {
         let found = violations.iter().filter(|v| v.property == property).count();
         eprintln!(
-            "broken {primitive:?}: {found} violation(s) of ({})",
+            "broken Mutex, TrustingResume: {found} violation(s) of ({}); first: {:?}",
+            property.letter(),
+            violations.iter().find(|v| v.property == property)
+        );
+        assert!(
+            found > 0,
+            "no ({}) among {violations:#?}",
             property.letter()
         );
-        if found == 0 {
-            missed.push(format!(
-                "{primitive:?}: no ({}) in {violations:?}",
-                property.letter()
-            ));
-        }
     }
-    etcd_coord::sabotage::set_broken(false);
-    assert!(missed.is_empty(), "the checker missed: {missed:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_is_caught_starving() {
+    let plan = [(1_000, Fault::ResetClient(2))];
+    caught(
+        Primitive::Mutex,
+        Broken::GivesUp,
+        &plan,
+        LONG,
+        Property::Starved,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_never_released_is_caught_leaving_its_key() {
+    let plan = [(1_000, Fault::ResetClient(2))];
+    caught(
+        Primitive::Mutex,
+        Broken::Leaks,
+        &plan,
+        LONG,
+        Property::OrphanKey,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barriers_that_open_early_are_caught() {
+    let plan = [(1_500, Fault::ResetClient(2))];
+    caught(
+        Primitive::Barrier,
+        Broken::OpensEarly,
+        &plan,
+        SHORT,
+        Property::PassedWhileHeld,
+    )
+    .await;
+    caught(
+        Primitive::DoubleBarrier,
+        Broken::OpensEarly,
+        &plan,
+        SHORT,
+        Property::EarlyEnter,
+    )
+    .await;
+    caught(
+        Primitive::DoubleBarrier,
+        Broken::LeavesEarly,
+        &plan,
+        SHORT,
+        Property::EarlyLeave,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_and_views_that_drop_events_are_caught() {
+    let plan = [(1_500, Fault::ResetClient(2))];
+    // Observers are judged from 2 s after the heal on: the longer window.
+    caught(
+        Primitive::Election,
+        Broken::DropsEvents,
+        &plan,
+        LONG,
+        Property::Observed,
+    )
+    .await;
+    let violations = discovery::run_discovery_with(0, &plan, true).await;
+    eprintln!("broken discovery views (drop every third change): {violations:?}");
+    assert!(
+        violations.iter().any(|v| v.contains("consumer")),
+        "views that drop changes were not caught: {violations:?}"
+    );
 }

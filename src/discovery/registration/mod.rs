@@ -158,6 +158,7 @@ impl Registration {
     ///
     /// # Cancel safety
     /// As [`register`](Self::register).
+    #[tracing::instrument(name = "etcd_coord.registration.register", skip_all, fields(target = %target.as_ref(), suffix = %suffix.as_ref()))]
     pub async fn register_with_suffix(
         client: Client,
         target: impl AsRef<str>,
@@ -251,6 +252,7 @@ impl Registration {
     ///
     /// # Cancel safety
     /// As [`resume`](Self::resume).
+    #[tracing::instrument(name = "etcd_coord.registration.resume", skip_all, fields(target = %target.as_ref(), suffix = %suffix.as_ref(), lease = %format_args!("{lease_id:x}")))]
     pub async fn resume_with_suffix(
         client: Client,
         target: impl AsRef<str>,
@@ -364,6 +366,7 @@ impl Registration {
     /// # Cancel safety
     /// The endpoint to register is recorded before the first await; the write itself may or
     /// may not land if the future is dropped (it is fenced either way).
+    #[tracing::instrument(name = "etcd_coord.registration.update", skip_all, fields(key = %self.key()))]
     pub async fn update(&self, endpoint: Endpoint) -> Result<(), Error> {
         let json = endpoint.validate()?;
         let mut current = self.inner.current.lock().await;
@@ -388,6 +391,7 @@ impl Registration {
     /// # Cancel safety
     /// If the future is dropped, the registration is dropped with it and deregisters in the
     /// background.
+    #[tracing::instrument(name = "etcd_coord.registration.deregister", skip_all, fields(key = %self.key()))]
     pub async fn deregister(mut self) -> Result<(), Error> {
         self.stop.cancel();
         if let Some(supervisor) = self.supervisor.take() {
