@@ -95,8 +95,9 @@ pub struct WorkQueue {
     /// How many claims the last read saw, to size the next read's page.
     claims_seen: Arc<AtomicUsize>,
     /// How far behind the first ready job this handle's claims start their chains (at
-    /// random): 1 — the first job — until claims find their first candidates taken by others;
-    /// doubled then, halved after a claim that was not.
+    /// random): 1 — the first job — until a claim finds its first candidate taken by others;
+    /// [`MAX_SPREAD`] at once then (doubling from 1 took a burst of 100 claimers several
+    /// colliding rounds), halved after each claim that was not.
     spread: Arc<AtomicUsize>,
 }
 
@@ -336,7 +337,7 @@ impl WorkQueue {
         let chains = chains(rotate(candidates, offset), n, chain_len(n));
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
         let next = match round.contended {
-            true => (spread * 2).min(MAX_SPREAD),
+            true => MAX_SPREAD,
             false => (spread / 2).max(1),
         };
         self.spread.store(next, Ordering::Relaxed);
