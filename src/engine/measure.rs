@@ -11,42 +11,50 @@ use super::Holding;
 
 /// Runs the acquisition `acquire` of a `kind` named `name`, measured: a dropped future counts
 /// as cancelled (or timed out, inside [`crate::timeout`]).
-pub(crate) async fn acquisition(
+pub(crate) fn acquisition<'a>(
     kind: Kind,
-    name: &str,
-    acquire: impl Future<Output = Result<Holding, Error>>,
-) -> Result<Holding, Error> {
-    let measured = Acquisition::start(kind, name);
-    // Boxed: the acquisition's future is deep, and every layer around it adds to the depth
-    // the compiler walks for the caller's future.
-    let result = Box::pin(acquire).await;
-    match &result {
-        Ok(holding) => {
-            measured.finish(Outcome::Acquired);
-            holds(holding, kind, name);
+    name: &'a str,
+    acquire: impl Future<Output = Result<Holding, Error>> + Send + 'a,
+) -> impl Future<Output = Result<Holding, Error>> + Send + 'a {
+    // Boxed before the returned future exists: the acquisition's future is deep and large
+    // (~25 KiB in a debug build), and a caller's future — a task, a `#[tokio::test]`, a
+    // `block_on` on a 2 MiB thread — should not carry it inline (tests/future_sizes.rs).
+    let acquire = Box::pin(acquire);
+    async move {
+        let measured = Acquisition::start(kind, name);
+        let result = acquire.await;
+        match &result {
+            Ok(holding) => {
+                measured.finish(Outcome::Acquired);
+                holds(holding, kind, name);
+            }
+            Err(e) => measured.finish(Outcome::of_error(e)),
         }
-        Err(e) => measured.finish(Outcome::of_error(e)),
+        result
     }
-    result
 }
 
-/// As [`acquisition`], for a try-acquisition: `None` is busy.
-pub(crate) async fn attempt(
+/// Runs the attempt `acquire` (a try-acquire: `None` when busy) of a `kind` named `name`,
+/// measured like [`acquisition`]; boxed the same way.
+pub(crate) fn attempt<'a>(
     kind: Kind,
-    name: &str,
-    acquire: impl Future<Output = Result<Option<Holding>, Error>>,
-) -> Result<Option<Holding>, Error> {
-    let measured = Acquisition::start(kind, name);
-    let result = Box::pin(acquire).await;
-    match &result {
-        Ok(Some(holding)) => {
-            measured.finish(Outcome::Acquired);
-            holds(holding, kind, name);
+    name: &'a str,
+    acquire: impl Future<Output = Result<Option<Holding>, Error>> + Send + 'a,
+) -> impl Future<Output = Result<Option<Holding>, Error>> + Send + 'a {
+    let acquire = Box::pin(acquire);
+    async move {
+        let measured = Acquisition::start(kind, name);
+        let result = acquire.await;
+        match &result {
+            Ok(Some(holding)) => {
+                measured.finish(Outcome::Acquired);
+                holds(holding, kind, name);
+            }
+            Ok(None) => measured.finish(Outcome::Busy),
+            Err(e) => measured.finish(Outcome::of_error(e)),
         }
-        Ok(None) => measured.finish(Outcome::Busy),
-        Err(e) => measured.finish(Outcome::of_error(e)),
+        result
     }
-    result
 }
 
 /// `holding` holds from now: its hold time and loss are measured, and the current span (the

@@ -160,7 +160,7 @@ impl WorkQueue {
     /// (job and marker are one Txn). Enqueue again with the same idempotency key
     /// ([`enqueue_with`](Self::enqueue_with)) to be sure it is there exactly once.
     pub async fn enqueue(&self, payload: impl Into<Vec<u8>>) -> Result<JobId, Error> {
-        self.enqueue_with(payload, EnqueueOptions::new()).await
+        Box::pin(self.enqueue_with(payload, EnqueueOptions::new())).await
     }
 
     /// Enqueues a job with `options` (priority, not-before time, idempotency key); returns its
@@ -217,7 +217,7 @@ impl WorkQueue {
     /// of idle claimers behind (a claim that landed is given back by the session's task), and
     /// never loses a job.
     pub async fn claim(&self) -> Result<Claimed, Error> {
-        let mut got = self.claim_up_to(1, true).await?;
+        let mut got = Box::pin(self.claim_up_to(1, true)).await?;
         got.pop()
             .ok_or_else(|| Error::Internal("a claim that waited returned nothing".into()))
     }
@@ -240,7 +240,7 @@ impl WorkQueue {
     /// # Ok(()) }
     /// ```
     pub async fn try_claim(&self) -> Result<Option<Claimed>, Error> {
-        Ok(self.claim_up_to(1, false).await?.pop())
+        Ok(Box::pin(self.claim_up_to(1, false)).await?.pop())
     }
 
     /// Claims up to `n` ready jobs in one round trip (after the read), in claim order; waits
@@ -268,7 +268,7 @@ impl WorkQueue {
                 "work queue: claim_many takes 1 to {MAX_BATCH} jobs (got {n})"
             )));
         }
-        self.claim_up_to(n, true).await
+        Box::pin(self.claim_up_to(n, true)).await
     }
 
     /// A stream of [`claim()`](Self::claim)s: each item is the next claimed job. It ends after

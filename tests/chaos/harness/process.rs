@@ -144,11 +144,6 @@ impl ProcessClient {
             )
             .env(RESUME_ENV, resume.map(Resume::to_env).unwrap_or_default())
             .env(BROKEN_ENV, broken.map(Broken::name).unwrap_or_default())
-            // The client's loop runs on the test thread (`block_on`), whose stack is 2 MiB by
-            // default: since the library's operations carry tracing spans and metrics, a
-            // debug build's lock loop overflowed it. 16 MiB, as for a program's main thread
-            // and more.
-            .env("RUST_MIN_STACK", (16 << 20).to_string())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
