@@ -97,10 +97,18 @@ impl Barrier {
     pub async fn wait(&self) -> Result<(), Error> {
         let key = self.key()?;
         let session = self.session.inner();
-        let now = engine::read(session, vec![TxnOp::get(key.as_str(), None)]).await?;
+        let now = Box::pin(engine::read(session, vec![TxnOp::get(key.as_str(), None)])).await?;
         match now.gets.first().and_then(|g| g.kvs().first()) {
             None => Ok(()),
-            Some(kv) => engine::wait_gone(session, &key, kv.create_revision(), now.revision).await,
+            Some(kv) => {
+                Box::pin(engine::wait_gone(
+                    session,
+                    &key,
+                    kv.create_revision(),
+                    now.revision,
+                ))
+                .await
+            }
         }
     }
 }

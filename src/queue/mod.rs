@@ -95,8 +95,9 @@ pub struct WorkQueue {
     /// How many claims the last read saw, to size the next read's page.
     claims_seen: Arc<AtomicUsize>,
     /// How far behind the first ready job this handle's claims start their chains (at
-    /// random): 1 — the first job — until claims find their first candidates taken by others;
-    /// doubled then, halved after a claim that was not.
+    /// random): 1 — the first job — until a claim finds its first candidate taken by others;
+    /// [`MAX_SPREAD`] at once then (doubling from 1 took a burst of 100 claimers several
+    /// colliding rounds), halved after each claim that was not.
     spread: Arc<AtomicUsize>,
 }
 
@@ -160,7 +161,7 @@ impl WorkQueue {
     /// ([`enqueue_with`](Self::enqueue_with)) to be sure it is there exactly once.
     #[tracing::instrument(name = "etcd_coord.queue.enqueue", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn enqueue(&self, payload: impl Into<Vec<u8>>) -> Result<JobId, Error> {
-        self.enqueue_with(payload, EnqueueOptions::new()).await
+        Box::pin(self.enqueue_with(payload, EnqueueOptions::new())).await
     }
 
     /// Enqueues a job with `options` (priority, not-before time, idempotency key); returns its
@@ -219,7 +220,7 @@ impl WorkQueue {
     /// never loses a job.
     #[tracing::instrument(name = "etcd_coord.queue.claim", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn claim(&self) -> Result<Claimed, Error> {
-        let mut got = self.claim_up_to(1, true).await?;
+        let mut got = Box::pin(self.claim_up_to(1, true)).await?;
         got.pop()
             .ok_or_else(|| Error::Internal("a claim that waited returned nothing".into()))
     }
@@ -243,7 +244,7 @@ impl WorkQueue {
     /// ```
     #[tracing::instrument(name = "etcd_coord.queue.try_claim", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id())))]
     pub async fn try_claim(&self) -> Result<Option<Claimed>, Error> {
-        Ok(self.claim_up_to(1, false).await?.pop())
+        Ok(Box::pin(self.claim_up_to(1, false)).await?.pop())
     }
 
     /// Claims up to `n` ready jobs in one round trip (after the read), in claim order; waits
@@ -272,7 +273,7 @@ impl WorkQueue {
                 "work queue: claim_many takes 1 to {MAX_BATCH} jobs (got {n})"
             )));
         }
-        self.claim_up_to(n, true).await
+        Box::pin(self.claim_up_to(n, true)).await
     }
 
     /// A stream of [`claim()`](Self::claim)s: each item is the next claimed job. It ends after
@@ -341,7 +342,7 @@ impl WorkQueue {
         let chains = chains(rotate(candidates, offset), n, chain_len(n));
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
         let next = match round.contended {
-            true => (spread * 2).min(MAX_SPREAD),
+            true => MAX_SPREAD,
             false => (spread / 2).max(1),
         };
         self.spread.store(next, Ordering::Relaxed);

@@ -159,7 +159,7 @@ impl LeasedSession {
     pub async fn new(client: Client, options: SessionOptions) -> Result<LeasedSession, Error> {
         let ttl_secs = options.validate()?;
         let (rpc, tasks) = LeasedSession::rpc(client, &options);
-        let lease = grant::grant(&rpc, ttl_secs).await?;
+        let lease = Box::pin(grant::grant(&rpc, ttl_secs)).await?;
         tracing::Span::current().record(
             "lease",
             tracing::field::display(format_args!("{:x}", lease.id)),
@@ -193,7 +193,7 @@ impl LeasedSession {
     pub async fn sibling(&self, options: SessionOptions) -> Result<LeasedSession, Error> {
         let ttl_secs = options.validate()?;
         let (rpc, tasks) = LeasedSession::rpc(self.client().clone(), &options);
-        let lease = grant::grant(&rpc, ttl_secs).await?;
+        let lease = Box::pin(grant::grant(&rpc, ttl_secs)).await?;
         tracing::Span::current().record(
             "lease",
             tracing::field::display(format_args!("{:x}", lease.id)),

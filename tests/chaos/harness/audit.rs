@@ -82,11 +82,15 @@ pub async fn key_auditor(admin: Client, sh: Arc<Shared>) -> Vec<Violation> {
 /// saw succeed, and deletes them. Returns the violations and how many writes etcd holds.
 pub async fn check_resource(admin: &Client, sh: &Shared) -> (Vec<Violation>, usize) {
     let prefix = format!("{}-resource/", sh.name);
-    let resp = admin
-        .clone()
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("the protected resource can be read");
+    let resp = retried("the protected resource can be read", || {
+        let (mut admin, prefix) = (admin.clone(), prefix.clone());
+        async move {
+            admin
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+        }
+    })
+    .await;
     let accepted: Vec<AcceptedWrite> = resp
         .kvs()
         .iter()
@@ -111,12 +115,36 @@ pub async fn check_resource(admin: &Client, sh: &Shared) -> (Vec<Violation>, usi
         .collect();
     let reported = sh.written.lock().unwrap().clone();
     let violations = check_accepted_writes(&accepted, &reported);
-    admin
-        .clone()
-        .delete(prefix.as_str(), Some(DeleteOptions::new().with_prefix()))
-        .await
-        .expect("the protected resource is cleared");
+    retried("the protected resource is cleared", || {
+        let (mut admin, prefix) = (admin.clone(), prefix.clone());
+        async move {
+            admin
+                .delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                .await
+        }
+    })
+    .await;
     (violations, accepted.len())
+}
+
+/// The answer of the checker's request `send`, sent again (up to 10 times, 300 ms apart) on
+/// an error: the admin client's connection to a member restarted during the run may still
+/// report its failed reconnection ("tcp connect error") once, which is not what the run
+/// examines. Panics with `what` and the last error if it keeps failing.
+async fn retried<T, F, Fut>(what: &str, mut send: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut last = None;
+    for _ in 0..10 {
+        match send().await {
+            Ok(answer) => return answer,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("{what}: {last:?}");
 }
 
 /// Observer `j` of the run's election (`Election::observe`, through path `j` with a session

@@ -1,0 +1,57 @@
+//! The futures of the public API stay small: a caller's task (or a `#[tokio::test]`, or a
+//! `block_on` on a thread with the default 2 MiB stack) holds them, in debug builds too, where
+//! every await point keeps its locals. Large inner futures are boxed inside the library.
+
+mod common;
+
+use std::mem::size_of_val;
+
+use common::*;
+use etcd_coord::{
+    Barrier, DoubleBarrier, Election, Mutex, RwLock, Semaphore, SessionOptions, WorkQueue,
+};
+
+/// No public future is larger than this (bytes); a session's starts with its `Client` (~7 KiB).
+const LIMIT: usize = 8 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_public_future_is_smaller_than_8_kib() {
+    let etcd = etcd().await;
+    let s = session(&etcd, 30).await;
+    let (m, sem, rw) = (
+        Mutex::new(&s, "sizes/m"),
+        Semaphore::new(&s, "sizes/s", 2),
+        RwLock::new(&s, "sizes/rw"),
+    );
+    let e = Election::new(&s, "sizes/e");
+    let (b, db) = (
+        Barrier::new(&s, "sizes/b"),
+        DoubleBarrier::new(&s, "sizes/db", 2),
+    );
+    let q = WorkQueue::new(&s, "sizes/q");
+    let sizes = [
+        ("Mutex::lock", size_of_val(&m.lock())),
+        ("Mutex::try_lock", size_of_val(&m.try_lock())),
+        ("Mutex::resume", size_of_val(&m.resume("k", 1))),
+        ("Semaphore::acquire", size_of_val(&sem.acquire())),
+        ("RwLock::read", size_of_val(&rw.read())),
+        ("RwLock::write", size_of_val(&rw.write())),
+        ("Election::campaign", size_of_val(&e.campaign("v"))),
+        ("Barrier::wait", size_of_val(&b.wait())),
+        ("DoubleBarrier::enter", size_of_val(&db.enter())),
+        ("WorkQueue::claim", size_of_val(&q.claim())),
+        ("WorkQueue::enqueue", size_of_val(&q.enqueue("x"))),
+        (
+            "LeasedSession::new",
+            size_of_val(&etcd_coord::LeasedSession::new(
+                client(&etcd).await,
+                SessionOptions::new(),
+            )),
+        ),
+    ];
+    for (what, size) in sizes {
+        println!("{what}: {size} bytes");
+    }
+    let big: Vec<_> = sizes.iter().filter(|(_, n)| *n > LIMIT).collect();
+    assert!(big.is_empty(), "futures over {LIMIT} bytes: {big:?}");
+}
