@@ -39,9 +39,12 @@
 //! proxy or toxic). Toxics are listed upstream ones first, each stream in the order its
 //! toxics act. Errors are `{"error": …, "status": …}`, as toxiproxy's.
 
+mod api_error;
+mod chain;
 mod client;
 mod http;
 pub(crate) mod link;
+mod stage;
 mod toxic;
 
 use std::collections::BTreeMap;
@@ -51,82 +54,17 @@ use std::sync::{Arc, Mutex as StdMutex};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+pub use api_error::ApiError;
 pub use client::FaultClient;
 /// The HTTP method of a [`FaultClient::request`].
 pub use hyper::Method;
 pub use toxic::{Kind, Stream, Toxic};
 
-use link::{Proxy, Stamp};
+use chain::Stamp;
+use link::Proxy;
 
 /// The toxiproxy version this server's API follows, as `GET /version` reports it.
 pub const TOXIPROXY_API_VERSION: &str = "2.12.0";
-
-/// An error of the API, as toxiproxy reports it: a message and an HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message} ({status})")]
-pub struct ApiError {
-    /// Toxiproxy's message, e.g. `proxy not found`.
-    pub message: String,
-    /// The HTTP status, e.g. 404.
-    pub status: u16,
-}
-
-impl ApiError {
-    pub(crate) fn bad_request(message: String) -> ApiError {
-        ApiError {
-            message,
-            status: 400,
-        }
-    }
-    fn missing(field: &str) -> ApiError {
-        ApiError::bad_request(format!("missing required field: {field}"))
-    }
-    fn proxy_not_found() -> ApiError {
-        ApiError {
-            message: "proxy not found".into(),
-            status: 404,
-        }
-    }
-    fn internal(message: String) -> ApiError {
-        ApiError {
-            message,
-            status: 500,
-        }
-    }
-    fn proxy_exists() -> ApiError {
-        ApiError {
-            message: "proxy already exists".into(),
-            status: 409,
-        }
-    }
-    pub(crate) fn invalid_stream() -> ApiError {
-        ApiError::bad_request("stream was invalid, can be either upstream or downstream".into())
-    }
-    pub(crate) fn invalid_toxic_type() -> ApiError {
-        ApiError::bad_request("invalid toxic type".into())
-    }
-    pub(crate) fn toxic_exists() -> ApiError {
-        ApiError {
-            message: "toxic already exists".into(),
-            status: 409,
-        }
-    }
-    fn toxic_not_found() -> ApiError {
-        ApiError {
-            message: "toxic not found".into(),
-            status: 404,
-        }
-    }
-    fn io(e: std::io::Error) -> ApiError {
-        ApiError {
-            message: format!("could not listen: {e}"),
-            status: 500,
-        }
-    }
-    fn to_json(&self) -> Value {
-        serde_json::json!({ "error": self.message, "status": self.status })
-    }
-}
 
 /// A proxy as the API shows it.
 #[derive(Debug, Clone, PartialEq)]
