@@ -1367,3 +1367,53 @@ async fn a_claim_whose_answer_is_lost_is_found_by_its_retry_and_claims_nothing_m
     job.ack().await.unwrap();
     next.ack().await.unwrap();
 }
+
+/// The head of the line of idle claimers does not hold as the oldest member of the queue's
+/// keys, so its release announces nothing: the claimers behind it put no hand-off pointers
+/// (a pointer there would cost two writes per claimer and widen its watch to the whole name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_claimers_put_no_hand_off_pointers() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let name = unique("queue-no-pointers");
+    let mut sessions = Vec::new();
+    let (done, mut claimed) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..3 {
+        let s = session(&etcd, 30).await;
+        let (q, done) = (WorkQueue::new(&s, &name), done.clone());
+        tokio::spawn(async move {
+            let _ = done.send(q.claim().await);
+        });
+        sessions.push(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            idle_line(&c, &name).await.len() == 3
+        })
+        .await,
+        "every claimer waits in line"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // each has decided how to wait
+    let pointers: Vec<String> = keys_under(&c, &format!("{name}/"))
+        .await
+        .into_iter()
+        .filter(|k| is_pointer(k))
+        .collect();
+    assert!(
+        pointers.is_empty(),
+        "pointers in the idle line: {pointers:?}"
+    );
+    let producer = session(&etcd, 30).await;
+    let q = WorkQueue::new(&producer, &name);
+    for i in 0..3 {
+        q.enqueue(format!("job {i}")).await.unwrap();
+    }
+    for _ in 0..3 {
+        let job = tokio::time::timeout(Duration::from_secs(10), claimed.recv())
+            .await
+            .expect("every idle claimer gets a job")
+            .unwrap()
+            .unwrap();
+        job.ack().await.unwrap();
+    }
+}

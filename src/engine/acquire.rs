@@ -34,6 +34,7 @@ pub(crate) async fn acquire(
         enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
     let first = first.filter(|s| blocker.decides_at_enqueue(s));
     ticket.announces = blocker.heads(queue);
+    ticket.expects_announcements = blocker.announced();
     let reads = blocker.reads_after(ticket.create_revision);
     wait_loop(session, ticket, first, reads, |s| blocker.decide(s)).await
 }
@@ -86,6 +87,7 @@ pub(crate) async fn adopt(
     );
     let reads = blocker.reads_after(create_revision);
     ticket.announces = blocker.heads(queue);
+    ticket.expects_announcements = blocker.announced();
     wait_loop(session, ticket, None, reads, |s| blocker.decide(s)).await
 }
 
@@ -259,6 +261,7 @@ async fn try_by_enqueue(
         enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
     let first = first.filter(|s| blocker.decides_at_enqueue(s));
     ticket.announces = blocker.heads(queue);
+    ticket.expects_announcements = blocker.announced();
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
     let mut snapshot = match first {

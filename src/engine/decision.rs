@@ -37,8 +37,9 @@ pub(crate) enum Decision {
     Wait(Vec<Watched>),
     /// One permit, and `key` (created at `create_revision`) is the newest key ahead: wait for
     /// its deletion. If its holder releases it — which a release of ours announces by deleting
-    /// the successors' pointers nested under it in the same Txn — nothing is ahead of us any
-    /// more, and only our own key needs confirming (see the wait loop).
+    /// the successors' pointers to it (`…#next/<its id>/…`, beside the queue) in the same Txn —
+    /// nothing is ahead of us any more, and only our own key needs confirming (see the wait
+    /// loop).
     Follow { key: Vec<u8>, create_revision: i64 },
     /// The read was cut short before it found what decides (a page of a shared queue holding
     /// only nested names' keys): read again without a limit.
@@ -54,6 +55,9 @@ pub(crate) struct Blocker {
     prefix: String,
     permits: usize,
     direct: bool,
+    /// Whether the holders this blocker waits behind announce their releases (a line of this
+    /// crate's exclusive holders): a waiter then announces itself to the key just ahead.
+    announced: bool,
 }
 
 /// How many more keys than it needs a read of a shared queue fetches, so that a few nested
@@ -83,10 +87,26 @@ impl Blocker {
         Ok(Blocker {
             prefix,
             permits,
-            // Member keys never hold a further `/`: keys nested under them (successors'
-            // pointers) are not members.
+            // Member keys never hold a further `/`: keys below the prefix with one (nested
+            // names', successors' pointers `#next/…`) are not members.
             direct: true,
+            announced: true,
         })
+    }
+
+    /// This blocker, behind holders whose releases do not announce (a line whose head does
+    /// not hold as the oldest member of its queue, as a WorkQueue's idle line): waiters then
+    /// put no pointer, and read again after a wake-up.
+    pub(crate) fn behind_unannounced_releases(self) -> Blocker {
+        Blocker {
+            announced: false,
+            ..self
+        }
+    }
+
+    /// Whether waiters announce themselves to the key just ahead (see the field).
+    pub(crate) fn announced(&self) -> bool {
+        self.announced
     }
 
     /// The blocker over every member of `queue` (a shared queue: only the keys directly under

@@ -23,12 +23,17 @@ pub(crate) struct Ticket {
     /// What follows the key's deletion: a sweep of late copies if the put was sent more than
     /// once, else the key's number goes back to the session's pool.
     after: Afterwards,
-    /// Our pointer under the key just ahead (see `keys::successor_pointer`), while it may
-    /// exist: deleted with the key if the ticket is dropped.
+    /// Our pointer to the key just ahead (see `keys::successor_pointer`), the one its
+    /// holder's release deletes.
     pub(super) pointer: Option<Vec<u8>>,
+    /// Every pointer of ours that may exist (the current one and any earlier one whose delete
+    /// has not been answered yet): deleted with the key if the ticket is dropped.
+    pub(super) pointers: Vec<Vec<u8>>,
     /// Through means the oldest member of its queue (one permit over the whole queue): the
     /// release announces it to the successor (`keys::release_announcing`).
     pub(super) announces: bool,
+    /// The holders ahead announce their releases: waiting behind one, put a pointer to it.
+    pub(super) expects_announcements: bool,
     armed: bool,
 }
 
@@ -46,7 +51,9 @@ impl Ticket {
             create_revision,
             after,
             pointer: None,
+            pointers: Vec::new(),
             announces: false,
+            expects_announcements: false,
             armed: true,
         }
     }
@@ -57,9 +64,10 @@ impl Ticket {
     pub(super) fn into_acquired(mut self, revision: i64) -> Result<Acquired, Error> {
         self.session.check()?;
         self.armed = false;
-        if let Some(pointer) = self.pointer.take() {
+        self.pointer = None;
+        for pointer in std::mem::take(&mut self.pointers) {
             // Through without our predecessor's release deleting it (a holder that does not
-            // announce, or a read that came first): ours to delete.
+            // announce, or a read that came first), or an earlier one: ours to delete.
             self.session.clean_up(Cleanup::DeletePointer(pointer));
         }
         Ok(Acquired {
@@ -84,14 +92,18 @@ impl Ticket {
 
 impl Ticket {
     /// The fenced delete of a waiter that gives up (never announcing: it was not the oldest),
-    /// with its pointer if it has one.
+    /// with every pointer of ours that may exist.
     fn release_txn(&self) -> etcd_client::Txn {
         let lease = self.session.lease_id;
-        match &self.pointer {
-            Some(pointer) => {
-                keys::fenced_delete_with_pointer(&self.key, self.create_revision, lease, pointer)
-            }
-            None => keys::fenced_delete(&self.key, self.create_revision, lease),
+        if self.pointers.is_empty() {
+            keys::fenced_delete(&self.key, self.create_revision, lease)
+        } else {
+            keys::fenced_delete_with_pointers(
+                &self.key,
+                self.create_revision,
+                lease,
+                &self.pointers,
+            )
         }
     }
 }

@@ -131,7 +131,9 @@ where
                 // change. An announcement that lands shows the state at its revision: the key
                 // ahead still there, ours still ours — the wait reads from there.
                 let mut read_at = snapshot.revision;
-                let pointer = keys::announces_release(&ahead)
+                // Only in a line whose holders announce (not a WorkQueue's idle line, whose
+                // keys look like a writer's).
+                let pointer = (ticket.expects_announcements && keys::announces_release(&ahead))
                     .then(|| keys::successor_pointer(&ahead, ticket.create_revision))
                     .flatten();
                 if let Some(pointer) = pointer.clone() {
@@ -186,7 +188,9 @@ where
                             && ticket.pointer == pointer
                             && pointer.as_ref().is_some_and(|p| change.keys.contains(p)) =>
                     {
-                        ticket.pointer = None; // deleted by that release
+                        // Deleted by that release.
+                        let gone = ticket.pointer.take();
+                        ticket.pointers.retain(|p| Some(p) != gone.as_ref());
                         let at = if change.ordered {
                             change.revision
                         } else {
@@ -261,11 +265,12 @@ enum Announced {
     Refused,
 }
 
-/// Puts our pointer under the key `ahead` (the incarnation `ahead_revision`), on our lease, so
-/// that its holder's release tells us (`keys::release_announcing`); deletes our earlier pointer
-/// in the same Txn. The put happens only while `ahead` is still that incarnation and our key
-/// still ours (a pointer never outlives its key's release, and never sits under a key that is
-/// gone). Recorded in the ticket (which deletes it if dropped) while it may exist.
+/// Puts our pointer to the key `ahead` (the incarnation `ahead_revision`) beside the queue, on
+/// our lease, so that its holder's release tells us (`keys::release_announcing`); deletes our
+/// earlier pointers in the same Txn, whichever branch runs. The put happens only while `ahead`
+/// is still that incarnation and our key still ours (a pointer never outlives its key's
+/// release, and never points to a key that is gone). Every pointer that may exist stays in the
+/// ticket (which deletes them all if dropped) until the Txn is answered.
 #[tracing::instrument(name = "etcd_coord.announce", level = "debug", skip_all, fields(key = %ticket.key))]
 async fn announce(
     session: &Arc<Session>,
@@ -275,8 +280,9 @@ async fn announce(
     pointer: Vec<u8>,
 ) -> Result<Announced, Error> {
     let lease = session.lease_id;
+    // Every pointer of ours that may exist goes in the same Txn, whichever branch runs.
     let earlier: Vec<TxnOp> = ticket
-        .pointer
+        .pointers
         .iter()
         .map(|p| TxnOp::delete(p.clone(), None))
         .collect();
@@ -299,17 +305,22 @@ async fn announce(
     let txn = Txn::new().when(when).and_then(then).or_else(earlier);
     // Before the put is sent: a resumed session's look at its lease spares it.
     let intent = session.intend(&String::from_utf8_lossy(&pointer));
-    // From here the pointer may exist: the ticket deletes it if it is dropped.
-    ticket.pointer = Some(pointer);
+    // From here the new pointer may exist, and the earlier ones may not be gone until the Txn
+    // is answered: the ticket deletes them all if it is dropped.
+    ticket.pointer = Some(pointer.clone());
+    ticket.pointers.push(pointer.clone());
     let answered = until_answered(session, || txn.clone(), &mut Backoff::for_requests()).await?;
     if answered.resp.succeeded() {
+        ticket.pointers = vec![pointer]; // the earlier ones went
         let revision = keys::header_revision(&answered.resp)?;
         intent.confirm(revision);
         Ok(Announced::At(revision))
     } else if answered.uncertain {
-        Ok(Announced::Uncertain)
+        Ok(Announced::Uncertain) // any of them may exist
     } else {
-        ticket.pointer = None; // no pointer was put, and the earlier one went
+        // No pointer was put, and the earlier ones went.
+        ticket.pointer = None;
+        ticket.pointers.clear();
         Ok(Announced::Refused)
     }
 }

@@ -108,8 +108,8 @@ impl Queue {
                 Queue {
                     own: prefix.clone(),
                     prefix,
-                    // Member keys hold no further `/`; keys nested under them (successors'
-                    // pointers) are not members.
+                    // Member keys hold no further `/`: keys below the prefix with one (nested
+                    // names', successors' pointers `#next/…`) are not members.
                     direct: true,
                 }
             }
@@ -334,28 +334,34 @@ pub(crate) fn release_announcing(key: &str, create_revision: i64, lease_id: i64)
         )])
 }
 
-/// Deletes `key` only while it is ours (as [`fenced_delete`]), and `pointer` (a successor's
-/// pointer of ours, on our lease) whatever becomes of `key`.
-pub(crate) fn fenced_delete_with_pointer(
+/// Deletes `key` only while it is ours (as [`fenced_delete`]), and `pointers` (successors'
+/// pointers of ours, each only while it is on our lease) whatever becomes of `key`.
+pub(crate) fn fenced_delete_with_pointers(
     key: &str,
     create_revision: i64,
     lease_id: i64,
-    pointer: &[u8],
+    pointers: &[Vec<u8>],
 ) -> Txn {
-    let pointer_gone = || {
-        TxnOp::txn(
-            Txn::new()
-                .when([Compare::lease(pointer.to_vec(), CompareOp::Equal, lease_id)])
-                .and_then([TxnOp::delete(pointer.to_vec(), None)]),
-        )
+    let pointers_gone = || {
+        pointers.iter().map(|pointer| {
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::lease(pointer.clone(), CompareOp::Equal, lease_id)])
+                    .and_then([TxnOp::delete(pointer.clone(), None)]),
+            )
+        })
     };
+    let mut then = vec![TxnOp::delete(key, None)];
+    then.extend(pointers_gone());
+    let mut otherwise = vec![TxnOp::get(
+        key,
+        Some(etcd_client::GetOptions::new().with_keys_only()),
+    )];
+    otherwise.extend(pointers_gone());
     Txn::new()
         .when(owner_compares(key, create_revision, lease_id))
-        .and_then([TxnOp::delete(key, None), pointer_gone()])
-        .or_else([
-            TxnOp::get(key, Some(etcd_client::GetOptions::new().with_keys_only())),
-            pointer_gone(),
-        ])
+        .and_then(then)
+        .or_else(otherwise)
 }
 
 /// Bumps `key`'s mod revision (value and lease unchanged) only while it is ours (the

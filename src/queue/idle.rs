@@ -29,7 +29,9 @@ use crate::Error;
 pub(super) async fn wait_in_line(queue: &WorkQueue, n: usize) -> Result<Vec<Claimed>, Error> {
     let keys = queue.keys()?;
     tracing::debug!(queue = queue.name(), "no job ready: joining the idle line");
-    let blocker = Blocker::new(keys.idle(), 1)?;
+    // The head of the line does not hold as the oldest member of the queue's keys (jobs and
+    // claims are older): its release announces nothing, so waiters put no pointers.
+    let blocker = Blocker::new(keys.idle(), 1)?.behind_unannounced_releases();
     let turn = Line::new(&queue.session, keys.queue(), IDLE, blocker)
         .acquire(Vec::new())
         .await?;

@@ -322,6 +322,15 @@ impl Hub {
     /// returned (the caller's policy decides: retry, renew the token, or give up).
     pub(crate) async fn open(&self, sub: &mut Subscription) -> Result<(), crate::Error> {
         sub.opens = false;
+        // Dropped before the stream is in place (the opener's wait was cancelled): tear the
+        // connection down, so that the subscribers waiting for it re-read at once and the next
+        // one opens a stream, instead of waiting out the request timeout.
+        let mut abandoned = Abandoned {
+            shared: &self.shared,
+            generation: sub.generation,
+            id: sub.id,
+            armed: true,
+        };
         match self
             .rpc
             .open_watch(sub.scope.clone(), scope_options())
@@ -330,6 +339,7 @@ impl Hub {
             Ok(stream) => {
                 let (commands, rx) = mpsc::unbounded_channel();
                 let stop = self.stop.child_token();
+                abandoned.armed = false;
                 let unsent = {
                     let mut state = lock(&self.shared);
                     if state.generation != sub.generation {
@@ -358,10 +368,7 @@ impl Hub {
                 tokio::spawn(task.run(stream, rx, stop, creating, unsent));
                 Ok(())
             }
-            Err(e) => {
-                fail_all(&self.shared, sub.generation, Some(sub.id));
-                Err(e)
-            }
+            Err(e) => Err(e), // `abandoned` tells every other subscriber
         }
     }
 
@@ -418,26 +425,6 @@ fn unindex(scope: &mut Scope, id: u64, keys: &[Vec<u8>]) {
     }
 }
 
-/// Ends connection `generation` (if it is still the current one): every subscriber but
-/// `except` is told [`Note::Broken`], every scope is forgotten, the stream's task stops.
-fn fail_all(shared: &Mutex<State>, generation: u64, except: Option<u64>) {
-    let mut state = lock(shared);
-    if state.generation != generation {
-        return;
-    }
-    state.generation += 1;
-    if let Conn::Running { stop, .. } = std::mem::take(&mut state.conn) {
-        stop.cancel();
-    }
-    state.scopes.clear();
-    state.ids.clear();
-    for (id, sub) in state.subs.drain() {
-        if Some(id) != except {
-            let _ = sub.tx.send(Note::Broken);
-        }
-    }
-}
-
 /// A scope's watch: every event under it, from now.
 fn scope_options() -> WatchOptions {
     WatchOptions::new().with_prefix()
@@ -491,7 +478,9 @@ impl Sub {
 }
 
 mod task;
+mod teardown;
 #[cfg(test)]
 mod tests;
 
 use task::Task;
+use teardown::{fail_all, Abandoned};
