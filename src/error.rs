@@ -285,6 +285,7 @@ impl Error {
                 Code::ResourceExhausted if s.message().contains("too many requests") => {
                     "too_many_requests"
                 }
+                Code::ResourceExhausted if s.message().starts_with("h2 protocol error") => "goaway",
                 _ => "other",
             },
             Error::Etcd(etcd_client::Error::TransportError(_)) => "transport",
@@ -444,6 +445,10 @@ mod tests {
             (
                 status(Code::ResourceExhausted, "etcdserver: too many requests"),
                 "too_many_requests",
+            ),
+            (
+                status(Code::ResourceExhausted, "h2 protocol error: http2 error"),
+                "goaway",
             ),
             (Error::stream_ended(), "watch_stream"),
         ];

@@ -38,7 +38,7 @@
 //!   ([`Election::observe`](crate::Election::observe) and the leader selector), `inspection`
 //!   ([`Inspector::follow`](crate::inspect::Inspector::follow));
 //! * `cause` of a retry: `timeout`, `unavailable`, `deadline_exceeded`, `cancelled`, `aborted`,
-//!   `unknown`, `internal`, `too_many_requests`, `transport`, `io`, `watch_stream`, `other`.
+//!   `unknown`, `internal`, `too_many_requests`, `goaway` (an HTTP/2 GOAWAY with `ENHANCE_YOUR_CALM`: often a server whose `--grpc-keepalive-min-time` is above the client's keep-alive), `transport`, `io`, `watch_stream`, `other`.
 //!
 //! With [`set_name_labels(true)`](set_name_labels) the acquisition and guard metrics also carry
 //! a `name` label: the primitive's name. Opt in only when the names are few and fixed.
