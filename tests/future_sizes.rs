@@ -7,8 +7,10 @@ mod common;
 use std::mem::size_of_val;
 
 use common::*;
+use etcd_coord::discovery::{Endpoint, Registration, SessionRegistration};
 use etcd_coord::{
-    Barrier, DoubleBarrier, Election, Mutex, RwLock, Semaphore, SessionOptions, WorkQueue,
+    Barrier, DoubleBarrier, Election, Error, LeasedSession, Mutex, RwLock, Semaphore,
+    SessionOptions, Stm, WorkQueue,
 };
 
 /// No public future is larger than this (bytes); a session's starts with its `Client` (~7 KiB).
@@ -29,6 +31,8 @@ async fn every_public_future_is_smaller_than_8_kib() {
         DoubleBarrier::new(&s, "sizes/db", 2),
     );
     let q = WorkQueue::new(&s, "sizes/q");
+    let c = client(&etcd).await;
+    let stm = Stm::new(c.clone());
     let sizes = [
         ("Mutex::lock", size_of_val(&m.lock())),
         ("Mutex::try_lock", size_of_val(&m.try_lock())),
@@ -41,12 +45,42 @@ async fn every_public_future_is_smaller_than_8_kib() {
         ("DoubleBarrier::enter", size_of_val(&db.enter())),
         ("WorkQueue::claim", size_of_val(&q.claim())),
         ("WorkQueue::enqueue", size_of_val(&q.enqueue("x"))),
+        ("Semaphore::try_acquire", size_of_val(&sem.try_acquire())),
+        ("RwLock::try_read", size_of_val(&rw.try_read())),
+        ("Election::resume", size_of_val(&e.resume("k", 1))),
+        ("WorkQueue::claim_many", size_of_val(&q.claim_many(2))),
         (
             "LeasedSession::new",
-            size_of_val(&etcd_coord::LeasedSession::new(
-                client(&etcd).await,
+            size_of_val(&LeasedSession::new(c.clone(), SessionOptions::new())),
+        ),
+        (
+            "LeasedSession::sibling",
+            size_of_val(&s.sibling(SessionOptions::new())),
+        ),
+        (
+            "LeasedSession::resume",
+            size_of_val(&LeasedSession::resume(c.clone(), 1, SessionOptions::new())),
+        ),
+        (
+            "Registration::register",
+            size_of_val(&Registration::register(
+                c.clone(),
+                "sizes/t",
+                Endpoint::new("10.0.0.1:1"),
                 SessionOptions::new(),
             )),
+        ),
+        (
+            "SessionRegistration::register",
+            size_of_val(&SessionRegistration::register(
+                &s,
+                "sizes/t",
+                Endpoint::new("10.0.0.1:1"),
+            )),
+        ),
+        (
+            "Stm::run",
+            size_of_val(&stm.run(|_tx| async { Ok::<_, Error>(()) })),
         ),
     ];
     for (what, size) in sizes {

@@ -29,14 +29,26 @@ pub(crate) async fn acquire(
 ) -> Result<Acquired, Error> {
     let session = leased.inner();
     session.check()?;
+    let (ticket, first) = enqueue_member(session, queue, kind, &blocker, value).await?;
+    let reads = blocker.reads_after(ticket.create_revision);
+    wait_loop(session, ticket, first, reads, |s| blocker.decide(s)).await
+}
+
+/// Enqueues a new member of kind `kind` in `queue`: its ticket, marked as `blocker` says, and
+/// the enqueue's snapshot if that decides (its page held the whole queue).
+async fn enqueue_member(
+    session: &Arc<Session>,
+    queue: &Queue,
+    kind: &str,
+    blocker: &Blocker,
+    value: Vec<u8>,
+) -> Result<(Ticket, Option<Snapshot>), Error> {
     let (key, slot) = numbered_key(session, queue, kind);
     let (mut ticket, first) =
         enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
-    let first = first.filter(|s| blocker.decides_at_enqueue(s));
     ticket.announces = blocker.heads(queue);
     ticket.expects_announcements = blocker.announced();
-    let reads = blocker.reads_after(ticket.create_revision);
-    wait_loop(session, ticket, first, reads, |s| blocker.decide(s)).await
+    Ok((ticket, first.filter(|s| blocker.decides_at_enqueue(s))))
 }
 
 /// Takes back member `key` of kind `kind` in `queue`, made under this session's (resumed)
@@ -256,12 +268,7 @@ async fn try_by_enqueue(
     blocker: &Blocker,
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
-    let (key, slot) = numbered_key(session, queue, kind);
-    let (mut ticket, first) =
-        enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
-    let first = first.filter(|s| blocker.decides_at_enqueue(s));
-    ticket.announces = blocker.heads(queue);
-    ticket.expects_announcements = blocker.announced();
+    let (ticket, first) = enqueue_member(session, queue, kind, blocker, value).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
     let mut snapshot = match first {

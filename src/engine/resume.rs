@@ -105,7 +105,8 @@ impl LeasedSession {
         lease_id: i64,
         options: SessionOptions,
     ) -> Result<LeasedSession, Error> {
-        let (resumed, mut keys) = LeasedSession::adopt(client, lease_id, &options).await?;
+        let (resumed, mut keys) =
+            Box::pin(LeasedSession::adopt(client, lease_id, &options)).await?;
         let session = resumed.inner();
         // The earlier process's waits' pointers (docs/design.md, "Announced hand-offs") go
         // at once: a resumed wait announces itself again, and nobody else needs them.
@@ -119,7 +120,12 @@ impl LeasedSession {
                     .map(|k| TxnOp::delete(k.clone(), None))
                     .collect::<Vec<_>>(),
             );
-            until_answered(session, || txn.clone(), &mut Backoff::for_requests()).await?;
+            Box::pin(until_answered(
+                session,
+                || txn.clone(),
+                &mut Backoff::for_requests(),
+            ))
+            .await?;
         }
         let window = options.adoption_window().unwrap_or(session.ttl);
         let rule = Leftovers::new(&keys, leftovers::window_end(window));

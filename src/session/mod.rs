@@ -219,7 +219,7 @@ impl LeasedSession {
         // The TTL is the lease's, known only once read: check the rest now, the margins below.
         options.validate_for(Duration::MAX)?;
         let (rpc, tasks) = LeasedSession::rpc(client, options);
-        let Adopted { lease, keys } = grant::adopt(&rpc, lease_id).await?;
+        let Adopted { lease, keys } = Box::pin(grant::adopt(&rpc, lease_id)).await?;
         options.validate_for(lease.ttl)?;
         Ok((LeasedSession::start(rpc, tasks, lease, options, None), keys))
     }

@@ -147,7 +147,10 @@ impl Registration {
         options: SessionOptions,
     ) -> Result<Registration, Error> {
         let suffix = endpoint.addr().to_owned();
-        Registration::register_with_suffix(client, target, suffix, endpoint, options).await
+        Box::pin(Registration::register_with_suffix(
+            client, target, suffix, endpoint, options,
+        ))
+        .await
     }
 
     /// Like [`register`](Self::register), under the key `<target>/<suffix>` (Go's
@@ -169,7 +172,7 @@ impl Registration {
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
         let json = endpoint.validate()?;
         options.validate()?;
-        let held = establish(&client, &key, &json, &options).await?;
+        let held = Box::pin(establish(&client, &key, &json, &options)).await?;
         Ok(Registration::supervised(
             client, key, endpoint, options, held,
         ))
