@@ -773,6 +773,17 @@ async fn keys_the_resumed_session_puts_itself_are_never_deleted_while_a_leftover
         tokio::spawn(async move { m.lock().await })
     };
     key_on_lease(&observer, &format!("{}/", n("line")), lease_id).await;
+    // … with its hand-off pointer to the holder ahead in place (a key of its own too).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &n("line"))
+                .await
+                .iter()
+                .any(|k| is_pointer(k))
+        })
+        .await,
+        "the waiter announced itself"
+    );
     let own = |keys: Vec<String>| -> Vec<String> {
         keys.into_iter()
             .filter(|k| !k.starts_with(&n("leftover")) && !k.starts_with(&n("later")))
