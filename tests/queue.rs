@@ -29,6 +29,22 @@ async fn idle_line(c: &Client, name: &str) -> Vec<String> {
     members_under(c, &format!("{name}/#queue/w")).await
 }
 
+/// After a claimer's dropped future and its session's background work: no claim, no place in
+/// the idle line, no key on its lease, and no task but the session's own.
+async fn nothing_left_by(c: &Client, s: &LeasedSession, name: &str, what: &str) {
+    s.settled().await;
+    assert!(
+        under(c, name, "claims").await.is_empty(),
+        "{what}: a claim left"
+    );
+    assert!(
+        idle_line(c, name).await.is_empty(),
+        "{what}: a place in line left"
+    );
+    assert!(keys_on_lease(c, s.lease_id()).await.is_empty(), "{what}");
+    only_its_own_task_runs(s).await;
+}
+
 /// Revokes `lease` as an operator (or etcd's expiry) would.
 async fn revoke(c: &Client, lease: i64) {
     c.clone().lease_revoke(lease).await.unwrap();
@@ -1037,17 +1053,7 @@ async fn a_dropped_claim_leaves_no_claim_no_place_in_line_no_task_and_loses_no_j
                 if let Driven::Completed(got) = driven {
                     drop(got.unwrap_or_else(|e| panic!("{what}: {e}"))); // gives it back
                 }
-                s.settled().await;
-                assert!(
-                    under(&c, &name, "claims").await.is_empty(),
-                    "{what}: a claim left"
-                );
-                assert!(
-                    idle_line(&c, &name).await.is_empty(),
-                    "{what}: a place in line left"
-                );
-                assert!(keys_on_lease(&c, s.lease_id()).await.is_empty(), "{what}");
-                only_its_own_task_runs(&s).await;
+                nothing_left_by(&c, &s, &name, &what).await;
                 let jobs = under(&c, &name, "jobs").await.len();
                 assert_eq!(jobs, usize::from(ready), "{what}: jobs {jobs}");
             },
@@ -1189,13 +1195,7 @@ async fn a_dropped_claim_many_gives_back_every_claim_that_landed_and_loses_no_jo
                 assert_eq!(got.len(), 3, "{what}");
                 drop(got); // gives them back
             }
-            s.settled().await;
-            assert!(
-                under(&c, &name, "claims").await.is_empty(),
-                "{what}: a claim left"
-            );
-            assert!(keys_on_lease(&c, s.lease_id()).await.is_empty(), "{what}");
-            only_its_own_task_runs(&s).await;
+            nothing_left_by(&c, &s, &name, &what).await;
             assert_eq!(under(&c, &name, "jobs").await.len(), 3, "{what}: jobs");
         },
     )
@@ -1234,17 +1234,7 @@ async fn a_claims_stream_dropped_at_any_await_leaves_no_claim_and_loses_no_job()
                 let got = got.expect("a stream of claims does not end while claims succeed");
                 drop(got.unwrap_or_else(|e| panic!("{what}: {e}"))); // gives it back
             }
-            s.settled().await;
-            assert!(
-                under(&c, &name, "claims").await.is_empty(),
-                "{what}: a claim left"
-            );
-            assert!(
-                idle_line(&c, &name).await.is_empty(),
-                "{what}: a place in line left"
-            );
-            assert!(keys_on_lease(&c, s.lease_id()).await.is_empty(), "{what}");
-            only_its_own_task_runs(&s).await;
+            nothing_left_by(&c, &s, &name, &what).await;
             assert_eq!(under(&c, &name, "jobs").await.len(), 1, "{what}: jobs");
         },
     )
