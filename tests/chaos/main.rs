@@ -166,6 +166,15 @@ async fn double_barrier_rounds_stay_together_under_fault_schedules() {
     stays_safe(Primitive::DoubleBarrier, 3, &[291]).await;
 }
 
+/// Every client both produces and works on one `WorkQueue` (client 0 and every client a fault
+/// kills or pauses in its own process): every job an enqueue added is acknowledged exactly
+/// once, through its newest claim, by a worker that held it alone, and after the heal every
+/// ready job is claimed within the bound (checker properties (k)–(o)).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_queue_acknowledges_every_job_once_under_fault_schedules() {
+    stays_safe(Primitive::Queue, 3, &[68, 284]).await;
+}
+
 /// Holders killed with SIGKILL *while they hold* and restarted as processes that resume the
 /// dead one's lease and lock (`LeasedSession::resume`, `Mutex::resume`: same key, same fencing
 /// token), among faults: a resumed lock never overlaps another holder, is taken back only if
@@ -268,6 +277,7 @@ fn the_ci_seeds_keep_their_schedules() {
         (5, "[(738, KillClient(3)), (614, ResetClient(0)), (1373, PauseHolder(2))]"),
         (52, "[(803, KillClient(3)), (704, KillClient(0)), (718, CutOffHolder(2))]"),
         (57, "[(850, KillClient(3)), (1183, CutOffHolder(0)), (995, RefuseClient(1))]"),
+        (68, "[(1093, PauseHolder(3)), (478, CutOffHolder(0)), (1410, KillClient(0)), (1374, ResetClient(2))]"),
         (99, "[(1474, KillClient(0)), (493, CutOffHolder(1)), (743, DropResponses(1))]"),
         (121, "[(491, PauseHolder(2)), (971, BlackholeClient(3)), (1185, KillClient(2))]"),
         (158, "[(1173, KillClient(1)), (321, PauseHolder(3)), (458, Compact)]"),
@@ -275,6 +285,7 @@ fn the_ci_seeds_keep_their_schedules() {
         (211, "[(1352, LoseRelease(0)), (1032, CutOffHolder(2)), (1330, KillClient(1))]"),
         (212, "[(698, LatencySpike(1)), (1479, RestartMember(0)), (504, HoldAnswers(3)), (837, KillClient(2))]"),
         (248, "[(474, KillClient(3)), (1258, KillLeader), (747, CutOffHolder(1)), (394, ResetClient(1)), (493, LoseRelease(0))]"),
+        (284, "[(1049, HoldAnswers(0)), (1437, LoseRelease(3)), (1144, CutOffHolder(3)), (1004, PauseHolder(0))]"),
         (291, "[(967, Compact), (616, Compact), (435, KillClient(2)), (597, HoldAnswers(0))]"),
     ];
     for (seed, expected) in pinned {

@@ -165,3 +165,72 @@ async fn observers_and_views_that_drop_events_are_caught() {
         "views that drop changes were not caught: {violations:?}"
     );
 }
+
+/// A work queue's worker that acknowledges with plain deletes: cut off while it holds a claim
+/// past the TTL, it acknowledges after another worker claimed the job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_ack_skips_its_claim_is_caught_acknowledging_a_job_it_no_longer_held() {
+    let plan = [(1_000, Fault::CutOffHolder(BROKEN_CLIENT))];
+    caught(
+        Primitive::Queue,
+        Broken::Unfenced,
+        &plan,
+        SHORT,
+        Property::AckNotOnce,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_ignores_its_lost_claim_is_caught_sharing_the_job() {
+    let plan = [(1_000, Fault::CutOffHolder(BROKEN_CLIENT))];
+    caught(
+        Primitive::Queue,
+        Broken::IgnoresLoss,
+        &plan,
+        SHORT,
+        Property::ClaimShared,
+    )
+    .await;
+}
+
+/// As etcd's `recipe.Queue` dequeues — the job deleted as it is taken —, a worker that loses its
+/// claim loses the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dequeues_by_deleting_is_caught_losing_a_job() {
+    let plan = [(1_000, Fault::CutOffHolder(BROKEN_CLIENT))];
+    caught(
+        Primitive::Queue,
+        Broken::DequeuesByDelete,
+        &plan,
+        SHORT,
+        Property::JobLost,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_neither_acknowledged_nor_given_back_is_caught_starving_its_job() {
+    let plan = [(1_000, Fault::ResetClient(2))];
+    caught(
+        Primitive::Queue,
+        Broken::Leaks,
+        &plan,
+        LONG,
+        Property::JobStarved,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_enqueues_again_without_its_idempotency_key_is_caught_adding_a_job_twice() {
+    let plan = [(1_000, Fault::ResetClient(2))];
+    caught(
+        Primitive::Queue,
+        Broken::ForgetsIdempotency,
+        &plan,
+        SHORT,
+        Property::EnqueuedTwice,
+    )
+    .await;
+}

@@ -160,7 +160,7 @@ fn token_order(ivs: &[Interval], rules: Rules) -> Vec<Violation> {
 
 /// (b) At no instant more than `holders` exclusive holders, nor an exclusive and a shared one
 /// (an interval still open runs to the end of the history).
-fn exclusion(ivs: &[Interval], rules: Rules) -> Vec<Violation> {
+pub(super) fn exclusion(ivs: &[Interval], rules: Rules) -> Vec<Violation> {
     let mut v = Vec::new();
     for (i, b) in ivs.iter().enumerate() {
         let open: Vec<&Interval> = ivs[..i]

@@ -114,6 +114,17 @@ fn in_use(keys: &[SeenKey], events: &[Event], per_waiter: usize) -> HashSet<(Str
                 lease_of.insert(*client, *lease);
                 wants.remove(client);
             }
+            // A work queue's claim: its claim key is held like a lock's.
+            Event::JobClaimed {
+                client,
+                token,
+                lease,
+                ..
+            } => {
+                *held.entry((*client, *token)).or_default() += 1;
+                lease_of.insert(*client, *lease);
+                wants.remove(client);
+            }
             Event::Ended { client, token, .. } => {
                 if let Some(n) = held.get_mut(&(*client, *token)) {
                     *n = n.saturating_sub(1);

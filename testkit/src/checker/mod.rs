@@ -64,6 +64,14 @@
 //! - (j) an observer never reports an older leader after a newer one (fencing tokens), and
 //!   after the heal it reports every leader that anyone acquired.
 //!
+//! Work queues ([`check_queue`]): record [`Event::JobEnqueuing`] and [`Event::JobEnqueued`]
+//! around every enqueue, [`Event::JobClaimed`] at every claim, [`Event::JobAcked`] for every
+//! acknowledgement etcd accepted (or may have), [`Event::Ended`] when a claimer stops
+//! believing it holds its claim; at the end read what is left in etcd ([`QueueEnd`]):
+//! - (k) no job is lost; (l) every job is acknowledged once, through its newest claim;
+//!   (m) no two claimers hold one job at once; (n) after the heal every ready job is claimed
+//!   within a bound; (o) one enqueue adds one job.
+//!
 //! [`FencedRegister`] is an in-memory protected resource that rejects tokens lower than the
 //! highest it has seen.
 
@@ -73,6 +81,7 @@ mod holders;
 mod keys;
 mod liveness;
 mod observers;
+mod queue;
 mod writes;
 
 use std::time::{Duration, Instant};
@@ -83,6 +92,7 @@ pub use holders::{check, check_with};
 pub use keys::{KeyAudit, SeenKey};
 pub use liveness::check_liveness;
 pub use observers::check_observers;
+pub use queue::{check_queue, QueueEnd};
 pub use writes::{check_accepted_writes, AcceptedWrite, FencedRegister};
 
 /// How soon after being continued (SIGCONT) a holder whose process was paused must stop
@@ -117,6 +127,16 @@ pub enum Property {
     OrphanKey,
     /// (j) Observers report leaders in order and, after the heal, every one.
     Observed,
+    /// (k) A work queue's job was neither acknowledged nor left in etcd.
+    JobLost,
+    /// (l) A job was acknowledged twice, or through a claim that was no longer its newest.
+    AckNotOnce,
+    /// (m) Two claimers believed they held one job at once.
+    ClaimShared,
+    /// (n) After the faults healed, a ready job waited longer than the bound for a claim.
+    JobStarved,
+    /// (o) One enqueue (one idempotency key) added two jobs.
+    EnqueuedTwice,
 }
 
 impl Property {
@@ -133,6 +153,11 @@ impl Property {
             Property::Starved => 'h',
             Property::OrphanKey => 'i',
             Property::Observed => 'j',
+            Property::JobLost => 'k',
+            Property::AckNotOnce => 'l',
+            Property::ClaimShared => 'm',
+            Property::JobStarved => 'n',
+            Property::EnqueuedTwice => 'o',
         }
     }
 }
@@ -266,6 +291,57 @@ pub enum Event {
         /// When.
         at: Instant,
     },
+    /// `client` starts to enqueue the job named `job` (a name unique to the job, e.g. its
+    /// payload and idempotency key).
+    JobEnqueuing {
+        /// Who.
+        client: usize,
+        /// The job's name.
+        job: String,
+        /// When.
+        at: Instant,
+    },
+    /// `client`'s enqueue of `job` returned the job's id.
+    JobEnqueued {
+        /// Who.
+        client: usize,
+        /// The job's name.
+        job: String,
+        /// Its id in the queue.
+        id: String,
+        /// When.
+        at: Instant,
+    },
+    /// `client` claimed job `id` (named `job`) under `lease`: it believes it holds the job
+    /// until an [`Event::Ended`] of `token`, the claim's fencing token.
+    JobClaimed {
+        /// Who.
+        client: usize,
+        /// The job's name.
+        job: String,
+        /// Its id in the queue.
+        id: String,
+        /// The claim's fencing token.
+        token: i64,
+        /// The claimer's session lease.
+        lease: i64,
+        /// Which delivery (1 the first time).
+        attempt: u32,
+        /// When.
+        at: Instant,
+    },
+    /// etcd accepted `client`'s acknowledgement through the claim `token` (`certain`), or its
+    /// answer was lost and it may have.
+    JobAcked {
+        /// Who.
+        client: usize,
+        /// The claim's fencing token.
+        token: i64,
+        /// Whether etcd's answer said it applied.
+        certain: bool,
+        /// When.
+        at: Instant,
+    },
 }
 
 impl Event {
@@ -283,7 +359,11 @@ impl Event {
             | Event::Session { at, .. }
             | Event::Paused { at, .. }
             | Event::Observed { at, .. }
-            | Event::Participant { at, .. } => *at,
+            | Event::Participant { at, .. }
+            | Event::JobEnqueuing { at, .. }
+            | Event::JobEnqueued { at, .. }
+            | Event::JobClaimed { at, .. }
+            | Event::JobAcked { at, .. } => *at,
         }
     }
 }

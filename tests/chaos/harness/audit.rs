@@ -63,6 +63,10 @@ pub async fn key_auditor(admin: Client, sh: Arc<Shared>) -> Vec<Violation> {
             let keys: Vec<SeenKey> = resp
                 .kvs()
                 .iter()
+                .filter(|kv| {
+                    sh.primitive != Primitive::Queue
+                        || !super::queue::unowned_by_design(kv.key_str().unwrap_or("?"))
+                })
                 .map(|kv| SeenKey {
                     key: kv.key_str().unwrap_or("?").to_owned(),
                     create_revision: kv.create_revision(),

@@ -70,12 +70,12 @@ impl Control {
     }
 
     /// Whether this acquisition is a long hold: then what lets it go.
-    fn take_long_hold(&self) -> Option<CancellationToken> {
+    pub(super) fn take_long_hold(&self) -> Option<CancellationToken> {
         let mut long = self.long.lock().unwrap();
         std::mem::take(&mut long.0).then(|| long.1.clone())
     }
 
-    fn is(&self, broken: Broken) -> bool {
+    pub(super) fn is(&self, broken: Broken) -> bool {
         self.broken == Some(broken)
     }
 }
@@ -219,7 +219,7 @@ impl Held {
 }
 
 /// One word for why an attempt failed.
-fn why(e: &Error) -> String {
+pub(super) fn why(e: &Error) -> String {
     match e {
         Error::PermissionDenied(_) => "permission".into(),
         Error::SessionLost(r) => format!("lost-{}", reason(*r)),
@@ -346,6 +346,7 @@ pub async fn client_loop(
     }
     let stopped = ctl.stopped.clone();
     let long_holder = ctl.primitive == Primitive::Semaphore && id == super::CLIENTS - 1;
+    let mut producer = super::queue::Producer::new();
     'sessions: while !stopped.is_cancelled() {
         // It wants from before it has a session: a session that never starts is a wait too.
         sink.report(id, Report::Waiting);
@@ -365,6 +366,8 @@ pub async fn client_loop(
         sink.watch_tasks(session.background_tasks(), &own_tasks);
         if ctl.primitive == Primitive::DoubleBarrier {
             double_barrier_rounds(&ctl, &session, &sink).await;
+        } else if ctl.primitive == Primitive::Queue {
+            Box::pin(super::queue::rounds(&ctl, &session, &sink, &mut producer)).await;
         } else {
             let (name, primitive) = (ctl.name.as_str(), ctl.primitive);
             let mutex = Mutex::new(&session, name);
@@ -399,7 +402,7 @@ pub async fn client_loop(
                             }
                             held => Held::Hold(held?),
                         },
-                        Primitive::DoubleBarrier | Primitive::Selector => {
+                        Primitive::DoubleBarrier | Primitive::Selector | Primitive::Queue => {
                             unreachable!("run by their own loops")
                         }
                     };

@@ -5,6 +5,7 @@
 //! - `faults`: the faults, their seeded schedules, the proxies they act through;
 //! - `client`: what one client does (and how a deliberately broken one misbehaves);
 //! - `process`: clients in processes of their own;
+//! - `queue`: work-queue producers and workers, and the queue's drain at the end;
 //! - `report`: what clients report, and the run's shared history;
 //! - `audit`: what the harness watches and reads back from etcd.
 #![allow(dead_code, unused_imports)] // shared by two test binaries, each using part of it
@@ -13,6 +14,7 @@ mod audit;
 mod client;
 mod faults;
 mod process;
+mod queue;
 mod report;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +24,8 @@ use std::time::{Duration, Instant};
 use etcd_client::Client;
 use etcd_coord::BackgroundTasks;
 use etcd_coord_testkit::checker::{
-    check_double_barrier, check_liveness, check_observers, Event, History, Rules, Step, Violation,
+    check_double_barrier, check_liveness, check_observers, check_queue, Event, History, Rules,
+    Step, Violation,
 };
 use etcd_coord_testkit::EtcdCluster;
 use tokio_util::sync::CancellationToken;
@@ -128,6 +131,9 @@ pub enum Primitive {
     /// Every client runs a `LeaderSelector`; each term writes and lasts 30 ms (a long hold:
     /// until the term is cancelled).
     Selector,
+    /// Every client produces and works on one `WorkQueue`: it enqueues a job every other
+    /// round, claims one, works 5–20 ms (a long hold: until its `lost()`) and acknowledges it.
+    Queue,
 }
 
 impl Primitive {
@@ -147,6 +153,7 @@ impl Primitive {
             "Barrier" => Primitive::Barrier,
             "DoubleBarrier" => Primitive::DoubleBarrier,
             "Selector" => Primitive::Selector,
+            "Queue" => Primitive::Queue,
             other => panic!("unknown primitive {other}"),
         }
     }
@@ -161,9 +168,11 @@ impl Primitive {
 /// the test harness only: the library has no switch for it. Each breaks one property.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broken {
-    /// (c) Writes with plain puts, not through its fence: its late writes land.
+    /// (c) Writes with plain puts, not through its fence: its late writes land. (l) A work
+    /// queue's worker acknowledges with plain deletes, also past its claim's loss.
     Unfenced,
-    /// (b) A long hold believes until the harness lets it go, ignoring `lost()`.
+    /// (b), (m) A long hold (or claim) believes until the harness lets it go, ignoring
+    /// `lost()`.
     IgnoresLoss,
     /// (a), (d) A restarted process believes it holds its predecessor's lock again, without
     /// asking etcd (a Go-style resumption that trusts what it was given).
@@ -174,10 +183,17 @@ pub enum Broken {
     OpensEarly,
     /// (g) A double barrier's `leave()` returns at once.
     LeavesEarly,
-    /// (i) Its guards are never released (nor dropped): the keys stay on its live lease.
+    /// (i), (n) Its guards are never released (nor dropped): the keys stay on its live lease
+    /// (a work queue's claimed job with them).
     Leaks,
     /// (j) and discovery: observers and views drop every third event.
     DropsEvents,
+    /// (k) A work queue's worker deletes the job when it claims it, as etcd's `recipe.Queue`
+    /// dequeues: a worker that loses its claim loses the job.
+    DequeuesByDelete,
+    /// (o) A producer sends every enqueue twice, without its idempotency key (as a producer
+    /// that retries on its own, after an answer it did not wait for).
+    ForgetsIdempotency,
 }
 
 impl Broken {
@@ -195,6 +211,8 @@ impl Broken {
             Broken::LeavesEarly,
             Broken::Leaks,
             Broken::DropsEvents,
+            Broken::DequeuesByDelete,
+            Broken::ForgetsIdempotency,
         ]
         .into_iter()
         .find(|b| b.name() == s)
@@ -499,6 +517,7 @@ async fn run_counting(
         tasks: StdMutex::new(Vec::new()),
         proxies: proxies.clone(),
         lose_release: StdMutex::new(vec![false; CLIENTS]),
+        releasing: StdMutex::new(vec![false; CLIENTS]),
         secure,
         written: StdMutex::new(Vec::new()),
         tally: StdMutex::new(Default::default()),
@@ -581,7 +600,17 @@ async fn run_counting(
                 victim.kill().await;
                 // A killed process stops believing it holds, and wanting, the moment it dies.
                 let held = sh.holding.lock().unwrap()[*i].take();
+                let releasing = std::mem::take(&mut sh.releasing.lock().unwrap()[*i]);
                 if let Some((token, _)) = held {
+                    if primitive == Primitive::Queue && releasing {
+                        // Killed as it acknowledged: its acknowledgement may have applied.
+                        sh.history.record(Event::JobAcked {
+                            client: *i,
+                            token,
+                            certain: false,
+                            at: Instant::now(),
+                        });
+                    }
                     sh.history.ended(*i, token);
                 }
                 sh.history.exited(*i);
@@ -655,6 +684,16 @@ async fn run_counting(
     }
     observer.await.unwrap();
     let mut violations = auditor.await.unwrap();
+    // What a work queue left in etcd, drained so that nothing remains.
+    let queue_end = match primitive {
+        Primitive::Queue => Some(queue::drain(&admin, &sh.name).await),
+        _ => None,
+    };
+    if let Some(q) = &queue_end {
+        let mut tally = sh.tally.lock().unwrap();
+        tally.insert("jobs left at the end".into(), q.queued.len());
+        tally.insert("dead letters".into(), q.dead.len());
+    }
     if primitive.observed() {
         violations.extend(audit::observers_see_nobody_lead(&sh, OBSERVERS).await);
     }
@@ -688,13 +727,20 @@ async fn run_counting(
     if primitive == Primitive::Selector {
         violations.extend(audit::selectors_follow(&sh, end));
     }
-    // Liveness.
-    violations.extend(check_liveness(&events, healed, LIVENESS_BOUND, end));
+    if let Some(queue_end) = &queue_end {
+        violations.extend(check_queue(&events, queue_end, healed, LIVENESS_BOUND, end));
+    }
+    // Liveness. (A worker waits for a job only while there is none: the queue's liveness is
+    // that of its jobs, judged by check_queue.)
+    if primitive != Primitive::Queue {
+        violations.extend(check_liveness(&events, healed, LIVENESS_BOUND, end));
+    }
     let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
     let acquisitions = count(&|e| {
         matches!(
             e,
             Event::Acquired { .. }
+                | Event::JobClaimed { .. }
                 | Event::Participant {
                     step: Step::Entered,
                     ..
@@ -703,10 +749,10 @@ async fn run_counting(
     });
     let passes = count(&|e| matches!(e, Event::Passed { .. }));
     let per_client: Vec<usize> = (0..CLIENTS)
-        .map(|i| count(&|e| matches!(e, Event::Acquired { client, .. } | Event::Participant { client, step: Step::Entered, .. } if *client == i)))
+        .map(|i| count(&|e| matches!(e, Event::Acquired { client, .. } | Event::JobClaimed { client, .. } | Event::Participant { client, step: Step::Entered, .. } if *client == i)))
         .collect();
     let after_heal = count(
-        &|e| matches!(e, Event::Acquired { at, .. } | Event::Passed { at, .. } | Event::Participant { step: Step::Entered, at, .. } if *at > healed),
+        &|e| matches!(e, Event::Acquired { at, .. } | Event::JobClaimed { at, .. } | Event::Passed { at, .. } | Event::Participant { step: Step::Entered, at, .. } if *at > healed),
     );
     assert!(acquisitions > 0, "seed {seed}: nobody ever acquired");
     if primitive == Primitive::Barrier {
@@ -779,7 +825,7 @@ fn cut_off_summary(
             });
             let takeovers = events
                 .iter()
-                .filter(|e| matches!(e, Event::Acquired { client: c, at, .. } if c != client && at > began && at <= healed))
+                .filter(|e| matches!(e, Event::Acquired { client: c, at, .. } | Event::JobClaimed { client: c, at, .. } if c != client && at > began && at <= healed))
                 .count();
             format!(
                 "{f:?}: held token {token}; stopped believing {:?} after the fault began ({:?} long); {takeovers} acquisition(s) by others meanwhile",

@@ -69,6 +69,30 @@ pub enum Report {
     Leader(Option<i64>),
     /// A session ended Lost, for this reason (one word).
     SessionLost(String),
+    /// A work queue's producer starts to enqueue the job named `job`.
+    Enqueuing {
+        job: String,
+    },
+    /// Its enqueue of `job` returned the job's `id`.
+    Enqueued {
+        job: String,
+        id: String,
+    },
+    /// A worker claimed job `id` (named `job`), delivery `attempt`, with the claim's fencing
+    /// `token` under `lease`: it believes it holds the job until the `Ended` of `token`.
+    Claimed {
+        job: String,
+        id: String,
+        token: i64,
+        lease: i64,
+        attempt: u32,
+    },
+    /// etcd accepted the acknowledgement through claim `token` (`certain`), or its answer was
+    /// lost and it may have.
+    Acked {
+        token: i64,
+        certain: bool,
+    },
 }
 
 impl Report {
@@ -98,6 +122,16 @@ impl Report {
             Report::Participant { lease, step } => format!("participant {lease} {step:?}"),
             Report::Leader(l) => format!("leader {}", l.unwrap_or(0)),
             Report::SessionLost(why) => format!("session-lost {why}"),
+            Report::Enqueuing { job } => format!("enqueuing {job}"),
+            Report::Enqueued { job, id } => format!("enqueued {job} {id}"),
+            Report::Claimed {
+                job,
+                id,
+                token,
+                lease,
+                attempt,
+            } => format!("claimed {job} {id} {token} {lease} {attempt}"),
+            Report::Acked { token, certain } => format!("acked {token} {certain}"),
         }
     }
 
@@ -141,6 +175,22 @@ impl Report {
             },
             "leader" => Report::Leader(n(1).filter(|t| *t != 0)),
             "session-lost" => Report::SessionLost(word(1)?),
+            "enqueuing" => Report::Enqueuing { job: word(1)? },
+            "enqueued" => Report::Enqueued {
+                job: word(1)?,
+                id: word(2)?,
+            },
+            "claimed" => Report::Claimed {
+                job: word(1)?,
+                id: word(2)?,
+                token: n(3)?,
+                lease: n(4)?,
+                attempt: words.get(5)?.parse().ok()?,
+            },
+            "acked" => Report::Acked {
+                token: n(1)?,
+                certain: words.get(2)?.parse().ok()?,
+            },
             _ => return None,
         })
     }
@@ -170,6 +220,9 @@ pub struct Shared {
     pub proxies: Vec<Arc<ApiProxy>>,
     /// Clients whose next release is to lose its response (Fault::LoseRelease).
     pub lose_release: StdMutex<Vec<bool>>,
+    /// Clients that began to release (acknowledge) what they hold, and have not ended it: a
+    /// killed worker's acknowledgement may have applied.
+    pub releasing: StdMutex<Vec<bool>>,
     /// TLS and a user, if the cluster requires them.
     pub secure: Option<Secure>,
     /// Every write a client saw succeed: key and token.
@@ -225,6 +278,7 @@ impl Shared {
             }
             Report::Ended { token } => {
                 self.holding.lock().unwrap()[client] = None;
+                self.releasing.lock().unwrap()[client] = false;
                 h.record(Event::Ended { client, token, at });
             }
             Report::Wrote { token, key } => {
@@ -250,12 +304,55 @@ impl Shared {
                 at,
             }),
             Report::SessionLost(why) => self.count(format!("session lost: {why}")),
+            Report::Enqueuing { job } => h.record(Event::JobEnqueuing { client, job, at }),
+            Report::Enqueued { job, id } => {
+                self.count("jobs enqueued".into());
+                h.record(Event::JobEnqueued {
+                    client,
+                    job,
+                    id,
+                    at,
+                });
+            }
+            Report::Claimed {
+                job,
+                id,
+                token,
+                lease,
+                attempt,
+            } => {
+                self.holding.lock().unwrap()[client] = Some((token, false));
+                if attempt > 1 {
+                    self.count("redeliveries".into());
+                }
+                h.record(Event::JobClaimed {
+                    client,
+                    job,
+                    id,
+                    token,
+                    lease,
+                    attempt,
+                    at,
+                });
+            }
+            Report::Acked { token, certain } => {
+                if !certain {
+                    self.count("acks with a lost answer".into());
+                }
+                h.record(Event::JobAcked {
+                    client,
+                    token,
+                    certain,
+                    at,
+                });
+            }
         }
     }
 
     /// If a lost release response is armed for `client`, drops the responses on its path
     /// now and restores them (with a reset) half a second later.
     pub async fn maybe_lose_release(&self, client: usize) {
+        self.releasing.lock().unwrap()[client] = true;
         let armed = std::mem::take(&mut self.lose_release.lock().unwrap()[client]);
         if !armed {
             return;
