@@ -4,7 +4,7 @@ use etcd_client::TxnOp;
 
 use crate::engine::{self, holding_guard, measure, Holding, SessionKeys};
 use crate::keys::{Layout, Named};
-use crate::metrics::Kind;
+use crate::metrics::AcquisitionKind;
 use crate::{Error, LeasedSession};
 
 /// Where a barrier's key goes: `<name>/#barrier/`.
@@ -80,7 +80,7 @@ impl Barrier {
                 None => Err(Error::AlreadyHeld { key }),
             }
         };
-        let holding = measure::measured!(Kind::Barrier, self.name(), hold)?;
+        let holding = measure::measured!(AcquisitionKind::Barrier, self.name(), hold)?;
         Ok(BarrierHold::from_holding(holding))
     }
 

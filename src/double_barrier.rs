@@ -8,7 +8,7 @@ use crate::backoff::Backoff;
 use crate::engine::ticket::Acquired;
 use crate::engine::{self, holding_guard, measure, Decision, Holding};
 use crate::keys::{self, Layout, Named, Queue};
-use crate::metrics::Kind;
+use crate::metrics::AcquisitionKind;
 use crate::session::Session;
 use crate::watch::Watched;
 use crate::{Error, LeasedSession};
@@ -212,7 +212,7 @@ impl DoubleBarrier {
             let leave = leave_txn(&acquired, lease, &participants, &ready);
             Ok(Holding::with_release(self.session.clone(), acquired, leave))
         };
-        let holding = measure::measured!(Kind::DoubleBarrier, self.name(), enter)?;
+        let holding = measure::measured!(AcquisitionKind::DoubleBarrier, self.name(), enter)?;
         Ok(DoubleBarrierGuard::from_holding(
             holding,
             participants,

@@ -2,7 +2,7 @@
 
 use crate::engine::{holding_guard, inspect, measure, Holder, Line};
 use crate::keys::{Layout, Named};
-use crate::metrics::Kind;
+use crate::metrics::AcquisitionKind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -88,7 +88,7 @@ impl Mutex {
     #[tracing::instrument(name = "etcd_coord.mutex.lock", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
         let acquire = async { self.line()?.acquire(Vec::new()).await };
-        let holding = measure::measured!(Kind::Mutex, self.name(), acquire)?;
+        let holding = measure::measured!(AcquisitionKind::Mutex, self.name(), acquire)?;
         Ok(MutexGuard::from_holding(holding))
     }
 
@@ -103,7 +103,7 @@ impl Mutex {
     #[tracing::instrument(name = "etcd_coord.mutex.try_lock", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
         let attempt = async { self.line()?.try_acquire(Vec::new()).await };
-        let got = measure::attempted!(Kind::Mutex, self.name(), attempt)?;
+        let got = measure::attempted!(AcquisitionKind::Mutex, self.name(), attempt)?;
         Ok(got.map(MutexGuard::from_holding))
     }
 
@@ -180,7 +180,7 @@ impl Mutex {
     #[tracing::instrument(name = "etcd_coord.mutex.resume", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<MutexGuard, Error> {
         let adopt = async { self.line()?.adopt(key, fencing_token).await };
-        let holding = measure::measured!(Kind::Mutex, self.name(), adopt)?;
+        let holding = measure::measured!(AcquisitionKind::Mutex, self.name(), adopt)?;
         Ok(MutexGuard::from_holding(holding))
     }
 }

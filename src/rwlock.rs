@@ -2,7 +2,7 @@
 
 use crate::engine::{holding_guard, inspect, measure, Blocker, Holder, Holding, Line};
 use crate::keys::{Layout, Named};
-use crate::metrics::Kind;
+use crate::metrics::AcquisitionKind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -241,11 +241,11 @@ impl RwLock {
 }
 
 /// The metrics' kind of a member of `kind`.
-fn measured(kind: &str) -> Kind {
+fn measured(kind: &str) -> AcquisitionKind {
     if kind == READER {
-        Kind::RwLockRead
+        AcquisitionKind::RwLockRead
     } else {
-        Kind::RwLockWrite
+        AcquisitionKind::RwLockWrite
     }
 }
 

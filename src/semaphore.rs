@@ -2,7 +2,7 @@
 
 use crate::engine::{holding_guard, inspect, measure, Blocker, Holder, Line};
 use crate::keys::{Layout, Named, Queue};
-use crate::metrics::Kind;
+use crate::metrics::AcquisitionKind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -93,7 +93,7 @@ impl Semaphore {
     #[tracing::instrument(name = "etcd_coord.semaphore.acquire", skip_all, fields(name = %self.name(), permits = self.permits, lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn acquire(&self) -> Result<SemaphorePermit, Error> {
         let acquire = async { self.line()?.acquire(Vec::new()).await };
-        let holding = measure::measured!(Kind::Semaphore, self.name(), acquire)?;
+        let holding = measure::measured!(AcquisitionKind::Semaphore, self.name(), acquire)?;
         Ok(SemaphorePermit::from_holding(holding))
     }
 
@@ -107,7 +107,7 @@ impl Semaphore {
     #[tracing::instrument(name = "etcd_coord.semaphore.try_acquire", skip_all, fields(name = %self.name(), permits = self.permits, lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>, Error> {
         let attempt = async { self.line()?.try_acquire(Vec::new()).await };
-        let got = measure::attempted!(Kind::Semaphore, self.name(), attempt)?;
+        let got = measure::attempted!(AcquisitionKind::Semaphore, self.name(), attempt)?;
         Ok(got.map(SemaphorePermit::from_holding))
     }
     /// Who holds the permits now, oldest first: at most [`permits()`](Self::permits) holders
@@ -169,7 +169,7 @@ impl Semaphore {
     #[tracing::instrument(name = "etcd_coord.semaphore.resume", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<SemaphorePermit, Error> {
         let adopt = async { self.line()?.adopt(key, fencing_token).await };
-        let holding = measure::measured!(Kind::Semaphore, self.name(), adopt)?;
+        let holding = measure::measured!(AcquisitionKind::Semaphore, self.name(), adopt)?;
         Ok(SemaphorePermit::from_holding(holding))
     }
 }

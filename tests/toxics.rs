@@ -18,7 +18,7 @@ use std::time::Duration;
 use common::*;
 use etcd_coord::discovery::{Discovery, Endpoint, Registration};
 use etcd_coord::{Election, LeaderEvent, LeasedSession, Mutex, SessionOptions, SessionState};
-use etcd_coord_testkit::faults::{FaultServer, Kind, Stream, Toxic};
+use etcd_coord_testkit::faults::{FaultServer, Stream, Toxic, ToxicKind};
 use futures::StreamExt;
 use tokio::time::Instant;
 
@@ -65,7 +65,7 @@ fn read(s: &Stamp) -> Option<Instant> {
 
 /// Runs the scenario with `kind` on both streams of the faulted roles' link; prints and
 /// returns the row, after checking what must hold whatever the toxic.
-async fn under(label: &str, kind: Kind) -> Row {
+async fn under(label: &str, kind: ToxicKind) -> Row {
     let etcd = etcd().await;
     let observer_client = client(&etcd).await;
     let faults = FaultServer::start("127.0.0.1:0").await.unwrap();
@@ -399,7 +399,7 @@ fn cut_off(row: &Row) {
 async fn latency_100ms_slows_every_role_and_costs_nobody_anything() {
     let row = under(
         "latency 100 ms",
-        Kind::Latency {
+        ToxicKind::Latency {
             latency: 100,
             jitter: 0,
         },
@@ -412,7 +412,7 @@ async fn latency_100ms_slows_every_role_and_costs_nobody_anything() {
 async fn latency_2s_makes_holders_and_leaders_give_up_before_peers_take_over() {
     let row = under(
         "latency 2 s",
-        Kind::Latency {
+        ToxicKind::Latency {
             latency: 2000,
             jitter: 0,
         },
@@ -423,19 +423,19 @@ async fn latency_2s_makes_holders_and_leaders_give_up_before_peers_take_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bandwidth_1kbps_slows_but_loses_nothing() {
-    let row = under("bandwidth 1 KB/s", Kind::Bandwidth { rate: 1 }).await;
+    let row = under("bandwidth 1 KB/s", ToxicKind::Bandwidth { rate: 1 }).await;
     nothing_lost(&row, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_0_is_a_silent_partition_and_peers_take_over_after_the_loss() {
-    let row = under("timeout 0", Kind::Timeout { timeout: 0 }).await;
+    let row = under("timeout 0", ToxicKind::Timeout { timeout: 0 }).await;
     cut_off(&row);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_peer_on_every_connection_is_a_partition_too() {
-    let row = under("reset_peer 0", Kind::ResetPeer { timeout: 0 }).await;
+    let row = under("reset_peer 0", ToxicKind::ResetPeer { timeout: 0 }).await;
     cut_off(&row);
 }
 
@@ -443,7 +443,7 @@ async fn reset_peer_on_every_connection_is_a_partition_too() {
 async fn slicer_10_bytes_changes_nothing_anyone_sees() {
     let row = under(
         "slicer 10 B",
-        Kind::Slicer {
+        ToxicKind::Slicer {
             average_size: 10,
             size_variation: 5,
             delay: 0,
@@ -455,12 +455,12 @@ async fn slicer_10_bytes_changes_nothing_anyone_sees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_data_closes_connections_and_everyone_reconnects_without_loss() {
-    let row = under("limit_data 1 KB", Kind::LimitData { bytes: 1000 }).await;
+    let row = under("limit_data 1 KB", ToxicKind::LimitData { bytes: 1000 }).await;
     nothing_lost(&row, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_close_changes_nothing_while_connections_stay_open() {
-    let row = under("slow_close 2 s", Kind::SlowClose { delay: 2000 }).await;
+    let row = under("slow_close 2 s", ToxicKind::SlowClose { delay: 2000 }).await;
     nothing_lost(&row, 1.0);
 }

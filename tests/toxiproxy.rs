@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_coord_testkit::faults::{FaultClient, FaultServer, Kind, Method, Stream, Toxic};
+use etcd_coord_testkit::faults::{FaultClient, FaultServer, Method, Stream, Toxic, ToxicKind};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -274,7 +274,7 @@ async fn the_toxiproxy_rust_client_drives_the_fault_server() {
     assert_eq!(toxics.len(), 1);
     assert_eq!(
         toxics[0].kind,
-        Kind::Latency {
+        ToxicKind::Latency {
             latency: 300,
             jitter: 0
         }
@@ -399,7 +399,7 @@ print("DONE")
             (
                 "slicer_upstream",
                 Stream::Upstream,
-                &Kind::Slicer {
+                &ToxicKind::Slicer {
                     average_size: 10,
                     size_variation: 5,
                     delay: 0
@@ -408,7 +408,7 @@ print("DONE")
             (
                 "latency_downstream",
                 Stream::Downstream,
-                &Kind::Latency {
+                &ToxicKind::Latency {
                     latency: 250,
                     jitter: 10
                 }
@@ -481,12 +481,12 @@ async fn the_node_toxiproxy_client_drives_the_fault_server() {
             (
                 "limit_data_upstream",
                 Stream::Upstream,
-                &Kind::LimitData { bytes: 1_000_000 }
+                &ToxicKind::LimitData { bytes: 1_000_000 }
             ),
             (
                 "lag",
                 Stream::Downstream,
-                &Kind::Latency {
+                &ToxicKind::Latency {
                     latency: 250,
                     jitter: 10
                 }
@@ -503,7 +503,7 @@ async fn the_node_toxiproxy_client_drives_the_fault_server() {
     assert_eq!(proxy.toxics.len(), 1);
     assert_eq!(
         proxy.toxics[0].kind,
-        Kind::Latency {
+        ToxicKind::Latency {
             latency: 50,
             jitter: 0
         }
@@ -579,7 +579,11 @@ async fn an_etcd_read_stopped_by_timeout_0_fails_when_the_toxic_is_removed_and_t
     server
         .add_toxic(
             "etcd",
-            Toxic::new("stop", Stream::Downstream, Kind::Timeout { timeout: 0 }),
+            Toxic::new(
+                "stop",
+                Stream::Downstream,
+                ToxicKind::Timeout { timeout: 0 },
+            ),
         )
         .unwrap();
     let pending = {
@@ -990,7 +994,7 @@ async fn each_toxic_does_to_etcd_traffic_what_toxiproxys_does() {
     let etcd = etcd().await;
     let down = |name: &str, kind| Some(Toxic::new(name, Stream::Downstream, kind));
     // latency: each answer ≥ the latency later.
-    let latency = Kind::Latency {
+    let latency = ToxicKind::Latency {
         latency: 300,
         jitter: 0,
     };
@@ -998,11 +1002,11 @@ async fn each_toxic_does_to_etcd_traffic_what_toxiproxys_does() {
     r.unwrap();
     assert!(took >= Duration::from_millis(300), "{took:?}");
     // bandwidth 1 KB/s: an answer of a few hundred bytes takes a few hundred ms more.
-    let (r, took) = read_through(&etcd, down("b", Kind::Bandwidth { rate: 1 })).await;
+    let (r, took) = read_through(&etcd, down("b", ToxicKind::Bandwidth { rate: 1 })).await;
     r.unwrap();
     assert!(took >= Duration::from_millis(50), "{took:?}");
     // slicer: the answer arrives in 10-byte pieces and still parses.
-    let slicer = Kind::Slicer {
+    let slicer = ToxicKind::Slicer {
         average_size: 10,
         size_variation: 5,
         delay: 100,
@@ -1011,37 +1015,37 @@ async fn each_toxic_does_to_etcd_traffic_what_toxiproxys_does() {
     r.unwrap();
     // timeout 0: the answer is dropped and the connection stays: the read ends at its own
     // deadline.
-    let (r, _) = read_through(&etcd, down("t", Kind::Timeout { timeout: 0 })).await;
+    let (r, _) = read_through(&etcd, down("t", ToxicKind::Timeout { timeout: 0 })).await;
     let e = r.unwrap_err();
     assert!(is_deadline(&e), "{e:?}");
     // timeout 300: the connection is closed 300 ms after the toxic's start: the read fails
     // then, with its connection — not at its deadline.
-    let (r, took) = read_through(&etcd, down("t", Kind::Timeout { timeout: 300 })).await;
+    let (r, took) = read_through(&etcd, down("t", ToxicKind::Timeout { timeout: 300 })).await;
     let e = r.unwrap_err();
     assert!(is_connection_lost(&e), "{e:?}");
     assert!(took >= Duration::from_millis(300), "{took:?}");
     // reset_peer 0: the answer resets the connection: the read fails with it.
-    let (r, _) = read_through(&etcd, down("r", Kind::ResetPeer { timeout: 0 })).await;
+    let (r, _) = read_through(&etcd, down("r", ToxicKind::ResetPeer { timeout: 0 })).await;
     let e = r.unwrap_err();
     assert!(is_connection_lost(&e), "{e:?}");
     // limit_data 10: the connection closes after 10 bytes of the answer: the read fails with
     // it.
-    let (r, _) = read_through(&etcd, down("d", Kind::LimitData { bytes: 10 })).await;
+    let (r, _) = read_through(&etcd, down("d", ToxicKind::LimitData { bytes: 10 })).await;
     let e = r.unwrap_err();
     assert!(is_connection_lost(&e), "{e:?}");
     // slow_close only delays a close: reads are not held for its delay.
-    let (r, took) = read_through(&etcd, down("c", Kind::SlowClose { delay: 1000 })).await;
+    let (r, took) = read_through(&etcd, down("c", ToxicKind::SlowClose { delay: 1000 })).await;
     r.unwrap();
     assert!(took < Duration::from_millis(1000), "{took:?}");
     // toxicity 0: the toxic acts on no connection.
     let spared = Toxic {
         toxicity: 0.0,
-        ..Toxic::new("t", Stream::Downstream, Kind::Timeout { timeout: 0 })
+        ..Toxic::new("t", Stream::Downstream, ToxicKind::Timeout { timeout: 0 })
     };
     let (r, _) = read_through(&etcd, Some(spared)).await;
     r.unwrap();
     // Upstream toxics act on requests: timeout 0 upstream drops the request.
-    let up = Toxic::new("u", Stream::Upstream, Kind::Timeout { timeout: 0 });
+    let up = Toxic::new("u", Stream::Upstream, ToxicKind::Timeout { timeout: 0 });
     let (r, _) = read_through(&etcd, Some(up)).await;
     let e = r.unwrap_err();
     assert!(is_deadline(&e), "{e:?}");
@@ -1095,7 +1099,7 @@ async fn each_toxic_ends_tcp_connections_as_toxiproxys_does() {
     // reset_peer: the next chunk (the echo) is dropped and both sides are reset (RST), after
     // its timeout.
     for timeout in [0, 300] {
-        let seen = through(down(Kind::ResetPeer { timeout }), b"ping", within).await;
+        let seen = through(down(ToxicKind::ResetPeer { timeout }), b"ping", within).await;
         assert_eq!(
             (seen.got.as_slice(), seen.client, seen.upstream),
             (&b""[..], Ending::Reset, Ending::Reset),
@@ -1108,7 +1112,7 @@ async fn each_toxic_ends_tcp_connections_as_toxiproxys_does() {
         );
     }
     // timeout 300: nothing passes; both sides are closed (FIN) after 300 ms.
-    let seen = through(down(Kind::Timeout { timeout: 300 }), b"ping", within).await;
+    let seen = through(down(ToxicKind::Timeout { timeout: 300 }), b"ping", within).await;
     assert_eq!(
         (seen.got.as_slice(), seen.client, seen.upstream),
         (&b""[..], Ending::Eof, Ending::Eof)
@@ -1116,13 +1120,13 @@ async fn each_toxic_ends_tcp_connections_as_toxiproxys_does() {
     assert!(seen.after >= Duration::from_millis(300), "{:?}", seen.after);
     // limit_data 25: exactly 25 bytes, then both sides are closed (FIN).
     let payload: Vec<u8> = (0..200u8).collect();
-    let seen = through(down(Kind::LimitData { bytes: 25 }), &payload, within).await;
+    let seen = through(down(ToxicKind::LimitData { bytes: 25 }), &payload, within).await;
     assert_eq!(
         (seen.got.as_slice(), seen.client, seen.upstream),
         (&payload[..25], Ending::Eof, Ending::Eof)
     );
     // slow_close 500: the upstream's close reaches the client 500 ms late, after its bytes.
-    let seen = through(down(Kind::SlowClose { delay: 500 }), b"BYE", within).await;
+    let seen = through(down(ToxicKind::SlowClose { delay: 500 }), b"BYE", within).await;
     assert_eq!(
         (seen.got.as_slice(), seen.client, seen.upstream),
         (&b"BYE"[..], Ending::Eof, Ending::Eof)
@@ -1133,7 +1137,7 @@ async fn each_toxic_ends_tcp_connections_as_toxiproxys_does() {
         Toxic::new(
             name,
             Stream::Downstream,
-            Kind::Latency {
+            ToxicKind::Latency {
                 latency: 300,
                 jitter: 0,
             },
@@ -1159,7 +1163,7 @@ async fn a_blackhole_holds_data_and_delivers_it_once_removed_and_refuse_spares_o
     server
         .add_toxic(
             "etcd",
-            Toxic::new("hole", Stream::Downstream, Kind::Blackhole),
+            Toxic::new("hole", Stream::Downstream, ToxicKind::Blackhole),
         )
         .unwrap();
     let pending = {
@@ -1178,7 +1182,10 @@ async fn a_blackhole_holds_data_and_delivers_it_once_removed_and_refuse_spares_o
     assert!(answered >= removed, "the answer came before the removal");
 
     server
-        .add_toxic("etcd", Toxic::new("refuse", Stream::Upstream, Kind::Refuse))
+        .add_toxic(
+            "etcd",
+            Toxic::new("refuse", Stream::Upstream, ToxicKind::Refuse),
+        )
         .unwrap();
     assert!(
         read_time(&client).await.is_ok(),
@@ -1193,7 +1200,7 @@ async fn a_blackhole_holds_data_and_delivers_it_once_removed_and_refuse_spares_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slicer_cuts_chunks_into_pieces_whole_and_in_order() {
-    let slicer = Kind::Slicer {
+    let slicer = ToxicKind::Slicer {
         average_size: 10,
         size_variation: 0,
         delay: 10_000,

@@ -7,7 +7,7 @@ use futures::Stream;
 
 use crate::engine::{holding_guard, measure, Line};
 use crate::keys::{Layout, Named};
-use crate::metrics::Kind;
+use crate::metrics::AcquisitionKind;
 #[cfg(doc)]
 use crate::Fence;
 use crate::{Error, LeasedSession};
@@ -133,7 +133,7 @@ impl Election {
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
         let value = value.into();
         let acquire = async { self.line()?.acquire(value).await };
-        let holding = measure::measured!(Kind::Election, self.name(), acquire)?;
+        let holding = measure::measured!(AcquisitionKind::Election, self.name(), acquire)?;
         Ok(Leadership::from_holding(holding))
     }
 
@@ -160,7 +160,7 @@ impl Election {
     #[tracing::instrument(name = "etcd_coord.election.resume", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token))]
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<Leadership, Error> {
         let adopt = async { self.line()?.adopt(key, fencing_token).await };
-        let holding = measure::measured!(Kind::Election, self.name(), adopt)?;
+        let holding = measure::measured!(AcquisitionKind::Election, self.name(), adopt)?;
         Ok(Leadership::from_holding(holding))
     }
 

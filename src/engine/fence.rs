@@ -38,12 +38,12 @@ pub struct Fence {
     /// The revision at which the key was known to exist.
     pub(super) revision: i64,
     /// What the clones share: the owner key's mod revision and the guard's metrics.
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<FenceState>,
 }
 
 /// What a fence's clones share (one allocation per acquisition).
 #[derive(Debug, Default)]
-pub(super) struct Shared {
+pub(super) struct FenceState {
     /// The owner key's mod revision as of the last write through this fence or its clones:
     /// every fenced write is conditional on it and moves it on, so that a write whose caller
     /// gave up can never land after a later one.

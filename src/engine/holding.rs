@@ -12,7 +12,7 @@ use crate::keys;
 use crate::{Error, LeasedSession};
 
 use super::cleanup::{Afterwards, Cleanup};
-use super::fence::{Fence, Shared};
+use super::fence::{Fence, FenceState};
 use super::ticket::Acquired;
 use super::SessionKeys;
 
@@ -118,7 +118,7 @@ impl Holding {
                 key: acquired.key,
                 create_revision: acquired.create_revision,
                 revision: acquired.revision,
-                shared: Arc::new(Shared {
+                shared: Arc::new(FenceState {
                     mod_revision: AtomicI64::new(acquired.create_revision),
                     held: Default::default(),
                 }),

@@ -9,7 +9,7 @@
 //! (tests/future_sizes.rs keeps every public future under 8 KiB). One allocation per
 //! acquisition, beside its round trips.
 
-use crate::metrics::{Acquisition, Kind, Outcome};
+use crate::metrics::{Acquisition, AcquisitionKind, Outcome};
 use crate::Error;
 
 use super::Holding;
@@ -23,7 +23,7 @@ macro_rules! boxed {
 pub(crate) use boxed;
 
 /// Awaits the acquisition `$acquire` (a future of `Result<Holding, Error>`) of a `$kind`
-/// (`metrics::Kind`) named `$name`, measured: a dropped future counts as cancelled (or timed
+/// (`metrics::AcquisitionKind`) named `$name`, measured: a dropped future counts as cancelled (or timed
 /// out, inside [`crate::timeout`]). Evaluates to its result.
 macro_rules! measured {
     ($kind:expr, $name:expr, $acquire:expr) => {{
@@ -51,7 +51,7 @@ pub(crate) use attempted;
 pub(crate) fn acquired(
     measured: Acquisition,
     result: &Result<Holding, Error>,
-    kind: Kind,
+    kind: AcquisitionKind,
     name: &str,
 ) {
     match result {
@@ -67,7 +67,7 @@ pub(crate) fn acquired(
 pub(crate) fn attempt_ended(
     measured: Acquisition,
     result: &Result<Option<Holding>, Error>,
-    kind: Kind,
+    kind: AcquisitionKind,
     name: &str,
 ) {
     match result {
@@ -82,7 +82,7 @@ pub(crate) fn attempt_ended(
 
 /// `holding` holds from now: its hold time and loss are measured, and the current span (the
 /// public operation's) gets its fencing token.
-fn holds(holding: &Holding, kind: Kind, name: &str) {
+fn holds(holding: &Holding, kind: AcquisitionKind, name: &str) {
     let fence = holding.fence();
     fence.shared.held.start(kind, name);
     tracing::Span::current().record("fencing_token", fence.fencing_token());

@@ -145,7 +145,7 @@ pub fn describe() {
 
 /// Kinds of acquisition (the `kind` label), in the order of [`KIND_LABELS`]' rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub(crate) enum AcquisitionKind {
     Mutex,
     Semaphore,
     RwLockRead,
@@ -213,7 +213,7 @@ macro_rules! grid {
     };
 }
 
-/// The `kind` label values, by [`Kind`].
+/// The `kind` label values, by [`AcquisitionKind`].
 macro_rules! kinds {
     ($($then:tt)*) => {
         grid!("kind": "mutex", "semaphore", "rwlock_read", "rwlock_write", "election", "barrier", "double_barrier"; $($then)*)
@@ -307,14 +307,14 @@ pub async fn timeout<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
 /// One acquisition being measured: created when it starts, [`finish`](Self::finish)ed with
 /// its outcome; dropped unfinished, it was cancelled (or timed out, inside [`timeout`]).
 pub(crate) struct Acquisition {
-    kind: Kind,
+    kind: AcquisitionKind,
     name: Option<SharedString>,
     start: Instant,
     done: bool,
 }
 
 impl Acquisition {
-    pub(crate) fn start(kind: Kind, name: &str) -> Acquisition {
+    pub(crate) fn start(kind: AcquisitionKind, name: &str) -> Acquisition {
         Acquisition {
             kind,
             name: name_label(name),
@@ -356,14 +356,14 @@ impl Drop for Acquisition {
 /// when first seen). Records nothing until [`start`](Self::start)ed with a kind.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
-    started: OnceLock<(Kind, Option<SharedString>, Instant)>,
+    started: OnceLock<(AcquisitionKind, Option<SharedString>, Instant)>,
     ended: AtomicBool,
     lost: AtomicBool,
 }
 
 impl Held {
     /// The guard of an acquisition of `kind` on `name` holds from now.
-    pub(crate) fn start(&self, kind: Kind, name: &str) {
+    pub(crate) fn start(&self, kind: AcquisitionKind, name: &str) {
         let _ = self.started.set((kind, name_label(name), Instant::now()));
     }
 

@@ -34,14 +34,14 @@ fn allocations_during(f: impl FnOnce()) -> usize {
     ALLOCATIONS.with(Cell::get) - before
 }
 
-const KINDS: [Kind; 7] = [
-    Kind::Mutex,
-    Kind::Semaphore,
-    Kind::RwLockRead,
-    Kind::RwLockWrite,
-    Kind::Election,
-    Kind::Barrier,
-    Kind::DoubleBarrier,
+const KINDS: [AcquisitionKind; 7] = [
+    AcquisitionKind::Mutex,
+    AcquisitionKind::Semaphore,
+    AcquisitionKind::RwLockRead,
+    AcquisitionKind::RwLockWrite,
+    AcquisitionKind::Election,
+    AcquisitionKind::Barrier,
+    AcquisitionKind::DoubleBarrier,
 ];
 const OUTCOMES: [Outcome; 7] = [
     Outcome::Acquired,
@@ -72,7 +72,7 @@ fn recording_the_hot_paths_metrics_allocates_nothing() {
     };
     let closed = Error::SessionClosed;
     // Warm the thread-locals and lazily initialised statics up first.
-    Acquisition::start(Kind::Mutex, "jobs/a").finish(Outcome::Acquired);
+    Acquisition::start(AcquisitionKind::Mutex, "jobs/a").finish(Outcome::Acquired);
     for kind in KINDS {
         for outcome in OUTCOMES {
             let n = allocations_during(|| {
@@ -122,15 +122,17 @@ fn every_label_table_row_is_one_kind() {
         }
     }
     assert_eq!(
-        KIND_LABELS[Kind::RwLockWrite as usize][0].value(),
+        KIND_LABELS[AcquisitionKind::RwLockWrite as usize][0].value(),
         "rwlock_write"
     );
-    let timeout = &KIND_OUTCOME_LABELS[Kind::Semaphore as usize][Outcome::Timeout as usize];
+    let timeout =
+        &KIND_OUTCOME_LABELS[AcquisitionKind::Semaphore as usize][Outcome::Timeout as usize];
     assert_eq!(
         (timeout[0].value(), timeout[1].value()),
         ("semaphore", "timeout")
     );
-    let gone = &KIND_CAUSE_LABELS[Kind::Barrier as usize][LossCause::SessionClosed as usize];
+    let gone =
+        &KIND_CAUSE_LABELS[AcquisitionKind::Barrier as usize][LossCause::SessionClosed as usize];
     assert_eq!(
         (gone[0].value(), gone[1].value()),
         ("barrier", "session_closed")

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::faults::link::Proxy;
-use super::faults::{Kind, Stream, Toxic};
+use super::faults::{Stream, Toxic, ToxicKind};
 use super::TestkitError;
 
 /// The faults in force on a [`FaultProxy`]. `Default` is a clean pass-through.
@@ -71,14 +71,16 @@ impl FaultProxy {
         let mut f = Faults::default();
         for t in self.proxy.toxics.borrow().iter() {
             match t.kind {
-                Kind::Blackhole => f.blackhole = true,
-                Kind::Timeout { .. } if t.stream == Stream::Downstream => f.drop_responses = true,
-                Kind::Refuse => f.refuse_new = true,
-                Kind::Latency { latency, jitter } => {
+                ToxicKind::Blackhole => f.blackhole = true,
+                ToxicKind::Timeout { .. } if t.stream == Stream::Downstream => {
+                    f.drop_responses = true
+                }
+                ToxicKind::Refuse => f.refuse_new = true,
+                ToxicKind::Latency { latency, jitter } => {
                     f.latency = Duration::from_millis(latency);
                     f.jitter = Duration::from_millis(jitter);
                 }
-                Kind::Bandwidth { rate } => f.bandwidth = Some(rate * 1000),
+                ToxicKind::Bandwidth { rate } => f.bandwidth = Some(rate * 1000),
                 _ => {}
             }
         }
@@ -89,17 +91,17 @@ impl FaultProxy {
     pub fn set_faults(&self, faults: Faults) {
         let mut toxics = Vec::new();
         if faults.blackhole {
-            toxics.extend(Toxic::both_ways("blackhole", Kind::Blackhole));
+            toxics.extend(Toxic::both_ways("blackhole", ToxicKind::Blackhole));
         }
         if faults.drop_responses {
             toxics.push(Toxic::new(
                 "drop_responses",
                 Stream::Downstream,
-                Kind::Timeout { timeout: 0 },
+                ToxicKind::Timeout { timeout: 0 },
             ));
         }
         if faults.refuse_new {
-            toxics.push(Toxic::new("refuse", Stream::Upstream, Kind::Refuse));
+            toxics.push(Toxic::new("refuse", Stream::Upstream, ToxicKind::Refuse));
         }
         if !faults.latency.is_zero() || !faults.jitter.is_zero() {
             // This proxy's jitter was "up to this much more"; toxiproxy's is ±: centre it.
@@ -107,13 +109,13 @@ impl FaultProxy {
             let latency = faults.latency.as_millis() as u64 + jitter;
             toxics.extend(Toxic::both_ways(
                 "latency",
-                Kind::Latency { latency, jitter },
+                ToxicKind::Latency { latency, jitter },
             ));
         }
         if let Some(bps) = faults.bandwidth.filter(|b| *b > 0) {
             toxics.extend(Toxic::both_ways(
                 "bandwidth",
-                Kind::Bandwidth {
+                ToxicKind::Bandwidth {
                     rate: bps.div_ceil(1000),
                 },
             ));

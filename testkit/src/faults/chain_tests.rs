@@ -2,9 +2,9 @@
 
 use super::*;
 use crate::faults::stage::*;
-use crate::faults::toxic::{Kind, Stream, Toxic};
+use crate::faults::toxic::{Stream, Toxic, ToxicKind};
 
-fn stage(kind: Kind) -> (Chain, Stamp, Toxic) {
+fn stage(kind: ToxicKind) -> (Chain, Stamp, Toxic) {
     let toxic = Toxic::new("t", Stream::Downstream, kind);
     let stamp = Stamp::fresh();
     let mut chain = Chain::default();
@@ -29,7 +29,7 @@ fn drain(chain: &mut Chain) -> Vec<u8> {
 
 #[test]
 fn a_removed_timeout_closes_the_link_and_what_it_dropped_stays_dropped() {
-    let (mut chain, _, _) = stage(Kind::Timeout { timeout: 0 });
+    let (mut chain, _, _) = stage(ToxicKind::Timeout { timeout: 0 });
     chain.push(data(b"gone"));
     chain.pump(Instant::now());
     assert!(!chain.has_output() && !chain.finished());
@@ -40,7 +40,7 @@ fn a_removed_timeout_closes_the_link_and_what_it_dropped_stays_dropped() {
 
 #[test]
 fn a_removed_blackhole_hands_on_what_it_held_in_order() {
-    let (mut chain, _, _) = stage(Kind::Blackhole);
+    let (mut chain, _, _) = stage(ToxicKind::Blackhole);
     chain.push(data(b"one "));
     chain.push(data(b"two"));
     chain.pump(Instant::now());
@@ -53,11 +53,11 @@ fn a_removed_blackhole_hands_on_what_it_held_in_order() {
 
 #[test]
 fn an_update_restarts_the_toxic_and_the_same_values_leave_it_alone() {
-    let (mut chain, stamp, toxic) = stage(Kind::Timeout { timeout: 0 });
+    let (mut chain, stamp, toxic) = stage(ToxicKind::Timeout { timeout: 0 });
     let t0 = Instant::now();
     assert_eq!(chain.next_wake(), None);
     let updated = Toxic {
-        kind: Kind::Timeout { timeout: 100 },
+        kind: ToxicKind::Timeout { timeout: 100 },
         ..toxic.clone()
     };
     let later = t0 + millis(50);
@@ -72,7 +72,7 @@ fn an_update_restarts_the_toxic_and_the_same_values_leave_it_alone() {
 
 #[test]
 fn limit_data_counts_across_restarts_but_not_across_a_remove_and_add() {
-    let (mut chain, stamp, toxic) = stage(Kind::LimitData { bytes: 10 });
+    let (mut chain, stamp, toxic) = stage(ToxicKind::LimitData { bytes: 10 });
     chain.push(data(b"123456"));
     chain.pump(Instant::now());
     assert_eq!(drain(&mut chain), b"123456");
@@ -82,7 +82,7 @@ fn limit_data_counts_across_restarts_but_not_across_a_remove_and_add() {
     assert_eq!(drain(&mut chain), b"789a");
     assert!(chain.finished());
 
-    let (mut chain, _, toxic) = stage(Kind::LimitData { bytes: 4 });
+    let (mut chain, _, toxic) = stage(ToxicKind::LimitData { bytes: 4 });
     chain.push(data(b"12"));
     chain.pump(Instant::now());
     assert_eq!(drain(&mut chain), b"12");
@@ -99,7 +99,7 @@ fn latencies_in_a_chain_add_up() {
         Toxic::new(
             name,
             Stream::Downstream,
-            Kind::Latency {
+            ToxicKind::Latency {
                 latency: 100,
                 jitter: 0,
             },
@@ -126,7 +126,7 @@ fn latencies_in_a_chain_add_up() {
 
 #[test]
 fn slow_close_holds_the_end_and_an_update_starts_its_delay_again() {
-    let (mut chain, stamp, toxic) = stage(Kind::SlowClose { delay: 100 });
+    let (mut chain, stamp, toxic) = stage(ToxicKind::SlowClose { delay: 100 });
     let t0 = Instant::now();
     chain.push(data(b"bye"));
     chain.push(Chunk::End);
@@ -135,7 +135,7 @@ fn slow_close_holds_the_end_and_an_update_starts_its_delay_again() {
     assert!(!chain.finished());
     let t1 = t0 + millis(50);
     let longer = Toxic {
-        kind: Kind::SlowClose { delay: 200 },
+        kind: ToxicKind::SlowClose { delay: 200 },
         ..toxic
     };
     chain.apply(vec![(longer, stamp.updated())], t1);

@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::toxic::{Kind, Toxic};
+use super::toxic::{Toxic, ToxicKind};
 use super::ApiError;
 
 /// A client of a toxiproxy API at `http://HOST:PORT`.
@@ -122,7 +122,12 @@ impl FaultClient {
     ///
     /// # Errors
     /// As [`request`](Self::request).
-    pub async fn add_both_ways(&self, proxy: &str, name: &str, kind: Kind) -> Result<(), ApiError> {
+    pub async fn add_both_ways(
+        &self,
+        proxy: &str,
+        name: &str,
+        kind: ToxicKind,
+    ) -> Result<(), ApiError> {
         for toxic in Toxic::both_ways(name, kind) {
             self.add_toxic(proxy, &toxic).await?;
         }

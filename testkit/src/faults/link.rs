@@ -33,7 +33,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::chain::{draw, Chain, Chunk, Stamp};
-use super::toxic::{Kind, Stream, Toxic};
+use super::toxic::{Stream, Toxic, ToxicKind};
 
 /// The stamps of a proxy's toxics, by name.
 pub(crate) type Stamps = Arc<StdMutex<HashMap<String, Stamp>>>;
@@ -200,7 +200,7 @@ async fn accept_loop(listener: TcpListener, proxy: std::sync::Weak<Proxy>) {
             .toxics
             .borrow()
             .iter()
-            .any(|t| t.kind == Kind::Refuse && draw(t.toxicity));
+            .any(|t| t.kind == ToxicKind::Refuse && draw(t.toxicity));
         if refused {
             reset(&client);
             continue;
@@ -238,7 +238,7 @@ async fn connection(
         .toxics
         .borrow()
         .iter()
-        .any(|t| matches!(t.kind, Kind::ResetPeer { .. }));
+        .any(|t| matches!(t.kind, ToxicKind::ResetPeer { .. }));
     drop(proxy); // a connection does not keep its proxy alive
     let conn = Arc::new(Conn {
         reset,

@@ -10,7 +10,7 @@
 //! * Run it on its own: `cargo run -p etcd-coord-testkit --bin etcd-coord-faults -- --listen
 //!   127.0.0.1:8474`.
 //!
-//! Toxics (see [`Kind`]): toxiproxy's `latency`, `bandwidth`, `slow_close`, `timeout`,
+//! Toxics (see [`ToxicKind`]): toxiproxy's `latency`, `bandwidth`, `slow_close`, `timeout`,
 //! `reset_peer`, `slicer`, `limit_data` and `noop`, and two of this crate's own: `blackhole`
 //! (hold every byte, close nothing, until removed) and `refuse` (reset new connections at
 //! once). Each acts on one stream (`upstream`: client → server; `downstream`, the default:
@@ -58,7 +58,7 @@ pub use api_error::ApiError;
 pub use client::FaultClient;
 /// The HTTP method of a [`FaultClient::request`].
 pub use hyper::Method;
-pub use toxic::{Kind, Stream, Toxic};
+pub use toxic::{Stream, Toxic, ToxicKind};
 
 use chain::Stamp;
 use link::Proxy;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::chain::{draw, Chunk, Stamp};
-use super::toxic::{Kind, Toxic};
+use super::toxic::{Toxic, ToxicKind};
 
 /// One toxic on one link.
 pub(super) struct Stage {
@@ -132,7 +132,7 @@ impl Stage {
     }
 
     pub(super) fn remove(mut self, now: Instant) -> Removal {
-        if matches!(self.toxic.kind, Kind::Timeout { .. }) {
+        if matches!(self.toxic.kind, ToxicKind::Timeout { .. }) {
             return Removal::Close;
         }
         if self.fires_at.is_some() {
@@ -151,7 +151,7 @@ impl Stage {
 
     pub(super) fn next_wake(&self) -> Option<Instant> {
         let timeout = match self.toxic.kind {
-            Kind::Timeout { timeout } if self.acts && timeout > 0 => {
+            ToxicKind::Timeout { timeout } if self.acts && timeout > 0 => {
                 Some(self.started + millis(timeout))
             }
             _ => None,
@@ -200,13 +200,13 @@ impl Stage {
             }
             if self.acts {
                 match self.toxic.kind {
-                    Kind::Timeout { timeout }
+                    ToxicKind::Timeout { timeout }
                         if timeout > 0 && now >= self.started + millis(timeout) =>
                     {
                         step.out.push(Chunk::End);
                         return step;
                     }
-                    Kind::Blackhole => return step,
+                    ToxicKind::Blackhole => return step,
                     _ => {}
                 }
             }
@@ -226,10 +226,10 @@ impl Stage {
         let (at, bytes) = match chunk {
             Chunk::End => {
                 match self.toxic.kind {
-                    Kind::SlowClose { delay } => {
+                    ToxicKind::SlowClose { delay } => {
                         self.leaving.push_back((now + millis(delay), Chunk::End))
                     }
-                    Kind::ResetPeer { timeout } => self.fires_at = Some(now + millis(timeout)),
+                    ToxicKind::ResetPeer { timeout } => self.fires_at = Some(now + millis(timeout)),
                     _ => self.leaving.push_back((now, Chunk::End)),
                 }
                 return;
@@ -237,20 +237,20 @@ impl Stage {
             Chunk::Data { at, bytes } => (at, bytes),
         };
         match self.toxic.kind {
-            Kind::Latency { latency, jitter } => {
+            ToxicKind::Latency { latency, jitter } => {
                 // Delayed from when it was read (or when an earlier latency let it go).
-                let delay = i128::from(Kind::latency_ms(latency, jitter)) * 1_000_000;
+                let delay = i128::from(ToxicKind::latency_ms(latency, jitter)) * 1_000_000;
                 let waited = now.saturating_duration_since(at).as_nanos() as i128;
                 let sleep = delay - waited;
                 let leaves = if sleep > 0 { shifted(now, sleep) } else { now };
                 let at = shifted(at, sleep);
                 self.leaving.push_back((leaves, Chunk::Data { at, bytes }));
             }
-            Kind::Bandwidth { rate: 0 } => {
+            ToxicKind::Bandwidth { rate: 0 } => {
                 self.debt = 0;
                 self.leaving.push_back((now, Chunk::Data { at, bytes }));
             }
-            Kind::Bandwidth { rate } => {
+            ToxicKind::Bandwidth { rate } => {
                 // rate KB/s: each byte costs 1/rate ms; more than 100 ms' worth goes in
                 // 100 ms slices.
                 self.debt += bytes.len() as i128 * 1_000_000 / i128::from(rate);
@@ -279,7 +279,7 @@ impl Stage {
                     },
                 ));
             }
-            Kind::Slicer {
+            ToxicKind::Slicer {
                 average_size,
                 size_variation,
                 delay,
@@ -290,7 +290,7 @@ impl Stage {
                     .min(average.saturating_sub(1));
                 // Each piece leaves `delay` µs after the one before left.
                 self.gap = Duration::from_micros(delay);
-                self.slices = Kind::slices(bytes.len(), average, variation)
+                self.slices = ToxicKind::slices(bytes.len(), average, variation)
                     .into_iter()
                     .map(|(a, b)| Chunk::Data {
                         at,
@@ -298,9 +298,9 @@ impl Stage {
                     })
                     .collect();
             }
-            Kind::Timeout { .. } => {} // dropped
-            Kind::ResetPeer { timeout } => self.fires_at = Some(now + millis(timeout)),
-            Kind::LimitData { bytes: limit } => {
+            ToxicKind::Timeout { .. } => {} // dropped
+            ToxicKind::ResetPeer { timeout } => self.fires_at = Some(now + millis(timeout)),
+            ToxicKind::LimitData { bytes: limit } => {
                 let room = usize::try_from(limit.saturating_sub(self.passed)).unwrap_or(usize::MAX);
                 let take = bytes.len().min(room);
                 if take > 0 {
@@ -317,7 +317,10 @@ impl Stage {
                     self.leaving.push_back((now, Chunk::End));
                 }
             }
-            Kind::SlowClose { .. } | Kind::Noop | Kind::Refuse | Kind::Blackhole => {
+            ToxicKind::SlowClose { .. }
+            | ToxicKind::Noop
+            | ToxicKind::Refuse
+            | ToxicKind::Blackhole => {
                 self.leaving.push_back((now, Chunk::Data { at, bytes }));
             }
         }

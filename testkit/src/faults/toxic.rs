@@ -32,7 +32,7 @@ impl Stream {
 /// connection as toxiproxy's `toxics/*.go` do; [the module](super) says how toxics start,
 /// restart and stop on open connections.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Kind {
+pub enum ToxicKind {
     /// `latency`: each chunk is delayed by `latency` ± `jitter` milliseconds, counted from
     /// when the proxy read it (so chunks that queue behind a delayed one are not delayed
     /// twice) or, after an earlier `latency` of the same stream, from when that one let it go
@@ -97,35 +97,35 @@ pub enum Kind {
     Refuse,
 }
 
-impl Kind {
+impl ToxicKind {
     /// The toxiproxy type name.
     pub fn type_name(&self) -> &'static str {
         match self {
-            Kind::Latency { .. } => "latency",
-            Kind::Bandwidth { .. } => "bandwidth",
-            Kind::SlowClose { .. } => "slow_close",
-            Kind::Timeout { .. } => "timeout",
-            Kind::ResetPeer { .. } => "reset_peer",
-            Kind::Slicer { .. } => "slicer",
-            Kind::LimitData { .. } => "limit_data",
-            Kind::Noop => "noop",
-            Kind::Blackhole => "blackhole",
-            Kind::Refuse => "refuse",
+            ToxicKind::Latency { .. } => "latency",
+            ToxicKind::Bandwidth { .. } => "bandwidth",
+            ToxicKind::SlowClose { .. } => "slow_close",
+            ToxicKind::Timeout { .. } => "timeout",
+            ToxicKind::ResetPeer { .. } => "reset_peer",
+            ToxicKind::Slicer { .. } => "slicer",
+            ToxicKind::LimitData { .. } => "limit_data",
+            ToxicKind::Noop => "noop",
+            ToxicKind::Blackhole => "blackhole",
+            ToxicKind::Refuse => "refuse",
         }
     }
 
     /// The attributes, as toxiproxy writes them.
     fn attributes(&self) -> Value {
         match self {
-            Kind::Latency { latency, jitter } => {
+            ToxicKind::Latency { latency, jitter } => {
                 serde_json::json!({ "latency": latency, "jitter": jitter })
             }
-            Kind::Bandwidth { rate } => serde_json::json!({ "rate": rate }),
-            Kind::SlowClose { delay } => serde_json::json!({ "delay": delay }),
-            Kind::Timeout { timeout } | Kind::ResetPeer { timeout } => {
+            ToxicKind::Bandwidth { rate } => serde_json::json!({ "rate": rate }),
+            ToxicKind::SlowClose { delay } => serde_json::json!({ "delay": delay }),
+            ToxicKind::Timeout { timeout } | ToxicKind::ResetPeer { timeout } => {
                 serde_json::json!({ "timeout": timeout })
             }
-            Kind::Slicer {
+            ToxicKind::Slicer {
                 average_size,
                 size_variation,
                 delay,
@@ -134,8 +134,8 @@ impl Kind {
                 "size_variation": size_variation,
                 "delay": delay,
             }),
-            Kind::LimitData { bytes } => serde_json::json!({ "bytes": bytes }),
-            Kind::Noop | Kind::Blackhole | Kind::Refuse => serde_json::json!({}),
+            ToxicKind::LimitData { bytes } => serde_json::json!({ "bytes": bytes }),
+            ToxicKind::Noop | ToxicKind::Blackhole | ToxicKind::Refuse => serde_json::json!({}),
         }
     }
 
@@ -144,9 +144,9 @@ impl Kind {
     fn parse(
         type_name: &str,
         attributes: &Value,
-        current: Option<&Kind>,
-    ) -> Result<Kind, ApiError> {
-        let base = current.map(Kind::attributes).unwrap_or(Value::Null);
+        current: Option<&ToxicKind>,
+    ) -> Result<ToxicKind, ApiError> {
+        let base = current.map(ToxicKind::attributes).unwrap_or(Value::Null);
         let get = |name: &str| -> Result<u64, ApiError> {
             let given = attributes.get(name).filter(|v| !v.is_null());
             match given.or_else(|| base.get(name)) {
@@ -159,31 +159,31 @@ impl Kind {
             }
         };
         Ok(match type_name {
-            "latency" => Kind::Latency {
+            "latency" => ToxicKind::Latency {
                 latency: get("latency")?,
                 jitter: get("jitter")?,
             },
-            "bandwidth" => Kind::Bandwidth { rate: get("rate")? },
-            "slow_close" => Kind::SlowClose {
+            "bandwidth" => ToxicKind::Bandwidth { rate: get("rate")? },
+            "slow_close" => ToxicKind::SlowClose {
                 delay: get("delay")?,
             },
-            "timeout" => Kind::Timeout {
+            "timeout" => ToxicKind::Timeout {
                 timeout: get("timeout")?,
             },
-            "reset_peer" => Kind::ResetPeer {
+            "reset_peer" => ToxicKind::ResetPeer {
                 timeout: get("timeout")?,
             },
-            "slicer" => Kind::Slicer {
+            "slicer" => ToxicKind::Slicer {
                 average_size: get("average_size")?,
                 size_variation: get("size_variation")?,
                 delay: get("delay")?,
             },
-            "limit_data" => Kind::LimitData {
+            "limit_data" => ToxicKind::LimitData {
                 bytes: get("bytes")?,
             },
-            "noop" => Kind::Noop,
-            "blackhole" => Kind::Blackhole,
-            "refuse" => Kind::Refuse,
+            "noop" => ToxicKind::Noop,
+            "blackhole" => ToxicKind::Blackhole,
+            "refuse" => ToxicKind::Refuse,
             _ => return Err(ApiError::invalid_toxic_type()),
         })
     }
@@ -241,7 +241,7 @@ pub struct Toxic {
     /// each update.
     pub toxicity: f32,
     /// What it does.
-    pub kind: Kind,
+    pub kind: ToxicKind,
 }
 
 /// A toxic as JSON comes in: every field optional.
@@ -261,7 +261,7 @@ struct ToxicBody {
 
 impl Toxic {
     /// A toxic acting on every connection.
-    pub fn new(name: impl Into<String>, stream: Stream, kind: Kind) -> Toxic {
+    pub fn new(name: impl Into<String>, stream: Stream, kind: ToxicKind) -> Toxic {
         Toxic {
             name: name.into(),
             stream,
@@ -272,7 +272,7 @@ impl Toxic {
 
     /// Toxics of `kind` on both streams of a proxy, named `<name>_upstream` and
     /// `<name>_downstream`.
-    pub fn both_ways(name: &str, kind: Kind) -> [Toxic; 2] {
+    pub fn both_ways(name: &str, kind: ToxicKind) -> [Toxic; 2] {
         [Stream::Upstream, Stream::Downstream]
             .map(|stream| Toxic::new(format!("{name}_{}", stream.name()), stream, kind.clone()))
     }
@@ -295,11 +295,11 @@ impl Toxic {
             .name
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| format!("{type_name}_{stream_name}"));
-        Kind::parse(&type_name, &Value::Null, None)?;
+        ToxicKind::parse(&type_name, &Value::Null, None)?;
         if taken(&name) {
             return Err(ApiError::toxic_exists());
         }
-        let kind = Kind::parse(
+        let kind = ToxicKind::parse(
             &type_name,
             b.attributes.as_ref().unwrap_or(&Value::Null),
             None,
@@ -323,7 +323,7 @@ impl Toxic {
     pub(crate) fn updated(&self, body: &[u8]) -> Result<Toxic, ApiError> {
         let b: ToxicBody = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?;
-        let kind = Kind::parse(
+        let kind = ToxicKind::parse(
             self.kind.type_name(),
             b.attributes.as_ref().unwrap_or(&Value::Null),
             Some(&self.kind),
@@ -370,7 +370,7 @@ mod tests {
         assert_eq!(t.toxicity, 1.0);
         assert_eq!(
             t.kind,
-            Kind::Latency {
+            ToxicKind::Latency {
                 latency: 100,
                 jitter: 0
             }
@@ -385,7 +385,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             u.kind,
-            Kind::Latency {
+            ToxicKind::Latency {
                 latency: 100,
                 jitter: 5
             }
@@ -414,7 +414,7 @@ mod tests {
         let t = Toxic::from_json(br#"{"type":"noop","stream":"UPSTREAM"}"#, |_| false).unwrap();
         assert_eq!(
             (t.name.as_str(), t.stream, t.kind),
-            ("noop_UPSTREAM", Stream::Upstream, Kind::Noop)
+            ("noop_UPSTREAM", Stream::Upstream, ToxicKind::Noop)
         );
     }
 
@@ -424,7 +424,7 @@ mod tests {
             len in 0usize..5000, average in 1usize..200, variation_pct in 0usize..100,
         ) {
             let variation = average * variation_pct / 100;
-            let s = Kind::slices(len, average, variation);
+            let s = ToxicKind::slices(len, average, variation);
             let mut at = 0;
             for &(a, b) in &s {
                 prop_assert_eq!(a, at);

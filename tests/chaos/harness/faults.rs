@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_coord_testkit::faults::{FaultClient, FaultServer, Kind, Stream, Toxic};
+use etcd_coord_testkit::faults::{FaultClient, FaultServer, Stream, Toxic, ToxicKind};
 use etcd_coord_testkit::EtcdCluster;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -173,7 +173,7 @@ impl ApiProxy {
     /// Holds every byte both ways, closing nothing (`blackhole`).
     pub async fn blackhole(&self) {
         self.api
-            .add_both_ways(&self.name, "blackhole", Kind::Blackhole)
+            .add_both_ways(&self.name, "blackhole", ToxicKind::Blackhole)
             .await
             .expect("the fault server takes the toxic");
     }
@@ -183,7 +183,7 @@ impl ApiProxy {
         self.toxic(Toxic::new(
             "drop_responses",
             Stream::Downstream,
-            Kind::Timeout { timeout: 0 },
+            ToxicKind::Timeout { timeout: 0 },
         ))
         .await;
     }
@@ -198,7 +198,7 @@ impl ApiProxy {
         self.toxic(Toxic::new(
             "drop_requests",
             Stream::Upstream,
-            Kind::Timeout { timeout: 0 },
+            ToxicKind::Timeout { timeout: 0 },
         ))
         .await;
     }
@@ -208,7 +208,7 @@ impl ApiProxy {
         self.toxic(Toxic::new(
             "hold_answers",
             Stream::Downstream,
-            Kind::Latency {
+            ToxicKind::Latency {
                 latency: latency.as_millis() as u64,
                 jitter: jitter.as_millis() as u64,
             },
@@ -222,7 +222,7 @@ impl ApiProxy {
             .add_both_ways(
                 &self.name,
                 "latency",
-                Kind::Latency {
+                ToxicKind::Latency {
                     latency: latency.as_millis() as u64,
                     jitter: jitter.as_millis() as u64,
                 },
@@ -241,7 +241,7 @@ impl ApiProxy {
 
     /// Refuses new connections (`refuse`) and resets the open ones.
     pub async fn down(&self) {
-        self.toxic(Toxic::new("refuse", Stream::Upstream, Kind::Refuse))
+        self.toxic(Toxic::new("refuse", Stream::Upstream, ToxicKind::Refuse))
             .await;
         self.reset_peer().await;
     }
