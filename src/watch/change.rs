@@ -265,11 +265,15 @@ where
     let scope = waits
         .hub
         .and_then(|hub| Some((hub, hub::scope_of(targets, own.map(|(k, _)| k.as_bytes()))?)));
+    let step = Step {
+        waits,
+        targets,
+        own,
+        read_at,
+    };
     let woken = match scope {
-        Some((hub, scope)) => {
-            wait_shared(waits, hub, scope, targets, own, read_at, reread, backoff).await?
-        }
-        None => wait_alone(waits, targets, own, read_at, reread, backoff).await?,
+        Some((hub, scope)) => step.through_hub(hub, scope, reread, backoff).await?,
+        None => step.alone(reread, backoff).await?,
     };
     if matches!(woken, Woken::Changed(_) | Woken::Decided(_)) {
         backoff.reset();
@@ -277,100 +281,111 @@ where
     Ok(woken)
 }
 
-/// [`wait_for_change`] on a watch stream of its own.
-async fn wait_alone<R, Fut>(
-    waits: Waits<'_>,
-    targets: &[Watched],
-    own: Option<(&str, i64)>,
+/// One [`wait_for_change`]: what it waits for, and since which read.
+struct Step<'a> {
+    waits: Waits<'a>,
+    targets: &'a [Watched],
+    own: Option<(&'a str, i64)>,
     read_at: i64,
-    reread: R,
-    backoff: &mut Backoff,
-) -> Result<Woken, Error>
-where
-    R: FnOnce() -> Fut,
-    Fut: Future<Output = Result<bool, Error>>,
-{
-    let Some((watch, from)) = ChangeWatch::open(waits, targets, own, backoff).await? else {
-        return Ok(Woken::Recheck);
-    };
-    if from > read_at && !reread().await? {
-        return Ok(Woken::Changed(Change::default()));
-    }
-    watch.wait(waits, backoff).await
 }
 
-/// [`wait_for_change`] through the session's hub.
-#[allow(clippy::too_many_arguments)]
-async fn wait_shared<R, Fut>(
-    waits: Waits<'_>,
-    hub: &Hub,
-    scope: Vec<u8>,
-    targets: &[Watched],
-    own: Option<(&str, i64)>,
-    read_at: i64,
-    reread: R,
-    backoff: &mut Backoff,
-) -> Result<Woken, Error>
-where
-    R: FnOnce() -> Fut,
-    Fut: Future<Output = Result<bool, Error>>,
-{
-    let mine = own.map(|(key, _)| Own {
-        key: key.as_bytes().to_vec(),
-        lease: waits.lease,
-    });
-    let mut sub = hub.subscribe(scope, targets, mine, read_at);
-    if sub.opens {
-        if let Err(e) = unless_stopped(waits.stop, hub.open(&mut sub)).await {
-            return refused_or_failed(waits, e, backoff).await;
+impl Step<'_> {
+    /// The wait on a watch stream of its own.
+    async fn alone<R, Fut>(self, reread: R, backoff: &mut Backoff) -> Result<Woken, Error>
+    where
+        R: FnOnce() -> Fut,
+        Fut: Future<Output = Result<bool, Error>>,
+    {
+        let Step {
+            waits,
+            targets,
+            own,
+            read_at,
+        } = self;
+        let Some((watch, from)) = ChangeWatch::open(waits, targets, own, backoff).await? else {
+            return Ok(Woken::Recheck);
+        };
+        if from > read_at && !reread().await? {
+            return Ok(Woken::Changed(Change::default()));
         }
+        watch.wait(waits, backoff).await
     }
-    // The scope's watch is in place (at once, unless it is being created).
-    let first = unless_stopped(waits.stop, async {
-        Ok(tokio::time::timeout(waits.rpc.timeout(), sub.next()).await)
-    })
-    .await?;
-    let note = match first {
-        Ok(Some(Note::Ready(from))) => {
-            if from > read_at && !reread().await? {
-                return Ok(Woken::Changed(Change::default()));
+
+    /// The wait through the session's hub, on its `scope`.
+    async fn through_hub<R, Fut>(
+        self,
+        hub: &Hub,
+        scope: Vec<u8>,
+        reread: R,
+        backoff: &mut Backoff,
+    ) -> Result<Woken, Error>
+    where
+        R: FnOnce() -> Fut,
+        Fut: Future<Output = Result<bool, Error>>,
+    {
+        let Step {
+            waits,
+            targets,
+            own,
+            read_at,
+        } = self;
+        let mine = own.map(|(key, _)| Own {
+            key: key.as_bytes().to_vec(),
+            lease: waits.lease,
+        });
+        let mut sub = hub.subscribe(scope, targets, mine, read_at);
+        if sub.opens {
+            if let Err(e) = unless_stopped(waits.stop, hub.open(&mut sub)).await {
+                return refused_or_failed(waits, e, backoff).await;
             }
-            unless_stopped(waits.stop, async { Ok(sub.next().await) }).await?
         }
-        Ok(note) => note,
-        Err(_) => {
-            tracing::debug!("a shared watch was not created in time; re-reading");
-            hub.reset(sub.generation());
-            None
-        }
-    };
-    match note {
-        Some(Note::Woken(woken)) => {
-            if let Woken::Changed(change) = &woken {
-                Stats::add(
-                    &waits.rpc.stats().watch_events,
-                    change.keys.len().max(1) as u64,
-                );
-            } else {
-                Stats::add(&waits.rpc.stats().watch_events, 1);
+        // The scope's watch is in place (at once, unless it is being created).
+        let first = unless_stopped(waits.stop, async {
+            Ok(tokio::time::timeout(waits.rpc.timeout(), sub.next()).await)
+        })
+        .await?;
+        let note = match first {
+            Ok(Some(Note::Ready(from))) => {
+                if from > read_at && !reread().await? {
+                    return Ok(Woken::Changed(Change::default()));
+                }
+                unless_stopped(waits.stop, async { Ok(sub.next().await) }).await?
             }
-            Ok(woken)
-        }
-        Some(Note::Lost) => {
-            let (key, create_revision) = own.expect("only a wait with its own key loses it");
-            Err(Error::LockLost {
-                key: key.to_owned(),
-                create_revision,
-            })
-        }
-        Some(Note::Refused(reason)) => {
-            // The stream keeps the token it was opened with: renew it on a new stream.
-            hub.reset(sub.generation());
-            refused_or_failed(waits, Error::watch_refused(&reason), backoff).await
-        }
-        Some(Note::Ready(_)) | Some(Note::Broken) | None => {
-            pause(waits.stop, backoff).await?;
-            Ok(Woken::Recheck)
+            Ok(note) => note,
+            Err(_) => {
+                tracing::debug!("a shared watch was not created in time; re-reading");
+                hub.reset(sub.generation());
+                None
+            }
+        };
+        match note {
+            Some(Note::Woken(woken)) => {
+                if let Woken::Changed(change) = &woken {
+                    Stats::add(
+                        &waits.rpc.stats().watch_events,
+                        change.keys.len().max(1) as u64,
+                    );
+                } else {
+                    Stats::add(&waits.rpc.stats().watch_events, 1);
+                }
+                Ok(woken)
+            }
+            Some(Note::Lost) => {
+                let (key, create_revision) = own.expect("only a wait with its own key loses it");
+                Err(Error::LockLost {
+                    key: key.to_owned(),
+                    create_revision,
+                })
+            }
+            Some(Note::Refused(reason)) => {
+                // The stream keeps the token it was opened with: renew it on a new stream.
+                hub.reset(sub.generation());
+                refused_or_failed(waits, Error::watch_refused(&reason), backoff).await
+            }
+            Some(Note::Ready(_)) | Some(Note::Broken) | None => {
+                pause(waits.stop, backoff).await?;
+                Ok(Woken::Recheck)
+            }
         }
     }
 }
