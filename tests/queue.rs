@@ -714,6 +714,55 @@ async fn an_enqueue_whose_answer_is_lost_adds_one_job_even_if_it_is_acked_before
     assert_eq!(wq.len().await.unwrap(), 0, "the retry added nothing");
 }
 
+/// A dedup lease grant whose answer is lost is sent again: the retry finds the lease its
+/// first attempt granted instead of granting a second one that nobody would ever use.
+#[tokio::test]
+async fn a_dedup_lease_grant_whose_answer_is_lost_grants_one_lease() {
+    let etcd = etcd().await;
+    let proxy = proxy(&etcd).await;
+    let c = client(&etcd).await;
+    // A window of its own (61 s: leases of 122 s), so that only this test's grant has its TTL.
+    let options = QueueOptions::new().with_dedup_window(Duration::from_secs(61));
+    let producer = session_via(&proxy, ttl(30)).await;
+    let pq = WorkQueue::new(&producer, unique("queue-dedup-grant")).with_options(options);
+    let dedup_leases = || async {
+        let mut n = 0;
+        for lease in c.clone().leases().await.unwrap().leases() {
+            let alive = c
+                .clone()
+                .lease_time_to_live(lease.id(), None)
+                .await
+                .unwrap();
+            n += usize::from(alive.granted_ttl() == 122);
+        }
+        n
+    };
+    assert_eq!(dedup_leases().await, 0);
+    // The first enqueue grants the dedup lease: its answer is lost, and so is the Txn's.
+    proxy.drop_responses();
+    let enqueuing = tokio::spawn(async move { pq.enqueue("first").await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            dedup_leases().await == 1
+        })
+        .await,
+        "the grant reached etcd"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    tokio::time::timeout(Duration::from_secs(15), enqueuing)
+        .await
+        .expect("the enqueue is answered after the fault")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        dedup_leases().await,
+        1,
+        "a retried grant granted a second lease"
+    );
+}
+
 #[tokio::test]
 async fn jobs_are_claimed_by_priority_then_ready_time_and_none_before_its_time() {
     let etcd = etcd().await;

@@ -316,9 +316,16 @@ async fn remove(
     if !sent.uncertain || sent.claim_exists || sent.job_exists {
         return Err(lost(fence)); // not deleted by us: the claim or the job is still there
     }
+    // Whatever keeps us from asking (the session Lost meanwhile, a refusal) leaves the
+    // unanswered attempt's outcome unknown.
     let waits = fence.session().inner().waits();
-    let claim_gone = crate::watch::deleted_at(waits, fence.key(), fence.fencing_token()).await?;
-    let job_gone = crate::watch::deleted_at(waits, job, job_created).await?;
+    let unknown = |e: Error| Error::CommitUncertain(Box::new(e));
+    let claim_gone = crate::watch::deleted_at(waits, fence.key(), fence.fencing_token())
+        .await
+        .map_err(unknown)?;
+    let job_gone = crate::watch::deleted_at(waits, job, job_created)
+        .await
+        .map_err(unknown)?;
     match (claim_gone, job_gone) {
         (Some(c), Some(j)) if c == j => Ok(c),
         (Some(_), Some(_)) => Err(lost(fence)),

@@ -134,13 +134,27 @@ async fn dedup_lease(session: &Arc<Session>, window_secs: i64) -> Result<i64, Er
     session.spawn(async move {
         let session = &owned;
         let sent = Instant::now();
-        let grant = || session.rpc.lease_grant(window_secs.saturating_mul(2), 0);
-        let granted = session
+        // An id of our choosing, so that a retry after an unanswered attempt cannot grant a
+        // second lease: it finds the first one (etcd's lease ids are positive; another lease
+        // with this random id has odds of 2^-63).
+        let id = (rand::random::<i64>() & i64::MAX).max(1);
+        let grant = || session.rpc.lease_grant(window_secs.saturating_mul(2), id);
+        let granted = match session
             .rpc
             .until_answered(grant, &mut Backoff::for_requests(), &**session)
             .await
-            .map(|a| a.resp.id())
-            .map_err(Error::from);
+        {
+            Ok(answered) => Ok(answered.resp.id()),
+            Err(u) if u.uncertain && u.error.is_lease_taken() => Ok(id),
+            Err(u) => {
+                if u.uncertain {
+                    // An attempt may have granted it, and nobody will use it: revoke it
+                    // (once; else it ends with its TTL).
+                    let _ = session.rpc.lease_revoke(id).await;
+                }
+                Err(Error::from(u))
+            }
+        };
         if let Ok(id) = granted {
             let mut current = for_task.current.lock().unwrap_or_else(|e| e.into_inner());
             current.insert(window_secs, (id, sent));

@@ -226,10 +226,13 @@ fn starved(
     let mut violations = Vec::new();
     let mut judge = |id: &str, since: Instant, claimed: Option<Instant>| {
         let due = since.max(healed) + bound;
-        let late = match claimed {
-            Some(at) => at > due,
-            None => due <= end,
-        };
+        // Not judged if it was not due before the end (claims after it are the stopping
+        // clients').
+        let late = due <= end
+            && match claimed {
+                Some(at) => at > due,
+                None => true,
+            };
         if late {
             let job = jobs.get(id);
             let name = job.and_then(|j| j.name.as_deref()).unwrap_or("?");
@@ -269,12 +272,12 @@ fn starved(
         .collect();
     for e in events {
         match e {
-            // Ready from its first enqueue (a retried enqueue of a job already claimed adds
-            // nothing).
+            // Ready from the last attempt before its first claim (an earlier attempt of a
+            // retried enqueue may not have applied).
             Event::JobEnqueuing { job, at, .. } => {
                 if let Some(id) = id_of_name.get(job.as_str()) {
                     if !claimed_once.contains(id) {
-                        ready.entry(id).or_insert(*at);
+                        ready.insert(id, *at);
                     }
                 }
             }
@@ -286,10 +289,18 @@ fn starved(
                     judge(key, since, Some(*at));
                 }
             }
+            // Acknowledged (or maybe, its answer lost) through its newest claim: not ready,
+            // also when the acknowledgement came after the claimer stopped believing (a late
+            // acknowledgement that etcd accepted: the claim was still alive).
             Event::JobAcked { token, certain, .. } => {
                 acked.insert(*token);
-                if let (true, Some(id)) = (*certain, id_of_token.get(token)) {
-                    done.insert(id.as_str());
+                if let Some(id) = id_of_token.get(token).map(String::as_str) {
+                    if *certain {
+                        done.insert(id);
+                    }
+                    if newest.get(id) == Some(token) {
+                        ready.remove(id);
+                    }
                 }
             }
             // The job's newest claim ended unacknowledged: it gave the job back. (The end of
@@ -307,7 +318,7 @@ fn starved(
         }
     }
     for (id, since) in ready {
-        if !end_state.dead.contains_key(id) {
+        if !end_state.dead.contains_key(id) && !done.contains(id) {
             judge(id, since, None);
         }
     }
@@ -579,6 +590,35 @@ mod tests {
             end(1, 10, ms(t, 7_000)),
         ];
         assert!(!starved(&stale_end, &QueueEnd::default()));
+        // A late acknowledgement etcd accepted (the claim was still alive) after its claimer
+        // stopped believing: the job is done, not ready.
+        let late_ack = vec![
+            claimed(1, "a", "A", 10, ms(t, 10)),
+            end(1, 10, ms(t, 4_000)),
+            acked(1, 10, true, ms(t, 5_000)),
+        ];
+        assert!(!starved(&late_ack, &QueueEnd::default()));
+        // Ready from the last enqueue attempt before its claim (the first one may not have
+        // applied).
+        let retried = vec![
+            enqueuing(0, "a", t),
+            enqueuing(0, "a", ms(t, 5_000)),
+            enqueued(0, "a", "A", ms(t, 5_001)),
+            claimed(1, "a", "A", 10, ms(t, 12_000)),
+            acked(1, 10, true, ms(t, 12_010)),
+            end(1, 10, ms(t, 12_011)),
+        ];
+        assert!(!starved(&retried, &QueueEnd::default()));
+        // A claim after the end is not judged: the job was not due before it.
+        assert!(check_queue(
+            &given_back,
+            &QueueEnd::default(),
+            healed,
+            BOUND,
+            ms(t, 9_500)
+        )
+        .iter()
+        .all(|v| v.property != Property::JobStarved));
         // Never claimed again, still queued at the end.
         let never = vec![
             claimed(1, "a", "A", 10, ms(t, 10)),

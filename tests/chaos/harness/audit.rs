@@ -135,7 +135,7 @@ pub async fn check_resource(admin: &Client, sh: &Shared) -> (Vec<Violation>, usi
 /// an error: the admin client's connection to a member restarted during the run may still
 /// report its failed reconnection ("tcp connect error") once, which is not what the run
 /// examines. Panics with `what` and the last error if it keeps failing.
-async fn retried<T, F, Fut>(what: &str, mut send: F) -> T
+pub async fn retried<T, F, Fut>(what: &str, mut send: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,

@@ -261,14 +261,15 @@ pub async fn hold_and_release(
     let mode = held.mode();
     let long = ctl.take_long_hold();
     sink.report(id, Report::Acquired { token, lease, mode });
-    if long.is_some() {
-        sink.report(id, Report::LongHold { token });
-    }
     // Exclusive holders of a lock write; readers and semaphore permits (several at once, in
-    // any order) only hold.
+    // any order) only hold. The late write through the previous hold goes first: before a
+    // long hold is reported, and so before the harness's fault can stall it.
     let writes = mode == Mode::Exclusive && ctl.primitive.rules().holders == 1;
     if writes {
         writer.begin(&fence).await;
+    }
+    if long.is_some() {
+        sink.report(id, Report::LongHold { token });
     }
     let work = async {
         if let Some(until) = until {
@@ -562,10 +563,10 @@ async fn selector_terms(ctl: &Arc<Control>, client: Client, sink: &Sink, writer:
                     mode: Mode::Exclusive,
                 },
             );
+            writer.begin(&fence).await;
             if long.is_some() {
                 sink.report(id, Report::LongHold { token });
             }
-            writer.begin(&fence).await;
             let work = async {
                 if let Some(long) = &long {
                     loop {

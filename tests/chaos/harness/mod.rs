@@ -131,8 +131,8 @@ pub enum Primitive {
     /// Every client runs a `LeaderSelector`; each term writes and lasts 30 ms (a long hold:
     /// until the term is cancelled).
     Selector,
-    /// Every client produces and works on one `WorkQueue`: it enqueues a job every other
-    /// round, claims one, works 5–20 ms (a long hold: until its `lost()`) and acknowledges it.
+    /// Every client produces and works on one `WorkQueue`: it enqueues a job every 40–80 ms,
+    /// and claims one, works 5–20 ms (a long hold: until its `lost()`) and acknowledges it.
     Queue,
 }
 
@@ -686,14 +686,16 @@ async fn run_counting(
     let mut violations = auditor.await.unwrap();
     // What a work queue left in etcd, drained so that nothing remains.
     let queue_end = match primitive {
-        Primitive::Queue => Some(queue::drain(&admin, &sh.name).await),
+        Primitive::Queue => {
+            let (q, dedup_leases) = queue::drain(&admin, &sh.name).await;
+            let mut tally = sh.tally.lock().unwrap();
+            tally.insert("jobs left at the end".into(), q.queued.len());
+            tally.insert("dead letters".into(), q.dead.len());
+            tally.insert("dedup leases revoked".into(), dedup_leases);
+            Some(q)
+        }
         _ => None,
     };
-    if let Some(q) = &queue_end {
-        let mut tally = sh.tally.lock().unwrap();
-        tally.insert("jobs left at the end".into(), q.queued.len());
-        tally.insert("dead letters".into(), q.dead.len());
-    }
     if primitive.observed() {
         violations.extend(audit::observers_see_nobody_lead(&sh, OBSERVERS).await);
     }

@@ -1,7 +1,7 @@
-//! Work queues under the faults: every client both produces and works — enqueues a job every
-//! other round (a failed enqueue is retried with the same idempotency key), claims one, works
-//! on it briefly (or, as a long hold, until its `lost()` fires or the harness lets it go) and
-//! acknowledges it — and what etcd holds at the end, drained for the checker.
+//! Work queues under the faults: every client both produces — a job every 40–80 ms (a failed
+//! enqueue is sent again with the same idempotency key) — and works: claims a job, works on it
+//! briefly (or, as a long hold, until its `lost()` fires and then the harness lets it go) and
+//! acknowledges it; and what etcd holds at the end, drained for the checker.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -47,8 +47,9 @@ impl Producer {
 
 /// Produces and works on `session`'s queue until the run stops or the session fails (a lost
 /// claim too ends the session's rounds: the client starts over): a producer enqueues a job
-/// every 30–60 ms — fewer than the workers can take, so that they also wait in the idle line —
-/// while the worker claims, works and acknowledges.
+/// every 40–80 ms — the four producers about 65 a second, a third of what the workers take on
+/// 2 busy cores, so that a backlog clears soon after the heal and workers also wait in the
+/// idle line — while the worker claims, works and acknowledges.
 pub async fn rounds(ctl: &Control, session: &LeasedSession, sink: &Sink, producer: &mut Producer) {
     let queue = WorkQueue::new(session, ctl.name.as_str()).with_options(options());
     // The worker ends the session's rounds (also once the run stops: not while it
@@ -65,7 +66,7 @@ pub async fn rounds(ctl: &Control, session: &LeasedSession, sink: &Sink, produce
     }
 }
 
-/// Enqueues a job every 30–60 ms (the one whose enqueue failed first, again) until the run
+/// Enqueues a job every 40–80 ms (the one whose enqueue failed first, again) until the run
 /// stops.
 async fn produce(ctl: &Control, queue: &WorkQueue, sink: &Sink, producer: &mut Producer) {
     let (id, stopped) = (ctl.id, &ctl.stopped);
@@ -99,7 +100,7 @@ async fn produce(ctl: &Control, queue: &WorkQueue, sink: &Sink, producer: &mut P
                 continue;
             }
         }
-        tokio::time::sleep(Duration::from_millis(rand::random_range(30..60))).await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(40..80))).await;
     }
 }
 
@@ -137,11 +138,12 @@ async fn work(ctl: &Control, session: &LeasedSession, queue: &WorkQueue, sink: &
             delete_job(session.client(), ctl.name.as_str(), job.id().as_str()).await;
         }
         let long = ctl.take_long_hold();
-        // A long hold knows its job's key, for an acknowledgement past its loss.
+        // A long hold knows its job's key, for an acknowledgement past its loss: read before
+        // the hold is reported, and so before the harness's fault can stall the read.
         let mut job_key_now = None;
         if long.is_some() {
-            sink.report(id, Report::LongHold { token });
             job_key_now = job_key(session.client(), ctl.name.as_str(), job.id().as_str()).await;
+            sink.report(id, Report::LongHold { token });
         }
         let work = async {
             match &long {
@@ -170,7 +172,9 @@ async fn work(ctl: &Control, session: &LeasedSession, queue: &WorkQueue, sink: &
         }
         sink.releasing(id).await;
         if ctl.is(Broken::Unfenced) {
-            // Deliberately broken: acknowledges with plain deletes, not through its claim.
+            // Deliberately broken: acknowledges with plain deletes, not through its claim. etcd
+            // answers a plain delete OK whether the job was still there or not: this worker
+            // believes its acknowledgement applied, as one without the fence would.
             delete_job(session.client(), ctl.name.as_str(), job.id().as_str()).await;
             sink.report(
                 id,
@@ -242,7 +246,7 @@ async fn late_ack(
                 certain: true,
             },
         ),
-        Ok(_) => sink.report(id, Report::Refused { token, late: false }),
+        Ok(_) => sink.report(id, Report::AckRefused { token }),
         Err(_) => {}
     }
 }
@@ -286,8 +290,8 @@ pub fn unowned_by_design(key: &str) -> bool {
 /// read and deleted, and the dedup leases — which hold the enqueues' markers only and, by
 /// design, outlive the sessions that granted them (for twice the dedup window, which tells
 /// them from the sessions' leases) — are revoked, so that nothing of the run remains. Returns
-/// what etcd held for the checker.
-pub async fn drain(admin: &Client, name: &str) -> QueueEnd {
+/// what etcd held for the checker, and how many dedup leases were revoked.
+pub async fn drain(admin: &Client, name: &str) -> (QueueEnd, usize) {
     let session = LeasedSession::new(admin.clone(), session_options())
         .await
         .expect("the harness's session");
@@ -331,13 +335,37 @@ pub async fn drain(admin: &Client, name: &str) -> QueueEnd {
         .await
         .expect("the dead letters are deleted");
     let dedup_ttl = 2 * options().dedup_window().as_secs() as i64;
-    for lease in admin.leases().await.expect("the leases").leases() {
-        if let Ok(r) = admin.lease_time_to_live(lease.id(), None).await {
-            if r.granted_ttl() == dedup_ttl {
-                let _ = admin.lease_revoke(lease.id()).await;
-            }
+    let mut dedup_leases = 0;
+    let leases = super::audit::retried("the leases can be listed", || {
+        let mut admin = admin.clone();
+        async move { admin.leases().await }
+    })
+    .await;
+    for lease in leases.leases() {
+        let id = lease.id();
+        let alive = super::audit::retried("a lease can be looked at", || {
+            let mut admin = admin.clone();
+            async move { admin.lease_time_to_live(id, None).await }
+        })
+        .await;
+        if alive.granted_ttl() == dedup_ttl {
+            super::audit::retried("a dedup lease can be revoked", || {
+                let mut admin = admin.clone();
+                async move {
+                    match admin.lease_revoke(id).await {
+                        Err(etcd_client::Error::GRpcStatus(s))
+                            if s.message().contains("requested lease not found") =>
+                        {
+                            Ok(())
+                        }
+                        other => other.map(|_| ()),
+                    }
+                }
+            })
+            .await;
+            dedup_leases += 1;
         }
     }
     session.close().await.expect("the harness's session closes");
-    end
+    (end, dedup_leases)
 }

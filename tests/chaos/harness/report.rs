@@ -93,6 +93,10 @@ pub enum Report {
         token: i64,
         certain: bool,
     },
+    /// etcd refused an acknowledgement through claim `token` sent past the claim's loss.
+    AckRefused {
+        token: i64,
+    },
 }
 
 impl Report {
@@ -132,6 +136,7 @@ impl Report {
                 attempt,
             } => format!("claimed {job} {id} {token} {lease} {attempt}"),
             Report::Acked { token, certain } => format!("acked {token} {certain}"),
+            Report::AckRefused { token } => format!("ack-refused {token}"),
         }
     }
 
@@ -187,6 +192,7 @@ impl Report {
                 lease: n(4)?,
                 attempt: words.get(5)?.parse().ok()?,
             },
+            "ack-refused" => Report::AckRefused { token: n(1)? },
             "acked" => Report::Acked {
                 token: n(1)?,
                 certain: words.get(2)?.parse().ok()?,
@@ -335,6 +341,7 @@ impl Shared {
                     at,
                 });
             }
+            Report::AckRefused { .. } => self.count("late acks refused".into()),
             Report::Acked { token, certain } => {
                 if !certain {
                     self.count("acks with a lost answer".into());
