@@ -274,22 +274,30 @@ impl DoubleBarrierGuard {
         // it at once — and waiting for them would wait for a round that waits for us.
         let mut left_at = self.holding.release().await?;
         let session = Arc::clone(self.holding.fence().session().inner());
+        let mut delete_known = true;
         if self.holding.release_was_uncertain() {
             // The delete went unanswered and a retry found the key gone: our round ended at
             // the delete itself, which may be well before the retry's revision — and a
             // participant that left meanwhile may already wait in the next round's enter()
-            // for us. etcd's history says when the delete was. (If that history was compacted
-            // away, the retry's revision is kept: it errs late, never early.)
+            // for us. etcd's history says when the delete was.
             let fence = self.holding.fence();
-            if let Some(at) =
-                crate::watch::deleted_at(session.waits(), fence.key(), fence.fencing_token())
-                    .await?
+            match crate::watch::deleted_at(session.waits(), fence.key(), fence.fencing_token())
+                .await?
             {
-                left_at = at;
+                Some(at) => left_at = at,
+                None => delete_known = false,
             }
         }
-        // Wait for the participants of our round one by one, oldest first, until none is left.
-        wait_for_round(&session, &self.participants, left_at).await?;
+        if delete_known {
+            // Wait for the participants of our round one by one, oldest first, until none is
+            // left.
+            wait_for_round(&session, &self.participants, left_at).await?;
+        } else {
+            // That history was compacted away: the retry's revision is all we know, and
+            // participants of the next round may have entered before it. Our round's latch
+            // tells them apart: it comes down only once the round is over.
+            wait_for_round_or_latch(&session, &self.participants, &self.ready, left_at).await?;
+        }
         // Everyone of our round is out. If the last ones left by losing their leases, or while
         // the next round's first participants were already entering, our round's latch is
         // still up: take it down. A latch created after we left is the next round's: leave it.
@@ -333,6 +341,47 @@ async fn wait_for_round(
         };
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         engine::wait_gone(session, &key, kv.create_revision(), now.revision).await?;
+    }
+}
+
+/// As [`wait_for_round`] for a leave that knows only a revision `last` at or after its
+/// delete: returns once no participant created at or before `last` is left, or as soon as no
+/// latch is up — the latch of a round comes down only when the round is over (its last
+/// participant's leave takes it down with its own key; a session's job, once every
+/// participant created before it is gone; a new enter, once it outlived its round), so the
+/// participants still there then belong to the next round, which may be waiting for us.
+async fn wait_for_round_or_latch(
+    session: &Arc<Session>,
+    participants: &str,
+    ready: &str,
+    last: i64,
+) -> Result<(), Error> {
+    let oldest = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+        .with_keys_only();
+    loop {
+        let now = engine::read(
+            session,
+            vec![
+                TxnOp::get(participants, Some(oldest.clone())),
+                TxnOp::get(ready, Some(GetOptions::new().with_keys_only())),
+            ],
+        )
+        .await?;
+        let first = |i: usize| now.gets.get(i).and_then(|g| g.kvs().first());
+        let (Some(kv), Some(latch)) =
+            (first(0).filter(|kv| kv.create_revision() <= last), first(1))
+        else {
+            return Ok(());
+        };
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let latched_at = latch.create_revision();
+        tokio::select! {
+            gone = engine::wait_gone(session, &key, kv.create_revision(), now.revision) => gone?,
+            down = engine::wait_gone(session, ready, latched_at, now.revision) => down?,
+        }
     }
 }
 

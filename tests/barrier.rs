@@ -450,10 +450,22 @@ async fn a_double_barrier_whose_latch_write_loses_its_answer_still_enters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_whose_answer_is_lost_does_not_wait_for_the_next_round() {
-    // A barrier for two. A's leave deletes A's key, but the answer is lost; meanwhile B, whose
-    // leave that delete released, enters the next round at once. A's retry finds its key gone
-    // later than the delete: A must still end its leave, not wait for B's next-round key
-    // (which waits in enter() for A).
+    lost_leave(false).await;
+}
+
+/// As above, with etcd's history of A's delete compacted away before A's retry: A cannot
+/// learn when its delete was, and tells its round's end by the round's latch instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_whose_answer_is_lost_and_whose_history_is_compacted_does_not_wait_for_the_next_round(
+) {
+    lost_leave(true).await;
+}
+
+/// A barrier for two. A's leave deletes A's key, but the answer is lost; meanwhile B, whose
+/// leave that delete released, enters the next round at once. A's retry finds its key gone
+/// later than the delete: A must still end its leave, not wait for B's next-round key (which
+/// waits in enter() for A). With `compact`, the history of A's delete is compacted away first.
+async fn lost_leave(compact: bool) {
     let etcd = etcd().await;
     let proxy = proxy(&etcd).await;
     let observer = client(&etcd).await;
@@ -492,6 +504,10 @@ async fn a_leave_whose_answer_is_lost_does_not_wait_for_the_next_round() {
         "B did not enter the next round"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if compact {
+        // The history of A's delete is compacted away before A's retry can ask for it.
+        etcd.compact().await.unwrap();
+    }
     proxy.heal();
     proxy.reset_peer();
     let left = tokio::time::timeout(Duration::from_secs(5), a_leaving)
