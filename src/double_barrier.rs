@@ -268,7 +268,12 @@ impl DoubleBarrierGuard {
     /// Dropping the future before our key is removed leaves in the background; after that,
     /// it only stops waiting for the others.
     #[tracing::instrument(name = "etcd_coord.double_barrier.leave", skip_all, fields(key = %self.key(), lease = %format_args!("{:x}", self.session().lease_id()), fencing_token = self.fencing_token()))]
-    pub async fn leave(mut self) -> Result<(), Error> {
+    pub async fn leave(self) -> Result<(), Error> {
+        // On the heap: the waits for the round would make the future 25 KiB in debug builds.
+        Box::pin(self.leave_and_wait()).await
+    }
+
+    async fn leave_and_wait(mut self) -> Result<(), Error> {
         // The participants of our round are the keys created before our own was deleted. Keys
         // created after belong to the next round — a participant that already left may enter
         // it at once — and waiting for them would wait for a round that waits for us.
@@ -288,16 +293,12 @@ impl DoubleBarrierGuard {
                 None => delete_known = false,
             }
         }
-        if delete_known {
-            // Wait for the participants of our round one by one, oldest first, until none is
-            // left.
-            wait_for_round(&session, &self.participants, left_at).await?;
-        } else {
-            // That history was compacted away: the retry's revision is all we know, and
-            // participants of the next round may have entered before it. Our round's latch
-            // tells them apart: it comes down only once the round is over.
-            wait_for_round_or_latch(&session, &self.participants, &self.ready, left_at).await?;
-        }
+        // Wait for the participants of our round one by one, oldest first, until none is
+        // left. If the delete's history was compacted away, the retry's revision is all we
+        // know, and participants of the next round may have entered before it: our round's
+        // latch tells them apart (it comes down only once the round is over).
+        let latch = (!delete_known).then_some(self.ready.as_str());
+        wait_for_round(&session, &self.participants, left_at, latch).await?;
         // Everyone of our round is out. If the last ones left by losing their leases, or while
         // the next round's first participants were already entering, our round's latch is
         // still up: take it down. A latch created after we left is the next round's: leave it.
@@ -314,73 +315,57 @@ impl DoubleBarrierGuard {
 }
 
 /// Waits until no participant under `participants` created at or before `last` is left (each
-/// one deleted, or gone with its lease), oldest first.
+/// one deleted, or gone with its lease), oldest first — or, with `latch`, as soon as no latch
+/// is up there: a leave that knows only a revision at or after its delete. A round's latch
+/// comes down only when the round is over (its last participant's leave takes it down with its
+/// own key; the session's job, once every participant created before it is gone; a new enter,
+/// once it outlived its round), so the participants still there then belong to the next round,
+/// which may be waiting for us.
 async fn wait_for_round(
     session: &Arc<Session>,
     participants: &str,
     last: i64,
+    latch: Option<&str>,
 ) -> Result<(), Error> {
     let oldest = GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1)
         .with_keys_only();
+    let mut reads = vec![TxnOp::get(participants, Some(oldest))];
+    reads.extend(latch.map(|l| TxnOp::get(l, Some(GetOptions::new().with_keys_only()))));
     loop {
-        let now = engine::read(
-            session,
-            vec![TxnOp::get(participants, Some(oldest.clone()))],
-        )
-        .await?;
-        let Some(kv) = now
-            .gets
-            .first()
-            .and_then(|g| g.kvs().first())
-            .filter(|kv| kv.create_revision() <= last)
-        else {
-            return Ok(());
-        };
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        engine::wait_gone(session, &key, kv.create_revision(), now.revision).await?;
-    }
-}
-
-/// As [`wait_for_round`] for a leave that knows only a revision `last` at or after its
-/// delete: returns once no participant created at or before `last` is left, or as soon as no
-/// latch is up — the latch of a round comes down only when the round is over (its last
-/// participant's leave takes it down with its own key; a session's job, once every
-/// participant created before it is gone; a new enter, once it outlived its round), so the
-/// participants still there then belong to the next round, which may be waiting for us.
-async fn wait_for_round_or_latch(
-    session: &Arc<Session>,
-    participants: &str,
-    ready: &str,
-    last: i64,
-) -> Result<(), Error> {
-    let oldest = GetOptions::new()
-        .with_prefix()
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
-        .with_limit(1)
-        .with_keys_only();
-    loop {
-        let now = engine::read(
-            session,
-            vec![
-                TxnOp::get(participants, Some(oldest.clone())),
-                TxnOp::get(ready, Some(GetOptions::new().with_keys_only())),
-            ],
-        )
-        .await?;
+        let now = engine::read(session, reads.clone()).await?;
         let first = |i: usize| now.gets.get(i).and_then(|g| g.kvs().first());
-        let (Some(kv), Some(latch)) =
-            (first(0).filter(|kv| kv.create_revision() <= last), first(1))
-        else {
+        let Some(kv) = first(0).filter(|kv| kv.create_revision() <= last) else {
             return Ok(());
         };
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let latched_at = latch.create_revision();
-        tokio::select! {
-            gone = engine::wait_gone(session, &key, kv.create_revision(), now.revision) => gone?,
-            down = engine::wait_gone(session, ready, latched_at, now.revision) => down?,
+        // (On the heap: two waits side by side would make every leave() future's frame
+        // larger than a thread's stack allows in debug builds.)
+        let gone = Box::pin(engine::wait_gone(
+            session,
+            &key,
+            kv.create_revision(),
+            now.revision,
+        ));
+        match latch {
+            None => gone.await?,
+            Some(latch) => {
+                let Some(up) = first(1) else {
+                    return Ok(()); // no latch: the round is over
+                };
+                let down = Box::pin(engine::wait_gone(
+                    session,
+                    latch,
+                    up.create_revision(),
+                    now.revision,
+                ));
+                tokio::select! {
+                    gone = gone => gone?,
+                    down = down => down?,
+                }
+            }
         }
     }
 }
@@ -410,7 +395,7 @@ async fn look_after_latch(
     else {
         return Ok(()); // never put, or not ours
     };
-    wait_for_round(&session, &participants, latched_at - 1).await?;
+    wait_for_round(&session, &participants, latched_at - 1, None).await?;
     let clear = Txn::new()
         .when([
             Compare::create_revision(ready.as_str(), CompareOp::Equal, latched_at),

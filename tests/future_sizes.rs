@@ -31,6 +31,33 @@ async fn every_public_future_is_smaller_than_8_kib() {
         DoubleBarrier::new(&s, "sizes/db", 2),
     );
     let q = WorkQueue::new(&s, "sizes/q");
+    // A guard's futures too: the longest, a double barrier's leave (it waits for its round).
+    let inside = DoubleBarrier::new(&s, "sizes/db1", 1)
+        .enter()
+        .await
+        .unwrap();
+    let leave = inside.leave();
+    let leave_size = size_of_val(&leave);
+    leave.await.unwrap();
+    let guard = Mutex::new(&s, "sizes/m1").lock().await.unwrap();
+    let release = guard.release();
+    let release_size = size_of_val(&release);
+    release.await.unwrap();
+    let mut leader = Election::new(&s, "sizes/e1").campaign("v").await.unwrap();
+    let resign_size = size_of_val(&leader.resign());
+    leader.resign().await.unwrap();
+    let q1 = WorkQueue::new(&s, "sizes/q1");
+    q1.enqueue("x").await.unwrap();
+    let job = q1.claim().await.unwrap();
+    let ack = job.ack();
+    let ack_size = size_of_val(&ack);
+    ack.await.unwrap();
+    q1.enqueue("y").await.unwrap();
+    let job = q1.claim().await.unwrap();
+    let nack = job.nack(std::time::Duration::ZERO);
+    let nack_size = size_of_val(&nack);
+    nack.await.unwrap();
+    q1.claim().await.unwrap().ack().await.unwrap();
     let c = client(&etcd).await;
     let stm = Stm::new(c.clone());
     let sizes = [
@@ -43,6 +70,11 @@ async fn every_public_future_is_smaller_than_8_kib() {
         ("Election::campaign", size_of_val(&e.campaign("v"))),
         ("Barrier::wait", size_of_val(&b.wait())),
         ("DoubleBarrier::enter", size_of_val(&db.enter())),
+        ("DoubleBarrierGuard::leave", leave_size),
+        ("MutexGuard::release", release_size),
+        ("Leadership::resign", resign_size),
+        ("Claimed::ack", ack_size),
+        ("Claimed::nack", nack_size),
         ("WorkQueue::claim", size_of_val(&q.claim())),
         ("WorkQueue::enqueue", size_of_val(&q.enqueue("x"))),
         ("Semaphore::try_acquire", size_of_val(&sem.try_acquire())),

@@ -127,8 +127,7 @@ impl SessionRegistration {
         target: impl AsRef<str>,
         endpoint: Endpoint,
     ) -> Result<SessionRegistration, Error> {
-        let suffix = endpoint.addr().to_owned();
-        SessionRegistration::resume_with_suffix(session, target, suffix, endpoint).await
+        Self::resume_with_suffix(session, target, endpoint.addr().to_owned(), endpoint).await
     }
 
     /// Like [`resume`](Self::resume), under the key `<target>/<suffix>`.

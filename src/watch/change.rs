@@ -296,19 +296,14 @@ impl Step<'_> {
         R: FnOnce() -> Fut,
         Fut: Future<Output = Result<bool, Error>>,
     {
-        let Step {
-            waits,
-            targets,
-            own,
-            read_at,
-        } = self;
-        let Some((watch, from)) = ChangeWatch::open(waits, targets, own, backoff).await? else {
+        let opened = ChangeWatch::open(self.waits, self.targets, self.own, backoff).await?;
+        let Some((watch, from)) = opened else {
             return Ok(Woken::Recheck);
         };
-        if from > read_at && !reread().await? {
+        if from > self.read_at && !reread().await? {
             return Ok(Woken::Changed(Change::default()));
         }
-        watch.wait(waits, backoff).await
+        watch.wait(self.waits, backoff).await
     }
 
     /// The wait through the session's hub, on its `scope`.

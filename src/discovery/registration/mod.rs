@@ -264,9 +264,9 @@ impl Registration {
         lease_id: i64,
         options: SessionOptions,
     ) -> Result<Registration, Error> {
+        options.validate()?;
         let key = registration_key(target.as_ref(), suffix.as_ref())?;
         let json = endpoint.validate()?;
-        options.validate()?;
         // In a task of its own, like `establish`: a caller that leaves does not leave a
         // resumed session behind (its drop revokes the lease).
         let resumed = tokio::spawn(readopt(
