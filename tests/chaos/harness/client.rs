@@ -30,6 +30,11 @@ pub fn session_options() -> SessionOptions {
 /// How soon each lease refresh must be answered.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long a request the harness sends itself, past the library (a late write, a plain
+/// put, a late acknowledgement), may go unanswered: a member cut from its peers never
+/// answers a write, and the etcd client has no timeout of its own.
+pub const RAW_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the harness tells a client while it runs (directly, or through its process's stdin).
 pub struct Control {
     pub id: usize,
@@ -139,13 +144,9 @@ impl Writer {
 
     /// A plain put, no fence: the deliberately broken lock.
     async fn unfenced(&self, key: String, token: i64) {
-        if self
-            .client
-            .clone()
-            .put(key.as_str(), token.to_string(), None)
-            .await
-            .is_ok()
-        {
+        let mut client = self.client.clone();
+        let put = client.put(key.as_str(), token.to_string(), None);
+        if let Ok(Ok(_)) = tokio::time::timeout(RAW_TIMEOUT, put).await {
             self.wrote(token, key);
         }
     }
@@ -156,12 +157,12 @@ impl Writer {
         let txn = Txn::new()
             .when(fence.owner_compares())
             .and_then([TxnOp::put(key.as_str(), token.to_string(), None)]);
-        match self.client.clone().txn(txn).await {
-            Ok(r) if r.succeeded() => self.wrote(token, key),
-            Ok(_) => self
+        match tokio::time::timeout(RAW_TIMEOUT, self.client.clone().txn(txn)).await {
+            Ok(Ok(r)) if r.succeeded() => self.wrote(token, key),
+            Ok(Ok(_)) => self
                 .sink
                 .report(self.ctl.id, Report::Refused { token, late }),
-            Err(_) => {}
+            _ => {}
         }
     }
 
@@ -261,17 +262,18 @@ pub async fn hold_and_release(
     let mode = held.mode();
     let long = ctl.take_long_hold();
     sink.report(id, Report::Acquired { token, lease, mode });
-    // Exclusive holders of a lock write; readers and semaphore permits (several at once, in
-    // any order) only hold. The late write through the previous hold goes first: before a
-    // long hold is reported, and so before the harness's fault can stall it.
-    let writes = mode == Mode::Exclusive && ctl.primitive.rules().holders == 1;
-    if writes {
-        writer.begin(&fence).await;
-    }
     if long.is_some() {
         sink.report(id, Report::LongHold { token });
     }
+    // Exclusive holders of a lock write; readers and semaphore permits (several at once, in
+    // any order) only hold. The late write through the previous hold goes first, as part of
+    // the work: raced with `lost()` like the rest of it, so that a write stalled by a fault
+    // does not stretch the holder's belief.
+    let writes = mode == Mode::Exclusive && ctl.primitive.rules().holders == 1;
     let work = async {
+        if writes {
+            writer.begin(&fence).await;
+        }
         if let Some(until) = until {
             until.cancelled().await;
             return;
@@ -563,11 +565,12 @@ async fn selector_terms(ctl: &Arc<Control>, client: Client, sink: &Sink, writer:
                     mode: Mode::Exclusive,
                 },
             );
-            writer.begin(&fence).await;
             if long.is_some() {
                 sink.report(id, Report::LongHold { token });
             }
+            // The late write through the previous term first, raced with the term's end.
             let work = async {
+                writer.begin(&fence).await;
                 if let Some(long) = &long {
                     loop {
                         writer.write(&fence).await;

@@ -10,7 +10,7 @@ use etcd_client::{Client, DeleteOptions, GetOptions, Txn, TxnOp};
 use etcd_coord::{EnqueueOptions, Error, LeasedSession, QueueOptions, WorkQueue};
 use etcd_coord_testkit::checker::QueueEnd;
 
-use super::client::{session_options, why, Control};
+use super::client::{session_options, why, Control, RAW_TIMEOUT};
 use super::report::{Report, Sink};
 use super::{Broken, TTL};
 
@@ -142,7 +142,8 @@ async fn work(ctl: &Control, session: &LeasedSession, queue: &WorkQueue, sink: &
         // the hold is reported, and so before the harness's fault can stall the read.
         let mut job_key_now = None;
         if long.is_some() {
-            job_key_now = job_key(session.client(), ctl.name.as_str(), job.id().as_str()).await;
+            let read = job_key(session.client(), ctl.name.as_str(), job.id().as_str());
+            job_key_now = tokio::time::timeout(RAW_TIMEOUT, read).await.ok().flatten();
             sink.report(id, Report::LongHold { token });
         }
         let work = async {
@@ -238,16 +239,17 @@ async fn late_ack(
     let txn = Txn::new()
         .when(job.owner_compares())
         .and_then([TxnOp::delete(job.key(), None), TxnOp::delete(job_key, None)]);
-    match session.client().clone().txn(txn).await {
-        Ok(r) if r.succeeded() => sink.report(
+    let mut client = session.client().clone();
+    match tokio::time::timeout(RAW_TIMEOUT, client.txn(txn)).await {
+        Ok(Ok(r)) if r.succeeded() => sink.report(
             id,
             Report::Acked {
                 token,
                 certain: true,
             },
         ),
-        Ok(_) => sink.report(id, Report::AckRefused { token }),
-        Err(_) => {}
+        Ok(Ok(_)) => sink.report(id, Report::AckRefused { token }),
+        _ => {}
     }
 }
 
@@ -272,8 +274,10 @@ async fn job_key(client: &Client, name: &str, id: &str) -> Option<String> {
 
 /// Deletes job `id`'s key with a plain delete (the deliberately broken workers).
 async fn delete_job(client: &Client, name: &str, id: &str) {
-    if let Some(key) = job_key(client, name, id).await {
-        let _ = client.clone().delete(key, None).await;
+    let found = tokio::time::timeout(RAW_TIMEOUT, job_key(client, name, id)).await;
+    if let Ok(Some(key)) = found {
+        let mut client = client.clone();
+        let _ = tokio::time::timeout(RAW_TIMEOUT, client.delete(key, None)).await;
     }
 }
 
