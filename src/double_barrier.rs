@@ -279,26 +279,25 @@ impl DoubleBarrierGuard {
         // it at once — and waiting for them would wait for a round that waits for us.
         let mut left_at = self.holding.release().await?;
         let session = Arc::clone(self.holding.fence().session().inner());
-        let mut delete_known = true;
         if self.holding.release_was_uncertain() {
             // The delete went unanswered and a retry found the key gone: our round ended at
             // the delete itself, which may be well before the retry's revision — and a
             // participant that left meanwhile may already wait in the next round's enter()
-            // for us. etcd's history says when the delete was.
+            // for us. etcd's history says when the delete was. If that history was compacted
+            // away, the retry's revision is kept: it errs late, never early — a participant
+            // of the next round that entered between the delete and the retry is waited for
+            // (it waits for us: the one liveness gap left, see docs/design.md), but nobody of
+            // our round is left behind.
             let fence = self.holding.fence();
-            match crate::watch::deleted_at(session.waits(), fence.key(), fence.fencing_token())
-                .await?
+            if let Some(at) =
+                crate::watch::deleted_at(session.waits(), fence.key(), fence.fencing_token())
+                    .await?
             {
-                Some(at) => left_at = at,
-                None => delete_known = false,
+                left_at = at;
             }
         }
-        // Wait for the participants of our round one by one, oldest first, until none is
-        // left. If the delete's history was compacted away, the retry's revision is all we
-        // know, and participants of the next round may have entered before it: our round's
-        // latch tells them apart (it comes down only once the round is over).
-        let latch = (!delete_known).then_some(self.ready.as_str());
-        wait_for_round(&session, &self.participants, left_at, latch).await?;
+        // Wait for the participants of our round one by one, oldest first, until none is left.
+        wait_for_round(&session, &self.participants, left_at).await?;
         // Everyone of our round is out. If the last ones left by losing their leases, or while
         // the next round's first participants were already entering, our round's latch is
         // still up: take it down. A latch created after we left is the next round's: leave it.
@@ -315,58 +314,33 @@ impl DoubleBarrierGuard {
 }
 
 /// Waits until no participant under `participants` created at or before `last` is left (each
-/// one deleted, or gone with its lease), oldest first — or, with `latch`, as soon as no latch
-/// is up there: a leave that knows only a revision at or after its delete. A round's latch
-/// comes down only when the round is over (its last participant's leave takes it down with its
-/// own key; the session's job, once every participant created before it is gone; a new enter,
-/// once it outlived its round), so the participants still there then belong to the next round,
-/// which may be waiting for us.
+/// one deleted, or gone with its lease), oldest first.
 async fn wait_for_round(
     session: &Arc<Session>,
     participants: &str,
     last: i64,
-    latch: Option<&str>,
 ) -> Result<(), Error> {
     let oldest = GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1)
         .with_keys_only();
-    let mut reads = vec![TxnOp::get(participants, Some(oldest))];
-    reads.extend(latch.map(|l| TxnOp::get(l, Some(GetOptions::new().with_keys_only()))));
     loop {
-        let now = engine::read(session, reads.clone()).await?;
-        let first = |i: usize| now.gets.get(i).and_then(|g| g.kvs().first());
-        let Some(kv) = first(0).filter(|kv| kv.create_revision() <= last) else {
+        let now = engine::read(
+            session,
+            vec![TxnOp::get(participants, Some(oldest.clone()))],
+        )
+        .await?;
+        let Some(kv) = now
+            .gets
+            .first()
+            .and_then(|g| g.kvs().first())
+            .filter(|kv| kv.create_revision() <= last)
+        else {
             return Ok(());
         };
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        // (On the heap: two waits side by side would make every leave() future's frame
-        // larger than a thread's stack allows in debug builds.)
-        let gone = Box::pin(engine::wait_gone(
-            session,
-            &key,
-            kv.create_revision(),
-            now.revision,
-        ));
-        match latch {
-            None => gone.await?,
-            Some(latch) => {
-                let Some(up) = first(1) else {
-                    return Ok(()); // no latch: the round is over
-                };
-                let down = Box::pin(engine::wait_gone(
-                    session,
-                    latch,
-                    up.create_revision(),
-                    now.revision,
-                ));
-                tokio::select! {
-                    gone = gone => gone?,
-                    down = down => down?,
-                }
-            }
-        }
+        engine::wait_gone(session, &key, kv.create_revision(), now.revision).await?;
     }
 }
 
@@ -395,7 +369,7 @@ async fn look_after_latch(
     else {
         return Ok(()); // never put, or not ours
     };
-    wait_for_round(&session, &participants, latched_at - 1, None).await?;
+    wait_for_round(&session, &participants, latched_at - 1).await?;
     let clear = Txn::new()
         .when([
             Compare::create_revision(ready.as_str(), CompareOp::Equal, latched_at),

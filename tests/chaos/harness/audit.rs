@@ -118,7 +118,19 @@ pub async fn check_resource(admin: &Client, sh: &Shared) -> (Vec<Violation>, usi
         })
         .collect();
     let reported = sh.written.lock().unwrap().clone();
-    let violations = check_accepted_writes(&accepted, &reported);
+    let mut violations = check_accepted_writes(&accepted, &reported);
+    // A late write — through the fence of a hold that had ended, sent at the next hold — must
+    // be refused, whatever its writer saw of it (it may have given up on the answer, or been
+    // cut short by its own loss): judged from etcd alone.
+    violations.extend(accepted.iter().filter(|w| w.key.ends_with(super::client::LATE)).map(
+        |w| Violation {
+            property: Property::StaleWrite,
+            detail: format!(
+                "etcd accepted client {}'s late write {} through the fence of an ended hold (token {})",
+                w.client, w.key, w.token
+            ),
+        },
+    ));
     retried("the protected resource is cleared", || {
         let (mut admin, prefix) = (admin.clone(), prefix.clone());
         async move {
