@@ -104,18 +104,14 @@ fn in_use(keys: &[SeenKey], events: &[Event], per_waiter: usize) -> HashSet<(Str
             Event::Session { client, lease, .. } => {
                 lease_of.insert(*client, *lease);
             }
+            // A work queue's claim: its claim key is held like a lock's.
             Event::Acquired {
                 client,
                 token,
                 lease,
                 ..
-            } => {
-                *held.entry((*client, *token)).or_default() += 1;
-                lease_of.insert(*client, *lease);
-                wants.remove(client);
             }
-            // A work queue's claim: its claim key is held like a lock's.
-            Event::JobClaimed {
+            | Event::JobClaimed {
                 client,
                 token,
                 lease,
