@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use etcd_client::{Client, DeleteOptions, GetOptions, Txn, TxnOp};
-use etcd_coord::{EnqueueOptions, Error, LeasedSession, QueueOptions, WorkQueue};
+use etcd_coord::{Claimed, EnqueueOptions, Error, LeasedSession, QueueOptions, WorkQueue};
 use etcd_coord_testkit::checker::QueueEnd;
 
 use super::client::{session_options, why, Control, RAW_TIMEOUT};
@@ -176,14 +176,7 @@ async fn work(ctl: &Control, session: &LeasedSession, queue: &WorkQueue, sink: &
             // Deliberately broken: acknowledges with plain deletes, not through its claim. etcd
             // answers a plain delete OK whether the job was still there or not: this worker
             // believes its acknowledgement applied, as one without the fence would.
-            delete_job(session.client(), ctl.name.as_str(), job.id().as_str()).await;
-            sink.report(
-                id,
-                Report::Acked {
-                    token,
-                    certain: true,
-                },
-            );
+            unfenced_ack(ctl, session, sink, &job).await;
             drop(job);
         } else if ctl.is(Broken::Leaks) {
             // Deliberately broken: the claim is neither acknowledged nor given back.
@@ -218,20 +211,12 @@ async fn late_ack(
     ctl: &Control,
     session: &LeasedSession,
     sink: &Sink,
-    job: &etcd_coord::Claimed,
+    job: &Claimed,
     job_key: Option<String>,
 ) {
     let (id, token) = (ctl.id, job.fencing_token());
     if ctl.is(Broken::Unfenced) {
-        delete_job(session.client(), ctl.name.as_str(), job.id().as_str()).await;
-        sink.report(
-            id,
-            Report::Acked {
-                token,
-                certain: true,
-            },
-        );
-        return;
+        return unfenced_ack(ctl, session, sink, job).await;
     }
     let Some(job_key) = job_key else {
         return; // not a long hold: its job's key is not known
@@ -251,6 +236,20 @@ async fn late_ack(
         Ok(Ok(_)) => sink.report(id, Report::AckRefused { token }),
         _ => {}
     }
+}
+
+/// The deliberately broken acknowledgement ([`Broken::Unfenced`]): a plain delete of the job,
+/// reported as applied (etcd answers a plain delete OK whether the job was there or not).
+async fn unfenced_ack(ctl: &Control, session: &LeasedSession, sink: &Sink, job: &Claimed) {
+    delete_job(session.client(), ctl.name.as_str(), job.id().as_str()).await;
+    let token = job.fencing_token();
+    sink.report(
+        ctl.id,
+        Report::Acked {
+            token,
+            certain: true,
+        },
+    );
 }
 
 /// The key of job `id` of queue `name`, if it is queued.
