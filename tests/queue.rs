@@ -1000,17 +1000,22 @@ fn traffic(sessions: &[LeasedSession]) -> (u64, u64, u64) {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_job_wakes_one_idle_claimer_not_the_herd_and_idle_claimers_do_not_poll() {
-    let etcd = etcd().await;
-    let c = client(&etcd).await;
-    let name = unique("queue-herd");
-    let idle = 10;
+/// `n` claimers of the queue `name`, each on a session of its own, once every one waits in the
+/// idle line; their claims arrive on the receiver.
+async fn idle_claimers(
+    etcd: &etcd_coord_testkit::TestEtcd,
+    c: &Client,
+    name: &str,
+    n: usize,
+) -> (
+    Vec<LeasedSession>,
+    tokio::sync::mpsc::UnboundedReceiver<Result<etcd_coord::Claimed, Error>>,
+) {
     let mut sessions = Vec::new();
-    let (done, mut claimed) = tokio::sync::mpsc::unbounded_channel();
-    for _ in 0..idle {
-        let s = session(&etcd, 30).await;
-        let (q, done) = (WorkQueue::new(&s, &name), done.clone());
+    let (done, claimed) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..n {
+        let s = session(etcd, 30).await;
+        let (q, done) = (WorkQueue::new(&s, name), done.clone());
         tokio::spawn(async move {
             let _ = done.send(q.claim().await);
         });
@@ -1018,11 +1023,21 @@ async fn a_new_job_wakes_one_idle_claimer_not_the_herd_and_idle_claimers_do_not_
     }
     assert!(
         eventually(Duration::from_secs(10), || async {
-            idle_line(&c, &name).await.len() == idle
+            idle_line(c, name).await.len() == n
         })
         .await,
         "every claimer waits in line"
     );
+    (sessions, claimed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_job_wakes_one_idle_claimer_not_the_herd_and_idle_claimers_do_not_poll() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let name = unique("queue-herd");
+    let idle = 10;
+    let (sessions, mut claimed) = idle_claimers(&etcd, &c, &name, idle).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // the head's watch is in place
     let quiet = traffic(&sessions);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1415,23 +1430,7 @@ async fn idle_claimers_put_no_hand_off_pointers() {
     let etcd = etcd().await;
     let c = client(&etcd).await;
     let name = unique("queue-no-pointers");
-    let mut sessions = Vec::new();
-    let (done, mut claimed) = tokio::sync::mpsc::unbounded_channel();
-    for _ in 0..3 {
-        let s = session(&etcd, 30).await;
-        let (q, done) = (WorkQueue::new(&s, &name), done.clone());
-        tokio::spawn(async move {
-            let _ = done.send(q.claim().await);
-        });
-        sessions.push(s);
-    }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            idle_line(&c, &name).await.len() == 3
-        })
-        .await,
-        "every claimer waits in line"
-    );
+    let (_sessions, mut claimed) = idle_claimers(&etcd, &c, &name, 3).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // each has decided how to wait
     let pointers: Vec<String> = keys_under(&c, &format!("{name}/"))
         .await
