@@ -21,8 +21,14 @@ struct Recorded(Vec<(CompositeKey, DebugValue)>);
 
 impl Recorded {
     /// Runs `test` on a runtime of this thread with a recorder of its own (other tests'
-    /// metrics never mix in), and returns what it recorded.
+    /// metrics never mix in), and returns what it recorded. Recording tests run one at a time:
+    /// the `name` label opt-in (`set_name_labels`) is process-wide, and one test turning it on
+    /// must not label another's acquisitions.
     fn during<F: Future<Output = ()>>(test: impl FnOnce() -> F + Send) -> Recorded {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _alone = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         // A thread with room for the test's futures (debug builds keep them on the stack).
@@ -168,15 +174,24 @@ fn acquisitions_holds_and_lost_guards_are_counted_by_kind_and_outcome() {
             .unwrap();
 
         // Opted in, the primitive's name is a label too.
-        m::set_name_labels(true);
-        Mutex::new(&a, format!("{name}-named"))
-            .lock()
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
-        m::set_name_labels(false);
+        {
+            /// Turns the opt-in off again however the block ends, a panic included.
+            struct NameLabels;
+            impl Drop for NameLabels {
+                fn drop(&mut self) {
+                    m::set_name_labels(false);
+                }
+            }
+            m::set_name_labels(true);
+            let _off_after = NameLabels;
+            Mutex::new(&a, format!("{name}-named"))
+                .lock()
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
+        }
         a.close().await.unwrap();
     });
     let mutex =
