@@ -5,8 +5,7 @@ use std::sync::Arc;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 
 use crate::backoff::Backoff;
-use crate::engine::ticket::Acquired;
-use crate::engine::{self, holding_guard, measure, Decision, Holding};
+use crate::engine::{self, holding_guard, measure, Cleanup, Decision, Holding, SessionKeys};
 use crate::keys::{self, Layout, Named, Queue};
 use crate::metrics::AcquisitionKind;
 use crate::session::Session;
@@ -15,6 +14,8 @@ use crate::{Error, LeasedSession};
 
 const PARTICIPANT: &str = "p";
 const READY: &str = "ready";
+/// Leave markers: `N/#double/left/<participant's id>`, put by `leave()` with its delete.
+const LEFT: &str = "left/";
 
 /// A double barrier: `count` participants [`enter()`](Self::enter) together — nobody passes
 /// until `count` have entered — and [`leave()`](DoubleBarrierGuard::leave) together — nobody
@@ -209,7 +210,14 @@ impl DoubleBarrier {
                 decider,
             )
             .await?;
-            let leave = leave_txn(&acquired, lease, &participants, &ready);
+            let leave = leave_txn(
+                &acquired.key,
+                acquired.create_revision,
+                lease,
+                &participants,
+                &ready,
+                None,
+            );
             Ok(Holding::with_release(self.session.clone(), acquired, leave))
         };
         let holding = measure::measured!(AcquisitionKind::DoubleBarrier, self.name(), enter)?;
@@ -217,32 +225,45 @@ impl DoubleBarrier {
             holding,
             participants,
             ready,
+            queue.sub(LEFT),
         ))
     }
 }
 
-/// Leaving removes our key and, if we are the last participant, the latch, in one Txn (the
-/// nested compare sees the state before the delete: "only our key is left").
-fn leave_txn(acquired: &Acquired, lease: i64, participants: &str, ready: &str) -> Txn {
+/// Leaving removes our key (`key`, created at `create_revision` on `lease`) and, if we are
+/// the last participant, the latch, in one Txn (the nested compare sees the state before the
+/// delete: "only our key is left"). With a `marker`, the same Txn puts it on our lease: its
+/// create revision is the revision of our delete, which etcd keeps for as long as the marker
+/// lives — also when the history of the delete is compacted away.
+fn leave_txn(
+    key: &str,
+    create_revision: i64,
+    lease: i64,
+    participants: &str,
+    ready: &str,
+    marker: Option<&str>,
+) -> Txn {
+    let mut ops = vec![
+        TxnOp::delete(key, None),
+        TxnOp::txn(
+            Txn::new()
+                .when([
+                    Compare::create_revision(participants, CompareOp::Equal, create_revision)
+                        .with_prefix(),
+                ])
+                .and_then([TxnOp::delete(ready, None)]),
+        ),
+    ];
+    if let Some(marker) = marker {
+        ops.push(TxnOp::put(
+            marker,
+            "",
+            Some(PutOptions::new().with_lease(lease)),
+        ));
+    }
     Txn::new()
-        .when(keys::owner_compares(
-            &acquired.key,
-            acquired.create_revision,
-            lease,
-        ))
-        .and_then([
-            TxnOp::delete(acquired.key.as_str(), None),
-            TxnOp::txn(
-                Txn::new()
-                    .when([Compare::create_revision(
-                        participants,
-                        CompareOp::Equal,
-                        acquired.create_revision,
-                    )
-                    .with_prefix()])
-                    .and_then([TxnOp::delete(ready, None)]),
-            ),
-        ])
+        .when(keys::owner_compares(key, create_revision, lease))
+        .and_then(ops)
 }
 
 holding_guard! {
@@ -253,6 +274,7 @@ holding_guard! {
     pub struct DoubleBarrierGuard {
         participants: String,
         ready: String,
+        markers: String,
     };
 }
 
@@ -277,22 +299,45 @@ impl DoubleBarrierGuard {
         // The participants of our round are the keys created before our own was deleted. Keys
         // created after belong to the next round — a participant that already left may enter
         // it at once — and waiting for them would wait for a round that waits for us.
-        let mut left_at = self.holding.release().await?;
         let session = Arc::clone(self.holding.fence().session().inner());
-        if self.holding.release_was_uncertain() {
+        let fence = self.holding.fence();
+        let (key, token) = (fence.key().to_owned(), fence.fencing_token());
+        let id = key.strip_prefix(self.participants.as_str()).unwrap_or(&key);
+        let marker = format!("{}{id}", self.markers);
+        let leave = leave_txn(
+            &key,
+            token,
+            session.lease_id,
+            &self.participants,
+            &self.ready,
+            Some(&marker),
+        );
+        // From before the marker's put until this leave is over, however it ends: the marker
+        // is ours to delete, and spared by a resumed session's look at its lease.
+        let marked = Marker::new(&session, marker);
+        let intent = session.intend(&marked.key);
+        let mut left_at = self.holding.release_by(leave).await?;
+        if !self.holding.release_was_uncertain() {
+            intent.confirm(left_at);
+        } else {
             // The delete went unanswered and a retry found the key gone: our round ended at
             // the delete itself, which may be well before the retry's revision — and a
             // participant that left meanwhile may already wait in the next round's enter()
-            // for us. etcd's history says when the delete was. If that history was compacted
-            // away, the retry's revision is kept: it errs late, never early — a participant
-            // of the next round that entered between the delete and the retry is waited for
-            // (it waits for us: the one liveness gap left, see docs/design.md), but nobody of
-            // our round is left behind.
-            let fence = self.holding.fence();
-            if let Some(at) =
-                crate::watch::deleted_at(session.waits(), fence.key(), fence.fencing_token())
-                    .await?
-            {
+            // for us. The marker, put with the delete, carries its revision as its create
+            // revision. No marker: the key was deleted by someone else (by hand, or with our
+            // lease); etcd's history says when, and if that was compacted away the retry's
+            // revision is kept (it errs late, never early).
+            let read = engine::read(&session, vec![TxnOp::get(marked.key.as_str(), None)]).await?;
+            let put_with_our_delete = read
+                .gets
+                .first()
+                .and_then(|g| g.kvs().first())
+                .filter(|kv| kv.lease() == session.lease_id)
+                .map(|kv| kv.create_revision());
+            if let Some(at) = put_with_our_delete {
+                intent.confirm(at);
+                left_at = at;
+            } else if let Some(at) = crate::watch::deleted_at(session.waits(), &key, token).await? {
                 left_at = at;
             }
         }
@@ -301,15 +346,53 @@ impl DoubleBarrierGuard {
         // Everyone of our round is out. If the last ones left by losing their leases, or while
         // the next round's first participants were already entering, our round's latch is
         // still up: take it down. A latch created after we left is the next round's: leave it.
+        // The marker goes in the same Txn.
         let clear = Txn::new()
             .when([Compare::create_revision(
                 self.ready.as_str(),
                 CompareOp::Less,
                 left_at + 1,
             )])
-            .and_then([TxnOp::delete(self.ready.as_str(), None)]);
+            .and_then([
+                TxnOp::delete(self.ready.as_str(), None),
+                TxnOp::delete(marked.key.as_str(), None),
+            ])
+            .or_else([TxnOp::delete(marked.key.as_str(), None)]);
         session.rpc.txn(clear).await?;
+        marked.deleted();
         Ok(())
+    }
+}
+
+/// A leave marker that may exist on the session's lease: deleted by the session's task if it
+/// is dropped before [`deleted`](Self::deleted) says the leave's last Txn took it away.
+struct Marker {
+    session: Arc<Session>,
+    key: String,
+    armed: bool,
+}
+
+impl Marker {
+    fn new(session: &Arc<Session>, key: String) -> Marker {
+        Marker {
+            session: Arc::clone(session),
+            key,
+            armed: true,
+        }
+    }
+
+    fn deleted(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if self.armed {
+            self.session.clean_up(Cleanup::DeleteOnLease(
+                std::mem::take(&mut self.key).into_bytes(),
+            ));
+        }
     }
 }
 

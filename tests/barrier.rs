@@ -453,12 +453,11 @@ async fn a_leave_whose_answer_is_lost_does_not_wait_for_the_next_round() {
     lost_leave(false).await;
 }
 
-/// As above, with etcd's history of A's delete compacted away before A's retry: A cannot
-/// learn when its delete was. The known liveness gap (docs/design.md): A waits for B's
-/// next-round key, B for A. Ignored until a leave can find its delete's revision without
-/// etcd's history; run it with `--ignored` to see the gap.
+/// As above, with etcd's history of A's delete compacted away before A's retry: A learns when
+/// its delete was from the marker its leave put with the delete (its create revision), not
+/// from etcd's history. Without it A waits for B's next-round key, and B for A (the chaos
+/// soak's seed 15 found that deadlock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known liveness gap: a lost leave answer whose history is compacted before the retry (docs/design.md)"]
 async fn a_leave_whose_answer_is_lost_and_whose_history_is_compacted_does_not_wait_for_the_next_round(
 ) {
     lost_leave(true).await;

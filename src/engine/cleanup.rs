@@ -42,9 +42,10 @@ pub(crate) enum Cleanup {
     /// Nothing of an acquisition exists (its put did not happen, or may still land only as a
     /// late copy): do what follows a deletion.
     Forget(Afterwards),
-    /// Delete a successor's pointer of ours (`keys::successor_pointer`, on the session's
-    /// lease) that nobody's release deleted.
-    DeletePointer(Vec<u8>),
+    /// Delete a key on the session's lease that only this session deletes, if it is still on
+    /// that lease: a successor's pointer of ours (`keys::successor_pointer`) that nobody's
+    /// release deleted, a double barrier's leave marker.
+    DeleteOnLease(Vec<u8>),
 }
 
 impl Cleanup {
@@ -260,14 +261,14 @@ async fn run(session: Arc<Session>, cleanup: Cleanup, pending: PendingWork) -> R
             drop(pending);
             sweep_after(session, &sweep, first, &mut backoff).await
         }
-        Cleanup::DeletePointer(pointer) => {
+        Cleanup::DeleteOnLease(key) => {
             let delete = Txn::new()
                 .when([Compare::lease(
-                    pointer.clone(),
+                    key.clone(),
                     CompareOp::Equal,
                     session.lease_id,
                 )])
-                .and_then([TxnOp::delete(pointer.clone(), None)]);
+                .and_then([TxnOp::delete(key.clone(), None)]);
             until_answered(session, || delete.clone(), &mut backoff).await?;
             drop(pending);
             Ok(())

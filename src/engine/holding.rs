@@ -160,6 +160,14 @@ impl Holding {
     /// Returns the revision of the confirming response: the key was gone at that revision
     /// (deleted at it, or earlier when a retry follows an unanswered attempt).
     pub(crate) async fn release(&mut self) -> Result<i64, Error> {
+        let txn = self.release_txn.clone();
+        self.release_by(txn).await
+    }
+
+    /// [`release`](Self::release) by `txn` instead of the holding's own release Txn: one that
+    /// deletes the key as that does (fenced the same way) and writes more beside it — a
+    /// double barrier's leave marker. Dropping the holding unreleased still sends its own.
+    pub(crate) async fn release_by(&mut self, release_txn: Txn) -> Result<i64, Error> {
         const ATTEMPTS: u32 = 3;
         if let Some(revision) = self.released_at {
             return Ok(revision);
@@ -173,7 +181,7 @@ impl Holding {
                 sleep(backoff.next_delay()).await;
             }
             tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release sent");
-            match session.rpc.txn(self.release_txn.clone()).await {
+            match session.rpc.txn(release_txn.clone()).await {
                 Ok(resp) => {
                     tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release answered");
                     let revision = resp.header().map_or(0, |h| h.revision());

@@ -68,7 +68,7 @@ impl Ticket {
         for pointer in std::mem::take(&mut self.pointers) {
             // Through without our predecessor's release deleting it (a holder that does not
             // announce, or a read that came first), or an earlier one: ours to delete.
-            self.session.clean_up(Cleanup::DeletePointer(pointer));
+            self.session.clean_up(Cleanup::DeleteOnLease(pointer));
         }
         Ok(Acquired {
             key: std::mem::take(&mut self.key),
