@@ -14,7 +14,8 @@ use crate::{Error, LeasedSession};
 
 const PARTICIPANT: &str = "p";
 const READY: &str = "ready";
-/// Leave markers: `N/#double/left/<participant's id>`, put by `leave()` with its delete.
+/// Leave markers: `N/#double/left/<participant's id>@<its fencing token>`, put by `leave()`
+/// with its delete.
 const LEFT: &str = "left/";
 
 /// A double barrier: `count` participants [`enter()`](Self::enter) together — nobody passes
@@ -210,38 +211,71 @@ impl DoubleBarrier {
                 decider,
             )
             .await?;
+            let marker = marker_of(
+                &queue.sub(LEFT),
+                &participants,
+                &acquired.key,
+                acquired.create_revision,
+            );
             let leave = leave_txn(
                 &acquired.key,
                 acquired.create_revision,
                 lease,
                 &participants,
                 &ready,
-                None,
+                Marker::Deleted(&marker),
             );
             Ok(Holding::with_release(self.session.clone(), acquired, leave))
         };
         let holding = measure::measured!(AcquisitionKind::DoubleBarrier, self.name(), enter)?;
+        let fence = holding.fence();
+        let marker = marker_of(
+            &queue.sub(LEFT),
+            &participants,
+            fence.key(),
+            fence.fencing_token(),
+        );
         Ok(DoubleBarrierGuard::from_holding(
             holding,
             participants,
             ready,
-            queue.sub(LEFT),
+            marker,
         ))
     }
 }
 
+/// The leave marker of the participant `key` created at `create_revision`: a name of its own
+/// for each incarnation (member keys' numbers are used again).
+fn marker_of(markers: &str, participants: &str, key: &str, create_revision: i64) -> String {
+    let id = key.strip_prefix(participants).unwrap_or(key);
+    format!("{markers}{id}@{create_revision:x}")
+}
+
+/// What a leave Txn does with the participant's leave marker.
+#[derive(Clone, Copy)]
+enum Marker<'a> {
+    /// Puts it with the delete (`leave()`).
+    Put(&'a str),
+    /// Deletes it, whichever branch runs (the holding's own release: a dropped guard, or a
+    /// `leave()` dropped or failed while a copy of its Txn may still land — this Txn either
+    /// deletes the key first, so that no such copy can put the marker any more, or finds the
+    /// key gone and takes away the marker a copy may have put).
+    Deleted(&'a str),
+}
+
 /// Leaving removes our key (`key`, created at `create_revision` on `lease`) and, if we are
 /// the last participant, the latch, in one Txn (the nested compare sees the state before the
-/// delete: "only our key is left"). With a `marker`, the same Txn puts it on our lease: its
-/// create revision is the revision of our delete, which etcd keeps for as long as the marker
-/// lives — also when the history of the delete is compacted away.
+/// delete: "only our key is left"), and puts or deletes our leave `marker`. A put marker is on
+/// our lease and its create revision is the revision of our delete, which etcd keeps for as
+/// long as the marker lives — also when the history of the delete is compacted away. The
+/// else-branch reads our key (a key taken over by another client's put is no release).
 fn leave_txn(
     key: &str,
     create_revision: i64,
     lease: i64,
     participants: &str,
     ready: &str,
-    marker: Option<&str>,
+    marker: Marker<'_>,
 ) -> Txn {
     let mut ops = vec![
         TxnOp::delete(key, None),
@@ -254,16 +288,22 @@ fn leave_txn(
                 .and_then([TxnOp::delete(ready, None)]),
         ),
     ];
-    if let Some(marker) = marker {
-        ops.push(TxnOp::put(
+    let mut otherwise = vec![TxnOp::get(key, None)];
+    match marker {
+        Marker::Put(marker) => ops.push(TxnOp::put(
             marker,
             "",
             Some(PutOptions::new().with_lease(lease)),
-        ));
+        )),
+        Marker::Deleted(marker) => {
+            ops.push(TxnOp::delete(marker, None));
+            otherwise.push(TxnOp::delete(marker, None));
+        }
     }
     Txn::new()
         .when(keys::owner_compares(key, create_revision, lease))
         .and_then(ops)
+        .or_else(otherwise)
 }
 
 holding_guard! {
@@ -274,7 +314,7 @@ holding_guard! {
     pub struct DoubleBarrierGuard {
         participants: String,
         ready: String,
-        markers: String,
+        marker: String,
     };
 }
 
@@ -302,19 +342,19 @@ impl DoubleBarrierGuard {
         let session = Arc::clone(self.holding.fence().session().inner());
         let fence = self.holding.fence();
         let (key, token) = (fence.key().to_owned(), fence.fencing_token());
-        let id = key.strip_prefix(self.participants.as_str()).unwrap_or(&key);
-        let marker = format!("{}{id}", self.markers);
         let leave = leave_txn(
             &key,
             token,
             session.lease_id,
             &self.participants,
             &self.ready,
-            Some(&marker),
+            Marker::Put(&self.marker),
         );
         // From before the marker's put until this leave is over, however it ends: the marker
-        // is ours to delete, and spared by a resumed session's look at its lease.
-        let marked = Marker::new(&session, marker);
+        // is ours to delete, and spared by a resumed session's look at its lease. (If this
+        // leave is dropped or fails before its Txn is answered, the holding's own release
+        // runs in the background and deletes the marker too, after any late copy.)
+        let marked = MarkerGuard::new(&session, self.marker.clone());
         let intent = session.intend(&marked.key);
         let mut left_at = self.holding.release_by(leave).await?;
         if !self.holding.release_was_uncertain() {
@@ -332,7 +372,7 @@ impl DoubleBarrierGuard {
                 .gets
                 .first()
                 .and_then(|g| g.kvs().first())
-                .filter(|kv| kv.lease() == session.lease_id)
+                .filter(|kv| kv.lease() == session.lease_id && kv.create_revision() > token)
                 .map(|kv| kv.create_revision());
             if let Some(at) = put_with_our_delete {
                 intent.confirm(at);
@@ -366,15 +406,15 @@ impl DoubleBarrierGuard {
 
 /// A leave marker that may exist on the session's lease: deleted by the session's task if it
 /// is dropped before [`deleted`](Self::deleted) says the leave's last Txn took it away.
-struct Marker {
+struct MarkerGuard {
     session: Arc<Session>,
     key: String,
     armed: bool,
 }
 
-impl Marker {
-    fn new(session: &Arc<Session>, key: String) -> Marker {
-        Marker {
+impl MarkerGuard {
+    fn new(session: &Arc<Session>, key: String) -> MarkerGuard {
+        MarkerGuard {
             session: Arc::clone(session),
             key,
             armed: true,
@@ -386,7 +426,7 @@ impl Marker {
     }
 }
 
-impl Drop for Marker {
+impl Drop for MarkerGuard {
     fn drop(&mut self) {
         if self.armed {
             self.session.clean_up(Cleanup::DeleteOnLease(

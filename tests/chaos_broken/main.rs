@@ -42,7 +42,7 @@ async fn caught(
 }
 
 /// Whether this is the small run (`CHAOS_SMALL=1`: scripts/test's run on etcd 3.4, which
-/// keeps the first seed of each chaos test): the broken clients prove the checker and the
+/// keeps the first seed of some chaos tests): the broken clients prove the checker and the
 /// harness, whatever etcd's version, so they run once — on 3.5 — and say so here.
 fn on_the_small_run() -> bool {
     let small = std::env::var("CHAOS_SMALL").as_deref() == Ok("1");
