@@ -178,6 +178,13 @@ async fn a_dropped_resume_leaves_the_key_as_it_was_or_deletes_it(kind: Kind) {
     let holder = session(&etcd, 30).await;
     for waiting in [true, false] {
         let name = unique("resume-cancel");
+        // A waiter of a mutex or an election behind a long queue follows the key just ahead
+        // and announces itself with a pointer (a short queue's waiter counts its deletions and
+        // puts nothing, as the one-permit semaphore's here does).
+        let announces = waiting && matches!(kind, Kind::Mutex | Kind::Election);
+        if announces {
+            pad_with_nested_keys(&observer, &name).await;
+        }
         let held = match waiting {
             true => Some(acquire(kind.blocked_by(), &holder, &name).await.unwrap()),
             false => None,
@@ -193,9 +200,8 @@ async fn a_dropped_resume_leaves_the_key_as_it_was_or_deletes_it(kind: Kind) {
                 async move { acquire(kind, &old, &name).await }
             });
             let lease = old.lease_id();
-            // A waiter in a one-at-a-time line also puts its pointer under the key ahead:
-            // wait for it too, so that no put is in flight when the lease is handed off.
-            let announces = waiting && !matches!(kind, Kind::Read | Kind::Write);
+            // An announcing waiter also puts its pointer beside the key ahead: wait for it
+            // too, so that no put is in flight when the lease is handed off.
             assert!(
                 eventually(Duration::from_secs(5), || async {
                     let on = keys_on_lease(&observer, lease).await;

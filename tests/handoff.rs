@@ -1,9 +1,11 @@
-//! Announced hand-offs and the shared watch stream (docs/design.md, "Announced hand-offs"),
-//! against real etcd: a waiter behind one of our exclusive holders puts a pointer beside the
-//! queue that the holder's release deletes in the same Txn as its key, and takes exactly that
-//! — both deletions at one revision, while its own key is still its own — as the hand-off,
-//! without reading the queue again. Everything else that removes the key ahead (a waiter
-//! that gives up, an expiry, a delete by hand, even with `--prefix`) makes it read again.
+//! Hand-offs without a read, and the shared watch stream (docs/design.md, "Announced
+//! hand-offs" and "Counted hand-offs"), against real etcd. A waiter that saw the whole short
+//! queue ahead of it counts the deletions of those keys and holds at the one that deletes the
+//! last; behind a longer queue it puts a pointer beside the queue that our holder's release
+//! deletes in the same Txn as its key, and takes exactly that — both deletions at one
+//! revision, while its own key is still its own — as the hand-off. Either way nothing else lets
+//! it through early: a waiter ahead that gives up, an expiry, a delete by hand (even with
+//! `--prefix`) leave a key ahead to wait for, or make it read again. Every test runs both ways.
 
 mod common;
 
@@ -15,8 +17,21 @@ use etcd_coord::{Error, LeasedSession, Mutex, MutexGuard};
 use etcd_coord_testkit::TestEtcd;
 use tokio::task::JoinHandle;
 
-/// A holder, then a first and a second waiter behind it (the second announced to the first),
-/// each on its own session; the queue's member keys in order.
+/// Which way a waiter learns of its hand-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The queue is short and the waiter saw it whole: it counts the deletions ahead.
+    Counted,
+    /// The queue looks long (`pad_with_nested_keys`): the waiter follows the key just ahead and
+    /// announces itself to it.
+    Announced,
+}
+
+const BOTH: [Path; 2] = [Path::Counted, Path::Announced];
+
+/// A holder, then a first and a second waiter behind it, each on its own session; the queue's
+/// member keys in order. On the announced path the second waiter announced itself to the
+/// first, the first to the holder; on the counted path nobody put a pointer.
 struct Line {
     holder: MutexGuard,
     first: JoinHandle<Result<MutexGuard, Error>>,
@@ -26,7 +41,10 @@ struct Line {
     members: Vec<String>,
 }
 
-async fn line(etcd: &TestEtcd, observer: &etcd_client::Client, name: &str) -> Line {
+async fn line(etcd: &TestEtcd, observer: &etcd_client::Client, name: &str, path: Path) -> Line {
+    if path == Path::Announced {
+        pad_with_nested_keys(observer, name).await;
+    }
     let (h, a, b) = (
         session(etcd, 30).await,
         session(etcd, 30).await,
@@ -40,28 +58,48 @@ async fn line(etcd: &TestEtcd, observer: &etcd_client::Client, name: &str) -> Li
     let m = Mutex::new(&b, name);
     let second = tokio::spawn(async move { m.lock().await });
     assert!(members_are(observer, name, 3).await);
-    // Both waiters announced themselves (one pointer each: to the holder, to the first).
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            pointers(observer, name).await.len() == 2
-        })
-        .await,
-        "{:?}",
-        keys_under(observer, name).await
-    );
+    pointers_settle(observer, name, path, 2).await;
     Line {
         holder,
         first,
         second,
         first_session: a,
         _second_session: b,
-        members: members_under(observer, name).await,
+        members: members(observer, name).await,
     }
+}
+
+/// On the announced path, waits until `announced` pointers are in place; on the counted path,
+/// gives the waiters time to put any, and asserts that none did.
+async fn pointers_settle(observer: &etcd_client::Client, name: &str, path: Path, announced: usize) {
+    match path {
+        Path::Announced => assert!(
+            eventually(Duration::from_secs(5), || async {
+                pointers(observer, name).await.len() == announced
+            })
+            .await,
+            "{:?}",
+            members(observer, name).await
+        ),
+        Path::Counted => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(pointers(observer, name).await, Vec::<String>::new());
+        }
+    }
+}
+
+/// The lock's member keys, in create order (a nested name's keys and pointers left out).
+async fn members(observer: &etcd_client::Client, name: &str) -> Vec<String> {
+    members_under(observer, name)
+        .await
+        .into_iter()
+        .filter(|k| !is_pad(k))
+        .collect()
 }
 
 async fn members_are(observer: &etcd_client::Client, name: &str, n: usize) -> bool {
     eventually(Duration::from_secs(5), || async {
-        members_under(observer, name).await.len() == n
+        members(observer, name).await.len() == n
     })
     .await
 }
@@ -95,122 +133,135 @@ async fn second_waits_for_the_holder(line: Line) {
 async fn a_waiter_whose_predecessor_gives_up_waits_on_for_the_holder() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
-    let name = unique("gives-up");
-    let line = line(&etcd, &observer, &name).await;
-    line.first.abort(); // its key goes in the background, alone
-    assert!(members_are(&observer, &name, 2).await);
-    second_waits_for_the_holder(line).await;
+    for path in BOTH {
+        let name = unique("gives-up");
+        let line = line(&etcd, &observer, &name, path).await;
+        line.first.abort(); // its key goes in the background, alone
+        assert!(members_are(&observer, &name, 2).await, "{path:?}");
+        second_waits_for_the_holder(line).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_predecessor_expires_waits_on_for_the_holder() {
     let etcd = etcd().await;
     let mut observer = client(&etcd).await;
-    let name = unique("expires");
-    let line = line(&etcd, &observer, &name).await;
-    observer
-        .lease_revoke(line.first_session.lease_id())
-        .await
-        .unwrap();
-    assert!(members_are(&observer, &name, 2).await);
-    second_waits_for_the_holder(line).await;
+    for path in BOTH {
+        let name = unique("expires");
+        let line = line(&etcd, &observer, &name, path).await;
+        observer
+            .lease_revoke(line.first_session.lease_id())
+            .await
+            .unwrap();
+        assert!(members_are(&observer, &name, 2).await, "{path:?}");
+        second_waits_for_the_holder(line).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_key_ahead_with_every_key_under_it_is_no_release() {
     let etcd = etcd().await;
     let mut observer = client(&etcd).await;
-    let name = unique("del-prefix");
-    let line = line(&etcd, &observer, &name).await;
-    // `etcdctl del --prefix <first waiter's key>`: a cleanup by hand, not a hand-off.
-    observer
-        .delete(
-            line.members[1].as_str(),
-            Some(DeleteOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    assert!(members_are(&observer, &name, 2).await);
-    second_waits_for_the_holder(line).await;
+    for path in BOTH {
+        let name = unique("del-prefix");
+        let line = line(&etcd, &observer, &name, path).await;
+        // `etcdctl del --prefix <first waiter's key>`: a cleanup by hand, not a hand-off.
+        observer
+            .delete(
+                line.members[1].as_str(),
+                Some(DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        assert!(members_are(&observer, &name, 2).await, "{path:?}");
+        second_waits_for_the_holder(line).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_takes_the_waiters_own_key_with_it_is_a_loss_not_a_hand_off() {
     let etcd = etcd().await;
-    let mut observer = client(&etcd).await;
-    let name = unique("release-and-loss");
-    let line = line(&etcd, &observer, &name).await;
-    // One Txn, one revision: the holder's key with the pointers to it (what a release does)
-    // and the first waiter's own key.
-    let to_holder = pointers(&observer, &name)
-        .await
-        .into_iter()
-        .find(|p| p.contains(line.members[0].rsplit('#').next().unwrap()))
-        .expect("the first waiter's pointer to the holder");
-    observer
-        .txn(Txn::new().and_then([
+    let observer = client(&etcd).await;
+    for path in BOTH {
+        let name = unique("release-and-loss");
+        let line = line(&etcd, &observer, &name, path).await;
+        // One Txn, one revision: the holder's key with the pointers to it (what a release
+        // does) and the first waiter's own key.
+        let mut ops = vec![
             TxnOp::delete(line.members[0].as_str(), None),
-            TxnOp::delete(to_holder.as_str(), None),
             TxnOp::delete(line.members[1].as_str(), None),
-        ]))
-        .await
-        .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), line.first)
-        .await
-        .expect("the first waiter stops")
-        .unwrap();
-    assert!(
-        matches!(got, Err(Error::LockLost { ref key, .. }) if *key == line.members[1]),
-        "{got:?}"
-    );
-    drop(line.holder);
+        ];
+        if path == Path::Announced {
+            let to_holder = pointers(&observer, &name)
+                .await
+                .into_iter()
+                .find(|p| p.contains(line.members[0].rsplit('#').next().unwrap()))
+                .expect("the first waiter's pointer to the holder");
+            ops.push(TxnOp::delete(to_holder.as_str(), None));
+        }
+        observer
+            .clone()
+            .txn(Txn::new().and_then(ops))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), line.first)
+            .await
+            .expect("the first waiter stops")
+            .unwrap();
+        assert!(
+            matches!(got, Err(Error::LockLost { ref key, .. }) if *key == line.members[1]),
+            "{path:?}: {got:?}"
+        );
+        drop(line.holder);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_off_between_our_holders_reads_nothing_and_leaves_no_pointer() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
-    let name = unique("no-read");
-    let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
-    let held = Mutex::new(&h, &name).lock().await.unwrap();
-    let m = Mutex::new(&w, &name);
-    let waiting = tokio::spawn(async move { m.lock().await });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            pointers(&observer, &name).await.len() == 1
-        })
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = w.metrics();
-    held.release().await.unwrap();
-    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("handed over")
-        .unwrap()
-        .unwrap();
-    let after = w.metrics();
-    assert_eq!(
-        after.txns - before.txns,
-        0,
-        "the waiter read again to take over: {before:?} → {after:?}"
-    );
-    assert_eq!(pointers(&observer, &name).await, Vec::<String>::new());
-    assert_eq!(
-        members_under(&observer, &name).await,
-        vec![guard.key().to_owned()]
-    );
-    // Its token is its key's create revision, as for any holder.
-    let kv = observer
-        .clone()
-        .get(guard.key(), None)
-        .await
-        .unwrap()
-        .kvs()
-        .first()
-        .cloned()
-        .expect("the holder's key");
-    assert_eq!(guard.fencing_token(), kv.create_revision());
+    for path in BOTH {
+        let name = unique("no-read");
+        if path == Path::Announced {
+            pad_with_nested_keys(&observer, &name).await;
+        }
+        let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
+        let held = Mutex::new(&h, &name).lock().await.unwrap();
+        let m = Mutex::new(&w, &name);
+        let waiting = tokio::spawn(async move { m.lock().await });
+        assert!(members_are(&observer, &name, 2).await);
+        pointers_settle(&observer, &name, path, 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = w.metrics();
+        held.release().await.unwrap();
+        let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("handed over")
+            .unwrap()
+            .unwrap();
+        let after = w.metrics();
+        assert_eq!(
+            after.txns - before.txns,
+            0,
+            "{path:?}: the waiter read again to take over: {before:?} → {after:?}"
+        );
+        assert_eq!(pointers(&observer, &name).await, Vec::<String>::new());
+        assert_eq!(
+            members(&observer, &name).await,
+            vec![guard.key().to_owned()]
+        );
+        // Its token is its key's create revision, as for any holder.
+        let kv = observer
+            .clone()
+            .get(guard.key(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .first()
+            .cloned()
+            .expect("the holder's key");
+        assert_eq!(guard.fencing_token(), kv.create_revision());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -765,7 +765,9 @@ async fn keys_the_resumed_session_puts_itself_are_never_deleted_while_a_leftover
     let registered = SessionRegistration::register(&resumed, n("svc"), Endpoint::new("10.0.0.1:1"))
         .await
         .unwrap();
-    // And a waiter of its own, in line behind another session's holder.
+    // And a waiter of its own, in line behind another session's holder (behind a long
+    // queue, as far as its enqueue's read can tell: it announces itself).
+    pad_with_nested_keys(&observer, &n("line")).await;
     let other = session(&etcd, 30).await;
     let ahead = Mutex::new(&other, n("line")).lock().await.unwrap();
     let queued = {

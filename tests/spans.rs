@@ -105,6 +105,9 @@ fn a_contended_locks_span_has_its_name_lease_token_and_where_its_time_went() {
                     runtime.block_on(Box::pin(async {
                         let etcd = etcd().await;
                         let observer = client(&etcd).await;
+                        // A queue that looks long: waiters follow the key just ahead
+                        // (announcing themselves, reading again) instead of counting.
+                        pad_with_nested_keys(&observer, &name).await;
                         let (a, b) = (session(&etcd, 10).await, session(&etcd, 10).await);
                         // A hand-off announced: the holder releases, its waiter takes over.
                         let held = Mutex::new(&a, &name).lock().await.unwrap();

@@ -41,6 +41,13 @@ pub(crate) enum Decision {
     /// nothing is ahead of us any more, and only our own key needs confirming (see the wait
     /// loop).
     Follow { key: Vec<u8>, create_revision: i64 },
+    /// One permit, and the read held every key ahead of us — these, with their create
+    /// revisions, at most [`DRAIN_MAX`] of them: through at the revision that deletes the last
+    /// of them, with our key still ours. Nothing can be created ahead of us any more (create
+    /// revisions only grow), so their deletions alone decide, whoever made them; a wait that
+    /// sees them in order with our own key's events needs no read and no announcement (see
+    /// the wait loop).
+    Drain { keys: Vec<(Vec<u8>, i64)> },
     /// The read was cut short before it found what decides (a page of a shared queue holding
     /// only nested names' keys): read again without a limit.
     Widen,
@@ -66,6 +73,11 @@ pub(super) const SHARED_PAGE_SLACK: i64 = 7;
 
 /// How many keys the enqueue's read fetches (in key order): a queue this short decides at once.
 const ENQUEUE_PAGE: i64 = 64;
+
+/// The most keys ahead a one-permit waiter counts down instead of following the one just
+/// ahead ([`Decision::Drain`]): each deletion among them wakes it, so a release wakes at most
+/// this many waiters.
+pub(crate) const DRAIN_MAX: usize = 8;
 
 impl Blocker {
     /// The blocker over the keys under `prefix` for `permits` permits.
@@ -235,6 +247,16 @@ impl Blocker {
             .filter(|(k, _)| self.counts(k))
             .collect();
         ahead.sort_by_key(|&(_, revision)| std::cmp::Reverse(revision));
+        if self.announced
+            && self.permits == 1
+            && !read.more()
+            && (1..=DRAIN_MAX).contains(&ahead.len())
+        {
+            // The read holds the whole queue ahead of us, and it is short.
+            return Decision::Drain {
+                keys: ahead.iter().map(|&(k, r)| (k.to_vec(), r)).collect(),
+            };
+        }
         ahead.truncate(self.depth() as usize);
         if ahead.len() < self.depth() as usize && read.more() {
             return Decision::Widen; // the page ended among nested names' keys
@@ -251,7 +273,9 @@ impl Blocker {
 /// * Fewer than `permits` keys ahead: through. With several permits, a waiter behind us may be
 ///   watching our key for the moment we stop waiting: touch it (see below).
 /// * One permit: wait for the deletion of the key just ahead — only it can let us in, and a
-///   release wakes exactly the one waiter behind it.
+///   release wakes exactly the one waiter behind it. (Unless the read held the whole queue
+///   ahead, at most [`DRAIN_MAX`] keys, in a line of our exclusive holders: then every one of
+///   them, [`Decision::Drain`] — decided by [`Blocker::decide`], not here.)
 /// * Exactly `permits` keys ahead (the first waiter of a semaphore): every one of them holds,
 ///   and the deletion of *any* lets us in — whichever holder leaves first. One watch of the
 ///   queue's deletions, filtered to those keys.

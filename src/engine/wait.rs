@@ -209,6 +209,60 @@ where
                     }
                 }
             }
+            Decision::Drain { keys: mut left } => {
+                // Wait for the deletions of the keys ahead, one revision at a time: delivered
+                // in order with our own key's events (the hub), they say by themselves when the
+                // last is gone — at that revision, with our key still ours. Anything else (a
+                // wait on a watch of its own, a stream that failed, a compaction) reads again.
+                let own = Some((ticket.key.as_str(), ticket.create_revision));
+                let mut after = snapshot.revision;
+                first = loop {
+                    let targets: Vec<Watched> = left
+                        .iter()
+                        .map(|(k, _)| Watched::deleted(k.clone()))
+                        .collect();
+                    let woken = wait_for_change(
+                        session.waits(),
+                        &targets,
+                        own,
+                        after,
+                        || async {
+                            // Writes landed between the read and the watch: is every key
+                            // still ahead? (Each as the same incarnation: one point read each.)
+                            let mut backoff = Backoff::for_requests();
+                            let reads: Vec<TxnOp> = left
+                                .iter()
+                                .map(|(k, _)| {
+                                    TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only()))
+                                })
+                                .collect();
+                            let now = read_fenced(session, &ticket, &reads, &mut backoff).await?;
+                            Ok(left.iter().zip(&now.gets).all(|((_, revision), got)| {
+                                got.kvs()
+                                    .first()
+                                    .is_some_and(|kv| kv.create_revision() == *revision)
+                            }))
+                        },
+                        &mut backoff,
+                    )
+                    .await?;
+                    match woken {
+                        Woken::Changed(change) if change.ordered => {
+                            left.retain(|(k, _)| !change.keys.contains(k));
+                            after = change.revision;
+                            if left.is_empty() {
+                                tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, drained = true, "through");
+                                return ticket.into_acquired(change.revision);
+                            }
+                        }
+                        Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => break None,
+                        Woken::Compacted(revision) => {
+                            floor = floor.max(revision);
+                            break None;
+                        }
+                    }
+                };
+            }
             Decision::Wait(targets) => {
                 let own = Some((ticket.key.as_str(), ticket.create_revision));
                 let mut fresh = None;

@@ -83,6 +83,29 @@ pub async fn members_under(client: &Client, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// How many keys of a nested name [`pad_with_nested_keys`] puts: more than the enqueue's first
+/// page (64 keys).
+pub const NESTED_PAD: usize = 70;
+
+/// Puts [`NESTED_PAD`] keys of the nested name `<name>/pad/` (not members of a mutex or an
+/// election named `name`, but in their range), so that the enqueue's first page cannot hold
+/// the whole queue: a waiter then follows the key just ahead and announces itself to it
+/// (docs/design.md, "Announced hand-offs") instead of counting the short queue's deletions.
+pub async fn pad_with_nested_keys(client: &Client, name: &str) {
+    for i in 0..NESTED_PAD {
+        client
+            .clone()
+            .put(format!("{name}/pad/{i:03}"), "", None)
+            .await
+            .unwrap();
+    }
+}
+
+/// Whether `key` is one of [`pad_with_nested_keys`]'s keys.
+pub fn is_pad(key: &str) -> bool {
+    key.contains("/pad/")
+}
+
 /// Whether `key` is a waiter's pointer to the key ahead of its own.
 pub fn is_pointer(key: &str) -> bool {
     key.contains("#next/")
