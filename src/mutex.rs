@@ -11,9 +11,10 @@ use crate::{Error, LeasedSession};
 ///
 /// Each acquisition puts its own key `<name>/#<lease>-<seq>` under the session's lease; of
 /// the keys directly under `<name>/`, the one with the smallest create revision owns the
-/// lock. An uncontended [`lock()`](Self::lock) is one round trip. A waiter watches only the key
-/// just ahead of it, so a hand-off wakes one waiter. The owner key's create revision is the
-/// [fencing token](Fence::fencing_token).
+/// lock. An uncontended [`lock()`](Self::lock) is one round trip. A waiter behind a short
+/// queue it saw whole (at most 8 keys) counts their deletions and holds at the last, with no
+/// request; behind a longer one it watches only the key just ahead, so a hand-off wakes one
+/// waiter. The owner key's create revision is the [fencing token](Fence::fencing_token).
 ///
 /// # Shared with etcd's own clients
 /// That is the layout of Go's `concurrency.Mutex`, so of `etcdctl lock` and etcd's server-side

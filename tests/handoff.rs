@@ -267,48 +267,53 @@ async fn a_hand_off_between_our_holders_reads_nothing_and_leaves_no_pointer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_of_sibling_sessions_share_one_watch_stream_and_one_watch_per_lock() {
     let etcd = etcd().await;
-    let name = unique("siblings");
-    let first = session(&etcd, 30).await;
-    let held = Mutex::new(&first, &name).lock().await.unwrap();
-    let mut sessions = vec![first.clone()];
-    for _ in 0..7 {
-        sessions.push(first.sibling(Default::default()).await.unwrap());
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for s in &sessions[1..] {
-        let (m, tx) = (Mutex::new(s, &name), tx.clone());
-        tokio::spawn(async move {
-            let _ = tx.send(m.lock().await);
-        });
-    }
     let observer = client(&etcd).await;
-    assert!(members_are(&observer, &name, 8).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let total = |f: fn(&etcd_coord::SessionMetrics) -> u64| -> u64 {
-        sessions.iter().map(|s| f(&s.metrics())).sum()
-    };
-    assert_eq!(
-        total(|m| m.watch_streams),
-        1,
-        "one stream for all seven waits"
-    );
-    assert_eq!(
-        total(|m| m.watches),
-        1,
-        "one watch of the lock for all seven waits"
-    );
-    // Every one gets the lock in turn, through that stream.
-    let mut guard = held;
-    for _ in 0..7 {
+    for path in BOTH {
+        let name = unique("siblings");
+        if path == Path::Announced {
+            pad_with_nested_keys(&observer, &name).await;
+        }
+        let first = session(&etcd, 30).await;
+        let held = Mutex::new(&first, &name).lock().await.unwrap();
+        let mut sessions = vec![first.clone()];
+        for _ in 0..7 {
+            sessions.push(first.sibling(Default::default()).await.unwrap());
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for s in &sessions[1..] {
+            let (m, tx) = (Mutex::new(s, &name), tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(m.lock().await);
+            });
+        }
+        assert!(members_are(&observer, &name, 8).await);
+        pointers_settle(&observer, &name, path, 7).await;
+        let total = |f: fn(&etcd_coord::SessionMetrics) -> u64| -> u64 {
+            sessions.iter().map(|s| f(&s.metrics())).sum()
+        };
+        assert_eq!(
+            total(|m| m.watch_streams),
+            1,
+            "{path:?}: one stream for all seven waits"
+        );
+        assert_eq!(
+            total(|m| m.watches),
+            1,
+            "{path:?}: one watch of the lock for all seven waits"
+        );
+        // Every one gets the lock in turn, through that stream.
+        let mut guard = held;
+        for _ in 0..7 {
+            guard.release().await.unwrap();
+            guard = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the next waiter gets the lock")
+                .unwrap()
+                .unwrap();
+        }
         guard.release().await.unwrap();
-        guard = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("the next waiter gets the lock")
-            .unwrap()
-            .unwrap();
+        assert_eq!(total(|m| m.watch_streams), 1, "{path:?}");
     }
-    guard.release().await.unwrap();
-    assert_eq!(total(|m| m.watch_streams), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1430,7 +1430,10 @@ async fn idle_claimers_put_no_hand_off_pointers() {
     let etcd = etcd().await;
     let c = client(&etcd).await;
     let name = unique("queue-no-pointers");
-    let (_sessions, mut claimed) = idle_claimers(&etcd, &c, &name, 3).await;
+    // More than 8 ahead of the last ones: a line of a lock's waiters would announce there
+    // (shorter lines count their deletions and put no pointers either way).
+    const IDLE: usize = 11;
+    let (_sessions, mut claimed) = idle_claimers(&etcd, &c, &name, IDLE).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // each has decided how to wait
     let pointers: Vec<String> = keys_under(&c, &format!("{name}/"))
         .await
@@ -1443,10 +1446,10 @@ async fn idle_claimers_put_no_hand_off_pointers() {
     );
     let producer = session(&etcd, 30).await;
     let q = WorkQueue::new(&producer, &name);
-    for i in 0..3 {
+    for i in 0..IDLE {
         q.enqueue(format!("job {i}")).await.unwrap();
     }
-    for _ in 0..3 {
+    for _ in 0..IDLE {
         let job = tokio::time::timeout(Duration::from_secs(10), claimed.recv())
             .await
             .expect("every idle claimer gets a job")

@@ -19,8 +19,9 @@ use observe::read_leader;
 /// leader's key carries its value (its address, its identity, …).
 ///
 /// The queue and the wait are the [`Mutex`](crate::Mutex)'s: an uncontended
-/// [`campaign()`](Self::campaign) is one round trip, a waiting candidate watches only the
-/// candidate just ahead of it, and the leader key's create revision is a strictly increasing
+/// [`campaign()`](Self::campaign) is one round trip, a waiting candidate counts the deletions of
+/// a short queue ahead or watches only the candidate just ahead of it, and the leader key's
+/// create revision is a strictly increasing
 /// [fencing token](Fence::fencing_token). Names follow the mutex's rules, and like the mutex's
 /// the queue is shared with etcd's own clients: a leader elected by Go's
 /// `concurrency.Election` or `etcdctl elect` is this election's leader, and ours is theirs

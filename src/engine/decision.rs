@@ -247,15 +247,8 @@ impl Blocker {
             .filter(|(k, _)| self.counts(k))
             .collect();
         ahead.sort_by_key(|&(_, revision)| std::cmp::Reverse(revision));
-        if self.announced
-            && self.permits == 1
-            && !read.more()
-            && (1..=DRAIN_MAX).contains(&ahead.len())
-        {
-            // The read holds the whole queue ahead of us, and it is short.
-            return Decision::Drain {
-                keys: ahead.iter().map(|&(k, r)| (k.to_vec(), r)).collect(),
-            };
+        if let Some(drain) = counted(self.permits, self.announced, read.more(), &ahead) {
+            return drain;
         }
         ahead.truncate(self.depth() as usize);
         if ahead.len() < self.depth() as usize && read.more() {
@@ -264,6 +257,23 @@ impl Blocker {
         let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
         queue_decision(&self.prefix, self.permits, &ahead, behind)
     }
+}
+
+/// A counted hand-off ([`Decision::Drain`]) for the members `ahead` of us that a read saw
+/// (`more`: the read was cut short), or `None`: only with one permit, in a line whose holders
+/// announce (our exclusive ones), when the read held every key ahead and they are 1 to
+/// [`DRAIN_MAX`].
+fn counted(
+    permits: usize,
+    announced: bool,
+    more: bool,
+    ahead: &[(&[u8], i64)],
+) -> Option<Decision> {
+    (announced && permits == 1 && !more && (1..=DRAIN_MAX).contains(&ahead.len())).then(|| {
+        Decision::Drain {
+            keys: ahead.iter().map(|&(k, r)| (k.to_vec(), r)).collect(),
+        }
+    })
 }
 
 /// The queue decision, without I/O. `ahead` holds the newest keys created before ours, newest
@@ -330,6 +340,31 @@ mod tests {
     }
 
     proptest! {
+        /// A waiter counts the keys ahead exactly when it has one permit, its line's holders
+        /// announce, its read was not cut short and held 1 to DRAIN_MAX members — and then it
+        /// counts every one of them, by name and incarnation.
+        #[test]
+        fn a_waiter_counts_exactly_a_whole_short_queue_of_one_permit(
+            permits in 1usize..4,
+            announced in any::<bool>(),
+            more in any::<bool>(),
+            queued_ahead in 0usize..(2 * DRAIN_MAX),
+        ) {
+            let all: Vec<(Vec<u8>, i64)> =
+                (0..queued_ahead).rev().map(|i| (key(i), 10 + i as i64)).collect();
+            let ahead: Vec<(&[u8], i64)> = all.iter().map(|(k, r)| (k.as_slice(), *r)).collect();
+            let d = counted(permits, announced, more, &ahead);
+            let expected = announced && permits == 1 && !more && (1..=DRAIN_MAX).contains(&queued_ahead);
+            match d {
+                Some(Decision::Drain { keys }) => {
+                    prop_assert!(expected);
+                    prop_assert_eq!(keys, all);
+                }
+                None => prop_assert!(!expected),
+                Some(other) => prop_assert!(false, "{other:?}"),
+            }
+        }
+
         /// For any queue and any permits: through exactly when fewer than `permits` keys are
         /// ahead; a blocked acquisition always waits on something that is ahead of it; the
         /// first waiter of a semaphore wakes on the deletion of any key ahead of it; a waiter
