@@ -158,19 +158,8 @@ where
                     || async {
                         // Still the same key ahead? Nothing can be created between it and us
                         // (create revisions only grow), so it is while it exists as the same
-                        // incarnation: one point read of it, not the queue's sorted range
-                        // (which etcd answers by reading the whole queue).
-                        let mut backoff = Backoff::for_requests();
-                        let read = [TxnOp::get(
-                            ahead.clone(),
-                            Some(GetOptions::new().with_keys_only()),
-                        )];
-                        let now = read_fenced(session, &ticket, &read, &mut backoff).await?;
-                        Ok(now.gets.first().is_some_and(|g| {
-                            g.kvs()
-                                .first()
-                                .is_some_and(|kv| kv.create_revision() == ahead_revision)
-                        }))
+                        // incarnation.
+                        still_there(session, &ticket, &[(ahead.clone(), ahead_revision)]).await
                     },
                     &mut backoff,
                 )
@@ -226,23 +215,9 @@ where
                         &targets,
                         own,
                         after,
-                        || async {
-                            // Writes landed between the read and the watch: is every key
-                            // still ahead? (Each as the same incarnation: one point read each.)
-                            let mut backoff = Backoff::for_requests();
-                            let reads: Vec<TxnOp> = left
-                                .iter()
-                                .map(|(k, _)| {
-                                    TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only()))
-                                })
-                                .collect();
-                            let now = read_fenced(session, &ticket, &reads, &mut backoff).await?;
-                            Ok(left.iter().zip(&now.gets).all(|((_, revision), got)| {
-                                got.kvs()
-                                    .first()
-                                    .is_some_and(|kv| kv.create_revision() == *revision)
-                            }))
-                        },
+                        // Writes landed between the read and the watch: is every key still
+                        // ahead?
+                        || still_there(session, &ticket, &left),
                         &mut backoff,
                     )
                     .await?;
@@ -307,6 +282,28 @@ where
             }
         }
     }
+}
+
+/// Whether each of `keys` still exists as the incarnation created at its revision, read while
+/// our key is still ours ([`Error::LockLost`] if not): one point read per key in one Txn, not
+/// the queue's sorted range (which etcd answers by reading the whole queue).
+async fn still_there(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    keys: &[(Vec<u8>, i64)],
+) -> Result<bool, Error> {
+    let mut backoff = Backoff::for_requests();
+    let reads: Vec<TxnOp> = keys
+        .iter()
+        .map(|(k, _)| TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only())))
+        .collect();
+    let now = read_fenced(session, ticket, &reads, &mut backoff).await?;
+    Ok(now.gets.len() == keys.len()
+        && keys.iter().zip(&now.gets).all(|((_, revision), got)| {
+            got.kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == *revision)
+        }))
 }
 
 /// How an announcement went.
