@@ -52,8 +52,9 @@ pub struct SessionMetrics {
     /// Watch streams opened (gRPC streams): the session's shared stream each time it is
     /// (re)opened, and one per wait that watches etcd's history or keys outside one prefix.
     pub watch_streams: u64,
-    /// Watch events that woke the session's waits (a hand-off that wakes one waiter
-    /// delivers the release's events to it, and none to anyone else).
+    /// Watch events that woke the session's waits (a hand-off behind a long queue delivers
+    /// the release's events to the one waiter it lets in; in a short queue whose waiters
+    /// count its deletions, to each of them).
     pub watch_events: u64,
     /// Progress requests sent to probe a wait's quiet watch stream.
     pub watch_probes: u64,
