@@ -201,6 +201,8 @@ impl DoubleBarrier {
                 }
             }
         };
+        // The participant's leave marker, named once its key is known.
+        let mut marker = String::new();
         let enter = async {
             let acquired = engine::join(
                 &self.session,
@@ -211,7 +213,7 @@ impl DoubleBarrier {
                 decider,
             )
             .await?;
-            let marker = marker_of(
+            marker = marker_of(
                 &queue.sub(LEFT),
                 &participants,
                 &acquired.key,
@@ -228,13 +230,6 @@ impl DoubleBarrier {
             Ok(Holding::with_release(self.session.clone(), acquired, leave))
         };
         let holding = measure::measured!(AcquisitionKind::DoubleBarrier, self.name(), enter)?;
-        let fence = holding.fence();
-        let marker = marker_of(
-            &queue.sub(LEFT),
-            &participants,
-            fence.key(),
-            fence.fencing_token(),
-        );
         Ok(DoubleBarrierGuard::from_holding(
             holding,
             participants,
