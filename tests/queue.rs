@@ -574,6 +574,71 @@ async fn concurrent_claimers_never_hold_one_job_at_once_and_each_job_is_acked_on
     assert_eq!(pq.len().await.unwrap(), 0);
 }
 
+/// Workers that start together each claim in one round trip: a chain tries the first job, then
+/// goes on at a random place among the next ones, so a burst is not served a chain's length
+/// at a time (a burst of 20 on chains that all went on at the first job's neighbours needed
+/// three rounds). A claimer alone afterwards — on a handle that has seen the collisions —
+/// still takes the first job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_claimers_is_served_in_one_round_trip_each_and_a_lone_claimer_then_takes_the_first_job(
+) {
+    let etcd = etcd().await;
+    let name = unique("queue-burst");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
+    }
+    let n = 20;
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let mut claimers = Vec::new();
+    for _ in 0..n {
+        let s = session(&etcd, 10).await;
+        let (q, start) = (WorkQueue::new(&s, &name), start.clone());
+        claimers.push(tokio::spawn(async move {
+            start.wait().await;
+            let before = s.metrics().txns;
+            let job = q.claim().await.unwrap();
+            (s.metrics().txns - before, q, job, s)
+        }));
+    }
+    let mut round_trips = Vec::new();
+    let mut held = Vec::new();
+    let mut handles = Vec::new();
+    for c in claimers {
+        let (txns, q, job, s) = c.await.unwrap();
+        round_trips.push(txns);
+        held.push(job);
+        handles.push((q, s));
+    }
+    assert!(
+        round_trips.iter().all(|t| *t == 1),
+        "claim Txns of each claimer: {round_trips:?}"
+    );
+    let got: HashSet<_> = held.iter().map(|j| j.id().clone()).collect();
+    assert_eq!(got.len(), n, "one job each");
+    assert!(got.contains(&ids[0]), "the first job went to one of them");
+    // Alone now, on a handle whose claim collided (its first candidate was taken).
+    let (q, _) = handles
+        .iter()
+        .zip(&held)
+        .find(|(_, job)| *job.id() != ids[0])
+        .map(|(h, _)| h)
+        .unwrap();
+    let first_free = ids.iter().find(|id| !got.contains(*id)).unwrap();
+    let job = q.try_claim().await.unwrap().unwrap();
+    assert_eq!(
+        job.id(),
+        first_free,
+        "a lone claimer takes the first free job"
+    );
+    job.ack().await.unwrap();
+    for job in held {
+        job.ack().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_job_delivered_max_attempts_times_moves_to_the_dead_letters_with_its_last_error() {
     let etcd = etcd().await;

@@ -5,9 +5,7 @@
 //! ```text
 //! If(ModRevision(job₁) == read₁, CreateRevision(claims/<id₁>) == 0)
 //! Then(Put(job₁, ignore_value), Put(claims/<id₁>, unique value, our lease), Get(job₁))
-//! Else(Txn(If(Value(claims/<id₁>) == that unique value)        — an earlier attempt's claim
-//!          Then(Get(claims/<id₁>), Get(job₁))
-//!          Else(Txn(the same for job₂, …))))
+//! Else(Txn(the same for job₂, …))
 //! ```
 //!
 //! etcd applies Txns one after another, so claimers that read the queue at the same moment
@@ -22,12 +20,23 @@
 //!
 //! The Txn is sent in a detached task (`engine::detached`): a caller that drops its future
 //! mid-request never strands a claim — whatever was won is released by the session's task. A
-//! retry after an unanswered attempt finds its own claims by their unique values, and a chain
-//! stops there; a copy of an attempt that lands later
-//! than every answer can only apply if its job is still unchanged, and if the caller stopped
-//! without a definite answer, the session sweeps those values off the claim keys for as long
-//! as its lease lives.
+//! retry after an unanswered attempt must find what that attempt may have claimed: its
+//! chains check each candidate's claim key for the attempt's unique value before going on
+//!
+//! ```text
+//! … Else(Txn(If(Value(claims/<id₁>) == that unique value)        — an earlier attempt's claim
+//!            Then(Get(claims/<id₁>), Get(job₁))
+//!            Else(Txn(the same for job₂, …))))
+//! ```
+//!
+//! and stop there. The first attempt has no earlier one to find and leaves the check out: it
+//! is half the size, and etcd checks, logs and applies it in about half the work (measured
+//! in `docs/performance.md`). A copy of an attempt that lands later than every answer can
+//! only apply where its job is still unchanged since the read; whenever an attempt went
+//! unanswered, the session sweeps the attempt's values off the claim keys it did not win, for
+//! as long as its lease lives.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -66,6 +75,8 @@ pub(super) struct Round {
     pub(super) claimed: Vec<Claimed>,
     /// Some chain found its first candidate taken since the read: other claimers are about.
     pub(super) contended: bool,
+    /// The revision the claim was answered at.
+    pub(super) revision: i64,
 }
 
 /// Claims up to `chains.len()` jobs through `leased` in one round trip, each chain its
@@ -93,29 +104,49 @@ pub(super) async fn claim(
                 .collect()
         })
         .collect();
-    let txn = Txn::new().and_then(
-        chains
-            .iter()
-            .map(|c| chain_txn(c, lease))
-            .collect::<Vec<_>>(),
-    );
+    let txn = |checked| {
+        Txn::new().and_then(
+            chains
+                .iter()
+                .map(|c| chain_txn(c, lease, checked))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (first, retry) = (txn(false), txn(true));
     let work = {
         let (leased, chains) = (leased.clone(), chains.clone());
         async move {
             let session = leased.inner();
+            let sent = AtomicBool::new(false);
+            let attempt = || match sent.swap(true, Ordering::Relaxed) {
+                false => first.clone(),
+                true => retry.clone(),
+            };
             let answered = session
                 .rpc
-                .txn_until_answered(|| txn.clone(), &mut Backoff::for_requests(), &**session)
+                .txn_until_answered(attempt, &mut Backoff::for_requests(), &**session)
                 .await?;
+            // An answer after an unanswered attempt is a retry's: checked.
             let uncertain = answered.uncertain;
+            let revision =
+                header_revision(&answered.resp).map_err(|error| Unanswered { error, uncertain })?;
             let mut contended = false;
-            read_answer(&leased, &answered.resp, &chains, &mut contended)
-                .map(|won| (won, contended))
-                .map_err(|error| Unanswered { error, uncertain })
+            let won = read_answer(&leased, &answered.resp, &chains, uncertain, &mut contended)
+                .map_err(|error| Unanswered { error, uncertain })?;
+            if uncertain {
+                // An earlier attempt may still land and claim a candidate this answer did not.
+                for slot in chains.iter().flatten() {
+                    if !won.iter().any(|w| w.job_key == slot.job.key) {
+                        let sweep = Sweep::of_value(&slot.claim, lease, slot.value.clone());
+                        session.clean_up(Cleanup::Sweep(sweep));
+                    }
+                }
+            }
+            Ok((won, contended, revision))
         }
     };
     let owner = Arc::clone(session);
-    let (outcome, contended) = detached(session, work, move |outcome| {
+    let (outcome, contended, revision) = detached(session, work, move |outcome| {
         // Stopped without a definite answer: a copy may still land. (An `Ok` carries its own
         // guards, which release what was won if nobody takes them.)
         if matches!(outcome, Err(u) if u.uncertain) {
@@ -150,19 +181,30 @@ pub(super) async fn claim(
             claimed.push(guard);
         }
     }
-    Ok(Round { claimed, contended })
+    Ok(Round {
+        claimed,
+        contended,
+        revision,
+    })
 }
 
 /// The Txn of one chain: its first candidate, and the rest nested in the else-branch — after
-/// the check that stops the chain at a claim an earlier attempt of this one made.
-fn chain_txn(chain: &[Slot], lease: i64) -> TxnOp {
+/// the check that stops the chain at a claim an earlier attempt of this one made, if
+/// `checked` (a retry; see the module's docs).
+fn chain_txn(chain: &[Slot], lease: i64, checked: bool) -> TxnOp {
     let mut next: Option<TxnOp> = None;
     for slot in chain.iter().rev() {
         let (job, claim) = (slot.job.key.as_str(), slot.claim.as_str());
-        let ours = Txn::new()
-            .when([Compare::value(claim, CompareOp::Equal, slot.value.clone())])
-            .and_then([TxnOp::get(claim, None), TxnOp::get(job, None)])
-            .or_else(next.take().into_iter().collect::<Vec<_>>());
+        let rest = next.take().into_iter().collect::<Vec<_>>();
+        let otherwise = match checked {
+            true => vec![TxnOp::txn(
+                Txn::new()
+                    .when([Compare::value(claim, CompareOp::Equal, slot.value.clone())])
+                    .and_then([TxnOp::get(claim, None), TxnOp::get(job, None)])
+                    .or_else(rest),
+            )],
+            false => rest,
+        };
         next = Some(TxnOp::txn(
             Txn::new()
                 .when([
@@ -178,18 +220,19 @@ fn chain_txn(chain: &[Slot], lease: i64) -> TxnOp {
                     ),
                     TxnOp::get(job, None),
                 ])
-                .or_else([TxnOp::txn(ours)]),
+                .or_else(otherwise),
         ));
     }
     next.unwrap_or_else(|| TxnOp::txn(Txn::new()))
 }
 
-/// The claims an answer shows won: applied now, or by an earlier, unanswered attempt (the
-/// claim key holds that attempt's value on our lease).
+/// The claims an answer shows won: applied now, or — in the answer to a `checked` attempt —
+/// by an earlier, unanswered attempt (the claim key holds that attempt's value on our lease).
 fn read_answer(
     leased: &LeasedSession,
     resp: &etcd_client::TxnResponse,
     chains: &[Vec<Slot>],
+    checked: bool,
     contended: &mut bool,
 ) -> Result<Vec<Won>, Error> {
     let revision = header_revision(resp)?;
@@ -206,7 +249,7 @@ fn read_answer(
         let before = won.len();
         // The first candidate taken since the read (the chain went on, or won nothing).
         *contended |= !sub.succeeded() && !chain.is_empty();
-        read_chain(leased, sub, chain, revision, &mut won)?;
+        read_chain(leased, sub, chain, revision, checked, &mut won)?;
         *contended |= won.len() == before;
     }
     Ok(won)
@@ -223,13 +266,14 @@ fn nested(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::TxnResponse> {
         .collect()
 }
 
-/// What one chain's answer `resp` shows won, into `won`: the first free candidate, or the one
-/// an earlier attempt claimed.
+/// What one chain's answer `resp` shows won, into `won`: the first free candidate, or (if
+/// `checked`) the one an earlier attempt claimed.
 fn read_chain(
     leased: &LeasedSession,
     resp: &etcd_client::TxnResponse,
     chain: &[Slot],
     revision: i64,
+    checked: bool,
     won: &mut Vec<Won>,
 ) -> Result<(), Error> {
     let Some((slot, rest)) = chain.split_first() else {
@@ -259,9 +303,13 @@ fn read_chain(
         });
         return Ok(());
     }
-    let Some(ours) = nested(resp).into_iter().next() else {
+    let Some(otherwise) = nested(resp).into_iter().next() else {
         return Ok(());
     };
+    if !checked {
+        return read_chain(leased, &otherwise, rest, revision, checked, won);
+    }
+    let ours = otherwise;
     if ours.succeeded() {
         // An earlier, unanswered attempt of this claim took this candidate: the chain ends.
         let claim = first(&ours, 0).ok_or_else(missing)?;
@@ -273,7 +321,7 @@ fn read_chain(
         return Ok(());
     }
     match nested(&ours).first() {
-        Some(next) => read_chain(leased, next, rest, revision, won),
+        Some(next) => read_chain(leased, next, rest, revision, checked, won),
         None => Ok(()),
     }
 }

@@ -39,15 +39,22 @@ pub const MAX_BATCH: usize = 100;
 const TXN_OPS: usize = 128;
 
 /// What one candidate of a chain uses of that: its claim Txn (two compares, three
-/// operations) and the check for an earlier attempt's claim (two operations).
+/// operations) and, in a retry, the check for an earlier attempt's claim (two operations).
 const OPS_PER_CANDIDATE: usize = 5;
 
 /// How many candidates one job's claim tries in one round trip at most (see `claim`), and
-/// fewer in a batch so that the whole claim fits in [`TXN_OPS`].
-const CHAIN: usize = 16;
+/// fewer in a batch so that the whole claim fits in [`TXN_OPS`]. Eight: with chains that go
+/// on at random places ([`MAX_SPREAD`]) a burst of claimers rarely needs more, and every
+/// candidate makes the Txn that etcd checks, logs and applies bigger (chains of 16 served a
+/// burst of 100 claimers slower, `docs/performance.md`).
+const CHAIN: usize = 8;
 
-/// The most positions behind the first ready job a contended claim may start its chain at.
-const MAX_SPREAD: usize = 64;
+/// The most ready jobs after its first candidate among which a claim's chain goes on, at a
+/// random place: a chain tries the first ready job, then the `spread` after it (see
+/// `WorkQueue::spread`). 128 serves a burst of 100 claimers in one round trip each, all but
+/// about five in a hundred (a simulation of chains of [`CHAIN`]); each scan reads that many
+/// keys more.
+const MAX_SPREAD: usize = 128;
 
 /// A queue of jobs for a pool of workers: at-least-once delivery, one live claimer per job.
 ///
@@ -94,10 +101,12 @@ pub struct WorkQueue {
     options: QueueOptions,
     /// How many claims the last read saw, to size the next read's page.
     claims_seen: Arc<AtomicUsize>,
-    /// How far behind the first ready job this handle's claims start their chains (at
-    /// random): 1 — the first job — until a claim finds its first candidate taken by others;
-    /// [`MAX_SPREAD`] at once then (doubling from 1 took a burst of 100 claimers several
-    /// colliding rounds), halved after each claim that was not.
+    /// Among how many ready jobs after the first this handle's chains go on at random, once
+    /// their first candidate — the first ready job — is taken: [`MAX_SPREAD`] at first, then
+    /// as [`next_spread`] says after each claim (wide while claims collide, halved while they
+    /// do not). A new handle cannot know whether it is alone: the workers of a pool start
+    /// together, and chains that all went on at the first job's neighbours served a burst of
+    /// 100 claimers 16 at a time, one round trip each (2026-12-06).
     spread: Arc<AtomicUsize>,
 }
 
@@ -110,7 +119,7 @@ impl WorkQueue {
             named: Keys::named(name.into()),
             options: QueueOptions::new(),
             claims_seen: Arc::new(AtomicUsize::new(0)),
-            spread: Arc::new(AtomicUsize::new(1)),
+            spread: Arc::new(AtomicUsize::new(MAX_SPREAD)),
         }
     }
 
@@ -318,7 +327,9 @@ impl WorkQueue {
                     other => return other,
                 }
             }
-            let claimed = self.claim_round(&keys, found.candidates, n).await?;
+            let claimed = self
+                .claim_round(&keys, found.candidates, found.revision, n)
+                .await?;
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
@@ -326,12 +337,14 @@ impl WorkQueue {
         }
     }
 
-    /// Claims up to `n` of `candidates` in one round trip (see [`chains`]), starting at a
-    /// random place among the first `spread` of the highest priority, and adapts the spread.
+    /// Claims up to `n` of `candidates` in one round trip (see [`chains`]): each chain tries
+    /// one of the first `n` ready jobs first, then goes on at a random place among the next
+    /// `spread` of the highest priority; adapts the spread.
     async fn claim_round(
         &self,
         keys: &Keys,
         candidates: Vec<Candidate>,
+        read_at: i64,
         n: usize,
     ) -> Result<Vec<Claimed>, Error> {
         let spread = self.spread.load(Ordering::Relaxed);
@@ -339,12 +352,10 @@ impl WorkQueue {
             1 => 0,
             s => rand::random_range(0..s),
         };
-        let chains = chains(rotate(candidates, offset), n, chain_len(n));
+        let chains = chains(rotate(candidates, n, offset), n, chain_len(n));
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
-        let next = match round.contended {
-            true => MAX_SPREAD,
-            false => (spread / 2).max(1),
-        };
+        let writes_between = usize::try_from(round.revision - read_at - 1).unwrap_or(0);
+        let next = next_spread(spread, round.contended, writes_between);
         self.spread.store(next, Ordering::Relaxed);
         Ok(round.claimed)
     }
@@ -430,14 +441,27 @@ fn chain_len(n: usize) -> usize {
     (TXN_OPS.saturating_sub(n) / OPS_PER_CANDIDATE).clamp(1, CHAIN)
 }
 
-/// `candidates` with the ready jobs of the highest priority rotated left by `offset` (modulo
-/// their number): a chain then starts at the `offset`-th of them, goes on to the end of
-/// them, wraps round to the first, and only then reaches a lower priority.
-fn rotate(mut candidates: Vec<Candidate>, offset: usize) -> Vec<Candidate> {
+/// The spread after a claim made with `spread`: halved if it was not `contended`; if it was,
+/// twice the writes etcd applied between its read and its claim — every other claim that
+/// landed in between is one (so are acks, enqueues and writes of other names: the estimate
+/// errs on the wide side) — within 2 and [`MAX_SPREAD`].
+fn next_spread(spread: usize, contended: bool, writes_between: usize) -> usize {
+    match contended {
+        true => writes_between.saturating_mul(2).clamp(2, MAX_SPREAD),
+        false => (spread / 2).max(1),
+    }
+}
+
+/// `candidates` with the ready jobs of the highest priority after the first `keep` rotated
+/// left by `offset` (modulo their number): the first `keep` — the chains' first candidates —
+/// stay first, so a lone claimer takes the first ready jobs; after them a chain goes on at
+/// the `offset`-th of the rest, to the end of the priority, wraps round to just after the
+/// first `keep`, and only then reaches a lower priority.
+fn rotate(mut candidates: Vec<Candidate>, keep: usize, offset: usize) -> Vec<Candidate> {
     let top = candidates.first().map_or(0, |c| c.rank);
     let count = candidates.iter().take_while(|c| c.rank == top).count();
-    if count > 0 {
-        candidates[..count].rotate_left(offset % count);
+    if count > keep {
+        candidates[keep..count].rotate_left(offset % (count - keep));
     }
     candidates
 }

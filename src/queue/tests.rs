@@ -39,17 +39,44 @@ fn every_claim_fits_in_etcds_operations_for_a_txn() {
 }
 
 #[test]
-fn a_rotation_stays_within_the_highest_priority_and_keeps_every_candidate() {
+fn a_rotation_keeps_the_first_candidates_first_stays_within_the_highest_priority_and_keeps_every_candidate(
+) {
     let all: Vec<Candidate> = (0..10).map(c).collect();
     let order = |v: Vec<Candidate>| -> Vec<i64> { v.iter().map(|x| x.mod_revision).collect() };
-    assert_eq!(order(rotate(all.clone(), 0)), (0..10).collect::<Vec<_>>());
     assert_eq!(
-        order(rotate(all.clone(), 2)),
-        vec![2, 3, 4, 5, 0, 1, 6, 7, 8, 9]
+        order(rotate(all.clone(), 1, 0)),
+        (0..10).collect::<Vec<_>>()
     );
     assert_eq!(
-        order(rotate(all.clone(), 8)),
-        vec![2, 3, 4, 5, 0, 1, 6, 7, 8, 9]
+        order(rotate(all.clone(), 1, 2)),
+        vec![0, 3, 4, 5, 1, 2, 6, 7, 8, 9]
     );
-    assert!(rotate(Vec::new(), 3).is_empty());
+    assert_eq!(
+        order(rotate(all.clone(), 1, 7)),
+        vec![0, 3, 4, 5, 1, 2, 6, 7, 8, 9]
+    );
+    // A claim of two jobs keeps the first two (each chain's first candidate).
+    assert_eq!(
+        order(rotate(all.clone(), 2, 1)),
+        vec![0, 1, 3, 4, 5, 2, 6, 7, 8, 9]
+    );
+    // Nothing after the kept ones within the priority: nothing moves.
+    assert_eq!(
+        order(rotate(all[..7].to_vec(), 6, 3)),
+        (0..7).collect::<Vec<_>>()
+    );
+    assert!(rotate(Vec::new(), 1, 3).is_empty());
+}
+
+#[test]
+fn the_spread_starts_wide_follows_the_writes_between_read_and_claim_and_narrows_by_halves() {
+    // A new handle cannot know it is alone.
+    assert_eq!(MAX_SPREAD, 128);
+    // Contended: twice the writes that landed between read and claim, within 2 and the most.
+    assert_eq!(next_spread(1, true, 0), 2);
+    assert_eq!(next_spread(1, true, 10), 20);
+    assert_eq!(next_spread(4, true, 1_000), MAX_SPREAD);
+    // Not contended: halved, never below 1 (a chain then goes on at the first job's neighbour).
+    assert_eq!(next_spread(MAX_SPREAD, false, 50), 64);
+    assert_eq!(next_spread(1, false, 0), 1);
 }
