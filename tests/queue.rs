@@ -576,9 +576,9 @@ async fn concurrent_claimers_never_hold_one_job_at_once_and_each_job_is_acked_on
 
 /// Workers that start together each claim in one round trip: a chain tries the first job, then
 /// goes on at a random place among the next ones, so a burst is not served a chain's length
-/// at a time (a burst of 20 on chains that all went on at the first job's neighbours needed
-/// three rounds). A claimer alone afterwards — on a handle that has seen the collisions —
-/// still takes the first job.
+/// at a time (on chains that all went on at the first job's neighbours, 10–12 of a burst of
+/// 20 needed a second claim Txn). A claimer alone afterwards — on a handle that has seen the
+/// collisions — still takes the first job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_new_claimers_is_served_in_one_round_trip_each_and_a_lone_claimer_then_takes_the_first_job(
 ) {
