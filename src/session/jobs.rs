@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -15,10 +16,20 @@ use crate::{Error, LossReason};
 /// A background job: done, or failed.
 pub(crate) type Job = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
-/// The sending side of the queue, and the count of work under way.
+/// The sending side of the queue, the count of work under way, and of jobs alive.
 pub(crate) struct Jobs {
     sender: mpsc::UnboundedSender<Job>,
     pending: Arc<watch::Sender<usize>>,
+    running: Arc<AtomicUsize>,
+}
+
+/// Counts one job as alive until dropped (when the job ends, or is dropped unrun).
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The receiving side, for the session's task.
@@ -31,13 +42,25 @@ impl Jobs {
         let jobs = Jobs {
             sender,
             pending: Arc::new(watch::channel(0).0),
+            running: Arc::new(AtomicUsize::new(0)),
         };
         (jobs, queue)
     }
 
     /// Queues `job`; false if the session's task has ended.
     pub(super) fn submit(&self, job: Job) -> bool {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let alive = Alive(Arc::clone(&self.running));
+        let job: Job = Box::pin(async move {
+            let _alive = alive;
+            job.await
+        });
         self.sender.send(job).is_ok()
+    }
+
+    /// How many submitted jobs have not ended yet.
+    pub(super) fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// Marks work as under way until the returned value is dropped.

@@ -58,6 +58,9 @@ pub struct SessionMetrics {
     pub watch_events: u64,
     /// Progress requests sent to probe a wait's quiet watch stream.
     pub watch_probes: u64,
+    /// Background jobs alive now (a gauge, unlike the counters above): clean-ups under way
+    /// and sweeps that watch for late copies of a put whose answer was lost.
+    pub background_jobs: u64,
 }
 
 /// Where a session stands. See [`LeasedSession`].
@@ -349,6 +352,7 @@ impl LeasedSession {
             watch_streams: Stats::get(&stats.watch_streams),
             watch_events: Stats::get(&stats.watch_events),
             watch_probes: Stats::get(&stats.watch_probes),
+            background_jobs: self.handle.session.jobs.running() as u64,
         }
     }
 
