@@ -619,7 +619,8 @@ async fn a_burst_of_new_claimers_is_served_in_one_round_trip_each_and_a_lone_cla
     let got: HashSet<_> = held.iter().map(|j| j.id().clone()).collect();
     assert_eq!(got.len(), n, "one job each");
     assert!(got.contains(&ids[0]), "the first job went to one of them");
-    // Alone now, on a handle whose claim collided (its first candidate was taken).
+    // Alone now, on a handle of the burst other than the first job's: its chains go on at a
+    // random place (every handle's spread is at least 2 after a claim on a new handle).
     let (q, _) = handles
         .iter()
         .zip(&held)
@@ -1473,6 +1474,13 @@ async fn a_claim_whose_answer_is_lost_is_found_by_its_retry_and_claims_nothing_m
         vec![job.key().to_owned()],
         "one claim, the one returned"
     );
+    // A copy of the unanswered attempt may still land and claim the job this answer did not
+    // win: the session sweeps for one while that job is unchanged since the read.
+    assert_eq!(
+        worker.metrics().background_jobs,
+        1,
+        "a sweep for the other job's claim"
+    );
     let next = WorkQueue::new(&producer, &name)
         .try_claim()
         .await
@@ -1482,6 +1490,14 @@ async fn a_claim_whose_answer_is_lost_is_found_by_its_retry_and_claims_nothing_m
         (next.id(), next.attempt()),
         (&other, 1),
         "the other job untouched"
+    );
+    // The other job has changed: no copy can claim it any more, and the sweep ends.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            worker.metrics().background_jobs == 0
+        })
+        .await,
+        "a sweep outlived the job it was for"
     );
     job.ack().await.unwrap();
     next.ack().await.unwrap();

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tokio::sync::watch;
 
 use super::{until_answered, SessionKeys};
@@ -124,6 +124,9 @@ pub(crate) struct Sweep {
     /// Set to `true` (or dropped) when the sweep must stop (its name is claimed again, or its
     /// claimant left and another sweep takes over): checked between deletes, never during one.
     stop: Option<watch::Receiver<bool>>,
+    /// A key and mod revision the copy's put is conditional on: once that key has changed
+    /// (and no copy is there), no copy can land any more and the sweep ends.
+    while_unchanged: Option<(String, i64)>,
 }
 
 impl Sweep {
@@ -136,6 +139,7 @@ impl Sweep {
             lease_id,
             values: None,
             stop: None,
+            while_unchanged: None,
         }
     }
 
@@ -148,6 +152,24 @@ impl Sweep {
             lease_id,
             values: Some(vec![value]),
             stop: None,
+            while_unchanged: None,
+        }
+    }
+
+    /// As [`of_value`](Self::of_value), for a put that applies only while `guard` is at
+    /// `mod_revision` (a work queue's claim, conditional on its job being unchanged since it
+    /// was read): ends once `guard` has changed and no copy is there — mod revisions only
+    /// grow, so no copy can land after that.
+    pub(crate) fn of_value_while_unchanged(
+        key: &str,
+        lease_id: i64,
+        value: Vec<u8>,
+        guard: &str,
+        mod_revision: i64,
+    ) -> Sweep {
+        Sweep {
+            while_unchanged: Some((guard.to_owned(), mod_revision)),
+            ..Sweep::of_value(key, lease_id, value)
         }
     }
 
@@ -164,18 +186,42 @@ impl Sweep {
             lease_id,
             values: Some(values),
             stop: Some(stop),
+            while_unchanged: None,
         }
     }
 
-    /// `If(Lease(key) == ours) Then(Get(key))`: whether a key that may be a copy exists.
+    /// `If(Lease(key) == ours) Then(Get(key))`: whether a key that may be a copy exists; with
+    /// a guard key, a `Get` of it last in either branch.
     fn find(&self) -> Txn {
+        let guard = || {
+            self.while_unchanged
+                .iter()
+                .map(|(guard, _)| {
+                    TxnOp::get(guard.as_str(), Some(GetOptions::new().with_keys_only()))
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut then = vec![TxnOp::get(self.key.as_str(), None)];
+        then.extend(guard());
         Txn::new()
             .when([Compare::lease(
                 self.key.as_str(),
                 CompareOp::Equal,
                 self.lease_id,
             )])
-            .and_then([TxnOp::get(self.key.as_str(), None)])
+            .and_then(then)
+            .or_else(guard())
+    }
+
+    /// Whether a `find` answer shows the sweep over: no copy there, and the guard key changed
+    /// since the put was sent (or is gone).
+    fn over(&self, resp: &etcd_client::TxnResponse) -> bool {
+        let Some((_, mod_revision)) = &self.while_unchanged else {
+            return false;
+        };
+        let gets = keys::txn_gets(resp);
+        let guard = gets.last().and_then(|g| g.kvs().first());
+        self.copy_in(resp).is_none() && guard.is_none_or(|kv| kv.mod_revision() != *mod_revision)
     }
 
     /// The create revision of the copy `find` found, if it found one.
@@ -259,7 +305,10 @@ async fn run(session: Arc<Session>, cleanup: Cleanup, pending: PendingWork) -> R
             // Counted until its first delete is answered: after that it only watches.
             let first = delete_copy(session, &sweep, &mut backoff).await?;
             drop(pending);
-            sweep_after(session, &sweep, first, &mut backoff).await
+            match first {
+                Some(revision) => sweep_after(session, &sweep, revision, &mut backoff).await,
+                None => Ok(()),
+            }
         }
         Cleanup::DeleteOnLease(key) => {
             let delete = Txn::new()
@@ -289,17 +338,22 @@ async fn run(session: Arc<Session>, cleanup: Cleanup, pending: PendingWork) -> R
 }
 
 /// Deletes a copy of the sweep's key if one exists (fenced on that copy's create revision);
-/// returns the revision of the last answer.
+/// returns the revision of the last answer, or `None` if the sweep is over (see
+/// [`Sweep::of_value_while_unchanged`]).
 async fn delete_copy(
     session: &Arc<Session>,
     sweep: &Sweep,
     backoff: &mut Backoff,
-) -> Result<i64, Error> {
+) -> Result<Option<i64>, Error> {
     let found = until_answered(session, || sweep.find(), backoff)
         .await?
         .resp;
+    if sweep.over(&found) {
+        tracing::debug!(key = sweep.key, "sweep over: no copy can land any more");
+        return Ok(None);
+    }
     let Some(create_revision) = sweep.copy_in(&found) else {
-        return keys::header_revision(&found);
+        return keys::header_revision(&found).map(Some);
     };
     let resp = until_answered(session, || sweep.delete(create_revision), backoff)
         .await?
@@ -310,7 +364,7 @@ async fn delete_copy(
             "deleted a late copy of an acquisition's put"
         );
     }
-    keys::header_revision(&resp)
+    keys::header_revision(&resp).map(Some)
 }
 
 async fn run_sweep(
@@ -321,12 +375,14 @@ async fn run_sweep(
     if sweep.stopped() {
         return Ok(());
     }
-    let first = delete_copy(session, sweep, backoff).await?;
-    sweep_after(session, sweep, first, backoff).await
+    match delete_copy(session, sweep, backoff).await? {
+        Some(first) => sweep_after(session, sweep, first, backoff).await,
+        None => Ok(()),
+    }
 }
 
 /// From `revision` on, deletes every copy of the sweep's key as it lands, until the session is
-/// Lost (the error ends the sweep), the sweep is asked to stop, or something fails
+/// Lost (the error ends the sweep), the sweep is asked to stop or is over, or something fails
 /// permanently.
 async fn sweep_after(
     session: &Arc<Session>,
@@ -334,7 +390,10 @@ async fn sweep_after(
     mut revision: i64,
     backoff: &mut Backoff,
 ) -> Result<(), Error> {
-    let puts = [Watched::put(sweep.key.as_str())];
+    let mut puts = vec![Watched::put(sweep.key.as_str())];
+    if let Some((guard, _)) = &sweep.while_unchanged {
+        puts.push(Watched::changed(guard.as_str()));
+    }
     loop {
         if sweep.stopped() {
             return Ok(());
@@ -344,7 +403,7 @@ async fn sweep_after(
             let resp = until_answered(session, || sweep.find(), &mut backoff)
                 .await?
                 .resp;
-            Ok(sweep.copy_in(&resp).is_none())
+            Ok(sweep.copy_in(&resp).is_none() && !sweep.over(&resp))
         };
         tokio::select! {
             woken = wait_for_change(session.waits(), &puts, None, revision, absent, backoff) => {
@@ -355,6 +414,9 @@ async fn sweep_after(
         if sweep.stopped() {
             return Ok(());
         }
-        revision = delete_copy(session, sweep, backoff).await?;
+        match delete_copy(session, sweep, backoff).await? {
+            Some(next) => revision = next,
+            None => return Ok(()),
+        }
     }
 }

@@ -9,9 +9,10 @@
 //! ```
 //!
 //! etcd applies Txns one after another, so claimers that read the queue at the same moment
-//! and send the same chain take its first, second, third … job in one round trip each: a
-//! claim is lost (and read again) only when every candidate of its chain was taken since its
-//! read. The order is the queue's order at the moment each claim applies.
+//! and whose chains share candidates take different ones in one round trip each: a claim is
+//! lost (and read again) only when every candidate of its chain was taken since its read. A
+//! chain tries the first ready job first and then goes on at a random place (see
+//! `WorkQueue::spread`), so that a burst of claimers spreads over the queue.
 //!
 //! The put with `ignore_value` bumps the job key's version without sending its payload again:
 //! the version counts the deliveries (see `layout::Header::attempts`), also those whose
@@ -29,12 +30,13 @@
 //!            Else(Txn(the same for job₂, …))))
 //! ```
 //!
-//! and stop there. The first attempt has no earlier one to find and leaves the check out: it
-//! is half the size, and etcd checks, logs and applies it in about half the work (measured
-//! in `docs/performance.md`). A copy of an attempt that lands later than every answer can
-//! only apply where its job is still unchanged since the read; whenever an attempt went
-//! unanswered, the session sweeps the attempt's values off the claim keys it did not win, for
-//! as long as its lease lives.
+//! and stop there. The first attempt has no earlier one to find and leaves the check out:
+//! three operations per candidate instead of five, and half the nesting, for etcd to check,
+//! log and apply. A copy of an attempt that lands later than every answer can only apply
+//! where its job is still unchanged since the read; whenever an attempt went unanswered, the
+//! session sweeps the attempt's values off the claim keys it did not win, for as long as
+//! each one's job is unchanged since the read (after that no copy can apply) and the lease
+//! lives.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,6 +61,20 @@ struct Slot {
     job: Candidate,
     claim: String,
     value: Vec<u8>,
+}
+
+impl Slot {
+    /// The sweep of late copies of this slot's claim: for as long as its job is unchanged
+    /// since the read (a copy's compare needs that) and the lease lives.
+    fn sweep(&self, lease: i64) -> Sweep {
+        Sweep::of_value_while_unchanged(
+            &self.claim,
+            lease,
+            self.value.clone(),
+            &self.job.key,
+            self.job.mod_revision,
+        )
+    }
 }
 
 /// A claim won: its holding (released if dropped) and the job as the claim read it.
@@ -137,8 +153,7 @@ pub(super) async fn claim(
                 // An earlier attempt may still land and claim a candidate this answer did not.
                 for slot in chains.iter().flatten() {
                     if !won.iter().any(|w| w.job_key == slot.job.key) {
-                        let sweep = Sweep::of_value(&slot.claim, lease, slot.value.clone());
-                        session.clean_up(Cleanup::Sweep(sweep));
+                        session.clean_up(Cleanup::Sweep(slot.sweep(lease)));
                     }
                 }
             }
@@ -150,9 +165,8 @@ pub(super) async fn claim(
         // Stopped without a definite answer: a copy may still land. (An `Ok` carries its own
         // guards, which release what was won if nobody takes them.)
         if matches!(outcome, Err(u) if u.uncertain) {
-            for slot in chains.into_iter().flatten() {
-                let sweep = Sweep::of_value(&slot.claim, lease, slot.value);
-                owner.clean_up(Cleanup::Sweep(sweep));
+            for slot in chains.iter().flatten() {
+                owner.clean_up(Cleanup::Sweep(slot.sweep(lease)));
             }
         }
         None

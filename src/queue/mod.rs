@@ -46,14 +46,15 @@ const OPS_PER_CANDIDATE: usize = 5;
 /// fewer in a batch so that the whole claim fits in [`TXN_OPS`]. Eight: with chains that go
 /// on at random places ([`MAX_SPREAD`]) a burst of claimers rarely needs more, and every
 /// candidate makes the Txn that etcd checks, logs and applies bigger (chains of 16 served a
-/// burst of 100 claimers slower, `docs/performance.md`).
+/// burst of 100 claimers slower: `docs/performance.md`, fourth session of 2026-12-06).
 const CHAIN: usize = 8;
 
 /// The most ready jobs after its first candidate among which a claim's chain goes on, at a
 /// random place: a chain tries the first ready job, then the `spread` after it (see
 /// `WorkQueue::spread`). 128 serves a burst of 100 claimers in one round trip each, all but
-/// about five in a hundred (a simulation of chains of [`CHAIN`]); each scan reads that many
-/// keys more.
+/// about five in a hundred (the unit test
+/// `a_burst_of_100_new_claimers_mostly_claims_in_one_round` plays such bursts through
+/// `rotate` and `chains`); each scan reads that many keys more.
 const MAX_SPREAD: usize = 128;
 
 /// A queue of jobs for a pool of workers: at-least-once delivery, one live claimer per job.

@@ -1,5 +1,7 @@
 //! Unit tests of `queue`.
 
+use std::collections::HashSet;
+
 use super::*;
 
 fn c(i: usize) -> Candidate {
@@ -79,4 +81,34 @@ fn the_spread_starts_wide_follows_the_writes_between_read_and_claim_and_narrows_
     // Not contended: halved, never below 1 (a chain then goes on at the first job's neighbour).
     assert_eq!(next_spread(MAX_SPREAD, false, 50), 64);
     assert_eq!(next_spread(1, false, 0), 1);
+}
+
+/// A burst of 100 claimers on new handles, played through the chains the claims build: each
+/// takes the first candidate of its chain still free when its claim applies (in any order:
+/// the offsets are independent of it). All but about five in a hundred find one in their
+/// first round trip — what [`MAX_SPREAD`] is sized for.
+#[test]
+fn a_burst_of_100_new_claimers_mostly_claims_in_one_round() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    let want = chain_len(1) + MAX_SPREAD - 1;
+    let all: Vec<Candidate> = (0..want).map(|i| Candidate { rank: 0, ..c(i) }).collect();
+    let (bursts, claimers) = (200, 100);
+    let mut missed = 0;
+    for _ in 0..bursts {
+        let mut taken = HashSet::new();
+        for _ in 0..claimers {
+            let offset = rng.random_range(0..MAX_SPREAD);
+            let chain = chains(rotate(all.clone(), 1, offset), 1, chain_len(1)).remove(0);
+            match chain.iter().find(|x| !taken.contains(&x.mod_revision)) {
+                Some(x) => drop(taken.insert(x.mod_revision)),
+                None => missed += 1,
+            }
+        }
+    }
+    let per_hundred = missed as f64 / bursts as f64;
+    assert!(per_hundred < 6.0, "{per_hundred} of 100 read again");
+    // The first round of a burst on chains that all go on at the first job's neighbours.
+    let narrow = chains(all.clone(), 1, chain_len(1)).remove(0);
+    assert_eq!(narrow.len(), CHAIN, "only {CHAIN} of 100 would win");
 }
