@@ -339,3 +339,65 @@ fn read_chain(
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use etcd_client::proto::{PbTxnOpRequest, PbTxnRequest};
+
+    use super::*;
+    use crate::queue::{chain_len, MAX_BATCH, TXN_OPS};
+
+    /// etcd's `checkTxnRequest`: a level uses as many operations as the longest of its
+    /// compares, success and failure lists, and each Txn nested in it may use what is left.
+    fn fits(txn: &PbTxnRequest, budget: usize) -> bool {
+        let used = txn
+            .compare
+            .len()
+            .max(txn.success.len())
+            .max(txn.failure.len());
+        used <= budget
+            && txn
+                .success
+                .iter()
+                .chain(&txn.failure)
+                .all(|op| match &op.request {
+                    Some(PbTxnOpRequest::RequestTxn(nested)) => fits(nested, budget - used),
+                    _ => true,
+                })
+    }
+
+    fn slot(i: usize) -> Slot {
+        Slot {
+            job: Candidate {
+                key: format!("q/#queue/jobs/0/{i:017}-{i:016x}"),
+                id: format!("{i:016x}"),
+                rank: 0,
+                mod_revision: i as i64 + 1,
+            },
+            claim: format!("q/#queue/claims/{i:016x}"),
+            value: b"0123456789abcdef".to_vec(),
+        }
+    }
+
+    #[test]
+    fn every_claim_fits_etcds_operations_for_a_txn_as_first_sent_and_as_retried() {
+        for n in 1..=MAX_BATCH {
+            let len = chain_len(n);
+            let chains: Vec<Vec<Slot>> = (0..n)
+                .map(|c| (0..len).map(|i| slot(c * len + i)).collect())
+                .collect();
+            for checked in [false, true] {
+                let txn = Txn::new().and_then(
+                    chains
+                        .iter()
+                        .map(|c| chain_txn(c, 7, checked))
+                        .collect::<Vec<_>>(),
+                );
+                assert!(
+                    fits(&PbTxnRequest::from(txn), TXN_OPS),
+                    "{n} chains of {len}, checked: {checked}"
+                );
+            }
+        }
+    }
+}
