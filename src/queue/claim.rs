@@ -34,9 +34,9 @@
 //! three operations per candidate instead of five, and half the nesting, for etcd to check,
 //! log and apply. A copy of an attempt that lands later than every answer can only apply
 //! where its job is still unchanged since the read; whenever an attempt went unanswered, the
-//! session sweeps the attempt's values off the claim keys it did not win, for as long as
-//! each one's job is unchanged since the read (after that no copy can apply) and the lease
-//! lives.
+//! session sweeps the attempt's values off the claim keys it did not win, until each one's
+//! job has changed since the read and no copy is left (no copy can apply after that; a copy
+//! that lands changes its job itself), or the lease ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,8 +64,8 @@ struct Slot {
 }
 
 impl Slot {
-    /// The sweep of late copies of this slot's claim: for as long as its job is unchanged
-    /// since the read (a copy's compare needs that) and the lease lives.
+    /// The sweep of late copies of this slot's claim: until its job has changed since the
+    /// read (a copy's compare needs it unchanged) and no copy is left, or the lease ends.
     fn sweep(&self, lease: i64) -> Sweep {
         Sweep::of_value_while_unchanged(
             &self.claim,

@@ -86,7 +86,8 @@ fn the_spread_starts_wide_follows_the_writes_between_read_and_claim_and_narrows_
 /// A burst of 100 claimers on new handles, played through the chains the claims build: each
 /// takes the first candidate of its chain still free when its claim applies (in any order:
 /// the offsets are independent of it). All but about five in a hundred find one in their
-/// first round trip — what [`MAX_SPREAD`] is sized for.
+/// first round trip — what [`MAX_SPREAD`] is sized for; chains that all went on at the first
+/// job's neighbours would serve [`CHAIN`] of them.
 #[test]
 fn a_burst_of_100_new_claimers_mostly_claims_in_one_round() {
     use rand::{Rng, SeedableRng};
@@ -94,21 +95,27 @@ fn a_burst_of_100_new_claimers_mostly_claims_in_one_round() {
     let want = chain_len(1) + MAX_SPREAD - 1;
     let all: Vec<Candidate> = (0..want).map(|i| Candidate { rank: 0, ..c(i) }).collect();
     let (bursts, claimers) = (200, 100);
-    let mut missed = 0;
-    for _ in 0..bursts {
-        let mut taken = HashSet::new();
-        for _ in 0..claimers {
-            let offset = rng.random_range(0..MAX_SPREAD);
-            let chain = chains(rotate(all.clone(), 1, offset), 1, chain_len(1)).remove(0);
-            match chain.iter().find(|x| !taken.contains(&x.mod_revision)) {
-                Some(x) => drop(taken.insert(x.mod_revision)),
-                None => missed += 1,
+    let mut missed = |spread: usize| {
+        let mut missed = 0;
+        for _ in 0..bursts {
+            let mut taken = HashSet::new();
+            for _ in 0..claimers {
+                let offset = rng.random_range(0..spread);
+                let chain = chains(rotate(all.clone(), 1, offset), 1, chain_len(1)).remove(0);
+                match chain.iter().find(|x| !taken.contains(&x.mod_revision)) {
+                    Some(x) => drop(taken.insert(x.mod_revision)),
+                    None => missed += 1,
+                }
             }
         }
-    }
-    let per_hundred = missed as f64 / bursts as f64;
-    assert!(per_hundred < 6.0, "{per_hundred} of 100 read again");
-    // The first round of a burst on chains that all go on at the first job's neighbours.
-    let narrow = chains(all.clone(), 1, chain_len(1)).remove(0);
-    assert_eq!(narrow.len(), CHAIN, "only {CHAIN} of 100 would win");
+        missed as f64 / bursts as f64
+    };
+    let wide = missed(MAX_SPREAD);
+    assert!(wide < 6.0, "{wide} of 100 read again");
+    let narrow = missed(1);
+    assert_eq!(
+        narrow,
+        (claimers - CHAIN) as f64,
+        "a narrow start serves {CHAIN}"
+    );
 }

@@ -58,8 +58,9 @@ pub struct SessionMetrics {
     pub watch_events: u64,
     /// Progress requests sent to probe a wait's quiet watch stream.
     pub watch_probes: u64,
-    /// Background jobs alive now (a gauge, unlike the counters above): clean-ups under way
-    /// and sweeps that watch for late copies of a put whose answer was lost.
+    /// Background jobs queued or running now (a gauge, unlike the counters above): clean-ups
+    /// under way, touches, and sweeps that watch for late copies of a put whose answer was
+    /// lost.
     pub background_jobs: u64,
 }
 
