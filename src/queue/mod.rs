@@ -107,7 +107,7 @@ pub struct WorkQueue {
     /// as [`next_spread`] says after each claim (wide while claims collide, halved while they
     /// do not). A new handle cannot know whether it is alone: the workers of a pool start
     /// together, and chains that all went on at the first job's neighbours served a burst of
-    /// 100 claimers 16 at a time, one round trip each (2026-12-06).
+    /// 100 claimers a chain's length at a time, a round trip each (2026-12-06).
     spread: Arc<AtomicUsize>,
 }
 
