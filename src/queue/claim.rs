@@ -53,6 +53,7 @@ use crate::engine::ticket::Acquired;
 use crate::engine::{Holding, SessionKeys};
 use crate::keys::{header_revision, txn_gets};
 use crate::rpc::Unanswered;
+use crate::session::Session;
 use crate::{Error, LeasedSession};
 
 /// One candidate of a chain: the job, its claim key and the value unique to this attempt.
@@ -74,6 +75,16 @@ impl Slot {
             &self.job.key,
             self.job.mod_revision,
         )
+    }
+}
+
+/// Hands `session` a sweep of each slot of `chains` but those of the jobs `won`: the claims a
+/// copy of an unanswered attempt may still make.
+fn sweep_all_but(session: &Session, chains: &[Vec<Slot>], lease: i64, won: &[&str]) {
+    for slot in chains.iter().flatten() {
+        if !won.contains(&slot.job.key.as_str()) {
+            session.clean_up(Cleanup::Sweep(slot.sweep(lease)));
+        }
     }
 }
 
@@ -151,11 +162,8 @@ pub(super) async fn claim(
                 .map_err(|error| Unanswered { error, uncertain })?;
             if uncertain {
                 // An earlier attempt may still land and claim a candidate this answer did not.
-                for slot in chains.iter().flatten() {
-                    if !won.iter().any(|w| w.job_key == slot.job.key) {
-                        session.clean_up(Cleanup::Sweep(slot.sweep(lease)));
-                    }
-                }
+                let won: Vec<&str> = won.iter().map(|w| w.job_key.as_str()).collect();
+                sweep_all_but(session, &chains, lease, &won);
             }
             Ok((won, contended, revision))
         }
@@ -165,9 +173,7 @@ pub(super) async fn claim(
         // Stopped without a definite answer: a copy may still land. (An `Ok` carries its own
         // guards, which release what was won if nobody takes them.)
         if matches!(outcome, Err(u) if u.uncertain) {
-            for slot in chains.iter().flatten() {
-                owner.clean_up(Cleanup::Sweep(slot.sweep(lease)));
-            }
+            sweep_all_but(&owner, &chains, lease, &[]);
         }
         None
     })
