@@ -50,10 +50,30 @@ impl Deadline {
     }
 }
 
-/// What the layers above keep per session, by type, opaque to the session (the engine's book
-/// of the keys a session made).
+/// What the layers above keep per session, or per family of sibling sessions, by type, opaque
+/// to the session (the engine's book of the keys a session made, a work queue's shared reads).
 #[derive(Default)]
 struct Extensions(StdMutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>);
+
+impl Extensions {
+    /// The value of type `T`, made by `init` on first use.
+    fn get<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Arc<T> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let value = map
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(init()));
+        Arc::clone(value)
+            .downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("extensions are stored under their own type"))
+    }
+}
+
+/// What a session shares with its siblings ([`sibling`](super::LeasedSession::sibling)): the
+/// one watch stream their waits use, and what the layers above keep for all of them.
+pub(crate) struct Family {
+    hub: Arc<Hub>,
+    extensions: Extensions,
+}
 
 /// The session: what its handles, guards, jobs and background task share.
 pub(crate) struct Session {
@@ -64,8 +84,8 @@ pub(crate) struct Session {
     pub(crate) margin: Duration,
     pub(crate) keepalive_timeout: Duration,
     pub(crate) rpc: Rpc,
-    /// The one watch stream the session's waits share (with its siblings').
-    pub(super) hub: Arc<Hub>,
+    /// What it shares with its siblings: the one watch stream of their waits, and more.
+    pub(super) family: Arc<Family>,
     state: watch::Sender<SessionState>,
     reason: OnceLock<LossReason>,
     deadline: Deadline,
@@ -91,7 +111,7 @@ impl Session {
         live: &Liveness,
         epoch: Instant,
         jobs: Jobs,
-        hub: Option<Arc<Hub>>,
+        family: Option<Arc<Family>>,
     ) -> Session {
         Session {
             me,
@@ -99,7 +119,12 @@ impl Session {
             ttl,
             margin,
             keepalive_timeout,
-            hub: hub.unwrap_or_else(|| Arc::new(Hub::new(rpc.clone(), ttl / 3, ttl))),
+            family: family.unwrap_or_else(|| {
+                Arc::new(Family {
+                    hub: Arc::new(Hub::new(rpc.clone(), ttl / 3, ttl)),
+                    extensions: Extensions::default(),
+                })
+            }),
             rpc,
             state: watch::channel(SessionState::Alive).0,
             reason: OnceLock::new(),
@@ -190,7 +215,7 @@ impl Session {
             rpc: &self.rpc,
             stop: self,
             quiet: self.ttl / 3,
-            hub: Some(&self.hub),
+            hub: Some(&self.family.hub),
             lease: self.lease_id,
         }
     }
@@ -223,13 +248,16 @@ impl Session {
     /// The value of type `T` the layers above keep for this session, made by `init` on first
     /// use.
     pub(crate) fn extension<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Arc<T> {
-        let mut map = self.extensions.0.lock().unwrap_or_else(|e| e.into_inner());
-        let value = map
-            .entry(TypeId::of::<T>())
-            .or_insert_with(|| Arc::new(init()));
-        Arc::clone(value)
-            .downcast::<T>()
-            .unwrap_or_else(|_| unreachable!("extensions are stored under their own type"))
+        self.extensions.get(init)
+    }
+
+    /// The value of type `T` the layers above keep for this session and its siblings, made by
+    /// `init` on first use.
+    pub(crate) fn family_extension<T: Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        self.family.extensions.get(init)
     }
 
     pub(super) fn mark_lost(&self, reason: LossReason) {

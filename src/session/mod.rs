@@ -26,9 +26,8 @@ use tokio::sync::watch;
 use tokio_util::sync::DropGuard;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use self::core::Session;
+pub(crate) use self::core::{Family, Session};
 use crate::rpc::{Rpc, Stats};
-use crate::watch::Hub;
 use crate::{Error, LossReason};
 pub(crate) use grant::Adopted;
 pub(crate) use jobs::PendingWork;
@@ -175,8 +174,10 @@ impl LeasedSession {
     /// Grants another lease on this session's client, whose waits share this session's watch
     /// stream: a process that holds many sessions on one connection (many leases, say, one
     /// per job) then keeps one watch stream — and one watch per lock it waits on — instead of
-    /// one per session. Siblings are independent otherwise: each has its own lease, state,
-    /// keep-alive and clean-ups, and closing one does not close the others.
+    /// one per session. Siblings' [`WorkQueue`](crate::WorkQueue) claims of one queue also
+    /// share their reads and try different jobs first (a burst of claims reads the queue
+    /// once; `docs/queue.md`). Siblings are independent otherwise: each has its own lease,
+    /// state, keep-alive and clean-ups, and closing one does not close the others.
     ///
     /// # Errors
     /// As [`new`](Self::new).
@@ -203,8 +204,14 @@ impl LeasedSession {
             "lease",
             tracing::field::display(format_args!("{:x}", lease.id)),
         );
-        let hub = Arc::clone(&self.handle.session.hub);
-        Ok(LeasedSession::start(rpc, tasks, lease, &options, Some(hub)))
+        let family = Arc::clone(&self.handle.session.family);
+        Ok(LeasedSession::start(
+            rpc,
+            tasks,
+            lease,
+            &options,
+            Some(family),
+        ))
     }
 
     /// Adopts lease `lease_id`, which still exists, and keeps it alive from now on: the
@@ -246,7 +253,7 @@ impl LeasedSession {
         tasks: TaskTracker,
         lease: grant::Lease,
         options: &SessionOptions,
-        hub: Option<Arc<Hub>>,
+        family: Option<Arc<Family>>,
     ) -> LeasedSession {
         let ttl = lease.ttl;
         let margin = options.safety_margin.unwrap_or(ttl / 5);
@@ -266,7 +273,7 @@ impl LeasedSession {
                 &live,
                 lease.sent,
                 jobs,
-                hub,
+                family,
             )
         });
         let watchdog = driver::Watchdog {
