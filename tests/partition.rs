@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_coord::{recommended_connect_options, LeasedSession, Mutex, SessionOptions};
+use etcd_coord::{recommended_connect_options, LeasedSession, Mutex, SessionOptions, WorkQueue};
 use etcd_coord_testkit::{partitions_unsupported, EtcdCluster};
 
 const TTL: Duration = Duration::from_secs(3);
@@ -283,4 +283,49 @@ async fn an_stm_read_on_a_member_behind_the_snapshot_waits_for_it_instead_of_fai
         (Some(b"2".to_vec()), Some(b"2".to_vec())),
         "both reads at the snapshot"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_through_a_member_behind_finds_the_job_its_first_read_missed() {
+    // A claim reads the queue serializably first (so that under a burst of claims it does not
+    // wait for etcd's read index). Through a member that has not applied the latest writes,
+    // that read misses jobs: `try_claim` must read the present — linearizably, which waits
+    // for the member to catch up — before it says there is none. Without that, it answers
+    // "no job" at once, for a job enqueued before it was called.
+    let Some(mut cluster) = partitionable_cluster().await else {
+        return;
+    };
+    let front = cluster.leader().await.expect("a leader");
+    let lagging = (front + 1) % 3;
+    let cluster = cluster;
+    // No require-leader: the cut-off member answers serializable reads from what it has.
+    let options = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+    let url = format!("http://{}", cluster.endpoint(lagging).unwrap());
+    let worker = LeasedSession::new(
+        Client::connect([url], Some(options)).await.unwrap(),
+        SessionOptions::new().with_ttl(TTL),
+    )
+    .await
+    .unwrap();
+    let producer = session_on(&cluster, front).await;
+    let name = "queue-behind";
+    let q = WorkQueue::new(&worker, name);
+    assert!(q.try_claim().await.unwrap().is_none(), "nothing yet");
+    // The member stops hearing from its peers: the job enqueued now is beyond it.
+    cluster.isolate_from_peers(lagging).unwrap();
+    let id = WorkQueue::new(&producer, name)
+        .enqueue("beyond the member")
+        .await
+        .unwrap();
+    let (claimed, ()) = tokio::join!(q.try_claim(), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster.heal(lagging).unwrap();
+    });
+    let job = claimed
+        .unwrap()
+        .expect("the job enqueued before the claim was called");
+    assert_eq!(job.id(), &id);
+    job.ack().await.unwrap();
+    worker.close().await.unwrap();
+    producer.close().await.unwrap();
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use etcd_client::Client;
 use etcd_coord::{
-    EnqueueOptions, Error, LeasedSession, QueueOptions, SessionOptions, WorkQueue, MAX_BATCH,
-    MAX_PAYLOAD_LEN, MAX_PRIORITY,
+    EnqueueOptions, Error, JobId, LeasedSession, QueueOptions, SessionOptions, WorkQueue,
+    MAX_BATCH, MAX_PAYLOAD_LEN, MAX_PRIORITY,
 };
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -636,6 +636,51 @@ async fn a_burst_of_new_claimers_is_served_in_one_round_trip_each_and_a_lone_cla
     );
     job.ack().await.unwrap();
     for job in held {
+        job.ack().await.unwrap();
+    }
+}
+
+/// Claims of one process through one session and its siblings share their first read, and
+/// each tries first a job no other of them is trying: 20 sibling workers that claim at the
+/// same moment read the queue once (one range read of the jobs and one of the claims, not
+/// 20 of each), and each takes a different one of the first 20 jobs with one claim Txn.
+#[tokio::test]
+async fn sibling_claimers_starting_together_read_the_queue_once_and_take_the_first_jobs_one_txn_each(
+) {
+    let etcd = etcd().await;
+    let name = unique("queue-siblings");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
+    }
+    let first = session(&etcd, 10).await;
+    let mut family = vec![first.clone()];
+    for _ in 1..20 {
+        family.push(first.sibling(ttl(10)).await.unwrap());
+    }
+    let queues: Vec<WorkQueue> = family.iter().map(|s| WorkQueue::new(s, &name)).collect();
+    let before: Vec<_> = family.iter().map(|s| s.metrics()).collect();
+    // Polled together from one task: every claim starts before any answer arrives.
+    let claimed = futures::future::join_all(queues.iter().map(|q| q.claim())).await;
+    let claimed: Vec<_> = claimed.into_iter().map(Result::unwrap).collect();
+    let reads: u64 = family
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| s.metrics().reads - b.reads)
+        .sum();
+    assert_eq!(reads, 2, "range reads of the whole family");
+    let txns: Vec<u64> = family
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| s.metrics().txns - b.txns)
+        .collect();
+    assert!(txns.iter().all(|t| *t == 1), "claim Txns of each: {txns:?}");
+    let got: HashSet<JobId> = claimed.iter().map(|j| j.id().clone()).collect();
+    let first_20: HashSet<JobId> = ids[..20].iter().cloned().collect();
+    assert_eq!(got, first_20, "the first 20 jobs, one each");
+    for job in claimed {
         job.ack().await.unwrap();
     }
 }

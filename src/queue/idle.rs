@@ -51,9 +51,7 @@ pub(super) async fn wait_in_line(queue: &WorkQueue, n: usize) -> Result<Vec<Clai
         };
         queue.saw_claims(found.claims);
         if !found.candidates.is_empty() {
-            let claimed = queue
-                .claim_round(&keys, found.candidates, found.revision, n)
-                .await?;
+            let claimed = queue.claim_round(&keys, &found, n, false, false).await?;
             if !claimed.is_empty() {
                 drop(turn); // the next in line takes over (released in the background)
                 return Ok(claimed);

@@ -1,9 +1,9 @@
 //! [`WorkQueue`]: jobs claimed under a lease, acknowledged under a fence, never lost. Its
 //! rooms: [`layout`] (keys and values, no I/O), [`options`] (what can be asked, and the
 //! checks), [`enqueue`] (one Txn per job, deduplicated), [`scan`] (finding claimable jobs),
-//! [`claim`] (claiming them in one detached Txn), [`idle`] (the line of idle claimers, so a
-//! new job wakes one), [`claimed`] (the guard: ack, nack, dead letters), [`inspect`]. See
-//! `docs/queue.md`.
+//! [`claim`] (claiming them in one detached Txn), [`share`] (what the claims of one process
+//! share), [`idle`] (the line of idle claimers, so a new job wakes one), [`claimed`] (the
+//! guard: ack, nack, dead letters), [`inspect`]. See `docs/queue.md`.
 
 mod claim;
 mod claimed;
@@ -13,6 +13,7 @@ mod inspect;
 mod layout;
 mod options;
 mod scan;
+mod share;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,7 +28,8 @@ pub use options::{EnqueueOptions, QueueOptions};
 use crate::keys::Named;
 use crate::{Error, LeasedSession};
 use layout::Keys;
-use scan::{scan, Candidate};
+use scan::{scan_with, Candidate, Scan};
+use share::{Claims, Member};
 
 /// The most jobs one [`claim_many`](WorkQueue::claim_many) takes: each is a Txn nested in the
 /// claim's, and etcd allows a Txn and everything nested in it 128 operations
@@ -100,8 +102,6 @@ pub struct WorkQueue {
     session: LeasedSession,
     named: Named,
     options: QueueOptions,
-    /// How many claims the last read saw, to size the next read's page.
-    claims_seen: Arc<AtomicUsize>,
     /// Among how many ready jobs after the first this handle's chains go on at random, once
     /// their first candidate — the first ready job — is taken: [`MAX_SPREAD`] at first, then
     /// as [`next_spread`] says after each claim (wide while claims collide, halved while they
@@ -109,17 +109,21 @@ pub struct WorkQueue {
     /// together, and chains that all went on at the first job's neighbours served a burst of
     /// 100 claimers a chain's length at a time, a round trip each (2026-12-06).
     spread: Arc<AtomicUsize>,
+    /// What this handle's claims share with the others of this queue through the session or
+    /// its siblings (see `share`).
+    claims: Arc<Member>,
 }
 
 impl WorkQueue {
     /// A handle on the queue `name`, with the default [`QueueOptions`]. Does no I/O; an invalid
     /// name is reported by the operations.
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> WorkQueue {
+        let name = name.into();
         WorkQueue {
             session: session.clone(),
-            named: Keys::named(name.into()),
+            claims: Arc::new(Claims::of(session.inner(), &name).join(session.lease_id())),
+            named: Keys::named(name),
             options: QueueOptions::new(),
-            claims_seen: Arc::new(AtomicUsize::new(0)),
             spread: Arc::new(AtomicUsize::new(MAX_SPREAD)),
         }
     }
@@ -145,7 +149,7 @@ impl WorkQueue {
     }
 
     fn claims_hint(&self) -> usize {
-        self.claims_seen.load(Ordering::Relaxed)
+        self.claims.seen.load(Ordering::Relaxed)
     }
 
     /// How many candidates a scan for `n` jobs collects.
@@ -154,7 +158,7 @@ impl WorkQueue {
     }
 
     fn saw_claims(&self, n: usize) {
-        self.claims_seen.store(n, Ordering::Relaxed);
+        self.claims.seen.store(n, Ordering::Relaxed);
     }
 
     /// Enqueues a job with priority 0, ready at once; returns its id. One round trip (and,
@@ -315,9 +319,28 @@ impl WorkQueue {
         self.options.validate()?;
         let session = self.session.inner();
         session.check()?;
+        let _active = self.claims.active();
+        // The first read may be another claim's of this process (see `share`); a claim that
+        // won nothing from it reads on its own. Claims read serializably (see `scan_with`),
+        // and linearizably before they give up or wait for a job.
+        let (mut shared, mut serializable) = (true, true);
         loop {
-            let found = scan(session, &keys, self.want(n), self.claims_hint()).await?;
+            let (want, hint) = (self.want(n), self.claims_hint());
+            let found = match std::mem::take(&mut shared) {
+                true => self.claims.scan(session, &keys, (want, n), hint).await,
+                false => None,
+            };
+            let from_shared = found.is_some();
+            let found = match found {
+                Some(found) => found,
+                None => Arc::new(scan_with(session, &keys, want, hint, serializable).await?),
+            };
             self.saw_claims(found.claims);
+            if found.candidates.is_empty() && serializable {
+                serializable = false; // says nothing: read the present
+                continue;
+            }
+            serializable = true;
             if found.candidates.is_empty() {
                 if !wait {
                     return Ok(Vec::new());
@@ -328,33 +351,50 @@ impl WorkQueue {
                     other => return other,
                 }
             }
+            let alone = self.claims.alone(&found);
             let claimed = self
-                .claim_round(&keys, found.candidates, found.revision, n)
+                .claim_round(&keys, &found, n, from_shared, alone)
                 .await?;
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
-            // Every candidate was taken (or dead-lettered) since the read: read again.
+            // Every candidate was taken (or dead-lettered) since the read, or — in a shared
+            // read — is another claim's to try: read again.
         }
     }
 
-    /// Claims up to `n` of `candidates` in one round trip (see [`chains`]): each chain tries
-    /// one of the first `n` ready jobs first, then goes on at a random place among the next
-    /// `spread` of the highest priority; adapts the spread.
+    /// Claims up to `n` of `found`'s candidates in one round trip (see [`chains`]): each
+    /// chain tries one of the first `n` ready jobs that no other claim of this process is
+    /// trying first (see `share`), then — unless the claim is `alone` with its siblings —
+    /// goes on at a random place among the next `spread` of the highest priority; adapts the
+    /// spread. Claims nothing, and sends nothing, if all of them are other claims' to try
+    /// and it should `rather_read` again.
     async fn claim_round(
         &self,
         keys: &Keys,
-        candidates: Vec<Candidate>,
-        read_at: i64,
+        found: &Scan,
         n: usize,
+        rather_read: bool,
+        alone: bool,
     ) -> Result<Vec<Claimed>, Error> {
+        let read_at = found.revision;
         let spread = self.spread.load(Ordering::Relaxed);
         let offset = match spread {
             1 => 0,
             s => rand::random_range(0..s),
         };
-        let chains = chains(rotate(candidates, n, offset), n, chain_len(n));
+        let candidates = found.candidates.clone();
+        let Some((candidates, trying)) = self.claims.pick(candidates, read_at, n, rather_read)
+        else {
+            return Ok(Vec::new());
+        };
+        let len = if alone { 1 } else { chain_len(n) };
+        let chains = chains(rotate(candidates, n, offset), n, len);
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
+        trying.won(
+            round.claimed.iter().map(|c| c.id().as_str()),
+            round.revision,
+        );
         let writes_between = usize::try_from(round.revision - read_at - 1).unwrap_or(0);
         let next = next_spread(spread, round.contended, writes_between);
         self.spread.store(next, Ordering::Relaxed);

@@ -37,6 +37,8 @@ pub(super) struct Scan {
     pub(super) revision: i64,
     /// How many claims exist.
     pub(super) claims: usize,
+    /// The leases the claims are under.
+    pub(super) claimers: HashSet<i64>,
 }
 
 /// The walk over pages of job keys.
@@ -158,14 +160,35 @@ pub(super) async fn scan(
     want: usize,
     claims_hint: usize,
 ) -> Result<Scan, Error> {
+    scan_with(session, keys, want, claims_hint, false).await
+}
+
+/// [`scan`], and if `serializable`, with serializable reads: as the member that answers has
+/// the queue, without waiting for etcd's read index — which, under a burst of claims, waits
+/// until every claim committed before the read is applied. A claim applies only to a job
+/// unchanged since the read and unclaimed, so an old read costs a failed claim at worst;
+/// but it may miss jobs, so a serializable read that finds none says nothing.
+pub(super) async fn scan_with(
+    session: &Arc<Session>,
+    keys: &Keys,
+    want: usize,
+    claims_hint: usize,
+    serializable: bool,
+) -> Result<Scan, Error> {
     let limit = claims_hint + want + 8;
-    let claims_opts = GetOptions::new().with_prefix().with_keys_only();
+    let consistency = |opts: GetOptions| match serializable {
+        true => opts.with_serializable(),
+        false => opts,
+    };
+    let page = |limit| consistency(page(keys, limit));
+    let claims_opts = consistency(GetOptions::new().with_prefix().with_keys_only());
     let (mut jobs, claims) = tokio::try_join!(
-        get(session, keys.jobs().into_bytes(), page(keys, limit)),
+        get(session, keys.jobs().into_bytes(), page(limit)),
         get(session, keys.claims().into_bytes(), claims_opts),
     )?;
     let now_us = super::layout::micros(std::time::SystemTime::now());
     let mut walk = Walk::new(keys, claimed_ids(keys, &claims), now_us, want);
+    walk.scan.claimers = claims.kvs().iter().map(|kv| kv.lease()).collect();
     // Whatever either read saw is seen at the older of the two revisions.
     walk.scan.revision = revision_of(&jobs).min(revision_of(&claims));
     loop {
@@ -182,7 +205,7 @@ pub(super) async fn scan(
         let Some(last) = jobs.kvs().last() else { break };
         let start = walk.next_start(last.key());
         tracing::debug!(limit, "scan: reading another page");
-        jobs = get(session, start, page(keys, limit)).await?;
+        jobs = get(session, start, page(limit)).await?;
     }
     tracing::debug!(
         candidates = walk.scan.candidates.len(),

@@ -1,0 +1,352 @@
+//! Claims of one process that go together: the claims of one queue made through one session
+//! or its siblings ([`LeasedSession::sibling`](crate::LeasedSession::sibling)) — a worker
+//! pool's workers, say — share their first read, and each tries first jobs that no other of
+//! them is trying.
+//!
+//! - **One read for a burst.** A claim that starts while another's first scan is in flight
+//!   waits for that scan instead of sending its own, so a burst of claimers reads the queue
+//!   once, not once each. The scan is serializable (`scan_with`) and sized for as many claims
+//!   as were ever under way at once.
+//! - **Different first jobs.** Each claim then puts first the first ready jobs that no claim
+//!   of the family is trying or has won since that read; a claim that finds only such jobs
+//!   reads again on its own instead of racing its siblings for them.
+//! - **No chain while alone.** While claims of the family go on side by side and every claim
+//!   the read shows is the family's, a claim tries its first jobs only, without a chain of
+//!   others behind each: nobody else is seen claiming, and every candidate etcd must check,
+//!   log and apply costs (a burst of 100 claims of chains of 8 took twice as long as of one,
+//!   `docs/performance.md`). A claimer elsewhere that read at the same moment may take such a
+//!   job; that claim then reads again, sees the other's claims, and chains.
+//!
+//! Only the read and the choice of candidates are shared; each claim's Txn is its own, and a
+//! claim Txn applies only where its job is unchanged since the read and unclaimed, whoever
+//! read it: a shared read, however old, costs a claim a failed round, never a second claimer.
+//! A claim whose first round won nothing reads again on its own. Nothing here sends a request
+//! of its own or spawns a task: a claim dropped while it awaits a shared scan stops awaiting
+//! it, and the last to stop drops the scan (two plain range reads).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex as StdMutex, Weak};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+
+use super::layout::Keys;
+use super::scan::{scan_with, Candidate, Scan};
+use crate::session::Session;
+
+/// A scan in flight, shared by whoever awaits it; `None` if it failed (each then reads on its
+/// own, through its own session).
+type InFlight = Shared<BoxFuture<'static, Option<Arc<Scan>>>>;
+
+/// What the claims of one queue in one family share (kept per queue name in [`Queues`]).
+#[derive(Default)]
+pub(super) struct Claims {
+    state: StdMutex<State>,
+    /// How many claims the last read saw, to size the next read's page.
+    pub(super) seen: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    /// The first scan in flight, and how many claims await it.
+    scan: Option<(InFlight, usize)>,
+    /// Jobs a claim of the family put first in its chain: while its Txn is under way
+    /// (`i64::MAX`), and once won, the revision of the win (a read at an older one still
+    /// shows the job free).
+    trying: HashMap<String, i64>,
+    /// How many claims are under way.
+    active: usize,
+    /// The most claims under way at once so far: a scan is read for as many.
+    peak: usize,
+    /// The leases of the family's handles on this queue, each with how many handles.
+    members: HashMap<i64, usize>,
+}
+
+impl State {
+    fn lock(claims: &Claims) -> std::sync::MutexGuard<'_, State> {
+        claims.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The claims of each queue a family claims from, by name.
+#[derive(Default)]
+struct Queues(StdMutex<HashMap<String, Weak<Claims>>>);
+
+impl Claims {
+    /// The shared state of the claims from the queue `name` through `session`'s family.
+    pub(super) fn of(session: &Session, name: &str) -> Arc<Claims> {
+        let queues = session.family_extension(Queues::default);
+        let mut queues = queues.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(claims) = queues.get(name).and_then(Weak::upgrade) {
+            return claims;
+        }
+        queues.retain(|_, c| c.strong_count() > 0);
+        let claims = Arc::new(Claims::default());
+        queues.insert(name.to_owned(), Arc::downgrade(&claims));
+        claims
+    }
+
+    /// A handle's membership, under `lease`: its claims are the family's while it lives.
+    pub(super) fn join(self: &Arc<Self>, lease: i64) -> Member {
+        *State::lock(self).members.entry(lease).or_default() += 1;
+        Member {
+            claims: Arc::clone(self),
+            lease,
+        }
+    }
+
+    /// Whether a claim from `found` may try its own first candidates alone, without a chain
+    /// of others behind each: claims of the family have gone on side by side (so their
+    /// first candidates are their own), and every claim the read shows is the family's (so
+    /// nobody else seems to be claiming). A claimer elsewhere that read the queue at the same
+    /// moment may still take a first candidate: that claim then reads again, sees the other
+    /// claimer's claims, and chains.
+    pub(super) fn alone(&self, found: &Scan) -> bool {
+        let state = State::lock(self);
+        state.peak > 1 && found.claimers.iter().all(|l| state.members.contains_key(l))
+    }
+
+    /// Marks a claim under way until the returned value is dropped.
+    pub(super) fn active(self: &Arc<Self>) -> Active {
+        let mut state = State::lock(self);
+        state.active += 1;
+        state.peak = state.peak.max(state.active);
+        Active(Arc::clone(self))
+    }
+
+    /// A serializable scan of the queue (see [`scan_with`]) for up to `want` candidates (and
+    /// `per_claim` more for each claim under way): the one another claim has in flight, if
+    /// any, else a new one through `session` that claims starting meanwhile share. `None` if
+    /// the scan failed.
+    pub(super) async fn scan(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        keys: &Keys,
+        (want, per_claim): (usize, usize),
+        claims_hint: usize,
+    ) -> Option<Arc<Scan>> {
+        let in_flight = {
+            let mut state = State::lock(self);
+            match &mut state.scan {
+                Some((s, awaiting)) if s.peek().is_none() => {
+                    *awaiting += 1;
+                    s.clone()
+                }
+                _ => {
+                    // Enough for as many claims as were ever under way at once to try jobs
+                    // of their own first.
+                    let want = want + per_claim * state.peak;
+                    let (session, keys) = (Arc::clone(session), keys.clone());
+                    let s =
+                        async move { scan_with(&session, &keys, want, claims_hint, true).await }
+                            .map(Result::ok)
+                            .map(|s| s.map(Arc::new))
+                            .boxed()
+                            .shared();
+                    state.scan = Some((s.clone(), 1));
+                    s
+                }
+            }
+        };
+        let awaiting = Awaiting {
+            claims: self,
+            scan: in_flight.clone(),
+        };
+        let found = in_flight.await;
+        drop(awaiting);
+        found
+    }
+
+    /// `candidates` (read at `revision`) in the order a claim of `n` should try them: first
+    /// the first `n` that no other claim of the family is trying or has won since the read,
+    /// then the others, each in claim order — `None` if there are no such first ones and the
+    /// claim should `rather_read` again. The first `n` are this claim's while the returned
+    /// [`Trying`] lives.
+    pub(super) fn pick(
+        self: &Arc<Self>,
+        candidates: Vec<Candidate>,
+        revision: i64,
+        n: usize,
+        rather_read: bool,
+    ) -> Option<(Vec<Candidate>, Trying)> {
+        let mut state = State::lock(self);
+        // Wins this read shows claimed (or done) are no news to the next reads.
+        state.trying.retain(|_, at| *at > revision);
+        let (mut free, taken): (Vec<Candidate>, Vec<Candidate>) = candidates
+            .into_iter()
+            .partition(|c| !state.trying.contains_key(&c.id));
+        if free.is_empty() && rather_read {
+            return None;
+        }
+        let mine: Vec<String> = free.iter().take(n).map(|c| c.id.clone()).collect();
+        for id in &mine {
+            state.trying.insert(id.clone(), i64::MAX);
+        }
+        free.extend(taken);
+        let trying = Trying {
+            claims: Arc::clone(self),
+            ids: mine,
+        };
+        Some((free, trying))
+    }
+}
+
+/// A handle on the queue, a member of its family's claims (see [`Claims::join`]).
+pub(super) struct Member {
+    claims: Arc<Claims>,
+    lease: i64,
+}
+
+impl std::ops::Deref for Member {
+    type Target = Arc<Claims>;
+    fn deref(&self) -> &Arc<Claims> {
+        &self.claims
+    }
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let mut state = State::lock(&self.claims);
+        if let Some(count) = state.members.get_mut(&self.lease) {
+            *count -= 1;
+            if *count == 0 {
+                state.members.remove(&self.lease);
+            }
+        }
+    }
+}
+
+/// A claim under way (see [`Claims::active`]).
+pub(super) struct Active(Arc<Claims>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        State::lock(&self.0).active -= 1;
+    }
+}
+
+/// A claim awaiting a shared scan: the last to stop awaiting it (done, or dropped) clears it,
+/// so that no claim joins a scan that is over, or that nobody drives any more.
+struct Awaiting<'a> {
+    claims: &'a Claims,
+    scan: InFlight,
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        let mut state = State::lock(self.claims);
+        if let Some((s, awaiting)) = &mut state.scan {
+            if s.ptr_eq(&self.scan) {
+                *awaiting -= 1;
+                if *awaiting == 0 || s.peek().is_some() {
+                    state.scan = None;
+                }
+            }
+        }
+    }
+}
+
+/// The jobs a claim tries first (see [`Claims::pick`]): given up when dropped, unless
+/// recorded [`won`](Trying::won).
+pub(super) struct Trying {
+    claims: Arc<Claims>,
+    ids: Vec<String>,
+}
+
+impl Trying {
+    /// Records that the claim won the jobs `won` at `revision` (those it tried first stay
+    /// marked until a read at that revision or later shows them).
+    pub(super) fn won<'a>(self, won: impl IntoIterator<Item = &'a str>, revision: i64) {
+        let mut state = State::lock(&self.claims);
+        for id in won {
+            state.trying.insert(id.to_owned(), revision);
+        }
+    }
+}
+
+impl Drop for Trying {
+    fn drop(&mut self) {
+        let mut state = State::lock(&self.claims);
+        for id in &self.ids {
+            if state.trying.get(id) == Some(&i64::MAX) {
+                state.trying.remove(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(n: usize) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate {
+                key: format!("q/#queue/jobs/0/{i:017}-{i:016x}"),
+                id: format!("{i:016x}"),
+                rank: 0,
+                mod_revision: i as i64 + 1,
+            })
+            .collect()
+    }
+
+    fn ids(list: &[Candidate]) -> Vec<&str> {
+        list.iter().map(|c| &c.id[14..]).collect()
+    }
+
+    #[test]
+    fn claims_side_by_side_try_different_jobs_first_and_give_back_what_they_did_not_win() {
+        let claims = Arc::new(Claims::default());
+        let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        let (b, tb) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        assert_eq!(ids(&a), ["00", "01", "02", "03"]);
+        // The job `a` tries first comes last for `b`.
+        assert_eq!(ids(&b), ["01", "02", "03", "00"]);
+        // `a` won its job at 12; `b` won nothing.
+        ta.won([a[0].id.as_str()], 12);
+        drop(tb);
+        // A read older than the win still shows `a`'s job free: it stays out of the firsts.
+        let (c, tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
+        assert_eq!(ids(&c), ["01", "02", "03", "00"]);
+        drop(tc);
+        // A read at the win shows it claimed (or done): no news any more.
+        let (d, _td) = claims.pick(candidates(4), 12, 1, true).unwrap();
+        assert_eq!(ids(&d), ["00", "01", "02", "03"]);
+    }
+
+    #[test]
+    fn a_claim_whose_candidates_are_all_another_claims_reads_again_or_competes() {
+        let claims = Arc::new(Claims::default());
+        let (_, _t) = claims.pick(candidates(2), 10, 2, true).unwrap();
+        assert!(claims.pick(candidates(2), 10, 1, true).is_none());
+        let (all, _) = claims.pick(candidates(2), 10, 1, false).unwrap();
+        assert_eq!(ids(&all), ["00", "01"]);
+    }
+
+    #[test]
+    fn claims_go_alone_only_beside_siblings_and_while_no_one_else_holds_a_claim() {
+        let claims = Arc::new(Claims::default());
+        let (_m1, _m2) = (claims.join(1), claims.join(2));
+        let scan = |leases: &[i64]| Scan {
+            claimers: leases.iter().copied().collect(),
+            ..Scan::default()
+        };
+        let one = claims.active();
+        assert!(!claims.alone(&scan(&[])), "one claim at a time so far");
+        let two = claims.active();
+        drop((one, two));
+        assert!(claims.alone(&scan(&[])));
+        assert!(claims.alone(&scan(&[1, 2])));
+        assert!(!claims.alone(&scan(&[1, 3])), "lease 3 is not the family's");
+        drop(_m2);
+        assert!(!claims.alone(&scan(&[2])), "lease 2's handles are gone");
+    }
+}
