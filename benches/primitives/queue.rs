@@ -11,8 +11,9 @@ use crate::report::*;
 use crate::Args;
 
 /// As the peer's `queue`: M jobs are enqueued first by N producers (`enqueue_per_s`), then N
-/// workers (a session each, on the shared connections) claim and acknowledge until all M are
-/// done. `ops_per_s` = jobs claimed *and acknowledged* per second (the peer's are dequeued:
+/// workers (a session each, on the shared connections: one per connection, the rest its
+/// siblings, as a process with many sessions should hold them) claim and acknowledge until all
+/// M are done. `ops_per_s` = jobs claimed *and acknowledged* per second (the peer's are dequeued:
 /// deleted as they are handed out, so a crashed worker loses its job); latency = one
 /// `claim()`. Also `enqueue_per_s`, `txns_per_job` (Txns the workers sent per job, claim
 /// and ack together) and `reads_per_job` (range reads per job: the claims' scans). With
@@ -27,7 +28,14 @@ pub(crate) async fn queue(
     let opts = SessionOptions::new().with_ttl(Duration::from_secs(a.ttl));
     let mut sessions = Vec::with_capacity(n);
     for i in 0..n {
-        sessions.push(LeasedSession::new(clients[i % clients.len()].clone(), opts.clone()).await?);
+        let session = match i.checked_sub(clients.len()) {
+            None => LeasedSession::new(clients[i].clone(), opts.clone()).await?,
+            Some(_) => {
+                let first: &LeasedSession = &sessions[i % clients.len()];
+                first.sibling(opts.clone()).await?
+            }
+        };
+        sessions.push(session);
     }
     let name = format!("{prefix}/jobs");
     let next = Arc::new(AtomicI64::new(0));
