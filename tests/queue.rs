@@ -685,6 +685,39 @@ async fn sibling_claimers_starting_together_read_the_queue_once_and_take_the_fir
     }
 }
 
+/// A claim that awaits a sibling's scan does not depend on that sibling: dropped after it
+/// sent the shared read, the sibling's claim leaves nothing, and the one awaiting the read
+/// still gets it and claims the first job.
+#[tokio::test]
+async fn a_claim_awaiting_a_siblings_read_claims_though_the_sibling_is_dropped() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let name = unique("queue-siblings-drop");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    let first_job = pq.enqueue("first").await.unwrap();
+    pq.enqueue("second").await.unwrap();
+    let a = session(&etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
+    let mut sending = Box::pin(qa.claim());
+    assert!(step(&mut sending).await.is_none(), "the scan is sent");
+    let reads = a.metrics().reads;
+    let mut awaiting = Box::pin(qb.claim());
+    assert!(step(&mut awaiting).await.is_none());
+    drop(sending);
+    let job = tokio::time::timeout(Duration::from_secs(5), awaiting)
+        .await
+        .expect("the claim went on without the sibling that sent the read")
+        .unwrap();
+    assert_eq!(job.id(), &first_job);
+    assert_eq!(b.metrics().reads, 0, "b read nothing of its own");
+    assert_eq!(a.metrics().reads, reads, "a read nothing more");
+    a.settled().await;
+    assert_eq!(under(&c, &name, "claims").await.len(), 1, "only b's claim");
+    job.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_job_delivered_max_attempts_times_moves_to_the_dead_letters_with_its_last_error() {
     let etcd = etcd().await;
