@@ -718,6 +718,39 @@ async fn a_claim_awaiting_a_siblings_read_claims_though_the_sibling_is_dropped()
     job.ack().await.unwrap();
 }
 
+/// A bigger batch does not make do with a sibling's smaller read: a `claim_many(50)` that
+/// starts while a sibling's single claim has its read in flight reads on its own, and takes
+/// 50 jobs (joining that read, it took the 9 jobs the read held).
+#[tokio::test]
+async fn a_batch_claimed_beside_a_siblings_single_claim_takes_all_it_asked_for() {
+    let etcd = etcd().await;
+    let name = unique("queue-siblings-batch");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    for i in 0..60 {
+        pq.enqueue(format!("job {i}")).await.unwrap();
+    }
+    let a = session(&etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
+    // Alone and uncontended, `a`'s reads narrow to what one claim needs.
+    for _ in 0..7 {
+        qa.claim().await.unwrap().ack().await.unwrap();
+    }
+    let mut single = Box::pin(qa.claim());
+    assert!(
+        step(&mut single).await.is_none(),
+        "the single claim's read is sent"
+    );
+    let batch = qb.claim_many(50).await.unwrap();
+    assert_eq!(batch.len(), 50);
+    let job = single.await.unwrap();
+    job.ack().await.unwrap();
+    for job in batch {
+        job.ack().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_job_delivered_max_attempts_times_moves_to_the_dead_letters_with_its_last_error() {
     let etcd = etcd().await;

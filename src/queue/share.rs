@@ -48,8 +48,9 @@ pub(super) struct Claims {
 
 #[derive(Default)]
 struct State {
-    /// The first scan in flight, and how many claims await it.
-    scan: Option<(InFlight, usize)>,
+    /// The first scan in flight, how many claims await it, and how many candidates it
+    /// collects.
+    scan: Option<(InFlight, usize, usize)>,
     /// Jobs a claim of the family put first in its chain: while its Txn is under way
     /// (`i64::MAX`), and once won, the revision of the win (a read at an older one still
     /// shows the job free).
@@ -128,10 +129,12 @@ impl Claims {
         let in_flight = {
             let mut state = State::lock(self);
             match &mut state.scan {
-                Some((s, awaiting)) if s.peek().is_none() => {
+                Some((s, awaiting, collects)) if s.peek().is_none() && *collects >= want => {
                     *awaiting += 1;
                     s.clone()
                 }
+                // A claim that wants more (a bigger `claim_many`) reads on its own.
+                Some((s, _, _)) if s.peek().is_none() => return None,
                 _ => {
                     // Enough for as many claims as were ever under way at once to try jobs
                     // of their own first.
@@ -143,7 +146,7 @@ impl Claims {
                             .map(|s| s.map(Arc::new))
                             .boxed()
                             .shared();
-                    state.scan = Some((s.clone(), 1));
+                    state.scan = Some((s.clone(), 1, want));
                     s
                 }
             }
@@ -243,7 +246,7 @@ struct Awaiting<'a> {
 impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
         let mut state = State::lock(self.claims);
-        if let Some((s, awaiting)) = &mut state.scan {
+        if let Some((s, awaiting, _)) = &mut state.scan {
             if s.ptr_eq(&self.scan) {
                 *awaiting -= 1;
                 if *awaiting == 0 || s.peek().is_some() {
