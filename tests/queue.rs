@@ -718,6 +718,46 @@ async fn a_claim_awaiting_a_siblings_read_claims_though_the_sibling_is_dropped()
     job.ack().await.unwrap();
 }
 
+/// A claim awaiting a sibling's read still ends with its own session: with etcd unreachable,
+/// a claim of a session of TTL 2 s that joined the read of a sibling of TTL 30 s fails with
+/// `SessionLost` when its own lease is gone (it waited on for the sibling's 24 s when the
+/// read's own retries were all that could end it).
+#[tokio::test]
+async fn a_claim_awaiting_a_siblings_read_fails_when_its_own_session_is_lost() {
+    let etcd = etcd().await;
+    let name = unique("queue-siblings-lost");
+    let producer = session(&etcd, 10).await;
+    WorkQueue::new(&producer, &name)
+        .enqueue("unreachable")
+        .await
+        .unwrap();
+    let proxy = proxy(&etcd).await;
+    let long = session_via(&proxy, ttl(30)).await;
+    let short = long.sibling(ttl(2)).await.unwrap();
+    proxy.blackhole();
+    let long_queue = WorkQueue::new(&long, &name);
+    let mut sending = Box::pin(long_queue.claim());
+    assert!(
+        step(&mut sending).await.is_none(),
+        "the long session's scan is sent"
+    );
+    let started = Instant::now();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(5),
+        WorkQueue::new(&short, &name).claim(),
+    )
+    .await
+    .expect("the short session's claim ends with its lease");
+    assert!(
+        matches!(failed, Err(Error::SessionLost(_))),
+        "{:?}",
+        failed.map(|j| j.id().clone())
+    );
+    eprintln!("ended after {:?}", started.elapsed());
+    drop(sending);
+    proxy.heal();
+}
+
 /// A bigger batch does not make do with a sibling's smaller read: a `claim_many(50)` that
 /// starts while a sibling's single claim has its read in flight reads on its own, and takes
 /// 50 jobs (joining that read, it took the 9 jobs the read held).

@@ -223,6 +223,13 @@ impl WorkQueue {
     /// the claim); a job at its last delivery is moved to the dead letters instead and the next
     /// one taken.
     ///
+    /// "First" is as the claim's read sees the queue. That read is serializable, and may be
+    /// one a sibling's claim sent a moment before (see [`LeasedSession::sibling`]): through a
+    /// member that has not applied the latest writes, or sharing such a read, a claim may
+    /// miss a job enqueued just before it was called and take the best one it sees. It never
+    /// misses a job for want of reading: a claim that sees none reads again linearizably
+    /// before it waits (or, in [`try_claim`](Self::try_claim), answers `None`).
+    ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid name or options; [`Error::SessionLost`] /
     /// [`Error::SessionClosed`] if the session is or becomes Lost; [`Error::Protocol`] for a
@@ -327,7 +334,7 @@ impl WorkQueue {
         loop {
             let (want, hint) = (self.want(n), self.claims_hint());
             let found = match std::mem::take(&mut shared) {
-                true => self.claims.scan(session, &keys, (want, n), hint).await,
+                true => self.claims.scan(session, &keys, (want, n), hint).await?,
                 false => None,
             };
             let from_shared = found.is_some();
@@ -395,6 +402,7 @@ impl WorkQueue {
             round.claimed.iter().map(|c| c.id().as_str()),
             round.revision,
         );
+        self.claims.collided(round.contended);
         let writes_between = usize::try_from(round.revision - read_at - 1).unwrap_or(0);
         let next = next_spread(spread, round.contended, writes_between);
         self.spread.store(next, Ordering::Relaxed);

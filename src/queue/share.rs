@@ -10,12 +10,17 @@
 //! - **Different first jobs.** Each claim then puts first the first ready jobs that no claim
 //!   of the family is trying or has won since that read; a claim that finds only such jobs
 //!   reads again on its own instead of racing its siblings for them.
-//! - **No chain while alone.** While claims of the family go on side by side and every claim
-//!   the read shows is the family's, a claim tries its first jobs only, without a chain of
+//! - **No chain while alone.** Once claims of the family have gone on side by side, while
+//!   every claim the read shows is the family's and none of the family's last few claims
+//!   found its first candidate taken, a claim tries its first jobs only, without a chain of
 //!   others behind each: nobody else is seen claiming, and every candidate etcd must check,
 //!   log and apply costs (a burst of 100 claims of chains of 8 took twice as long as of one,
 //!   `docs/performance.md`). A claimer elsewhere that read at the same moment may take such a
-//!   job; that claim then reads again, sees the other's claims, and chains.
+//!   job; that claim then reads again, and it and the family's next claims chain.
+//!
+//! A claim that joins a sibling's read sees the queue as that read does, sent before the claim
+//! was called: a job enqueued meanwhile may be missed (the claim then takes the best job it
+//! sees), never lost.
 //!
 //! Only the read and the choice of candidates are shared; each claim's Txn is its own, and a
 //! claim Txn applies only where its job is unchanged since the read and unclaimed, whoever
@@ -25,18 +30,39 @@
 //! it, and the last to stop drops the scan (two plain range reads).
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::layout::Keys;
 use super::scan::{scan_with, Candidate, Scan};
+use crate::rpc::unless_stopped;
 use crate::session::Session;
+use crate::Error;
 
 /// A scan in flight, shared by whoever awaits it; `None` if it failed (each then reads on its
 /// own, through its own session).
 type InFlight = Shared<BoxFuture<'static, Option<Arc<Scan>>>>;
+
+/// The most candidates a shared scan collects beyond what the claim that sends it wants, for
+/// the claims that may join it.
+const MAX_SHARED: usize = 256;
+
+/// How many claims of the family chain their candidates after one whose first candidate was
+/// taken by someone else.
+const CHAINED_AFTER_COLLISION: usize = 8;
+
+/// The family's first scan in flight.
+struct Pending {
+    scan: InFlight,
+    /// Set by the scan itself once answered (or failed): then nobody joins it any more.
+    done: Arc<AtomicBool>,
+    /// How many claims await it.
+    awaiting: usize,
+    /// How many candidates it collects at most.
+    collects: usize,
+}
 
 /// What the claims of one queue in one family share (kept per queue name in [`Queues`]).
 #[derive(Default)]
@@ -48,9 +74,8 @@ pub(super) struct Claims {
 
 #[derive(Default)]
 struct State {
-    /// The first scan in flight, how many claims await it, and how many candidates it
-    /// collects.
-    scan: Option<(InFlight, usize, usize)>,
+    /// The first scan in flight.
+    scan: Option<Pending>,
     /// Jobs a claim of the family put first in its chain: while its Txn is under way
     /// (`i64::MAX`), and once won, the revision of the win (a read at an older one still
     /// shows the job free).
@@ -61,6 +86,8 @@ struct State {
     peak: usize,
     /// The leases of the family's handles on this queue, each with how many handles.
     members: HashMap<i64, usize>,
+    /// How many more claims chain their candidates since one found its first taken.
+    chained: usize,
 }
 
 impl State {
@@ -97,14 +124,26 @@ impl Claims {
     }
 
     /// Whether a claim from `found` may try its own first candidates alone, without a chain
-    /// of others behind each: claims of the family have gone on side by side (so their
-    /// first candidates are their own), and every claim the read shows is the family's (so
-    /// nobody else seems to be claiming). A claimer elsewhere that read the queue at the same
-    /// moment may still take a first candidate: that claim then reads again, sees the other
-    /// claimer's claims, and chains.
+    /// of others behind each: claims of the family have gone on side by side at some time
+    /// (so their first candidates are their own), every claim the read shows is the
+    /// family's (so nobody else seems to be claiming), and none of the family's last
+    /// [`CHAINED_AFTER_COLLISION`] claims found its first candidate taken. A claimer
+    /// elsewhere that read the queue at the same moment may still take a first candidate:
+    /// that claim then reads again, and it and the family's next claims chain.
     pub(super) fn alone(&self, found: &Scan) -> bool {
         let state = State::lock(self);
-        state.peak > 1 && found.claimers.iter().all(|l| state.members.contains_key(l))
+        state.peak > 1
+            && state.chained == 0
+            && found.claimers.iter().all(|l| state.members.contains_key(l))
+    }
+
+    /// Records whether a claim of the family found its first candidate taken.
+    pub(super) fn collided(&self, collided: bool) {
+        let mut state = State::lock(self);
+        state.chained = match collided {
+            true => CHAINED_AFTER_COLLISION,
+            false => state.chained.saturating_sub(1),
+        };
     }
 
     /// Marks a claim under way until the returned value is dropped.
@@ -116,38 +155,48 @@ impl Claims {
     }
 
     /// A serializable scan of the queue (see [`scan_with`]) for up to `want` candidates (and
-    /// `per_claim` more for each claim under way): the one another claim has in flight, if
-    /// any, else a new one through `session` that claims starting meanwhile share. `None` if
-    /// the scan failed.
+    /// `per_claim` more for each claim ever under way at once, up to [`MAX_SHARED`] more):
+    /// the one another claim has in flight, if it collects as many, else a new one through
+    /// `session` that claims starting meanwhile share. `None` if the scan failed, or if one
+    /// that collects fewer is in flight: the claim reads on its own.
+    ///
+    /// # Errors
+    /// The caller's `session`'s loss, as soon as it is lost (whoever's scan it awaits).
     pub(super) async fn scan(
         self: &Arc<Self>,
         session: &Arc<Session>,
         keys: &Keys,
         (want, per_claim): (usize, usize),
         claims_hint: usize,
-    ) -> Option<Arc<Scan>> {
+    ) -> Result<Option<Arc<Scan>>, Error> {
         let in_flight = {
             let mut state = State::lock(self);
             match &mut state.scan {
-                Some((s, awaiting, collects)) if s.peek().is_none() && *collects >= want => {
-                    *awaiting += 1;
-                    s.clone()
+                Some(p) if !p.done.load(Ordering::Acquire) && p.collects >= want => {
+                    p.awaiting += 1;
+                    p.scan.clone()
                 }
                 // A claim that wants more (a bigger `claim_many`) reads on its own.
-                Some((s, _, _)) if s.peek().is_none() => return None,
+                Some(p) if !p.done.load(Ordering::Acquire) => return Ok(None),
                 _ => {
-                    // Enough for as many claims as were ever under way at once to try jobs
-                    // of their own first.
-                    let want = want + per_claim * state.peak;
-                    let (session, keys) = (Arc::clone(session), keys.clone());
-                    let s =
-                        async move { scan_with(&session, &keys, want, claims_hint, true).await }
-                            .map(Result::ok)
-                            .map(|s| s.map(Arc::new))
-                            .boxed()
-                            .shared();
-                    state.scan = Some((s.clone(), 1, want));
-                    s
+                    let collects = want + (per_claim * state.peak).min(MAX_SHARED);
+                    let done = Arc::new(AtomicBool::new(false));
+                    let (session, keys, answered) =
+                        (Arc::clone(session), keys.clone(), Arc::clone(&done));
+                    let scan = async move {
+                        let found = scan_with(&session, &keys, collects, claims_hint, true).await;
+                        answered.store(true, Ordering::Release);
+                        found.ok().map(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    state.scan = Some(Pending {
+                        scan: scan.clone(),
+                        done,
+                        awaiting: 1,
+                        collects,
+                    });
+                    scan
                 }
             }
         };
@@ -155,7 +204,7 @@ impl Claims {
             claims: self,
             scan: in_flight.clone(),
         };
-        let found = in_flight.await;
+        let found = unless_stopped(&**session, in_flight.map(Ok)).await;
         drop(awaiting);
         found
     }
@@ -246,10 +295,11 @@ struct Awaiting<'a> {
 impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
         let mut state = State::lock(self.claims);
-        if let Some((s, awaiting, _)) = &mut state.scan {
-            if s.ptr_eq(&self.scan) {
-                *awaiting -= 1;
-                if *awaiting == 0 || s.peek().is_some() {
+        if let Some(p) = &mut state.scan {
+            if p.scan.ptr_eq(&self.scan) {
+                p.awaiting -= 1;
+                // Over, or nobody drives it any more; or it panicked (nobody joins that).
+                if p.awaiting == 0 || p.done.load(Ordering::Acquire) || std::thread::panicking() {
                     state.scan = None;
                 }
             }
@@ -349,7 +399,68 @@ mod tests {
         assert!(claims.alone(&scan(&[])));
         assert!(claims.alone(&scan(&[1, 2])));
         assert!(!claims.alone(&scan(&[1, 3])), "lease 3 is not the family's");
+        // A claim found its first candidate taken: the next ones chain.
+        claims.collided(true);
+        for _ in 0..CHAINED_AFTER_COLLISION {
+            assert!(!claims.alone(&scan(&[1, 2])), "so soon after a collision");
+            claims.collided(false);
+        }
+        assert!(claims.alone(&scan(&[1, 2])));
         drop(_m2);
         assert!(!claims.alone(&scan(&[2])), "lease 2's handles are gone");
+    }
+
+    #[test]
+    fn a_scan_that_panics_is_joined_by_no_one_and_aborts_nothing() {
+        let claims = Arc::new(Claims::default());
+        let scan: InFlight = async { panic!("a scan that panics") }.boxed().shared();
+        State::lock(&claims).scan = Some(Pending {
+            scan: scan.clone(),
+            done: Arc::new(AtomicBool::new(false)),
+            awaiting: 2,
+            collects: 10,
+        });
+        let _other = Awaiting {
+            claims: &claims,
+            scan: scan.clone(),
+        };
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _awaiting = Awaiting {
+                claims: &claims,
+                scan: scan.clone(),
+            };
+            scan.clone().now_or_never()
+        }));
+        assert!(polled.is_err(), "the panic reaches the claim that polled");
+        assert!(State::lock(&claims).scan.is_none(), "nobody joins it");
+    }
+
+    #[test]
+    fn a_scan_nobody_awaits_any_more_is_dropped_and_joined_by_no_one() {
+        let claims = Arc::new(Claims::default());
+        let scan: InFlight = futures::future::pending().boxed().shared();
+        State::lock(&claims).scan = Some(Pending {
+            scan: scan.clone(),
+            done: Arc::new(AtomicBool::new(false)),
+            awaiting: 2,
+            collects: 10,
+        });
+        let (first, second) = (
+            Awaiting {
+                claims: &claims,
+                scan: scan.clone(),
+            },
+            Awaiting {
+                claims: &claims,
+                scan,
+            },
+        );
+        drop(first);
+        assert!(State::lock(&claims).scan.is_some(), "one still awaits it");
+        drop(second);
+        assert!(
+            State::lock(&claims).scan.is_none(),
+            "nobody drives it any more"
+        );
     }
 }

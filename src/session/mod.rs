@@ -42,7 +42,8 @@ pub struct SessionMetrics {
     pub keepalive_requests: u64,
     /// Txns sent by the session's primitives and background clean-ups.
     pub txns: u64,
-    /// Plain range reads sent (a work queue's scans and inspections, for instance).
+    /// Plain range reads sent (a work queue's scans and inspections, for instance; a scan
+    /// that sibling sessions' claims share counts for the session whose claim sent it).
     pub reads: u64,
     /// Watches requested by the session's waits and background clean-ups: one per prefix the
     /// session's shared stream watches (registered once, then shared by every wait under
