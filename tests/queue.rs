@@ -719,7 +719,7 @@ async fn a_claim_awaiting_a_siblings_read_claims_though_the_sibling_is_dropped()
 }
 
 /// A claim awaiting a sibling's read still ends with its own session: with etcd unreachable,
-/// a claim of a session of TTL 2 s that joined the read of a sibling of TTL 30 s fails with
+/// a claim of a session of TTL 4 s that joined the read of a sibling of TTL 30 s fails with
 /// `SessionLost` when its own lease is gone (it waited on for the sibling's 24 s when the
 /// read's own retries were all that could end it).
 #[tokio::test]
@@ -733,7 +733,7 @@ async fn a_claim_awaiting_a_siblings_read_fails_when_its_own_session_is_lost() {
         .unwrap();
     let proxy = proxy(&etcd).await;
     let long = session_via(&proxy, ttl(30)).await;
-    let short = long.sibling(ttl(2)).await.unwrap();
+    let short = long.sibling(ttl(4)).await.unwrap();
     proxy.blackhole();
     let long_queue = WorkQueue::new(&long, &name);
     let mut sending = Box::pin(long_queue.claim());
@@ -753,7 +753,16 @@ async fn a_claim_awaiting_a_siblings_read_fails_when_its_own_session_is_lost() {
         "{:?}",
         failed.map(|j| j.id().clone())
     );
-    eprintln!("ended after {:?}", started.elapsed());
+    assert_eq!(
+        short.metrics().reads,
+        0,
+        "it awaited the long session's read"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "it awaited the read until its session was lost, not failed at once: {:?}",
+        started.elapsed()
+    );
     drop(sending);
     proxy.heal();
 }

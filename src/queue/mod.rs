@@ -328,13 +328,19 @@ impl WorkQueue {
         session.check()?;
         let _active = self.claims.active();
         // The first read may be another claim's of this process (see `share`); a claim that
-        // won nothing from it reads on its own. Claims read serializably (see `scan_with`),
-        // and linearizably before they give up or wait for a job.
+        // won nothing from it reads on its own. A claim's first read is serializable (see
+        // `scan_with`); it reads linearizably before it gives up or waits for a job, and
+        // after a round that won nothing (a member behind would show it the same again).
         let (mut shared, mut serializable) = (true, true);
         loop {
             let (want, hint) = (self.want(n), self.claims_hint());
+            let need = n * chain_len(n);
             let found = match std::mem::take(&mut shared) {
-                true => self.claims.scan(session, &keys, (want, n), hint).await?,
+                true => {
+                    (self.claims)
+                        .scan(session, &keys, (want, need, n), hint)
+                        .await?
+                }
                 false => None,
             };
             let from_shared = found.is_some();
@@ -347,7 +353,6 @@ impl WorkQueue {
                 serializable = false; // says nothing: read the present
                 continue;
             }
-            serializable = true;
             if found.candidates.is_empty() {
                 if !wait {
                     return Ok(Vec::new());
@@ -358,31 +363,31 @@ impl WorkQueue {
                     other => return other,
                 }
             }
-            let alone = self.claims.alone(&found);
             let claimed = self
-                .claim_round(&keys, &found, n, from_shared, alone)
+                .claim_round(&keys, &found, n, from_shared, true)
                 .await?;
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
             // Every candidate was taken (or dead-lettered) since the read, or — in a shared
             // read — is another claim's to try: read again.
+            serializable = false;
         }
     }
 
     /// Claims up to `n` of `found`'s candidates in one round trip (see [`chains`]): each
     /// chain tries one of the first `n` ready jobs that no other claim of this process is
-    /// trying first (see `share`), then — unless the claim is `alone` with its siblings —
-    /// goes on at a random place among the next `spread` of the highest priority; adapts the
-    /// spread. Claims nothing, and sends nothing, if all of them are other claims' to try
-    /// and it should `rather_read` again.
+    /// trying first (see `share`), then — unless it `may_go_alone` and the family is alone
+    /// ([`Claims::alone`]) — goes on at a random place among the next `spread` of the highest
+    /// priority; adapts the spread. Claims nothing, and sends nothing, if all of them are
+    /// other claims' to try and it should `rather_read` again.
     async fn claim_round(
         &self,
         keys: &Keys,
         found: &Scan,
         n: usize,
         rather_read: bool,
-        alone: bool,
+        may_go_alone: bool,
     ) -> Result<Vec<Claimed>, Error> {
         let read_at = found.revision;
         let spread = self.spread.load(Ordering::Relaxed);
@@ -395,6 +400,7 @@ impl WorkQueue {
         else {
             return Ok(Vec::new());
         };
+        let alone = may_go_alone && self.claims.alone(found);
         let len = if alone { 1 } else { chain_len(n) };
         let chains = chains(rotate(candidates, n, offset), n, len);
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
@@ -402,7 +408,9 @@ impl WorkQueue {
             round.claimed.iter().map(|c| c.id().as_str()),
             round.revision,
         );
-        self.claims.collided(round.contended);
+        if round.contended {
+            self.claims.collided();
+        }
         let writes_between = usize::try_from(round.revision - read_at - 1).unwrap_or(0);
         let next = next_spread(spread, round.contended, writes_between);
         self.spread.store(next, Ordering::Relaxed);

@@ -4,16 +4,17 @@
 //! them is trying.
 //!
 //! - **One read for a burst.** A claim that starts while another's first scan is in flight
-//!   waits for that scan instead of sending its own, so a burst of claimers reads the queue
-//!   once, not once each. The scan is serializable (`scan_with`) and sized for as many claims
-//!   as were ever under way at once.
-//! - **Different first jobs.** Each claim then puts first the first ready jobs that no claim
-//!   of the family is trying or has won since that read; a claim that finds only such jobs
-//!   reads again on its own instead of racing its siblings for them.
+//!   waits for that scan instead of sending its own (unless the scan collects fewer
+//!   candidates than the claim's chains need), so a burst of claimers reads the queue once,
+//!   not once each. The scan is serializable (`scan_with`) and sized for as many claims as
+//!   were ever under way at once, at most [`MAX_SHARED`] more.
+//! - **Different first jobs.** Each claim then tries only the ready jobs that no claim of the
+//!   family is trying or has won since that read; a claim that finds only such jobs reads
+//!   again on its own instead of racing its siblings for them.
 //! - **No chain while alone.** Once claims of the family have gone on side by side, while
-//!   every claim the read shows is the family's and none of the family's last few claims
-//!   found its first candidate taken, a claim tries its first jobs only, without a chain of
-//!   others behind each: nobody else is seen claiming, and every candidate etcd must check,
+//!   every claim the read shows is the family's and outside the few claims to decide after
+//!   one found its first candidate taken, a claim tries its first jobs only, without a chain
+//!   of others behind each: nobody else is seen claiming, and every candidate etcd must check,
 //!   log and apply costs (a burst of 100 claims of chains of 8 took twice as long as of one,
 //!   `docs/performance.md`). A claimer elsewhere that read at the same moment may take such a
 //!   job; that claim then reads again, and it and the family's next claims chain.
@@ -86,7 +87,7 @@ struct State {
     peak: usize,
     /// The leases of the family's handles on this queue, each with how many handles.
     members: HashMap<i64, usize>,
-    /// How many more claims chain their candidates since one found its first taken.
+    /// How many more claims chain their candidates (since one found its first taken).
     chained: usize,
 }
 
@@ -126,24 +127,24 @@ impl Claims {
     /// Whether a claim from `found` may try its own first candidates alone, without a chain
     /// of others behind each: claims of the family have gone on side by side at some time
     /// (so their first candidates are their own), every claim the read shows is the
-    /// family's (so nobody else seems to be claiming), and none of the family's last
-    /// [`CHAINED_AFTER_COLLISION`] claims found its first candidate taken. A claimer
-    /// elsewhere that read the queue at the same moment may still take a first candidate:
-    /// that claim then reads again, and it and the family's next claims chain.
+    /// family's (so nobody else seems to be claiming), and this is not one of the
+    /// [`CHAINED_AFTER_COLLISION`] claims to decide after a collision. A claimer elsewhere
+    /// that read the queue at the same moment may still take a first candidate: that claim
+    /// then reads again, and it and the family's next claims chain.
     pub(super) fn alone(&self, found: &Scan) -> bool {
-        let state = State::lock(self);
-        state.peak > 1
-            && state.chained == 0
-            && found.claimers.iter().all(|l| state.members.contains_key(l))
+        let mut state = State::lock(self);
+        if state.chained > 0 {
+            state.chained -= 1;
+            return false;
+        }
+        state.peak > 1 && found.claimers.iter().all(|l| state.members.contains_key(l))
     }
 
-    /// Records whether a claim of the family found its first candidate taken.
-    pub(super) fn collided(&self, collided: bool) {
-        let mut state = State::lock(self);
-        state.chained = match collided {
-            true => CHAINED_AFTER_COLLISION,
-            false => state.chained.saturating_sub(1),
-        };
+    /// Records that a claim of the family found its first candidate taken: the family's next
+    /// [`CHAINED_AFTER_COLLISION`] claims to decide (that claim's next round among them)
+    /// chain their candidates.
+    pub(super) fn collided(&self) {
+        State::lock(self).chained = CHAINED_AFTER_COLLISION;
     }
 
     /// Marks a claim under way until the returned value is dropped.
@@ -155,10 +156,11 @@ impl Claims {
     }
 
     /// A serializable scan of the queue (see [`scan_with`]) for up to `want` candidates (and
-    /// `per_claim` more for each claim ever under way at once, up to [`MAX_SHARED`] more):
-    /// the one another claim has in flight, if it collects as many, else a new one through
-    /// `session` that claims starting meanwhile share. `None` if the scan failed, or if one
-    /// that collects fewer is in flight: the claim reads on its own.
+    /// `per_claim` more for each claim ever under way at once, idle ones included, up to
+    /// [`MAX_SHARED`] more): the one another claim has in flight, if it collects at least the
+    /// `need`ed, else a new one through `session` that claims starting meanwhile share.
+    /// `None` if the scan failed, or if one that collects fewer is in flight: the claim
+    /// reads on its own.
     ///
     /// # Errors
     /// The caller's `session`'s loss, as soon as it is lost (whoever's scan it awaits).
@@ -166,13 +168,13 @@ impl Claims {
         self: &Arc<Self>,
         session: &Arc<Session>,
         keys: &Keys,
-        (want, per_claim): (usize, usize),
+        (want, need, per_claim): (usize, usize, usize),
         claims_hint: usize,
     ) -> Result<Option<Arc<Scan>>, Error> {
         let in_flight = {
             let mut state = State::lock(self);
             match &mut state.scan {
-                Some(p) if !p.done.load(Ordering::Acquire) && p.collects >= want => {
+                Some(p) if !p.done.load(Ordering::Acquire) && p.collects >= need => {
                     p.awaiting += 1;
                     p.scan.clone()
                 }
@@ -209,11 +211,12 @@ impl Claims {
         found
     }
 
-    /// `candidates` (read at `revision`) in the order a claim of `n` should try them: first
-    /// the first `n` that no other claim of the family is trying or has won since the read,
-    /// then the others, each in claim order — `None` if there are no such first ones and the
-    /// claim should `rather_read` again. The first `n` are this claim's while the returned
-    /// [`Trying`] lives.
+    /// The `candidates` (read at `revision`) a claim of `n` should try, in claim order: those
+    /// that no other claim of the family is trying or has won since the read — the others'
+    /// are left out, so that a chain never tries a lower-priority job before a sibling's
+    /// higher one. If there are none such: `None` if the claim should `rather_read` again,
+    /// else the others' (racing them). The first `n` of a claim's own are its own while the
+    /// returned [`Trying`] lives.
     pub(super) fn pick(
         self: &Arc<Self>,
         candidates: Vec<Candidate>,
@@ -224,22 +227,26 @@ impl Claims {
         let mut state = State::lock(self);
         // Wins this read shows claimed (or done) are no news to the next reads.
         state.trying.retain(|_, at| *at > revision);
-        let (mut free, taken): (Vec<Candidate>, Vec<Candidate>) = candidates
+        let (free, taken): (Vec<Candidate>, Vec<Candidate>) = candidates
             .into_iter()
             .partition(|c| !state.trying.contains_key(&c.id));
-        if free.is_empty() && rather_read {
-            return None;
-        }
-        let mine: Vec<String> = free.iter().take(n).map(|c| c.id.clone()).collect();
-        for id in &mine {
-            state.trying.insert(id.clone(), i64::MAX);
-        }
-        free.extend(taken);
+        let (list, mine) = match (free.is_empty(), rather_read) {
+            (false, _) => {
+                let mine: Vec<String> = free.iter().take(n).map(|c| c.id.clone()).collect();
+                for id in &mine {
+                    state.trying.insert(id.clone(), i64::MAX);
+                }
+                (free, mine)
+            }
+            (true, true) => return None,
+            // Racing the others for theirs: they stay marked as theirs.
+            (true, false) => (taken, Vec::new()),
+        };
         let trying = Trying {
             claims: Arc::clone(self),
             ids: mine,
         };
-        Some((free, trying))
+        Some((list, trying))
     }
 }
 
@@ -361,14 +368,14 @@ mod tests {
         let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
         let (b, tb) = claims.pick(candidates(4), 10, 1, true).unwrap();
         assert_eq!(ids(&a), ["00", "01", "02", "03"]);
-        // The job `a` tries first comes last for `b`.
-        assert_eq!(ids(&b), ["01", "02", "03", "00"]);
+        // The job `a` tries first is not `b`'s to try.
+        assert_eq!(ids(&b), ["01", "02", "03"]);
         // `a` won its job at 12; `b` won nothing.
         ta.won([a[0].id.as_str()], 12);
         drop(tb);
         // A read older than the win still shows `a`'s job free: it stays out of the firsts.
         let (c, tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
-        assert_eq!(ids(&c), ["01", "02", "03", "00"]);
+        assert_eq!(ids(&c), ["01", "02", "03"]);
         drop(tc);
         // A read at the win shows it claimed (or done): no news any more.
         let (d, _td) = claims.pick(candidates(4), 12, 1, true).unwrap();
@@ -380,8 +387,11 @@ mod tests {
         let claims = Arc::new(Claims::default());
         let (_, _t) = claims.pick(candidates(2), 10, 2, true).unwrap();
         assert!(claims.pick(candidates(2), 10, 1, true).is_none());
-        let (all, _) = claims.pick(candidates(2), 10, 1, false).unwrap();
+        let (all, racing) = claims.pick(candidates(2), 10, 1, false).unwrap();
         assert_eq!(ids(&all), ["00", "01"]);
+        drop(racing);
+        // The racer gave back nothing of the first claim's.
+        assert!(claims.pick(candidates(2), 10, 1, true).is_none());
     }
 
     #[test]
@@ -399,11 +409,11 @@ mod tests {
         assert!(claims.alone(&scan(&[])));
         assert!(claims.alone(&scan(&[1, 2])));
         assert!(!claims.alone(&scan(&[1, 3])), "lease 3 is not the family's");
-        // A claim found its first candidate taken: the next ones chain.
-        claims.collided(true);
+        // A claim found its first candidate taken: the next claims to decide chain, however
+        // many rounds decided before end meanwhile.
+        claims.collided();
         for _ in 0..CHAINED_AFTER_COLLISION {
             assert!(!claims.alone(&scan(&[1, 2])), "so soon after a collision");
-            claims.collided(false);
         }
         assert!(claims.alone(&scan(&[1, 2])));
         drop(_m2);
