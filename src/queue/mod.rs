@@ -337,7 +337,7 @@ impl WorkQueue {
             let need = n * chain_len(n);
             let found = match std::mem::take(&mut shared) {
                 true => {
-                    (self.claims)
+                    self.claims
                         .scan(session, &keys, (want, need, n), hint)
                         .await?
                 }
