@@ -767,6 +767,39 @@ async fn a_claim_awaiting_a_siblings_read_fails_when_its_own_session_is_lost() {
     proxy.heal();
 }
 
+/// A sibling joins a read that holds what its chains need, however wide its own spread: a new
+/// handle (spread 128) claims from the read in flight of a sibling whose spread has narrowed
+/// to 1, with no read of its own (it read on its own when joining asked for its whole want).
+#[tokio::test]
+async fn a_sibling_with_a_wider_spread_joins_a_read_that_holds_what_its_chains_need() {
+    let etcd = etcd().await;
+    let name = unique("queue-siblings-spread");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    for i in 0..20 {
+        pq.enqueue(format!("job {i}")).await.unwrap();
+    }
+    let a = session(&etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let qa = WorkQueue::new(&a, &name);
+    // Alone and uncontended, `a`'s reads narrow to what one claim needs.
+    for _ in 0..7 {
+        qa.claim().await.unwrap().ack().await.unwrap();
+    }
+    let mut narrow = Box::pin(qa.claim());
+    assert!(step(&mut narrow).await.is_none(), "the narrow read is sent");
+    let wide = WorkQueue::new(&b, &name).claim().await.unwrap();
+    assert_eq!(
+        b.metrics().reads,
+        0,
+        "the new handle joined the narrow read"
+    );
+    let job = narrow.await.unwrap();
+    assert_ne!(job.id(), wide.id());
+    job.ack().await.unwrap();
+    wide.ack().await.unwrap();
+}
+
 /// A bigger batch does not make do with a sibling's smaller read: a `claim_many(50)` that
 /// starts while a sibling's single claim has its read in flight reads on its own, and takes
 /// 50 jobs (joining that read, it took the 9 jobs the read held).

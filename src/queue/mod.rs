@@ -330,8 +330,9 @@ impl WorkQueue {
         // The first read may be another claim's of this process (see `share`); a claim that
         // won nothing from it reads on its own. A claim's first read is serializable (see
         // `scan_with`); it reads linearizably before it gives up or waits for a job, and
-        // after a round that won nothing (a member behind would show it the same again).
-        let (mut shared, mut serializable) = (true, true);
+        // after a round that won nothing (a member behind would show it the same again) —
+        // a round that then chains its candidates, whatever the family's siblings do.
+        let (mut shared, mut serializable, mut won_nothing) = (true, true, false);
         loop {
             let (want, hint) = (self.want(n), self.claims_hint());
             let need = n * chain_len(n);
@@ -364,14 +365,14 @@ impl WorkQueue {
                 }
             }
             let claimed = self
-                .claim_round(&keys, &found, n, from_shared, true)
+                .claim_round(&keys, &found, n, from_shared, !won_nothing)
                 .await?;
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
             // Every candidate was taken (or dead-lettered) since the read, or — in a shared
             // read — is another claim's to try: read again.
-            serializable = false;
+            (serializable, won_nothing) = (false, true);
         }
     }
 

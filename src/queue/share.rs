@@ -8,9 +8,10 @@
 //!   candidates than the claim's chains need), so a burst of claimers reads the queue once,
 //!   not once each. The scan is serializable (`scan_with`) and sized for as many claims as
 //!   were ever under way at once, at most [`MAX_SHARED`] more.
-//! - **Different first jobs.** Each claim then tries only the ready jobs that no claim of the
-//!   family is trying or has won since that read; a claim that finds only such jobs reads
-//!   again on its own instead of racing its siblings for them.
+//! - **Different first jobs.** Each claim then leaves out of its chain the jobs other claims
+//!   of the family try first (or have won since that read); a claim that finds only such jobs
+//!   in a shared read reads again on its own instead of racing its siblings for them (in a
+//!   read of its own, it races them).
 //! - **No chain while alone.** Once claims of the family have gone on side by side, while
 //!   every claim the read shows is the family's and outside the few claims to decide after
 //!   one found its first candidate taken, a claim tries its first jobs only, without a chain
@@ -141,8 +142,8 @@ impl Claims {
     }
 
     /// Records that a claim of the family found its first candidate taken: the family's next
-    /// [`CHAINED_AFTER_COLLISION`] claims to decide (that claim's next round among them)
-    /// chain their candidates.
+    /// [`CHAINED_AFTER_COLLISION`] claims to decide chain their candidates (and that claim's
+    /// next round chains anyway: see `claim_up_to`).
     pub(super) fn collided(&self) {
         State::lock(self).chained = CHAINED_AFTER_COLLISION;
     }
@@ -212,11 +213,11 @@ impl Claims {
     }
 
     /// The `candidates` (read at `revision`) a claim of `n` should try, in claim order: those
-    /// that no other claim of the family is trying or has won since the read — the others'
+    /// that no other claim of the family tries first or has won since the read — the others'
     /// are left out, so that a chain never tries a lower-priority job before a sibling's
-    /// higher one. If there are none such: `None` if the claim should `rather_read` again,
-    /// else the others' (racing them). The first `n` of a claim's own are its own while the
-    /// returned [`Trying`] lives.
+    /// higher first one. If there are none such: `None` if the claim should `rather_read`
+    /// again, else the others' (racing them). The first `n` of a claim's own are its own
+    /// while the returned [`Trying`] lives.
     pub(super) fn pick(
         self: &Arc<Self>,
         candidates: Vec<Candidate>,
@@ -421,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_that_panics_is_joined_by_no_one_and_aborts_nothing() {
+    fn a_scan_that_panics_is_joined_by_no_one() {
         let claims = Arc::new(Claims::default());
         let scan: InFlight = async { panic!("a scan that panics") }.boxed().shared();
         State::lock(&claims).scan = Some(Pending {
