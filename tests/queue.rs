@@ -767,6 +767,28 @@ async fn a_claim_awaiting_a_siblings_read_fails_when_its_own_session_is_lost() {
     proxy.heal();
 }
 
+/// `jobs` jobs enqueued on `name` by a producer (returned, to outlive the test), a handle of a
+/// session `a` whose reads have narrowed to what one claim needs (alone and uncontended for 7
+/// claims, each acknowledged), and a new sibling of `a`.
+async fn narrowed_beside_a_sibling(
+    etcd: &etcd_coord_testkit::TestEtcd,
+    name: &str,
+    jobs: usize,
+) -> (LeasedSession, WorkQueue, LeasedSession) {
+    let producer = session(etcd, 10).await;
+    let pq = WorkQueue::new(&producer, name);
+    for i in 0..jobs {
+        pq.enqueue(format!("job {i}")).await.unwrap();
+    }
+    let a = session(etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let qa = WorkQueue::new(&a, name);
+    for _ in 0..7 {
+        qa.claim().await.unwrap().ack().await.unwrap();
+    }
+    (producer, qa, b)
+}
+
 /// A sibling joins a read that holds what its chains need, however wide its own spread: a new
 /// handle (spread 128) claims from the read in flight of a sibling whose spread has narrowed
 /// to 1, with no read of its own (it read on its own when joining asked for its whole want).
@@ -774,18 +796,7 @@ async fn a_claim_awaiting_a_siblings_read_fails_when_its_own_session_is_lost() {
 async fn a_sibling_with_a_wider_spread_joins_a_read_that_holds_what_its_chains_need() {
     let etcd = etcd().await;
     let name = unique("queue-siblings-spread");
-    let producer = session(&etcd, 10).await;
-    let pq = WorkQueue::new(&producer, &name);
-    for i in 0..20 {
-        pq.enqueue(format!("job {i}")).await.unwrap();
-    }
-    let a = session(&etcd, 10).await;
-    let b = a.sibling(ttl(10)).await.unwrap();
-    let qa = WorkQueue::new(&a, &name);
-    // Alone and uncontended, `a`'s reads narrow to what one claim needs.
-    for _ in 0..7 {
-        qa.claim().await.unwrap().ack().await.unwrap();
-    }
+    let (_producer, qa, b) = narrowed_beside_a_sibling(&etcd, &name, 20).await;
     let mut narrow = Box::pin(qa.claim());
     assert!(step(&mut narrow).await.is_none(), "the narrow read is sent");
     let wide = WorkQueue::new(&b, &name).claim().await.unwrap();
@@ -807,18 +818,8 @@ async fn a_sibling_with_a_wider_spread_joins_a_read_that_holds_what_its_chains_n
 async fn a_batch_claimed_beside_a_siblings_single_claim_takes_all_it_asked_for() {
     let etcd = etcd().await;
     let name = unique("queue-siblings-batch");
-    let producer = session(&etcd, 10).await;
-    let pq = WorkQueue::new(&producer, &name);
-    for i in 0..60 {
-        pq.enqueue(format!("job {i}")).await.unwrap();
-    }
-    let a = session(&etcd, 10).await;
-    let b = a.sibling(ttl(10)).await.unwrap();
-    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
-    // Alone and uncontended, `a`'s reads narrow to what one claim needs.
-    for _ in 0..7 {
-        qa.claim().await.unwrap().ack().await.unwrap();
-    }
+    let (_producer, qa, b) = narrowed_beside_a_sibling(&etcd, &name, 60).await;
+    let qb = WorkQueue::new(&b, &name);
     let mut single = Box::pin(qa.claim());
     assert!(
         step(&mut single).await.is_none(),
