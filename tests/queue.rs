@@ -1733,3 +1733,53 @@ async fn idle_claimers_put_no_hand_off_pointers() {
         job.ack().await.unwrap();
     }
 }
+
+/// Four jobs with the largest payload a queue takes: 6 MiB together, over tonic's default of
+/// 4 MiB for one answer.
+async fn largest_jobs(etcd: &etcd_coord_testkit::TestEtcd, name: &str) -> Vec<JobId> {
+    let producer = session(etcd, 10).await;
+    let q = WorkQueue::new(&producer, name);
+    let mut ids = Vec::new();
+    for i in 0..4u8 {
+        ids.push(q.enqueue(vec![i; MAX_PAYLOAD_LEN]).await.unwrap());
+    }
+    ids
+}
+
+/// An answer of several payloads is taken whatever its size, as etcd's Go client takes one:
+/// the inspections read their pages, a batch takes its jobs, and sibling claims merged in one
+/// Txn each get theirs (an answer refused as too large would leave claims that applied with
+/// no guard, their jobs held until the session ends).
+#[tokio::test]
+async fn answers_over_4_mib_are_taken_by_inspections_batches_and_merged_claims() {
+    let etcd = etcd().await;
+    let name = unique("queue-largest");
+    let ids = largest_jobs(&etcd, &name).await;
+    let s = session(&etcd, 10).await;
+    let q = WorkQueue::new(&s, &name);
+    let pending = q.pending().await.expect("a page of 6 MiB");
+    assert_eq!(pending.len(), 4);
+
+    let batch = q.claim_many(4).await.expect("one answer of 6 MiB");
+    assert_eq!(batch.len(), 4);
+    for job in batch {
+        assert_eq!(job.payload().len(), MAX_PAYLOAD_LEN);
+        job.nack(Duration::ZERO).await.unwrap();
+    }
+
+    let mut family = vec![s.clone()];
+    for _ in 1..4 {
+        family.push(s.sibling(ttl(10)).await.unwrap());
+    }
+    let queues: Vec<WorkQueue> = family.iter().map(|s| WorkQueue::new(s, &name)).collect();
+    let claimed = futures::future::join_all(queues.iter().map(|q| q.claim())).await;
+    let mut got = HashSet::new();
+    for job in claimed {
+        let job = job.expect("a claim merged with its siblings'");
+        assert_eq!(job.payload().len(), MAX_PAYLOAD_LEN);
+        got.insert(job.id().clone());
+        job.ack().await.unwrap();
+    }
+    assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+    assert_eq!(q.len().await.unwrap(), 0, "every job acknowledged");
+}

@@ -27,6 +27,12 @@ where
     }
 }
 
+/// The largest answer taken, in bytes: as etcd's Go client (`math.MaxInt32`), not tonic's
+/// 4 MiB — etcd sends answers of any size (a page of jobs, the Txn of several claims, each
+/// with a payload of up to 1.5 MiB), and an answer refused as too large may be a Txn that
+/// applied.
+const MAX_ANSWER_BYTES: usize = i32::MAX as usize;
+
 /// How many request timeouts a read-only Txn in flight is left to finish after its caller
 /// stopped waiting, before it is cancelled after all.
 const ABANDON_AFTER: u32 = 10;
@@ -68,7 +74,10 @@ impl Rpc {
     async fn txn_once(&self, txn: Txn, read_only: bool) -> Result<TxnResponse, Error> {
         Stats::add(&self.stats().txns, 1);
         let timeout = self.timeout();
-        let mut kv = self.client().kv_client();
+        let mut kv = self
+            .client()
+            .kv_client()
+            .max_decoding_message_size(MAX_ANSWER_BYTES);
         if !read_only {
             return within(timeout, kv.txn(txn)).await;
         }
@@ -95,7 +104,13 @@ impl Rpc {
         let key = key.into();
         Stats::add(&self.stats().ranges, 1);
         let resp = renewing(self.client(), || {
-            let (mut kv, key, options) = (self.client().kv_client(), key.clone(), options.clone());
+            let (mut kv, key, options) = (
+                self.client()
+                    .kv_client()
+                    .max_decoding_message_size(MAX_ANSWER_BYTES),
+                key.clone(),
+                options.clone(),
+            );
             async move { within(self.timeout(), kv.get(key, Some(options))).await }
         })
         .await?;
@@ -170,7 +185,10 @@ impl Rpc {
     ) -> Result<WatchStream, Error> {
         Stats::add(&self.stats().watches, 1);
         Stats::add(&self.stats().watch_streams, 1);
-        let mut watches = self.client().watch_client();
+        let mut watches = self
+            .client()
+            .watch_client()
+            .max_decoding_message_size(MAX_ANSWER_BYTES);
         within(self.timeout(), watches.watch(key, Some(options))).await
     }
 }
