@@ -643,10 +643,11 @@ async fn a_burst_of_new_claimers_is_served_in_one_round_trip_each_and_a_lone_cla
 /// Claims of one process through one session and its siblings share their first read, and
 /// each tries first a job no other of them is trying: 20 sibling workers that claim at the
 /// same moment read the queue once (one range read of the jobs and one of the claims, not
-/// 20 of each), and each takes a different one of the first 20 jobs with one claim Txn.
+/// 20 of each), each takes a different one of the first 20 jobs, and their claims go to etcd
+/// as one Txn (see `rpc::batch`).
 #[tokio::test]
-async fn sibling_claimers_starting_together_read_the_queue_once_and_take_the_first_jobs_one_txn_each(
-) {
+async fn sibling_claimers_starting_together_read_the_queue_once_and_take_the_first_jobs_in_one_txn()
+{
     let etcd = etcd().await;
     let name = unique("queue-siblings");
     let producer = session(&etcd, 10).await;
@@ -671,18 +672,52 @@ async fn sibling_claimers_starting_together_read_the_queue_once_and_take_the_fir
         .map(|(s, b)| s.metrics().reads - b.reads)
         .sum();
     assert_eq!(reads, 2, "range reads of the whole family");
-    let txns: Vec<u64> = family
+    let txns: u64 = family
         .iter()
         .zip(&before)
         .map(|(s, b)| s.metrics().txns - b.txns)
-        .collect();
-    assert!(txns.iter().all(|t| *t == 1), "claim Txns of each: {txns:?}");
+        .sum();
+    assert_eq!(
+        txns, 1,
+        "claim Txns of the whole family: the 20 claims merged in one"
+    );
     let got: HashSet<JobId> = claimed.iter().map(|j| j.id().clone()).collect();
     let first_20: HashSet<JobId> = ids[..20].iter().cloned().collect();
     assert_eq!(got, first_20, "the first 20 jobs, one each");
     for job in claimed {
         job.ack().await.unwrap();
     }
+}
+
+/// Claims merged in one Txn do not share a failure: a sibling whose lease is gone makes etcd
+/// refuse the merged Txn, and the claims in it are sent again one by one — the sibling's
+/// fails, the other's takes its job.
+#[tokio::test]
+async fn a_claim_merged_with_a_sibling_whose_lease_is_gone_still_claims() {
+    let etcd = etcd().await;
+    let c = client(&etcd).await;
+    let name = unique("queue-merged-lease-gone");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    for i in 0..2 {
+        pq.enqueue(format!("job {i}")).await.unwrap();
+    }
+    let a = session(&etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
+    revoke(&c, a.lease_id()).await; // behind a's back: its keepalive has not noticed yet
+    let before = a.metrics().txns + b.metrics().txns;
+    let (ra, rb) = futures::join!(qa.claim(), qb.claim());
+    assert!(
+        ra.is_err(),
+        "a's lease is gone: {:?}",
+        ra.map(|j| j.id().clone())
+    );
+    let job = rb.expect("b's claim, refused with a's, was sent again alone");
+    let sent = a.metrics().txns + b.metrics().txns - before;
+    assert_eq!(sent, 3, "the merged Txn, then each claim alone");
+    job.ack().await.unwrap();
+    assert_eq!(pq.len().await.unwrap(), 1, "a took nothing");
 }
 
 /// A claim that awaits a sibling's scan does not depend on that sibling: dropped after it

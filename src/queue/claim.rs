@@ -19,8 +19,11 @@
 //! claimer died with its lease. The claim key is under the claimer's lease, so a dead
 //! claimer's claims vanish with its lease and the jobs are claimable again.
 //!
-//! The Txn is sent in a detached task (`engine::detached`): a caller that drops its future
-//! mid-request never strands a claim — whatever was won is released by the session's task. A
+//! The claim's chains go to etcd merged with the other Txns that the session and its siblings
+//! send at that moment (`rpc::batch`: each chain stays a Txn nested on its own; claims whose
+//! chains share a job go in different Txns). They are sent from a detached task
+//! (`engine::detached`): a caller that drops its future mid-request never strands a claim —
+//! whatever was won is released by the session's task. A
 //! retry after an unanswered attempt must find what that attempt may have claimed: its
 //! chains check each candidate's claim key for the attempt's unique value before going on
 //!
@@ -38,7 +41,6 @@
 //! job has changed since the read and no copy is left (no copy can apply after that; a copy
 //! that lands changes its job itself), or the lease ends.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -46,13 +48,13 @@ use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpRes
 use super::claimed::{Claimed, Job};
 use super::layout::{decode, JobId, Keys};
 use super::scan::Candidate;
-use crate::backoff::Backoff;
 use crate::engine::cleanup::{Afterwards, Cleanup, Sweep};
 use crate::engine::detached::detached;
 use crate::engine::ticket::Acquired;
 use crate::engine::{Holding, SessionKeys};
-use crate::keys::{header_revision, txn_gets};
-use crate::rpc::Unanswered;
+use crate::keys::txn_gets;
+use crate::rpc::batch::{Batcher, Slice};
+use crate::rpc::{Stop, Unanswered};
 use crate::session::Session;
 use crate::{Error, LeasedSession};
 
@@ -131,32 +133,24 @@ pub(super) async fn claim(
                 .collect()
         })
         .collect();
-    let txn = |checked| {
-        Txn::new().and_then(
-            chains
-                .iter()
-                .map(|c| chain_txn(c, lease, checked))
-                .collect::<Vec<_>>(),
-        )
+    let ops = |checked| {
+        chains
+            .iter()
+            .map(|c| chain_txn(c, lease, checked))
+            .collect::<Vec<_>>()
     };
-    let (first, retry) = (txn(false), txn(true));
+    let (first, retry) = (ops(false), ops(true));
     let work = {
         let (leased, chains) = (leased.clone(), chains.clone());
         async move {
             let session = leased.inner();
-            let sent = AtomicBool::new(false);
-            let attempt = || match sent.swap(true, Ordering::Relaxed) {
-                false => first.clone(),
-                true => retry.clone(),
-            };
-            let answered = session
-                .rpc
-                .txn_until_answered(attempt, &mut Backoff::for_requests(), &**session)
-                .await?;
+            // Merged with the claims (and acks) of the session's siblings sent meanwhile.
+            let batcher = session.family_extension(Batcher::default);
+            let stop: Arc<dyn Stop> = Arc::clone(session) as Arc<dyn Stop>;
+            let answered = batcher.txn(&session.rpc, first, retry, stop).await?;
             // An answer after an unanswered attempt is a retry's: checked.
             let uncertain = answered.uncertain;
-            let revision =
-                header_revision(&answered.resp).map_err(|error| Unanswered { error, uncertain })?;
+            let revision = answered.resp.revision;
             let mut contended = false;
             let won = read_answer(&leased, &answered.resp, &chains, uncertain, &mut contended)
                 .map_err(|error| Unanswered { error, uncertain })?;
@@ -250,13 +244,13 @@ fn chain_txn(chain: &[Slot], lease: i64, checked: bool) -> TxnOp {
 /// by an earlier, unanswered attempt (the claim key holds that attempt's value on our lease).
 fn read_answer(
     leased: &LeasedSession,
-    resp: &etcd_client::TxnResponse,
+    answer: &Slice,
     chains: &[Vec<Slot>],
     checked: bool,
     contended: &mut bool,
 ) -> Result<Vec<Won>, Error> {
-    let revision = header_revision(resp)?;
-    let subs = nested(resp);
+    let revision = answer.revision;
+    let subs = txns(answer.ops.iter().cloned());
     if subs.len() != chains.len() {
         return Err(Error::Protocol(format!(
             "a claim of {} jobs answered for {}",
@@ -275,15 +269,19 @@ fn read_answer(
     Ok(won)
 }
 
-/// The Txns nested directly in `resp`'s branch.
-fn nested(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::TxnResponse> {
-    resp.op_responses()
-        .into_iter()
+/// The Txns among `ops`.
+fn txns(ops: impl IntoIterator<Item = TxnOpResponse>) -> Vec<etcd_client::TxnResponse> {
+    ops.into_iter()
         .filter_map(|op| match op {
             TxnOpResponse::Txn(sub) => Some(sub),
             _ => None,
         })
         .collect()
+}
+
+/// The Txns nested directly in `resp`'s branch.
+fn nested(resp: &etcd_client::TxnResponse) -> Vec<etcd_client::TxnResponse> {
+    txns(resp.op_responses())
 }
 
 /// What one chain's answer `resp` shows won, into `won`: the first free candidate, or (if

@@ -2,14 +2,16 @@
 //! or the claim ends. Every write it makes is a Txn fenced on its claim key — the create
 //! revision (the fencing token) and the lease — so nothing a stale claimer sends can apply.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{GetOptions, Txn, TxnOp};
+use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::layout::{encode, micros, now_ms, Header, JobId, Keys};
-use crate::backoff::Backoff;
 use crate::engine::holding_guard;
-use crate::keys::{header_revision, txn_gets};
+use crate::keys::txn_gets;
+use crate::rpc::batch::Batcher;
+use crate::rpc::Stop;
 use crate::{Error, Fence};
 
 /// The job a [`Claimed`] holds, as its claim read it.
@@ -109,8 +111,9 @@ impl Claimed {
     /// history of the two keys was compacted).
     ///
     /// # Cancel safety
-    /// Dropping the future cancels the request in flight: if it landed, the job is
-    /// acknowledged; if not, the claim is given back as by a drop.
+    /// Dropping the future stops waiting for the request in flight (which may be merged with
+    /// siblings' requests in one Txn, and is not cancelled): if it lands first, the job is
+    /// acknowledged; if the give-back of the dropped guard lands first, the job goes back.
     #[tracing::instrument(name = "etcd_coord.queue.ack", skip_all, fields(job = %self.id(), attempt = self.attempt()))]
     pub async fn ack(mut self) -> Result<(), Error> {
         let job = &self.job;
@@ -258,7 +261,8 @@ struct Sent {
 }
 
 /// Runs `ops` — which delete the claim key — while the claim is ours, retrying transient
-/// failures while the session lives. An error that leaves an attempt unanswered is
+/// failures while the session lives; merged with the other Txns the session's family sends
+/// meanwhile (`rpc::batch`). An error that leaves an attempt unanswered is
 /// [`Error::CommitUncertain`].
 async fn send(fence: &Fence, ops: impl Into<Vec<TxnOp>>, job: &str) -> Result<Sent, Error> {
     let session = fence.session().inner();
@@ -270,19 +274,31 @@ async fn send(fence: &Fence, ops: impl Into<Vec<TxnOp>>, job: &str) -> Result<Se
             TxnOp::get(fence.key(), keys_only()),
             TxnOp::get(job, keys_only()),
         ]);
-    let answered = session
-        .rpc
-        .txn_until_answered(|| txn.clone(), &mut Backoff::for_requests(), &**session)
+    // Merged with the acks (and claims) of the session's siblings sent meanwhile.
+    let batcher = session.family_extension(Batcher::default);
+    let stop: Arc<dyn Stop> = Arc::clone(session) as Arc<dyn Stop>;
+    let ops = vec![TxnOp::txn(txn)];
+    let answered = batcher
+        .txn(&session.rpc, ops.clone(), ops, stop)
         .await
         .map_err(|u| match u.uncertain {
             true => Error::CommitUncertain(Box::new(u.error)),
             false => u.error,
         })?;
-    let gets = txn_gets(&answered.resp);
+    let revision = answered.resp.revision;
+    let resp = match answered.resp.ops.into_iter().next() {
+        Some(TxnOpResponse::Txn(resp)) => resp,
+        _ => {
+            return Err(Error::Protocol(format!(
+                "a fenced Txn on {job} answered for no Txn"
+            )))
+        }
+    };
+    let gets = txn_gets(&resp);
     let exists = |i: usize| gets.get(i).is_some_and(|g| !g.kvs().is_empty());
     Ok(Sent {
-        revision: header_revision(&answered.resp)?,
-        applied: answered.resp.succeeded(),
+        revision,
+        applied: resp.succeeded(),
         uncertain: answered.uncertain,
         claim_exists: exists(0),
         job_exists: exists(1),

@@ -26,6 +26,7 @@ pub use layout::{JobId, MAX_IDEMPOTENCY_KEY_LEN, MAX_PAYLOAD_LEN, MAX_PRIORITY};
 pub use options::{EnqueueOptions, QueueOptions};
 
 use crate::keys::Named;
+use crate::rpc::batch::TXN_OPS;
 use crate::{Error, LeasedSession};
 use layout::Keys;
 use scan::{scan_with, Candidate, Scan};
@@ -35,10 +36,6 @@ use share::{Claims, Member};
 /// claim's, and etcd allows a Txn and everything nested in it 128 operations
 /// (`--max-txn-ops`' default), taking each level's own from what its nested Txns may use.
 pub const MAX_BATCH: usize = 100;
-
-/// etcd's default `--max-txn-ops`: the operations a Txn and the Txns nested in it may use,
-/// each level's own taken from what the levels below it may use.
-const TXN_OPS: usize = 128;
 
 /// What one candidate of a chain uses of that: its claim Txn (two compares, three
 /// operations) and, in a retry, the check for an earlier attempt's claim (two operations).

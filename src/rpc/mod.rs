@@ -16,6 +16,7 @@
 //! * **counters** ([`Stats`]) of what was sent and received.
 
 pub(crate) mod auth;
+pub(crate) mod batch;
 pub(crate) mod retry;
 pub(crate) mod send;
 pub(crate) mod stats;

@@ -1,0 +1,371 @@
+//! Merged Txns (group commit): the Txns that the sessions of one connection send at one
+//! moment go to etcd as one Txn, which etcd checks, logs and applies as one request instead of
+//! many (100 small claim Txns sent at one instant were answered in 7–16 ms here; the same in
+//! one Txn in 2–6 ms: `docs/performance.md`, first session of 2026-12-07).
+//!
+//! A *part* is a list of operations that could have been a Txn of their own,
+//! `Txn::new().and_then(ops)`: each operation is a Txn nested in it, or a plain one. While a
+//! round of merged Txns is in flight, new parts wait; when the round is answered, every part
+//! that waited goes out in the next round. A round is as few Txns as hold its parts, each
+//! within etcd's operations for a Txn ([`TXN_OPS`]) and with parts that share no key: etcd
+//! evaluates every compare of a Txn, the nested ones too, against the store as it was before
+//! the Txn, so parts that touch disjoint keys come to what they would have come to one after
+//! the other; and etcd refuses a Txn that writes one key twice. A part that touches a range of
+//! keys goes alone.
+//!
+//! A merged Txn that etcd refuses (one part's lease is gone, say) is sent again part by part:
+//! a refusal applied nothing, and one part's failure is no other's. Each part is answered with
+//! its own slice of the answer and the Txn's revision. An attempt that went unanswered makes
+//! the answer *uncertain* (it may still land), as for a Txn of its own, and every later attempt
+//! sends the part's `retry` operations.
+//!
+//! Nothing here is cancelled with a caller: a round runs in a task of the first part's
+//! session and ends when it is answered, or when the sessions of all its parts are stopped.
+//! A caller whose own session stops returns at once, with an uncertain failure.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use etcd_client::proto::{PbTxnOpRequest, PbTxnRequest, PbTxnRequestOp};
+use etcd_client::{Txn, TxnOp, TxnOpResponse};
+use futures::future::{join_all, BoxFuture};
+use futures::FutureExt;
+use tokio::sync::oneshot;
+
+use super::{Answered, Rpc, Stop, Unanswered};
+use crate::backoff::Backoff;
+use crate::Error;
+
+/// etcd's default `--max-txn-ops`: the operations a Txn and the Txns nested in it may use,
+/// each level's own taken from what the levels below it may use (etcd's `checkTxnRequest`).
+pub(crate) const TXN_OPS: usize = 128;
+
+/// A part's answer: the responses to its operations, and the revision of the Txn that
+/// applied them.
+#[derive(Debug)]
+pub(crate) struct Slice {
+    pub(crate) ops: Vec<TxnOpResponse>,
+    pub(crate) revision: i64,
+}
+
+type Reply = Result<Answered<Slice>, Unanswered>;
+
+/// The merged Txns of one connection's sessions (kept per family of siblings).
+#[derive(Default)]
+pub(crate) struct Batcher {
+    state: StdMutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The parts waiting for the next round.
+    open: Vec<Part>,
+    /// A round is in flight.
+    sending: bool,
+}
+
+struct Part {
+    first: Vec<TxnOp>,
+    retry: Vec<TxnOp>,
+    shape: Shape,
+    rpc: Rpc,
+    stop: Arc<dyn Stop>,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Batcher {
+    /// Sends `first` — the operations of a Txn without compares — merged with other callers'
+    /// (see the module's docs); `retry` after an attempt went unanswered (as many operations,
+    /// each in `first`'s place). Stops when `stop` stops.
+    pub(crate) async fn txn(
+        self: &Arc<Self>,
+        rpc: &Rpc,
+        first: Vec<TxnOp>,
+        retry: Vec<TxnOp>,
+        stop: Arc<dyn Stop>,
+    ) -> Result<Answered<Slice>, Unanswered> {
+        let definite = |error| Unanswered {
+            error,
+            uncertain: false,
+        };
+        stop.check().map_err(definite)?;
+        if first.len() != retry.len() {
+            return Err(definite(Error::Internal(format!(
+                "a merged Txn's part of {} operations retried as {}",
+                first.len(),
+                retry.len()
+            ))));
+        }
+        let shape = Shape::of(&first).merge(Shape::of(&retry));
+        let (reply, answer) = oneshot::channel();
+        let part = Part {
+            first,
+            retry,
+            shape,
+            rpc: rpc.clone(),
+            stop: Arc::clone(&stop),
+            reply,
+        };
+        let start = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.open.push(part);
+            !std::mem::replace(&mut state.sending, true)
+        };
+        if start {
+            rpc.spawn(Arc::clone(self).round());
+        }
+        tokio::select! {
+            answer = answer => answer.unwrap_or_else(|_| Err(Unanswered {
+                error: Error::Internal("a merged Txn's task ended without an answer".into()),
+                uncertain: true,
+            })),
+            error = stop.stopped() => Err(Unanswered { error, uncertain: true }),
+        }
+    }
+
+    /// Sends the parts waiting as one round — those that came while the task was on its way
+    /// too; then, in a task of their own, those that came meanwhile.
+    fn round(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        async move {
+            let parts = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                std::mem::take(&mut state.open)
+            };
+            join_all(groups(parts).into_iter().map(|g| send(g, false))).await;
+            let next = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.sending = !state.open.is_empty();
+                state.open.first().map(|p| p.rpc.clone())
+            };
+            if let Some(rpc) = next {
+                rpc.spawn(self.round());
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Sends `parts` as one Txn until it is answered or all their sessions stop (`uncertain`: an
+/// attempt carrying them went unanswered before); if etcd refuses it, each part alone.
+fn send(parts: Vec<Part>, uncertain: bool) -> BoxFuture<'static, ()> {
+    async move {
+        // A caller that gave up is answered by nobody: its part is not sent.
+        let parts: Vec<Part> = parts.into_iter().filter(|p| !p.reply.is_closed()).collect();
+        let Some(rpc) = parts.first().map(|p| p.rpc.clone()) else {
+            return;
+        };
+        let stop = AllOf(parts.iter().map(|p| Arc::clone(&p.stop)).collect());
+        let merged = |retry: bool| {
+            Txn::new().and_then(
+                parts
+                    .iter()
+                    .flat_map(|p| if retry { &p.retry } else { &p.first }.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (first, retry) = (merged(uncertain), merged(true));
+        let sent = AtomicBool::new(false);
+        let attempt = || match sent.swap(true, Ordering::Relaxed) {
+            false => first.clone(),
+            true => retry.clone(),
+        };
+        let answered = rpc
+            .txn_until_answered(attempt, &mut Backoff::for_requests(), &stop)
+            .await;
+        match answered {
+            Ok(answered) => deliver(parts, answered.resp, uncertain || answered.uncertain),
+            Err(u) if parts.len() > 1 => {
+                let uncertain = uncertain || u.uncertain;
+                join_all(parts.into_iter().map(|p| send(vec![p], uncertain))).await;
+            }
+            Err(u) => {
+                if let Some(p) = parts.into_iter().next() {
+                    let _ = p.reply.send(Err(Unanswered {
+                        error: u.error,
+                        uncertain: uncertain || u.uncertain,
+                    }));
+                }
+            }
+        }
+    }
+    .boxed()
+}
+
+/// Hands each of `parts` its slice of `resp`.
+fn deliver(parts: Vec<Part>, resp: etcd_client::TxnResponse, uncertain: bool) {
+    let mut ops = resp.op_responses().into_iter();
+    let width: usize = parts.iter().map(|p| p.first.len()).sum();
+    let revision = match resp.header() {
+        Some(header) if ops.len() == width => Ok(header.revision()),
+        Some(_) => Err(format!(
+            "a merged Txn of {width} operations answered for {}",
+            ops.len()
+        )),
+        None => Err("txn response without header".to_owned()),
+    };
+    for p in parts {
+        let reply = match &revision {
+            Ok(revision) => {
+                p.rpc.saw_revision(*revision);
+                Ok(Answered {
+                    resp: Slice {
+                        ops: ops.by_ref().take(p.first.len()).collect(),
+                        revision: *revision,
+                    },
+                    uncertain,
+                })
+            }
+            Err(e) => Err(Unanswered {
+                error: Error::Protocol(e.clone()),
+                uncertain,
+            }),
+        };
+        let _ = p.reply.send(reply);
+    }
+}
+
+/// Stopped once every one of them is.
+struct AllOf(Vec<Arc<dyn Stop>>);
+
+impl Stop for AllOf {
+    fn check(&self) -> Result<(), Error> {
+        let mut last = Ok(());
+        for stop in &self.0 {
+            match stop.check() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Err(e),
+            }
+        }
+        last
+    }
+
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = Error> + Send + 'static>> {
+        let all: Vec<_> = self.0.iter().map(|s| s.stopped()).collect();
+        Box::pin(async move { join_all(all).await.pop().unwrap_or(Error::SessionClosed) })
+    }
+}
+
+/// What a part takes of a merged Txn.
+#[derive(Debug, Clone, PartialEq)]
+struct Shape {
+    /// Its operations: the merged Txn's own level holds them all.
+    width: usize,
+    /// What its nested Txns use below that level.
+    depth: usize,
+    /// Every key it compares, reads or writes; `None` if it touches a range of keys.
+    keys: Option<HashSet<Vec<u8>>>,
+}
+
+impl Shape {
+    fn of(ops: &[TxnOp]) -> Shape {
+        let txn = PbTxnRequest::from(Txn::new().and_then(ops.to_vec()));
+        let mut keys = Some(HashSet::new());
+        let depth = txn
+            .success
+            .iter()
+            .map(|op| below(op, &mut keys))
+            .max()
+            .unwrap_or(0);
+        Shape {
+            width: txn.success.len(),
+            depth,
+            keys,
+        }
+    }
+
+    fn merge(self, other: Shape) -> Shape {
+        Shape {
+            width: self.width.max(other.width),
+            depth: self.depth.max(other.depth),
+            keys: self.keys.zip(other.keys).map(|(mut a, b)| {
+                a.extend(b);
+                a
+            }),
+        }
+    }
+}
+
+/// The operations `op` uses below its own level (etcd's `checkTxnRequest`: a Txn uses the
+/// longest of its compares, success and failure lists, and its nested Txns what they use
+/// below that); adds the keys it touches to `keys` (`None` for a range).
+fn below(op: &PbTxnRequestOp, keys: &mut Option<HashSet<Vec<u8>>>) -> usize {
+    let mut touch = |key: &[u8], range_end: &[u8]| match range_end.is_empty() {
+        true => {
+            if let Some(keys) = keys.as_mut() {
+                keys.insert(key.to_vec());
+            }
+        }
+        false => *keys = None,
+    };
+    match &op.request {
+        Some(PbTxnOpRequest::RequestRange(r)) => touch(&r.key, &r.range_end),
+        Some(PbTxnOpRequest::RequestPut(p)) => touch(&p.key, &[]),
+        Some(PbTxnOpRequest::RequestDeleteRange(d)) => touch(&d.key, &d.range_end),
+        Some(PbTxnOpRequest::RequestTxn(t)) => {
+            for c in &t.compare {
+                touch(&c.key, &c.range_end);
+            }
+            let own = t.compare.len().max(t.success.len()).max(t.failure.len());
+            let nested = t
+                .success
+                .iter()
+                .chain(&t.failure)
+                .map(|op| below(op, keys))
+                .max()
+                .unwrap_or(0);
+            return own + nested;
+        }
+        None => {}
+    }
+    0
+}
+
+/// `parts` in as few groups as hold them (see [`grouping`]).
+fn groups(parts: Vec<Part>) -> Vec<Vec<Part>> {
+    let shapes: Vec<&Shape> = parts.iter().map(|p| &p.shape).collect();
+    let grouping = grouping(&shapes);
+    let mut parts: Vec<Option<Part>> = parts.into_iter().map(Some).collect();
+    grouping
+        .into_iter()
+        .map(|members| {
+            members
+                .into_iter()
+                .filter_map(|i| parts[i].take())
+                .collect()
+        })
+        .collect()
+}
+
+/// Parts of `shapes` in as few groups as hold them, in order, as indices: each group within
+/// [`TXN_OPS`] and its parts' keys disjoint; a part that touches a range alone.
+fn grouping(shapes: &[&Shape]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(Vec<usize>, Shape)> = Vec::new();
+    for (i, part) in shapes.iter().enumerate() {
+        match groups.iter_mut().find(|(_, group)| may_join(group, part)) {
+            Some((members, group)) => {
+                group.width += part.width;
+                group.depth = group.depth.max(part.depth);
+                if let (Some(keys), Some(more)) = (group.keys.as_mut(), &part.keys) {
+                    keys.extend(more.iter().cloned());
+                }
+                members.push(i);
+            }
+            None => groups.push((vec![i], (*part).clone())),
+        }
+    }
+    groups.into_iter().map(|(members, _)| members).collect()
+}
+
+/// Whether a part of shape `part` may join a group of shape `group`.
+fn may_join(group: &Shape, part: &Shape) -> bool {
+    let (Some(keys), Some(more)) = (&group.keys, &part.keys) else {
+        return false;
+    };
+    group.width + part.width + group.depth.max(part.depth) <= TXN_OPS && keys.is_disjoint(more)
+}
+
+#[cfg(test)]
+mod tests;

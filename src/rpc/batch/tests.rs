@@ -1,0 +1,210 @@
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions};
+
+use super::*;
+
+/// A claim-like chain of `len` candidates from `from`: each compares and writes its job and
+/// claim keys, and nests the next in its else-branch.
+fn chain(from: usize, len: usize) -> TxnOp {
+    let mut next: Option<TxnOp> = None;
+    for i in (from..from + len).rev() {
+        let (job, claim) = (format!("jobs/{i}"), format!("claims/{i}"));
+        next = Some(TxnOp::txn(
+            Txn::new()
+                .when([
+                    Compare::mod_revision(job.as_str(), CompareOp::Equal, 1),
+                    Compare::create_revision(claim.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(job.as_str(), Vec::new(), None),
+                    TxnOp::put(claim.as_str(), "v", Some(PutOptions::new().with_lease(7))),
+                    TxnOp::get(job.as_str(), None),
+                ])
+                .or_else(next.take().into_iter().collect::<Vec<_>>()),
+        ));
+    }
+    next.expect("a chain of at least one")
+}
+
+fn keys_of(shape: &Shape) -> Vec<String> {
+    let mut keys: Vec<String> = shape
+        .keys
+        .as_ref()
+        .expect("no range")
+        .iter()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn a_parts_shape_holds_every_key_it_compares_reads_or_writes_and_what_its_nesting_uses() {
+    let shape = Shape::of(&[chain(0, 2), chain(5, 1)]);
+    assert_eq!(shape.width, 2);
+    // Each level of a chain uses 3 operations (three in its then-branch): two levels, 6.
+    assert_eq!(shape.depth, 6);
+    assert_eq!(
+        keys_of(&shape),
+        ["claims/0", "claims/1", "claims/5", "jobs/0", "jobs/1", "jobs/5"]
+    );
+}
+
+#[test]
+fn a_part_that_touches_a_range_of_keys_goes_alone() {
+    let ranged = Shape::of(&[TxnOp::get("jobs/", Some(GetOptions::new().with_prefix()))]);
+    assert_eq!(ranged.keys, None);
+    let plain = Shape::of(&[chain(0, 1)]);
+    let other = Shape::of(&[chain(1, 1)]);
+    assert_eq!(
+        grouping(&[&plain, &ranged, &other]),
+        [vec![0, 2], vec![1]],
+        "the ranged part joins no group, and none joins it"
+    );
+}
+
+#[test]
+fn parts_that_share_a_key_go_in_different_txns_and_the_rest_share_one() {
+    let shapes: Vec<Shape> = [
+        chain(0, 2),  // jobs 0, 1
+        chain(1, 2),  // jobs 1, 2: shares job 1 with the first
+        chain(10, 1), // job 10
+        chain(2, 1),  // job 2: shares with the second only
+    ]
+    .iter()
+    .map(|c| Shape::of(std::slice::from_ref(c)))
+    .collect();
+    let shapes: Vec<&Shape> = shapes.iter().collect();
+    assert_eq!(grouping(&shapes), [vec![0, 2, 3], vec![1]]);
+}
+
+#[test]
+fn a_merged_txn_stays_within_etcds_operations_for_a_txn() {
+    // Single-candidate claims: one operation each at the merged level, 3 below it.
+    let single: Vec<Shape> = (0..200).map(|i| Shape::of(&[chain(i, 1)])).collect();
+    let shapes: Vec<&Shape> = single.iter().collect();
+    let groups = grouping(&shapes);
+    assert_eq!(
+        groups.iter().map(Vec::len).collect::<Vec<_>>(),
+        [125, 75],
+        "125 + 3 = 128 operations"
+    );
+    // Chains of 8 candidates use 24 below: 104 of them fit beside that.
+    let long: Vec<Shape> = (0..110).map(|i| Shape::of(&[chain(i * 8, 8)])).collect();
+    let shapes: Vec<&Shape> = long.iter().collect();
+    let groups = grouping(&shapes);
+    assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [104, 6]);
+    for group in &groups {
+        let width: usize = group.iter().map(|&i| shapes[i].width).sum();
+        let depth = group.iter().map(|&i| shapes[i].depth).max().unwrap_or(0);
+        assert!(width + depth <= TXN_OPS);
+    }
+}
+
+/// A stop the test throws.
+#[derive(Clone)]
+struct Switch(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Switch {
+    fn new() -> Switch {
+        Switch(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    fn throw(&self) {
+        self.0.send_replace(true);
+    }
+
+    fn stop(&self) -> Arc<dyn Stop> {
+        Arc::new(self.clone())
+    }
+}
+
+impl Stop for Switch {
+    fn check(&self) -> Result<(), Error> {
+        match *self.0.borrow() {
+            true => Err(Error::SessionClosed),
+            false => Ok(()),
+        }
+    }
+
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = Error> + Send + 'static>> {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+            Error::SessionClosed
+        })
+    }
+}
+
+fn sending(batcher: &Batcher) -> bool {
+    batcher.state.lock().unwrap().sending
+}
+
+/// With etcd unreachable a round is retried until its callers stop: each caller returns as
+/// soon as its own stop stops — uncertain, as an attempt may still land — while the round
+/// goes on for the others; once all have stopped the round ends, and the next part starts a
+/// round of its own.
+#[tokio::test]
+async fn a_caller_leaves_a_round_when_it_stops_and_the_round_ends_when_all_have() {
+    let client = etcd_client::Client::connect(["127.0.0.1:1"], None)
+        .await
+        .expect("connect does not reach out");
+    let rpc = Rpc::detached(client, std::time::Duration::from_millis(100));
+    let batcher = Arc::new(Batcher::default());
+    let submit = |i: usize, stop: &Switch| {
+        let (batcher, rpc, stop) = (Arc::clone(&batcher), rpc.clone(), stop.stop());
+        tokio::spawn(async move {
+            let ops = vec![chain(i, 1)];
+            batcher.txn(&rpc, ops.clone(), ops, stop).await
+        })
+    };
+    let (a, b) = (Switch::new(), Switch::new());
+    let (ta, tb) = (submit(0, &a), submit(1, &b));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !ta.is_finished() && !tb.is_finished(),
+        "retried while they wait"
+    );
+    assert!(sending(&batcher));
+
+    a.throw();
+    let left = tokio::time::timeout(std::time::Duration::from_secs(1), ta)
+        .await
+        .expect("a left at once")
+        .unwrap();
+    assert!(matches!(
+        left,
+        Err(Unanswered {
+            uncertain: true,
+            ..
+        })
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!tb.is_finished(), "the round goes on for b");
+    assert!(sending(&batcher));
+
+    b.throw();
+    let left = tokio::time::timeout(std::time::Duration::from_secs(1), tb)
+        .await
+        .expect("b left at once")
+        .unwrap();
+    assert!(matches!(
+        left,
+        Err(Unanswered {
+            uncertain: true,
+            ..
+        })
+    ));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while sending(&batcher) {
+        assert!(tokio::time::Instant::now() < deadline, "the round ended");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let c = Switch::new();
+    let tc = submit(2, &c);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(sending(&batcher), "a new round");
+    c.throw();
+    let left = tokio::time::timeout(std::time::Duration::from_secs(1), tc).await;
+    assert!(matches!(left, Ok(Ok(Err(_)))));
+}
