@@ -4,9 +4,10 @@
 //! one Txn in 2–6 ms: `docs/performance.md`, first session of 2026-12-07).
 //!
 //! A *part* is a list of operations that could have been a Txn of their own,
-//! `Txn::new().and_then(ops)`: each operation is a Txn nested in it, or a plain one. While a
-//! round of merged Txns is in flight, new parts wait; when the round is answered, every part
-//! that waited goes out in the next round. A round is as few Txns as hold its parts, each
+//! `Txn::new().and_then(ops)`: each operation is a Txn nested in it, or a plain one. A part
+//! goes out at once in a round of its own while fewer than [`ROUNDS`] rounds are in flight;
+//! else it waits, and when a round is answered, every part that waited goes out in the next
+//! round. A round is as few Txns as hold its parts, each
 //! within etcd's operations for a Txn ([`TXN_OPS`]) and with parts that share no key: etcd
 //! evaluates every compare of a Txn, the nested ones too, against the store as it was before
 //! the Txn, so parts that touch disjoint keys come to what they would have come to one after
@@ -43,6 +44,12 @@ use crate::Error;
 /// each level's own taken from what the levels below it may use (etcd's `checkTxnRequest`).
 pub(crate) const TXN_OPS: usize = 128;
 
+/// How many rounds may be in flight at once: a part that comes while one is waits only if
+/// another is too. Two: with one, a part that came just after a round was sent waited for all
+/// of it; with three, rounds side by side claimed jobs from reads older than each other's
+/// wins more often (`docs/performance.md`, first session of 2026-12-07).
+const ROUNDS: usize = 2;
+
 /// A part's answer: the responses to its operations, and the revision of the Txn that
 /// applied them.
 #[derive(Debug)]
@@ -63,8 +70,8 @@ pub(crate) struct Batcher {
 struct State {
     /// The parts waiting for the next round.
     open: Vec<Part>,
-    /// A round is in flight.
-    sending: bool,
+    /// The rounds in flight.
+    sending: usize,
 }
 
 struct Part {
@@ -112,7 +119,9 @@ impl Batcher {
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.open.push(part);
-            !std::mem::replace(&mut state.sending, true)
+            let start = state.sending < ROUNDS;
+            state.sending += start as usize;
+            start
         };
         if start {
             rpc.spawn(Arc::clone(self).round());
@@ -132,12 +141,18 @@ impl Batcher {
         async move {
             let parts = {
                 let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if state.open.is_empty() {
+                    state.sending -= 1;
+                    return;
+                }
                 std::mem::take(&mut state.open)
             };
             join_all(groups(parts).into_iter().map(|g| send(g, false))).await;
             let next = {
                 let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                state.sending = !state.open.is_empty();
+                if state.open.is_empty() {
+                    state.sending -= 1;
+                }
                 state.open.first().map(|p| p.rpc.clone())
             };
             if let Some(rpc) = next {

@@ -136,7 +136,7 @@ impl Stop for Switch {
 }
 
 fn sending(batcher: &Batcher) -> bool {
-    batcher.state.lock().unwrap().sending
+    batcher.state.lock().unwrap().sending > 0
 }
 
 /// With etcd unreachable a round is retried until its callers stop: each caller returns as
