@@ -33,7 +33,8 @@ pub(super) struct Scan {
     pub(super) candidates: Vec<Candidate>,
     /// The earliest ready time (µs since the Unix epoch) of a job seen not ready yet.
     pub(super) next_ready_us: Option<u64>,
-    /// The revision of the first read.
+    /// The revision the scan shows the queue at (the older of its reads', if etcd could not
+    /// answer one at the other's).
     pub(super) revision: i64,
     /// How many claims exist.
     pub(super) claims: usize,
@@ -146,6 +147,24 @@ async fn get(session: &Arc<Session>, key: Vec<u8>, opts: GetOptions) -> Result<G
         .resp)
 }
 
+/// [`get`] at `revision`: `None` if etcd cannot answer at that revision (compacted since, or
+/// not yet applied by the member that answers) — the caller does without.
+async fn at(
+    session: &Arc<Session>,
+    key: Vec<u8>,
+    opts: GetOptions,
+    revision: i64,
+) -> Result<Option<GetResponse>, Error> {
+    match get(session, key, opts.with_revision(revision)).await {
+        Ok(read) => Ok(Some(read)),
+        Err(e) => {
+            session.check()?;
+            tracing::debug!(error = %e, revision, "scan: no read at that revision");
+            Ok(None)
+        }
+    }
+}
+
 /// The revision a read answered at.
 fn revision_of(read: &GetResponse) -> i64 {
     read.header().map_or(0, |h| h.revision())
@@ -182,10 +201,24 @@ pub(super) async fn scan_with(
     };
     let page = |limit| consistency(page(keys, limit));
     let claims_opts = consistency(GetOptions::new().with_prefix().with_keys_only());
-    let (mut jobs, claims) = tokio::try_join!(
-        get(session, keys.jobs().into_bytes(), page(limit)),
-        get(session, keys.claims().into_bytes(), claims_opts),
+    let (jobs_key, claims_key) = (keys.jobs().into_bytes(), keys.claims().into_bytes());
+    let (mut jobs, mut claims) = tokio::try_join!(
+        get(session, jobs_key.clone(), page(limit)),
+        get(session, claims_key.clone(), claims_opts.clone()),
     )?;
+    // Side by side, the two reads may answer at different revisions; a claim made or ended
+    // between them shows its job free when it is not (a failed claim round). The older is
+    // read again at the newer's revision: then both show the queue at one revision.
+    let (at_jobs, at_claims) = (revision_of(&jobs), revision_of(&claims));
+    if at_jobs < at_claims {
+        jobs = at(session, jobs_key, page(limit), at_claims)
+            .await?
+            .unwrap_or(jobs);
+    } else if at_claims < at_jobs {
+        claims = at(session, claims_key, claims_opts, at_jobs)
+            .await?
+            .unwrap_or(claims);
+    }
     let now_us = super::layout::micros(std::time::SystemTime::now());
     let mut walk = Walk::new(keys, claimed_ids(keys, &claims), now_us, want);
     walk.scan.claimers = claims.kvs().iter().map(|kv| kv.lease()).collect();
@@ -205,7 +238,11 @@ pub(super) async fn scan_with(
         let Some(last) = jobs.kvs().last() else { break };
         let start = walk.next_start(last.key());
         tracing::debug!(limit, "scan: reading another page");
-        jobs = get(session, start, page(limit)).await?;
+        let (rest, revision) = (page(limit), walk.scan.revision);
+        jobs = match at(session, start.clone(), rest.clone(), revision).await? {
+            Some(jobs) => jobs,
+            None => get(session, start, rest).await?,
+        };
     }
     tracing::debug!(
         candidates = walk.scan.candidates.len(),

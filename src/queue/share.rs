@@ -31,9 +31,12 @@
 //! of its own or spawns a task: a claim dropped while it awaits a shared scan stops awaiting
 //! it, and the last to stop drops the scan (two plain range reads).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
@@ -50,6 +53,14 @@ type InFlight = Shared<BoxFuture<'static, Option<Arc<Scan>>>>;
 /// The most candidates a shared scan collects beyond what the claim that sends it wants, for
 /// the claims that may join it.
 const MAX_SHARED: usize = 256;
+
+/// How long a claim of the family that won a job keeps it out of the others' chains: a read
+/// older than the win still shows the job free. Not until a newer read comes — the claims
+/// that share an older read pick after it, one by one (before 2026-12-07 the first newer
+/// read forgot the win, and a claim that picked from the older read after it found its
+/// first candidate taken). A claim whose read is older than this may still find one taken,
+/// and reads again.
+const WINS_KEPT: Duration = Duration::from_secs(1);
 
 /// How many claims of the family chain their candidates after one whose first candidate was
 /// taken by someone else.
@@ -80,8 +91,10 @@ struct State {
     scan: Option<Pending>,
     /// Jobs a claim of the family put first in its chain: while its Txn is under way
     /// (`i64::MAX`), and once won, the revision of the win (a read at an older one still
-    /// shows the job free).
+    /// shows the job free) for [`WINS_KEPT`].
     trying: HashMap<String, i64>,
+    /// The wins in `trying`, oldest first, with when they were recorded.
+    wins: VecDeque<(Instant, String, i64)>,
     /// How many claims are under way.
     active: usize,
     /// The most claims under way at once so far: a scan is read for as many.
@@ -95,6 +108,21 @@ struct State {
 impl State {
     fn lock(claims: &Claims) -> std::sync::MutexGuard<'_, State> {
         claims.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the wins recorded more than [`WINS_KEPT`] ago.
+    fn forget_old_wins(&mut self) {
+        while let Some((at, _, _)) = self.wins.front() {
+            if at.elapsed() < WINS_KEPT {
+                break;
+            }
+            let Some((_, id, revision)) = self.wins.pop_front() else {
+                break;
+            };
+            if self.trying.get(&id) == Some(&revision) {
+                self.trying.remove(&id);
+            }
+        }
     }
 }
 
@@ -226,11 +254,11 @@ impl Claims {
         rather_read: bool,
     ) -> Option<(Vec<Candidate>, Trying)> {
         let mut state = State::lock(self);
-        // Wins this read shows claimed (or done) are no news to the next reads.
-        state.trying.retain(|_, at| *at > revision);
+        state.forget_old_wins();
+        // Wins this read shows claimed (or done) are no news to it.
         let (free, taken): (Vec<Candidate>, Vec<Candidate>) = candidates
             .into_iter()
-            .partition(|c| !state.trying.contains_key(&c.id));
+            .partition(|c| state.trying.get(&c.id).is_none_or(|at| *at <= revision));
         let (list, mine) = match (free.is_empty(), rather_read) {
             (false, _) => {
                 let mine: Vec<String> = free.iter().take(n).map(|c| c.id.clone()).collect();
@@ -327,8 +355,10 @@ impl Trying {
     /// marked until a read at that revision or later shows them).
     pub(super) fn won<'a>(self, won: impl IntoIterator<Item = &'a str>, revision: i64) {
         let mut state = State::lock(&self.claims);
+        let now = Instant::now();
         for id in won {
             state.trying.insert(id.to_owned(), revision);
+            state.wins.push_back((now, id.to_owned(), revision));
         }
     }
 }
@@ -381,6 +411,39 @@ mod tests {
         // A read at the win shows it claimed (or done): no news any more.
         let (d, _td) = claims.pick(candidates(4), 12, 1, true).unwrap();
         assert_eq!(ids(&d), ["00", "01", "02", "03"]);
+    }
+
+    #[test]
+    fn a_win_stays_out_of_the_chains_of_claims_that_pick_from_an_older_read_after_a_newer_one() {
+        let claims = Arc::new(Claims::default());
+        let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        ta.won([a[0].id.as_str()], 12);
+        // A claim from a read at 13, which shows `a`'s job claimed, picks first...
+        let (_, tb) = claims
+            .pick(candidates(4)[1..].to_vec(), 13, 1, true)
+            .unwrap();
+        drop(tb);
+        // ...and one from a read at 11, shared with others and picked from later, still
+        // leaves `a`'s job out.
+        let (c, _tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
+        assert_eq!(ids(&c), ["01", "02", "03"]);
+    }
+
+    #[test]
+    fn a_win_is_forgotten_once_kept_long_enough() {
+        let claims = Arc::new(Claims::default());
+        let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        ta.won([a[0].id.as_str()], 12);
+        {
+            let mut state = State::lock(&claims);
+            let recorded = &mut state.wins.front_mut().expect("the win").0;
+            *recorded = Instant::now() - WINS_KEPT;
+        }
+        let (c, _tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
+        assert_eq!(ids(&c), ["00", "01", "02", "03"]);
+        let state = State::lock(&claims);
+        assert!(state.wins.is_empty());
+        assert_eq!(state.trying.len(), 1, "only the new claim's first job");
     }
 
     #[test]
