@@ -56,7 +56,7 @@ const MAX_SHARED: usize = 256;
 
 /// How long a claim of the family that won a job keeps it out of the others' chains: a read
 /// older than the win still shows the job free. Not until a newer read comes — the claims
-/// that share an older read pick after it, one by one (before 2026-12-07 the first newer
+/// that share an older read pick after it, one by one (until the sixth session of 2026-12-06 the first newer
 /// read forgot the win, and a claim that picked from the older read after it found its
 /// first candidate taken). A claim whose read is older than this may still find one taken,
 /// and reads again.

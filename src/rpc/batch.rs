@@ -1,7 +1,7 @@
 //! Merged Txns (group commit): the Txns that the sessions of one connection send at one
 //! moment go to etcd as one Txn, which etcd checks, logs and applies as one request instead of
 //! many (100 small claim Txns sent at one instant were answered in 7–16 ms here; the same in
-//! one Txn in 2–6 ms: `docs/performance.md`, first session of 2026-12-07).
+//! one Txn in 2–6 ms: `docs/performance.md`, sixth session of 2026-12-06).
 //!
 //! A *part* is a list of operations that could have been a Txn of their own,
 //! `Txn::new().and_then(ops)`: each operation is a Txn nested in it, or a plain one. A part
@@ -47,7 +47,7 @@ pub(crate) const TXN_OPS: usize = 128;
 /// How many rounds may be in flight at once: a part that comes while one is waits only if
 /// another is too. Two: with one, a part that came just after a round was sent waited for all
 /// of it; with three, rounds side by side claimed jobs from reads older than each other's
-/// wins more often (`docs/performance.md`, first session of 2026-12-07).
+/// wins more often (`docs/performance.md`, sixth session of 2026-12-06).
 const ROUNDS: usize = 2;
 
 /// A part's answer: the responses to its operations, and the revision of the Txn that

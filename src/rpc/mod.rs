@@ -14,6 +14,9 @@
 //!   sent again unchanged, pausing on the caller's one [`Backoff`](crate::backoff::Backoff) for
 //!   the whole operation, until it is answered or the caller's [`Stop`] says to stop;
 //! * **counters** ([`Stats`]) of what was sent and received.
+//!
+//! The Txns that the sessions of one connection send at one moment may go out merged in one
+//! ([`batch`]): each stays a Txn of its own nested in the merged one.
 
 pub(crate) mod auth;
 pub(crate) mod batch;
