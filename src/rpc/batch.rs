@@ -139,27 +139,40 @@ impl Batcher {
     /// too; then, in a task of their own, those that came meanwhile.
     fn round(self: Arc<Self>) -> BoxFuture<'static, ()> {
         async move {
+            let round = Round(Arc::clone(&self));
             let parts = {
                 let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if state.open.is_empty() {
-                    state.sending -= 1;
-                    return;
-                }
                 std::mem::take(&mut state.open)
             };
             join_all(groups(parts).into_iter().map(|g| send(g, false))).await;
-            let next = {
-                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if state.open.is_empty() {
-                    state.sending -= 1;
-                }
-                state.open.first().map(|p| p.rpc.clone())
-            };
-            if let Some(rpc) = next {
-                rpc.spawn(self.round());
-            }
+            drop(round);
         }
         .boxed()
+    }
+}
+
+/// A round in flight. However it ends — answered, or its task dropped or panicking — the next
+/// round starts if parts wait, else one round fewer is in flight: no part waits for a round
+/// that will not come.
+struct Round(Arc<Batcher>);
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        let next = {
+            let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            let rpc = state.open.first().map(|p| p.rpc.clone());
+            match rpc {
+                // (Not while the runtime shuts down: a part that comes later starts one.)
+                Some(rpc) if tokio::runtime::Handle::try_current().is_ok() => Some(rpc),
+                _ => {
+                    state.sending -= 1;
+                    None
+                }
+            }
+        };
+        if let Some(rpc) = next {
+            rpc.spawn(Arc::clone(&self.0).round());
+        }
     }
 }
 
