@@ -498,8 +498,8 @@ fn chain_len(n: usize) -> usize {
 
 /// The spread after a claim made with `spread`: halved if it was not `contended`; if it was,
 /// twice the writes etcd applied between its read and its claim — every other claim that
-/// landed in between is one (so are acks, enqueues and writes of other names: the estimate
-/// errs on the wide side) — within 2 and [`MAX_SPREAD`].
+/// landed in between is one, or several merged in one Txn (`rpc::batch`) are one; acks,
+/// enqueues and writes of other names count too — within 2 and [`MAX_SPREAD`].
 fn next_spread(spread: usize, contended: bool, writes_between: usize) -> usize {
     match contended {
         true => writes_between.saturating_mul(2).clamp(2, MAX_SPREAD),

@@ -11,18 +11,18 @@
 //! within etcd's operations for a Txn ([`TXN_OPS`]) and with parts that share no key: etcd
 //! evaluates every compare of a Txn, the nested ones too, against the store as it was before
 //! the Txn, so parts that touch disjoint keys come to what they would have come to one after
-//! the other; and etcd refuses a Txn that writes one key twice. A part that touches a range of
-//! keys goes alone.
+//! the other (and etcd refuses a Txn that puts one key in two parts, or puts and deletes it).
+//! A part that touches a range of keys goes alone.
 //!
-//! A merged Txn that etcd refuses (one part's lease is gone, say) is sent again part by part:
-//! a refusal applied nothing, and one part's failure is no other's. Each part is answered with
-//! its own slice of the answer and the Txn's revision. An attempt that went unanswered makes
-//! the answer *uncertain* (it may still land), as for a Txn of its own, and every later attempt
-//! sends the part's `retry` operations.
-//!
-//! Nothing here is cancelled with a caller: a round runs in a task of the first part's
-//! session and ends when it is answered, or when the sessions of all its parts are stopped.
-//! A caller whose own session stops returns at once, with an uncertain failure.
+//! Each round sends each of its merged Txns **once**, within the request timeout, and answers
+//! each part with its own slice of the answer and the Txn's revision. If that attempt fails,
+//! every part is sent again alone, in a task of its own session and stopped by it alone, as
+//! it would have been without merging: one part's failure is no other's (etcd refuses a
+//! whole Txn for one part's lease that is gone), and a merged Txn never keeps a round, or a
+//! session that stopped, waiting. An attempt that went unanswered makes a part's answer
+//! *uncertain* (it may still land), and every later attempt of the part sends its `retry`
+//! operations. A caller whose own session stops returns at once — uncertain if an attempt
+//! carrying its part was sent.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -36,7 +36,7 @@ use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
-use super::{Answered, Rpc, Stop, Unanswered};
+use super::{pause, Answered, Rpc, Stop, Unanswered};
 use crate::backoff::Backoff;
 use crate::Error;
 
@@ -81,6 +81,19 @@ struct Part {
     rpc: Rpc,
     stop: Arc<dyn Stop>,
     reply: oneshot::Sender<Reply>,
+    /// Set once an attempt carrying the part is sent (the caller's to read).
+    sent: Arc<AtomicBool>,
+}
+
+impl Part {
+    /// Whether the part should go out: its caller waits, and its session has not stopped.
+    fn live(&self) -> bool {
+        !self.reply.is_closed() && self.stop.check().is_ok()
+    }
+
+    fn answer(self, reply: Reply) {
+        let _ = self.reply.send(reply);
+    }
 }
 
 impl Batcher {
@@ -108,6 +121,7 @@ impl Batcher {
         }
         let shape = Shape::of(&first).merge(Shape::of(&retry));
         let (reply, answer) = oneshot::channel();
+        let sent = Arc::new(AtomicBool::new(false));
         let part = Part {
             first,
             retry,
@@ -115,6 +129,7 @@ impl Batcher {
             rpc: rpc.clone(),
             stop: Arc::clone(&stop),
             reply,
+            sent: Arc::clone(&sent),
         };
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,95 +146,154 @@ impl Batcher {
                 error: Error::Internal("a merged Txn's task ended without an answer".into()),
                 uncertain: true,
             })),
-            error = stop.stopped() => Err(Unanswered { error, uncertain: true }),
+            // Uncertain only if an attempt carrying it was sent.
+            error = stop.stopped() => Err(Unanswered { error, uncertain: sent.load(Ordering::Acquire) }),
         }
     }
 
     /// Sends the parts waiting as one round — those that came while the task was on its way
-    /// too; then, in a task of their own, those that came meanwhile.
+    /// too — each group once; then, in a task of their own, those that came meanwhile.
     fn round(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        let mut round = Round {
+            batcher: self,
+            ran: false,
+        };
         async move {
-            let round = Round(Arc::clone(&self));
+            round.ran = true;
             let parts = {
-                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut state = round
+                    .batcher
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 std::mem::take(&mut state.open)
             };
-            join_all(groups(parts).into_iter().map(|g| send(g, false))).await;
+            join_all(groups(parts).into_iter().map(attempt)).await;
             drop(round);
         }
         .boxed()
     }
 }
 
-/// A round in flight. However it ends — answered, or its task dropped or panicking — the next
-/// round starts if parts wait, else one round fewer is in flight: no part waits for a round
-/// that will not come.
-struct Round(Arc<Batcher>);
+/// A round in flight (counted in `sending` from when its task is spawned). However it ends —
+/// answered, or its task dropped or panicking — the next round starts if parts wait, else
+/// one round fewer is in flight: no part waits for a round that will not come. A round
+/// dropped before it ran (its runtime shuts down) starts none; if no other round is in
+/// flight, the parts that wait are answered with an error.
+struct Round {
+    batcher: Arc<Batcher>,
+    ran: bool,
+}
 
 impl Drop for Round {
     fn drop(&mut self) {
-        let next = {
-            let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-            let rpc = state.open.first().map(|p| p.rpc.clone());
-            match rpc {
-                // (Not while the runtime shuts down: a part that comes later starts one.)
-                Some(rpc) if tokio::runtime::Handle::try_current().is_ok() => Some(rpc),
-                _ => {
-                    state.sending -= 1;
-                    None
-                }
+        let mut state = self.batcher.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ran {
+            if let Some(rpc) = state.open.first().map(|p| p.rpc.clone()) {
+                drop(state);
+                rpc.spawn(Arc::clone(&self.batcher).round());
+                return;
             }
-        };
-        if let Some(rpc) = next {
-            rpc.spawn(Arc::clone(&self.0).round());
+        }
+        state.sending -= 1;
+        if self.ran || state.sending > 0 {
+            return;
+        }
+        let stranded = std::mem::take(&mut state.open);
+        drop(state);
+        for p in stranded {
+            p.answer(Err(Unanswered {
+                error: Error::Internal("a merged Txn's round was dropped before it ran".into()),
+                uncertain: false,
+            }));
         }
     }
 }
 
-/// Sends `parts` as one Txn until it is answered or all their sessions stop (`uncertain`: an
-/// attempt carrying them went unanswered before); if etcd refuses it, each part alone.
-fn send(parts: Vec<Part>, uncertain: bool) -> BoxFuture<'static, ()> {
-    async move {
-        // A caller that gave up is answered by nobody: its part is not sent.
-        let parts: Vec<Part> = parts.into_iter().filter(|p| !p.reply.is_closed()).collect();
-        let Some(rpc) = parts.first().map(|p| p.rpc.clone()) else {
-            return;
-        };
-        let stop = AllOf(parts.iter().map(|p| Arc::clone(&p.stop)).collect());
-        let merged = |retry: bool| {
-            Txn::new().and_then(
-                parts
-                    .iter()
-                    .flat_map(|p| if retry { &p.retry } else { &p.first }.clone())
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let (first, retry) = (merged(uncertain), merged(true));
-        let sent = AtomicBool::new(false);
-        let attempt = || match sent.swap(true, Ordering::Relaxed) {
-            false => first.clone(),
-            true => retry.clone(),
-        };
-        let answered = rpc
-            .txn_until_answered(attempt, &mut Backoff::for_requests(), &stop)
-            .await;
-        match answered {
-            Ok(answered) => deliver(parts, answered.resp, uncertain || answered.uncertain),
-            Err(u) if parts.len() > 1 => {
-                let uncertain = uncertain || u.uncertain;
-                join_all(parts.into_iter().map(|p| send(vec![p], uncertain))).await;
+/// Sends `parts` once, as one Txn, and answers each. If the attempt fails, each part is sent
+/// again alone ([`alone`]); if it is refused, a part that was alone is answered with the
+/// refusal. Parts whose callers gave up or whose sessions stopped are not sent.
+async fn attempt(parts: Vec<Part>) {
+    let (live, gone): (Vec<Part>, Vec<Part>) = parts.into_iter().partition(Part::live);
+    for p in gone {
+        let error = p.stop.check().err().unwrap_or(Error::SessionClosed);
+        p.answer(Err(Unanswered {
+            error,
+            uncertain: false,
+        }));
+    }
+    let Some(rpc) = live.first().map(|p| p.rpc.clone()) else {
+        return;
+    };
+    let ops: Vec<TxnOp> = live.iter().flat_map(|p| p.first.clone()).collect();
+    for p in &live {
+        p.sent.store(true, Ordering::Release);
+    }
+    let stop = AllOf(live.iter().map(|p| Arc::clone(&p.stop)).collect());
+    let answer = tokio::select! {
+        answer = rpc.txn(Txn::new().and_then(ops)) => answer,
+        _ = stop.stopped() => {
+            for p in live {
+                let error = p.stop.check().err().unwrap_or(Error::SessionClosed);
+                p.answer(Err(Unanswered { error, uncertain: true }));
             }
-            Err(u) => {
-                if let Some(p) = parts.into_iter().next() {
-                    let _ = p.reply.send(Err(Unanswered {
-                        error: u.error,
-                        uncertain: uncertain || u.uncertain,
-                    }));
-                }
+            return;
+        }
+    };
+    match answer {
+        Ok(resp) => deliver(live, resp, false),
+        // etcd refused it: nothing applied.
+        Err(error) if !error.is_retryable() && live.len() == 1 => {
+            if let Some(p) = live.into_iter().next() {
+                p.answer(Err(Unanswered {
+                    error,
+                    uncertain: false,
+                }));
+            }
+        }
+        Err(error) => {
+            let uncertain = error.is_retryable();
+            tracing::debug!(%error, parts = live.len(), "a merged Txn failed; its parts go alone");
+            for p in live {
+                alone(p, uncertain);
             }
         }
     }
-    .boxed()
+}
+
+/// Sends `part` alone, in a task of its session, until it is answered or its session stops
+/// (after a pause, if an attempt carrying it is `uncertain`: it may still land, and every
+/// attempt then sends its retry operations).
+fn alone(part: Part, uncertain: bool) {
+    let rpc = part.rpc.clone();
+    rpc.spawn(async move {
+        let mut backoff = Backoff::for_requests();
+        if uncertain {
+            if let Err(error) = pause(&*part.stop, &mut backoff).await {
+                return part.answer(Err(Unanswered { error, uncertain }));
+            }
+        }
+        let answered = {
+            let sent = AtomicBool::new(uncertain);
+            let (first, retry) = (&part.first, &part.retry);
+            let attempt = || match sent.swap(true, Ordering::Relaxed) {
+                false => Txn::new().and_then(first.clone()),
+                true => Txn::new().and_then(retry.clone()),
+            };
+            part.sent.store(true, Ordering::Release);
+            let stop = Arc::clone(&part.stop);
+            part.rpc
+                .txn_until_answered(attempt, &mut backoff, &*stop)
+                .await
+        };
+        match answered {
+            Ok(answered) => deliver(vec![part], answered.resp, uncertain || answered.uncertain),
+            Err(u) => part.answer(Err(Unanswered {
+                error: u.error,
+                uncertain: uncertain || u.uncertain,
+            })),
+        }
+    });
 }
 
 /// Hands each of `parts` its slice of `resp`.

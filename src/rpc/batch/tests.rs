@@ -139,12 +139,12 @@ fn sending(batcher: &Batcher) -> bool {
     batcher.state.lock().unwrap().sending > 0
 }
 
-/// With etcd unreachable a round is retried until its callers stop: each caller returns as
-/// soon as its own stop stops — uncertain, as an attempt may still land — while the round
-/// goes on for the others; once all have stopped the round ends, and the next part starts a
-/// round of its own.
+/// With etcd unreachable, a round sends its merged Txn once and ends; each part is then
+/// retried alone until its own session stops: each caller returns as soon as its own stop
+/// stops — uncertain, as an attempt carrying it was sent — while the other goes on; and the
+/// next part starts a round of its own.
 #[tokio::test]
-async fn a_caller_leaves_a_round_when_it_stops_and_the_round_ends_when_all_have() {
+async fn a_failed_round_ends_and_each_part_is_retried_alone_until_its_own_stop() {
     let client = etcd_client::Client::connect(["127.0.0.1:1"], None)
         .await
         .expect("connect does not reach out");
@@ -164,7 +164,8 @@ async fn a_caller_leaves_a_round_when_it_stops_and_the_round_ends_when_all_have(
         !ta.is_finished() && !tb.is_finished(),
         "retried while they wait"
     );
-    assert!(sending(&batcher));
+    assert!(!sending(&batcher), "the round ended after its one attempt");
+    let sent_before = crate::rpc::Stats::get(&rpc.stats().txns);
 
     a.throw();
     let left = tokio::time::timeout(std::time::Duration::from_secs(1), ta)
@@ -178,9 +179,12 @@ async fn a_caller_leaves_a_round_when_it_stops_and_the_round_ends_when_all_have(
             ..
         })
     ));
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(!tb.is_finished(), "the round goes on for b");
-    assert!(sending(&batcher));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!tb.is_finished(), "b is still retried");
+    assert!(
+        crate::rpc::Stats::get(&rpc.stats().txns) > sent_before,
+        "b's own attempts"
+    );
 
     b.throw();
     let left = tokio::time::timeout(std::time::Duration::from_secs(1), tb)
@@ -194,17 +198,76 @@ async fn a_caller_leaves_a_round_when_it_stops_and_the_round_ends_when_all_have(
             ..
         })
     ));
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while sending(&batcher) {
-        assert!(tokio::time::Instant::now() < deadline, "the round ended");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 
     let c = Switch::new();
     let tc = submit(2, &c);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert!(sending(&batcher), "a new round");
+    assert!(!tc.is_finished());
     c.throw();
     let left = tokio::time::timeout(std::time::Duration::from_secs(1), tc).await;
     assert!(matches!(left, Ok(Ok(Err(_)))));
+}
+
+/// A part whose session stops while it waits for a round is not sent: its caller's failure
+/// is certain (nothing of it can land), as an ack's `SessionLost` promises.
+#[tokio::test]
+async fn a_part_whose_session_stops_while_it_waits_is_not_sent_and_fails_certain() {
+    // A server that accepts connections and never answers: each attempt takes the request
+    // timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = silent.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            conns.push(conn);
+        }
+    });
+    let client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .expect("connect does not reach out");
+    let rpc = Rpc::detached(client, std::time::Duration::from_millis(500));
+    let batcher = Arc::new(Batcher::default());
+    let submit = |i: usize, stop: &Switch| {
+        let (batcher, rpc, stop) = (Arc::clone(&batcher), rpc.clone(), stop.stop());
+        tokio::spawn(async move {
+            let ops = vec![chain(i, 1)];
+            batcher.txn(&rpc, ops.clone(), ops, stop).await
+        })
+    };
+    // ROUNDS rounds in flight, each waiting for its answer...
+    let busy: Vec<Switch> = (0..ROUNDS).map(|_| Switch::new()).collect();
+    let mut tasks = Vec::new();
+    for (i, stop) in busy.iter().enumerate() {
+        tasks.push(submit(i, stop));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(batcher.state.lock().unwrap().sending, ROUNDS);
+    // ...so the next part waits, and its session stops meanwhile.
+    let waiting = Switch::new();
+    let t = submit(10, &waiting);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(batcher.state.lock().unwrap().open.len(), 1, "it waits");
+    waiting.throw();
+    let left = tokio::time::timeout(std::time::Duration::from_secs(1), t)
+        .await
+        .expect("it left at once")
+        .unwrap();
+    assert!(
+        matches!(
+            left,
+            Err(Unanswered {
+                uncertain: false,
+                ..
+            })
+        ),
+        "{:?}",
+        left.err()
+    );
+    for stop in &busy {
+        stop.throw();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    held.abort();
 }
