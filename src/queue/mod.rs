@@ -344,7 +344,12 @@ impl WorkQueue {
             let from_shared = found.is_some();
             let found = match found {
                 Some(found) => found,
-                None => Arc::new(scan_with(session, &keys, want, hint, serializable).await?),
+                // Sized for the family's claims under way too: their first candidates, not
+                // yet claimed in etcd, are no candidates of ours (see `share`).
+                None => {
+                    let want = want + self.claims.first_candidates_under_way(n);
+                    Arc::new(scan_with(session, &keys, want, hint, serializable).await?)
+                }
             };
             self.saw_claims(found.claims);
             if found.candidates.is_empty() && serializable {

@@ -176,6 +176,13 @@ impl Claims {
         State::lock(self).chained = CHAINED_AFTER_COLLISION;
     }
 
+    /// How many more candidates a scan for a claim of `n` collects than it wants, because the
+    /// family's other claims under way may hold them as their first (at most
+    /// [`MAX_SHARED`]).
+    pub(super) fn first_candidates_under_way(&self, n: usize) -> usize {
+        (n * State::lock(self).active.saturating_sub(1)).min(MAX_SHARED)
+    }
+
     /// Marks a claim under way until the returned value is dropped.
     pub(super) fn active(self: &Arc<Self>) -> Active {
         let mut state = State::lock(self);
@@ -187,7 +194,8 @@ impl Claims {
     /// A serializable scan of the queue (see [`scan_with`]) for up to `want` candidates (and
     /// `per_claim` more for each claim ever under way at once, idle ones included, up to
     /// [`MAX_SHARED`] more): the one another claim has in flight, if it collects at least the
-    /// `need`ed, else a new one through `session` that claims starting meanwhile share.
+    /// `need`ed beside the `per_claim` each claim already awaiting it takes first, else a new
+    /// one through `session` that claims starting meanwhile share.
     /// `None` if the scan failed, or if one that collects fewer is in flight: the claim
     /// reads on its own.
     ///
@@ -203,7 +211,11 @@ impl Claims {
         let in_flight = {
             let mut state = State::lock(self);
             match &mut state.scan {
-                Some(p) if !p.done.load(Ordering::Acquire) && p.collects >= need => {
+                // Each claim awaiting it takes up to `per_claim` of its candidates first.
+                Some(p)
+                    if !p.done.load(Ordering::Acquire)
+                        && p.collects >= need + per_claim * p.awaiting =>
+                {
                     p.awaiting += 1;
                     p.scan.clone()
                 }
