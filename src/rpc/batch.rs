@@ -14,15 +14,18 @@
 //! the other (and etcd refuses a Txn that puts one key in two parts, or puts and deletes it).
 //! A part that touches a range of keys goes alone.
 //!
-//! Each round sends each of its merged Txns **once**, within the request timeout, and answers
-//! each part with its own slice of the answer and the Txn's revision. If that attempt fails,
+//! Each round sends each of its merged Txns **once** (once more with a fresh token if etcd
+//! found the token stale, as every request), within the request timeout of the session of
+//! its first part (through whose handle it goes, and in whose counters it counts), and
+//! answers each part with its own slice of the answer and the Txn's revision. If that attempt fails,
 //! every part is sent again alone, in a task of its own session and stopped by it alone, as
 //! it would have been without merging: one part's failure is no other's (etcd refuses a
 //! whole Txn for one part's lease that is gone), and a merged Txn never keeps a round, or a
 //! session that stopped, waiting. An attempt that went unanswered makes a part's answer
 //! *uncertain* (it may still land), and every later attempt of the part sends its `retry`
 //! operations. A caller whose own session stops returns at once — uncertain if an attempt
-//! carrying its part was sent.
+//! carrying its part was sent; certain if not, and then none is sent after (see [`Fate`]).
+//! A part whose caller is gone is retried no more.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -81,14 +84,29 @@ struct Part {
     rpc: Rpc,
     stop: Arc<dyn Stop>,
     reply: oneshot::Sender<Reply>,
-    /// Set once an attempt carrying the part is sent (the caller's to read).
-    sent: Arc<AtomicBool>,
+    /// Whether an attempt carrying it was sent, or its caller left first (see [`Fate`]).
+    fate: Arc<StdMutex<Fate>>,
+}
+
+/// What became of a part, decided under one lock by whichever comes first: an attempt that
+/// carries it, or its caller leaving (its session stopped). A caller that left before any
+/// attempt was sent is told its failure is certain, and no attempt carries the part after.
+#[derive(Default)]
+struct Fate {
+    sent: bool,
+    abandoned: bool,
 }
 
 impl Part {
-    /// Whether the part should go out: its caller waits, and its session has not stopped.
-    fn live(&self) -> bool {
-        !self.reply.is_closed() && self.stop.check().is_ok()
+    /// Whether the part goes out — its caller waits, its session has not stopped, and its
+    /// caller did not leave — and if so, records that it was sent.
+    fn send(&self) -> bool {
+        if self.reply.is_closed() || self.stop.check().is_err() {
+            return false;
+        }
+        let mut fate = self.fate.lock().unwrap_or_else(|e| e.into_inner());
+        fate.sent = !fate.abandoned;
+        fate.sent
     }
 
     fn answer(self, reply: Reply) {
@@ -121,7 +139,7 @@ impl Batcher {
         }
         let shape = Shape::of(&first).merge(Shape::of(&retry));
         let (reply, answer) = oneshot::channel();
-        let sent = Arc::new(AtomicBool::new(false));
+        let fate = Arc::new(StdMutex::new(Fate::default()));
         let part = Part {
             first,
             retry,
@@ -129,7 +147,7 @@ impl Batcher {
             rpc: rpc.clone(),
             stop: Arc::clone(&stop),
             reply,
-            sent: Arc::clone(&sent),
+            fate: Arc::clone(&fate),
         };
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,8 +164,12 @@ impl Batcher {
                 error: Error::Internal("a merged Txn's task ended without an answer".into()),
                 uncertain: true,
             })),
-            // Uncertain only if an attempt carrying it was sent.
-            error = stop.stopped() => Err(Unanswered { error, uncertain: sent.load(Ordering::Acquire) }),
+            // Uncertain only if an attempt carrying it was sent; none is after this.
+            error = stop.stopped() => {
+                let mut fate = fate.lock().unwrap_or_else(|e| e.into_inner());
+                fate.abandoned = true;
+                Err(Unanswered { error, uncertain: fate.sent })
+            }
         }
     }
 
@@ -214,7 +236,7 @@ impl Drop for Round {
 /// again alone ([`alone`]); if it is refused, a part that was alone is answered with the
 /// refusal. Parts whose callers gave up or whose sessions stopped are not sent.
 async fn attempt(parts: Vec<Part>) {
-    let (live, gone): (Vec<Part>, Vec<Part>) = parts.into_iter().partition(Part::live);
+    let (live, gone): (Vec<Part>, Vec<Part>) = parts.into_iter().partition(Part::send);
     for p in gone {
         let error = p.stop.check().err().unwrap_or(Error::SessionClosed);
         p.answer(Err(Unanswered {
@@ -226,9 +248,6 @@ async fn attempt(parts: Vec<Part>) {
         return;
     };
     let ops: Vec<TxnOp> = live.iter().flat_map(|p| p.first.clone()).collect();
-    for p in &live {
-        p.sent.store(true, Ordering::Release);
-    }
     let stop = AllOf(live.iter().map(|p| Arc::clone(&p.stop)).collect());
     let answer = tokio::select! {
         answer = rpc.txn(Txn::new().and_then(ops)) => answer,
@@ -261,10 +280,10 @@ async fn attempt(parts: Vec<Part>) {
     }
 }
 
-/// Sends `part` alone, in a task of its session, until it is answered or its session stops
-/// (after a pause, if an attempt carrying it is `uncertain`: it may still land, and every
-/// attempt then sends its retry operations).
-fn alone(part: Part, uncertain: bool) {
+/// Sends `part` alone, in a task of its session, until it is answered, its session stops or
+/// its caller is gone (after a pause, if an attempt carrying it is `uncertain`: it may still
+/// land, and every attempt then sends its retry operations).
+fn alone(mut part: Part, uncertain: bool) {
     let rpc = part.rpc.clone();
     rpc.spawn(async move {
         let mut backoff = Backoff::for_requests();
@@ -280,11 +299,14 @@ fn alone(part: Part, uncertain: bool) {
                 false => Txn::new().and_then(first.clone()),
                 true => Txn::new().and_then(retry.clone()),
             };
-            part.sent.store(true, Ordering::Release);
             let stop = Arc::clone(&part.stop);
-            part.rpc
-                .txn_until_answered(attempt, &mut backoff, &*stop)
-                .await
+            let sending = part.rpc.txn_until_answered(attempt, &mut backoff, &*stop);
+            tokio::select! {
+                answered = sending => answered,
+                // Nobody reads the answer (an ack whose future was dropped): as a request
+                // cancelled with its caller.
+                () = part.reply.closed() => return,
+            }
         };
         match answered {
             Ok(answered) => deliver(vec![part], answered.resp, uncertain || answered.uncertain),
@@ -320,9 +342,10 @@ fn deliver(parts: Vec<Part>, resp: etcd_client::TxnResponse, uncertain: bool) {
                     uncertain,
                 })
             }
+            // Answered, so applied as far as it could: what it did cannot be told.
             Err(e) => Err(Unanswered {
                 error: Error::Protocol(e.clone()),
-                uncertain,
+                uncertain: true,
             }),
         };
         let _ = p.reply.send(reply);

@@ -271,3 +271,41 @@ async fn a_part_whose_session_stops_while_it_waits_is_not_sent_and_fails_certain
     }
     held.abort();
 }
+
+/// A part whose caller left (its session stopped) before any attempt carried it is not sent:
+/// the caller, told its failure is certain, marked it under the lock the round takes to
+/// send it; and a part the round sends is marked sent, so a caller that leaves after is told
+/// its failure is uncertain.
+#[tokio::test]
+async fn a_part_is_sent_only_if_its_caller_has_not_left_and_then_marked_sent() {
+    let client = etcd_client::Client::connect(["127.0.0.1:1"], None)
+        .await
+        .expect("connect does not reach out");
+    let rpc = Rpc::detached(client, std::time::Duration::from_millis(100));
+    let part = |abandoned: bool| {
+        let ops = vec![chain(0, 1)];
+        let (reply, answer) = oneshot::channel();
+        let part = Part {
+            shape: Shape::of(&ops),
+            first: ops.clone(),
+            retry: ops,
+            rpc: rpc.clone(),
+            stop: Switch::new().stop(),
+            reply,
+            fate: Arc::new(StdMutex::new(Fate {
+                sent: false,
+                abandoned,
+            })),
+        };
+        (part, answer)
+    };
+    let (left, _answer) = part(true);
+    assert!(!left.send(), "its caller left first");
+    assert!(!left.fate.lock().unwrap().sent);
+    let (waiting, _answer) = part(false);
+    assert!(waiting.send());
+    assert!(
+        waiting.fate.lock().unwrap().sent,
+        "a caller leaving now is uncertain"
+    );
+}
