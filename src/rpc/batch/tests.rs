@@ -139,24 +139,41 @@ fn sending(batcher: &Batcher) -> bool {
     batcher.state.lock().unwrap().sending > 0
 }
 
+/// A request handle on `endpoint`, each attempt given up after `timeout_ms`, and a way to
+/// submit a one-candidate claim-like part `i` through a batcher, stopped by a switch.
+async fn batcher_on(
+    endpoint: &str,
+    timeout_ms: u64,
+) -> (
+    Rpc,
+    Arc<Batcher>,
+    impl Fn(usize, &Switch) -> tokio::task::JoinHandle<Result<Answered<Slice>, Unanswered>>,
+) {
+    let client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .expect("connect does not reach out");
+    let rpc = Rpc::detached(client, std::time::Duration::from_millis(timeout_ms));
+    let batcher = Arc::new(Batcher::default());
+    let submit = {
+        let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
+        move |i: usize, stop: &Switch| {
+            let (batcher, rpc, stop) = (Arc::clone(&batcher), rpc.clone(), stop.stop());
+            tokio::spawn(async move {
+                let ops = vec![chain(i, 1)];
+                batcher.txn(&rpc, ops.clone(), ops, stop).await
+            })
+        }
+    };
+    (rpc, batcher, submit)
+}
+
 /// With etcd unreachable, a round sends its merged Txn once and ends; each part is then
 /// retried alone until its own session stops: each caller returns as soon as its own stop
 /// stops — uncertain, as an attempt carrying it was sent — while the other goes on; and the
 /// next part starts a round of its own.
 #[tokio::test]
 async fn a_failed_round_ends_and_each_part_is_retried_alone_until_its_own_stop() {
-    let client = etcd_client::Client::connect(["127.0.0.1:1"], None)
-        .await
-        .expect("connect does not reach out");
-    let rpc = Rpc::detached(client, std::time::Duration::from_millis(100));
-    let batcher = Arc::new(Batcher::default());
-    let submit = |i: usize, stop: &Switch| {
-        let (batcher, rpc, stop) = (Arc::clone(&batcher), rpc.clone(), stop.stop());
-        tokio::spawn(async move {
-            let ops = vec![chain(i, 1)];
-            batcher.txn(&rpc, ops.clone(), ops, stop).await
-        })
-    };
+    let (rpc, batcher, submit) = batcher_on("127.0.0.1:1", 100).await;
     let (a, b) = (Switch::new(), Switch::new());
     let (ta, tb) = (submit(0, &a), submit(1, &b));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -222,18 +239,7 @@ async fn a_part_whose_session_stops_while_it_waits_is_not_sent_and_fails_certain
             conns.push(conn);
         }
     });
-    let client = etcd_client::Client::connect([endpoint], None)
-        .await
-        .expect("connect does not reach out");
-    let rpc = Rpc::detached(client, std::time::Duration::from_millis(500));
-    let batcher = Arc::new(Batcher::default());
-    let submit = |i: usize, stop: &Switch| {
-        let (batcher, rpc, stop) = (Arc::clone(&batcher), rpc.clone(), stop.stop());
-        tokio::spawn(async move {
-            let ops = vec![chain(i, 1)];
-            batcher.txn(&rpc, ops.clone(), ops, stop).await
-        })
-    };
+    let (_rpc, batcher, submit) = batcher_on(&endpoint, 500).await;
     // ROUNDS rounds in flight, each waiting for its answer...
     let busy: Vec<Switch> = (0..ROUNDS).map(|_| Switch::new()).collect();
     let mut tasks = Vec::new();
