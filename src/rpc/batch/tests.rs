@@ -315,3 +315,21 @@ async fn a_part_is_sent_only_if_its_caller_has_not_left_and_then_marked_sent() {
         "a caller leaving now is uncertain"
     );
 }
+
+/// A part retried alone stops once nobody waits for its answer (an ack whose future was
+/// dropped), as a request cancelled with its caller.
+#[tokio::test]
+async fn a_part_retried_alone_stops_once_its_caller_is_gone() {
+    let (rpc, _batcher, submit) = batcher_on("127.0.0.1:1", 100).await;
+    let sent = || crate::rpc::Stats::get(&rpc.stats().txns);
+    let stop = Switch::new();
+    let caller = submit(0, &stop);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(sent() >= 2, "merged once, then retried alone");
+    caller.abort();
+    let _ = caller.await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let after = sent();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(sent(), after, "retried with nobody waiting");
+}
