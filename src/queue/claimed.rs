@@ -111,9 +111,10 @@ impl Claimed {
     /// history of the two keys was compacted).
     ///
     /// # Cancel safety
-    /// Dropping the future stops waiting for the request in flight (which may be merged with
-    /// siblings' requests in one Txn, and is not cancelled): if it lands first, the job is
-    /// acknowledged; if the give-back of the dropped guard lands first, the job goes back.
+    /// Dropping the future stops waiting for the request (one in flight merged with siblings'
+    /// requests in one Txn is not cancelled and may still land; one not sent yet is not sent):
+    /// if it lands first, the job is acknowledged; if the give-back of the dropped guard lands
+    /// first, the job goes back.
     #[tracing::instrument(name = "etcd_coord.queue.ack", skip_all, fields(job = %self.id(), attempt = self.attempt()))]
     pub async fn ack(mut self) -> Result<(), Error> {
         let job = &self.job;
