@@ -56,10 +56,10 @@ const MAX_SHARED: usize = 256;
 
 /// How long a claim of the family that won a job keeps it out of the others' chains: a read
 /// older than the win still shows the job free. Not until a newer read comes — the claims
-/// that share an older read pick after it, one by one (until the sixth session of 2026-12-06 the first newer
-/// read forgot the win, and a claim that picked from the older read after it found its
-/// first candidate taken). A claim whose read is older than this may still find one taken,
-/// and reads again.
+/// that share an older read pick after it, one by one (until the sixth session of
+/// 2026-12-06 the first newer read forgot the win, and a claim that picked from the older
+/// read after it found its first candidate taken). A claim whose read is older than this may
+/// still find one taken, and reads again.
 const WINS_KEPT: Duration = Duration::from_secs(1);
 
 /// How many claims of the family chain their candidates after one whose first candidate was
