@@ -109,6 +109,11 @@ impl Part {
         fate.sent
     }
 
+    /// What its own stop reports (the session stopped, or was closed meanwhile).
+    fn stop_error(&self) -> Error {
+        self.stop.check().err().unwrap_or(Error::SessionClosed)
+    }
+
     fn answer(self, reply: Reply) {
         let _ = self.reply.send(reply);
     }
@@ -238,7 +243,7 @@ impl Drop for Round {
 async fn attempt(parts: Vec<Part>) {
     let (live, gone): (Vec<Part>, Vec<Part>) = parts.into_iter().partition(Part::send);
     for p in gone {
-        let error = p.stop.check().err().unwrap_or(Error::SessionClosed);
+        let error = p.stop_error();
         p.answer(Err(Unanswered {
             error,
             uncertain: false,
@@ -253,7 +258,7 @@ async fn attempt(parts: Vec<Part>) {
         answer = rpc.txn(Txn::new().and_then(ops)) => answer,
         _ = stop.stopped() => {
             for p in live {
-                let error = p.stop.check().err().unwrap_or(Error::SessionClosed);
+                let error = p.stop_error();
                 p.answer(Err(Unanswered { error, uncertain: true }));
             }
             return;
