@@ -167,6 +167,15 @@ async fn batcher_on(
     (rpc, batcher, submit)
 }
 
+/// What the caller of `task` was answered, which must come within a second (`who` left at
+/// once).
+async fn left_at_once(task: tokio::task::JoinHandle<Reply>, who: &str) -> Reply {
+    tokio::time::timeout(std::time::Duration::from_secs(1), task)
+        .await
+        .unwrap_or_else(|_| panic!("{who} left at once"))
+        .unwrap()
+}
+
 /// With etcd unreachable, a round sends its merged Txn once and ends; each part is then
 /// retried alone until its own session stops: each caller returns as soon as its own stop
 /// stops — uncertain, as an attempt carrying it was sent — while the other goes on; and the
@@ -185,10 +194,7 @@ async fn a_failed_round_ends_and_each_part_is_retried_alone_until_its_own_stop()
     let sent_before = crate::rpc::Stats::get(&rpc.stats().txns);
 
     a.throw();
-    let left = tokio::time::timeout(std::time::Duration::from_secs(1), ta)
-        .await
-        .expect("a left at once")
-        .unwrap();
+    let left = left_at_once(ta, "a").await;
     assert!(matches!(
         left,
         Err(Unanswered {
@@ -204,10 +210,7 @@ async fn a_failed_round_ends_and_each_part_is_retried_alone_until_its_own_stop()
     );
 
     b.throw();
-    let left = tokio::time::timeout(std::time::Duration::from_secs(1), tb)
-        .await
-        .expect("b left at once")
-        .unwrap();
+    let left = left_at_once(tb, "b").await;
     assert!(matches!(
         left,
         Err(Unanswered {
@@ -254,10 +257,7 @@ async fn a_part_whose_session_stops_while_it_waits_is_not_sent_and_fails_certain
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(batcher.state.lock().unwrap().open.len(), 1, "it waits");
     waiting.throw();
-    let left = tokio::time::timeout(std::time::Duration::from_secs(1), t)
-        .await
-        .expect("it left at once")
-        .unwrap();
+    let left = left_at_once(t, "it").await;
     assert!(
         matches!(
             left,
