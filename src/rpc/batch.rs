@@ -142,7 +142,8 @@ impl Batcher {
                 retry.len()
             ))));
         }
-        let shape = Shape::of(&first).merge(Shape::of(&retry));
+        // Only `first` goes merged (`retry` goes alone).
+        let shape = Shape::of(&first);
         let (reply, answer) = oneshot::channel();
         let fate = Arc::new(StdMutex::new(Fate::default()));
         let part = Part {
@@ -403,17 +404,6 @@ impl Shape {
             width: txn.success.len(),
             depth,
             keys,
-        }
-    }
-
-    fn merge(self, other: Shape) -> Shape {
-        Shape {
-            width: self.width.max(other.width),
-            depth: self.depth.max(other.depth),
-            keys: self.keys.zip(other.keys).map(|(mut a, b)| {
-                a.extend(b);
-                a
-            }),
         }
     }
 }
