@@ -689,6 +689,47 @@ async fn sibling_claimers_starting_together_read_the_queue_once_and_take_the_fir
     }
 }
 
+/// A read of the queue is sized for the claims a pool's workers hold, which come before the
+/// free jobs: 150 siblings that each hold one of the first 150 jobs and claim again together
+/// share one read, which finds a free job for each of them. (Sized by the last read's count
+/// of claims — none, when they first claimed — it found at most 143 free jobs, and the
+/// claims left without one read again each on its own.)
+#[tokio::test]
+async fn a_pool_holding_jobs_claims_more_from_one_read_sized_for_what_it_holds() {
+    const WORKERS: usize = 150;
+    let etcd = etcd().await;
+    let name = unique("queue-held-ahead");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    let mut ids = Vec::new();
+    for i in 0..3 * WORKERS {
+        ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
+    }
+    let first = session(&etcd, 10).await;
+    let mut family = vec![first.clone()];
+    for _ in 1..WORKERS {
+        family.push(first.sibling(ttl(10)).await.unwrap());
+    }
+    let queues: Vec<WorkQueue> = family.iter().map(|s| WorkQueue::new(s, &name)).collect();
+    let held = futures::future::join_all(queues.iter().map(|q| q.claim())).await;
+    let held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
+    let reads = |family: &[LeasedSession]| family.iter().map(|s| s.metrics().reads).sum::<u64>();
+    let before = reads(&family);
+    let more = futures::future::join_all(queues.iter().map(|q| q.claim())).await;
+    let more: Vec<_> = more.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        reads(&family) - before,
+        2,
+        "one read of the jobs and one of the claims"
+    );
+    let got: HashSet<JobId> = more.iter().map(|j| j.id().clone()).collect();
+    let next: HashSet<JobId> = ids[WORKERS..2 * WORKERS].iter().cloned().collect();
+    assert_eq!(got, next, "the next jobs, one each");
+    for job in held.into_iter().chain(more) {
+        job.release().await.unwrap();
+    }
+}
+
 /// Claims merged in one Txn do not share a failure: a sibling whose lease is gone makes etcd
 /// refuse the merged Txn, and the claims in it are sent again one by one — the sibling's
 /// fails, the other's takes its job.

@@ -145,8 +145,10 @@ impl WorkQueue {
         Keys::of(&self.named)
     }
 
+    /// How many claims a read of the queue is sized to find ahead of the free jobs (see
+    /// `Claims::claims_hint`).
     fn claims_hint(&self) -> usize {
-        self.claims.seen.load(Ordering::Relaxed)
+        self.claims.claims_hint()
     }
 
     /// How many candidates a scan for `n` jobs collects.

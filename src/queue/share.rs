@@ -153,6 +153,15 @@ impl Claims {
         }
     }
 
+    /// How many claims a read of the queue is sized to find ahead of the free jobs: as many
+    /// as the last read saw, and at least one per handle of the family on the queue (a pool's
+    /// workers hold about one each; the last read may have come when they held none, and a
+    /// read sized for none found too few jobs for the claims that shared it).
+    pub(super) fn claims_hint(&self) -> usize {
+        let handles: usize = State::lock(self).members.values().sum();
+        self.seen.load(Ordering::Relaxed).max(handles)
+    }
+
     /// Whether a claim from `found` may try its own first candidates alone, without a chain
     /// of others behind each: claims of the family have gone on side by side at some time
     /// (so their first candidates are their own), every claim the read shows is the
