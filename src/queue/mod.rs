@@ -15,6 +15,7 @@ mod options;
 mod scan;
 mod share;
 
+use std::borrow::Borrow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -400,14 +401,17 @@ impl WorkQueue {
             1 => 0,
             s => rand::random_range(0..s),
         };
-        let candidates = found.candidates.clone();
-        let Some((candidates, trying)) = self.claims.pick(candidates, read_at, n, rather_read)
+        let Some((candidates, trying)) =
+            self.claims.pick(&found.candidates, read_at, n, rather_read)
         else {
             return Ok(Vec::new());
         };
         let alone = may_go_alone && self.claims.alone(found);
         let len = if alone { 1 } else { chain_len(n) };
-        let chains = chains(rotate(candidates, n, offset), n, len);
+        let chains = chains(rotate(candidates, n, offset), n, len)
+            .into_iter()
+            .map(|chain| chain.into_iter().cloned().collect())
+            .collect();
         let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
         trying.won(
             round.claimed.iter().map(|c| c.id().as_str()),
@@ -519,9 +523,10 @@ fn next_spread(spread: usize, contended: bool, writes_between: usize) -> usize {
 /// stay first, so a lone claimer takes the first ready jobs; after them a chain goes on at
 /// the `offset`-th of the rest, to the end of the priority, wraps round to just after the
 /// first `keep`, and only then reaches a lower priority.
-fn rotate(mut candidates: Vec<Candidate>, keep: usize, offset: usize) -> Vec<Candidate> {
-    let top = candidates.first().map_or(0, |c| c.rank);
-    let count = candidates.iter().take_while(|c| c.rank == top).count();
+fn rotate<C: Borrow<Candidate>>(mut candidates: Vec<C>, keep: usize, offset: usize) -> Vec<C> {
+    let rank = |c: &C| c.borrow().rank;
+    let top = candidates.first().map_or(0, rank);
+    let count = candidates.iter().take_while(|c| rank(c) == top).count();
     if count > keep {
         candidates[keep..count].rotate_left(offset % (count - keep));
     }
@@ -531,8 +536,8 @@ fn rotate(mut candidates: Vec<Candidate>, keep: usize, offset: usize) -> Vec<Can
 /// The chains of a claim of `n` jobs: up to `n` chains of up to `len` candidates each, dealt
 /// out in claim order (chain `i` tries candidates `i`, `i + n`, `i + 2n`, …), so an
 /// uncontended claim takes exactly the first `n`.
-fn chains(candidates: Vec<Candidate>, n: usize, len: usize) -> Vec<Vec<Candidate>> {
-    let mut chains: Vec<Vec<Candidate>> = vec![Vec::new(); n.min(candidates.len())];
+fn chains<C: Clone>(candidates: Vec<C>, n: usize, len: usize) -> Vec<Vec<C>> {
+    let mut chains: Vec<Vec<C>> = vec![Vec::new(); n.min(candidates.len())];
     let count = chains.len();
     for (i, c) in candidates.into_iter().take(n * len).enumerate() {
         chains[i % count].push(c);

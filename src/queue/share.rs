@@ -266,20 +266,22 @@ impl Claims {
     /// are left out, so that a chain never tries a lower-priority job before a sibling's
     /// higher first one. If there are none such: `None` if the claim should `rather_read`
     /// again, else the others' (racing them). The first `n` of a claim's own are its own
-    /// while the returned [`Trying`] lives.
-    pub(super) fn pick(
+    /// while the returned [`Trying`] lives. Copies no candidate: a burst of claims picks from
+    /// one read of a hundred or more.
+    pub(super) fn pick<'a>(
         self: &Arc<Self>,
-        candidates: Vec<Candidate>,
+        candidates: &'a [Candidate],
         revision: i64,
         n: usize,
         rather_read: bool,
-    ) -> Option<(Vec<Candidate>, Trying)> {
+    ) -> Option<(Vec<&'a Candidate>, Trying)> {
         let mut state = State::lock(self);
         state.forget_old_wins();
         // Wins this read shows claimed (or done) are no news to it.
-        let (free, taken): (Vec<Candidate>, Vec<Candidate>) = candidates
-            .into_iter()
-            .partition(|c| state.trying.get(&c.id).is_none_or(|at| *at <= revision));
+        let free: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| state.trying.get(&c.id).is_none_or(|at| *at <= revision))
+            .collect();
         let (list, mine) = match (free.is_empty(), rather_read) {
             (false, _) => {
                 let mine: Vec<String> = free.iter().take(n).map(|c| c.id.clone()).collect();
@@ -289,8 +291,8 @@ impl Claims {
                 (free, mine)
             }
             (true, true) => return None,
-            // Racing the others for theirs: they stay marked as theirs.
-            (true, false) => (taken, Vec::new()),
+            // Racing the others for theirs (every one is theirs): they stay marked as theirs.
+            (true, false) => (candidates.iter().collect(), Vec::new()),
         };
         let trying = Trying {
             claims: Arc::clone(self),
@@ -410,15 +412,16 @@ mod tests {
             .collect()
     }
 
-    fn ids(list: &[Candidate]) -> Vec<&str> {
+    fn ids<'a>(list: &[&'a Candidate]) -> Vec<&'a str> {
         list.iter().map(|c| &c.id[14..]).collect()
     }
 
     #[test]
     fn claims_side_by_side_try_different_jobs_first_and_give_back_what_they_did_not_win() {
         let claims = Arc::new(Claims::default());
-        let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
-        let (b, tb) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        let four = candidates(4);
+        let (a, ta) = claims.pick(&four, 10, 1, true).unwrap();
+        let (b, tb) = claims.pick(&four, 10, 1, true).unwrap();
         assert_eq!(ids(&a), ["00", "01", "02", "03"]);
         // The job `a` tries first is not `b`'s to try.
         assert_eq!(ids(&b), ["01", "02", "03"]);
@@ -426,41 +429,41 @@ mod tests {
         ta.won([a[0].id.as_str()], 12);
         drop(tb);
         // A read older than the win still shows `a`'s job free: it stays out of the firsts.
-        let (c, tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
+        let (c, tc) = claims.pick(&four, 11, 1, true).unwrap();
         assert_eq!(ids(&c), ["01", "02", "03"]);
         drop(tc);
         // A read at the win shows it claimed (or done): no news any more.
-        let (d, _td) = claims.pick(candidates(4), 12, 1, true).unwrap();
+        let (d, _td) = claims.pick(&four, 12, 1, true).unwrap();
         assert_eq!(ids(&d), ["00", "01", "02", "03"]);
     }
 
     #[test]
     fn a_win_stays_out_of_the_chains_of_claims_that_pick_from_an_older_read_after_a_newer_one() {
         let claims = Arc::new(Claims::default());
-        let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        let four = candidates(4);
+        let (a, ta) = claims.pick(&four, 10, 1, true).unwrap();
         ta.won([a[0].id.as_str()], 12);
         // A claim from a read at 13, which shows `a`'s job claimed, picks first...
-        let (_, tb) = claims
-            .pick(candidates(4)[1..].to_vec(), 13, 1, true)
-            .unwrap();
+        let (_, tb) = claims.pick(&four[1..], 13, 1, true).unwrap();
         drop(tb);
         // ...and one from a read at 11, shared with others and picked from later, still
         // leaves `a`'s job out.
-        let (c, _tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
+        let (c, _tc) = claims.pick(&four, 11, 1, true).unwrap();
         assert_eq!(ids(&c), ["01", "02", "03"]);
     }
 
     #[test]
     fn a_win_is_forgotten_once_kept_long_enough() {
         let claims = Arc::new(Claims::default());
-        let (a, ta) = claims.pick(candidates(4), 10, 1, true).unwrap();
+        let four = candidates(4);
+        let (a, ta) = claims.pick(&four, 10, 1, true).unwrap();
         ta.won([a[0].id.as_str()], 12);
         {
             let mut state = State::lock(&claims);
             let recorded = &mut state.wins.front_mut().expect("the win").0;
             *recorded = Instant::now() - WINS_KEPT;
         }
-        let (c, _tc) = claims.pick(candidates(4), 11, 1, true).unwrap();
+        let (c, _tc) = claims.pick(&four, 11, 1, true).unwrap();
         assert_eq!(ids(&c), ["00", "01", "02", "03"]);
         let state = State::lock(&claims);
         assert!(state.wins.is_empty());
@@ -470,13 +473,14 @@ mod tests {
     #[test]
     fn a_claim_whose_candidates_are_all_another_claims_reads_again_or_competes() {
         let claims = Arc::new(Claims::default());
-        let (_, _t) = claims.pick(candidates(2), 10, 2, true).unwrap();
-        assert!(claims.pick(candidates(2), 10, 1, true).is_none());
-        let (all, racing) = claims.pick(candidates(2), 10, 1, false).unwrap();
+        let two = candidates(2);
+        let (_, _t) = claims.pick(&two, 10, 2, true).unwrap();
+        assert!(claims.pick(&two, 10, 1, true).is_none());
+        let (all, racing) = claims.pick(&two, 10, 1, false).unwrap();
         assert_eq!(ids(&all), ["00", "01"]);
         drop(racing);
         // The racer gave back nothing of the first claim's.
-        assert!(claims.pick(candidates(2), 10, 1, true).is_none());
+        assert!(claims.pick(&two, 10, 1, true).is_none());
     }
 
     #[test]

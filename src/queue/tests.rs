@@ -28,7 +28,7 @@ fn chains_deal_the_candidates_out_in_claim_order() {
         ids(chains(all[..3].to_vec(), 5, 4)),
         vec![vec![0], vec![1], vec![2]]
     );
-    assert!(chains(Vec::new(), 1, 4).is_empty());
+    assert!(chains(Vec::<Candidate>::new(), 1, 4).is_empty());
 }
 
 #[test]
@@ -67,7 +67,7 @@ fn a_rotation_keeps_the_first_candidates_first_stays_within_the_highest_priority
         order(rotate(all[..7].to_vec(), 6, 3)),
         (0..7).collect::<Vec<_>>()
     );
-    assert!(rotate(Vec::new(), 1, 3).is_empty());
+    assert!(rotate(Vec::<Candidate>::new(), 1, 3).is_empty());
 }
 
 #[test]
