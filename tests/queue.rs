@@ -713,6 +713,8 @@ async fn a_pool_holding_jobs_claims_more_from_one_read_sized_for_what_it_holds()
     let queues: Vec<WorkQueue> = family.iter().map(|s| WorkQueue::new(s, &name)).collect();
     let held = futures::future::join_all(queues.iter().map(|q| q.claim())).await;
     let held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
+    // Past the time a read answered serves later claims (`share::READ_KEPT`, 10 ms).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let reads = |family: &[LeasedSession]| family.iter().map(|s| s.metrics().reads).sum::<u64>();
     let before = reads(&family);
     let more = futures::future::join_all(queues.iter().map(|q| q.claim())).await;
@@ -728,6 +730,33 @@ async fn a_pool_holding_jobs_claims_more_from_one_read_sized_for_what_it_holds()
     for job in held.into_iter().chain(more) {
         job.release().await.unwrap();
     }
+}
+
+/// A worker's next claim takes its job from the read its last claim made a moment ago
+/// (within `share::READ_KEPT`, 10 ms) instead of reading again: of five claims made each
+/// right after the last job's ack, the later ones read nothing (at least one, however slow
+/// the machine), and each still takes the first job nobody holds.
+#[tokio::test]
+async fn a_workers_next_claim_takes_its_job_from_the_read_it_made_a_moment_ago() {
+    let etcd = etcd().await;
+    let name = unique("queue-recent-read");
+    let producer = session(&etcd, 10).await;
+    let pq = WorkQueue::new(&producer, &name);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
+    }
+    let s = session(&etcd, 10).await;
+    let q = WorkQueue::new(&s, &name);
+    let mut read_nothing = 0;
+    for id in &ids[..5] {
+        let before = s.metrics().reads;
+        let job = q.claim().await.unwrap();
+        read_nothing += (s.metrics().reads == before) as usize;
+        assert_eq!(job.id(), id, "the first job nobody holds");
+        job.ack().await.unwrap();
+    }
+    assert!(read_nothing >= 1, "every claim read the queue again");
 }
 
 /// Claims merged in one Txn do not share a failure: a sibling whose lease is gone makes etcd

@@ -327,22 +327,27 @@ impl WorkQueue {
         let session = self.session.inner();
         session.check()?;
         let _active = self.claims.active();
-        // The first read may be another claim's of this process (see `share`); a claim that
-        // won nothing from it reads on its own. A claim's first read is serializable (see
+        // The first read may be another claim's of this process, answered a moment ago or
+        // in flight (see `share`); a claim that finds nothing left for itself in one
+        // answered before it started reads again (shared), and a claim that won nothing
+        // from a read in flight reads on its own. A claim's first read is serializable (see
         // `scan_with`); it reads linearizably before it gives up or waits for a job, and
         // after a round that won nothing (a member behind would show it the same again) —
         // a round that then chains its candidates, whatever the family's siblings do.
         let (mut shared, mut serializable, mut won_nothing) = (true, true, false);
+        let mut recent = true;
         loop {
             let (want, hint) = (self.want(n), self.claims_hint());
             let need = n * chain_len(n);
-            let found = match std::mem::take(&mut shared) {
+            let (found, answered) = match std::mem::take(&mut shared) {
                 true => {
+                    let recent = std::mem::take(&mut recent);
+                    let sizes = (want, need, n);
                     self.claims
-                        .scan(session, &keys, (want, need, n), hint)
+                        .scan(session, &keys, sizes, hint, recent)
                         .await?
                 }
-                false => None,
+                false => (None, false),
             };
             let from_shared = found.is_some();
             let found = match found {
@@ -372,6 +377,15 @@ impl WorkQueue {
             let claimed = self
                 .claim_round(&keys, &found, n, from_shared, !won_nothing)
                 .await?;
+            let Some(claimed) = claimed else {
+                // Nothing was left for this claim in a shared read. Answered before the claim
+                // started: a fresh one, shared; else one of its own.
+                match answered {
+                    true => shared = true,
+                    false => (serializable, won_nothing) = (false, true),
+                }
+                continue;
+            };
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
@@ -385,8 +399,8 @@ impl WorkQueue {
     /// chain tries one of the first `n` ready jobs that no other claim of this process is
     /// trying first (see `share`), then — unless it `may_go_alone` and the family is alone
     /// ([`Claims::alone`]) — goes on at a random place among the next `spread` of the highest
-    /// priority; adapts the spread. Claims nothing, and sends nothing, if all of them are
-    /// other claims' to try and it should `rather_read` again.
+    /// priority; adapts the spread. Claims nothing, and sends nothing (`None`), if all of
+    /// them are other claims' to try and it should `rather_read` again.
     async fn claim_round(
         &self,
         keys: &Keys,
@@ -394,7 +408,7 @@ impl WorkQueue {
         n: usize,
         rather_read: bool,
         may_go_alone: bool,
-    ) -> Result<Vec<Claimed>, Error> {
+    ) -> Result<Option<Vec<Claimed>>, Error> {
         let read_at = found.revision;
         let spread = self.spread.load(Ordering::Relaxed);
         let offset = match spread {
@@ -404,7 +418,7 @@ impl WorkQueue {
         let Some((candidates, trying)) =
             self.claims.pick(&found.candidates, read_at, n, rather_read)
         else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let alone = may_go_alone && self.claims.alone(found);
         let len = if alone { 1 } else { chain_len(n) };
@@ -423,7 +437,7 @@ impl WorkQueue {
         let writes_between = usize::try_from(round.revision - read_at - 1).unwrap_or(0);
         let next = next_spread(spread, round.contended, writes_between);
         self.spread.store(next, Ordering::Relaxed);
-        Ok(round.claimed)
+        Ok(Some(round.claimed))
     }
 
     /// How many jobs the queue holds, claimed or not (dead letters aside). One read.

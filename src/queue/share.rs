@@ -7,7 +7,14 @@
 //!   waits for that scan instead of sending its own (unless the scan collects fewer
 //!   candidates than the claim's chains need), so a burst of claimers reads the queue once,
 //!   not once each. The scan is serializable (`scan_with`) and sized for as many claims as
-//!   were ever under way at once, at most [`MAX_SHARED`] more.
+//!   were ever under way at once, at most [`MAX_SHARED`] more, and reads past at least one
+//!   claim per handle of the family ahead of the free jobs (`Claims::claims_hint`).
+//! - **A read answered a moment ago.** A claim that starts within [`READ_KEPT`] (10 ms) after
+//!   such a scan was answered takes its candidates from that answer, if it holds as many as
+//!   the claim's chains need, and sends no read: a pool's workers that take their next jobs
+//!   one after another, or a lone worker that claims again right after its ack, read the
+//!   queue about once per 10 ms instead of once per claim. A claim that finds nothing left
+//!   for itself in it reads again, shared.
 //! - **Different first jobs.** Each claim then leaves out of its chain the jobs other claims
 //!   of the family try first (or have won since that read); a claim that finds only such jobs
 //!   in a shared read reads again on its own instead of racing its siblings for them (in a
@@ -20,8 +27,9 @@
 //!   `docs/performance.md`). A claimer elsewhere that read at the same moment may take such a
 //!   job; that claim then reads again, and it and the family's next claims chain.
 //!
-//! A claim that joins a sibling's read sees the queue as that read does, sent before the claim
-//! was called: a job enqueued meanwhile may be missed (the claim then takes the best job it
+//! A claim that joins a sibling's read, or takes one answered a moment ago, sees the queue as
+//! that read does, sent before the claim was called (up to [`READ_KEPT`] before, for one
+//! answered): a job enqueued meanwhile may be missed (the claim then takes the best job it
 //! sees), never lost.
 //!
 //! Only the read and the choice of candidates are shared; each claim's Txn is its own, and a
@@ -61,6 +69,14 @@ const MAX_SHARED: usize = 256;
 /// read after it found its first candidate taken). A claim whose read is older than this may
 /// still find one taken, and reads again.
 const WINS_KEPT: Duration = Duration::from_secs(1);
+
+/// How long the family's claims take their candidates from a shared scan already answered
+/// instead of reading again: a burst of claims — a pool's workers taking their next jobs —
+/// goes on without waiting for a read, and claims that race for what it shows take
+/// different jobs all the same (see [`Claims::pick`]). A claim that finds nothing left in it
+/// for itself reads again. A job enqueued after that read may be passed over for this long
+/// (never lost; a claim that joins a scan in flight may miss it too).
+const READ_KEPT: Duration = Duration::from_millis(10);
 
 /// How many claims of the family chain their candidates after one whose first candidate was
 /// taken by someone else.
@@ -103,11 +119,20 @@ struct State {
     members: HashMap<i64, usize>,
     /// How many more claims chain their candidates (since one found its first taken).
     chained: usize,
+    /// The newest shared scan answered, and when (see [`READ_KEPT`]).
+    last: Option<(Instant, Arc<Scan>)>,
 }
 
 impl State {
     fn lock(claims: &Claims) -> std::sync::MutexGuard<'_, State> {
         claims.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The family's scan answered within [`READ_KEPT`], if it found at least `need`
+    /// candidates.
+    fn recent(&self, need: usize) -> Option<Arc<Scan>> {
+        let (at, scan) = self.last.as_ref()?;
+        (at.elapsed() < READ_KEPT && scan.candidates.len() >= need).then(|| Arc::clone(scan))
     }
 
     /// Forgets the wins recorded more than [`WINS_KEPT`] ago.
@@ -202,10 +227,12 @@ impl Claims {
 
     /// A serializable scan of the queue (see [`scan_with`]) for up to `want` candidates (and
     /// `per_claim` more for each claim ever under way at once, idle ones included, up to
-    /// [`MAX_SHARED`] more): the one another claim has in flight, if it collects at least the
-    /// `need`ed beside the `per_claim` each claim already awaiting it takes first, else a new
-    /// one through `session` that claims starting meanwhile share.
-    /// `None` if the scan failed, or if one that collects fewer is in flight: the claim
+    /// [`MAX_SHARED`] more): if `recent` is allowed, the family's scan answered within
+    /// [`READ_KEPT`] that holds the `need`ed candidates; else the one another claim has in
+    /// flight, if it collects at least the `need`ed beside
+    /// the `per_claim` each claim already awaiting it takes first; else a new one through
+    /// `session` that claims starting meanwhile share. With it, whether it was an answered
+    /// one. `None` if the scan failed, or if one that collects fewer is in flight: the claim
     /// reads on its own.
     ///
     /// # Errors
@@ -216,9 +243,13 @@ impl Claims {
         keys: &Keys,
         (want, need, per_claim): (usize, usize, usize),
         claims_hint: usize,
-    ) -> Result<Option<Arc<Scan>>, Error> {
+        recent: bool,
+    ) -> Result<(Option<Arc<Scan>>, bool), Error> {
         let in_flight = {
             let mut state = State::lock(self);
+            if let Some(answered) = state.recent(need).filter(|_| recent) {
+                return Ok((Some(answered), true));
+            }
             match &mut state.scan {
                 // Each claim awaiting it takes up to `per_claim` of its candidates first.
                 Some(p)
@@ -229,26 +260,10 @@ impl Claims {
                     p.scan.clone()
                 }
                 // A claim that wants more (a bigger `claim_many`) reads on its own.
-                Some(p) if !p.done.load(Ordering::Acquire) => return Ok(None),
+                Some(p) if !p.done.load(Ordering::Acquire) => return Ok((None, false)),
                 _ => {
                     let collects = want + (per_claim * state.peak).min(MAX_SHARED);
-                    let done = Arc::new(AtomicBool::new(false));
-                    let (session, keys, answered) =
-                        (Arc::clone(session), keys.clone(), Arc::clone(&done));
-                    let scan = async move {
-                        let found = scan_with(&session, &keys, collects, claims_hint, true).await;
-                        answered.store(true, Ordering::Release);
-                        found.ok().map(Arc::new)
-                    }
-                    .boxed()
-                    .shared();
-                    state.scan = Some(Pending {
-                        scan: scan.clone(),
-                        done,
-                        awaiting: 1,
-                        collects,
-                    });
-                    scan
+                    self.start(&mut state, session, keys, collects, claims_hint)
                 }
             }
         };
@@ -258,7 +273,49 @@ impl Claims {
         };
         let found = unless_stopped(&**session, in_flight.map(Ok)).await;
         drop(awaiting);
-        found
+        Ok((found?, false))
+    }
+
+    /// Starts a shared scan (see [`scan`](Self::scan)) that one claim awaits; once answered,
+    /// it is the family's most recent.
+    fn start(
+        self: &Arc<Self>,
+        state: &mut State,
+        session: &Arc<Session>,
+        keys: &Keys,
+        collects: usize,
+        claims_hint: usize,
+    ) -> InFlight {
+        let done = Arc::new(AtomicBool::new(false));
+        let (session, keys, answered) = (Arc::clone(session), keys.clone(), Arc::clone(&done));
+        let family = Arc::downgrade(self);
+        let scan = async move {
+            let found = scan_with(&session, &keys, collects, claims_hint, true)
+                .await
+                .ok()
+                .map(Arc::new);
+            answered.store(true, Ordering::Release);
+            if let (Some(found), Some(family)) = (&found, family.upgrade()) {
+                let mut state = State::lock(&family);
+                if state
+                    .last
+                    .as_ref()
+                    .is_none_or(|(_, l)| l.revision <= found.revision)
+                {
+                    state.last = Some((Instant::now(), Arc::clone(found)));
+                }
+            }
+            found
+        }
+        .boxed()
+        .shared();
+        state.scan = Some(Pending {
+            scan: scan.clone(),
+            done,
+            awaiting: 1,
+            collects,
+        });
+        scan
     }
 
     /// The `candidates` (read at `revision`) a claim of `n` should try, in claim order: those
@@ -468,6 +525,26 @@ mod tests {
         let state = State::lock(&claims);
         assert!(state.wins.is_empty());
         assert_eq!(state.trying.len(), 1, "only the new claim's first job");
+    }
+
+    #[test]
+    fn a_read_answered_serves_the_claims_that_start_within_read_kept_if_it_holds_their_need() {
+        let claims = Arc::new(Claims::default());
+        let scan = Arc::new(Scan {
+            candidates: candidates(4),
+            revision: 10,
+            ..Scan::default()
+        });
+        let mut state = State::lock(&claims);
+        assert!(state.recent(1).is_none(), "nothing answered yet");
+        state.last = Some((Instant::now(), Arc::clone(&scan)));
+        assert!(state.recent(4).is_some_and(|s| Arc::ptr_eq(&s, &scan)));
+        assert!(
+            state.recent(5).is_none(),
+            "fewer candidates than the claim needs"
+        );
+        state.last = Some((Instant::now() - READ_KEPT, scan));
+        assert!(state.recent(1).is_none(), "answered READ_KEPT ago");
     }
 
     #[test]
