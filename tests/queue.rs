@@ -732,31 +732,66 @@ async fn a_pool_holding_jobs_claims_more_from_one_read_sized_for_what_it_holds()
     }
 }
 
-/// A worker's next claim takes its job from the read its last claim made a moment ago
-/// (within `share::READ_KEPT`, 10 ms) instead of reading again: of five claims made each
-/// right after the last job's ack, the later ones read nothing (at least one, however slow
-/// the machine), and each still takes the first job nobody holds.
+/// A pool's worker's next claim takes its job from the read made a moment ago (within
+/// `share::READ_KEPT`, 10 ms) instead of reading again, while the pool looks alone in
+/// claiming: of five claims a worker makes each right after its last job's ack, beside a
+/// sibling that holds a job, the later ones read nothing (at least one, however slow the
+/// machine), and each still takes the first job nobody holds.
 #[tokio::test]
-async fn a_workers_next_claim_takes_its_job_from_the_read_it_made_a_moment_ago() {
+async fn a_pool_workers_next_claim_takes_its_job_from_the_read_made_a_moment_ago() {
     let etcd = etcd().await;
     let name = unique("queue-recent-read");
     let producer = session(&etcd, 10).await;
     let pq = WorkQueue::new(&producer, &name);
     let mut ids = Vec::new();
-    for i in 0..10 {
+    for i in 0..20 {
         ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
     }
-    let s = session(&etcd, 10).await;
-    let q = WorkQueue::new(&s, &name);
+    let a = session(&etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
+    let (ja, jb) = futures::join!(qa.claim(), qb.claim()); // a pool: two claims at once
+    let (ja, jb) = (ja.unwrap(), jb.unwrap());
+    let held: HashSet<JobId> = [ja.id().clone(), jb.id().clone()].into();
+    ja.ack().await.unwrap();
+    let reads = || a.metrics().reads + b.metrics().reads;
     let mut read_nothing = 0;
-    for id in &ids[..5] {
-        let before = s.metrics().reads;
-        let job = q.claim().await.unwrap();
-        read_nothing += (s.metrics().reads == before) as usize;
+    for id in ids.iter().filter(|id| !held.contains(*id)).take(5) {
+        let before = reads();
+        let job = qa.claim().await.unwrap();
+        read_nothing += (reads() == before) as usize;
         assert_eq!(job.id(), id, "the first job nobody holds");
         job.ack().await.unwrap();
     }
     assert!(read_nothing >= 1, "every claim read the queue again");
+    jb.ack().await.unwrap();
+}
+
+/// A read answered a moment ago never hides a job the pool itself enqueued since: after a
+/// pool's claims, a higher-priority job enqueued through one of its handles is the next
+/// claim's, though that claim comes within `share::READ_KEPT` of the last read (with the
+/// reads kept regardless, it took the next job of priority 0).
+#[tokio::test]
+async fn a_claim_after_its_pools_own_enqueue_sees_that_job() {
+    let etcd = etcd().await;
+    let name = unique("queue-own-enqueue");
+    let a = session(&etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
+    for i in 0..20 {
+        qa.enqueue(format!("job {i}")).await.unwrap();
+    }
+    let (ja, jb) = futures::join!(qa.claim(), qb.claim()); // a pool: two claims at once
+    let (ja, jb) = (ja.unwrap(), jb.unwrap());
+    let urgent = qb
+        .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
+        .await
+        .unwrap();
+    let next = qa.claim().await.unwrap();
+    assert_eq!(next.id(), &urgent, "the job enqueued just before");
+    for job in [ja, jb, next] {
+        job.ack().await.unwrap();
+    }
 }
 
 /// Claims merged in one Txn do not share a failure: a sibling whose lease is gone makes etcd

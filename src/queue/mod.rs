@@ -215,7 +215,10 @@ impl WorkQueue {
         let keys = self.keys()?;
         let window = self.options.validate()?;
         let session = self.session.inner();
-        enqueue::enqueue(session, &keys, window, payload.into(), &options).await
+        let enqueued = enqueue::enqueue(session, &keys, window, payload.into(), &options).await;
+        // The family's next claim sees this job: it takes no read sent before it.
+        self.claims.enqueued();
+        enqueued
     }
 
     /// Claims the ready job of the highest priority that became ready first and that nobody

@@ -11,10 +11,13 @@
 //!   claim per handle of the family ahead of the free jobs (`Claims::claims_hint`).
 //! - **A read answered a moment ago.** A claim that starts within [`READ_KEPT`] (10 ms) after
 //!   such a scan was answered takes its candidates from that answer, if it holds as many as
-//!   the claim's chains need, and sends no read: a pool's workers that take their next jobs
-//!   one after another, or a lone worker that claims again right after its ack, read the
-//!   queue about once per 10 ms instead of once per claim. A claim that finds nothing left
-//!   for itself in it reads again, shared.
+//!   the claim's chains need, and sends no read — while the family looks alone in claiming
+//!   (as for the next point: a pool, only its own claims in that read, no collision since):
+//!   a pool's workers that take their next jobs one after another read the queue about once
+//!   per 10 ms instead of once per claim. A claim that finds nothing left for itself in it
+//!   reads again, shared. (That read shows what the family claimed since, not what others
+//!   did: where others claim, a claim that picked from it would collide and no longer take
+//!   the first free job.)
 //! - **Different first jobs.** Each claim then leaves out of its chain the jobs other claims
 //!   of the family try first (or have won since that read); a claim that finds only such jobs
 //!   in a shared read reads again on its own instead of racing its siblings for them (in a
@@ -29,8 +32,9 @@
 //!
 //! A claim that joins a sibling's read, or takes one answered a moment ago, sees the queue as
 //! that read does, sent before the claim was called (up to [`READ_KEPT`] before, for one
-//! answered): a job enqueued meanwhile may be missed (the claim then takes the best job it
-//! sees), never lost.
+//! answered): a job enqueued meanwhile by anyone outside the family may be missed (the claim then takes
+//! the best job it sees), never lost. A job the family enqueued is not: no read sent before
+//! the family's last enqueue returned serves as an answered one (`Claims::enqueued`).
 //!
 //! Only the read and the choice of candidates are shared; each claim's Txn is its own, and a
 //! claim Txn applies only where its job is unchanged since the read and unclaimed, whoever
@@ -119,8 +123,11 @@ struct State {
     members: HashMap<i64, usize>,
     /// How many more claims chain their candidates (since one found its first taken).
     chained: usize,
-    /// The newest shared scan answered, and when (see [`READ_KEPT`]).
+    /// The newest shared scan answered, and when (see [`READ_KEPT`]); never one sent before
+    /// `enqueued`.
     last: Option<(Instant, Arc<Scan>)>,
+    /// When an enqueue of the family last returned (see [`Claims::enqueued`]).
+    enqueued: Option<Instant>,
 }
 
 impl State {
@@ -129,10 +136,19 @@ impl State {
     }
 
     /// The family's scan answered within [`READ_KEPT`], if it found at least `need`
-    /// candidates.
+    /// candidates, and while the family looks alone in claiming from the queue, as for
+    /// [`Claims::alone`]: a pool (claims have gone on side by side), every claim that read
+    /// shows is the family's, and no claim of the family found its first candidate taken
+    /// since (see [`Claims::collided`]). A read of a moment ago shows what the family claimed
+    /// since (its wins); it does not show what others did, and a claim that picks from it
+    /// where others claim collides and no longer takes the first free job.
     fn recent(&self, need: usize) -> Option<Arc<Scan>> {
         let (at, scan) = self.last.as_ref()?;
-        (at.elapsed() < READ_KEPT && scan.candidates.len() >= need).then(|| Arc::clone(scan))
+        let alone = self.peak > 1
+            && self.chained == 0
+            && scan.claimers.iter().all(|l| self.members.contains_key(l));
+        (alone && at.elapsed() < READ_KEPT && scan.candidates.len() >= need)
+            .then(|| Arc::clone(scan))
     }
 
     /// Forgets the wins recorded more than [`WINS_KEPT`] ago.
@@ -176,6 +192,15 @@ impl Claims {
             claims: Arc::clone(self),
             lease,
         }
+    }
+
+    /// Records that an enqueue of the family returned (or failed): no read sent before now
+    /// serves a claim as an answered one ([`READ_KEPT`]), so a claim made after the family's
+    /// own enqueue sees that job (as far as the member it reads through has it).
+    pub(super) fn enqueued(&self) {
+        let mut state = State::lock(self);
+        state.enqueued = Some(Instant::now());
+        state.last = None;
     }
 
     /// How many claims a read of the queue is sized to find ahead of the free jobs: as many
@@ -290,6 +315,7 @@ impl Claims {
         let (session, keys, answered) = (Arc::clone(session), keys.clone(), Arc::clone(&done));
         let family = Arc::downgrade(self);
         let scan = async move {
+            let sent = Instant::now();
             let found = scan_with(&session, &keys, collects, claims_hint, true)
                 .await
                 .ok()
@@ -297,11 +323,11 @@ impl Claims {
             answered.store(true, Ordering::Release);
             if let (Some(found), Some(family)) = (&found, family.upgrade()) {
                 let mut state = State::lock(&family);
-                if state
+                let newer = state
                     .last
                     .as_ref()
-                    .is_none_or(|(_, l)| l.revision <= found.revision)
-                {
+                    .is_none_or(|(_, l)| l.revision <= found.revision);
+                if newer && state.enqueued.is_none_or(|at| at <= sent) {
                     state.last = Some((Instant::now(), Arc::clone(found)));
                 }
             }
@@ -528,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn a_read_answered_serves_the_claims_that_start_within_read_kept_if_it_holds_their_need() {
+    fn a_read_answered_serves_a_pool_that_claims_alone_within_read_kept_if_it_holds_its_need() {
         let claims = Arc::new(Claims::default());
         let scan = Arc::new(Scan {
             candidates: candidates(4),
@@ -538,10 +564,23 @@ mod tests {
         let mut state = State::lock(&claims);
         assert!(state.recent(1).is_none(), "nothing answered yet");
         state.last = Some((Instant::now(), Arc::clone(&scan)));
+        assert!(state.recent(1).is_none(), "no two claims side by side yet");
+        state.peak = 2;
         assert!(state.recent(4).is_some_and(|s| Arc::ptr_eq(&s, &scan)));
+        let fewer = "fewer candidates than the claim needs";
+        assert!(state.recent(5).is_none(), "{fewer}");
+        state.chained = 1;
+        assert!(state.recent(1).is_none(), "a claim of the family collided");
+        state.chained = 0;
+        let foreign = Scan {
+            candidates: candidates(4),
+            claimers: [7].into(),
+            ..Scan::default()
+        };
+        state.last = Some((Instant::now(), Arc::new(foreign)));
         assert!(
-            state.recent(5).is_none(),
-            "fewer candidates than the claim needs"
+            state.recent(1).is_none(),
+            "another family's claim in the read"
         );
         state.last = Some((Instant::now() - READ_KEPT, scan));
         assert!(state.recent(1).is_none(), "answered READ_KEPT ago");
