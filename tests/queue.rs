@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use etcd_client::Client;
 use etcd_coord::{
-    EnqueueOptions, Error, JobId, LeasedSession, QueueOptions, SessionOptions, WorkQueue,
+    Claimed, EnqueueOptions, Error, JobId, LeasedSession, QueueOptions, SessionOptions, WorkQueue,
     MAX_BATCH, MAX_PAYLOAD_LEN, MAX_PRIORITY,
 };
 use futures::StreamExt;
@@ -735,8 +735,9 @@ async fn a_pool_holding_jobs_claims_more_from_one_read_sized_for_what_it_holds()
 /// A pool's worker's next claim takes its job from the read made a moment ago (within
 /// `share::READ_KEPT`, 10 ms) instead of reading again, while the pool looks alone in
 /// claiming: of five claims a worker makes each right after its last job's ack, beside a
-/// sibling that holds a job, the later ones read nothing (at least one, however slow the
-/// machine), and each still takes the first job nobody holds.
+/// sibling that holds a job, the later ones read nothing (the test asks for one: a claim that
+/// came over 10 ms after the read reads again), and each still takes the first job nobody
+/// holds.
 #[tokio::test]
 async fn a_pool_workers_next_claim_takes_its_job_from_the_read_made_a_moment_ago() {
     let etcd = etcd().await;
@@ -790,6 +791,96 @@ async fn a_claim_after_its_pools_own_enqueue_sees_that_job() {
     let next = qa.claim().await.unwrap();
     assert_eq!(next.id(), &urgent, "the job enqueued just before");
     for job in [ja, jb, next] {
+        job.ack().await.unwrap();
+    }
+}
+
+/// Two claims of a pool at once, `(a, b)`, over 20 jobs enqueued by a producer (so that the
+/// pool's claims go without chains, and read answers a moment old may serve them).
+async fn pool_of_two(
+    etcd: &etcd_coord_testkit::TestEtcd,
+    name: &str,
+) -> (Vec<JobId>, [(LeasedSession, WorkQueue, Claimed); 2]) {
+    let producer = session(etcd, 10).await;
+    let pq = WorkQueue::new(&producer, name);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
+    }
+    let a = session(etcd, 10).await;
+    let b = a.sibling(ttl(10)).await.unwrap();
+    let (qa, qb) = (WorkQueue::new(&a, name), WorkQueue::new(&b, name));
+    let (ja, jb) = futures::join!(qa.claim(), qb.claim());
+    (ids, [(a, qa, ja.unwrap()), (b, qb, jb.unwrap())])
+}
+
+/// A job the pool gives back is the pool's next claim's, at once and in its old place, though
+/// a read of a moment ago shows it claimed (`share::GivesBack`): a nack with no delay, then a
+/// claim. (Taking the read a moment old, the claim took the next job.)
+#[tokio::test]
+async fn a_job_the_pool_gives_back_is_its_next_claims_at_once() {
+    let etcd = etcd().await;
+    let name = unique("queue-gives-back");
+    let (_, [(_a, qa, ja), (_b, _qb, jb)]) = pool_of_two(&etcd, &name).await;
+    let given = ja.id().clone();
+    ja.nack(Duration::ZERO).await.unwrap();
+    let again = qa.claim().await.unwrap();
+    assert_eq!(again.id(), &given, "the job given back, in its old place");
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    jb.ack().await.unwrap();
+}
+
+/// A read in flight that was sent before the pool's own enqueue returned serves no claim of
+/// the pool that starts after it: the claim reads again and takes the job enqueued. (Joining
+/// that read, it took a job of priority 0.)
+#[tokio::test]
+async fn a_claim_after_its_pools_enqueue_joins_no_read_sent_before_it() {
+    let etcd = etcd().await;
+    let name = unique("queue-enqueue-in-flight");
+    let (_, [(a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
+    let c = a.sibling(ttl(10)).await.unwrap();
+    let qc = WorkQueue::new(&c, &name);
+    // Past the time the pool's last read serves its claims (`share::READ_KEPT`, 10 ms).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut earlier = Box::pin(qc.claim());
+    assert!(step(&mut earlier).await.is_none());
+    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    let urgent = qb
+        .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
+        .await
+        .unwrap();
+    let next = qa.claim().await.unwrap();
+    assert_eq!(next.id(), &urgent, "the job enqueued just before");
+    let jc = earlier.await.unwrap();
+    for job in [ja, jb, jc, next] {
+        job.ack().await.unwrap();
+    }
+}
+
+/// A read sent before the pool's own enqueue returned, and answered after it, is not kept for
+/// the pool's next claims: a claim right after it takes the job enqueued. (Kept, it served
+/// that claim, which took a job of priority 0.)
+#[tokio::test]
+async fn a_read_sent_before_the_pools_enqueue_is_not_kept_for_its_next_claims() {
+    let etcd = etcd().await;
+    let name = unique("queue-enqueue-kept");
+    let (_, [(a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
+    let c = a.sibling(ttl(10)).await.unwrap();
+    let qc = WorkQueue::new(&c, &name);
+    // Past the time the pool's last read serves its claims (`share::READ_KEPT`, 10 ms).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut earlier = Box::pin(qc.claim());
+    assert!(step(&mut earlier).await.is_none());
+    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    let urgent = qb
+        .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
+        .await
+        .unwrap();
+    let jc = earlier.await.unwrap(); // its read answered after the enqueue
+    let next = qa.claim().await.unwrap();
+    assert_eq!(next.id(), &urgent, "the job enqueued just before");
+    for job in [ja, jb, jc, next] {
         job.ack().await.unwrap();
     }
 }
@@ -926,6 +1017,9 @@ async fn narrowed_beside_a_sibling(
     for _ in 0..7 {
         qa.claim().await.unwrap().ack().await.unwrap();
     }
+    // Past the time a read answered serves later claims (`share::READ_KEPT`, 10 ms): the
+    // next claims read, or join a read in flight.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     (producer, qa, b)
 }
 

@@ -48,6 +48,7 @@ use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpRes
 use super::claimed::{Claimed, Job};
 use super::layout::{decode, JobId, Keys};
 use super::scan::Candidate;
+use super::share::{Claims, GivesBack};
 use crate::engine::cleanup::{Afterwards, Cleanup, Sweep};
 use crate::engine::detached::detached;
 use crate::engine::ticket::Acquired;
@@ -109,12 +110,14 @@ pub(super) struct Round {
 }
 
 /// Claims up to `chains.len()` jobs through `leased` in one round trip, each chain its
-/// candidates in order. Cancel-safe (see the module's docs).
+/// candidates in order; each job won is tied to its `family` ([`GivesBack`]). Cancel-safe
+/// (see the module's docs).
 pub(super) async fn claim(
     leased: &LeasedSession,
     keys: &Keys,
     max_attempts: u32,
     chains: Vec<Vec<Candidate>>,
+    family: &Arc<Claims>,
 ) -> Result<Round, Error> {
     let session = leased.inner();
     session.check()?;
@@ -187,6 +190,7 @@ pub(super) async fn claim(
             attempt,
             header,
             payload,
+            gives_back: GivesBack::new(family),
         };
         let guard = Claimed::from_holding(won.holding, job);
         if attempt > max_attempts {

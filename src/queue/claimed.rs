@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::layout::{encode, micros, now_ms, Header, JobId, Keys};
+use super::share::GivesBack;
 use crate::engine::holding_guard;
 use crate::keys::txn_gets;
 use crate::rpc::batch::Batcher;
@@ -26,6 +27,8 @@ pub(crate) struct Job {
     pub(super) attempt: u32,
     pub(super) header: Header,
     pub(super) payload: Vec<u8>,
+    /// Unless acknowledged, the job goes back: the family's claims must see it.
+    pub(super) gives_back: GivesBack,
 }
 
 impl std::fmt::Debug for Job {
@@ -126,6 +129,7 @@ impl Claimed {
         // On the heap: the look into etcd's history makes it 26 KiB in debug builds.
         let revision = Box::pin(remove(&fence, ops, &job.key, job.create_revision)).await?;
         self.holding.released_by_owner(revision);
+        self.job.gives_back.acked();
         Ok(())
     }
 

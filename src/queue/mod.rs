@@ -217,7 +217,7 @@ impl WorkQueue {
         let session = self.session.inner();
         let enqueued = enqueue::enqueue(session, &keys, window, payload.into(), &options).await;
         // The family's next claim sees this job: it takes no read sent before it.
-        self.claims.enqueued();
+        self.claims.wrote();
         enqueued
     }
 
@@ -429,7 +429,8 @@ impl WorkQueue {
             .into_iter()
             .map(|chain| chain.into_iter().cloned().collect())
             .collect();
-        let round = claim::claim(&self.session, keys, self.options.max_attempts, chains).await?;
+        let (leased, max_attempts) = (&self.session, self.options.max_attempts);
+        let round = claim::claim(leased, keys, max_attempts, chains, &self.claims).await?;
         trying.won(
             round.claimed.iter().map(|c| c.id().as_str()),
             round.revision,

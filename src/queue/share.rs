@@ -12,7 +12,8 @@
 //! - **A read answered a moment ago.** A claim that starts within [`READ_KEPT`] (10 ms) after
 //!   such a scan was answered takes its candidates from that answer, if it holds as many as
 //!   the claim's chains need, and sends no read — while the family looks alone in claiming
-//!   (as for the next point: a pool, only its own claims in that read, no collision since):
+//!   (as for "No chain while alone" below: a pool, only its own claims in that read, no
+//!   collision since):
 //!   a pool's workers that take their next jobs one after another read the queue about once
 //!   per 10 ms instead of once per claim. A claim that finds nothing left for itself in it
 //!   reads again, shared. (That read shows what the family claimed since, not what others
@@ -31,10 +32,11 @@
 //!   job; that claim then reads again, and it and the family's next claims chain.
 //!
 //! A claim that joins a sibling's read, or takes one answered a moment ago, sees the queue as
-//! that read does, sent before the claim was called (up to [`READ_KEPT`] before, for one
-//! answered): a job enqueued meanwhile by anyone outside the family may be missed (the claim then takes
-//! the best job it sees), never lost. A job the family enqueued is not: no read sent before
-//! the family's last enqueue returned serves as an answered one (`Claims::enqueued`).
+//! that read does, sent before the claim was called (for one answered, answered up to
+//! [`READ_KEPT`] before): a job enqueued or given back meanwhile by anyone outside the family
+//! may be missed (the claim then takes the best job it sees), never lost. One the family
+//! enqueued or gave back is not: no read sent before that returned serves a claim after it,
+//! answered or in flight (`Claims::wrote`, [`GivesBack`]).
 //!
 //! Only the read and the choice of candidates are shared; each claim's Txn is its own, and a
 //! claim Txn applies only where its job is unchanged since the read and unclaimed, whoever
@@ -124,10 +126,10 @@ struct State {
     /// How many more claims chain their candidates (since one found its first taken).
     chained: usize,
     /// The newest shared scan answered, and when (see [`READ_KEPT`]); never one sent before
-    /// `enqueued`.
+    /// `wrote`.
     last: Option<(Instant, Arc<Scan>)>,
-    /// When an enqueue of the family last returned (see [`Claims::enqueued`]).
-    enqueued: Option<Instant>,
+    /// When the family last added a job or gave one back (see [`Claims::wrote`]).
+    wrote: Option<Instant>,
 }
 
 impl State {
@@ -194,22 +196,29 @@ impl Claims {
         }
     }
 
-    /// Records that an enqueue of the family returned (or failed): no read sent before now
-    /// serves a claim as an answered one ([`READ_KEPT`]), so a claim made after the family's
-    /// own enqueue sees that job (as far as the member it reads through has it).
-    pub(super) fn enqueued(&self) {
+    /// Records that the family added a job or gave one back (an enqueue returned, or failed;
+    /// a claim ended other than by its ack): no read sent before now serves a claim any more
+    /// — neither one answered ([`READ_KEPT`]) nor one in flight (a claim starting now sends a
+    /// read of its own, which others may join) — so a claim made after it sees that job (as
+    /// far as the member it reads through has it).
+    pub(super) fn wrote(&self) {
         let mut state = State::lock(self);
-        state.enqueued = Some(Instant::now());
+        state.wrote = Some(Instant::now());
         state.last = None;
+        // Those awaiting it still get it (`Awaiting` tells scans apart by pointer).
+        state.scan = None;
     }
 
     /// How many claims a read of the queue is sized to find ahead of the free jobs: as many
-    /// as the last read saw, and at least one per handle of the family on the queue (a pool's
-    /// workers hold about one each; the last read may have come when they held none, and a
-    /// read sized for none found too few jobs for the claims that shared it).
+    /// as the last read saw, and at least one per handle of the family on the queue, up to
+    /// [`MAX_SHARED`] (a pool's workers hold about one each; the last read may have come when
+    /// they held none, and a read sized for none found too few jobs for the claims that
+    /// shared it).
     pub(super) fn claims_hint(&self) -> usize {
         let handles: usize = State::lock(self).members.values().sum();
-        self.seen.load(Ordering::Relaxed).max(handles)
+        self.seen
+            .load(Ordering::Relaxed)
+            .max(handles.min(MAX_SHARED))
     }
 
     /// Whether a claim from `found` may try its own first candidates alone, without a chain
@@ -327,7 +336,7 @@ impl Claims {
                     .last
                     .as_ref()
                     .is_none_or(|(_, l)| l.revision <= found.revision);
-                if newer && state.enqueued.is_none_or(|at| at <= sent) {
+                if newer && state.wrote.is_none_or(|at| at <= sent) {
                     state.last = Some((Instant::now(), Arc::clone(found)));
                 }
             }
@@ -382,6 +391,32 @@ impl Claims {
             ids: mine,
         };
         Some((list, trying))
+    }
+}
+
+/// A claimed job's tie to its family: unless the job is acknowledged, the claim's end — a
+/// nack, a release, a dropped guard, a failed ack, a dead letter — gives the job back (or
+/// moves it), and the family's claims after it take no read sent before (see
+/// [`Claims::wrote`]; a read a moment old shows the job claimed, and the family's win keeps
+/// it out of picks from any read older than the claim).
+pub(crate) struct GivesBack(Option<Arc<Claims>>);
+
+impl GivesBack {
+    pub(super) fn new(claims: &Arc<Claims>) -> GivesBack {
+        GivesBack(Some(Arc::clone(claims)))
+    }
+
+    /// The job was acknowledged: nothing goes back.
+    pub(super) fn acked(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GivesBack {
+    fn drop(&mut self) {
+        if let Some(claims) = self.0.take() {
+            claims.wrote();
+        }
     }
 }
 
