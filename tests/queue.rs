@@ -831,6 +831,31 @@ async fn a_job_the_pool_gives_back_is_its_next_claims_at_once() {
     jb.ack().await.unwrap();
 }
 
+/// A read in flight that was sent before the pool gave a job back serves no claim of the pool
+/// that starts after it: the claim reads again and takes the job given back. (Joining that
+/// read, which shows the job claimed, it took another.)
+#[tokio::test]
+async fn a_claim_after_the_pool_gives_a_job_back_joins_no_read_sent_before_it() {
+    let etcd = etcd().await;
+    let name = unique("queue-gives-back-in-flight");
+    let (_, [(a, qa, ja), (_b, _qb, jb)]) = pool_of_two(&etcd, &name).await;
+    let c = a.sibling(ttl(10)).await.unwrap();
+    let qc = WorkQueue::new(&c, &name);
+    // Past the time the pool's last read serves its claims (`share::READ_KEPT`, 10 ms).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut earlier = Box::pin(qc.claim());
+    assert!(step(&mut earlier).await.is_none());
+    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    let given = ja.id().clone();
+    ja.nack(Duration::ZERO).await.unwrap();
+    let again = qa.claim().await.unwrap();
+    assert_eq!(again.id(), &given, "the job given back, in its old place");
+    let jc = earlier.await.unwrap();
+    for job in [jb, jc, again] {
+        job.ack().await.unwrap();
+    }
+}
+
 /// A read in flight that was sent before the pool's own enqueue returned serves no claim of
 /// the pool that starts after it: the claim reads again and takes the job enqueued. (Joining
 /// that read, it took a job of priority 0.)

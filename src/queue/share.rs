@@ -36,7 +36,9 @@
 //! [`READ_KEPT`] before): a job enqueued or given back meanwhile by anyone outside the family
 //! may be missed (the claim then takes the best job it sees), never lost. One the family
 //! enqueued or gave back is not: no read sent before that returned serves a claim after it,
-//! answered or in flight (`Claims::wrote`, [`GivesBack`]).
+//! answered or in flight (`Claims::wrote`, [`GivesBack`]) — but for a dropped guard's job,
+//! which goes back in the background, after a read the family keeps may have been sent: it
+//! may be passed over for up to [`READ_KEPT`] after it is back.
 //!
 //! Only the read and the choice of candidates are shared; each claim's Txn is its own, and a
 //! claim Txn applies only where its job is unchanged since the read and unclaimed, whoever
@@ -80,8 +82,10 @@ const WINS_KEPT: Duration = Duration::from_secs(1);
 /// instead of reading again: a burst of claims — a pool's workers taking their next jobs —
 /// goes on without waiting for a read, and claims that race for what it shows take
 /// different jobs all the same (see [`Claims::pick`]). A claim that finds nothing left in it
-/// for itself reads again. A job enqueued after that read may be passed over for this long
-/// (never lost; a claim that joins a scan in flight may miss it too).
+/// for itself reads again. A job enqueued or given back outside the family after that read
+/// may be passed over for this long (never lost; a claim that joins a scan in flight may
+/// miss it too); one the family enqueued or gave back is not (see [`Claims::wrote`]), but
+/// for a guard dropped (see [`GivesBack`]).
 const READ_KEPT: Duration = Duration::from_millis(10);
 
 /// How many claims of the family chain their candidates after one whose first candidate was
@@ -210,10 +214,10 @@ impl Claims {
     }
 
     /// How many claims a read of the queue is sized to find ahead of the free jobs: as many
-    /// as the last read saw, and at least one per handle of the family on the queue, up to
-    /// [`MAX_SHARED`] (a pool's workers hold about one each; the last read may have come when
-    /// they held none, and a read sized for none found too few jobs for the claims that
-    /// shared it).
+    /// as the last read saw, and at least one per handle of the family on the queue (the
+    /// handles counted up to [`MAX_SHARED`]; a pool's workers hold about one each; the last
+    /// read may have come when they held none, and a read sized for none found too few jobs
+    /// for the claims that shared it).
     pub(super) fn claims_hint(&self) -> usize {
         let handles: usize = State::lock(self).members.values().sum();
         self.seen
@@ -398,7 +402,11 @@ impl Claims {
 /// nack, a release, a dropped guard, a failed ack, a dead letter — gives the job back (or
 /// moves it), and the family's claims after it take no read sent before (see
 /// [`Claims::wrote`]; a read a moment old shows the job claimed, and the family's win keeps
-/// it out of picks from any read older than the claim).
+/// it out of picks from any read older than the claim). A nack, a release and a dead letter
+/// end after their request returned; a dropped guard (and a failed ack, or a nack or release
+/// whose future was dropped) gives the job back in the session's task, later: a read sent
+/// between that drop and the give-back's landing still shows the job claimed and may be
+/// kept, so that job may be passed over for up to [`READ_KEPT`] (it is never lost).
 pub(crate) struct GivesBack(Option<Arc<Claims>>);
 
 impl GivesBack {
