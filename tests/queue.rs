@@ -3,6 +3,8 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -814,6 +816,22 @@ async fn pool_of_two(
     (ids, [(a, qa, ja.unwrap()), (b, qb, jb.unwrap())])
 }
 
+/// A claim of the pool (through a new sibling of `a`) whose read is sent and in flight, polled
+/// no further; made once the pool's last read no longer serves claims (`share::READ_KEPT`).
+async fn a_claim_with_its_read_in_flight(
+    a: &LeasedSession,
+    name: &str,
+) -> Pin<Box<dyn Future<Output = Result<Claimed, Error>> + Send>> {
+    let c = a.sibling(ttl(10)).await.unwrap();
+    let qc = WorkQueue::new(&c, name);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut claim: Pin<Box<dyn Future<Output = _> + Send>> =
+        Box::pin(async move { qc.claim().await });
+    assert!(step(&mut claim).await.is_none());
+    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    claim
+}
+
 /// A job the pool gives back is the pool's next claim's, at once and in its old place, though
 /// a read of a moment ago shows it claimed (`share::GivesBack`): a nack with no delay, then a
 /// claim. (Taking the read a moment old, the claim took the next job.)
@@ -839,13 +857,7 @@ async fn a_claim_after_the_pool_gives_a_job_back_joins_no_read_sent_before_it() 
     let etcd = etcd().await;
     let name = unique("queue-gives-back-in-flight");
     let (_, [(a, qa, ja), (_b, _qb, jb)]) = pool_of_two(&etcd, &name).await;
-    let c = a.sibling(ttl(10)).await.unwrap();
-    let qc = WorkQueue::new(&c, &name);
-    // Past the time the pool's last read serves its claims (`share::READ_KEPT`, 10 ms).
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut earlier = Box::pin(qc.claim());
-    assert!(step(&mut earlier).await.is_none());
-    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    let earlier = a_claim_with_its_read_in_flight(&a, &name).await;
     let given = ja.id().clone();
     ja.nack(Duration::ZERO).await.unwrap();
     let again = qa.claim().await.unwrap();
@@ -864,13 +876,7 @@ async fn a_claim_after_its_pools_enqueue_joins_no_read_sent_before_it() {
     let etcd = etcd().await;
     let name = unique("queue-enqueue-in-flight");
     let (_, [(a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
-    let c = a.sibling(ttl(10)).await.unwrap();
-    let qc = WorkQueue::new(&c, &name);
-    // Past the time the pool's last read serves its claims (`share::READ_KEPT`, 10 ms).
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut earlier = Box::pin(qc.claim());
-    assert!(step(&mut earlier).await.is_none());
-    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    let earlier = a_claim_with_its_read_in_flight(&a, &name).await;
     let urgent = qb
         .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
         .await
@@ -891,13 +897,7 @@ async fn a_read_sent_before_the_pools_enqueue_is_not_kept_for_its_next_claims() 
     let etcd = etcd().await;
     let name = unique("queue-enqueue-kept");
     let (_, [(a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
-    let c = a.sibling(ttl(10)).await.unwrap();
-    let qc = WorkQueue::new(&c, &name);
-    // Past the time the pool's last read serves its claims (`share::READ_KEPT`, 10 ms).
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut earlier = Box::pin(qc.claim());
-    assert!(step(&mut earlier).await.is_none());
-    assert_eq!(c.metrics().reads, 2, "its read is sent");
+    let earlier = a_claim_with_its_read_in_flight(&a, &name).await;
     let urgent = qb
         .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
         .await
