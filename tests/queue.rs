@@ -744,17 +744,7 @@ async fn a_pool_holding_jobs_claims_more_from_one_read_sized_for_what_it_holds()
 async fn a_pool_workers_next_claim_takes_its_job_from_the_read_made_a_moment_ago() {
     let etcd = etcd().await;
     let name = unique("queue-recent-read");
-    let producer = session(&etcd, 10).await;
-    let pq = WorkQueue::new(&producer, &name);
-    let mut ids = Vec::new();
-    for i in 0..20 {
-        ids.push(pq.enqueue(format!("job {i}")).await.unwrap());
-    }
-    let a = session(&etcd, 10).await;
-    let b = a.sibling(ttl(10)).await.unwrap();
-    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
-    let (ja, jb) = futures::join!(qa.claim(), qb.claim()); // a pool: two claims at once
-    let (ja, jb) = (ja.unwrap(), jb.unwrap());
+    let (ids, [(a, qa, ja), (b, _qb, jb)]) = pool_of_two(&etcd, &name).await;
     let held: HashSet<JobId> = [ja.id().clone(), jb.id().clone()].into();
     ja.ack().await.unwrap();
     let reads = || a.metrics().reads + b.metrics().reads;
@@ -778,14 +768,7 @@ async fn a_pool_workers_next_claim_takes_its_job_from_the_read_made_a_moment_ago
 async fn a_claim_after_its_pools_own_enqueue_sees_that_job() {
     let etcd = etcd().await;
     let name = unique("queue-own-enqueue");
-    let a = session(&etcd, 10).await;
-    let b = a.sibling(ttl(10)).await.unwrap();
-    let (qa, qb) = (WorkQueue::new(&a, &name), WorkQueue::new(&b, &name));
-    for i in 0..20 {
-        qa.enqueue(format!("job {i}")).await.unwrap();
-    }
-    let (ja, jb) = futures::join!(qa.claim(), qb.claim()); // a pool: two claims at once
-    let (ja, jb) = (ja.unwrap(), jb.unwrap());
+    let (_, [(_a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
     let urgent = qb
         .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
         .await
@@ -873,20 +856,7 @@ async fn a_claim_after_the_pool_gives_a_job_back_joins_no_read_sent_before_it() 
 /// that read, it took a job of priority 0.)
 #[tokio::test]
 async fn a_claim_after_its_pools_enqueue_joins_no_read_sent_before_it() {
-    let etcd = etcd().await;
-    let name = unique("queue-enqueue-in-flight");
-    let (_, [(a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
-    let earlier = a_claim_with_its_read_in_flight(&a, &name).await;
-    let urgent = qb
-        .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
-        .await
-        .unwrap();
-    let next = qa.claim().await.unwrap();
-    assert_eq!(next.id(), &urgent, "the job enqueued just before");
-    let jc = earlier.await.unwrap();
-    for job in [ja, jb, jc, next] {
-        job.ack().await.unwrap();
-    }
+    the_pools_next_claim_takes_its_enqueue_beside_a_read_sent_before("in-flight", false).await;
 }
 
 /// A read sent before the pool's own enqueue returned, and answered after it, is not kept for
@@ -894,17 +864,34 @@ async fn a_claim_after_its_pools_enqueue_joins_no_read_sent_before_it() {
 /// that claim, which took a job of priority 0.)
 #[tokio::test]
 async fn a_read_sent_before_the_pools_enqueue_is_not_kept_for_its_next_claims() {
+    the_pools_next_claim_takes_its_enqueue_beside_a_read_sent_before("kept", true).await;
+}
+
+/// A claim of the pool has its read in flight; the pool enqueues a job of the highest
+/// priority; then — once that read is `answered`, or while it is still in flight — the
+/// pool's next claim takes the job enqueued.
+async fn the_pools_next_claim_takes_its_enqueue_beside_a_read_sent_before(
+    part: &str,
+    answered: bool,
+) {
     let etcd = etcd().await;
-    let name = unique("queue-enqueue-kept");
+    let name = unique(&format!("queue-enqueue-{part}"));
     let (_, [(a, qa, ja), (_b, qb, jb)]) = pool_of_two(&etcd, &name).await;
-    let earlier = a_claim_with_its_read_in_flight(&a, &name).await;
+    let mut earlier = a_claim_with_its_read_in_flight(&a, &name).await;
     let urgent = qb
         .enqueue_with("urgent", EnqueueOptions::new().with_priority(MAX_PRIORITY))
         .await
         .unwrap();
-    let jc = earlier.await.unwrap(); // its read answered after the enqueue
+    let mut jc = None;
+    if answered {
+        jc = Some(earlier.as_mut().await.unwrap()); // its read answered after the enqueue
+    }
     let next = qa.claim().await.unwrap();
     assert_eq!(next.id(), &urgent, "the job enqueued just before");
+    let jc = match jc {
+        Some(jc) => jc,
+        None => earlier.await.unwrap(),
+    };
     for job in [ja, jb, jc, next] {
         job.ack().await.unwrap();
     }
