@@ -150,11 +150,15 @@ impl State {
     /// where others claim collides and no longer takes the first free job.
     fn recent(&self, need: usize) -> Option<Arc<Scan>> {
         let (at, scan) = self.last.as_ref()?;
-        let alone = self.peak > 1
-            && self.chained == 0
-            && scan.claimers.iter().all(|l| self.members.contains_key(l));
+        let alone = self.chained == 0 && self.looks_alone(scan);
         (alone && at.elapsed() < READ_KEPT && scan.candidates.len() >= need)
             .then(|| Arc::clone(scan))
+    }
+
+    /// Whether, by `found`, the family looks alone in claiming: its claims have gone on side
+    /// by side at some time, and every claim the read shows is the family's.
+    fn looks_alone(&self, found: &Scan) -> bool {
+        self.peak > 1 && found.claimers.iter().all(|l| self.members.contains_key(l))
     }
 
     /// Forgets the wins recorded more than [`WINS_KEPT`] ago.
@@ -238,7 +242,7 @@ impl Claims {
             state.chained -= 1;
             return false;
         }
-        state.peak > 1 && found.claimers.iter().all(|l| state.members.contains_key(l))
+        state.looks_alone(found)
     }
 
     /// Records that a claim of the family found its first candidate taken: the family's next
@@ -267,10 +271,9 @@ impl Claims {
     /// `per_claim` more for each claim ever under way at once, idle ones included, up to
     /// [`MAX_SHARED`] more): if `recent` is allowed, the family's scan answered within
     /// [`READ_KEPT`] that holds the `need`ed candidates; else the one another claim has in
-    /// flight, if it collects at least the `need`ed beside
-    /// the `per_claim` each claim already awaiting it takes first; else a new one through
-    /// `session` that claims starting meanwhile share. With it, whether it was an answered
-    /// one. `None` if the scan failed, or if one that collects fewer is in flight: the claim
+    /// flight, if it collects at least the `need`ed beside the `per_claim` each claim already
+    /// awaiting it takes first; else a new one through `session` that claims starting
+    /// meanwhile share. With it, whether it was an answered one. `None` if the scan failed, or if one that collects fewer is in flight: the claim
     /// reads on its own.
     ///
     /// # Errors
