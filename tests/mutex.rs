@@ -213,8 +213,11 @@ async fn a_cancelled_lock_leaves_no_key_behind() {
         },
     )
     .await;
+    // At least the enqueue in flight, then the wait: behind the holder alone the waiter counts
+    // its deletion, on the session's watch of this lock, in place since the first attempt (no
+    // watch to register, no pointer to put: the wait may begin at the second poll).
     assert!(
-        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        matches!(ended, Ended::Waiting { polls } if polls >= 2),
         "{ended:?}: never reached its wait in the queue"
     );
     held.release().await.unwrap();
