@@ -14,11 +14,13 @@ pub(crate) const KIND: &str = "semaphore";
 ///
 /// Each acquisition puts its own key under the session's lease; it holds a permit while fewer
 /// than `permits` keys created before its own remain — whichever holders leave, in any order.
-/// The first waiter watches every holder's key (one watch of the queue's deletions) and goes
-/// through as soon as any of them is deleted; every other waiter watches only the waiter just
-/// ahead of it, which touches its own key when it goes through. A release therefore wakes
-/// the first waiter (let in) and, through its touch, the one waiter behind it (now first):
-/// two watch events, never a herd. With one permit it is a mutex.
+/// A waiter that saw at most 8 keys ahead of it counts their deletions, and holds once fewer
+/// than `permits` of them are left: no read. Behind a longer queue, the first waiter watches
+/// every holder's key (one watch of the queue's deletions) and goes through as soon as any of
+/// them is deleted; every other waiter watches only the waiter just ahead of it, which touches
+/// its own key when it goes through. A release therefore wakes the counting waiters (at most
+/// 8) and, behind them, at most one waiter moved up: never a herd. With one permit it is a
+/// mutex.
 ///
 /// Every handle on the same name must use the same number of permits. The keys live under
 /// `<name>/#semaphore/`: this crate's own layout (etcd's Go recipes use another), independent

@@ -477,11 +477,54 @@ async fn a_semaphore_with_more_permits_than_etcd_can_count_is_a_typed_error() {
     ));
 }
 
+/// `n` waiters on `name` (`permits` permits), each on its own session, queued one after the
+/// other behind the `already` keys there: their sessions, and a channel on which each sends
+/// its index and its permit once it holds.
+async fn waiters_in_line(
+    etcd: &etcd_coord_testkit::TestEtcd,
+    observer: &etcd_client::Client,
+    name: &str,
+    permits: usize,
+    already: usize,
+    n: usize,
+) -> (
+    Vec<etcd_coord::LeasedSession>,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, etcd_coord::SemaphorePermit)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut sessions = Vec::new();
+    for i in 0..n {
+        let w = session(etcd, 30).await;
+        let (s, tx) = (Semaphore::new(&w, name, permits), tx.clone());
+        tokio::spawn(async move {
+            let permit = s.acquire().await.unwrap();
+            let _ = tx.send((i, permit));
+        });
+        queued(observer, name, already + i + 1).await;
+        sessions.push(w);
+    }
+    (sessions, rx)
+}
+
+/// The next waiter let in, within 5 s.
+async fn admitted(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, etcd_coord::SemaphorePermit)>,
+    what: &str,
+) -> (usize, etcd_coord::SemaphorePermit) {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nobody was let in"))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_semaphore_release_wakes_the_waiter_it_lets_in_and_the_one_behind_it_only() {
-    // Three permits held, six waiters. Each release lets in the first waiter (one deletion
-    // event) whose touch moves the next waiter up (one put event): two events per release,
-    // and no waiter further back hears anything.
+async fn a_semaphore_release_wakes_only_the_waiters_counting_it_and_lets_the_first_in_without_a_request(
+) {
+    // Three permits held, nine waiters: waiter i saw 3 + i keys ahead when it enqueued. The
+    // six that saw at most 8 (DRAIN_MAX) count the deletions ahead of them; the three further
+    // back each wait for the waiter just ahead to change. A release wakes the counting waiters
+    // only (one deletion event each, no request among them) and lets the first in; no waiter
+    // further back hears anything.
     let etcd = etcd().await;
     let name = unique("sem-herd");
     let h = session(&etcd, 30).await;
@@ -490,40 +533,104 @@ async fn a_semaphore_release_wakes_the_waiter_it_lets_in_and_the_one_behind_it_o
         holders.push(Semaphore::new(&h, &name, 3).acquire().await.unwrap());
     }
     let observer = client(&etcd).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut waiters = Vec::new();
-    for i in 0..6 {
-        let w = session(&etcd, 30).await;
-        let (s, tx) = (Semaphore::new(&w, &name, 3), tx.clone());
-        tokio::spawn(async move {
-            let permit = s.acquire().await.unwrap();
-            let _ = tx.send((i, permit));
-        });
-        queued(&observer, &name, 4 + i).await;
-        waiters.push(w);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await; // every watch in place
+    let (waiters, mut rx) = waiters_in_line(&etcd, &observer, &name, 3, 3, 9).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // every wait in place
     let events = || -> Vec<u64> { waiters.iter().map(|w| w.metrics().watch_events).collect() };
+    let txns = || -> Vec<u64> { waiters.iter().map(|w| w.metrics().txns).collect() };
     for round in 0..4 {
-        let before = events();
+        let (events_before, txns_before) = (events(), txns());
         holders.remove(0).release().await.unwrap();
-        let (admitted, permit) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("a waiter is let in")
-            .unwrap();
-        assert_eq!(admitted, round, "served out of order");
+        let (first, permit) = admitted(&mut rx, &format!("round {round}")).await;
+        assert_eq!(first, round, "served out of order");
         holders.push(permit);
-        tokio::time::sleep(Duration::from_millis(300)).await; // the touch lands
-        let woken: Vec<u64> = events().iter().zip(&before).map(|(a, b)| a - b).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await; // anything else lands
+        let woken: Vec<u64> = events()
+            .iter()
+            .zip(&events_before)
+            .map(|(a, b)| a - b)
+            .collect();
+        let counting = round..6;
         assert!(
-            woken.iter().sum::<u64>() <= 2,
-            "round {round}: {woken:?} events for one release"
+            woken.iter().enumerate().all(|(i, &n)| n == u64::from(counting.contains(&i))),
+            "round {round}: not one event for each counting waiter and none for the others: {woken:?}"
         );
-        assert!(
-            woken.iter().skip(round + 2).all(|&n| n == 0),
-            "round {round}: a waiter further back was woken: {woken:?}"
+        let sent = txns()[round] - txns_before[round];
+        assert_eq!(
+            sent, 0,
+            "round {round}: the waiter let in sent {sent} requests"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_waiter_behind_a_long_line_moves_up_when_the_counting_waiter_ahead_goes_through(
+) {
+    // Two permits held, nine waiters: waiter i saw 2 + i keys ahead. Waiters 0-6 count (at
+    // most 8 ahead); waiter 7 saw 9 and waits for waiter 6's key to change, waiter 8 for
+    // waiter 7's. When waiter 6 goes through by counting it must touch its key (it saw 8
+    // ahead, so the waiter behind it may not count): else waiter 7 sleeps on while a permit
+    // is free, until waiter 6 leaves.
+    let etcd = etcd().await;
+    let name = unique("sem-moves-up");
+    let h = session(&etcd, 30).await;
+    let mut holding = std::collections::VecDeque::new();
+    for _ in 0..2 {
+        holding.push_back(Semaphore::new(&h, &name, 2).acquire().await.unwrap());
+    }
+    let observer = client(&etcd).await;
+    let (_waiters, mut rx) = waiters_in_line(&etcd, &observer, &name, 2, 2, 9).await;
+    // The oldest holder leaves each time: waiters 0..=6 are let in one by one.
+    for expected in 0..=6 {
+        holding.pop_front().unwrap().release().await.unwrap();
+        let (i, permit) = admitted(&mut rx, &format!("waiter {expected}")).await;
+        assert_eq!(i, expected, "served out of order");
+        holding.push_back(permit);
+    }
+    // Waiters 5 and 6 hold. Waiter 5 leaves: waiter 7 must go through while 6 holds.
+    holding.pop_front().unwrap().release().await.unwrap();
+    let (i, permit) = admitted(&mut rx, "waiter 7, with waiter 6 holding").await;
+    assert_eq!(i, 7);
+    holding.push_back(permit);
+    // Waiter 7 (which waited as a follower) touches too: waiter 8 moves up, and goes through
+    // when waiter 6 leaves, while waiter 7 holds.
+    holding.pop_front().unwrap().release().await.unwrap();
+    let (i, _permit) = admitted(&mut rx, "waiter 8, with waiter 7 holding").await;
+    assert_eq!(i, 8);
+    holding[0]
+        .txn_if_owner([])
+        .await
+        .expect("waiter 7 still holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_waiter_whose_read_is_cut_short_by_nested_keys_counts_the_short_queue_whole() {
+    // 62 keys of a nested name (not members) come first, then two holders: 64 keys, exactly
+    // the enqueue's first page (64 keys in key order), so waiter W saw its queue whole and
+    // counts it, without touching its key when it goes through. Waiter V's first page is cut
+    // short (65 keys), and its sorted page (newest first: W, both holders, then nested keys)
+    // too. V must read the queue whole and count it, not wait for W's key to change: W will
+    // not touch it.
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-nested");
+    for i in 0..62 {
+        observer
+            .clone()
+            .put(format!("{name}/#semaphore/pad/{i:03}"), "", None)
+            .await
+            .unwrap();
+    }
+    let h = session(&etcd, 30).await;
+    let first = Semaphore::new(&h, &name, 2).acquire().await.unwrap();
+    let second = Semaphore::new(&h, &name, 2).acquire().await.unwrap();
+    let (_waiters, mut rx) = waiters_in_line(&etcd, &observer, &name, 2, 64, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // every wait in place
+    first.release().await.unwrap();
+    let (w, _w_permit) = admitted(&mut rx, "W").await;
+    assert_eq!(w, 0);
+    second.release().await.unwrap();
+    let (v, _v_permit) = admitted(&mut rx, "V, with W holding").await;
+    assert_eq!(v, 1);
 }
 
 /// The holders' keys.

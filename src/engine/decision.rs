@@ -3,7 +3,8 @@
 //! [`Blocker`] says what a queue acquisition waits for: nothing once fewer than `permits` keys
 //! are ahead of it; else the deletion of the key just ahead (one permit), of any key ahead (the
 //! first waiter of a semaphore), or any change of the waiter just ahead (a semaphore waiter
-//! behind another waiter).
+//! behind another waiter) — or, when the read held a short queue whole, the deletions that
+//! leave fewer than `permits` of those keys (a counted hand-off).
 
 use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp};
 
@@ -41,13 +42,16 @@ pub(crate) enum Decision {
     /// nothing is ahead of us any more, and only our own key needs confirming (see the wait
     /// loop).
     Follow { key: Vec<u8>, create_revision: i64 },
-    /// One permit, and the read held every key ahead of us — these, with their create
-    /// revisions, at most [`DRAIN_MAX`] of them: through at the revision that deletes the last
-    /// of them, with our key still ours. Nothing can be created ahead of us any more (create
-    /// revisions only grow), so their deletions alone decide, whoever made them; a wait that
-    /// sees them in order with our own key's events needs no read and no announcement (see
-    /// the wait loop).
-    Drain { keys: Vec<(Vec<u8>, i64)> },
+    /// The read held every key ahead of us — these, with their create revisions, at least
+    /// `permits` and at most [`DRAIN_MAX`] of them: through at the revision that leaves fewer
+    /// than `permits` of them (one permit: deletes the last), with our key still ours. Nothing
+    /// can be created ahead of us any more (create revisions only grow), so their deletions
+    /// alone decide, whoever made them; a wait that sees them in order with our own key's
+    /// events needs no read and no announcement (see the wait loop).
+    Drain {
+        keys: Vec<(Vec<u8>, i64)>,
+        permits: usize,
+    },
     /// The read was cut short before it found what decides (a page of a shared queue holding
     /// only nested names' keys): read again without a limit.
     Widen,
@@ -74,9 +78,9 @@ pub(super) const SHARED_PAGE_SLACK: i64 = 7;
 /// How many keys the enqueue's read fetches (in key order): a queue this short decides at once.
 const ENQUEUE_PAGE: i64 = 64;
 
-/// The most keys ahead a one-permit waiter counts down instead of following the one just
-/// ahead ([`Decision::Drain`]): each deletion among them wakes it, so a release wakes at most
-/// this many waiters.
+/// The most keys ahead a waiter counts down instead of following the one just ahead (one
+/// permit) or waiting for the first waiter's place (several) ([`Decision::Drain`]): each
+/// deletion among them wakes it, so a release wakes at most this many waiters.
 pub(crate) const DRAIN_MAX: usize = 8;
 
 impl Blocker {
@@ -250,6 +254,12 @@ impl Blocker {
         if let Some(drain) = counted(self.permits, self.announced, read.more(), &ahead) {
             return drain;
         }
+        if self.permits > 1 && read.more() && ahead.len() <= DRAIN_MAX {
+            // A page cut short by nested names' keys may hide a short queue that we would
+            // count: a waiter ahead of us that counts does not touch its key when it goes
+            // through, so we must not wait for that touch (see the wait loop).
+            return Decision::Widen;
+        }
         ahead.truncate(self.depth() as usize);
         if ahead.len() < self.depth() as usize && read.more() {
             return Decision::Widen; // the page ended among nested names' keys
@@ -260,19 +270,17 @@ impl Blocker {
 }
 
 /// A counted hand-off ([`Decision::Drain`]) for the members `ahead` of us that a read saw
-/// (`more`: the read was cut short), or `None`: only with one permit, in a line whose holders
-/// announce (our exclusive ones), when the read held every key ahead and they are 1 to
-/// [`DRAIN_MAX`].
+/// (`more`: the read was cut short), or `None`: only in a line whose holders announce (this
+/// crate's own), when the read held every key ahead and they are `permits` to [`DRAIN_MAX`].
 fn counted(
     permits: usize,
     announced: bool,
     more: bool,
     ahead: &[(&[u8], i64)],
 ) -> Option<Decision> {
-    (announced && permits == 1 && !more && (1..=DRAIN_MAX).contains(&ahead.len())).then(|| {
-        Decision::Drain {
-            keys: ahead.iter().map(|&(k, r)| (k.to_vec(), r)).collect(),
-        }
+    (announced && !more && (permits..=DRAIN_MAX).contains(&ahead.len())).then(|| Decision::Drain {
+        keys: ahead.iter().map(|&(k, r)| (k.to_vec(), r)).collect(),
+        permits,
     })
 }
 
@@ -283,9 +291,11 @@ fn counted(
 /// * Fewer than `permits` keys ahead: through. With several permits, a waiter behind us may be
 ///   watching our key for the moment we stop waiting: touch it (see below).
 /// * One permit: wait for the deletion of the key just ahead — only it can let us in, and a
-///   release wakes exactly the one waiter behind it. (Unless the read held the whole queue
-///   ahead, at most [`DRAIN_MAX`] keys, in a line of our exclusive holders: then every one of
-///   them, [`Decision::Drain`] — decided by [`Blocker::decide`], not here.)
+///   release wakes exactly the one waiter behind it.
+///
+/// (Unless the read held the whole queue ahead, at most [`DRAIN_MAX`] keys, in a line of this
+/// crate's own holders: then count their deletions down to fewer than `permits`,
+/// [`Decision::Drain`] — decided by [`Blocker::decide`], not here.)
 /// * Exactly `permits` keys ahead (the first waiter of a semaphore): every one of them holds,
 ///   and the deletion of *any* lets us in — whichever holder leaves first. One watch of the
 ///   queue's deletions, filtered to those keys.
@@ -294,7 +304,8 @@ fn counted(
 ///   may now be the first waiter, and re-read.
 ///
 /// So a release wakes the first waiter (which goes through), and its touch wakes the one
-/// waiter behind it (which becomes the first waiter): two watch events, never a herd.
+/// waiter behind it (which becomes the first waiter): two watch events, never a herd — beyond
+/// the counting waiters of a short queue, at most [`DRAIN_MAX`].
 pub(crate) fn queue_decision(
     prefix: &str,
     permits: usize,
@@ -340,11 +351,11 @@ mod tests {
     }
 
     proptest! {
-        /// A waiter counts the keys ahead exactly when it has one permit, its line's holders
-        /// announce, its read was not cut short and held 1 to DRAIN_MAX members — and then it
-        /// counts every one of them, by name and incarnation.
+        /// A waiter counts the keys ahead exactly when its line's holders are this crate's own,
+        /// its read was not cut short and held `permits` to DRAIN_MAX members — and then it
+        /// counts every one of them, by name and incarnation, down to fewer than `permits`.
         #[test]
-        fn a_waiter_counts_exactly_a_whole_short_queue_of_one_permit(
+        fn a_waiter_counts_exactly_a_whole_short_queue(
             permits in 1usize..4,
             announced in any::<bool>(),
             more in any::<bool>(),
@@ -354,11 +365,12 @@ mod tests {
                 (0..queued_ahead).rev().map(|i| (key(i), 10 + i as i64)).collect();
             let ahead: Vec<(&[u8], i64)> = all.iter().map(|(k, r)| (k.as_slice(), *r)).collect();
             let d = counted(permits, announced, more, &ahead);
-            let expected = announced && permits == 1 && !more && (1..=DRAIN_MAX).contains(&queued_ahead);
+            let expected = announced && !more && (permits..=DRAIN_MAX).contains(&queued_ahead);
             match d {
-                Some(Decision::Drain { keys }) => {
+                Some(Decision::Drain { keys, permits: counted_down_to }) => {
                     prop_assert!(expected);
                     prop_assert_eq!(keys, all);
+                    prop_assert_eq!(counted_down_to, permits);
                 }
                 None => prop_assert!(!expected),
                 Some(other) => prop_assert!(false, "{other:?}"),

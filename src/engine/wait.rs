@@ -13,7 +13,7 @@ use crate::watch::{wait_for_change, Watched, Woken};
 use crate::Error;
 
 use super::cleanup::Cleanup;
-use super::decision::{Decision, Snapshot};
+use super::decision::{Decision, Snapshot, DRAIN_MAX};
 use super::ticket::{Acquired, Ticket};
 use super::{until_answered, SessionKeys};
 
@@ -71,6 +71,12 @@ where
 {
     let mut backoff = Backoff::for_requests();
     let mut widen = false;
+    // Whether a waiter of a semaphore behind us may be waiting for our key to change (it saw
+    // more than DRAIN_MAX keys ahead, so it does not count them): we then touch our key when
+    // we go through by counting. Not if the enqueue's own read (before any waiter behind us
+    // could read) held fewer than DRAIN_MAX keys ahead of us: every waiter just behind us
+    // then sees at most DRAIN_MAX ahead of it, and counts them too.
+    let mut followed = first.is_none();
     // History before this revision was compacted away: targets watched `since` an earlier
     // revision are watched from here.
     let mut floor = 0;
@@ -88,7 +94,11 @@ where
                 s
             }
         };
-        match decide(&snapshot) {
+        let decision = decide(&snapshot);
+        if !matches!(&decision, Decision::Drain { keys, .. } if keys.len() < DRAIN_MAX) {
+            followed = true;
+        }
+        match decision {
             Decision::Widen => widen = true,
             Decision::Through { touch } => {
                 tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, touch, "through");
@@ -198,7 +208,11 @@ where
                     }
                 }
             }
-            Decision::Drain { keys: mut left } => {
+            Decision::Drain {
+                keys: mut left,
+                permits,
+            } => {
+                let touch = permits > 1 && followed;
                 // Wait for the deletions of the keys ahead, one revision at a time: delivered
                 // in order with our own key's events (the hub), they say by themselves when the
                 // last is gone — at that revision, with our key still ours. Anything else (a
@@ -225,8 +239,14 @@ where
                         Woken::Changed(change) if change.ordered => {
                             left.retain(|(k, _)| !change.keys.contains(k));
                             after = change.revision;
-                            if left.is_empty() {
-                                tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, drained = true, "through");
+                            if left.len() < permits {
+                                tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, drained = true, touch, "through");
+                                if touch {
+                                    session.clean_up(Cleanup::Touch {
+                                        key: ticket.key.clone(),
+                                        create_revision: ticket.create_revision,
+                                    });
+                                }
                                 return ticket.into_acquired(change.revision);
                             }
                         }
