@@ -22,7 +22,8 @@ pub(crate) const KIND: &str = "semaphore";
 /// 8) and, behind them, at most one waiter moved up: never a herd. With one permit it is a
 /// mutex.
 ///
-/// Every handle on the same name must use the same number of permits. The keys live under
+/// Every handle on the same name must use the same number of permits, and every process the
+/// same build of this crate (docs/production.md, "Upgrading this crate"). The keys live under
 /// `<name>/#semaphore/`: this crate's own layout (etcd's Go recipes use another), independent
 /// of a [`Mutex`](crate::Mutex) or any other kind of the same name.
 ///

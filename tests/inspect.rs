@@ -14,8 +14,9 @@ use etcd_coord::inspect::{Inspector, MemberClient, QueueKind, QueueState, Role};
 use etcd_coord::{Error, LeasedSession, Mutex, RwLock, Semaphore};
 use etcd_coord_testkit::TestEtcd;
 
-/// The most keys ahead of a one-permit waiter that counts their deletions instead of
-/// announcing itself (the engine's `DRAIN_MAX`, docs/design.md "Counted hand-offs").
+/// The most keys ahead of a waiter that counts their deletions (behind more, a one-permit
+/// waiter announces itself instead: the engine's `DRAIN_MAX`, docs/design.md "Counted
+/// hand-offs").
 const COUNTED_UP_TO: usize = 8;
 
 /// The keys under `name/`, a nested name's padding (`pad_with_nested_keys`) left out.

@@ -292,10 +292,6 @@ fn counted(
 ///   watching our key for the moment we stop waiting: touch it (see below).
 /// * One permit: wait for the deletion of the key just ahead — only it can let us in, and a
 ///   release wakes exactly the one waiter behind it.
-///
-/// (Unless the read held the whole queue ahead, at most [`DRAIN_MAX`] keys, in a line of this
-/// crate's own holders: then count their deletions down to fewer than `permits`,
-/// [`Decision::Drain`] — decided by [`Blocker::decide`], not here.)
 /// * Exactly `permits` keys ahead (the first waiter of a semaphore): every one of them holds,
 ///   and the deletion of *any* lets us in — whichever holder leaves first. One watch of the
 ///   queue's deletions, filtered to those keys.
@@ -304,8 +300,12 @@ fn counted(
 ///   may now be the first waiter, and re-read.
 ///
 /// So a release wakes the first waiter (which goes through), and its touch wakes the one
-/// waiter behind it (which becomes the first waiter): two watch events, never a herd — beyond
-/// the counting waiters of a short queue, at most [`DRAIN_MAX`].
+/// waiter behind it (which becomes the first waiter): two watch events, never a herd.
+///
+/// Not decided here: when the read held the whole queue ahead, `permits` to [`DRAIN_MAX`]
+/// keys, in a line of this crate's own holders, [`Blocker::decide`] counts their deletions
+/// down to fewer than `permits` instead ([`Decision::Drain`]), and a release wakes each of
+/// those counting waiters.
 pub(crate) fn queue_decision(
     prefix: &str,
     permits: usize,
