@@ -102,13 +102,7 @@ where
             Decision::Widen => widen = true,
             Decision::Through { touch } => {
                 tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, touch, "through");
-                if touch {
-                    session.clean_up(Cleanup::Touch {
-                        key: ticket.key.clone(),
-                        create_revision: ticket.create_revision,
-                    });
-                }
-                return ticket.into_acquired(snapshot.revision);
+                return through(session, ticket, snapshot.revision, touch);
             }
             Decision::Act { txn, creates } => {
                 let claim = creates.as_deref().map(|key| session.intend(key));
@@ -241,13 +235,7 @@ where
                             after = change.revision;
                             if left.len() < permits {
                                 tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, drained = true, touch, "through");
-                                if touch {
-                                    session.clean_up(Cleanup::Touch {
-                                        key: ticket.key.clone(),
-                                        create_revision: ticket.create_revision,
-                                    });
-                                }
-                                return ticket.into_acquired(change.revision);
+                                return through(session, ticket, change.revision, touch);
                             }
                         }
                         Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => break None,
@@ -302,6 +290,24 @@ where
             }
         }
     }
+}
+
+/// Through at `revision`. With `touch`, a waiter behind us may be watching our key for the
+/// moment we stop waiting: the session's task touches it (in the background), so that it
+/// re-reads.
+fn through(
+    session: &Arc<Session>,
+    ticket: Ticket,
+    revision: i64,
+    touch: bool,
+) -> Result<Acquired, Error> {
+    if touch {
+        session.clean_up(Cleanup::Touch {
+            key: ticket.key.clone(),
+            create_revision: ticket.create_revision,
+        });
+    }
+    ticket.into_acquired(revision)
 }
 
 /// Whether each of `keys` still exists as the incarnation created at its revision, read while
