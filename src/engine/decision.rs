@@ -254,16 +254,16 @@ impl Blocker {
         if let Some(drain) = counted(self.permits, self.announced, read.more(), &ahead) {
             return drain;
         }
-        if self.permits > 1 && read.more() && ahead.len() <= DRAIN_MAX {
-            // A page cut short by nested names' keys may hide a short queue that we would
-            // count: a waiter ahead of us that counts does not touch its key when it goes
-            // through, so we must not wait for that touch (see the wait loop).
+        // A page cut short among nested names' keys: read it whole if it ended before what
+        // decides, or, with several permits, if it may hide a short queue that we would count
+        // (a waiter ahead of us that counts does not touch its key when it goes through, so
+        // we must not wait for that touch: see the wait loop).
+        let depth = self.depth() as usize;
+        let may_count = self.permits > 1 && ahead.len() <= DRAIN_MAX;
+        if read.more() && (ahead.len() < depth || may_count) {
             return Decision::Widen;
         }
-        ahead.truncate(self.depth() as usize);
-        if ahead.len() < self.depth() as usize && read.more() {
-            return Decision::Widen; // the page ended among nested names' keys
-        }
+        ahead.truncate(depth);
         let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
         queue_decision(&self.prefix, self.permits, &ahead, behind)
     }
