@@ -273,8 +273,8 @@ impl Claims {
     /// [`READ_KEPT`] that holds the `need`ed candidates; else the one another claim has in
     /// flight, if it collects at least the `need`ed beside the `per_claim` each claim already
     /// awaiting it takes first; else a new one through `session` that claims starting
-    /// meanwhile share. With it, whether it was an answered one. `None` if the scan failed, or if one that collects fewer is in flight: the claim
-    /// reads on its own.
+    /// meanwhile share. With it, whether it was an answered one. `None` if the scan failed,
+    /// or if one that collects fewer is in flight: the claim reads on its own.
     ///
     /// # Errors
     /// The caller's `session`'s loss, as soon as it is lost (whoever's scan it awaits).
