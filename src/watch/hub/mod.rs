@@ -117,6 +117,8 @@ struct Scope {
     scan: Vec<u64>,
     subs: usize,
     idle_since: Instant,
+    /// The scope's members, kept exact from a read on (built when a waiter asks for it).
+    mirror: Option<Mirror>,
 }
 
 /// One revision's events in a scope.
@@ -129,6 +131,7 @@ struct Ev {
     kind: EventType,
     key: Vec<u8>,
     lease: i64,
+    create_revision: i64,
 }
 
 struct Sub {
@@ -188,12 +191,22 @@ pub(crate) fn scope_of(targets: &[Watched], own: Option<&[u8]>) -> Option<Vec<u8
     if targets.is_empty() || targets.iter().any(|t| t.since.is_some()) {
         return None;
     }
-    let mut keys = targets.iter().map(|t| t.key.as_slice()).chain(own);
-    let first = keys.next()?;
-    let common = keys.fold(first.len(), |len, key| {
+    let keys: Vec<&[u8]> = targets
+        .iter()
+        .map(|t| t.key.as_slice())
+        .chain(own)
+        .collect();
+    scope_of_keys(&keys)
+}
+
+/// The scope of a mirror holding every one of `keys`: the longest prefix ending in `/` that
+/// they share.
+pub(crate) fn scope_of_keys(keys: &[&[u8]]) -> Option<Vec<u8>> {
+    let (first, rest) = keys.split_first()?;
+    let common = rest.iter().fold(first.len(), |len, key| {
         first[..len]
             .iter()
-            .zip(key)
+            .zip(key.iter())
             .take_while(|(a, b)| a == b)
             .count()
     });
@@ -243,6 +256,7 @@ impl Hub {
                     scan: Vec::new(),
                     subs: 0,
                     idle_since: Instant::now(),
+                    mirror: None,
                 },
             );
             match &mut state.conn {
@@ -372,6 +386,54 @@ impl Hub {
         }
     }
 
+    /// The way to `scope`'s mirror (see [`members`]): build it, or wait for it. `None` while
+    /// the scope's watch is not in place (subscribe first: the mirror lives as long as the
+    /// scope).
+    pub(crate) fn mirror(&self, scope: &[u8]) -> Option<Mirrored> {
+        let mut state = lock(&self.shared);
+        let generation = state.generation;
+        let entry = state.scopes.get_mut(scope)?;
+        entry.created?;
+        if let Some(mirror) = &entry.mirror {
+            return Some(Mirrored::Ready(mirror.seen.subscribe()));
+        }
+        let (seen, _) = tokio::sync::watch::channel(0);
+        entry.mirror = Some(Mirror {
+            members: None,
+            seen,
+        });
+        Some(Mirrored::Build(Builder {
+            shared: self.shared.clone(),
+            scope: scope.to_vec(),
+            generation,
+            done: false,
+        }))
+    }
+
+    /// Whether `scope`'s mirror is built (and its watch in place).
+    pub(crate) fn mirrors(&self, scope: &[u8]) -> bool {
+        lock(&self.shared)
+            .scopes
+            .get(scope)
+            .and_then(|s| s.mirror.as_ref())
+            .is_some_and(|m| m.members.is_some())
+    }
+
+    /// What `scope`'s mirror says is ahead of `own` (see [`Members::line`]); `None` if the
+    /// mirror is not built, or cannot tell.
+    pub(crate) fn line(
+        &self,
+        scope: &[u8],
+        own: &Own,
+        create_revision: i64,
+        counts: impl Fn(&[u8]) -> bool,
+        take: usize,
+    ) -> Option<Line> {
+        let state = lock(&self.shared);
+        let members = state.scopes.get(scope)?.mirror.as_ref()?.members.as_ref()?;
+        members.line(&own.key, create_revision, own.lease, counts, take)
+    }
+
     /// Tears the stream down (a creation that got no answer in time): every subscriber
     /// re-reads.
     pub(crate) fn reset(&self, generation: u64) {
@@ -477,10 +539,13 @@ impl Sub {
     }
 }
 
+pub(crate) mod members;
 mod task;
 mod teardown;
 #[cfg(test)]
 mod tests;
 
+use members::{Builder, Mirror};
+pub(crate) use members::{Line, Mirrored};
 use task::Task;
 use teardown::{fail_all, Abandoned};

@@ -177,6 +177,7 @@ impl Task {
                 kind: event.event_type(),
                 key: kv.key().to_vec(),
                 lease: kv.lease(),
+                create_revision: kv.create_revision(),
             };
             match groups.last_mut() {
                 Some(g) if g.revision == kv.mod_revision() => g.events.push(ev),
@@ -187,6 +188,15 @@ impl Task {
             }
         }
         for group in groups {
+            // The mirror first: a wait woken by this revision finds it applied.
+            if let Some(Mirror {
+                members: Some(members),
+                seen,
+            }) = &mut entry.mirror
+            {
+                members.apply(&group);
+                seen.send_replace(members.at());
+            }
             let mut concerned: Vec<u64> = entry.scan.clone();
             for event in &group.events {
                 for key in lookups(&event.key) {

@@ -71,3 +71,183 @@ async fn an_opening_dropped_midway_tells_the_other_subscribers_at_once() {
     assert!(next.opens, "the next subscriber opens a stream of its own");
     held.abort();
 }
+
+/// A hub on a client that is never used (nothing is sent: the tests set its state).
+async fn idle_hub() -> Hub {
+    let client = etcd_client::Client::connect(["127.0.0.1:9"], None)
+        .await
+        .unwrap();
+    let rpc = Rpc::new(
+        client,
+        Duration::from_secs(30),
+        tokio_util::task::TaskTracker::new(),
+    );
+    Hub::new(rpc, Duration::from_secs(10), Duration::from_secs(10))
+}
+
+fn ev(kind: EventType, key: &str, create_revision: i64, lease: i64) -> Ev {
+    Ev {
+        kind,
+        key: key.as_bytes().to_vec(),
+        lease,
+        create_revision,
+    }
+}
+
+/// A hub whose scope `q/` has its watch in place since revision `created`, with these
+/// revisions dispatched and kept (all those after `kept_from`).
+async fn hub_with_scope(created: i64, kept_from: i64, kept: Vec<Group>) -> (Hub, Subscription) {
+    let hub = idle_hub().await;
+    let sub = hub.subscribe(b"q/".to_vec(), &[], None, 0);
+    {
+        let mut state = lock(&hub.shared);
+        let scope = state.scopes.get_mut(&b"q/"[..]).unwrap();
+        scope.created = Some(created);
+        scope.kept_from = kept_from;
+        scope.kept = kept.into();
+    }
+    (hub, sub)
+}
+
+fn own(key: &str) -> Own {
+    Own {
+        key: key.as_bytes().to_vec(),
+        lease: 7,
+    }
+}
+
+fn counts(key: &[u8]) -> bool {
+    !key[2..].contains(&b'/')
+}
+
+/// A mirror built from a read older than revisions the stream already dispatched applies
+/// them: it is exact at the newest, not at the read.
+#[tokio::test]
+async fn a_mirror_built_from_a_read_catches_up_with_the_revisions_dispatched_since() {
+    let kept = vec![
+        Group {
+            revision: 11,
+            events: vec![ev(EventType::Put, "q/b", 8, 0)], // already in the read
+        },
+        Group {
+            revision: 12,
+            events: vec![ev(EventType::Put, "q/d", 12, 0)],
+        },
+        Group {
+            revision: 13,
+            events: vec![ev(EventType::Delete, "q/a", 0, 0)],
+        },
+    ];
+    let (hub, _sub) = hub_with_scope(10, 10, kept).await;
+    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
+        panic!("the first waiter builds the mirror");
+    };
+    let Some(Mirrored::Ready(mut seen)) = hub.mirror(b"q/") else {
+        panic!("the next one waits for it");
+    };
+    let read = [("q/a", 5), ("q/b", 8), ("q/next/x", 9), ("q/me", 11)]
+        .map(|(k, r)| (k.as_bytes().to_vec(), r, if k == "q/me" { 7 } else { 0 }));
+    assert!(builder.finish(11, read));
+    assert_eq!(
+        *seen.borrow_and_update(),
+        13,
+        "exact at the newest revision"
+    );
+    let line = hub.line(b"q/", &own("q/me"), 11, counts, 9).unwrap();
+    assert_eq!(
+        line,
+        Line {
+            revision: 13,
+            ahead: vec![(b"q/b".to_vec(), 8)], // q/a went at 13; q/next/x is nested
+            more: false,
+            behind: true, // q/d, put at 12
+        }
+    );
+    // Not our key on our lease: no answer (a fenced read would fail).
+    assert_eq!(hub.line(b"q/", &own("q/me"), 10, counts, 9), None);
+    assert_eq!(hub.line(b"q/", &own("q/b"), 8, counts, 9), None);
+}
+
+/// A read older than the revisions the hub still keeps, or made on a stream that has since
+/// been replaced, cannot be brought up to date: the mirror is refused, and the next waiter
+/// builds it again. So is a build its waiter gave up.
+#[tokio::test]
+async fn a_mirror_that_cannot_be_exact_is_refused_and_built_again() {
+    let kept = vec![Group {
+        revision: 14,
+        events: vec![ev(EventType::Put, "q/d", 14, 0)],
+    }];
+    let (hub, _sub) = hub_with_scope(10, 12, kept).await;
+    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
+        panic!("the first waiter builds the mirror");
+    };
+    let Some(Mirrored::Ready(mut seen)) = hub.mirror(b"q/") else {
+        panic!("the next one waits for it");
+    };
+    assert!(
+        !builder.finish(11, Vec::new()),
+        "revisions 11–12 are not kept"
+    );
+    assert!(seen.changed().await.is_err(), "its waiters are told");
+    assert!(!hub.mirrors(b"q/"));
+    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
+        panic!("built again");
+    };
+    drop(builder); // given up
+    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
+        panic!("built again");
+    };
+    hub.reset(0); // the stream is replaced
+    assert!(!builder.finish(14, Vec::new()));
+    assert!(hub.mirror(b"q/").is_none(), "no scope, no mirror");
+}
+
+proptest::proptest! {
+    /// Whatever the history and whenever the mirror's read was made: built from the state at
+    /// the read and fed every later revision, the mirror holds the state at the last one, and
+    /// its line ahead of any key is the keys created before it, newest first.
+    #[test]
+    fn a_mirror_fed_every_later_revision_holds_the_state_at_the_last(
+        ops in proptest::collection::vec((0u8..6, proptest::bool::ANY), 1..40),
+        read_at in 0usize..40,
+    ) {
+        // The history: revision r+1 puts (true) or deletes key ops[r].0.
+        let mut state: std::collections::BTreeMap<Vec<u8>, i64> = Default::default();
+        let mut at_read = state.clone();
+        let mut groups = Vec::new();
+        for (r, (k, put)) in ops.iter().enumerate() {
+            let revision = r as i64 + 1;
+            let key = format!("q/{k}").into_bytes();
+            let event = if *put {
+                let create = *state.entry(key.clone()).or_insert(revision);
+                Ev { kind: EventType::Put, key, lease: 7, create_revision: create }
+            } else {
+                state.remove(&key);
+                Ev { kind: EventType::Delete, key, lease: 0, create_revision: 0 }
+            };
+            groups.push(Group { revision, events: vec![event] });
+            if r < read_at {
+                at_read = state.clone();
+            }
+        }
+        let read_revision = read_at.min(ops.len()) as i64;
+        let mut members = members::Members::read(
+            read_revision,
+            at_read.iter().map(|(k, c)| (k.clone(), *c, 7)),
+        );
+        for g in &groups {
+            members.apply(g); // those up to the read are skipped
+        }
+        proptest::prop_assert_eq!(members.at(), ops.len() as i64);
+        for (key, create) in &state {
+            let line = members.line(key, *create, 7, |_| true, 100).unwrap();
+            let mut expected: Vec<(Vec<u8>, i64)> = state
+                .iter()
+                .filter(|(k, c)| (**c, k.as_slice()) < (*create, key.as_slice()))
+                .map(|(k, c)| (k.clone(), *c))
+                .collect();
+            expected.sort_by_key(|(k, c)| std::cmp::Reverse((*c, k.clone())));
+            proptest::prop_assert_eq!(line.ahead, expected);
+        }
+    }
+}
