@@ -14,6 +14,7 @@ use super::cleanup::{Afterwards, Cleanup, Sweep};
 use super::decision::{Blocker, Decision, Snapshot, SHARED_PAGE_SLACK};
 use super::enqueue::{create_detached, enqueue, numbered_key, Attempt, Outcome};
 use super::holding::Holding;
+use super::mirror;
 use super::ticket::{Acquired, Ticket};
 use super::wait::{read_fenced, wait_loop, Reads};
 use super::{until_answered, SessionKeys};
@@ -29,26 +30,44 @@ pub(crate) async fn acquire(
 ) -> Result<Acquired, Error> {
     let session = leased.inner();
     session.check()?;
-    let (ticket, first) = enqueue_member(session, queue, kind, &blocker, value).await?;
-    let reads = blocker.reads_after(ticket.create_revision);
+    let (ticket, first, long) = enqueue_member(session, queue, kind, &blocker, value, true).await?;
+    let mut reads = blocker.reads_after(ticket.create_revision);
+    if long {
+        reads = reads.mirrored(&blocker);
+    }
     wait_loop(session, ticket, first, reads, |s| blocker.decide(s)).await
 }
 
-/// Enqueues a new member of kind `kind` in `queue`: its ticket, marked as `blocker` says, and
-/// the enqueue's snapshot if that decides (its page held the whole queue).
+/// Enqueues a new member of kind `kind` in `queue`: its ticket, marked as `blocker` says, the
+/// enqueue's snapshot if that decides (its page held the whole queue), and whether the line is
+/// long enough to decide from the session's mirror of the queue ([`mirror`]). With
+/// `mirrored`, when the session already mirrors the queue, the enqueue reads nothing and the
+/// wait decides from the mirror: etcd answers even a page of a range by visiting every key of
+/// it (to count them), which a long queue makes costly.
 async fn enqueue_member(
     session: &Arc<Session>,
     queue: &Queue,
     kind: &str,
     blocker: &Blocker,
     value: Vec<u8>,
-) -> Result<(Ticket, Option<Snapshot>), Error> {
+    mirrored: bool,
+) -> Result<(Ticket, Option<Snapshot>, bool), Error> {
     let (key, slot) = numbered_key(session, queue, kind);
-    let (mut ticket, first) =
-        enqueue(session, &key, slot, value, blocker.reads_at_enqueue()).await?;
+    let skip_page = mirrored && mirror::mirrors(session, blocker, &key);
+    let reads = if skip_page {
+        Vec::new()
+    } else {
+        blocker.reads_at_enqueue()
+    };
+    let (mut ticket, first) = enqueue(session, &key, slot, value, reads).await?;
     ticket.announces = blocker.heads(queue);
     ticket.expects_announcements = blocker.announced();
-    Ok((ticket, first.filter(|s| blocker.decides_at_enqueue(s))))
+    let long = skip_page || first.as_ref().is_some_and(|s| blocker.long_at_enqueue(s));
+    Ok((
+        ticket,
+        first.filter(|s| blocker.decides_at_enqueue(s)),
+        long,
+    ))
 }
 
 /// Takes back member `key` of kind `kind` in `queue`, made under this session's (resumed)
@@ -268,7 +287,7 @@ async fn try_by_enqueue(
     blocker: &Blocker,
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
-    let (ticket, first) = enqueue_member(session, queue, kind, blocker, value).await?;
+    let (ticket, first, _) = enqueue_member(session, queue, kind, blocker, value, false).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
     let mut snapshot = match first {
@@ -299,10 +318,10 @@ pub(crate) async fn read(session: &Arc<Session>, reads: Vec<TxnOp>) -> Result<Sn
     )
     .await?
     .resp;
-    Ok(Snapshot {
-        revision: keys::header_revision(&resp)?,
-        gets: keys::txn_gets(&resp),
-    })
+    Ok(Snapshot::read(
+        keys::header_revision(&resp)?,
+        keys::txn_gets(&resp),
+    ))
 }
 
 /// A place in a queue to take: the session, the queue, the kind of member key and what blocks

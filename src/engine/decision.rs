@@ -9,16 +9,31 @@
 use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp};
 
 use crate::keys::Queue;
+use crate::watch::hub::Line;
 use crate::watch::Watched;
 use crate::Error;
 
 use super::wait::Reads;
 
-/// What a read (run while our key still exists) saw: its revision and its `Get` results.
+/// What a read (run while our key still exists) saw: its revision and its `Get` results — or,
+/// instead of a read, what the session's mirror of the queue showed at that revision (`line`,
+/// with no `gets`; see `super::mirror`).
 #[derive(Debug, Clone)]
 pub(crate) struct Snapshot {
     pub(crate) revision: i64,
     pub(crate) gets: Vec<GetResponse>,
+    pub(crate) line: Option<Line>,
+}
+
+impl Snapshot {
+    /// What a read at `revision` returned.
+    pub(crate) fn read(revision: i64, gets: Vec<GetResponse>) -> Snapshot {
+        Snapshot {
+            revision,
+            gets,
+            line: None,
+        }
+    }
 }
 
 /// What a primitive makes of a [`Snapshot`] taken while its key exists.
@@ -214,6 +229,19 @@ impl Blocker {
         snapshot.gets.first().is_some_and(|g| !g.more())
     }
 
+    /// Whether a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) shows a long line of
+    /// members (its page cut short, and more members in it than a waiter counts): one that
+    /// the wait should decide from the session's mirror of the queue rather than from a
+    /// read sorted by create revision, which etcd answers by reading the whole queue. Only
+    /// for a line of this crate's primitives (a WorkQueue's idle line shares its directory
+    /// with the queue's jobs, which a mirror would hold too).
+    pub(crate) fn long_at_enqueue(&self, snapshot: &Snapshot) -> bool {
+        self.announced
+            && snapshot.gets.first().is_some_and(|g| {
+                g.more() && g.kvs().iter().filter(|kv| self.counts(kv.key())).count() > DRAIN_MAX
+            })
+    }
+
     /// The reads of a re-read of the acquisition created at `create_revision`: the keys
     /// ahead and, with several permits, whether any key was created after ours (a waiter
     /// behind us that may be watching our key).
@@ -221,6 +249,10 @@ impl Blocker {
         Reads {
             narrow: self.reads_after_with(create_revision, false),
             wide: self.reads_after_with(create_revision, true),
+            // Only a line of this crate's primitives: a WorkQueue's idle line shares its
+            // directory with the queue's jobs, which a mirror would hold too.
+            line: self.announced.then(|| self.clone()),
+            build: false,
         }
     }
 
@@ -240,6 +272,10 @@ impl Blocker {
     /// The decision for a snapshot of [`reads_at_enqueue`](Self::reads_at_enqueue) or
     /// [`reads_after`](Self::reads_after).
     pub(crate) fn decide(&self, snapshot: &Snapshot) -> Decision {
+        if let Some(line) = &snapshot.line {
+            let ahead = line.ahead.iter().map(|(k, r)| (k.as_slice(), *r)).collect();
+            return self.decide_line(ahead, line.more, line.behind);
+        }
         let Some(read) = snapshot.gets.first() else {
             return Decision::Widen; // cannot happen: every read of a blocker has its Get
         };
@@ -251,7 +287,21 @@ impl Blocker {
             .filter(|(k, _)| self.counts(k))
             .collect();
         ahead.sort_by_key(|&(_, revision)| std::cmp::Reverse(revision));
-        if let Some(drain) = counted(self.permits, self.announced, read.more(), &ahead) {
+        let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
+        self.decide_line(ahead, read.more(), behind)
+    }
+
+    /// How many of the newest keys ahead a line from the session's mirror holds: enough for
+    /// every decision (`depth`), and one more than a counted hand-off counts, so that a queue
+    /// too long to count is told from one that is not.
+    pub(crate) fn line_length(&self) -> usize {
+        (self.depth() as usize).max(DRAIN_MAX + 1)
+    }
+
+    /// The decision for the members `ahead` of us (newest first, counted keys only; `more`:
+    /// others are ahead that these do not show), `behind`: a member was created after ours.
+    fn decide_line(&self, mut ahead: Vec<(&[u8], i64)>, more: bool, behind: bool) -> Decision {
+        if let Some(drain) = counted(self.permits, self.announced, more, &ahead) {
             return drain;
         }
         // A page cut short among nested names' keys: read it whole if it ended before what
@@ -260,11 +310,10 @@ impl Blocker {
         // we must not wait for that touch: see the wait loop).
         let depth = self.depth() as usize;
         let may_count = self.permits > 1 && ahead.len() <= DRAIN_MAX;
-        if read.more() && (ahead.len() < depth || may_count) {
+        if more && (ahead.len() < depth || may_count) {
             return Decision::Widen;
         }
         ahead.truncate(depth);
-        let behind = snapshot.gets.get(1).is_some_and(|g| !g.kvs().is_empty());
         queue_decision(&self.prefix, self.permits, &ahead, behind)
     }
 }
@@ -421,6 +470,53 @@ mod tests {
                 prop_assert_eq!(t, &Watched::changed(key(queued_ahead - 1)));
             }
         }
+    }
+
+    /// A line from the session's mirror holds the newest keys ahead and says whether more are
+    /// ahead: a short line is counted, a long one followed (one permit) or waited behind
+    /// (several) — never widened, as a complete answer needs no second read.
+    #[test]
+    fn a_decision_from_the_mirror_counts_a_short_line_and_follows_a_long_one() {
+        let from_mirror = |ahead: usize, more: bool| Snapshot {
+            revision: 100,
+            gets: Vec::new(),
+            line: Some(Line {
+                revision: 100,
+                ahead: (0..ahead).rev().map(|i| (key(i), 10 + i as i64)).collect(),
+                more,
+                behind: true,
+            }),
+        };
+        let mutex = Blocker::new("q/#".into(), 1).unwrap();
+        let take = mutex.line_length();
+        assert_eq!(take, DRAIN_MAX + 1);
+        assert!(matches!(
+            mutex.decide(&from_mirror(3, false)),
+            Decision::Drain { keys, permits: 1 } if keys.len() == 3
+        ));
+        assert!(matches!(
+            mutex.decide(&from_mirror(take, true)),
+            Decision::Follow { key: k, create_revision: r } if k == key(take - 1) && r == 10 + take as i64 - 1
+        ));
+        assert!(matches!(
+            mutex.decide(&from_mirror(0, false)),
+            Decision::Through { touch: false }
+        ));
+        let semaphore = Blocker::new("q/#".into(), 3).unwrap();
+        assert!(matches!(
+            semaphore.decide(&from_mirror(2, false)),
+            Decision::Through { touch: true }
+        ));
+        assert!(matches!(
+            semaphore.decide(&from_mirror(semaphore.line_length(), true)),
+            Decision::Wait(t) if t == vec![Watched::changed(key(semaphore.line_length() - 1))]
+        ));
+        let wide = Blocker::new("q/#".into(), 20).unwrap();
+        assert_eq!(
+            wide.line_length(),
+            21,
+            "enough for the first waiter of 20 permits"
+        );
     }
 
     #[test]

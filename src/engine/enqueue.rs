@@ -55,7 +55,7 @@ pub(super) async fn enqueue(
                 claim.confirm(revision);
                 return Ok(Enqueued {
                     create_revision: revision,
-                    snapshot: Some(Snapshot { revision, gets }),
+                    snapshot: Some(Snapshot::read(revision, gets)),
                     sent_more_than_once: put.uncertain,
                 });
             }

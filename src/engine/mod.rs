@@ -6,6 +6,7 @@
 //! * [`ticket`] — a member key that has (or may have) been created, until it is held.
 //! * [`enqueue`] — putting member keys and exclusive names, detached from their callers
 //!   ([`detached`]) so that a cancelled caller never strands a key.
+//! * [`mirror`] — deciding from the session's mirror of a long queue instead of a read.
 //! * [`wait`] — the one wait loop (read while our key exists → decide → through / act / wait
 //!   → read again), and waiting for a key to be gone.
 //! * [`acquire`] — acquire, try, join, adopt: what primitives call.
@@ -33,6 +34,7 @@ pub(crate) mod holding;
 pub(crate) mod inspect;
 pub(crate) mod leftovers;
 pub(crate) mod measure;
+pub(crate) mod mirror;
 pub(crate) mod names;
 pub(crate) mod resume;
 pub(crate) mod slots;

@@ -13,7 +13,8 @@ use crate::watch::{wait_for_change, Watched, Woken};
 use crate::Error;
 
 use super::cleanup::Cleanup;
-use super::decision::{Decision, Snapshot, DRAIN_MAX};
+use super::decision::{Blocker, Decision, Snapshot, DRAIN_MAX};
+use super::mirror::{line_from_mirror, mirrors};
 use super::ticket::{Acquired, Ticket};
 use super::{until_answered, SessionKeys};
 
@@ -46,10 +47,10 @@ pub(super) async fn read_fenced(
             create_revision: ticket.create_revision,
         });
     }
-    Ok(Snapshot {
-        revision: keys::header_revision(&resp)?,
-        gets: keys::txn_gets(&resp),
-    })
+    Ok(Snapshot::read(
+        keys::header_revision(&resp)?,
+        keys::txn_gets(&resp),
+    ))
 }
 
 /// The one wait loop: read (only while our key exists) → decide → through, act, or wait for a
@@ -84,14 +85,29 @@ where
         let snapshot = match first.take() {
             Some(s) => s,
             None => {
-                let reads = if std::mem::take(&mut widen) {
-                    &reads.wide
-                } else {
-                    &reads.narrow
+                // Behind a long line, or once the session mirrors the queue anyway (a line
+                // that grew long behind us): from the mirror.
+                let mirrored = match &reads.line {
+                    Some(blocker)
+                        if !widen && (reads.build || mirrors(session, blocker, &ticket.key)) =>
+                    {
+                        line_from_mirror(session, &ticket, blocker).await?
+                    }
+                    _ => None,
                 };
-                let s = read_fenced(session, &ticket, reads, &mut backoff).await?;
-                tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, revision = s.revision, "re-read");
-                s
+                if let Some(s) = mirrored {
+                    tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, revision = s.revision, "mirrored");
+                    s
+                } else {
+                    let reads = if std::mem::take(&mut widen) {
+                        &reads.wide
+                    } else {
+                        &reads.narrow
+                    };
+                    let s = read_fenced(session, &ticket, reads, &mut backoff).await?;
+                    tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, revision = s.revision, "re-read");
+                    s
+                }
             }
         };
         let decision = decide(&snapshot);
@@ -442,18 +458,35 @@ async fn confirm_own(
     Err(lost())
 }
 
-/// The reads of a wait: as usual, and without a limit (after [`Decision::Widen`]).
+/// The reads of a wait: as usual, and without a limit (after [`Decision::Widen`]); and, for
+/// a place in a line of this crate's queue primitives, the blocker that can decide from the
+/// session's mirror of the queue instead (see [`super::mirror`]) — whenever the session has
+/// one, and, with `build`, building it if it has not.
 pub(crate) struct Reads {
     pub(super) narrow: Vec<TxnOp>,
     pub(super) wide: Vec<TxnOp>,
+    pub(super) line: Option<Blocker>,
+    pub(super) build: bool,
 }
 
 impl Reads {
+    /// These reads, but a decision from the session's mirror of the queue first, built if
+    /// need be (a long line of `blocker`'s members: see [`super::mirror`]).
+    pub(crate) fn mirrored(self, blocker: &Blocker) -> Reads {
+        Reads {
+            line: Some(blocker.clone()),
+            build: true,
+            ..self
+        }
+    }
+
     /// The same reads either way (a condition primitive never widens).
     pub(crate) fn fixed(reads: Vec<TxnOp>) -> Reads {
         Reads {
             wide: reads.clone(),
             narrow: reads,
+            line: None,
+            build: false,
         }
     }
 }

@@ -13,6 +13,7 @@ pub(crate) struct Stats {
     pub(crate) watch_streams: AtomicU64,
     pub(crate) watch_events: AtomicU64,
     pub(crate) watch_probes: AtomicU64,
+    pub(crate) mirrored: AtomicU64,
 }
 
 impl Stats {

@@ -58,6 +58,11 @@ pub struct SessionMetrics {
     pub watch_events: u64,
     /// Progress requests sent to probe a wait's quiet watch stream.
     pub watch_probes: u64,
+    /// Decisions of a waiter behind a long queue (longer than its enqueue's one page) taken
+    /// from the mirror of the queue that the session's watch stream keeps, instead of a read
+    /// of the queue (which etcd answers by reading all of it). The mirror is built by one
+    /// paged read (counted in `reads`) per stream, shared by sibling sessions.
+    pub mirrored_decisions: u64,
     /// Background jobs queued or running now (a gauge, unlike the counters above): clean-ups
     /// under way, touches, and sweeps that watch for late copies of a put whose answer was
     /// lost.
@@ -361,6 +366,7 @@ impl LeasedSession {
             watch_streams: Stats::get(&stats.watch_streams),
             watch_events: Stats::get(&stats.watch_events),
             watch_probes: Stats::get(&stats.watch_probes),
+            mirrored_decisions: Stats::get(&stats.mirrored),
             background_jobs: self.handle.session.jobs.running() as u64,
         }
     }

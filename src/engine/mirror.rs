@@ -1,0 +1,167 @@
+//! Deciding from the session's mirror of a queue instead of a read.
+//!
+//! A waiter whose enqueue page did not hold the whole queue must find the keys just ahead of
+//! it among all the others. etcd answers a read sorted or filtered by create revision by
+//! reading the whole queue, whatever its limit: n waiters lining up that way cost etcd
+//! n²/2 key reads (ten thousand waiters: 5·10⁷, minutes of its CPU). So such a waiter asks
+//! the session's watch hub instead, which keeps a mirror of the queue's directory (built from
+//! one paged read per stream, kept exact by the stream's events: `crate::watch::hub::members`)
+//! and answers from memory. A decision from the mirror at a revision at or after our own
+//! create revision, with our key there as ours, is the decision a fenced read at that
+//! revision would give (docs/design.md, "The line-up from the session's mirror"). When the
+//! mirror cannot answer in time (the stream is being opened or failed, the build lost a race
+//! with compaction), the waiter reads etcd as before.
+
+use std::sync::Arc;
+
+use etcd_client::GetOptions;
+
+use crate::backoff::Backoff;
+use crate::keys;
+use crate::rpc::Stats;
+use crate::session::Session;
+use crate::watch::hub::{self, Mirrored, Note, Own};
+use crate::Error;
+
+use super::decision::{Blocker, Snapshot};
+use super::ticket::Ticket;
+
+/// How many keys one page of a mirror's build reads (in key order: etcd reads only these).
+const BUILD_PAGE: i64 = 2_000;
+
+/// The decision input for `ticket` behind `blocker` from the session's mirror of the queue,
+/// or `None` if the mirror cannot give it now (read etcd instead). A mirror that does not
+/// exist yet is built here, by one paged read of the queue's directory.
+///
+/// # Errors
+/// Only what ends the acquisition anyway: the session's loss, or a read etcd refuses.
+pub(super) async fn line_from_mirror(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    blocker: &Blocker,
+) -> Result<Option<Snapshot>, Error> {
+    let waits = session.waits();
+    let Some(hub) = waits.hub else {
+        return Ok(None);
+    };
+    let Some(scope) = hub::scope_of_keys(&[blocker.prefix().as_bytes(), ticket.key.as_bytes()])
+    else {
+        return Ok(None);
+    };
+    let patience = session.rpc.timeout();
+    // Holds the scope's watch (and with it the mirror) in place while we use it.
+    let mut sub = hub.subscribe(scope.clone(), &[], None, 0);
+    if sub.opens && hub.open(&mut sub).await.is_err() {
+        return Ok(None);
+    }
+    if !matches!(
+        tokio::time::timeout(patience, sub.next()).await,
+        Ok(Some(Note::Ready(_)))
+    ) {
+        return Ok(None);
+    }
+    let mut seen = match hub.mirror(&scope) {
+        None => return Ok(None),
+        Some(Mirrored::Ready(seen)) => seen,
+        Some(Mirrored::Build(builder)) => {
+            let Some((revision, kvs)) = read_directory(session, &scope).await? else {
+                return Ok(None);
+            };
+            if !builder.finish(revision, kvs) {
+                return Ok(None);
+            }
+            match hub.mirror(&scope) {
+                Some(Mirrored::Ready(seen)) => seen,
+                _ => return Ok(None),
+            }
+        }
+    };
+    // Our own put is in the same stream: wait until the mirror has applied it.
+    let at_our_key = seen.wait_for(|&at| at >= ticket.create_revision);
+    if !matches!(tokio::time::timeout(patience, at_our_key).await, Ok(Ok(_))) {
+        return Ok(None);
+    }
+    let own = Own {
+        key: ticket.key.as_bytes().to_vec(),
+        lease: session.lease_id,
+    };
+    let line = hub.line(
+        &scope,
+        &own,
+        ticket.create_revision,
+        |k| blocker.counts(k),
+        blocker.line_length(),
+    );
+    drop(sub);
+    if line.is_some() {
+        Stats::add(&session.rpc.stats().mirrored, 1);
+    }
+    Ok(line.map(|line| Snapshot {
+        revision: line.revision,
+        gets: Vec::new(),
+        line: Some(line),
+    }))
+}
+
+/// Whether the session's hub already mirrors the queue that `key` joins behind `blocker` (then
+/// its enqueue need not read the queue: the wait decides from the mirror).
+pub(super) fn mirrors(session: &Session, blocker: &Blocker, key: &str) -> bool {
+    let waits = session.waits();
+    blocker.announced()
+        && waits.hub.is_some_and(|hub| {
+            hub::scope_of_keys(&[blocker.prefix().as_bytes(), key.as_bytes()])
+                .is_some_and(|scope| hub.mirrors(&scope))
+        })
+}
+
+/// Every key of `scope` (keys only) at one revision, in pages of [`BUILD_PAGE`] keys, each
+/// read in key order (which etcd serves from its index, however long the directory). `None`
+/// if a later page's revision was compacted meanwhile.
+async fn read_directory(
+    session: &Arc<Session>,
+    scope: &[u8],
+) -> Result<Option<(i64, Vec<(Vec<u8>, i64, i64)>)>, Error> {
+    let range_end = keys::prefix_end(scope);
+    let mut backoff = Backoff::for_requests();
+    let mut from = scope.to_vec();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(range_end.clone())
+            .with_keys_only()
+            .with_limit(BUILD_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let answered = session
+            .rpc
+            .until_answered(
+                || session.rpc.get(from.clone(), options.clone()),
+                &mut backoff,
+                &**session,
+            )
+            .await;
+        let resp = match answered {
+            Ok(a) => a.resp,
+            // The read's revision is gone from history (or not yet applied by the member).
+            Err(e) if e.error.is_compacted() || e.error.is_future_revision() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        kvs.extend(
+            resp.kvs()
+                .iter()
+                .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.lease())),
+        );
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(Some((revision, kvs))),
+        }
+    }
+}

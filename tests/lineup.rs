@@ -1,0 +1,300 @@
+//! Waiters behind a long line (more members than the enqueue's one page holds) decide from the
+//! mirror of the queue that their session's watch stream keeps, not from a read of the whole
+//! queue (docs/design.md, "The line-up from the session's mirror"): safety, liveness, cancel
+//! safety, against real etcd.
+
+mod common;
+
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use common::*;
+use etcd_client::Client;
+use etcd_coord::{LeasedSession, Mutex, Semaphore, SessionOptions};
+use tokio::sync::oneshot;
+
+/// More members than the enqueue's page (64 keys) holds.
+const LONG: usize = 80;
+
+/// Puts `n` member keys directly under `queue` (a mutex's is its name) that this crate did not
+/// put (as etcdctl's or another client's holders): they announce nothing, so a waiter behind
+/// them waits for their deletions. Returns them, oldest first.
+async fn foreign_members(observer: &Client, queue: &str, n: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let key = format!("{queue}/f{i:03}");
+        observer.clone().put(key.as_str(), "", None).await.unwrap();
+        keys.push(key);
+    }
+    keys
+}
+
+/// Deletes `keys` in a scrambled order (not oldest or newest first), so that a waiter is woken
+/// by some of them and re-decides each time.
+async fn delete_scrambled(observer: &Client, keys: &[String]) {
+    let n = keys.len();
+    for i in 0..n {
+        let key = &keys[(i * 37 + 11) % n];
+        observer.clone().delete(key.as_str(), None).await.unwrap();
+    }
+}
+
+fn ttl() -> SessionOptions {
+    SessionOptions::new().with_ttl(Duration::from_secs(30))
+}
+
+/// Who holds, in the order they got through.
+type Order = Arc<StdMutex<Vec<&'static str>>>;
+
+/// Locks `name` through `s` in the background: records `who` in `order` once through, holds
+/// until told, then releases.
+fn lock_until_told(
+    s: &LeasedSession,
+    name: &str,
+    who: &'static str,
+    order: &Order,
+) -> oneshot::Sender<()> {
+    let (tx, rx) = oneshot::channel::<()>();
+    let (mutex, order) = (Mutex::new(s, name), Arc::clone(order));
+    tokio::spawn(async move {
+        let guard = mutex.lock().await.unwrap();
+        order.lock().unwrap().push(who);
+        let _ = rx.await;
+        guard.release().await.unwrap();
+    });
+    tx
+}
+
+fn holders(order: &Order) -> Vec<&'static str> {
+    order.lock().unwrap().clone()
+}
+
+/// Three waiters of sibling sessions (one watch stream) behind 80 members: the first builds
+/// the mirror with one read, the next two decide from it with no read at all; none goes
+/// through while a single member is ahead of it, however the members ahead go; then they go
+/// through one at a time, in their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_behind_a_long_line_decide_from_the_mirror_and_go_through_one_at_a_time_in_order() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("long-line");
+    let ahead = foreign_members(&observer, &name, LONG).await;
+    let a = session(&etcd, 30).await;
+    let (b, c) = (
+        a.sibling(ttl()).await.unwrap(),
+        a.sibling(ttl()).await.unwrap(),
+    );
+    let order: Order = Arc::default();
+    let mut release = Vec::new();
+    for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        release.push(lock_until_told(s, &name, who, &order));
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                s.metrics().mirrored_decisions >= 1
+            })
+            .await,
+            "{who} did not decide from the mirror: {:?}",
+            s.metrics()
+        );
+    }
+    assert_eq!(a.metrics().reads, 1, "the mirror is built by one read");
+    for s in [&b, &c] {
+        assert_eq!(s.metrics().reads, 0, "a sibling reads nothing");
+    }
+    // Every member ahead but one goes; the waiters re-decide as they are woken.
+    delete_scrambled(&observer, &ahead[1..]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
+    observer
+        .clone()
+        .delete(ahead[0].as_str(), None)
+        .await
+        .unwrap();
+    for (i, expected) in [vec!["a"], vec!["a", "b"], vec!["a", "b", "c"]]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                holders(&order).len() == expected.len()
+            })
+            .await,
+            "{expected:?} should hold by now: {:?}",
+            holders(&order)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(holders(&order), expected, "one at a time, in order");
+        let _ = release.remove(0).send(());
+        let _ = i;
+    }
+}
+
+/// A waiter whose lookup in the mirror finds a waiter of its own session's family just ahead
+/// (a key put after the mirror was built) waits for it, not past it: the mirror holds every
+/// put since its read. A semaphore of 3 permits: behind 80 members, no one holds until fewer
+/// than 3 keys are ahead of it; then exactly the permits' worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_waiters_behind_a_long_line_hold_exactly_the_free_permits() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("long-sem");
+    // A semaphore's members live under `<name>/#semaphore/`.
+    let ahead = foreign_members(&observer, &format!("{name}/#semaphore"), LONG).await;
+    let a = session(&etcd, 30).await;
+    let (b, c) = (
+        a.sibling(ttl()).await.unwrap(),
+        a.sibling(ttl()).await.unwrap(),
+    );
+    let order: Order = Arc::default();
+    let mut release = Vec::new();
+    for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        let (tx, rx) = oneshot::channel::<()>();
+        let (semaphore, order) = (Semaphore::new(s, &name, 3), Arc::clone(&order));
+        tokio::spawn(async move {
+            let permit = semaphore.acquire().await.unwrap();
+            order.lock().unwrap().push(who);
+            let _ = rx.await;
+            permit.release().await.unwrap();
+        });
+        release.push(tx);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                s.metrics().mirrored_decisions >= 1
+            })
+            .await,
+            "{who} did not decide from the mirror: {:?}",
+            s.metrics()
+        );
+    }
+    // One member left ahead of all three: a (1 ahead) and b (2 ahead) hold, c (3 ahead) waits.
+    delete_scrambled(&observer, &ahead[1..]).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            holders(&order).len() == 2
+        })
+        .await,
+        "a and b should hold: {:?}",
+        holders(&order)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        holders(&order),
+        ["a", "b"],
+        "more holders than free permits"
+    );
+    let _ = release.remove(0).send(()); // a releases: c holds
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            holders(&order).len() == 3
+        })
+        .await,
+        "c should hold: {:?}",
+        holders(&order)
+    );
+    assert_eq!(holders(&order), ["a", "b", "c"]);
+}
+
+/// A lock behind a long line, dropped at every await point it reaches — while its session's
+/// mirror is being opened, built (its read in flight), or waited for — leaves no key behind,
+/// no task running, and no mirror half-built: the next lock of the session still decides from
+/// a whole one, and waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_dropped_anywhere_in_its_line_up_leaves_nothing_behind() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("long-cancel");
+    let ahead = foreign_members(&observer, &name, LONG).await;
+    let s = session(&etcd, 30).await;
+    let lease = s.lease_id();
+    let ended = drop_at_every_await(
+        || {
+            let mutex = Mutex::new(&s, &name);
+            async move { mutex.lock().await }
+        },
+        async |driven, step| {
+            let what = format!("dropped at {step:?}: {driven:?}");
+            drop(driven);
+            s.settled().await;
+            assert!(
+                eventually(Duration::from_secs(5), || async {
+                    keys_on_lease(&observer, lease).await.is_empty()
+                })
+                .await,
+                "{what}: left {:?}",
+                keys_on_lease(&observer, lease).await
+            );
+            assert_eq!(keys_under(&observer, &name).await, ahead, "{what}");
+            only_its_own_task_runs(&s).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Waiting { polls } if polls >= 3),
+        "{ended:?}"
+    );
+    assert!(s.metrics().mirrored_decisions >= 1, "{:?}", s.metrics());
+}
+
+/// A waiter that lined up while the line was short (its enqueue read the whole line) reads the
+/// line again after a wake-up — from the mirror, once its session has one: when the line has
+/// grown long behind it and a later waiter of the session built the mirror, no re-read costs
+/// etcd the whole queue. And it still waits for every member ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_from_a_short_line_decides_from_the_mirror_once_its_session_has_one() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("grown-line");
+    // 20 members ahead: the enqueue's page holds them all, too many to count.
+    let ahead = foreign_members(&observer, &name, 20).await;
+    let w = session(&etcd, 30).await;
+    let order: Order = Arc::default();
+    let _release_w = lock_until_told(&w, &name, "w", &order);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(&observer, &name).await.len() == ahead.len() + 1
+        })
+        .await
+    );
+    // The line grows long behind it; a waiter of a sibling session builds the mirror.
+    for i in 0..LONG {
+        observer
+            .clone()
+            .put(format!("{name}/h{i:03}"), "", None)
+            .await
+            .unwrap();
+    }
+    let x = w.sibling(ttl()).await.unwrap();
+    let _release_x = lock_until_told(&x, &name, "x", &order);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            x.metrics().mirrored_decisions >= 1
+        })
+        .await,
+        "{:?}",
+        x.metrics()
+    );
+    assert_eq!(w.metrics().mirrored_decisions, 0);
+    // The member just ahead of w goes: w re-decides, from the mirror, and waits on.
+    observer
+        .clone()
+        .delete(ahead[19].as_str(), None)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            w.metrics().mirrored_decisions >= 1
+        })
+        .await,
+        "w re-read etcd: {:?}",
+        w.metrics()
+    );
+    delete_scrambled(&observer, &ahead[1..19]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
+    observer.clone().delete(ahead[0].as_str(), None).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async { holders(&order) == ["w"] }).await,
+        "{:?}",
+        holders(&order)
+    );
+}
