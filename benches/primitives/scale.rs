@@ -25,6 +25,10 @@ impl Held {
     }
 }
 
+/// How many waiters at the front of a mutex's queue count the keys ahead of them instead of
+/// putting a pointer to the key just ahead (the crate's `DRAIN_MAX`).
+const COUNTING: usize = 8;
+
 /// How many waiters are queued at once.
 const QUEUE_BATCH: usize = 500;
 
@@ -66,8 +70,9 @@ pub(crate) async fn waiters_scale(
     // Queue every waiter (in order), a batch at a time, each batch once the one before has
     // all its keys in place: ten thousand enqueues at once would only measure etcd's backlog
     // (and time requests out).
-    let mut kv = observer.clone();
+    let kv = observer.clone();
     let mut queued = 0;
+    let lineup_started = Instant::now();
     for batch in sessions.chunks(QUEUE_BATCH) {
         for s in batch {
             let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
@@ -80,29 +85,49 @@ pub(crate) async fn waiters_scale(
         }
         queued += batch.len();
         loop {
-            // Members only: not the pointers waiters put beside them (`…#next/…`).
-            let resp = kv
-                .get(
-                    format!("{name}/#"),
-                    Some(
-                        etcd_client::GetOptions::new()
-                            .with_prefix()
-                            .with_keys_only(),
-                    ),
-                )
-                .await?;
-            let n = resp
-                .kvs()
-                .iter()
-                .filter(|kv| !kv.key()[name.len() + 1..].starts_with(b"#next/"))
-                .count();
-            if n == queued + permits {
+            // Members, and the pointers a mutex's waiters put beside them (`…#next/…`) once
+            // they know the key just ahead: every waiter has lined up once each has its
+            // pointer — but the first `COUNTING`, which count the keys ahead instead.
+            // Counts only: etcd answers them from its index, without reading the keys.
+            let count = |prefix: String| {
+                let mut kv = kv.clone();
+                async move {
+                    let opts = etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only();
+                    Ok::<_, etcd_client::Error>(kv.get(prefix, Some(opts)).await?.count() as usize)
+                }
+            };
+            let all = count(format!("{name}/#")).await?;
+            let pointers = count(format!("{name}/#next/")).await?;
+            let members = all - pointers;
+            if members == queued + permits && (permits > 1 || pointers + COUNTING >= queued) {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await; // every waiter's watch is in place
+    // Every key is in place; the line-up is over once no waiter sends or decides any more (a
+    // semaphore's waiters put no pointer to tell).
+    let activity = || {
+        sessions
+            .iter()
+            .map(|s| {
+                let m = s.metrics();
+                m.txns + m.reads + m.mirrored_decisions + m.watches
+            })
+            .sum::<u64>()
+    };
+    let mut last = activity();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = activity();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let lineup = lineup_started.elapsed();
     let bytes_per_waiter =
         resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
     let streams: u64 = sessions
@@ -132,6 +157,8 @@ pub(crate) async fn waiters_scale(
             Value::Num(round3(events as f64 / handoffs as f64)),
         ),
         ("waiters", Value::Int(sessions.len() as u64)),
+        // From the first enqueue to every waiter in line, and quiet.
+        ("lineup_s", Value::Num(round3(lineup.as_secs_f64()))),
         // Resident memory the queued waits added (their sessions were made before), per wait.
         ("bytes_per_waiter", Value::Int(bytes_per_waiter)),
         // gRPC watch streams the waits opened, per client connection.
