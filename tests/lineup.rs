@@ -228,7 +228,24 @@ async fn a_lock_dropped_anywhere_in_its_line_up_leaves_nothing_behind() {
         matches!(ended, Ended::Waiting { polls } if polls >= 3),
         "{ended:?}"
     );
-    assert!(s.metrics().mirrored_decisions >= 1, "{:?}", s.metrics());
+    // Whatever the drops left, the session's next lock decides from a whole mirror: it waits
+    // behind the 80 members.
+    let before = s.metrics().mirrored_decisions;
+    let next = tokio::spawn({
+        let mutex = Mutex::new(&s, &name);
+        async move { mutex.lock().await }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            s.metrics().mirrored_decisions > before
+        })
+        .await,
+        "{:?}",
+        s.metrics()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!next.is_finished(), "through past 80 members");
+    next.abort();
 }
 
 /// A waiter that lined up while the line was short (its enqueue read the whole line) reads the
@@ -364,4 +381,75 @@ async fn waiters_whose_mirror_is_lost_with_its_stream_still_go_through_in_order(
         assert_eq!(holders(&order), expected, "one at a time, in order");
         let _ = release.remove(0).send(());
     }
+}
+
+/// Writers of a read/write lock behind a long line: their waits (on the lock's whole
+/// directory, beside their pointers) and the mirror (of the lock's members) are two scopes
+/// of one stream. A writer ahead that gives up wakes the one behind it, which decides again
+/// from the mirror — once the mirror has applied that change — and still waits for every
+/// member ahead; then they go through one at a time, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rwlock_writers_behind_a_long_line_go_through_in_order_when_one_gives_up() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("long-rw");
+    // A read/write lock's members live under `<name>/#rwlock/`.
+    let ahead = foreign_members(&observer, &format!("{name}/#rwlock"), LONG).await;
+    let a = session(&etcd, 30).await;
+    let (b, c) = (
+        a.sibling(ttl()).await.unwrap(),
+        a.sibling(ttl()).await.unwrap(),
+    );
+    let order: Order = Arc::default();
+    let mut waits = Vec::new();
+    let mut release = Vec::new();
+    for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        let (tx, rx) = oneshot::channel::<()>();
+        let (rw, order) = (etcd_coord::RwLock::new(s, &name), Arc::clone(&order));
+        waits.push(tokio::spawn(async move {
+            let guard = rw.write().await.unwrap();
+            order.lock().unwrap().push(who);
+            let _ = rx.await;
+            guard.release().await.unwrap();
+        }));
+        release.push(tx);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                s.metrics().mirrored_decisions >= 1
+            })
+            .await,
+            "{who} did not decide from the mirror: {:?}",
+            s.metrics()
+        );
+    }
+    delete_scrambled(&observer, &ahead[1..]).await;
+    // a gives up: its key goes without announcing anything to b.
+    waits.remove(0).abort();
+    a.settled().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
+    observer
+        .clone()
+        .delete(ahead[0].as_str(), None)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            holders(&order) == ["b"]
+        })
+        .await,
+        "{:?}",
+        holders(&order)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(holders(&order), ["b"], "one at a time");
+    let _ = release.remove(1).send(()); // b releases
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            holders(&order) == ["b", "c"]
+        })
+        .await,
+        "{:?}",
+        holders(&order)
+    );
 }

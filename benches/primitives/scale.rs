@@ -73,13 +73,19 @@ pub(crate) async fn waiters_scale(
     let kv = observer.clone();
     let mut queued = 0;
     let lineup_started = Instant::now();
+    // A waiter that fails ends the run (it would never line up).
+    let failed = Arc::new(std::sync::Mutex::new(None::<String>));
     for batch in sessions.chunks(QUEUE_BATCH) {
         for s in batch {
             let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
+            let failed = failed.clone();
             tokio::spawn(async move {
-                if let Ok(g) = acquired.await {
-                    let at = Instant::now();
-                    let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
+                match acquired.await {
+                    Ok(g) => {
+                        let at = Instant::now();
+                        let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
+                    }
+                    Err(e) => *failed.lock().unwrap() = Some(e.to_string()),
                 }
             });
         }
@@ -103,6 +109,9 @@ pub(crate) async fn waiters_scale(
             let members = all - pointers;
             if members == queued + permits && (permits > 1 || pointers + COUNTING >= queued) {
                 break;
+            }
+            if let Some(e) = failed.lock().unwrap().take() {
+                return Err(format!("a waiter failed to line up: {e}").into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

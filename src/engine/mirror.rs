@@ -18,7 +18,7 @@ use etcd_client::GetOptions;
 
 use crate::backoff::Backoff;
 use crate::keys;
-use crate::rpc::Stats;
+use crate::rpc::{unless_stopped, Stats};
 use crate::session::Session;
 use crate::watch::hub::{self, Mirrored, Note, Own};
 use crate::Error;
@@ -30,15 +30,29 @@ use super::ticket::Ticket;
 const BUILD_PAGE: i64 = 2_000;
 
 /// The decision input for `ticket` behind `blocker` from the session's mirror of the queue,
-/// or `None` if the mirror cannot give it now (read etcd instead). A mirror that does not
-/// exist yet is built here, by one paged read of the queue's directory.
+/// or `None` if the mirror cannot give it now (read etcd instead). The mirror must have
+/// applied our own put and revision `fresh` (the change that woke us: it may have reached us
+/// through another scope of the stream); one that does not exist yet is built here, by one
+/// paged read of the queue's directory. Every step is bounded by the request timeout.
 ///
 /// # Errors
-/// Only what ends the acquisition anyway: the session's loss, or a read etcd refuses.
+/// Only the session's loss (a failed build leaves the waiter to read etcd, which reports a
+/// failure that persists).
 pub(super) async fn line_from_mirror(
     session: &Arc<Session>,
     ticket: &Ticket,
     blocker: &Blocker,
+    fresh: i64,
+) -> Result<Option<Snapshot>, Error> {
+    let waits = session.waits();
+    unless_stopped(waits.stop, lookup(session, ticket, blocker, fresh)).await
+}
+
+async fn lookup(
+    session: &Arc<Session>,
+    ticket: &Ticket,
+    blocker: &Blocker,
+    fresh: i64,
 ) -> Result<Option<Snapshot>, Error> {
     let waits = session.waits();
     let Some(hub) = waits.hub else {
@@ -64,9 +78,21 @@ pub(super) async fn line_from_mirror(
         None => return Ok(None),
         Some(Mirrored::Ready(seen)) => seen,
         Some(Mirrored::Build(builder)) => {
-            let Some((revision, kvs)) = read_directory(session, &scope).await? else {
-                return Ok(None);
-            };
+            // A build that takes longer than a request is given up (its waiters read etcd).
+            let (revision, kvs) =
+                match tokio::time::timeout(patience, read_directory(session, &scope)).await {
+                    Ok(Ok(Some(read))) => read,
+                    Ok(Ok(None)) => return Ok(None),
+                    Ok(Err(e)) => {
+                        // The waiter's own read reports it, if it persists.
+                        tracing::debug!(error = %e, "the queue's mirror could not be read");
+                        return Ok(None);
+                    }
+                    Err(_) => {
+                        tracing::debug!("the queue's mirror took too long to read");
+                        return Ok(None);
+                    }
+                };
             if !builder.finish(revision, kvs) {
                 return Ok(None);
             }
@@ -76,8 +102,10 @@ pub(super) async fn line_from_mirror(
             }
         }
     };
-    // Our own put is in the same stream: wait until the mirror has applied it.
-    let at_our_key = seen.wait_for(|&at| at >= ticket.create_revision);
+    // Our own put is in the same stream: wait until the mirror has applied it (and the
+    // change that woke us).
+    let wanted = ticket.create_revision.max(fresh);
+    let at_our_key = seen.wait_for(|&at| at >= wanted);
     if !matches!(tokio::time::timeout(patience, at_our_key).await, Ok(Ok(_))) {
         return Ok(None);
     }

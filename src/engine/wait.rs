@@ -81,17 +81,27 @@ where
     // History before this revision was compacted away: targets watched `since` an earlier
     // revision are watched from here.
     let mut floor = 0;
+    // The revision of the change that woke us: a decision from the session's mirror waits
+    // until the mirror has applied it (it may have reached us through another scope of the
+    // stream). And whether the next decision reads etcd instead (an announcement was
+    // refused: the mirror may not show yet what the refusal saw).
+    let mut woke_at = 0;
+    let mut read_etcd = false;
     loop {
         let snapshot = match first.take() {
             Some(s) => s,
             None => {
                 // Behind a long line, or once the session mirrors the queue anyway (a line
                 // that grew long behind us): from the mirror.
+                let from_etcd = std::mem::take(&mut read_etcd);
                 let mirrored = match &reads.line {
                     Some(blocker)
-                        if !widen && (reads.build || mirrors(session, blocker, &ticket.key)) =>
+                        if !widen
+                            && !from_etcd
+                            && (reads.build || mirrors(session, blocker, &ticket.key)) =>
                     {
-                        line_from_mirror(session, &ticket, blocker).await?
+                        let woke = std::mem::take(&mut woke_at);
+                        line_from_mirror(session, &ticket, blocker, woke).await?
                     }
                     _ => None,
                 };
@@ -163,7 +173,11 @@ where
                         {
                             Announced::At(revision) => read_at = revision,
                             Announced::Uncertain => {}
-                            Announced::Refused => continue, // the key ahead (or ours) went: read
+                            Announced::Refused => {
+                                // The key ahead (or ours) went: read etcd.
+                                read_etcd = true;
+                                continue;
+                            }
                         }
                     }
                 }
@@ -211,7 +225,11 @@ where
                         tracing::trace!(target: "etcd_coord::handoff", key = %ticket.key, announced = true, "through");
                         return ticket.into_acquired(at);
                     }
-                    Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => first = None,
+                    Woken::Changed(change) => {
+                        woke_at = change.revision;
+                        first = None;
+                    }
+                    Woken::Recheck | Woken::Decided(_) => first = None,
                     Woken::Compacted(revision) => {
                         floor = floor.max(revision);
                         first = None;
@@ -254,7 +272,11 @@ where
                                 return through(session, ticket, change.revision, touch);
                             }
                         }
-                        Woken::Changed(_) | Woken::Recheck | Woken::Decided(_) => break None,
+                        Woken::Changed(change) => {
+                            woke_at = change.revision;
+                            break None;
+                        }
+                        Woken::Recheck | Woken::Decided(_) => break None,
                         Woken::Compacted(revision) => {
                             floor = floor.max(revision);
                             break None;
@@ -289,7 +311,11 @@ where
                 .await?;
                 match woken {
                     // After a wake-up, decide from a fresh read (unless the re-read made one).
-                    Woken::Changed(_) | Woken::Recheck => first = fresh,
+                    Woken::Changed(change) => {
+                        woke_at = change.revision;
+                        first = fresh;
+                    }
+                    Woken::Recheck => first = fresh,
                     Woken::Compacted(revision) => {
                         floor = floor.max(revision);
                         first = fresh;

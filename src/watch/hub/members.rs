@@ -89,8 +89,9 @@ impl Members {
     }
 
     /// The line ahead of `own` (created at `create_revision` on `lease`): the newest `take`
-    /// keys that `counts` created before it, newest first. `None` if the state is older than
-    /// our key, or our key is not there as ours (a fenced read would have failed).
+    /// keys that `counts`, created before our revision, newest first; whether one was created
+    /// after it. `None` if the state is older than our key, or our key is not there as ours (a
+    /// fenced read would have failed).
     pub(crate) fn line(
         &self,
         own: &[u8],
@@ -102,16 +103,20 @@ impl Members {
         if self.at < create_revision || self.keys.get(own) != Some(&(create_revision, lease)) {
             return None;
         }
-        let mine = (create_revision, own.to_vec());
+        // As a fenced read's `max_create_revision(ours - 1)` and `min_create_revision(ours + 1)`:
+        // a key created in our own revision (another key of the Txn that put ours) is neither.
         let mut older = self
             .order
-            .range(..&mine)
+            .range(..(create_revision, Vec::new()))
             .rev()
             .filter(|(_, k)| counts(k))
             .map(|(r, k)| (k.clone(), *r));
         let ahead: Vec<(Vec<u8>, i64)> = older.by_ref().take(take).collect();
         let more = older.next().is_some();
-        let behind = self.order.range(&mine..).skip(1).any(|(_, k)| counts(k));
+        let behind = self
+            .order
+            .range((create_revision + 1, Vec::new())..)
+            .any(|(_, k)| counts(k));
         Some(Line {
             revision: self.at,
             ahead,

@@ -145,8 +145,16 @@ async fn a_mirror_built_from_a_read_catches_up_with_the_revisions_dispatched_sin
     let Some(Mirrored::Ready(mut seen)) = hub.mirror(b"q/") else {
         panic!("the next one waits for it");
     };
-    let read = [("q/a", 5), ("q/b", 8), ("q/next/x", 9), ("q/me", 11)]
-        .map(|(k, r)| (k.as_bytes().to_vec(), r, if k == "q/me" { 7 } else { 0 }));
+    // `q/0` was put by the same Txn as ours (`q/me`): created in our revision, it is neither
+    // ahead of us nor behind, as for a fenced read's create-revision bounds.
+    let read = [
+        ("q/a", 5),
+        ("q/b", 8),
+        ("q/next/x", 9),
+        ("q/0", 11),
+        ("q/me", 11),
+    ]
+    .map(|(k, r)| (k.as_bytes().to_vec(), r, if k == "q/me" { 7 } else { 0 }));
     assert!(builder.finish(11, read));
     assert_eq!(
         *seen.borrow_and_update(),
@@ -203,20 +211,27 @@ async fn a_mirror_that_cannot_be_exact_is_refused_and_built_again() {
 }
 
 proptest::proptest! {
-    /// Whatever the history and whenever the mirror's read was made: built from the state at
-    /// the read and fed every later revision, the mirror holds the state at the last one, and
-    /// its line ahead of any key is the keys created before it, newest first.
+    /// Whatever the history (revisions of one or several events) and whenever the mirror's
+    /// read was made: built from the state at the read and fed every later revision, the
+    /// mirror holds the state at the last one, and its line ahead of any key is the keys
+    /// created in earlier revisions, newest first.
     #[test]
     fn a_mirror_fed_every_later_revision_holds_the_state_at_the_last(
-        ops in proptest::collection::vec((0u8..6, proptest::bool::ANY), 1..40),
+        ops in proptest::collection::vec((0u8..6, proptest::bool::ANY, proptest::bool::ANY), 1..40),
         read_at in 0usize..40,
     ) {
-        // The history: revision r+1 puts (true) or deletes key ops[r].0.
+        // The history: each op puts (true) or deletes its key, in a new revision or (`joins`)
+        // in the revision of the op before.
         let mut state: std::collections::BTreeMap<Vec<u8>, i64> = Default::default();
-        let mut at_read = state.clone();
-        let mut groups = Vec::new();
-        for (r, (k, put)) in ops.iter().enumerate() {
-            let revision = r as i64 + 1;
+        let mut states = vec![state.clone()]; // the state at each revision
+        let mut groups: Vec<Group> = Vec::new();
+        for (k, put, joins) in &ops {
+            if !*joins || groups.is_empty() {
+                groups.push(Group { revision: groups.len() as i64 + 1, events: Vec::new() });
+                states.push(state.clone());
+            }
+            let group = groups.last_mut().unwrap();
+            let revision = group.revision;
             let key = format!("q/{k}").into_bytes();
             let event = if *put {
                 let create = *state.entry(key.clone()).or_insert(revision);
@@ -225,12 +240,11 @@ proptest::proptest! {
                 state.remove(&key);
                 Ev { kind: EventType::Delete, key, lease: 0, create_revision: 0 }
             };
-            groups.push(Group { revision, events: vec![event] });
-            if r < read_at {
-                at_read = state.clone();
-            }
+            group.events.push(event);
+            *states.last_mut().unwrap() = state.clone();
         }
-        let read_revision = read_at.min(ops.len()) as i64;
+        let read_revision = read_at.min(groups.len()) as i64;
+        let at_read = states[read_revision as usize].clone();
         let mut members = members::Members::read(
             read_revision,
             at_read.iter().map(|(k, c)| (k.clone(), *c, 7)),
@@ -238,16 +252,17 @@ proptest::proptest! {
         for g in &groups {
             members.apply(g); // those up to the read are skipped
         }
-        proptest::prop_assert_eq!(members.at(), ops.len() as i64);
+        proptest::prop_assert_eq!(members.at(), groups.len() as i64);
         for (key, create) in &state {
             let line = members.line(key, *create, 7, |_| true, 100).unwrap();
             let mut expected: Vec<(Vec<u8>, i64)> = state
                 .iter()
-                .filter(|(k, c)| (**c, k.as_slice()) < (*create, key.as_slice()))
+                .filter(|(_, c)| **c < *create)
                 .map(|(k, c)| (k.clone(), *c))
                 .collect();
             expected.sort_by_key(|(k, c)| std::cmp::Reverse((*c, k.clone())));
             proptest::prop_assert_eq!(line.ahead, expected);
+            proptest::prop_assert_eq!(line.behind, state.values().any(|c| *c > *create));
         }
     }
 }
