@@ -87,7 +87,11 @@ pub(super) async fn keep_alive(session: &Session, live: &mut Liveness) -> LossRe
                     session.publish(live);
                 }
             }
-            Some(Err(e)) if e.is_lease_not_found() => live.on_lease_gone(),
+            Some(Err(e)) if e.is_lease_not_found() => {
+                // Gone — or, before any refresh was acknowledged, not applied yet (#13675).
+                tracing::debug!(lease = session.lease_id, "the lease was not found");
+                live.on_not_found(Instant::now());
+            }
             Some(Err(e)) => {
                 tracing::debug!(lease = session.lease_id, error = %e, "opening the keep-alive stream failed");
                 live.on_failure(Instant::now());

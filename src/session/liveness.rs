@@ -12,6 +12,10 @@ use tokio::time::Instant;
 
 use crate::{LossReason, SessionState};
 
+/// How many "lease not found" answers a lease that no refresh has acknowledged yet gets before
+/// the session is Lost (etcd #13675: see [`Liveness::on_not_found`]).
+pub(crate) const NOT_FOUND_BEFORE_FIRST_ACK: u32 = 5;
+
 /// Alive / Suspended / Lost, and the deadline after which the lease may be gone.
 #[derive(Debug, Clone)]
 pub(crate) struct Liveness {
@@ -19,6 +23,10 @@ pub(crate) struct Liveness {
     deadline: Instant,
     state: SessionState,
     reason: Option<LossReason>,
+    /// A refresh was acknowledged with a TTL: etcd's leader has applied the grant.
+    acked: bool,
+    /// "Not found" answers before that.
+    not_found: u32,
 }
 
 impl Liveness {
@@ -29,6 +37,8 @@ impl Liveness {
             deadline: grant_sent + ttl.saturating_sub(margin),
             state: SessionState::Alive,
             reason: None,
+            acked: false,
+            not_found: 0,
         }
     }
 
@@ -71,6 +81,7 @@ impl Liveness {
             self.lose(LossReason::LeaseGone);
             return;
         }
+        self.acked = true;
         self.deadline = self.deadline.max(sent + ttl.saturating_sub(self.margin));
         self.state = SessionState::Alive;
         self.on_tick(now);
@@ -87,6 +98,20 @@ impl Liveness {
     /// etcd said the lease does not exist.
     pub(crate) fn on_lease_gone(&mut self) {
         self.lose(LossReason::LeaseGone);
+    }
+
+    /// etcd answered a refresh at `now` with "lease not found". Lost — unless no refresh has
+    /// been acknowledged since the grant: etcd before 3.5.3 (#13675) answers a refresh that
+    /// reaches its leader before the leader has applied the grant (which another member
+    /// answered) with "not found". Such a lease is Suspended and refreshed again, up to
+    /// [`NOT_FOUND_BEFORE_FIRST_ACK`] times, within its deadline.
+    pub(crate) fn on_not_found(&mut self, now: Instant) {
+        if !self.acked && self.not_found < NOT_FOUND_BEFORE_FIRST_ACK {
+            self.not_found += 1;
+            self.on_failure(now);
+        } else {
+            self.on_lease_gone();
+        }
     }
 }
 
@@ -211,6 +236,36 @@ mod tests {
             t0 + Duration::from_secs(30),
         );
         assert_eq!(live.state(), SessionState::Lost);
+    }
+
+    /// etcd #13675: a lease whose first refreshes find it "not found" (a leader that has not
+    /// applied the grant yet) is Suspended and refreshed again, a few times, not Lost; once a
+    /// refresh was acknowledged, "not found" is believed at once.
+    #[test]
+    fn a_lease_not_found_before_its_first_refresh_is_retried_a_few_times_then_believed() {
+        let t0 = Instant::now();
+        let mut live = Liveness::new(t0, Duration::from_secs(10), Duration::from_secs(2));
+        for i in 0..NOT_FOUND_BEFORE_FIRST_ACK {
+            live.on_not_found(t0 + Duration::from_millis(u64::from(i)));
+            assert_eq!(live.state(), SessionState::Suspended, "answer {i}");
+        }
+        live.on_not_found(t0 + Duration::from_millis(10));
+        assert_eq!(live.reason(), Some(LossReason::LeaseGone));
+
+        let mut live = Liveness::new(t0, Duration::from_secs(10), Duration::from_secs(2));
+        live.on_not_found(t0);
+        live.on_ack(t0, Duration::from_secs(10), t0 + Duration::from_millis(5));
+        assert_eq!(
+            live.state(),
+            SessionState::Alive,
+            "the grant was applied after all"
+        );
+        live.on_not_found(t0 + Duration::from_millis(10));
+        assert_eq!(
+            live.reason(),
+            Some(LossReason::LeaseGone),
+            "after an ack: gone"
+        );
     }
 
     #[test]
