@@ -5,12 +5,14 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use common::*;
 use etcd_client::Client;
 use etcd_coord::{LeasedSession, Mutex, Semaphore, SessionOptions};
+use etcd_coord_testkit::{FaultProxy, TestEtcd};
 use tokio::sync::oneshot;
 
 /// More members than the enqueue's page (64 keys) holds.
@@ -46,23 +48,95 @@ fn ttl() -> SessionOptions {
 /// Who holds, in the order they got through.
 type Order = Arc<StdMutex<Vec<&'static str>>>;
 
-/// Locks `name` through `s` in the background: records `who` in `order` once through, holds
-/// until told, then releases.
+/// A waiter in the background: through `acquire`, it records `who` in `order`, holds until
+/// told, then releases through `release`. Its sender, and its task (to abort it: it gives up).
+fn hold_until_told<G, A, R, RF>(
+    who: &'static str,
+    order: &Order,
+    acquire: A,
+    release: R,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>)
+where
+    G: Send + 'static,
+    A: Future<Output = Result<G, etcd_coord::Error>> + Send + 'static,
+    R: FnOnce(G) -> RF + Send + 'static,
+    RF: Future<Output = Result<(), etcd_coord::Error>> + Send,
+{
+    let (tx, rx) = oneshot::channel::<()>();
+    let order = Arc::clone(order);
+    let task = tokio::spawn(async move {
+        let guard = acquire.await.unwrap();
+        order.lock().unwrap().push(who);
+        let _ = rx.await;
+        release(guard).await.unwrap();
+    });
+    (tx, task)
+}
+
+/// Locks `name` through `s` in the background (see [`hold_until_told`]).
 fn lock_until_told(
     s: &LeasedSession,
     name: &str,
     who: &'static str,
     order: &Order,
 ) -> oneshot::Sender<()> {
-    let (tx, rx) = oneshot::channel::<()>();
-    let (mutex, order) = (Mutex::new(s, name), Arc::clone(order));
-    tokio::spawn(async move {
-        let guard = mutex.lock().await.unwrap();
-        order.lock().unwrap().push(who);
-        let _ = rx.await;
-        guard.release().await.unwrap();
-    });
-    tx
+    let mutex = Mutex::new(s, name);
+    let acquire = async move { mutex.lock().await };
+    hold_until_told(who, order, acquire, |g| g.release()).0
+}
+
+/// A session and two siblings of it (one watch stream, one mirror), reaching etcd through
+/// `proxy` if given.
+async fn three_siblings(etcd: &TestEtcd, proxy: Option<&FaultProxy>) -> [LeasedSession; 3] {
+    let a = match proxy {
+        Some(proxy) => session_via(proxy, ttl()).await,
+        None => session(etcd, 30).await,
+    };
+    let b = a.sibling(ttl()).await.unwrap();
+    let c = a.sibling(ttl()).await.unwrap();
+    [a, b, c]
+}
+
+/// Waits until `s` (`who`) has decided from its session's mirror.
+async fn decided_from_the_mirror(s: &LeasedSession, who: &str) {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            s.metrics().mirrored_decisions >= 1
+        })
+        .await,
+        "{who} did not decide from the mirror: {:?}",
+        s.metrics()
+    );
+}
+
+/// The waiters hold one at a time, in `expected`'s order, each after the one before released
+/// (`release`, in the same order).
+async fn one_at_a_time_in_order(
+    order: &Order,
+    mut release: Vec<oneshot::Sender<()>>,
+    expected: &[&str],
+) {
+    for n in 1..=expected.len() {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                holders(order).len() == n
+            })
+            .await,
+            "{:?} should hold by now: {:?}",
+            &expected[..n],
+            holders(order)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(holders(order), expected[..n], "one at a time, in order");
+        let _ = release.remove(0).send(());
+    }
+}
+
+/// No waiter holds while `last` — a member ahead of all of them — exists; then it goes.
+async fn nobody_holds_until_it_goes(observer: &Client, order: &Order, last: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holders(order), Vec::<&str>::new(), "through past a member");
+    observer.clone().delete(last, None).await.unwrap();
 }
 
 fn holders(order: &Order) -> Vec<&'static str> {
@@ -79,23 +153,12 @@ async fn waiters_behind_a_long_line_decide_from_the_mirror_and_go_through_one_at
     let observer = client(&etcd).await;
     let name = unique("long-line");
     let ahead = foreign_members(&observer, &name, LONG).await;
-    let a = session(&etcd, 30).await;
-    let (b, c) = (
-        a.sibling(ttl()).await.unwrap(),
-        a.sibling(ttl()).await.unwrap(),
-    );
+    let [a, b, c] = three_siblings(&etcd, None).await;
     let order: Order = Arc::default();
     let mut release = Vec::new();
     for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
         release.push(lock_until_told(s, &name, who, &order));
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                s.metrics().mirrored_decisions >= 1
-            })
-            .await,
-            "{who} did not decide from the mirror: {:?}",
-            s.metrics()
-        );
+        decided_from_the_mirror(s, who).await;
     }
     assert_eq!(a.metrics().reads, 1, "the mirror is built by one read");
     for s in [&b, &c] {
@@ -103,26 +166,8 @@ async fn waiters_behind_a_long_line_decide_from_the_mirror_and_go_through_one_at
     }
     // Every member ahead but one goes; the waiters re-decide as they are woken.
     delete_scrambled(&observer, &ahead[1..]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
-    observer
-        .clone()
-        .delete(ahead[0].as_str(), None)
-        .await
-        .unwrap();
-    for expected in [vec!["a"], vec!["a", "b"], vec!["a", "b", "c"]] {
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                holders(&order).len() == expected.len()
-            })
-            .await,
-            "{expected:?} should hold by now: {:?}",
-            holders(&order)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(holders(&order), expected, "one at a time, in order");
-        let _ = release.remove(0).send(());
-    }
+    nobody_holds_until_it_goes(&observer, &order, &ahead[0]).await;
+    one_at_a_time_in_order(&order, release, &["a", "b", "c"]).await;
 }
 
 /// A waiter whose lookup in the mirror finds a waiter of its own session's family just ahead
@@ -136,31 +181,14 @@ async fn semaphore_waiters_behind_a_long_line_hold_exactly_the_free_permits() {
     let name = unique("long-sem");
     // A semaphore's members live under `<name>/#semaphore/`.
     let ahead = foreign_members(&observer, &format!("{name}/#semaphore"), LONG).await;
-    let a = session(&etcd, 30).await;
-    let (b, c) = (
-        a.sibling(ttl()).await.unwrap(),
-        a.sibling(ttl()).await.unwrap(),
-    );
+    let [a, b, c] = three_siblings(&etcd, None).await;
     let order: Order = Arc::default();
     let mut release = Vec::new();
     for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
-        let (tx, rx) = oneshot::channel::<()>();
-        let (semaphore, order) = (Semaphore::new(s, &name, 3), Arc::clone(&order));
-        tokio::spawn(async move {
-            let permit = semaphore.acquire().await.unwrap();
-            order.lock().unwrap().push(who);
-            let _ = rx.await;
-            permit.release().await.unwrap();
-        });
-        release.push(tx);
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                s.metrics().mirrored_decisions >= 1
-            })
-            .await,
-            "{who} did not decide from the mirror: {:?}",
-            s.metrics()
-        );
+        let semaphore = Semaphore::new(s, &name, 3);
+        let acquire = async move { semaphore.acquire().await };
+        release.push(hold_until_told(who, &order, acquire, |p| p.release()).0);
+        decided_from_the_mirror(s, who).await;
     }
     // One member left ahead of all three: a (1 ahead) and b (2 ahead) hold, c (3 ahead) waits.
     delete_scrambled(&observer, &ahead[1..]).await;
@@ -278,14 +306,7 @@ async fn a_waiter_from_a_short_line_decides_from_the_mirror_once_its_session_has
     }
     let x = w.sibling(ttl()).await.unwrap();
     let _release_x = lock_until_told(&x, &name, "x", &order);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            x.metrics().mirrored_decisions >= 1
-        })
-        .await,
-        "{:?}",
-        x.metrics()
-    );
+    decided_from_the_mirror(&x, "x").await;
     assert_eq!(w.metrics().mirrored_decisions, 0);
     // The member just ahead of w goes: w re-decides, from the mirror, and waits on.
     observer
@@ -293,22 +314,9 @@ async fn a_waiter_from_a_short_line_decides_from_the_mirror_once_its_session_has
         .delete(ahead[19].as_str(), None)
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            w.metrics().mirrored_decisions >= 1
-        })
-        .await,
-        "w re-read etcd: {:?}",
-        w.metrics()
-    );
+    decided_from_the_mirror(&w, "w, woken,").await;
     delete_scrambled(&observer, &ahead[1..19]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
-    observer
-        .clone()
-        .delete(ahead[0].as_str(), None)
-        .await
-        .unwrap();
+    nobody_holds_until_it_goes(&observer, &order, &ahead[0]).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             holders(&order) == ["w"]
@@ -330,23 +338,12 @@ async fn waiters_whose_mirror_is_lost_with_its_stream_still_go_through_in_order(
     let proxy = proxy(&etcd).await;
     let name = unique("long-reset");
     let ahead = foreign_members(&observer, &name, LONG).await;
-    let a = session_via(&proxy, ttl()).await;
-    let (b, c) = (
-        a.sibling(ttl()).await.unwrap(),
-        a.sibling(ttl()).await.unwrap(),
-    );
+    let [a, b, c] = three_siblings(&etcd, Some(&proxy)).await;
     let order: Order = Arc::default();
     let mut release = Vec::new();
     for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
         release.push(lock_until_told(s, &name, who, &order));
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                s.metrics().mirrored_decisions >= 1
-            })
-            .await,
-            "{who} did not decide from the mirror: {:?}",
-            s.metrics()
-        );
+        decided_from_the_mirror(s, who).await;
     }
     let streams = a.metrics().watch_streams;
     proxy.reset_peer();
@@ -361,26 +358,8 @@ async fn waiters_whose_mirror_is_lost_with_its_stream_still_go_through_in_order(
         a.metrics()
     );
     delete_scrambled(&observer, &ahead[1..LONG / 2]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
-    observer
-        .clone()
-        .delete(ahead[0].as_str(), None)
-        .await
-        .unwrap();
-    for expected in [vec!["a"], vec!["a", "b"], vec!["a", "b", "c"]] {
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                holders(&order).len() == expected.len()
-            })
-            .await,
-            "{expected:?} should hold by now: {:?}",
-            holders(&order)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(holders(&order), expected, "one at a time, in order");
-        let _ = release.remove(0).send(());
-    }
+    nobody_holds_until_it_goes(&observer, &order, &ahead[0]).await;
+    one_at_a_time_in_order(&order, release, &["a", "b", "c"]).await;
 }
 
 /// Writers of a read/write lock behind a long line: their waits (on the lock's whole
@@ -395,44 +374,23 @@ async fn rwlock_writers_behind_a_long_line_go_through_in_order_when_one_gives_up
     let name = unique("long-rw");
     // A read/write lock's members live under `<name>/#rwlock/`.
     let ahead = foreign_members(&observer, &format!("{name}/#rwlock"), LONG).await;
-    let a = session(&etcd, 30).await;
-    let (b, c) = (
-        a.sibling(ttl()).await.unwrap(),
-        a.sibling(ttl()).await.unwrap(),
-    );
+    let [a, b, c] = three_siblings(&etcd, None).await;
     let order: Order = Arc::default();
     let mut waits = Vec::new();
     let mut release = Vec::new();
     for (s, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
-        let (tx, rx) = oneshot::channel::<()>();
-        let (rw, order) = (etcd_coord::RwLock::new(s, &name), Arc::clone(&order));
-        waits.push(tokio::spawn(async move {
-            let guard = rw.write().await.unwrap();
-            order.lock().unwrap().push(who);
-            let _ = rx.await;
-            guard.release().await.unwrap();
-        }));
+        let rw = etcd_coord::RwLock::new(s, &name);
+        let acquire = async move { rw.write().await };
+        let (tx, task) = hold_until_told(who, &order, acquire, |g| g.release());
         release.push(tx);
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                s.metrics().mirrored_decisions >= 1
-            })
-            .await,
-            "{who} did not decide from the mirror: {:?}",
-            s.metrics()
-        );
+        waits.push(task);
+        decided_from_the_mirror(s, who).await;
     }
     delete_scrambled(&observer, &ahead[1..]).await;
     // a gives up: its key goes without announcing anything to b.
     waits.remove(0).abort();
     a.settled().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(holders(&order), Vec::<&str>::new(), "through past a member");
-    observer
-        .clone()
-        .delete(ahead[0].as_str(), None)
-        .await
-        .unwrap();
+    nobody_holds_until_it_goes(&observer, &order, &ahead[0]).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             holders(&order) == ["b"]

@@ -45,90 +45,83 @@ pub(super) async fn line_from_mirror(
     fresh: i64,
 ) -> Result<Option<Snapshot>, Error> {
     let waits = session.waits();
-    unless_stopped(waits.stop, lookup(session, ticket, blocker, fresh)).await
-}
-
-async fn lookup(
-    session: &Arc<Session>,
-    ticket: &Ticket,
-    blocker: &Blocker,
-    fresh: i64,
-) -> Result<Option<Snapshot>, Error> {
-    let waits = session.waits();
-    let Some(hub) = waits.hub else {
-        return Ok(None);
-    };
-    let Some(scope) = hub::scope_of_keys(&[blocker.prefix().as_bytes(), ticket.key.as_bytes()])
-    else {
-        return Ok(None);
-    };
-    let patience = session.rpc.timeout();
-    // Holds the scope's watch (and with it the mirror) in place while we use it.
-    let mut sub = hub.subscribe(scope.clone(), &[], None, 0);
-    if sub.opens && hub.open(&mut sub).await.is_err() {
-        return Ok(None);
-    }
-    if !matches!(
-        tokio::time::timeout(patience, sub.next()).await,
-        Ok(Some(Note::Ready(_)))
-    ) {
-        return Ok(None);
-    }
-    let mut seen = match hub.mirror(&scope) {
-        None => return Ok(None),
-        Some(Mirrored::Ready(seen)) => seen,
-        Some(Mirrored::Build(builder)) => {
-            // A build that takes longer than a request is given up (its waiters read etcd).
-            let (revision, kvs) =
-                match tokio::time::timeout(patience, read_directory(session, &scope)).await {
-                    Ok(Ok(Some(read))) => read,
-                    Ok(Ok(None)) => return Ok(None),
-                    Ok(Err(e)) => {
-                        // The waiter's own read reports it, if it persists.
-                        tracing::debug!(error = %e, "the queue's mirror could not be read");
-                        return Ok(None);
-                    }
-                    Err(_) => {
-                        tracing::debug!("the queue's mirror took too long to read");
-                        return Ok(None);
-                    }
-                };
-            if !builder.finish(revision, kvs) {
-                return Ok(None);
-            }
-            match hub.mirror(&scope) {
-                Some(Mirrored::Ready(seen)) => seen,
-                _ => return Ok(None),
-            }
+    unless_stopped(waits.stop, async {
+        let Some(hub) = waits.hub else {
+            return Ok(None);
+        };
+        let Some(scope) = hub::scope_of_keys(&[blocker.prefix().as_bytes(), ticket.key.as_bytes()])
+        else {
+            return Ok(None);
+        };
+        let patience = session.rpc.timeout();
+        // Holds the scope's watch (and with it the mirror) in place while we use it.
+        let mut sub = hub.subscribe(scope.clone(), &[], None, 0);
+        if sub.opens && hub.open(&mut sub).await.is_err() {
+            return Ok(None);
         }
-    };
-    // Our own put is in the same stream: wait until the mirror has applied it (and the
-    // change that woke us).
-    let wanted = ticket.create_revision.max(fresh);
-    let at_our_key = seen.wait_for(|&at| at >= wanted);
-    if !matches!(tokio::time::timeout(patience, at_our_key).await, Ok(Ok(_))) {
-        return Ok(None);
-    }
-    let own = Own {
-        key: ticket.key.as_bytes().to_vec(),
-        lease: session.lease_id,
-    };
-    let line = hub.line(
-        &scope,
-        &own,
-        ticket.create_revision,
-        |k| blocker.counts(k),
-        blocker.line_length(),
-    );
-    drop(sub);
-    if line.is_some() {
-        Stats::add(&session.rpc.stats().mirrored, 1);
-    }
-    Ok(line.map(|line| Snapshot {
-        revision: line.revision,
-        gets: Vec::new(),
-        line: Some(line),
-    }))
+        if !matches!(
+            tokio::time::timeout(patience, sub.next()).await,
+            Ok(Some(Note::Ready(_)))
+        ) {
+            return Ok(None);
+        }
+        let mut seen = match hub.mirror(&scope) {
+            None => return Ok(None),
+            Some(Mirrored::Ready(seen)) => seen,
+            Some(Mirrored::Build(builder)) => {
+                // A build that takes longer than a request is given up (its waiters read etcd).
+                let (revision, kvs) =
+                    match tokio::time::timeout(patience, read_directory(session, &scope)).await {
+                        Ok(Ok(Some(read))) => read,
+                        Ok(Ok(None)) => return Ok(None),
+                        Ok(Err(e)) => {
+                            // The waiter's own read reports it, if it persists.
+                            tracing::debug!(error = %e, "the queue's mirror could not be read");
+                            return Ok(None);
+                        }
+                        Err(_) => {
+                            tracing::debug!("the queue's mirror took too long to read");
+                            return Ok(None);
+                        }
+                    };
+                if !builder.finish(revision, kvs) {
+                    return Ok(None);
+                }
+                match hub.mirror(&scope) {
+                    Some(Mirrored::Ready(seen)) => seen,
+                    _ => return Ok(None),
+                }
+            }
+        };
+        // Our own put is in the same stream: wait until the mirror has applied it (and the
+        // change that woke us).
+        let wanted = ticket.create_revision.max(fresh);
+        let at_our_key = seen.wait_for(|&at| at >= wanted);
+        if !matches!(tokio::time::timeout(patience, at_our_key).await, Ok(Ok(_))) {
+            return Ok(None);
+        }
+        let own = Own {
+            key: ticket.key.as_bytes().to_vec(),
+            lease: session.lease_id,
+        };
+        let line = hub.line(
+            &scope,
+            &own,
+            ticket.create_revision,
+            |k| blocker.counts(k),
+            blocker.line_length(),
+        );
+        drop(sub);
+        if line.is_some() {
+            Stats::add(&session.rpc.stats().mirrored, 1);
+        }
+        Ok(line.map(|line| Snapshot {
+            revision: line.revision,
+            gets: Vec::new(),
+            line: Some(line),
+        }))
+    })
+    .await
 }
 
 /// Whether the session's hub already mirrors the queue that `key` joins behind `blocker` (then

@@ -44,15 +44,7 @@ async fn an_opening_dropped_midway_tells_the_other_subscribers_at_once() {
             open.push(socket);
         }
     });
-    let client = etcd_client::Client::connect([addr.to_string()], None)
-        .await
-        .unwrap();
-    let rpc = Rpc::new(
-        client,
-        Duration::from_secs(30),
-        tokio_util::task::TaskTracker::new(),
-    );
-    let hub = Hub::new(rpc, Duration::from_secs(10), Duration::from_secs(10));
+    let hub = hub_on(&addr.to_string()).await;
     let targets = [Watched::deleted(b"lock/#a".to_vec())];
     let mut opener = hub.subscribe(b"lock/".to_vec(), &targets, None, 1);
     assert!(opener.opens);
@@ -72,9 +64,9 @@ async fn an_opening_dropped_midway_tells_the_other_subscribers_at_once() {
     held.abort();
 }
 
-/// A hub on a client that is never used (nothing is sent: the tests set its state).
-async fn idle_hub() -> Hub {
-    let client = etcd_client::Client::connect(["127.0.0.1:9"], None)
+/// A hub on a client of `endpoint` (connecting sends nothing yet).
+async fn hub_on(endpoint: &str) -> Hub {
+    let client = etcd_client::Client::connect([endpoint], None)
         .await
         .unwrap();
     let rpc = Rpc::new(
@@ -83,6 +75,11 @@ async fn idle_hub() -> Hub {
         tokio_util::task::TaskTracker::new(),
     );
     Hub::new(rpc, Duration::from_secs(10), Duration::from_secs(10))
+}
+
+/// A hub on a client that is never used (nothing is sent: the tests set its state).
+async fn idle_hub() -> Hub {
+    hub_on("127.0.0.1:9").await
 }
 
 fn ev(kind: EventType, key: &str, create_revision: i64, lease: i64) -> Ev {
@@ -107,6 +104,17 @@ async fn hub_with_scope(created: i64, kept_from: i64, kept: Vec<Group>) -> (Hub,
         scope.kept = kept.into();
     }
     (hub, sub)
+}
+
+/// The first waiter's way to the mirror of `q/` (build it) and the next one's (wait for it).
+fn builder_and_waiter(hub: &Hub) -> (Builder, tokio::sync::watch::Receiver<i64>) {
+    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
+        panic!("the first waiter builds the mirror");
+    };
+    let Some(Mirrored::Ready(seen)) = hub.mirror(b"q/") else {
+        panic!("the next one waits for it");
+    };
+    (builder, seen)
 }
 
 fn own(key: &str) -> Own {
@@ -139,12 +147,7 @@ async fn a_mirror_built_from_a_read_catches_up_with_the_revisions_dispatched_sin
         },
     ];
     let (hub, _sub) = hub_with_scope(10, 10, kept).await;
-    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
-        panic!("the first waiter builds the mirror");
-    };
-    let Some(Mirrored::Ready(mut seen)) = hub.mirror(b"q/") else {
-        panic!("the next one waits for it");
-    };
+    let (builder, mut seen) = builder_and_waiter(&hub);
     // `q/0` was put by the same Txn as ours (`q/me`): created in our revision, it is neither
     // ahead of us nor behind, as for a fenced read's create-revision bounds.
     let read = [
@@ -186,12 +189,7 @@ async fn a_mirror_that_cannot_be_exact_is_refused_and_built_again() {
         events: vec![ev(EventType::Put, "q/d", 14, 0)],
     }];
     let (hub, _sub) = hub_with_scope(10, 12, kept).await;
-    let Some(Mirrored::Build(builder)) = hub.mirror(b"q/") else {
-        panic!("the first waiter builds the mirror");
-    };
-    let Some(Mirrored::Ready(mut seen)) = hub.mirror(b"q/") else {
-        panic!("the next one waits for it");
-    };
+    let (builder, mut seen) = builder_and_waiter(&hub);
     assert!(
         !builder.finish(11, Vec::new()),
         "revisions 11–12 are not kept"
