@@ -3,6 +3,7 @@
 //! * [`change`] — waiting for a change of a few keys or ranges, with watches registered from
 //!   *now* (plus one confirming read when anything was written since the read that decided to
 //!   wait), so a waiter stays out of etcd's 100 ms "unsynced" path; engine waits use it.
+//! * [`hub`] — a session's one shared watch stream, and its mirrors of long queues.
 //! * [`revisions`] — a stream of every event under a prefix, a whole revision at a time, that
 //!   resumes from its last position after a broken stream, survives compaction by re-reading
 //!   the state, and knows when it is caught up with etcd; views and `observe()` use it.

@@ -22,6 +22,10 @@
 //!   it to another lease) reaches the wait before any later change: a change delivered to a
 //!   wait happened while the waiter's key was still its own.
 //!
+//! * **A mirror of a long queue** ([`members`]): for a waiter behind a long line the hub keeps
+//!   a scope's keys (built from one read, then fed every revision before the waits hear of
+//!   it), so that waiters decide from memory instead of reading the whole queue.
+//!
 //! The stream is probed when it stays quiet (a progress request, which etcd answers at once),
 //! and torn down when it fails, when a probe or a creation gets no answer within the request
 //! timeout, or when its session ends; every subscriber then re-reads ([`Woken::Recheck`]). A
