@@ -22,9 +22,19 @@ const LONG: usize = 80;
 /// put (as etcdctl's or another client's holders): they announce nothing, so a waiter behind
 /// them waits for their deletions. Returns them, oldest first.
 async fn foreign_members(observer: &Client, queue: &str, n: usize) -> Vec<String> {
+    foreign_members_named(observer, queue, "f", n).await
+}
+
+/// As [`foreign_members`], their names starting with `stem` (`<queue>/<stem>NNN`).
+async fn foreign_members_named(
+    observer: &Client,
+    queue: &str,
+    stem: &str,
+    n: usize,
+) -> Vec<String> {
     let mut keys = Vec::new();
     for i in 0..n {
-        let key = format!("{queue}/f{i:03}");
+        let key = format!("{queue}/{stem}{i:03}");
         observer.clone().put(key.as_str(), "", None).await.unwrap();
         keys.push(key);
     }
@@ -297,13 +307,7 @@ async fn a_waiter_from_a_short_line_decides_from_the_mirror_once_its_session_has
         .await
     );
     // The line grows long behind it; a waiter of a sibling session builds the mirror.
-    for i in 0..LONG {
-        observer
-            .clone()
-            .put(format!("{name}/h{i:03}"), "", None)
-            .await
-            .unwrap();
-    }
+    foreign_members_named(&observer, &name, "h", LONG).await;
     let x = w.sibling(ttl()).await.unwrap();
     let _release_x = lock_until_told(&x, &name, "x", &order);
     decided_from_the_mirror(&x, "x").await;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, GetResponse, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, KeyValue, Txn, TxnOp};
 
 use crate::backoff::Backoff;
 use crate::keys::{self, Queue};
@@ -322,6 +322,48 @@ pub(crate) async fn read(session: &Arc<Session>, reads: Vec<TxnOp>) -> Result<Sn
         keys::header_revision(&resp)?,
         keys::txn_gets(&resp),
     ))
+}
+
+/// Every key under `prefix` (values too, unless `keys_only`), in key order, read in pages of
+/// `page` keys at one revision (`at`, or the first page's if 0): the keys and that revision.
+/// A page in key order is read from etcd's index, however long the range. Transient failures
+/// are retried while the session lives.
+pub(crate) async fn read_all(
+    session: &Arc<Session>,
+    prefix: &[u8],
+    at: i64,
+    page: i64,
+    keys_only: bool,
+) -> Result<(Vec<KeyValue>, i64), Error> {
+    let end = keys::prefix_end(prefix);
+    let (mut start, mut revision, mut all) = (prefix.to_vec(), at, Vec::new());
+    let mut backoff = Backoff::for_requests();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if keys_only {
+            opts = opts.with_keys_only();
+        }
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let get = || session.rpc.get(start.clone(), opts.clone());
+        let resp = session
+            .rpc
+            .until_answered(get, &mut backoff, &**session)
+            .await?
+            .resp;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        all.extend(resp.kvs().iter().cloned());
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return Ok((all, revision)),
+        }
+    }
 }
 
 /// A place in a queue to take: the session, the queue, the kind of member key and what blocks

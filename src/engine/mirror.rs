@@ -14,15 +14,12 @@
 
 use std::sync::Arc;
 
-use etcd_client::GetOptions;
-
-use crate::backoff::Backoff;
-use crate::keys;
 use crate::rpc::{unless_stopped, Stats};
 use crate::session::Session;
 use crate::watch::hub::{self, Mirrored, Note, Own};
 use crate::Error;
 
+use super::acquire::read_all;
 use super::decision::{Blocker, Snapshot};
 use super::ticket::Ticket;
 
@@ -49,8 +46,7 @@ pub(super) async fn line_from_mirror(
         let Some(hub) = waits.hub else {
             return Ok(None);
         };
-        let Some(scope) = hub::scope_of_keys(&[blocker.prefix().as_bytes(), ticket.key.as_bytes()])
-        else {
+        let Some(scope) = scope(blocker, &ticket.key) else {
             return Ok(None);
         };
         let patience = session.rpc.timeout();
@@ -70,20 +66,23 @@ pub(super) async fn line_from_mirror(
             Some(Mirrored::Ready(seen)) => seen,
             Some(Mirrored::Build(builder)) => {
                 // A build that takes longer than a request is given up (its waiters read etcd).
-                let (revision, kvs) =
-                    match tokio::time::timeout(patience, read_directory(session, &scope)).await {
-                        Ok(Ok(Some(read))) => read,
-                        Ok(Ok(None)) => return Ok(None),
-                        Ok(Err(e)) => {
-                            // The waiter's own read reports it, if it persists.
-                            tracing::debug!(error = %e, "the queue's mirror could not be read");
-                            return Ok(None);
-                        }
-                        Err(_) => {
-                            tracing::debug!("the queue's mirror took too long to read");
-                            return Ok(None);
-                        }
-                    };
+                let read = read_all(session, &scope, 0, BUILD_PAGE, true);
+                let (kvs, revision) = match tokio::time::timeout(patience, read).await {
+                    Ok(Ok(read)) => read,
+                    // Its revision compacted between pages, say. The waiter's own read
+                    // reports a failure that persists.
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "the queue's mirror could not be read");
+                        return Ok(None);
+                    }
+                    Err(_) => {
+                        tracing::debug!("the queue's mirror took too long to read");
+                        return Ok(None);
+                    }
+                };
+                let kvs = kvs
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.lease()));
                 if !builder.finish(revision, kvs) {
                     return Ok(None);
                 }
@@ -129,60 +128,13 @@ pub(super) async fn line_from_mirror(
 pub(super) fn mirrors(session: &Session, blocker: &Blocker, key: &str) -> bool {
     let waits = session.waits();
     blocker.announced()
-        && waits.hub.is_some_and(|hub| {
-            hub::scope_of_keys(&[blocker.prefix().as_bytes(), key.as_bytes()])
-                .is_some_and(|scope| hub.mirrors(&scope))
-        })
+        && waits
+            .hub
+            .is_some_and(|hub| scope(blocker, key).is_some_and(|scope| hub.mirrors(&scope)))
 }
 
-/// Every key of `scope` (keys only) at one revision, in pages of [`BUILD_PAGE`] keys, each
-/// read in key order (which etcd serves from its index, however long the directory). `None`
-/// if a later page's revision was compacted meanwhile.
-async fn read_directory(
-    session: &Arc<Session>,
-    scope: &[u8],
-) -> Result<Option<(i64, Vec<(Vec<u8>, i64, i64)>)>, Error> {
-    let range_end = keys::prefix_end(scope);
-    let mut backoff = Backoff::for_requests();
-    let mut from = scope.to_vec();
-    let mut revision = 0;
-    let mut kvs = Vec::new();
-    loop {
-        let mut options = GetOptions::new()
-            .with_range(range_end.clone())
-            .with_keys_only()
-            .with_limit(BUILD_PAGE);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let answered = session
-            .rpc
-            .until_answered(
-                || session.rpc.get(from.clone(), options.clone()),
-                &mut backoff,
-                &**session,
-            )
-            .await;
-        let resp = match answered {
-            Ok(a) => a.resp,
-            // The read's revision is gone from history (or not yet applied by the member).
-            Err(e) if e.error.is_compacted() || e.error.is_future_revision() => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        kvs.extend(
-            resp.kvs()
-                .iter()
-                .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.lease())),
-        );
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok(Some((revision, kvs))),
-        }
-    }
+/// The scope of the mirror for `key`'s place behind `blocker`: the directory holding the
+/// keys that can block it and `key` itself.
+fn scope(blocker: &Blocker, key: &str) -> Option<Vec<u8>> {
+    hub::scope_of_keys(&[blocker.prefix().as_bytes(), key.as_bytes()])
 }

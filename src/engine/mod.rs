@@ -48,7 +48,7 @@ use etcd_client::{Txn, TxnResponse};
 pub use fence::Fence;
 pub use inspect::Holder;
 
-pub(crate) use acquire::{adopt_on_lease, join, read, Line};
+pub(crate) use acquire::{adopt_on_lease, join, read, read_all, Line};
 pub(crate) use book::Book;
 pub(crate) use cleanup::Cleanup;
 pub(crate) use decision::{Blocker, Decision, Snapshot};

@@ -8,7 +8,6 @@ use etcd_client::{GetOptions, KeyValue};
 
 use super::layout::{decode, from_micros, JobId, Keys};
 use crate::backoff::Backoff;
-use crate::keys::prefix_end;
 use crate::session::Session;
 use crate::Error;
 
@@ -71,41 +70,17 @@ fn millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// Every key under `prefix` with its value, in key order, read in pages at one revision
-/// (`at`, or the first page's if 0); the keys and that revision. Transient failures are
-/// retried while the session lives.
+/// Keys per page of the reads of a queue's state.
+const PAGE: i64 = 500;
+
+/// Every key under `prefix` with its value, at one revision (`at`, or now if 0): see
+/// [`crate::engine::read_all`].
 async fn read_all(
     session: &Arc<Session>,
     prefix: &str,
     at: i64,
 ) -> Result<(Vec<KeyValue>, i64), Error> {
-    const PAGE: i64 = 500;
-    let end = prefix_end(prefix.as_bytes());
-    let (mut start, mut revision, mut all) = (prefix.as_bytes().to_vec(), at, Vec::new());
-    let mut backoff = Backoff::for_requests();
-    loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let read = || session.rpc.get(start.clone(), opts.clone());
-        let resp = session
-            .rpc
-            .until_answered(read, &mut backoff, &**session)
-            .await?
-            .resp;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        all.extend(resp.kvs().iter().cloned());
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                start = last.key().to_vec();
-                start.push(0);
-            }
-            _ => return Ok((all, revision)),
-        }
-    }
+    crate::engine::read_all(session, prefix.as_bytes(), at, PAGE, false).await
 }
 
 /// How many jobs the queue holds, claimed or not (dead letters aside).
