@@ -49,12 +49,19 @@
 //!   deletes the job: at-most-once). With
 //!   `--work-ms W` (ours only) each worker works W ms on a job before its ack, so the claims
 //!   no longer saturate etcd; also `work_ms`.
+//! - `relay-floor`: the peer's `handoff-floor` on etcd-client: a relay around a ring of N
+//!   watchers, M hops, each one put commit plus one watch notification (latency = put sent →
+//!   event at its watcher; ops_per_s = hops/s). `--extra-write`: each watcher, once its put
+//!   returned, writes one more key, as a client that released a lock then enqueues again:
+//!   the floor of a lock taken and released in a loop, two writes per acquisition. Also
+//!   `writes_per_hop`.
 //! - `discovery-sync`: M endpoints stored under one target (Txns of 128 puts, not timed:
 //!   `setup_s`), then N times a fresh `view()` timed until it holds all M. Also `endpoints`
 //!   and `bytes_per_endpoint`: heap bytes a view holds per endpoint (a counting allocator
 //!   measures this process's live heap before and after building one view).
 
 mod discovery;
+mod floor;
 mod mutex;
 mod profile;
 mod queue;
@@ -103,6 +110,8 @@ pub(crate) struct Args {
     ttl: u64,
     conns: usize,
     fresh: bool,
+    /// `relay-floor`: a second write per hop.
+    pub(crate) extra_write: bool,
     permits: usize,
     accounts: usize,
     /// `queue`: milliseconds each worker works on a job between its claim and its ack.
@@ -119,6 +128,7 @@ fn parse_args() -> Result<Args, String> {
         ttl: 60,
         conns: 1,
         fresh: false,
+        extra_write: false,
         permits: 1,
         accounts: 16,
         work_ms: 0,
@@ -131,6 +141,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "bench" => {} // cargo bench passes --bench
             "fresh" => a.fresh = true,
+            "extra-write" => a.extra_write = true,
             "profile" => a.profile = true,
             "endpoints" => a.endpoints = Some(value()?.split(',').map(String::from).collect()),
             "mode" => a.mode = value()?,

@@ -155,6 +155,7 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                 }));
             }
         }
+        "relay-floor" => return crate::floor::relay_floor(a, &prefix, clients).await,
         "waiters-scale" => return waiters_scale(a, &prefix, sessions, client_for(0)).await,
         "guards-scale" => return guards_scale(a, &prefix, client_for(0), opts).await,
         "discovery-propagation" => return discovery_propagation(a, &prefix, clients).await,
