@@ -155,6 +155,37 @@ async fn mutex_on_a_single_member_stays_safe_under_fault_schedules() {
     stays_safe(Primitive::Mutex, 1, &[57]).await;
 }
 
+/// The mutex with 72 more contenders beside the 4 clients (holding 2 ms each), so that a
+/// waiter's enqueue often finds its page of the queue (64 keys) cut short with more than 8
+/// members in it, and the waiter decides from its session's mirror of the queue, not from reads:
+/// the same checks, and the mirror must have made decisions. Seed 291 compacts the history
+/// twice while waiters mirror the queue; seed 121 blackholes a client's connection (its
+/// stream, and with it the mirror, is replaced). Not on the small run: `tests/lineup.rs` sends
+/// the mirror's requests (a paged read at one revision, the scope's watch) to etcd 3.4 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_behind_a_long_line_stays_safe_under_fault_schedules() {
+    if skipped_on_the_small_run("mutex behind a long line") {
+        return;
+    }
+    let mut found = Vec::new();
+    for seed in seeds(&[291, 121]) {
+        let plan = schedule(seed);
+        eprintln!("chaos: Mutex behind a long line, 3 member(s), seed {seed}: {plan:?}");
+        let (violations, tally) =
+            harness::run_schedule_in_a_long_line(Primitive::Mutex, 3, seed, &plan, 72).await;
+        let mirrored = tally.get(harness::MIRRORED).copied().unwrap_or(0);
+        assert!(
+            mirrored > 0,
+            "seed {seed}: no waiter decided from a mirror: {tally:?}"
+        );
+        if !violations.is_empty() {
+            eprintln!("chaos: Mutex behind a long line, seed {seed}: VIOLATIONS {violations:#?}");
+            found.push((seed, violations, format!("{plan:?}")));
+        }
+    }
+    no_violations("Mutex behind a long line", found);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_stays_safe_under_fault_schedules() {
     if skipped_on_the_small_run("election") {

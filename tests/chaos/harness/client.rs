@@ -308,9 +308,12 @@ pub async fn hold_and_release(
             return;
         }
         writer.write(&fence).await;
-        // A barrier stays up long enough for others to wait on it.
+        // A barrier stays up long enough for others to wait on it; the contenders of a long
+        // line beyond the clients hold briefly, so that the line moves.
         let hold = if ctl.primitive == Primitive::Barrier {
             100
+        } else if id >= super::CLIENTS {
+            2
         } else {
             30
         };
@@ -460,6 +463,10 @@ pub async fn client_loop(
         }
         if let Some(r) = session.loss_reason() {
             sink.report(id, Report::SessionLost(reason(r).into()));
+        }
+        let mirrored = session.metrics().mirrored_decisions;
+        if mirrored > 0 {
+            sink.report(id, Report::Mirrored(mirrored));
         }
         let _ = session.close().await;
     }

@@ -37,6 +37,7 @@ pub use process::client_process_main;
 
 use client::{client_loop, Control, Resume};
 use process::ProcessClient;
+pub use report::MIRRORED;
 use report::{mono_ns, Shared, Sink};
 
 /// Contending clients, client `i` through its own proxy in front of member `i % members`.
@@ -257,6 +258,9 @@ struct Options {
     broken: Option<Broken>,
     /// How long the clients keep running after the last fault healed.
     window: Duration,
+    /// Contenders beyond the CLIENTS clients, in this process, contender `i` through client
+    /// `i % CLIENTS`'s proxy: a queue long enough that its waiters decide from a mirror of it.
+    line: usize,
 }
 
 impl Options {
@@ -267,6 +271,7 @@ impl Options {
             resuming: None,
             broken: None,
             window: LIVENESS_BOUND + Duration::from_secs(1),
+            line: 0,
         }
     }
 }
@@ -282,6 +287,27 @@ pub async fn run_schedule(
     plan: &[(u64, Fault)],
 ) -> Vec<Violation> {
     run(primitive, members, seed, plan, Options::new()).await
+}
+
+/// As [`run_schedule`] with `more` contenders beside the CLIENTS clients (in this process,
+/// each through a client's proxy), so that the queue is long: waiters that find more than 8
+/// members ahead decide from their session's mirror of it. Also returns the run's tally (its
+/// [`report::MIRRORED`] count: decisions made from a mirror).
+pub async fn run_schedule_in_a_long_line(
+    primitive: Primitive,
+    members: usize,
+    seed: u64,
+    plan: &[(u64, Fault)],
+    more: usize,
+) -> (Vec<Violation>, std::collections::BTreeMap<String, usize>) {
+    let options = Options {
+        line: more,
+        ..Options::new()
+    };
+    let tally = StdMutex::new(Default::default());
+    let violations = run_counting(primitive, members, seed, plan, options, Some(&tally)).await;
+    let tally = tally.into_inner().unwrap();
+    (violations, tally)
 }
 
 /// As [`run_schedule`] on an etcd that serves clients over TLS only, with authentication on
@@ -452,7 +478,8 @@ async fn start_client(
         at: Instant::now() + delay,
     });
     if local {
-        let client = connect(sh.proxies[i].endpoint(), sh.secure.as_ref()).await;
+        let proxy = &sh.proxies[i % sh.proxies.len()];
+        let client = connect(proxy.endpoint(), sh.secure.as_ref()).await;
         let mut ctl = Control::new(i, sh.primitive, sh.name.clone(), None);
         ctl.stopped = sh.stopped.clone();
         let ctl = Arc::new(ctl);
@@ -506,18 +533,19 @@ async fn run_counting(
         (cluster, admin, None)
     };
     let proxies = proxies_of(&cluster, CLIENTS).await;
+    let contenders = CLIENTS + options.line;
     let sh = Arc::new(Shared {
         primitive,
         name: crate::common::unique(&format!("chaos-{seed}")),
         history: History::new(),
         stopped: CancellationToken::new(),
         epoch: (Instant::now(), mono_ns()),
-        holding: StdMutex::new(vec![None; CLIENTS]),
+        holding: StdMutex::new(vec![None; contenders]),
         leases: StdMutex::new(Vec::new()),
         tasks: StdMutex::new(Vec::new()),
         proxies: proxies.clone(),
-        lose_release: StdMutex::new(vec![false; CLIENTS]),
-        releasing: StdMutex::new(vec![false; CLIENTS]),
+        lose_release: StdMutex::new(vec![false; contenders]),
+        releasing: StdMutex::new(vec![false; contenders]),
         secure,
         written: StdMutex::new(Vec::new()),
         tally: StdMutex::new(Default::default()),
@@ -537,6 +565,9 @@ async fn run_counting(
         clients.push(Some(
             start_client(&sh, i, *local, None, broken_client(i)).await,
         ));
+    }
+    for i in CLIENTS..contenders {
+        clients.push(Some(start_client(&sh, i, true, None, None).await));
     }
     let observer = tokio::spawn(audit::lease_observer(admin.clone(), Arc::clone(&sh)));
     let auditor = tokio::spawn(audit::key_auditor(admin.clone(), Arc::clone(&sh)));
@@ -750,7 +781,7 @@ async fn run_counting(
         )
     });
     let passes = count(&|e| matches!(e, Event::Passed { .. }));
-    let per_client: Vec<usize> = (0..CLIENTS)
+    let per_client: Vec<usize> = (0..contenders)
         .map(|i| count(&|e| matches!(e, Event::Acquired { client, .. } | Event::JobClaimed { client, .. } | Event::Participant { client, step: Step::Entered, .. } if *client == i)))
         .collect();
     let after_heal = count(

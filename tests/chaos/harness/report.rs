@@ -23,6 +23,9 @@ pub fn mono_ns() -> u64 {
 
 /// What a client reports as it goes: applied to the shared history at once by a client in
 /// this process, sent as a line (with its CLOCK_MONOTONIC time) by a client process.
+/// The tally's count of decisions made from a session's mirror of a long line.
+pub const MIRRORED: &str = "decisions from a mirror";
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
     /// A new session with this lease (the client's from now on).
@@ -69,6 +72,9 @@ pub enum Report {
     Leader(Option<i64>),
     /// A session ended Lost, for this reason (one word).
     SessionLost(String),
+    /// A session that ended had made this many decisions from its mirror of a long line
+    /// (`SessionMetrics::mirrored_decisions`).
+    Mirrored(u64),
     /// A work queue's producer starts to enqueue the job named `job`.
     Enqueuing {
         job: String,
@@ -126,6 +132,7 @@ impl Report {
             Report::Participant { lease, step } => format!("participant {lease} {step:?}"),
             Report::Leader(l) => format!("leader {}", l.unwrap_or(0)),
             Report::SessionLost(why) => format!("session-lost {why}"),
+            Report::Mirrored(n) => format!("mirrored {n}"),
             Report::Enqueuing { job } => format!("enqueuing {job}"),
             Report::Enqueued { job, id } => format!("enqueued {job} {id}"),
             Report::Claimed {
@@ -180,6 +187,7 @@ impl Report {
             },
             "leader" => Report::Leader(n(1).filter(|t| *t != 0)),
             "session-lost" => Report::SessionLost(word(1)?),
+            "mirrored" => Report::Mirrored(words.get(1)?.parse().ok()?),
             "enqueuing" => Report::Enqueuing { job: word(1)? },
             "enqueued" => Report::Enqueued {
                 job: word(1)?,
@@ -310,6 +318,14 @@ impl Shared {
                 at,
             }),
             Report::SessionLost(why) => self.count(format!("session lost: {why}")),
+            Report::Mirrored(n) => {
+                *self
+                    .tally
+                    .lock()
+                    .unwrap()
+                    .entry(MIRRORED.into())
+                    .or_default() += n as usize;
+            }
             Report::Enqueuing { job } => h.record(Event::JobEnqueuing { client, job, at }),
             Report::Enqueued { job, id } => {
                 self.count("jobs enqueued".into());
