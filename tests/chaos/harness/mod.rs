@@ -290,9 +290,9 @@ pub async fn run_schedule(
 }
 
 /// As [`run_schedule`] with `more` contenders beside the CLIENTS clients (in this process,
-/// each through a client's proxy), so that the queue is long: waiters that find more than 8
-/// members ahead decide from their session's mirror of it. Also returns the run's tally (its
-/// [`report::MIRRORED`] count: decisions made from a mirror).
+/// each through a client's proxy), so that the queue is long: a waiter whose enqueue finds its
+/// page of the queue cut short decides from its session's mirror of it. Also returns the
+/// run's tally (its [`report::MIRRORED`] count: decisions made from a mirror).
 pub async fn run_schedule_in_a_long_line(
     primitive: Primitive,
     members: usize,

@@ -21,11 +21,11 @@ pub fn mono_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
-/// What a client reports as it goes: applied to the shared history at once by a client in
-/// this process, sent as a line (with its CLOCK_MONOTONIC time) by a client process.
 /// The tally's count of decisions made from a session's mirror of a long line.
 pub const MIRRORED: &str = "decisions from a mirror";
 
+/// What a client reports as it goes: applied to the shared history at once by a client in
+/// this process, sent as a line (with its CLOCK_MONOTONIC time) by a client process.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
     /// A new session with this lease (the client's from now on).
