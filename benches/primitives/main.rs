@@ -23,7 +23,9 @@
 //!   campaign() wait; hand-off = resign start → next campaign() return.
 //! - `session-create`: M session create + close cycles over N clients.
 //! - `waiters-scale`: one holder, N waiters queued on one mutex; then min(M, N) hand-offs down
-//!   the queue. Latency = hand-off; also `watch_events_per_handoff` (events delivered to all
+//!   the queue; with M > N the holder takes the lock back and the N waiters line up again,
+//!   until M hand-offs were measured (so that 8 waiters' percentiles come from as many
+//!   hand-offs as 1,000 waiters'). Latency = hand-off; also `watch_events_per_handoff` (events delivered to all
 //!   waiters, divided by hand-offs: 1 means no herd). With `--permits P` (P > 1) it is a
 //!   semaphore of P permits, all held before the waiters queue; each hand-off releases the
 //!   *newest* holder (so releases come out of FIFO order) and the next waiter goes through;

@@ -63,103 +63,128 @@ pub(crate) async fn waiters_scale(
         holders.push(acquire(&holder).await?);
     }
     let clock = Arc::new(HandoffClock::new());
-    let handoffs = a.ops.min(sessions.len());
-    let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
-    let rss_before = resident_bytes();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
-    // Queue every waiter (in order), a batch at a time, each batch once the one before has
-    // all its keys in place: ten thousand enqueues at once would only measure etcd's backlog
-    // (and time requests out).
-    let kv = observer.clone();
-    let mut queued = 0;
-    let lineup_started = Instant::now();
-    // A waiter that fails ends the run (it would never line up).
-    let failed = Arc::new(std::sync::Mutex::new(None::<String>));
-    for batch in sessions.chunks(QUEUE_BATCH) {
-        for s in batch {
-            let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
-            let failed = failed.clone();
-            tokio::spawn(async move {
-                match acquired.await {
-                    Ok(g) => {
-                        let at = Instant::now();
-                        let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
+    // Line-ups of all the waiters, each followed by its hand-offs, until `ops` hand-offs were
+    // measured: a line of 8 waiters is lined up again and again, so that its percentiles come
+    // from as many hand-offs as a long line's. Line-up time, memory and streams: the first's.
+    let reps = a.ops.div_ceil(sessions.len()).max(1);
+    let mut hands = Vec::with_capacity(a.ops);
+    let (mut total, mut events) = (Duration::ZERO, 0);
+    let (mut lineup, mut bytes_per_waiter, mut streams) = (Duration::ZERO, 0, 0);
+    for rep in 0..reps {
+        let handoffs = (a.ops - hands.len()).min(sessions.len());
+        let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
+        let rss_before = resident_bytes();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
+        // Queue every waiter (in order), a batch at a time, each batch once the one before has
+        // all its keys in place: ten thousand enqueues at once would only measure etcd's backlog
+        // (and time requests out).
+        let kv = observer.clone();
+        let mut queued = 0;
+        let lineup_started = Instant::now();
+        // A waiter that fails ends the run (it would never line up).
+        let failed = Arc::new(std::sync::Mutex::new(None::<String>));
+        for batch in sessions.chunks(QUEUE_BATCH) {
+            for s in batch {
+                let (acquired, tx, clock) = (acquire(s), tx.clone(), Arc::clone(&clock));
+                let failed = failed.clone();
+                tokio::spawn(async move {
+                    match acquired.await {
+                        Ok(g) => {
+                            let at = Instant::now();
+                            let _ = tx.send((clock.acquired(at).unwrap_or_default(), g));
+                        }
+                        Err(e) => *failed.lock().unwrap() = Some(e.to_string()),
                     }
-                    Err(e) => *failed.lock().unwrap() = Some(e.to_string()),
+                });
+            }
+            queued += batch.len();
+            loop {
+                // Members, and the pointers a mutex's waiters put beside them (`…#next/…`) once
+                // they know the key just ahead: every waiter has lined up once each has its
+                // pointer — but the first `COUNTING`, which count the keys ahead instead.
+                // Counts only: etcd answers them from its index, without reading the keys.
+                let count = |prefix: String| {
+                    let mut kv = kv.clone();
+                    async move {
+                        let opts = etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only();
+                        Ok::<_, etcd_client::Error>(
+                            kv.get(prefix, Some(opts)).await?.count() as usize
+                        )
+                    }
+                };
+                let all = count(format!("{name}/#")).await?;
+                let pointers = count(format!("{name}/#next/")).await?;
+                let members = all - pointers;
+                if members == queued + permits && (permits > 1 || pointers + COUNTING >= queued) {
+                    break;
                 }
-            });
+                if let Some(e) = failed.lock().unwrap().take() {
+                    return Err(format!("a waiter failed to line up: {e}").into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        queued += batch.len();
+        // Every key is in place; the line-up is over once no waiter sends or decides any more (a
+        // semaphore's waiters put no pointer to tell).
+        let activity = || {
+            sessions
+                .iter()
+                .map(|s| {
+                    let m = s.metrics();
+                    m.txns + m.reads + m.mirrored_decisions + m.watches
+                })
+                .sum::<u64>()
+        };
+        let mut last = activity();
         loop {
-            // Members, and the pointers a mutex's waiters put beside them (`…#next/…`) once
-            // they know the key just ahead: every waiter has lined up once each has its
-            // pointer — but the first `COUNTING`, which count the keys ahead instead.
-            // Counts only: etcd answers them from its index, without reading the keys.
-            let count = |prefix: String| {
-                let mut kv = kv.clone();
-                async move {
-                    let opts = etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_count_only();
-                    Ok::<_, etcd_client::Error>(kv.get(prefix, Some(opts)).await?.count() as usize)
-                }
-            };
-            let all = count(format!("{name}/#")).await?;
-            let pointers = count(format!("{name}/#next/")).await?;
-            let members = all - pointers;
-            if members == queued + permits && (permits > 1 || pointers + COUNTING >= queued) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = activity();
+            if now == last {
                 break;
             }
-            if let Some(e) = failed.lock().unwrap().take() {
-                return Err(format!("a waiter failed to line up: {e}").into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            last = now;
         }
-    }
-    // Every key is in place; the line-up is over once no waiter sends or decides any more (a
-    // semaphore's waiters put no pointer to tell).
-    let activity = || {
-        sessions
+        if rep == 0 {
+            lineup = lineup_started.elapsed();
+            bytes_per_waiter =
+                resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
+            streams = sessions
+                .iter()
+                .map(|s| s.metrics().watch_streams)
+                .sum::<u64>()
+                - streams_before;
+        }
+        let events_before: u64 = sessions.iter().map(|s| s.metrics().watch_events).sum();
+        let t0 = Instant::now();
+        for _ in 0..handoffs {
+            clock.releasing();
+            holders.pop().ok_or("no holder")?.release().await?;
+            let (hand, guard) = rx.recv().await.ok_or("a waiter failed")?;
+            hands.push(hand);
+            holders.push(guard);
+        }
+        total += t0.elapsed();
+        events += sessions
             .iter()
-            .map(|s| {
-                let m = s.metrics();
-                m.txns + m.reads + m.mirrored_decisions + m.watches
-            })
+            .map(|s| s.metrics().watch_events)
             .sum::<u64>()
-    };
-    let mut last = activity();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = activity();
-        if now == last {
-            break;
+            - events_before;
+        if rep + 1 < reps {
+            // Between line-ups (not measured): the holder takes the permits back.
+            let taken: Vec<_> = (0..permits)
+                .map(|_| tokio::spawn(acquire(&holder)))
+                .collect();
+            for h in holders.drain(..) {
+                h.release().await?;
+            }
+            for t in taken {
+                holders.push(t.await??);
+            }
         }
-        last = now;
     }
-    let lineup = lineup_started.elapsed();
-    let bytes_per_waiter =
-        resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
-    let streams: u64 = sessions
-        .iter()
-        .map(|s| s.metrics().watch_streams)
-        .sum::<u64>()
-        - streams_before;
-    let events_before: u64 = sessions.iter().map(|s| s.metrics().watch_events).sum();
-    let t0 = Instant::now();
-    let mut hands = Vec::with_capacity(handoffs);
-    for _ in 0..handoffs {
-        clock.releasing();
-        holders.pop().ok_or("no holder")?.release().await?;
-        let (hand, guard) = rx.recv().await.ok_or("a waiter failed")?;
-        hands.push(hand);
-        holders.push(guard);
-    }
-    let total = t0.elapsed();
-    let events: u64 = sessions
-        .iter()
-        .map(|s| s.metrics().watch_events)
-        .sum::<u64>()
-        - events_before;
+    let handoffs = hands.len();
     let extra = vec![
         (
             "watch_events_per_handoff",
@@ -177,7 +202,6 @@ pub(crate) async fn waiters_scale(
         ),
         ("permits", Value::Int(permits as u64)),
     ];
-    drop(rx);
     for h in holders {
         let _ = h.release().await;
     }
