@@ -1,109 +1,44 @@
 //! `relay-floor`: the Go peer's `handoff-floor` rebuilt on etcd-client, and with
 //! `--extra-write` the floor of a hand-off that also writes once more, as a lock's loop does.
 //!
-//! A ring of N watchers, each on its own key (a watch stream each, opened and confirmed before
-//! the clock starts). Watcher i, woken by the put of key i, puts key (i+1)%N: M hops in all,
-//! each one write commit plus one watch notification. With `--extra-write`, watcher i then
-//! also puts a key of its own once that put returned: a second write per hop, off the relay's
-//! path but through the same raft log, as the next enqueue of a client that has just released
-//! a lock is. A lock taken and released in a loop must write twice per acquisition (its
+//! A ring of N watchers, watcher i's watch on connection i % K (`--conns K`), the watches of a
+//! connection on one watch stream (as the peer's watches share their client's stream), each
+//! opened and confirmed before the clock starts. Watcher i, woken by the put of key i, puts
+//! key (i+1)%N: M hops in all, each one write commit plus one watch notification. With
+//! `--extra-write`, watcher i then also puts a key of its own once that put returned: a
+//! second write per hop, through the same raft log, as the next enqueue of a client that has
+//! just released a lock is. It stays off the relay's path while the token takes longer to
+//! come round the ring than the write takes (N = 8 in bench-compare; with 2 or 3 watchers it
+//! delays the relay). A lock taken and released in a loop writes twice per acquisition (its
 //! enqueue and its release), so this is the most such a loop can reach on the etcd measured.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, WatchOptions};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::report::*;
 use crate::Args;
+
+/// The whole run, set-up included, as the peer's `-timeout`.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 pub(crate) async fn relay_floor(
     a: &Args,
     prefix: &str,
     clients: &[Client],
 ) -> Result<Run, Box<dyn std::error::Error>> {
-    let n = a.clients;
-    if n < 2 {
+    if a.clients < 2 {
         return Err("relay-floor: --clients must be >= 2".into());
     }
-    let key = |i: usize| format!("{prefix}/ring/{i}");
-    let mut streams = Vec::new();
-    for i in 0..n {
-        let mut client = clients[i % clients.len()].clone();
-        let mut stream = client.watch(key(i), Some(WatchOptions::new())).await?;
-        loop {
-            match stream.message().await? {
-                Some(m) if m.created() => break,
-                Some(_) => {}
-                None => return Err(format!("watch {i} ended before it was created").into()),
-            }
-        }
-        streams.push(stream);
-    }
-    let start = Instant::now();
-    let remaining = Arc::new(AtomicI64::new(a.ops as i64));
-    let done = Arc::new(Notify::new());
-    // Watcher `i` passes to `i + 1`: false once M hops were passed.
-    let pass = {
-        let (remaining, done, extra) = (Arc::clone(&remaining), Arc::clone(&done), a.extra_write);
-        let prefix = prefix.to_owned();
-        move |mut client: Client, i: usize| {
-            let (remaining, done, prefix) =
-                (Arc::clone(&remaining), Arc::clone(&done), prefix.clone());
-            async move {
-                if remaining.fetch_sub(1, Ordering::SeqCst) <= 0 {
-                    done.notify_one();
-                    return Ok(false);
-                }
-                let sent = start.elapsed().as_nanos().to_string();
-                client
-                    .put(format!("{prefix}/ring/{}", (i + 1) % n), sent.clone(), None)
-                    .await?;
-                if extra {
-                    client
-                        .put(format!("{prefix}/extra/{i}"), sent, None)
-                        .await?;
-                }
-                Ok::<_, etcd_client::Error>(true)
-            }
-        }
-    };
-    let hops = Arc::new(std::sync::Mutex::new(Vec::with_capacity(a.ops)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, mut stream) in streams.into_iter().enumerate() {
-        let (client, pass, own) = (clients[i % clients.len()].clone(), pass.clone(), key(i));
-        let hops = Arc::clone(&hops);
-        tasks.spawn(async move {
-            while let Some(m) = stream.message().await? {
-                for ev in m.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    if ev.event_type() != EventType::Put || kv.key() != own.as_bytes() {
-                        continue;
-                    }
-                    let sent: u64 = kv.value_str()?.parse().unwrap_or(0);
-                    let hop = start.elapsed().saturating_sub(Duration::from_nanos(sent));
-                    hops.lock().unwrap().push(hop);
-                    if !pass(client.clone(), i).await? {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok::<_, etcd_client::Error>(())
-        });
-    }
-    let t0 = Instant::now();
-    pass(clients[0].clone(), n - 1).await?; // the first hop: watcher n-1 hands to watcher 0
-    done.notified().await;
-    let total = t0.elapsed();
-    tasks.abort_all();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(ended) = r {
-            ended?; // a watch or a put that failed
-        }
-    }
-    let lats = std::mem::take(&mut *hops.lock().unwrap());
+    let run = tokio::time::timeout(TIMEOUT, relay(a, prefix, clients)).await;
+    let run = run.map_err(|_| format!("relay-floor: no end within {TIMEOUT:?}"))?;
     let mut client = clients[0].clone();
     client
         .delete(
@@ -111,6 +46,135 @@ pub(crate) async fn relay_floor(
             Some(etcd_client::DeleteOptions::new().with_prefix()),
         )
         .await?;
+    Ok(run.map_err(|e| e.to_string())?)
+}
+
+async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failure> {
+    let (n, conns) = (a.clients, clients.len());
+    let key = |i: usize| format!("{prefix}/ring/{i}");
+    let start = Instant::now();
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::<Result<(), Failure>>::new();
+    // Watcher i's inbox: the send times (ns since `start`) of the puts of key i.
+    let mut inboxes: Vec<Option<mpsc::UnboundedReceiver<u64>>> = (0..n).map(|_| None).collect();
+    for c in 0..conns {
+        let mut client = clients[c].clone();
+        let mut stream: Option<etcd_client::WatchStream> = None;
+        let mut watchers = HashMap::new();
+        for i in (c..n).step_by(conns) {
+            let opts = Some(WatchOptions::new());
+            let s = match &mut stream {
+                Some(s) => {
+                    s.watch(key(i), opts).await?;
+                    s
+                }
+                None => stream.insert(client.watch(key(i), opts).await?),
+            };
+            let id = loop {
+                match s.message().await? {
+                    Some(m) if m.created() => break m.watch_id(),
+                    Some(_) => {}
+                    None => return Err(format!("watch {i} ended before it was created").into()),
+                }
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            watchers.insert(id, (tx, key(i)));
+            inboxes[i] = Some(rx);
+        }
+        let Some(mut stream) = stream else { continue };
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            loop {
+                let m = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(()),
+                    m = stream.message() => m?.ok_or("a watch stream ended")?,
+                };
+                let Some((tx, own)) = watchers.get(&m.watch_id()) else {
+                    continue;
+                };
+                for ev in m.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    if ev.event_type() == EventType::Put && kv.key() == own.as_bytes() {
+                        let _ = tx.send(kv.value_str()?.parse().unwrap_or(0));
+                    }
+                }
+            }
+        });
+    }
+    let remaining = Arc::new(AtomicI64::new(a.ops as i64));
+    let done = Arc::new(Notify::new());
+    let hops = Arc::new(Mutex::new(Vec::with_capacity(a.ops)));
+    // Watcher `i` passes to `i + 1`: false once M hops were passed.
+    let pass = {
+        let (remaining, done, extra) = (Arc::clone(&remaining), Arc::clone(&done), a.extra_write);
+        let prefix = prefix.to_owned();
+        move |mut client: Client, i: usize| {
+            let (remaining, done) = (Arc::clone(&remaining), Arc::clone(&done));
+            let (next, own) = (
+                format!("{prefix}/ring/{}", (i + 1) % n),
+                format!("{prefix}/extra/{i}"),
+            );
+            async move {
+                if remaining.fetch_sub(1, Ordering::SeqCst) <= 0 {
+                    done.notify_one();
+                    return Ok(false);
+                }
+                let sent = start.elapsed().as_nanos().to_string();
+                client.put(next, sent.clone(), None).await?;
+                if extra {
+                    client.put(own, sent, None).await?;
+                }
+                Ok::<_, Failure>(true)
+            }
+        }
+    };
+    for (i, inbox) in inboxes.into_iter().enumerate() {
+        let mut inbox = inbox.ok_or("a watcher without a watch")?;
+        let (client, pass, stop) = (clients[i % conns].clone(), pass.clone(), stop.clone());
+        let hops = Arc::clone(&hops);
+        tasks.spawn(async move {
+            loop {
+                let sent = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(()),
+                    sent = inbox.recv() => match sent {
+                        Some(sent) => sent,
+                        None if stop.is_cancelled() => return Ok(()),
+                        None => return Err("a watch stream ended".into()),
+                    },
+                };
+                let hop = start.elapsed().saturating_sub(Duration::from_nanos(sent));
+                hops.lock().unwrap().push(hop);
+                // A pass under way (the last hop's puts) ends before the watcher stops.
+                if !pass(client.clone(), i).await? {
+                    return Ok(());
+                }
+            }
+        });
+    }
+    let t0 = Instant::now();
+    // The first hop: watcher n-1 hands to watcher 0.
+    pass(clients[(n - 1) % conns].clone(), n - 1).await?;
+    let failed = tokio::select! {
+        biased; // the watcher that ends the relay notifies `done` before it returns
+        _ = done.notified() => None,
+        ended = tasks.join_next() => Some(ended),
+    };
+    let total = t0.elapsed();
+    stop.cancel();
+    if let Some(ended) = failed {
+        let why = match ended {
+            Some(Ok(Err(e))) => e.to_string(),
+            Some(Err(e)) => e.to_string(),
+            _ => "a watcher stopped early".into(),
+        };
+        return Err(format!("relay-floor: {why}").into());
+    }
+    while let Some(ended) = tasks.join_next().await {
+        ended??;
+    }
+    let lats = std::mem::take(&mut *hops.lock().unwrap());
     Ok(Run {
         lats,
         hands: Vec::new(),

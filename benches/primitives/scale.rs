@@ -17,6 +17,13 @@ pub(crate) enum Held {
 }
 
 impl Held {
+    fn fencing_token(&self) -> i64 {
+        match self {
+            Held::Lock(g) => g.fence().fencing_token(),
+            Held::Permit(p) => p.fence().fencing_token(),
+        }
+    }
+
     async fn release(self) -> Result<(), etcd_coord::Error> {
         match self {
             Held::Lock(g) => g.release().await,
@@ -182,6 +189,8 @@ pub(crate) async fn waiters_scale(
             for t in taken {
                 holders.push(t.await??);
             }
+            // Newest last, as the first line-up's (each hand-off releases the newest holder).
+            holders.sort_by_key(Held::fencing_token);
         }
     }
     let handoffs = hands.len();
