@@ -57,8 +57,8 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
     let mut tasks = tokio::task::JoinSet::<Result<(), Failure>>::new();
     // Watcher i's inbox: the send times (ns since `start`) of the puts of key i.
     let mut inboxes: Vec<Option<mpsc::UnboundedReceiver<u64>>> = (0..n).map(|_| None).collect();
-    for c in 0..conns {
-        let mut client = clients[c].clone();
+    for (c, client) in clients.iter().enumerate() {
+        let mut client = client.clone();
         let mut stream: Option<etcd_client::WatchStream> = None;
         let mut watchers = HashMap::new();
         for i in (c..n).step_by(conns) {
