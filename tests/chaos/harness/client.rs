@@ -278,7 +278,10 @@ pub async fn hold_and_release(
     // any order) only hold. The late write through the previous hold goes first, as part of
     // the work: raced with `lost()` like the rest of it, so that a write stalled by a fault
     // does not stretch the holder's belief.
-    let writes = mode == Mode::Exclusive && ctl.primitive.rules().holders == 1;
+    // (The contenders of a long line beyond the clients only hold, briefly, so that the line
+    // moves: their exclusion is judged from their reports.)
+    let writes =
+        mode == Mode::Exclusive && ctl.primitive.rules().holders == 1 && id < super::CLIENTS;
     let work = async {
         if writes {
             writer.begin(&fence).await;
@@ -301,6 +304,8 @@ pub async fn hold_and_release(
         if !writes {
             let hold = if ctl.primitive == Primitive::Semaphore {
                 rand::random_range(10..100)
+            } else if id >= super::CLIENTS {
+                2
             } else {
                 30
             };
@@ -308,12 +313,9 @@ pub async fn hold_and_release(
             return;
         }
         writer.write(&fence).await;
-        // A barrier stays up long enough for others to wait on it; the contenders of a long
-        // line beyond the clients hold briefly, so that the line moves.
+        // A barrier stays up long enough for others to wait on it.
         let hold = if ctl.primitive == Primitive::Barrier {
             100
-        } else if id >= super::CLIENTS {
-            2
         } else {
             30
         };
@@ -394,6 +396,10 @@ pub async fn client_loop(
             while !stopped.is_cancelled() {
                 round += 1;
                 sink.report(id, Report::Waiting);
+                let (mirrored, after_heal) = (
+                    session.metrics().mirrored_decisions,
+                    ctl.healed.is_cancelled(),
+                );
                 // Ok(None): a barrier's wait() passed; nothing is held.
                 let acquire = async {
                     let held = match primitive {
@@ -449,6 +455,16 @@ pub async fn client_loop(
                         break;
                     }
                 };
+                let decisions = session.metrics().mirrored_decisions - mirrored;
+                if decisions > 0 {
+                    sink.report(
+                        id,
+                        Report::Mirrored {
+                            decisions,
+                            after_heal,
+                        },
+                    );
+                }
                 let until = long_holder.then_some(&stopped);
                 let lease = session.lease_id();
                 if hold_and_release(&ctl, held, lease, &sink, &writer, until).await {
@@ -463,10 +479,6 @@ pub async fn client_loop(
         }
         if let Some(r) = session.loss_reason() {
             sink.report(id, Report::SessionLost(reason(r).into()));
-        }
-        let mirrored = session.metrics().mirrored_decisions;
-        if mirrored > 0 {
-            sink.report(id, Report::Mirrored(mirrored));
         }
         let _ = session.close().await;
     }

@@ -37,7 +37,7 @@ pub use process::client_process_main;
 
 use client::{client_loop, Control, Resume};
 use process::ProcessClient;
-pub use report::MIRRORED;
+pub use report::{mirrored_after_the_heal, MIRRORED};
 use report::{mono_ns, Shared, Sink};
 
 /// Contending clients, client `i` through its own proxy in front of member `i % members`.
@@ -292,7 +292,9 @@ pub async fn run_schedule(
 /// As [`run_schedule`] with `more` contenders beside the CLIENTS clients (in this process,
 /// each through a client's proxy), so that the queue is long: a waiter whose enqueue finds its
 /// page of the queue cut short decides from its session's mirror of it. Also returns the
-/// run's tally (its [`report::MIRRORED`] count: decisions made from a mirror).
+/// run's tally (its [`report::MIRRORED`] count: decisions made from a mirror, and per proxy
+/// those of waits that began after the heal). The contenders beyond the clients hold 2 ms and
+/// do not write through the resource.
 pub async fn run_schedule_in_a_long_line(
     primitive: Primitive,
     members: usize,
@@ -300,6 +302,8 @@ pub async fn run_schedule_in_a_long_line(
     plan: &[(u64, Fault)],
     more: usize,
 ) -> (Vec<Violation>, std::collections::BTreeMap<String, usize>) {
+    // Other primitives' loops and checks are made for CLIENTS clients.
+    assert_eq!(primitive, Primitive::Mutex, "a long line of a mutex only");
     let options = Options {
         line: more,
         ..Options::new()

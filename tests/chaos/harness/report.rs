@@ -24,6 +24,12 @@ pub fn mono_ns() -> u64 {
 /// The tally's count of decisions made from a session's mirror of a long line.
 pub const MIRRORED: &str = "decisions from a mirror";
 
+/// The tally's key for decisions made from a mirror in waits that began after the last fault
+/// healed, by the clients through proxy `proxy`.
+pub fn mirrored_after_the_heal(proxy: usize) -> String {
+    format!("{MIRRORED} after the heal, proxy {proxy}")
+}
+
 /// What a client reports as it goes: applied to the shared history at once by a client in
 /// this process, sent as a line (with its CLOCK_MONOTONIC time) by a client process.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,9 +78,13 @@ pub enum Report {
     Leader(Option<i64>),
     /// A session ended Lost, for this reason (one word).
     SessionLost(String),
-    /// A session that ended had made this many decisions from its mirror of a long line
-    /// (`SessionMetrics::mirrored_decisions`).
-    Mirrored(u64),
+    /// An acquisition went through after this many decisions from its session's mirror of a
+    /// long line (`SessionMetrics::mirrored_decisions`); its wait began after the client was
+    /// told the faults healed, or not.
+    Mirrored {
+        decisions: u64,
+        after_heal: bool,
+    },
     /// A work queue's producer starts to enqueue the job named `job`.
     Enqueuing {
         job: String,
@@ -132,7 +142,10 @@ impl Report {
             Report::Participant { lease, step } => format!("participant {lease} {step:?}"),
             Report::Leader(l) => format!("leader {}", l.unwrap_or(0)),
             Report::SessionLost(why) => format!("session-lost {why}"),
-            Report::Mirrored(n) => format!("mirrored {n}"),
+            Report::Mirrored {
+                decisions,
+                after_heal,
+            } => format!("mirrored {decisions} {after_heal}"),
             Report::Enqueuing { job } => format!("enqueuing {job}"),
             Report::Enqueued { job, id } => format!("enqueued {job} {id}"),
             Report::Claimed {
@@ -187,7 +200,10 @@ impl Report {
             },
             "leader" => Report::Leader(n(1).filter(|t| *t != 0)),
             "session-lost" => Report::SessionLost(word(1)?),
-            "mirrored" => Report::Mirrored(words.get(1)?.parse().ok()?),
+            "mirrored" => Report::Mirrored {
+                decisions: words.get(1)?.parse().ok()?,
+                after_heal: words.get(2)?.parse().ok()?,
+            },
             "enqueuing" => Report::Enqueuing { job: word(1)? },
             "enqueued" => Report::Enqueued {
                 job: word(1)?,
@@ -230,7 +246,7 @@ pub struct Shared {
     /// Every lease ever used and every in-process session's task monitor, for the leak checks.
     pub leases: StdMutex<Vec<i64>>,
     pub tasks: StdMutex<Vec<BackgroundTasks>>,
-    /// Client `i` goes through `proxies[i]`.
+    /// Client `i` goes through `proxies[i % proxies.len()]`.
     pub proxies: Vec<Arc<ApiProxy>>,
     /// Clients whose next release is to lose its response (Fault::LoseRelease).
     pub lose_release: StdMutex<Vec<bool>>,
@@ -318,13 +334,16 @@ impl Shared {
                 at,
             }),
             Report::SessionLost(why) => self.count(format!("session lost: {why}")),
-            Report::Mirrored(n) => {
-                *self
-                    .tally
-                    .lock()
-                    .unwrap()
-                    .entry(MIRRORED.into())
-                    .or_default() += n as usize;
+            Report::Mirrored {
+                decisions,
+                after_heal,
+            } => {
+                let mut tally = self.tally.lock().unwrap();
+                *tally.entry(MIRRORED.into()).or_default() += decisions as usize;
+                if after_heal {
+                    let proxy = client % self.proxies.len();
+                    *tally.entry(mirrored_after_the_heal(proxy)).or_default() += decisions as usize;
+                }
             }
             Report::Enqueuing { job } => h.record(Event::JobEnqueuing { client, job, at }),
             Report::Enqueued { job, id } => {
@@ -381,7 +400,7 @@ impl Shared {
             return;
         }
         tracing::debug!(client, "the response of this release will be lost");
-        let proxy = Arc::clone(&self.proxies[client]);
+        let proxy = Arc::clone(&self.proxies[client % self.proxies.len()]);
         proxy.drop_responses().await;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(500)).await;
