@@ -26,6 +26,8 @@ use crate::Args;
 
 /// The whole run, set-up included, as the peer's `-timeout`.
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the watchers may take to stop, and the clean-up to be answered.
+const STOPPING: Duration = Duration::from_secs(10);
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
@@ -37,16 +39,19 @@ pub(crate) async fn relay_floor(
     if a.clients < 2 {
         return Err("relay-floor: --clients must be >= 2".into());
     }
-    let run = tokio::time::timeout(TIMEOUT, relay(a, prefix, clients)).await;
-    let run = run.map_err(|_| format!("relay-floor: no end within {TIMEOUT:?}"))?;
+    // The relay stops its watchers (their puts answered) before it returns, also when it
+    // fails; only a set-up that hangs is cut short here.
+    let run = tokio::time::timeout(TIMEOUT + STOPPING, relay(a, prefix, clients)).await;
     let mut client = clients[0].clone();
-    client
-        .delete(
-            format!("{prefix}/"),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await?;
-    Ok(run.map_err(|e| e.to_string())?)
+    let clean_up = client.delete(
+        format!("{prefix}/"),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    );
+    let cleaned = tokio::time::timeout(STOPPING, clean_up).await;
+    let run = run.map_err(|_| format!("relay-floor: no end within {TIMEOUT:?}"))?;
+    let run = run.map_err(|e| e.to_string())?;
+    cleaned.map_err(|_| "relay-floor: the clean-up got no answer")??;
+    Ok(run)
 }
 
 async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failure> {
@@ -72,6 +77,9 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
             };
             let id = loop {
                 match s.message().await? {
+                    Some(m) if m.canceled() => {
+                        return Err(format!("watch {i} refused: {}", m.cancel_reason()).into())
+                    }
                     Some(m) if m.created() => break m.watch_id(),
                     Some(_) => {}
                     None => return Err(format!("watch {i} ended before it was created").into()),
@@ -90,6 +98,9 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
                     _ = stop.cancelled() => return Ok(()),
                     m = stream.message() => m?.ok_or("a watch stream ended")?,
                 };
+                if m.canceled() {
+                    return Err(format!("a watch was cancelled: {}", m.cancel_reason()).into());
+                }
                 let Some((tx, own)) = watchers.get(&m.watch_id()) else {
                     continue;
                 };
@@ -159,20 +170,28 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
     let failed = tokio::select! {
         biased; // the watcher that ends the relay notifies `done` before it returns
         _ = done.notified() => None,
-        ended = tasks.join_next() => Some(ended),
+        ended = tasks.join_next() => Some(why(ended)),
+        _ = tokio::time::sleep(TIMEOUT) => Some(format!("no end within {TIMEOUT:?}")),
     };
     let total = t0.elapsed();
+    // Every watcher stops once its pass under way is answered; what failed, if anything,
+    // most specifically first (a dispatcher's error before its watchers' ended inboxes).
     stop.cancel();
-    if let Some(ended) = failed {
-        let why = match ended {
-            Some(Ok(Err(e))) => e.to_string(),
-            Some(Err(e)) => e.to_string(),
-            _ => "a watcher stopped early".into(),
-        };
-        return Err(format!("relay-floor: {why}").into());
+    let mut errors: Vec<String> = failed.into_iter().collect();
+    let stopped = tokio::time::timeout(STOPPING, async {
+        while let Some(ended) = tasks.join_next().await {
+            if !matches!(ended, Ok(Ok(()))) {
+                errors.push(why(Some(ended)));
+            }
+        }
+    })
+    .await;
+    if stopped.is_err() {
+        errors.push("the watchers did not stop".into());
     }
-    while let Some(ended) = tasks.join_next().await {
-        ended??;
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.contains("a watch stream ended") || e.contains("stopped early"));
+        return Err(format!("relay-floor: {}", errors.join("; ")).into());
     }
     let lats = std::mem::take(&mut *hops.lock().unwrap());
     Ok(Run {
@@ -181,4 +200,13 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
         total,
         extra: vec![("writes_per_hop", Value::Int(1 + u64::from(a.extra_write)))],
     })
+}
+
+/// What a task's end says went wrong.
+fn why(ended: Option<Result<Result<(), Failure>, tokio::task::JoinError>>) -> String {
+    match ended {
+        Some(Ok(Err(e))) => e.to_string(),
+        Some(Err(e)) => e.to_string(),
+        Some(Ok(Ok(()))) | None => "a watcher stopped early".into(),
+    }
 }

@@ -159,9 +159,10 @@ async fn mutex_on_a_single_member_stays_safe_under_fault_schedules() {
 /// clients' proxies, holding 2 ms without writing), so that a waiter's enqueue often finds its
 /// page of the queue (64 keys) cut short with more than 8 members in it and the waiter
 /// decides from its session's mirror of the queue: the same checks, and through every proxy
-/// waits that began after the heal must have decided from a mirror (a mirror that stopped
-/// working after a fault would leave its waiters reading etcd: safe, but not what is tested
-/// here). Seed 291 compacts the history twice while waiters mirror the queue; seed 248 kills
+/// waits that began after the heal must have decided from a mirror, and so must those of
+/// sessions whose watch stream had been opened again, if any (a mirror that stopped working
+/// after a fault would leave its waiters reading etcd: safe, but not what is tested here;
+/// most sessions a fault disturbs are lost, and their replacements' mirrors are new). Seed 291 compacts the history twice while waiters mirror the queue; seed 248 kills
 /// the leader and resets a client's connections, whose sessions survive with their streams
 /// replaced (with a hub that never mirrors again after a replacement, the waits through
 /// proxies 0 and 1 made no decision from a mirror after the heal). Not on
@@ -182,15 +183,19 @@ async fn mutex_behind_a_long_line_stays_safe_under_fault_schedules() {
             eprintln!("chaos: Mutex behind a long line, seed {seed}: VIOLATIONS {violations:#?}");
             found.push((seed, violations, format!("{plan:?}")));
         }
-        let after_heal = |p| tally.get(&harness::mirrored_after_the_heal(p)).copied();
-        if (0..harness::CLIENTS).any(|p| after_heal(p).unwrap_or(0) == 0) {
+        let count = |key: &str| tally.get(key).copied().unwrap_or(0);
+        let through_every_proxy =
+            (0..harness::CLIENTS).all(|p| count(&harness::mirrored_after_the_heal(p)) > 0);
+        // Sessions whose stream was replaced (and kept their lease) mirror again too.
+        let reopened = count(harness::REOPENED_WAITS) == 0 || count(harness::REOPENED_MIRRORED) > 0;
+        if !through_every_proxy || !reopened {
             unmirrored.push((seed, tally));
         }
     }
     no_violations("Mutex behind a long line", found);
     assert!(
         unmirrored.is_empty(),
-        "waits through some proxy did not decide from a mirror after the heal: {unmirrored:?}"
+        "waits after the heal did not decide from a mirror (through some proxy, or in sessions whose stream was reopened): {unmirrored:?}"
     );
 }
 

@@ -396,9 +396,11 @@ pub async fn client_loop(
             while !stopped.is_cancelled() {
                 round += 1;
                 sink.report(id, Report::Waiting);
-                let (mirrored, after_heal) = (
-                    session.metrics().mirrored_decisions,
+                let metrics = session.metrics();
+                let (mirrored, after_heal, reopened) = (
+                    metrics.mirrored_decisions,
                     ctl.healed.is_cancelled(),
+                    metrics.watch_streams > 1,
                 );
                 // Ok(None): a barrier's wait() passed; nothing is held.
                 let acquire = async {
@@ -456,14 +458,13 @@ pub async fn client_loop(
                     }
                 };
                 let decisions = session.metrics().mirrored_decisions - mirrored;
-                if decisions > 0 {
-                    sink.report(
-                        id,
-                        Report::Mirrored {
-                            decisions,
-                            after_heal,
-                        },
-                    );
+                if decisions > 0 || after_heal && reopened {
+                    let report = Report::Mirrored {
+                        decisions,
+                        after_heal,
+                        reopened,
+                    };
+                    sink.report(id, report);
                 }
                 let until = long_holder.then_some(&stopped);
                 let lease = session.lease_id();

@@ -37,7 +37,7 @@ pub use process::client_process_main;
 
 use client::{client_loop, Control, Resume};
 use process::ProcessClient;
-pub use report::{mirrored_after_the_heal, MIRRORED};
+pub use report::{mirrored_after_the_heal, MIRRORED, REOPENED_MIRRORED, REOPENED_WAITS};
 use report::{mono_ns, Shared, Sink};
 
 /// Contending clients, client `i` through its own proxy in front of member `i % members`.

@@ -30,6 +30,12 @@ pub fn mirrored_after_the_heal(proxy: usize) -> String {
     format!("{MIRRORED} after the heal, proxy {proxy}")
 }
 
+/// The tally's count of acquisitions whose wait began after the heal in a session whose
+/// watch stream had been opened again (after a reset, say).
+pub const REOPENED_WAITS: &str = "waits after the heal on a reopened stream";
+/// The tally's count of decisions from a mirror in those waits.
+pub const REOPENED_MIRRORED: &str = "decisions from a mirror after the heal on a reopened stream";
+
 /// What a client reports as it goes: applied to the shared history at once by a client in
 /// this process, sent as a line (with its CLOCK_MONOTONIC time) by a client process.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,10 +86,12 @@ pub enum Report {
     SessionLost(String),
     /// An acquisition went through after this many decisions from its session's mirror of a
     /// long line (`SessionMetrics::mirrored_decisions`); its wait began after the client was
-    /// told the faults healed, or not.
+    /// told the faults healed, or not, and in a session whose watch stream had been opened
+    /// more than once (`SessionMetrics::watch_streams`), or not.
     Mirrored {
         decisions: u64,
         after_heal: bool,
+        reopened: bool,
     },
     /// A work queue's producer starts to enqueue the job named `job`.
     Enqueuing {
@@ -145,7 +153,8 @@ impl Report {
             Report::Mirrored {
                 decisions,
                 after_heal,
-            } => format!("mirrored {decisions} {after_heal}"),
+                reopened,
+            } => format!("mirrored {decisions} {after_heal} {reopened}"),
             Report::Enqueuing { job } => format!("enqueuing {job}"),
             Report::Enqueued { job, id } => format!("enqueued {job} {id}"),
             Report::Claimed {
@@ -203,6 +212,7 @@ impl Report {
             "mirrored" => Report::Mirrored {
                 decisions: words.get(1)?.parse().ok()?,
                 after_heal: words.get(2)?.parse().ok()?,
+                reopened: words.get(3)?.parse().ok()?,
             },
             "enqueuing" => Report::Enqueuing { job: word(1)? },
             "enqueued" => Report::Enqueued {
@@ -337,12 +347,19 @@ impl Shared {
             Report::Mirrored {
                 decisions,
                 after_heal,
+                reopened,
             } => {
                 let mut tally = self.tally.lock().unwrap();
-                *tally.entry(MIRRORED.into()).or_default() += decisions as usize;
+                let mut add = |key: String, n: usize| *tally.entry(key).or_default() += n;
+                let decisions = decisions as usize;
+                add(MIRRORED.into(), decisions);
                 if after_heal {
                     let proxy = client % self.proxies.len();
-                    *tally.entry(mirrored_after_the_heal(proxy)).or_default() += decisions as usize;
+                    add(mirrored_after_the_heal(proxy), decisions);
+                }
+                if after_heal && reopened {
+                    add(REOPENED_WAITS.into(), 1);
+                    add(REOPENED_MIRRORED.into(), decisions);
                 }
             }
             Report::Enqueuing { job } => h.record(Event::JobEnqueuing { client, job, at }),
