@@ -308,10 +308,7 @@ pub async fn run_schedule_in_a_long_line(
         line: more,
         ..Options::new()
     };
-    let tally = StdMutex::new(Default::default());
-    let violations = run_counting(primitive, members, seed, plan, options, Some(&tally)).await;
-    let tally = tally.into_inner().unwrap();
-    (violations, tally)
+    run_counting(primitive, members, seed, plan, options).await
 }
 
 /// As [`run_schedule`] on an etcd that serves clients over TLS only, with authentication on
@@ -350,10 +347,7 @@ pub async fn run_schedule_secure_counting(
         secured: true,
         ..Options::new()
     };
-    let tally = Arc::new(StdMutex::new(Default::default()));
-    let violations = run_counting(primitive, members, seed, plan, options, Some(&tally)).await;
-    let tally = tally.lock().unwrap().clone();
-    (violations, tally)
+    run_counting(primitive, members, seed, plan, options).await
 }
 
 /// As [`run_schedule`] for `primitive` (a mutex, an election, a semaphore or an RwLock),
@@ -510,18 +504,19 @@ async fn run(
     plan: &[(u64, Fault)],
     options: Options,
 ) -> Vec<Violation> {
-    run_counting(primitive, members, seed, plan, options, None).await
+    run_counting(primitive, members, seed, plan, options)
+        .await
+        .0
 }
 
-/// [`run`], handing the run's tally to `tally`.
+/// [`run`], returning the run's tally too.
 async fn run_counting(
     primitive: Primitive,
     members: usize,
     seed: u64,
     plan: &[(u64, Fault)],
     options: Options,
-    tally_to: Option<&StdMutex<std::collections::BTreeMap<String, usize>>>,
-) -> Vec<Violation> {
+) -> (Vec<Violation>, std::collections::BTreeMap<String, usize>) {
     crate::common::init_tracing();
     count_panics();
     let (mut cluster, admin, secure) = if options.secured {
@@ -826,14 +821,11 @@ async fn run_counting(
     }
     let processes = in_process.iter().filter(|p| !**p).count();
     let tally = sh.tally.lock().unwrap().clone();
-    if let Some(to) = tally_to {
-        *to.lock().unwrap() = tally.clone();
-    }
     eprintln!(
         "chaos: seed {seed} ({primitive:?}): {acquisitions} acquisitions ({after_heal} after the heal; by client {per_client:?}), {passes} passed waits, {writes} writes in etcd, {processes} client process(es), {tally:?}, {} violation(s), nothing left",
         violations.len()
     );
-    violations
+    (violations, tally)
 }
 
 /// What each long-hold fault did: whether its client held, when it stopped believing (its
