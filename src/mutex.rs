@@ -90,7 +90,7 @@ impl Mutex {
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
         let acquire = async { self.line()?.acquire(Vec::new()).await };
         let holding = measure::measured!(AcquisitionKind::Mutex, self.name(), acquire)?;
-        Ok(MutexGuard::from_holding(holding))
+        Ok(MutexGuard::from_holding(holding, self.clone()))
     }
 
     /// Takes the lock if nobody holds it or waits for it, in one round trip; `None` if it is
@@ -105,7 +105,7 @@ impl Mutex {
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>, Error> {
         let attempt = async { self.line()?.try_acquire(Vec::new()).await };
         let got = measure::attempted!(AcquisitionKind::Mutex, self.name(), attempt)?;
-        Ok(got.map(MutexGuard::from_holding))
+        Ok(got.map(|holding| MutexGuard::from_holding(holding, self.clone())))
     }
 
     /// Who holds the lock now, if anyone: its key, lease and fencing token — whichever client
@@ -182,7 +182,7 @@ impl Mutex {
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<MutexGuard, Error> {
         let adopt = async { self.line()?.adopt(key, fencing_token).await };
         let holding = measure::measured!(AcquisitionKind::Mutex, self.name(), adopt)?;
-        Ok(MutexGuard::from_holding(holding))
+        Ok(MutexGuard::from_holding(holding, self.clone()))
     }
 }
 
@@ -206,5 +206,55 @@ holding_guard! {
     /// [`fencing_token()`](Fence::fencing_token) to any other resource that can reject stale
     /// tokens.
     #[must_use = "dropping a MutexGuard releases the lock at once"]
-    pub struct MutexGuard;
+    pub struct MutexGuard {
+        mutex: Mutex,
+    };
+}
+
+impl MutexGuard {
+    /// Releases the lock and lines up for it again, in one write: the release and the new
+    /// waiter's key go to etcd in one Txn, so a lock taken in a loop costs etcd one raft entry
+    /// per turn instead of two (a [`release()`](Self::release) and a
+    /// [`lock()`](Mutex::lock)). The waiters already in line go first, in their order — the
+    /// first of them holds from the Txn's revision on, as after a release — and the returned
+    /// guard holds once they are through, with a larger
+    /// [`fencing_token()`](Fence::fencing_token). With nobody waiting it holds again at
+    /// once, after one round trip.
+    ///
+    /// For a loop of turns that lets every waiter in between:
+    /// `guard = guard.requeue().await?` where a loop of `guard.release()` and `lock()` would
+    /// be. Go's `concurrency.Mutex` and `etcdctl lock` waiters are served the same way.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] for this guard's key if it was lost before the call (gone or taken
+    /// over by another client's put: nothing is enqueued); afterwards as
+    /// [`lock()`](Mutex::lock). Whatever the outcome, this guard's lock is released.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropped before the Txn is sent, the lock is released by the session's task,
+    /// as for a dropped guard; dropped while the Txn is in flight, a short detached task
+    /// finishes it and hands whatever is still held or queued to the session's task; dropped
+    /// while waiting, the new waiter's key is deleted as for a cancelled
+    /// [`lock()`](Mutex::lock). No key is left behind at any point.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::Mutex;
+    ///
+    /// let mut guard = Mutex::new(&session, "turns/printer").lock().await?;
+    /// for page in 0..3 {
+    ///     println!("page {page} under token {}", guard.fencing_token());
+    ///     guard = guard.requeue().await?; // the next in line prints a page, then us again
+    /// }
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(name = "etcd_coord.mutex.requeue", skip_all, fields(name = %self.mutex.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    pub async fn requeue(self) -> Result<MutexGuard, Error> {
+        let MutexGuard { holding, mutex } = self;
+        let requeue = async { mutex.line()?.requeue(holding, Vec::new()).await };
+        let holding = measure::measured!(AcquisitionKind::Mutex, mutex.name(), requeue)?;
+        Ok(MutexGuard::from_holding(holding, mutex))
+    }
 }

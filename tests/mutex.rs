@@ -1199,3 +1199,325 @@ async fn a_holder_whose_clock_missed_its_lease_ending_is_refused_by_etcd_and_tol
     assert!(r.kvs().is_empty(), "the late write landed");
     next.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_lets_every_waiter_in_line_through_before_holding_again() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("requeue-order");
+    let a = session(&etcd, 30).await;
+    let held = Mutex::new(&a, &name).lock().await.unwrap();
+    let first_token = held.fencing_token();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let mut waiters = Vec::new();
+    for who in ["b", "c"] {
+        let s = session(&etcd, 30).await;
+        let (mutex, order, inside) = (
+            Mutex::new(&s, &name),
+            Arc::clone(&order),
+            Arc::clone(&inside),
+        );
+        waiters.push(tokio::spawn(async move {
+            let g = mutex.lock().await.unwrap();
+            assert_eq!(
+                inside.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two holders at once"
+            );
+            order.lock().unwrap().push((who, g.fencing_token()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            inside.fetch_sub(1, Ordering::SeqCst);
+            g.release().await.unwrap();
+        }));
+        // In line in this order: each waiter's key exists before the next one's lock().
+        let members = waiters.len() + 1;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                members_under(&observer, &name).await.len() == members
+            })
+            .await
+        );
+    }
+    let again = held.requeue().await.unwrap();
+    assert_eq!(
+        inside.fetch_add(1, Ordering::SeqCst),
+        0,
+        "held again while a waiter held"
+    );
+    order.lock().unwrap().push(("a", again.fencing_token()));
+    for w in waiters {
+        w.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.iter().map(|(who, _)| *who).collect::<Vec<_>>(),
+        ["b", "c", "a"],
+        "{order:?}"
+    );
+    let tokens: Vec<i64> = std::iter::once(first_token)
+        .chain(order.iter().map(|(_, t)| *t))
+        .collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    assert_eq!(
+        members_under(&observer, &name).await,
+        vec![again.key().to_owned()]
+    );
+    again.release().await.unwrap();
+    assert!(members_under(&observer, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_releases_and_enqueues_in_one_write() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("requeue-one-write");
+    let a = session(&etcd, 30).await;
+    let held = Mutex::new(&a, &name).lock().await.unwrap();
+    let (old_key, old_token) = (held.key().to_owned(), held.fencing_token());
+    let again = held.requeue().await.unwrap();
+    assert_eq!(
+        members_under(&observer, &name).await,
+        vec![again.key().to_owned()]
+    );
+    // The old key's deletion and the new key's creation share one revision: one Txn.
+    let mut events = observer
+        .clone()
+        .watch(
+            old_key.as_str(),
+            Some(WatchOptions::new().with_start_revision(old_token + 1)),
+        )
+        .await
+        .unwrap();
+    let deleted_at = loop {
+        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("the old key's deletion")
+            .unwrap()
+            .expect("watch open");
+        if let Some(e) = resp
+            .events()
+            .iter()
+            .find(|e| e.event_type() == EventType::Delete)
+        {
+            break e.kv().unwrap().mod_revision();
+        }
+    };
+    assert_eq!(
+        deleted_at,
+        again.fencing_token(),
+        "the release and the new enqueue were separate writes"
+    );
+    again.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_of_a_lost_lock_reports_lock_lost_and_queues_nothing() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("requeue-lost");
+    let a = session(&etcd, 30).await;
+    let held = Mutex::new(&a, &name).lock().await.unwrap();
+    let old_key = held.key().to_owned();
+    admin.delete(old_key.as_str(), None).await.unwrap();
+    let got = held.requeue().await;
+    assert!(
+        matches!(got, Err(Error::LockLost { ref key, .. }) if *key == old_key),
+        "{got:?}"
+    );
+    a.settled().await;
+    assert!(members_under(&admin, &name).await.is_empty());
+    assert_eq!(
+        keys_on_lease(&admin, a.lease_id()).await,
+        Vec::<String>::new()
+    );
+    // The mutex is free for the next comer.
+    let b = session(&etcd, 30).await;
+    let got = Mutex::new(&b, &name).try_lock().await.unwrap();
+    assert!(got.is_some(), "the mutex stayed blocked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_dropped_at_any_await_leaves_no_key_behind_and_lets_the_waiter_in() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("requeue-cancel");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let (ma, mb) = (Mutex::new(&a, &name), Mutex::new(&b, &name));
+    // A holds and B waits behind it: a requeue lets B in and waits behind B.
+    let line_up = async || {
+        let held = ma.lock().await.unwrap();
+        let mb = mb.clone();
+        let waiter = tokio::spawn(async move { mb.lock().await.unwrap() });
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                members_under(&observer, &name).await.len() == 2
+            })
+            .await
+        );
+        (held, waiter)
+    };
+    let (held, waiter) = line_up().await;
+    let (held, waiter) = (
+        std::sync::Mutex::new(Some(held)),
+        std::sync::Mutex::new(Some(waiter)),
+    );
+    let ended = drop_at_every_await(
+        || held.lock().unwrap().take().expect("held").requeue(),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "held again before the waiter let go: {driven:?}"
+            );
+            // Whenever it was dropped, the lock was released: B gets it.
+            let next = waiter.lock().unwrap().take().expect("waiting");
+            let b_holds = tokio::time::timeout(Duration::from_secs(5), next)
+                .await
+                .unwrap_or_else(|_| panic!("dropped at {step:?}: the waiter never got the lock"))
+                .unwrap();
+            a.settled().await;
+            assert_eq!(
+                keys_on_lease(&observer, a.lease_id()).await,
+                Vec::<String>::new(),
+                "dropped at {step:?}: a key left on the requeuer's lease"
+            );
+            only_its_own_task_runs(&a).await;
+            b_holds.release().await.unwrap();
+            let (h, w) = line_up().await;
+            *held.lock().unwrap() = Some(h);
+            *waiter.lock().unwrap() = Some(w);
+        },
+    )
+    .await;
+    // Through the Txn in flight to the wait behind B.
+    assert!(
+        matches!(ended, Ended::Waiting { polls } if polls >= 2),
+        "{ended:?}: never reached its wait behind the waiter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_taken_by_requeue_never_interleave_and_tokens_increase() {
+    const SESSIONS: usize = 4;
+    const TURNS: usize = 12;
+    let etcd = etcd().await;
+    let name = unique("requeue-counter");
+    let counter_key = format!("{name}-counter");
+    let inside = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..SESSIONS {
+        let s = session(&etcd, 10).await;
+        let (name, counter_key) = (name.clone(), counter_key.clone());
+        let (inside, tokens) = (Arc::clone(&inside), Arc::clone(&tokens));
+        tasks.push(tokio::spawn(async move {
+            let mut kv = s.client().clone();
+            let mut guard = Mutex::new(&s, &name).lock().await.unwrap();
+            for turn in 0..TURNS {
+                assert_eq!(
+                    inside.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two holders at once"
+                );
+                tokens.lock().unwrap().push(guard.fencing_token());
+                // A read-modify-write that loses updates if two holders interleave.
+                let current: u64 = kv
+                    .get(counter_key.as_str(), None)
+                    .await
+                    .unwrap()
+                    .kvs()
+                    .first()
+                    .map(|kv| kv.value_str().unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                tokio::task::yield_now().await;
+                guard
+                    .txn_if_owner([TxnOp::put(
+                        counter_key.as_str(),
+                        (current + 1).to_string(),
+                        None,
+                    )])
+                    .await
+                    .unwrap();
+                inside.fetch_sub(1, Ordering::SeqCst);
+                if turn + 1 == TURNS {
+                    guard.release().await.unwrap();
+                    break;
+                }
+                guard = guard.requeue().await.unwrap();
+            }
+            s.close().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut kv = client(&etcd).await;
+    let total = kv.get(counter_key.as_str(), None).await.unwrap();
+    assert_eq!(
+        total.kvs()[0].value_str().unwrap(),
+        (SESSIONS * TURNS).to_string(),
+        "lost updates: holders interleaved"
+    );
+    let tokens = tokens.lock().unwrap().clone();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens in turn order are not strictly increasing: {tokens:?}"
+    );
+    assert!(keys_under(&kv, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_whose_response_is_lost_is_retried_as_one_release_and_one_waiter() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("lost-requeue");
+    let a = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let held = Mutex::new(&a, &name).lock().await.unwrap();
+    let old_key = held.key().to_owned();
+    proxy.drop_responses();
+    let requeue = tokio::spawn(held.requeue());
+    // The Txn lands — the old key deleted, the new one put — and its answer does not.
+    let (obs, n, old) = (observer.clone(), name.clone(), old_key.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let members = members_under(&obs, &n).await;
+            members.len() == 1 && members[0] != old
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.heal();
+    proxy.reset_peer();
+    let again = tokio::time::timeout(Duration::from_secs(10), requeue)
+        .await
+        .expect("the retried requeue returned")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        members_under(&observer, &name).await,
+        vec![again.key().to_owned()]
+    );
+    assert_eq!(
+        keys_on_lease(&observer, a.lease_id()).await,
+        vec![again.key().to_owned()],
+        "retries left more than the one new waiter on the lease"
+    );
+    let fenced = again
+        .txn_if_owner([TxnOp::put(format!("resource/{name}"), "x", None)])
+        .await
+        .unwrap();
+    assert!(
+        fenced.succeeded(),
+        "the retried requeue's guard does not hold"
+    );
+    again.release().await.unwrap();
+    assert!(members_under(&observer, &name).await.is_empty());
+}

@@ -12,7 +12,7 @@ use crate::{Error, LeasedSession};
 
 use super::cleanup::{Afterwards, Cleanup, Sweep};
 use super::decision::{Blocker, Decision, Snapshot, SHARED_PAGE_SLACK};
-use super::enqueue::{create_detached, enqueue, numbered_key, Attempt, Outcome};
+use super::enqueue::{create_detached, enqueue, enqueue_releasing, numbered_key, Attempt, Outcome};
 use super::holding::Holding;
 use super::mirror;
 use super::ticket::{Acquired, Ticket};
@@ -28,9 +28,46 @@ pub(crate) async fn acquire(
     blocker: Blocker,
     value: Vec<u8>,
 ) -> Result<Acquired, Error> {
+    enqueue_and_wait(leased, queue, kind, blocker, value, None).await
+}
+
+/// Releases `holding` (this session's member of `queue`, holding) and enqueues a new member
+/// of kind `kind` in one Txn ([`keys::requeue_txn`]), then waits like [`acquire`] — the
+/// release and the next acquisition of a lock taken in a loop, in one raft entry instead of
+/// two. The waiters already in line are ahead of the new member, so the first of them is
+/// through at the Txn's revision, as after a release.
+///
+/// Cancel-safe like [`acquire`]: dropped before the Txn is sent, the holding is released by
+/// the session's task (it is dropped unreleased); after, the detached Txn's task keeps it
+/// until the answer and releases it so if the Txn did not.
+///
+/// # Errors
+/// [`Error::LockLost`] for `holding`'s key if it was no longer ours (nothing is put); as
+/// [`acquire`] otherwise — and in every case the holding is released.
+pub(crate) async fn requeue(
+    leased: &LeasedSession,
+    queue: &Queue,
+    kind: &str,
+    blocker: Blocker,
+    value: Vec<u8>,
+    holding: Holding,
+) -> Result<Acquired, Error> {
+    enqueue_and_wait(leased, queue, kind, blocker, value, Some(holding)).await
+}
+
+/// [`acquire`], or [`requeue`] with `releasing`.
+async fn enqueue_and_wait(
+    leased: &LeasedSession,
+    queue: &Queue,
+    kind: &str,
+    blocker: Blocker,
+    value: Vec<u8>,
+    releasing: Option<Holding>,
+) -> Result<Acquired, Error> {
     let session = leased.inner();
     session.check()?;
-    let (ticket, first, long) = enqueue_member(session, queue, kind, &blocker, value, true).await?;
+    let (ticket, first, long) =
+        enqueue_member(session, queue, kind, &blocker, value, true, releasing).await?;
     let mut reads = blocker.reads_after(ticket.create_revision);
     if long {
         reads = reads.mirrored(&blocker);
@@ -51,6 +88,7 @@ async fn enqueue_member(
     blocker: &Blocker,
     value: Vec<u8>,
     mirrored: bool,
+    releasing: Option<Holding>,
 ) -> Result<(Ticket, Option<Snapshot>, bool), Error> {
     let (key, slot) = numbered_key(session, queue, kind);
     let skip_page = mirrored && mirror::mirrors(session, blocker, &key);
@@ -59,7 +97,8 @@ async fn enqueue_member(
     } else {
         blocker.reads_at_enqueue()
     };
-    let (mut ticket, first) = enqueue(session, &key, slot, value, reads).await?;
+    let (mut ticket, first) =
+        enqueue_releasing(session, &key, slot, value, reads, releasing).await?;
     ticket.announces = blocker.heads(queue);
     ticket.expects_announcements = blocker.announced();
     let long = skip_page || first.as_ref().is_some_and(|s| blocker.long_at_enqueue(s));
@@ -287,7 +326,8 @@ async fn try_by_enqueue(
     blocker: &Blocker,
     value: Vec<u8>,
 ) -> Result<Option<Acquired>, Error> {
-    let (ticket, first, _) = enqueue_member(session, queue, kind, blocker, value, false).await?;
+    let (ticket, first, _) =
+        enqueue_member(session, queue, kind, blocker, value, false, None).await?;
     let reads = blocker.reads_after(ticket.create_revision);
     let mut backoff = Backoff::for_requests();
     let mut snapshot = match first {
@@ -404,6 +444,21 @@ impl<'a> Line<'a> {
     /// Enqueues (the key holding `value`) and waits until through (see [`acquire`]).
     pub(crate) async fn acquire(self, value: Vec<u8>) -> Result<Holding, Error> {
         let acquired = acquire(self.leased, self.queue, self.kind, self.blocker, value).await?;
+        Ok(Holding::new(self.leased.clone(), acquired))
+    }
+
+    /// Releases `holding` — one of this place's, taken through the same session — and
+    /// enqueues again in the same Txn, then waits until through (see [`requeue`]).
+    pub(crate) async fn requeue(self, holding: Holding, value: Vec<u8>) -> Result<Holding, Error> {
+        let acquired = requeue(
+            self.leased,
+            self.queue,
+            self.kind,
+            self.blocker,
+            value,
+            holding,
+        )
+        .await?;
         Ok(Holding::new(self.leased.clone(), acquired))
     }
 

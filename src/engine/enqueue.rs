@@ -17,6 +17,7 @@ use crate::{Error, LeasedSession};
 use super::cleanup::{Afterwards, Cleanup, Sweep};
 use super::decision::Snapshot;
 use super::detached::detached;
+use super::holding::Holding;
 use super::names::Claimed;
 use super::ticket::{Acquired, Put, Ticket};
 use super::SessionKeys;
@@ -34,7 +35,6 @@ struct Enqueued {
 /// put, in a detached task (see [`detached`]). Returns the armed ticket and, when this Txn
 /// created the key, the snapshot of the reads (a retry that found the key already there must
 /// read afresh).
-#[tracing::instrument(name = "etcd_coord.enqueue", level = "debug", skip_all, fields(key = %key))]
 pub(super) async fn enqueue(
     session: &Arc<Session>,
     key: &str,
@@ -42,16 +42,66 @@ pub(super) async fn enqueue(
     value: Vec<u8>,
     reads: Vec<TxnOp>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
+    enqueue_releasing(session, key, slot, value, reads, None).await
+}
+
+/// [`enqueue`], and with `releasing` (a holding of this session in the same queue, released by
+/// the default Txn: [`Holding::requeueable`]) its release in the same Txn
+/// ([`keys::requeue_txn`]): both happen or neither. The holding goes with the detached task:
+/// it is marked released once etcd confirmed the Txn — or once a retry found `key` created on
+/// our lease, which the same Txn did — and otherwise released by the session's task as it is
+/// dropped, as any guard dropped unreleased.
+///
+/// # Errors
+/// As [`enqueue`]; and [`Error::LockLost`] (nothing was put) if the held key was no longer
+/// ours: gone or taken over before the Txn.
+#[tracing::instrument(name = "etcd_coord.enqueue", level = "debug", skip_all, fields(key = %key))]
+pub(super) async fn enqueue_releasing(
+    session: &Arc<Session>,
+    key: &str,
+    slot: u64,
+    value: Vec<u8>,
+    reads: Vec<TxnOp>,
+    releasing: Option<Holding>,
+) -> Result<(Ticket, Option<Snapshot>), Error> {
+    let merged = match &releasing {
+        Some(holding) => match holding.requeueable() {
+            Some(((held, create_revision), announces)) => {
+                Some(((held.to_owned(), create_revision), announces))
+            }
+            None => {
+                return Err(Error::Internal(
+                    "a holding with a release of its own cannot be requeued".into(),
+                ))
+            }
+        },
+        None => None,
+    };
     // Before anything is sent: a resumed session's look at its lease spares the key.
     let claim = session.intend(key);
     let work = {
         let session = Arc::clone(session);
         let key = key.to_owned();
         async move {
-            let txn = || keys::enqueue_txn(&key, value.clone(), session.lease_id, reads.clone());
+            let mut releasing = releasing;
+            let lease = session.lease_id;
+            let txn = || match &merged {
+                Some(((held, create_revision), announces)) => keys::requeue_txn(
+                    (held, *create_revision),
+                    *announces,
+                    lease,
+                    &key,
+                    value.clone(),
+                    reads.clone(),
+                ),
+                None => keys::enqueue_txn(&key, value.clone(), lease, reads.clone()),
+            };
             let put = Put::send(&session, txn).await?;
             let (revision, gets) = (put.revision, keys::txn_gets(&put.resp));
             if put.resp.succeeded() {
+                if let Some(holding) = releasing.as_mut() {
+                    holding.released_by_owner(revision);
+                }
                 claim.confirm(revision);
                 return Ok(Enqueued {
                     create_revision: revision,
@@ -59,12 +109,22 @@ pub(super) async fn enqueue(
                     sent_more_than_once: put.uncertain,
                 });
             }
+            // The else-branch: `[Get(key)]`, or `[Get(held), Get(key)]` with a release.
+            let existing = gets
+                .get(usize::from(merged.is_some()))
+                .and_then(|g| g.kvs().first());
+            if let (Some(holding), None) = (&releasing, existing) {
+                // `key` is not there, so the held key's compares failed: it was gone or taken
+                // over before this Txn (after an unanswered attempt that did both, `key`
+                // would be there unless deleted since: lost either way). Nothing was put.
+                return Err(put.fail(holding.fence().lock_lost()));
+            }
             if !put.uncertain {
                 // Sent once, and the key was there: a name still in use, not ours to take.
                 return Err(put.fail(Error::Protocol(format!("member key {key} exists already"))));
             }
             // A retry: the earlier, unanswered request created the key.
-            let kv = gets.first().and_then(|g| g.kvs().first()).ok_or_else(|| {
+            let kv = existing.ok_or_else(|| {
                 put.fail(Error::Protocol(
                     "enqueue txn else-branch without the key".into(),
                 ))
@@ -74,6 +134,10 @@ pub(super) async fn enqueue(
                     "member key {key} belongs to lease {:x}, not ours",
                     kv.lease()
                 ))));
+            }
+            // That request released the held key too, at the revision it created `key`.
+            if let Some(holding) = releasing.as_mut() {
+                holding.released_by_owner(kv.create_revision());
             }
             claim.confirm(kv.create_revision());
             Ok(Enqueued {

@@ -89,6 +89,10 @@ pub(crate) struct Holding {
     /// What to do once the release is answered: sweep the late copies of a put sent more
     /// than once, or give the key's number back.
     after: Afterwards,
+    /// Whether the release announces the key to its successor (`Some`), for a holding released
+    /// by the default Txn; `None` for one released by a Txn of its own ([`Self::with_release`]),
+    /// which cannot be merged into another ([`Self::requeueable`]).
+    announces: Option<bool>,
 }
 
 impl Holding {
@@ -99,7 +103,10 @@ impl Holding {
         } else {
             keys::fenced_delete(key, token, lease)
         };
-        Holding::with_release(session, acquired, release_txn)
+        let announces = acquired.announces;
+        let mut holding = Holding::with_release(session, acquired, release_txn);
+        holding.announces = Some(announces);
+        holding
     }
 
     /// A holding released by `release_txn`, which must be fenced on the key's create revision
@@ -126,7 +133,16 @@ impl Holding {
             released_at: None,
             release_maybe_landed: false,
             after: acquired.after,
+            announces: None,
         }
+    }
+
+    /// What a release merged with a new enqueue needs ([`keys::requeue_txn`]): the key, its
+    /// create revision and whether its release announces it — `None` if the holding has a
+    /// release Txn of its own, or was released already.
+    pub(crate) fn requeueable(&self) -> Option<((&str, i64), bool)> {
+        let announces = self.announces.filter(|_| self.released_at.is_none())?;
+        Some(((&self.fence.key, self.fence.create_revision), announces))
     }
 
     pub(crate) fn fence(&self) -> &Fence {

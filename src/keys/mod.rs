@@ -396,6 +396,44 @@ pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<T
         .or_else([TxnOp::get(key, None)])
 }
 
+/// The member key `held` (created at `create_revision` on `lease_id`) released and `key` put
+/// in its queue, in one Txn — one raft entry where a release and a new enqueue are two. The
+/// release is [`release_announcing`]'s (with `announces`) or [`fenced_delete`]'s, the put
+/// [`enqueue_txn`]'s: both happen, only while `held` is ours and `key` does not exist, or
+/// neither. `reads` run between them, so they see the queue without `held`.
+///
+/// Then-branch: `[Delete(held), (Delete(pointers)), reads…, Put]`; `key`'s create revision is
+/// the header revision. Else-branch: `[Get(held, keys only), Get(key)]`.
+pub(crate) fn requeue_txn(
+    held: (&str, i64),
+    announces: bool,
+    lease_id: i64,
+    key: &str,
+    value: Vec<u8>,
+    reads: Vec<TxnOp>,
+) -> Txn {
+    let (held, create_revision) = held;
+    let mut when = owner_compares(held, create_revision, lease_id);
+    when.push(Compare::create_revision(key, CompareOp::Equal, 0));
+    let mut then = vec![TxnOp::delete(held, None)];
+    if let Some(pointers) = pointers_of(held).filter(|_| announces) {
+        then.push(TxnOp::delete(
+            pointers,
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        ));
+    }
+    then.extend(reads);
+    then.push(TxnOp::put(
+        key,
+        value,
+        Some(PutOptions::new().with_lease(lease_id)),
+    ));
+    Txn::new().when(when).and_then(then).or_else([
+        TxnOp::get(held, Some(etcd_client::GetOptions::new().with_keys_only())),
+        TxnOp::get(key, None),
+    ])
+}
+
 /// One round trip that runs `reads` only while `key` is still ours: the incarnation
 /// `create_revision`, on `lease_id` (the compares fail once it is gone or taken over).
 pub(crate) fn fenced_reads(
