@@ -265,6 +265,20 @@ pub async fn hold_and_release(
     writer: &Writer,
     until: Option<&CancellationToken>,
 ) -> bool {
+    hold(ctl, held, lease, sink, writer, until, false).await.0
+}
+
+/// [`hold_and_release`]; with `keep`, a hold that ends unlost is not released but returned,
+/// its release about to begin (`Sink::releasing` called), for the caller to requeue.
+pub async fn hold(
+    ctl: &Control,
+    held: Held,
+    lease: i64,
+    sink: &Sink,
+    writer: &Writer,
+    until: Option<&CancellationToken>,
+    keep: bool,
+) -> (bool, Option<Held>) {
     let id = ctl.id;
     let fence = held.fence();
     let token = fence.fencing_token();
@@ -343,9 +357,12 @@ pub async fn hold_and_release(
         std::mem::forget(held);
     } else {
         sink.releasing(id).await;
+        if keep {
+            return (false, Some(held));
+        }
         let _ = held.release().await;
     }
-    lost_first
+    (lost_first, None)
 }
 
 /// One client: sessions come and go; each acquisition is reported, writes through the
@@ -393,6 +410,9 @@ pub async fn client_loop(
             let rwlock = RwLock::new(&session, name);
             let barrier = Barrier::new(&session, name);
             let mut round = 0usize;
+            // A mutex held at the end of every other hold, for its next turn by requeue (its
+            // release and the next enqueue in one Txn) instead of a release and a lock().
+            let mut requeue: Option<etcd_coord::MutexGuard> = None;
             while !stopped.is_cancelled() {
                 round += 1;
                 sink.report(id, Report::Waiting);
@@ -403,9 +423,13 @@ pub async fn client_loop(
                     metrics.watch_streams > 1,
                 );
                 // Ok(None): a barrier's wait() passed; nothing is held.
+                let mut again = requeue.take();
                 let acquire = async {
                     let held = match primitive {
-                        Primitive::Mutex => Held::Mutex(mutex.lock().await?),
+                        Primitive::Mutex => Held::Mutex(match again.take() {
+                            Some(guard) => guard.requeue().await?,
+                            None => mutex.lock().await?,
+                        }),
                         Primitive::Election => {
                             Held::Leader(election.campaign(format!("client-{id}")).await?)
                         }
@@ -468,8 +492,11 @@ pub async fn client_loop(
                 }
                 let until = long_holder.then_some(&stopped);
                 let lease = session.lease_id();
-                if hold_and_release(&ctl, held, lease, &sink, &writer, until).await {
-                    break; // lost: start over with a new session
+                let keep = primitive == Primitive::Mutex && round.is_multiple_of(2);
+                match hold(&ctl, held, lease, &sink, &writer, until, keep).await {
+                    (true, _) => break, // lost: start over with a new session
+                    (false, Some(Held::Mutex(guard))) => requeue = Some(guard),
+                    (false, _) => {}
                 }
                 if primitive == Primitive::Barrier {
                     // Let the waiters it just released try to hold it up too.
