@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench primitives -- [--endpoints HOST:PORT] --mode MODE --clients N --ops M
-//!     [--ttl SECS] [--conns K] [--fresh]
+//!     [--ttl SECS] [--conns K] [--fresh] [--extra-write] [--requeue]
 //! ```
 //!
 //! Prints one JSON line with the peer's fields (`mode`, `clients`, `ops`, `total_s`,
@@ -18,7 +18,10 @@
 //! - `mutex-uncontended`: each client its own session and mutex; M lock+release cycles;
 //!   latency = lock + release.
 //! - `mutex-contended`: N clients on one mutex, M acquisitions; latency = lock() wait;
-//!   hand-off = previous holder's release start → next lock() return.
+//!   hand-off = previous holder's release start → next lock() return. `--requeue` (ours
+//!   only): each client locks once, then takes every next turn with `MutexGuard::requeue`
+//!   (the release and the next enqueue in one Txn); latency = requeue() call → return (its
+//!   release included), hand-off = previous holder's requeue start → next return.
 //! - `election-handoff`: N candidates, the winner resigns at once; M wins; latency =
 //!   campaign() wait; hand-off = resign start → next campaign() return.
 //! - `session-create`: M session create + close cycles over N clients.
@@ -114,6 +117,8 @@ pub(crate) struct Args {
     fresh: bool,
     /// `relay-floor`: a second write per hop.
     pub(crate) extra_write: bool,
+    /// `mutex-contended`: each client takes its next turn with `MutexGuard::requeue`.
+    pub(crate) requeue: bool,
     permits: usize,
     accounts: usize,
     /// `queue`: milliseconds each worker works on a job between its claim and its ack.
@@ -131,6 +136,7 @@ fn parse_args() -> Result<Args, String> {
         conns: 1,
         fresh: false,
         extra_write: false,
+        requeue: false,
         permits: 1,
         accounts: 16,
         work_ms: 0,
@@ -144,6 +150,7 @@ fn parse_args() -> Result<Args, String> {
             "bench" => {} // cargo bench passes --bench
             "fresh" => a.fresh = true,
             "extra-write" => a.extra_write = true,
+            "requeue" => a.requeue = true,
             "profile" => a.profile = true,
             "endpoints" => a.endpoints = Some(value()?.split(',').map(String::from).collect()),
             "mode" => a.mode = value()?,

@@ -99,6 +99,33 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                 }));
             }
         }
+        "mutex-contended" if a.requeue => {
+            for s in &sessions {
+                let m = Mutex::new(s, format!("{prefix}/lock"));
+                let (claim, clock) = (claim.clone(), Arc::clone(&clock));
+                tasks.push(tokio::spawn(async move {
+                    let (mut lats, mut hands) = (Vec::new(), Vec::new());
+                    if !claim() {
+                        return Ok((lats, hands));
+                    }
+                    let mut t = Instant::now();
+                    let mut held = m.lock().await.map_err(boxed)?;
+                    loop {
+                        let at = Instant::now();
+                        lats.push(at - t);
+                        hands.extend(clock.acquired(at));
+                        clock.releasing();
+                        if !claim() {
+                            break;
+                        }
+                        t = Instant::now();
+                        held = held.requeue().await.map_err(boxed)?;
+                    }
+                    held.release().await.map_err(boxed)?;
+                    Ok((lats, hands))
+                }));
+            }
+        }
         "mutex-contended" | "election-handoff" | "semaphore-contended" | "rwlock-contended" => {
             let mode = a.mode.clone();
             let permits = if mode == "semaphore-contended" {
