@@ -167,6 +167,9 @@ fn parse_args() -> Result<Args, String> {
     if a.clients == 0 || a.ops == 0 {
         return Err("--clients and --ops must be >= 1".into());
     }
+    if a.requeue && a.mode != "mutex-contended" {
+        return Err("--requeue is a mode of mutex-contended".into());
+    }
     if a.conns == 0 || a.conns > a.clients {
         a.conns = a.clients;
     }

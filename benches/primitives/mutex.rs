@@ -212,6 +212,9 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
     if a.profile {
         extra.extend(crate::profile::phases());
     }
+    if a.requeue {
+        extra.push(("requeue", Value::Bool(true)));
+    }
     extra.shrink_to_fit();
     Ok(Run {
         lats,
