@@ -203,6 +203,49 @@ async fn an_etcdctl_lock_holder_excludes_us_and_we_exclude_etcdctl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_lets_an_etcdctl_waiter_in_and_then_holds_again() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("interop-requeue");
+    let s = session(&etcd, 30).await;
+    let ours = Mutex::new(&s, &name).lock().await.unwrap();
+    let first_token = ours.fencing_token();
+    let script = "echo \"$ETCD_LOCK_KEY\"; sleep 0.5; date +%s%3N";
+    let mut theirs = etcdctl(&etcd, &["lock", &name, "--", "sh", "-c", script]);
+    keys_are(&observer, &format!("{name}/"), 2).await;
+    let requeue = tokio::spawn(ours.requeue());
+    // etcdctl holds (it runs its command) while our new key waits behind its key.
+    let their_key = theirs.line().await.trim().to_owned();
+    let their_token = observer
+        .clone()
+        .get(their_key.as_str(), None)
+        .await
+        .unwrap()
+        .kvs()
+        .first()
+        .expect("etcdctl's key while it holds")
+        .create_revision();
+    assert!(!requeue.is_finished(), "held again while etcdctl held");
+    let their_end: u64 = theirs.line().await.trim().parse().unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), requeue)
+        .await
+        .expect("we hold again once etcdctl lets go")
+        .unwrap()
+        .unwrap();
+    assert!(
+        unix_ms() >= their_end,
+        "held again before etcdctl's command ended"
+    );
+    assert!(
+        first_token < their_token && their_token < again.fencing_token(),
+        "tokens out of order: ours {first_token}, etcdctl's {their_token}, ours again {}",
+        again.fencing_token()
+    );
+    theirs.exited().await;
+    again.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_of_go_ours_and_etcdctl_are_served_in_arrival_order() {
     let etcd = etcd().await;
     let observer = client(&etcd).await;
