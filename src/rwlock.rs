@@ -57,8 +57,6 @@ impl RwLock {
         self.named.name()
     }
 
-    /// The queue and what blocks a member of `kind`: a reader waits for the writers created
-    /// before it, a writer for every key created before it.
     /// A reader's or a writer's place: a reader waits for the last writer ahead of it, a
     /// writer for the last key of any kind.
     fn line(&self, kind: &'static str) -> Result<Line<'_>, Error> {
@@ -71,6 +69,11 @@ impl RwLock {
     async fn acquire(&self, kind: &'static str) -> Result<Holding, Error> {
         let acquire = async { self.line(kind)?.acquire(Vec::new()).await };
         measure::measured!(measured(kind), self.name(), acquire)
+    }
+
+    async fn requeue(&self, kind: &'static str, holding: Holding) -> Result<Holding, Error> {
+        let requeue = async { self.line(kind)?.requeue(holding, Vec::new()).await };
+        measure::measured!(measured(kind), self.name(), requeue)
     }
 
     async fn try_acquire(&self, kind: &'static str) -> Result<Option<Holding>, Error> {
@@ -100,7 +103,10 @@ impl RwLock {
     /// Cancel-safe: dropping the future at any point leaves no key behind.
     #[tracing::instrument(name = "etcd_coord.rwlock.read", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn read(&self) -> Result<RwLockReadGuard, Error> {
-        Ok(RwLockReadGuard::from_holding(self.acquire(READER).await?))
+        Ok(RwLockReadGuard::from_holding(
+            self.acquire(READER).await?,
+            self.clone(),
+        ))
     }
 
     /// Waits for exclusive (write) access.
@@ -112,7 +118,10 @@ impl RwLock {
     /// Cancel-safe, as [`read()`](Self::read).
     #[tracing::instrument(name = "etcd_coord.rwlock.write", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn write(&self) -> Result<RwLockWriteGuard, Error> {
-        Ok(RwLockWriteGuard::from_holding(self.acquire(WRITER).await?))
+        Ok(RwLockWriteGuard::from_holding(
+            self.acquire(WRITER).await?,
+            self.clone(),
+        ))
     }
 
     /// Takes shared access if no writer holds or waits, in one round trip; else `None`
@@ -128,7 +137,7 @@ impl RwLock {
         Ok(self
             .try_acquire(READER)
             .await?
-            .map(RwLockReadGuard::from_holding))
+            .map(|holding| RwLockReadGuard::from_holding(holding, self.clone())))
     }
 
     /// Takes exclusive access if nobody holds or waits, in one round trip; else `None`
@@ -144,7 +153,7 @@ impl RwLock {
         Ok(self
             .try_acquire(WRITER)
             .await?
-            .map(RwLockWriteGuard::from_holding))
+            .map(|holding| RwLockWriteGuard::from_holding(holding, self.clone())))
     }
 
     /// Who holds the lock now, oldest first: one writer, or the readers ahead of the first
@@ -212,7 +221,7 @@ impl RwLock {
         fencing_token: i64,
     ) -> Result<RwLockReadGuard, Error> {
         let holding = self.resume(READER, key, fencing_token).await?;
-        Ok(RwLockReadGuard::from_holding(holding))
+        Ok(RwLockReadGuard::from_holding(holding, self.clone()))
     }
 
     /// Takes back the exclusive access (or the place in line) that an earlier process held
@@ -236,7 +245,7 @@ impl RwLock {
         fencing_token: i64,
     ) -> Result<RwLockWriteGuard, Error> {
         let holding = self.resume(WRITER, key, fencing_token).await?;
-        Ok(RwLockWriteGuard::from_holding(holding))
+        Ok(RwLockWriteGuard::from_holding(holding, self.clone()))
     }
 }
 
@@ -253,7 +262,31 @@ holding_guard! {
     /// Shared access to an [`RwLock`]. Releases when dropped (in the background) or with
     /// [`release()`](Self::release); dereferences to its [`Fence`].
     #[must_use = "dropping an RwLockReadGuard releases it at once"]
-    pub struct RwLockReadGuard;
+    pub struct RwLockReadGuard {
+        rwlock: RwLock,
+    };
+}
+
+impl RwLockReadGuard {
+    /// Releases this shared access and lines up for it again, in one write — as
+    /// [`MutexGuard::requeue`](crate::MutexGuard::requeue) does for a mutex: whoever is in line
+    /// goes first (a writer waiting behind this reader gets in once the other readers ahead
+    /// of it are gone), and the returned guard reads once no writer is ahead of it.
+    ///
+    /// # Errors
+    /// As [`MutexGuard::requeue`](crate::MutexGuard::requeue): [`Error::LockLost`] for this
+    /// guard's key if it was lost before the call (nothing is queued); afterwards as
+    /// [`RwLock::read`]. Whatever the outcome, this guard's access is released.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`MutexGuard::requeue`](crate::MutexGuard::requeue): no key is left
+    /// behind at any point.
+    #[tracing::instrument(name = "etcd_coord.rwlock.requeue_read", skip_all, fields(name = %self.rwlock.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    pub async fn requeue(self) -> Result<RwLockReadGuard, Error> {
+        let RwLockReadGuard { holding, rwlock } = self;
+        let holding = rwlock.requeue(READER, holding).await?;
+        Ok(RwLockReadGuard::from_holding(holding, rwlock))
+    }
 }
 
 holding_guard! {
@@ -261,5 +294,43 @@ holding_guard! {
     /// [`release()`](Self::release); dereferences to its [`Fence`], whose
     /// [`fencing_token()`](Fence::fencing_token) strictly increases across writers.
     #[must_use = "dropping an RwLockWriteGuard releases it at once"]
-    pub struct RwLockWriteGuard;
+    pub struct RwLockWriteGuard {
+        rwlock: RwLock,
+    };
+}
+
+impl RwLockWriteGuard {
+    /// Releases this exclusive access and lines up for it again, in one write — as
+    /// [`MutexGuard::requeue`](crate::MutexGuard::requeue) does for a mutex: every reader and
+    /// writer already in line goes first, and the returned guard writes after them, with a
+    /// larger [`fencing_token()`](Fence::fencing_token).
+    ///
+    /// # Errors
+    /// As [`MutexGuard::requeue`](crate::MutexGuard::requeue): [`Error::LockLost`] for this
+    /// guard's key if it was lost before the call (nothing is queued); afterwards as
+    /// [`RwLock::write`]. Whatever the outcome, this guard's access is released.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`MutexGuard::requeue`](crate::MutexGuard::requeue): no key is left
+    /// behind at any point.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::RwLock;
+    ///
+    /// let mut writing = RwLock::new(&session, "locks/config").write().await?;
+    /// for round in 0..3 {
+    ///     println!("round {round} writes under token {}", writing.fencing_token());
+    ///     writing = writing.requeue().await?; // readers and writers in line go first
+    /// }
+    /// writing.release().await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(name = "etcd_coord.rwlock.requeue_write", skip_all, fields(name = %self.rwlock.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    pub async fn requeue(self) -> Result<RwLockWriteGuard, Error> {
+        let RwLockWriteGuard { holding, rwlock } = self;
+        let holding = rwlock.requeue(WRITER, holding).await?;
+        Ok(RwLockWriteGuard::from_holding(holding, rwlock))
+    }
 }

@@ -931,3 +931,63 @@ async fn a_selectors_view_of_the_leader_follows_a_revision_that_deletes_several_
     );
     run.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_leadership_lets_the_next_candidate_lead_then_leads_again_with_its_value() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("requeue-leader");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let election = Election::new(&a, &name);
+    let term = election.campaign("a-1").await.unwrap();
+    let (old_key, old_token) = (term.key().to_owned(), term.fencing_token());
+    let other = Election::new(&b, &name);
+    let next = tokio::spawn(async move { other.campaign("b").await.unwrap() });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members_under(&observer, &name).await.len() == 2
+        })
+        .await
+    );
+    let requeue = tokio::spawn(term.requeue("a-2"));
+    let b_term = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("the next candidate leads")
+        .unwrap();
+    assert_eq!(
+        election.leader().await.unwrap().unwrap().value_str(),
+        Some("b")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !requeue.is_finished(),
+        "led again while the next candidate led"
+    );
+    let b_token = b_term.fencing_token();
+    b_term.release().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(5), requeue)
+        .await
+        .expect("leads again once the next candidate resigned")
+        .unwrap()
+        .unwrap();
+    assert!(old_token < b_token && b_token < again.fencing_token());
+    assert_eq!(
+        election.leader().await.unwrap().unwrap().value_str(),
+        Some("a-2")
+    );
+    assert_eq!(
+        deletion_revision(&observer, &old_key, old_token).await,
+        again.fencing_token(),
+        "the resignation and the new candidacy were separate writes"
+    );
+    // After a resign there is nothing to release: a requeue is a campaign.
+    let mut resigned = again;
+    resigned.resign().await.unwrap();
+    let fresh = resigned.requeue("a-3").await.unwrap();
+    assert_eq!(
+        members_under(&observer, &name).await,
+        vec![fresh.key().to_owned()]
+    );
+    fresh.release().await.unwrap();
+}

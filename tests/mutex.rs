@@ -1281,28 +1281,7 @@ async fn requeue_releases_and_enqueues_in_one_write() {
         vec![again.key().to_owned()]
     );
     // The old key's deletion and the new key's creation share one revision: one Txn.
-    let mut events = observer
-        .clone()
-        .watch(
-            old_key.as_str(),
-            Some(WatchOptions::new().with_start_revision(old_token + 1)),
-        )
-        .await
-        .unwrap();
-    let deleted_at = loop {
-        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
-            .await
-            .expect("the old key's deletion")
-            .unwrap()
-            .expect("watch open");
-        if let Some(e) = resp
-            .events()
-            .iter()
-            .find(|e| e.event_type() == EventType::Delete)
-        {
-            break e.kv().unwrap().mod_revision();
-        }
-    };
+    let deleted_at = deletion_revision(&observer, &old_key, old_token).await;
     assert_eq!(
         deleted_at,
         again.fencing_token(),

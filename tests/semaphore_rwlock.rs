@@ -711,3 +711,110 @@ async fn rwlock_holders_are_the_readers_ahead_of_the_first_writer_or_one_writer(
         .unwrap();
     assert_eq!(keys(lock.holders().await.unwrap()), vec![r3.key()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_requeue_lets_the_reader_and_writer_in_line_through_first_in_one_write() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("rw-requeue-write");
+    let a = session(&etcd, 30).await;
+    let writing = RwLock::new(&a, &name).write().await.unwrap();
+    let (old_key, old_token) = (writing.key().to_owned(), writing.fencing_token());
+    let order = Arc::new(StdMutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for (i, who) in ["reader", "writer"].into_iter().enumerate() {
+        let s = session(&etcd, 30).await;
+        let (rw, order) = (RwLock::new(&s, &name), Arc::clone(&order));
+        waiters.push(tokio::spawn(async move {
+            // Each holds 50 ms, its acquisition recorded while it holds.
+            if who == "reader" {
+                let g = rw.read().await.unwrap();
+                order.lock().unwrap().push((who, g.fencing_token()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                g.release().await.unwrap();
+            } else {
+                let g = rw.write().await.unwrap();
+                order.lock().unwrap().push((who, g.fencing_token()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                g.release().await.unwrap();
+            }
+            let _ = s;
+        }));
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                members_under(&observer, &format!("{name}/#rwlock"))
+                    .await
+                    .len()
+                    == i + 2
+            })
+            .await
+        );
+    }
+    let again = writing.requeue().await.unwrap();
+    order
+        .lock()
+        .unwrap()
+        .push(("requeued", again.fencing_token()));
+    for w in waiters {
+        w.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.iter().map(|(who, _)| *who).collect::<Vec<_>>(),
+        ["reader", "writer", "requeued"],
+        "{order:?}"
+    );
+    assert!(order.windows(2).all(|w| w[0].1 < w[1].1), "{order:?}");
+    assert_eq!(
+        deletion_revision(&observer, &old_key, old_token).await,
+        again.fencing_token(),
+        "the release and the new enqueue were separate writes"
+    );
+    // Still a writer: it excludes readers.
+    let c = session(&etcd, 30).await;
+    assert!(RwLock::new(&c, &name).try_read().await.unwrap().is_none());
+    again.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_requeue_lets_the_waiting_writer_in_first() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("rw-requeue-read");
+    let a = session(&etcd, 30).await;
+    let b = session(&etcd, 30).await;
+    let reading = RwLock::new(&a, &name).read().await.unwrap();
+    let rw = RwLock::new(&b, &name);
+    let writer = tokio::spawn(async move { rw.write().await.unwrap() });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members_under(&observer, &format!("{name}/#rwlock"))
+                .await
+                .len()
+                == 2
+        })
+        .await
+    );
+    let requeue = tokio::spawn(reading.requeue());
+    let writing = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .expect("the writer gets in")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!requeue.is_finished(), "read again while the writer held");
+    let token = writing.fencing_token();
+    writing.release().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(5), requeue)
+        .await
+        .expect("reads again once the writer let go")
+        .unwrap()
+        .unwrap();
+    assert!(
+        again.fencing_token() > token,
+        "the new reader key is not behind the writer's"
+    );
+    // Still a reader: another reader shares it.
+    let other = RwLock::new(&b, &name).try_read().await.unwrap();
+    assert!(other.is_some(), "the requeued reader excludes readers");
+    again.release().await.unwrap();
+}

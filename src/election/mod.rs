@@ -135,7 +135,7 @@ impl Election {
         let value = value.into();
         let acquire = async { self.line()?.acquire(value).await };
         let holding = measure::measured!(AcquisitionKind::Election, self.name(), acquire)?;
-        Ok(Leadership::from_holding(holding))
+        Ok(Leadership::from_holding(holding, self.clone()))
     }
 
     /// Takes back the leadership (or the candidacy) that an earlier process held under this
@@ -162,7 +162,7 @@ impl Election {
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<Leadership, Error> {
         let adopt = async { self.line()?.adopt(key, fencing_token).await };
         let holding = measure::measured!(AcquisitionKind::Election, self.name(), adopt)?;
-        Ok(Leadership::from_holding(holding))
+        Ok(Leadership::from_holding(holding, self.clone()))
     }
 
     /// A candidate's place: the mutex's queue (one permit, every member directly under the
@@ -226,7 +226,9 @@ holding_guard! {
     /// [`session()`](Fence::session). As with [`MutexGuard`](crate::MutexGuard), leading does not by
     /// itself make writes elsewhere safe: fence them, or pass the fencing token.
     #[must_use = "dropping a Leadership resigns at once"]
-    pub struct Leadership;
+    pub struct Leadership {
+        election: Election,
+    };
 }
 
 impl Leadership {
@@ -269,5 +271,46 @@ impl Leadership {
         self.holding.release().await?;
         self.holding.fence().held().ended();
         Ok(())
+    }
+
+    /// Resigns and campaigns again with `value`, in one write — as
+    /// [`MutexGuard::requeue`](crate::MutexGuard::requeue) does for a mutex: the resignation
+    /// and the new candidacy go to etcd in one Txn, the candidates already queued lead first,
+    /// in their order (the first of them from the Txn's revision on), and the returned
+    /// leadership begins once they have resigned, with a larger
+    /// [`fencing_token()`](Fence::fencing_token). With no other candidate it leads again at
+    /// once. After a successful [`resign()`](Self::resign) it is a plain
+    /// [`campaign()`](Election::campaign).
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] for this leadership's key if it was lost before the call (nothing is
+    /// queued); afterwards as [`campaign()`](Election::campaign). Whatever the outcome, this
+    /// leadership is resigned.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`MutexGuard::requeue`](crate::MutexGuard::requeue): dropped at any
+    /// point, the leadership is resigned (in the background if need be) and no candidate key
+    /// is left behind.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::Election;
+    ///
+    /// // Candidates take turns leading for one shift each.
+    /// let mut term = Election::new(&session, "shifts/on-call").campaign("host-a").await?;
+    /// for shift in 0..3 {
+    ///     println!("shift {shift} led under token {}", term.fencing_token());
+    ///     term = term.requeue("host-a").await?; // the next candidate leads, then us again
+    /// }
+    /// term.release().await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(name = "etcd_coord.election.requeue", skip_all, fields(name = %self.election.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    pub async fn requeue(self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
+        let (value, Leadership { holding, election }) = (value.into(), self);
+        let requeue = async { election.line()?.requeue(holding, value).await };
+        let holding = measure::measured!(AcquisitionKind::Election, election.name(), requeue)?;
+        Ok(Leadership::from_holding(holding, election))
     }
 }

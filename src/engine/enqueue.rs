@@ -64,6 +64,8 @@ pub(super) async fn enqueue_releasing(
     reads: Vec<TxnOp>,
     releasing: Option<Holding>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
+    // A holding released already (a resigned leadership) has nothing to merge.
+    let releasing = releasing.filter(|holding| !holding.is_released());
     let merged = match &releasing {
         Some(holding) => match holding.requeueable() {
             Some(((held, create_revision), announces)) => {

@@ -139,10 +139,15 @@ impl Holding {
 
     /// What a release merged with a new enqueue needs ([`keys::requeue_txn`]): the key, its
     /// create revision and whether its release announces it — `None` if the holding has a
-    /// release Txn of its own, or was released already.
+    /// release Txn of its own.
     pub(crate) fn requeueable(&self) -> Option<((&str, i64), bool)> {
-        let announces = self.announces.filter(|_| self.released_at.is_none())?;
+        let announces = self.announces?;
         Some(((&self.fence.key, self.fence.create_revision), announces))
+    }
+
+    /// Whether etcd confirmed the release (nothing is left to release).
+    pub(crate) fn is_released(&self) -> bool {
+        self.released_at.is_some()
     }
 
     pub(crate) fn fence(&self) -> &Fence {

@@ -426,3 +426,30 @@ pub async fn step<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
         }
     }
 }
+
+/// The revision at which `key` (created at `create_revision`) was deleted: from a watch of
+/// the key from the revision after its creation (waits up to 5 s for the deletion).
+pub async fn deletion_revision(client: &Client, key: &str, create_revision: i64) -> i64 {
+    let mut events = client
+        .clone()
+        .watch(
+            key,
+            Some(etcd_client::WatchOptions::new().with_start_revision(create_revision + 1)),
+        )
+        .await
+        .expect("watch");
+    loop {
+        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("the key's deletion within 5 s")
+            .expect("watch stream")
+            .expect("watch open");
+        if let Some(e) = resp
+            .events()
+            .iter()
+            .find(|e| e.event_type() == etcd_client::EventType::Delete)
+        {
+            return e.kv().expect("deleted key").mod_revision();
+        }
+    }
+}
