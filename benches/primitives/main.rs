@@ -19,9 +19,10 @@
 //!   latency = lock + release.
 //! - `mutex-contended`: N clients on one mutex, M acquisitions; latency = lock() wait;
 //!   hand-off = previous holder's release start → next lock() return. `--requeue` (ours
-//!   only): each client locks once, then takes every next turn with `MutexGuard::requeue`
-//!   (the release and the next enqueue in one Txn); latency = requeue() call → return (its
-//!   release included), hand-off = previous holder's requeue start → next return.
+//!   only; also for `election-handoff` and `rwlock-contended`): each client acquires once,
+//!   then takes every next turn with its guard's `requeue()` (the release and the next
+//!   enqueue in one Txn); latency = requeue() call → return (its release included),
+//!   hand-off = previous holder's requeue start → next return.
 //! - `election-handoff`: N candidates, the winner resigns at once; M wins; latency =
 //!   campaign() wait; hand-off = resign start → next campaign() return.
 //! - `session-create`: M session create + close cycles over N clients.
@@ -167,8 +168,9 @@ fn parse_args() -> Result<Args, String> {
     if a.clients == 0 || a.ops == 0 {
         return Err("--clients and --ops must be >= 1".into());
     }
-    if a.requeue && a.mode != "mutex-contended" {
-        return Err("--requeue is a mode of mutex-contended".into());
+    let requeues = ["mutex-contended", "election-handoff", "rwlock-contended"];
+    if a.requeue && !requeues.contains(&a.mode.as_str()) {
+        return Err(format!("--requeue is for {}", requeues.join(", ")));
     }
     if a.conns == 0 || a.conns > a.clients {
         a.conns = a.clients;

@@ -99,33 +99,6 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                 }));
             }
         }
-        "mutex-contended" if a.requeue => {
-            for s in &sessions {
-                let m = Mutex::new(s, format!("{prefix}/lock"));
-                let (claim, clock) = (claim.clone(), Arc::clone(&clock));
-                tasks.push(tokio::spawn(async move {
-                    let (mut lats, mut hands) = (Vec::new(), Vec::new());
-                    if !claim() {
-                        return Ok((lats, hands));
-                    }
-                    let mut t = Instant::now();
-                    let mut held = m.lock().await.map_err(boxed)?;
-                    loop {
-                        let at = Instant::now();
-                        lats.push(at - t);
-                        hands.extend(clock.acquired(at));
-                        clock.releasing();
-                        if !claim() {
-                            break;
-                        }
-                        t = Instant::now();
-                        held = held.requeue().await.map_err(boxed)?;
-                    }
-                    held.release().await.map_err(boxed)?;
-                    Ok((lats, hands))
-                }));
-            }
-        }
         "mutex-contended" | "election-handoff" | "semaphore-contended" | "rwlock-contended" => {
             let mode = a.mode.clone();
             let permits = if mode == "semaphore-contended" {
@@ -139,19 +112,27 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                 let sem = Semaphore::new(s, format!("{prefix}/semaphore"), permits);
                 let rw = RwLock::new(s, format!("{prefix}/rwlock"));
                 let (claim, clock, mode) = (claim.clone(), Arc::clone(&clock), mode.clone());
+                let requeue = a.requeue;
                 tasks.push(tokio::spawn(async move {
                     let (mut lats, mut hands) = (Vec::new(), Vec::new());
+                    // With --requeue the guard held is taken into the next turn.
+                    let mut kept: Option<Guard> = None;
                     while claim() {
                         let t = Instant::now();
-                        let held = match mode.as_str() {
-                            "election-handoff" => Guard::Leader(
-                                e.campaign(format!("candidate-{i}")).await.map_err(boxed)?,
-                            ),
-                            "semaphore-contended" => {
-                                Guard::Permit(sem.acquire().await.map_err(boxed)?)
-                            }
-                            "rwlock-contended" => Guard::Write(rw.write().await.map_err(boxed)?),
-                            _ => Guard::Lock(m.lock().await.map_err(boxed)?),
+                        let held = match kept.take() {
+                            Some(held) => held.requeue(i).await.map_err(boxed)?,
+                            None => match mode.as_str() {
+                                "election-handoff" => Guard::Leader(
+                                    e.campaign(format!("candidate-{i}")).await.map_err(boxed)?,
+                                ),
+                                "semaphore-contended" => {
+                                    Guard::Permit(sem.acquire().await.map_err(boxed)?)
+                                }
+                                "rwlock-contended" => {
+                                    Guard::Write(rw.write().await.map_err(boxed)?)
+                                }
+                                _ => Guard::Lock(m.lock().await.map_err(boxed)?),
+                            },
                         };
                         let at = Instant::now();
                         lats.push(at - t);
@@ -159,6 +140,13 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                         // are held: the clock then measures release → next acquisition too.
                         hands.extend(clock.acquired(at));
                         clock.releasing();
+                        if requeue {
+                            kept = Some(held);
+                        } else {
+                            held.release().await.map_err(boxed)?;
+                        }
+                    }
+                    if let Some(held) = kept {
                         held.release().await.map_err(boxed)?;
                     }
                     Ok((lats, hands))
@@ -233,6 +221,16 @@ enum Guard {
 }
 
 impl Guard {
+    /// Releases and takes the next turn in one write (candidate `i` campaigns again as itself).
+    async fn requeue(self, i: usize) -> Result<Guard, etcd_coord::Error> {
+        Ok(match self {
+            Guard::Lock(g) => Guard::Lock(g.requeue().await?),
+            Guard::Leader(g) => Guard::Leader(g.requeue(format!("candidate-{i}")).await?),
+            Guard::Permit(_) => unreachable!("--requeue is refused for semaphore-contended"),
+            Guard::Write(g) => Guard::Write(g.requeue().await?),
+        })
+    }
+
     async fn release(self) -> Result<(), etcd_coord::Error> {
         match self {
             Guard::Lock(g) => g.release().await,
