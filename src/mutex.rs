@@ -250,7 +250,7 @@ impl MutexGuard {
     /// guard.release().await?;
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(name = "etcd_coord.mutex.requeue", skip_all, fields(name = %self.mutex.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    #[tracing::instrument(name = "etcd_coord.mutex.requeue", skip_all, fields(name = %self.mutex.name(), lease = %format_args!("{:x}", self.session().lease_id()), released_token = self.fencing_token(), fencing_token = tracing::field::Empty))]
     pub async fn requeue(self) -> Result<MutexGuard, Error> {
         let MutexGuard { holding, mutex } = self;
         let requeue = async { mutex.line()?.requeue(holding, Vec::new()).await };

@@ -281,7 +281,7 @@ impl RwLockReadGuard {
     /// # Cancel safety
     /// Cancel-safe, as [`MutexGuard::requeue`](crate::MutexGuard::requeue): no key is left
     /// behind at any point.
-    #[tracing::instrument(name = "etcd_coord.rwlock.requeue_read", skip_all, fields(name = %self.rwlock.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    #[tracing::instrument(name = "etcd_coord.rwlock.requeue_read", skip_all, fields(name = %self.rwlock.name(), lease = %format_args!("{:x}", self.session().lease_id()), released_token = self.fencing_token(), fencing_token = tracing::field::Empty))]
     pub async fn requeue(self) -> Result<RwLockReadGuard, Error> {
         let RwLockReadGuard { holding, rwlock } = self;
         let holding = rwlock.requeue(READER, holding).await?;
@@ -327,7 +327,7 @@ impl RwLockWriteGuard {
     /// writing.release().await?;
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(name = "etcd_coord.rwlock.requeue_write", skip_all, fields(name = %self.rwlock.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    #[tracing::instrument(name = "etcd_coord.rwlock.requeue_write", skip_all, fields(name = %self.rwlock.name(), lease = %format_args!("{:x}", self.session().lease_id()), released_token = self.fencing_token(), fencing_token = tracing::field::Empty))]
     pub async fn requeue(self) -> Result<RwLockWriteGuard, Error> {
         let RwLockWriteGuard { holding, rwlock } = self;
         let holding = rwlock.requeue(WRITER, holding).await?;

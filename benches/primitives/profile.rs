@@ -2,7 +2,8 @@
 //! `etcd_coord::handoff` (release sent / answered, waiter woken by the key ahead, re-read,
 //! through); a layer records them with their times, and after the run each hand-off is split
 //! into: the release's round trip (commit), the time until the next waiter hears of it (notify),
-//! its re-read, and what is left until it is through (decide, schedule).
+//! its re-read (if any), what is left until it is through (decide, schedule), and from there to
+//! its own release sent (the caller's hold and the release's set-up: `hold`).
 
 use std::sync::Mutex as StdMutex;
 use std::time::Instant;
@@ -81,6 +82,7 @@ pub(crate) fn phases() -> Vec<(&'static str, Value)> {
     let steps = STEPS.lock().unwrap().clone();
     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
     let (mut commit, mut notify, mut reread, mut through) = (vec![], vec![], vec![], vec![]);
+    let mut hold = vec![];
     for (i, sent) in steps.iter().enumerate() {
         if sent.what != "release sent" {
             continue;
@@ -92,7 +94,18 @@ pub(crate) fn phases() -> Vec<(&'static str, Value)> {
         {
             commit.push(ms(sent.at, done.at));
         }
-        let Some(woken) = rest.iter().find(|s| s.what == "woken" && s.key == sent.key) else {
+        // The waiter this release let in: of those it woke (a counting line wakes several),
+        // the first through after it.
+        let woken_by = |waiter: &str| {
+            rest.iter()
+                .find(|s| s.what == "woken" && s.key == sent.key && s.waiter == waiter)
+        };
+        let Some(woken) = rest
+            .iter()
+            .filter(|s| s.what == "through")
+            .find_map(|s| woken_by(&s.key))
+            .or_else(|| rest.iter().find(|s| s.what == "woken" && s.key == sent.key))
+        else {
             continue;
         };
         notify.push(ms(sent.at, woken.at));
@@ -100,10 +113,35 @@ pub(crate) fn phases() -> Vec<(&'static str, Value)> {
             .iter()
             .skip_while(|s| s.at < woken.at)
             .filter(|s| s.key == woken.waiter);
-        if let Some(read) = after.clone().find(|s| s.what == "re-read") {
-            reread.push(ms(woken.at, read.at));
-            if let Some(done) = after.find(|s| s.what == "through" && s.at >= read.at) {
-                through.push(ms(read.at, done.at));
+        let done = match after
+            .clone()
+            .find(|s| s.what == "re-read" || s.what == "through")
+        {
+            Some(read) if read.what == "re-read" => {
+                reread.push(ms(woken.at, read.at));
+                after
+                    .find(|s| s.what == "through" && s.at >= read.at)
+                    .map(|done| {
+                        through.push(ms(read.at, done.at));
+                        done
+                    })
+            }
+            // Through without a read (a counted or announced hand-off).
+            Some(done) => {
+                through.push(ms(woken.at, done.at));
+                Some(done)
+            }
+            None => None,
+        };
+        // From through to the new holder's own release: the caller's hold, and the set-up of
+        // its release (or requeue) until it is sent.
+        if let Some(done) = done {
+            let next = rest.iter().skip_while(|s| s.at < done.at);
+            if let Some(sent) = next
+                .filter(|s| s.key == woken.waiter)
+                .find(|s| s.what == "release sent")
+            {
+                hold.push(ms(done.at, sent.at));
             }
         }
     }
@@ -118,5 +156,6 @@ pub(crate) fn phases() -> Vec<(&'static str, Value)> {
         ("profile_notify_ms", median(notify)),
         ("profile_reread_ms", median(reread)),
         ("profile_through_ms", median(through)),
+        ("profile_hold_ms", median(hold)),
     ]
 }

@@ -306,7 +306,7 @@ impl Leadership {
     /// term.release().await?;
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(name = "etcd_coord.election.requeue", skip_all, fields(name = %self.election.name(), key = %self.key(), fencing_token = self.fencing_token()))]
+    #[tracing::instrument(name = "etcd_coord.election.requeue", skip_all, fields(name = %self.election.name(), lease = %format_args!("{:x}", self.session().lease_id()), released_token = self.fencing_token(), fencing_token = tracing::field::Empty))]
     pub async fn requeue(self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
         let (value, Leadership { holding, election }) = (value.into(), self);
         let requeue = async { election.line()?.requeue(holding, value).await };

@@ -98,7 +98,14 @@ pub(super) async fn enqueue_releasing(
                 ),
                 None => keys::enqueue_txn(&key, value.clone(), lease, reads.clone()),
             };
+            let held = merged.as_ref().map(|((held, _), _)| held.as_str());
+            if let Some(held) = held {
+                tracing::trace!(target: "etcd_coord::handoff", key = %held, "release sent");
+            }
             let put = Put::send(&session, txn).await?;
+            if let Some(held) = held {
+                tracing::trace!(target: "etcd_coord::handoff", key = %held, "release answered");
+            }
             let (revision, gets) = (put.revision, keys::txn_gets(&put.resp));
             if put.resp.succeeded() {
                 if let Some(holding) = releasing.as_mut() {
