@@ -1,5 +1,7 @@
 //! [`Mutex`]: a FIFO, fenced, cancel-safe distributed lock.
 
+use std::sync::Arc;
+
 use crate::engine::{holding_guard, inspect, measure, Holder, Line};
 use crate::keys::{Layout, Named};
 use crate::metrics::AcquisitionKind;
@@ -49,7 +51,9 @@ use crate::{Error, LeasedSession};
 #[derive(Debug, Clone)]
 pub struct Mutex {
     session: LeasedSession,
-    named: Named,
+    /// Shared by its clones and by the guards it hands out (each keeps its handle, to
+    /// `requeue()`).
+    named: Arc<Named>,
 }
 
 impl Mutex {
@@ -58,7 +62,7 @@ impl Mutex {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Mutex {
         Mutex {
             session: session.clone(),
-            named: Named::new(name, Layout::Shared),
+            named: Arc::new(Named::new(name, Layout::Shared)),
         }
     }
 

@@ -1,5 +1,7 @@
 //! [`RwLock`]: readers share, writers exclude, FIFO with no writer starvation.
 
+use std::sync::Arc;
+
 use crate::engine::{holding_guard, inspect, measure, Blocker, Holder, Holding, Line};
 use crate::keys::{Layout, Named};
 use crate::metrics::AcquisitionKind;
@@ -39,7 +41,9 @@ const WRITER: &str = "w";
 #[derive(Debug, Clone)]
 pub struct RwLock {
     session: LeasedSession,
-    named: Named,
+    /// Shared by its clones and by the guards it hands out (each keeps its handle, to
+    /// `requeue()`).
+    named: Arc<Named>,
 }
 
 impl RwLock {
@@ -48,7 +52,7 @@ impl RwLock {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> RwLock {
         RwLock {
             session: session.clone(),
-            named: Named::new(name, Layout::Own(KIND)),
+            named: Arc::new(Named::new(name, Layout::Own(KIND))),
         }
     }
 

@@ -121,10 +121,7 @@ pub(crate) fn phases() -> Vec<(&'static str, Value)> {
                 reread.push(ms(woken.at, read.at));
                 after
                     .find(|s| s.what == "through" && s.at >= read.at)
-                    .map(|done| {
-                        through.push(ms(read.at, done.at));
-                        done
-                    })
+                    .inspect(|done| through.push(ms(read.at, done.at)))
             }
             // Through without a read (a counted or announced hand-off).
             Some(done) => {

@@ -2,6 +2,8 @@
 
 mod observe;
 
+use std::sync::Arc;
+
 use etcd_client::{KeyValue, PutOptions, TxnOp};
 use futures::Stream;
 
@@ -44,7 +46,9 @@ use observe::read_leader;
 #[derive(Debug, Clone)]
 pub struct Election {
     session: LeasedSession,
-    named: Named,
+    /// Shared by its clones and by the guards it hands out (each keeps its handle, to
+    /// `requeue()`).
+    named: Arc<Named>,
 }
 
 /// The leader of an election as etcd sees it.
@@ -108,7 +112,7 @@ impl Election {
     pub fn new(session: &LeasedSession, name: impl Into<String>) -> Election {
         Election {
             session: session.clone(),
-            named: Named::new(name, Layout::Shared),
+            named: Arc::new(Named::new(name, Layout::Shared)),
         }
     }
 
