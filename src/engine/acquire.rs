@@ -38,8 +38,9 @@ pub(crate) async fn acquire(
 /// through at the Txn's revision, as after a release.
 ///
 /// Cancel-safe like [`acquire`]: dropped before the Txn is sent, the holding is released by
-/// the session's task (it is dropped unreleased); after, the detached Txn's task keeps it
-/// until the answer and releases it so if the Txn did not.
+/// the session's task (it is dropped unreleased); after, the detached Txn keeps it until the
+/// answer (finished by a task of the session's if the caller is gone) and releases it so if
+/// the Txn did not.
 ///
 /// # Errors
 /// [`Error::LockLost`] for `holding`'s key if it was no longer ours (nothing is put); as

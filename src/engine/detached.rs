@@ -1,10 +1,10 @@
-//! Requests that may create a key, detached from their caller: dropping the caller at any
-//! point cannot strand the key.
+//! Requests that may create a key, finished whatever becomes of their caller: dropping the
+//! caller at any point cannot strand the key.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-
-use tokio::sync::oneshot;
+use std::task::{Context, Poll};
 
 use super::cleanup::Cleanup;
 use super::SessionKeys;
@@ -12,31 +12,60 @@ use crate::rpc::{unless_stopped, Unanswered};
 use crate::session::{PendingWork, Session};
 use crate::Error;
 
-/// The outcome of a detached request on its way to the caller. It owns the clean-up of
-/// whatever the request created: if it is dropped unread — the task could not deliver it, or
-/// the caller was cancelled after it was delivered but before it was read — the clean-up is
-/// handed to the session's task. It also keeps the session's pending-work count up until
-/// then, so `settled()` cannot miss it.
-struct Delivery<T> {
-    outcome: Option<Result<T, Error>>,
-    cleanup: Option<Cleanup>,
+/// What a detached request comes to: its outcome, and the clean-up of whatever it created
+/// unless the caller takes a successful outcome over.
+type Finished<T> = (Result<T, Unanswered>, Option<Cleanup>);
+
+/// A detached request, polled by its caller while the caller waits for it. If it is dropped
+/// unfinished — the caller was cancelled mid-request, or the session stopped — the rest of it
+/// runs in a task of the session's, which hands the clean-up of the outcome to the session's
+/// task: a request once begun is always finished, and never cancelled in flight. It keeps the
+/// session's pending-work count up until then, so `settled()` cannot miss it.
+struct Run<T: Send + 'static> {
     session: Arc<Session>,
-    _pending: PendingWork,
+    job: Option<Pin<Box<dyn Future<Output = Finished<T>> + Send>>>,
+    pending: Option<PendingWork>,
 }
 
-impl<T> Drop for Delivery<T> {
+impl<T: Send + 'static> Future for Run<T> {
+    type Output = Finished<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Finished<T>> {
+        let Some(job) = self.job.as_mut() else {
+            unreachable!("a detached request is awaited once");
+        };
+        let finished = std::task::ready!(job.as_mut().poll(cx));
+        self.job = None;
+        Poll::Ready(finished)
+    }
+}
+
+impl<T: Send + 'static> Drop for Run<T> {
     fn drop(&mut self) {
-        if let Some(job) = self.cleanup.take() {
-            self.session.clean_up(job);
+        let Some(job) = self.job.take() else {
+            return;
+        };
+        let (session, pending) = (Arc::clone(&self.session), self.pending.take());
+        // Outside a runtime (a caller dropped after its runtime shut down) nothing can finish
+        // the request: the key, if it landed, goes with the lease.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.session.spawn(async move {
+                let (_, cleanup) = job.await;
+                if let Some(job) = cleanup {
+                    session.clean_up(job);
+                }
+                drop(pending);
+            });
         }
     }
 }
 
-/// Runs `work` — a request that may create `key` — in a detached task, so that dropping the
-/// caller at any point cannot strand the key: unless the caller takes a successful outcome
-/// over, the clean-up `cleanup` makes of the outcome (for a failure: of what may have landed)
-/// is handed to the session's task. A caller that takes an `Ok` over must arm its own clean-up
-/// before its next await.
+/// Runs `work` — a request that may create `key` — so that dropping the caller at any point
+/// cannot strand the key: the caller polls it (no task hop on the way of an acquisition) and,
+/// if the caller is dropped first, a task of the session's finishes it. Unless the caller
+/// takes a successful outcome over, the clean-up `cleanup` makes of the outcome (for a
+/// failure: of what may have landed) is handed to the session's task. A caller that takes an
+/// `Ok` over must arm its own clean-up before its next await.
 pub(crate) async fn detached<T, W, C>(
     session: &Arc<Session>,
     work: W,
@@ -47,34 +76,23 @@ where
     W: Future<Output = Result<T, Unanswered>> + Send + 'static,
     C: FnOnce(&Result<T, Unanswered>) -> Option<Cleanup> + Send + 'static,
 {
-    let (tx, rx) = oneshot::channel::<Delivery<T>>();
-    let task_session = Arc::clone(session);
-    let pending = session.pending_work();
-    session.spawn(async move {
-        let outcome = work.await;
-        let cleanup = cleanup(&outcome);
-        let outcome = outcome.map_err(Error::from);
-        // If the caller is gone, the returned delivery is dropped here and cleans up.
-        let _ = tx.send(Delivery {
-            outcome: Some(outcome),
-            cleanup,
-            session: task_session,
-            _pending: pending,
-        });
-    });
-    let mut delivery = unless_stopped(&**session, async {
-        rx.await.map_err(|_| {
-            Error::Internal("a detached request's task ended without an answer".into())
-        })
-    })
-    .await?;
-    let outcome = delivery.outcome.take().unwrap_or_else(|| {
-        Err(Error::Internal(
-            "a detached request delivered nothing".into(),
-        ))
-    });
-    if outcome.is_ok() {
-        delivery.cleanup = None; // the caller takes over
+    let run = Run {
+        session: Arc::clone(session),
+        job: Some(Box::pin(async move {
+            let outcome = work.await;
+            let cleanup = cleanup(&outcome);
+            (outcome, cleanup)
+        })),
+        pending: Some(session.pending_work()),
+    };
+    let (outcome, cleanup) = unless_stopped(&**session, async { Ok(run.await) }).await?;
+    match outcome {
+        Ok(value) => Ok(value), // the caller takes over
+        Err(unanswered) => {
+            if let Some(job) = cleanup {
+                session.clean_up(job);
+            }
+            Err(unanswered.into())
+        }
     }
-    outcome
 }

@@ -1,7 +1,7 @@
-//! Putting member keys and exclusive names. Each put runs in a detached task
+//! Putting member keys and exclusive names. Each put is detached
 //! ([`detached`](super::detached::detached)), so a caller that drops its future mid-request can
-//! never strand a key: the task finishes the request and hands whatever landed to the
-//! session's clean-up. Failures that may succeed again are retried with the same key, so a lost
+//! never strand a key: a task of the session's then finishes the request and hands whatever
+//! landed to the session's clean-up. Failures that may succeed again are retried with the same key, so a lost
 //! response never creates a second waiter; an acquisition whose put was sent more than once
 //! has its late copies swept after it ends.
 
@@ -32,7 +32,7 @@ struct Enqueued {
 }
 
 /// Puts `key` (under the session's lease) unless it exists, running `reads` just before the
-/// put, in a detached task (see [`detached`]). Returns the armed ticket and, when this Txn
+/// put, detached (see [`detached`]). Returns the armed ticket and, when this Txn
 /// created the key, the snapshot of the reads (a retry that found the key already there must
 /// read afresh).
 pub(super) async fn enqueue(
@@ -47,7 +47,7 @@ pub(super) async fn enqueue(
 
 /// [`enqueue`], and with `releasing` (a holding of this session in the same queue, released by
 /// the default Txn: [`Holding::requeueable`]) its release in the same Txn
-/// ([`keys::requeue_txn`]): both happen or neither. The holding goes with the detached task:
+/// ([`keys::requeue_txn`]): both happen or neither. The holding goes with the detached request:
 /// it is marked released once etcd confirmed the Txn — or once a retry found `key` created on
 /// our lease, which the same Txn did — and otherwise released by the session's task as it is
 /// dropped, as any guard dropped unreleased.
@@ -220,7 +220,7 @@ pub(super) enum Attempt {
     Unsure,
 }
 
-/// Sends `txn()` — a put of `key` conditional on something — in a detached task (see
+/// Sends `txn()` — a put of `key` conditional on something — detached (see
 /// [`detached`]), after `before` (in that task), and turns the answer into an acquisition.
 /// When the put did not happen, `on_else` reads the else-branch `Get`s (at `revision`; the
 /// last argument says whether the put was sent more than once). `after(uncertain)` says what
