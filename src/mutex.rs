@@ -88,7 +88,7 @@ impl Mutex {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping the future at any await point leaves no waiter key behind. A
-    /// request in flight is finished by a short task of the session's, and any key it created is
+    /// request in flight is finished by the session's background task, and any key it created is
     /// deleted by the session's background task (fenced on the key's create revision).
     #[tracing::instrument(name = "etcd_coord.mutex.lock", skip_all, fields(name = %self.name(), lease = %format_args!("{:x}", self.session.lease_id()), fencing_token = tracing::field::Empty))]
     pub async fn lock(&self) -> Result<MutexGuard, Error> {
@@ -227,7 +227,7 @@ impl MutexGuard {
     ///
     /// For a loop of turns that lets every waiter in between:
     /// `guard = guard.requeue().await?` where a loop of `guard.release()` and `lock()` would
-    /// be. Go's `concurrency.Mutex` and `etcdctl lock` waiters are served the same way.
+    /// be. Waiters of `etcdctl lock` (Go's `concurrency.Mutex`) are served the same way.
     ///
     /// # Errors
     /// [`Error::LockLost`] for this guard's key if it was lost before the call (gone or taken
@@ -236,8 +236,8 @@ impl MutexGuard {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropped before the Txn is sent, the lock is released by the session's task,
-    /// as for a dropped guard; dropped while the Txn is in flight, a short task of the
-    /// session's finishes it and hands whatever is still held or queued to the session's task; dropped
+    /// as for a dropped guard; dropped while the Txn is in flight, the session's
+    /// background task finishes it and hands whatever is still held or queued to the session's task; dropped
     /// while waiting, the new waiter's key is deleted as for a cancelled
     /// [`lock()`](Mutex::lock). No key is left behind at any point.
     ///

@@ -991,3 +991,43 @@ async fn a_requeued_leadership_lets_the_next_candidate_lead_then_leads_again_wit
     );
     fresh.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_after_a_resign_without_an_answer_finishes_it_and_campaigns() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let name = unique("requeue-after-lost-resign");
+    let a = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let election = Election::new(&a, &name);
+    let mut term = election.campaign("first").await.unwrap();
+    proxy.drop_responses();
+    let resigned = term.resign().await;
+    assert!(
+        resigned.is_err(),
+        "resigned without an answer: {resigned:?}"
+    );
+    // The resignation landed: the key is gone by our own hand, not lost.
+    assert!(members_under(&observer, &name).await.is_empty());
+    proxy.heal();
+    proxy.reset_peer();
+    let again = tokio::time::timeout(Duration::from_secs(10), term.requeue("second"))
+        .await
+        .expect("the requeue returned")
+        .expect("a resignation of our own is no loss");
+    assert_eq!(
+        members_under(&observer, &name).await,
+        vec![again.key().to_owned()]
+    );
+    assert_eq!(
+        election.leader().await.unwrap().unwrap().value_str(),
+        Some("second")
+    );
+    again.release().await.unwrap();
+}

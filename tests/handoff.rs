@@ -389,3 +389,59 @@ async fn a_queue_longer_than_the_enqueue_page_is_served_in_order_one_at_a_time()
     }
     assert_eq!(order, (0..WAITERS).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_hands_off_as_a_release_does_without_a_read_both_ways() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    for path in BOTH {
+        let name = unique("requeue-handoff");
+        if path == Path::Announced {
+            pad_with_nested_keys(&observer, &name).await;
+        }
+        let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
+        let held = Mutex::new(&h, &name).lock().await.unwrap();
+        let (held_key, held_token) = (held.key().to_owned(), held.fencing_token());
+        let m = Mutex::new(&w, &name);
+        let waiting = tokio::spawn(async move { m.lock().await });
+        assert!(members_are(&observer, &name, 2).await);
+        pointers_settle(&observer, &name, path, 1).await;
+        // The waiter's pointer to the held key (announced path only).
+        let announced = pointers(&observer, &name).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = w.metrics();
+        let requeue = tokio::spawn(held.requeue());
+        let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("handed over")
+            .unwrap()
+            .unwrap();
+        let after = w.metrics();
+        assert_eq!(
+            after.txns - before.txns,
+            0,
+            "{path:?}: the waiter read again to take over: {before:?} → {after:?}"
+        );
+        let released_at = deletion_revision(&observer, &held_key, held_token).await;
+        for pointer in &announced {
+            assert_eq!(
+                deletion_revision(&observer, pointer, held_token).await,
+                released_at,
+                "{path:?}: the pointer to the held key went at another revision"
+            );
+        }
+        guard.release().await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(5), requeue)
+            .await
+            .expect("holds again once the waiter let go")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.fencing_token(), released_at, "{path:?}: two writes");
+        assert_eq!(
+            members(&observer, &name).await,
+            vec![again.key().to_owned()]
+        );
+        again.release().await.unwrap();
+        assert_eq!(pointers(&observer, &name).await, Vec::<String>::new());
+    }
+}

@@ -213,7 +213,11 @@ async fn a_requeue_lets_an_etcdctl_waiter_in_and_then_holds_again() {
     let script = "echo \"$ETCD_LOCK_KEY\"; sleep 0.5; date +%s%3N";
     let mut theirs = etcdctl(&etcd, &["lock", &name, "--", "sh", "-c", script]);
     keys_are(&observer, &format!("{name}/"), 2).await;
-    let requeue = tokio::spawn(ours.requeue());
+    // When it holds again, stamped as it returns.
+    let requeue = tokio::spawn(async move {
+        let again = ours.requeue().await;
+        (again, unix_ms())
+    });
     // etcdctl holds (it runs its command) while our new key waits behind its key.
     let their_key = theirs.line().await.trim().to_owned();
     let their_token = observer
@@ -227,14 +231,14 @@ async fn a_requeue_lets_an_etcdctl_waiter_in_and_then_holds_again() {
         .create_revision();
     assert!(!requeue.is_finished(), "held again while etcdctl held");
     let their_end: u64 = theirs.line().await.trim().parse().unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(10), requeue)
+    let (again, again_at) = tokio::time::timeout(Duration::from_secs(10), requeue)
         .await
         .expect("we hold again once etcdctl lets go")
-        .unwrap()
         .unwrap();
+    let again = again.unwrap();
     assert!(
-        unix_ms() >= their_end,
-        "held again before etcdctl's command ended"
+        again_at >= their_end,
+        "held again at {again_at}, before etcdctl's command ended at {their_end}"
     );
     assert!(
         first_token < their_token && their_token < again.fencing_token(),

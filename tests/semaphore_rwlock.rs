@@ -721,21 +721,29 @@ async fn a_write_requeue_lets_the_reader_and_writer_in_line_through_first_in_one
     let writing = RwLock::new(&a, &name).write().await.unwrap();
     let (old_key, old_token) = (writing.key().to_owned(), writing.fencing_token());
     let order = Arc::new(StdMutex::new(Vec::new()));
+    // Who holds now: a writer excludes everyone.
+    let inside = Arc::new(AtomicUsize::new(1));
     let mut waiters = Vec::new();
     for (i, who) in ["reader", "writer"].into_iter().enumerate() {
         let s = session(&etcd, 30).await;
         let (rw, order) = (RwLock::new(&s, &name), Arc::clone(&order));
+        let inside = Arc::clone(&inside);
         waiters.push(tokio::spawn(async move {
             // Each holds 50 ms, its acquisition recorded while it holds.
+            let shared = |n| assert_eq!(n, 0, "{who} got in while someone held");
             if who == "reader" {
                 let g = rw.read().await.unwrap();
+                shared(inside.fetch_add(1, Ordering::SeqCst));
                 order.lock().unwrap().push((who, g.fencing_token()));
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
                 g.release().await.unwrap();
             } else {
                 let g = rw.write().await.unwrap();
+                shared(inside.fetch_add(1, Ordering::SeqCst));
                 order.lock().unwrap().push((who, g.fencing_token()));
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
                 g.release().await.unwrap();
             }
             let _ = s;
@@ -750,7 +758,13 @@ async fn a_write_requeue_lets_the_reader_and_writer_in_line_through_first_in_one
             .await
         );
     }
+    inside.fetch_sub(1, Ordering::SeqCst); // about to release
     let again = writing.requeue().await.unwrap();
+    assert_eq!(
+        inside.fetch_add(1, Ordering::SeqCst),
+        0,
+        "wrote again while someone held"
+    );
     order
         .lock()
         .unwrap()

@@ -118,7 +118,8 @@ pub(crate) struct Args {
     fresh: bool,
     /// `relay-floor`: a second write per hop.
     pub(crate) extra_write: bool,
-    /// `mutex-contended`: each client takes its next turn with `MutexGuard::requeue`.
+    /// `mutex-contended`, `election-handoff`, `rwlock-contended`: each client takes its next
+    /// turn with its guard's `requeue()`.
     pub(crate) requeue: bool,
     permits: usize,
     accounts: usize,

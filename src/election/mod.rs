@@ -283,8 +283,10 @@ impl Leadership {
     /// in their order (the first of them from the Txn's revision on), and the returned
     /// leadership begins once they have resigned, with a larger
     /// [`fencing_token()`](Fence::fencing_token). With no other candidate it leads again at
-    /// once. After a successful [`resign()`](Self::resign) it is a plain
-    /// [`campaign()`](Election::campaign).
+    /// once. After a [`resign()`](Self::resign) that succeeded or reported
+    /// [`Error::LockLost`] (nothing is left to resign) it is a plain
+    /// [`campaign()`](Election::campaign); after one that failed without an answer, it first
+    /// finishes that resignation (a retry that finds the key gone succeeds), then campaigns.
     ///
     /// # Errors
     /// [`Error::LockLost`] for this leadership's key if it was lost before the call (nothing is

@@ -39,7 +39,7 @@ pub(crate) async fn acquire(
 ///
 /// Cancel-safe like [`acquire`]: dropped before the Txn is sent, the holding is released by
 /// the session's task (it is dropped unreleased); after, the detached Txn keeps it until the
-/// answer (finished by a task of the session's if the caller is gone) and releases it so if
+/// answer (finished by the session's task if the caller is gone) and releases it so if
 /// the Txn did not.
 ///
 /// # Errors
@@ -51,8 +51,14 @@ pub(crate) async fn requeue(
     kind: &str,
     blocker: Blocker,
     value: Vec<u8>,
-    holding: Holding,
+    mut holding: Holding,
 ) -> Result<Acquired, Error> {
+    // A release that went unanswered (a resign that timed out) may have deleted the key:
+    // finish it first, so that a key gone by our own hand is not taken for a lost one. The
+    // requeue is then a plain enqueue.
+    if holding.release_unconfirmed() {
+        holding.release().await?;
+    }
     enqueue_and_wait(leased, queue, kind, blocker, value, Some(holding)).await
 }
 

@@ -18,9 +18,11 @@ type Finished<T> = (Result<T, Unanswered>, Option<Cleanup>);
 
 /// A detached request, polled by its caller while the caller waits for it. If it is dropped
 /// unfinished — the caller was cancelled mid-request, or the session stopped — the rest of it
-/// runs in a task of the session's, which hands the clean-up of the outcome to the session's
-/// task: a request once begun is always finished, and never cancelled in flight. It keeps the
-/// session's pending-work count up until then, so `settled()` cannot miss it.
+/// is handed to the session's task, which finishes it and hands the clean-up of its outcome
+/// over too: a request the caller began is not cancelled by the caller's drop (the session's
+/// own end still stops it: the lease's end then removes what it was for). It keeps the
+/// session's pending-work count up until its clean-up, if any, is queued, so `settled()`
+/// cannot miss it.
 struct Run<T: Send + 'static> {
     session: Arc<Session>,
     job: Option<Pin<Box<dyn Future<Output = Finished<T>> + Send>>>,
@@ -28,15 +30,21 @@ struct Run<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> Future for Run<T> {
-    type Output = Finished<T>;
+    /// The outcome, and the pending work to drop once its clean-up is queued.
+    type Output = (Finished<T>, Option<PendingWork>);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Finished<T>> {
-        let Some(job) = self.job.as_mut() else {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Out of `self` while it is polled: a job that panics is not handed on by the drop.
+        let Some(mut job) = self.job.take() else {
             unreachable!("a detached request is awaited once");
         };
-        let finished = std::task::ready!(job.as_mut().poll(cx));
-        self.job = None;
-        Poll::Ready(finished)
+        match job.as_mut().poll(cx) {
+            Poll::Ready(finished) => Poll::Ready((finished, self.pending.take())),
+            Poll::Pending => {
+                self.job = Some(job);
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -46,23 +54,21 @@ impl<T: Send + 'static> Drop for Run<T> {
             return;
         };
         let (session, pending) = (Arc::clone(&self.session), self.pending.take());
-        // Outside a runtime (a caller dropped after its runtime shut down) nothing can finish
-        // the request: the key, if it landed, goes with the lease.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.session.spawn(async move {
-                let (_, cleanup) = job.await;
-                if let Some(job) = cleanup {
-                    session.clean_up(job);
-                }
-                drop(pending);
-            });
-        }
+        // Synchronous, and needs no runtime context: the session's task runs it.
+        self.session.submit(move |_| async move {
+            let (_, cleanup) = job.await;
+            if let Some(job) = cleanup {
+                session.clean_up(job);
+            }
+            drop(pending);
+            Ok(())
+        });
     }
 }
 
 /// Runs `work` — a request that may create `key` — so that dropping the caller at any point
 /// cannot strand the key: the caller polls it (no task hop on the way of an acquisition) and,
-/// if the caller is dropped first, a task of the session's finishes it. Unless the caller
+/// if the caller is dropped first, the session's task finishes it. Unless the caller
 /// takes a successful outcome over, the clean-up `cleanup` makes of the outcome (for a
 /// failure: of what may have landed) is handed to the session's task. A caller that takes an
 /// `Ok` over must arm its own clean-up before its next await.
@@ -85,8 +91,8 @@ where
         })),
         pending: Some(session.pending_work()),
     };
-    let (outcome, cleanup) = unless_stopped(&**session, async { Ok(run.await) }).await?;
-    match outcome {
+    let ((outcome, cleanup), pending) = unless_stopped(&**session, async { Ok(run.await) }).await?;
+    let result = match outcome {
         Ok(value) => Ok(value), // the caller takes over
         Err(unanswered) => {
             if let Some(job) = cleanup {
@@ -94,5 +100,7 @@ where
             }
             Err(unanswered.into())
         }
-    }
+    };
+    drop(pending); // after the clean-up is queued
+    result
 }

@@ -150,6 +150,12 @@ impl Holding {
         self.released_at.is_some()
     }
 
+    /// Whether a release attempt went unanswered and none was confirmed since: the key may
+    /// be gone by our own hand.
+    pub(crate) fn release_unconfirmed(&self) -> bool {
+        self.release_maybe_landed && self.released_at.is_none()
+    }
+
     pub(crate) fn fence(&self) -> &Fence {
         &self.fence
     }

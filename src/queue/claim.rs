@@ -23,7 +23,7 @@
 //! send at that moment (`rpc::batch`: each chain stays a Txn nested on its own; claims whose
 //! chains share a job go in different Txns). They are sent detached
 //! (`engine::detached`): a caller that drops its future mid-request never strands a claim —
-//! a task of the session's finishes the request, and whatever was won is released by the
+//! the session's task finishes the request, and whatever was won is released by the
 //! session's task. A
 //! retry after an unanswered attempt must find what that attempt may have claimed: its
 //! chains check each candidate's claim key for the attempt's unique value before going on
