@@ -1031,3 +1031,64 @@ async fn a_requeue_after_a_resign_without_an_answer_finishes_it_and_campaigns() 
     );
     again.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resign_dropped_after_it_was_sent_is_no_loss_for_the_next_resign_or_requeue() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let proxy = proxy(&etcd).await;
+    let a = session_via(
+        &proxy,
+        SessionOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(Duration::from_millis(2000)),
+    )
+    .await;
+    for requeue in [false, true] {
+        let name = unique("dropped-resign");
+        let election = Election::new(&a, &name);
+        let mut term = election.campaign("first").await.unwrap();
+        proxy.drop_responses();
+        // The resignation is sent and lands; its caller gives up before the answer.
+        let dropped = tokio::time::timeout(Duration::from_millis(300), term.resign()).await;
+        assert!(
+            dropped.is_err(),
+            "resign answered through a proxy that drops answers"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                members_under(&observer, &name).await.is_empty()
+            })
+            .await,
+            "the dropped resignation did not land"
+        );
+        proxy.heal();
+        proxy.reset_peer();
+        // The connection is back before the next attempt: a transport error on it would count
+        // as an unanswered attempt and hide what this test is about.
+        let kv = a.client().clone();
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let mut kv = kv.clone();
+                async move { kv.get("probe", None).await.is_ok() }
+            })
+            .await
+        );
+        if requeue {
+            let again = tokio::time::timeout(Duration::from_secs(10), term.requeue("second"))
+                .await
+                .expect("the requeue returned")
+                .expect("a resignation of our own is no loss");
+            assert_eq!(
+                election.leader().await.unwrap().unwrap().value_str(),
+                Some("second")
+            );
+            again.release().await.unwrap();
+        } else {
+            tokio::time::timeout(Duration::from_secs(10), term.resign())
+                .await
+                .expect("the resign returned")
+                .expect("a resignation of our own is no loss");
+        }
+    }
+}

@@ -112,7 +112,7 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                 let sem = Semaphore::new(s, format!("{prefix}/semaphore"), permits);
                 let rw = RwLock::new(s, format!("{prefix}/rwlock"));
                 let (claim, clock, mode) = (claim.clone(), Arc::clone(&clock), mode.clone());
-                let requeue = a.requeue;
+                let (requeue, profiling) = (a.requeue, a.profile);
                 tasks.push(tokio::spawn(async move {
                     let (mut lats, mut hands) = (Vec::new(), Vec::new());
                     // With --requeue the guard held is taken into the next turn.
@@ -136,6 +136,9 @@ pub(crate) async fn run(a: &Args, clients: &[Client]) -> Result<Run, Box<dyn std
                         };
                         let at = Instant::now();
                         lats.push(at - t);
+                        if profiling {
+                            crate::profile::waited(t, at, held.key());
+                        }
                         // With several permits a release hands off to a waiter only while all
                         // are held: the clock then measures release → next acquisition too.
                         hands.extend(clock.acquired(at));
@@ -221,6 +224,15 @@ enum Guard {
 }
 
 impl Guard {
+    fn key(&self) -> &str {
+        match self {
+            Guard::Lock(g) => g.key(),
+            Guard::Leader(g) => g.key(),
+            Guard::Permit(g) => g.key(),
+            Guard::Write(g) => g.key(),
+        }
+    }
+
     /// Releases and takes the next turn in one write (candidate `i` campaigns again as itself).
     async fn requeue(self, i: usize) -> Result<Guard, etcd_coord::Error> {
         Ok(match self {

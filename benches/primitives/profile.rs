@@ -75,11 +75,39 @@ impl<S: tracing::Subscriber> Layer<S> for Recorder {
 /// Forgets what was recorded so far (the set-up's steps).
 pub(crate) fn reset() {
     STEPS.lock().unwrap().clear();
+    SLOW.lock().unwrap().clear();
+}
+
+/// Acquisitions that waited longer than [`SLOW_MS`]: when the wait began and ended, and the key.
+static SLOW: StdMutex<Vec<(Instant, Instant, String)>> = StdMutex::new(Vec::new());
+
+/// A wait this long is printed with the hand-off steps recorded during it.
+const SLOW_MS: u128 = 40;
+
+/// Notes an acquisition of `key` that waited from `from` to `to`, if it was slow (`--profile`
+/// only).
+pub(crate) fn waited(from: Instant, to: Instant, key: &str) {
+    if to.duration_since(from).as_millis() >= SLOW_MS {
+        SLOW.lock().unwrap().push((from, to, key.to_owned()));
+    }
+}
+
+/// Prints (to stderr) the first few slow waits with the hand-off steps recorded while each
+/// lasted, times in ms from its start.
+fn print_slow(steps: &[Step]) {
+    for (from, to, key) in SLOW.lock().unwrap().iter().take(5) {
+        let ms = |at: Instant| at.duration_since(*from).as_secs_f64() * 1000.0;
+        eprintln!("slow wait of {key}: {:.1} ms", ms(*to));
+        for s in steps.iter().filter(|s| s.at >= *from && s.at <= *to) {
+            eprintln!("  {:8.3} {} {} {}", ms(s.at), s.what, s.key, s.waiter);
+        }
+    }
 }
 
 /// The medians (ms) of each phase over the hand-offs recorded since [`reset`].
 pub(crate) fn phases() -> Vec<(&'static str, Value)> {
     let steps = STEPS.lock().unwrap().clone();
+    print_slow(&steps);
     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
     let (mut commit, mut notify, mut reread, mut through) = (vec![], vec![], vec![], vec![]);
     let mut hold = vec![];

@@ -268,8 +268,10 @@ impl Leadership {
     /// been lost); request errors after retries.
     ///
     /// # Cancel safety
-    /// Dropping the future leaves the leadership as it was; dropping the leadership then
-    /// resigns in the background.
+    /// Dropping the future leaves the leadership as it was — but for the attempt it may have
+    /// sent, which can still land: a later `resign()` (or [`requeue`](Self::requeue)) that
+    /// finds the key gone then counts it as this resignation, not as a loss. Dropping the
+    /// leadership then resigns in the background.
     #[tracing::instrument(name = "etcd_coord.election.resign", skip_all, fields(key = %self.key(), lease = %format_args!("{:x}", self.session().lease_id()), fencing_token = self.fencing_token()))]
     pub async fn resign(&mut self) -> Result<(), Error> {
         self.holding.release().await?;

@@ -86,6 +86,10 @@ pub(crate) struct Holding {
     /// A release attempt went unanswered: it may have deleted the key. A later attempt that
     /// finds the key gone is then the same release, not a loss.
     release_maybe_landed: bool,
+    /// A release attempt was sent and its answer not yet read: if the future that sent it was
+    /// dropped meanwhile, it may have landed all the same (the next attempt counts it as
+    /// unanswered).
+    release_in_flight: bool,
     /// What to do once the release is answered: sweep the late copies of a put sent more
     /// than once, or give the key's number back.
     after: Afterwards,
@@ -132,6 +136,7 @@ impl Holding {
             },
             released_at: None,
             release_maybe_landed: false,
+            release_in_flight: false,
             after: acquired.after,
             announces: None,
         }
@@ -153,7 +158,7 @@ impl Holding {
     /// Whether a release attempt went unanswered and none was confirmed since: the key may
     /// be gone by our own hand.
     pub(crate) fn release_unconfirmed(&self) -> bool {
-        self.release_maybe_landed && self.released_at.is_none()
+        (self.release_maybe_landed || self.release_in_flight) && self.released_at.is_none()
     }
 
     pub(crate) fn fence(&self) -> &Fence {
@@ -199,6 +204,10 @@ impl Holding {
         if let Some(revision) = self.released_at {
             return Ok(revision);
         }
+        // An attempt whose caller was dropped before its answer may have landed.
+        if self.release_in_flight {
+            self.release_maybe_landed = true;
+        }
         let fence = &self.fence;
         let session = Arc::clone(fence.session.inner());
         let mut backoff = Backoff::for_requests();
@@ -208,7 +217,10 @@ impl Holding {
                 sleep(backoff.next_delay()).await;
             }
             tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release sent");
-            match session.rpc.txn(release_txn.clone()).await {
+            self.release_in_flight = true;
+            let answer = session.rpc.txn(release_txn.clone()).await;
+            self.release_in_flight = false;
+            match answer {
                 Ok(resp) => {
                     tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release answered");
                     let revision = resp.header().map_or(0, |h| h.revision());

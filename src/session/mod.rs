@@ -64,8 +64,8 @@ pub struct SessionMetrics {
     /// paged read (counted in `reads`) per stream, shared by sibling sessions.
     pub mirrored_decisions: u64,
     /// Background jobs queued or running now (a gauge, unlike the counters above): clean-ups
-    /// under way, touches, and sweeps that watch for late copies of a put whose answer was
-    /// lost.
+    /// under way, touches, sweeps that watch for late copies of a put whose answer was lost,
+    /// and requests finished for callers that dropped them mid-request.
     pub background_jobs: u64,
 }
 
@@ -446,8 +446,9 @@ impl BackgroundTasks {
         self.tracker.len()
     }
 
-    /// True when none is running: the session has ended (closed, dropped or Lost) and every
-    /// request it left behind has finished.
+    /// True when none is running: the session has ended (closed, dropped or Lost), and with
+    /// it its background task, which finishes the requests that callers dropped mid-request
+    /// (or, once the session has ended, drops them: the lease's end removes what they were for).
     pub fn is_empty(&self) -> bool {
         self.tracker.is_empty()
     }
