@@ -236,10 +236,10 @@ impl MutexGuard {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropped before the Txn is sent, the lock is released by the session's task,
-    /// as for a dropped guard; dropped while the Txn is in flight, the session's
-    /// background task finishes it and hands whatever is still held or queued to the session's task; dropped
-    /// while waiting, the new waiter's key is deleted as for a cancelled
-    /// [`lock()`](Mutex::lock). No key is left behind at any point.
+    /// as for a dropped guard; dropped while the Txn is in flight, the session's task finishes
+    /// it and releases whatever is still held or queued; dropped while waiting, the new
+    /// waiter's key is deleted as for a cancelled [`lock()`](Mutex::lock). No key is left
+    /// behind at any point.
     ///
     /// # Example
     /// ```no_run

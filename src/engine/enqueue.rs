@@ -1,9 +1,9 @@
 //! Putting member keys and exclusive names. Each put is detached
 //! ([`detached`](super::detached::detached)), so a caller that drops its future mid-request can
-//! never strand a key: the session's task then finishes the request and hands whatever
-//! landed to the session's clean-up. Failures that may succeed again are retried with the same key, so a lost
-//! response never creates a second waiter; an acquisition whose put was sent more than once
-//! has its late copies swept after it ends.
+//! never strand a key: the session's task then finishes the request and hands whatever landed
+//! to the session's clean-up. Failures that may succeed again are retried with the same key,
+//! so a lost response never creates a second waiter; an acquisition whose put was sent more
+//! than once has its late copies swept after it ends.
 
 use std::sync::Arc;
 
