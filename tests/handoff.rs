@@ -69,6 +69,30 @@ async fn line(etcd: &TestEtcd, observer: &etcd_client::Client, name: &str, path:
     }
 }
 
+/// A holder and one waiter behind it, each on its own session (the waiter's is returned), the
+/// waiter's pointer in place on the announced path.
+async fn holder_and_waiter(
+    etcd: &TestEtcd,
+    observer: &etcd_client::Client,
+    name: &str,
+    path: Path,
+) -> (
+    LeasedSession,
+    MutexGuard,
+    JoinHandle<Result<MutexGuard, Error>>,
+) {
+    if path == Path::Announced {
+        pad_with_nested_keys(observer, name).await;
+    }
+    let (h, w) = (session(etcd, 30).await, session(etcd, 30).await);
+    let held = Mutex::new(&h, name).lock().await.unwrap();
+    let m = Mutex::new(&w, name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    assert!(members_are(observer, name, 2).await);
+    pointers_settle(observer, name, path, 1).await;
+    (w, held, waiting)
+}
+
 /// On the announced path, waits until `announced` pointers are in place; on the counted path,
 /// gives the waiters time to put any, and asserts that none did.
 async fn pointers_settle(observer: &etcd_client::Client, name: &str, path: Path, announced: usize) {
@@ -222,15 +246,7 @@ async fn a_hand_off_between_our_holders_reads_nothing_and_leaves_no_pointer() {
     let observer = client(&etcd).await;
     for path in BOTH {
         let name = unique("no-read");
-        if path == Path::Announced {
-            pad_with_nested_keys(&observer, &name).await;
-        }
-        let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
-        let held = Mutex::new(&h, &name).lock().await.unwrap();
-        let m = Mutex::new(&w, &name);
-        let waiting = tokio::spawn(async move { m.lock().await });
-        assert!(members_are(&observer, &name, 2).await);
-        pointers_settle(&observer, &name, path, 1).await;
+        let (w, held, waiting) = holder_and_waiter(&etcd, &observer, &name, path).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = w.metrics();
         held.release().await.unwrap();
@@ -396,16 +412,8 @@ async fn a_requeue_hands_off_as_a_release_does_without_a_read_both_ways() {
     let observer = client(&etcd).await;
     for path in BOTH {
         let name = unique("requeue-handoff");
-        if path == Path::Announced {
-            pad_with_nested_keys(&observer, &name).await;
-        }
-        let (h, w) = (session(&etcd, 30).await, session(&etcd, 30).await);
-        let held = Mutex::new(&h, &name).lock().await.unwrap();
+        let (w, held, waiting) = holder_and_waiter(&etcd, &observer, &name, path).await;
         let (held_key, held_token) = (held.key().to_owned(), held.fencing_token());
-        let m = Mutex::new(&w, &name);
-        let waiting = tokio::spawn(async move { m.lock().await });
-        assert!(members_are(&observer, &name, 2).await);
-        pointers_settle(&observer, &name, path, 1).await;
         // The waiter's pointer to the held key (announced path only).
         let announced = pointers(&observer, &name).await;
         tokio::time::sleep(Duration::from_millis(200)).await;

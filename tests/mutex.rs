@@ -10,6 +10,36 @@ use common::*;
 use etcd_client::{EventType, TxnOp, WatchOptions};
 use etcd_coord::{Error, Mutex, SessionOptions};
 
+/// Adds one to the counter at `counter_key` as the holder of `guard`: a read-modify-write
+/// (the write fenced) that loses updates if two holders interleave; `inside` counts the holders
+/// in it and must be 0 on the way in.
+async fn add_one_alone(
+    guard: &etcd_coord::MutexGuard,
+    kv: &mut etcd_client::Client,
+    counter_key: &str,
+    inside: &AtomicUsize,
+) {
+    assert_eq!(
+        inside.fetch_add(1, Ordering::SeqCst),
+        0,
+        "two holders at once"
+    );
+    let current: u64 = kv
+        .get(counter_key, None)
+        .await
+        .unwrap()
+        .kvs()
+        .first()
+        .map(|kv| kv.value_str().unwrap().parse().unwrap())
+        .unwrap_or(0);
+    tokio::task::yield_now().await;
+    guard
+        .txn_if_owner([TxnOp::put(counter_key, (current + 1).to_string(), None)])
+        .await
+        .unwrap();
+    inside.fetch_sub(1, Ordering::SeqCst);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_counter_under_the_lock_never_interleaves() {
     const SESSIONS: usize = 5;
@@ -27,30 +57,7 @@ async fn a_shared_counter_under_the_lock_never_interleaves() {
             let mut kv = s.client().clone();
             for _ in 0..ROUNDS {
                 let guard = m.lock().await.unwrap();
-                assert_eq!(
-                    inside.fetch_add(1, Ordering::SeqCst),
-                    0,
-                    "two holders at once"
-                );
-                // A read-modify-write that loses updates if two holders interleave.
-                let current: u64 = kv
-                    .get(counter_key.as_str(), None)
-                    .await
-                    .unwrap()
-                    .kvs()
-                    .first()
-                    .map(|kv| kv.value_str().unwrap().parse().unwrap())
-                    .unwrap_or(0);
-                tokio::task::yield_now().await;
-                guard
-                    .txn_if_owner([TxnOp::put(
-                        counter_key.as_str(),
-                        (current + 1).to_string(),
-                        None,
-                    )])
-                    .await
-                    .unwrap();
-                inside.fetch_sub(1, Ordering::SeqCst);
+                add_one_alone(&guard, &mut kv, &counter_key, &inside).await;
                 guard.release().await.unwrap();
             }
             s.close().await.unwrap();
@@ -1394,31 +1401,8 @@ async fn turns_taken_by_requeue_never_interleave_and_tokens_increase() {
             let mut kv = s.client().clone();
             let mut guard = Mutex::new(&s, &name).lock().await.unwrap();
             for turn in 0..TURNS {
-                assert_eq!(
-                    inside.fetch_add(1, Ordering::SeqCst),
-                    0,
-                    "two holders at once"
-                );
                 tokens.lock().unwrap().push(guard.fencing_token());
-                // A read-modify-write that loses updates if two holders interleave.
-                let current: u64 = kv
-                    .get(counter_key.as_str(), None)
-                    .await
-                    .unwrap()
-                    .kvs()
-                    .first()
-                    .map(|kv| kv.value_str().unwrap().parse().unwrap())
-                    .unwrap_or(0);
-                tokio::task::yield_now().await;
-                guard
-                    .txn_if_owner([TxnOp::put(
-                        counter_key.as_str(),
-                        (current + 1).to_string(),
-                        None,
-                    )])
-                    .await
-                    .unwrap();
-                inside.fetch_sub(1, Ordering::SeqCst);
+                add_one_alone(&guard, &mut kv, &counter_key, &inside).await;
                 if turn + 1 == TURNS {
                     guard.release().await.unwrap();
                     break;

@@ -256,20 +256,9 @@ fn reason(r: LossReason) -> &'static str {
 /// previous hold's fence), then holds briefly; others only hold; with `until`, it holds until
 /// that is cancelled; a long hold writes every 250 ms until its `lost()` fires or the harness
 /// lets it go — then reports its end and releases it. Returns whether it was lost first
-/// (then it is released in the background).
-pub async fn hold_and_release(
-    ctl: &Control,
-    held: Held,
-    lease: i64,
-    sink: &Sink,
-    writer: &Writer,
-    until: Option<&CancellationToken>,
-) -> bool {
-    hold(ctl, held, lease, sink, writer, until, false).await.0
-}
-
-/// [`hold_and_release`]; with `keep`, a hold that ends unlost is not released but returned,
-/// its release about to begin (`Sink::releasing` called), for the caller to requeue.
+/// (then it is released in the background) and, with `keep`, the held guard of a hold that ended
+/// unlost: not released but returned, its release about to begin (`Sink::releasing` called),
+/// for the caller to requeue.
 pub async fn hold(
     ctl: &Control,
     held: Held,
@@ -748,6 +737,6 @@ pub async fn resume_and_release(
         return;
     };
     let writer = Writer::new(Arc::clone(ctl), client.clone(), sink.clone());
-    hold_and_release(ctl, held, resume.lease, sink, &writer, None).await;
+    hold(ctl, held, resume.lease, sink, &writer, None, false).await;
     let _ = session.close().await;
 }
