@@ -301,13 +301,38 @@ fn member_id(key: &[u8]) -> &[u8] {
 /// `lease_id`. Else-branch: `[Get(key)]`, which tells a key taken over by another client's put
 /// (same create revision, another lease) from one that is gone.
 pub(crate) fn fenced_delete(key: &str, create_revision: i64, lease_id: i64) -> Txn {
+    fenced_release(key, create_revision, lease_id, false)
+}
+
+/// [`fenced_delete`], or with `announces` [`release_announcing`].
+fn fenced_release(key: &str, create_revision: i64, lease_id: i64, announces: bool) -> Txn {
     Txn::new()
         .when(owner_compares(key, create_revision, lease_id))
-        .and_then([TxnOp::delete(key, None)])
-        .or_else([TxnOp::get(
-            key,
-            Some(etcd_client::GetOptions::new().with_keys_only()),
-        )])
+        .and_then(release_ops(key, announces))
+        .or_else([keys_only_get(key)])
+}
+
+/// What a release deletes: `key` and, with `announces` for a key of ours, every successor's
+/// pointer to it ([`successor_pointer`]).
+fn release_ops(key: &str, announces: bool) -> Vec<TxnOp> {
+    let mut ops = vec![TxnOp::delete(key, None)];
+    if let Some(pointers) = pointers_of(key).filter(|_| announces) {
+        ops.push(TxnOp::delete(
+            pointers,
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        ));
+    }
+    ops
+}
+
+/// A get of `key` that tells whether it is there, and which incarnation on which lease.
+fn keys_only_get(key: &str) -> TxnOp {
+    TxnOp::get(key, Some(etcd_client::GetOptions::new().with_keys_only()))
+}
+
+/// The put of member key `key` under `lease_id`.
+fn member_put(key: &str, value: Vec<u8>, lease_id: i64) -> TxnOp {
+    TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease_id)))
 }
 
 /// The release of a holder that was the oldest member of its queue: deletes `key` only while it
@@ -316,22 +341,7 @@ pub(crate) fn fenced_delete(key: &str, create_revision: i64, lease_id: i64) -> T
 /// and knows the holder released (a waiter giving up deletes its key alone). A plain
 /// [`fenced_delete`] for a key that is not one of ours.
 pub(crate) fn release_announcing(key: &str, create_revision: i64, lease_id: i64) -> Txn {
-    let Some(pointers) = pointers_of(key) else {
-        return fenced_delete(key, create_revision, lease_id);
-    };
-    Txn::new()
-        .when(owner_compares(key, create_revision, lease_id))
-        .and_then([
-            TxnOp::delete(key, None),
-            TxnOp::delete(
-                pointers,
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            ),
-        ])
-        .or_else([TxnOp::get(
-            key,
-            Some(etcd_client::GetOptions::new().with_keys_only()),
-        )])
+    fenced_release(key, create_revision, lease_id, true)
 }
 
 /// Deletes `key` only while it is ours (as [`fenced_delete`]), and `pointers` (successors'
@@ -353,10 +363,7 @@ pub(crate) fn fenced_delete_with_pointers(
     };
     let mut then = vec![TxnOp::delete(key, None)];
     then.extend(pointers_gone());
-    let mut otherwise = vec![TxnOp::get(
-        key,
-        Some(etcd_client::GetOptions::new().with_keys_only()),
-    )];
+    let mut otherwise = vec![keys_only_get(key)];
     otherwise.extend(pointers_gone());
     Txn::new()
         .when(owner_compares(key, create_revision, lease_id))
@@ -385,11 +392,7 @@ pub(crate) fn touch(key: &str, create_revision: i64, lease_id: i64) -> Txn {
 /// retry of the same acquisition): `[Get(key)]`; the caller reads afresh.
 pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<TxnOp>) -> Txn {
     let mut then = reads;
-    then.push(TxnOp::put(
-        key,
-        value,
-        Some(PutOptions::new().with_lease(lease_id)),
-    ));
+    then.push(member_put(key, value, lease_id));
     Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
         .and_then(then)
@@ -415,23 +418,13 @@ pub(crate) fn requeue_txn(
     let (held, create_revision) = held;
     let mut when = owner_compares(held, create_revision, lease_id);
     when.push(Compare::create_revision(key, CompareOp::Equal, 0));
-    let mut then = vec![TxnOp::delete(held, None)];
-    if let Some(pointers) = pointers_of(held).filter(|_| announces) {
-        then.push(TxnOp::delete(
-            pointers,
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        ));
-    }
+    let mut then = release_ops(held, announces);
     then.extend(reads);
-    then.push(TxnOp::put(
-        key,
-        value,
-        Some(PutOptions::new().with_lease(lease_id)),
-    ));
-    Txn::new().when(when).and_then(then).or_else([
-        TxnOp::get(held, Some(etcd_client::GetOptions::new().with_keys_only())),
-        TxnOp::get(key, None),
-    ])
+    then.push(member_put(key, value, lease_id));
+    Txn::new()
+        .when(when)
+        .and_then(then)
+        .or_else([keys_only_get(held), TxnOp::get(key, None)])
 }
 
 /// One round trip that runs `reads` only while `key` is still ours: the incarnation
@@ -466,11 +459,7 @@ pub(crate) fn try_enqueue_txn(
         .with_keys_only();
     Txn::new()
         .when([Compare::create_revision(prefix, CompareOp::Equal, 0).with_prefix()])
-        .and_then([TxnOp::put(
-            key,
-            value,
-            Some(PutOptions::new().with_lease(lease_id)),
-        )])
+        .and_then([member_put(key, value, lease_id)])
         .or_else([TxnOp::get(key, None), TxnOp::get(prefix, Some(oldest))])
 }
 
