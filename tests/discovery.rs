@@ -1458,13 +1458,8 @@ async fn an_endpoint_registered_again_on_a_session_whose_earlier_put_was_retried
     let proxy = proxy(&etcd).await;
     let mut admin = client(&etcd).await;
     let target = unique("svc");
-    let session = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let session =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let endpoint = Endpoint::new("10.3.0.1:80");
     let first =
         registered_with_a_retried_put(&session, &proxy, &admin, &target, endpoint.clone()).await;

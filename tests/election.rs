@@ -261,13 +261,8 @@ async fn a_stale_resign_does_not_delete_the_next_leaders_key() {
     let etcd = etcd().await;
     let proxy = proxy(&etcd).await;
     let name = unique("stale-resign");
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let b = session(&etcd, 30).await;
     let mut first = Election::new(&a, &name).campaign("a").await.unwrap();
     let eb = Election::new(&b, &name);
@@ -998,13 +993,8 @@ async fn a_requeue_after_a_resign_without_an_answer_finishes_it_and_campaigns() 
     let observer = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("requeue-after-lost-resign");
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let election = Election::new(&a, &name);
     let mut term = election.campaign("first").await.unwrap();
     proxy.drop_responses();
@@ -1037,13 +1027,8 @@ async fn a_resign_dropped_after_it_was_sent_is_no_loss_for_the_next_resign_or_re
     let etcd = etcd().await;
     let observer = client(&etcd).await;
     let proxy = proxy(&etcd).await;
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(2000)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(2000)).await;
     for requeue in [false, true] {
         let name = unique("dropped-resign");
         let election = Election::new(&a, &name);

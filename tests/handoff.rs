@@ -93,6 +93,32 @@ async fn holder_and_waiter(
     (w, held, waiting)
 }
 
+/// Once the waiter of session `w` settled, runs `hand_off` (a release of the lock it waits
+/// for, or the like) and returns the guard `waiting` got — it must have taken over with no
+/// request of its own — with what `hand_off` returned.
+async fn taken_over_without_a_read<T>(
+    w: &LeasedSession,
+    waiting: JoinHandle<Result<MutexGuard, Error>>,
+    path: Path,
+    hand_off: impl std::future::Future<Output = T>,
+) -> (MutexGuard, T) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = w.metrics();
+    let handed = hand_off.await;
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("handed over")
+        .unwrap()
+        .unwrap();
+    let after = w.metrics();
+    assert_eq!(
+        after.txns - before.txns,
+        0,
+        "{path:?}: the waiter read again to take over: {before:?} → {after:?}"
+    );
+    (guard, handed)
+}
+
 /// On the announced path, waits until `announced` pointers are in place; on the counted path,
 /// gives the waiters time to put any, and asserts that none did.
 async fn pointers_settle(observer: &etcd_client::Client, name: &str, path: Path, announced: usize) {
@@ -247,20 +273,10 @@ async fn a_hand_off_between_our_holders_reads_nothing_and_leaves_no_pointer() {
     for path in BOTH {
         let name = unique("no-read");
         let (w, held, waiting) = holder_and_waiter(&etcd, &observer, &name, path).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let before = w.metrics();
-        held.release().await.unwrap();
-        let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("handed over")
-            .unwrap()
-            .unwrap();
-        let after = w.metrics();
-        assert_eq!(
-            after.txns - before.txns,
-            0,
-            "{path:?}: the waiter read again to take over: {before:?} → {after:?}"
-        );
+        let (guard, ()) = taken_over_without_a_read(&w, waiting, path, async {
+            held.release().await.unwrap();
+        })
+        .await;
         assert_eq!(pointers(&observer, &name).await, Vec::<String>::new());
         assert_eq!(
             members(&observer, &name).await,
@@ -416,20 +432,10 @@ async fn a_requeue_hands_off_as_a_release_does_without_a_read_both_ways() {
         let (held_key, held_token) = (held.key().to_owned(), held.fencing_token());
         // The waiter's pointer to the held key (announced path only).
         let announced = pointers(&observer, &name).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let before = w.metrics();
-        let requeue = tokio::spawn(held.requeue());
-        let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("handed over")
-            .unwrap()
-            .unwrap();
-        let after = w.metrics();
-        assert_eq!(
-            after.txns - before.txns,
-            0,
-            "{path:?}: the waiter read again to take over: {before:?} → {after:?}"
-        );
+        // The hand-off starts the requeue, which only returns once the waiter let go.
+        #[allow(clippy::async_yields_async)]
+        let hand_off = async { tokio::spawn(held.requeue()) };
+        let (guard, requeue) = taken_over_without_a_read(&w, waiting, path, hand_off).await;
         let released_at = deletion_revision(&observer, &held_key, held_token).await;
         for pointer in &announced {
             assert_eq!(

@@ -417,13 +417,8 @@ async fn a_release_whose_response_is_lost_reports_an_error_yet_frees_the_lock() 
     let observer = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("lost-release");
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let b = session(&etcd, 30).await;
     let ma = Mutex::new(&a, &name);
     let first = ma.lock().await.unwrap();
@@ -470,13 +465,8 @@ async fn an_acquire_whose_response_is_lost_is_retried_without_a_second_waiter() 
     let name = unique("lost-acquire");
     let holder = session(&etcd, 30).await;
     let held = Mutex::new(&holder, &name).lock().await.unwrap();
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let ma = Mutex::new(&a, &name);
     proxy.drop_responses();
     let waiter = tokio::spawn(async move { ma.lock().await });
@@ -687,13 +677,7 @@ async fn a_guard_dropped_while_etcd_is_unreachable_is_released_once_it_is_back()
     let observer = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("drop-outage");
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_secs(1)),
-    )
-    .await;
+    let a = session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_secs(1)).await;
     let guard = Mutex::new(&a, &name).lock().await.unwrap();
     let key = guard.key().to_owned();
     proxy.down(); // connections refused and reset
@@ -726,13 +710,8 @@ async fn a_late_duplicate_of_a_retried_enqueue_is_deleted_and_never_blocks_the_q
     let mut admin = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("late-duplicate");
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let ma = Mutex::new(&a, &name);
     proxy.drop_responses();
     let acquiring = tokio::spawn(async move { ma.lock().await });
@@ -797,13 +776,7 @@ async fn a_waiter_on_a_flapping_connection_slows_its_retries_to_one_backoff() {
     let name = unique("flapping");
     let holder = session(&etcd, 30).await;
     let held = Mutex::new(&holder, &name).lock().await.unwrap();
-    let w = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_secs(1)),
-    )
-    .await;
+    let w = session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_secs(1)).await;
     let m = Mutex::new(&w, &name);
     let waiting = tokio::spawn(async move { m.lock().await });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -991,13 +964,7 @@ async fn holder_fails_after_one_request_timeout_when_etcd_does_not_answer() {
     let etcd = etcd().await;
     let proxy = proxy(&etcd).await;
     let request_timeout = Duration::from_millis(500);
-    let s = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(request_timeout),
-    )
-    .await;
+    let s = session_via_timing_out(&proxy, Duration::from_secs(30), request_timeout).await;
     let mutex = Mutex::new(&s, unique("holder-timeout"));
     assert_eq!(holder_of(&mutex).await, None);
     proxy.blackhole();
@@ -1436,13 +1403,8 @@ async fn a_requeue_whose_response_is_lost_is_retried_as_one_release_and_one_wait
     let observer = client(&etcd).await;
     let proxy = proxy(&etcd).await;
     let name = unique("lost-requeue");
-    let a = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(30))
-            .with_request_timeout(Duration::from_millis(500)),
-    )
-    .await;
+    let a =
+        session_via_timing_out(&proxy, Duration::from_secs(30), Duration::from_millis(500)).await;
     let held = Mutex::new(&a, &name).lock().await.unwrap();
     let old_key = held.key().to_owned();
     proxy.drop_responses();

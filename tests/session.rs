@@ -443,13 +443,7 @@ async fn a_session_lost_in_an_outage_revokes_its_lease_as_soon_as_etcd_answers_a
         .await
         .unwrap();
     let observer = client_via_endpoint(&cluster.endpoint(follower).unwrap()).await;
-    let s = session_via(
-        &proxy,
-        SessionOptions::new()
-            .with_ttl(Duration::from_secs(6))
-            .with_request_timeout(Duration::from_secs(1)),
-    )
-    .await;
+    let s = session_via_timing_out(&proxy, Duration::from_secs(6), Duration::from_secs(1)).await;
     let lease = s.lease_id();
     proxy.blackhole();
     tokio::time::timeout(Duration::from_secs(10), s.lost())

@@ -209,6 +209,19 @@ pub async fn client_via_endpoint(endpoint: &str) -> Client {
         .expect("a client")
 }
 
+/// A session through `proxy` with a TTL of `ttl` whose requests time out after
+/// `request_timeout`.
+pub async fn session_via_timing_out(
+    proxy: &FaultProxy,
+    ttl: Duration,
+    request_timeout: Duration,
+) -> LeasedSession {
+    let options = SessionOptions::new()
+        .with_ttl(ttl)
+        .with_request_timeout(request_timeout);
+    session_via(proxy, options).await
+}
+
 /// True if the member `client` talks to knows a leader.
 pub async fn cluster_has_leader(client: &Client) -> bool {
     matches!(client.clone().status().await, Ok(s) if s.leader() != 0)
