@@ -89,9 +89,10 @@ fn created(state: &mut State, incoming: Incoming, creation: Creation, cancels: &
     let Some(entry) = state
         .scopes
         .get_mut(&scope)
-        .filter(|e| e.serial == creation.serial)
+        .filter(|e| e.serial == creation.serial && e.created.is_none())
     else {
-        // A twin of a scope forgotten meanwhile (refused, or given up): nobody listens.
+        // A twin of a scope forgotten meanwhile (refused, or given up), or one more answer
+        // than the scope has twins (never expected): nobody listens to it.
         if !incoming.canceled {
             cancels.push(incoming.watch_id);
         }
