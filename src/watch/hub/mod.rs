@@ -23,16 +23,17 @@
 //!   wait happened while the waiter's key was still its own.
 //!
 //! * **Twins: two registrations, so that one slow one does not stall the scope.** The scope's
-//!   watch is registered from now, and yet etcd (3.4, 3.5) puts it in its unsynced group when a
-//!   write commits while it registers it (it reads its revision first, then takes the store's
-//!   lock): every event of the scope then waits for etcd's next 100 ms sync, and so does every
-//!   wait on it — under contention, measured on about one scope creation in sixteen. So each
-//!   scope is registered twice, back to back; it is in place once both are, from the higher of
-//!   their revisions (each twin delivers every event after its own, in order, so dropping any
-//!   revision not newer than the last dispatched loses none and repeats none). The first twin
-//!   to deliver events is in etcd's synced group from then on (its first response was either a
-//!   live one or its catch-up), so the other is cancelled. Both land unsynced only when two
-//!   writes race two registrations.
+//!   watch is registered from now, and yet etcd (before its PR #20229: the 3.4.23 and 3.5.1
+//!   tested here) puts it in its unsynced group when a write commits while it registers it (it
+//!   reads its revision first, then takes the store's lock): every event of the scope then
+//!   waits for etcd's next 100 ms sync, and so does every wait on it — under contention,
+//!   measured on about one scope creation in fifty. So each scope is registered twice, back to
+//!   back; it is in place once both are, from the higher of their revisions (each twin delivers
+//!   every event after its own, in order, so dropping any revision not newer than the last
+//!   dispatched loses none and repeats none). The first twin to deliver events is normally in
+//!   etcd's synced group from then on (its first response was either a live one or its
+//!   catch-up), so the other is cancelled. Both land unsynced only when two writes race two
+//!   registrations.
 //!
 //! * **A mirror of a long queue** ([`members`]): for a waiter behind a long line the hub keeps
 //!   a scope's keys (built from one read, then fed every revision before the waits hear of
