@@ -1,5 +1,7 @@
 //! [`Semaphore`]: N permits, FIFO, fenced, cancel-safe.
 
+use std::sync::Arc;
+
 use crate::engine::{holding_guard, inspect, measure, Blocker, Holder, Line};
 use crate::keys::{Layout, Named, Queue};
 use crate::metrics::AcquisitionKind;
@@ -42,7 +44,9 @@ pub(crate) const KIND: &str = "semaphore";
 #[derive(Debug, Clone)]
 pub struct Semaphore {
     session: LeasedSession,
-    named: Named,
+    /// Shared by its clones and by the permits it hands out (each keeps its handle, to
+    /// `requeue()`).
+    named: Arc<Named>,
     permits: usize,
 }
 
@@ -52,7 +56,7 @@ impl Semaphore {
     pub fn new(session: &LeasedSession, name: impl Into<String>, permits: usize) -> Semaphore {
         Semaphore {
             session: session.clone(),
-            named: Named::new(name, Layout::Own(KIND)),
+            named: Arc::new(Named::new(name, Layout::Own(KIND))),
             permits,
         }
     }
@@ -97,7 +101,7 @@ impl Semaphore {
     pub async fn acquire(&self) -> Result<SemaphorePermit, Error> {
         let acquire = async { self.line()?.acquire(Vec::new()).await };
         let holding = measure::measured!(AcquisitionKind::Semaphore, self.name(), acquire)?;
-        Ok(SemaphorePermit::from_holding(holding))
+        Ok(SemaphorePermit::from_holding(holding, self.clone()))
     }
 
     /// Takes a permit if one is free and nobody waits, else `None` (leaving no key behind).
@@ -111,7 +115,7 @@ impl Semaphore {
     pub async fn try_acquire(&self) -> Result<Option<SemaphorePermit>, Error> {
         let attempt = async { self.line()?.try_acquire(Vec::new()).await };
         let got = measure::attempted!(AcquisitionKind::Semaphore, self.name(), attempt)?;
-        Ok(got.map(SemaphorePermit::from_holding))
+        Ok(got.map(|holding| SemaphorePermit::from_holding(holding, self.clone())))
     }
     /// Who holds the permits now, oldest first: at most [`permits()`](Self::permits) holders
     /// (the oldest keys; everyone behind them waits). One linearizable read; the answer may be
@@ -173,7 +177,7 @@ impl Semaphore {
     pub async fn resume(&self, key: &str, fencing_token: i64) -> Result<SemaphorePermit, Error> {
         let adopt = async { self.line()?.adopt(key, fencing_token).await };
         let holding = measure::measured!(AcquisitionKind::Semaphore, self.name(), adopt)?;
-        Ok(SemaphorePermit::from_holding(holding))
+        Ok(SemaphorePermit::from_holding(holding, self.clone()))
     }
 }
 
@@ -182,5 +186,47 @@ holding_guard! {
     /// session's task) or deterministically with [`release()`](Self::release). Dereferences to
     /// its [`Fence`] ([`fencing_token()`](Fence::fencing_token), [`lost()`](Fence::lost), …).
     #[must_use = "dropping a SemaphorePermit releases it at once"]
-    pub struct SemaphorePermit;
+    pub struct SemaphorePermit {
+        semaphore: Semaphore,
+    };
+}
+
+impl SemaphorePermit {
+    /// Releases this permit and lines up for one again, in one write — as
+    /// [`MutexGuard::requeue`](crate::MutexGuard::requeue) does for a mutex: the waiters
+    /// already in line go first (the first of them holds a permit from the Txn's revision on,
+    /// as after a release), and the returned permit is held once fewer than
+    /// [`permits()`](Semaphore::permits) keys are ahead of it, with a larger
+    /// [`fencing_token()`](Fence::fencing_token). With a permit free and nobody waiting it
+    /// holds again at once, after one round trip.
+    ///
+    /// # Errors
+    /// [`Error::LockLost`] for this permit's key if it was lost before the call (nothing is
+    /// queued); afterwards as [`Semaphore::acquire`]. Whatever the outcome, this permit is
+    /// released.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`MutexGuard::requeue`](crate::MutexGuard::requeue): no key is left
+    /// behind at any point, and the permit is released whenever the future is dropped.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn demo(session: etcd_coord::LeasedSession) -> Result<(), etcd_coord::Error> {
+    /// use etcd_coord::Semaphore;
+    ///
+    /// let mut permit = Semaphore::new(&session, "limits/exports", 2).acquire().await?;
+    /// for batch in 0..3 {
+    ///     println!("batch {batch} under token {}", permit.fencing_token());
+    ///     permit = permit.requeue().await?; // whoever waits for a permit goes first
+    /// }
+    /// permit.release().await?;
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(name = "etcd_coord.semaphore.requeue", skip_all, fields(name = %self.semaphore.name(), permits = self.semaphore.permits, lease = %format_args!("{:x}", self.session().lease_id()), released_token = self.fencing_token(), fencing_token = tracing::field::Empty))]
+    pub async fn requeue(self) -> Result<SemaphorePermit, Error> {
+        let SemaphorePermit { holding, semaphore } = self;
+        let requeue = async { semaphore.line()?.requeue(holding, Vec::new()).await };
+        let holding = measure::measured!(AcquisitionKind::Semaphore, semaphore.name(), requeue)?;
+        Ok(SemaphorePermit::from_holding(holding, semaphore))
+    }
 }

@@ -832,3 +832,211 @@ async fn a_read_requeue_lets_the_waiting_writer_in_first() {
     assert!(other.is_some(), "the requeued reader excludes readers");
     again.release().await.unwrap();
 }
+
+/// Of a semaphore's two permits, A and B hold and C waits: A's requeue lets C in at once (one
+/// write releases A's permit and puts A's new key), and A holds again only once one of B and C
+/// lets go — never a third holder — with a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_requeue_lets_the_waiter_in_line_through_first_in_one_write() {
+    const PERMITS: usize = 2;
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-requeue");
+    let prefix = format!("{name}/#semaphore");
+    let (a, b, c) = (
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+    );
+    let held = Semaphore::new(&a, &name, PERMITS).acquire().await.unwrap();
+    let (old_key, old_token) = (held.key().to_owned(), held.fencing_token());
+    let other = Semaphore::new(&b, &name, PERMITS).acquire().await.unwrap();
+    let inside = Arc::new(AtomicUsize::new(2));
+    let order = Arc::new(StdMutex::new(Vec::new()));
+    let waiter = tokio::spawn({
+        let (sem, inside, order) = (
+            Semaphore::new(&c, &name, PERMITS),
+            Arc::clone(&inside),
+            Arc::clone(&order),
+        );
+        async move {
+            let permit = sem.acquire().await.unwrap();
+            let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+            assert!(now <= PERMITS, "{now} holders of {PERMITS} permits");
+            order.lock().unwrap().push(("c", permit.fencing_token()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            inside.fetch_sub(1, Ordering::SeqCst);
+            permit.release().await.unwrap();
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members_under(&observer, &prefix).await.len() == 3
+        })
+        .await
+    );
+    inside.fetch_sub(1, Ordering::SeqCst); // about to let go
+    let again = tokio::time::timeout(Duration::from_secs(10), held.requeue())
+        .await
+        .expect("held again once the waiter let go")
+        .unwrap();
+    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+    assert!(now <= PERMITS, "{now} holders of {PERMITS} permits");
+    order.lock().unwrap().push(("a", again.fencing_token()));
+    waiter.await.unwrap();
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.iter().map(|(who, _)| *who).collect::<Vec<_>>(),
+        ["c", "a"],
+        "{order:?}"
+    );
+    assert!(
+        old_token < order[0].1 && order[0].1 < order[1].1,
+        "{order:?}"
+    );
+    assert_eq!(
+        deletion_revision(&observer, &old_key, old_token).await,
+        again.fencing_token(),
+        "the release and the new enqueue were separate writes"
+    );
+    other.release().await.unwrap();
+    again.release().await.unwrap();
+    assert!(members_under(&observer, &prefix).await.is_empty());
+}
+
+/// Sessions taking a semaphore's permits in turns with `requeue()`: never more holders than
+/// permits, every turn taken, each session's tokens increasing, no key left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permits_taken_in_turns_by_requeue_never_exceed_the_permits() {
+    const PERMITS: usize = 2;
+    const SESSIONS: usize = 5;
+    const TURNS: usize = 8;
+    let etcd = etcd().await;
+    let name = unique("sem-requeue-turns");
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let turns = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..SESSIONS {
+        let s = session(&etcd, 10).await;
+        let name = name.clone();
+        let (inside, most, turns) = (Arc::clone(&inside), Arc::clone(&most), Arc::clone(&turns));
+        tasks.push(tokio::spawn(async move {
+            let mut permit = Semaphore::new(&s, &name, PERMITS).acquire().await.unwrap();
+            let mut tokens = Vec::new();
+            for turn in 0..TURNS {
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                assert!(now <= PERMITS, "{now} holders of {PERMITS} permits");
+                tokens.push(permit.fencing_token());
+                turns.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                if turn + 1 == TURNS {
+                    permit.release().await.unwrap();
+                    break;
+                }
+                permit = permit.requeue().await.unwrap();
+            }
+            assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+            s.close().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("every turn is taken")
+            .unwrap();
+    }
+    assert_eq!(turns.load(Ordering::SeqCst), SESSIONS * TURNS);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        PERMITS,
+        "the permits were never all used"
+    );
+    let observer = client(&etcd).await;
+    assert!(keys_under(&observer, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_of_a_lost_permit_reports_lock_lost_and_queues_nothing() {
+    let etcd = etcd().await;
+    let mut admin = client(&etcd).await;
+    let name = unique("sem-requeue-lost");
+    let a = session(&etcd, 30).await;
+    let held = Semaphore::new(&a, &name, 2).acquire().await.unwrap();
+    let old_key = held.key().to_owned();
+    admin.delete(old_key.as_str(), None).await.unwrap();
+    let got = held.requeue().await;
+    assert!(
+        matches!(got, Err(Error::LockLost { ref key, .. }) if *key == old_key),
+        "{got:?}"
+    );
+    a.settled().await;
+    assert!(keys_under(&admin, &format!("{name}/")).await.is_empty());
+    assert_eq!(
+        keys_on_lease(&admin, a.lease_id()).await,
+        Vec::<String>::new()
+    );
+}
+
+/// A holds one of two permits, B the other, C waits: a requeue of A's permit dropped at any
+/// await releases it (C gets in) and leaves no key on A's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_requeue_dropped_at_any_await_leaves_no_key_behind_and_lets_the_waiter_in() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem-requeue-cancel");
+    let prefix = format!("{name}/#semaphore");
+    let (a, b, c) = (
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+        session(&etcd, 30).await,
+    );
+    let (sa, sc) = (Semaphore::new(&a, &name, 2), Semaphore::new(&c, &name, 2));
+    let _other = Semaphore::new(&b, &name, 2).acquire().await.unwrap();
+    let line_up = async || {
+        let held = sa.acquire().await.unwrap();
+        let sc = sc.clone();
+        let waiter = tokio::spawn(async move { sc.acquire().await.unwrap() });
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                members_under(&observer, &prefix).await.len() == 3
+            })
+            .await
+        );
+        (held, waiter)
+    };
+    let (held, waiter) = line_up().await;
+    let (held, waiter) = (StdMutex::new(Some(held)), StdMutex::new(Some(waiter)));
+    let ended = drop_at_every_await(
+        || held.lock().unwrap().take().expect("held").requeue(),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "held again while both permits were taken: {driven:?}"
+            );
+            let next = waiter.lock().unwrap().take().expect("waiting");
+            let c_holds = tokio::time::timeout(Duration::from_secs(5), next)
+                .await
+                .unwrap_or_else(|_| panic!("dropped at {step:?}: the waiter never got a permit"))
+                .unwrap();
+            a.settled().await;
+            assert_eq!(
+                keys_on_lease(&observer, a.lease_id()).await,
+                Vec::<String>::new(),
+                "dropped at {step:?}: a key left on the requeuer's lease"
+            );
+            only_its_own_task_runs(&a).await;
+            c_holds.release().await.unwrap();
+            let (h, w) = line_up().await;
+            *held.lock().unwrap() = Some(h);
+            *waiter.lock().unwrap() = Some(w);
+        },
+    )
+    .await;
+    assert!(
+        matches!(ended, Ended::Waiting { polls } if polls >= 2),
+        "{ended:?}: never reached its wait behind the waiter"
+    );
+}
