@@ -19,9 +19,9 @@
 //!   latency = lock + release.
 //! - `mutex-contended`: N clients on one mutex, M acquisitions; latency = lock() wait;
 //!   hand-off = previous holder's release start → next lock() return. `--requeue` (ours
-//!   only; also for `election-handoff` and `rwlock-contended`): each client acquires once,
-//!   then takes every next turn with its guard's `requeue()` (the release and the next
-//!   enqueue in one Txn); latency = requeue() call → return (its release included),
+//!   only; also for `election-handoff`, `rwlock-contended` and `semaphore-contended`): each
+//!   client acquires once, then takes every next turn with its guard's `requeue()` (the
+//!   release and the next enqueue in one Txn); latency = requeue() call → return (its release included),
 //!   hand-off = previous holder's requeue start → next return.
 //! - `election-handoff`: N candidates, the winner resigns at once; M wins; latency =
 //!   campaign() wait; hand-off = resign start → next campaign() return.
@@ -118,8 +118,8 @@ pub(crate) struct Args {
     fresh: bool,
     /// `relay-floor`: a second write per hop.
     pub(crate) extra_write: bool,
-    /// `mutex-contended`, `election-handoff`, `rwlock-contended`: each client takes its next
-    /// turn with its guard's `requeue()`.
+    /// `mutex-contended`, `election-handoff`, `rwlock-contended`, `semaphore-contended`: each
+    /// client takes its next turn with its guard's (or permit's) `requeue()`.
     pub(crate) requeue: bool,
     permits: usize,
     accounts: usize,
@@ -169,7 +169,12 @@ fn parse_args() -> Result<Args, String> {
     if a.clients == 0 || a.ops == 0 {
         return Err("--clients and --ops must be >= 1".into());
     }
-    let requeues = ["mutex-contended", "election-handoff", "rwlock-contended"];
+    let requeues = [
+        "mutex-contended",
+        "election-handoff",
+        "rwlock-contended",
+        "semaphore-contended",
+    ];
     if a.requeue && !requeues.contains(&a.mode.as_str()) {
         return Err(format!("--requeue is for {}", requeues.join(", ")));
     }

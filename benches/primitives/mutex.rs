@@ -238,7 +238,7 @@ impl Guard {
         Ok(match self {
             Guard::Lock(g) => Guard::Lock(g.requeue().await?),
             Guard::Leader(g) => Guard::Leader(g.requeue(format!("candidate-{i}")).await?),
-            Guard::Permit(_) => unreachable!("--requeue is refused for semaphore-contended"),
+            Guard::Permit(g) => Guard::Permit(g.requeue().await?),
             Guard::Write(g) => Guard::Write(g.requeue().await?),
         })
     }
