@@ -904,8 +904,8 @@ async fn a_permit_requeue_lets_the_waiter_in_line_through_first_in_one_write() {
     assert!(members_under(&observer, &prefix).await.is_empty());
 }
 
-/// Sessions taking a semaphore's permits in turns with `requeue()`: never more holders than
-/// permits, every turn taken, each session's tokens increasing, no key left.
+/// Sessions taking a semaphore's permits in turns with `requeue()`, all started together:
+/// never more holders than permits, every permit used, every turn taken, no key left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permits_taken_in_turns_by_requeue_never_exceed_the_permits() {
     const PERMITS: usize = 2;
@@ -916,21 +916,22 @@ async fn permits_taken_in_turns_by_requeue_never_exceed_the_permits() {
     let inside = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let turns = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(tokio::sync::Barrier::new(SESSIONS));
     let mut tasks = Vec::new();
     for _ in 0..SESSIONS {
         let s = session(&etcd, 10).await;
         let name = name.clone();
         let (inside, most, turns) = (Arc::clone(&inside), Arc::clone(&most), Arc::clone(&turns));
+        let start = Arc::clone(&start);
         tasks.push(tokio::spawn(async move {
+            start.wait().await;
             let mut permit = Semaphore::new(&s, &name, PERMITS).acquire().await.unwrap();
-            let mut tokens = Vec::new();
             for turn in 0..TURNS {
                 let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
                 assert!(now <= PERMITS, "{now} holders of {PERMITS} permits");
-                tokens.push(permit.fencing_token());
                 turns.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 inside.fetch_sub(1, Ordering::SeqCst);
                 if turn + 1 == TURNS {
                     permit.release().await.unwrap();
@@ -938,7 +939,6 @@ async fn permits_taken_in_turns_by_requeue_never_exceed_the_permits() {
                 }
                 permit = permit.requeue().await.unwrap();
             }
-            assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
             s.close().await.unwrap();
         }));
     }
@@ -958,26 +958,90 @@ async fn permits_taken_in_turns_by_requeue_never_exceed_the_permits() {
     assert!(keys_under(&observer, &format!("{name}/")).await.is_empty());
 }
 
+/// A permit lost before its requeue — its key deleted, or taken over by another client's put —
+/// is `LockLost` for that key: nothing is queued, and a key taken over is left as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeue_of_a_lost_permit_reports_lock_lost_and_queues_nothing() {
     let etcd = etcd().await;
     let mut admin = client(&etcd).await;
-    let name = unique("sem-requeue-lost");
-    let a = session(&etcd, 30).await;
-    let held = Semaphore::new(&a, &name, 2).acquire().await.unwrap();
-    let old_key = held.key().to_owned();
-    admin.delete(old_key.as_str(), None).await.unwrap();
-    let got = held.requeue().await;
+    for taken_over in [false, true] {
+        let name = unique("sem-requeue-lost");
+        let a = session(&etcd, 30).await;
+        let held = Semaphore::new(&a, &name, 2).acquire().await.unwrap();
+        let old_key = held.key().to_owned();
+        if taken_over {
+            admin.put(old_key.as_str(), "theirs", None).await.unwrap();
+        } else {
+            admin.delete(old_key.as_str(), None).await.unwrap();
+        }
+        let got = held.requeue().await;
+        assert!(
+            matches!(got, Err(Error::LockLost { ref key, .. }) if *key == old_key),
+            "taken over: {taken_over}: {got:?}"
+        );
+        a.settled().await;
+        let left = if taken_over {
+            vec![old_key]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(keys_under(&admin, &format!("{name}/")).await, left);
+        assert_eq!(
+            keys_on_lease(&admin, a.lease_id()).await,
+            Vec::<String>::new()
+        );
+    }
+}
+
+/// With one permit (a semaphore that is a mutex): the waiter gets in first, the requeuer holds
+/// after it, in one write, and no key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_permit_requeue_lets_the_waiter_in_first_and_leaves_nothing_behind() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("sem1-requeue");
+    let (a, c) = (session(&etcd, 30).await, session(&etcd, 30).await);
+    let held = Semaphore::new(&a, &name, 1).acquire().await.unwrap();
+    let (old_key, old_token) = (held.key().to_owned(), held.fencing_token());
+    let c_holds = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiter = tokio::spawn({
+        let (sem, c_holds) = (Semaphore::new(&c, &name, 1), Arc::clone(&c_holds));
+        async move {
+            let permit = sem.acquire().await.unwrap();
+            c_holds.store(true, Ordering::SeqCst);
+            let token = permit.fencing_token();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c_holds.store(false, Ordering::SeqCst);
+            permit.release().await.unwrap();
+            token
+        }
+    });
     assert!(
-        matches!(got, Err(Error::LockLost { ref key, .. }) if *key == old_key),
-        "{got:?}"
+        eventually(Duration::from_secs(5), || async {
+            members_under(&observer, &format!("{name}/#semaphore"))
+                .await
+                .len()
+                == 2
+        })
+        .await
     );
-    a.settled().await;
-    assert!(keys_under(&admin, &format!("{name}/")).await.is_empty());
+    let again = tokio::time::timeout(Duration::from_secs(10), held.requeue())
+        .await
+        .expect("held again once the waiter let go")
+        .unwrap();
+    assert!(
+        !c_holds.load(Ordering::SeqCst),
+        "held again while the waiter held"
+    );
+    let waiter_token = waiter.await.unwrap();
+    assert!(old_token < waiter_token && waiter_token < again.fencing_token());
     assert_eq!(
-        keys_on_lease(&admin, a.lease_id()).await,
-        Vec::<String>::new()
+        deletion_revision(&observer, &old_key, old_token).await,
+        again.fencing_token(),
+        "the release and the new enqueue were separate writes"
     );
+    again.release().await.unwrap();
+    assert!(keys_under(&observer, &format!("{name}/")).await.is_empty());
 }
 
 /// A holds one of two permits, B the other, C waits: a requeue of A's permit dropped at any
