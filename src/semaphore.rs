@@ -197,8 +197,8 @@ impl SemaphorePermit {
     /// already in line go first (the first of them holds a permit from the Txn's revision on,
     /// as after a release), and the returned permit is held once fewer than
     /// [`permits()`](Semaphore::permits) keys are ahead of it, with a larger
-    /// [`fencing_token()`](Fence::fencing_token). With a permit free and nobody waiting it
-    /// holds again at once, after one round trip.
+    /// [`fencing_token()`](Fence::fencing_token). With nobody waiting it holds again at once,
+    /// after one round trip.
     ///
     /// # Errors
     /// [`Error::LockLost`] for this permit's key if it was lost before the call (nothing is

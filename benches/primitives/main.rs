@@ -21,8 +21,8 @@
 //!   hand-off = previous holder's release start → next lock() return. `--requeue` (ours
 //!   only; also for `election-handoff`, `rwlock-contended` and `semaphore-contended`): each
 //!   client acquires once, then takes every next turn with its guard's `requeue()` (the
-//!   release and the next enqueue in one Txn); latency = requeue() call → return (its release included),
-//!   hand-off = previous holder's requeue start → next return.
+//!   release and the next enqueue in one Txn); latency = requeue() call → return (its
+//!   release included), hand-off = previous holder's requeue start → next return.
 //! - `election-handoff`: N candidates, the winner resigns at once; M wins; latency =
 //!   campaign() wait; hand-off = resign start → next campaign() return.
 //! - `session-create`: M session create + close cycles over N clients.
