@@ -1311,43 +1311,14 @@ async fn a_requeue_dropped_at_any_await_leaves_no_key_behind_and_lets_the_waiter
         );
         (held, waiter)
     };
-    let (held, waiter) = line_up().await;
-    let (held, waiter) = (
-        std::sync::Mutex::new(Some(held)),
-        std::sync::Mutex::new(Some(waiter)),
-    );
-    let ended = drop_at_every_await(
-        || held.lock().unwrap().take().expect("held").requeue(),
-        async |driven, step| {
-            assert!(
-                !matches!(driven, Driven::Completed(_)),
-                "held again before the waiter let go: {driven:?}"
-            );
-            // Whenever it was dropped, the lock was released: B gets it.
-            let next = waiter.lock().unwrap().take().expect("waiting");
-            let b_holds = tokio::time::timeout(Duration::from_secs(5), next)
-                .await
-                .unwrap_or_else(|_| panic!("dropped at {step:?}: the waiter never got the lock"))
-                .unwrap();
-            a.settled().await;
-            assert_eq!(
-                keys_on_lease(&observer, a.lease_id()).await,
-                Vec::<String>::new(),
-                "dropped at {step:?}: a key left on the requeuer's lease"
-            );
-            only_its_own_task_runs(&a).await;
-            b_holds.release().await.unwrap();
-            let (h, w) = line_up().await;
-            *held.lock().unwrap() = Some(h);
-            *waiter.lock().unwrap() = Some(w);
-        },
+    a_requeue_dropped_at_every_await(
+        &a,
+        &observer,
+        line_up,
+        |held| held.requeue(),
+        async |b_holds| b_holds.release().await.unwrap(),
     )
     .await;
-    // Through the Txn in flight to the wait behind B.
-    assert!(
-        matches!(ended, Ended::Waiting { polls } if polls >= 2),
-        "{ended:?}: never reached its wait behind the waiter"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1071,36 +1071,12 @@ async fn a_permit_requeue_dropped_at_any_await_leaves_no_key_behind_and_lets_the
         );
         (held, waiter)
     };
-    let (held, waiter) = line_up().await;
-    let (held, waiter) = (StdMutex::new(Some(held)), StdMutex::new(Some(waiter)));
-    let ended = drop_at_every_await(
-        || held.lock().unwrap().take().expect("held").requeue(),
-        async |driven, step| {
-            assert!(
-                !matches!(driven, Driven::Completed(_)),
-                "held again while both permits were taken: {driven:?}"
-            );
-            let next = waiter.lock().unwrap().take().expect("waiting");
-            let c_holds = tokio::time::timeout(Duration::from_secs(5), next)
-                .await
-                .unwrap_or_else(|_| panic!("dropped at {step:?}: the waiter never got a permit"))
-                .unwrap();
-            a.settled().await;
-            assert_eq!(
-                keys_on_lease(&observer, a.lease_id()).await,
-                Vec::<String>::new(),
-                "dropped at {step:?}: a key left on the requeuer's lease"
-            );
-            only_its_own_task_runs(&a).await;
-            c_holds.release().await.unwrap();
-            let (h, w) = line_up().await;
-            *held.lock().unwrap() = Some(h);
-            *waiter.lock().unwrap() = Some(w);
-        },
+    a_requeue_dropped_at_every_await(
+        &a,
+        &observer,
+        line_up,
+        |held| held.requeue(),
+        async |c_holds| c_holds.release().await.unwrap(),
     )
     .await;
-    assert!(
-        matches!(ended, Ended::Waiting { polls } if polls >= 2),
-        "{ended:?}: never reached its wait behind the waiter"
-    );
 }

@@ -466,3 +466,57 @@ pub async fn deletion_revision(client: &Client, key: &str, create_revision: i64)
         }
     }
 }
+
+/// A requeue dropped at every await point (common to every primitive's `requeue()`): the
+/// requeuer holds and a waiter waits behind it (`line_up`, again after each drop); however
+/// far the requeue got, it never holds again before the waiter let go, the waiter gets in, and
+/// no key is left on the requeuer's lease, nor any task of its. `release` lets the waiter go.
+/// The requeue must have reached its own wait behind the waiter.
+pub async fn a_requeue_dropped_at_every_await<H, W, T, Fut>(
+    requeuer: &LeasedSession,
+    observer: &Client,
+    line_up: impl AsyncFn() -> (H, tokio::task::JoinHandle<W>),
+    requeue: impl Fn(H) -> Fut,
+    release: impl AsyncFn(W),
+) where
+    Fut: Future<Output = T>,
+    T: std::fmt::Debug,
+{
+    let (held, waiter) = line_up().await;
+    let (held, waiter) = (
+        std::sync::Mutex::new(Some(held)),
+        std::sync::Mutex::new(Some(waiter)),
+    );
+    let ended = drop_at_every_await(
+        || requeue(held.lock().unwrap().take().expect("held")),
+        async |driven, step| {
+            assert!(
+                !matches!(driven, Driven::Completed(_)),
+                "held again before the waiter let go: {driven:?}"
+            );
+            // Whenever it was dropped, the requeuer's hold was released: the waiter gets in.
+            let next = waiter.lock().unwrap().take().expect("waiting");
+            let in_now = tokio::time::timeout(Duration::from_secs(5), next)
+                .await
+                .unwrap_or_else(|_| panic!("dropped at {step:?}: the waiter never got in"))
+                .unwrap();
+            requeuer.settled().await;
+            assert_eq!(
+                keys_on_lease(observer, requeuer.lease_id()).await,
+                Vec::<String>::new(),
+                "dropped at {step:?}: a key left on the requeuer's lease"
+            );
+            only_its_own_task_runs(requeuer).await;
+            release(in_now).await;
+            let (h, w) = line_up().await;
+            *held.lock().unwrap() = Some(h);
+            *waiter.lock().unwrap() = Some(w);
+        },
+    )
+    .await;
+    // Through the Txn in flight to the wait behind the waiter.
+    assert!(
+        matches!(ended, Ended::Waiting { polls } if polls >= 2),
+        "{ended:?}: never reached its wait behind the waiter"
+    );
+}
