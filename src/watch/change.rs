@@ -32,11 +32,12 @@ pub(crate) struct Waits<'a> {
 /// "unsynced" group, served on a 100 ms tick. A watch from `read revision + 1` lands there
 /// whenever anything was written between the read and the watch's creation — constantly under
 /// contention. A watch without a start revision lands there only when a write commits while
-/// etcd registers it (before etcd's PR #20229) (the hub's scopes, which every engine wait uses, guard against even that
-/// with twins: `hub`'s documentation). It is delivered every event after the revision its
-/// `created` response reports; if that is newer than the read that decided to wait, the caller
-/// confirms with a fresh read while the watch is already in place: anything after the watch's
-/// revision is delivered, anything up to the fresh read's is seen by it.
+/// etcd registers it, before etcd's PR #20229 (the hub's scopes, which every engine wait uses,
+/// guard against even that with twins: `hub`'s documentation). It is delivered every event
+/// after the revision its `created` response reports; if that is newer than the read that
+/// decided to wait, the caller confirms with a fresh read while the watch is already in place:
+/// anything after the watch's revision is delivered, anything up to the fresh read's is seen
+/// by it.
 struct ChangeWatch {
     stream: etcd_client::WatchStream,
     targets: Vec<Watched>,
