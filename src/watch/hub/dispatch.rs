@@ -129,7 +129,6 @@ fn created(state: &mut State, incoming: Incoming, creation: Creation, cancels: &
     let revision = entry.reported;
     entry.created = Some(revision);
     entry.kept_from = revision;
-    entry.last = revision;
     tracing::trace!(
         target: "etcd_coord::handoff",
         key = %String::from_utf8_lossy(&scope),
@@ -156,8 +155,8 @@ fn apply(state: &mut State, scope: &[u8], id: i64, groups: Vec<Group>, cancels: 
     if groups.is_empty() {
         return;
     }
-    if entry.settled.is_none() {
-        entry.settled = Some(id);
+    if entry.watches.len() > 1 {
+        // The first twin to speak is kept.
         for twin in entry.watches.iter().filter(|&&w| w != id) {
             ids.remove(twin);
             cancels.push(*twin);
@@ -173,10 +172,9 @@ fn apply(state: &mut State, scope: &[u8], id: i64, groups: Vec<Group>, cancels: 
         );
     }
     for group in groups {
-        if group.revision <= entry.last {
+        if group.revision <= entry.last() {
             continue; // a twin's copy, or from before the scope was in place
         }
-        entry.last = group.revision;
         // The mirror first: a wait woken by this revision finds it applied.
         if let Some(Mirror {
             members: Some(members),

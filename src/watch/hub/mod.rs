@@ -147,12 +147,8 @@ struct Scope {
     reported: i64,
     /// The scope's live watches: its twins, then, once one of them has spoken, that one.
     watches: Vec<i64>,
-    /// The twin kept: the first that delivered events.
-    settled: Option<i64>,
     /// Events that arrived before every twin was created, in arrival order.
     early: Vec<(i64, Vec<Group>)>,
-    /// The newest revision dispatched (a twin's copy of it, or of an older one, is dropped).
-    last: i64,
     /// The most recent revisions' events, oldest first: all events after `kept_from`.
     kept: VecDeque<Group>,
     kept_from: i64,
@@ -164,6 +160,14 @@ struct Scope {
     idle_since: Instant,
     /// The scope's members, kept exact from a read on (built when a waiter asks for it).
     mirror: Option<Mirror>,
+}
+
+impl Scope {
+    /// The newest revision dispatched (a twin's copy of it, or of an older one, is dropped):
+    /// every dispatched revision is kept, and only the oldest are let go.
+    fn last(&self) -> i64 {
+        self.kept.back().map_or(self.kept_from, |g| g.revision)
+    }
 }
 
 /// One revision's events in a scope.
@@ -304,9 +308,7 @@ impl Hub {
                     awaiting: TWINS,
                     reported: 0,
                     watches: Vec::new(),
-                    settled: None,
                     early: Vec::new(),
-                    last: 0,
                     kept: VecDeque::new(),
                     kept_from: 0,
                     index: HashMap::new(),
