@@ -459,3 +459,142 @@ async fn a_requeue_hands_off_as_a_release_does_without_a_read_both_ways() {
         assert_eq!(pointers(&observer, &name).await, Vec::<String>::new());
     }
 }
+
+/// Sessions that wait for a sibling's write for as long as a test may take.
+fn lingering() -> etcd_coord::SessionOptions {
+    etcd_coord::SessionOptions::new()
+        .with_ttl(Duration::from_secs(30))
+        .with_linger(Duration::from_secs(60))
+}
+
+/// The lock's member keys at `revision`.
+async fn members_at(observer: &etcd_client::Client, name: &str, revision: i64) -> Vec<String> {
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_revision(revision);
+    observer
+        .kv_client()
+        .get(name, Some(options))
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .filter(|k| !is_pad(k) && !is_pointer(k))
+        .collect()
+}
+
+/// A `lock()` while a sibling holds waits for the sibling's release and goes in its Txn,
+/// after it: one revision deletes the holder's key and creates the new one, which is
+/// through at once (its read ran after the release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_while_a_sibling_holds_goes_in_the_siblings_release_and_holds_at_its_revision() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("merged");
+    let holder = LeasedSession::new(client(&etcd).await, lingering())
+        .await
+        .unwrap();
+    let sibling = holder.sibling(lingering()).await.unwrap();
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let held_key = members(&observer, &name).await;
+    let m = Mutex::new(&sibling, &name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        members(&observer, &name).await,
+        held_key,
+        "the enqueue waits for the sibling's write"
+    );
+    held.release().await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("through with the release")
+        .unwrap()
+        .unwrap();
+    let revision = guard.fencing_token();
+    assert_eq!(members_at(&observer, &name, revision - 1).await, held_key);
+    let now = members_at(&observer, &name, revision).await;
+    assert_eq!(
+        now.len(),
+        1,
+        "one Txn deleted the held key and put the new one"
+    );
+    assert_ne!(now, held_key);
+    guard.release().await.unwrap();
+}
+
+/// An enqueue with no sibling in its queue never waits: a lock held by another connection's
+/// session is queued for at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_with_no_sibling_in_its_queue_is_queued_for_at_once() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("alone");
+    let other = session(&etcd, 30).await;
+    let held = Mutex::new(&other, &name).lock().await.unwrap();
+    let lone = LeasedSession::new(client(&etcd).await, lingering())
+        .await
+        .unwrap();
+    let m = Mutex::new(&lone, &name);
+    let waiting = tokio::spawn(async move { m.lock().await });
+    assert!(members_are(&observer, &name, 2).await);
+    held.release().await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("through")
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+}
+
+/// Siblings' enqueues waiting at one moment for a sibling's release never share a Txn (each
+/// reads the queue another puts a key in): one goes with the release, the others wait for
+/// the next; every one holds in turn, alone, with a fencing token of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_of_their_own() {
+    const WAITERS: usize = 4;
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("merged-many");
+    let holder = LeasedSession::new(client(&etcd).await, lingering())
+        .await
+        .unwrap();
+    let held = Mutex::new(&holder, &name).lock().await.unwrap();
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut waiters = Vec::new();
+    for _ in 0..WAITERS {
+        let m = Mutex::new(&holder.sibling(lingering()).await.unwrap(), &name);
+        let holding = std::sync::Arc::clone(&holding);
+        waiters.push(tokio::spawn(async move {
+            let guard = m.lock().await?;
+            let at_once = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let token = guard.fencing_token();
+            guard.release().await?;
+            Ok::<_, Error>((at_once, token))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        members(&observer, &name).await.len(),
+        1,
+        "all wait to go with a write"
+    );
+    held.release().await.unwrap();
+    let mut tokens = Vec::new();
+    for waiter in waiters {
+        let (at_once, token) = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("every one holds in turn")
+            .unwrap()
+            .unwrap();
+        assert_eq!(at_once, 0, "two held at once");
+        tokens.push(token);
+    }
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), WAITERS, "fencing tokens shared");
+}

@@ -14,6 +14,7 @@ use super::cleanup::{Afterwards, Cleanup, Sweep};
 use super::decision::{Blocker, Decision, Snapshot, SHARED_PAGE_SLACK};
 use super::enqueue::{create_detached, enqueue, enqueue_releasing, numbered_key, Attempt, Outcome};
 use super::holding::Holding;
+use super::lines::Lines;
 use super::mirror;
 use super::ticket::{Acquired, Ticket};
 use super::wait::{read_fenced, wait_loop, Reads};
@@ -32,7 +33,7 @@ pub(crate) async fn acquire(
 }
 
 /// Releases `holding` (this session's member of `queue`, holding) and enqueues a new member
-/// of kind `kind` in one Txn ([`keys::requeue_txn`]), then waits like [`acquire`] — the
+/// of kind `kind` in one Txn ([`keys::requeue_conditional`]), then waits like [`acquire`] — the
 /// release and the next acquisition of a lock taken in a loop, in one raft entry instead of
 /// two. The waiters already in line are ahead of the new member, so the first of them is
 /// through at the Txn's revision, as after a release.
@@ -228,6 +229,7 @@ pub(crate) async fn adopt_on_lease(
         revision,
         after: Afterwards::Nothing,
         announces: false,
+        member: Some(Lines::enter(session, key)),
     };
     Ok(Some((acquired, kv.value().to_vec())))
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use etcd_client::{GetResponse, Txn, TxnOp};
 
 use crate::keys::{self, Queue};
+use crate::rpc::batch::How;
 use crate::rpc::Unanswered;
 use crate::session::Session;
 use crate::{Error, LeasedSession};
@@ -18,6 +19,7 @@ use super::cleanup::{Afterwards, Cleanup, Sweep};
 use super::decision::Snapshot;
 use super::detached::detached;
 use super::holding::Holding;
+use super::lines::Lines;
 use super::names::Claimed;
 use super::ticket::{Acquired, Put, Ticket};
 use super::SessionKeys;
@@ -47,7 +49,7 @@ pub(super) async fn enqueue(
 
 /// [`enqueue`], and with `releasing` (a holding of this session in the same queue, released by
 /// the default Txn: [`Holding::requeueable`]) its release in the same Txn
-/// ([`keys::requeue_txn`]): both happen or neither. The holding goes with the detached request:
+/// ([`keys::requeue_conditional`]): both happen or neither. The holding goes with the detached request:
 /// it is marked released once etcd confirmed the Txn — or once a retry found `key` created on
 /// our lease, which the same Txn did — and otherwise released by the session's task as it is
 /// dropped, as any guard dropped unreleased.
@@ -81,33 +83,42 @@ pub(super) async fn enqueue_releasing(
     };
     // Before anything is sent: a resumed session's look at its lease spares the key.
     let claim = session.intend(key);
+    // A plain enqueue while a sibling has a member in the queue: its release is coming.
+    let lingers = merged.is_none() && !session.linger.is_zero() && Lines::occupied(session, key);
     let work = {
         let session = Arc::clone(session);
         let key = key.to_owned();
         async move {
             let mut releasing = releasing;
             let lease = session.lease_id;
-            let txn = || match &merged {
-                Some(((held, create_revision), announces)) => keys::requeue_txn(
+            let txn = match &merged {
+                Some(((held, create_revision), announces)) => keys::requeue_conditional(
                     (held, *create_revision),
                     *announces,
                     lease,
                     &key,
-                    value.clone(),
-                    reads.clone(),
+                    value,
+                    reads,
                 ),
-                None => keys::enqueue_txn(&key, value.clone(), lease, reads.clone()),
+                None => keys::enqueue_conditional(&key, value, lease, reads),
             };
             let held = merged.as_ref().map(|((held, _), _)| held.as_str());
             if let Some(held) = held {
                 tracing::trace!(target: "etcd_coord::handoff", key = %held, "release sent");
             }
-            let put = Put::send(&session, txn).await?;
+            // Merged with what the session's siblings send (`rpc::batch`), in an order that
+            // comes to one after the other; a plain enqueue lingers for a sibling's write.
+            let how = How {
+                ordered: true,
+                linger: lingers.then_some(session.linger),
+                once: false,
+            };
+            let put = Put::send_merged(&session, txn, how).await?;
             if let Some(held) = held {
                 tracing::trace!(target: "etcd_coord::handoff", key = %held, "release answered");
             }
-            let (revision, gets) = (put.revision, keys::txn_gets(&put.resp));
-            if put.resp.succeeded() {
+            let (revision, gets) = (put.revision, put.gets());
+            if put.succeeded {
                 if let Some(holding) = releasing.as_mut() {
                     holding.released_by_owner(revision);
                 }
@@ -247,7 +258,7 @@ where
         async move {
             before.await;
             let put = Put::send(&session, txn).await?;
-            if put.resp.succeeded() {
+            if put.succeeded {
                 claim.confirm(put.revision);
                 return Ok(Created {
                     outcome: Outcome::Ours {
@@ -257,13 +268,8 @@ where
                     sent_more_than_once: put.uncertain,
                 });
             }
-            let outcome = on_else(
-                &session,
-                &keys::txn_gets(&put.resp),
-                put.revision,
-                put.uncertain,
-            )
-            .map_err(|e| put.fail(e))?;
+            let outcome = on_else(&session, &put.gets(), put.revision, put.uncertain)
+                .map_err(|e| put.fail(e))?;
             if let Outcome::Ours {
                 create_revision, ..
             } = outcome

@@ -9,11 +9,14 @@ use tokio::time::sleep;
 
 use crate::backoff::Backoff;
 use crate::keys;
+use crate::rpc::batch::{Conditional, How, Slice};
+use crate::rpc::Unanswered;
 use crate::{Error, LeasedSession};
 
 use super::cleanup::{Afterwards, Cleanup};
 use super::fence::{Fence, FenceState};
-use super::ticket::Acquired;
+use super::lines::Member;
+use super::ticket::{merged, Acquired};
 use super::SessionKeys;
 
 /// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes, and
@@ -74,6 +77,15 @@ macro_rules! holding_guard {
 }
 pub(crate) use holding_guard;
 
+/// How a release goes: merged with its siblings' parts, ordered (it reads nothing, so it goes
+/// before an enqueue that reads its queue), sent once per attempt of [`Holding::release_by`]'s
+/// own.
+const RELEASE: How = How {
+    ordered: true,
+    linger: None,
+    once: true,
+};
+
 /// The state behind every guard: its [`Fence`] and whether it was released. Releases in the
 /// background when dropped unreleased.
 pub(crate) struct Holding {
@@ -97,6 +109,9 @@ pub(crate) struct Holding {
     /// by the default Txn; `None` for one released by a Txn of its own ([`Self::with_release`]),
     /// which cannot be merged into another ([`Self::requeueable`]).
     announces: Option<bool>,
+    /// Counts the key in its queue's members of the session's family until the holding is
+    /// dropped (`engine::lines`).
+    _member: Option<Member>,
 }
 
 impl Holding {
@@ -139,10 +154,11 @@ impl Holding {
             release_in_flight: false,
             after: acquired.after,
             announces: None,
+            _member: acquired.member,
         }
     }
 
-    /// What a release merged with a new enqueue needs ([`keys::requeue_txn`]): the key, its
+    /// What a release merged with a new enqueue needs ([`keys::requeue_conditional`]): the key, its
     /// create revision and whether its release announces it — `None` if the holding has a
     /// release Txn of its own.
     pub(crate) fn requeueable(&self) -> Option<((&str, i64), bool)> {
@@ -191,15 +207,30 @@ impl Holding {
     ///
     /// Returns the revision of the confirming response: the key was gone at that revision
     /// (deleted at it, or earlier when a retry follows an unanswered attempt).
+    ///
+    /// The default release goes merged with what the session's siblings send at that moment
+    /// (`rpc::batch`): a sibling's lingering enqueue shares its raft entry, after it.
     pub(crate) async fn release(&mut self) -> Result<i64, Error> {
-        let txn = self.release_txn.clone();
-        self.release_by(txn).await
+        let via = match self.requeueable() {
+            Some(((key, token), announces)) => Via::Merged(keys::release_conditional(
+                key,
+                token,
+                self.fence.lease_id,
+                announces,
+            )),
+            None => Via::Alone(self.release_txn.clone()),
+        };
+        self.release_via(via).await
     }
 
     /// [`release`](Self::release) by `txn` instead of the holding's own release Txn: one that
     /// deletes the key as that does (fenced the same way) and writes more beside it — a
     /// double barrier's leave marker. Dropping the holding unreleased still sends its own.
     pub(crate) async fn release_by(&mut self, release_txn: Txn) -> Result<i64, Error> {
+        self.release_via(Via::Alone(release_txn)).await
+    }
+
+    async fn release_via(&mut self, via: Via) -> Result<i64, Error> {
         const ATTEMPTS: u32 = 3;
         if let Some(revision) = self.released_at {
             return Ok(revision);
@@ -218,36 +249,66 @@ impl Holding {
             }
             tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release sent");
             self.release_in_flight = true;
-            let answer = session.rpc.txn(release_txn.clone()).await;
+            let answer = match &via {
+                Via::Merged(txn) => merged(&session, txn.clone(), RELEASE)
+                    .await
+                    .map(|answered| answered.resp),
+                Via::Alone(txn) => match session.rpc.txn(txn.clone()).await {
+                    Ok(resp) => keys::header_revision(&resp)
+                        .map(|revision| Slice {
+                            succeeded: resp.succeeded(),
+                            ops: resp.op_responses(),
+                            revision,
+                        })
+                        .map_err(|error| Unanswered {
+                            error,
+                            uncertain: true,
+                        }),
+                    Err(error) => Err(Unanswered {
+                        uncertain: error.is_retryable(),
+                        error,
+                    }),
+                },
+            };
             self.release_in_flight = false;
             match answer {
                 Ok(resp) => {
+                    let revision = resp.revision;
                     tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release answered");
-                    let revision = resp.header().map_or(0, |h| h.revision());
                     self.released_at = Some(revision);
                     std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);
                     // The else-branch shows the key still there, with our create revision: not
                     // deleted by an earlier attempt of ours but taken over by another client.
-                    let taken_over = keys::txn_gets(&resp).iter().any(|g| {
+                    let taken_over = keys::op_gets(&resp.ops).iter().any(|g| {
                         g.kvs()
                             .iter()
                             .any(|kv| kv.create_revision() == fence.create_revision)
                     });
-                    return if resp.succeeded() || (self.release_maybe_landed && !taken_over) {
+                    return if resp.succeeded || (self.release_maybe_landed && !taken_over) {
                         Ok(revision)
                     } else {
                         Err(fence.lock_lost())
                     };
                 }
-                Err(e) if e.is_retryable() => {
+                Err(u) if u.error.is_retryable() => {
                     self.release_maybe_landed = true;
-                    last = Some(e);
+                    last = Some(u.error);
                 }
-                Err(e) => return Err(e),
+                Err(u) => {
+                    self.release_maybe_landed |= u.uncertain;
+                    return Err(u.error);
+                }
             }
         }
         Err(last.unwrap_or(Error::Timeout(session.rpc.timeout())))
     }
+}
+
+/// How a release goes: merged flat with siblings' parts (the default release), or alone (a
+/// Txn of its own).
+enum Via {
+    Merged(Conditional),
+    Alone(Txn),
 }
 
 impl std::fmt::Debug for Holding {

@@ -15,6 +15,8 @@
 //!   through the session's jobs).
 //! * [`cleanup`], [`names`], [`slots`] — background releases, sweeps of late copies, touches;
 //!   the names a session creates exclusively; the numbers in member key names.
+//! * [`lines`] — which queues a family of sibling sessions has members in (an enqueue lingers
+//!   for a sibling's release only there).
 //! * [`leftovers`] and [`resume`] — a resumed lease's keys: taken back or deleted.
 //! * [`inspect`] — reading a queue from outside, without a lease ([`Holder`]).
 //! * [`measure`] — an acquisition's and its guard's metrics, and its span's fencing token.
@@ -33,6 +35,7 @@ pub(crate) mod fence;
 pub(crate) mod holding;
 pub(crate) mod inspect;
 pub(crate) mod leftovers;
+pub(crate) mod lines;
 pub(crate) mod measure;
 pub(crate) mod mirror;
 pub(crate) mod names;

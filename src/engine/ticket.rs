@@ -3,15 +3,17 @@
 
 use std::sync::Arc;
 
-use etcd_client::Txn;
+use etcd_client::{GetResponse, Txn, TxnOpResponse};
 
 use crate::backoff::Backoff;
 use crate::keys::{self};
-use crate::rpc::Unanswered;
+use crate::rpc::batch::{Batcher, Conditional, How, Slice};
+use crate::rpc::{Answered, Stop, Unanswered};
 use crate::session::Session;
 use crate::Error;
 
 use super::cleanup::{Afterwards, Cleanup};
+use super::lines::{Lines, Member};
 use super::{until_answered, SessionKeys};
 
 /// A member key that has been (or may have been) created: cleaned up by the session's task if
@@ -34,6 +36,8 @@ pub(crate) struct Ticket {
     pub(super) announces: bool,
     /// The holders ahead announce their releases: waiting behind one, put a pointer to it.
     pub(super) expects_announcements: bool,
+    /// Counts the key in its queue's members of the session's family ([`Lines`]).
+    member: Option<Member>,
     armed: bool,
 }
 
@@ -47,13 +51,14 @@ impl Ticket {
     ) -> Ticket {
         Ticket {
             session: Arc::clone(session),
-            key,
             create_revision,
             after,
             pointer: None,
             pointers: Vec::new(),
             announces: false,
             expects_announcements: false,
+            member: Some(Lines::enter(session, &key)),
+            key,
             armed: true,
         }
     }
@@ -76,6 +81,7 @@ impl Ticket {
             revision,
             after: std::mem::replace(&mut self.after, Afterwards::Nothing),
             announces: self.announces,
+            member: self.member.take(),
         })
     }
 
@@ -131,12 +137,29 @@ pub(crate) struct Acquired {
     pub(crate) after: Afterwards,
     /// Its release announces it to the successor (it holds as the oldest member of its queue).
     pub(crate) announces: bool,
+    /// Counts the key in its queue's members of the session's family ([`Lines`]), if it is a
+    /// member of a line.
+    pub(crate) member: Option<Member>,
 }
 
-/// A conditional put sent until it was answered (with one backoff): the answer, its
-/// revision, and whether an earlier copy of it may still land.
+/// Sends the conditional Txn `txn` merged flat with what the session's siblings send at that
+/// moment (`rpc::batch`), going as `how` says: its answer (either branch), as for `txn` alone.
+pub(super) async fn merged(
+    session: &Arc<Session>,
+    txn: Conditional,
+    how: How,
+) -> Result<Answered<Slice>, Unanswered> {
+    let batcher = session.family_extension(Batcher::default);
+    let stop: Arc<dyn Stop> = Arc::clone(session) as Arc<dyn Stop>;
+    batcher.conditional(&session.rpc, txn, stop, how).await
+}
+
+/// A conditional put sent until it was answered (with one backoff): whether its compares held,
+/// the answers of the branch that ran, its revision, and whether an earlier copy of it may
+/// still land.
 pub(super) struct Put {
-    pub(super) resp: etcd_client::TxnResponse,
+    pub(super) succeeded: bool,
+    pub(super) ops: Vec<TxnOpResponse>,
     pub(super) revision: i64,
     pub(super) uncertain: bool,
 }
@@ -151,10 +174,32 @@ impl Put {
         let revision = keys::header_revision(&answered.resp)
             .map_err(|error| Unanswered { error, uncertain })?;
         Ok(Put {
-            resp: answered.resp,
+            succeeded: answered.resp.succeeded(),
+            ops: answered.resp.op_responses(),
             revision,
             uncertain,
         })
+    }
+
+    /// [`send`](Self::send), merged flat with what the session's siblings send at that moment
+    /// (`rpc::batch`, going as `how` says).
+    pub(super) async fn send_merged(
+        session: &Arc<Session>,
+        txn: Conditional,
+        how: How,
+    ) -> Result<Put, Unanswered> {
+        let answered = merged(session, txn, how).await?;
+        Ok(Put {
+            succeeded: answered.resp.succeeded,
+            ops: answered.resp.ops,
+            revision: answered.resp.revision,
+            uncertain: answered.uncertain,
+        })
+    }
+
+    /// The answers of its `Get`s.
+    pub(super) fn gets(&self) -> Vec<GetResponse> {
+        keys::op_gets(&self.ops)
     }
 
     /// `error`, for a request that may have landed if this one was sent more than once.

@@ -25,6 +25,7 @@ use etcd_client::{
     TxnOpResponse, TxnResponse,
 };
 
+use crate::rpc::batch::Conditional;
 use crate::Error;
 
 /// Longest accepted primitive name, in bytes.
@@ -306,10 +307,22 @@ pub(crate) fn fenced_delete(key: &str, create_revision: i64, lease_id: i64) -> T
 
 /// [`fenced_delete`], or with `announces` [`release_announcing`].
 fn fenced_release(key: &str, create_revision: i64, lease_id: i64, announces: bool) -> Txn {
-    Txn::new()
-        .when(owner_compares(key, create_revision, lease_id))
-        .and_then(release_ops(key, announces))
-        .or_else([keys_only_get(key)])
+    release_conditional(key, create_revision, lease_id, announces).txn()
+}
+
+/// [`fenced_delete`] (or with `announces` [`release_announcing`]) as its parts, to be merged
+/// with other Txns (`rpc::batch`).
+pub(crate) fn release_conditional(
+    key: &str,
+    create_revision: i64,
+    lease_id: i64,
+    announces: bool,
+) -> Conditional {
+    Conditional {
+        when: owner_compares(key, create_revision, lease_id),
+        then: release_ops(key, announces),
+        otherwise: vec![keys_only_get(key)],
+    }
 }
 
 /// What a release deletes: `key` and, with `announces` for a key of ours, every successor's
@@ -391,40 +404,53 @@ pub(crate) fn touch(key: &str, create_revision: i64, lease_id: i64) -> Txn {
 /// Then-branch: `[reads…, Put]`; our create revision is the header revision. Else-branch (a
 /// retry of the same acquisition): `[Get(key)]`; the caller reads afresh.
 pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<TxnOp>) -> Txn {
+    enqueue_conditional(key, value, lease_id, reads).txn()
+}
+
+/// [`enqueue_txn`] as its parts, to be merged with other Txns (`rpc::batch`).
+pub(crate) fn enqueue_conditional(
+    key: &str,
+    value: Vec<u8>,
+    lease_id: i64,
+    reads: Vec<TxnOp>,
+) -> Conditional {
     let mut then = reads;
     then.push(member_put(key, value, lease_id));
-    Txn::new()
-        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then(then)
-        .or_else([TxnOp::get(key, None)])
+    Conditional {
+        when: vec![Compare::create_revision(key, CompareOp::Equal, 0)],
+        then,
+        otherwise: vec![TxnOp::get(key, None)],
+    }
 }
 
 /// The member key `held` (created at `create_revision` on `lease_id`) released and `key` put
-/// in its queue, in one Txn — one raft entry where a release and a new enqueue are two. The
-/// release is [`release_announcing`]'s (with `announces`) or [`fenced_delete`]'s, the put
+/// in its queue, in one Txn — one raft entry where a release and a new enqueue are two — given
+/// as its parts, to be merged with other Txns (`rpc::batch`). The release is
+/// [`release_announcing`]'s (with `announces`) or [`fenced_delete`]'s, the put
 /// [`enqueue_txn`]'s: both happen, only while `held` is ours and `key` does not exist, or
 /// neither. `reads` run between them, so they see the queue without `held`.
 ///
 /// Then-branch: `[Delete(held), (Delete(pointers)), reads…, Put]`; `key`'s create revision is
 /// the header revision. Else-branch: `[Get(held, keys only), Get(key)]`.
-pub(crate) fn requeue_txn(
+pub(crate) fn requeue_conditional(
     held: (&str, i64),
     announces: bool,
     lease_id: i64,
     key: &str,
     value: Vec<u8>,
     reads: Vec<TxnOp>,
-) -> Txn {
+) -> Conditional {
     let (held, create_revision) = held;
     let mut when = owner_compares(held, create_revision, lease_id);
     when.push(Compare::create_revision(key, CompareOp::Equal, 0));
     let mut then = release_ops(held, announces);
     then.extend(reads);
     then.push(member_put(key, value, lease_id));
-    Txn::new()
-        .when(when)
-        .and_then(then)
-        .or_else([keys_only_get(held), TxnOp::get(key, None)])
+    Conditional {
+        when,
+        then,
+        otherwise: vec![keys_only_get(held), TxnOp::get(key, None)],
+    }
 }
 
 /// One round trip that runs `reads` only while `key` is still ours: the incarnation
@@ -472,10 +498,14 @@ pub(crate) fn header_revision(resp: &TxnResponse) -> Result<i64, Error> {
 
 /// The `Get` responses of a Txn, in order.
 pub(crate) fn txn_gets(resp: &TxnResponse) -> Vec<GetResponse> {
-    resp.op_responses()
-        .into_iter()
+    op_gets(&resp.op_responses())
+}
+
+/// The answers of the `Get`s among `ops` (a Txn's answers), in order.
+pub(crate) fn op_gets(ops: &[TxnOpResponse]) -> Vec<GetResponse> {
+    ops.iter()
         .filter_map(|op| match op {
-            TxnOpResponse::Get(g) => Some(g),
+            TxnOpResponse::Get(g) => Some(g.clone()),
             _ => None,
         })
         .collect()

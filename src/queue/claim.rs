@@ -310,6 +310,7 @@ fn read_chain(
             after: Afterwards::Nothing,
             // A claim key is no member of a line: nobody waits for its successor's pointer.
             announces: false,
+            member: None,
         };
         Holding::new(leased.clone(), acquired)
     };

@@ -83,6 +83,10 @@ pub(crate) struct Session {
     pub(crate) ttl: Duration,
     pub(crate) margin: Duration,
     pub(crate) keepalive_timeout: Duration,
+    /// How long an enqueue may wait for a sibling's write ([`SessionOptions::with_linger`]).
+    ///
+    /// [`SessionOptions::with_linger`]: crate::SessionOptions::with_linger
+    pub(crate) linger: Duration,
     pub(crate) rpc: Rpc,
     /// What it shares with its siblings: the one watch stream of their waits, and more.
     pub(super) family: Arc<Family>,
@@ -106,6 +110,7 @@ impl Session {
         ttl: Duration,
         margin: Duration,
         keepalive_timeout: Duration,
+        linger: Duration,
         rpc: Rpc,
         tasks: TaskTracker,
         live: &Liveness,
@@ -119,6 +124,7 @@ impl Session {
             ttl,
             margin,
             keepalive_timeout,
+            linger,
             family: family.unwrap_or_else(|| {
                 Arc::new(Family {
                     hub: Arc::new(Hub::new(rpc.clone(), ttl / 3, ttl)),

@@ -275,6 +275,7 @@ impl LeasedSession {
                 ttl,
                 margin,
                 keepalive_timeout,
+                options.linger,
                 rpc,
                 tasks,
                 &live,

@@ -27,6 +27,7 @@ pub struct SessionOptions {
     pub(super) keepalive_timeout: Option<Duration>,
     pub(super) request_timeout: Duration,
     pub(super) adoption_window: Option<Duration>,
+    pub(super) linger: Duration,
 }
 
 impl Default for SessionOptions {
@@ -45,6 +46,7 @@ impl SessionOptions {
             keepalive_timeout: None,
             request_timeout: Duration::from_secs(5),
             adoption_window: None,
+            linger: Duration::from_millis(2),
         }
     }
 
@@ -91,6 +93,22 @@ impl SessionOptions {
     pub fn with_adoption_window(mut self, window: Duration) -> Self {
         self.adoption_window = Some(window);
         self
+    }
+
+    /// How long an acquisition's enqueue (a `lock()`, `acquire()`, `campaign()`, …) may wait,
+    /// while a sibling session ([`LeasedSession::sibling`]) has a member in the same queue —
+    /// waiting or holding — for a write of a sibling (a release, most likely) to go in the
+    /// same Txn, one raft entry for both. It goes at once when such a write is sent, or when
+    /// this is up; an enqueue with no sibling in its queue never waits. Default 2 ms; zero
+    /// never waits. See `docs/design.md`, "Siblings' writes in one Txn".
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// How long an enqueue may wait for a sibling's write ([`with_linger`](Self::with_linger)).
+    pub fn linger(&self) -> Duration {
+        self.linger
     }
 
     /// The adoption window asked for, if any (`None`: the lease's TTL).
