@@ -549,11 +549,45 @@ async fn a_lock_with_no_sibling_in_its_queue_is_queued_for_at_once() {
     guard.release().await.unwrap();
 }
 
+/// A session's own other member in the queue is no sibling's: a second `lock()` of the session
+/// that holds is queued for at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_queue_holds_only_its_own_sessions_member_is_queued_for_at_once() {
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("own");
+    let own = LeasedSession::new(client(&etcd).await, lingering())
+        .await
+        .unwrap();
+    let _sibling = own.sibling(lingering()).await.unwrap(); // in no queue
+    let m = Mutex::new(&own, &name);
+    let held = m.lock().await.unwrap();
+    let waiting = tokio::spawn(async move { m.lock().await });
+    assert!(members_are(&observer, &name, 2).await);
+    held.release().await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("through")
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+}
+
 /// Siblings' enqueues waiting at one moment for a sibling's release never share a Txn (each
-/// reads the queue another puts a key in): one goes with the release, the others wait for
-/// the next; every one holds in turn, alone, with a fencing token of its own.
+/// depends on the queue another puts a key in): one goes with the release, the others wait
+/// for the next; every one holds in turn, alone, with a fencing token of its own — behind a
+/// short line, where each reads the queue, and behind a long one, where each decides from
+/// the session's mirror of it and reads nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_of_their_own() {
+    for line in [0, 72] {
+        siblings_waiting_together(line).await;
+    }
+}
+
+/// [`siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_of_their_own`]
+/// behind `line` sibling waiters lined up one by one first.
+async fn siblings_waiting_together(line: usize) {
     const WAITERS: usize = 4;
     let etcd = etcd().await;
     let observer = client(&etcd).await;
@@ -564,6 +598,22 @@ async fn siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_
     let held = Mutex::new(&holder, &name).lock().await.unwrap();
     let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut waiters = Vec::new();
+    let mut lined = Vec::new();
+    for i in 0..line {
+        // Lined up one by one: each lingers the default 2 ms, then goes alone.
+        let options = etcd_coord::SessionOptions::new().with_ttl(Duration::from_secs(30));
+        let m = Mutex::new(&holder.sibling(options).await.unwrap(), &name);
+        let holding = std::sync::Arc::clone(&holding);
+        lined.push(tokio::spawn(async move {
+            let guard = m.lock().await?;
+            let at_once = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let token = guard.fencing_token();
+            guard.release().await?;
+            Ok::<_, Error>((at_once, token))
+        }));
+        assert!(members_are(&observer, &name, i + 2).await, "waiter {i}");
+    }
     for _ in 0..WAITERS {
         let m = Mutex::new(&holder.sibling(lingering()).await.unwrap(), &name);
         let holding = std::sync::Arc::clone(&holding);
@@ -580,21 +630,25 @@ async fn siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         members(&observer, &name).await.len(),
-        1,
+        line + 1,
         "all wait to go with a write"
     );
     held.release().await.unwrap();
     let mut tokens = Vec::new();
-    for waiter in waiters {
-        let (at_once, token) = tokio::time::timeout(Duration::from_secs(10), waiter)
+    for waiter in lined.into_iter().chain(waiters) {
+        let (at_once, token) = tokio::time::timeout(Duration::from_secs(20), waiter)
             .await
             .expect("every one holds in turn")
             .unwrap()
             .unwrap();
-        assert_eq!(at_once, 0, "two held at once");
+        assert_eq!(at_once, 0, "two held at once (behind {line})");
         tokens.push(token);
     }
     tokens.sort();
     tokens.dedup();
-    assert_eq!(tokens.len(), WAITERS, "fencing tokens shared");
+    assert_eq!(
+        tokens.len(),
+        line + WAITERS,
+        "fencing tokens shared (behind {line})"
+    );
 }

@@ -84,7 +84,7 @@ pub(super) async fn enqueue_releasing(
     // Before anything is sent: a resumed session's look at its lease spares the key.
     let claim = session.intend(key);
     // A plain enqueue while a sibling has a member in the queue: its release is coming.
-    let lingers = merged.is_none() && !session.linger.is_zero() && Lines::occupied(session, key);
+    let lingers = merged.is_none() && !session.linger.is_zero() && Lines::sibling_in(session, key);
     let work = {
         let session = Arc::clone(session);
         let key = key.to_owned();

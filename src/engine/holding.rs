@@ -211,7 +211,10 @@ impl Holding {
     /// The default release goes merged with what the session's siblings send at that moment
     /// (`rpc::batch`): a sibling's lingering enqueue shares its raft entry, after it.
     pub(crate) async fn release(&mut self) -> Result<i64, Error> {
-        let via = match self.requeueable() {
+        // A session already Lost (on the clock) merges nothing: its release goes alone, as
+        // it always did (etcd may not have expired the lease yet).
+        let lost = self.fence.session.inner().check().is_err();
+        let via = match self.requeueable().filter(|_| !lost) {
             Some(((key, token), announces)) => Via::Merged(keys::release_conditional(
                 key,
                 token,
@@ -252,7 +255,12 @@ impl Holding {
             let answer = match &via {
                 Via::Merged(txn) => merged(&session, txn.clone(), RELEASE)
                     .await
-                    .map(|answered| answered.resp),
+                    .map(|answered| {
+                        // An attempt carrying it went unanswered (a merged Txn sent alone
+                        // again): it may have deleted the key.
+                        self.release_maybe_landed |= answered.uncertain;
+                        answered.resp
+                    }),
                 Via::Alone(txn) => match session.rpc.txn(txn.clone()).await {
                     Ok(resp) => keys::header_revision(&resp)
                         .map(|revision| Slice {

@@ -322,6 +322,7 @@ pub(crate) fn release_conditional(
         when: owner_compares(key, create_revision, lease_id),
         then: release_ops(key, announces),
         otherwise: vec![keys_only_get(key)],
+        depends: Vec::new(),
     }
 }
 
@@ -407,7 +408,25 @@ pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<T
     enqueue_conditional(key, value, lease_id, reads).txn()
 }
 
-/// [`enqueue_txn`] as its parts, to be merged with other Txns (`rpc::batch`).
+/// The queue of member key `key`: its name up to its last `/` (`<name>/` for a lock's
+/// shared queue, `<name>/#<kind>/` for a queue of our own; a read/write lock's readers and
+/// writers share one).
+pub(crate) fn queue_of(key: &str) -> &str {
+    key.rfind('/').map_or(key, |slash| &key[..=slash])
+}
+
+/// A read of every key of `key`'s queue ([`queue_of`]), and of the names nested in a shared
+/// one: what an enqueue's outcome depends on, whether it reads the queue or decides from its
+/// session's mirror.
+fn whole_queue(key: &str) -> TxnOp {
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    TxnOp::get(queue_of(key), Some(options))
+}
+
+/// [`enqueue_txn`] as its parts, to be merged with other Txns (`rpc::batch`); whatever it
+/// reads, it depends on its whole queue.
 pub(crate) fn enqueue_conditional(
     key: &str,
     value: Vec<u8>,
@@ -420,6 +439,7 @@ pub(crate) fn enqueue_conditional(
         when: vec![Compare::create_revision(key, CompareOp::Equal, 0)],
         then,
         otherwise: vec![TxnOp::get(key, None)],
+        depends: vec![whole_queue(key)],
     }
 }
 
@@ -450,6 +470,7 @@ pub(crate) fn requeue_conditional(
         when,
         then,
         otherwise: vec![keys_only_get(held), TxnOp::get(key, None)],
+        depends: vec![whole_queue(key)],
     }
 }
 

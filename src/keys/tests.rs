@@ -156,3 +156,20 @@ proptest! {
         prop_assert!(matches!(shared(&bad), Err(Error::InvalidArgument(_))));
     }
 }
+
+#[test]
+fn a_member_keys_queue_is_its_name_up_to_its_last_slash_one_per_kind() {
+    let key = |name: &str, layout: Layout, kind: &str| {
+        Queue::new(name, layout).unwrap().member_key(kind, 0xff, 1)
+    };
+    let mutex = key("locks/a", Layout::Shared, "");
+    assert_eq!(queue_of(&mutex), "locks/a/");
+    let permit = key("locks/a", Layout::Own("sem"), "");
+    assert_eq!(queue_of(&permit), "locks/a/#sem/");
+    let (reader, writer) = (
+        key("locks/a", Layout::Own("rwlock"), "r"),
+        key("locks/a", Layout::Own("rwlock"), "w"),
+    );
+    assert_eq!(queue_of(&reader), queue_of(&writer));
+    assert_ne!(queue_of(&reader), queue_of(&permit));
+}

@@ -91,9 +91,10 @@ pub(crate) struct How {
     /// part starts (a write it can share a raft entry with), or once this is up.
     pub(crate) linger: Option<Duration>,
     /// It is sent once: a failed attempt is answered with its error (uncertain if it may have
-    /// landed) instead of being retried alone — unless etcd refused a merged Txn, when it is
-    /// sent alone once (the refusal may have been another part's). For callers with a retry
-    /// loop of their own.
+    /// landed; a merged Txn that went unanswered as [`Error::Timeout`], whatever its own error
+    /// was) instead of being retried alone — unless etcd refused a merged Txn, or a compare of
+    /// a flat one failed, when it is sent alone once (the cause may have been another part's).
+    /// For callers with a retry loop of their own.
     pub(crate) once: bool,
 }
 
@@ -167,6 +168,11 @@ pub(crate) struct Conditional {
     pub(crate) when: Vec<Compare>,
     pub(crate) then: Vec<TxnOp>,
     pub(crate) otherwise: Vec<TxnOp>,
+    /// Reads never sent, that the part counts as its own when it is merged: what its outcome
+    /// depends on beyond what it reads (an enqueue that decides from its session's mirror of
+    /// the queue rather than from a read still depends on the queue: no other enqueue of it
+    /// may share its Txn, and with it its create revision).
+    pub(crate) depends: Vec<TxnOp>,
 }
 
 impl Conditional {
@@ -205,7 +211,11 @@ impl Part {
     fn shape(&self) -> Shape {
         match &self.body {
             Body::Ops { first, .. } => Shape::of(first, self.ordered, false),
-            Body::Whole(c) => Shape::of(&[TxnOp::txn(c.txn())], self.ordered, true),
+            Body::Whole(c) => {
+                let mut shape = Shape::of(&[TxnOp::txn(c.txn())], self.ordered, true);
+                shape.depends_on(&c.depends);
+                shape
+            }
         }
     }
 
@@ -362,6 +372,27 @@ impl Batcher {
         }
     }
 
+    /// Puts `parts` — lingering, taken by a round whose Txns they may not share — back first
+    /// among those waiting, but for those whose callers left meanwhile (their `Withdraw` found
+    /// nothing to take back); starts a round if one of them hurried meanwhile (its `hurry`
+    /// found nothing either) and fewer than [`ROUNDS`] are in flight.
+    fn put_back(self: &Arc<Self>, parts: Vec<Part>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut back: Vec<Part> = parts
+            .into_iter()
+            .filter(|p| !p.reply.is_closed() && !p.fate.lock().is_ok_and(|f| f.abandoned))
+            .collect();
+        let rpc = back.iter().find(|p| p.urgent()).map(|p| p.rpc.clone());
+        back.append(&mut state.open);
+        state.open = back;
+        let start = rpc.filter(|_| state.sending < ROUNDS);
+        state.sending += start.is_some() as usize;
+        drop(state);
+        if let Some(rpc) = start {
+            rpc.spawn(Arc::clone(self).round());
+        }
+    }
+
     /// Sends the parts waiting as one round — those that came while the task was on its way
     /// too — each group once; then, in a task of their own, those that came meanwhile.
     fn round(self: Arc<Self>) -> BoxFuture<'static, ()> {
@@ -383,14 +414,9 @@ impl Batcher {
                 .into_iter()
                 .partition(|group| group.iter().any(Part::urgent));
             if !lingering.is_empty() {
-                let mut state = round
+                round
                     .batcher
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let mut back: Vec<Part> = lingering.into_iter().flatten().collect();
-                back.append(&mut state.open);
-                state.open = back;
+                    .put_back(lingering.into_iter().flatten().collect());
             }
             join_all(groups.into_iter().map(attempt)).await;
             drop(round);
@@ -522,7 +548,17 @@ async fn attempt(parts: Vec<Part>) {
             let uncertain = error.is_retryable();
             tracing::debug!(%error, parts = live.len(), "a merged Txn failed; its parts go alone");
             for p in live {
-                alone(p, uncertain);
+                match p.once && uncertain {
+                    // Answered: its caller's own loop retries (the attempt may have landed).
+                    true => {
+                        let error = Error::Timeout(p.rpc.timeout());
+                        p.answer(Err(Unanswered {
+                            error,
+                            uncertain: true,
+                        }));
+                    }
+                    false => alone(p, uncertain),
+                }
             }
         }
     }

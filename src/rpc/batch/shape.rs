@@ -191,6 +191,16 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// Counts the reads of `ops` as its own, though they are not sent.
+    pub(super) fn depends_on(&mut self, ops: &[TxnOp]) {
+        let txn = PbTxnRequest::from(Txn::new().and_then(ops.to_vec()));
+        for op in &txn.success {
+            below(op, &mut self.access);
+        }
+    }
+}
+
 /// The operations `op` uses below its own level (etcd's `checkTxnRequest`: a Txn uses the
 /// longest of its compares, success and failure lists, and its nested Txns what they use
 /// below that); adds the keys it touches to `access`.

@@ -496,6 +496,7 @@ fn create(key: &str) -> Conditional {
         when: vec![Compare::create_revision(key, CompareOp::Equal, 0)],
         then: vec![TxnOp::put(key, "", None)],
         otherwise: vec![TxnOp::get(key, None)],
+        depends: Vec::new(),
     }
 }
 
@@ -535,4 +536,45 @@ async fn conditional_txns_go_flat_in_one_txn_and_alone_once_a_compare_fails() {
     assert!(!again.resp.succeeded, "its own else-branch");
     assert!(matches!(&again.resp.ops[..], [TxnOpResponse::Get(g)] if g.kvs().len() == 1));
     assert!(third.resp.revision > second.resp.revision);
+}
+
+/// Parts sent once, in a merged Txn that went unanswered, are answered — uncertain,
+/// retryable — and not sent again: their callers' own loops retry.
+#[tokio::test]
+async fn parts_sent_once_in_a_merged_txn_that_went_unanswered_are_answered_uncertain_not_resent() {
+    let (rpc, batcher, _submit) = batcher_on("127.0.0.1:1", 100).await;
+    let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
+    let submit = |txn: Conditional, how: How| {
+        let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
+        tokio::spawn(async move {
+            batcher
+                .conditional(&rpc, txn, Switch::new().stop(), how)
+                .await
+        })
+    };
+    let before = txns();
+    let once = How {
+        once: true,
+        ..URGENT
+    };
+    let first = submit(
+        create("once/a"),
+        How {
+            linger: Some(std::time::Duration::from_secs(30)),
+            ..once
+        },
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let second = submit(create("once/b"), once);
+    for answer in [
+        second.await.unwrap(),
+        left_at_once(first, "the first").await,
+    ] {
+        let Err(u) = answer else {
+            panic!("answered although etcd is unreachable")
+        };
+        assert!(u.uncertain && u.error.is_retryable(), "{u:?}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(txns(), before + 1, "the merged Txn only");
 }

@@ -73,6 +73,30 @@ fn two_enqueues_in_one_queue_never_share_a_txn() {
 }
 
 #[test]
+fn two_enqueues_that_read_nothing_but_depend_on_their_queue_never_share_a_txn() {
+    // Decided from the session's mirror: no read is sent, yet the outcome depends on the queue.
+    let mirrored = |key: &str| {
+        let mut shape = Shape::of(
+            &[TxnOp::txn(
+                Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, "", None)]),
+            )],
+            true,
+            true,
+        );
+        shape.depends_on(&[TxnOp::get(QUEUE, Some(GetOptions::new().with_prefix()))]);
+        shape
+    };
+    let (a, b) = (
+        mirrored("lock#m/00000000000000bb-2"),
+        mirrored("lock#m/00000000000000cc-3"),
+    );
+    let r = ordered(&release());
+    assert_eq!(grouping(&[&a, &r, &b]), [vec![1, 0], vec![2]]);
+}
+
+#[test]
 fn an_ordered_part_shares_no_key_with_a_strict_one() {
     let ops = |ordered| Shape::of(&enqueue("lock#m/00000000000000bb-2"), ordered, false);
     let strict = Shape::of(&[TxnOp::put(HELD, "", None)], false, false);
