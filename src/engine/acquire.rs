@@ -85,28 +85,29 @@ async fn enqueue_and_wait(
 
 /// Enqueues a new member of kind `kind` in `queue`: its ticket, marked as `blocker` says, the
 /// enqueue's snapshot if that decides (its page held the whole queue), and whether the line is
-/// long enough to decide from the session's mirror of the queue ([`mirror`]). With
-/// `mirrored`, when the session already mirrors the queue, the enqueue reads nothing and the
-/// wait decides from the mirror: etcd answers even a page of a range by visiting every key of
-/// it (to count them), which a long queue makes costly.
+/// long enough to decide from the session's mirror of the queue ([`mirror`]). With `waits`
+/// (an acquisition that waits, not a try): when the session already mirrors the queue, the
+/// enqueue reads nothing and the wait decides from the mirror (etcd answers even a page of a
+/// range by visiting every key of it, to count them, which a long queue makes costly); and the
+/// enqueue may linger for a sibling's write to share its Txn (`engine::lines`).
 async fn enqueue_member(
     session: &Arc<Session>,
     queue: &Queue,
     kind: &str,
     blocker: &Blocker,
     value: Vec<u8>,
-    mirrored: bool,
+    waits: bool,
     releasing: Option<Holding>,
 ) -> Result<(Ticket, Option<Snapshot>, bool), Error> {
     let (key, slot) = numbered_key(session, queue, kind);
-    let skip_page = mirrored && mirror::mirrors(session, blocker, &key);
+    let skip_page = waits && mirror::mirrors(session, blocker, &key);
     let reads = if skip_page {
         Vec::new()
     } else {
         blocker.reads_at_enqueue()
     };
     let (mut ticket, first) =
-        enqueue_releasing(session, &key, slot, value, reads, releasing).await?;
+        enqueue_releasing(session, &key, slot, value, reads, releasing, waits).await?;
     ticket.announces = blocker.heads(queue);
     ticket.expects_announcements = blocker.announced();
     let long = skip_page || first.as_ref().is_some_and(|s| blocker.long_at_enqueue(s));

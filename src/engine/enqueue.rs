@@ -44,15 +44,17 @@ pub(super) async fn enqueue(
     value: Vec<u8>,
     reads: Vec<TxnOp>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
-    enqueue_releasing(session, key, slot, value, reads, None).await
+    enqueue_releasing(session, key, slot, value, reads, None, false).await
 }
 
 /// [`enqueue`], and with `releasing` (a holding of this session in the same queue, released by
 /// the default Txn: [`Holding::requeueable`]) its release in the same Txn
-/// ([`keys::requeue_conditional`]): both happen or neither. The holding goes with the detached request:
-/// it is marked released once etcd confirmed the Txn — or once a retry found `key` created on
-/// our lease, which the same Txn did — and otherwise released by the session's task as it is
-/// dropped, as any guard dropped unreleased.
+/// ([`keys::requeue_conditional`]): both happen or neither. The holding goes with the detached
+/// request: it is marked released once etcd confirmed the Txn — or once a retry found `key`
+/// created on our lease, which the same Txn did — and otherwise released by the session's task
+/// as it is dropped, as any guard dropped unreleased. With `may_linger` (an acquisition that
+/// waits), a plain enqueue lingers while a sibling has a member in the queue
+/// ([`Lines::sibling_in`]).
 ///
 /// # Errors
 /// As [`enqueue`]; and [`Error::LockLost`] (nothing was put) if the held key was no longer
@@ -65,6 +67,7 @@ pub(super) async fn enqueue_releasing(
     value: Vec<u8>,
     reads: Vec<TxnOp>,
     releasing: Option<Holding>,
+    may_linger: bool,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
     // A holding released already (a resigned leadership) has nothing to merge.
     let releasing = releasing.filter(|holding| !holding.is_released());
@@ -84,7 +87,10 @@ pub(super) async fn enqueue_releasing(
     // Before anything is sent: a resumed session's look at its lease spares the key.
     let claim = session.intend(key);
     // A plain enqueue while a sibling has a member in the queue: its release is coming.
-    let lingers = merged.is_none() && !session.linger.is_zero() && Lines::sibling_in(session, key);
+    let lingers = may_linger
+        && merged.is_none()
+        && !session.linger.is_zero()
+        && Lines::sibling_in(session, key);
     let work = {
         let session = Arc::clone(session);
         let key = key.to_owned();

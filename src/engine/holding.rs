@@ -11,6 +11,7 @@ use crate::backoff::Backoff;
 use crate::keys;
 use crate::rpc::batch::{Conditional, How, Slice};
 use crate::rpc::Unanswered;
+use crate::session::Session;
 use crate::{Error, LeasedSession};
 
 use super::cleanup::{Afterwards, Cleanup};
@@ -110,8 +111,8 @@ pub(crate) struct Holding {
     /// which cannot be merged into another ([`Self::requeueable`]).
     announces: Option<bool>,
     /// Counts the key in its queue's members of the session's family until the holding is
-    /// dropped (`engine::lines`).
-    _member: Option<Member>,
+    /// released or dropped (`engine::lines`).
+    member: Option<Member>,
 }
 
 impl Holding {
@@ -154,7 +155,7 @@ impl Holding {
             release_in_flight: false,
             after: acquired.after,
             announces: None,
-            _member: acquired.member,
+            member: acquired.member,
         }
     }
 
@@ -193,6 +194,7 @@ impl Holding {
     pub(crate) fn released_by_owner(&mut self, revision: i64) {
         if self.released_at.is_none() {
             self.released_at = Some(revision);
+            self.member = None;
             let session = Arc::clone(self.fence.session.inner());
             std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);
         }
@@ -211,10 +213,7 @@ impl Holding {
     /// The default release goes merged with what the session's siblings send at that moment
     /// (`rpc::batch`): a sibling's lingering enqueue shares its raft entry, after it.
     pub(crate) async fn release(&mut self) -> Result<i64, Error> {
-        // A session already Lost (on the clock) merges nothing: its release goes alone, as
-        // it always did (etcd may not have expired the lease yet).
-        let lost = self.fence.session.inner().check().is_err();
-        let via = match self.requeueable().filter(|_| !lost) {
+        let via = match self.requeueable() {
             Some(((key, token), announces)) => Via::Merged(keys::release_conditional(
                 key,
                 token,
@@ -252,31 +251,27 @@ impl Holding {
             }
             tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release sent");
             self.release_in_flight = true;
+            // A session Lost on its clock (etcd may not have expired the lease yet) merges
+            // nothing: its release goes alone, as it always did — also one that the merged
+            // path stopped for that.
             let answer = match &via {
-                Via::Merged(txn) => merged(&session, txn.clone(), RELEASE)
-                    .await
-                    .map(|answered| {
-                        // An attempt carrying it went unanswered (a merged Txn sent alone
-                        // again): it may have deleted the key.
-                        self.release_maybe_landed |= answered.uncertain;
-                        answered.resp
-                    }),
-                Via::Alone(txn) => match session.rpc.txn(txn.clone()).await {
-                    Ok(resp) => keys::header_revision(&resp)
-                        .map(|revision| Slice {
-                            succeeded: resp.succeeded(),
-                            ops: resp.op_responses(),
-                            revision,
-                        })
-                        .map_err(|error| Unanswered {
-                            error,
-                            uncertain: true,
-                        }),
-                    Err(error) => Err(Unanswered {
-                        uncertain: error.is_retryable(),
-                        error,
-                    }),
-                },
+                Via::Merged(txn) if session.check().is_ok() => {
+                    match merged(&session, txn.clone(), RELEASE).await {
+                        Ok(answered) => {
+                            // An attempt carrying it went unanswered (a merged Txn sent alone
+                            // again): it may have deleted the key.
+                            self.release_maybe_landed |= answered.uncertain;
+                            Ok(answered.resp)
+                        }
+                        Err(u) if !u.error.is_retryable() && session.check().is_err() => {
+                            self.release_maybe_landed |= u.uncertain;
+                            alone(&session, txn.txn()).await
+                        }
+                        Err(u) => Err(u),
+                    }
+                }
+                Via::Merged(txn) => alone(&session, txn.txn()).await,
+                Via::Alone(txn) => alone(&session, txn.clone()).await,
             };
             self.release_in_flight = false;
             match answer {
@@ -284,6 +279,7 @@ impl Holding {
                     let revision = resp.revision;
                     tracing::trace!(target: "etcd_coord::handoff", key = %fence.key, "release answered");
                     self.released_at = Some(revision);
+                    self.member = None;
                     std::mem::replace(&mut self.after, Afterwards::Nothing).key_deleted(&session);
                     // The else-branch shows the key still there, with our create revision: not
                     // deleted by an earlier attempt of ours but taken over by another client.
@@ -309,6 +305,26 @@ impl Holding {
             }
         }
         Err(last.unwrap_or(Error::Timeout(session.rpc.timeout())))
+    }
+}
+
+/// Sends a release Txn alone (not merged): its answer, as a merged part's.
+async fn alone(session: &Session, txn: Txn) -> Result<Slice, Unanswered> {
+    match session.rpc.txn(txn).await {
+        Ok(resp) => keys::header_revision(&resp)
+            .map(|revision| Slice {
+                succeeded: resp.succeeded(),
+                ops: resp.op_responses(),
+                revision,
+            })
+            .map_err(|error| Unanswered {
+                error,
+                uncertain: true,
+            }),
+        Err(error) => Err(Unanswered {
+            uncertain: error.is_retryable(),
+            error,
+        }),
     }
 }
 

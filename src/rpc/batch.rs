@@ -310,7 +310,14 @@ impl Batcher {
             reply,
             fate: Arc::clone(&fate),
         };
-        self.open(part);
+        if let Some(part) = self.open(part) {
+            let round = Round {
+                batcher: Arc::clone(self),
+                ran: true,
+            };
+            attempt(vec![part]).await;
+            drop(round);
+        }
         // A caller that leaves takes back a part no round took yet (one lingering, say).
         let _withdraw = Withdraw {
             batcher: self,
@@ -340,11 +347,20 @@ impl Batcher {
     }
 
     /// Adds `part` to those waiting for the next round; starts one if it is urgent and fewer
-    /// than [`ROUNDS`] are in flight.
-    fn open(self: &Arc<Self>, part: Part) {
+    /// than [`ROUNDS`] are in flight. An urgent whole Txn that finds nothing waiting and no
+    /// round in flight is handed back instead, counted as a round in flight: its caller sends
+    /// it at once, in its own task (a spawned round would cost a task hop on every
+    /// uncontended request); it is a request cancelled with its caller, as any write of ours
+    /// sent directly (a release or an enqueue of the engine, each fenced or idempotent).
+    fn open(self: &Arc<Self>, part: Part) -> Option<Part> {
         let rpc = part.rpc.clone();
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let alone = matches!(part.body, Body::Whole(_)) && part.urgent();
+            if alone && state.open.is_empty() && state.sending == 0 {
+                state.sending += 1;
+                return Some(part);
+            }
             let start = part.urgent() && state.sending < ROUNDS;
             state.open.push(part);
             state.sending += start as usize;
@@ -353,6 +369,7 @@ impl Batcher {
         if start {
             rpc.spawn(Arc::clone(self).round());
         }
+        None
     }
 
     /// The lingering part `urgent` is urgent from now on: it starts a round if it waits for
@@ -380,7 +397,10 @@ impl Batcher {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut back: Vec<Part> = parts
             .into_iter()
-            .filter(|p| !p.reply.is_closed() && !p.fate.lock().is_ok_and(|f| f.abandoned))
+            .filter(|p| {
+                let fate = p.fate.lock().unwrap_or_else(|e| e.into_inner());
+                !p.reply.is_closed() && !fate.abandoned
+            })
             .collect();
         let rpc = back.iter().find(|p| p.urgent()).map(|p| p.rpc.clone());
         back.append(&mut state.open);

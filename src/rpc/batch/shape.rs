@@ -246,8 +246,7 @@ struct Group {
 }
 
 impl Group {
-    fn of(i: usize, part: &Shape) -> Group {
-        let touched = part.access.touched();
+    fn of(i: usize, part: &Shape, touched: Keys) -> Group {
         let strict = match part.ordered {
             true => Keys::default(),
             false => touched.clone(),
@@ -264,15 +263,15 @@ impl Group {
         }
     }
 
-    /// Adds part `i` of shape `part` if it may join: last, or first if only so.
-    fn join(&mut self, i: usize, part: &Shape) -> bool {
+    /// Adds part `i` of shape `part` (touching `touched`) if it may join: last, or first if
+    /// only so.
+    fn join(&mut self, i: usize, part: &Shape, touched: &Keys) -> bool {
         if self.alone
             || self.whole != part.whole
             || self.width + part.width + self.depth.max(part.depth) > TXN_OPS
         {
             return false;
         }
-        let touched = part.access.touched();
         let last = if !part.ordered {
             // Strict: shares no key with any part, and touches no range.
             if touched.has_range() || touched.meets(&self.touched) {
@@ -299,9 +298,9 @@ impl Group {
         self.depth = self.depth.max(part.depth);
         self.access.extend(&part.access);
         if !part.ordered {
-            self.strict.extend(&touched);
+            self.strict.extend(touched);
         }
-        self.touched.extend(&touched);
+        self.touched.extend(touched);
         true
     }
 }
@@ -312,8 +311,9 @@ impl Group {
 pub(super) fn grouping(shapes: &[&Shape]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Group> = Vec::new();
     for (i, part) in shapes.iter().enumerate() {
-        if !groups.iter_mut().any(|group| group.join(i, part)) {
-            groups.push(Group::of(i, part));
+        let touched = part.access.touched();
+        if !groups.iter_mut().any(|group| group.join(i, part, &touched)) {
+            groups.push(Group::of(i, part, touched));
         }
     }
     groups
