@@ -33,7 +33,7 @@ pub(crate) async fn acquire(
 }
 
 /// Releases `holding` (this session's member of `queue`, holding) and enqueues a new member
-/// of kind `kind` in one Txn ([`keys::requeue_conditional`]), then waits like [`acquire`] — the
+/// of kind `kind` in one Txn ([`keys::requeue_parts`]), then waits like [`acquire`] — the
 /// release and the next acquisition of a lock taken in a loop, in one raft entry instead of
 /// two. The waiters already in line are ahead of the new member, so the first of them is
 /// through at the Txn's revision, as after a release.

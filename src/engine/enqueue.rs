@@ -10,7 +10,7 @@ use std::sync::Arc;
 use etcd_client::{GetResponse, Txn, TxnOp};
 
 use crate::keys::{self, Queue};
-use crate::rpc::batch::How;
+use crate::rpc::batch::{Conditional, How};
 use crate::rpc::Unanswered;
 use crate::session::Session;
 use crate::{Error, LeasedSession};
@@ -49,7 +49,7 @@ pub(super) async fn enqueue(
 
 /// [`enqueue`], and with `releasing` (a holding of this session in the same queue, released by
 /// the default Txn: [`Holding::requeueable`]) its release in the same Txn
-/// ([`keys::requeue_conditional`]): both happen or neither. The holding goes with the detached
+/// ([`keys::requeue_parts`]): both happen or neither. The holding goes with the detached
 /// request: it is marked released once etcd confirmed the Txn — or once a retry found `key`
 /// created on our lease, which the same Txn did — and otherwise released by the session's task
 /// as it is dropped, as any guard dropped unreleased. With `may_linger` (an acquisition that
@@ -97,8 +97,8 @@ pub(super) async fn enqueue_releasing(
         async move {
             let mut releasing = releasing;
             let lease = session.lease_id;
-            let txn = match &merged {
-                Some(((held, create_revision), announces)) => keys::requeue_conditional(
+            let parts = match &merged {
+                Some(((held, create_revision), announces)) => keys::requeue_parts(
                     (held, *create_revision),
                     *announces,
                     lease,
@@ -106,8 +106,10 @@ pub(super) async fn enqueue_releasing(
                     value,
                     reads,
                 ),
-                None => keys::enqueue_conditional(&key, value, lease, reads),
+                None => keys::enqueue_parts(&key, value, lease, reads),
             };
+            // Whatever it reads, its outcome depends on the whole queue.
+            let txn = Conditional::from(parts).depending_on(vec![keys::whole_queue(&key)]);
             let held = merged.as_ref().map(|((held, _), _)| held.as_str());
             if let Some(held) = held {
                 tracing::trace!(target: "etcd_coord::handoff", key = %held, "release sent");

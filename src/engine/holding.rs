@@ -159,7 +159,7 @@ impl Holding {
         }
     }
 
-    /// What a release merged with a new enqueue needs ([`keys::requeue_conditional`]): the key, its
+    /// What a release merged with a new enqueue needs ([`keys::requeue_parts`]): the key, its
     /// create revision and whether its release announces it — `None` if the holding has a
     /// release Txn of its own.
     pub(crate) fn requeueable(&self) -> Option<((&str, i64), bool)> {
@@ -213,15 +213,13 @@ impl Holding {
     /// The default release goes merged with what the session's siblings send at that moment
     /// (`rpc::batch`): a sibling's lingering enqueue shares its raft entry, after it.
     pub(crate) async fn release(&mut self) -> Result<i64, Error> {
-        let via = match self.requeueable() {
-            Some(((key, token), announces)) => Via::Merged(keys::release_conditional(
-                key,
-                token,
-                self.fence.lease_id,
-                announces,
-            )),
-            None => Via::Alone(self.release_txn.clone()),
-        };
+        let via =
+            match self.requeueable() {
+                Some(((key, token), announces)) => Via::Merged(Conditional::from(
+                    keys::release_parts(key, token, self.fence.lease_id, announces),
+                )),
+                None => Via::Alone(self.release_txn.clone()),
+            };
         self.release_via(via).await
     }
 

@@ -25,7 +25,6 @@ use etcd_client::{
     TxnOpResponse, TxnResponse,
 };
 
-use crate::rpc::batch::Conditional;
 use crate::Error;
 
 /// Longest accepted primitive name, in bytes.
@@ -307,23 +306,30 @@ pub(crate) fn fenced_delete(key: &str, create_revision: i64, lease_id: i64) -> T
 
 /// [`fenced_delete`], or with `announces` [`release_announcing`].
 fn fenced_release(key: &str, create_revision: i64, lease_id: i64, announces: bool) -> Txn {
-    release_conditional(key, create_revision, lease_id, announces).txn()
+    txn_of(release_parts(key, create_revision, lease_id, announces))
 }
 
-/// [`fenced_delete`] (or with `announces` [`release_announcing`]) as its parts, to be merged
-/// with other Txns (`rpc::batch`).
-pub(crate) fn release_conditional(
+/// A Txn given as its parts — compares, then-branch, else-branch — so that the request layer
+/// can merge several flat into one (`rpc::batch::Conditional`).
+pub(crate) type TxnParts = (Vec<Compare>, Vec<TxnOp>, Vec<TxnOp>);
+
+/// The Txn of `parts`.
+fn txn_of((when, then, otherwise): TxnParts) -> Txn {
+    Txn::new().when(when).and_then(then).or_else(otherwise)
+}
+
+/// [`fenced_delete`] (or with `announces` [`release_announcing`]) as its parts.
+pub(crate) fn release_parts(
     key: &str,
     create_revision: i64,
     lease_id: i64,
     announces: bool,
-) -> Conditional {
-    Conditional {
-        when: owner_compares(key, create_revision, lease_id),
-        then: release_ops(key, announces),
-        otherwise: vec![keys_only_get(key)],
-        depends: Vec::new(),
-    }
+) -> TxnParts {
+    (
+        owner_compares(key, create_revision, lease_id),
+        release_ops(key, announces),
+        vec![keys_only_get(key)],
+    )
 }
 
 /// What a release deletes: `key` and, with `announces` for a key of ours, every successor's
@@ -405,7 +411,7 @@ pub(crate) fn touch(key: &str, create_revision: i64, lease_id: i64) -> Txn {
 /// Then-branch: `[reads…, Put]`; our create revision is the header revision. Else-branch (a
 /// retry of the same acquisition): `[Get(key)]`; the caller reads afresh.
 pub(crate) fn enqueue_txn(key: &str, value: Vec<u8>, lease_id: i64, reads: Vec<TxnOp>) -> Txn {
-    enqueue_conditional(key, value, lease_id, reads).txn()
+    txn_of(enqueue_parts(key, value, lease_id, reads))
 }
 
 /// The queue of member key `key`: its name up to its last `/` (`<name>/` for a lock's
@@ -418,60 +424,53 @@ pub(crate) fn queue_of(key: &str) -> &str {
 /// A read of every key of `key`'s queue ([`queue_of`]), and of the names nested in a shared
 /// one: what an enqueue's outcome depends on, whether it reads the queue or decides from its
 /// session's mirror.
-fn whole_queue(key: &str) -> TxnOp {
+pub(crate) fn whole_queue(key: &str) -> TxnOp {
     let options = etcd_client::GetOptions::new()
         .with_prefix()
         .with_keys_only();
     TxnOp::get(queue_of(key), Some(options))
 }
 
-/// [`enqueue_txn`] as its parts, to be merged with other Txns (`rpc::batch`); whatever it
-/// reads, it depends on its whole queue.
-pub(crate) fn enqueue_conditional(
+/// [`enqueue_txn`] as its parts (whatever it reads, it depends on its [`whole_queue`]).
+pub(crate) fn enqueue_parts(
     key: &str,
     value: Vec<u8>,
     lease_id: i64,
     reads: Vec<TxnOp>,
-) -> Conditional {
+) -> TxnParts {
     let mut then = reads;
     then.push(member_put(key, value, lease_id));
-    Conditional {
-        when: vec![Compare::create_revision(key, CompareOp::Equal, 0)],
+    (
+        vec![Compare::create_revision(key, CompareOp::Equal, 0)],
         then,
-        otherwise: vec![TxnOp::get(key, None)],
-        depends: vec![whole_queue(key)],
-    }
+        vec![TxnOp::get(key, None)],
+    )
 }
 
 /// The member key `held` (created at `create_revision` on `lease_id`) released and `key` put
-/// in its queue, in one Txn — one raft entry where a release and a new enqueue are two — given
-/// as its parts, to be merged with other Txns (`rpc::batch`). The release is
+/// in its queue, in one Txn — one raft entry where a release and a new enqueue are two — as
+/// its parts (it depends on `key`'s [`whole_queue`]). The release is
 /// [`release_announcing`]'s (with `announces`) or [`fenced_delete`]'s, the put
 /// [`enqueue_txn`]'s: both happen, only while `held` is ours and `key` does not exist, or
 /// neither. `reads` run between them, so they see the queue without `held`.
 ///
 /// Then-branch: `[Delete(held), (Delete(pointers)), reads…, Put]`; `key`'s create revision is
 /// the header revision. Else-branch: `[Get(held, keys only), Get(key)]`.
-pub(crate) fn requeue_conditional(
+pub(crate) fn requeue_parts(
     held: (&str, i64),
     announces: bool,
     lease_id: i64,
     key: &str,
     value: Vec<u8>,
     reads: Vec<TxnOp>,
-) -> Conditional {
+) -> TxnParts {
     let (held, create_revision) = held;
     let mut when = owner_compares(held, create_revision, lease_id);
     when.push(Compare::create_revision(key, CompareOp::Equal, 0));
     let mut then = release_ops(held, announces);
     then.extend(reads);
     then.push(member_put(key, value, lease_id));
-    Conditional {
-        when,
-        then,
-        otherwise: vec![keys_only_get(held), TxnOp::get(key, None)],
-        depends: vec![whole_queue(key)],
-    }
+    (when, then, vec![keys_only_get(held), TxnOp::get(key, None)])
 }
 
 /// One round trip that runs `reads` only while `key` is still ours: the incarnation

@@ -175,7 +175,25 @@ pub(crate) struct Conditional {
     pub(crate) depends: Vec<TxnOp>,
 }
 
+impl From<(Vec<Compare>, Vec<TxnOp>, Vec<TxnOp>)> for Conditional {
+    /// A Txn's compares, then-branch and else-branch, depending on nothing more.
+    fn from((when, then, otherwise): (Vec<Compare>, Vec<TxnOp>, Vec<TxnOp>)) -> Conditional {
+        Conditional {
+            when,
+            then,
+            otherwise,
+            depends: Vec::new(),
+        }
+    }
+}
+
 impl Conditional {
+    /// Depending on the reads of `ops` too (see [`Conditional::depends`]).
+    pub(crate) fn depending_on(mut self, ops: Vec<TxnOp>) -> Conditional {
+        self.depends.extend(ops);
+        self
+    }
+
     /// The Txn itself.
     pub(crate) fn txn(&self) -> Txn {
         Txn::new()
@@ -206,7 +224,6 @@ impl Part {
         fate.sent
     }
 
-    /// What its own stop reports (the session stopped, or was closed meanwhile).
     /// What it takes of a merged Txn.
     fn shape(&self) -> Shape {
         match &self.body {
@@ -223,6 +240,7 @@ impl Part {
         self.urgent.load(Ordering::SeqCst)
     }
 
+    /// What its own stop reports (the session stopped, or was closed meanwhile).
     fn stop_error(&self) -> Error {
         self.stop.check().err().unwrap_or(Error::SessionClosed)
     }
