@@ -537,9 +537,19 @@ async fn a_lock_with_no_sibling_in_its_queue_is_queued_for_at_once() {
     let lone = LeasedSession::new(client(&etcd).await, lingering())
         .await
         .unwrap();
-    let m = Mutex::new(&lone, &name);
+    queued_at_once_then_through(&observer, &name, held, Mutex::new(&lone, &name)).await;
+}
+
+/// `m.lock()` (on a session that would linger a minute) is queued for at once behind `held`,
+/// and through once `held` is released.
+async fn queued_at_once_then_through(
+    observer: &etcd_client::Client,
+    name: &str,
+    held: MutexGuard,
+    m: Mutex,
+) {
     let waiting = tokio::spawn(async move { m.lock().await });
-    assert!(members_are(&observer, &name, 2).await);
+    assert!(members_are(observer, name, 2).await, "queued for at once");
     held.release().await.unwrap();
     let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
@@ -562,15 +572,7 @@ async fn a_lock_whose_queue_holds_only_its_own_sessions_member_is_queued_for_at_
     let _sibling = own.sibling(lingering()).await.unwrap(); // in no queue
     let m = Mutex::new(&own, &name);
     let held = m.lock().await.unwrap();
-    let waiting = tokio::spawn(async move { m.lock().await });
-    assert!(members_are(&observer, &name, 2).await);
-    held.release().await.unwrap();
-    let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("through")
-        .unwrap()
-        .unwrap();
-    guard.release().await.unwrap();
+    queued_at_once_then_through(&observer, &name, held, m).await;
 }
 
 /// Siblings' enqueues waiting at one moment for a sibling's release never share a Txn (each

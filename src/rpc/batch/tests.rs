@@ -490,6 +490,23 @@ async fn a_lingering_part_that_may_not_join_the_round_lingers_on() {
     assert_eq!(txns(), before + 2);
 }
 
+/// A way to submit a whole conditional Txn through `batcher`, going as told, each stopped by a
+/// switch of its own.
+fn conditionals(
+    batcher: &Arc<Batcher>,
+    rpc: &Rpc,
+) -> impl Fn(Conditional, How) -> tokio::task::JoinHandle<Reply> {
+    let (batcher, rpc) = (Arc::clone(batcher), rpc.clone());
+    move |txn, how| {
+        let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
+        tokio::spawn(async move {
+            batcher
+                .conditional(&rpc, txn, Switch::new().stop(), how)
+                .await
+        })
+    }
+}
+
 /// Puts `key` unless it exists; else reads it.
 fn create(key: &str) -> Conditional {
     Conditional {
@@ -507,14 +524,7 @@ fn create(key: &str) -> Conditional {
 async fn conditional_txns_go_flat_in_one_txn_and_alone_once_a_compare_fails() {
     let (_etcd, rpc, batcher, _submit) = lingering_on().await;
     let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
-    let submit = |txn: Conditional, how: How| {
-        let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
-        tokio::spawn(async move {
-            batcher
-                .conditional(&rpc, txn, Switch::new().stop(), how)
-                .await
-        })
-    };
+    let submit = conditionals(&batcher, &rpc);
     let before = txns();
     let first = submit(create("flat/a"), lingering(30));
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -544,14 +554,7 @@ async fn conditional_txns_go_flat_in_one_txn_and_alone_once_a_compare_fails() {
 async fn parts_sent_once_in_a_merged_txn_that_went_unanswered_are_answered_uncertain_not_resent() {
     let (rpc, batcher, _submit) = batcher_on("127.0.0.1:1", 100).await;
     let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
-    let submit = |txn: Conditional, how: How| {
-        let (batcher, rpc) = (Arc::clone(&batcher), rpc.clone());
-        tokio::spawn(async move {
-            batcher
-                .conditional(&rpc, txn, Switch::new().stop(), how)
-                .await
-        })
-    };
+    let submit = conditionals(&batcher, &rpc);
     let before = txns();
     let once = How {
         once: true,
