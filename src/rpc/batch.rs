@@ -333,7 +333,8 @@ impl Batcher {
                 batcher: Arc::clone(self),
                 ran: true,
             };
-            attempt(vec![part]).await;
+            // Boxed: a request's future is large, and every caller's future would hold it.
+            Box::pin(attempt(vec![part])).await;
             drop(round);
         }
         // A caller that leaves takes back a part no round took yet (one lingering, say).

@@ -581,3 +581,20 @@ async fn parts_sent_once_in_a_merged_txn_that_went_unanswered_are_answered_uncer
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(txns(), before + 1, "the merged Txn only");
 }
+
+/// A merged Txn's future stays small: every caller's future holds it (a claim's, an ack's, a
+/// release's, an enqueue's), and a deep stack of them overflowed a client thread's stack in
+/// debug builds once the request's own future was held inline.
+#[tokio::test]
+async fn a_merged_txns_future_is_smaller_than_1_kib() {
+    let (rpc, batcher, _submit) = batcher_on("127.0.0.1:1", 100).await;
+    let ops = vec![chain(0, 1)];
+    let txn = batcher.txn(&rpc, ops.clone(), ops, Switch::new().stop());
+    let conditional = batcher.conditional(&rpc, create("size/a"), Switch::new().stop(), URGENT);
+    for (what, size) in [
+        ("txn", std::mem::size_of_val(&txn)),
+        ("conditional", std::mem::size_of_val(&conditional)),
+    ] {
+        assert!(size < 1024, "{what}: {size} bytes");
+    }
+}
