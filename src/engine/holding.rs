@@ -79,7 +79,7 @@ macro_rules! holding_guard {
 pub(crate) use holding_guard;
 
 /// How a release goes: merged with its siblings' parts, ordered (it reads nothing, so it goes
-/// before an enqueue that reads its queue), sent once per attempt of [`Holding::release_by`]'s
+/// before an enqueue that reads its queue), sent once per attempt of [`Holding::release`]'s
 /// own.
 const RELEASE: How = How {
     ordered: true,
