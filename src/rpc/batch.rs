@@ -112,6 +112,16 @@ struct State {
     sending: usize,
 }
 
+impl State {
+    /// Whether a round may start now (fewer than [`ROUNDS`] are in flight); if so, counts it
+    /// in flight (its caller spawns it once the lock is let go).
+    fn round_starts(&mut self) -> bool {
+        let start = self.sending < ROUNDS;
+        self.sending += start as usize;
+        start
+    }
+}
+
 struct Part {
     body: Body,
     /// May share keys with other parts in an order (see [`How::ordered`]).
@@ -273,18 +283,6 @@ impl Batcher {
         stop: Arc<dyn Stop>,
         how: How,
     ) -> Result<Answered<Slice>, Unanswered> {
-        let definite = |error| Unanswered {
-            error,
-            uncertain: false,
-        };
-        stop.check().map_err(definite)?;
-        if first.len() != retry.len() {
-            return Err(definite(Error::Internal(format!(
-                "a merged Txn's part of {} operations retried as {}",
-                first.len(),
-                retry.len()
-            ))));
-        }
         // Only `first` goes merged (`retry` goes alone).
         self.send(rpc, Body::Ops { first, retry }, stop, how).await
     }
@@ -299,12 +297,6 @@ impl Batcher {
         stop: Arc<dyn Stop>,
         how: How,
     ) -> Result<Answered<Slice>, Unanswered> {
-        if let Err(error) = stop.check() {
-            return Err(Unanswered {
-                error,
-                uncertain: false,
-            });
-        }
         self.send(rpc, Body::Whole(txn), stop, how).await
     }
 
@@ -315,6 +307,20 @@ impl Batcher {
         stop: Arc<dyn Stop>,
         how: How,
     ) -> Result<Answered<Slice>, Unanswered> {
+        let definite = |error| Unanswered {
+            error,
+            uncertain: false,
+        };
+        stop.check().map_err(definite)?;
+        if let Body::Ops { first, retry } = &body {
+            if first.len() != retry.len() {
+                return Err(definite(Error::Internal(format!(
+                    "a merged Txn's part of {} operations retried as {}",
+                    first.len(),
+                    retry.len()
+                ))));
+            }
+        }
         let (reply, mut answer) = oneshot::channel();
         let fate = Arc::new(StdMutex::new(Fate::default()));
         let urgent = Arc::new(AtomicBool::new(how.linger.is_none()));
@@ -380,9 +386,8 @@ impl Batcher {
                 state.sending += 1;
                 return Some(part);
             }
-            let start = part.urgent() && state.sending < ROUNDS;
+            let start = part.urgent() && state.round_starts();
             state.open.push(part);
-            state.sending += start as usize;
             start
         };
         if start {
@@ -399,9 +404,7 @@ impl Batcher {
         let start = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let waits = state.open.iter().any(|p| Arc::ptr_eq(&p.urgent, urgent));
-            let start = waits && state.sending < ROUNDS;
-            state.sending += start as usize;
-            start
+            waits && state.round_starts()
         };
         if start {
             rpc.spawn(Arc::clone(self).round());
@@ -424,8 +427,7 @@ impl Batcher {
         let rpc = back.iter().find(|p| p.urgent()).map(|p| p.rpc.clone());
         back.append(&mut state.open);
         state.open = back;
-        let start = rpc.filter(|_| state.sending < ROUNDS);
-        state.sending += start.is_some() as usize;
+        let start = rpc.filter(|_| state.round_starts());
         drop(state);
         if let Some(rpc) = start {
             rpc.spawn(Arc::clone(self).round());
