@@ -17,7 +17,7 @@ use crate::{Error, LeasedSession};
 use super::cleanup::{Afterwards, Cleanup};
 use super::fence::{Fence, FenceState};
 use super::lines::Member;
-use super::ticket::{merged, Acquired};
+use super::ticket::{merged, slice, Acquired};
 use super::SessionKeys;
 
 /// Defines a guard over a [`Holding`]: the struct (with the caller's docs and attributes, and
@@ -309,16 +309,10 @@ impl Holding {
 /// Sends a release Txn alone (not merged): its answer, as a merged part's.
 async fn alone(session: &Session, txn: Txn) -> Result<Slice, Unanswered> {
     match session.rpc.txn(txn).await {
-        Ok(resp) => keys::header_revision(&resp)
-            .map(|revision| Slice {
-                succeeded: resp.succeeded(),
-                ops: resp.op_responses(),
-                revision,
-            })
-            .map_err(|error| Unanswered {
-                error,
-                uncertain: true,
-            }),
+        Ok(resp) => slice(&resp).map_err(|error| Unanswered {
+            error,
+            uncertain: true,
+        }),
         Err(error) => Err(Unanswered {
             uncertain: error.is_retryable(),
             error,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use etcd_client::{GetResponse, Txn, TxnOpResponse};
+use etcd_client::{GetResponse, Txn, TxnOpResponse, TxnResponse};
 
 use crate::backoff::Backoff;
 use crate::keys::{self};
@@ -154,6 +154,27 @@ pub(super) async fn merged(
     batcher.conditional(&session.rpc, txn, stop, how).await
 }
 
+/// A Txn's answer as a merged part's: whether its compares held, the answers of the branch that
+/// ran, and its revision.
+pub(super) fn slice(resp: &TxnResponse) -> Result<Slice, Error> {
+    Ok(Slice {
+        succeeded: resp.succeeded(),
+        ops: resp.op_responses(),
+        revision: keys::header_revision(resp)?,
+    })
+}
+
+impl From<Answered<Slice>> for Put {
+    fn from(answered: Answered<Slice>) -> Put {
+        Put {
+            succeeded: answered.resp.succeeded,
+            ops: answered.resp.ops,
+            revision: answered.resp.revision,
+            uncertain: answered.uncertain,
+        }
+    }
+}
+
 /// A conditional put sent until it was answered (with one backoff): whether its compares held,
 /// the answers of the branch that ran, its revision, and whether an earlier copy of it may
 /// still land.
@@ -171,14 +192,8 @@ impl Put {
     ) -> Result<Put, Unanswered> {
         let answered = until_answered(session, txn, &mut Backoff::for_requests()).await?;
         let uncertain = answered.uncertain;
-        let revision = keys::header_revision(&answered.resp)
-            .map_err(|error| Unanswered { error, uncertain })?;
-        Ok(Put {
-            succeeded: answered.resp.succeeded(),
-            ops: answered.resp.op_responses(),
-            revision,
-            uncertain,
-        })
+        let resp = slice(&answered.resp).map_err(|error| Unanswered { error, uncertain })?;
+        Ok(Put::from(Answered { resp, uncertain }))
     }
 
     /// [`send`](Self::send), merged flat with what the session's siblings send at that moment
@@ -188,13 +203,7 @@ impl Put {
         txn: Conditional,
         how: How,
     ) -> Result<Put, Unanswered> {
-        let answered = merged(session, txn, how).await?;
-        Ok(Put {
-            succeeded: answered.resp.succeeded,
-            ops: answered.resp.ops,
-            revision: answered.resp.revision,
-            uncertain: answered.uncertain,
-        })
+        merged(session, txn, how).await.map(Put::from)
     }
 
     /// The answers of its `Get`s.
