@@ -891,6 +891,60 @@ async fn readwrite_on_the_names_prefix_alone_is_enough_and_read_alone_only_looks
     assert!(left.kvs().is_empty(), "{:?}", left.kvs());
 }
 
+/// A work queue's claims and acks are Txns nested in one (a claim tries its candidates one
+/// in the else-branch of the other), and etcd 3.4/3.5 before 2026 check no permission inside
+/// a nested Txn: the crate has etcd check them (`rpc::witness`). A role that may only read
+/// the queue sees its jobs and claims none — refused at once, typed, the job left as it was
+/// for a role that may write it, which claims and acks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_only_read_a_work_queue_sees_its_jobs_and_claims_none() {
+    use etcd_client::Permission;
+    use etcd_coord::WorkQueue;
+    init_tracing();
+    let cluster = EtcdCluster::start(1).await.unwrap();
+    let mut root = enable_auth(&cluster, "worker", "jq/").await;
+    let reader = user_with(
+        &mut root,
+        &cluster,
+        "looker",
+        Permission::read("jq/").with_prefix(),
+    )
+    .await;
+    let options = SessionOptions::new().with_ttl(Duration::from_secs(10));
+    let worker = LeasedSession::new(
+        user_client(&cluster, "worker", "worker-pw").await,
+        options.clone(),
+    )
+    .await
+    .unwrap();
+    let looker = LeasedSession::new(reader, options).await.unwrap();
+    let id = WorkQueue::new(&worker, "jq/q")
+        .enqueue("job")
+        .await
+        .unwrap();
+
+    let seen = WorkQueue::new(&looker, "jq/q").pending().await.unwrap();
+    assert_eq!(seen.len(), 1, "a reader sees the job");
+    refused_at_once("try_claim", WorkQueue::new(&looker, "jq/q").try_claim()).await;
+    refused_at_once("claim_many", WorkQueue::new(&looker, "jq/q").claim_many(3)).await;
+    let claimed = WorkQueue::new(&looker, "jq/q").claimed().await.unwrap();
+    assert!(
+        claimed.is_empty(),
+        "a refused claim left a claim: {claimed:?}"
+    );
+
+    let job = WorkQueue::new(&worker, "jq/q")
+        .try_claim()
+        .await
+        .unwrap()
+        .expect("the job is still there for a worker");
+    assert_eq!((job.id(), job.payload()), (&id, &b"job"[..]));
+    job.ack().await.unwrap();
+    assert!(WorkQueue::new(&looker, "jq/q").is_empty().await.unwrap());
+    looker.close().await.unwrap();
+    worker.close().await.unwrap();
+}
+
 /// One public path of the crate, run on a client whose token has expired.
 type Path<'a> = (
     &'static str,

@@ -352,34 +352,17 @@ fn read_chain(
 
 #[cfg(test)]
 mod tests {
-    use etcd_client::proto::{PbTxnOpRequest, PbTxnRequest};
+    use etcd_client::proto::PbTxnRequest;
 
     use super::*;
     use crate::queue::{chain_len, MAX_BATCH, TXN_OPS};
-
-    /// etcd's `checkTxnRequest`: a level uses as many operations as the longest of its
-    /// compares, success and failure lists, and each Txn nested in it may use what is left.
-    fn fits(txn: &PbTxnRequest, budget: usize) -> bool {
-        let used = txn
-            .compare
-            .len()
-            .max(txn.success.len())
-            .max(txn.failure.len());
-        used <= budget
-            && txn
-                .success
-                .iter()
-                .chain(&txn.failure)
-                .all(|op| match &op.request {
-                    Some(PbTxnOpRequest::RequestTxn(nested)) => fits(nested, budget - used),
-                    _ => true,
-                })
-    }
+    use crate::rpc::batch::fits;
 
     fn slot(i: usize) -> Slot {
         Slot {
             job: Candidate {
-                key: format!("q/#queue/jobs/0/{i:017}-{i:016x}"),
+                // Of every rank: a witness per directory.
+                key: format!("q/#queue/jobs/{}/{i:017}-{i:016x}", i % 10),
                 id: format!("{i:016x}"),
                 rank: 0,
                 mod_revision: i as i64 + 1,
@@ -397,7 +380,8 @@ mod tests {
                 .map(|c| (0..len).map(|i| slot(c * len + i)).collect())
                 .collect();
             for checked in [false, true] {
-                let txn = Txn::new().and_then(
+                // As sent: with the witnesses of its permissions (`rpc::witness`).
+                let txn = crate::rpc::witness::compareless(
                     chains
                         .iter()
                         .map(|c| chain_txn(c, 7, checked))

@@ -4,7 +4,8 @@
 //! one Txn in 2–6 ms: `docs/performance.md`, sixth session of 2026-12-06).
 //!
 //! A *part* is a list of operations that could have been a Txn of their own,
-//! `Txn::new().and_then(ops)`: each operation is a Txn nested in it, or a plain one. A part
+//! `Txn::new().and_then(ops)`: each operation is a Txn nested in it, or a plain one (sent
+//! with the witnesses of its nested Txns' permissions: [`witness`](super::witness)). A part
 //! goes out at once in a round of its own while fewer than [`ROUNDS`] rounds are in flight;
 //! else it waits, and when a round is answered, every part that waited goes out in the next
 //! round. A round is as few Txns as hold its parts, each
@@ -48,12 +49,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use etcd_client::proto::{PbTxnOpRequest, PbTxnRequest};
 use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
 use self::shape::{grouping, Shape};
+use super::witness::compareless;
 use super::{pause, Answered, Rpc, Stop, Unanswered};
 use crate::backoff::Backoff;
 use crate::Error;
@@ -61,6 +64,26 @@ use crate::Error;
 /// etcd's default `--max-txn-ops`: the operations a Txn and the Txns nested in it may use,
 /// each level's own taken from what the levels below it may use (etcd's `checkTxnRequest`).
 pub(crate) const TXN_OPS: usize = 128;
+
+/// Whether etcd takes `txn` within `budget` operations (etcd's `checkTxnRequest`): a level
+/// uses as many as the longest of its compares, success and failure lists, and each Txn nested
+/// in it may use what is left.
+pub(crate) fn fits(txn: &PbTxnRequest, budget: usize) -> bool {
+    let used = txn
+        .compare
+        .len()
+        .max(txn.success.len())
+        .max(txn.failure.len());
+    used <= budget
+        && txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .all(|op| match &op.request {
+                Some(PbTxnOpRequest::RequestTxn(nested)) => fits(nested, budget - used),
+                _ => true,
+            })
+}
 
 /// How many rounds may be in flight at once: a part that comes while one is waits only if
 /// another is too. Two: with one, a part that came just after a round was sent waited for all
@@ -164,8 +187,8 @@ impl Body {
     /// What it sends alone: `first` or `retry` (once `sent`), or its whole Txn.
     fn alone(&self, sent: bool) -> Txn {
         match self {
-            Body::Ops { first, .. } if !sent => Txn::new().and_then(first.clone()),
-            Body::Ops { retry, .. } => Txn::new().and_then(retry.clone()),
+            Body::Ops { first, .. } if !sent => compareless(first.clone()),
+            Body::Ops { retry, .. } => compareless(retry.clone()),
             Body::Whole(c) => c.txn(),
         }
     }
@@ -550,14 +573,24 @@ async fn attempt(parts: Vec<Part>) {
             }
             Txn::new().when(when).and_then(then)
         }
-        (false, _) => Txn::new().and_then(
-            live.iter()
-                .flat_map(|p| match &p.body {
-                    Body::Ops { first, .. } => first.clone(),
-                    Body::Whole(_) => Vec::new(),
-                })
-                .collect::<Vec<_>>(),
-        ),
+        (false, _) => {
+            let txn = compareless(
+                live.iter()
+                    .flat_map(|p| match &p.body {
+                        Body::Ops { first, .. } => first.clone(),
+                        Body::Whole(_) => Vec::new(),
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            // Parts of many queues can need more witnesses than etcd takes: each goes alone.
+            if live.len() > 1 && !fits(&PbTxnRequest::from(txn.clone()), TXN_OPS) {
+                for p in live {
+                    alone(p, false);
+                }
+                return;
+            }
+            txn
+        }
     };
     let stop = AllOf(live.iter().map(|p| Arc::clone(&p.stop)).collect());
     let answer = tokio::select! {

@@ -16,13 +16,15 @@
 //! * **counters** ([`Stats`]) of what was sent and received.
 //!
 //! The Txns that the sessions of one connection send at one moment may go out merged in one
-//! ([`batch`]): each stays a Txn of its own nested in the merged one.
+//! ([`batch`]): each stays a Txn of its own nested in the merged one, and the merged Txn
+//! carries what etcd needs to check their permissions ([`witness`]).
 
 pub(crate) mod auth;
 pub(crate) mod batch;
 pub(crate) mod retry;
 pub(crate) mod send;
 pub(crate) mod stats;
+pub(crate) mod witness;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

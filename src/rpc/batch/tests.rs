@@ -598,3 +598,37 @@ async fn a_merged_txns_future_is_smaller_than_1_kib() {
         assert!(size < 1024, "{what}: {size} bytes");
     }
 }
+
+/// `n` Txns nested in a part, each writing and reading one key in a directory of its own
+/// (`tag/i/k`): its witnesses are two per directory (`rpc::witness`).
+fn spread(tag: &str, n: usize) -> Vec<TxnOp> {
+    (0..n)
+        .map(|i| {
+            let key = format!("{tag}/{i}/k");
+            TxnOp::txn(Txn::new().and_then([
+                TxnOp::put(key.as_str(), "", None),
+                TxnOp::get(key.as_str(), None),
+            ]))
+        })
+        .collect()
+}
+
+/// Parts that fit etcd's operations for a Txn together but not with the witnesses of their
+/// permissions go alone at once, each in one Txn: a merged Txn etcd would refuse is not sent.
+#[tokio::test]
+async fn parts_whose_witnesses_do_not_fit_one_txn_go_alone_without_a_refused_attempt() {
+    let (_etcd, rpc, _batcher, submit) = lingering_on().await;
+    let txns = || crate::rpc::Stats::get(&rpc.stats().txns);
+    let (a, b) = (spread("wa", 40), spread("wb", 40));
+    assert!(fits(&PbTxnRequest::from(compareless(a.clone())), TXN_OPS));
+    let both = compareless(a.iter().chain(&b).cloned().collect::<Vec<_>>());
+    assert!(!fits(&PbTxnRequest::from(both), TXN_OPS));
+    let before = txns();
+    let waiting = submit(a, lingering(30));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let urgent = submit(b, URGENT).await.unwrap().unwrap();
+    let waited = left_at_once(waiting, "the lingering part").await.unwrap();
+    assert_eq!((waited.resp.ops.len(), urgent.resp.ops.len()), (40, 40));
+    assert_ne!(waited.resp.revision, urgent.resp.revision, "each alone");
+    assert_eq!(txns(), before + 2, "no refused merged attempt");
+}
