@@ -116,6 +116,10 @@ impl Fence {
     /// succeeded — it fails its compare instead. A write that finds another write of this
     /// holder landed first is sent again after it (at most 64 times).
     ///
+    /// A Txn nested in `ops` goes as it is: etcd 3.4 and 3.5 releases before 2026 check no
+    /// permission of an operation inside a nested Txn (etcd PRs #21689, #22134), so keep to
+    /// plain operations where a role should limit what `ops` may do.
+    ///
     /// A put of the owner key in `ops` must keep it on the session's lease (put it with that
     /// lease, or `with_ignore_lease`): a put that moves it off the lease ends the acquisition.
     ///
