@@ -654,3 +654,150 @@ async fn siblings_waiting_together(line: usize) {
         "fencing tokens shared (behind {line})"
     );
 }
+
+/// A semaphore shares the engine's merged writes: while sibling sessions hold all its
+/// permits (and not before), siblings' `acquire()`s wait to go with a release; each release carries one of
+/// them, which holds at the release's revision; never more hold than there are permits, and
+/// every permit has a fencing token of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siblings_acquiring_a_full_semaphore_go_in_releases_and_never_exceed_its_permits() {
+    use etcd_coord::Semaphore;
+    const PERMITS: usize = 3;
+    const WAITERS: usize = 4;
+    init_tracing();
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("merged-semaphore");
+    let queue = format!("{name}/#semaphore/");
+    let first = LeasedSession::new(client(&etcd).await, lingering())
+        .await
+        .unwrap();
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut held = Vec::new();
+    for i in 0..PERMITS {
+        // With a permit free for all the family knows, an acquisition lingers for nothing.
+        let sibling = first.sibling(lingering()).await.unwrap();
+        let acquired = tokio::time::timeout(
+            Duration::from_secs(5),
+            Semaphore::new(&sibling, &name, PERMITS).acquire(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("permit {i} of {PERMITS} waited for a sibling's write"));
+        held.push(acquired.unwrap());
+        holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    let mut waiters = Vec::new();
+    for _ in 0..WAITERS {
+        let s = Semaphore::new(&first.sibling(lingering()).await.unwrap(), &name, PERMITS);
+        let holding = std::sync::Arc::clone(&holding);
+        waiters.push(tokio::spawn(async move {
+            let permit = s.acquire().await?;
+            let before = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let token = permit.fencing_token();
+            permit.release().await?;
+            Ok::<_, Error>((before, token))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let full = members(&observer, &queue).await;
+    assert_eq!(
+        full.len(),
+        PERMITS,
+        "the acquisitions wait to go with a write"
+    );
+
+    // One release carries one acquisition, which holds at its revision.
+    let released = held.remove(0);
+    let released_key = released.key().to_owned();
+    holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    released.release().await.unwrap();
+    let mut tokens: Vec<i64> = held.iter().map(|p| p.fencing_token()).collect();
+    let next = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let now = members(&observer, &queue).await;
+            if let Some(k) = now.iter().find(|k| !full.contains(k)) {
+                break k.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("an acquisition goes with the release");
+    let created = observer
+        .kv_client()
+        .get(next.as_str(), None)
+        .await
+        .unwrap()
+        .kvs()
+        .first()
+        .map(|kv| kv.create_revision());
+    if let Some(created) = created {
+        let before = members_at(&observer, &queue, created - 1).await;
+        assert!(before.contains(&released_key), "{before:?}");
+        let at = members_at(&observer, &queue, created).await;
+        assert!(
+            !at.contains(&released_key),
+            "released in the same Txn: {at:?}"
+        );
+    }
+
+    // The others go with the releases of those that got in, one permit among them.
+    for waiter in waiters {
+        let (before, token) = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("every acquisition holds in turn")
+            .unwrap()
+            .unwrap();
+        assert!(before < PERMITS, "{} held at once", before + 1);
+        tokens.push(token);
+    }
+    for permit in held {
+        permit.release().await.unwrap();
+    }
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), PERMITS - 1 + WAITERS, "fencing tokens shared");
+}
+
+/// A read lock among sibling readers goes through at once, as a lock of another name does:
+/// readers do not block it, so it waits for no sibling's write; a write lock behind them does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_lock_among_sibling_readers_waits_for_no_write_and_a_write_lock_does() {
+    use etcd_coord::RwLock;
+    let etcd = etcd().await;
+    let observer = client(&etcd).await;
+    let name = unique("merged-rwlock");
+    let first = LeasedSession::new(client(&etcd).await, lingering())
+        .await
+        .unwrap();
+    let reading = RwLock::new(&first, &name).read().await.unwrap();
+    let sibling = first.sibling(lingering()).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), RwLock::new(&sibling, &name).read())
+        .await
+        .expect("a read lock among readers waits for no sibling's write")
+        .unwrap();
+    let queue = format!("{name}/#rwlock/");
+    assert_eq!(members(&observer, &queue).await.len(), 2);
+    let writer = RwLock::new(&first.sibling(lingering()).await.unwrap(), &name);
+    let writing = tokio::spawn(async move { writer.write().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        members(&observer, &queue).await.len(),
+        2,
+        "a write lock behind sibling readers waits to go with a release"
+    );
+    read.release().await.unwrap();
+    assert!(
+        members_are(&observer, &queue, 2).await,
+        "went with the release"
+    );
+    reading.release().await.unwrap();
+    let written = tokio::time::timeout(Duration::from_secs(5), writing)
+        .await
+        .expect("through once the readers are gone")
+        .unwrap()
+        .unwrap();
+    written.release().await.unwrap();
+}

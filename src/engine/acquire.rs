@@ -106,8 +106,16 @@ async fn enqueue_member(
     } else {
         blocker.reads_at_enqueue()
     };
-    let (mut ticket, first) =
-        enqueue_releasing(session, &key, slot, value, reads, releasing, waits).await?;
+    let (mut ticket, first) = enqueue_releasing(
+        session,
+        &key,
+        slot,
+        value,
+        reads,
+        releasing,
+        waits.then_some(blocker),
+    )
+    .await?;
     ticket.announces = blocker.heads(queue);
     ticket.expects_announcements = blocker.announced();
     let long = skip_page || first.as_ref().is_some_and(|s| blocker.long_at_enqueue(s));

@@ -158,6 +158,11 @@ impl Blocker {
             .is_some_and(|rest| !self.direct || (!rest.is_empty() && !rest.contains(&b'/')))
     }
 
+    /// How many members it lets through at once.
+    pub(crate) fn permits(&self) -> usize {
+        self.permits
+    }
+
     /// The prefix of the keys that can block.
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix

@@ -16,7 +16,7 @@ use crate::session::Session;
 use crate::{Error, LeasedSession};
 
 use super::cleanup::{Afterwards, Cleanup, Sweep};
-use super::decision::Snapshot;
+use super::decision::{Blocker, Snapshot};
 use super::detached::detached;
 use super::holding::Holding;
 use super::lines::Lines;
@@ -44,7 +44,7 @@ pub(super) async fn enqueue(
     value: Vec<u8>,
     reads: Vec<TxnOp>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
-    enqueue_releasing(session, key, slot, value, reads, None, false).await
+    enqueue_releasing(session, key, slot, value, reads, None, None).await
 }
 
 /// [`enqueue`], and with `releasing` (a holding of this session in the same queue, released by
@@ -52,9 +52,9 @@ pub(super) async fn enqueue(
 /// ([`keys::requeue_parts`]): both happen or neither. The holding goes with the detached
 /// request: it is marked released once etcd confirmed the Txn — or once a retry found `key`
 /// created on our lease, which the same Txn did — and otherwise released by the session's task
-/// as it is dropped, as any guard dropped unreleased. With `may_linger` (an acquisition that
-/// waits), a plain enqueue lingers while a sibling has a member in the queue
-/// ([`Lines::sibling_in`]).
+/// as it is dropped, as any guard dropped unreleased. With `linger_behind` (the blocker of an
+/// acquisition that waits), a plain enqueue lingers while siblings have as many members in
+/// the queue that the blocker counts as it has permits ([`Lines::siblings_fill`]).
 ///
 /// # Errors
 /// As [`enqueue`]; and [`Error::LockLost`] (nothing was put) if the held key was no longer
@@ -67,7 +67,7 @@ pub(super) async fn enqueue_releasing(
     value: Vec<u8>,
     reads: Vec<TxnOp>,
     releasing: Option<Holding>,
-    may_linger: bool,
+    linger_behind: Option<&Blocker>,
 ) -> Result<(Ticket, Option<Snapshot>), Error> {
     // A holding released already (a resigned leadership) has nothing to merge.
     let releasing = releasing.filter(|holding| !holding.is_released());
@@ -86,11 +86,10 @@ pub(super) async fn enqueue_releasing(
     };
     // Before anything is sent: a resumed session's look at its lease spares the key.
     let claim = session.intend(key);
-    // A plain enqueue while a sibling has a member in the queue: its release is coming.
-    let lingers = may_linger
-        && merged.is_none()
+    // A plain enqueue that siblings' members block: one of their releases is coming.
+    let lingers = merged.is_none()
         && !session.linger.is_zero()
-        && Lines::sibling_in(session, key);
+        && linger_behind.is_some_and(|blocker| Lines::siblings_fill(session, key, blocker));
     let work = {
         let session = Arc::clone(session);
         let key = key.to_owned();

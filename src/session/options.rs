@@ -96,11 +96,13 @@ impl SessionOptions {
     }
 
     /// How long an acquisition's enqueue (a `lock()`, `acquire()`, `campaign()`, …) may wait,
-    /// while a sibling session ([`LeasedSession::sibling`]) has a member in the same queue —
-    /// waiting or holding — for a write of a sibling (a release, most likely) to go in the
-    /// same Txn, one raft entry for both. It goes at once when such a write is sent, or when
-    /// this is up; an enqueue with no sibling in its queue never waits. Default 2 ms; zero
-    /// never waits. See `docs/design.md`, "Siblings' writes in one Txn".
+    /// while sibling sessions ([`LeasedSession::sibling`]) have members in the same queue —
+    /// waiting or holding — that block it, as many as it has permits (so that it will wait
+    /// anyway), for a write of a sibling (a release, most likely) to go in the same Txn, one
+    /// raft entry for both. It goes at once when such a write is sent, or when this is up; an
+    /// enqueue that siblings do not block (no sibling in its queue, a free permit, a read lock
+    /// among readers) never waits. Default 2 ms; zero never waits. See `docs/design.md`,
+    /// "Siblings' writes in one Txn".
     pub fn with_linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
