@@ -925,6 +925,12 @@ async fn a_role_that_may_only_read_a_work_queue_sees_its_jobs_and_claims_none() 
 
     let seen = WorkQueue::new(&looker, "jq/q").pending().await.unwrap();
     assert_eq!(seen.len(), 1, "a reader sees the job");
+    assert_eq!(WorkQueue::new(&looker, "jq/q").len().await.unwrap(), 1);
+    assert!(WorkQueue::new(&looker, "jq/q")
+        .dead_letters()
+        .await
+        .unwrap()
+        .is_empty());
     refused_at_once("try_claim", WorkQueue::new(&looker, "jq/q").try_claim()).await;
     refused_at_once("claim_many", WorkQueue::new(&looker, "jq/q").claim_many(3)).await;
     let claimed = WorkQueue::new(&looker, "jq/q").claimed().await.unwrap();

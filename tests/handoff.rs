@@ -714,34 +714,6 @@ async fn siblings_acquiring_a_full_semaphore_go_in_releases_and_never_exceed_its
     holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     released.release().await.unwrap();
     let mut tokens: Vec<i64> = held.iter().map(|p| p.fencing_token()).collect();
-    let next = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let now = members(&observer, &queue).await;
-            if let Some(k) = now.iter().find(|k| !full.contains(k)) {
-                break k.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("an acquisition goes with the release");
-    let created = observer
-        .kv_client()
-        .get(next.as_str(), None)
-        .await
-        .unwrap()
-        .kvs()
-        .first()
-        .map(|kv| kv.create_revision());
-    if let Some(created) = created {
-        let before = members_at(&observer, &queue, created - 1).await;
-        assert!(before.contains(&released_key), "{before:?}");
-        let at = members_at(&observer, &queue, created).await;
-        assert!(
-            !at.contains(&released_key),
-            "released in the same Txn: {at:?}"
-        );
-    }
 
     // The others go with the releases of those that got in, one permit among them.
     for waiter in waiters {
@@ -756,15 +728,25 @@ async fn siblings_acquiring_a_full_semaphore_go_in_releases_and_never_exceed_its
     for permit in held {
         permit.release().await.unwrap();
     }
+    // The first to get in was created by the release's Txn.
+    let first_in = tokens[PERMITS - 1..].iter().min().copied().unwrap();
+    let before = members_at(&observer, &queue, first_in - 1).await;
+    assert!(before.contains(&released_key), "{before:?}");
+    let at = members_at(&observer, &queue, first_in).await;
+    assert!(
+        !at.contains(&released_key) && at.len() == PERMITS,
+        "released in the Txn that let the next in: {at:?}"
+    );
     tokens.sort();
     tokens.dedup();
     assert_eq!(tokens.len(), PERMITS - 1 + WAITERS, "fencing tokens shared");
 }
 
 /// A read lock among sibling readers goes through at once, as a lock of another name does:
-/// readers do not block it, so it waits for no sibling's write; a write lock behind them does.
+/// readers do not block it, so it waits for no sibling's write; a write lock behind them
+/// waits to go with a release, and so does a read lock behind a sibling's write lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_lock_among_sibling_readers_waits_for_no_write_and_a_write_lock_does() {
+async fn a_read_lock_among_sibling_readers_waits_for_no_write_and_one_behind_a_writer_does() {
     use etcd_coord::RwLock;
     let etcd = etcd().await;
     let observer = client(&etcd).await;
@@ -799,5 +781,27 @@ async fn a_read_lock_among_sibling_readers_waits_for_no_write_and_a_write_lock_d
         .expect("through once the readers are gone")
         .unwrap()
         .unwrap();
+    // A read lock behind a sibling's write lock waits to go with its release.
+    let reader = RwLock::new(&first.sibling(lingering()).await.unwrap(), &name);
+    let read_behind = tokio::spawn(async move { reader.read().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        members(&observer, &queue).await.len(),
+        1,
+        "a read lock behind a sibling's write lock waits to go with its release"
+    );
     written.release().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), read_behind)
+        .await
+        .expect("through with the release")
+        .unwrap()
+        .unwrap();
+    let revision = read.fencing_token();
+    assert_eq!(members_at(&observer, &queue, revision - 1).await.len(), 1);
+    assert_eq!(
+        members_at(&observer, &queue, revision).await.len(),
+        1,
+        "one Txn released the write lock and put the read lock"
+    );
+    read.release().await.unwrap();
 }

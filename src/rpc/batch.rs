@@ -56,7 +56,7 @@ use futures::FutureExt;
 use tokio::sync::oneshot;
 
 use self::shape::{grouping, Shape};
-use super::witness::compareless;
+use super::witness::{compareless, compareless_if};
 use super::{pause, Answered, Rpc, Stop, Unanswered};
 use crate::backoff::Backoff;
 use crate::Error;
@@ -574,22 +574,23 @@ async fn attempt(parts: Vec<Part>) {
             Txn::new().when(when).and_then(then)
         }
         (false, _) => {
-            let txn = compareless(
-                live.iter()
-                    .flat_map(|p| match &p.body {
-                        Body::Ops { first, .. } => first.clone(),
-                        Body::Whole(_) => Vec::new(),
-                    })
-                    .collect::<Vec<_>>(),
-            );
+            let ops: Vec<TxnOp> = live
+                .iter()
+                .flat_map(|p| match &p.body {
+                    Body::Ops { first, .. } => first.clone(),
+                    Body::Whole(_) => Vec::new(),
+                })
+                .collect();
             // Parts of many queues can need more witnesses than etcd takes: each goes alone.
-            if live.len() > 1 && !fits(&PbTxnRequest::from(txn.clone()), TXN_OPS) {
-                for p in live {
-                    alone(p, false);
+            match compareless_if(ops, |r| live.len() == 1 || fits(r, TXN_OPS)) {
+                Some(txn) => txn,
+                None => {
+                    for p in live {
+                        alone(p, false);
+                    }
+                    return;
                 }
-                return;
             }
-            txn
         }
     };
     let stop = AllOf(live.iter().map(|p| Arc::clone(&p.stop)).collect());

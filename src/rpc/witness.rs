@@ -20,12 +20,27 @@ use etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
 /// The Txn `Txn::new().and_then(ops)`, with the witnesses of what its nested Txns read and
 /// write in its else-branch (see the module's docs); none if nothing in `ops` is nested.
 pub(crate) fn compareless(ops: Vec<TxnOp>) -> Txn {
+    compareless_if(ops, |_| true).unwrap_or_default()
+}
+
+/// [`compareless`], if `takes` says etcd takes it (with its witnesses; a witness is a plain
+/// operation of the else-branch): `None` if not.
+pub(crate) fn compareless_if(
+    ops: Vec<TxnOp>,
+    takes: impl Fn(&PbTxnRequest) -> bool,
+) -> Option<Txn> {
     let txn = Txn::new().and_then(ops);
-    let witnesses = witnesses(&PbTxnRequest::from(txn.clone()).success);
-    match witnesses.is_empty() {
+    let mut request = PbTxnRequest::from(txn.clone());
+    let witnesses = witnesses(&request.success);
+    // As many plain operations in the else-branch as there are witnesses: what etcd counts.
+    request.failure = vec![PbTxnRequestOp::default(); witnesses.len()];
+    if !takes(&request) {
+        return None;
+    }
+    Some(match witnesses.is_empty() {
         true => txn,
         false => txn.or_else(witnesses),
-    }
+    })
 }
 
 /// What a witness makes etcd check.

@@ -632,3 +632,23 @@ async fn parts_whose_witnesses_do_not_fit_one_txn_go_alone_without_a_refused_att
     assert_ne!(waited.resp.revision, urgent.resp.revision, "each alone");
     assert_eq!(txns(), before + 2, "no refused merged attempt");
 }
+
+/// A part sent alone — first, or again after an attempt went unanswered, or because its round
+/// did not fit one Txn — carries the witnesses of its nested Txns' permissions, as a merged
+/// Txn does (`rpc::witness`).
+#[test]
+fn a_part_sent_alone_carries_the_witnesses_of_its_nested_txns() {
+    let body = Body::Ops {
+        first: vec![chain(0, 2)],
+        retry: vec![chain(0, 2)],
+    };
+    for sent in [false, true] {
+        let request = PbTxnRequest::from(body.alone(sent));
+        assert!(request.compare.is_empty());
+        assert_eq!(
+            request.failure.len(),
+            4,
+            "read and write, jobs/ and claims/"
+        );
+    }
+}
