@@ -1,9 +1,11 @@
 //! Permissions for nested Txns. etcd 3.4 and 3.5 releases before 2026 check the permissions
 //! of a Txn's own compares and operations, but not of those in Txns nested in it (etcd PRs
 //! #21689, #22134): a nested write slips past a role that may not write its key, a nested
-//! read past one that may not read it. The crate's only nested Txns are the parts of a
-//! Txn without compares — a work queue's claims and acks, alone or merged
-//! ([`batch`](super::batch)) — so such a Txn carries *witnesses* in its else-branch, which
+//! read past one that may not read it. The crate's nested Txns are — but for two that nest
+//! under compares of their own, writing keys their plain operations' permission covers
+//! (`docs/design.md`, "Permissions of nested Txns") — the parts of a Txn without compares: a
+//! work queue's claims and acks, alone or merged ([`batch`](super::batch)). Such a Txn
+//! carries *witnesses* in its else-branch, which
 //! etcd checks like every operation of the Txn's own and never applies (a Txn without
 //! compares always takes its then-branch): per directory of the keys its nested Txns touch
 //! (a key up to its last `/`), a range read over the span of those they read or compare,
