@@ -656,9 +656,9 @@ async fn siblings_waiting_together(line: usize) {
 }
 
 /// A semaphore shares the engine's merged writes: while sibling sessions hold all its
-/// permits (and not before), siblings' `acquire()`s wait to go with a release; each release carries one of
-/// them, which holds at the release's revision; never more hold than there are permits, and
-/// every permit has a fencing token of its own.
+/// permits (and not before), siblings' `acquire()`s wait to go with a release; each release
+/// carries one of them, which holds at the release's revision; never more hold than there are
+/// permits, and every permit has a fencing token of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn siblings_acquiring_a_full_semaphore_go_in_releases_and_never_exceed_its_permits() {
     use etcd_coord::Semaphore;
