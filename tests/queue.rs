@@ -2029,3 +2029,52 @@ async fn answers_over_4_mib_are_taken_by_inspections_batches_and_merged_claims()
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
     assert_eq!(q.len().await.unwrap(), 0, "every job acknowledged");
 }
+
+/// While etcd's database is over its quota (`--quota-backend-bytes`), a claim is refused at
+/// once, typed and never retried, and no job is lost. A claim puts only inside Txns nested in
+/// its own, which etcd 3.4.23 does not count against the quota: the crate makes etcd count
+/// them (`rpc::witness`; without, the claim goes through there). An ack deletes: etcd 3.4.23
+/// takes it; etcd 3.5.1 refuses every Txn over its quota, so there the ack is refused at
+/// once, typed, too (and the guard's give-back as it is dropped, after which the session ends
+/// and its lease takes the claim with it: the job is back in the queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_etcds_quota_a_claim_is_refused_at_once_and_no_job_is_lost() {
+    init_tracing();
+    let cluster =
+        etcd_coord_testkit::EtcdCluster::start_with_args(1, &["--quota-backend-bytes", "4194304"])
+            .await
+            .unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let session = LeasedSession::new(client.clone(), ttl(30)).await.unwrap();
+    let queue = WorkQueue::new(&session, "full");
+    queue.enqueue("a").await.unwrap();
+    queue.enqueue("b").await.unwrap();
+    let claimed = queue.try_claim().await.unwrap().expect("a job");
+
+    // Fill the database until etcd refuses a put.
+    let full = "database space exceeded";
+    let value = vec![b'x'; 256 * 1024];
+    for i in 0.. {
+        assert!(i < 400, "etcd never filled up");
+        match client.put(format!("filler/{i}"), value.clone(), None).await {
+            Ok(_) => continue,
+            Err(e) if e.to_string().contains(full) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    let is_full = |r: &Result<(), Error>| matches!(r, Err(e) if e.to_string().contains(full) && !e.is_retryable());
+    let refused = tokio::time::timeout(Duration::from_secs(2), queue.try_claim())
+        .await
+        .expect("refused at once, not retried")
+        .map(|_| ());
+    assert!(is_full(&refused), "{refused:?}");
+    let acked = tokio::time::timeout(Duration::from_secs(2), claimed.ack())
+        .await
+        .expect("answered at once, not retried");
+    assert!(acked.is_ok() || is_full(&acked), "{acked:?}");
+
+    // Nothing was lost: the unacknowledged jobs are in etcd (read without a Txn).
+    let left = under(&client, "full", "jobs").await.len();
+    assert_eq!(left, if acked.is_ok() { 1 } else { 2 });
+}

@@ -647,8 +647,8 @@ fn a_part_sent_alone_carries_the_witnesses_of_its_nested_txns() {
         assert!(request.compare.is_empty());
         assert_eq!(
             request.failure.len(),
-            4,
-            "read and write, jobs/ and claims/"
+            5,
+            "read and write, jobs/ and claims/, and the quota's put"
         );
     }
 }

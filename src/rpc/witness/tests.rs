@@ -47,7 +47,11 @@ fn witnesses_of(txn: Txn) -> Vec<(&'static str, String, String)> {
             Some(PbTxnOpRequest::RequestDeleteRange(d)) => {
                 ("write", text(&d.key), text(&d.range_end))
             }
-            other => panic!("a witness is a read or a delete: {other:?}"),
+            Some(PbTxnOpRequest::RequestPut(p)) => {
+                assert!(p.value.is_empty() && p.lease == 0, "{p:?}");
+                ("quota", text(&p.key), String::new())
+            }
+            other => panic!("a witness is a read, a delete or a put: {other:?}"),
         })
         .collect()
 }
@@ -76,7 +80,31 @@ fn nested_reads_and_writes_are_witnessed_per_directory_over_their_span() {
             // One key: its own request, no range.
             ("read", "q/jobs/1/x".into(), "".into()),
             ("write", "q/jobs/1/x".into(), "".into()),
+            // They put keys: a put of nothing, to the first written directory, outside every
+            // written span.
+            ("quota", "q/claims/".into(), "".into()),
         ]
+    );
+}
+
+#[test]
+fn a_quota_witness_goes_only_with_nested_puts_and_never_into_a_written_span() {
+    let nested = |ops: Vec<TxnOp>| compareless(vec![TxnOp::txn(Txn::new().and_then(ops))]);
+    // Deletes alone put nothing: no quota witness.
+    let deletes = witnesses_of(nested(vec![TxnOp::delete("d/a", None)]));
+    assert!(
+        deletes.iter().all(|(what, ..)| *what != "quota"),
+        "{deletes:?}"
+    );
+    // A put whose directory's key lies in a written span of its parent: none either (etcd
+    // refuses a put inside a range deleted in the same branch).
+    let inside = witnesses_of(nested(vec![
+        TxnOp::put("p/a/x", "v", None),
+        TxnOp::delete("p/", Some(DeleteOptions::new().with_range("p/z"))),
+    ]));
+    assert!(
+        inside.iter().all(|(what, ..)| *what != "quota"),
+        "{inside:?}"
     );
 }
 
