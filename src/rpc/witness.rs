@@ -12,8 +12,9 @@
 //! and a range delete over the span of those they write. A role must then be allowed to
 //! read and to write those spans — what the nested operations need, and, for a role that
 //! grants prefixes (as every role that serves a queue must: its keys are random), no more.
-//! And if they put a key, a put of nothing: etcd counts no nested put against its quota
-//! either (a claim went through on 3.4.23 while the database was over its quota).
+//! And if they put a key, a put of nothing to a directory's own key (which a prefix
+//! permission covers): etcd counts no nested put against its quota either (a claim went
+//! through on 3.4.23 while the database was over its quota).
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
@@ -131,18 +132,18 @@ fn witnesses(ops: &[PbTxnRequestOp]) -> Vec<TxnOp> {
         .collect()
 }
 
-/// The witness of a nested put for etcd's quota: a put of nothing to the directory of the
-/// first written span, which etcd counts as a put of the Txn's own — so that the Txn is
-/// refused, as every put is, while etcd's database is over its quota (its NOSPACE alarm);
-/// etcd 3.4/3.5 before 2026 count no put inside a nested Txn. `None` if that directory's key
-/// lies in a written span (etcd refuses a put inside a range deleted in the same branch).
+/// The witness of a nested put for etcd's quota: a put of nothing to the key of the first
+/// written directory that lies in no written span, which etcd counts as a put of the Txn's
+/// own — so that the Txn is refused, as every put is, while etcd's database is over its
+/// quota; etcd 3.4/3.5 before 2026 count no put inside a nested Txn. (Outside every written
+/// span: etcd refuses a put inside a range deleted in the same branch.) `None` if there is no
+/// such directory.
 fn quota(spans: &BTreeMap<(Vec<u8>, Need), Span>) -> Option<TxnOp> {
     let written = || spans.iter().filter(|((_, need), _)| *need == Need::Write);
-    let ((directory, _), _) = written().next()?;
-    let inside = |s: &Span| s.from <= *directory && (s.to.is_empty() || *directory < s.to);
-    if directory.is_empty() || written().any(|(_, s)| inside(s)) {
-        return None;
-    }
+    let inside = |key: &[u8], s: &Span| s.from[..] <= *key && (s.to.is_empty() || *key < s.to[..]);
+    let ((directory, _), _) = written().find(|((directory, _), _)| {
+        !directory.is_empty() && !written().any(|(_, s)| inside(directory, s))
+    })?;
     Some(TxnOp::put(directory.clone(), Vec::new(), None))
 }
 

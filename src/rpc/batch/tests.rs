@@ -600,7 +600,7 @@ async fn a_merged_txns_future_is_smaller_than_1_kib() {
 }
 
 /// `n` Txns nested in a part, each writing and reading one key in a directory of its own
-/// (`tag/i/k`): its witnesses are two per directory (`rpc::witness`).
+/// (`tag/i/k`): its witnesses are two per directory and a put (`rpc::witness`).
 fn spread(tag: &str, n: usize) -> Vec<TxnOp> {
     (0..n)
         .map(|i| {
