@@ -123,9 +123,9 @@ fn witnesses(ops: &[PbTxnRequestOp]) -> Vec<TxnOp> {
             spans.nested(t);
         }
     }
-    let quota = spans.1.then(|| quota(&spans.0)).flatten();
+    let quota = spans.puts.then(|| quota(&spans.by_place)).flatten();
     spans
-        .0
+        .by_place
         .into_iter()
         .map(|((_, need), span)| span.witness(need))
         .chain(quota)
@@ -147,15 +147,19 @@ fn quota(spans: &BTreeMap<(Vec<u8>, Need), Span>) -> Option<TxnOp> {
     Some(TxnOp::put(directory.clone(), Vec::new(), None))
 }
 
-/// What nested Txns need, per directory and need: the span of the keys; and whether they
-/// put a key.
+/// What nested Txns need.
 #[derive(Default)]
-struct Spans(BTreeMap<(Vec<u8>, Need), Span>, bool);
+struct Spans {
+    /// Per directory and need, the span of the keys.
+    by_place: BTreeMap<(Vec<u8>, Need), Span>,
+    /// Whether they put a key.
+    puts: bool,
+}
 
 impl Spans {
     fn add(&mut self, need: Need, key: &[u8], range_end: &[u8]) {
         let span = Span::of(key, range_end);
-        match self.0.entry((directory(key), need)) {
+        match self.by_place.entry((directory(key), need)) {
             Entry::Vacant(v) => {
                 v.insert(span);
             }
@@ -172,7 +176,7 @@ impl Spans {
             match &op.request {
                 Some(PbTxnOpRequest::RequestRange(r)) => self.add(Need::Read, &r.key, &r.range_end),
                 Some(PbTxnOpRequest::RequestPut(p)) => {
-                    self.1 = true;
+                    self.puts = true;
                     self.add(Need::Write, &p.key, &[]);
                     if p.prev_kv {
                         self.add(Need::Read, &p.key, &[]);
