@@ -587,6 +587,34 @@ async fn siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_
     }
 }
 
+/// Spawns an acquisition through `acquire` that, once through, is counted in `holding` for
+/// `hold` and then released with `release`: it returns how many were counted holding as it
+/// got in (0: it held alone) and its fencing token.
+fn held_in_turn<G, F, R>(
+    acquire: F,
+    holding: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    hold: Duration,
+    release: impl FnOnce(G) -> R + Send + 'static,
+) -> JoinHandle<Result<(usize, i64), Error>>
+where
+    G: std::ops::Deref<Target = etcd_coord::Fence> + Send + 'static,
+    F: std::future::Future<Output = Result<G, Error>> + Send + 'static,
+    R: std::future::Future<Output = Result<(), Error>> + Send,
+{
+    let holding = std::sync::Arc::clone(holding);
+    tokio::spawn(async move {
+        let guard = acquire.await?;
+        let before = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
+        holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let token = guard.fencing_token();
+        release(guard).await?;
+        Ok((before, token))
+    })
+}
+
 /// [`siblings_waiting_together_for_a_release_hold_one_at_a_time_with_tokens_of_their_own`]
 /// behind `line` sibling waiters lined up one by one first.
 async fn siblings_waiting_together(line: usize) {
@@ -605,29 +633,22 @@ async fn siblings_waiting_together(line: usize) {
         // Lined up one by one: each lingers the default 2 ms, then goes alone.
         let options = etcd_coord::SessionOptions::new().with_ttl(Duration::from_secs(30));
         let m = Mutex::new(&holder.sibling(options).await.unwrap(), &name);
-        let holding = std::sync::Arc::clone(&holding);
-        lined.push(tokio::spawn(async move {
-            let guard = m.lock().await?;
-            let at_once = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            let token = guard.fencing_token();
-            guard.release().await?;
-            Ok::<_, Error>((at_once, token))
-        }));
+        lined.push(held_in_turn(
+            async move { m.lock().await },
+            &holding,
+            Duration::ZERO,
+            MutexGuard::release,
+        ));
         assert!(members_are(&observer, &name, i + 2).await, "waiter {i}");
     }
     for _ in 0..WAITERS {
         let m = Mutex::new(&holder.sibling(lingering()).await.unwrap(), &name);
-        let holding = std::sync::Arc::clone(&holding);
-        waiters.push(tokio::spawn(async move {
-            let guard = m.lock().await?;
-            let at_once = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            let token = guard.fencing_token();
-            guard.release().await?;
-            Ok::<_, Error>((at_once, token))
-        }));
+        waiters.push(held_in_turn(
+            async move { m.lock().await },
+            &holding,
+            Duration::from_millis(50),
+            MutexGuard::release,
+        ));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -689,16 +710,12 @@ async fn siblings_acquiring_a_full_semaphore_go_in_releases_and_never_exceed_its
     let mut waiters = Vec::new();
     for _ in 0..WAITERS {
         let s = Semaphore::new(&first.sibling(lingering()).await.unwrap(), &name, PERMITS);
-        let holding = std::sync::Arc::clone(&holding);
-        waiters.push(tokio::spawn(async move {
-            let permit = s.acquire().await?;
-            let before = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            let token = permit.fencing_token();
-            permit.release().await?;
-            Ok::<_, Error>((before, token))
-        }));
+        waiters.push(held_in_turn(
+            async move { s.acquire().await },
+            &holding,
+            Duration::from_millis(50),
+            etcd_coord::SemaphorePermit::release,
+        ));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let full = members(&observer, &queue).await;
