@@ -11,13 +11,16 @@
 //! come round the ring than the write takes (N = 8 in bench-compare; with 2 or 3 watchers it
 //! delays the relay). A lock taken and released in a loop writes twice per acquisition (its
 //! enqueue and its release), so this is the most such a loop can reach on the etcd measured.
+//! With `--txn`, each hop's put goes in a Txn under one compare on the watcher's own key, one
+//! that always holds (its version is at least 0): what etcd's Txn path (compares evaluated,
+//! then the write) adds to a hop, as every hand-off of ours writes in a Txn under compares.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -119,10 +122,12 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
     // Watcher `i` passes to `i + 1`: false once M hops were passed.
     let pass = {
         let (remaining, done, extra) = (Arc::clone(&remaining), Arc::clone(&done), a.extra_write);
+        let txn = a.txn;
         let prefix = prefix.to_owned();
         move |mut client: Client, i: usize| {
             let (remaining, done) = (Arc::clone(&remaining), Arc::clone(&done));
-            let (next, own) = (
+            let (held, next, own) = (
+                format!("{prefix}/ring/{i}"),
                 format!("{prefix}/ring/{}", (i + 1) % n),
                 format!("{prefix}/extra/{i}"),
             );
@@ -132,7 +137,16 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
                     return Ok(false);
                 }
                 let sent = start.elapsed().as_nanos().to_string();
-                client.put(next, sent.clone(), None).await?;
+                if txn {
+                    let pass = Txn::new()
+                        .when(vec![Compare::version(held, CompareOp::Greater, -1)])
+                        .and_then(vec![TxnOp::put(next, sent.clone(), None)]);
+                    if !client.txn(pass).await?.succeeded() {
+                        return Err("relay-floor --txn: a compare that holds failed".into());
+                    }
+                } else {
+                    client.put(next, sent.clone(), None).await?;
+                }
                 if extra {
                     client.put(own, sent, None).await?;
                 }
@@ -198,7 +212,10 @@ async fn relay(a: &Args, prefix: &str, clients: &[Client]) -> Result<Run, Failur
         lats,
         hands: Vec::new(),
         total,
-        extra: vec![("writes_per_hop", Value::Int(1 + u64::from(a.extra_write)))],
+        extra: vec![
+            ("writes_per_hop", Value::Int(1 + u64::from(a.extra_write))),
+            ("txn", Value::Bool(a.txn)),
+        ],
     })
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench primitives -- [--endpoints HOST:PORT] --mode MODE --clients N --ops M
-//!     [--ttl SECS] [--conns K] [--fresh] [--extra-write] [--requeue]
+//!     [--ttl SECS] [--conns K] [--fresh] [--extra-write] [--txn] [--requeue]
 //! ```
 //!
 //! Prints one JSON line with the peer's fields (`mode`, `clients`, `ops`, `total_s`,
@@ -33,7 +33,8 @@
 //!   waiters, divided by hand-offs: 1 means no herd). With `--permits P` (P > 1) it is a
 //!   semaphore of P permits, all held before the waiters queue; each hand-off releases the
 //!   *newest* holder (so releases come out of FIFO order) and the next waiter goes through;
-//!   also `permits`.
+//!   also `permits`, `bytes_per_waiter` (resident memory the queued waits added, per wait)
+//!   and `heap_bytes_per_waiter` (heap bytes they hold live, per wait).
 //! - `guards-scale`: one session acquires M guards on distinct mutexes (N at a time); latency =
 //!   per acquisition; also `keepalives_per_s` while holding them, `rss_bytes_per_guard` and the
 //!   session's `tasks` while idle.
@@ -59,8 +60,10 @@
 //!   watchers, M hops, each one put commit plus one watch notification (latency = put sent →
 //!   event at its watcher; ops_per_s = hops/s). `--extra-write`: each watcher, once its put
 //!   returned, writes one more key, as a client that released a lock then enqueues again:
-//!   the floor of a lock taken and released in a loop, two writes per acquisition. Also
-//!   `writes_per_hop`.
+//!   the floor of a lock taken and released in a loop, two writes per acquisition. `--txn`:
+//!   each hop's put goes in a Txn, under one compare that always holds, as a hand-off of ours
+//!   writes under compares: the floor of a hand-off built on Txns. Also `writes_per_hop` and
+//!   `txn`.
 //! - `discovery-sync`: M endpoints stored under one target (Txns of 128 puts, not timed:
 //!   `setup_s`), then N times a fresh `view()` timed until it holds all M. Also `endpoints`
 //!   and `bytes_per_endpoint`: heap bytes a view holds per endpoint (a counting allocator
@@ -118,6 +121,8 @@ pub(crate) struct Args {
     fresh: bool,
     /// `relay-floor`: a second write per hop.
     pub(crate) extra_write: bool,
+    /// `relay-floor`: each hop's put in a Txn with a compare.
+    pub(crate) txn: bool,
     /// `mutex-contended`, `election-handoff`, `rwlock-contended`, `semaphore-contended`: each
     /// client takes its next turn with its guard's (or permit's) `requeue()`.
     pub(crate) requeue: bool,
@@ -138,6 +143,7 @@ fn parse_args() -> Result<Args, String> {
         conns: 1,
         fresh: false,
         extra_write: false,
+        txn: false,
         requeue: false,
         permits: 1,
         accounts: 16,
@@ -152,6 +158,7 @@ fn parse_args() -> Result<Args, String> {
             "bench" => {} // cargo bench passes --bench
             "fresh" => a.fresh = true,
             "extra-write" => a.extra_write = true,
+            "txn" => a.txn = true,
             "requeue" => a.requeue = true,
             "profile" => a.profile = true,
             "endpoints" => a.endpoints = Some(value()?.split(',').map(String::from).collect()),

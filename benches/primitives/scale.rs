@@ -77,10 +77,12 @@ pub(crate) async fn waiters_scale(
     let mut hands = Vec::with_capacity(a.ops);
     let (mut total, mut events) = (Duration::ZERO, 0);
     let (mut lineup, mut bytes_per_waiter, mut streams) = (Duration::ZERO, 0, 0);
+    let mut heap_per_waiter = 0;
     for rep in 0..reps {
         let handoffs = (a.ops - hands.len()).min(sessions.len());
         let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
         let rss_before = resident_bytes();
+        let heap_before = crate::LIVE_HEAP.load(std::sync::atomic::Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
         // Queue every waiter (in order), a batch at a time, each batch once the one before has
         // all its keys in place: ten thousand enqueues at once would only measure etcd's backlog
@@ -157,6 +159,8 @@ pub(crate) async fn waiters_scale(
             lineup = lineup_started.elapsed();
             bytes_per_waiter =
                 resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
+            let heap = crate::LIVE_HEAP.load(std::sync::atomic::Ordering::Relaxed) - heap_before;
+            heap_per_waiter = heap.max(0) as u64 / sessions.len().max(1) as u64;
             streams = sessions
                 .iter()
                 .map(|s| s.metrics().watch_streams)
@@ -204,6 +208,9 @@ pub(crate) async fn waiters_scale(
         ("lineup_s", Value::Num(round3(lineup.as_secs_f64()))),
         // Resident memory the queued waits added (their sessions were made before), per wait.
         ("bytes_per_waiter", Value::Int(bytes_per_waiter)),
+        // Heap bytes the queued waits hold, per wait (the counting allocator: what they keep
+        // live, without what the allocator keeps resident after the line-up's requests).
+        ("heap_bytes_per_waiter", Value::Int(heap_per_waiter)),
         // gRPC watch streams the waits opened, per client connection.
         (
             "watch_streams_per_conn",
