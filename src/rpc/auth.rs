@@ -10,7 +10,8 @@ use crate::Error;
 /// Fetches a fresh auth token for `client` (a no-op for a client without credentials).
 pub(crate) async fn renew(client: &etcd_client::Client) -> Result<(), Error> {
     tracing::debug!("renewing the client's auth token");
-    client.refresh_token().await.map_err(Error::from)
+    // Boxed: every request's future would otherwise hold a token request inline (`within`).
+    Box::pin(client.refresh_token()).await.map_err(Error::from)
 }
 
 /// Runs `request()`; if etcd refused it for a stale auth token ([`Error::is_stale_auth`]),

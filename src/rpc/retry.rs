@@ -19,14 +19,20 @@ pub(crate) trait Stop: Send + Sync {
 }
 
 /// Runs `fut` unless `stop` stops first.
-pub(crate) async fn unless_stopped<T>(
-    stop: &dyn Stop,
-    fut: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    stop.check()?;
-    tokio::select! {
-        out = fut => out,
-        e = stop.stopped() => Err(e),
+///
+/// `fut` is boxed before anything else, as a request is in [`within`](super::send::within): an
+/// `async fn` would hold it twice, as its argument and in its `select!`.
+pub(crate) fn unless_stopped<'a, T: 'a>(
+    stop: &'a dyn Stop,
+    fut: impl Future<Output = Result<T, Error>> + 'a,
+) -> impl Future<Output = Result<T, Error>> + 'a {
+    let fut = Box::pin(fut);
+    async move {
+        stop.check()?;
+        tokio::select! {
+            out = fut => out,
+            e = stop.stopped() => Err(e),
+        }
     }
 }
 
