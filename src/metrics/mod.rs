@@ -290,16 +290,20 @@ thread_local! {
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn timeout<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+pub fn timeout<F: Future>(limit: Duration, fut: F) -> impl Future<Output = Option<F::Output>> {
+    // Boxed before the async block takes it: an `async fn` would keep `fut` inline as its
+    // argument beside the box.
     let mut fut = Box::pin(fut);
-    tokio::select! {
-        biased;
-        out = fut.as_mut() => Some(out),
-        () = tokio::time::sleep(limit) => {
-            EXPIRING.with(|e| e.set(true));
-            drop(fut);
-            EXPIRING.with(|e| e.set(false));
-            None
+    async move {
+        tokio::select! {
+            biased;
+            out = fut.as_mut() => Some(out),
+            () = tokio::time::sleep(limit) => {
+                EXPIRING.with(|e| e.set(true));
+                drop(fut);
+                EXPIRING.with(|e| e.set(false));
+                None
+            }
         }
     }
 }

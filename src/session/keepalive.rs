@@ -12,12 +12,16 @@ use crate::metrics;
 use crate::rpc::Stats;
 use crate::LossReason;
 
-/// Waits for `fut` until `deadline`; `None` if the deadline came first.
-async fn before<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        out = fut => Some(out),
-        _ = sleep_until(deadline) => None,
+/// Waits for `fut` until `deadline`; `None` if the deadline came first. `fut` is boxed first,
+/// as in `rpc::send::within` (an `async fn` would hold it twice).
+fn before<F: Future>(deadline: Instant, fut: F) -> impl Future<Output = Option<F::Output>> {
+    let fut = Box::pin(fut);
+    async move {
+        tokio::select! {
+            biased;
+            out = fut => Some(out),
+            _ = sleep_until(deadline) => None,
+        }
     }
 }
 
