@@ -72,35 +72,43 @@ impl<T: Send + 'static> Drop for Run<T> {
 /// takes a successful outcome over, the clean-up `cleanup` makes of the outcome (for a
 /// failure: of what may have landed) is handed to the session's task. A caller that takes an
 /// `Ok` over must arm its own clean-up before its next await.
-pub(crate) async fn detached<T, W, C>(
-    session: &Arc<Session>,
+///
+/// `work` is boxed when this is called, not when it is first polled: an `async fn` would hold
+/// it as its argument beside the box (see `rpc::send::within`). Nothing else happens before
+/// the first poll — dropped unpolled, it drops `work` unstarted, as before.
+pub(crate) fn detached<'a, T, W, C>(
+    session: &'a Arc<Session>,
     work: W,
     cleanup: C,
-) -> Result<T, Error>
+) -> impl Future<Output = Result<T, Error>> + 'a
 where
     T: Send + 'static,
     W: Future<Output = Result<T, Unanswered>> + Send + 'static,
     C: FnOnce(&Result<T, Unanswered>) -> Option<Cleanup> + Send + 'static,
 {
-    let run = Run {
-        session: Arc::clone(session),
-        job: Some(Box::pin(async move {
-            let outcome = work.await;
-            let cleanup = cleanup(&outcome);
-            (outcome, cleanup)
-        })),
-        pending: Some(session.pending_work()),
-    };
-    let ((outcome, cleanup), pending) = unless_stopped(&**session, async { Ok(run.await) }).await?;
-    let result = match outcome {
-        Ok(value) => Ok(value), // the caller takes over
-        Err(unanswered) => {
-            if let Some(job) = cleanup {
-                session.clean_up(job);
+    let job: Pin<Box<dyn Future<Output = Finished<T>> + Send>> = Box::pin(async move {
+        let outcome = work.await;
+        let cleanup = cleanup(&outcome);
+        (outcome, cleanup)
+    });
+    async move {
+        let run = Run {
+            session: Arc::clone(session),
+            job: Some(job),
+            pending: Some(session.pending_work()),
+        };
+        let ((outcome, cleanup), pending) =
+            unless_stopped(&**session, async { Ok(run.await) }).await?;
+        let result = match outcome {
+            Ok(value) => Ok(value), // the caller takes over
+            Err(unanswered) => {
+                if let Some(job) = cleanup {
+                    session.clean_up(job);
+                }
+                Err(unanswered.into())
             }
-            Err(unanswered.into())
-        }
-    };
-    drop(pending); // after the clean-up is queued
-    result
+        };
+        drop(pending); // after the clean-up is queued
+        result
+    }
 }

@@ -277,8 +277,9 @@ thread_local! {
 
 /// Runs `fut` for at most `limit`: its output, or `None` once `limit` has passed (the future is
 /// then dropped — every acquisition of this crate is cancel-safe). The same as
-/// `tokio::time::timeout`, except that an acquisition it gives up on is counted with
-/// `outcome="timeout"` rather than `"cancelled"` in [`ACQUISITIONS`].
+/// `tokio::time::timeout`, except that `limit` runs from the first poll, not from the call,
+/// and that an acquisition it gives up on is counted with `outcome="timeout"` rather than
+/// `"cancelled"` in [`ACQUISITIONS`].
 ///
 /// ```no_run
 /// # async fn demo(mutex: etcd_coord::Mutex) -> Result<(), etcd_coord::Error> {

@@ -118,3 +118,31 @@ impl Rpc {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_under_a_stop_is_held_boxed_not_inline() {
+        struct Never;
+        impl Stop for Never {
+            fn check(&self) -> Result<(), Error> {
+                Ok(())
+            }
+            fn stopped(
+                &self,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Error> + Send + 'static>>
+            {
+                Box::pin(std::future::pending())
+            }
+        }
+        let guarded = unless_stopped(&Never, crate::rpc::send::tests::large_request());
+        let size = std::mem::size_of_val(&guarded);
+        assert!(
+            size < 1024,
+            "unless_stopped's future holds the request inline: {size} bytes"
+        );
+        assert_eq!(guarded.await.unwrap(), 7);
+    }
+}

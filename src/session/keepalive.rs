@@ -117,3 +117,24 @@ pub(super) async fn keep_alive(session: &Session, live: &mut Liveness) -> LossRe
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn before_holds_the_future_it_limits_boxed_not_inline() {
+        async fn large() -> u8 {
+            let pad = [5u8; 16 * 1024];
+            tokio::task::yield_now().await;
+            pad[pad.len() - 1]
+        }
+        let limited = before(Instant::now() + Duration::from_secs(10), large());
+        let size = std::mem::size_of_val(&limited);
+        assert!(
+            size < 1024,
+            "before's future holds the future inline: {size} bytes"
+        );
+        assert_eq!(limited.await, Some(5));
+    }
+}
