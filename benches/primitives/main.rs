@@ -88,7 +88,8 @@ use etcd_coord_testkit::EtcdCluster;
 use mutex::run;
 use report::*;
 
-/// The system allocator, counting the bytes live on the heap (for `bytes_per_endpoint`).
+/// The system allocator, counting the bytes live on the heap (for `bytes_per_endpoint` and
+/// `heap_bytes_per_waiter`).
 struct Counting;
 
 pub(crate) static LIVE_HEAP: AtomicI64 = AtomicI64::new(0);
