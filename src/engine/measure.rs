@@ -4,8 +4,8 @@
 //!
 //! Macros rather than functions taking the acquisition's future, so that the future is
 //! created where it is awaited — and boxed there: unboxed, the acquisition's deep future
-//! (~28 KiB in a debug build, before every request in it was boxed by `rpc::send::within`;
-//! ~5 KiB in a release build since) sat inline in every public operation's future, and a caller
+//! (~29 KiB before every request in it was boxed by `rpc::send::within`, ~5 KiB since:
+//! `mutex::tests`) sat inline in every public operation's future, and a caller
 //! that `block_on`s or `#[tokio::test]`s a lock on a 2 MiB thread overflowed its stack
 //! (tests/future_sizes.rs keeps every public future under 8 KiB). One allocation per
 //! acquisition, beside its round trips.
