@@ -8,7 +8,7 @@ use etcd_client::Client;
 use etcd_coord::{LeasedSession, Mutex, MutexGuard, Semaphore, SemaphorePermit, SessionOptions};
 
 use crate::report::*;
-use crate::Args;
+use crate::{Args, LIVE_HEAP};
 
 /// A mutex guard or a semaphore permit.
 pub(crate) enum Held {
@@ -81,8 +81,8 @@ pub(crate) async fn waiters_scale(
     for rep in 0..reps {
         let handoffs = (a.ops - hands.len()).min(sessions.len());
         let streams_before: u64 = sessions.iter().map(|s| s.metrics().watch_streams).sum();
-        let rss_before = resident_bytes();
-        let heap_before = crate::LIVE_HEAP.load(std::sync::atomic::Ordering::Relaxed);
+        let rss_before = rss_bytes();
+        let heap_before = LIVE_HEAP.load(Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Held)>();
         // Queue every waiter (in order), a batch at a time, each batch once the one before has
         // all its keys in place: ten thousand enqueues at once would only measure etcd's backlog
@@ -158,8 +158,8 @@ pub(crate) async fn waiters_scale(
         if rep == 0 {
             lineup = lineup_started.elapsed();
             bytes_per_waiter =
-                resident_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
-            let heap = crate::LIVE_HEAP.load(std::sync::atomic::Ordering::Relaxed) - heap_before;
+                rss_bytes().saturating_sub(rss_before) / sessions.len().max(1) as u64;
+            let heap = LIVE_HEAP.load(Ordering::Relaxed) - heap_before;
             heap_per_waiter = heap.max(0) as u64 / sessions.len().max(1) as u64;
             streams = sessions
                 .iter()
@@ -303,12 +303,4 @@ pub(crate) async fn guards_scale(
         total,
         extra,
     })
-}
-
-/// This process's resident memory in bytes (Linux `/proc/self/statm`; 0 elsewhere).
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
 }
