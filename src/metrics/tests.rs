@@ -145,10 +145,13 @@ fn every_label_table_row_is_one_kind() {
 
 #[tokio::test]
 async fn timeout_holds_the_future_it_limits_boxed_not_inline() {
-    let limited = timeout(
-        Duration::from_secs(10),
-        crate::rpc::send::tests::large_request(),
-    );
+    // Its own 16 KiB future, as rpc::send::tests's: `metrics` lies below `rpc`.
+    async fn large() -> Result<u8, Error> {
+        let pad = [7u8; 16 * 1024];
+        tokio::task::yield_now().await;
+        Ok(pad[pad.len() - 1])
+    }
+    let limited = timeout(Duration::from_secs(10), large());
     let size = std::mem::size_of_val(&limited);
     assert!(
         size < 1024,

@@ -211,8 +211,8 @@ pub(crate) mod tests {
     use etcd_client::{Compare, CompareOp, TxnOp};
 
     /// A request future of 16 KiB: it holds a large local across its await. For every test that
-    /// a wrapper holds the future it wraps boxed (`within`, `unless_stopped`, `timeout`, the
-    /// keep-alive's `before`).
+    /// a wrapper above the request layer holds the future it wraps boxed (`within`,
+    /// `unless_stopped`, the keep-alive's `before`; `metrics`, below, has its own).
     pub(crate) async fn large_request() -> Result<u8, Error> {
         let pad = [7u8; 16 * 1024];
         tokio::task::yield_now().await;
